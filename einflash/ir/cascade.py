@@ -1,0 +1,216 @@
+"""The cascade: tensors, Einsums and their dependency graph.
+
+An Einsum computes ``out[ranks] = reduce_{r...} expr  :: where``: it evaluates
+``expr`` at every point of its iteration space (the ranks of ``expr`` and of the
+filter), keeps the points where the filter holds (the others are absent), and
+reduces over the named ranks; an empty fiber gives an absent result. Einsums
+flagged ``loop`` run once per chunk of the streamed rank ``n``: there ``n`` spans
+the current chunk, reductions over ``n`` are chunk-local, and STATE tensors carry
+running values from chunk to chunk (``Read(prev=True)`` is the value before the
+chunk). Einsums after the loop see the final states.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+import networkx as nx
+import sympy
+
+from .expr import Expr, Read, reads
+from .ranks import Rank, coord
+
+
+class Role(enum.Enum):
+    INPUT = "input"
+    INTERMEDIATE = "intermediate"
+    STATE = "state"
+    OUTPUT = "output"
+
+
+class Layout(enum.Enum):
+    """How an input tensor is laid out in memory."""
+
+    QUERY = "query"  # [B, Hq, M, d]: ranks (b, h, m, d)
+    KEY = "key"  # [B, Hkv, N, d]: ranks (b, h, n, d); query head h reads kv head h // (Hq/Hkv)
+    DECLARED = "declared"  # dimensions in the declared rank order, e.g. slope[h], bias[h, m, n]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    ranks: tuple[str, ...]
+    role: Role = Role.INTERMEDIATE
+    layout: Layout = Layout.DECLARED
+    init: float | None = None  # the fill value kernels give a STATE before the first chunk
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A scalar parameter; ``default`` may depend on extents (``scale`` = E**-1/2)."""
+
+    name: str
+    default: sympy.Expr | None = None
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Reduction:
+    op: str
+    ranks: tuple[str, ...]
+    arg: float | None = None  # k of kth_largest
+
+
+@dataclass(frozen=True)
+class Einsum:
+    out: str
+    ranks: tuple[str, ...]
+    expr: Expr
+    reduce: Reduction | None = None
+    where: Expr | None = None
+    loop: bool = False
+    line: int | None = field(default=None, compare=False)
+
+    @property
+    def iteration_ranks(self) -> frozenset[str]:
+        from .expr import free_ranks
+
+        its = free_ranks(self.expr)
+        if self.where is not None:
+            its |= free_ranks(self.where)
+        return its | frozenset(self.ranks)
+
+    def reads(self) -> list[Read]:
+        out = list(reads(self.expr))
+        if self.where is not None:
+            out += list(reads(self.where))
+        return out
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """A validated-or-not cascade of Einsums; frozen, printable, hashable by structure."""
+
+    name: str
+    ranks: tuple[Rank, ...]
+    tensors: tuple[TensorDecl, ...]
+    params: tuple[ParamDecl, ...]
+    einsums: tuple[Einsum, ...]
+    outputs: tuple[str, ...] = ("o",)
+    source: str | None = field(default=None, compare=False)  # file of the declaring function
+
+    # -- lookups ---------------------------------------------------------------------
+
+    @cached_property
+    def _tensors(self) -> dict[str, TensorDecl]:
+        return {t.name: t for t in self.tensors}
+
+    @cached_property
+    def _ranks(self) -> dict[str, Rank]:
+        return {r.name: r for r in self.ranks}
+
+    def tensor(self, name: str) -> TensorDecl:
+        return self._tensors[name]
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
+
+    def rank(self, name: str) -> Rank:
+        return self._ranks[name]
+
+    def has_rank(self, name: str) -> bool:
+        return name in self._ranks
+
+    @property
+    def inputs(self) -> tuple[TensorDecl, ...]:
+        return tuple(t for t in self.tensors if t.role is Role.INPUT)
+
+    @property
+    def states(self) -> tuple[TensorDecl, ...]:
+        return tuple(t for t in self.tensors if t.role is Role.STATE)
+
+    def producers(self, name: str) -> list[Einsum]:
+        return [e for e in self.einsums if e.out == name]
+
+    def producer(self, name: str) -> Einsum | None:
+        found = self.producers(name)
+        return found[-1] if found else None
+
+    def consumers(self, name: str) -> list[Einsum]:
+        return [e for e in self.einsums if any(r.tensor == name for r in e.reads())]
+
+    def where(self, einsum: Einsum) -> str:
+        """'file:line' of an Einsum, for error messages."""
+        src = self.source or self.name
+        return f"{src}:{einsum.line}" if einsum.line else f"{src} (einsum {einsum.out!r})"
+
+    # -- structure ---------------------------------------------------------------------
+
+    def graph(self) -> nx.DiGraph:
+        """Einsums as nodes (by position), an edge producer → consumer per tensor read.
+
+        Reads of a state's previous value are loop-carried and left out, so the
+        graph of a valid cascade is acyclic.
+        """
+        g = nx.DiGraph()
+        for i, e in enumerate(self.einsums):
+            g.add_node(i, einsum=e)
+        for i, e in enumerate(self.einsums):
+            for r in e.reads():
+                if r.prev:
+                    continue
+                # a read refers to the latest producer before it, or to any producer if none precedes
+                before = [j for j, p in enumerate(self.einsums[:i]) if p.out == r.tensor]
+                src = before[-1] if before else next(
+                    (j for j, p in enumerate(self.einsums) if p.out == r.tensor), None)
+                if src is not None:
+                    g.add_edge(src, i, tensor=r.tensor)
+        return g
+
+    def canonical(self) -> "Cascade":
+        """The same cascade with intermediates renamed t1, t2, ... in order of definition."""
+        fixed = {t.name for t in self.tensors if t.role in (Role.INPUT, Role.OUTPUT)}
+        names: dict[str, str] = {}
+        for e in self.einsums:
+            if e.out not in fixed and e.out not in names:
+                names[e.out] = f"t{len(names) + 1}"
+        return rename_tensors(replace(self, name="cascade"), names)
+
+    @cached_property
+    def key(self) -> str:
+        """Structural hash: equal for the same maths, whatever the names of intermediates."""
+        from .printer import canonical_text
+
+        return hashlib.sha256(canonical_text(self.canonical()).encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        from .printer import format_cascade
+
+        return format_cascade(self)
+
+
+def rename_tensors(c: Cascade, names: dict[str, str]) -> Cascade:
+    """Rename tensors everywhere they occur (declarations, reads, outputs)."""
+    from .expr import transform
+
+    def fix(x):
+        return Read(names.get(x.tensor, x.tensor), x.index, x.prev) if isinstance(x, Read) else None
+
+    def fix_einsum(e: Einsum) -> Einsum:
+        return replace(e, out=names.get(e.out, e.out), expr=transform(e.expr, fix),
+                       where=None if e.where is None else transform(e.where, fix))
+
+    return replace(
+        c,
+        tensors=tuple(replace(t, name=names.get(t.name, t.name)) for t in c.tensors),
+        einsums=tuple(fix_einsum(e) for e in c.einsums),
+        outputs=tuple(names.get(o, o) for o in c.outputs),
+    )
+
+
+def plain_read(decl: TensorDecl, prev: bool = False) -> Read:
+    """A read of a whole tensor at its own ranks."""
+    return Read(decl.name, tuple(coord(r) for r in decl.ranks), prev)

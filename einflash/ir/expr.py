@@ -1,0 +1,137 @@
+"""Map expressions: the right-hand sides of Einsums.
+
+Leaves are constants, scalar parameters, rank coordinates used as data
+(``n - m``), rank extents used as data (``log N``) and tensor reads whose
+indices are sympy expressions of rank coordinates (``s[m - i, n - j]``,
+``sel[m, floor(n / 64)]``). Inner nodes are operator calls.
+
+Values may be *absent* (masked out). A call with ``Merge.ALL`` is absent where
+any argument is; a call with ``Merge.ANY`` (used by running-state updates) treats
+an absent argument as the operator's identity and is absent only where all are.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import sympy
+
+from .operators import OPERATORS
+from .ranks import coord
+
+
+class Merge(enum.Enum):
+    ALL = "∩"
+    ANY = "∪"
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+
+@dataclass(frozen=True)
+class Param:
+    """A scalar parameter bound at call time (softcap c, window W, ``scale``)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Coord:
+    """The coordinate of a rank used as data, as in ALiBi's ``n - m``."""
+
+    rank: str
+
+
+@dataclass(frozen=True)
+class Size:
+    """The extent of a rank used as data, as in sigmoid attention's ``-log N``."""
+
+    rank: str
+
+
+@dataclass(frozen=True)
+class Read:
+    """``tensor[index]``; ``prev`` reads a running state's value before this chunk."""
+
+    tensor: str
+    index: tuple[sympy.Expr, ...]
+    prev: bool = False
+
+
+@dataclass(frozen=True)
+class Call:
+    op: str
+    args: tuple["Expr", ...]
+    merge: Merge = Merge.ALL
+
+
+Expr = Union[Const, Param, Coord, Size, Read, Call]
+LEAVES = (Const, Param, Coord, Size, Read)
+
+
+def call(op: str, *args: Expr, merge: Merge = Merge.ALL) -> Call:
+    """Build a call node.
+
+    >>> call("exp", Param("x"))
+    Call(op='exp', args=(Param(name='x'),), merge=<Merge.ALL: '∩'>)
+    """
+    return Call(op, tuple(args), merge)
+
+
+def walk(expr: Expr) -> Iterator[Expr]:
+    """Every node of ``expr``, parents before children."""
+    yield expr
+    if isinstance(expr, Call):
+        for a in expr.args:
+            yield from walk(a)
+
+
+def reads(expr: Expr) -> Iterator[Read]:
+    return (x for x in walk(expr) if isinstance(x, Read))
+
+
+def index_ranks(index: tuple[sympy.Expr, ...]) -> frozenset[str]:
+    """Rank coordinates an index mentions (parameter symbols such as a block size are not ranks)."""
+    return frozenset(s.name for i in index for s in sympy.sympify(i).free_symbols if s == coord(s.name))
+
+
+def free_ranks(expr: Expr) -> frozenset[str]:
+    """The ranks an expression varies along.
+
+    >>> from .ranks import coord
+    >>> sorted(free_ranks(call("sub", Coord("n"), Read("x", (coord("m"),)))))
+    ['m', 'n']
+    """
+    out: set[str] = set()
+    for x in walk(expr):
+        if isinstance(x, Coord):
+            out.add(x.rank)
+        elif isinstance(x, Read):
+            out |= index_ranks(x.index)
+    return frozenset(out)
+
+
+def transform(expr: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
+    """Rebuild ``expr`` bottom-up; ``fn`` returns a replacement or None to keep a node."""
+    if isinstance(expr, Call):
+        args = tuple(transform(a, fn) for a in expr.args)
+        expr = Call(expr.op, args, expr.merge) if args != expr.args else expr
+    new = fn(expr)
+    return expr if new is None else new
+
+
+def is_boolean(expr: Expr) -> bool:
+    return isinstance(expr, Call) and (OPERATORS[expr.op].boolean if expr.op in OPERATORS else False)
+
+
+def to_sympy(expr: Expr, leaf: Callable[[Expr], sympy.Expr]) -> sympy.Expr:
+    """Translate to sympy; ``leaf`` maps Read, Param, Coord and Size nodes to sympy values."""
+    if isinstance(expr, Const):
+        return sympy.oo * sympy.sign(expr.value) if abs(expr.value) == float("inf") else sympy.nsimplify(expr.value)
+    if isinstance(expr, Call):
+        return OPERATORS[expr.op].sympy(*(to_sympy(a, leaf) for a in expr.args))
+    return leaf(expr)

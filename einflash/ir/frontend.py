@@ -1,0 +1,537 @@
+"""Tracing a Python function into a Cascade.
+
+The declared function receives symbolic tensors and builds the maths with
+ordinary operators, einsum strings and a few functions (``exp``, ``mask``,
+``softmax``...). Each operation makes a structural node; equal nodes are equal
+values, so writing the same expression twice gives one value. When the function
+returns, every reduction, every mask and every value used by more than one
+consumer becomes an Einsum; the rest is inlined into its consumer. Names of
+intermediates come from the function's local variables where there is one.
+
+>>> import einflash as ef
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> print(plain.cascade.einsums[-1].out)
+o
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+
+from ..errors import DeclarationError, RankMismatchError, UnknownRankError, UnsupportedOperatorError
+from .cascade import Cascade, Einsum, Layout, ParamDecl, Reduction, Role, TensorDecl
+from .expr import Call, Const, Coord, Expr, Param, Read, Size, index_ranks, walk
+from .operators import OPERATORS, REDUCERS
+from .ranks import PARALLEL, STANDARD_RANKS, Rank, coord, extent_symbol, new_rank, rank_order
+from .validate import validate
+
+# -- declarations of inputs --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an extra input is laid out: see :class:`Query`, :class:`Key`, :class:`Tensor`."""
+
+    layout: Layout
+    ranks: tuple[str, ...]
+
+    def all_ranks(self) -> tuple[str, ...]:
+        if self.layout is Layout.QUERY:
+            return ("b", "h", "m") + self.ranks
+        if self.layout is Layout.KEY:
+            return ("b", "h", "n") + self.ranks
+        return self.ranks
+
+
+def _spec_ranks(text: str) -> tuple[str, ...]:
+    names = tuple(text.replace(",", " ").split())
+    for r in names:
+        if not r.isidentifier():
+            raise DeclarationError(f"rank names must be identifiers, got {r!r} in {text!r}")
+    return names
+
+
+class Query:
+    """An input laid out like q, ``[B, Hq, M, d]``: ``u: ef.Query["r"]``."""
+
+    def __class_getitem__(cls, dim: str) -> InputSpec:
+        return InputSpec(Layout.QUERY, _spec_ranks(dim))
+
+
+class Key:
+    """An input laid out like k and v, ``[B, Hkv, N, d]``: ``w: ef.Key["r"]``."""
+
+    def __class_getitem__(cls, dim: str) -> InputSpec:
+        return InputSpec(Layout.KEY, _spec_ranks(dim))
+
+
+class Tensor:
+    """An input with its ranks in the given order: ``slope: ef.Tensor["h"]``, ``doc: ef.Tensor["b n"]``."""
+
+    def __class_getitem__(cls, ranks: str) -> InputSpec:
+        return InputSpec(Layout.DECLARED, _spec_ranks(ranks))
+
+
+_STANDARD_INPUTS = {"q": Query["e"], "k": Key["e"], "v": Key["f"]}
+
+# -- trace-time state --------------------------------------------------------------------
+
+
+@dataclass
+class _TraceState:
+    code: Any
+    lines: dict = field(default_factory=dict)
+    ranks: dict[str, Rank] = field(default_factory=dict)
+    params: dict[str, ParamDecl] = field(default_factory=dict)
+    source: str = ""
+
+    def line(self) -> int | None:
+        f = sys._getframe(1)
+        while f is not None and f.f_code is not self.code:
+            f = f.f_back
+        return f.f_lineno if f is not None else None
+
+
+_STATE: contextvars.ContextVar[_TraceState | None] = contextvars.ContextVar("einflash_trace", default=None)
+
+
+def _where() -> str:
+    st = _STATE.get()
+    if st is None:
+        return "<declaration>"
+    return f"{st.source}:{st.line()}"
+
+
+# -- nodes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """A structural value: equal nodes are the same value."""
+
+    kind: str  # leaf | map | reduce | filter | reindex
+    op: str | None
+    args: tuple["Node", ...]
+    ranks: tuple[str, ...]
+    leaf: Expr | None = None
+    reduce_ranks: tuple[str, ...] = ()
+    arg: float | None = None
+    index: tuple[sympy.Expr, ...] = ()
+
+
+def _record(node: Node) -> Node:
+    st = _STATE.get()
+    if st is not None and node not in st.lines:
+        st.lines[node] = st.line()
+    return node
+
+
+def _leaf(expr: Expr, ranks=()) -> "Traced":
+    return Traced(_record(Node("leaf", None, (), rank_order(ranks), leaf=expr)))
+
+
+def _to_node(x) -> Node:
+    if isinstance(x, Traced):
+        return x.node
+    if isinstance(x, bool):
+        return Node("leaf", None, (), (), leaf=Const(float(x)))
+    if isinstance(x, (int, float)):
+        return Node("leaf", None, (), (), leaf=Const(float(x)))
+    raise DeclarationError(f"cannot use a {type(x).__name__} in an attention declaration "
+                           f"(expected a traced tensor, int or float)", _where())
+
+
+def _map(op: str, *args) -> "Traced":
+    nodes = tuple(_to_node(a) for a in args)
+    ranks = rank_order(r for n in nodes for r in n.ranks)
+    return Traced(_record(Node("map", op, nodes, ranks)))
+
+
+def _check_ranks(what: str, ranks: tuple[str, ...], node: Node) -> None:
+    for r in ranks:
+        if r not in node.ranks:
+            raise UnknownRankError(
+                f"{what} over rank {r!r}, but the operand has ranks ({', '.join(node.ranks)})", _where())
+
+
+class Traced:
+    """A symbolic tensor inside an ``@einflash.attention`` function."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node):
+        self.node = node
+
+    @property
+    def ranks(self) -> tuple[str, ...]:
+        return self.node.ranks
+
+    def __repr__(self) -> str:
+        return f"Traced[{', '.join(self.ranks)}]"
+
+    # arithmetic
+    def __add__(self, o): return _map("add", self, o)
+    def __radd__(self, o): return _map("add", o, self)
+    def __sub__(self, o): return _map("sub", self, o)
+    def __rsub__(self, o): return _map("sub", o, self)
+    def __mul__(self, o): return _map("mul", self, o)
+    def __rmul__(self, o): return _map("mul", o, self)
+    def __truediv__(self, o): return _map("div", self, o)
+    def __rtruediv__(self, o): return _map("div", o, self)
+    def __floordiv__(self, o): return _map("floordiv", self, o)
+    def __neg__(self): return _map("neg", self)
+
+    # comparisons and logic
+    def __lt__(self, o): return _map("lt", self, o)
+    def __le__(self, o): return _map("le", self, o)
+    def __gt__(self, o): return _map("gt", self, o)
+    def __ge__(self, o): return _map("ge", self, o)
+    def __eq__(self, o): return _map("eq", self, o)  # type: ignore[override]
+    def __ne__(self, o): return _map("ne", self, o)  # type: ignore[override]
+    def __and__(self, o): return _map("and", self, o)
+    def __rand__(self, o): return _map("and", o, self)
+    def __or__(self, o): return _map("or", self, o)
+    def __ror__(self, o): return _map("or", o, self)
+    def __invert__(self): return _map("not", self)
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise DeclarationError("a traced value has no truth value at declaration time: Python `if`, "
+                               "`and`, `or` and `not` cannot branch on tensor data; use ef.where(cond, a, b) "
+                               "or ef.mask(x, cond), and `&`, `|`, `~` for predicates", _where())
+
+    def __float__(self):
+        raise DeclarationError("a traced value is not a number at declaration time; keep it symbolic "
+                               "(use ef.exp, ef.log, ... instead of math.*)", _where())
+
+    __index__ = __int__ = __float__
+
+    # reductions
+    def reduce(self, op: str, ranks: str, arg: float | None = None) -> "Traced":
+        """Reduce over ``ranks`` (space separated) with a reducer: sum, max, min or kth_largest."""
+        if op not in REDUCERS:
+            raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}",
+                                           _where())
+        rs = _spec_ranks(ranks)
+        _check_ranks(op, rs, self.node)
+        out = tuple(r for r in self.ranks if r not in rs)
+        return Traced(_record(Node("reduce", op, (self.node,), out, reduce_ranks=rank_order(rs), arg=arg)))
+
+    def sum(self, ranks: str) -> "Traced":
+        return self.reduce("sum", ranks)
+
+    def max(self, ranks: str) -> "Traced":
+        return self.reduce("max", ranks)
+
+    def min(self, ranks: str) -> "Traced":
+        return self.reduce("min", ranks)
+
+    def kth_largest(self, k: int, ranks: str) -> "Traced":
+        """The k-th largest value over ``ranks`` (top-k routing thresholds)."""
+        if not isinstance(k, int) or k < 1:
+            raise DeclarationError(f"kth_largest needs a positive int k, got {k!r}", _where())
+        return self.reduce("kth_largest", ranks, float(k))
+
+    def __matmul__(self, other: "Traced") -> "Traced":
+        """Contract over every rank both operands have (batch and head excepted)."""
+        o = _to_node(other)
+        shared = [r for r in self.ranks if r in o.ranks and r not in PARALLEL]
+        if not shared:
+            raise RankMismatchError(f"`@` contracts the ranks both operands share, but ({', '.join(self.ranks)})"
+                                    f" and ({', '.join(o.ranks)}) share none; use ef.einsum", _where())
+        return (self * Traced(o)).sum(" ".join(shared))
+
+    def __getitem__(self, index) -> "Traced":
+        """Read this tensor at other coordinates: ``doc[ef.m]``, ``s[ef.m - i, ef.n - j]``."""
+        index = index if isinstance(index, tuple) else (index,)
+        own = [r for r in self.ranks if r not in PARALLEL]
+        if len(index) != len(own):
+            raise RankMismatchError(f"indexing a tensor with ranks ({', '.join(own)}) needs {len(own)} "
+                                    f"coordinates, got {len(index)}", _where())
+        subs = {coord(r): _index_expr(i) for r, i in zip(own, index)}
+        new = tuple(sympy.sympify(coord(r)).subs(subs, simultaneous=True) for r in self.ranks)
+        ranks = rank_order(index_ranks(new))
+        node = self.node
+        if node.kind == "leaf" and isinstance(node.leaf, Read):
+            sub = {coord(r): v for r, v in zip(self.ranks, new)}
+            idx = tuple(sympy.sympify(i).subs(sub, simultaneous=True) for i in node.leaf.index)
+            return _leaf(Read(node.leaf.tensor, idx), ranks)
+        return Traced(_record(Node("reindex", None, (node,), ranks, index=new)))
+
+
+def _index_expr(x) -> sympy.Expr:
+    """A traced index (coordinates, ints, int parameters, + − · //) as a sympy expression."""
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    node = _to_node(x)
+    if node.kind == "leaf":
+        leaf = node.leaf
+        if isinstance(leaf, Coord):
+            return coord(leaf.rank)
+        if isinstance(leaf, Const) and leaf.value == int(leaf.value):
+            return sympy.Integer(int(leaf.value))
+        if isinstance(leaf, Param):
+            return extent_symbol(leaf.name)
+        if isinstance(leaf, Size):
+            st = _STATE.get()
+            return ((st.ranks.get(leaf.rank) if st else None) or new_rank(leaf.rank)).extent
+    if node.kind == "map" and node.op in ("add", "sub", "mul", "floordiv"):
+        a, b = (_index_expr(Traced(n)) for n in node.args)
+        return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b)}[node.op]
+    raise DeclarationError("an index must be built from rank coordinates, ints and int parameters "
+                           "with +, -, * and //", _where())
+
+
+# -- the public vocabulary -----------------------------------------------------------------
+
+
+def _unary(op: str):
+    def f(x):
+        return _map(op, x)
+
+    f.__name__ = op
+    f.__doc__ = f"Elementwise {op}."
+    return f
+
+
+exp, exp2, log, sqrt, tanh, sigmoid, relu, abs, sign = (
+    _unary(o) for o in ("exp", "exp2", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign"))
+
+
+def maximum(a, b) -> Traced:
+    return _map("maximum", a, b)
+
+
+def minimum(a, b) -> Traced:
+    return _map("minimum", a, b)
+
+
+def where(cond, a, b) -> Traced:
+    """Select ``a`` where ``cond`` holds, else ``b`` (both are computed)."""
+    return _map("where", cond, a, b)
+
+
+def mask(x, keep) -> Traced:
+    """Keep ``x`` where the predicate ``keep`` holds; elsewhere it is absent (masked out).
+
+    Reductions skip absent elements, so a fully masked row gives an empty sum and
+    the output there is 0.
+    """
+    x, p = _to_node(x), _to_node(keep)
+    if not (p.kind == "map" and OPERATORS.get(p.op) is not None and OPERATORS[p.op].boolean):
+        raise DeclarationError("ef.mask needs a predicate (a comparison such as ef.n <= ef.m, or & | ~ of "
+                               "comparisons)", _where())
+    ranks = rank_order(x.ranks + p.ranks)
+    return Traced(_record(Node("filter", None, (x, p), ranks)))
+
+
+def softmax(x: Traced, rank: str) -> Traced:
+    """Softmax over ``rank``, expanded into its max, exp, sum and divide Einsums."""
+    top = x.max(rank)
+    num = exp(x - top)
+    return num / num.sum(rank)
+
+
+def einsum(spec: str, *operands: Traced) -> Traced:
+    """A contraction in Einstein notation with named ranks: ``einsum("m e, n e -> m n", q, k)``.
+
+    Batch and head ranks are implicit and never written.
+    """
+    if "->" not in spec:
+        raise DeclarationError(f"an einsum spec needs '->', got {spec!r}", _where())
+    lhs, rhs = spec.split("->")
+    terms = [_spec_ranks(t) for t in lhs.split(",")]
+    if len(terms) != len(operands):
+        raise RankMismatchError(f"einsum {spec!r} names {len(terms)} operands, got {len(operands)}", _where())
+    nodes = [_to_node(o) for o in operands]
+    for i, (t, node) in enumerate(zip(terms, nodes)):
+        own = tuple(r for r in node.ranks if r not in PARALLEL)
+        if set(t) != set(own) or len(t) != len(own):
+            raise RankMismatchError(f"einsum {spec!r}: operand {i + 1} has ranks ({', '.join(own)}), "
+                                    f"the spec says ({', '.join(t)})", _where())
+    out = _spec_ranks(rhs)
+    seen = {r for t in terms for r in t}
+    for r in out:
+        if r not in seen:
+            raise UnknownRankError(f"einsum {spec!r}: output rank {r!r} is in no operand", _where())
+    prod = Traced(nodes[0])
+    for n in nodes[1:]:
+        prod = prod * Traced(n)
+    reduced = [r for r in rank_order(seen) if r not in out]
+    return prod.sum(" ".join(reduced)) if reduced else prod
+
+
+def rank(name: str, extent=None) -> Traced:
+    """The coordinate of rank ``name`` as data; declares the rank when ``extent`` is given.
+
+    ``c = ef.rank("c", ef.ceil_div(ef.N, block))`` declares key blocks.
+    """
+    st = _STATE.get()
+    if st is None:
+        raise DeclarationError("ef.rank is only available inside an @einflash.attention function")
+    if extent is not None:
+        st.ranks[name] = Rank(name, _index_expr(extent) if not isinstance(extent, sympy.Expr) else extent)
+    elif name not in st.ranks:
+        raise UnknownRankError(f"rank {name!r} is not declared: no input has it; give its extent", _where())
+    return _leaf(Coord(name), (name,))
+
+
+def ceil_div(a, b) -> sympy.Expr:
+    """``ceil(a / b)`` of extents and int parameters, for rank extents."""
+    return sympy.ceiling(_index_expr(a) / _index_expr(b))
+
+
+def size(name: str) -> Traced:
+    """The extent of a rank as data."""
+    return _leaf(Size(name))
+
+
+m, n = _leaf(Coord("m"), ("m",)), _leaf(Coord("n"), ("n",))
+M, N, E, F = (_leaf(Size(r)) for r in ("m", "n", "e", "f"))
+scale = _leaf(Param("scale"))
+
+# -- tracing ---------------------------------------------------------------------------------
+
+
+def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], dict[str, Traced]]:
+    decls, args = [], {}
+    for p in inspect.signature(fn).parameters.values():
+        ann = p.annotation
+        if isinstance(ann, InputSpec) or (ann is inspect.Parameter.empty and p.default is inspect.Parameter.empty):
+            spec = ann if isinstance(ann, InputSpec) else _STANDARD_INPUTS.get(p.name)
+            if spec is None:
+                raise DeclarationError(
+                    f"parameter {p.name!r} needs a declaration: ef.Query[\"d\"], ef.Key[\"d\"], "
+                    f"ef.Tensor[\"ranks\"], or a number default for a scalar parameter", st.source)
+            ranks = spec.all_ranks()
+            for r in ranks:
+                st.ranks.setdefault(r, new_rank(r))
+            decls.append(TensorDecl(p.name, ranks, Role.INPUT, spec.layout))
+            args[p.name] = _leaf(Read(p.name, tuple(coord(r) for r in ranks)), ranks)
+        else:
+            default = p.default if p.default is not inspect.Parameter.empty else None
+            if default is not None and not isinstance(default, (int, float)):
+                raise DeclarationError(f"parameter {p.name!r}: a scalar parameter's default must be a number, "
+                                       f"got {default!r}", st.source)
+            integer = ann is int or isinstance(default, int) and not isinstance(default, bool)
+            st.params[p.name] = ParamDecl(p.name, None if default is None else sympy.sympify(default), integer)
+            args[p.name] = _leaf(Param(p.name))
+    return decls, args
+
+
+def trace(fn: Callable, name: str | None = None) -> Cascade:
+    """Trace ``fn`` into a validated Cascade (see the module docstring)."""
+    src = inspect.getsourcefile(fn) or "<unknown>"
+    st = _TraceState(fn.__code__, source=f"{src}")
+    token = _STATE.set(st)
+    try:
+        inputs, args = _signature_inputs(fn, st)
+        local_names: dict[str, Any] = {}
+
+        def profiler(frame, event, _arg):
+            if event == "return" and frame.f_code is fn.__code__:
+                local_names.update(frame.f_locals)
+
+        old = sys.getprofile()
+        sys.setprofile(profiler)
+        try:
+            result = fn(**args)
+        finally:
+            sys.setprofile(old)
+        if not isinstance(result, Traced):
+            raise DeclarationError(f"the function must return the attention output, a traced tensor; "
+                                   f"it returned {type(result).__name__}", st.source)
+        names = {v.node: k for k, v in local_names.items() if isinstance(v, Traced) and k not in args}
+        cascade = _build(name or fn.__name__, st, inputs, result.node, names)
+    finally:
+        _STATE.reset(token)
+    validate(cascade)
+    return cascade
+
+
+def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, names: dict[Node, str]) -> Cascade:
+    order: list[Node] = []
+    parents: dict[Node, set[Node]] = {}
+    seen: set[Node] = set()
+
+    def visit(node: Node) -> None:
+        if node in seen:
+            return
+        seen.add(node)
+        for a in node.args:
+            parents.setdefault(a, set()).add(node)
+            visit(a)
+        order.append(node)
+
+    visit(out)
+
+    def materialised(node: Node) -> bool:
+        if node is out or node.kind in ("reduce", "filter"):
+            return True
+        if node.kind == "map" and node.ranks and len(parents.get(node, ())) > 1:
+            return True
+        return any(p.kind == "reindex" for p in parents.get(node, ()))
+
+    used = {t.name for t in inputs} | set(st.params)
+    tensor_name: dict[Node, str] = {}
+
+    def fresh(node: Node) -> str:
+        if node is out:
+            return "o"
+        base = names.get(node) or (f"{node.op}_{''.join(node.reduce_ranks)}" if node.kind == "reduce"
+                                   else "masked" if node.kind == "filter" else node.op or "t")
+        cand, i = base, 2
+        while cand in used or cand == "o":
+            cand, i = f"{base}{i}", i + 1
+        used.add(cand)
+        return cand
+
+    def to_expr(node: Node, top: bool = False) -> Expr:
+        if not top and node in tensor_name:
+            return Read(tensor_name[node], tuple(coord(r) for r in node.ranks))
+        if node.kind == "leaf":
+            return node.leaf
+        if node.kind == "map":
+            return Call(node.op, tuple(to_expr(a) for a in node.args))
+        if node.kind == "reindex":
+            base = node.args[0]
+            return Read(tensor_name[base], node.index)
+        raise AssertionError(node.kind)  # reduce/filter nodes are always materialised
+
+    tensors, einsums = list(inputs), []
+    for node in order:
+        if not materialised(node):
+            continue
+        name_ = fresh(node)
+        line = st.lines.get(node)
+        if node.kind == "reduce":
+            body = node.args[0]
+            e = Einsum(name_, node.ranks, to_expr(body), Reduction(node.op, node.reduce_ranks, node.arg), line=line)
+        elif node.kind == "filter":
+            e = Einsum(name_, node.ranks, to_expr(node.args[0]), where=to_expr(node.args[1]), line=line)
+        else:
+            e = Einsum(name_, node.ranks, to_expr(node, top=True), line=line)
+        tensor_name[node] = name_
+        tensors.append(TensorDecl(name_, node.ranks, Role.OUTPUT if node is out else Role.INTERMEDIATE))
+        einsums.append(e)
+    used_ranks = {r for t in tensors for r in t.ranks} | {r for e in einsums for r in e.iteration_ranks}
+    ranks = tuple(st.ranks.get(r) or new_rank(r) for r in rank_order(used_ranks))
+    params = tuple(st.params.values())
+    if any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in _walk_einsum(e)) \
+            and "scale" not in st.params:
+        params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2)),)
+    return Cascade(name, ranks, tuple(tensors), params, tuple(einsums), ("o",), source=st.source)
+
+
+def _walk_einsum(e: Einsum):
+    yield from walk(e.expr)
+    if e.where is not None:
+        yield from walk(e.where)

@@ -1,0 +1,391 @@
+"""The reference executor: evaluates any valid cascade with torch; the oracle of every test.
+
+Inputs come in the contract layout (q ``[B,Hq,M,E]``, k ``[B,Hkv,N,E]``, v
+``[B,Hkv,N,F]``; extra inputs in their declared rank order). Values carry a
+presence mask: masked elements are absent, reductions skip them, and an empty
+fiber gives an absent result, so a fully masked row has output 0. Loop Einsums
+run chunk by chunk over ``n`` with running states, exactly as the rewritten
+cascade says. Coordinates are exact int64; float inputs are cast to ``dtype``
+(float64 for the oracle; a kernel's dtype to measure what plain PyTorch in that
+dtype gets wrong).
+
+>>> import torch, einflash as ef
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> q = k = v = torch.ones(1, 1, 3, 4)
+>>> run_reference(plain.cascade, dict(q=q, k=k, v=v))[0, 0, 0].tolist()
+[1.0, 1.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import sympy
+import torch
+
+from ..errors import MissingInputError, ShapeError
+from .cascade import Cascade, Einsum, Layout, Role
+from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks
+from .operators import OPERATORS, REDUCERS
+from .ranks import coord, extent_symbol, rank_order
+
+
+@dataclass
+class Value:
+    """A tensor over named ranks; ``present`` None means every element is present."""
+
+    data: torch.Tensor
+    ranks: tuple[str, ...]
+    present: torch.Tensor | None = None
+    origin: dict[str, int] = field(default_factory=dict)  # first coordinate of each rank (chunks)
+
+    def aligned(self, ranks: tuple[str, ...]) -> torch.Tensor:
+        return _align(self.data, self.ranks, ranks)
+
+    def aligned_present(self, ranks: tuple[str, ...]) -> torch.Tensor | None:
+        return None if self.present is None else _align(self.present, self.ranks, ranks)
+
+
+def _align(t: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor:
+    if t.dim() == 0:  # stays 0-dim: broadcasts, and stays weak in type promotion
+        return t
+    perm = [have.index(r) for r in want if r in have]
+    t = t.permute(perm)
+    shape, it = [], iter(t.shape)
+    for r in want:
+        shape.append(next(it) if r in have else 1)
+    return t.reshape(shape)
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
+# -- binding inputs -------------------------------------------------------------------------
+
+
+def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float]) -> dict[str, int]:
+    """Rank extents from the inputs' shapes, checked for agreement; raises ShapeError naming both sides."""
+    ext: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    hkv = None
+
+    def put(rank: str, size: int, who: str) -> None:
+        if rank in ext and ext[rank] != size:
+            raise ShapeError(f"{who} gives rank {rank!r} extent {size}, but {origin[rank]} gives {ext[rank]}")
+        ext.setdefault(rank, size)
+        origin.setdefault(rank, who)
+
+    for t in c.inputs:
+        if t.name not in inputs:
+            raise MissingInputError(f"input {t.name!r} is missing; the cascade declares "
+                                    f"{[x.name for x in c.inputs]}")
+        x = inputs[t.name]
+        if x.dim() != len(t.ranks):
+            raise ShapeError(f"{t.name} must have {len(t.ranks)} dimensions ({', '.join(t.ranks)}), "
+                             f"got shape {tuple(x.shape)}")
+        for r, s in zip(t.ranks, x.shape):
+            if t.layout is Layout.KEY and r == "h":
+                if hkv is not None and hkv[0] != s:
+                    raise ShapeError(f"{t.name} has {s} kv heads, but {hkv[1]} has {hkv[0]}")
+                hkv = (s, t.name)
+                continue
+            put(r, int(s), f"{t.name}.shape")
+    if hkv is not None:
+        hq = ext.get("h")
+        if hq is None or hkv[0] == 0 or hq % hkv[0]:
+            raise ShapeError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv[0]}, from {hkv[1]})")
+    subs = {r.extent: ext[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol) and r.name in ext}
+    subs.update({extent_symbol(k): v for k, v in params.items()})
+    for r in c.ranks:
+        if r.name not in ext:
+            val = sympy.sympify(r.extent).subs(subs)
+            if not val.is_number:
+                raise ShapeError(f"rank {r.name!r} has extent {r.extent}, which the inputs do not determine")
+            ext[r.name] = int(val)
+    return ext
+
+
+def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, int]) -> dict[str, float]:
+    """Parameter values: given ones, else defaults evaluated at the extents."""
+    unknown = set(given) - {p.name for p in c.params}
+    if unknown:
+        raise MissingInputError(f"unknown parameter(s) {sorted(unknown)}; the cascade declares "
+                                f"{[p.name for p in c.params]}")
+    out: dict[str, float] = {}
+    subs = {r.extent: extents[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol)}
+    for p in c.params:
+        if p.name in given and given[p.name] is not None:
+            out[p.name] = given[p.name]
+        elif p.default is not None:
+            out[p.name] = float(sympy.sympify(p.default).subs(subs))
+        else:
+            raise MissingInputError(f"parameter {p.name!r} has no default and was not given")
+        if p.integer:
+            out[p.name] = int(out[p.name])
+    return out
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+class _Evaluator:
+    def __init__(self, c: Cascade, extents: dict[str, int], params: dict[str, float], device, dtype):
+        self.c, self.extents, self.params, self.device, self.dtype = c, extents, params, device, dtype
+        self.env: dict[str, Value] = {}
+        self.prev: dict[str, Value] = {}
+        self.ranges = {r: (0, s) for r, s in extents.items()}
+
+    # leaves
+    def coord_values(self, rank: str) -> torch.Tensor:
+        lo, hi = self.ranges[rank]
+        return torch.arange(lo, hi, device=self.device)
+
+    def read(self, x: Read) -> Value:
+        src = self.prev.get(x.tensor) if x.prev else self.env.get(x.tensor)
+        decl = self.c.tensor(x.tensor)
+        if src is None:  # a state before its first update: absent everywhere
+            shape = [self.ranges[r][1] - self.ranges[r][0] for r in decl.ranks]
+            zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            src = Value(zeros, decl.ranks, torch.zeros(shape, dtype=torch.bool, device=self.device),
+                        {r: self.ranges[r][0] for r in decl.ranks})
+        if tuple(x.index) == tuple(coord(r) for r in src.ranks):
+            return self._narrow(src)
+        return self._gather(src, x.index)
+
+    def _narrow(self, src: Value) -> Value:
+        data, pres = src.data, src.present
+        for d, r in enumerate(src.ranks):
+            lo, hi = self.ranges[r]
+            o = src.origin.get(r, 0)
+            if (lo - o, hi - o) != (0, data.shape[d]):
+                if lo - o < 0 or hi - o > data.shape[d]:
+                    return self._gather(src, tuple(coord(r) for r in src.ranks))
+                data = data.narrow(d, lo - o, hi - lo)
+                pres = None if pres is None else pres.narrow(d, lo - o, hi - lo)
+        return Value(data, src.ranks, pres, {r: self.ranges[r][0] for r in src.ranks})
+
+    def _gather(self, src: Value, index) -> Value:
+        free = rank_order(s.name for i in index for s in sympy.sympify(i).free_symbols if s == coord(s.name))
+        grids = {coord(r): _align(self.coord_values(r), (r,), free) for r in free}
+        psubs = {extent_symbol(k): v for k, v in self.params.items()}
+        idxs, valid = [], None
+        for d, (i, r) in enumerate(zip(index, src.ranks)):
+            expr = sympy.sympify(i).subs(psubs)
+            fn = sympy.lambdify(list(grids), expr, modules=[{"floor": torch.floor}, "math"])
+            val = fn(*grids.values())
+            val = torch.as_tensor(val, device=self.device)
+            val = torch.floor(val).long() if val.is_floating_point() else val.long()
+            local = val - src.origin.get(r, 0)
+            ok = (local >= 0) & (local < src.data.shape[d])
+            valid = ok if valid is None else valid & ok
+            idxs.append(local.clamp(0, max(src.data.shape[d] - 1, 0)))
+        shape = torch.broadcast_shapes(*(t.shape for t in idxs)) if idxs else ()
+        idxs = [t.expand(shape) for t in idxs]
+        data = src.data[tuple(idxs)] if idxs else src.data
+        pres = valid.expand(shape) if valid is not None else None
+        if src.present is not None:
+            pres = _and(pres, src.present[tuple(idxs)])
+        return Value(data, free, pres, {r: self.ranges[r][0] for r in free})
+
+    def eval(self, x: Expr) -> Value:
+        if isinstance(x, Const):
+            return Value(torch.tensor(x.value, dtype=torch.float64, device=self.device), ())
+        if isinstance(x, Param):
+            v = self.params[x.name]
+            return Value(torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64,
+                                      device=self.device), ())
+        if isinstance(x, Size):
+            return Value(torch.tensor(self.extents[x.rank], device=self.device), ())
+        if isinstance(x, Coord):
+            return Value(self.coord_values(x.rank), (x.rank,), None, {x.rank: self.ranges[x.rank][0]})
+        if isinstance(x, Read):
+            return self.read(x)
+        return self.call(x)
+
+    def call(self, x: Call) -> Value:
+        args = [self.eval(a) for a in x.args]
+        ranks = rank_order(r for a in args for r in a.ranks)
+        datas = [a.aligned(ranks) for a in args]
+        op = OPERATORS[x.op]
+        if x.op == "where":
+            datas[0] = datas[0].bool()
+        elif x.op in ("and", "or", "not"):
+            datas = [d.bool() for d in datas]
+        data = op.torch(*datas)
+        press = [a.aligned_present(ranks) for a in args]
+        if x.merge is Merge.ALL:
+            pres = None
+            for p in press:
+                pres = _and(pres, p)
+        else:  # absent operands act as the identity: the result is the present operand
+            a, b = datas
+            pa, pb = press
+            if pa is not None:
+                data = torch.where(pa, data, b)
+            if pb is not None:
+                data = torch.where(pb, data, a if pa is None else torch.where(pa, a, data))
+            pres = None if pa is None or pb is None else pa | pb
+        return Value(data, ranks, pres, {r: self.ranges[r][0] for r in ranks})
+
+    # einsums
+    def einsum(self, e: Einsum) -> Value:
+        its = rank_order(e.iteration_ranks)
+        red = e.reduce
+        if red is not None and red.op == "sum" and e.where is None:
+            val = self._sum_of_products(e, its)
+        else:
+            body = self.eval(e.expr)
+            data, pres = body.aligned(its), body.aligned_present(its)
+            if e.where is not None:
+                w = self.eval(e.where)
+                keep = w.aligned(its).bool()
+                keep = _and(keep, w.aligned_present(its))
+                pres = _and(pres, keep)
+            shape = [self.ranges[r][1] - self.ranges[r][0] for r in its]
+            data = data.expand(shape)
+            pres = None if pres is None else pres.expand(shape)
+            if red is None:
+                val = Value(data, its, pres)
+            else:
+                val = self._reduce(e, its, data, pres)
+        out = Value(val.aligned(e.ranks), e.ranks, val.aligned_present(e.ranks),
+                    {r: self.ranges[r][0] for r in e.ranks})
+        shape = [self.ranges[r][1] - self.ranges[r][0] for r in e.ranks]
+        out.data = out.data.expand(shape)
+        out.present = None if out.present is None else out.present.expand(shape)
+        return out
+
+    def _reduce(self, e: Einsum, its, data, pres) -> Value:
+        red = e.reduce
+        dims = [its.index(r) for r in red.ranks]
+        keep = tuple(r for r in its if r not in red.ranks)
+        ident = REDUCERS[red.op].identity
+        if pres is not None:
+            data = torch.where(pres, data, torch.tensor(ident, dtype=data.dtype, device=data.device))
+        if red.op == "sum":
+            out = data.sum(dim=dims)
+        elif red.op == "max":
+            out = data.amax(dim=dims)
+        elif red.op == "min":
+            out = data.amin(dim=dims)
+        else:  # kth_largest
+            moved = data.permute([its.index(r) for r in keep] + dims)
+            flat = moved.reshape(*moved.shape[:len(keep)], -1)
+            k = min(int(red.arg), flat.shape[-1])
+            out = flat.topk(k, dim=-1).values[..., -1]
+        any_pres = None if pres is None else pres.any(dim=dims)
+        return Value(out, keep, any_pres)
+
+    def _sum_of_products(self, e: Einsum, its) -> Value:
+        factors = list(_factors(e.expr))
+        vals = [self.eval(f) for f in factors]
+        letters = {r: chr(ord("a") + i) for i, r in enumerate(its)}
+        keep = tuple(r for r in its if r not in e.reduce.ranks)
+        spec = ",".join("".join(letters[r] for r in v.ranks) for v in vals) + "->" + "".join(letters[r] for r in keep)
+        datas = []
+        for v in vals:
+            d = v.data
+            if v.present is not None:
+                d = torch.where(v.present, d, torch.zeros((), dtype=d.dtype, device=d.device))
+            datas.append(d)
+        dt = _result_dtype(datas)
+        data = torch.einsum(spec, *(d.to(dt) for d in datas))
+        pres = None
+        if any(v.present is not None for v in vals):
+            ps = [torch.ones(v.data.shape, dtype=torch.float64, device=self.device) if v.present is None
+                  else v.present.to(torch.float64) for v in vals]
+            pres = torch.einsum(spec, *ps) > 0
+        return Value(data, keep, pres)
+
+    # the whole cascade
+    def run(self, chunk: int | None) -> dict[str, Value]:
+        es = list(self.c.einsums)
+        i = 0
+        while i < len(es):
+            if not es[i].loop:
+                self.env[es[i].out] = self.einsum(es[i])
+                i += 1
+                continue
+            j = i
+            while j < len(es) and es[j].loop:
+                j += 1
+            self._loop(es[i:j], chunk)
+            i = j
+        return self.env
+
+    def _loop(self, body: list[Einsum], chunk: int | None) -> None:
+        total = self.extents["n"]
+        step = max(1, chunk or total)
+        states = {t.name for t in self.c.states}
+        for lo in range(0, max(total, 1), step):
+            self.ranges["n"] = (lo, min(total, lo + step))
+            self.prev = {s: self.env[s] for s in states if s in self.env}
+            for e in body:
+                self.env[e.out] = self.einsum(e)
+        self.ranges["n"] = (0, total)
+        self.prev = {}
+
+
+def _result_dtype(datas: list[torch.Tensor]) -> torch.dtype:
+    """The dtype torch's promotion gives a product of these (0-dim tensors are weak)."""
+    rep = datas[0]
+    for d in datas[1:]:
+        dt = torch.result_type(rep, d)
+        rep = torch.empty(() if rep.dim() == 0 and d.dim() == 0 else (1,), dtype=dt)
+    return rep.dtype
+
+
+def _factors(x: Expr):
+    if isinstance(x, Call) and x.op == "mul" and x.merge is Merge.ALL:
+        for a in x.args:
+            yield from _factors(a)
+    else:
+        yield x
+
+
+def evaluate(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
+             dtype: torch.dtype = torch.float64, chunk: int | None = None) -> dict[str, Value]:
+    """Every tensor of the cascade as a Value (for tests of rewrites); see :func:`run_reference`."""
+    params = dict(params or {})
+    extents = bind_extents(c, inputs, params)
+    values = bind_params(c, params, extents)
+    any_input = next(iter(inputs.values()))
+    ev = _Evaluator(c, extents, values, any_input.device, dtype)
+    for t in c.inputs:
+        x = inputs[t.name]
+        x = x.to(dtype) if x.is_floating_point() else x
+        if t.layout is Layout.KEY:
+            x = x.repeat_interleave(extents["h"] // x.shape[1], dim=1)
+        ev.env[t.name] = Value(x, t.ranks)
+    return ev.run(chunk)
+
+
+def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | None = None) -> torch.Tensor:
+    """An output Value as ``[B, H, M, F]`` with absent elements as 0."""
+    ranks = v.ranks
+    value_rank = next(r for r in ranks if r not in ("b", "h", "m"))
+    want = ("b", "h", "m", value_rank)
+    data = v.aligned(want)
+    if v.present is not None:
+        data = torch.where(v.aligned_present(want), data, torch.zeros((), dtype=data.dtype, device=data.device))
+    if extents_like:
+        data = data.expand(extents_like["b"], extents_like["h"], data.shape[2], data.shape[3])
+    return data.contiguous()
+
+
+def run_reference(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
+                  dtype: torch.dtype = torch.float64, chunk: int | None = None) -> torch.Tensor:
+    """The output ``[B, Hq, M, F]`` of the cascade on these inputs, computed in ``dtype``."""
+    params = dict(params or {})
+    env = evaluate(c, inputs, params, dtype=dtype, chunk=chunk)
+    extents = bind_extents(c, inputs, params)
+    return to_contract_layout(c, env[c.outputs[0]], extents)
+
