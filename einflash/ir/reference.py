@@ -203,7 +203,7 @@ class _Evaluator:
             return Value(torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64,
                                       device=self.device), ())
         if isinstance(x, Size):
-            return Value(torch.tensor(self.extents[x.rank], device=self.device), ())
+            return Value(torch.tensor(float(self.extents[x.rank]), dtype=torch.float64, device=self.device), ())
         if isinstance(x, Coord):
             return Value(self.coord_values(x.rank), (x.rank,), None, {x.rank: self.ranges[x.rank][0]})
         if isinstance(x, Read):
@@ -221,6 +221,11 @@ class _Evaluator:
             datas = [d.bool() for d in datas]
         data = op.torch(*datas)
         press = [a.aligned_present(ranks) for a in args]
+        if op.boolean:  # a predicate on absent data is false, never absent
+            for p in press:
+                if p is not None:
+                    data = data & p
+            return Value(data, ranks, None, {r: self.ranges[r][0] for r in ranks})
         if x.merge is Merge.ALL:
             pres = None
             for p in press:
