@@ -486,8 +486,7 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     def fresh(node: Node) -> str:
         if node is out:
             return "o"
-        base = names.get(node) or (f"{node.op}_{''.join(node.reduce_ranks)}" if node.kind == "reduce"
-                                   else "masked" if node.kind == "filter" else node.op or "t")
+        base = names.get(node) or _default_name(node)
         cand, i = base, 2
         while cand in used or cand == "o":
             cand, i = f"{base}{i}", i + 1
@@ -529,6 +528,15 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
             and "scale" not in st.params:
         params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2)),)
     return Cascade(name, ranks, tuple(tensors), params, tuple(einsums), ("o",), source=st.source)
+
+
+def _default_name(node: Node) -> str:
+    """A readable name for an intermediate the user did not name: dot_e, max_n, exp, masked..."""
+    if node.kind == "reduce":
+        body = node.args[0]
+        kind = "dot" if node.op == "sum" and body.kind == "map" and body.op == "mul" else node.op
+        return f"{kind}_{''.join(node.reduce_ranks)}"
+    return "masked" if node.kind == "filter" else node.op or "t"
 
 
 def _walk_einsum(e: Einsum):

@@ -1,0 +1,1 @@
+"""Analysis, rewrites, planning, lowering, tuning, caching and the CLI."""
