@@ -52,10 +52,9 @@ def format_expr(x: Expr, parent: int = 0) -> str:
     mark = "∪" if x.merge is Merge.ANY else ""
     prec = _PRECEDENCE.get(x.op)
     if prec is not None and op.arity == 2:
-        text = (f"{format_expr(x.args[0], prec)}{op.symbol}{mark}"
-                f"{format_expr(x.args[1], prec + (x.op in ('sub', 'div')))}")
-        if op.boolean or x.op in ("add", "sub") or mark:
-            text = text.replace(f"{op.symbol}{mark}", f" {op.symbol}{mark} ", 1)
+        spaced = op.boolean or x.op in ("add", "sub") or mark
+        sep = f" {op.symbol}{mark} " if spaced else op.symbol
+        text = f"{format_expr(x.args[0], prec)}{sep}{format_expr(x.args[1], prec + (x.op in ('sub', 'div')))}"
         return f"({text})" if prec < parent else text
     if prec is not None:
         return f"{op.symbol}{format_expr(x.args[0], prec)}"
