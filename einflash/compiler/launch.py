@@ -1,0 +1,77 @@
+"""Writing generated kernels to files, importing them, and launching them on torch tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.cascade import Cascade, Layout
+from .lower import KernelSource
+
+_MODULES: dict[str, object] = {}
+
+
+def kernel_dir() -> pathlib.Path:
+    """Where generated sources go (EINFLASH_KERNEL_DIR, else a per-user temporary folder)."""
+    base = os.environ.get("EINFLASH_KERNEL_DIR")
+    path = pathlib.Path(base) if base else pathlib.Path(tempfile.gettempdir()) / f"einflash-kernels-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_kernel(src: KernelSource):
+    """The @triton.jit function of a rendered kernel (written once, imported once per process)."""
+    if src.name in _MODULES:
+        return getattr(_MODULES[src.name], src.name)
+    path = kernel_dir() / f"{src.name}.py"
+    if not path.exists() or path.read_text() != src.text:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(src.text)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"einflash_kernels.{src.name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    _MODULES[src.name] = mod
+    return getattr(mod, src.name)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int = 1
+
+
+def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
+           out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig, extents: dict[str, int]):
+    """Launch the kernel over a grid of (query tiles, batch·heads[, splits])."""
+    fn = load_kernel(src)
+    args = []
+    for name in src.tensors:
+        x = inputs[name]
+        args.append(x)
+        args += list(x.stride())
+    args.append(out)
+    args += list(out.stride())
+    for s in (src.row_states + src.acc_states if src.split else src.row_states):
+        w = workspaces[s]
+        args.append(w)
+        args += list(w.stride())
+    args += [params[p] for p in src.params]
+    B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
+    hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
+    tiles = -(-N // cfg.block_n)
+    per_split = -(-tiles // cfg.splits)
+    grid = (-(-M // cfg.block_m), B * H, cfg.splits if src.split else 1)
+    fn[grid](*args, M, N, H, H // hkv, per_split, **dict(src.constexprs),
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages)

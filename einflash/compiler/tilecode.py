@@ -1,0 +1,414 @@
+"""Triton code for the Einsums of a streamed cascade, one tile at a time.
+
+Every value is a register tile whose axes are its ranks (batch and head are fixed
+per program): ``m`` spans BLOCK_M query rows, ``n`` BLOCK_N keys, any other rank
+its padded extent ``D_<rank>``. A value may be absent at some positions (masked);
+it then carries a boolean ``present`` tile, and ``fill`` says what the absent
+positions hold when that is known. Consumers that need a particular fill (a
+reduction its identity, a ``tl.dot`` operand zero, a store zero) get a
+``tl.where`` only when the value's fill is not already right; values that are
+present everywhere (full tiles) never pay for masking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import LoweringError
+from ..ir.cascade import Cascade, Einsum, Layout, Role
+from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
+from ..ir.operators import OPERATORS, REDUCERS
+from ..ir.ranks import PARALLEL, coord, rank_order
+
+_FINITE_PROBES = (0.0, 1.5, -2.25)
+
+
+@dataclass(frozen=True)
+class Tile:
+    code: str
+    ranks: tuple[str, ...]
+    present: str | None = None
+    pranks: tuple[str, ...] = ()
+    fill: float | None = None
+    dtype: str = "f32"  # "f32", "in" (the input dtype, as loaded), "bool", "int"
+
+
+def axis_extent(rank: str) -> str:
+    return {"m": "BLOCK_M", "n": "BLOCK_N"}.get(rank, f"D_{rank}")
+
+
+def bcast(code: str, have: tuple[str, ...], want: tuple[str, ...]) -> str:
+    """Index ``code`` (axes ``have``) so it broadcasts against axes ``want``."""
+    if not have or have == want:
+        return code
+    return f"{code}[{', '.join(':' if r in have else 'None' for r in want)}]"
+
+
+def literal(v: float) -> str:
+    if v == float("inf"):
+        return 'float("inf")'
+    if v == float("-inf"):
+        return 'float("-inf")'
+    return repr(float(v))
+
+
+def _and(a: str | None, b: str | None) -> str | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return f"({a} & {b})"
+
+
+def presence(tiles, how: str = "&") -> tuple[str | None, tuple[str, ...]]:
+    """The presence of a combination of tiles: a boolean tile over the union of their presence axes."""
+    parts = [t for t in tiles if t.present is not None]
+    if not parts:
+        return None, ()
+    pranks = rank_order(r for t in parts for r in t.pranks)
+    code = f" {how} ".join(bcast(t.present, t.pranks, pranks) for t in parts)
+    return (f"({code})" if len(parts) > 1 else code), pranks
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _eval_fill(op: str, fills: list[float | None]) -> float | None:
+    """The op's value at absent positions, if it does not depend on the unknown operands."""
+    results = set()
+    for probe in _FINITE_PROBES:
+        args = [torch.tensor(probe if f is None else f, dtype=torch.float64) for f in fills]
+        if op == "where":
+            args[0] = args[0].bool()
+        with torch.no_grad():
+            out = float(OPERATORS[op].torch(*args))
+        if math.isnan(out):
+            return None
+        results.add(out)
+    return results.pop() if len(results) == 1 else None
+
+
+@dataclass
+class TileCode:
+    """Emits Triton statements for Einsums into ``lines``; one instance per code section."""
+
+    c: Cascade
+    dims: dict[str, int]
+    masked: bool  # evaluate mask predicates and the sequence edge (partial key tiles)
+    skip_predicates: frozenset = frozenset()  # conjuncts proven true on these tiles
+    env: dict[str, Tile] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    dot_dtype: str = "q_ptr.dtype.element_ty"
+    fp32_dot: bool = False
+    loads: dict = field(default_factory=dict)
+    counter: list = field(default_factory=lambda: [0])
+
+    def fresh(self, base: str) -> str:
+        self.counter[0] += 1
+        return f"{base}_{self.counter[0]}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    # -- leaves -----------------------------------------------------------------------------
+
+    def load(self, r: Read) -> Tile:
+        decl = self.c.tensor(r.tensor)
+        key = (r.tensor, r.index)
+        if key in self.loads:
+            return self.loads[key]
+        offs, masks, axes = [], [], []
+        for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
+            stride = f"stride_{r.tensor}_{d}"
+            names = [s.name for s in getattr(i, "free_symbols", ())]
+            if len(names) != 1 or i != coord(names[0]):
+                raise LoweringError(f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
+                                    f"at plain rank coordinates")
+            rank = names[0]
+            if rank == "b":
+                offs.append(f"off_b * {stride}")
+            elif rank == "h":
+                offs.append(f"{'off_hk' if decl.layout is Layout.KEY else 'off_h'} * {stride}")
+            else:
+                axes.append(rank)
+                offs.append((rank, stride))
+        axes_t = rank_order(axes)
+        terms = []
+        for o in offs:
+            if isinstance(o, tuple):
+                rank, stride = o
+                terms.append(f"{bcast('offs_' + rank, (rank,), axes_t)} * {stride}")
+            else:
+                terms.append(o)
+        pad = []
+        for rank in axes_t:
+            cond = self.bound(rank)
+            if cond is not None:
+                masks.append(bcast(cond, (rank,), axes_t))
+                if rank not in ("m", "n"):
+                    pad.append(rank)
+        ptr = f"{r.tensor}_ptr + " + " + ".join(terms)
+        name = self.fresh(f"ld_{r.tensor}")
+        if masks:
+            self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
+        else:
+            self.emit(f"{name} = tl.load({ptr})")
+        # padded head-dimension positions are absent (they were loaded as 0)
+        present = " & ".join(bcast(f"(offs_{x} < {self.extent(x)})", (x,), tuple(pad)) for x in pad) or None
+        t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None, dtype="in")
+        self.loads[key] = t
+        return t
+
+    def bound(self, rank: str) -> str | None:
+        """The in-range condition of a tile axis, or None where it always holds."""
+        if rank == "m":
+            return "row_ok"
+        if rank == "n":
+            return "(offs_n < N)" if self.masked else None
+        extent = self.extent(rank)
+        return None if extent == self.dims[rank] else f"(offs_{rank} < {extent})"
+
+    def extent(self, rank: str) -> int:
+        return self.dims[f"{rank}_extent"]
+
+    def leaf(self, x: Expr) -> Tile:
+        if isinstance(x, Const):
+            return Tile(literal(x.value), (), fill=x.value)
+        if isinstance(x, Param):
+            return Tile(f"p_{x.name}", ())
+        if isinstance(x, Size):
+            return Tile({"m": "M", "n": "N"}[x.rank] if x.rank in "mn" else str(self.extent(x.rank)), ())
+        if isinstance(x, Coord):
+            if x.rank in PARALLEL:
+                return Tile({"b": "off_b", "h": "off_h"}[x.rank], (), dtype="int")
+            return Tile(f"offs_{x.rank}", (x.rank,), dtype="int")
+        if isinstance(x, Read):
+            if x.prev:
+                t = self.env[x.tensor]
+                return replace(t, code=f"{t.code}_prev", present=None if t.present is None else f"{t.present}_prev")
+            if self.c.tensor(x.tensor).role is Role.INPUT:
+                return self.load(x)
+            if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
+                raise LoweringError(f"{x.tensor} is read at index {x.index}; the one-pass template reads "
+                                    f"intermediates only at their own coordinates")
+            return self.env[x.tensor]
+        raise TypeError(x)
+
+    # -- expressions ---------------------------------------------------------------------------
+
+    def f32(self, t: Tile) -> str:
+        return f"{t.code}.to(tl.float32)" if t.dtype == "in" else t.code
+
+    def expr(self, x: Expr) -> Tile:
+        if not isinstance(x, Call):
+            return self.leaf(x)
+        args = [self.expr(a) for a in x.args]
+        op = OPERATORS[x.op]
+        ranks = rank_order(r for a in args for r in a.ranks)
+        if x.merge is Merge.ANY:
+            return self.any_merge(x.op, args, ranks)
+        codes = []
+        for a in args:
+            # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
+            # result's value at absent positions follows from the larger operand's fill alone
+            if a.present is not None and a.ranks != ranks and not _finite(a.fill):
+                a = self.filled(a, 0.0)
+            code = a.code if a.dtype in ("bool", "int") else self.f32(a)
+            codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
+        present, pranks = presence(args)
+        fills = [a.fill for a in args]
+        fill = _eval_fill(x.op, fills) if present is not None else None
+        code = op.triton.format(*codes)
+        dtype = "bool" if op.boolean else "f32"
+        if op.boolean and present is not None:  # a predicate on absent data is false
+            code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
+        return Tile(code, ranks, present, pranks, fill, dtype)
+
+    def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
+        a, b = args
+        ident = {"add": 0.0, "maximum": float("-inf"), "minimum": float("inf"), "mul": 1.0}.get(op)
+        code = OPERATORS[op].triton.format(bcast(self.f32(a), a.ranks, ranks), bcast(self.f32(b), b.ranks, ranks))
+        if a.present is None and b.present is None:
+            return Tile(code, ranks)
+        if ident is not None and all(t.present is None or t.fill == ident for t in (a, b)):
+            value = code  # absent operands already hold the identity
+        else:
+            pa = bcast(a.present, a.pranks, ranks) if a.present else "True"
+            pb = bcast(b.present, b.pranks, ranks) if b.present else "True"
+            value = (f"tl.where({pa} & {pb}, {code}, tl.where({pa}, {bcast(self.f32(a), a.ranks, ranks)}, "
+                     f"{bcast(self.f32(b), b.ranks, ranks)}))")
+        if a.present is None or b.present is None:
+            return Tile(value, ranks)
+        present, pranks = presence((a, b), "|")
+        return Tile(value, ranks, present, pranks, ident)
+
+    def filled(self, t: Tile, value: float) -> Tile:
+        """``t`` with its absent positions set to ``value`` (a no-op when they already are)."""
+        if t.present is None or t.fill == value:
+            return t
+        name = self.fresh("f")
+        self.emit(f"{name} = tl.where({bcast(t.present, t.pranks, t.ranks)}, {self.f32(t)}, {literal(value)})")
+        return replace(t, code=name, fill=value, dtype="f32")
+
+    def bind(self, name: str, t: Tile) -> Tile:
+        """Assign a tile to a variable (and its presence to another) so later uses are cheap."""
+        var = f"v_{name}"
+        self.emit(f"{var} = {t.code}")
+        present = None
+        if t.present is not None:
+            present = f"{var}_p"
+            self.emit(f"{present} = {t.present}")
+        out = replace(t, code=var, present=present)
+        self.env[name] = out
+        return out
+
+    # -- Einsums -------------------------------------------------------------------------------
+
+    def einsum(self, e: Einsum) -> Tile:
+        ranks = tuple(r for r in e.ranks if r not in PARALLEL)
+        if len(ranks) > 2:
+            raise LoweringError(f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template "
+                                f"handles at most 2")
+        if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
+            return self.bind(e.out, self.contraction(e, ranks))
+        body = self.expr(e.expr)
+        if e.where is not None:
+            body = self.mask(e, body)
+        if e.reduce is None:
+            return self.bind(e.out, body)
+        return self.bind(e.out, self.reduction(e, body, ranks))
+
+    def mask(self, e: Einsum, body: Tile) -> Tile:
+        pred = self.predicate(e.where)
+        if pred is None:
+            return body
+        ranks = rank_order(body.ranks + pred.ranks)
+        present, pranks = presence((body, Tile("", (), pred.code, pred.ranks)))
+        value = f"tl.where({bcast(present, pranks, ranks)}, {bcast(self.f32(body), body.ranks, ranks)}, float('-inf'))"
+        return Tile(value, ranks, present, pranks, float("-inf"))
+
+    def predicate(self, where: Expr) -> Tile | None:
+        """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
+        parts = [p for p in _conjuncts(where) if p not in self.skip_predicates]
+        if self.masked:
+            parts.append(Call("lt", (Coord("n"), Size("n"))))
+        if not parts:
+            return None
+        tiles = [self.expr(p) for p in parts]
+        ranks = rank_order(r for t in tiles for r in t.ranks)
+        code = " & ".join(bcast(t.code, t.ranks, ranks) for t in tiles)
+        return Tile(f"({code})", ranks, dtype="bool")
+
+    def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
+        red = e.reduce
+        if len(red.ranks) != 1 or red.op not in ("sum", "max", "min"):
+            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with sum, max or min, "
+                                f"not {red.op} over {red.ranks}")
+        rank = red.ranks[0]
+        ident = REDUCERS[red.op].identity
+        src = self.filled(body, ident)
+        if rank not in src.ranks:
+            raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
+        axis = src.ranks.index(rank)
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[red.op]
+        code = f"{fn}({self.f32(src)}, {axis})"
+        keep = tuple(r for r in src.ranks if r != rank)
+        present, pranks = None, ()
+        if body.present is not None:
+            if rank in body.pranks:
+                present = f"(tl.max({body.present}.to(tl.int32), {body.pranks.index(rank)}) > 0)"
+                pranks = tuple(x for x in body.pranks if x != rank)
+            else:
+                present, pranks = body.present, body.pranks
+        return Tile(code, keep, present, pranks, ident if present else None)
+
+    def is_contraction(self, e: Einsum) -> bool:
+        return len(e.reduce.ranks) == 1 and self.dot_groups(e) is not None
+
+    def dot_groups(self, e: Einsum):
+        """Split a sum-of-products body into (left, right, outer) factor lists for tl.dot."""
+        from .algebra import factors
+
+        r = e.reduce.ranks[0]
+        out = [x for x in e.ranks if x not in PARALLEL]
+        if len(out) != 2:
+            return None
+        from ..ir.expr import free_ranks
+
+        x, y = out
+        left, right, outer = [], [], []
+        for f, k in factors(e.expr):
+            fr = set(free_ranks(f)) - set(PARALLEL)
+            if r not in fr:
+                outer.append((f, k))
+            elif fr <= {x, r} and x in fr:
+                left.append((f, k))
+            elif fr <= {y, r} and y in fr:
+                right.append((f, k))
+            elif fr == {r}:
+                left.append((f, k))
+            else:
+                return None
+        if not left or not right:
+            return None
+        return (x, left), (y, right), outer
+
+    def contraction(self, e: Einsum, ranks) -> Tile:
+        from .algebra import product
+
+        r = e.reduce.ranks[0]
+        (x, left), (y, right), outer = self.dot_groups(e)
+        a = self.filled(self.expr(product(left)), 0.0)
+        b = self.filled(self.expr(product(right)), 0.0)
+        a_code = self.operand(a, (x, r))
+        b_code = self.operand(b, (r, y))
+        prec = ', input_precision="ieee"' if self.fp32_dot else ""
+        code = f"tl.dot({a_code}, {b_code}{prec})"
+        # the result is present where some term of the sum is: reduce the operands' presence over r
+        present, pranks = presence([self.reduced_presence(t, r) for t in (a, b)])
+        out_ranks = rank_order((x, y))
+        if out_ranks != (x, y):
+            code = f"tl.trans({code})"
+        tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None)
+        if outer:
+            o = self.expr(product(outer))
+            tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, tile.present, tile.pranks,
+                        tile.fill, "f32")
+        return tile
+
+    def reduced_presence(self, t: Tile, rank: str) -> Tile:
+        """``t``'s presence reduced over ``rank`` by any, along the sequence axes only.
+
+        Padding of a head dimension is left out: the operand holds 0 there, and
+        stores mask padded positions, so it never reaches memory.
+        """
+        if t.present is None:
+            return Tile("", ())
+        code = t.present
+        if rank in t.pranks:
+            code = f"(tl.max({code}.to(tl.int32), {t.pranks.index(rank)}) > 0)"
+        keep = tuple(x for x in t.pranks if x != rank)
+        for x in reversed(keep):
+            if x not in ("m", "n"):
+                code = f"(tl.max({code}.to(tl.int32), {keep.index(x)}) > 0)"
+        keep = tuple(x for x in keep if x in ("m", "n"))
+        return Tile("", (), code if keep else None, keep)
+
+    def operand(self, t: Tile, want: tuple[str, str]) -> str:
+        """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
+        code = t.code if (t.dtype == "in" or self.fp32_dot) else f"{t.code}.to({self.dot_dtype})"
+        if self.fp32_dot and t.dtype == "in":
+            code = f"{t.code}.to(tl.float32)"
+        if len(t.ranks) == 1:
+            raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")
+        return code if t.ranks == want else f"tl.trans({code})"
+
+
+def _conjuncts(x: Expr) -> list[Expr]:
+    if isinstance(x, Call) and x.op == "and":
+        return _conjuncts(x.args[0]) + _conjuncts(x.args[1])
+    return [x]
