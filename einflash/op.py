@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import DeviceError, DTypeError, MissingInputError, ShapeError
+from .compiler.forward import Forward, Schedule
+from .compiler.schedule import default_schedule
+from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ShapeError
 from .ir import Cascade, Layout, trace
-from .ir.reference import run_reference
+from .ir.reference import bind_extents, bind_params, run_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,6 +40,9 @@ class AttentionOp:
         self.cascade: Cascade = trace(fn, self.name)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+        # rewritten and registered now, so that calls (also under torch.compile) run no sympy
+        self.forward = Forward(self.cascade)
+        self._custom_op = _register(self)
 
     def __repr__(self) -> str:
         return f"<einflash.AttentionOp {self.name} {self.cascade.key}>"
@@ -104,12 +110,64 @@ class AttentionOp:
         inputs, params = self.bind(args, kwargs)
         return run_reference(self.cascade, inputs, params)
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        """Run the op. Kernels are not generated yet: this runs the reference executor in float64
-        and casts the result to q's dtype."""
+    def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None, **kwargs):
+        """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
+
+        Raises LoweringError (with the reason) when the cascade cannot be lowered yet.
+        """
         inputs, params = self.bind(args, kwargs)
-        out = run_reference(self.cascade, inputs, params)
-        return out.to(inputs[self.cascade.inputs[0].name].dtype)
+        first = inputs[self.cascade.inputs[0].name]
+        if backend == "reference":
+            return run_reference(self.cascade, inputs, params).to(first.dtype)
+        if backend is not None:
+            from .backends import get_target
+
+            get_target(backend)  # an unknown name raises BackendError listing the valid ones
+        fwd = self.forward
+        if fwd.error is not None:
+            raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
+                                f"executor instead)")
+        if schedule is None:
+            schedule = default_schedule(fwd.streamed, bind_extents(fwd.streamed, inputs, params), first.device)
+        names = [t.name for t in self.cascade.inputs]
+        # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
+        values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
+        return self._custom_op([inputs[n] for n in names], values,
+                               [schedule.block_m, schedule.block_n, schedule.num_warps, schedule.num_stages,
+                                schedule.splits])
+
+
+_REGISTERED: dict[str, object] = {}
+
+
+def _register(op: AttentionOp):
+    """The op as a torch custom op (opaque to torch.compile, with a fake implementation)."""
+    qualname = f"einflash::fwd_{op.name}_{op.cascade.key}"
+    if qualname in _REGISTERED:
+        return _REGISTERED[qualname]
+    fwd = op.forward
+    names = [t.name for t in op.cascade.inputs]
+    decls = op.cascade.params
+
+    def unpack(tensors, params):
+        inputs = dict(zip(names, tensors))
+        given = {p.name: (int(v) if p.integer else v) for p, v in zip(decls, params) if not math.isnan(v)}
+        return inputs, bind_params(fwd.streamed, given, bind_extents(fwd.streamed, inputs, given))
+
+    @torch.library.custom_op(qualname, mutates_args=())
+    def run(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> torch.Tensor:
+        inputs, values = unpack(tensors, params)
+        return fwd.run(inputs, values, Schedule(*schedule))[0]
+
+    @run.register_fake
+    def _(tensors, params, schedule):
+        inputs, values = unpack(tensors, params)
+        ext = bind_extents(fwd.streamed, inputs, values)
+        value_rank = next(r for r in fwd.streamed.tensor(fwd.streamed.outputs[0]).ranks if r not in "bhm")
+        return tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank])
+
+    _REGISTERED[qualname] = run
+    return run
 
 
 def attention(fn: Callable | None = None, *, name: str | None = None):

@@ -20,6 +20,7 @@ dtype gets wrong).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -102,10 +103,11 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
         hq = ext.get("h")
         if hq is None or hkv[0] == 0 or hq % hkv[0]:
             raise ShapeError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv[0]}, from {hkv[1]})")
-    subs = {r.extent: ext[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol) and r.name in ext}
-    subs.update({extent_symbol(k): v for k, v in params.items()})
-    for r in c.ranks:
-        if r.name not in ext:
+    missing = [r for r in c.ranks if r.name not in ext]
+    if missing:  # extents defined by formulas (key blocks of MoBA: ceil(N / block))
+        subs = {r.extent: ext[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol) and r.name in ext}
+        subs.update({extent_symbol(k): v for k, v in params.items()})
+        for r in missing:
             val = sympy.sympify(r.extent).subs(subs)
             if not val.is_number:
                 raise ShapeError(f"rank {r.name!r} has extent {r.extent}, which the inputs do not determine")
@@ -120,17 +122,27 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
         raise MissingInputError(f"unknown parameter(s) {sorted(unknown)}; the cascade declares "
                                 f"{[p.name for p in c.params]}")
     out: dict[str, float] = {}
-    subs = {r.extent: extents[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol)}
     for p in c.params:
         if p.name in given and given[p.name] is not None:
             out[p.name] = given[p.name]
         elif p.default is not None:
-            out[p.name] = float(sympy.sympify(p.default).subs(subs))
+            out[p.name] = float(_default_fn(c, p.name)(extents))
         else:
             raise MissingInputError(f"parameter {p.name!r} has no default and was not given")
         if p.integer:
             out[p.name] = int(out[p.name])
     return out
+
+
+@functools.cache
+def _default_fn(c: Cascade, name: str):
+    """A parameter's default as a plain function of the extents (no sympy at call time)."""
+    p = next(p for p in c.params if p.name == name)
+    syms = {r.extent: r.name for r in c.ranks if isinstance(r.extent, sympy.Symbol)}
+    expr = sympy.sympify(p.default)
+    args = [s for s in expr.free_symbols if s in syms]
+    fn = sympy.lambdify(args, expr, modules="math")
+    return lambda extents: fn(*(extents[syms[s]] for s in args))
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""The forward of one cascade: rewritten once, lowered once per specialisation, launched per call.
+
+A specialisation is what a compiled kernel depends on besides sequence lengths:
+the input dtype, the padded head dimensions and the schedule (fused or split-KV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LoweringError
+from ..ir.cascade import Cascade
+from ..ir.ranks import PARALLEL
+from ..ir.reference import bind_extents, bind_params
+from .launch import LaunchConfig, launch
+from .lower import KernelSource, lower, sections
+from .pipeline import optimise
+
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def padded(extent: int) -> int:
+    """Tile extent of a head dimension: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << max(0, extent - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one call is run: tile sizes, warps, pipeline depth, and the number of key splits."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int = 1
+
+    def launch_config(self) -> LaunchConfig:
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits)
+
+
+class Forward:
+    """Rewrites a cascade into its one-pass form and runs it as generated Triton kernels.
+
+    ``error`` holds the LoweringError when the cascade cannot be lowered yet.
+    """
+
+    def __init__(self, cascade: Cascade):
+        self.written = cascade
+        self.streamed, self.steps = optimise(cascade)
+        self.error: LoweringError | None = None
+        try:
+            sections(self.streamed)
+        except LoweringError as e:
+            self.error = e
+        self._sources: dict[tuple, KernelSource] = {}
+
+    def dims(self, extents: dict[str, int]) -> dict[str, int]:
+        out = {}
+        for r in self.streamed.ranks:
+            if r.name in PARALLEL or r.name in ("m", "n"):
+                continue
+            out[r.name] = padded(extents[r.name])
+            out[f"{r.name}_extent"] = extents[r.name]
+        return out
+
+    def source(self, dtype: torch.dtype, dims: dict[str, int], split: bool) -> KernelSource:
+        if self.error is not None:
+            raise self.error
+        key = (dtype, tuple(sorted(dims.items())), split)
+        if key not in self._sources:
+            self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split)
+        return self._sources[key]
+
+    def run(self, inputs: dict[str, torch.Tensor], params: dict[str, float],
+            schedule: Schedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each)."""
+        c = self.streamed
+        extents = bind_extents(c, inputs, params)
+        values = bind_params(c, params, extents)
+        first = inputs[c.inputs[0].name]
+        dims = self.dims(extents)
+        value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
+        B, H, M = extents["b"], extents["h"], extents["m"]
+        out = torch.empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        if B * H * M == 0:
+            return out, {}
+        split = schedule.splits > 1
+        src = self.source(first.dtype, dims, split)
+        inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
+                  for k, v in inputs.items()}
+        if split:
+            return self._split(src, inputs, values, out, schedule, extents, dims)
+        ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        return out, ws
+
+    def _split(self, src, inputs, values, out, schedule, extents, dims):
+        raise LoweringError("split-KV decoding is not wired yet")
