@@ -106,6 +106,7 @@ class TileCode:
     fp32_dot: bool = False
     loads: dict = field(default_factory=dict)
     counter: list = field(default_factory=lambda: [0])
+    dots: dict = field(default_factory=dict)  # tensor -> (a, b, precision) of a plain tl.dot result
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -149,7 +150,7 @@ class TileCode:
             cond = self.bound(rank)
             if cond is not None:
                 masks.append(bcast(cond, (rank,), axes_t))
-                if rank not in ("m", "n"):
+                if rank != "m":
                     pad.append(rank)
         ptr = f"{r.tensor}_ptr + " + " + ".join(terms)
         name = self.fresh(f"ld_{r.tensor}")
@@ -157,8 +158,8 @@ class TileCode:
             self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
         else:
             self.emit(f"{name} = tl.load({ptr})")
-        # padded head-dimension positions are absent (they were loaded as 0)
-        present = " & ".join(bcast(f"(offs_{x} < {self.extent(x)})", (x,), tuple(pad)) for x in pad) or None
+        # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
+        present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
         t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None, dtype="in")
         self.loads[key] = t
         return t
@@ -275,12 +276,33 @@ class TileCode:
                                 f"handles at most 2")
         if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
             return self.bind(e.out, self.contraction(e, ranks))
+        fused = self.accumulate(e)
+        if fused is not None:
+            return self.bind(e.out, fused)
         body = self.expr(e.expr)
         if e.where is not None:
             body = self.mask(e, body)
         if e.reduce is None:
             return self.bind(e.out, body)
         return self.bind(e.out, self.reduction(e, body, ranks))
+
+    def accumulate(self, e: Einsum) -> Tile | None:
+        """``S = X +∪ dot`` as ``tl.dot(a, b, X)``: the tensor cores add into the rescaled accumulator."""
+        x = e.expr
+        if not (isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY and e.reduce is None):
+            return None
+        acc, chunk = x.args
+        if not (isinstance(chunk, Read) and chunk.tensor in self.dots):
+            return None
+        a, b, prec = self.dots[chunk.tensor]
+        made = self.env[chunk.tensor]
+        rest = self.expr(acc)
+        if rest.ranks != made.ranks or not (rest.present is None or rest.fill == 0.0) \
+                or not (made.present is None or made.fill == 0.0):
+            return None
+        present, pranks = (None, ()) if rest.present is None or made.present is None else presence((rest, made), "|")
+        return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks,
+                    0.0 if present else None)
 
     def mask(self, e: Einsum, body: Tile) -> Tile:
         pred = self.predicate(e.where)
@@ -294,8 +316,6 @@ class TileCode:
     def predicate(self, where: Expr) -> Tile | None:
         """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
         parts = [p for p in _conjuncts(where) if p not in self.skip_predicates]
-        if self.masked:
-            parts.append(Call("lt", (Coord("n"), Size("n"))))
         if not parts:
             return None
         tiles = [self.expr(p) for p in parts]
@@ -373,6 +393,8 @@ class TileCode:
         out_ranks = rank_order((x, y))
         if out_ranks != (x, y):
             code = f"tl.trans({code})"
+        elif not outer:
+            self.dots[e.out] = (a_code, b_code, prec)
         tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None)
         if outer:
             o = self.expr(product(outer))
