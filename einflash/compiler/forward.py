@@ -14,8 +14,8 @@ from ..errors import LoweringError
 from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents, bind_params
-from .launch import LaunchConfig, launch
-from .lower import KernelSource, lower, sections
+from .launch import LaunchConfig, combine, launch
+from .lower import KernelSource, lower, lower_combine, sections
 from .pipeline import optimise
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -35,9 +35,10 @@ class Schedule:
     num_warps: int
     num_stages: int
     splits: int = 1
+    pack: bool = False
 
     def launch_config(self) -> LaunchConfig:
-        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits)
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack)
 
 
 class Forward:
@@ -97,4 +98,23 @@ class Forward:
         return out, ws
 
     def _split(self, src, inputs, values, out, schedule, extents, dims):
-        raise LoweringError("split-KV decoding is not wired yet")
+        """Split-KV: each split writes its partial states; the combine kernel folds them."""
+        c = self.streamed
+        B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
+        dev = out.device
+        ws = {}
+        for s in src.row_states + src.acc_states:
+            extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
+            ws[s] = torch.empty(B, H, S, M, *extra, dtype=torch.float32, device=dev)
+            ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        comb = self._combine_source(out.dtype, dims)
+        rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
+        combine(comb, ws, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
+        return out, rows
+
+    def _combine_source(self, dtype, dims) -> KernelSource:
+        key = ("combine", dtype, tuple(sorted(dims.items())))
+        if key not in self._sources:
+            self._sources[key] = lower_combine(self.streamed, dims, DTYPE_NAMES[dtype])
+        return self._sources[key]

@@ -49,6 +49,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     splits: int = 1
+    pack: bool = False  # GQA groups packed into the rows of one program (decoding)
 
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
@@ -66,12 +67,35 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
         w = workspaces[s]
         args.append(w)
         args += list(w.stride())
+        if src.split:
+            args.append(workspaces[f"{s}:present"])
+            args += list(workspaces[f"{s}:present"].stride())
     args += [params[p] for p in src.params]
     B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
     tiles = -(-N // cfg.block_n)
     per_split = -(-tiles // cfg.splits)
-    grid = (-(-M // cfg.block_m), B * H, cfg.splits if src.split else 1)
+    rows, programs = (M * (H // hkv), B * hkv) if cfg.pack else (M, B * H)
+    grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
     fn[grid](*args, M, N, H, H // hkv, per_split, **dict(src.constexprs),
-             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split,
+             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def combine(src: KernelSource, ws: dict[str, torch.Tensor], params: dict[str, float], out: torch.Tensor,
+            rows: dict[str, torch.Tensor], block_m: int, extents: dict[str, int], splits: int):
+    """Launch the split-KV combine kernel over (query tiles, batch·heads)."""
+    fn = load_kernel(src)
+    args = []
+    for s in src.row_states + src.acc_states:
+        for t in (ws[s], ws[f"{s}:present"]):
+            args.append(t)
+            args += list(t.stride())
+    args.append(out)
+    args += list(out.stride())
+    for s in src.row_states:
+        args.append(rows[s])
+        args += list(rows[s].stride())
+    args += [params[p] for p in src.params]
+    B, H, M = extents["b"], extents["h"], extents["m"]
+    fn[(-(-M // block_m), B * H)](*args, M, H, splits, **dict(src.constexprs), BLOCK_M=block_m)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-import sympy
-
 from ..errors import LoweringError
-from ..ir.cascade import Cascade, Einsum, Layout, Role
-from ..ir.expr import Call, walk
+from dataclasses import replace
+
+from ..ir.cascade import Cascade, Einsum, Role, TensorDecl
+from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
 from ..templates import render
@@ -104,11 +104,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) 
 
     # prologue: state init, query-side loads used anywhere, prologue Einsums
     pro = gen(masked=False)
-    for t in c.states:
-        shape = ", ".join(bcast_axes(t.ranks))
-        pro.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, tl.float32)")
-        pro.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
-        pro.env[t.name] = Tile(f"v_{t.name}", _tile_ranks(t.ranks), f"v_{t.name}_p", ("m",), t.init)
+    _init_states(pro, c)
     for e in sec.loop:
         for r in e.reads():
             if c.tensor(r.tensor).role is Role.INPUT and not _has_n(r):
@@ -137,7 +133,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) 
     for e in sec.epilogue:
         epi.einsum(e)
     if split:
-        for s in states:
+        for s in row_states + acc_states:
             _store_state(epi, s, c.tensor(s).ranks, split=True)
     else:
         for s in row_states:
@@ -149,9 +145,11 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) 
         args.append(f"{name}_ptr")
         args += [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
     args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
-    for s in (states if split else row_states):
+    for s in (row_states + acc_states if split else row_states):
         nd = 3 + (1 if split else 0) + (0 if s in row_states else 1)
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(nd)]
+        if split:
+            args += [f"wsp_{s}_ptr"] + [f"stride_wsp_{s}_{d}" for d in range(4)]
     args += [f"p_{p}" for p in params]
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split)
@@ -163,6 +161,102 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) 
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
                         split, tuple(ranges))
+
+
+def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
+    """The fold of split partial states, as Einsums over workspace inputs ``w_<state>``.
+
+    A chunk update ``S = op∪(S@prev, S_chunk)`` folds a split as ``op∪(S@prev, w_S)``; a
+    corrected update ``S = S@prev·α +∪ S_chunk`` as ``S@prev·α +∪ w_S·α_w``, where ``α_w``
+    is the correction with the split's states in place of the previous ones.
+    """
+    states = {t.name for t in c.states}
+    loop = [e for e in c.einsums if e.loop]
+    w = {s: f"w_{s}" for s in states}
+
+    def split_side(x):
+        return Read(w[x.tensor], x.index) if isinstance(x, Read) and x.prev else None
+
+    fold: list[Einsum] = []
+    decls = [TensorDecl(w[s], c.tensor(s).ranks, Role.INPUT) for s in sorted(states)]
+    alphas = {}
+    for e in loop:
+        if e.out in states:
+            x = e.expr
+            acc, chunk = x.args if isinstance(x, Call) and x.merge is Merge.ANY else (None, None)
+            if not (isinstance(chunk, Read) and not chunk.prev):
+                raise LoweringError(f"state {e.out} has no split form: its update is not op∪(previous, chunk)")
+            mine = Read(w[e.out], chunk.index)
+            if isinstance(acc, Read) and acc.prev:
+                split = mine
+            elif isinstance(acc, Call) and acc.op == "mul" and isinstance(acc.args[1], Read) \
+                    and acc.args[1].tensor in alphas:
+                alpha = acc.args[1]
+                split = call("mul", mine, Read(alphas[alpha.tensor], alpha.index))
+            else:
+                raise LoweringError(f"state {e.out} has no split form: its correction is not a plain factor")
+            fold.append(replace(e, expr=call(x.op, acc, split, merge=Merge.ANY)))
+        elif not (STREAM in e.iteration_ranks) and all(r.tensor in states for r in e.reads()):
+            alpha_w = f"{e.out}_w"
+            alphas[e.out] = alpha_w
+            decls.append(TensorDecl(alpha_w, e.ranks))
+            fold.append(e)
+            fold.append(replace(e, out=alpha_w, expr=transform(e.expr, split_side)))
+    combined = replace(c, tensors=c.tensors + tuple(decls), einsums=tuple(fold) + sections(c).epilogue)
+    return combined, tuple(fold), frozenset(w.values())
+
+
+def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
+    """Render the split-KV combine kernel of a streamed cascade."""
+    combined, fold, workspaces = combine_cascade(c)
+    row_states = tuple(t.name for t in c.states if _tile_ranks(t.ranks) == ("m",))
+    acc_states = tuple(t.name for t in c.states if t.name not in row_states)
+    value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
+    counter = [0]
+    pro = TileCode(combined, dims, False, counter=counter, workspaces=workspaces)
+    _init_states(pro, c)
+    body = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces)
+    states = {t.name for t in c.states}
+    for s in sorted(states):
+        body.emit(f"v_{s}_prev = v_{s}")
+        body.emit(f"v_{s}_p_prev = v_{s}_p")
+    for e in fold:
+        t = body.einsum(e)
+        if e.out in states:
+            _carry(body, e.out, t)
+    epi = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces)
+    for e in sections(c).epilogue:
+        epi.einsum(e)
+    for s in row_states:
+        _store_state(epi, s, c.tensor(s).ranks, split=False)
+    _store_output(epi, epi.env[c.outputs[0]], value_rank)
+    args = []
+    for s in row_states + acc_states:
+        nd = 5 if s in acc_states else 4
+        args += [f"w_{s}_ptr"] + [f"stride_w_{s}_{d}" for d in range(nd)]
+        args += [f"wsp_w_{s}_ptr"] + [f"stride_wsp_w_{s}_{d}" for d in range(4)]
+    args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
+    for s in row_states:
+        args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(3)]
+    params = tuple(p.name for p in c.params)
+    args += [f"p_{p}" for p in params]
+    names = sorted(k for k in dims if not k.endswith("_extent"))
+    name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_combine__")
+    notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
+    text = render("attention_combine.py.jinja", cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+                  args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
+                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
+                  fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
+    return KernelSource(name, text, tuple(f"w_{s}" for s in row_states + acc_states), params, row_states,
+                        acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
+
+
+def _init_states(g: TileCode, c: Cascade) -> None:
+    for t in c.states:
+        shape = ", ".join(bcast_axes(t.ranks))
+        g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, tl.float32)")
+        g.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
+        g.env[t.name] = Tile(f"v_{t.name}", _tile_ranks(t.ranks), f"v_{t.name}_p", ("m",), t.init)
 
 
 def _has_n(r) -> bool:
@@ -195,37 +289,41 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
     code = bcast(g.f32(t), t.ranks, want)
     if t.ranks != want:  # a value constant along some axis: broadcast it to the full tile
         code = f"tl.broadcast_to({code}, (BLOCK_M, D_{value_rank}))"
-    ptr = (f"out_ptr + off_b * stride_out_0 + off_h * stride_out_1 + offs_m[:, None] * stride_out_2 + "
-           f"offs_{value_rank}[None, :] * stride_out_3")
+    ptr = (f"out_ptr + off_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + offs_m[:, None] * stride_out_2"
+           f" + offs_{value_rank}[None, :] * stride_out_3")
     mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
 
 
 def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
-    """Per-row states: ``ws[b, h, (split,) m (, d)]``; absent rows keep the state's initial value."""
+    """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``.
+
+    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum).
+    """
     t = g.env[name]
-    d = 0
-    ptr = f"ws_{name}_ptr + off_b * stride_ws_{name}_0 + off_h * stride_ws_{name}_1"
+    ptr = f"ws_{name}_ptr + off_b * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
     d = 2
     if split:
         ptr += f" + tl.program_id(2) * stride_ws_{name}_2"
         d = 3
     tile = _tile_ranks(ranks)
     if tile == ("m",):
-        ptr += f" + offs_m * stride_ws_{name}_{d}"
+        ptr = ptr.format("") + f" + offs_m * stride_ws_{name}_{d}"
         mask = "row_ok"
     else:
         vr = tile[1]
-        ptr += f" + offs_m[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * stride_ws_{name}_{d + 1}"
+        ptr = ptr.format("[:, None]") + (f" + offs_m[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
+                                          f"stride_ws_{name}_{d + 1}")
         mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
     init = g.c.tensor(name).init
     value = f"tl.where({bcast(t.present, t.pranks, tile)}, {t.code}, {literal(init)})" if t.present else t.code
     g.emit(f"tl.store({ptr}, {value}, mask={mask})")
+    if split:
+        flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
+        g.emit(f"tl.store(wsp_{name}_ptr + off_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+               f"tl.program_id(2) * stride_wsp_{name}_2 + offs_m * stride_wsp_{name}_3, {flag}, mask=row_ok)")
 
 
 def source_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
-
-__all__ = ["KernelSource", "Sections", "sections", "lower", "kernel_name", "source_digest", "Call", "walk",
-           "Einsum", "Layout", "sympy"]

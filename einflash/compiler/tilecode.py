@@ -107,6 +107,7 @@ class TileCode:
     loads: dict = field(default_factory=dict)
     counter: list = field(default_factory=lambda: [0])
     dots: dict = field(default_factory=dict)  # tensor -> (a, b, precision) of a plain tl.dot result
+    workspaces: frozenset = frozenset()  # split workspaces: [B, H, SPLITS, M(, D)] read at split s_idx
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -123,7 +124,10 @@ class TileCode:
         if key in self.loads:
             return self.loads[key]
         offs, masks, axes = [], [], []
+        if r.tensor in self.workspaces:  # memory dims b, h, split, then the ranks after h
+            offs.append(f"s_idx * stride_{r.tensor}_2")
         for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
+            d += 1 if (r.tensor in self.workspaces and d >= 2) else 0
             stride = f"stride_{r.tensor}_{d}"
             names = [s.name for s in getattr(i, "free_symbols", ())]
             if len(names) != 1 or i != coord(names[0]):
@@ -132,8 +136,11 @@ class TileCode:
             rank = names[0]
             if rank == "b":
                 offs.append(f"off_b * {stride}")
-            elif rank == "h":
-                offs.append(f"{'off_hk' if decl.layout is Layout.KEY else 'off_h'} * {stride}")
+            elif rank == "h" and decl.layout is Layout.KEY:
+                offs.append(f"off_hk * {stride}")
+            elif rank == "h":  # query heads vary by row when GQA groups are packed into one program
+                axes.append("m")
+                offs.append(("h", stride))
             else:
                 axes.append(rank)
                 offs.append((rank, stride))
@@ -142,7 +149,8 @@ class TileCode:
         for o in offs:
             if isinstance(o, tuple):
                 rank, stride = o
-                terms.append(f"{bcast('offs_' + rank, (rank,), axes_t)} * {stride}")
+                var, axis = ("off_hrow", "m") if rank == "h" else (f"offs_{rank}", rank)
+                terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
             else:
                 terms.append(o)
         pad = []
@@ -161,6 +169,12 @@ class TileCode:
         # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
         present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
         t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None, dtype="in")
+        if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
+            pres = self.fresh(f"ldp_{r.tensor}")
+            self.emit(f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
+                      f"stride_wsp_{r.tensor}_1 + s_idx * stride_wsp_{r.tensor}_2 + offs_m * stride_wsp_{r.tensor}_3,"
+                      f" mask=row_ok, other=0) != 0")
+            t = Tile(name, axes_t, pres, ("m",), None, "f32")
         self.loads[key] = t
         return t
 
@@ -184,8 +198,10 @@ class TileCode:
         if isinstance(x, Size):
             return Tile({"m": "M", "n": "N"}[x.rank] if x.rank in "mn" else str(self.extent(x.rank)), ())
         if isinstance(x, Coord):
-            if x.rank in PARALLEL:
-                return Tile({"b": "off_b", "h": "off_h"}[x.rank], (), dtype="int")
+            if x.rank == "h":
+                return Tile("off_hrow", ("m",), dtype="int")
+            if x.rank == "b":
+                return Tile("off_b", (), dtype="int")
             return Tile(f"offs_{x.rank}", (x.rank,), dtype="int")
         if isinstance(x, Read):
             if x.prev:

@@ -476,7 +476,8 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     def materialised(node: Node) -> bool:
         if node is out or node.kind in ("reduce", "filter"):
             return True
-        if node.kind == "map" and node.ranks and len(parents.get(node, ())) > 1:
+        # a shared predicate stays inline: an Einsum's filter must be a predicate expression, not a read
+        if node.kind == "map" and node.ranks and len(parents.get(node, ())) > 1 and not OPERATORS[node.op].boolean:
             return True
         return any(p.kind == "reindex" for p in parents.get(node, ()))
 
