@@ -128,7 +128,8 @@ class AttentionOp:
             raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
                                 f"executor instead)")
         if schedule is None:
-            schedule = default_schedule(fwd.streamed, bind_extents(fwd.streamed, inputs, params), first.device)
+            kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
+            schedule = default_schedule(fwd.streamed, bind_extents(fwd.streamed, inputs, params), first.device, kv)
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
