@@ -89,6 +89,10 @@ class BackendError(EinflashError, RuntimeError):
     """An unknown backend name, or a backend that cannot run on this machine."""
 
 
+class FlagError(EinflashError, ValueError):
+    """An EINFLASH_* environment variable holds a value einflash cannot read."""
+
+
 # -- tuning and caches ----------------------------------------------------------------
 
 

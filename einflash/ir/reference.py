@@ -107,8 +107,11 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
     if missing:  # extents defined by formulas (key blocks of MoBA: ceil(N / block))
         subs = {r.extent: ext[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol) and r.name in ext}
         subs.update({extent_symbol(k): v for k, v in params.items()})
+        # parameters not given take their defaults, which may themselves use extents
+        defaults = {extent_symbol(p.name): p.default for p in c.params
+                    if p.default is not None and p.name not in params}
         for r in missing:
-            val = sympy.sympify(r.extent).subs(subs)
+            val = sympy.sympify(r.extent).subs(defaults).subs(subs)
             if not val.is_number:
                 raise ShapeError(f"rank {r.name!r} has extent {r.extent}, which the inputs do not determine")
             ext[r.name] = int(val)

@@ -1,0 +1,12 @@
+"""Causal softmax attention (decoder self-attention, Vaswani et al. 2017).
+
+Query m sees keys n ≤ m: O = softmax(mask(s, n ≤ m))·v with s = scale·q·kᵀ.
+"""
+
+import einflash as ef
+
+
+@ef.attention
+def causal(q, k, v):
+    s = ef.mask(q @ k * ef.scale, ef.n <= ef.m)
+    return ef.softmax(s, "n") @ v
