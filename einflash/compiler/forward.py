@@ -66,12 +66,13 @@ class Forward:
             out[f"{r.name}_extent"] = extents[r.name]
         return out
 
-    def source(self, dtype: torch.dtype, dims: dict[str, int], split: bool) -> KernelSource:
+    def source(self, dtype: torch.dtype, dims: dict[str, int], split: bool,
+               int_inputs: frozenset = frozenset()) -> KernelSource:
         if self.error is not None:
             raise self.error
-        key = (dtype, tuple(sorted(dims.items())), split)
+        key = (dtype, tuple(sorted(dims.items())), split, int_inputs)
         if key not in self._sources:
-            self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split)
+            self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs)
         return self._sources[key]
 
     def run(self, inputs: dict[str, torch.Tensor], params: dict[str, float],
@@ -88,7 +89,8 @@ class Forward:
         if B * H * M == 0:
             return out, {}
         split = schedule.splits > 1
-        src = self.source(first.dtype, dims, split)
+        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        src = self.source(first.dtype, dims, split, ints)
         inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
                   for k, v in inputs.items()}
         if split:

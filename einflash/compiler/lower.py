@@ -78,7 +78,8 @@ def kernel_name(c: Cascade, dims: dict, dtype: str, split: bool) -> str:
     return f"attn_fwd__{c.name}__{c.key[:8]}__{dtype}__{ds}{'__split' if split else ''}"
 
 
-def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) -> KernelSource:
+def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
+          int_inputs: frozenset = frozenset()) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
     ``dims`` maps every non-sequence rank to its padded tile extent and
@@ -100,7 +101,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False) 
     counter = [0]
 
     def gen(masked: bool, skip=frozenset()) -> TileCode:
-        return TileCode(c, dims, masked, skip, dict(shared), [], dot_dtype, fp32, dict(loads), counter)
+        return TileCode(c, dims, masked, skip, dict(shared), [], dot_dtype, fp32, dict(loads), counter,
+                        int_inputs=int_inputs)
 
     # prologue: state init, query-side loads used anywhere, prologue Einsums
     pro = gen(masked=False)

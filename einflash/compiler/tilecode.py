@@ -24,6 +24,7 @@ from ..ir.operators import OPERATORS, REDUCERS
 from ..ir.ranks import PARALLEL, coord, rank_order
 
 _FINITE_PROBES = (0.0, 1.5, -2.25)
+_INT_OPS = ("add", "sub", "mul", "floordiv", "neg", "maximum", "minimum", "where")  # exact on integers
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,16 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def _eval_fill(op: str, fills: list[float | None]) -> float | None:
-    """The op's value at absent positions, if it does not depend on the unknown operands."""
+def _eval_fill(op: str, args: list[Tile]) -> float | None:
+    """The op's value at absent positions, when the operands' values there determine it.
+
+    An operand that may be absent with an unknown fill may hold anything there (NaN
+    included), so nothing follows; an operand present everywhere holds real data,
+    probed with a few finite values.
+    """
+    if any(a.present is not None and a.fill is None for a in args):
+        return None
+    fills = [a.fill for a in args]
     results = set()
     for probe in _FINITE_PROBES:
         args = [torch.tensor(probe if f is None else f, dtype=torch.float64) for f in fills]
@@ -108,6 +117,7 @@ class TileCode:
     counter: list = field(default_factory=lambda: [0])
     dots: dict = field(default_factory=dict)  # tensor -> (a, b, precision) of a plain tl.dot result
     workspaces: frozenset = frozenset()  # split workspaces: [B, H, SPLITS, M(, D)] read at split s_idx
+    int_inputs: frozenset = frozenset()  # inputs holding integers (document ids)
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -168,7 +178,8 @@ class TileCode:
             self.emit(f"{name} = tl.load({ptr})")
         # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
         present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
-        t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None, dtype="in")
+        t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None,
+                 dtype="int" if r.tensor in self.int_inputs else "in")
         if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
             self.emit(f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
@@ -196,7 +207,7 @@ class TileCode:
         if isinstance(x, Param):
             return Tile(f"p_{x.name}", ())
         if isinstance(x, Size):
-            return Tile({"m": "M", "n": "N"}[x.rank] if x.rank in "mn" else str(self.extent(x.rank)), ())
+            return Tile(f"{'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)} * 1.0", ())
         if isinstance(x, Coord):
             if x.rank == "h":
                 return Tile("off_hrow", ("m",), dtype="int")
@@ -218,7 +229,7 @@ class TileCode:
     # -- expressions ---------------------------------------------------------------------------
 
     def f32(self, t: Tile) -> str:
-        return f"{t.code}.to(tl.float32)" if t.dtype == "in" else t.code
+        return f"{t.code}.to(tl.float32)" if t.dtype in ("in", "int") else t.code
 
     def expr(self, x: Expr) -> Tile:
         if not isinstance(x, Call):
@@ -228,19 +239,19 @@ class TileCode:
         ranks = rank_order(r for a in args for r in a.ranks)
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
+        exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
         codes = []
         for a in args:
             # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
             # result's value at absent positions follows from the larger operand's fill alone
             if a.present is not None and a.ranks != ranks and not _finite(a.fill):
                 a = self.filled(a, 0.0)
-            code = a.code if a.dtype in ("bool", "int") else self.f32(a)
+            code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
         present, pranks = presence(args)
-        fills = [a.fill for a in args]
-        fill = _eval_fill(x.op, fills) if present is not None else None
-        code = op.triton.format(*codes)
-        dtype = "bool" if op.boolean else "f32"
+        fill = _eval_fill(x.op, args) if present is not None else None
+        code = (op.triton_fp32 if self.fp32_dot and op.triton_fp32 else op.triton).format(*codes)
+        dtype = "bool" if op.boolean else "int" if exact else "f32"
         if op.boolean and present is not None:  # a predicate on absent data is false
             code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
         return Tile(code, ranks, present, pranks, fill, dtype)

@@ -40,6 +40,7 @@ class Operator:
     homomorphism: tuple[str, str] | None = None
     positive: bool = False  # result is > 0 wherever it is defined
     transcendental: bool = False  # counted apart in FLOPs (SFU work on GPUs)
+    triton_fp32: str | None = field(default=None, compare=False, repr=False)  # where fp32 needs more accuracy
 
 
 def _sign(x):
@@ -65,8 +66,10 @@ _OPS = [
              transcendental=True),
     Operator("log", 1, torch.log, "tl.log({0})", sympy.log, homomorphism=("mul", "add"), transcendental=True),
     Operator("sqrt", 1, torch.sqrt, "tl.sqrt({0})", sympy.sqrt, transcendental=True),
-    # Triton has no tanh; 2·σ(2x) − 1 is exact in real arithmetic and stable at both ends.
-    Operator("tanh", 1, torch.tanh, "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", sympy.tanh, transcendental=True),
+    # Triton has no tanh. 2·σ(2x) − 1 is stable at both ends but loses low bits near 0,
+    # which only fp32 kernels can see; they use an expm1-based form (a template helper).
+    Operator("tanh", 1, torch.tanh, "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", sympy.tanh, transcendental=True,
+             triton_fp32="_tanh_fp32({0})"),
     Operator("sigmoid", 1, torch.sigmoid, "tl.sigmoid({0})", lambda a: 1 / (1 + sympy.exp(-a)), positive=True,
              transcendental=True),
     Operator("relu", 1, torch.relu, "tl.maximum({0}, 0.0)", lambda a: sympy.Max(a, 0)),

@@ -1,0 +1,108 @@
+"""The targets einflash knows, as data.
+
+Rates are labelled: "measured" figures were read on this project's GPU machines
+(DESIGN.md §5 and the device notes: an 8192³ bf16 matrix product through PyTorch, a
+device-to-device copy counting bytes read and written); "spec" figures are the vendor's
+data sheet values for the SXM parts. Where a measurement exists the roofline uses it,
+because it is what a kernel can reach. The SFU rate is 16 results per clock per SM
+(the CUDA programming guide's throughput table for exp2/log2/reciprocal on compute
+capability 8.x and 9.0) times SMs times the boost clock; FlashAttention-3 quotes 3.9
+TFLOP/s of special functions on H100 SXM, the same order.
+
+Tile defaults were checked by cross-compiling a flash-attention-like loop for each target
+(tests/codegen/test_crosscompile.py): every one fits shared memory and does not spill.
+"""
+
+from __future__ import annotations
+
+from triton.backends.compiler import GPUTarget
+
+from .target import Capabilities, SearchSpace, Target, TileConfig, Tuning
+
+# Head-dimension buckets are padded (power of two) head dims, so 40 falls in 64 and 80 in 128.
+
+INTERPRETER = Target(
+    name="interpreter",
+    device="Triton CPU interpreter",
+    gpu=None,
+    # Triton's interpreter enforces no shared-memory or register limits.
+    smem_per_block=None,
+    regs_per_sm=None,
+    regs_per_thread=None,
+    sm_count=None,
+    # Rough nominal values for this 2-core CPU running numpy under the interpreter: the roofline
+    # there is only indicative, and interpreter overheads dominate small tiles anyway.
+    tensor_flops=1e11,
+    fp32_flops=1e11,
+    sfu_ops=1e10,
+    hbm_bandwidth=2e10,
+    # bf16 computes wrongly under the interpreter (dot and add), so templates must not rely on it.
+    caps=Capabilities(tensor_core_dot=False, bf16=False, fp8=False, tma=False, wgmma=False),
+    # The interpreter's cost grows with the work per tile and it runs programs one at a time:
+    # small tiles keep CPU tests fast; warps and stages mean nothing there.
+    forward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
+                   space=SearchSpace(block_m=(16, 32), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
+    decode=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
+                  space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,),
+                                    splits=(1, 2, 4))),
+)
+
+SM80 = Target(
+    name="sm80",
+    device="NVIDIA A100-SXM4 (nominal)",
+    gpu=GPUTarget("cuda", 80, 32),
+    smem_per_block=166_912,  # 163 KiB opt-in per block
+    regs_per_sm=65_536,
+    regs_per_thread=255,
+    sm_count=108,
+    tensor_flops=312e12,  # spec, dense bf16/fp16
+    fp32_flops=19.5e12,  # spec
+    sfu_ops=108 * 16 * 1.41e9,  # SMs × 16/clock × 1.41 GHz boost
+    hbm_bandwidth=2.0e12,  # spec (80 GB part: 2.04 TB/s)
+    caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=False, tma=False, wgmma=False),
+    forward=Tuning(defaults=((64, TileConfig(128, 64, 4, 3)),
+                             (128, TileConfig(128, 64, 8, 2)),
+                             (256, TileConfig(64, 32, 4, 2))),
+                   space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
+                                     num_stages=(1, 2, 3, 4))),
+    decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
+                            (128, TileConfig(16, 64, 4, 3)),
+                            (256, TileConfig(16, 64, 4, 2))),
+                  space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
+                                    num_stages=(1, 2, 3, 4), splits=(1, 2, 4, 8, 16, 32, 64))),
+)
+
+SM90 = Target(
+    name="sm90",
+    device="NVIDIA H100 80GB HBM3 (nominal)",
+    gpu=GPUTarget("cuda", 90, 32),
+    smem_per_block=232_448,  # 227 KiB opt-in per block
+    regs_per_sm=65_536,
+    regs_per_thread=255,
+    sm_count=132,
+    tensor_flops=788e12,  # measured, dense bf16; spec 989 TFLOP/s
+    fp32_flops=66.9e12,  # spec: 132 SMs × 128 lanes × 2 × 1.98 GHz
+    sfu_ops=132 * 16 * 1.98e9,  # SMs × 16/clock × 1.98 GHz boost
+    hbm_bandwidth=3.0e12,  # measured copy; spec 3.35 TB/s
+    caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=True, tma=True, wgmma=True),
+    forward=Tuning(defaults=((64, TileConfig(128, 64, 4, 3)),
+                             (128, TileConfig(128, 64, 8, 3)),
+                             (256, TileConfig(64, 32, 4, 2))),
+                   space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
+                                     num_stages=(1, 2, 3, 4, 5))),
+    decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
+                            (128, TileConfig(16, 64, 4, 3)),
+                            (256, TileConfig(16, 64, 4, 2))),
+                  space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
+                                    num_stages=(1, 2, 3, 4, 5), splits=(1, 2, 4, 8, 16, 32, 64))),
+)
+
+TARGETS: dict[str, Target] = {t.name: t for t in (INTERPRETER, SM80, SM90)}
+
+# Parts whose rates differ from their architecture's nominal target, by a fragment of the name
+# the driver reports. Any other part of a known architecture keeps the nominal rates.
+DEVICE_RATES: dict[str, tuple[tuple[str, dict[str, float]], ...]] = {
+    "sm90": (("H200", {"tensor_flops": 788e12,  # measured, same compute as H100
+                       "hbm_bandwidth": 4.3e12}),  # measured copy; spec 4.8 TB/s
+             ),
+}

@@ -1,0 +1,126 @@
+"""What einflash knows about one kind of hardware, as plain frozen values.
+
+A target is data: limits the compiler must respect, peak rates the roofline divides by,
+capabilities templates may rely on, default tile configurations and the search space a
+tuner explores. Nothing here runs a kernel or asks a driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from triton.backends.compiler import GPUTarget
+
+from ..errors import BackendError, LoweringError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Hardware features a template may use on a target."""
+
+    tensor_core_dot: bool  # tl.dot lowers to tensor-core instructions (mma or wgmma)
+    bf16: bool  # bf16 arithmetic computes correctly
+    fp8: bool  # fp8 (e4m3/e5m2) tensor-core dot
+    tma: bool  # tensor memory accelerator descriptors (tl.make_tensor_descriptor)
+    wgmma: bool  # warp-group asynchronous matrix multiply (Hopper)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel configuration: query rows and keys per tile, warps per program, pipeline depth.
+
+    >>> TileConfig(128, 64, 8, 3)
+    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Candidate values per knob; a tuner draws configurations from their product.
+
+    ``splits`` is the number of slices the key sequence is cut into (split-KV decode); 1 means no split.
+
+    >>> space = SearchSpace(block_m=(64, 128), block_n=(64,), num_warps=(4, 8), num_stages=(2, 3))
+    >>> space.contains(TileConfig(128, 64, 8, 3)), space.contains(TileConfig(256, 64, 8, 3))
+    (True, False)
+    """
+
+    block_m: tuple[int, ...]
+    block_n: tuple[int, ...]
+    num_warps: tuple[int, ...]
+    num_stages: tuple[int, ...]
+    splits: tuple[int, ...] = (1,)
+
+    def contains(self, cfg: TileConfig) -> bool:
+        """Whether every field of ``cfg`` is among this space's candidates for it."""
+        return all(getattr(cfg, f.name) in getattr(self, f.name) for f in fields(cfg))
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Defaults by head-dimension bucket, and the search space, for one kernel family on one target.
+
+    ``defaults`` pairs the largest (padded) head dimension of each bucket with its configuration, ascending.
+
+    >>> t = Tuning(((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3))),
+    ...            SearchSpace((128,), (64,), (4, 8), (3,)))
+    >>> t.default(80)
+    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    """
+
+    defaults: tuple[tuple[int, TileConfig], ...]
+    space: SearchSpace
+
+    def default(self, head_dim: int) -> TileConfig:
+        """The configuration of the smallest bucket that holds ``head_dim``."""
+        for largest, cfg in self.defaults:
+            if head_dim <= largest:
+                return cfg
+        raise LoweringError(f"head dimension {head_dim} is larger than the largest one with a tile configuration "
+                            f"({self.defaults[-1][0]}); split the head dimension or add a bucket to the target")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One kind of hardware, as the compiler, the roofline and the tuner see it.
+
+    Limits are None where nothing enforces them (the interpreter). Rates are per device:
+    FLOP/s count a fused multiply-add as two; ``sfu_ops`` counts exp2 (and other special
+    function) results per second; ``hbm_bandwidth`` is bytes per second, read plus written.
+    """
+
+    name: str
+    device: str  # the GPU's name as its driver reports it, or a nominal description
+    gpu: GPUTarget | None  # what triton.compile targets; None for the interpreter
+    smem_per_block: int | None  # bytes of shared memory one program may use (opt-in maximum)
+    regs_per_sm: int | None  # 32-bit registers per streaming multiprocessor
+    regs_per_thread: int | None  # 32-bit registers one thread may use
+    sm_count: int | None
+    tensor_flops: float  # dense fp16/bf16 tensor-core FLOP/s
+    fp32_flops: float  # non-tensor fp32 FLOP/s
+    sfu_ops: float
+    hbm_bandwidth: float
+    caps: Capabilities
+    forward: Tuning  # the one-pass forward template
+    decode: Tuning  # split-KV decode (partials; the combine kernel is tiny and not tuned)
+
+    @property
+    def is_interpreter(self) -> bool:
+        return self.gpu is None
+
+    def gpu_target(self) -> GPUTarget:
+        """The GPUTarget to compile for; the interpreter has none.
+
+        >>> from einflash.backends import get_target
+        >>> get_target("sm90").gpu_target()
+        GPUTarget(backend='cuda', arch=90, warp_size=32)
+        """
+        if self.gpu is None:
+            raise BackendError(f"target {self.name!r} runs kernels in Triton's interpreter and has no compile "
+                               f"target; cross-compile for a GPU target such as 'sm90' instead")
+        return self.gpu
