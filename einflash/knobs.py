@@ -14,12 +14,12 @@ from __future__ import annotations
 import enum
 import os
 import pathlib
+import sys
 
 import platformdirs
 import torch
-import triton
 
-from .errors import FlagError
+from .errors import BackendError, FlagError
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -119,15 +119,19 @@ def use_interpreter() -> bool:
     """Turn on Triton's CPU interpreter (TRITON_INTERPRET=1) when kernels cannot run on a GPU here; say if it is on.
 
     It is on when EINFLASH_BACKEND is ``interpreter``, when TRITON_INTERPRET is already on, or when torch
-    sees no CUDA device. Triton decides at ``@triton.jit`` time whether a function is interpreted, so call
-    this before any generated kernel module is imported.
+    sees no CUDA device. Triton reads the flag when ``triton.language`` is imported (its own helpers such
+    as ``tl.zeros`` become interpreter functions then) and at each ``@triton.jit``, so this must run before
+    anything imports triton; turning it on later raises BackendError rather than leave kernels broken.
 
-    >>> from unittest import mock
-    >>> with mock.patch.dict(os.environ, {"EINFLASH_BACKEND": "interpreter"}):
-    ...     use_interpreter(), os.environ["TRITON_INTERPRET"]
-    (True, '1')
+    >>> use_interpreter() == (os.environ.get("TRITON_INTERPRET") == "1")
+    True
     """
-    on = backend() == "interpreter" or triton.knobs.runtime.interpret or not torch.cuda.is_available()
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    return on
+    already = _read("TRITON_INTERPRET").lower() in _TRUE
+    if not (already or backend() == "interpreter" or not torch.cuda.is_available()):
+        return False
+    if not already and "triton" in sys.modules:
+        raise BackendError("Triton was imported before its interpreter was turned on, so its language helpers "
+                           "cannot run on the CPU; call einflash.knobs.use_interpreter() before anything imports "
+                           "triton, or set TRITON_INTERPRET=1 in the environment before Python starts")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True

@@ -15,7 +15,7 @@ import torch
 from .. import knobs
 from ..errors import BackendError
 from .catalog import DEVICE_RATES, INTERPRETER, SM80, SM90, TARGETS
-from .target import Capabilities, SearchSpace, Target, TileConfig, Tuning
+from .target import GPU, Capabilities, SearchSpace, Target, TileConfig, Tuning
 
 # Compute capability major version -> target. Other architectures have no tile tables yet.
 _BY_MAJOR = {8: SM80, 9: SM90}
@@ -67,5 +67,5 @@ def detect() -> Target:
     return local_gpu() if local else target
 
 
-__all__ = ["Target", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80", "SM90",
+__all__ = ["Target", "GPU", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80", "SM90",
            "get_target", "detect", "local_gpu"]

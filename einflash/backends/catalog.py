@@ -15,9 +15,7 @@ Tile defaults were checked by cross-compiling a flash-attention-like loop for ea
 
 from __future__ import annotations
 
-from triton.backends.compiler import GPUTarget
-
-from .target import Capabilities, SearchSpace, Target, TileConfig, Tuning
+from .target import GPU, Capabilities, SearchSpace, Target, TileConfig, Tuning
 
 # Head-dimension buckets are padded (power of two) head dims, so 40 falls in 64 and 80 in 128.
 
@@ -50,7 +48,7 @@ INTERPRETER = Target(
 SM80 = Target(
     name="sm80",
     device="NVIDIA A100-SXM4 (nominal)",
-    gpu=GPUTarget("cuda", 80, 32),
+    gpu=GPU("cuda", 80, 32),
     smem_per_block=166_912,  # 163 KiB opt-in per block
     regs_per_sm=65_536,
     regs_per_thread=255,
@@ -75,7 +73,7 @@ SM80 = Target(
 SM90 = Target(
     name="sm90",
     device="NVIDIA H100 80GB HBM3 (nominal)",
-    gpu=GPUTarget("cuda", 90, 32),
+    gpu=GPU("cuda", 90, 32),
     smem_per_block=232_448,  # 227 KiB opt-in per block
     regs_per_sm=65_536,
     regs_per_thread=255,

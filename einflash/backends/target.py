@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from triton.backends.compiler import GPUTarget
+from ..errors import LoweringError
 
-from ..errors import BackendError, LoweringError
+
+@dataclass(frozen=True)
+class GPU:
+    """What Triton's compiler needs to know of a GPU target: the fields of its GPUTarget."""
+
+    backend: str  # "cuda"
+    arch: int  # compute capability as one number, 90 for 9.0
+    warp_size: int
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class Target:
 
     name: str
     device: str  # the GPU's name as its driver reports it, or a nominal description
-    gpu: GPUTarget | None  # what triton.compile targets; None for the interpreter
+    gpu: GPU | None  # what triton.compile targets; None for the interpreter
     smem_per_block: int | None  # bytes of shared memory one program may use (opt-in maximum)
     regs_per_sm: int | None  # 32-bit registers per streaming multiprocessor
     regs_per_thread: int | None  # 32-bit registers one thread may use
@@ -113,14 +120,3 @@ class Target:
     def is_interpreter(self) -> bool:
         return self.gpu is None
 
-    def gpu_target(self) -> GPUTarget:
-        """The GPUTarget to compile for; the interpreter has none.
-
-        >>> from einflash.backends import get_target
-        >>> get_target("sm90").gpu_target()
-        GPUTarget(backend='cuda', arch=90, warp_size=32)
-        """
-        if self.gpu is None:
-            raise BackendError(f"target {self.name!r} runs kernels in Triton's interpreter and has no compile "
-                               f"target; cross-compile for a GPU target such as 'sm90' instead")
-        return self.gpu

@@ -20,7 +20,7 @@ from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
 from ..templates import render
-from .masks import KeyRange, key_ranges
+from .masks import KeyRange, key_plan
 from .passes import count_passes
 from .tilecode import Tile, TileCode, bcast, literal
 
@@ -94,7 +94,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     fp32 = dtype == "float32"
     dot_dtype = "tl.float32" if fp32 else f"{tensors[0]}_ptr.dtype.element_ty"
-    ranges = key_ranges(c, sec.loop)
+    keys = key_plan(c, sec.loop)
+    ranges = keys.ranges
 
     shared: dict[str, Tile] = {}
     loads: dict = {}
@@ -128,7 +129,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
             t = body.einsum(e)
             if e.out in states:
                 _carry(body, e.out, t)
-        loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines)))
+        loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
+                          skip_tile=kr.skip_tile))
 
     epi = gen(masked=False)
     epi.env.update({s: shared[s] for s in states})
@@ -159,7 +161,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
                   args=",\n    ".join(args), constexprs=constexprs,
                   dim_offsets=[(r, f"D_{r}") for r in sorted(k for k in dims if not k.endswith("_extent"))],
-                  prologue="\n".join(pro.lines), key_loops=loops, epilogue="\n".join(epi.lines))
+                  prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
                         split, tuple(ranges))

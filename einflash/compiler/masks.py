@@ -1,18 +1,23 @@
 """Which key tiles a query tile visits, and which of them evaluate the mask.
 
-The loop of the one-pass kernel runs over ranges of key tiles. A range is
-``masked`` when its tiles may be cut by the mask or by the end of the sequence:
-there the mask predicate and ``n < N`` are evaluated. In an unmasked range every
-tile is full: the affine conjuncts of the mask (``skip``) are proven to hold, and
-only data-dependent conjuncts (document ids, score thresholds) are evaluated.
+The loop of the one-pass kernel runs over ranges of key tiles. Ranges come from
+the symbolic tile plan of the mask (``tiles.tile_plan``): tiles proven empty are
+never visited; tiles proven full run a body that skips the affine part of the
+mask; the remaining tiles (cut by the mask or by the end of the sequence) run the
+masked body. Data-dependent parts of a mask (document ids, score thresholds) are
+evaluated in every body. Without a usable plan, every tile runs the masked body.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from ..ir.cascade import Cascade, Einsum
-from ..ir.expr import Expr
+from ..ir.expr import Call, Expr
+from ..ir.ranks import STREAM
+from .tiles import BM, BN, M0, M1, M, N, I, TilePlan, tile_plan
 
 
 @dataclass(frozen=True)
@@ -22,15 +27,138 @@ class KeyRange:
     masked: bool
     skip: frozenset = frozenset()  # mask conjuncts that hold on every tile of this range
     comment: str = ""
+    skip_tile: str | None = None  # a condition on tile index `j` under which the tile is left out
 
 
-def loop_masks(loop: tuple[Einsum, ...]) -> list[Expr]:
-    return [e.where for e in loop if e.where is not None]
+@dataclass(frozen=True)
+class KeyPlan:
+    """The loops of one query tile: scalar set-up code, then the ranges."""
+
+    setup: tuple[str, ...]
+    ranges: tuple[KeyRange, ...]
+    plan: TilePlan | None = None
 
 
-def key_ranges(c: Cascade, loop: tuple[Einsum, ...]) -> list[KeyRange]:
-    """Ranges of key tiles for one query tile: all tiles, split at the sequence edge."""
+def conjuncts(x: Expr) -> list[Expr]:
+    if isinstance(x, Call) and x.op == "and":
+        return conjuncts(x.args[0]) + conjuncts(x.args[1])
+    return [x]
+
+
+def _mask_einsum(c: Cascade, loop: tuple[Einsum, ...]) -> Einsum | None:
+    """The one filter every reduction over n depends on, if there is exactly one."""
+    filters = [e for e in loop if e.where is not None]
+    if len(filters) != 1:
+        return None
+    f = filters[0]
+    deps: dict[str, set[str]] = {}
+    for e in loop:
+        mine = {e.out} if e is f else set()
+        for r in e.reads():
+            if not r.prev:
+                mine |= deps.get(r.tensor, set())
+        deps[e.out] = mine
+    for e in loop:
+        if e.reduce is not None and STREAM in e.reduce.ranks and f.out not in deps[e.out]:
+            return None
+    return f
+
+
+def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
+    """The key-tile loops of a query tile (see the module docstring)."""
     edge = "(N // BLOCK_N) * BLOCK_N"
-    return [KeyRange("0", edge, False, frozenset(), "whole key tiles"),
-            KeyRange(edge, "N", True, frozenset(), "the last, partial key tile")] if not loop_masks(loop) else [
-        KeyRange("0", "N", True, frozenset(), "every key tile, masked")]
+    f = _mask_einsum(c, loop)
+    if not any(e.where is not None for e in loop):
+        return KeyPlan((), (KeyRange("0", edge, False, comment="whole key tiles"),
+                            KeyRange(edge, "N", True, comment="the last key tile, cut by the end of the keys")))
+    everything = KeyPlan((), (KeyRange("0", "N", True, comment="every key tile, masked"),))
+    if f is None:
+        return everything
+    integers = frozenset(p.name for p in c.params if p.integer)
+    affine = [p for p in conjuncts(f.where) if tile_plan(p, integers) is not None]
+    if not affine:
+        return everything
+    pred = affine[0]
+    for p in affine[1:]:
+        pred = Call("and", (pred, p))
+    plan = tile_plan(pred, integers)
+    # rows of a packed program (decoding) cover every query position of their heads
+    setup = ["m0 = 0 if PACK else pid_m * BLOCK_M", "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1",
+             "whole = N // BLOCK_N"]
+    full = []
+    for k, iv in enumerate(plan.full):
+        setup += _interval(f"full{k}", iv)
+        setup.append(f"full{k}_hi = tl.minimum(full{k}_hi, whole)")  # a tile cut by N is masked
+        full.append(f"full{k}")
+    ranges = [KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", False, frozenset(affine),
+                       f"full key tiles: the mask holds everywhere ({name})") for name in full]
+    done = [(f"{name}_lo", f"{name}_hi") for name in full]
+    for k, iv in enumerate(plan.visit):
+        name = f"visit{k}"
+        setup += _interval(name, iv)
+        # shrink the range past full tiles at either end; tiles left inside it are skipped one by one
+        for _ in range(len(full)):
+            for lo, hi in done[:len(full)]:
+                setup.append(f"{name}_lo = tl.where(({lo} <= {name}_lo) & ({name}_lo < {hi}), {hi}, {name}_lo)")
+                setup.append(f"{name}_hi = tl.where(({lo} < {name}_hi) & ({name}_hi <= {hi}), {lo}, {name}_hi)")
+        skip = " | ".join(f"(({lo} <= j) & (j < {hi}))" for lo, hi in done) or None
+        ranges.append(KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", True, frozenset(),
+                               f"key tiles cut by the mask or the end of the keys ({name})", skip))
+        done.append((f"{name}_lo", f"{name}_hi"))
+    return KeyPlan(tuple(setup), tuple(ranges), plan)
+
+
+def _interval(name: str, iv) -> list[str]:
+    lo, hi = to_triton(iv.lo), to_triton(iv.hi)
+    if iv.when is sympy.true:
+        return [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
+    when = to_triton(iv.when)
+    return [f"{name}_on = {when}", f"{name}_lo = tl.where({name}_on, {lo}, 0)",
+            f"{name}_hi = tl.where({name}_on, tl.maximum({hi}, {name}_lo), 0)"]
+
+
+_NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m"}
+
+
+def to_triton(x: sympy.Basic) -> str:
+    """An integer formula of the tile plan as a Triton scalar expression (floor division exact)."""
+    if x in _NAMES:
+        return _NAMES[x]
+    if x is sympy.true:
+        return "True"
+    if x is sympy.false:
+        return "False"
+    if x.is_Integer:
+        return str(int(x))
+    if x.is_Symbol:
+        return f"p_{x.name}"
+    if isinstance(x, (sympy.floor, sympy.ceiling)):
+        num, den = sympy.fraction(sympy.together(x.args[0]))
+        if den == 1:
+            return to_triton(num)
+        if isinstance(x, sympy.floor):
+            return f"_floor_div({to_triton(num)}, {to_triton(den)})"
+        return f"(-_floor_div(-({to_triton(num)}), {to_triton(den)}))"
+    if isinstance(x, (sympy.Min, sympy.Max)):
+        fn = "tl.minimum" if isinstance(x, sympy.Min) else "tl.maximum"
+        args = [to_triton(a) for a in x.args]
+        out = args[0]
+        for a in args[1:]:
+            out = f"{fn}({out}, {a})"
+        return out
+    if x.is_Add:
+        return "(" + " + ".join(to_triton(a) for a in x.args) + ")"
+    if x.is_Mul:
+        return "(" + " * ".join(to_triton(a) for a in x.args) + ")"
+    if isinstance(x, sympy.Rel):
+        op = {sympy.LessThan: "<=", sympy.StrictLessThan: "<", sympy.GreaterThan: ">=",
+              sympy.StrictGreaterThan: ">", sympy.Equality: "==", sympy.Unequality: "!="}[type(x)]
+        return f"({to_triton(x.lhs)} {op} {to_triton(x.rhs)})"
+    if isinstance(x, sympy.And):
+        return "(" + " & ".join(to_triton(a) for a in x.args) + ")"
+    if isinstance(x, sympy.Or):
+        return "(" + " | ".join(to_triton(a) for a in x.args) + ")"
+    if isinstance(x, sympy.Not):
+        return f"({to_triton(x.args[0])} == 0)"
+    raise ValueError(f"no Triton form for {x}")
+

@@ -1,0 +1,240 @@
+"""Forward benchmark on one GPU: einflash beside SDPA (cuDNN, FlashAttention-2) and FlexAttention,
+for every row of DESIGN §5, in one process; then the catalogue's correctness in bf16 and fp16.
+
+    python3 benchmarks/bench_forward.py --out DIR [--quick] [--skip-check]
+
+Writes DIR/forward.json (one record per measurement) and prints the table with ratios.
+TFLOP/s count 4·B·H·M·D per visited (query, key) pair: masked rows use the exact number of
+unmasked pairs, the same for every implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+import time
+import traceback
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import peers  # noqa: E402
+
+import einflash as ef  # noqa: E402
+from einflash.compiler.forward import Schedule  # noqa: E402
+from einflash.testing import check  # noqa: E402
+
+DT = torch.bfloat16
+ROWS = [
+    # name, example, (B, H, N, D), params, mask kind for pair counting
+    ("full (2,16,8192,128)", "softmax", (2, 16, 8192, 128), {}, None),
+    ("causal (2,16,8192,128)", "causal", (2, 16, 8192, 128), {}, "causal"),
+    ("full (4,32,4096,64)", "softmax", (4, 32, 4096, 64), {}, None),
+    ("sliding window 1024 (2,16,8192,128)", "sliding_window", (2, 16, 8192, 128), {"window": 1024}, "window"),
+    ("ALiBi (2,16,8192,128)", "alibi", (2, 16, 8192, 128), {}, None),
+    ("softcap 30 (2,16,8192,128)", "softcap", (2, 16, 8192, 128), {"cap": 30.0}, None),
+]
+DECODE = ("decode GQA 32:8 D128 B4 KV32768", "softmax", dict(B=4, Hq=32, Hkv=8, L=32768, D=128))
+
+
+def example(name: str):
+    spec = importlib.util.spec_from_file_location(f"ex_{name}", ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, getattr(mod, name)
+
+
+def pairs(kind, N, window=1024) -> int:
+    if kind is None:
+        return N * N
+    if kind == "causal":
+        return N * (N + 1) // 2
+    return sum(min(m + 1, window) for m in range(N))
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100)
+
+
+OUT: list[pathlib.Path] = []
+
+
+def emit(rows, **kw):
+    rows.append(kw)
+    print(json.dumps(kw), flush=True)
+    if OUT:  # written as it goes, so a run cut off at its time limit still leaves its results
+        OUT[0].write_text(json.dumps(rows, indent=1))
+
+
+def anchors(rows):
+    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    ms = bench(lambda: a @ a)
+    emit(rows, kind="anchor", case="matmul 8192^3 bf16", ms=ms, tflops=2 * 8192**3 / ms / 1e9)
+    x = torch.empty(2**30, device="cuda", dtype=torch.uint8)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    emit(rows, kind="anchor", case="device copy 1 GiB", ms=ms, tbps=2 * 2**30 / ms / 1e9)
+    del a, x, y
+
+
+def prefill(rows, quick: bool, sweep: bool):
+    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+        mod, op = example(name)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT) for _ in range(3))
+        extra = {}
+        if name == "alibi":
+            extra = mod.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=torch.float32)
+        flops = 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
+        impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
+        if sweep:
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:
+                sch = Schedule(bm, bn, w, s)
+                impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
+        causal = kind == "causal"
+        if name in ("softmax", "causal"):
+            for peer in ("sdpa-cudnn", "sdpa-flash"):
+                try:
+                    impls[peer] = peers.sdpa(peer, q, k, v, causal)
+                except Exception as e:  # noqa: BLE001
+                    emit(rows, kind="prefill", case=label, impl=peer, error=str(e)[:200])
+        try:
+            mask = {"causal": peers.causal_mask, "window": peers.sliding_mask(params.get("window", 1024))}.get(kind)
+            score = None
+            if name == "alibi":
+                score = peers.alibi_mod(extra["slope"].to("cuda"))
+            if name == "softcap":
+                score = peers.softcap_mod(params["cap"])
+            impls["flex"] = peers.flex(q, k, v, mask_mod=mask, score_mod=score)
+        except Exception as e:  # noqa: BLE001
+            emit(rows, kind="prefill", case=label, impl="flex", error=str(e)[:300])
+        for impl, fn in impls.items():
+            try:
+                t0 = time.time()
+                fn()
+                torch.cuda.synchronize()
+                first = time.time() - t0
+                ms = bench(fn)
+                emit(rows, kind="prefill", case=label, impl=impl, B=B, H=H, N=N, D=D, ms=ms,
+                     tflops=flops / ms / 1e9, first_call_s=first)
+            except Exception as e:  # noqa: BLE001
+                emit(rows, kind="prefill", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def decode(rows, sweep: bool):
+    label, name, p = DECODE
+    _, op = example(name)
+    B, Hq, Hkv, L, D = p["B"], p["Hq"], p["Hkv"], p["L"], p["D"]
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=DT)
+    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
+    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
+    kv_bytes = 2 * B * Hkv * L * D * 2
+    impls = {"einflash": lambda: op(q, k, v)}
+    if sweep:
+        for bn, splits in [(64, 4), (64, 8), (64, 16), (128, 8), (32, 16)]:
+            sch = Schedule(16, bn, 4, 3, splits, True)
+            impls[f"einflash[bn{bn} splits{splits}]"] = (lambda sch=sch: op(q, k, v, schedule=sch))
+    for peer in ("sdpa-cudnn", "sdpa-flash"):
+        try:
+            impls[peer] = peers.sdpa(peer, q, k, v)
+        except Exception as e:  # noqa: BLE001
+            emit(rows, kind="decode", case=label, impl=peer, error=str(e)[:200])
+    try:
+        impls["flex"] = peers.flex(q, k, v)
+    except Exception as e:  # noqa: BLE001
+        emit(rows, kind="decode", case=label, impl="flex", error=str(e)[:300])
+    for impl, fn in impls.items():
+        try:
+            fn()
+            ms = bench(fn)
+            emit(rows, kind="decode", case=label, impl=impl, ms=ms, tbps=kv_bytes / ms / 1e9)
+        except Exception as e:  # noqa: BLE001
+            emit(rows, kind="decode", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def correctness(rows, quick: bool):
+    """Every lowered catalogue variant, bf16 and fp16, prefill and GQA decode, against the rule."""
+    names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+    cases = [("prefill", 2, 16, 16, 4096, 4096, 128), ("decode", 4, 32, 8, 1, 32768, 128)]
+    if quick:
+        cases = [("prefill", 1, 4, 4, 1024, 1024, 64), ("decode", 2, 8, 2, 1, 4096, 64)]
+    for name in names:
+        mod, op = example(name)
+        if op.forward.error is not None:
+            emit(rows, kind="check", variant=name, ok=None, reason=str(op.forward.error))
+            continue
+        for case, B, Hq, Hkv, M, N, D in cases:
+            hq, hkv = getattr(mod, "HEADS", (Hq, Hkv))
+            if name == "gla" and M != N:
+                continue
+            shape = ef.Shape(B, hq, M, N, D, D, hkv)
+            for dt in (torch.bfloat16, torch.float16):
+                try:
+                    g = torch.Generator(device="cuda").manual_seed(0)
+                    q = torch.randn(B, hq, M, D, device="cuda", dtype=dt, generator=g)
+                    k = torch.randn(B, hkv, N, D, device="cuda", dtype=dt, generator=g)
+                    v = torch.randn(B, hkv, N, D, device="cuda", dtype=dt, generator=g)
+                    extra = mod.extra_inputs(shape, device="cuda", dtype=dt) if hasattr(mod, "extra_inputs") else {}
+                    args = (q, k) if name == "mla_decode" else (q, k, v)
+                    out = op(*args, **extra)
+                    verdict = check(op, out, *args, **extra)
+                    emit(rows, kind="check", variant=name, case=case, dtype=str(dt).split(".")[1],
+                         shape=[B, hq, hkv, M, N, D], **verdict.as_dict())
+                except Exception as e:  # noqa: BLE001
+                    emit(rows, kind="check", variant=name, case=case, dtype=str(dt), ok=False,
+                         error=f"{type(e).__name__}: {str(e)[:300]}", trace=traceback.format_exc()[-600:])
+                torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time a few fixed schedules")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--only", default="anchors,prefill,decode,check")
+    a = ap.parse_args()
+    rows = []
+    emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+         date=datetime.date.today().isoformat())
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    OUT.append(out / "forward.json")
+    steps = a.only.split(",")
+    if "anchors" in steps:
+        anchors(rows)
+    if "prefill" in steps:
+        prefill(rows, a.quick, a.sweep)
+    if "decode" in steps:
+        decode(rows, a.sweep)
+    summary(rows)
+    if "check" in steps and not a.skip_check:
+        correctness(rows, a.quick)
+
+
+def summary(rows):
+    by = {}
+    for r in rows:
+        if r.get("kind") in ("prefill", "decode") and "error" not in r:
+            by.setdefault(r["case"], {})[r["impl"]] = r.get("tflops") or r.get("tbps")
+    print("\ncase | einflash | best einflash | cudnn | flash | flex | best/flex | best/cudnn")
+    for case, d in by.items():
+        mine = {k: v for k, v in d.items() if k.startswith("einflash")}
+        best = max(mine.values()) if mine else math.nan
+        flex = d.get("flex", math.nan)
+        cudnn = d.get("sdpa-cudnn", math.nan)
+        print(f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f}"
+              f" | {flex:.1f} | {best / flex:.2f} | {best / cudnn:.2f}")
+
+
+if __name__ == "__main__":
+    main()
