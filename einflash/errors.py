@@ -69,6 +69,10 @@ class MissingInputError(CallError, TypeError):
     """An extra input or parameter the cascade declares was not given."""
 
 
+class ParameterError(CallError):
+    """A scalar parameter has a value the cascade does not allow (a non-positive scale)."""
+
+
 # -- compilation -----------------------------------------------------------------------
 
 

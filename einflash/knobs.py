@@ -123,8 +123,11 @@ def use_interpreter() -> bool:
     as ``tl.zeros`` become interpreter functions then) and at each ``@triton.jit``, so this must run before
     anything imports triton; turning it on later raises BackendError rather than leave kernels broken.
 
-    >>> use_interpreter() == (os.environ.get("TRITON_INTERPRET") == "1")
-    True
+    >>> from unittest import mock
+    >>> with mock.patch.object(torch.cuda, "is_available", lambda: True):  # a GPU machine, no flags
+    ...     with mock.patch.dict(os.environ, {"EINFLASH_BACKEND": "", "TRITON_INTERPRET": ""}):
+    ...         use_interpreter()
+    False
     """
     already = _read("TRITON_INTERPRET").lower() in _TRUE
     if not (already or backend() == "interpreter" or not torch.cuda.is_available()):

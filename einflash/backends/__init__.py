@@ -32,7 +32,7 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-def local_gpu() -> Target:
+def _local_gpu() -> Target:
     """The target of CUDA device 0, with its own name, SM count and shared memory, and its part's rates."""
     major, minor = torch.cuda.get_device_capability(0)
     if major not in _BY_MAJOR:
@@ -61,11 +61,11 @@ def detect() -> Target:
     name = knobs.backend()
     gpu = torch.cuda.is_available()
     if name is None:
-        return local_gpu() if gpu else INTERPRETER
+        return _local_gpu() if gpu else INTERPRETER
     target = get_target(name)
     local = gpu and target.gpu is not None and torch.cuda.get_device_capability(0)[0] * 10 == target.gpu.arch
-    return local_gpu() if local else target
+    return _local_gpu() if local else target
 
 
-__all__ = ["Target", "GPU", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80", "SM90",
-           "get_target", "detect", "local_gpu"]
+__all__ = ["Target", "GPU", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80",
+           "SM90", "get_target", "detect"]

@@ -60,7 +60,7 @@ SM80 = Target(
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=False, tma=False, wgmma=False),
     forward=Tuning(defaults=((64, TileConfig(128, 64, 4, 3)),
                              (128, TileConfig(128, 64, 8, 2)),
-                             (256, TileConfig(64, 32, 4, 2))),
+                             (256, TileConfig(64, 32, 8, 2))),  # 4 warps use all 255 registers a thread has
                    space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
                                      num_stages=(1, 2, 3, 4))),
     decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),

@@ -125,6 +125,8 @@ def from_sympy(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Expr:
         for f in fs[1:]:
             out = call("mul", out, f)
         return out
+    if x.is_Pow and x.base == 2:
+        return call("exp2", from_sympy(x.exp, leaves))
     if x.is_Pow and x.exp.is_Integer:
         base = from_sympy(x.base, leaves)
         k = int(x.exp)

@@ -1,7 +1,8 @@
 """The rewrite pipeline: a short list of named steps, each a pure Cascade → Cascade function.
 
->>> [name for name, _ in PIPELINE]
-['reassociate contractions', 'defer normalisation', 'stream online']
+>>> [name for name, _ in PIPELINE]  # doctest: +NORMALIZE_WHITESPACE
+['reassociate contractions', 'defer normalisation', 'scalars before masks', 'exponent in base 2',
+ 'scalars out of max', 'stream online']
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 from ..ir.cascade import Cascade
 from ..ir.validate import validate
 from .rewrites import defer_normalisation, reassociate, stream_online
+from .strength import exponent_base2, scalars_before_masks, scalars_out_of_max
 
 PIPELINE = (
     ("reassociate contractions", reassociate),
     ("defer normalisation", defer_normalisation),
+    ("scalars before masks", scalars_before_masks),
+    ("exponent in base 2", exponent_base2),
+    ("scalars out of max", scalars_out_of_max),
     ("stream online", stream_online),
 )
 

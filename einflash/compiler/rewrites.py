@@ -63,12 +63,12 @@ def defer_normalisation(c: Cascade) -> Cascade:
         kept = [(f, k) for f, k in fs if (f, k) not in moved]
         body = product(kept)
         acc_ranks = rank_order(free_ranks(body) - set(red.ranks))
-        acc = _fresh(c, f"{e.out}_acc")
+        acc = fresh_name(c, f"{e.out}_acc")
         tensors.append(TensorDecl(acc, acc_ranks))
         out.append(Einsum(acc, acc_ranks, body, red, line=e.line))
         acc_read = Read(acc, tuple(coord(r) for r in acc_ranks))
         out.append(Einsum(e.out, e.ranks, product([(acc_read, 1)] + moved), line=e.line))
-    return replace(c, tensors=tuple(_ordered(tensors, out)), einsums=tuple(out))
+    return replace(c, tensors=tuple(ordered_tensors(tensors, out)), einsums=tuple(out))
 
 
 def _reads(x: Expr):
@@ -77,14 +77,15 @@ def _reads(x: Expr):
     return reads(x)
 
 
-def _fresh(c: Cascade, base: str, taken: set[str] = frozenset()) -> str:
+def fresh_name(c: Cascade, base: str, taken: set[str] = frozenset()) -> str:
+    """``base``, or ``base2``, ``base3``... : a tensor name neither the cascade nor ``taken`` uses."""
     name, i = base, 2
     while c.has_tensor(name) or name in taken:
         name, i = f"{base}{i}", i + 1
     return name
 
 
-def _ordered(tensors: list[TensorDecl], einsums: list[Einsum]) -> list[TensorDecl]:
+def ordered_tensors(tensors: list[TensorDecl], einsums: list[Einsum]) -> list[TensorDecl]:
     """Inputs first, then tensors in the order Einsums first assign them; drop unused ones."""
     by = {t.name: t for t in tensors}
     out = [t for t in tensors if t.role is Role.INPUT]
@@ -141,7 +142,7 @@ def reassociate(c: Cascade) -> Cascade:
             pair_ranks = free_ranks(fa[0]) | free_ranks(fb[0])
             mid_ranks = rank_order(pair_ranks & (free_ranks(rest[0]) | set(e.ranks)))
             mid_reduced = rank_order(pair_ranks - set(mid_ranks))
-            mid = _fresh(c, "ctx", {t.name for t in tensors})
+            mid = fresh_name(c, "ctx", {t.name for t in tensors})
             mid_einsum = Einsum(mid, mid_ranks, product([fa, fb]), Reduction("sum", mid_reduced), line=a.line)
             mid_read = Read(mid, tuple(coord(r) for r in mid_ranks))
             outer = product([rest, (mid_read, 1)])
@@ -150,7 +151,7 @@ def reassociate(c: Cascade) -> Cascade:
                            line=e.line)
             einsums = einsums[:j] + einsums[j + 1:i] + [mid_einsum, new_e] + einsums[i + 1:]
             tensors = [t for t in tensors if t.name != a.out] + [TensorDecl(mid, mid_ranks)]
-            return reassociate(replace(c, tensors=tuple(_ordered(tensors, einsums)), einsums=tuple(einsums)))
+            return reassociate(replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums)))
     return c
 
 
@@ -322,7 +323,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
         if e.out not in states:
             loop.append(replace(e, loop=True))
             continue
-        local = _fresh(c, f"{e.out}_chunk", names)
+        local = fresh_name(c, f"{e.out}_chunk", names)
         names.add(local)
         tensors.append(TensorDecl(local, e.ranks))
         loop.append(replace(e, out=local, loop=True))
@@ -333,7 +334,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
             upd = call(_COMBINE[e.reduce.op], prev, chunk, merge=Merge.ANY)
         else:
             if r not in alphas:
-                alpha = _fresh(c, "alpha", names)
+                alpha = fresh_name(c, "alpha", names)
                 names.add(alpha)
                 ar = rank_order(free_ranks(r))
                 tensors.append(TensorDecl(alpha, ar))
@@ -347,7 +348,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
         tensors = [replace(t, role=Role.STATE, init=ident) if t.name == e.out else t for t in tensors]
     after = _recompute_after(c, after, in_loop, states, names, tensors)
     einsums = before + loop + after
-    return replace(c, tensors=tuple(_ordered(tensors, einsums)), einsums=tuple(einsums))
+    return replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums))
 
 
 def _depends_on(c: Cascade, e: Einsum, names: set[str]) -> bool:
@@ -388,7 +389,7 @@ def _recompute_after(c: Cascade, after: list[Einsum], in_loop: set[str], states:
     order = [e.out for e in c.einsums if e.out in needed]
     renames = {}
     for name in order:
-        renames[name] = _fresh(c, f"{name}_again", names)
+        renames[name] = fresh_name(c, f"{name}_again", names)
         names.add(renames[name])
         tensors.append(replace(c.tensor(name), name=renames[name]))
 

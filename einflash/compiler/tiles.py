@@ -31,6 +31,7 @@ TileCounts(empty=2016, partial=64, full=2016, total=4096)
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Callable, Iterator, Mapping
 import sympy
 
 from ..errors import DeclarationError, MissingInputError, ShapeError
-from ..ir.expr import Call, Const, Coord, Expr, Param, Read, Size, to_sympy, walk
+from ..ir.expr import Call, Coord, Expr, Param, Read, to_sympy, walk
 from ..ir.ranks import STANDARD_RANKS, coord, new_rank
 from .analysis import BM, BN
 
@@ -235,18 +236,11 @@ class Interval:
     def __str__(self) -> str:
         return f"[{self.lo}, {self.hi})" + ("" if self.when is sympy.true else f" if {self.when}")
 
-    def meet(self, other: Interval) -> Interval:
-        """Both intervals; all lie within [0, NCOLS), so meeting the whole row changes nothing."""
-        if self == _WHOLE:
-            return other
-        return Interval(sympy.Max(self.lo, other.lo), sympy.Min(self.hi, other.hi), sympy.And(self.when, other.when))
-
     def is_void(self) -> bool:
         """Provably empty for every row and size."""
         return self.when is sympy.false or bool((self.hi - self.lo).is_nonpositive)
 
 
-_WHOLE = Interval(sympy.Integer(0), NCOLS)
 _ROW_LOW, _ROW_HIGH = Constraint(1, 0, -M0), Constraint(-1, 0, M1)  # m ≥ m0, m ≤ m1
 
 
@@ -254,7 +248,7 @@ def _eliminate_m(conj: Conjunction) -> list[Constraint]:
     """Constraints on n alone that hold iff some row m0 ≤ m ≤ m1 meets ``conj`` (over the reals)."""
     lows = [c for c in conj if c.a > 0] + [_ROW_LOW]
     highs = [c for c in conj if c.a < 0] + [_ROW_HIGH]
-    # (−u.a)·l + l.a·u cancels m with non-negative weights.
+    # (−u.a)·l + l.a·u cancels m with non-negative weights; m0 ≤ m1 holds in every row.
     pairs = [Constraint(0, -u.a * lo.b + lo.a * u.b, -u.a * lo.c + lo.a * u.c)
              for lo in lows for u in highs if (lo, u) != (_ROW_LOW, _ROW_HIGH)]
     return [c for c in conj if c.a == 0] + pairs
@@ -286,15 +280,38 @@ def row_interval(conj: Conjunction) -> Interval | None:
     return Interval(lo, hi, when)
 
 
+def _misses(cut: Interval, k: int, lo: sympy.Expr, hi: sympy.Expr, first: int | None, last: int | None):
+    """Cut ``k`` has no tile in [lo, hi), where cut ``first`` ends at lo and cut ``last`` starts at hi.
+
+    Of cuts that end (start) at the same tile the lowest-numbered one names the run,
+    hence the strict comparisons: each run is produced once.
+    """
+    if k in (first, last):
+        return sympy.true
+    # A present cut is never empty and lies within [0, NCOLS): beyond either end of the row, or
+    # starting at 0 (ending at NCOLS) and right (left) of the run, it leaves the run empty anyway.
+    right = () if last is None or cut.lo == 0 else ((sympy.Gt if k < last else sympy.Ge)(cut.lo, hi),)
+    left = () if first is None or cut.hi == NCOLS else ((sympy.Lt if k < first else sympy.Le)(cut.hi, lo),)
+    return sympy.Or(sympy.Not(cut.when), *right, *left)
+
+
 def _complement(cuts: tuple[Interval, ...]) -> tuple[Interval, ...]:
-    """Disjoint intervals covering the tiles of [0, NCOLS) in none of ``cuts``."""
-    pieces = [_WHOLE]
-    for c in cuts:
-        # Left of the cut, right of it, or the cut is empty in this row: three disjoint cases.
-        sides = (Interval(sympy.Integer(0), c.lo, c.when), Interval(c.hi, NCOLS, c.when),
-                 Interval(sympy.Integer(0), NCOLS, sympy.Not(c.when)))
-        pieces = [x for p, s in product(pieces, sides) if not (x := p.meet(s)).is_void()]
-    return tuple(pieces)
+    """Disjoint intervals covering the tiles of [0, NCOLS) in none of ``cuts``.
+
+    A maximal run of such tiles starts at 0 or where a cut ends, stops at NCOLS or
+    where a cut starts, and meets no cut: (k + 1)² candidates for k cuts.
+    """
+    starts = [(sympy.Integer(0), None)] + [(c.hi, k) for k, c in enumerate(cuts) if c.hi != NCOLS]
+    ends = [(NCOLS, None)] + [(c.lo, k) for k, c in enumerate(cuts) if c.lo != 0]
+    runs = []
+    for (lo, first), (hi, last) in product(starts, ends):
+        if first is not None and first == last:
+            continue  # a cut ends after it starts
+        when = sympy.And(*(cuts[x].when for x in (first, last) if x is not None),
+                         *(_misses(c, k, lo, hi, first, last) for k, c in enumerate(cuts)))
+        if not (run := Interval(lo, hi, when)).is_void():
+            runs.append(run)
+    return tuple(runs)
 
 
 @dataclass(frozen=True)
@@ -317,7 +334,8 @@ class TilePlan:
         rows = ", ".join(f"{k} = {v}" for k, v in ROW_BOUNDS.items())
         lines = [f"mask {format_form(self.form)}", f"key tiles j of query tile i ({rows}), 0 ≤ j < {NCOLS}:"]
         for name, ivs in (("non-empty", self.visit), ("full", self.full)):
-            lines += [f"  {name if k == 0 else '':10}{text}" for k, text in enumerate([str(iv) for iv in ivs] or ["none"])]
+            texts = [str(iv) for iv in ivs] or ["none"]
+            lines += [f"  {name if k == 0 else '':10}{text}" for k, text in enumerate(texts)]
         lines.append("  exact" if self.exact else "  conservative: may visit empty tiles and mask full ones")
         return "\n".join(lines)
 
@@ -337,8 +355,8 @@ def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | 
     mask m - n >= 0
     key tiles j of query tile i (m0 = BM*i, m1 = Min(M, BM*(i + 1)) - 1), 0 ≤ j < ceiling(N/BN):
       non-empty [0, Min(floor(m1/BN) + 1, ceiling(N/BN)))
-      full      [0, floor((m0 + 1)/BN)) if m0 + 1 <= N - 1
-                [0, ceiling(N/BN)) if m0 + 1 > N - 1
+      full      [0, ceiling(N/BN)) if m0 + 1 > N - 1
+                [0, floor((m0 + 1)/BN)) if m0 + 1 <= N - 1
       exact
     """
     form, negation = affine_form(pred, integers), affine_form(pred, integers, negate=True)
@@ -358,21 +376,33 @@ def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | 
 
 _EVAL: dict[type, Callable] = {
     sympy.Add: lambda *a: sum(a), sympy.Mul: lambda *a: math.prod(a), sympy.Pow: lambda b, e: Fraction(b) ** e,
-    sympy.floor: math.floor, sympy.ceiling: math.ceil, sympy.Min: min, sympy.Max: max, sympy.Mod: operator.mod,
+    sympy.Min: min, sympy.Max: max, sympy.Mod: operator.mod,
     sympy.GreaterThan: operator.ge, sympy.StrictGreaterThan: operator.gt, sympy.LessThan: operator.le,
     sympy.StrictLessThan: operator.lt, sympy.Equality: operator.eq, sympy.Unequality: operator.ne,
-    sympy.And: lambda *a: all(a), sympy.Or: lambda *a: any(a), sympy.Not: operator.not_,
+    sympy.Not: operator.not_,
 }
+_SHORT_CIRCUIT = {sympy.And: all, sympy.Or: any}
 
 
+@functools.lru_cache(maxsize=4096)
 def _compile(e: sympy.Basic) -> Callable[[Mapping[str, int | Fraction]], int | Fraction | bool]:
     """Exact evaluation of a bound at integer or rational values, without sympy's per-call cost."""
     if e.is_Symbol:
         return lambda env: env[e.name]
     if e in (sympy.true, sympy.false) or e.is_Rational:
-        value = bool(e) if e in (sympy.true, sympy.false) else Fraction(int(e.p), int(e.q))
+        value = bool(e) if e in (sympy.true, sympy.false) else int(e) if e.is_Integer else Fraction(int(e.p), int(e.q))
         return lambda env: value
-    fn, args = _EVAL[type(e)], [_compile(x) for x in e.args]
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        # floor(x / d) as x // d: exact and quick on ints, where x / d would make a Fraction.
+        num, den = (_compile(x) for x in sympy.fraction(sympy.together(e.args[0])))
+        if isinstance(e, sympy.floor):
+            return lambda env: num(env) // den(env)
+        return lambda env: -(-num(env) // den(env))
+    args = [_compile(x) for x in e.args]
+    if type(e) in _SHORT_CIRCUIT:
+        quantifier = _SHORT_CIRCUIT[type(e)]
+        return lambda env: quantifier(x(env) for x in args)
+    fn = _EVAL[type(e)]
     return lambda env: fn(*(x(env) for x in args))
 
 
@@ -399,19 +429,32 @@ class RowTiles:
     full: tuple[tuple[int, int], ...]
 
 
-def _environment(plan: TilePlan, M: int, N: int, BM: int, BN: int, params: Mapping[str, float]) -> dict:
+@dataclass(frozen=True)
+class _Compiled:
+    visit: tuple[Callable, ...]
+    full: tuple[Callable, ...]
+    params: tuple[sympy.Symbol, ...]  # the symbols a caller binds, sorted by name
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(plan: TilePlan) -> _Compiled:
+    symbols = {s for iv in plan.visit + plan.full for x in (iv.lo, iv.hi, iv.when) for s in x.free_symbols}
+    return _Compiled(tuple(map(_compile_interval, plan.visit)), tuple(map(_compile_interval, plan.full)),
+                     tuple(sorted(symbols - _SIZES, key=lambda s: s.name)))
+
+
+def _environment(needs: tuple[sympy.Symbol, ...], M: int, N: int, BM: int, BN: int, params: Mapping) -> dict:
     for name, value, least in (("M", M, 0), ("N", N, 0), ("BM", BM, 1), ("BN", BN, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ShapeError(f"{name} must be an int ≥ {least}, got {value!r}")
     env: dict = {"M": M, "N": N, "BM": BM, "BN": BN}
-    symbols = {s for iv in plan.visit + plan.full for x in (iv.lo, iv.hi, iv.when) for s in x.free_symbols}
-    for s in sorted(symbols - _SIZES, key=lambda s: s.name):
+    for s in needs:
         if s.name not in params:
             raise MissingInputError(f"the mask needs {s.name!r}; pass it as a keyword argument")
         value = params[s.name]
         if isinstance(value, bool) or not isinstance(value, int if s.is_integer else (int, float)):
             raise MissingInputError(f"{s.name} must be {'an int' if s.is_integer else 'a number'}, got {value!r}")
-        env[s.name] = Fraction(value)
+        env[s.name] = value if isinstance(value, int) else Fraction(value)
     return env
 
 
@@ -423,11 +466,11 @@ def tile_rows(plan: TilePlan, M: int, N: int, BM: int, BN: int, **params: float)
     >>> [r.full for r in tile_rows(plan, M=5, N=5, BM=2, BN=2)]
     [(), ((0, 1),), ((0, 3),)]
     """
-    env = _environment(plan, M, N, BM, BN, params)
-    visit, full = [_compile_interval(iv) for iv in plan.visit], [_compile_interval(iv) for iv in plan.full]
+    code = _compiled(plan)
+    env = _environment(code.params, M, N, BM, BN, params)
     for i in range(-(-M // BM)):
         env["m0"], env["m1"] = i * BM, min((i + 1) * BM, M) - 1
-        yield RowTiles(_merge(f(env) for f in visit), _merge(f(env) for f in full))
+        yield RowTiles(_merge(f(env) for f in code.visit), _merge(f(env) for f in code.full))
 
 
 @dataclass(frozen=True)

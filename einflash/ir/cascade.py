@@ -55,6 +55,7 @@ class ParamDecl:
     name: str
     default: sympy.Expr | None = None
     integer: bool = False
+    positive: bool = False  # checked at call time; lets rewrites move it out of a max
 
 
 @dataclass(frozen=True)

@@ -527,7 +527,7 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     params = tuple(st.params.values())
     if any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in _walk_einsum(e)) \
             and "scale" not in st.params:
-        params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2)),)
+        params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2), positive=True),)
     return Cascade(name, ranks, tuple(tensors), params, tuple(einsums), ("o",), source=st.source)
 
 

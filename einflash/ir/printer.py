@@ -100,7 +100,7 @@ def canonical_text(c: Cascade) -> str:
     parts = ["ranks:" + ";".join(f"{r.name}={sympy.srepr(r.extent)}:{r.role.value}" for r in c.ranks),
              "tensors:" + ";".join(f"{t.name}{t.ranks}{t.role.value}{t.layout.value}{t.init}" for t in c.tensors),
              "params:" + ";".join(f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}"
-                                  f"{p.integer}" for p in c.params),
+                                  f"{p.integer}{p.positive}" for p in c.params),
              "outputs:" + ",".join(c.outputs)]
     for e in c.einsums:
         parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{e.loop}")

@@ -27,7 +27,7 @@ from typing import Mapping
 import sympy
 import torch
 
-from ..errors import MissingInputError, ShapeError
+from ..errors import MissingInputError, ParameterError, ShapeError
 from .cascade import Cascade, Einsum, Layout, Role
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks
 from .operators import OPERATORS, REDUCERS
@@ -134,6 +134,8 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
             raise MissingInputError(f"parameter {p.name!r} has no default and was not given")
         if p.integer:
             out[p.name] = int(out[p.name])
+        if p.positive and not out[p.name] > 0:
+            raise ParameterError(f"parameter {p.name!r} must be positive, got {out[p.name]}")
     return out
 
 
