@@ -9,11 +9,16 @@
 ('o',)
 """
 
-from . import errors
-from .ir.frontend import (E, F, Key, M, N, Query, Tensor, abs, ceil_div, einsum, exp, exp2, log, m, mask, maximum,
+from . import knobs
+
+knobs.use_interpreter()  # before anything imports triton: on a machine without a GPU, kernels run interpreted
+
+from . import errors  # noqa: E402
+from .ir.frontend import (  # noqa: E402
+    E, F, Key, M, N, Query, Tensor, abs, ceil_div, einsum, exp, exp2, log, m, mask, maximum,
                           minimum, n, rank, relu, scale, sigmoid, sign, size, softmax, sqrt, tanh, where)
-from .op import AttentionOp, attention
-from .shape import Shape
+from .op import AttentionOp, attention  # noqa: E402
+from .shape import Shape  # noqa: E402
 
 __all__ = ["attention", "AttentionOp", "Shape", "errors", "Query", "Key", "Tensor", "einsum", "mask", "softmax", "where",
            "exp", "exp2", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign", "maximum", "minimum", "rank",

@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .backends import detect, get_target
+from .backends.target import Target
 from .compiler.forward import Forward, Schedule
 from .compiler.schedule import default_schedule
 from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ShapeError
@@ -120,8 +122,6 @@ class AttentionOp:
         if backend == "reference":
             return run_reference(self.cascade, inputs, params).to(first.dtype)
         if backend is not None:
-            from .backends import get_target
-
             get_target(backend)  # an unknown name raises BackendError listing the valid ones
         fwd = self.forward
         if fwd.error is not None:
@@ -129,7 +129,7 @@ class AttentionOp:
                                 f"executor instead)")
         if schedule is None:
             kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
-            schedule = default_schedule(fwd.streamed, bind_extents(fwd.streamed, inputs, params), first.device, kv)
+            schedule = default_schedule(bind_extents(fwd.streamed, inputs, params), _target(first.device), kv)
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
@@ -139,6 +139,14 @@ class AttentionOp:
 
 
 _REGISTERED: dict[str, object] = {}
+_TARGETS: dict[str, Target] = {}
+
+
+def _target(device: torch.device) -> Target:
+    """The target of a tensor's device (detected once per device type)."""
+    if device.type not in _TARGETS:
+        _TARGETS[device.type] = detect() if device.type == "cuda" else get_target("interpreter")
+    return _TARGETS[device.type]
 
 
 def _register(op: AttentionOp):

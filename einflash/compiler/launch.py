@@ -4,32 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import pathlib
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from .. import knobs
 from ..ir.cascade import Cascade, Layout
 from .lower import KernelSource
 
 _MODULES: dict[str, object] = {}
 
 
-def kernel_dir() -> pathlib.Path:
-    """Where generated sources go (EINFLASH_KERNEL_DIR, else a per-user temporary folder)."""
-    base = os.environ.get("EINFLASH_KERNEL_DIR")
-    path = pathlib.Path(base) if base else pathlib.Path(tempfile.gettempdir()) / f"einflash-kernels-{os.getuid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def load_kernel(src: KernelSource):
     """The @triton.jit function of a rendered kernel (written once, imported once per process)."""
     if src.name in _MODULES:
         return getattr(_MODULES[src.name], src.name)
-    path = kernel_dir() / f"{src.name}.py"
+    folder = knobs.kernel_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{src.name}.py"
     if not path.exists() or path.read_text() != src.text:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(src.text)
