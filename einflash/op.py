@@ -10,11 +10,13 @@ import torch
 
 from .backends import detect, get_target
 from .backends.target import Target
+from .compiler.explain import Explanation, explain
 from .compiler.forward import Forward, Schedule
 from .compiler.schedule import default_schedule
 from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ShapeError
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, run_reference
+from .shape import Shape
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,6 +140,18 @@ class AttentionOp:
                                 schedule.splits])
 
 
+    def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
+                dims: dict[str, int] | None = None, **params) -> Explanation:
+        """Passes as written and after rewriting (with reasons), buffers as formulas, FLOPs, bytes, the
+        roofline on ``target`` at ``shape`` (default B=2, H=16, M=N=4096, D=128), mask tile counts.
+
+        ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
+        """
+        return explain(self.cascade, self.forward.steps, self.forward.streamed, self.forward.error,
+                       get_target(target), shape or DEFAULT_SHAPE, dtype, dims, params)
+
+
+DEFAULT_SHAPE = Shape(2, 16, 4096, 4096, 128)
 _REGISTERED: dict[str, object] = {}
 _TARGETS: dict[str, Target] = {}
 

@@ -45,6 +45,17 @@ def conjuncts(x: Expr) -> list[Expr]:
     return [x]
 
 
+def affine_part(where: Expr, integers: frozenset[str]) -> Expr | None:
+    """The conjunction of a mask's affine conjuncts (the part tile plans can reason about), or None."""
+    affine = [p for p in conjuncts(where) if tile_plan(p, integers) is not None]
+    if not affine:
+        return None
+    pred = affine[0]
+    for p in affine[1:]:
+        pred = Call("and", (pred, p))
+    return pred
+
+
 def _mask_einsum(c: Cascade, loop: tuple[Einsum, ...]) -> Einsum | None:
     """The one filter every reduction over n depends on, if there is exactly one."""
     filters = [e for e in loop if e.where is not None]
@@ -75,12 +86,10 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
     if f is None:
         return everything
     integers = frozenset(p.name for p in c.params if p.integer)
-    affine = [p for p in conjuncts(f.where) if tile_plan(p, integers) is not None]
-    if not affine:
+    pred = affine_part(f.where, integers)
+    if pred is None:
         return everything
-    pred = affine[0]
-    for p in affine[1:]:
-        pred = Call("and", (pred, p))
+    affine = conjuncts(pred)
     plan = tile_plan(pred, integers)
     # rows of a packed program (decoding) cover every query position of their heads
     setup = ["m0 = 0 if PACK else pid_m * BLOCK_M", "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1",

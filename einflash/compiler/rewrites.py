@@ -244,6 +244,13 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
                               f"{', '.join(e.reduce.ranks)} a value that depends on a running state; no "
                               f"correction factor can be taken out of that reduction")
             dependent.add(e.out)
+    for e in c.einsums:  # a value the loop reads must be an input, streamed, or a map of running states
+        if e.out in stream:
+            for r in e.reads():
+                if r.tensor in late and not _follows_states(c, r.tensor, states):
+                    where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
+                    return None, (f"{where} reads {r.tensor}, which needs a full reduction over n and reaches it "
+                                  f"through a computation that has no running form, so it waits for that pass")
     corrections = {}
     for e in reductions:
         where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
@@ -270,6 +277,16 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
                           f"running {named}, so it must wait until {named} is complete")
         corrections[e.out] = r
     return _Plan(k, tuple(x.out for x in reductions), corrections), None
+
+
+def _follows_states(c: Cascade, name: str, states: set[str]) -> bool:
+    """Whether ``name`` is a running state or an elementwise function of running states (and inputs)."""
+    if name in states or c.tensor(name).role is Role.INPUT:
+        return True
+    made = c.producer(name)
+    if made is None or made.reduce is not None:
+        return False
+    return all(_follows_states(c, r.tensor, states) for r in made.reads())
 
 
 def streaming_obstacle(c: Cascade) -> str | None:

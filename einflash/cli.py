@@ -1,0 +1,103 @@
+"""The ``einflash`` command line: ``explain`` and ``demo``.
+
+    einflash explain examples/softmax.py --json
+    einflash demo [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+from .errors import DeclarationError, EinflashError
+from .op import AttentionOp
+from .shape import Shape
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_ops(path: str) -> dict[str, AttentionOp]:
+    """The attention ops a Python file declares, by name."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise DeclarationError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(f"einflash_user_{file.stem}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {v.name: v for v in vars(mod).values() if isinstance(v, AttentionOp)}
+
+
+def pick(target: str) -> AttentionOp:
+    """``FILE[:NAME]`` → the op it names (or the only one the file declares)."""
+    path, _, name = target.partition(":")
+    ops = load_ops(path)
+    if not ops:
+        raise DeclarationError(f"{path} declares no @einflash.attention function")
+    if name:
+        if name not in ops:
+            raise DeclarationError(f"{path} has no attention op {name!r}; it has {sorted(ops)}")
+        return ops[name]
+    if len(ops) > 1:
+        raise DeclarationError(f"{path} declares several attention ops {sorted(ops)}; name one as FILE:NAME")
+    return next(iter(ops.values()))
+
+
+def _shape(args) -> Shape:
+    return Shape.parse(args.shape, args.kv_heads, args.head_dim_v)
+
+
+def cmd_explain(args) -> int:
+    op = pick(args.target_file)
+    params = dict(kv.split("=", 1) for kv in args.param)
+    dims = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.dim)}
+    x = op.explain(_shape(args), args.dtype, args.target, dims, **{k: float(v) for k, v in params.items()})
+    print(json.dumps(x.to_json(), indent=1) if args.json else x)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    records = run_demo(pathlib.Path(args.examples), quick=args.quick)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print(f"{'variant':22} {'passes':>7} {'backend':12} {'max error':>10} {'tolerance':>10} {'ok':>5} {'ms':>8}")
+        for r in records:
+            err = "" if r["max_error"] is None else f"{r['max_error']:.2e}"
+            tol = "" if r["tolerance"] is None else f"{r['tolerance']:.2e}"
+            ms = "" if r["ms"] is None else f"{r['ms']:.2f}"
+            print(f"{r['name']:22} {r['passes_as_written']:>3}→{r['passes']:<3} {r['backend']:12} {err:>10} {tol:>10} "
+                  f"{str(r['ok']):>5} {ms:>8}" + (f"  ({r['reason']})" if r.get("reason") else ""))
+    return 0 if all(r["ok"] is not False for r in records) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="einflash", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("explain", help="passes, buffers, FLOPs, bytes and roofline of a declaration")
+    ex.add_argument("target_file", metavar="FILE[:NAME]")
+    ex.add_argument("--json", action="store_true")
+    ex.add_argument("--shape", default="2,16,4096,4096,128", help="B,H,M,N,D")
+    ex.add_argument("--kv-heads", type=int, default=None)
+    ex.add_argument("--head-dim-v", type=int, default=None)
+    ex.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
+    ex.add_argument("--target", default="sm90", help="interpreter, sm80 or sm90")
+    ex.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    ex.add_argument("--dim", action="append", default=[], metavar="RANK=EXTENT", help="extent of an added rank")
+    ex.set_defaults(fn=cmd_explain)
+    de = sub.add_parser("demo", help="declare, explain, compile, run and check the catalogue on this machine")
+    de.add_argument("--json", action="store_true")
+    de.add_argument("--quick", action="store_true", help="a few variants only")
+    de.add_argument("--examples", default=str(EXAMPLES))
+    de.set_defaults(fn=cmd_demo)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except EinflashError as e:
+        print(f"einflash: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+

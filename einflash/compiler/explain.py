@@ -1,0 +1,167 @@
+"""``op.explain()``: what a cascade costs as written and after rewriting, as a printable value.
+
+>>> import einflash as ef
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> x = plain.explain()
+>>> x.passes_as_written, x.passes, x.grows_with_n
+(3, 1, False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..backends.target import Target
+from ..ir.cascade import Cascade
+from ..ir.expr import Param, walk
+from ..ir.ranks import STREAM, extent_symbol
+from ..shape import Shape
+from .analysis import BM, BN, ELEM, STAGES, buffer_needs, cost
+from .masks import affine_part
+from .passes import count_passes
+from .rewrites import streaming_obstacle
+from .tiles import count_tiles, tile_plan
+
+ASSUMED_EXTENT = 16  # extent given to ranks a declaration adds (r, a, i, j) unless the caller says
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    name: str
+    key: str
+    target: str
+    shape: dict
+    passes_as_written: int
+    passes: int
+    pass_reasons: tuple[str, ...]  # why the cascade as written needs its passes
+    obstacle: str | None  # why the rewritten cascade still needs more than one pass
+    rewrites: tuple[str, ...]  # the pipeline steps that changed the cascade
+    buffer_formula_as_written: str
+    buffer_formula: str
+    buffer_bytes: int
+    grows_with_n: bool
+    grows_with_n_as_written: bool
+    flops: float
+    transcendentals: float
+    bytes: float
+    intensity: float
+    roofline_ms: float
+    bound: str  # which resource the roofline says limits: tensor cores, special functions or memory
+    tiles: dict | None  # mask tile counts at the default tile sizes
+    template: str  # what the kernel generator does with it
+    written: str = field(repr=False)
+    rewritten: str = field(repr=False)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "key": self.key, "target": self.target, "shape": self.shape,
+                "passes_as_written": self.passes_as_written, "passes": self.passes,
+                "pass_reasons": list(self.pass_reasons), "obstacle": self.obstacle, "rewrites": list(self.rewrites),
+                "buffer_bytes": {"formula": self.buffer_formula, "value": self.buffer_bytes,
+                                 "formula_as_written": self.buffer_formula_as_written},
+                "grows_with_n": self.grows_with_n, "grows_with_n_as_written": self.grows_with_n_as_written,
+                "flops": self.flops, "transcendentals": self.transcendentals, "bytes": self.bytes,
+                "intensity": self.intensity, "roofline_ms": self.roofline_ms, "bound": self.bound,
+                "tiles": self.tiles, "template": self.template,
+                "cascade_as_written": self.written, "cascade": self.rewritten}
+
+    def __str__(self) -> str:
+        rows = [("variant", f"{self.name}  ({self.key})"), ("target, shape", f"{self.target}, {self.shape}"),
+                ("passes as written", str(self.passes_as_written))]
+        rows += [("", r) for r in self.pass_reasons]
+        rows.append(("passes after rewriting", str(self.passes)))
+        if self.obstacle:
+            rows.append(("why not fewer", self.obstacle))
+        rows += [("rewrites", ", ".join(self.rewrites) or "none"),
+                 ("on-chip buffer as written", f"{self.buffer_formula_as_written}"
+                                               f"{'  (grows with N)' if self.grows_with_n_as_written else ''}"),
+                 ("on-chip buffer", f"{self.buffer_formula} = {self.buffer_bytes:,} B"
+                                    f"{'  (grows with N)' if self.grows_with_n else '  (independent of N)'}"),
+                 ("FLOPs", f"{self.flops:.3e}  (+ {self.transcendentals:.3e} exp/log/tanh)"),
+                 ("bytes (compulsory)", f"{self.bytes:.3e}"), ("intensity", f"{self.intensity:.1f} FLOP/B"),
+                 ("roofline", f"{self.roofline_ms:.3f} ms ({self.bound}-bound)")]
+        if self.tiles:
+            t = self.tiles
+            rows.append(("mask tiles", f"{t['empty']} empty, {t['partial']} partial, {t['full']} full of "
+                                       f"{t['total']} ({t['block_m']}×{t['block_n']})"))
+        rows.append(("template", self.template))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def extents_for(c: Cascade, shape: Shape, dims: dict[str, int]) -> dict[str, int]:
+    out = {"b": shape.B, "h": shape.Hq, "m": shape.M, "n": shape.N, "e": shape.E, "f": shape.F}
+    for r in c.ranks:
+        if r.name not in out:
+            out[r.name] = dims.get(r.name, ASSUMED_EXTENT)
+    return out
+
+
+def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: Shape) -> dict:
+    subs = {extent_symbol("Hkv"): shape.Hkv}
+    subs.update({extent_symbol(k): v for k, v in params.items()})
+    for r in c.ranks:
+        if isinstance(r.extent, sympy.Symbol):
+            subs[r.extent] = extents[r.name]
+    for r in c.ranks:  # extents defined by formulas (MoBA's key blocks)
+        if not isinstance(r.extent, sympy.Symbol):
+            subs[r.extent] = int(sympy.sympify(r.extent).subs(subs))
+    return subs
+
+
+def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None, target: Target, shape: Shape,
+            dtype: str = "bfloat16", dims: dict[str, int] | None = None, params: dict | None = None) -> Explanation:
+    """Analyse ``written`` and its rewritten form ``streamed`` at ``shape`` on ``target``."""
+    dims = dict(dims or {})
+    params = {p.name: float(p.default.subs({extent_symbol(x): v for x, v in
+                                            {"E": shape.E, "N": shape.N, "M": shape.M}.items()}))
+              for p in written.params if p.default is not None} | dict(params or {})
+    ext = extents_for(written, shape, dims)
+    pa_w, pa = count_passes(written), count_passes(streamed)
+    before_stream = next((s.cascade for s in reversed(steps) if s.name != "stream online"), written)
+    cfg = target.forward.default(max(16, 1 << (max(v for r, v in ext.items() if r not in "bhmn") - 1).bit_length()))
+    tile_subs = {BM: cfg.block_m, BN: cfg.block_n, STAGES: cfg.num_stages, ELEM: DTYPE_BYTES[dtype]}
+    subs = _subs(written, ext, params, shape) | tile_subs
+    buf_w, buf = buffer_needs(written), buffer_needs(streamed)
+    cst = cost(streamed)
+    flops = float(cst.flops.subs(subs))
+    trans = float(cst.transcendentals.subs(subs))
+    nbytes = float(cst.bytes.subs(subs))
+    tiles = _tiles(written, ext, params, cfg)
+    if tiles:  # masked-out tiles are never visited: count the work of the visited ones
+        frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
+        flops, trans = flops * frac, trans * frac
+    times = {"tensor-core": flops / target.tensor_flops, "special-function": trans / target.sfu_ops,
+             "memory": nbytes / target.hbm_bandwidth}
+    bound = max(times, key=times.get)
+    template = f"not lowered: {error}" if error is not None else \
+        "one-pass forward (attention_fwd.py.jinja); split-KV + combine for ≤ 16 queries"
+    return Explanation(
+        written.name, written.key, target.name, {"B": shape.B, "Hq": shape.Hq, "Hkv": shape.Hkv, "M": shape.M,
+                                                 "N": shape.N, "E": shape.E, "F": shape.F, **dims},
+        pa_w.passes, pa.passes, tuple(str(r) for r in pa_w.reasons), streaming_obstacle(before_stream),
+        tuple(s.name for s in steps if s.changed), str(buf_w.total), str(buf.total), int(buf.total.subs(subs)),
+        buf.grows_with_n, buf_w.grows_with_n, flops, trans, nbytes, flops / max(nbytes, 1.0),
+        max(times.values()) * 1e3, bound, tiles, template, str(written), str(streamed))
+
+
+def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
+    integers = frozenset(p.name for p in c.params if p.integer)
+    for e in c.einsums:
+        if e.where is None or STREAM not in e.iteration_ranks:
+            continue
+        pred = affine_part(e.where, integers)
+        if pred is None:
+            continue
+        plan = tile_plan(pred, integers)
+        named = {x.name for x in walk(pred) if isinstance(x, Param)}
+        used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
+        counts = count_tiles(plan, M=ext["m"], N=ext["n"], BM=cfg.block_m, BN=cfg.block_n, **used)
+        return {"empty": counts.empty, "partial": counts.partial, "full": counts.full, "total": counts.total,
+                "block_m": cfg.block_m, "block_n": cfg.block_n, "exact": plan.exact}
+    return None
+
