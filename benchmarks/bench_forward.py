@@ -95,7 +95,8 @@ def prefill(rows, quick: bool, sweep: bool):
         flops = 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)]:
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+                                 (64, 128, 4, 3), (128, 64, 8, 4)]:
                 sch = Schedule(bm, bn, w, s)
                 impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
         causal = kind == "causal"
@@ -140,9 +141,10 @@ def decode(rows, sweep: bool):
     kv_bytes = 2 * B * Hkv * L * D * 2
     impls = {"einflash": lambda: op(q, k, v)}
     if sweep:
-        for bn, splits in [(64, 4), (64, 8), (64, 16), (128, 8), (32, 16)]:
-            sch = Schedule(16, bn, 4, 3, splits, True)
-            impls[f"einflash[bn{bn} splits{splits}]"] = (lambda sch=sch: op(q, k, v, schedule=sch))
+        for bn, splits, w, st in [(64, 8, 4, 4), (64, 12, 4, 3), (64, 9, 8, 3), (64, 9, 4, 5), (32, 9, 4, 4),
+                                  (128, 9, 8, 3), (64, 6, 4, 4)]:
+            sch = Schedule(16, bn, w, st, splits, True)
+            impls[f"einflash[bn{bn} splits{splits} w{w} s{st}]"] = (lambda sch=sch: op(q, k, v, schedule=sch))
     for peer in ("sdpa-cudnn", "sdpa-flash"):
         try:
             impls[peer] = peers.sdpa(peer, q, k, v)

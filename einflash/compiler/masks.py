@@ -101,19 +101,33 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
         full.append(f"full{k}")
     ranges = [KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", False, frozenset(affine),
                        f"full key tiles: the mask holds everywhere ({name})") for name in full]
-    done = [(f"{name}_lo", f"{name}_hi") for name in full]
+    # the full tiles' hull [f_lo, f_hi): when they are one contiguous run (always for a single band),
+    # each visited range splits into a masked run before it and one after it, with no per-tile tests
+    setup += ["ntiles = tl.cdiv(N, BLOCK_N)", "f_lo = ntiles", "f_hi = 0", "f_len = 0"]
+    for name in full:
+        setup += [f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
+                  f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
+                  f"f_len += tl.maximum({name}_hi - {name}_lo, 0)"]
+    setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)",
+              "gap = (f_len > 0) & (f_hi - f_lo != f_len)"]
+    in_full = [f"(({name}_lo <= j) & (j < {name}_hi))" for name in full]
+    seen: list[str] = []  # tiles of earlier visited ranges, already processed
     for k, iv in enumerate(plan.visit):
-        name = f"visit{k}"
-        setup += _interval(name, iv)
-        # shrink the range past full tiles at either end; tiles left inside it are skipped one by one
-        for _ in range(len(full)):
-            for lo, hi in done[:len(full)]:
-                setup.append(f"{name}_lo = tl.where(({lo} <= {name}_lo) & ({name}_lo < {hi}), {hi}, {name}_lo)")
-                setup.append(f"{name}_hi = tl.where(({lo} < {name}_hi) & ({name}_hi <= {hi}), {lo}, {name}_hi)")
-        skip = " | ".join(f"(({lo} <= j) & (j < {hi}))" for lo, hi in done) or None
-        ranges.append(KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", True, frozenset(),
-                               f"key tiles cut by the mask or the end of the keys ({name})", skip))
-        done.append((f"{name}_lo", f"{name}_hi"))
+        v = f"visit{k}"
+        setup += _interval(v, iv)
+        setup += [f"{v}_a = tl.minimum(tl.maximum(f_lo, {v}_lo), {v}_hi)",
+                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)",
+                  f"{v}_m = tl.where(gap, {v}_b, {v}_a)"]
+        before = " | ".join(seen) or None
+        middle = " | ".join(seen + in_full) or None
+        what = "cut by the mask or the end of the keys"
+        ranges += [KeyRange(f"{v}_lo * BLOCK_N", f"{v}_a * BLOCK_N", True, comment=f"key tiles {what}, before "
+                            f"the full ones ({v})", skip_tile=before),
+                   KeyRange(f"{v}_a * BLOCK_N", f"{v}_m * BLOCK_N", True, comment=f"key tiles {what}, between "
+                            f"full ones ({v})", skip_tile=middle),
+                   KeyRange(f"{v}_b * BLOCK_N", f"{v}_hi * BLOCK_N", True, comment=f"key tiles {what}, after "
+                            f"the full ones ({v})", skip_tile=before)]
+        seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
 
 
