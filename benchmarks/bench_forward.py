@@ -85,8 +85,10 @@ def anchors(rows):
     del a, x, y
 
 
-def prefill(rows, quick: bool, sweep: bool):
+def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
     for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+        if cases and not any(c in label for c in cases.split(",")):
+            continue
         mod, op = example(name)
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT) for _ in range(3))
         extra = {}
@@ -204,6 +206,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time a few fixed schedules")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only", default="anchors,prefill,decode,check")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of the prefill rows to run")
     a = ap.parse_args()
     rows = []
     emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -215,7 +218,7 @@ def main():
     if "anchors" in steps:
         anchors(rows)
     if "prefill" in steps:
-        prefill(rows, a.quick, a.sweep)
+        prefill(rows, a.quick, a.sweep, a.cases)
     if "decode" in steps:
         decode(rows, a.sweep)
     summary(rows)

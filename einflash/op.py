@@ -129,15 +129,20 @@ class AttentionOp:
         if fwd.error is not None:
             raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
                                 f"executor instead)")
+        extents = bind_extents(fwd.streamed, inputs, params)
         if schedule is None:
             kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
-            schedule = default_schedule(bind_extents(fwd.streamed, inputs, params), _target(first.device), kv)
+            schedule = default_schedule(extents, _target(first.device), kv)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
+        if not torch.compiler.is_compiling() and not needs_grad:
+            # eager with nothing to differentiate: the custom op's dispatch would only add host time
+            return fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents)[0]
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
         return self._custom_op([inputs[n] for n in names], values,
                                [schedule.block_m, schedule.block_n, schedule.num_warps, schedule.num_stages,
-                                schedule.splits])
+                                schedule.splits, int(schedule.pack)])
 
 
     def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
@@ -180,7 +185,8 @@ def _register(op: AttentionOp):
     @torch.library.custom_op(qualname, mutates_args=())
     def run(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> torch.Tensor:
         inputs, values = unpack(tensors, params)
-        return fwd.run(inputs, values, Schedule(*schedule))[0]
+        *ints, pack = schedule
+        return fwd.run(inputs, values, Schedule(*ints, bool(pack)))[0]
 
     @run.register_fake
     def _(tensors, params, schedule):

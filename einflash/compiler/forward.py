@@ -75,12 +75,14 @@ class Forward:
             self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs)
         return self._sources[key]
 
-    def run(self, inputs: dict[str, torch.Tensor], params: dict[str, float],
-            schedule: Schedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each)."""
+    def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
+            extents: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
+
+        ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
+        """
         c = self.streamed
-        extents = bind_extents(c, inputs, params)
-        values = bind_params(c, params, extents)
+        extents = extents or bind_extents(c, inputs, values)
         first = inputs[c.inputs[0].name]
         dims = self.dims(extents)
         value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))

@@ -43,11 +43,17 @@ class LaunchConfig:
     num_stages: int
     splits: int = 1
     pack: bool = False  # GQA groups packed into the rows of one program (decoding)
+    count_visits: bool = False  # tests: have each program count the key tiles it visits
 
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
-           out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig, extents: dict[str, int]):
-    """Launch the kernel over a grid of (query tiles, batch·heads[, splits])."""
+           out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
+           extents: dict[str, int]) -> torch.Tensor | None:
+    """Launch the kernel over a grid of (query tiles, batch·heads[, splits]).
+
+    With ``cfg.count_visits``, return how many key tiles each program visited, int32
+    ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
+    """
     fn = load_kernel(src)
     args = []
     for name in src.tensors:
@@ -70,9 +76,11 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     per_split = -(-tiles // cfg.splits)
     rows, programs = (M * (H // hkv), B * hkv) if cfg.pack else (M, B * H)
     grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
-    fn[grid](*args, M, N, H, H // hkv, per_split, **dict(src.constexprs),
+    visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
+    fn[grid](*args, M, N, H, H // hkv, per_split, visits, **dict(src.constexprs),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
-             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+             COUNT_VISITS=cfg.count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return visits
 
 
 def combine(src: KernelSource, ws: dict[str, torch.Tensor], params: dict[str, float], out: torch.Tensor,

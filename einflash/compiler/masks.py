@@ -28,6 +28,7 @@ class KeyRange:
     skip: frozenset = frozenset()  # mask conjuncts that hold on every tile of this range
     comment: str = ""
     skip_tile: str | None = None  # a condition on tile index `j` under which the tile is left out
+    pipelined: bool = True  # False for ranges of a tile or two, where a software pipeline only adds set-up
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
         middle = " | ".join(seen + in_full) or None
         what = "cut by the mask or the end of the keys"
         ranges += [KeyRange(f"{v}_lo * BLOCK_N", f"{v}_a * BLOCK_N", True, comment=f"key tiles {what}, before "
-                            f"the full ones ({v})", skip_tile=before),
+                            f"the full ones ({v})", skip_tile=before, pipelined=False),
                    KeyRange(f"{v}_a * BLOCK_N", f"{v}_m * BLOCK_N", True, comment=f"key tiles {what}, between "
-                            f"full ones ({v})", skip_tile=middle),
+                            f"full ones ({v})", skip_tile=middle, pipelined=False),
                    KeyRange(f"{v}_b * BLOCK_N", f"{v}_hi * BLOCK_N", True, comment=f"key tiles {what}, after "
-                            f"the full ones ({v})", skip_tile=before)]
+                            f"the full ones ({v})", skip_tile=before, pipelined=False)]
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
 

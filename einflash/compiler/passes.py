@@ -27,19 +27,25 @@ from ..ir.ranks import STREAM
 
 @dataclass(frozen=True)
 class PassReason:
-    """Why pass ``index`` exists: ``consumer`` iterates n again and reads ``waits_for``."""
+    """Why pass ``index`` exists: ``consumer`` iterates n again and reads ``waits_for``.
+
+    ``waits_for`` is complete once ``reduced``, a ``reduction`` over all of n, is: the
+    same tensor, or one it is computed from (a running state, a routing score).
+    """
 
     index: int
     consumer: str
     consumer_line: int | None
     waits_for: str
-    reduction: str  # the reducer that completes waits_for ("max", "sum", ...)
+    reduced: str
+    reduction: str  # the reducer that completes reduced ("max", "sum", ...)
     reduction_line: int | None
 
     def __str__(self) -> str:
         at = f" (line {self.consumer_line})" if self.consumer_line else ""
         src = f" (line {self.reduction_line})" if self.reduction_line else ""
-        return (f"pass {self.index}: {self.consumer}{at} iterates n again and reads {self.waits_for}, "
+        via = f", which needs {self.reduced}" if self.reduced != self.waits_for else ""
+        return (f"pass {self.index}: {self.consumer}{at} iterates n again and reads {self.waits_for}{via}, "
                 f"a {self.reduction} over all of n{src} that is complete only after pass {self.index - 1}")
 
 
@@ -96,6 +102,29 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
                         tuple(sorted(crossing.values())))
 
 
+def _completing(name: str, rank: str, status, producer) -> tuple[str, str, int | None]:
+    """(tensor, reducer, line) of the traversal of ``rank`` that makes ``name`` complete.
+
+    A tensor done after pass p is a reduction over ``rank`` itself, a running state
+    (completed by the chunk-local reduction its update folds in), or is computed
+    without iterating ``rank`` from one done after pass p, or from elements of a value
+    streamed in pass p (then that value's traversal is what it waits for).
+    """
+    e = producer[name]
+    while e.reduce is None or rank not in e.reduce.ranks:
+        if e.loop:  # a running state: its update reads the chunk's reduction
+            chunk = next(producer[r.tensor] for r in e.reads() if not r.prev and producer[r.tensor].loop
+                         and producer[r.tensor].reduce is not None and rank in producer[r.tensor].reduce.ranks)
+            return name, chunk.reduce.op, e.line
+        p = status[name][1]
+        ups = [r.tensor for r in e.reads() if not r.prev and status.get(r.tensor, ("I", 0))[1] == p]
+        done = [t for t in ups if status[t][0] == "D"]
+        if not done:
+            return ups[0], "traversal", producer[ups[0]].line
+        name, e = done[0], producer[done[0]]
+    return name, e.reduce.op, e.line
+
+
 def _need(c, e: Einsum, rank, status, producer, reasons, crossing, external_only=()) -> int:
     iterates = rank in e.iteration_ranks
     need = 1 if iterates else 0
@@ -111,9 +140,8 @@ def _need(c, e: Einsum, rank, status, producer, reasons, crossing, external_only
             if later > need:
                 need = later
                 if later > p and later not in reasons:
-                    made = producer[r.tensor]
-                    red = made.reduce.op if made.reduce is not None else "loop state"
-                    reasons[later] = PassReason(later, e.out, e.line, r.tensor, red, made.line)
+                    reasons[later] = PassReason(later, e.out, e.line, r.tensor,
+                                                *_completing(r.tensor, rank, status, producer))
     for r in e.reads():
         if r.prev or r.tensor in inside or r.tensor not in status:
             continue

@@ -28,13 +28,17 @@ from .passes import count_passes
 
 
 def _late_tensors(c: Cascade, rank: str = STREAM) -> set[str]:
-    """Tensors that exist only once a full reduction over ``rank`` is complete."""
+    """Tensors that exist only once a full traversal of ``rank`` is complete: reductions over it,
+    and values computed without iterating it from such tensors or from elements of computed
+    values along it (``x[m] = s[m, 0]``)."""
     late: set[str] = set()
     for e in c.einsums:
         if e.loop:
             continue
         reduces = e.reduce is not None and rank in e.reduce.ranks
-        if reduces or (rank not in e.iteration_ranks and any(r.tensor in late for r in e.reads())):
+        if reduces or (rank not in e.iteration_ranks and any(
+                r.tensor in late or (rank in c.tensor(r.tensor).ranks and c.tensor(r.tensor).role is not Role.INPUT)
+                for r in e.reads())):
             late.add(e.out)
     return late
 
@@ -236,6 +240,12 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
     states = {e.out for e in reductions}
     late = _late_tensors(c)
     maps = {e.out for e in c.einsums if e.reduce is None}
+    for e in c.einsums:  # a loop holds only the current chunk of a streamed value: no halo reads
+        for r in e.reads() if e.out in stream else ():
+            at = _stream_index(c, r)
+            if r.tensor in stream and at is not None and at != coord(STREAM):
+                return None, (f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reads {r.tensor} at "
+                              f"n = {at}, outside the current chunk of n, so it cannot run chunk by chunk")
     dependent = set(states)  # in-loop values that change as the running states change
     for e in c.einsums:
         if e.out in stream and e.out not in states and any(r.tensor in dependent for r in e.reads()):
@@ -277,6 +287,12 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
                           f"running {named}, so it must wait until {named} is complete")
         corrections[e.out] = r
     return _Plan(k, tuple(x.out for x in reductions), corrections), None
+
+
+def _stream_index(c: Cascade, r: Read):
+    """The coordinate at which ``r`` reads its tensor's streamed rank, or None if it has none."""
+    ranks = c.tensor(r.tensor).ranks
+    return r.index[ranks.index(STREAM)] if STREAM in ranks else None
 
 
 def _follows_states(c: Cascade, name: str, states: set[str]) -> bool:

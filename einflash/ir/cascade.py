@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -174,10 +175,12 @@ class Cascade:
     def canonical(self) -> "Cascade":
         """The same cascade with intermediates renamed t1, t2, ... in order of definition."""
         fixed = {t.name for t in self.tensors if t.role in (Role.INPUT, Role.OUTPUT)}
+        # an input may itself be called t1: a fresh name equal to it would merge two tensors into one
+        fresh = (f"t{i}" for i in itertools.count(1) if f"t{i}" not in fixed)
         names: dict[str, str] = {}
         for e in self.einsums:
             if e.out not in fixed and e.out not in names:
-                names[e.out] = f"t{len(names) + 1}"
+                names[e.out] = next(fresh)
         return rename_tensors(replace(self, name="cascade"), names)
 
     @cached_property

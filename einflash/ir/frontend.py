@@ -403,6 +403,7 @@ scale = _leaf(Param("scale"))
 
 def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], dict[str, Traced]]:
     decls, args = [], {}
+    where = f"{st.source}:{fn.__code__.co_firstlineno}"  # the signature's line (its first decorator's)
     for p in inspect.signature(fn).parameters.values():
         ann = p.annotation
         if isinstance(ann, InputSpec) or (ann is inspect.Parameter.empty and p.default is inspect.Parameter.empty):
@@ -410,7 +411,7 @@ def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], 
             if spec is None:
                 raise DeclarationError(
                     f"parameter {p.name!r} needs a declaration: ef.Query[\"d\"], ef.Key[\"d\"], "
-                    f"ef.Tensor[\"ranks\"], or a number default for a scalar parameter", st.source)
+                    f"ef.Tensor[\"ranks\"], or a number default for a scalar parameter", where)
             ranks = spec.all_ranks()
             for r in ranks:
                 st.ranks.setdefault(r, new_rank(r))
@@ -420,7 +421,7 @@ def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], 
             default = p.default if p.default is not inspect.Parameter.empty else None
             if default is not None and not isinstance(default, (int, float)):
                 raise DeclarationError(f"parameter {p.name!r}: a scalar parameter's default must be a number, "
-                                       f"got {default!r}", st.source)
+                                       f"got {default!r}", where)
             integer = ann is int or isinstance(default, int) and not isinstance(default, bool)
             st.params[p.name] = ParamDecl(p.name, None if default is None else sympy.sympify(default), integer)
             args[p.name] = _leaf(Param(p.name))

@@ -129,7 +129,7 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
         if p.name in given and given[p.name] is not None:
             out[p.name] = given[p.name]
         elif p.default is not None:
-            out[p.name] = float(_default_fn(c, p.name)(extents))
+            out[p.name] = float(_default_fn(c.key, c.params, c.ranks, p.name)(extents))
         else:
             raise MissingInputError(f"parameter {p.name!r} has no default and was not given")
         if p.integer:
@@ -139,11 +139,11 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
     return out
 
 
-@functools.cache
-def _default_fn(c: Cascade, name: str):
-    """A parameter's default as a plain function of the extents (no sympy at call time)."""
-    p = next(p for p in c.params if p.name == name)
-    syms = {r.extent: r.name for r in c.ranks if isinstance(r.extent, sympy.Symbol)}
+@functools.lru_cache(maxsize=1024)
+def _default_fn(key: str, params, ranks, name: str):
+    """A parameter's default as a plain function of the extents (no sympy at call time; cached by cascade key)."""
+    p = next(p for p in params if p.name == name)
+    syms = {r.extent: r.name for r in ranks if isinstance(r.extent, sympy.Symbol)}
     expr = sympy.sympify(p.default)
     args = [s for s in expr.free_symbols if s in syms]
     fn = sympy.lambdify(args, expr, modules="math")

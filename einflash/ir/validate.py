@@ -22,6 +22,7 @@ def validate(c: Cascade) -> None:
     for e in c.einsums:
         _check_einsum(c, e)
     _check_acyclic(c)
+    _check_order(c)
     _check_outputs(c)
 
 
@@ -111,6 +112,17 @@ def _check_acyclic(c: Cascade) -> None:
         return
     path = " → ".join(c.einsums[u].out for u, _ in cycle) + f" → {c.einsums[cycle[0][0]].out}"
     raise CycleError(f"the Einsums form a cycle: {path}", c.where(c.einsums[cycle[0][0]]))
+
+
+def _check_order(c: Cascade) -> None:
+    """Einsums run in order, so a value is assigned before it is read (states start from their init)."""
+    assigned = {t.name for t in c.inputs}
+    for e in c.einsums:
+        for r in e.reads():
+            if not r.prev and r.tensor not in assigned and c.tensor(r.tensor).role is not Role.STATE:
+                raise CascadeError(f"{e.out!r} reads {r.tensor!r} before the Einsum that assigns it; "
+                                   f"move that Einsum up", c.where(e))
+        assigned.add(e.out)
 
 
 def _check_outputs(c: Cascade) -> None:
