@@ -168,7 +168,7 @@ def decode(rows, sweep: bool):
 def correctness(rows, quick: bool):
     """Every lowered catalogue variant, bf16 and fp16, prefill and GQA decode, against the rule."""
     names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
-    cases = [("prefill", 2, 16, 16, 4096, 4096, 128), ("decode", 4, 32, 8, 1, 32768, 128)]
+    cases = [("prefill", 1, 8, 8, 4096, 4096, 128), ("decode", 2, 32, 8, 1, 32768, 128)]
     if quick:
         cases = [("prefill", 1, 4, 4, 1024, 1024, 64), ("decode", 2, 8, 2, 1, 4096, 64)]
     for name in names:

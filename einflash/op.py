@@ -132,7 +132,7 @@ class AttentionOp:
         extents = bind_extents(fwd.streamed, inputs, params)
         if schedule is None:
             kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
-            schedule = default_schedule(extents, _target(first.device), kv)
+            schedule = default_schedule(extents, _target(first.device), kv, fwd.masked)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
         if not torch.compiler.is_compiling() and not needs_grad:
             # eager with nothing to differentiate: the custom op's dispatch would only add host time

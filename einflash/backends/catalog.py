@@ -83,11 +83,14 @@ SM90 = Target(
     sfu_ops=132 * 16 * 1.98e9,  # SMs × 16/clock × 1.98 GHz boost
     hbm_bandwidth=3.0e12,  # measured copy; spec 3.35 TB/s
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=True, tma=True, wgmma=True),
-    forward=Tuning(defaults=((64, TileConfig(128, 64, 4, 3)),
+    # measured on an H100 (benchmarks/results/h100_forward.json): head dim 64 runs best at 64×128
+    # tiles, and with a causal or windowed mask the smaller 64×64 tiles waste less on cut tiles
+    forward=Tuning(defaults=((64, TileConfig(64, 128, 4, 3)),
                              (128, TileConfig(128, 64, 8, 3)),
                              (256, TileConfig(64, 32, 4, 2))),
                    space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
-                                     num_stages=(1, 2, 3, 4, 5))),
+                                     num_stages=(1, 2, 3, 4, 5)),
+                   masked=((128, TileConfig(64, 64, 4, 3)),)),
     decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
                             (128, TileConfig(16, 64, 4, 3)),
                             (256, TileConfig(16, 64, 4, 2))),

@@ -82,9 +82,13 @@ class Tuning:
 
     defaults: tuple[tuple[int, TileConfig], ...]
     space: SearchSpace
+    masked: tuple[tuple[int, TileConfig], ...] = ()  # buckets where an affine mask prefers other tiles
 
-    def default(self, head_dim: int) -> TileConfig:
-        """The configuration of the smallest bucket that holds ``head_dim``."""
+    def default(self, head_dim: int, masked: bool = False) -> TileConfig:
+        """The configuration of the smallest bucket that holds ``head_dim`` (``masked``: of a masked cascade)."""
+        for largest, cfg in self.masked if masked else ():
+            if head_dim <= largest:
+                return cfg
         for largest, cfg in self.defaults:
             if head_dim <= largest:
                 return cfg

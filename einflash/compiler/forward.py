@@ -16,6 +16,7 @@ from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents, bind_params
 from .launch import LaunchConfig, combine, launch
 from .lower import KernelSource, lower, lower_combine, sections
+from .masks import key_plan
 from .pipeline import optimise
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -56,6 +57,8 @@ class Forward:
         except LoweringError as e:
             self.error = e
         self._sources: dict[tuple, KernelSource] = {}
+        # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
+        self.masked = self.error is None and key_plan(self.streamed, sections(self.streamed).loop).plan is not None
 
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}
@@ -114,7 +117,7 @@ class Forward:
         launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
         comb = self._combine_source(out.dtype, dims)
         rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
-        combine(comb, ws, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
+        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
         return out, rows
 
     def _combine_source(self, dtype, dims) -> KernelSource:

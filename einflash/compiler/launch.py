@@ -83,8 +83,9 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     return visits
 
 
-def combine(src: KernelSource, ws: dict[str, torch.Tensor], params: dict[str, float], out: torch.Tensor,
-            rows: dict[str, torch.Tensor], block_m: int, extents: dict[str, int], splits: int):
+def combine(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+            params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
+            extents: dict[str, int], splits: int):
     """Launch the split-KV combine kernel over (query tiles, batch·heads)."""
     fn = load_kernel(src)
     args = []
@@ -92,6 +93,9 @@ def combine(src: KernelSource, ws: dict[str, torch.Tensor], params: dict[str, fl
         for t in (ws[s], ws[f"{s}:present"]):
             args.append(t)
             args += list(t.stride())
+    for name in src.tensors:
+        args.append(inputs[name])
+        args += list(inputs[name].stride())
     args.append(out)
     args += list(out.stride())
     for s in src.row_states:

@@ -239,6 +239,10 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
         nd = 5 if s in acc_states else 4
         args += [f"w_{s}_ptr"] + [f"stride_w_{s}_{d}" for d in range(nd)]
         args += [f"wsp_w_{s}_ptr"] + [f"stride_wsp_w_{s}_{d}" for d in range(4)]
+    read = {r.tensor for e in sections(c).epilogue for r in e.reads()}
+    inputs = tuple(t.name for t in c.inputs if t.name in read)  # per-head gates, λ of differential...
+    for name in inputs:
+        args += [f"{name}_ptr"] + [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
     args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
     for s in row_states:
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(3)]
@@ -251,7 +255,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
                   args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
                   fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
-    return KernelSource(name, text, tuple(f"w_{s}" for s in row_states + acc_states), params, row_states,
+    return KernelSource(name, text, inputs, params, row_states,
                         acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
 
 

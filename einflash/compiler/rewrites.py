@@ -324,7 +324,7 @@ def stream_online(c: Cascade) -> Cascade:
     best = None
     for k in range(pa.passes, 0, -1):
         plan, _ = _plan(c, k)
-        if plan is not None:
+        if plan is not None and plan.states:  # a loop that carries nothing would only be recomputed after it
             best = plan
             break
     if best is None:

@@ -20,8 +20,11 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | None = None) -> Schedule:
+def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | None = None,
+                     masked: bool = False) -> Schedule:
     """A schedule for these extents on ``target``: tiles, warps, stages, splits and GQA packing.
+
+    ``masked``: the cascade has an affine mask whose empty tiles are skipped.
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
@@ -32,7 +35,7 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     group = heads // kv
     widest = max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
     if extents["m"] > DECODE_MAX_QUERIES:
-        cfg = target.forward.default(_pow2(widest))
+        cfg = target.forward.default(_pow2(widest), masked)
         return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
     cfg = target.decode.default(_pow2(widest))
     pack = group > 1
