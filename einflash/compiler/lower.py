@@ -73,8 +73,16 @@ def sections(c: Cascade) -> Sections:
 
 
 def kernel_name(c: Cascade, dims: dict, dtype: str, split: bool) -> str:
-    """Deterministic and readable: variant, structural key, dtype and head dims."""
-    ds = "_".join(f"{r}{dims[r]}" for r in sorted(k for k in dims if not k.endswith("_extent")))
+    """Deterministic and readable: variant, structural key, dtype and head dims.
+
+    A head dim is named by its true extent (``e40``), with the padded tile extent after it when
+    they differ (``e40p64``): kernels of 40 and 64 share a tile but mask differently.
+    """
+    def dim(r: str) -> str:
+        true = dims.get(f"{r}_extent", dims[r])
+        return f"{r}{true}" if true == dims[r] else f"{r}{true}p{dims[r]}"
+
+    ds = "_".join(dim(r) for r in sorted(k for k in dims if not k.endswith("_extent")))
     return f"attn_fwd__{c.name}__{c.key[:8]}__{dtype}__{ds}{'__split' if split else ''}"
 
 

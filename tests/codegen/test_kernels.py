@@ -1,0 +1,394 @@
+"""Generated Triton kernels, run under the CPU interpreter, against the float64 reference (DESIGN §7).
+
+Every lowerable catalogue example in fp32 and fp16; the edge cases trusted suites test (head
+dims, lengths, GQA, fully masked rows, strides, large logits, empty shapes, determinism, fp32
+accumulation); split-KV decoding with and without GQA packing; and the key tiles each program
+visits, counted by the kernel itself, against the symbolic tile plan and the materialised mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from unittest import mock
+
+import pytest
+import torch
+from conftest import EXAMPLES, load_example
+
+import einflash as ef
+from einflash.compiler import forward as forward_module
+from einflash.compiler.forward import Schedule
+from einflash.compiler.lower import sections
+from einflash.compiler.masks import key_plan
+from einflash.compiler.tiles import tile_rows
+from einflash.errors import LoweringError
+from einflash.ir.cascade import Layout
+from einflash.ir.reference import bind_extents, bind_params
+from einflash.testing import check
+
+# Masked lanes compute -inf - -inf (then discard it), and the interpreter indexes with 1-element
+# arrays: numpy, which it runs on, warns about both.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+
+F32, F16 = torch.float32, torch.float16
+LOWERABLE = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
+             "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
+             "top_theta", "causal_linear", "gla", "mla_decode")
+# Each not-yet-lowerable example with the reason its LoweringError must give.
+UNLOWERABLE = {"post_norm_threshold": "needs 2 passes over n", "moba": "needs [0-9]+ passes over n",
+               "linear": "does not depend on the query rank m", "agent": "does not depend on the query rank m",
+               "multi_token": "needs [0-9]+ passes over n|reads intermediates only at their own coordinates"}
+# Parameters that make the masks and the cap bite at these small sizes.
+TUNED = {"sliding_window": {"window": 7}, "prefix_lm": {"prefix": 5}, "sink_window": {"window": 6, "sinks": 3},
+         "softcap": {"cap": 1.5}}
+# Odd lengths, M ≠ N, E padded to 32; Hq = 2·Hkv unless the example names its HEADS.
+SHAPE = ef.Shape(B=1, Hq=2, M=37, N=45, E=24, F=16, Hkv=1)
+SQUARE = {"gla"}  # gates are read at query and key positions alike: M = N
+
+
+@ef.attention
+def bottom_right(q, k, v):
+    """Causal aligned to the last query (decoding, chunked prefill): query m sees keys n ≤ m + N − M."""
+    return ef.softmax(ef.mask(q @ k * ef.scale, ef.n <= ef.m + (ef.N - ef.M)), "n") @ v
+
+
+@functools.cache
+def _op(name: str) -> ef.AttentionOp:
+    return bottom_right if name == "bottom_right" else getattr(load_example(name), name)
+
+
+def _inputs(name: str, shape: ef.Shape, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random q, k, v and the example's extra inputs; per-token inputs (query or key layout) in ``dtype``."""
+    torch.manual_seed(0)
+    mod = load_example(name) if name != "bottom_right" else None
+    heads = getattr(mod, "HEADS", None)
+    if heads is not None:
+        shape = dataclasses.replace(shape, Hq=heads[0], Hkv=heads[1])
+    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E),
+            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E),
+            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F)}
+    if hasattr(mod, "extra_inputs"):
+        made.update(mod.extra_inputs(shape))
+    out = {}
+    for t in _op(name).cascade.inputs:
+        x = made[t.name]
+        per_token = t.layout in (Layout.QUERY, Layout.KEY) and x.is_floating_point()
+        out[t.name] = x.to(dtype) if per_token else x
+    return out
+
+
+def _qkv(B, Hq, Hkv, M, N, E, F=None, dtype=F32, scale_q=1.0):
+    q = torch.randn(B, Hq, M, E) * scale_q
+    return q.to(dtype), torch.randn(B, Hkv, N, E).to(dtype), torch.randn(B, Hkv, N, F or E).to(dtype)
+
+
+def _assert_matches_reference(op, out, *args, **kwargs):
+    verdict = check(op, out, *args, **kwargs)
+    assert verdict.ok, verdict
+
+
+def _run(op, inputs: dict, params: dict, schedule: Schedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward.run, the kernel entry: the output and the final per-row states."""
+    c = op.forward.streamed
+    extents = bind_extents(c, inputs, params)
+    return op.forward.run(inputs, bind_params(c, params, extents), schedule, extents)
+
+
+def _forward(op, schedule: Schedule, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward.run on checked call arguments, with the schedule as given."""
+    return _run(op, *op.bind(args, kwargs), schedule)
+
+
+# -- the catalogue ------------------------------------------------------------------------
+
+
+def test_every_example_is_listed_once():
+    assert sorted(LOWERABLE + tuple(UNLOWERABLE)) == sorted(p.stem for p in EXAMPLES.glob("*.py"))
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("name", LOWERABLE)
+def test_example_kernel_matches_reference(name, dtype):
+    shape = dataclasses.replace(SHAPE, N=SHAPE.M) if name in SQUARE else SHAPE
+    inputs, params = _inputs(name, shape, dtype), TUNED.get(name, {})
+    out = _op(name)(**inputs, **params)
+    assert out.dtype == dtype and out.shape[2] == shape.M
+    _assert_matches_reference(_op(name), out, **inputs, **params)
+
+
+@pytest.mark.parametrize("name", sorted(UNLOWERABLE))
+def test_unlowerable_example_says_why_and_reference_backend_runs(name):
+    op, inputs = _op(name), _inputs(name, SHAPE, F32)
+    with pytest.raises(LoweringError, match=UNLOWERABLE[name]):
+        op(**inputs)
+    got = op(**inputs, backend="reference")
+    assert torch.equal(got, op.reference(**inputs).to(F32))
+
+
+# -- edge cases ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("E, F", [(16, 16), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256),
+                                  (40, 24), (24, 96)])
+def test_head_dims_padded_or_not(E, F):
+    op = _op("causal")
+    args = _qkv(1, 2, 1, 33, 29, E, F, dtype=F16)
+    out = op(*args)
+    assert out.shape == (1, 2, 33, F)
+    _assert_matches_reference(op, out, *args)
+
+
+@pytest.mark.parametrize("name", ["softmax", "causal", "bottom_right"])
+@pytest.mark.parametrize("M, N", [(1, 1), (1, 37), (37, 1), (17, 31), (31, 17), (48, 48), (45, 45)])
+def test_sequence_lengths(name, M, N):
+    args = _qkv(2, 2, 2, M, N, 16)
+    _assert_matches_reference(_op(name), _op(name)(*args), *args)
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (4, 1), (8, 2), (8, 1)], ids=["mha", "mqa4", "gqa4", "mqa8"])
+def test_gqa_ratios(Hq, Hkv):
+    op = _op("causal")
+    args = _qkv(2, Hq, Hkv, 20, 33, 16, dtype=F16)
+    out = op(*args)
+    _assert_matches_reference(op, out, *args)
+    # query head h reads kv head h // (Hq / Hkv): the same as repeating the kv heads
+    q, k, v = args
+    repeated = op(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1))
+    torch.testing.assert_close(out, repeated, rtol=0, atol=0)
+
+
+FULLY_MASKED = [  # (name, M, N, params): some rows see no key
+    ("sliding_window", 41, 23, {"window": 4}),  # rows m ≥ N + 3 are past every key of their window
+    ("bottom_right", 30, 12, {}),  # the first M − N rows come before the first key
+    ("top_theta", 37, 37, {}),  # the strictest thresholds prune whole rows
+]
+
+
+@pytest.mark.parametrize("name, M, N, params", FULLY_MASKED, ids=[c[0] for c in FULLY_MASKED])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fully_masked_rows_are_zero_with_initial_states(name, M, N, params, splits):
+    op = _op(name)
+    shape = dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=M, N=N, E=16, F=16)
+    inputs = _inputs(name, shape, F32)
+    out, states = _forward(op, Schedule(16, 16, 4, 1, splits), **inputs, **params)
+    empty = (op.reference(**inputs, **params) == 0).all(-1)
+    assert empty.any() and not empty.all()
+    assert not out.isnan().any() and (out[empty] == 0).all()
+    _assert_matches_reference(op, out, **inputs, **params)
+    for state_name, state in states.items():  # e.g. the running max is -inf and the sum 0: log-sum-exp is -inf
+        init = op.forward.streamed.tensor(state_name).init
+        assert (state[empty] == init).all(), state_name
+
+
+@pytest.mark.parametrize("name", ["softmax", "causal", "alibi"])
+def test_non_contiguous_inputs_give_the_same_bits(name):
+    B, H, M, N, E = 2, 2, 21, 34, 16
+    inputs = _inputs(name, dataclasses.replace(SHAPE, B=B, Hq=H, Hkv=H, M=M, N=N, E=E, F=E), F32)
+    q, k, v = inputs.pop("q"), inputs.pop("k"), inputs.pop("v")
+    strided = {"q": q.transpose(1, 2).contiguous().transpose(1, 2),  # [B, M, H, E] memory, as many models keep it
+               "k": torch.cat([k, torch.randn_like(k)], -1)[..., :E],  # a slice of a wider buffer
+               "v": v.transpose(2, 3).contiguous().transpose(2, 3)}  # feature stride N, key stride 1
+    assert not any(x.is_contiguous() for x in strided.values())
+    if "slope" in inputs:
+        inputs["slope"] = torch.stack([inputs["slope"], inputs["slope"]], -1)[:, 0]
+        assert inputs["slope"].stride() == (2,)
+    op = _op(name)
+    out = op(**strided, **inputs)
+    assert torch.equal(out, op(q=q, k=k, v=v, **inputs))
+    _assert_matches_reference(op, out, **strided, **inputs)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("name", ["softmax", "causal", "softcap"])
+def test_large_logits(name, dtype):
+    op = _op(name)
+    args = _qkv(1, 2, 2, 33, 40, 32, dtype=dtype, scale_q=30.0)
+    out = op(*args)
+    assert torch.isfinite(out).all()
+    _assert_matches_reference(op, out, *args)
+
+
+EMPTY = [(0, 5, 7), (2, 0, 7), (2, 5, 0)]  # (B, M, N)
+
+
+@pytest.mark.parametrize("B, M, N", EMPTY, ids=["batch0", "queries0", "keys0"])
+def test_empty_shapes_with_a_schedule(B, M, N):
+    op = _op("causal")
+    args = _qkv(B, 4, 2, M, N, 16)
+    out = op(*args, schedule=Schedule(16, 16, 4, 1))
+    assert out.shape == (B, 4, M, 16) and (out == 0).all()
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
+                   reason="compiler/schedule.py default_schedule divides by the program count, 0 when B = 0 or M = 0")
+@pytest.mark.parametrize("B, M", [(0, 5), (2, 0)], ids=["batch0", "queries0"])
+def test_empty_shapes_with_the_default_schedule(B, M):
+    args = _qkv(B, 4, 2, M, 7, 16)
+    assert _op("causal")(*args).shape == (B, 4, M, 16)
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)], ids=["fused", "split"])
+def test_repeated_runs_give_identical_bits(schedule):
+    op = _op("causal")
+    args = _qkv(1, 4, 2, 37 if schedule.splits == 1 else 3, 45, 16, dtype=F16)
+    first, _ = _forward(op, schedule, *args)
+    for _ in range(2):
+        assert torch.equal(_forward(op, schedule, *args)[0], first)
+
+
+def test_fp16_inputs_accumulate_in_fp32():
+    """q·k = 128·24² = 73728 and a tile's Σ_n p·v = 16·60000 both overflow fp16 (max 65504); with
+    fp32 accumulators the scores are equal, the weights uniform, and the output is the mean of v."""
+    op = _op("softmax")
+    q, k = torch.full((1, 1, 16, 128), 24.0, dtype=F16), torch.full((1, 1, 45, 128), 24.0, dtype=F16)
+    v = torch.full((1, 1, 45, 16), 60000.0, dtype=F16)
+    v[:, :, ::2] = 30000.0
+    out = op(q, k, v)
+    assert out.dtype == F16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), v.double().mean(2, keepdim=True).expand_as(out), rtol=2e-3, atol=0)
+
+
+def test_head_dims_padded_alike_get_kernels_of_their_own():
+    """E = 40, 48 and 64 all pad to 64 in one process; each kernel must mask at its own true extent."""
+    op = _op("softmax")
+    for E in (40, 48, 64):
+        args = _qkv(1, 1, 1, 17, 19, E)
+        _assert_matches_reference(op, op(*args), *args)
+
+
+def test_softcap_saturates_far_beyond_the_cap():
+    """cap·tanh(s/cap) tends to ±cap: scores a hundred caps large must weigh as much as the cap allows.
+
+    q and k hold small integers (times 25 for q), so every q·k is exact in fp32 and the error measured
+    is the cap's, not the rounding of dot products whose terms are a hundred times larger than the result.
+    """
+    op = _op("softcap")
+    q = torch.randint(-4, 5, (1, 1, 8, 16)).float() * 25.0
+    args = (q, torch.randint(-2, 3, (1, 1, 16, 16)).float(), torch.randn(1, 1, 16, 16))
+    _assert_matches_reference(op, op(*args, cap=1.0), *args, cap=1.0)
+
+
+# -- decoding: split-KV and GQA packing --------------------------------------------------
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("name", ["bottom_right", "alibi"])
+def test_decode(name, M, splits, pack):
+    op = _op(name)
+    inputs = _inputs(name, dataclasses.replace(SHAPE, B=2, Hq=8, Hkv=2, M=M, N=77, E=16, F=16), F32)
+    out = op(**inputs, schedule=Schedule(16, 16, 4, 1, splits, pack))
+    _assert_matches_reference(op, out, **inputs)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+def test_decode_with_more_splits_than_key_tiles(pack):
+    """N = 9 is one key tile: two of the three splits see no key at all and must leave no trace."""
+    op = _op("bottom_right")
+    args = _qkv(1, 4, 2, 2, 9, 16, dtype=F16)
+    out, _ = _forward(op, Schedule(16, 16, 4, 1, 3, pack), *args)
+    _assert_matches_reference(op, out, *args)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["eager", "custom_op"])
+def test_call_runs_the_schedule_it_was_given(grad):
+    op, ran = _op("causal"), []
+    real = forward_module.Forward.run
+
+    def spy(self, inputs, values, schedule, *rest):
+        ran.append(schedule)
+        return real(self, inputs, values, schedule, *rest)
+
+    wanted = Schedule(16, 16, 4, 1, 3, True)
+    q, k, v = _qkv(1, 8, 2, 1, 40, 16)
+    with mock.patch.object(forward_module.Forward, "run", spy):
+        op(q.requires_grad_(grad), k, v, schedule=wanted)
+    assert ran == [wanted]
+
+
+# -- visited key tiles --------------------------------------------------------------------
+
+VISIT_PARAMS = {"causal": {}, "sliding_window": {"window": 20}, "prefix_lm": {"prefix": 21},
+                "sink_window": {"window": 12, "sinks": 5}, "bottom_right": {}}
+# (M, N, BM, BN): lengths not multiples of the tiles, BM ≠ BN, both M > N and M < N.
+VISIT_SIZES = [(37, 45, 16, 32), (45, 37, 32, 16), (100, 77, 16, 32), (77, 100, 32, 16)]
+
+
+def _brute_mask(name: str, M: int, N: int, params: dict) -> torch.Tensor:
+    """The [M, N] mask, written here from the examples' docstrings (independent of einflash)."""
+    m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    return {"causal": lambda: n <= m,
+            "bottom_right": lambda: n <= m + (N - M),
+            "sliding_window": lambda: (n <= m) & (m - n < params.get("window", 0)),
+            "prefix_lm": lambda: (n <= m) | (n < params.get("prefix", 0)),
+            "sink_window": lambda: (n <= m) & ((m - n < params.get("window", 0)) | (n < params.get("sinks", 0))),
+            }[name]().expand(M, N)
+
+
+def _brute_counts(mask: torch.Tensor, row_tiles: list[slice], BN: int) -> list[int]:
+    """Per query tile (a slice of rows), the key tiles of width BN holding at least one visible pair."""
+    return [sum(bool(mask[rows, j:j + BN].any()) for j in range(0, mask.shape[1], BN)) for rows in row_tiles]
+
+
+def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run Forward.run with the kernel's visit counter on; the output and the counts [splits, B·H, tiles]."""
+    counts = []
+    real = forward_module.launch
+
+    def counting(c, src, inputs, params, out, ws, cfg, extents):
+        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents))
+
+    with mock.patch.object(forward_module, "launch", counting):
+        out, _ = _run(op, inputs, params, schedule)
+    return out, counts[0]
+
+
+@functools.cache
+def _visits(name: str, M: int, N: int, BM: int, BN: int) -> list[int]:
+    """Key tiles visited per query tile, counted by the kernel (every head alike); output checked on the way."""
+    op, params = _op(name), VISIT_PARAMS[name]
+    inputs = _inputs(name, dataclasses.replace(SHAPE, B=1, Hq=2, Hkv=2, M=M, N=N, E=16, F=16), F32)
+    out, counts = _counting_run(op, inputs, params, Schedule(BM, BN, 4, 1))
+    assert torch.equal(out, _run(op, inputs, params, Schedule(BM, BN, 4, 1))[0])  # counting changes nothing else
+    _assert_matches_reference(op, out, **inputs, **params)
+    assert counts.shape == (1, 2, -(-M // BM)) and (counts == counts[:, :1]).all()
+    return counts[0, 0].tolist()
+
+
+@pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
+@pytest.mark.parametrize("name", list(VISIT_PARAMS))
+def test_visited_tiles_are_the_plans_non_empty_tiles(name, M, N, BM, BN):
+    c = _op(name).forward.streamed
+    plan = key_plan(c, sections(c).loop).plan
+    assert plan is not None and plan.exact
+    want = [sum(hi - lo for lo, hi in row.nonempty) for row in tile_rows(plan, M, N, BM, BN, **VISIT_PARAMS[name])]
+    assert _visits(name, M, N, BM, BN) == want
+
+
+@pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
+@pytest.mark.parametrize("name", list(VISIT_PARAMS))
+def test_visited_tiles_are_the_materialised_masks_non_empty_tiles(name, M, N, BM, BN):
+    mask = _brute_mask(name, M, N, VISIT_PARAMS[name])
+    rows = [slice(i, i + BM) for i in range(0, M, BM)]
+    got = _visits(name, M, N, BM, BN)
+    assert got == _brute_counts(mask, rows, BN)
+    assert sum(got) < len(rows) * -(-N // BN)  # the masks do leave tiles out
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("name", ["bottom_right", "sliding_window"])
+def test_split_programs_visit_their_share_of_the_non_empty_tiles(name, pack):
+    """4 queries, 77 keys in 5 tiles of 16, 3 splits of at most 2 tiles each. Packed, one program
+    holds the 4 queries of all 4 query heads of a kv head."""
+    op, M, N, params = _op(name), 4, 77, VISIT_PARAMS[name]
+    inputs = _inputs(name, dataclasses.replace(SHAPE, B=1, Hq=8, Hkv=2, M=M, N=N, E=16, F=16), F32)
+    out, counts = _counting_run(op, inputs, params, Schedule(16, 16, 4, 1, 3, pack))
+    _assert_matches_reference(op, out, **inputs, **params)
+    assert counts.shape == (3, 2 if pack else 8, 1) and (counts == counts[:, :1, :1]).all()
+    per_split = counts[:, 0, 0].tolist()
+    assert max(per_split) <= 2
+    assert sum(per_split) == _brute_counts(_brute_mask(name, M, N, params), [slice(0, M)], 16)[0]

@@ -1,0 +1,285 @@
+"""The rewrite pipeline: every step of every example keeps the maths (the reference executor
+gives the as-written output, chunk by chunk), and the rewrites have the shapes they promise."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import sympy
+import torch
+from conftest import EXAMPLES, load_example
+
+import einflash as ef
+from einflash.compiler.passes import count_passes
+from einflash.compiler.pipeline import PIPELINE, optimise
+from einflash.compiler.rewrites import defer_normalisation, reassociate, stream_online, streaming_obstacle
+from einflash.compiler.strength import LOG2E, exponent_base2, scalars_before_masks, scalars_out_of_max
+from einflash.ir import REDUCERS, Call, Const, Param, Read, Role, validate
+from einflash.ir.cascade import plain_read
+from einflash.ir.expr import Merge, to_sympy, walk
+from einflash.ir.printer import format_einsum
+from einflash.ir.ranks import PARALLEL
+from einflash.ir.reference import run_reference
+
+# Small odd sizes, M ≠ N (M < N: document_mask reads doc[m] at a key position), GQA 4:2.
+SHAPE = ef.Shape(B=1, Hq=4, M=11, N=13, E=5, F=3, Hkv=2)
+SQUARE = {"gla"}  # gates are read at query and key positions alike
+# Parameters that make masks, caps, thresholds and routing bite at these sizes.
+TUNED = {"sliding_window": {"window": 4}, "prefix_lm": {"prefix": 3}, "sink_window": {"window": 3, "sinks": 2},
+         "softcap": {"cap": 1.5}, "moba": {"block": 3}, "post_norm_threshold": {"tau": 0.05}}
+CHUNKS = (1, 3, 7, None)
+NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+
+
+@functools.cache
+def _example(name: str):
+    return load_example(name)
+
+
+def _op(name: str) -> ef.AttentionOp:
+    return getattr(_example(name), name)
+
+
+def _inputs(op: ef.AttentionOp, extra=None) -> dict[str, torch.Tensor]:
+    """Random float64 q, k, v, the extra inputs ``extra(shape)`` makes, for the inputs ``op`` declares."""
+    shape = SHAPE
+    heads = getattr(_example(op.name), "HEADS", None) if op.name in NAMES else None
+    if heads:
+        shape = dataclasses.replace(shape, Hq=heads[0], Hkv=heads[1])
+    if op.name in SQUARE:
+        shape = dataclasses.replace(shape, M=shape.N)
+    f64 = {"dtype": torch.float64}
+    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E, **f64),
+            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, **f64),
+            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F, **f64)}
+    if extra is not None:
+        made.update(extra(shape, dtype=torch.float64))
+    return {t.name: made[t.name] for t in op.cascade.inputs}
+
+
+def _params(op: ef.AttentionOp) -> dict[str, float]:
+    """The tuned parameters, and a scale other than the default where the op has one."""
+    out = dict(TUNED.get(op.name, {}))
+    if any(p.name == "scale" for p in op.cascade.params):
+        out["scale"] = 0.7
+    return out
+
+
+def _check_steps(op: ef.AttentionOp, inputs, params) -> None:
+    want = run_reference(op.cascade, inputs, params)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+    for step in op.forward.steps:
+        validate(step.cascade)
+        for chunk in CHUNKS:
+            got = run_reference(step.cascade, inputs, params, chunk=chunk)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, step=step, chunk=chunk: f"after {step.name!r}, chunk {chunk}: {m}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_step_keeps_the_output(name):
+    op = _op(name)
+    _check_steps(op, _inputs(op, getattr(_example(name), "extra_inputs", None)), _params(op))
+
+
+def test_steps_are_the_pipeline():
+    written = _op("softmax").cascade
+    streamed, steps = optimise(written)
+    assert [s.name for s in steps] == [name for name, _ in PIPELINE]
+    assert steps[-1].cascade == streamed
+    before = written
+    for s in steps:
+        assert s.changed == (s.cascade.key != before.key)
+        before = s.cascade
+
+
+# -- declarations that probe the edges of streaming ------------------------------------------------
+
+
+@ef.attention
+def first_key_gate(q, k, v):
+    """Every row scaled by a function of its first key's score: an element of a streamed value."""
+    s = q @ k * ef.scale
+    x = ef.exp(s[ef.m, 0])
+    return ef.softmax(s * x, "n") @ v * x
+
+
+@ef.attention
+def previous_query(q, k, v):
+    """The previous query's scores added to each row: a shift along m, which chunks of n do not cut."""
+    s = q @ k * ef.scale
+    return ef.softmax(s + s[ef.m - 1, ef.n], "n") @ v
+
+
+@ef.attention
+def signed_temperature(q, k, v, c: float = 2.0):
+    """A temperature of either sign: it may not move out of the max unless it is positive."""
+    return ef.softmax(q @ k * c, "n") @ v
+
+
+@pytest.mark.parametrize("op, params, passes", [(first_key_gate, {}, 4), (previous_query, {}, 1),
+                                                (signed_temperature, {"c": -1.5}, 1),
+                                                (signed_temperature, {"c": 0.5}, 1)],
+                         ids=["first-key", "previous-query", "negative-temperature", "positive-temperature"])
+def test_edge_declarations_keep_the_output(op, params, passes):
+    _check_steps(op, _inputs(op), params)
+    assert count_passes(op.forward.streamed).passes <= passes
+
+
+def test_a_temperature_of_unknown_sign_stays_inside_the_max():
+    streamed = signed_temperature.forward.streamed
+    top = next(e for e in streamed.einsums if e.reduce is not None and e.reduce.op == "max")
+    body = streamed.producer(top.expr.tensor).expr if isinstance(top.expr, Read) else top.expr
+    assert Param("c") in walk(body)
+
+
+# -- the shapes of the rewrites ----------------------------------------------------------------------
+
+
+def _loop_examples():
+    return [n for n in NAMES if any(e.loop for e in _op(n).forward.streamed.einsums)]
+
+
+def test_most_examples_stream():
+    assert set(NAMES) - set(_loop_examples()) == {"multi_token"}
+
+
+@pytest.mark.parametrize("name", _loop_examples())
+def test_running_states_update_with_merge_any(name):
+    c = _op(name).forward.streamed
+    assert c.states
+    for s in c.states:
+        updates = [e for e in c.einsums if e.out == s.name]
+        assert len(updates) == 1 and updates[0].loop
+        upd = updates[0].expr
+        assert isinstance(upd, Call) and upd.merge is Merge.ANY
+        assert plain_read(s, prev=True) in walk(upd)
+        chunk = next(r for r in walk(upd) if isinstance(r, Read) and not r.prev and r.tensor.endswith("_chunk"))
+        reducer = c.producer(chunk.tensor).reduce.op
+        assert s.init == REDUCERS[reducer].identity
+
+
+def _corrections(c) -> dict[str, Call]:
+    """Each correction factor's expression, by the running max it corrects for."""
+    out = {}
+    for e in c.einsums:
+        if e.loop and e.reduce is None and c.tensor(e.out).role is not Role.STATE:
+            prev = [r for r in walk(e.expr) if isinstance(r, Read) and r.prev]
+            if prev:
+                out[prev[0].tensor] = e.expr
+    return out
+
+
+def _exp_of_prev_minus_new(expr: Call, state: str) -> sympy.Expr:
+    """The positive c with ``expr = exp(c·(prev − new))`` (or exp2), failing the test otherwise."""
+    prev, new = sympy.symbols("prev new", real=True)
+
+    def leaf(x):
+        if isinstance(x, Read) and x.tensor == state:
+            return prev if x.prev else new
+        if isinstance(x, Param):
+            return sympy.Symbol(x.name, positive=True)
+        raise AssertionError(f"unexpected leaf {x} in a correction factor")
+
+    assert isinstance(expr, Call) and expr.op in ("exp", "exp2")
+    arg = sympy.expand(to_sympy(expr.args[0], leaf))
+    c = sympy.simplify(arg / (prev - new))
+    assert not c.free_symbols & {prev, new} and c.is_positive
+    return c
+
+
+def test_softmax_correction_is_the_exponential_of_the_max_difference():
+    c = _op("softmax").forward.streamed
+    corrections = _corrections(c)
+    assert len(corrections) == 1
+    (state, expr), = corrections.items()
+    assert c.tensor(state).role is Role.STATE and c.producer(state).expr.op == "maximum"
+    # the max runs over the unscaled scores (the scale moved out of it), so the factor carries the scale
+    assert _exp_of_prev_minus_new(expr, state) == sympy.Symbol("scale", positive=True)
+
+
+def test_differential_has_two_running_maxima_and_two_corrections():
+    c = _op("differential").forward.streamed
+    maxima = [s.name for s in c.states if c.producer(s.name).expr.op == "maximum"]
+    assert len(maxima) == 2
+    corrections = _corrections(c)
+    assert sorted(corrections) == sorted(maxima)
+    for state, expr in corrections.items():
+        _exp_of_prev_minus_new(expr, state)
+
+
+def test_defer_normalisation_moves_the_division_out_of_the_contraction():
+    written = _op("softmax").cascade
+    deferred = defer_normalisation(written)
+    acc = deferred.producer("o_acc")
+    assert acc.reduce.op == "sum" and "den" not in {r.tensor for r in acc.reads()}
+    assert format_einsum(deferred.producer("o")) == "o[m,f] = o_acc[m,f]/den[m]"
+    assert count_passes(written).passes == 3 and count_passes(deferred).passes == 2
+
+
+def test_reassociate_finds_the_linear_order_and_leaves_softmax_alone():
+    linear = reassociate(_op("linear").cascade)
+    ctx = next(e for e in linear.einsums if e.out.startswith("ctx"))
+    assert set(ctx.ranks) - set(PARALLEL) == {"e", "f"} and ctx.reduce.ranks == ("n",)
+    assert not any({"m", "n"} <= set(t.ranks) for t in linear.tensors)
+    softmax = _op("softmax").cascade
+    assert reassociate(softmax) == softmax
+
+
+def test_scalars_before_masks_masks_the_raw_scores():
+    c = scalars_before_masks(_op("causal").cascade)
+    masked = [e for e in c.einsums if e.where is not None]
+    assert len(masked) == 1 and Param("scale") not in walk(masked[0].expr)
+    scaled = next(e for e in c.einsums if any(r.tensor == masked[0].out for r in e.reads()))
+    assert Param("scale") in walk(scaled.expr)
+
+
+def test_exponent_base2_and_scalars_out_of_max():
+    base2 = exponent_base2(_op("softmax").cascade)
+    ops = {x.op for e in base2.einsums for x in walk(e.expr) if isinstance(x, Call)}
+    assert "exp2" in ops and "exp" not in ops
+    assert any(Const(LOG2E) in walk(e.expr) for e in base2.einsums)
+    out = scalars_out_of_max(base2)
+    top = next(e for e in out.einsums if e.reduce is not None and e.reduce.op == "max")
+    assert not any(isinstance(x, (Param, Const)) for x in walk(top.expr))  # the max of the raw q·k
+
+
+def test_stream_online_is_idempotent():
+    streamed = _op("softmax").forward.streamed
+    assert stream_online(streamed) is streamed
+
+
+def _before_streaming(name: str):
+    """The cascade the 'stream online' step starts from."""
+    steps = _op(name).forward.steps
+    return steps[[s.name for s in steps].index("stream online") - 1].cascade
+
+
+def test_obstacle_of_the_post_normalisation_threshold():
+    c = _before_streaming("post_norm_threshold")
+    why = streaming_obstacle(c)
+    o = c.producer("o")
+    assert "relu" in format_einsum(o)
+    assert why.startswith(f"o (line {o.line}) sums a function of")
+    assert "no correction factor exists" in why and "sum_n" in why
+
+
+def test_obstacle_of_moba_is_its_routing():
+    c = _before_streaming("moba")
+    why = streaming_obstacle(c)
+    assert why.startswith(f"s_raw (line {c.producer('s_raw').line}) reads sel")
+    assert "no running form" in why
+
+
+def test_obstacle_of_multi_token_is_its_halo():
+    c = _before_streaming("multi_token")
+    why = streaming_obstacle(c)
+    assert why.startswith(f"conv (line {c.producer('conv').line}) reads s at n = -j + n")
+    assert "outside the current chunk" in why
+
+
+@pytest.mark.parametrize("name", ["softmax", "differential", "linear", "causal_linear"])
+def test_no_obstacle_where_one_pass_is_reached(name):
+    assert streaming_obstacle(_before_streaming(name)) is None
