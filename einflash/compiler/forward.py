@@ -13,7 +13,8 @@ import torch
 from ..errors import LoweringError
 from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
-from ..ir.reference import bind_extents, bind_params
+from ..ir.reference import bind_extents
+from ..jagged import JaggedBatch
 from .launch import LaunchConfig, combine, launch
 from .lower import KernelSource, lower, lower_combine, sections
 from .masks import key_plan
@@ -79,10 +80,13 @@ class Forward:
         return self._sources[key]
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
-            extents: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
+        A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
+        states are then ``[1, H, total_q, ...]``.
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -94,6 +98,11 @@ class Forward:
         if B * H * M == 0:
             return out, {}
         split = schedule.splits > 1
+        if jagged is not None:
+            if split:
+                raise LoweringError(f"{c.name}: split-KV decoding of a jagged batch is not implemented; "
+                                    f"run it with splits=1")
+            extents = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
         src = self.source(first.dtype, dims, split, ints)
         inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
@@ -101,7 +110,8 @@ class Forward:
         if split:
             return self._split(src, inputs, values, out, schedule, extents, dims)
         ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        if jagged is None or jagged.max_q > 0:
+            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged)
         return out, ws
 
     def _split(self, src, inputs, values, out, schedule, extents, dims):

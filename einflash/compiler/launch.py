@@ -11,6 +11,7 @@ import torch
 
 from .. import knobs
 from ..ir.cascade import Cascade, Layout
+from ..jagged import JaggedBatch
 from .lower import KernelSource
 
 _MODULES: dict[str, object] = {}
@@ -48,8 +49,11 @@ class LaunchConfig:
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
            out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-           extents: dict[str, int]) -> torch.Tensor | None:
+           extents: dict[str, int], jagged: JaggedBatch | None = None) -> torch.Tensor | None:
     """Launch the kernel over a grid of (query tiles, batch·heads[, splits]).
+
+    For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
+    sequence's lengths as m and n.
 
     With ``cfg.count_visits``, return how many key tiles each program visited, int32
     ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
@@ -77,9 +81,11 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     rows, programs = (M * (H // hkv), B * hkv) if cfg.pack else (M, B * H)
     grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
-    fn[grid](*args, M, N, H, H // hkv, per_split, visits, **dict(src.constexprs),
+    offsets = (jagged.cu_q, jagged.cu_k) if jagged is not None else (None, None)
+    fn[grid](*args, M, N, H, H // hkv, per_split, visits, *offsets, **dict(src.constexprs),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
-             COUNT_VISITS=cfg.count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+             COUNT_VISITS=cfg.count_visits, JAGGED=jagged is not None, num_warps=cfg.num_warps,
+             num_stages=cfg.num_stages)
     return visits
 
 

@@ -305,7 +305,7 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
     code = bcast(g.f32(t), t.ranks, want)
     if t.ranks != want:  # a value constant along some axis: broadcast it to the full tile
         code = f"tl.broadcast_to({code}, (BLOCK_M, D_{value_rank}))"
-    ptr = (f"out_ptr + off_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + offs_m[:, None] * stride_out_2"
+    ptr = (f"out_ptr + mem_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + mem_m[:, None] * stride_out_2"
            f" + offs_{value_rank}[None, :] * stride_out_3")
     mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
@@ -314,21 +314,23 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
 def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
     """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``.
 
-    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum).
+    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum), and ``ws`` is
+    laid out like the output (packed rows of a jagged batch); a split's workspace is per sequence and row.
     """
     t = g.env[name]
-    ptr = f"ws_{name}_ptr + off_b * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
+    b, m = ("off_b", "offs_m") if split else ("mem_b", "mem_m")
+    ptr = f"ws_{name}_ptr + {b} * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
     d = 2
     if split:
         ptr += f" + tl.program_id(2) * stride_ws_{name}_2"
         d = 3
     tile = _tile_ranks(ranks)
     if tile == ("m",):
-        ptr = ptr.format("") + f" + offs_m * stride_ws_{name}_{d}"
+        ptr = ptr.format("") + f" + {m} * stride_ws_{name}_{d}"
         mask = "row_ok"
     else:
         vr = tile[1]
-        ptr = ptr.format("[:, None]") + (f" + offs_m[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
+        ptr = ptr.format("[:, None]") + (f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
                                           f"stride_ws_{name}_{d + 1}")
         mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
     init = g.c.tensor(name).init

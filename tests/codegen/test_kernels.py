@@ -339,8 +339,9 @@ def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Ten
     counts = []
     real = forward_module.launch
 
-    def counting(c, src, inputs, params, out, ws, cfg, extents):
-        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents))
+    def counting(c, src, inputs, params, out, ws, cfg, extents, jagged=None):
+        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents,
+                           jagged))
 
     with mock.patch.object(forward_module, "launch", counting):
         out, _ = _run(op, inputs, params, schedule)
@@ -392,3 +393,51 @@ def test_split_programs_visit_their_share_of_the_non_empty_tiles(name, pack):
     per_split = counts[:, 0, 0].tolist()
     assert max(per_split) <= 2
     assert sum(per_split) == _brute_counts(_brute_mask(name, M, N, params), [slice(0, M)], 16)[0]
+
+
+# -- jagged batches ------------------------------------------------------------------------
+
+# (query length, key length) per sequence: lengths that are not multiples of the tile, M ≠ N, an empty
+# sequence of queries, one with no keys (its rows are fully masked: output 0), one longer than a tile.
+JAGGED_LENGTHS = [(5, 9), (17, 17), (0, 4), (3, 0), (33, 20)]
+
+
+def _jagged(lengths, Hq: int, Hkv: int, E: int = 16, dtype=F32):
+    cu_q = torch.tensor([0] + [m for m, _ in lengths]).cumsum(0)
+    cu_k = torch.tensor([0] + [n for _, n in lengths]).cumsum(0)
+    q, k, v = _qkv(1, Hq, Hkv, int(cu_q[-1]), int(cu_k[-1]), E, dtype=dtype)
+    return (q, k, v), {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 1, True)], ids=["fused", "packed"])
+@pytest.mark.parametrize("name", ["causal", "bottom_right", "alibi", "sliding_window"])
+def test_jagged_batch_matches_each_sequence_alone(name, schedule):
+    """Every sequence of the packed batch gives the same bits as the kernel run on that sequence alone."""
+    op = _op(name)
+    args, offsets = _jagged(JAGGED_LENGTHS, Hq=4, Hkv=2, dtype=F16)
+    extra = {"slope": torch.rand(4)} if name == "alibi" else {"window": 4} if name == "sliding_window" else {}
+    out = op(*args, **offsets, **extra, schedule=schedule)
+    assert out.shape == (1, 4, args[0].shape[2], 16)
+    _assert_matches_reference(op, out, *args, **offsets, **extra)
+    q, k, v = args
+    for (q0, k0), (m, n) in zip(zip(offsets["cu_seqlens_q"].tolist(), offsets["cu_seqlens_k"].tolist()),
+                                JAGGED_LENGTHS):
+        alone = op(q[:, :, q0:q0 + m], k[:, :, k0:k0 + n], v[:, :, k0:k0 + n], **extra, schedule=schedule)
+        assert torch.equal(out[:, :, q0:q0 + m], alone)
+    assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
+
+
+def test_jagged_batch_with_the_default_schedule_and_int64_offsets():
+    op = _op("causal")
+    args, offsets = _jagged([(40, 40), (7, 50)], Hq=2, Hkv=2)
+    _assert_matches_reference(op, op(*args, **offsets), *args, **offsets)
+
+
+def test_jagged_batch_refuses_what_it_cannot_do():
+    op = _op("causal")
+    args, offsets = _jagged([(4, 4), (3, 6)], Hq=2, Hkv=1)
+    with pytest.raises(LoweringError, match="split-KV decoding of a jagged batch"):
+        op(*args, **offsets, schedule=Schedule(16, 16, 4, 1, 2, True))
+    q, k, v = args
+    with pytest.raises(LoweringError, match="gradients of jagged batches"):
+        op(q.requires_grad_(), k, v, **offsets)
