@@ -49,11 +49,13 @@ class LaunchConfig:
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
            out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-           extents: dict[str, int], jagged: JaggedBatch | None = None) -> torch.Tensor | None:
+           extents: dict[str, int], jagged: JaggedBatch | None = None,
+           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Launch the kernel over a grid of (query tiles, batch·heads[, splits]).
 
     For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
-    sequence's lengths as m and n.
+    sequence's lengths as m and n. ``tile_lists`` are the (tiles, counts) of a kernel whose key
+    tiles are listed at run time (see einflash.compiler.blocks).
 
     With ``cfg.count_visits``, return how many key tiles each program visited, int32
     ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
@@ -73,6 +75,9 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
         if src.split:
             args.append(workspaces[f"{s}:present"])
             args += list(workspaces[f"{s}:present"].stride())
+    for t in tile_lists or ():
+        args.append(t)
+        args += list(t.stride())
     args += [params[p] for p in src.params]
     B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)

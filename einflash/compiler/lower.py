@@ -20,7 +20,7 @@ from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
 from ..templates import render
-from .masks import KeyRange, key_plan
+from .masks import KeyRange, TileLists, key_plan
 from .passes import count_passes
 from .tilecode import Tile, TileCode, bcast, literal
 
@@ -41,6 +41,7 @@ class KernelSource:
     constexprs: tuple[tuple[str, int], ...]
     split: bool
     ranges: tuple[KeyRange, ...] = field(default=())
+    lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
             if e.out in states:
                 _carry(body, e.out, t)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, listed=kr.listed))
 
     epi = gen(masked=False)
     epi.env.update({s: shared[s] for s in states})
@@ -162,6 +163,9 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(nd)]
         if split:
             args += [f"wsp_{s}_ptr"] + [f"stride_wsp_{s}_{d}" for d in range(4)]
+    if keys.lists is not None:
+        args += ["tiles_ptr"] + [f"stride_tiles_{d}" for d in range(3)]
+        args += ["counts_ptr"] + [f"stride_counts_{d}" for d in range(3)]
     args += [f"p_{p}" for p in params]
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split)
@@ -172,7 +176,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
-                        split, tuple(ranges))
+                        split, tuple(ranges), keys.lists)
 
 
 def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:

@@ -4,8 +4,12 @@ The loop of the one-pass kernel runs over ranges of key tiles. Ranges come from
 the symbolic tile plan of the mask (``tiles.tile_plan``): tiles proven empty are
 never visited; tiles proven full run a body that skips the affine part of the
 mask; the remaining tiles (cut by the mask or by the end of the sequence) run the
-masked body. Data-dependent parts of a mask (document ids, score thresholds) are
-evaluated in every body. Without a usable plan, every tile runs the masked body.
+masked body. A mask with a conjunct that compares per-token data at the query and the key,
+``x[m] == y[n]`` (document ids), gets its tiles classified at run time instead:
+per-block ranges of x and y (with the affine part's plan) sort each query tile's key
+tiles into lists of full and partial ones (``einflash.compiler.blocks``), and the kernel
+visits the listed tiles only. Other data-dependent parts (score thresholds) are evaluated
+in every body. Without a usable plan, every tile runs the masked body.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir.cascade import Cascade, Einsum
-from ..ir.expr import Call, Expr
-from ..ir.ranks import STREAM
+from ..ir.cascade import Cascade, Einsum, Role
+from ..ir.expr import Call, Expr, Read
+from ..ir.ranks import STREAM, coord
 from .tiles import BM, BN, M0, M1, M, N, I, TilePlan, tile_plan
 
 
@@ -29,6 +33,28 @@ class KeyRange:
     comment: str = ""
     skip_tile: str | None = None  # a condition on tile index `j` under which the tile is left out
     pipelined: bool = True  # False for ranges of a tile or two, where a software pipeline only adds set-up
+    listed: bool = False  # lo and hi are positions in the query tile's list of key tiles, not key positions
+
+
+@dataclass(frozen=True)
+class BlockTest:
+    """A mask conjunct ``query_side[b, m] == key_side[b, n]`` between per-token inputs (document ids).
+
+    A tile holds none of its pairs where the two sides' value ranges over the tile's rows and keys
+    are disjoint, and all of them where both ranges are one and the same value.
+    """
+
+    query_side: Read
+    key_side: Read
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """What classifies key tiles at run time: the block tests, and the mask's affine part (or None)."""
+
+    tests: tuple[BlockTest, ...]
+    affine: Expr | None
+    integers: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -38,6 +64,7 @@ class KeyPlan:
     setup: tuple[str, ...]
     ranges: tuple[KeyRange, ...]
     plan: TilePlan | None = None
+    lists: TileLists | None = None
 
 
 def conjuncts(x: Expr) -> list[Expr]:
@@ -88,6 +115,9 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
         return everything
     integers = frozenset(p.name for p in c.params if p.integer)
     pred = affine_part(f.where, integers)
+    tests = block_tests(c, f.where)
+    if tests:
+        return _listed(f.where, TileLists(tests, pred, integers), None if pred is None else tile_plan(pred, integers))
     if pred is None:
         return everything
     affine = conjuncts(pred)
@@ -130,6 +160,41 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
                             f"the full ones ({v})", skip_tile=before, pipelined=False)]
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
+
+
+def _per_token_read(c: Cascade, x: Expr, rank: str) -> bool:
+    """Whether ``x`` reads an input at plain (b, ``rank``) coordinates: one value per token of a sequence."""
+    if not (isinstance(x, Read) and not x.prev and c.tensor(x.tensor).role is Role.INPUT):
+        return False
+    decl = c.tensor(x.tensor)
+    return (len(decl.ranks) == 2 and decl.ranks[0] == "b" and decl.ranks[1] in ("m", "n")
+            and tuple(x.index) == (coord("b"), coord(rank)))
+
+
+def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
+    """The conjuncts of ``where`` that compare per-token inputs at the query and at the key for equality."""
+    tests = []
+    for p in conjuncts(where):
+        if isinstance(p, Call) and p.op == "eq":
+            a, b = p.args
+            for q_side, k_side in ((a, b), (b, a)):
+                if _per_token_read(c, q_side, "m") and _per_token_read(c, k_side, "n"):
+                    tests.append(BlockTest(q_side, k_side))
+                    break
+    return tuple(tests)
+
+
+def _listed(where: Expr, lists: TileLists, plan: TilePlan | None) -> KeyPlan:
+    """Loops over the query tile's listed key tiles: the full ones, then the partial ones."""
+    # a packed program (decoding) holds every query position of its heads: its tile list is row 0
+    setup = ("qt = 0 if PACK else pid_m", "tiles_row = tiles_ptr + off_b * stride_tiles_0 + qt * stride_tiles_1",
+             "counts_row = counts_ptr + off_b * stride_counts_0 + qt * stride_counts_1",
+             "n_full = tl.load(counts_row)", "n_partial = tl.load(counts_row + stride_counts_2)")
+    return KeyPlan(setup, (
+        KeyRange("0", "n_full", False, frozenset(conjuncts(where)), "listed key tiles the whole mask holds on",
+                 listed=True),
+        KeyRange("n_full", "n_full + n_partial", True, comment="listed key tiles the mask cuts", listed=True),
+    ), plan, lists)
 
 
 def _interval(name: str, iv) -> list[str]:

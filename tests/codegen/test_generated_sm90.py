@@ -28,12 +28,12 @@ from einflash.ir.reference import bind_extents, bind_params
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
 
 SM90 = get_target("sm90")
-FORWARD = ("causal", "softmax", "alibi", "softcap")
+FORWARD = ("causal", "softmax", "alibi", "softcap", "document_mask")  # the last with key tiles listed at run time
 DECODE = "softmax"
 HEAD_DIMS = (64, 128)
 PREFILL = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}  # DESIGN §5's shapes
 DECODING = {"B": 4, "Hq": 32, "Hkv": 8, "M": 1, "N": 32768}  # GQA 32:8 over a long cache: split-KV and packing
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32"}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,8 @@ def _captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[Launch]
               "v": torch.empty(B, Hkv, N, head_dim, **meta)}
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
+    if name == "document_mask":
+        inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     extents = bind_extents(op.forward.streamed, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[Launch] = []
