@@ -80,6 +80,11 @@ class LoweringError(EinflashError, NotImplementedError):
     """A valid cascade that no template can lower yet; says why."""
 
 
+class DifferentiationError(LoweringError):
+    """A cascade whose gradient cannot be derived or run yet (a reduction the output depends on
+    beyond a shift, a shifted read of a learnable input, ...); says why."""
+
+
 class OutOfResourcesError(EinflashError, RuntimeError):
     """A configuration needs more on-chip memory than the target has."""
 

@@ -95,7 +95,8 @@ def correction(body: Expr, states: set[str], reduced: set[str]) -> Expr | None:
 
 
 def from_sympy(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Expr:
-    """Translate a sympy expression of +, ·, integer powers, exp and log back into the IR."""
+    """Translate a sympy expression back into the IR: +, ·, integer and square-root powers, exp, log, tanh,
+    abs, sign, numeric constants, steps (Heaviside) and two-way selections (Piecewise)."""
     if x in leaves:
         return leaves[x]
     if x.is_Number:
@@ -134,4 +135,28 @@ def from_sympy(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Expr:
         for _ in range(abs(k) - 1):
             out = call("mul", out, base)
         return call("div", Const(1.0), out) if k < 0 else out
+    return _from_sympy_function(x, leaves)
+
+
+def _from_sympy_function(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Expr:
+    """The rest of :func:`from_sympy`: constants, functions and selections derivatives produce."""
+    if x.is_number:  # log(2), sqrt(2)/2, ...
+        return Const(float(x))
+    unary = {sympy.tanh: "tanh", sympy.Abs: "abs", sympy.sign: "sign", sympy.sqrt: "sqrt"}
+    for cls, op in unary.items():
+        if isinstance(x, cls):
+            return call(op, from_sympy(x.args[0], leaves))
+    if x.is_Pow and x.exp == sympy.Rational(1, 2):
+        return call("sqrt", from_sympy(x.base, leaves))
+    if x.is_Pow and x.exp == sympy.Rational(-1, 2):
+        return call("div", Const(1.0), call("sqrt", from_sympy(x.base, leaves)))
+    if isinstance(x, sympy.Heaviside):  # a step: 0 at the origin, as torch's relu and maximum take it
+        return call("where", call("gt", from_sympy(x.args[0], leaves), Const(0.0)), Const(1.0), Const(0.0))
+    if isinstance(x, sympy.Piecewise) and len(x.args) == 2 and x.args[1].cond == sympy.true:
+        (a, cond), (b, _) = x.args
+        return call("where", from_sympy(cond, leaves), from_sympy(a, leaves), from_sympy(b, leaves))
+    comparisons = {sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
+                   sympy.LessThan: "le"}
+    if type(x) in comparisons:
+        return call(comparisons[type(x)], from_sympy(x.lhs, leaves), from_sympy(x.rhs, leaves))
     raise ValueError(f"cannot translate {x} back into the IR")

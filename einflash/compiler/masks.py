@@ -1,6 +1,7 @@
-"""Which key tiles a query tile visits, and which of them evaluate the mask.
+"""Which key tiles a query tile visits (and which query tiles a key tile visits), and which evaluate the mask.
 
-The loop of the one-pass kernel runs over ranges of key tiles. Ranges come from
+The loop of the one-pass kernel runs over ranges of key tiles (the backward's dK/dV kernel: of
+query tiles, from the transposed plan). Ranges come from
 the symbolic tile plan of the mask (``tiles.tile_plan``): tiles proven empty are
 never visited; tiles proven full run a body that skips the affine part of the
 mask; the remaining tiles (cut by the mask or by the end of the sequence) run the
@@ -21,7 +22,7 @@ import sympy
 from ..ir.cascade import Cascade, Einsum, Role
 from ..ir.expr import Call, Expr, Read
 from ..ir.ranks import STREAM, coord
-from .tiles import BM, BN, M0, M1, M, N, I, TilePlan, tile_plan
+from .tiles import BM, BN, M0, M1, N0, N1, M, N, I, J, TilePlan, tile_plan, transposed_plan
 
 
 @dataclass(frozen=True)
@@ -84,57 +85,101 @@ def affine_part(where: Expr, integers: frozenset[str]) -> Expr | None:
     return pred
 
 
-def _mask_einsum(c: Cascade, loop: tuple[Einsum, ...]) -> Einsum | None:
-    """The one filter every reduction over n depends on, if there is exactly one."""
+def _mask_einsum(c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}),
+                 outputs: frozenset = frozenset()) -> Einsum | None:
+    """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, when all
+    the loop's filters share one affine part (one filter in a forward; a mask and the adjoints it masks in a
+    backward)."""
     filters = [e for e in loop if e.where is not None]
-    if len(filters) != 1:
+    if not filters:
         return None
-    f = filters[0]
+    integers = frozenset(p.name for p in c.params if p.integer)
+    if any(affine_part(f.where, integers) != affine_part(filters[0].where, integers) for f in filters[1:]):
+        return None
+    names = {f.out for f in filters}
     deps: dict[str, set[str]] = {}
     for e in loop:
-        mine = {e.out} if e is f else set()
+        mine = {e.out} if e.out in names else set()
         for r in e.reads():
             if not r.prev:
                 mine |= deps.get(r.tensor, set())
         deps[e.out] = mine
     for e in loop:
-        if e.reduce is not None and STREAM in e.reduce.ranks and f.out not in deps[e.out]:
+        if ((e.reduce is not None and set(e.reduce.ranks) & ranks) or e.out in outputs) and not deps[e.out]:
             return None
-    return f
+    return filters[0]
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    """How a kernel streams one sequence past a fixed tile of the other: names in the generated code."""
+
+    tile: str  # tile size of the streamed rank
+    extent: str  # its extent
+    what: str  # "key" or "query"
+    bounds: tuple[str, ...]  # set-up lines defining the fixed tile's first and last position and `whole`
+    edge: str  # start of the streamed tiles cut by the end of the sequence (or of a cut fixed tile)
+    edge_setup: tuple[str, ...]  # set-up lines the edge needs
+    plan: object  # tile_plan or transposed_plan
+
+
+_KEYS = _Streamed("BLOCK_N", "N", "key",
+                  # rows of a packed program (decoding) cover every query position of their heads
+                  ("m0 = 0 if PACK else pid_m * BLOCK_M",
+                   "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1", "whole = N // BLOCK_N"),
+                  "(N // BLOCK_N) * BLOCK_N", (), tile_plan)
+# A key tile cut by the end of the keys has no full query tile: keys past N must be absent in all of them.
+_WHOLE_QUERIES = "whole = tl.where((pid_n + 1) * BLOCK_N > N, 0, M // BLOCK_M)"
+_QUERIES = _Streamed("BLOCK_M", "M", "query",
+                     ("n0 = pid_n * BLOCK_N", "n1 = tl.minimum((pid_n + 1) * BLOCK_N, N) - 1", _WHOLE_QUERIES),
+                     "whole * BLOCK_M", (_WHOLE_QUERIES,), transposed_plan)
 
 
 def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
     """The key-tile loops of a query tile (see the module docstring)."""
-    edge = "(N // BLOCK_N) * BLOCK_N"
-    f = _mask_einsum(c, loop)
+    return _stream_plan(c, loop, _KEYS, _mask_einsum(c, loop), lists=True)
+
+
+def query_plan(c: Cascade, loop: tuple[Einsum, ...], outputs: frozenset = frozenset()) -> KeyPlan:
+    """The query-tile loops of a key tile, for kernels that keep a key tile and stream queries (dK/dV).
+
+    Empty query tiles are skipped when every reduction over m or n in the loop, and every Einsum named
+    in ``outputs`` (values stored per tile), depends on the mask. Per-token data conjuncts (document
+    ids) are evaluated in every tile: run-time tile lists exist for key tiles of a query tile only.
+    """
+    return _stream_plan(c, loop, _QUERIES, _mask_einsum(c, loop, frozenset({"m", "n"}), outputs), lists=False)
+
+
+def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum | None, lists: bool) -> KeyPlan:
+    edge = s.edge
     if not any(e.where is not None for e in loop):
-        return KeyPlan((), (KeyRange("0", edge, False, comment="whole key tiles"),
-                            KeyRange(edge, "N", True, comment="the last key tile, cut by the end of the keys")))
-    everything = KeyPlan((), (KeyRange("0", "N", True, comment="every key tile, masked"),))
+        return KeyPlan(s.edge_setup, (KeyRange("0", edge, False, comment=f"whole {s.what} tiles"),
+                                      KeyRange(edge, s.extent, True, comment=f"the last {s.what} tile, cut by the "
+                                                                             f"end of the {s.what}s")))
+    everything = KeyPlan((), (KeyRange("0", s.extent, True, comment=f"every {s.what} tile, masked"),))
     if f is None:
         return everything
     integers = frozenset(p.name for p in c.params if p.integer)
     pred = affine_part(f.where, integers)
-    tests = block_tests(c, f.where)
+    tests = block_tests(c, f.where) if lists else ()
     if tests:
         return _listed(f.where, TileLists(tests, pred, integers), None if pred is None else tile_plan(pred, integers))
     if pred is None:
         return everything
     affine = conjuncts(pred)
-    plan = tile_plan(pred, integers)
-    # rows of a packed program (decoding) cover every query position of their heads
-    setup = ["m0 = 0 if PACK else pid_m * BLOCK_M", "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1",
-             "whole = N // BLOCK_N"]
+    plan = s.plan(pred, integers)
+    setup = list(s.bounds)
     full = []
     for k, iv in enumerate(plan.full):
         setup += _interval(f"full{k}", iv)
         setup.append(f"full{k}_hi = tl.minimum(full{k}_hi, whole)")  # a tile cut by N is masked
         full.append(f"full{k}")
-    ranges = [KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", False, frozenset(affine),
-                       f"full key tiles: the mask holds everywhere ({name})") for name in full]
+    t = s.tile
+    ranges = [KeyRange(f"{name}_lo * {t}", f"{name}_hi * {t}", False, frozenset(affine),
+                       f"full {s.what} tiles: the mask holds everywhere ({name})") for name in full]
     # the full tiles' hull [f_lo, f_hi): when they are one contiguous run (always for a single band),
     # each visited range splits into a masked run before it and one after it, with no per-tile tests
-    setup += ["ntiles = tl.cdiv(N, BLOCK_N)", "f_lo = ntiles", "f_hi = 0", "f_len = 0"]
+    setup += [f"ntiles = tl.cdiv({s.extent}, {t})", "f_lo = ntiles", "f_hi = 0", "f_len = 0"]
     for name in full:
         setup += [f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
                   f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
@@ -151,12 +196,12 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
                   f"{v}_m = tl.where(gap, {v}_b, {v}_a)"]
         before = " | ".join(seen) or None
         middle = " | ".join(seen + in_full) or None
-        what = "cut by the mask or the end of the keys"
-        ranges += [KeyRange(f"{v}_lo * BLOCK_N", f"{v}_a * BLOCK_N", True, comment=f"key tiles {what}, before "
+        what = f"cut by the mask or the end of the {s.what}s"
+        ranges += [KeyRange(f"{v}_lo * {t}", f"{v}_a * {t}", True, comment=f"{s.what} tiles {what}, before "
                             f"the full ones ({v})", skip_tile=before, pipelined=False),
-                   KeyRange(f"{v}_a * BLOCK_N", f"{v}_m * BLOCK_N", True, comment=f"key tiles {what}, between "
+                   KeyRange(f"{v}_a * {t}", f"{v}_m * {t}", True, comment=f"{s.what} tiles {what}, between "
                             f"full ones ({v})", skip_tile=middle, pipelined=False),
-                   KeyRange(f"{v}_b * BLOCK_N", f"{v}_hi * BLOCK_N", True, comment=f"key tiles {what}, after "
+                   KeyRange(f"{v}_b * {t}", f"{v}_hi * {t}", True, comment=f"{s.what} tiles {what}, after "
                             f"the full ones ({v})", skip_tile=before, pipelined=False)]
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
@@ -206,7 +251,8 @@ def _interval(name: str, iv) -> list[str]:
             f"{name}_hi = tl.where({name}_on, tl.maximum({hi}, {name}_lo), 0)"]
 
 
-_NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m"}
+_NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m", N0: "n0", N1: "n1",
+          J: "pid_n"}
 
 
 def to_triton(x: sympy.Basic) -> str:

@@ -50,6 +50,9 @@ M, N = STANDARD_RANKS["m"].extent, STANDARD_RANKS["n"].extent
 I = sympy.Symbol("i", integer=True, nonnegative=True)  # the query tile
 M0, M1 = (sympy.Symbol(s, integer=True, nonnegative=True) for s in ("m0", "m1"))  # its first and last row
 ROW_BOUNDS = {M0: I * BM, M1: sympy.Min((I + 1) * BM, M) - 1}
+J = sympy.Symbol("j", integer=True, nonnegative=True)  # a key tile (transposed plans)
+N0, N1 = (sympy.Symbol(s, integer=True, nonnegative=True) for s in ("n0", "n1"))  # its first and last key
+KEY_BOUNDS = {N0: J * BN, N1: sympy.Min((J + 1) * BN, N) - 1}
 NCOLS = sympy.ceiling(N / BN)  # key tiles per row
 _m, _n = coord("m"), coord("n")
 
@@ -329,10 +332,16 @@ class TilePlan:
     cut: tuple[Interval, ...]
     full: tuple[Interval, ...]
     exact: bool
+    over: str = "n"  # "n": key tiles j per query tile i; "m" (transposed): query tiles i per key tile j
 
     def __str__(self) -> str:
-        rows = ", ".join(f"{k} = {v}" for k, v in ROW_BOUNDS.items())
-        lines = [f"mask {format_form(self.form)}", f"key tiles j of query tile i ({rows}), 0 ≤ j < {NCOLS}:"]
+        if self.over == "m":
+            keys = ", ".join(f"{k} = {v}" for k, v in KEY_BOUNDS.items())
+            head = f"query tiles i of key tile j ({keys}), 0 ≤ i < {sympy.ceiling(M / BM)}:"
+        else:
+            rows = ", ".join(f"{k} = {v}" for k, v in ROW_BOUNDS.items())
+            head = f"key tiles j of query tile i ({rows}), 0 ≤ j < {NCOLS}:"
+        lines = [f"mask {format_form(self.form)}", head]
         for name, ivs in (("non-empty", self.visit), ("full", self.full)):
             texts = [str(iv) for iv in ivs] or ["none"]
             lines += [f"  {name if k == 0 else '':10}{text}" for k, text in enumerate(texts)]
@@ -340,8 +349,8 @@ class TilePlan:
         return "\n".join(lines)
 
 
-_SIZES = frozenset({M0, M1, BM, BN, M, N})  # bound by count_tiles itself
-_RESERVED = frozenset(s.name for s in _SIZES | {I, _m, _n})
+_SIZES = frozenset({M0, M1, N0, N1, BM, BN, M, N})  # bound by count_tiles itself
+_RESERVED = frozenset(s.name for s in _SIZES | {I, J, _m, _n})
 
 
 def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | None:
@@ -370,6 +379,49 @@ def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | 
     cut = tuple(iv for conj in negation if (iv := row_interval(conj)) is not None)
     exact = all(_is_exact(conj) for conj in form + negation)
     return TilePlan(form, visit, cut, _complement(cut), exact)
+
+
+def _swap_sequences(pred: Expr) -> Expr:
+    """The predicate with the roles of m and n exchanged (coordinates and extents)."""
+    from ..ir.expr import Size, transform
+
+    other = {"m": "n", "n": "m"}
+
+    def swap(x):
+        if isinstance(x, Coord) and x.rank in other:
+            return Coord(other[x.rank])
+        if isinstance(x, Size) and x.rank in other:
+            return Size(other[x.rank])
+        return None
+
+    return transform(pred, swap)
+
+
+def transposed_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | None:
+    """Per key tile ``j`` (keys ``n0`` to ``n1``): the query tiles to visit and those that need no mask.
+
+    This is :func:`tile_plan` of the predicate with m and n exchanged, its symbols renamed back:
+    what kernels that keep a key tile and stream query tiles (the backward's dK/dV kernel) visit.
+
+    >>> from einflash.ir.expr import call
+    >>> print(transposed_plan(call("le", Coord("n"), Coord("m"))))
+    mask m - n >= 0
+    query tiles i of key tile j (n0 = BN*j, n1 = Min(N, BN*(j + 1)) - 1), 0 ≤ i < ceiling(M/BM):
+      non-empty [floor(n0/BM), ceiling(M/BM)) if n0 <= M - 1
+      full      [0, ceiling(M/BM)) if 0 > n1 - 1
+                [Min(floor((n1 - 1)/BM) + 1, ceiling(M/BM)), ceiling(M/BM)) if 0 <= n1 - 1
+      exact
+    """
+    plan = tile_plan(_swap_sequences(pred), integers)
+    if plan is None:
+        return None
+    back = {M0: N0, M1: N1, BN: BM, BM: BN, N: M, M: N}
+
+    def rename(ivs):
+        return tuple(Interval(iv.lo.xreplace(back), iv.hi.xreplace(back), iv.when.xreplace(back)) for iv in ivs)
+
+    return TilePlan(affine_form(pred, integers), rename(plan.visit), rename(plan.cut), rename(plan.full), plan.exact,
+                    over="m")
 
 
 # -- concrete sizes ---------------------------------------------------------------------
@@ -468,6 +520,11 @@ def tile_rows(plan: TilePlan, M: int, N: int, BM: int, BN: int, **params: float)
     """
     code = _compiled(plan)
     env = _environment(code.params, M, N, BM, BN, params)
+    if plan.over == "m":  # transposed: per key tile, ranges of query tiles
+        for j in range(-(-N // BN)):
+            env["n0"], env["n1"] = j * BN, min((j + 1) * BN, N) - 1
+            yield RowTiles(_merge(f(env) for f in code.visit), _merge(f(env) for f in code.full))
+        return
     for i in range(-(-M // BM)):
         env["m0"], env["m1"] = i * BM, min((i + 1) * BM, M) - 1
         yield RowTiles(_merge(f(env) for f in code.visit), _merge(f(env) for f in code.full))

@@ -16,14 +16,23 @@ from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
 
 
-def validate(c: Cascade) -> None:
-    """Raise the first violated rule as a CascadeError subclass naming its line."""
+def validate(c: Cascade, contract: bool = True) -> None:
+    """Raise the first violated rule as a CascadeError subclass naming its line.
+
+    ``contract``: the outputs must be attention outputs ``o[m, f]``; a gradient cascade, whose
+    outputs are gradients of inputs of any shape, is validated with ``contract=False``.
+    """
     _check_declarations(c)
     for e in c.einsums:
         _check_einsum(c, e)
     _check_acyclic(c)
     _check_order(c)
-    _check_outputs(c)
+    if contract:
+        _check_outputs(c)
+    else:
+        for o in c.outputs:
+            if not c.has_tensor(o):
+                raise UnknownTensorError(f"output {o!r} is not declared", c.source)
 
 
 def _check_declarations(c: Cascade) -> None:
