@@ -21,7 +21,13 @@ from .blocks import tile_lists
 from .masks import key_plan
 from .pipeline import optimise
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+               torch.float64: "float64"}
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What kernels of ``dtype`` accumulate (and keep their states) in: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def padded(extent: int) -> int:
@@ -74,22 +80,25 @@ class Forward:
         return out
 
     def source(self, dtype: torch.dtype, dims: dict[str, int], split: bool,
-               int_inputs: frozenset = frozenset()) -> KernelSource:
+               int_inputs: frozenset = frozenset(), saved: tuple[str, ...] = ()) -> KernelSource:
         if self.error is not None:
             raise self.error
-        key = (dtype, tuple(sorted(dims.items())), split, int_inputs)
+        key = (dtype, tuple(sorted(dims.items())), split, int_inputs, saved)
         if key not in self._sources:
-            self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs)
+            self._sources[key] = lower(self.streamed, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs,
+                                       saved=saved)
         return self._sources[key]
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
             extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
+            saved: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
         A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
-        states are then ``[1, H, total_q, ...]``.
+        states are then ``[1, H, total_q, ...]``. ``saved`` names states to keep for the backward
+        (training, no split): each is returned too (``[B, H, M(, F)]``), with its per-row presence as
+        ``"<state>:present"`` (int8, 1 where the row saw a key).
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -109,15 +118,24 @@ class Forward:
                 raise LoweringError(f"{c.name}: a mask on per-token data (document ids) in a jagged batch is not "
                                     f"implemented; the sequences of a jagged batch need no document mask")
             extents = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
+        if saved and split:
+            raise LoweringError(f"{c.name}: the training forward keeps its states for the backward and runs "
+                                f"without split-KV; run it with splits=1")
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
-        src = self.source(first.dtype, dims, split, ints)
+        src = self.source(first.dtype, dims, split, ints, saved)
         inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
                   for k, v in inputs.items()}
         lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
                                                           schedule.block_m, schedule.block_n, schedule.pack)
         if split:
             return self._split(src, inputs, values, out, schedule, extents, dims, lists)
-        ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
+        acc = accumulator_dtype(first.dtype)
+        ws = {}
+        for s in src.stored:
+            extra = [extents[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
+            ws[s] = torch.empty(B, H, M, *extra, dtype=acc, device=first.device)
+        for s in src.saved:
+            ws[f"{s}:present"] = torch.empty(B, H, M, dtype=torch.int8, device=first.device)
         if jagged is None or jagged.max_q > 0:
             launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists)
         return out, ws
@@ -130,11 +148,11 @@ class Forward:
         ws = {}
         for s in src.row_states + src.acc_states:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
-            ws[s] = torch.empty(B, H, S, M, *extra, dtype=torch.float32, device=dev)
+            ws[s] = torch.empty(B, H, S, M, *extra, dtype=accumulator_dtype(out.dtype), device=dev)
             ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
         launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists)
         comb = self._combine_source(out.dtype, dims)
-        rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
+        rows = {s: torch.empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev) for s in comb.row_states}
         combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
         return out, rows
 

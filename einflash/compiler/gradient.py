@@ -66,6 +66,11 @@ class SavedState:
     value: str
     present: str
 
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The ranks of its presence flag: batch, head and query row."""
+        return tuple(r for r in self.ranks if r in PARALLEL or r == "m")
+
 
 @dataclass(frozen=True)
 class Partial:
@@ -373,9 +378,10 @@ class _Builder:
 
 
 def _sum(terms: list[Expr]) -> Expr:
-    out = ZERO
-    for t in terms:
-        out = _add(out, t)
+    """Contributions to one adjoint: one that is absent somewhere (masked there) adds nothing there."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = call("add", out, t, merge=Merge.ANY)
     return out
 
 
@@ -490,9 +496,10 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
             value, present = b.fresh(f"{e.out}__saved"), b.fresh(f"{e.out}__present")
             rows = tuple(r for r in t.ranks if r in PARALLEL or r == "m")
             inputs += [TensorDecl(value, t.ranks, Role.INPUT), TensorDecl(present, rows, Role.INPUT)]
-            keep = call("ne", plain_read(TensorDecl(present, rows)), ZERO)
-            recompute.append(Einsum(e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)), where=keep, line=e.line))
-            saved.append(SavedState(e.out, t.ranks, _init(c, e), value, present))
+            state = SavedState(e.out, t.ranks, _init(c, e), value, present)
+            recompute.append(Einsum(e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)),
+                                    where=presence_predicate(state), line=e.line))
+            saved.append(state)
             continue
         recompute.append(e)
     out_decl = c.tensor(out_name)
@@ -504,11 +511,16 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
     tensors = inputs + intermediates + b.tensors
     g = Cascade(f"{c.name}_grad", c.ranks, tuple(tensors), c.params, tuple(einsums), tuple(p.name for p in partials),
                 source=c.source)
-    g = _prune(g)
+    g = prune(g)
     used = {t.name for t in g.tensors}
     saved = [s for s in saved if s.value in used]
     validate(g, contract=False)
     return Gradient(g, c, d_out, out_name if out_name in used else None, tuple(saved), partials, proofs)
+
+
+def presence_predicate(s: SavedState) -> Expr:
+    """Where the gradient cascade takes a saved state as present: its row saw a key."""
+    return call("ne", plain_read(TensorDecl(s.present, s.rows)), ZERO)
 
 
 def _init(c: Cascade, e: Einsum) -> float:
@@ -517,7 +529,7 @@ def _init(c: Cascade, e: Einsum) -> float:
     return REDUCERS[e.reduce.op].identity
 
 
-def _prune(g: Cascade) -> Cascade:
+def prune(g: Cascade) -> Cascade:
     """Drop Einsums nothing the outputs need reads, and unused tensors (inputs included)."""
     needed = set(g.outputs)
     keep: list[Einsum] = []
@@ -579,10 +591,7 @@ def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tup
     group (kv heads). Inputs that are not floating point get None; floating-point inputs without a
     partial (read only by predicates: thresholds, masks) get zeros.
     """
-    out: dict[str, torch.Tensor | None] = {}
-    for t in g.forward.inputs:
-        x = inputs[t.name]
-        out[t.name] = torch.zeros_like(x) if x.is_floating_point() else None
+    parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in g.forward.inputs}
     for p in g.partials:
         x = inputs[p.input]
         if not x.is_floating_point():
@@ -602,5 +611,15 @@ def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tup
             value = value.sum(extra)
             dims = [d for d in dims if d in decl.ranks]
         value = value.permute([dims.index(r) for r in decl.ranks]) if dims else value
-        out[p.input] = out[p.input] + value.to(x.dtype)
+        parts[p.input].append(value)
+    out: dict[str, torch.Tensor | None] = {}
+    for t in g.forward.inputs:
+        x, mine = inputs[t.name], parts[t.name]
+        if not x.is_floating_point():
+            out[t.name] = None
+        elif not mine:
+            out[t.name] = torch.zeros_like(x)
+        else:
+            total = mine[0] if len(mine) == 1 else torch.stack(torch.broadcast_tensors(*mine)).sum(0)
+            out[t.name] = total.to(x.dtype)
     return out

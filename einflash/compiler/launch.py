@@ -68,13 +68,16 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
         args += list(x.stride())
     args.append(out)
     args += list(out.stride())
-    for s in (src.row_states + src.acc_states if src.split else src.row_states):
+    for s in src.stored:
         w = workspaces[s]
         args.append(w)
         args += list(w.stride())
         if src.split:
             args.append(workspaces[f"{s}:present"])
             args += list(workspaces[f"{s}:present"].stride())
+    for s in src.saved:
+        args.append(workspaces[f"{s}:present"])
+        args += list(workspaces[f"{s}:present"].stride())
     for t in tile_lists or ():
         args.append(t)
         args += list(t.stride())

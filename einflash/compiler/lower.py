@@ -42,6 +42,14 @@ class KernelSource:
     split: bool
     ranges: tuple[KeyRange, ...] = field(default=())
     lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
+    saved: tuple[str, ...] = ()  # states stored for the backward, each with a per-row presence flag
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        """The states whose values the kernel stores, in argument order (presence flags follow, if saved)."""
+        if self.split:
+            return self.row_states + self.acc_states
+        return self.row_states + tuple(s for s in self.saved if s not in self.row_states)
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def sections(c: Cascade) -> Sections:
     return Sections(c.einsums[:first], tuple(loop), c.einsums[last:])
 
 
-def kernel_name(c: Cascade, dims: dict, dtype: str, split: bool) -> str:
+def kernel_name(c: Cascade, dims: dict, dtype: str, split: bool, saved: bool = False) -> str:
     """Deterministic and readable: variant, structural key, dtype and head dims.
 
     A head dim is named by its true extent (``e40``), with the padded tile extent after it when
@@ -84,15 +92,17 @@ def kernel_name(c: Cascade, dims: dict, dtype: str, split: bool) -> str:
         return f"{r}{true}" if true == dims[r] else f"{r}{true}p{dims[r]}"
 
     ds = "_".join(dim(r) for r in sorted(k for k in dims if not k.endswith("_extent")))
-    return f"attn_fwd__{c.name}__{c.key[:8]}__{dtype}__{ds}{'__split' if split else ''}"
+    return f"attn_fwd__{c.name}__{c.key[:8]}__{dtype}__{ds}{'__split' if split else ''}{'__train' if saved else ''}"
 
 
 def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
-          int_inputs: frozenset = frozenset()) -> KernelSource:
+          int_inputs: frozenset = frozenset(), saved: tuple[str, ...] = ()) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
     ``dims`` maps every non-sequence rank to its padded tile extent and
     ``<rank>_extent`` to its true extent, e.g. ``{"e": 64, "e_extent": 40}``.
+    ``saved`` names states the kernel also stores for the backward (training), each with its
+    per-row presence (``wsp_<state>[b, h, m]``, 1 where the row saw a key).
     """
     sec = sections(c)
     used = {r.tensor for e in c.einsums for r in e.reads()}
@@ -101,8 +111,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
     row_states = tuple(t.name for t in c.states if tuple(r for r in t.ranks if r not in PARALLEL) == ("m",))
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
-    fp32 = dtype == "float32"
-    dot_dtype = "tl.float32" if fp32 else f"{tensors[0]}_ptr.dtype.element_ty"
+    exact, acc = exact_dots(dtype)
+    dot_dtype = acc if exact else f"{tensors[0]}_ptr.dtype.element_ty"
     keys = key_plan(c, sec.loop)
     ranges = keys.ranges
 
@@ -111,12 +121,12 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     counter = [0]
 
     def gen(masked: bool, skip=frozenset()) -> TileCode:
-        return TileCode(c, dims, masked, skip, dict(shared), [], dot_dtype, fp32, dict(loads), counter,
-                        int_inputs=int_inputs)
+        return TileCode(c, dims, masked, skip, dict(shared), [], dot_dtype, exact, dict(loads), counter,
+                        int_inputs=int_inputs, acc=acc)
 
     # prologue: state init, query-side loads used anywhere, prologue Einsums
     pro = gen(masked=False)
-    _init_states(pro, c)
+    _init_states(pro, c, acc)
     for e in sec.loop:
         for r in e.reads():
             if c.tensor(r.tensor).role is Role.INPUT and not _has_n(r):
@@ -149,8 +159,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
         for s in row_states + acc_states:
             _store_state(epi, s, c.tensor(s).ranks, split=True)
     else:
-        for s in row_states:
-            _store_state(epi, s, c.tensor(s).ranks, split=False)
+        for s in row_states + tuple(s for s in saved if s not in row_states):
+            _store_state(epi, s, c.tensor(s).ranks, split=False, presence=s in saved)
         _store_output(epi, epi.env[c.outputs[0]], value_rank)
 
     args = []
@@ -158,17 +168,20 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
         args.append(f"{name}_ptr")
         args += [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
     args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
-    for s in (row_states + acc_states if split else row_states):
+    saved = () if split else saved
+    for s in (row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states)):
         nd = 3 + (1 if split else 0) + (0 if s in row_states else 1)
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(nd)]
         if split:
             args += [f"wsp_{s}_ptr"] + [f"stride_wsp_{s}_{d}" for d in range(4)]
+    for s in saved:
+        args += [f"wsp_{s}_ptr"] + [f"stride_wsp_{s}_{d}" for d in range(3)]
     if keys.lists is not None:
         args += ["tiles_ptr"] + [f"stride_tiles_{d}" for d in range(3)]
         args += ["counts_ptr"] + [f"stride_counts_{d}" for d in range(3)]
     args += [f"p_{p}" for p in params]
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
-    name = kernel_name(c, dims, dtype, split)
+    name = kernel_name(c, dims, dtype, split, bool(saved))
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
     text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
                   args=",\n    ".join(args), constexprs=constexprs,
@@ -176,7 +189,13 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
-                        split, tuple(ranges), keys.lists)
+                        split, tuple(ranges), keys.lists, saved)
+
+
+def exact_dots(dtype: str) -> tuple[bool, str]:
+    """Whether a kernel of ``dtype`` contracts exactly (ieee dots of operands in the accumulator type), and
+    the accumulator type: fp32, fp64 for fp64 kernels."""
+    return dtype in ("float32", "float64"), "tl.float64" if dtype == "float64" else "tl.float32"
 
 
 def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
@@ -229,9 +248,10 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
     counter = [0]
-    pro = TileCode(combined, dims, False, counter=counter, workspaces=workspaces)
-    _init_states(pro, c)
-    body = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces)
+    acc = exact_dots(dtype)[1]
+    pro = TileCode(combined, dims, False, counter=counter, workspaces=workspaces, acc=acc)
+    _init_states(pro, c, acc)
+    body = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces, acc=acc)
     states = {t.name for t in c.states}
     for s in sorted(states):
         body.emit(f"v_{s}_prev = v_{s}")
@@ -240,7 +260,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
         t = body.einsum(e)
         if e.out in states:
             _carry(body, e.out, t)
-    epi = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces)
+    epi = TileCode(combined, dims, False, env=dict(pro.env), counter=counter, workspaces=workspaces, acc=acc)
     for e in sections(c).epilogue:
         epi.einsum(e)
     for s in row_states:
@@ -271,10 +291,10 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
                         acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
 
 
-def _init_states(g: TileCode, c: Cascade) -> None:
+def _init_states(g: TileCode, c: Cascade, acc: str = "tl.float32") -> None:
     for t in c.states:
         shape = ", ".join(bcast_axes(t.ranks))
-        g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, tl.float32)")
+        g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, {acc})")
         g.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
         g.env[t.name] = Tile(f"v_{t.name}", _tile_ranks(t.ranks), f"v_{t.name}_p", ("m",), t.init)
 
@@ -315,8 +335,9 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
 
 
-def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
-    """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``.
+def _store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = False) -> None:
+    """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``,
+    with ``presence`` (a saved state, no split) into ``wsp[b, h, m]``.
 
     Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum), and ``ws`` is
     laid out like the output (packed rows of a jagged batch); a split's workspace is per sequence and row.
@@ -344,6 +365,10 @@ def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
         flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
         g.emit(f"tl.store(wsp_{name}_ptr + off_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
                f"tl.program_id(2) * stride_wsp_{name}_2 + offs_m * stride_wsp_{name}_3, {flag}, mask=row_ok)")
+    elif presence:
+        flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
+        g.emit(f"tl.store(wsp_{name}_ptr + mem_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+               f"mem_m * stride_wsp_{name}_2, {flag}, mask=row_ok)")
 
 
 def source_digest(text: str) -> str:

@@ -34,7 +34,7 @@ class Tile:
     present: str | None = None
     pranks: tuple[str, ...] = ()
     fill: float | None = None
-    dtype: str = "f32"  # "f32", "in" (the input dtype, as loaded), "bool", "int"
+    dtype: str = "f32"  # "f32" (the accumulator type: fp32, fp64 in fp64 kernels), "in" (as loaded), "bool", "int"
 
 
 def axis_extent(rank: str) -> str:
@@ -112,12 +112,20 @@ class TileCode:
     env: dict[str, Tile] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     dot_dtype: str = "q_ptr.dtype.element_ty"
-    fp32_dot: bool = False
+    fp32_dot: bool = False  # exact dots: ieee precision, operands in the accumulator type (fp32 and fp64 kernels)
     loads: dict = field(default_factory=dict)
     counter: list = field(default_factory=lambda: [0])
     dots: dict = field(default_factory=dict)  # tensor -> (a, b, precision) of a plain tl.dot result
     workspaces: frozenset = frozenset()  # split workspaces: [B, H, SPLITS, M(, D)] read at split s_idx
     int_inputs: frozenset = frozenset()  # inputs holding integers (document ids)
+    acc: str = "tl.float32"  # the type values are computed and accumulated in ("f32" tiles; tl.float64 for fp64)
+    # rows past M are absent in masked code: kernels that reduce over m (the backward's dK/dV) need them absent,
+    # one-pass forwards only never store them
+    row_edge: bool = False
+    # loads of keys are masked at the end of the keys even in unmasked code (tiles loaded once, before
+    # code of both kinds runs), without making keys past N absent
+    edge_loads: bool = False
+    prefix: str = "v_"  # of the variables Einsums are bound to (two versions of one Einsum need two)
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -168,11 +176,13 @@ class TileCode:
         pad = []
         for rank in axes_t:
             cond = self.bound(rank)
+            if cond is None and rank == "n" and self.edge_loads:
+                masks.append(bcast("(offs_n < N)", (rank,), axes_t))
             if cond is not None:
                 masks.append(bcast(cond, (rank,), axes_t))
-                if rank != "m":
+                if rank != "m" or (self.row_edge and self.masked):
                     pad.append(rank)
-        ptr = f"{r.tensor}_ptr + " + " + ".join(terms)
+        ptr = " + ".join([f"{r.tensor}_ptr"] + terms)  # no terms: a 0-d tensor (a learnable scalar)
         name = self.fresh(f"ld_{r.tensor}")
         if masks:
             self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
@@ -180,6 +190,8 @@ class TileCode:
             self.emit(f"{name} = tl.load({ptr})")
         # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
         present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
+        if len(pad) > 1:  # one expression: it is indexed to broadcast against other tiles
+            present = f"({present})"
         t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None,
                  dtype="int" if r.tensor in self.int_inputs else "in")
         if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
@@ -209,7 +221,8 @@ class TileCode:
         if isinstance(x, Param):
             return Tile(f"p_{x.name}", ())
         if isinstance(x, Size):
-            return Tile(f"{'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)} * 1.0", ())
+            size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
+            return Tile(f"{size} * 1.0" if self.acc == "tl.float32" else f"tl.cast({size}, {self.acc})", ())
         if isinstance(x, Coord):
             if x.rank == "h":
                 return Tile("off_hrow", ("m",), dtype="int")
@@ -231,7 +244,7 @@ class TileCode:
     # -- expressions ---------------------------------------------------------------------------
 
     def f32(self, t: Tile) -> str:
-        return f"{t.code}.to(tl.float32)" if t.dtype in ("in", "int") else t.code
+        return f"{t.code}.to({self.acc})" if t.dtype in ("in", "int") else t.code
 
     def expr(self, x: Expr) -> Tile:
         if not isinstance(x, Call):
@@ -254,6 +267,8 @@ class TileCode:
         fill = _eval_fill(x.op, args) if present is not None else None
         code = (op.triton_fp32 if self.fp32_dot and op.triton_fp32 else op.triton).format(*codes)
         dtype = "bool" if op.boolean else "int" if exact else "f32"
+        if dtype == "f32" and self.acc != "tl.float32" and x.op in ("where", "sign"):
+            code = f"({code}).to({self.acc})"  # a selection between literals is fp32 in Triton
         if op.boolean and present is not None:  # a predicate on absent data is false
             code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
         return Tile(code, ranks, present, pranks, fill, dtype)
@@ -286,7 +301,7 @@ class TileCode:
 
     def bind(self, name: str, t: Tile) -> Tile:
         """Assign a tile to a variable (and its presence to another) so later uses are cheap."""
-        var = f"v_{name}"
+        var = f"{self.prefix}{name}"
         self.emit(f"{var} = {t.code}")
         present = None
         if t.present is not None:
@@ -416,6 +431,8 @@ class TileCode:
         a_code = self.operand(a, (x, r))
         b_code = self.operand(b, (r, y))
         prec = ', input_precision="ieee"' if self.fp32_dot else ""
+        if self.acc != "tl.float32":  # tl.dot accumulates in fp32 unless told otherwise
+            prec += f", out_dtype={self.acc}"
         code = f"tl.dot({a_code}, {b_code}{prec})"
         # the result is present where some term of the sum is: reduce the operands' presence over r
         present, pranks = presence([self.reduced_presence(t, r) for t in (a, b)])
@@ -453,7 +470,7 @@ class TileCode:
         """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
         code = t.code if (t.dtype == "in" or self.fp32_dot) else f"{t.code}.to({self.dot_dtype})"
         if self.fp32_dot and t.dtype == "in":
-            code = f"{t.code}.to(tl.float32)"
+            code = f"{t.code}.to({self.acc})"
         if len(t.ranks) == 1:
             raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")
         return code if t.ranks == want else f"tl.trans({code})"

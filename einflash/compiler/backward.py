@@ -1,0 +1,678 @@
+"""The backward of one cascade: its gradient cascade, split into three kernels, lowered and run.
+
+- rows (``attention_bwd_rows.py.jinja``): one program per query tile, no keys. The gradient
+  cascade's row-level reductions that the other kernels read (Σ_f d_o·o/den for softmax, one
+  per normaliser) are computed once per row here instead of once per tile pair, and so are
+  the gradients of inputs read only at row level (head gates, the λ of differential attention).
+- dK/dV (``attention_bwd_kv.py.jinja``): one program per key tile and kv head. For each query
+  head of its GQA group it streams the query tiles the transposed mask plan visits; gradients
+  of key-side inputs (k, v, key-layout factors) accumulate over the whole group in registers,
+  per-pair gradients (bias[h, m, n]) are stored per tile, per-head ones (ALiBi slopes) as one
+  partial sum per program.
+- dQ (the forward's one-pass template, ``attention_fwd.py.jinja``): one program per query tile
+  streaming key tiles with the forward's key plan: gradients of query-side inputs. With an
+  atomic schedule the dK/dV kernel adds them (atomically, in fp32) instead; that is faster to
+  launch and not deterministic on GPUs.
+
+Each kernel's part of the gradient cascade is a cascade of its own (its row terms read as
+inputs), with every reduction over several ranks split into one-rank steps and the reductions
+over the streamed rank made running sums; the tile code is the forward's (TileCode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..errors import LoweringError
+from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
+from ..ir.expr import Merge, Read, call
+from ..ir.printer import format_cascade
+from ..ir.ranks import PARALLEL, STREAM, rank_order
+from ..ir.validate import validate
+from ..templates import render
+from .blocks import tile_lists
+from .forward import DTYPE_NAMES, Forward, accumulator_dtype
+from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
+from .launch import load_kernel
+from .lower import exact_dots, kernel_name
+from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
+from .rewrites import fresh_name
+from .tilecode import Tile, TileCode, axis_extent, bcast, presence
+
+ROWS_BLOCK_M = 64  # query rows per program of the rows kernel (memory-bound and tiny)
+
+
+@dataclass(frozen=True)
+class BackwardSchedule:
+    """How the backward runs.
+
+    The dK/dV kernel keeps ``block_n`` keys per program and streams queries ``block_m`` at a time;
+    the dQ kernel keeps ``block_n`` queries and streams keys ``block_m`` at a time (each keeps the
+    larger tile). ``atomic_dq``: no dQ kernel; the dK/dV kernel adds the query-side gradients
+    atomically (fp32), so their bits may differ from run to run on a GPU.
+
+    >>> BackwardSchedule(32, 128, 8, 2).deterministic
+    True
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    atomic_dq: bool = False
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.atomic_dq
+
+
+def default_backward_schedule(extents: dict[str, int], target, deterministic: bool = True) -> BackwardSchedule:
+    """The target's backward tiles for the widest head dimension (see ``Target.backward``)."""
+    widest = max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
+    cfg = target.backward.default(1 << max(0, widest - 1).bit_length())
+    return BackwardSchedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, atomic_dq=False)
+
+
+# -- the kernels' parts of the gradient cascade -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The gradient cascade cut into the kernels' cascades; ``row_terms`` are computed by ``rows`` and read
+    by the others; ``kv_atomic`` is the dK/dV kernel of the atomic schedule (query-side partials too)."""
+
+    rows: Cascade | None
+    kv: Cascade | None
+    q: Cascade | None
+    kv_atomic: Cascade | None
+    row_terms: tuple[str, ...]
+
+
+def _given(c: Cascade, names: set[str]) -> Cascade:
+    """``c`` with the tensors ``names`` read as inputs instead of computed."""
+    tensors = tuple(replace(t, role=Role.INPUT) if t.name in names else t for t in c.tensors)
+    tensors = tuple(t for t in tensors if t.role is Role.INPUT) + tuple(t for t in tensors if t.role is not Role.INPUT)
+    return replace(c, tensors=tensors, einsums=tuple(e for e in c.einsums if e.out not in names))
+
+
+def _part(g: Cascade, name: str, outputs: list[str], given: set[str]) -> Cascade | None:
+    if not outputs:
+        return None
+    return prune(replace(_given(g, given), name=f"{g.name}_{name}", outputs=tuple(outputs)))
+
+
+def one_rank_reductions(c: Cascade, order: tuple[str, ...]) -> Cascade:
+    """Every reduction over several ranks as a chain of reductions over one rank each, the ranks in
+    ``order`` last and in that order (Σ_{m,n} x = Σ_n Σ_m x); sums only."""
+    einsums, tensors, taken = [], list(c.tensors), set()
+    for e in c.einsums:
+        if e.reduce is None or len(e.reduce.ranks) == 1:
+            einsums.append(e)
+            continue
+        if e.reduce.op != "sum":
+            raise LoweringError(f"{c.where(e)}: a {e.reduce.op} over several ranks has no one-rank form here")
+        ranks = sorted(e.reduce.ranks, key=lambda r: order.index(r) if r in order else -1)
+        its, body, where = set(e.iteration_ranks), e.expr, e.where
+        for r in ranks[:-1]:
+            its.discard(r)
+            name = fresh_name(c, f"{e.out}__{r}", taken)
+            taken.add(name)
+            decl = TensorDecl(name, rank_order(its))
+            tensors.append(decl)
+            einsums.append(Einsum(name, decl.ranks, body, Reduction("sum", (r,)), where, line=e.line))
+            body, where = plain_read(decl), None
+        einsums.append(Einsum(e.out, e.ranks, body, Reduction("sum", (ranks[-1],)), where, line=e.line))
+    out = replace(c, tensors=tuple(tensors), einsums=tuple(einsums))
+    validate(out, contract=False)
+    return out
+
+
+def cut(g: Gradient) -> Parts:
+    """The kernels' cascades of a gradient (see the module docstring)."""
+    c = g.cascade
+    by = {k: [p.name for p in g.partials if p.kernel == k] for k in ("rows", "q", "kv")}
+    pair_reads = {r.tensor for e in c.einsums if STREAM in e.iteration_ranks for r in e.reads()}
+    # row maps are recomputed where they are read; row reductions the pair kernels need are precomputed
+    todo, seen = list(pair_reads), set()
+    while todo:
+        t = todo.pop()
+        e = c.producer(t)
+        if t in seen or e is None or STREAM in e.iteration_ranks:
+            continue
+        seen.add(t)
+        if e.reduce is None:
+            todo += [r.tensor for r in e.reads()]
+    row_terms = tuple(e.out for e in c.einsums if e.out in seen and e.reduce is not None)
+    rows = _part(c, "rows", list(row_terms) + by["rows"], set())
+    given = set(row_terms)
+    kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
+    both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
+    return Parts(rows and one_rank_reductions(rows, ("m",)), kv and one_rank_reductions(kv, ("m", "n")),
+                 q and one_rank_reductions(q, ("n", "m")), both and one_rank_reductions(both, ("m", "n")), row_terms)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A kernel's cascade with the Einsums that iterate ``rank`` in one loop over its tiles: reductions
+    over ``rank`` are running sums (states ``S = S@prev +∪ S_chunk``)."""
+
+    cascade: Cascade
+    rank: str
+    prologue: tuple[Einsum, ...]
+    loop: tuple[Einsum, ...]
+    epilogue: tuple[Einsum, ...]
+    sums: tuple[str, ...]
+
+
+def stream(c: Cascade, rank: str) -> Streamed:
+    """Put the Einsums of ``c`` that iterate ``rank`` into one loop over tiles of it."""
+    iterating = {e.out for e in c.einsums if rank in e.iteration_ranks}
+    pro, loop, epi, sums, after = [], [], [], [], set()
+    tensors, taken = list(c.tensors), set()
+    for e in c.einsums:
+        reads = {r.tensor for r in e.reads()}
+        if e.out in iterating:
+            late = reads & (set(sums) | after)
+            if late:
+                raise LoweringError(f"{c.where(e)}: reads {sorted(late)[0]}, a sum over all of {rank}; the "
+                                    f"gradient would need another pass over {rank}")
+            if e.reduce is not None and rank in e.reduce.ranks:
+                chunk = fresh_name(c, f"{e.out}_chunk", taken)
+                taken.add(chunk)
+                decl = c.tensor(e.out)
+                tensors = [replace(t, role=Role.STATE, init=0.0) if t.name == e.out else t for t in tensors]
+                tensors.append(TensorDecl(chunk, decl.ranks))
+                loop.append(replace(e, out=chunk, loop=True))
+                update = call("add", plain_read(decl, prev=True), plain_read(TensorDecl(chunk, decl.ranks)),
+                              merge=Merge.ANY)
+                loop.append(Einsum(e.out, e.ranks, update, loop=True, line=e.line))
+                sums.append(e.out)
+            else:
+                loop.append(replace(e, loop=True))
+        elif reads & (iterating | after):
+            epi.append(e)
+            after.add(e.out)
+        else:
+            pro.append(e)
+    out = replace(c, tensors=tuple(tensors), einsums=tuple(pro + loop + epi))
+    validate(out, contract=False)
+    return Streamed(out, rank, tuple(pro), tuple(loop), tuple(epi), tuple(sums))
+
+
+# -- tile code ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a kernel stores a tensor: ``ranks`` after the batch and head dims (head ``head``), and per
+    program (``program`` names its index) or per tile pair (``in_loop``), or atomically added."""
+
+    name: str
+    ranks: tuple[str, ...]
+    head: str = "off_h"
+    program: str | None = None
+    atomic: bool = False
+
+
+@dataclass(frozen=True)
+class BackwardKernel:
+    """A rendered backward kernel and how to call it."""
+
+    name: str
+    text: str
+    tensors: tuple[str, ...]  # inputs in argument order (each followed by its strides)
+    outputs: tuple[Output, ...]  # then outputs in argument order (each followed by its strides)
+    params: tuple[str, ...]
+    constexprs: tuple[tuple[str, int], ...]
+    ranges: tuple[KeyRange, ...] = ()
+    lists: object = None  # run-time key tile lists (dQ kernel of a document mask), as the forward's
+
+
+class _Gen:
+    """TileCode instances of one kernel, sharing its variable counter and settings."""
+
+    def __init__(self, c: Cascade, dims: dict, dtype: str, ints: frozenset, states_full: frozenset):
+        self.c, self.dims, self.ints = c, dims, ints
+        self.exact, self.acc = exact_dots(dtype)
+        first = next((t.name for t in c.inputs if t.layout in (Layout.QUERY, Layout.KEY) and t.name not in ints),
+                     None)
+        self.dot = self.acc if self.exact or first is None else f"{first}_ptr.dtype.element_ty"
+        self.counter = [0]
+        self.states_full = states_full  # presence predicates of saved states, provably true on full tiles
+
+    def code(self, env: dict, loads: dict, masked: bool, skip=frozenset(), **kw) -> TileCode:
+        return TileCode(self.c, self.dims, masked, frozenset(skip), dict(env), [], self.dot, self.exact, dict(loads),
+                        self.counter, int_inputs=self.ints, acc=self.acc, **kw)
+
+    def zeros(self, g: TileCode, names) -> None:
+        """Running sums start at 0, present everywhere (an empty sum adds nothing)."""
+        for s in names:
+            ranks = tuple(r for r in self.c.tensor(s).ranks if r not in PARALLEL)
+            g.emit(f"v_{s} = tl.zeros([{', '.join(axis_extent(r) for r in ranks)}], dtype={self.acc})")
+            g.env[s] = Tile(f"v_{s}", ranks)
+
+
+def _tile_ranks(c: Cascade, name: str) -> tuple[str, ...]:
+    return tuple(r for r in c.tensor(name).ranks if r not in PARALLEL)
+
+
+def store(g: TileCode, out: Output, tile: Tile) -> None:
+    """Store (or atomically add) ``tile`` into output ``out``, masked to the valid positions."""
+    ranks = out.ranks
+    t = g.filled(tile, 0.0)
+    code = bcast(g.f32(t), t.ranks, ranks)
+    if t.ranks != ranks:  # constant along some axis: broadcast it to the whole tile
+        code = f"tl.broadcast_to({code}, ({', '.join(axis_extent(r) for r in ranks)},))"
+    terms = [f"{out.name}_ptr", f"mem_b * stride_{out.name}_0", f"{out.head} * stride_{out.name}_1"]
+    d = 2
+    if out.program is not None:
+        terms.append(f"{out.program} * stride_{out.name}_2")
+        d = 3
+    masks = []
+    for i, r in enumerate(ranks):
+        var = {"m": "mem_m", "n": "mem_n"}.get(r, f"offs_{r}")
+        terms.append(f"{bcast(var, (r,), ranks)} * stride_{out.name}_{d + i}")
+        cond = {"m": "row_ok", "n": "(offs_n < N)"}.get(r)
+        if cond is None and g.extent(r) != g.dims[r]:
+            cond = f"(offs_{r} < {g.extent(r)})"
+        if cond is not None:
+            masks.append(bcast(cond, (r,), ranks))
+    mask = f", mask={' & '.join(masks)}" if masks else ""
+    if out.atomic:
+        g.emit(f"tl.atomic_add({' + '.join(terms)}, {code}{mask})")
+    else:
+        g.emit(f"tl.store({' + '.join(terms)}, {code}.to({out.name}_ptr.dtype.element_ty){mask})")
+
+
+def _with_key_edge(t: Tile, loaded: bool) -> Tile:
+    """A tile over n loaded before the loops, as masked code sees it: keys past N absent (loaded as 0)."""
+    if "n" not in t.ranks:
+        return t
+    present, pranks = presence([t, Tile("", (), "(offs_n < N)", ("n",))])
+    return replace(t, present=present, pranks=pranks, fill=0.0 if loaded and t.fill in (None, 0.0) else None)
+
+
+def _args(c: Cascade, tensors, outputs: tuple[Output, ...]) -> list[str]:
+    args = []
+    for name in tensors:
+        args += [f"{name}_ptr"] + [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
+    for o in outputs:
+        nd = 2 + (o.program is not None) + len(o.ranks)
+        args += [f"{o.name}_ptr"] + [f"stride_{o.name}_{d}" for d in range(nd)]
+    return args
+
+
+def _notation(c: Cascade) -> str:
+    return "\n".join("# " + line for line in format_cascade(c).splitlines())
+
+
+def _dim_names(dims: dict) -> list[str]:
+    return sorted(k for k in dims if not k.endswith("_extent"))
+
+
+def _used_inputs(c: Cascade) -> tuple[str, ...]:
+    used = {r.tensor for e in c.einsums for r in e.reads()}
+    return tuple(t.name for t in c.inputs if t.name in used)
+
+
+def lower_rows(c: Cascade, outputs: tuple[Output, ...], dims: dict, dtype: str, ints: frozenset) -> BackwardKernel:
+    """The rows kernel: every Einsum of ``c`` (none iterates n) for BLOCK_M rows, then the stores."""
+    gen = _Gen(c, dims, dtype, ints, frozenset())
+    g = gen.code({}, {}, masked=True, row_edge=True)
+    for e in c.einsums:
+        g.einsum(e)
+    for o in outputs:
+        store(g, o, g.env[o.name])
+    tensors = _used_inputs(c)
+    args = _args(c, tensors, outputs) + [f"p_{p.name}" for p in c.params]
+    name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_rows__")
+    names = _dim_names(dims)
+    text = render("attention_bwd_rows.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c),
+                  kernel=name, args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
+                  dim_offsets=[(r, f"D_{r}") for r in names], body="\n".join(g.lines))
+    return BackwardKernel(name, text, tensors, outputs, tuple(p.name for p in c.params),
+                          tuple((f"D_{r}", dims[r]) for r in names))
+
+
+def _feeds(s: Streamed, outputs: set[str]) -> dict[str, set[str]]:
+    """For each tensor, the outputs computed from it."""
+    out: dict[str, set[str]] = {}
+    for e in reversed(s.cascade.einsums):
+        mine = out.setdefault(e.out, set()) | ({e.out} & outputs)
+        out[e.out] = mine
+        for r in e.reads():
+            if not r.prev:
+                out.setdefault(r.tensor, set()).update(mine)
+    return out
+
+
+def _group_level(s: Streamed, outputs: dict[str, Output], group_sums: set[str]) -> set[str]:
+    """The sums and epilogue values a dK/dV program may add up over the query heads of its GQA group: they feed
+    only gradients of key-layout inputs (``group_sums``), and linearly (sums of them)."""
+    feeds = _feeds(s, set(outputs))
+    epi = {e.out: e for e in s.epilogue}
+
+    def linear(x) -> bool:
+        return isinstance(x, Read) or (x.op == "add" and all(linear(a) for a in x.args))
+
+    level = {x for x in s.sums if feeds.get(x) and feeds[x] <= group_sums}
+    level |= {n for n, e in epi.items() if feeds.get(n) and feeds[n] <= group_sums and e.reduce is None
+              and e.where is None and linear(e.expr)}
+    while True:
+        drop = {r.tensor for e in s.epilogue if e.out not in level for r in e.reads() if r.tensor in level}
+        drop |= {n for n in level if n in epi and any(r.tensor not in level and r.tensor in set(s.sums) | set(epi)
+                                                      for r in epi[n].reads())}
+        if not drop:
+            return level
+        level -= drop
+
+
+def lower_kv(s: Streamed, outputs: dict[str, Output], group_sums: set[str], dims: dict, dtype: str,
+             ints: frozenset, states_full: frozenset, full_mask: frozenset | None) -> BackwardKernel:
+    """The dK/dV kernel of a cascade streamed over m. ``group_sums``: gradients of key-layout inputs, summed over
+    the query heads of a GQA group in the program where the cascade allows (the rest are stored per query head)."""
+    c = s.cascade
+    gen = _Gen(c, dims, dtype, ints, states_full)
+    level = _group_level(s, outputs, group_sums)
+    outputs = {n: (replace(o, head="off_hk") if n in level else o) for n, o in outputs.items()}
+    per_tile = {n for n, o in outputs.items() if "m" in o.ranks}  # per pair, or added atomically
+    plan = query_plan(c, s.loop, frozenset(per_tile))
+
+    # key-side loads: before the group loop if they do not depend on the query head, else per head
+    pro = gen.code({}, {}, masked=False, edge_loads=True)
+    gen.zeros(pro, [x for x in s.sums if x in level])
+    head_pro = gen.code(pro.env, pro.loads, masked=False, edge_loads=True)
+    for e in s.loop + s.prologue:
+        for r in e.reads():
+            decl = c.tensor(r.tensor)
+            if decl.role is Role.INPUT and "m" not in {x.name for i in r.index for x in i.free_symbols}:
+                per_head = "h" in decl.ranks and decl.layout is not Layout.KEY
+                (head_pro if per_head else pro).load(r)
+    head_pro.env.update(pro.env)
+    head_pro.loads.update(pro.loads)
+    for e in s.prologue:
+        head_pro.einsum(e)
+    gen.zeros(head_pro, [x for x in s.sums if x not in level])
+
+    loops = []
+    for kr in plan.ranges:
+        full = _states_present(kr, full_mask)
+        skip = set(kr.skip) | (set(states_full) if full else set())
+        # masked code sees the keys past N of the tiles loaded before the loops as absent
+        env = {k: (_with_key_edge(v, False) if kr.masked and k not in s.sums else v) for k, v in head_pro.env.items()}
+        loads = {k: (_with_key_edge(v, True) if kr.masked else v) for k, v in head_pro.loads.items()}
+        body = gen.code(env, loads, masked=kr.masked, skip=skip, row_edge=True)
+        for x in s.sums:
+            body.emit(f"v_{x}_prev = v_{x}")
+        for e in s.loop:
+            t = body.einsum(e)
+            if e.out in per_tile:
+                store(body, outputs[e.out], t)
+        loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined))
+    head_epi = gen.code(head_pro.env, head_pro.loads, masked=False)
+    epi = gen.code(pro.env, pro.loads, masked=False)
+    for e in s.epilogue:
+        (epi if e.out in level else head_epi).einsum(e)
+    for n, o in outputs.items():
+        if n not in per_tile:
+            g = epi if n in level else head_epi
+            store(g, o, g.env[n])
+
+    tensors = _used_inputs(c)
+    outs = tuple(outputs.values())
+    args = _args(c, tensors, outs) + [f"p_{p.name}" for p in c.params]
+    name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_kv__")
+    names = _dim_names(dims)
+    text = render("attention_bwd_kv.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
+                  args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
+                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
+                  tile_setup=plan.setup, head_prologue="\n".join(head_pro.lines), query_loops=loops,
+                  head_epilogue="\n".join(head_epi.lines), epilogue="\n".join(epi.lines))
+    return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
+                          tuple((f"D_{r}", dims[r]) for r in names), plan.ranges)
+
+
+def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, ints: frozenset,
+            states_full: frozenset, full_mask: frozenset | None) -> BackwardKernel:
+    """The dQ kernel of a cascade streamed over n, through the forward's one-pass template."""
+    c = s.cascade
+    gen = _Gen(c, dims, dtype, ints, states_full)
+    keys = key_plan(c, s.loop)
+    pro = gen.code({}, {}, masked=False)
+    gen.zeros(pro, s.sums)
+    for e in s.loop:
+        for r in e.reads():
+            if c.tensor(r.tensor).role is Role.INPUT and "n" not in {x.name for i in r.index for x in i.free_symbols}:
+                pro.load(r)
+    for e in s.prologue:
+        pro.einsum(e)
+    # on tiles the whole mask holds on, every row saw a key, so the saved states are present there: prologue
+    # values computed from them are computed once more, without their presence, for those tiles
+    full_env = pro.env
+    if states_full and any(_states_present(kr, full_mask) for kr in keys.ranges):
+        saved = {e.out for e in s.prologue if e.where is not None and set(conjuncts(e.where)) <= states_full}
+        again = [e for e in s.prologue if e.out in saved or _depends(c, e.out, saved)]
+        if again:
+            pro2 = gen.code(pro.env, pro.loads, masked=False, skip=states_full, prefix="u_")
+            for e in again:
+                pro2.einsum(e)
+            pro.lines += pro2.lines
+            full_env = pro2.env
+    loops = []
+    for kr in keys.ranges:
+        full = _states_present(kr, full_mask)
+        body = gen.code(full_env if full else pro.env, pro.loads, masked=kr.masked,
+                        skip=set(kr.skip) | (set(states_full) if full else set()))
+        for x in s.sums:
+            body.emit(f"v_{x}_prev = v_{x}")
+        for e in s.loop:
+            body.einsum(e)
+        loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, listed=kr.listed))
+    epi = gen.code(pro.env, pro.loads, masked=False)
+    for e in s.epilogue:
+        epi.einsum(e)
+    for n, o in outputs.items():
+        store(epi, o, epi.env[n])
+    tensors = _used_inputs(c)
+    outs = tuple(outputs.values())
+    args = _args(c, tensors, outs)
+    if keys.lists is not None:
+        args += ["tiles_ptr"] + [f"stride_tiles_{d}" for d in range(3)]
+        args += ["counts_ptr"] + [f"stride_counts_{d}" for d in range(3)]
+    args += [f"p_{p.name}" for p in c.params]
+    name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_q__")
+    names = _dim_names(dims)
+    text = render("attention_fwd.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
+                  args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
+                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
+                  tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
+    return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
+                          tuple((f"D_{r}", dims[r]) for r in names), keys.ranges, keys.lists)
+
+
+def _states_present(kr: KeyRange, full_mask: frozenset | None) -> bool:
+    """Whether every row of every tile of a range saw a key: the range is unmasked and every conjunct of the
+    forward's mask (``full_mask``; None when no single mask governs the forward) holds on its tiles."""
+    return full_mask is not None and not kr.masked and full_mask <= set(kr.skip)
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def _grid_args(kernel: BackwardKernel, tensors: dict[str, torch.Tensor], outs: dict[str, torch.Tensor]) -> list:
+    args = []
+    for name in kernel.tensors:
+        args += [tensors[name], *tensors[name].stride()]
+    for o in kernel.outputs:
+        args += [outs[o.name], *outs[o.name].stride()]
+    return args
+
+
+@dataclass
+class Backward:
+    """The gradient of a Forward's cascade, its kernels, and one backward call.
+
+    ``error`` holds the DifferentiationError (or LoweringError) when the gradient cannot be derived or
+    lowered yet; calls then raise it.
+    """
+
+    forward: Forward
+    gradient: Gradient | None = None
+    parts: Parts | None = None
+    error: LoweringError | None = None
+    _kernels: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.forward.error is not None:
+            self.error = self.forward.error
+            return
+        try:
+            self.gradient = gradient_of(self.forward)
+            self.parts = cut(self.gradient)
+            self._streams = {k: (v and stream(v, r)) for k, v, r in (
+                ("kv", self.parts.kv, "m"), ("q", self.parts.q, STREAM), ("kv_atomic", self.parts.kv_atomic, "m"))}
+        except LoweringError as e:
+            self.error = e
+            return
+        fwd = self.gradient.forward
+        pair = tuple(e for e in fwd.einsums if STREAM in e.iteration_ranks)
+        governing = _mask_einsum(fwd, pair)
+        # the conjuncts of the one mask every state of the forward is masked by: tiles where all of them
+        # hold have a key on every row (None: several masks, no tile is known to)
+        self._full_mask = (frozenset() if not any(e.where is not None for e in pair) else
+                           None if governing is None else frozenset(conjuncts(governing.where)))
+        self._state_filters = frozenset(presence_predicate(st) for st in self.gradient.saved)
+
+    @property
+    def saved(self) -> tuple[str, ...]:
+        """The forward states the backward reads (the forward stores them with their presence)."""
+        return () if self.gradient is None else tuple(s.name for s in self.gradient.saved)
+
+    def _outputs(self, kernel: str, atomic: bool) -> dict[str, Output]:
+        g = self.gradient
+        c = g.cascade
+        out = {}
+        for p in g.partials:
+            ranks = tuple(r for r in p.ranks if r not in PARALLEL)
+            if kernel == "rows" and p.kernel == "rows":
+                out[p.name] = Output(p.name, ranks, program=None if "m" in ranks else "pid_m")
+            elif kernel == "q" and p.kernel == "q":
+                out[p.name] = Output(p.name, ranks)
+            elif kernel == "kv" and p.kernel == "kv":
+                no_seq = not ({"m", "n"} & set(ranks))
+                out[p.name] = Output(p.name, ranks, program="pid_n" if no_seq else None)
+            elif kernel == "kv" and atomic and p.kernel == "q":
+                out[p.name] = Output(p.name, ranks, atomic=True)
+        if kernel == "rows":
+            for t in self.parts.row_terms:
+                out = {t: Output(t, _tile_ranks(c, t))} | out
+        return out
+
+    def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False):
+        key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic)
+        if key in self._kernels:
+            return self._kernels[key]
+        name = DTYPE_NAMES[dtype]
+        full = self._state_filters if self._full_mask is not None else frozenset()
+        if kind == "rows":
+            src = lower_rows(self.parts.rows, tuple(self._outputs("rows", atomic).values()), dims, name, ints)
+        elif kind == "kv":
+            s = self._streams["kv_atomic" if atomic else "kv"]
+            sums = {p.name for p in self.gradient.partials
+                    if p.kernel == "kv" and self.gradient.forward.tensor(p.input).layout is Layout.KEY}
+            src = lower_kv(s, self._outputs("kv", atomic), sums, dims, name, ints, full, self._full_mask)
+        else:
+            src = lower_q(self._streams["q"], self._outputs("q", atomic), dims, name, ints, full, self._full_mask)
+        self._kernels[key] = src
+        return src
+
+    def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
+            states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
+            extents: dict[str, int]) -> dict[str, torch.Tensor | None]:
+        """The gradient of every input (None for integer ones) given the forward's output, its saved ``states``
+        (as ``Forward.run(saved=...)`` returns them) and the incoming gradient."""
+        if self.error is not None:
+            raise self.error
+        g = self.gradient
+        first = next(x for x in inputs.values() if x.is_floating_point())
+        B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
+        if B * H * M * N == 0:
+            return finish(g, {}, {}, inputs)
+        dims = self.forward.dims(extents)
+        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        given = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
+                 for k, v in inputs.items()}
+        given[g.grad_output] = grad_output.contiguous()
+        if g.output is not None:
+            given[g.output] = output
+        for st in g.saved:
+            given[st.value], given[st.present] = states[st.name], states[f"{st.name}:present"]
+        ints = ints | frozenset(st.present for st in g.saved)
+        acc, dev = accumulator_dtype(first.dtype), first.device
+        hkv = next(inputs[t.name].shape[1] for t in g.forward.inputs if t.layout is Layout.KEY)
+        group = H // hkv
+        partials, labels = {}, {}
+
+        def workspace(o: Output, programs: int, zero: bool) -> torch.Tensor:
+            shape = [B, hkv if o.head == "off_hk" else H] + ([programs] if o.program else [])
+            shape += [extents[r] for r in o.ranks]
+            p = next((p for p in g.partials if p.name == o.name), None)
+            direct = p is not None and o.program is None and not o.atomic and self._direct(p, o)
+            dtype = inputs[p.input].dtype if direct else acc
+            t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=dev)
+            if p is not None:
+                partials[o.name] = t
+                labels[o.name] = ("b", "hk" if o.head == "off_hk" else "h") + (("p",) if o.program else ()) + o.ranks
+            return t
+
+        # rows
+        if self.parts.rows is not None:
+            k = self.kernel("rows", first.dtype, dims, ints)
+            outs = {o.name: workspace(o, -(-M // ROWS_BLOCK_M), False) for o in k.outputs}
+            fn = load_kernel(k)
+            fn[(-(-M // ROWS_BLOCK_M), B * H)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
+                                                M, N, H, group, **dict(k.constexprs), BLOCK_M=ROWS_BLOCK_M)
+            for t in self.parts.row_terms:
+                given[t] = outs[t]
+        # dK/dV
+        atomic = schedule.atomic_dq and self.parts.q is not None
+        if self.parts.kv is not None or atomic:
+            k = self.kernel("kv", first.dtype, dims, ints, atomic)
+            programs = -(-N // schedule.block_n)
+            outs = {o.name: workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
+                    for o in k.outputs}
+            fn = load_kernel(k)
+            fn[(programs, B * hkv)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
+                                    M, N, H, group, None, **dict(k.constexprs), BLOCK_M=schedule.block_m,
+                                    BLOCK_N=schedule.block_n, NUM_STAGES=schedule.num_stages, COUNT_VISITS=False,
+                                    num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+        # dQ
+        if self.parts.q is not None and not atomic:
+            k = self.kernel("q", first.dtype, dims, ints)
+            outs = {o.name: workspace(o, 1, False) for o in k.outputs}
+            bm, bn = schedule.block_n, schedule.block_m
+            args = _grid_args(k, given, outs)
+            if k.lists is not None:
+                for t in tile_lists(k.lists, given, values, B, M, N, bm, bn, False):
+                    args += [t, *t.stride()]
+            fn = load_kernel(k)
+            fn[(-(-M // bm), B * H, 1)](*args, *[values[p] for p in k.params], M, N, H, group, 1, None, None, None,
+                                        **dict(k.constexprs), BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=schedule.num_stages,
+                                        SPLIT=False, PACK=False, COUNT_VISITS=False, JAGGED=False,
+                                        num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+        return finish(g, partials, labels, inputs)
+
+    def _direct(self, p: Partial, o: Output) -> bool:
+        """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out
+        as the input is (a sum over the GQA group done, no rank to sum or rename)."""
+        g = self.gradient
+        decl = g.forward.tensor(p.input)
+        mine = [x for x in g.partials if x.input == p.input]
+        heads = "h" if (o.head == "off_hk") == (decl.layout is Layout.KEY) else None
+        return len(mine) == 1 and not p.relabel and heads is not None and decl.ranks == ("b", "h") + o.ranks
+
+
