@@ -10,10 +10,12 @@ import torch
 
 from .backends import detect, get_target
 from .backends.target import Target
+from .autograd import register_training, schedule_ints, unpacker
+from .compiler.backward import Backward, BackwardSchedule, default_backward_schedule
 from .compiler.explain import Explanation, explain
 from .compiler.forward import Forward, Schedule
 from .compiler.schedule import default_schedule
-from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ShapeError
+from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ParameterError, ShapeError
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, run_reference
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
@@ -47,7 +49,9 @@ class AttentionOp:
         self.__wrapped__ = fn
         # rewritten and registered now, so that calls (also under torch.compile) run no sympy
         self.forward = Forward(self.cascade)
+        self.backward = Backward(self.forward)  # the gradient, derived now too
         self._custom_op = _register(self)
+        self._train_op = register_training(self)
 
     def __repr__(self) -> str:
         return f"<einflash.AttentionOp {self.name} {self.cascade.key}>"
@@ -126,8 +130,13 @@ class AttentionOp:
                 for seq in jagged.sequence_inputs(self.cascade, inputs)]
         return torch.cat(outs, dim=2)
 
-    def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None, **kwargs):
+    def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None,
+                 backward_schedule: BackwardSchedule | None = None, deterministic: bool = False, **kwargs):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
+
+        Inputs that require grad make the call differentiable: the forward then also keeps the per-row
+        states its backward reads, and ``backward_schedule`` says how the backward runs (the default is
+        deterministic; an atomic dQ schedule is not, and ``deterministic=True`` refuses one).
 
         A jagged batch (sequences packed along m and n of batch-1 tensors) is given by the keywords
         ``cu_seqlens_q`` and ``cu_seqlens_k``, the cumulative offsets of its sequences (see einflash.jagged).
@@ -157,6 +166,14 @@ class AttentionOp:
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
+        if needs_grad:
+            if self.backward.error is not None:
+                raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
+            bwd = backward_schedule or default_backward_schedule(extents, _target(first.device))
+            if deterministic and not bwd.deterministic:
+                raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {bwd} adds "
+                                     f"query-side gradients atomically; use atomic_dq=False")
+            return self._train_op([inputs[n] for n in names], values, schedule_ints(schedule, bwd))[0]
         return self._custom_op([inputs[n] for n in names], values,
                                [schedule.block_m, schedule.block_n, schedule.num_warps, schedule.num_stages,
                                 schedule.splits, int(schedule.pack)])
@@ -203,13 +220,7 @@ def _register(op: AttentionOp):
     if qualname in _REGISTERED:
         return _REGISTERED[qualname]
     fwd = op.forward
-    names = [t.name for t in op.cascade.inputs]
-    decls = op.cascade.params
-
-    def unpack(tensors, params):
-        inputs = dict(zip(names, tensors))
-        given = {p.name: (int(v) if p.integer else v) for p, v in zip(decls, params) if not math.isnan(v)}
-        return inputs, bind_params(fwd.streamed, given, bind_extents(fwd.streamed, inputs, given))
+    unpack = unpacker(op)
 
     @torch.library.custom_op(qualname, mutates_args=())
     def run(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> torch.Tensor:

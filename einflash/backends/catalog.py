@@ -43,7 +43,17 @@ INTERPRETER = Target(
     decode=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
                   space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,),
                                     splits=(1, 2, 4))),
+    backward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
+                    space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
 )
+# Backward tiles (block_m streamed, block_n kept per program: see einflash.compiler.backward) start from
+# the Triton fused-attention tutorial's choice, 32 streamed and 128 kept rows; they are not measured on
+# this project's GPUs yet (benchmarks/bench_backward.py sweeps the search space and records the winners).
+# Each default cross-compiles for its target within shared memory (tests/gradients/test_sm90_backward.py).
+_BACKWARD = Tuning(defaults=((128, TileConfig(32, 128, 4, 3)),
+                             (256, TileConfig(32, 64, 4, 2))),
+                   space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
+                                     num_stages=(1, 2, 3, 4, 5)))
 
 SM80 = Target(
     name="sm80",
@@ -68,6 +78,7 @@ SM80 = Target(
                             (256, TileConfig(16, 64, 4, 2))),
                   space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
                                     num_stages=(1, 2, 3, 4), splits=(1, 2, 4, 8, 16, 32, 64))),
+    backward=_BACKWARD,
 )
 
 SM90 = Target(
@@ -96,6 +107,7 @@ SM90 = Target(
                             (256, TileConfig(16, 64, 4, 2))),
                   space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
                                     num_stages=(1, 2, 3, 4, 5), splits=(1, 2, 4, 8, 16, 32, 64))),
+    backward=_BACKWARD,
 )
 
 TARGETS: dict[str, Target] = {t.name: t for t in (INTERPRETER, SM80, SM90)}

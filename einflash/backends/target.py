@@ -119,6 +119,8 @@ class Target:
     caps: Capabilities
     forward: Tuning  # the one-pass forward template
     decode: Tuning  # split-KV decode (partials; the combine kernel is tiny and not tuned)
+    # the backward: block_n keys kept per dK/dV program (queries per dQ program), block_m streamed
+    backward: Tuning | None = None
 
     @property
     def is_interpreter(self) -> bool:

@@ -68,8 +68,15 @@ class BackwardSchedule:
         return not self.atomic_dq
 
 
-def default_backward_schedule(extents: dict[str, int], target, deterministic: bool = True) -> BackwardSchedule:
-    """The target's backward tiles for the widest head dimension (see ``Target.backward``)."""
+def default_backward_schedule(extents: dict[str, int], target) -> BackwardSchedule:
+    """The target's backward tiles for the widest head dimension (see ``Target.backward``); deterministic.
+
+    >>> from einflash.backends import get_target
+    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"))
+    BackwardSchedule(block_m=32, block_n=128, num_warps=4, num_stages=3, atomic_dq=False)
+    """
+    if target.backward is None:
+        raise LoweringError(f"target {target.name} has no backward tile configurations")
     widest = max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
     cfg = target.backward.default(1 << max(0, widest - 1).bit_length())
     return BackwardSchedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, atomic_dq=False)
