@@ -11,6 +11,10 @@ that dtype), plus a small floor of a few units in the last place of the output.
 >>> q = torch.randn(1, 2, 9, 16)
 >>> check(plain, plain(q, q, q, backend="reference"), q, q, q).ok
 True
+
+Gradients are held to the same rule (:func:`check_gradients`): each input's gradient against
+torch.autograd through the float64 reference, with the error of autograd through the reference
+run in the kernel's dtype as the measure of what that dtype allows.
 """
 
 from __future__ import annotations
@@ -50,3 +54,55 @@ def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     magnitude = float(exact.abs().max()) if out.numel() else 0.0
     tol = 2 * lowp_err + tolerance_floor(out.dtype, magnitude)
     return Verdict(bad, tol, lowp_err, bad <= tol)
+
+
+def reference_gradients(op, grad_output: torch.Tensor, *args, dtype: torch.dtype = torch.float64,
+                        **kwargs) -> dict[str, torch.Tensor | None]:
+    """torch.autograd's gradient of ``Σ out·grad_output`` for every floating-point input, through the reference
+    executor computing in ``dtype`` (each gradient in that dtype; None for integer inputs)."""
+    inputs, params = op.bind(args, kwargs)
+    leaves = {n: (x.detach().to(dtype).requires_grad_() if x.is_floating_point() else x) for n, x in inputs.items()}
+    floats = [n for n, x in leaves.items() if x.is_floating_point()]
+    out = op.reference(**leaves, **params, dtype=dtype)
+    grads = torch.autograd.grad(out, [leaves[n] for n in floats], grad_output.to(dtype), allow_unused=True)
+    made = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(floats, grads)}
+    return {n: made.get(n) for n in inputs}
+
+
+def check_gradients(op, grads: dict[str, torch.Tensor | None], grad_output: torch.Tensor, *args,
+                    **kwargs) -> dict[str, Verdict]:
+    """Hold each floating-point gradient in ``grads`` (what the backward returned for the incoming gradient
+    ``grad_output`` at these arguments) to the tolerance rule; one verdict per input. The same maths in
+    torch is autograd through the reference run in the dtype of the op's first input (the kernel's).
+
+    >>> import torch, einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> q, k, v = torch.randn(3, 1, 1, 5, 16).unbind()
+    >>> out = plain(q.requires_grad_(), k, v, backend="reference")
+    >>> g = torch.randn_like(out)
+    >>> (grad,) = torch.autograd.grad(out, q, g)
+    >>> check_gradients(plain, {"q": grad}, g, q, k, v)["q"].ok
+    True
+    """
+    exact = reference_gradients(op, grad_output, *args, **kwargs)
+    # the kernel computes in the dtype of q, k and v (a gradient of an fp32 slope is made of fp16 products)
+    inputs, _ = op.bind(args, kwargs)
+    kernel = inputs[op.cascade.inputs[0].name].dtype
+    lowps = reference_gradients(op, grad_output, *args, dtype=kernel, **kwargs)
+    # a gradient may cancel to 0 where its terms do not (q's, when every weight is 1): the floor scales with
+    # the largest gradient of the call, as the terms do
+    magnitude = max([float(g.abs().max()) for g in exact.values() if g is not None and g.numel()] + [0.0])
+    verdicts = {}
+    for name, got in grads.items():
+        if got is None or exact.get(name) is None:
+            continue
+        want, lowp = exact[name], lowps[name].double()
+        empty = got.numel() == 0
+        bad = float("inf") if not torch.isfinite(got).all() else (
+            0.0 if empty else float((got.double() - want).abs().max()))
+        lowp_err = 0.0 if empty else float((lowp - want).abs().max())
+        tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
+        verdicts[name] = Verdict(bad, tol, lowp_err, bad <= tol)
+    return verdicts

@@ -142,7 +142,7 @@ def _from_sympy_function(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Exp
     """The rest of :func:`from_sympy`: constants, functions and selections derivatives produce."""
     if x.is_number:  # log(2), sqrt(2)/2, ...
         return Const(float(x))
-    unary = {sympy.tanh: "tanh", sympy.Abs: "abs", sympy.sign: "sign", sympy.sqrt: "sqrt"}
+    unary = {sympy.tanh: "tanh", sympy.Abs: "abs", sympy.sign: "sign"}
     for cls, op in unary.items():
         if isinstance(x, cls):
             return call(op, from_sympy(x.args[0], leaves))

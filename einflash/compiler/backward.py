@@ -599,16 +599,21 @@ class Backward:
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
             states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
-            extents: dict[str, int]) -> dict[str, torch.Tensor | None]:
+            extents: dict[str, int], visits: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """The gradient of every input (None for integer ones) given the forward's output, its saved ``states``
-        (as ``Forward.run(saved=...)`` returns them) and the incoming gradient."""
+        (as ``Forward.run(saved=...)`` returns them) and the incoming gradient.
+
+        ``visits`` (tests only): int32 ``[B·Hkv, key tiles]``, where the dK/dV programs store how many
+        (query head, query tile) pairs they visited.
+        """
         if self.error is not None:
             raise self.error
         g = self.gradient
         first = next(x for x in inputs.values() if x.is_floating_point())
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
-        if B * H * M * N == 0:
-            return finish(g, {}, {}, inputs)
+        if B * H * M * N == 0:  # nothing to differentiate through: every gradient is 0
+            return {t.name: (torch.zeros_like(inputs[t.name]) if inputs[t.name].is_floating_point() else None)
+                    for t in g.forward.inputs}
         dims = self.forward.dims(extents)
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
         given = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
@@ -654,8 +659,9 @@ class Backward:
                     for o in k.outputs}
             fn = load_kernel(k)
             fn[(programs, B * hkv)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
-                                    M, N, H, group, None, **dict(k.constexprs), BLOCK_M=schedule.block_m,
-                                    BLOCK_N=schedule.block_n, NUM_STAGES=schedule.num_stages, COUNT_VISITS=False,
+                                    M, N, H, group, visits, **dict(k.constexprs), BLOCK_M=schedule.block_m,
+                                    BLOCK_N=schedule.block_n, NUM_STAGES=schedule.num_stages,
+                                    COUNT_VISITS=visits is not None,
                                     num_warps=schedule.num_warps, num_stages=schedule.num_stages)
         # dQ
         if self.parts.q is not None and not atomic:

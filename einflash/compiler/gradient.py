@@ -156,10 +156,11 @@ def _through_value(d: sympy.Expr, f: sympy.Expr, xs, y: sympy.Symbol) -> sympy.E
     """``d`` written with the operator's value ``y`` where that is shorter, or (for one argument) where
     ``d`` is a polynomial of degree ≤ 2 in the value (σ' = σ − σ²)."""
     via = d.subs(f, y)
-    if via != d and sympy.count_ops(via) <= sympy.count_ops(d):
+    if via != d and not via.has(*xs):
         return via
+    shorter = via if via != d and sympy.count_ops(via) <= sympy.count_ops(d) else d
     if len(xs) != 1 or not d.has(xs[0]):
-        return d
+        return shorter
     x = xs[0]
     points = (sympy.Rational(3, 10), sympy.Rational(11, 10), sympy.Rational(-7, 10))
     try:
@@ -167,11 +168,11 @@ def _through_value(d: sympy.Expr, f: sympy.Expr, xs, y: sympy.Symbol) -> sympy.E
         rhs = sympy.Matrix([d.subs(x, p) for p in points]).evalf(30)
         coef = [sympy.nsimplify(float(cf), rational=True, tolerance=1e-12) for cf in rows.LUsolve(rhs)]
     except (ValueError, ZeroDivisionError, TypeError):
-        return d
+        return shorter
     poly = coef[0] + coef[1] * y + coef[2] * y ** 2
     if sympy.simplify(d - poly.subs(y, f)) == 0:
         return poly
-    return d
+    return shorter
 
 
 def _mul(a: Expr, b: Expr) -> Expr:
@@ -474,7 +475,8 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
 def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr:
     """The adjoint of ``decl`` as one read when it has all of decl's ranks, else inline (a broadcast)."""
     total = _sum(terms)
-    if isinstance(total, Read) or free_ranks(total) != frozenset(decl.ranks):
+    made = isinstance(total, Read) and any(e.out == total.tensor for e in b.einsums)
+    if (isinstance(total, Read) and not made) or free_ranks(total) != frozenset(decl.ranks):
         return total
     return b.total(f"d_{decl.name}", decl.ranks, terms, line)
 

@@ -88,9 +88,9 @@ def affine_part(where: Expr, integers: frozenset[str]) -> Expr | None:
 def _mask_einsum(c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}),
                  outputs: frozenset = frozenset()) -> Einsum | None:
     """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, when all
-    the loop's filters share one affine part (one filter in a forward; a mask and the adjoints it masks in a
-    backward)."""
-    filters = [e for e in loop if e.where is not None]
+    the loop's filters over ``ranks`` share one affine part (one filter in a forward; a mask and the adjoints
+    it masks in a backward, whose per-row filters of saved states are no mask of tiles)."""
+    filters = [e for e in loop if e.where is not None and ranks <= e.iteration_ranks]
     if not filters:
         return None
     integers = frozenset(p.name for p in c.params if p.integer)

@@ -80,6 +80,10 @@ class Tensor:
         return InputSpec(Layout.DECLARED, _spec_ranks(ranks))
 
 
+# A 0-d tensor input, for a learnable scalar (a softcap, a threshold): it gets a gradient, where a
+# Python-number parameter (``cap: float = 30.0``) is a constant of the kernel.
+Scalar = InputSpec(Layout.DECLARED, ())
+
 _STANDARD_INPUTS = {"q": Query["e"], "k": Key["e"], "v": Key["f"]}
 
 # -- trace-time state --------------------------------------------------------------------

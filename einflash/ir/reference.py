@@ -236,8 +236,14 @@ class _Evaluator:
             datas[0] = datas[0].bool()
         elif x.op in ("and", "or", "not"):
             datas = [d.bool() for d in datas]
-        data = op.torch(*datas)
         press = [a.aligned_present(ranks) for a in args]
+        absent = None if op.boolean or x.merge is not Merge.ALL else functools.reduce(_and, press, None)
+        if absent is not None:
+            # the result is absent there whatever it holds: computing it from 1s keeps infinities and NaNs made
+            # at absent positions (exp(s − max) of a row with no key) out of autograd's 0·∞
+            datas = [torch.where(absent, d, torch.ones((), dtype=d.dtype, device=d.device))
+                     if d.is_floating_point() else d for d in datas]
+        data = op.torch(*datas)
         if op.boolean:  # a predicate on absent data is false, never absent
             for p in press:
                 if p is not None:

@@ -1,0 +1,238 @@
+"""Backward kernels under the CPU interpreter against the float64 reference gradients (the tolerance rule of
+DESIGN §7, applied to each input's gradient): every one-pass catalogue variant in fp32 and fp16 through
+autograd; GQA, head dims, lengths, rows that see no key, strides, the atomic dQ schedule, determinism, empty
+shapes; the query tiles each dK/dV program visits, counted by the kernel, against the transposed plan and the
+materialised mask; the custom ops under opcheck and a compiled training step."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, grad_output, inputs, op
+
+import einflash as ef
+from einflash.compiler.backward import BackwardSchedule, stream
+from einflash.compiler.forward import Schedule
+from einflash.compiler.masks import query_plan
+from einflash.compiler.tiles import tile_rows
+from einflash.errors import ParameterError
+from einflash.ir.reference import bind_extents, bind_params
+from einflash.testing import check_gradients
+
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+
+F32, F16, F64 = torch.float32, torch.float16, torch.float64
+SHAPE = ef.Shape(B=1, Hq=2, M=37, N=45, E=24, F=16, Hkv=1)  # odd lengths, M ≠ N, E padded to 32
+SMALL = BackwardSchedule(16, 16, 4, 1)
+
+
+def _grads(name: str, given: dict, params: dict, d_o: torch.Tensor, **call) -> dict:
+    """Every floating-point input's gradient through the op's autograd (None for integer inputs)."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v) for k, v in given.items()}
+    out = op(name)(**leaves, **params, **call)
+    out.backward(d_o)
+    return {k: (v.grad if v.is_floating_point() else None) for k, v in leaves.items()}
+
+
+def _assert_within_tolerance(name, grads, d_o, given, params):
+    verdicts = check_gradients(op(name), grads, d_o, **given, **params)
+    assert set(verdicts) == {k for k, v in given.items() if v.is_floating_point()}
+    bad = {k: v for k, v in verdicts.items() if not v.ok}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("name", ONE_PASS + ("learnable_softcap",))
+def test_example_gradients_match_reference(name, dtype):
+    given, params = inputs(name, SHAPE, dtype), TUNED.get(name, {})
+    d_o = grad_output(name, given, params)
+    grads = _grads(name, given, params, d_o, backward_schedule=SMALL)
+    for k, x in given.items():
+        assert (grads[k] is None) == (not x.is_floating_point())
+        assert grads[k] is None or (grads[k].shape == x.shape and grads[k].dtype == x.dtype)
+    _assert_within_tolerance(name, grads, d_o, given, params)
+
+
+@pytest.mark.parametrize("Hq, Hkv", [(4, 1), (8, 2)], ids=["mqa4", "gqa4"])
+def test_gqa_gradients_are_summed_over_the_group(Hq, Hkv):
+    name = "causal"
+    given = inputs(name, dataclasses.replace(SHAPE, Hq=Hq, Hkv=Hkv, M=20, N=33, E=16), F32)
+    d_o = grad_output(name, given, {})
+    grads = _grads(name, given, {}, d_o)
+    _assert_within_tolerance(name, grads, d_o, given, {})
+    # the same as repeating the kv heads and adding up each group's gradients
+    rep = {k: (v.repeat_interleave(Hq // Hkv, 1) if k in "kv" else v) for k, v in given.items()}
+    wide = _grads(name, rep, {}, d_o)
+    for k in "kv":
+        torch.testing.assert_close(grads[k], wide[k].unflatten(1, (Hkv, Hq // Hkv)).sum(2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("E, F", [(40, 40), (80, 80), (24, 96)])
+def test_head_dims_padded_or_not(E, F):
+    given = inputs("causal", dataclasses.replace(SHAPE, M=21, N=18, E=E, F=F), F16)
+    d_o = grad_output("causal", given, {})
+    _assert_within_tolerance("causal", _grads("causal", given, {}, d_o), d_o, given, {})
+
+
+@pytest.mark.parametrize("name", ["softmax", "bottom_right"])
+@pytest.mark.parametrize("M, N", [(1, 1), (1, 37), (37, 1), (17, 31), (32, 32)])
+def test_sequence_lengths(name, M, N):
+    given = inputs(name, dataclasses.replace(SHAPE, B=2, M=M, N=N, E=16), F32)
+    d_o = grad_output(name, given, {})
+    _assert_within_tolerance(name, _grads(name, given, {}, d_o), d_o, given, {})
+
+
+@pytest.mark.parametrize("name, M, N, params", FULLY_MASKED, ids=[c[0] for c in FULLY_MASKED])
+def test_rows_that_see_no_key_give_zero_gradients_never_nan(name, M, N, params):
+    given = inputs(name, ef.Shape(B=2, Hq=4, M=M, N=N, E=16, F=16, Hkv=2), F32)
+    d_o = grad_output(name, given, params)
+    grads = _grads(name, given, params, d_o)
+    empty = (op(name).reference(**given, **params) == 0).all(-1)
+    assert empty.any() and not empty.all()
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert (grads["q"][empty] == 0).all()
+    _assert_within_tolerance(name, grads, d_o, given, params)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sliding_window", "alibi", "lowrank_bias", "gla"])
+def test_atomic_dq_schedule_matches(name):
+    given, params = inputs(name, SHAPE, F32), TUNED.get(name, {})
+    d_o = grad_output(name, given, params)
+    atomic = _grads(name, given, params, d_o, backward_schedule=dataclasses.replace(SMALL, atomic_dq=True))
+    _assert_within_tolerance(name, atomic, d_o, given, params)
+    separate = _grads(name, given, params, d_o, backward_schedule=SMALL)
+    for k, g in atomic.items():
+        if g is not None:
+            torch.testing.assert_close(g, separate[k], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_runs_give_identical_bits():
+    given = inputs("causal", dataclasses.replace(SHAPE, Hq=4, Hkv=2), F16)
+    d_o = grad_output("causal", given, {})
+    first = _grads("causal", given, {}, d_o, deterministic=True)
+    again = _grads("causal", given, {}, d_o, deterministic=True)
+    assert all(torch.equal(first[k], again[k]) for k in "qkv")
+
+
+def test_deterministic_refuses_an_atomic_schedule():
+    given = inputs("causal", SHAPE, F32)
+    with pytest.raises(ParameterError, match="atomically"):
+        _grads("causal", given, {}, grad_output("causal", given, {}),
+               backward_schedule=dataclasses.replace(SMALL, atomic_dq=True), deterministic=True)
+
+
+def test_incoming_gradients_of_any_strides():
+    """out.sum().backward() passes a stride-0 gradient; a transposed one is not contiguous either."""
+    given = inputs("alibi", SHAPE, F32)
+    leaves = {k: v.clone().requires_grad_() for k, v in given.items()}
+    op("alibi")(**leaves).sum().backward()
+    ones = torch.ones(1, 2, 37, 16)
+    _assert_within_tolerance("alibi", {k: v.grad for k, v in leaves.items()}, ones, given, {})
+    d_o = torch.randn(1, 2, 16, 37).transpose(2, 3)
+    assert not d_o.is_contiguous()
+    _assert_within_tolerance("alibi", _grads("alibi", given, {}, d_o), d_o.contiguous(), given, {})
+
+
+def test_non_contiguous_inputs():
+    given = inputs("causal", dataclasses.replace(SHAPE, B=2, M=21, N=34, E=16), F32)
+    strided = {"q": given["q"].transpose(1, 2).contiguous().transpose(1, 2),
+               "k": torch.cat([given["k"], torch.randn_like(given["k"])], -1)[..., :16],
+               "v": given["v"].transpose(2, 3).contiguous().transpose(2, 3)}
+    assert not any(x.is_contiguous() for x in strided.values())
+    d_o = grad_output("causal", given, {})
+    got, want = _grads("causal", strided, {}, d_o), _grads("causal", given, {}, d_o)
+    assert all(torch.equal(got[k], want[k]) for k in "qkv")
+
+
+@pytest.mark.parametrize("B, M, N", [(0, 5, 7), (2, 0, 7), (2, 5, 0)], ids=["batch0", "queries0", "keys0"])
+def test_empty_shapes(B, M, N):
+    given = inputs("causal", dataclasses.replace(SHAPE, B=B, Hq=4, Hkv=2, M=M, N=N, E=16), F32)
+    grads = _grads("causal", given, {}, torch.randn(B, 4, M, 16), schedule=Schedule(16, 16, 4, 1))
+    assert all(g.shape == given[k].shape and (g == 0).all() for k, g in grads.items())
+
+
+# -- visited query tiles ----------------------------------------------------------------------
+
+VISIT_PARAMS = {"causal": {}, "sliding_window": {"window": 20}, "prefix_lm": {"prefix": 21},
+                "sink_window": {"window": 12, "sinks": 5}, "bottom_right": {}}
+VISIT_SIZES = [(37, 45, 16, 32), (45, 37, 32, 16), (77, 100, 16, 32)]  # (M, N, BM, BN)
+
+
+def _brute_mask(name: str, M: int, N: int, p: dict) -> torch.Tensor:
+    """The [M, N] mask, written from the examples' docstrings (independent of einflash)."""
+    m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    return {"causal": lambda: n <= m, "bottom_right": lambda: n <= m + (N - M),
+            "sliding_window": lambda: (n <= m) & (m - n < p["window"]),
+            "prefix_lm": lambda: (n <= m) | (n < p["prefix"]),
+            "sink_window": lambda: (n <= m) & ((m - n < p["window"]) | (n < p["sinks"]))}[name]().expand(M, N)
+
+
+@functools.cache
+def _kv_visits(name: str, M: int, N: int, BM: int, BN: int) -> list[int]:
+    """Query tiles each dK/dV program (key tile) visited, counted by the kernel; its gradients checked on the way."""
+    o, params = op(name), VISIT_PARAMS[name]
+    given = inputs(name, ef.Shape(B=1, Hq=2, M=M, N=N, E=16, F=16, Hkv=1), F32)
+    c = o.forward.streamed
+    extents = bind_extents(c, given, params)
+    values = bind_params(c, params, extents)
+    out, states = o.forward.run(given, values, Schedule(16, 16, 4, 1), extents, saved=o.backward.saved)
+    d_o = grad_output(name, given, params)
+    visits = torch.zeros(1, -(-N // BN), dtype=torch.int32)
+    grads = o.backward.run(given, values, out, states, d_o, BackwardSchedule(BM, BN, 4, 1), extents, visits)
+    _assert_within_tolerance(name, grads, d_o, given, params)
+    return [v // 2 for v in visits[0].tolist()]  # two query heads visit alike
+
+
+@pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
+@pytest.mark.parametrize("name", list(VISIT_PARAMS))
+def test_dkdv_programs_visit_the_transposed_plans_tiles(name, M, N, BM, BN):
+    kv = stream(op(name).backward.parts.kv, "m")
+    plan = query_plan(kv.cascade, kv.loop).plan
+    assert plan is not None and plan.exact and plan.over == "m"
+    want = [sum(hi - lo for lo, hi in row.nonempty) for row in tile_rows(plan, M, N, BM, BN, **VISIT_PARAMS[name])]
+    assert _kv_visits(name, M, N, BM, BN) == want
+
+
+@pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
+@pytest.mark.parametrize("name", list(VISIT_PARAMS))
+def test_dkdv_programs_visit_the_materialised_masks_tiles(name, M, N, BM, BN):
+    mask = _brute_mask(name, M, N, VISIT_PARAMS[name])
+    want = [sum(bool(mask[i:i + BM, j:j + BN].any()) for i in range(0, M, BM)) for j in range(0, N, BN)]
+    got = _kv_visits(name, M, N, BM, BN)
+    assert got == want and sum(got) < -(-M // BM) * -(-N // BN)
+
+
+# -- torch integration ------------------------------------------------------------------------
+
+
+def test_training_custom_ops_pass_opcheck():
+    o = op("alibi")
+    given = inputs("alibi", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
+    tensors = [given[t.name] for t in o.cascade.inputs]
+    schedule = [16, 16, 4, 1, 1, 0, 16, 16, 4, 1, 0]
+    torch.library.opcheck(o._train_op, (tensors, [float("nan")], schedule))
+    out, *states = o._train_op(tensors, [float("nan")], schedule)
+    bwd = getattr(torch.ops.einflash, o._train_op._name.replace("train_", "bwd_"))
+    torch.library.opcheck(bwd, (torch.randn_like(out), out, states, tensors, [float("nan")], schedule))
+
+
+@pytest.mark.slow  # Inductor compiles the training step around the ops
+def test_compiled_training_step_matches_eager():
+    causal, alibi = op("causal"), op("alibi")
+
+    def step(q, k, v, slope):
+        return (torch.relu(causal(q, k, v)) + alibi(q * 0.5, k, v, slope=slope).sigmoid()).square().sum()
+
+    given = inputs("alibi", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
+    compiled = torch.compile(step, fullgraph=True)
+    grads = []
+    for fn in (compiled, step):
+        leaves = [given[k].clone().requires_grad_() for k in ("q", "k", "v", "slope")]
+        fn(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,136 @@
+"""Gradient cascades (IR): derived by reverse-mode differentiation, checked against torch.autograd through the
+float64 reference executor for every one-pass catalogue variant and input; the max's zero gradient is proved;
+the backward streams once per direction; the forward saves per-row states only (and accumulators where the
+output cannot give them back); what cannot be differentiated says so."""
+
+import pytest
+import torch
+from conftest import EXAMPLES
+from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
+
+import einflash as ef
+from einflash.compiler.gradient import local_derivative, reference_partials, saved_states, finish
+from einflash.compiler.passes import count_passes
+from einflash.errors import DifferentiationError
+from einflash.ir.expr import Read, call
+from einflash.ir.printer import format_expr
+from einflash.ir.ranks import coord
+from einflash.ir.reference import bind_extents, bind_params
+from einflash.testing import reference_gradients
+
+SHAPE = ef.Shape(B=2, Hq=2, M=9, N=11, E=8, F=8, Hkv=1)
+
+
+def _cascade_gradients(name: str, given: dict, params: dict, d_o: torch.Tensor) -> dict:
+    """Each input's gradient from the gradient cascade on the reference executor (states from the reference)."""
+    o = op(name)
+    g = o.backward.gradient
+    c = o.forward.streamed
+    values = bind_params(c, params, bind_extents(c, given, params))
+    saved = saved_states(g, c, given, values)
+    parts = reference_partials(g, given, values, d_o, o.reference(**given, **params), saved)
+    return finish(g, parts, {p.name: p.ranks for p in g.partials}, given)
+
+
+def _assert_same(got: dict, want: dict, given: dict) -> None:
+    for name, x in given.items():
+        if not x.is_floating_point():
+            assert got[name] is None and want[name] is None, name
+            continue
+        assert got[name].shape == x.shape and got[name].dtype == x.dtype, name
+        assert torch.isfinite(want[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_the_list_is_the_lowerable_catalogue():
+    lowered = sorted(p.stem for p in EXAMPLES.glob("*.py") if op(p.stem).forward.error is None)
+    assert lowered == sorted(ONE_PASS)
+
+
+@pytest.mark.parametrize("name", ONE_PASS + ("learnable_softcap",))
+def test_gradient_cascade_is_autograd_of_the_reference(name):
+    given, params = inputs(name, SHAPE, torch.float64), TUNED.get(name, {})
+    d_o = torch.randn_like(op(name).reference(**given, **params))
+    _assert_same(_cascade_gradients(name, given, params, d_o), reference_gradients(op(name), d_o, **given, **params),
+                 given)
+
+
+@pytest.mark.parametrize("name, M, N, params", FULLY_MASKED, ids=[c[0] for c in FULLY_MASKED])
+def test_rows_that_see_no_key_get_zero_gradients(name, M, N, params):
+    given = inputs(name, ef.Shape(B=1, Hq=4, M=M, N=N, E=8, F=8, Hkv=2), torch.float64)
+    d_o = torch.randn_like(op(name).reference(**given, **params))
+    got = _cascade_gradients(name, given, params, d_o)
+    empty = (op(name).reference(**given, **params) == 0).all(-1)
+    assert empty.any() and not empty.all()
+    assert (got["q"][empty] == 0).all()
+    _assert_same(got, reference_gradients(op(name), d_o, **given, **params), given)
+
+
+SHIFTED = {"softmax": ["top2_raw"], "causal": ["max_n2_raw"], "softcap": ["max_n2"],
+           "signed_softmax": ["max_n2_raw"], "differential": ["max_n22_raw", "max_n222_raw"], "sigmoid": [],
+           "causal_linear": [], "gla": []}
+
+
+@pytest.mark.parametrize("name", sorted(SHIFTED))
+def test_maxima_get_no_gradient_by_proof(name):
+    """Each max over n is proved shift-invariant: every sum over n reading it has a correction factor and the
+    output does not change under the rescaling; normalisers without a max have nothing to prove."""
+    g = op(name).backward.gradient
+    assert [p.reduction for p in g.invariant] == SHIFTED[name]
+    for proof in g.invariant:
+        assert proof.op == "max" and proof.factors and "invariant" in str(proof)
+
+
+def test_an_output_that_reads_the_max_is_not_differentiated():
+    @ef.attention
+    def plus_max(q, k, v):
+        s = q @ k * ef.scale
+        return ef.softmax(s, "n") @ v + s.max("n")
+
+    assert plus_max.forward.error is None  # the forward runs
+    assert isinstance(plus_max.backward.error, DifferentiationError)
+    assert "invariant to shifts" in str(plus_max.backward.error)
+    q = torch.randn(1, 1, 5, 16, requires_grad=True)
+    with pytest.raises(DifferentiationError, match="plus_max: no backward"):
+        plus_max(q, q, q)
+
+
+def test_a_shifted_read_of_a_learnable_input_is_not_differentiated():
+    @ef.attention
+    def shifted(q, k, v, bias: ef.Tensor["h m n"]):
+        return ef.softmax(q @ k * ef.scale + bias[ef.m, ef.n // 2], "n") @ v
+
+    assert isinstance(shifted.backward.error, DifferentiationError)
+    assert "shifted or computed read" in str(shifted.backward.error)
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_the_backward_streams_once_per_direction(name):
+    """Deferral carries over to the adjoint: the row terms reduce over f only, so dQ streams n once and
+    dK/dV streams m once."""
+    g = op(name).backward.gradient.cascade
+    assert count_passes(g, "n").passes == 1
+    assert count_passes(g, "m").passes == 1
+
+
+def test_softmax_saves_only_per_row_states():
+    g = op("softmax").backward.gradient
+    assert [(s.name, s.ranks) for s in g.saved] == [("top2_raw", ("b", "h", "m")), ("den", ("b", "h", "m"))]
+    assert g.output == "o"  # the row term Σ_f d_o·o/den reads the output, not the accumulator
+    row_terms = op("softmax").backward.parts.row_terms
+    assert row_terms == ("d_den",)
+
+
+def test_outputs_that_mix_streams_save_their_accumulators():
+    """o = acc₁/den₁ − λ·acc₂/den₂ cannot give back each stream's normalised output: both are saved."""
+    saved = [s.name for s in op("differential").backward.gradient.saved]
+    assert {"dot_n_acc", "dot_n2_acc"} <= set(saved)
+
+
+@pytest.mark.parametrize("operator, derivative", [("sigmoid", "y[m] − y[m]·y[m]"), ("tanh", "1 − y[m]·y[m]"),
+                                                  ("exp", "y[m]"), ("exp2", "0.6931471805599453·y[m]"),
+                                                  ("log", "1/x[m]"), ("abs", "sign(x[m])"),
+                                                  ("relu", "where(x[m] > 0, 1, 0)")])
+def test_operator_derivatives_are_written_with_the_operators_value(operator, derivative):
+    x, y = Read("x", (coord("m"),)), Read("y", (coord("m"),))
+    assert format_expr(local_derivative(call(operator, x), 0, y)) == derivative
