@@ -2,8 +2,10 @@
 
 One record per variant: its name, passes as written and after rewriting, the backend
 it ran on, the kernel's error against the float64 reference with its tolerance
-(DESIGN §7), whether it passed, and the time of one call. Variants that cannot be
-lowered yet have ``ok: None`` and the reason.
+(DESIGN §7), whether it passed, and the time of one call; then the same for its
+gradients (``grad_ok``: every input's gradient within the rule, ``grad_max_error``: the
+largest error of any of them). Variants that cannot be lowered yet have ``ok: None``
+and the reason; variants without a backward ``grad_ok: None`` and ``grad_reason``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .backends import detect
 from .errors import LoweringError
 from .op import AttentionOp
 from .shape import Shape
-from .testing import check
+from .testing import check, check_gradients
 
 QUICK = ("softmax", "causal", "alibi", "sigmoid", "differential", "post_norm_threshold", "linear")
 
@@ -44,7 +46,8 @@ def run_variant(mod, op: AttentionOp, device: str, dtype: torch.dtype, backend: 
     on_gpu = device == "cuda"
     x = op.explain()
     rec = {"name": op.name, "passes_as_written": x.passes_as_written, "passes": x.passes, "backend": backend,
-           "max_error": None, "tolerance": None, "ok": None, "ms": None, "reason": None}
+           "max_error": None, "tolerance": None, "ok": None, "ms": None, "reason": None,
+           "grad_ok": None, "grad_max_error": None, "grad_reason": None}
     if op.forward.error is not None:
         rec["reason"] = str(op.forward.error)
         return rec
@@ -67,7 +70,25 @@ def run_variant(mod, op: AttentionOp, device: str, dtype: torch.dtype, backend: 
     verdict = check(op, out, *args, **extra)
     rec.update(max_error=verdict.max_error, tolerance=verdict.tolerance, ok=verdict.ok,
                ms=_time(lambda: op(*args, **extra), on_gpu))
+    given = dict(zip([t.name for t in op.cascade.inputs if t.name in standard], args)) | extra
+    rec.update(_gradients(op, given, g))
     return rec
+
+
+def _gradients(op: AttentionOp, given: dict, generator: torch.Generator) -> dict:
+    """The backward of one call (all floating-point inputs), held to the tolerance rule."""
+    if op.backward.error is not None:
+        return {"grad_reason": str(op.backward.error)}
+    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v) for k, v in given.items()}
+    try:
+        out = op(**leaves)
+        d_o = torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=generator)
+        out.backward(d_o)
+    except Exception as e:  # a backward that fails to run is reported, never hidden
+        return {"grad_ok": False, "grad_reason": f"{type(e).__name__}: {e}"}
+    verdicts = check_gradients(op, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}, d_o, **given)
+    return {"grad_ok": all(v.ok for v in verdicts.values()),
+            "grad_max_error": max(v.max_error for v in verdicts.values())}
 
 
 def run_demo(examples: pathlib.Path, quick: bool = False) -> list[dict]:

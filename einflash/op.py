@@ -199,7 +199,7 @@ class AttentionOp:
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
         """
         return explain(self.cascade, self.forward.steps, self.forward.streamed, self.forward.error,
-                       get_target(target), shape or DEFAULT_SHAPE, dtype, dims, params)
+                       get_target(target), shape or DEFAULT_SHAPE, dtype, dims, params, self.backward)
 
 
 DEFAULT_SHAPE = Shape(2, 16, 4096, 4096, 128)

@@ -56,6 +56,7 @@ class Explanation:
     template: str  # what the kernel generator does with it
     written: str = field(repr=False)
     rewritten: str = field(repr=False)
+    backward: dict | None = None  # the gradient cascade's analysis (see _backward)
 
     def to_json(self) -> dict:
         return {"name": self.name, "key": self.key, "target": self.target, "shape": self.shape,
@@ -67,7 +68,7 @@ class Explanation:
                 "flops": self.flops, "transcendentals": self.transcendentals, "bytes": self.bytes,
                 "intensity": self.intensity, "roofline_ms": self.roofline_ms, "bound": self.bound,
                 "tiles": self.tiles, "template": self.template,
-                "cascade_as_written": self.written, "cascade": self.rewritten}
+                "cascade_as_written": self.written, "cascade": self.rewritten, "backward": self.backward}
 
     def __str__(self) -> str:
         rows = [("variant", f"{self.name}  ({self.key})"), ("target, shape", f"{self.target}, {self.shape}"),
@@ -89,6 +90,15 @@ class Explanation:
             rows.append(("mask tiles", f"{t['empty']} empty, {t['partial']} partial, {t['full']} full of "
                                        f"{t['total']} ({t['block_m']}×{t['block_n']})"))
         rows.append(("template", self.template))
+        b = self.backward
+        if b is not None and b["error"] is not None:
+            rows.append(("backward", f"none: {b['error']}"))
+        elif b is not None:
+            rows += [("backward passes", f"{b['passes']['n']} over n (dQ), {b['passes']['m']} over m (dK/dV)"),
+                     ("saved per row", ", ".join(f"{s['name']}[{','.join(s['ranks'])}]" for s in b["saved"]) or "none"),
+                     ("row terms", ", ".join(b["row_terms"]) or "none"),
+                     ("backward FLOPs", f"{b['flops']:.3e}  ({b['flops'] / max(self.flops, 1.0):.2f}× the forward)")]
+            rows += [("no gradient", z) for z in b["zero_gradients"]]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -114,8 +124,10 @@ def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: 
 
 
 def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None, target: Target, shape: Shape,
-            dtype: str = "bfloat16", dims: dict[str, int] | None = None, params: dict | None = None) -> Explanation:
-    """Analyse ``written`` and its rewritten form ``streamed`` at ``shape`` on ``target``."""
+            dtype: str = "bfloat16", dims: dict[str, int] | None = None, params: dict | None = None,
+            backward=None) -> Explanation:
+    """Analyse ``written`` and its rewritten form ``streamed`` at ``shape`` on ``target``; with ``backward`` (a
+    compiler.backward.Backward), its gradient cascade too."""
     dims = dict(dims or {})
     params = {p.name: float(p.default.subs({extent_symbol(x): v for x, v in
                                             {"E": shape.E, "N": shape.N, "M": shape.M}.items()}))
@@ -132,6 +144,7 @@ def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None,
     trans = float(cst.transcendentals.subs(subs))
     nbytes = float(cst.bytes.subs(subs))
     tiles = _tiles(written, ext, params, cfg)
+    frac = 1.0
     if tiles:  # masked-out tiles are never visited: count the work of the visited ones
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
         flops, trans = flops * frac, trans * frac
@@ -146,7 +159,23 @@ def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None,
         pa_w.passes, pa.passes, tuple(str(r) for r in pa_w.reasons), streaming_obstacle(before_stream),
         tuple(s.name for s in steps if s.changed), str(buf_w.total), str(buf.total), int(buf.total.subs(subs)),
         buf.grows_with_n, buf_w.grows_with_n, flops, trans, nbytes, flops / max(nbytes, 1.0),
-        max(times.values()) * 1e3, bound, tiles, template, str(written), str(streamed))
+        max(times.values()) * 1e3, bound, tiles, template, str(written), str(streamed),
+        None if backward is None else _backward(backward, subs, frac if tiles else 1.0))
+
+
+def _backward(backward, subs: dict, visited: float) -> dict:
+    """The gradient cascade: its passes in each direction, what the forward saves, the row terms computed once
+    per row, the reductions that get no gradient (and why), its FLOPs at the shape (visited tiles only)."""
+    if backward.error is not None:
+        return {"error": str(backward.error)}
+    g = backward.gradient
+    return {"error": None, "passes": {"n": count_passes(g.cascade, "n").passes,
+                                      "m": count_passes(g.cascade, "m").passes},
+            "saved": [{"name": s.name, "ranks": list(s.ranks)} for s in g.saved],
+            "reads_output": g.output is not None, "row_terms": list(backward.parts.row_terms),
+            "zero_gradients": [str(z) for z in g.invariant],
+            "gradients": {p.input: [q.name for q in g.partials if q.input == p.input] for p in g.partials},
+            "flops": float(cost(g.cascade).flops.subs(subs)) * visited, "cascade": str(g.cascade)}
 
 
 def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
