@@ -1,0 +1,214 @@
+"""Forward+backward benchmark on one GPU: einflash beside SDPA (cuDNN, FlashAttention-2) and FlexAttention,
+for the training rows of DESIGN §5, in one process; then the catalogue's gradients in bf16 and fp16 against
+the tolerance rule.
+
+    python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,check] [--deadline 500]
+
+Writes DIR/backward.json as it goes (one record per measurement) and prints the table with ratios. TFLOP/s
+of a forward+backward count 3.5 × 4·B·H·M·D per visited (query, key) pair (the forward's 4·B·H·M·N·D, the
+backward's 2.5×, as /work/shared/bench/peers_gpu.py counts them); masked rows use the exact number of unmasked
+pairs, the same for every implementation. Past the deadline (seconds from the start) nothing new is started
+and the run ends with what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import sys
+import time
+import traceback
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import peers  # noqa: E402
+from bench_forward import ROWS, example, pairs  # noqa: E402
+
+import einflash as ef  # noqa: E402
+from einflash.backends import detect  # noqa: E402
+from einflash.compiler.backward import BackwardSchedule, default_backward_schedule  # noqa: E402
+from einflash.testing import check_gradients  # noqa: E402
+
+DT = torch.bfloat16
+T0 = time.time()
+DEADLINE = [500.0]
+OUT: list[pathlib.Path] = []
+# backward schedules tried with --sweep: (streamed, kept, warps, stages)
+SWEEP = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3),
+         (32, 128, 4, 2), (64, 128, 4, 2)]
+
+
+def late() -> bool:
+    return time.time() - T0 > DEADLINE[0]
+
+
+def emit(rows, **kw):
+    rows.append(kw)
+    print(json.dumps(kw), flush=True)
+    if OUT:  # written as it goes, so a run stopped at its limit still leaves its results
+        OUT[0].write_text(json.dumps(rows, indent=1))
+
+
+def _training(fn, grad):
+    """One forward+backward of ``fn``."""
+    def step():
+        fn().backward(grad)
+    return step
+
+
+def perf(rows, quick: bool, sweep: bool):
+    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+        if late():
+            emit(rows, kind="skipped", case=label, reason="deadline")
+            continue
+        mod, op = example(name)
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT).requires_grad_() for _ in range(3))
+        grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+        extra = {}
+        if name == "alibi":
+            extra = mod.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=torch.float32)
+        flops = 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
+        impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
+        if sweep:
+            for bm, bn, w, s in SWEEP:
+                sch = BackwardSchedule(bm, bn, w, s)
+                impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (
+                    lambda sch=sch: op(q, k, v, **extra, **params, backward_schedule=sch))
+        default = default_backward_schedule({"e": D, "f": D}, detect())
+        atomic = BackwardSchedule(default.block_m, default.block_n, default.num_warps, default.num_stages, True)
+        impls["einflash[atomic dq]"] = lambda: op(q, k, v, **extra, **params, backward_schedule=atomic)
+        if name in ("softmax", "causal"):
+            for peer in ("sdpa-cudnn", "sdpa-flash"):
+                try:
+                    impls[peer] = peers.sdpa(peer, q, k, v, kind == "causal")
+                except Exception as e:  # noqa: BLE001
+                    emit(rows, kind="perf", case=label, impl=peer, error=str(e)[:200])
+        try:
+            mask = {"causal": peers.causal_mask, "window": peers.sliding_mask(params.get("window", 1024))}.get(kind)
+            score = None
+            if name == "alibi":
+                score = peers.alibi_mod(extra["slope"])
+            if name == "softcap":
+                score = peers.softcap_mod(params["cap"])
+            impls["flex"] = peers.flex(q, k, v, mask_mod=mask, score_mod=score)
+        except Exception as e:  # noqa: BLE001
+            emit(rows, kind="perf", case=label, impl="flex", error=str(e)[:300])
+        for impl, fn in impls.items():
+            if late():
+                emit(rows, kind="skipped", case=label, impl=impl, reason="deadline")
+                continue
+            try:
+                t0 = time.time()
+                step = _training(fn, grad)
+                step()
+                torch.cuda.synchronize()
+                first = time.time() - t0
+                total = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v])
+                fwd = do_bench(fn, warmup=10, rep=50)
+                emit(rows, kind="perf", case=label, impl=impl, B=B, H=H, N=N, D=D, fwd_bwd_ms=total, fwd_ms=fwd,
+                     tflops=3.5 * flops / total / 1e9, bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
+                     first_call_s=first)
+            except Exception as e:  # noqa: BLE001
+                emit(rows, kind="perf", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}",
+                     trace=traceback.format_exc()[-800:])
+            q.grad = k.grad = v.grad = None
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+
+
+def correctness(rows, quick: bool):
+    """Every differentiable catalogue variant's gradients, bf16 and fp16, against the rule, per input."""
+    names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+    B, Hq, Hkv, M, D = (1, 4, 2, 256, 64) if quick else (1, 8, 2, 1024, 64)
+    for dt in (torch.bfloat16, torch.float16):
+        for name in names:
+            mod, op = example(name)
+            if op.backward.error is not None:
+                if dt is torch.bfloat16:
+                    emit(rows, kind="check", variant=name, ok=None, reason=str(op.backward.error)[:300])
+                continue
+            if late():
+                emit(rows, kind="skipped", variant=name, dtype=str(dt), reason="deadline")
+                continue
+            hq, hkv = getattr(mod, "HEADS", (Hq, Hkv))
+            shape = ef.Shape(B, hq, M, M, D, D, hkv)
+            try:
+                g = torch.Generator(device="cuda").manual_seed(0)
+                given = {"q": torch.randn(B, hq, M, D, device="cuda", dtype=dt, generator=g),
+                         "k": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g),
+                         "v": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g)}
+                if hasattr(mod, "extra_inputs"):
+                    given.update(mod.extra_inputs(shape, device="cuda", dtype=dt))
+                given = {t.name: given[t.name] for t in op.cascade.inputs}
+                leaves = {n: (x.detach().clone().requires_grad_() if x.is_floating_point() else x)
+                          for n, x in given.items()}
+                t0 = time.time()
+                out = op(**leaves)
+                d_o = torch.randn(out.shape, device="cuda", dtype=dt, generator=g)
+                out.backward(d_o)
+                torch.cuda.synchronize()
+                seconds = time.time() - t0
+                verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items() if x.is_floating_point()}, d_o,
+                                           **given)
+                emit(rows, kind="check", variant=name, dtype=str(dt).split(".")[1], shape=[B, hq, hkv, M, M, D],
+                     ok=all(v.ok for v in verdicts.values()), first_call_s=seconds,
+                     inputs={n: v.as_dict() for n, v in verdicts.items()})
+            except Exception as e:  # noqa: BLE001
+                emit(rows, kind="check", variant=name, dtype=str(dt), ok=False,
+                     error=f"{type(e).__name__}: {str(e)[:300]}", trace=traceback.format_exc()[-800:])
+            torch.cuda.empty_cache()
+
+
+def summary(rows):
+    by = {}
+    for r in rows:
+        if r.get("kind") == "perf" and "error" not in r:
+            by.setdefault(r["case"], {})[r["impl"]] = r["tflops"]
+    print("\nforward+backward TFLOP/s")
+    print("case | einflash | best einflash | atomic dQ | cudnn | flash | flex | best/flex | best/cudnn")
+    for case, d in by.items():
+        mine = {k: v for k, v in d.items() if k.startswith("einflash")}
+        best = max(mine.values()) if mine else math.nan
+        flex, cudnn = d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
+        print(f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {d.get('einflash[atomic dq]', math.nan):.1f}"
+              f" | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f} | {flex:.1f} | {best / flex:.2f}"
+              f" | {best / cudnn:.2f}")
+    checks = [r for r in rows if r.get("kind") == "check" and r.get("ok") is not None]
+    if checks:
+        bad = [f"{r['variant']} {r.get('dtype')}" for r in checks if not r["ok"]]
+        print(f"\ngradients within the tolerance rule: {len(checks) - len(bad)} of {len(checks)}"
+              + (f"; not: {', '.join(bad)}" if bad else ""))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time a few backward schedules")
+    ap.add_argument("--only", default="perf,check")
+    ap.add_argument("--deadline", type=float, default=500.0, help="seconds after which nothing new starts")
+    a = ap.parse_args()
+    DEADLINE[0] = a.deadline
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    OUT.append(out / "backward.json")
+    rows = []
+    emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+         date=datetime.date.today().isoformat())
+    steps = a.only.split(",")
+    if "perf" in steps:
+        perf(rows, a.quick, a.sweep)
+    if "check" in steps:
+        correctness(rows, a.quick)
+    summary(rows)
+
+
+if __name__ == "__main__":
+    main()
