@@ -3,6 +3,7 @@ for the training rows of DESIGN §5, in one process; then the catalogue's gradie
 the tolerance rule.
 
     python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,check] [--deadline 500]
+                                         [--cases causal,ALiBi] [--variants causal,alibi] [--dtypes bfloat16]
 
 Writes DIR/backward.json as it goes (one record per measurement) and prints the table with ratios. TFLOP/s
 of a forward+backward count 3.5 × 4·B·H·M·D per visited (query, key) pair (the forward's 4·B·H·M·N·D, the
@@ -41,8 +42,8 @@ T0 = time.time()
 DEADLINE = [500.0]
 OUT: list[pathlib.Path] = []
 # backward schedules tried with --sweep: (streamed, kept, warps, stages)
-SWEEP = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3),
-         (32, 128, 4, 2), (64, 128, 4, 2)]
+SWEEP = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+         (16, 128, 4, 4), (32, 128, 4, 5)]
 
 
 def late() -> bool:
@@ -63,8 +64,10 @@ def _training(fn, grad):
     return step
 
 
-def perf(rows, quick: bool, sweep: bool):
+def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
     for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+        if cases and not any(c in label for c in cases.split(",")):
+            continue
         if late():
             emit(rows, kind="skipped", case=label, reason="deadline")
             continue
@@ -123,11 +126,13 @@ def perf(rows, quick: bool, sweep: bool):
         torch.cuda.empty_cache()
 
 
-def correctness(rows, quick: bool):
+def correctness(rows, quick: bool, variants: str | None = None, dtypes: str = "bfloat16,float16"):
     """Every differentiable catalogue variant's gradients, bf16 and fp16, against the rule, per input."""
     names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+    if variants:
+        names = [n for n in names if n in variants.split(",")]
     B, Hq, Hkv, M, D = (1, 4, 2, 256, 64) if quick else (1, 8, 2, 1024, 64)
-    for dt in (torch.bfloat16, torch.float16):
+    for dt in (getattr(torch, d) for d in dtypes.split(",")):
         for name in names:
             mod, op = example(name)
             if op.backward.error is not None:
@@ -194,6 +199,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time a few backward schedules")
     ap.add_argument("--only", default="perf,check")
     ap.add_argument("--deadline", type=float, default=500.0, help="seconds after which nothing new starts")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings of the perf rows to run")
+    ap.add_argument("--variants", default=None, help="comma-separated catalogue variants to check")
+    ap.add_argument("--dtypes", default="bfloat16,float16")
     a = ap.parse_args()
     DEADLINE[0] = a.deadline
     out = pathlib.Path(a.out)
@@ -204,9 +212,9 @@ def main():
          date=datetime.date.today().isoformat())
     steps = a.only.split(",")
     if "perf" in steps:
-        perf(rows, a.quick, a.sweep)
+        perf(rows, a.quick, a.sweep, a.cases)
     if "check" in steps:
-        correctness(rows, a.quick)
+        correctness(rows, a.quick, a.variants, a.dtypes)
     summary(rows)
 
 

@@ -46,11 +46,13 @@ INTERPRETER = Target(
     backward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
                     space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
 )
-# Backward tiles (block_m streamed, block_n kept per program: see einflash.compiler.backward) start from
-# the Triton fused-attention tutorial's choice, 32 streamed and 128 kept rows; they are not measured on
-# this project's GPUs yet (benchmarks/bench_backward.py sweeps the search space and records the winners).
-# Each default cross-compiles for its target within shared memory (tests/gradients/test_sm90_backward.py).
-_BACKWARD = Tuning(defaults=((128, TileConfig(32, 128, 4, 3)),
+# Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program. Measured on an
+# H200 (benchmarks/results/h200_backward_sweep.json, head dim 128, full and causal, 2x16x8192): 64x128 with 8
+# warps and 2 stages ran best (10.0 ms fwd+bwd full, 5.7 ms causal); with 4 warps the kept 128-row tiles and
+# their fp32 accumulators run out of registers (2.2x slower). Head dim 256 is not measured yet. sm80 takes the
+# same tiles unmeasured (they compile within its shared memory: tests/codegen/test_generated_sm90_backward.py
+# cross-compiles the sm90 ones).
+_BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 2)),
                              (256, TileConfig(32, 64, 4, 2))),
                    space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
                                      num_stages=(1, 2, 3, 4, 5)))

@@ -27,9 +27,9 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Merge, Read, call
+from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
-from ..ir.ranks import PARALLEL, STREAM, rank_order
+from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.validate import validate
 from ..templates import render
 from .blocks import tile_lists
@@ -39,9 +39,10 @@ from .launch import load_kernel
 from .lower import exact_dots, kernel_name
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .rewrites import fresh_name
-from .tilecode import Tile, TileCode, axis_extent, bcast, presence
+from .tilecode import Tile, TileCode, axis_extent, bcast, presence, tile_axes
 
 ROWS_BLOCK_M = 64  # query rows per program of the rows kernel (memory-bound and tiny)
+KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def default_backward_schedule(extents: dict[str, int], target) -> BackwardSchedu
 
     >>> from einflash.backends import get_target
     >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"))
-    BackwardSchedule(block_m=32, block_n=128, num_warps=4, num_stages=3, atomic_dq=False)
+    BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=2, atomic_dq=False)
     """
     if target.backward is None:
         raise LoweringError(f"target {target.name} has no backward tile configurations")
@@ -136,6 +137,22 @@ def one_rank_reductions(c: Cascade, order: tuple[str, ...]) -> Cascade:
     return out
 
 
+def inline_row_products(c: Cascade) -> Cascade:
+    """Row-level products (``d_o·(1/den)``) written into the Einsums that read them, so that a contraction takes
+    the row factor out of the dot and keeps the loaded operand as it is (no product tile to stage)."""
+    products = {e.out: e.expr for e in c.einsums if e.reduce is None and e.where is None and e.out not in c.outputs
+                and STREAM not in e.iteration_ranks and isinstance(e.expr, Call) and e.expr.op in ("mul", "div")}
+
+    def sub(x):
+        if isinstance(x, Read) and not x.prev and x.tensor in products \
+                and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks):
+            return transform(products[x.tensor], sub)
+        return None
+
+    einsums = tuple(replace(e, expr=transform(e.expr, sub)) for e in c.einsums if e.out not in products)
+    return prune(replace(c, einsums=einsums))
+
+
 def cut(g: Gradient) -> Parts:
     """The kernels' cascades of a gradient (see the module docstring)."""
     c = g.cascade
@@ -156,8 +173,11 @@ def cut(g: Gradient) -> Parts:
     given = set(row_terms)
     kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
     both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
-    return Parts(rows and one_rank_reductions(rows, ("m",)), kv and one_rank_reductions(kv, ("m", "n")),
-                 q and one_rank_reductions(q, ("n", "m")), both and one_rank_reductions(both, ("m", "n")), row_terms)
+    def streamed(part, order):
+        return part and one_rank_reductions(inline_row_products(part), order)
+
+    return Parts(rows and one_rank_reductions(rows, ("m",)), streamed(kv, ("m", "n")), streamed(q, ("n", "m")),
+                 streamed(both, ("m", "n")), row_terms)
 
 
 @dataclass(frozen=True)
@@ -240,8 +260,9 @@ class BackwardKernel:
 class _Gen:
     """TileCode instances of one kernel, sharing its variable counter and settings."""
 
-    def __init__(self, c: Cascade, dims: dict, dtype: str, ints: frozenset, states_full: frozenset):
-        self.c, self.dims, self.ints = c, dims, ints
+    def __init__(self, c: Cascade, dims: dict, dtype: str, ints: frozenset, states_full: frozenset,
+                 order: tuple[str, ...] | None = None):
+        self.c, self.dims, self.ints, self.order = c, dims, ints, order
         self.exact, self.acc = exact_dots(dtype)
         first = next((t.name for t in c.inputs if t.layout in (Layout.QUERY, Layout.KEY) and t.name not in ints),
                      None)
@@ -251,12 +272,12 @@ class _Gen:
 
     def code(self, env: dict, loads: dict, masked: bool, skip=frozenset(), **kw) -> TileCode:
         return TileCode(self.c, self.dims, masked, frozenset(skip), dict(env), [], self.dot, self.exact, dict(loads),
-                        self.counter, int_inputs=self.ints, acc=self.acc, **kw)
+                        self.counter, int_inputs=self.ints, acc=self.acc, order=self.order, packed_heads=False, **kw)
 
     def zeros(self, g: TileCode, names) -> None:
         """Running sums start at 0, present everywhere (an empty sum adds nothing)."""
         for s in names:
-            ranks = tuple(r for r in self.c.tensor(s).ranks if r not in PARALLEL)
+            ranks = tile_axes([r for r in self.c.tensor(s).ranks if r not in PARALLEL], self.order)
             g.emit(f"v_{s} = tl.zeros([{', '.join(axis_extent(r) for r in ranks)}], dtype={self.acc})")
             g.env[s] = Tile(f"v_{s}", ranks)
 
@@ -297,7 +318,7 @@ def _with_key_edge(t: Tile, loaded: bool) -> Tile:
     """A tile over n loaded before the loops, as masked code sees it: keys past N absent (loaded as 0)."""
     if "n" not in t.ranks:
         return t
-    present, pranks = presence([t, Tile("", (), "(offs_n < N)", ("n",))])
+    present, pranks = presence([t, Tile("", (), "(offs_n < N)", ("n",))], order=KEYS_FIRST)
     return replace(t, present=present, pranks=pranks, fill=0.0 if loaded and t.fill in (None, 0.0) else None)
 
 
@@ -381,9 +402,10 @@ def lower_kv(s: Streamed, outputs: dict[str, Output], group_sums: set[str], dims
     """The dK/dV kernel of a cascade streamed over m. ``group_sums``: gradients of key-layout inputs, summed over
     the query heads of a GQA group in the program where the cascade allows (the rest are stored per query head)."""
     c = s.cascade
-    gen = _Gen(c, dims, dtype, ints, states_full)
+    gen = _Gen(c, dims, dtype, ints, states_full, KEYS_FIRST)
     level = _group_level(s, outputs, group_sums)
-    outputs = {n: (replace(o, head="off_hk") if n in level else o) for n, o in outputs.items()}
+    outputs = {n: replace(o, head="off_hk" if n in level else o.head, ranks=tile_axes(o.ranks, KEYS_FIRST))
+               for n, o in outputs.items()}
     per_tile = {n for n, o in outputs.items() if "m" in o.ranks}  # per pair, or added atomically
     plan = query_plan(c, s.loop, frozenset(per_tile))
 

@@ -147,12 +147,14 @@ def query_plan(c: Cascade, loop: tuple[Einsum, ...], outputs: frozenset = frozen
     in ``outputs`` (values stored per tile), depends on the mask. Per-token data conjuncts (document
     ids) are evaluated in every tile: run-time tile lists exist for key tiles of a query tile only.
     """
-    return _stream_plan(c, loop, _QUERIES, _mask_einsum(c, loop, frozenset({"m", "n"}), outputs), lists=False)
+    pairs = frozenset({"m", "n"})
+    return _stream_plan(c, loop, _QUERIES, _mask_einsum(c, loop, pairs, outputs), lists=False, ranks=pairs)
 
 
-def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum | None, lists: bool) -> KeyPlan:
+def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum | None, lists: bool,
+                 ranks: frozenset = frozenset({STREAM})) -> KeyPlan:
     edge = s.edge
-    if not any(e.where is not None for e in loop):
+    if not any(e.where is not None and ranks <= e.iteration_ranks for e in loop):  # no mask on tile pairs
         return KeyPlan(s.edge_setup, (KeyRange("0", edge, False, comment=f"whole {s.what} tiles"),
                                       KeyRange(edge, s.extent, True, comment=f"the last {s.what} tile, cut by the "
                                                                              f"end of the {s.what}s")))

@@ -64,12 +64,24 @@ def _and(a: str | None, b: str | None) -> str | None:
     return f"({a} & {b})"
 
 
-def presence(tiles, how: str = "&") -> tuple[str | None, tuple[str, ...]]:
+def tile_axes(ranks, order: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Tile axes in the order of ``order`` (ranks it does not name after, by name); else the canonical one.
+
+    >>> tile_axes(["m", "e", "n"]), tile_axes(["m", "e", "n"], ("n", "m"))
+    (('m', 'n', 'e'), ('n', 'm', 'e'))
+    """
+    canonical = rank_order(ranks)
+    if order is None:
+        return canonical
+    return tuple(sorted(canonical, key=lambda r: order.index(r) if r in order else len(order) + canonical.index(r)))
+
+
+def presence(tiles, how: str = "&", order: tuple[str, ...] | None = None) -> tuple[str | None, tuple[str, ...]]:
     """The presence of a combination of tiles: a boolean tile over the union of their presence axes."""
     parts = [t for t in tiles if t.present is not None]
     if not parts:
         return None, ()
-    pranks = rank_order(r for t in parts for r in t.pranks)
+    pranks = tile_axes((r for t in parts for r in t.pranks), order)
     code = f" {how} ".join(bcast(t.present, t.pranks, pranks) for t in parts)
     return (f"({code})" if len(parts) > 1 else code), pranks
 
@@ -126,6 +138,10 @@ class TileCode:
     # code of both kinds runs), without making keys past N absent
     edge_loads: bool = False
     prefix: str = "v_"  # of the variables Einsums are bound to (two versions of one Einsum need two)
+    # the order of tile axes (None: canonical, m before n); kernels that keep keys and stream queries put n
+    # first, so that their dots take key-major tiles as they are (no transpose through shared memory)
+    order: tuple[str, ...] | None = None
+    packed_heads: bool = True  # rows of a program may belong to several query heads (off_hrow); else off_h
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -156,13 +172,15 @@ class TileCode:
                 offs.append(f"mem_b * {stride}")
             elif rank == "h" and decl.layout is Layout.KEY:
                 offs.append(f"off_hk * {stride}")
+            elif rank == "h" and not self.packed_heads:
+                offs.append(f"off_h * {stride}")
             elif rank == "h":  # query heads vary by row when GQA groups are packed into one program
                 axes.append("m")
                 offs.append(("h", stride))
             else:
                 axes.append(rank)
                 offs.append((rank, stride))
-        axes_t = rank_order(axes)
+        axes_t = tile_axes(axes, self.order)
         terms = []
         for o in offs:
             if isinstance(o, tuple):
@@ -225,7 +243,7 @@ class TileCode:
             return Tile(f"{size} * 1.0" if self.acc == "tl.float32" else f"tl.cast({size}, {self.acc})", ())
         if isinstance(x, Coord):
             if x.rank == "h":
-                return Tile("off_hrow", ("m",), dtype="int")
+                return Tile("off_hrow", ("m",), dtype="int") if self.packed_heads else Tile("off_h", (), dtype="int")
             if x.rank == "b":
                 return Tile("off_b", (), dtype="int")
             return Tile(f"offs_{x.rank}", (x.rank,), dtype="int")
@@ -251,7 +269,7 @@ class TileCode:
             return self.leaf(x)
         args = [self.expr(a) for a in x.args]
         op = OPERATORS[x.op]
-        ranks = rank_order(r for a in args for r in a.ranks)
+        ranks = tile_axes((r for a in args for r in a.ranks), self.order)
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
         exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
@@ -263,7 +281,7 @@ class TileCode:
                 a = self.filled(a, 0.0)
             code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
-        present, pranks = presence(args)
+        present, pranks = presence(args, order=self.order)
         fill = _eval_fill(x.op, args) if present is not None else None
         code = (op.triton_fp32 if self.fp32_dot and op.triton_fp32 else op.triton).format(*codes)
         dtype = "bool" if op.boolean else "int" if exact else "f32"
@@ -288,7 +306,7 @@ class TileCode:
                      f"{bcast(self.f32(b), b.ranks, ranks)}))")
         if a.present is None or b.present is None:
             return Tile(value, ranks)
-        present, pranks = presence((a, b), "|")
+        present, pranks = presence((a, b), "|", self.order)
         return Tile(value, ranks, present, pranks, ident)
 
     def filled(self, t: Tile, value: float) -> Tile:
@@ -344,7 +362,8 @@ class TileCode:
         if rest.ranks != made.ranks or not (rest.present is None or rest.fill == 0.0) \
                 or not (made.present is None or made.fill == 0.0):
             return None
-        present, pranks = (None, ()) if rest.present is None or made.present is None else presence((rest, made), "|")
+        present, pranks = (None, ()) if rest.present is None or made.present is None else \
+            presence((rest, made), "|", self.order)
         return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks,
                     0.0 if present else None)
 
@@ -352,8 +371,8 @@ class TileCode:
         pred = self.predicate(e.where)
         if pred is None:
             return body
-        ranks = rank_order(body.ranks + pred.ranks)
-        present, pranks = presence((body, Tile("", (), pred.code, pred.ranks)))
+        ranks = tile_axes(body.ranks + pred.ranks, self.order)
+        present, pranks = presence((body, Tile("", (), pred.code, pred.ranks)), order=self.order)
         value = f"tl.where({bcast(present, pranks, ranks)}, {bcast(self.f32(body), body.ranks, ranks)}, float('-inf'))"
         return Tile(value, ranks, present, pranks, float("-inf"))
 
@@ -363,7 +382,7 @@ class TileCode:
         if not parts:
             return None
         tiles = [self.expr(p) for p in parts]
-        ranks = rank_order(r for t in tiles for r in t.ranks)
+        ranks = tile_axes((r for t in tiles for r in t.ranks), self.order)
         code = " & ".join(bcast(t.code, t.ranks, ranks) for t in tiles)
         return Tile(f"({code})", ranks, dtype="bool")
 
@@ -398,7 +417,7 @@ class TileCode:
         from .algebra import factors
 
         r = e.reduce.ranks[0]
-        out = [x for x in e.ranks if x not in PARALLEL]
+        out = list(tile_axes([x for x in e.ranks if x not in PARALLEL], self.order))
         if len(out) != 2:
             return None
         from ..ir.expr import free_ranks
@@ -426,8 +445,9 @@ class TileCode:
 
         r = e.reduce.ranks[0]
         (x, left), (y, right), outer = self.dot_groups(e)
-        a = self.filled(self.expr(product(left)), 0.0)
-        b = self.filled(self.expr(product(right)), 0.0)
+        outer = [(f, k) for f, k in outer if f != Const(1.0)]
+        a = self.filled(self.expr(product(_reciprocals(left))), 0.0)
+        b = self.filled(self.expr(product(_reciprocals(right))), 0.0)
         a_code = self.operand(a, (x, r))
         b_code = self.operand(b, (r, y))
         prec = ', input_precision="ieee"' if self.fp32_dot else ""
@@ -435,8 +455,8 @@ class TileCode:
             prec += f", out_dtype={self.acc}"
         code = f"tl.dot({a_code}, {b_code}{prec})"
         # the result is present where some term of the sum is: reduce the operands' presence over r
-        present, pranks = presence([self.reduced_presence(t, r) for t in (a, b)])
-        out_ranks = rank_order((x, y))
+        present, pranks = presence([self.reduced_presence(t, r) for t in (a, b)], order=self.order)
+        out_ranks = tile_axes((x, y), self.order)
         if out_ranks != (x, y):
             code = f"tl.trans({code})"
         elif not outer:
@@ -474,6 +494,15 @@ class TileCode:
         if len(t.ranks) == 1:
             raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")
         return code if t.ranks == want else f"tl.trans({code})"
+
+
+def _reciprocals(fs: list[tuple[Expr, int]]) -> list[tuple[Expr, int]]:
+    """Divisors of an operand that have fewer ranks than it (a row's normaliser) as factors 1/d: one division
+    per row, then a multiplication per element, instead of a division per element."""
+    from ..ir.expr import call, free_ranks
+
+    ranks = frozenset().union(*(free_ranks(f) for f, _ in fs))
+    return [(call("div", Const(1.0), f), 1) if k < 0 and free_ranks(f) < ranks else (f, k) for f, k in fs]
 
 
 def _conjuncts(x: Expr) -> list[Expr]:

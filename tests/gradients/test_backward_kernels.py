@@ -107,7 +107,7 @@ def test_atomic_dq_schedule_matches(name):
     separate = _grads(name, given, params, d_o, backward_schedule=SMALL)
     for k, g in atomic.items():
         if g is not None:
-            torch.testing.assert_close(g, separate[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g, separate[k], rtol=1e-4, atol=1e-5)
 
 
 def test_deterministic_runs_give_identical_bits():

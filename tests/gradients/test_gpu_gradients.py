@@ -1,0 +1,51 @@
+"""On a GPU (skipped elsewhere): bf16 and fp16 gradients of a few variants within the tolerance rule, the
+deterministic backward giving identical bits run to run, and the atomic dQ schedule within the rule too."""
+
+import dataclasses
+
+import pytest
+import torch
+from gradient_cases import TUNED, inputs, op
+
+import einflash as ef
+from einflash.compiler.backward import BackwardSchedule
+from einflash.testing import check_gradients
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = ef.Shape(B=2, Hq=8, M=1000, N=1000, E=64, F=64, Hkv=2)  # GQA 4, lengths not multiples of the tiles
+
+
+def _run(name, dtype, **call):
+    given = {k: v.cuda() for k, v in inputs(name, SHAPE, dtype).items()}
+    leaves = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in given.items()}
+    out = op(name)(**leaves, **TUNED.get(name, {}), **call)
+    d_o = torch.randn_like(out)
+    out.backward(d_o)
+    return given, d_o, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "alibi", "softcap", "differential", "sigmoid"])
+def test_gradients_within_the_rule(name, dtype):
+    given, d_o, grads = _run(name, dtype)
+    verdicts = check_gradients(op(name), grads, d_o, **given, **TUNED.get(name, {}))
+    assert all(v.ok for v in verdicts.values()), verdicts
+
+
+def test_deterministic_backward_gives_identical_bits():
+    torch.manual_seed(0)
+    first = _run("causal", torch.bfloat16, deterministic=True)[2]
+    torch.manual_seed(0)
+    again = _run("causal", torch.bfloat16, deterministic=True)[2]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_atomic_dq_within_the_rule():
+    from einflash.backends import detect
+    from einflash.compiler.backward import default_backward_schedule
+
+    schedule = dataclasses.replace(default_backward_schedule({"e": 64, "f": 64}, detect()), atomic_dq=True)
+    given, d_o, grads = _run("causal", torch.bfloat16, backward_schedule=schedule)
+    verdicts = check_gradients(op("causal"), grads, d_o, **given)
+    assert all(v.ok for v in verdicts.values()), verdicts
