@@ -43,8 +43,14 @@ def schedule_ints(forward: Schedule, backward: BackwardSchedule) -> list[int]:
 
 
 def _schedules(ints: list[int]) -> tuple[Schedule, BackwardSchedule]:
-    f, b = ints[:6], ints[6:]
+    f, b = ints[:6], ints[6:11]
     return Schedule(*f[:5], bool(f[5])), BackwardSchedule(*b[:4], bool(b[4]))
+
+
+def _needed(tensors, ints: list[int]) -> list[bool]:
+    """Which inputs' gradients the backward computes: flags after the schedules (all floating-point ones if none)."""
+    flags = ints[11:] or [1] * len(tensors)
+    return [bool(f) and t.is_floating_point() for f, t in zip(flags, tensors)]
 
 
 def register_training(op):
@@ -79,12 +85,18 @@ def register_training(op):
         inputs, values = unpack(tensors, params)
         k = len(bwd.saved)
         saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
-        grads = bwd.run(inputs, values, out, saved, grad, _schedules(schedule)[1], bind_extents(c, inputs, values))
-        return [grads[t.name] for t in op.cascade.inputs if inputs[t.name].is_floating_point()]
+        needed = frozenset(t.name for t, f in zip(op.cascade.inputs, _needed(tensors, schedule)) if f)
+        grads = bwd.run(inputs, values, out, saved, grad, _schedules(schedule)[1], bind_extents(c, inputs, values),
+                        needed=needed)
+        # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
+        return [grads[t.name] if f else x.new_empty(0) for t, x, f in zip(op.cascade.inputs, tensors,
+                                                                          _needed(tensors, schedule))
+                if x.is_floating_point()]
 
     @backward.register_fake
     def _(grad, out, states, tensors, params, schedule):
-        return [torch.empty_like(t) for t in tensors if t.is_floating_point()]
+        return [torch.empty_like(t) if f else t.new_empty(0) for t, f in zip(tensors, _needed(tensors, schedule))
+                if t.is_floating_point()]
 
     def setup_context(ctx, inputs, output):
         tensors, params, schedule = inputs
@@ -96,8 +108,13 @@ def register_training(op):
         saved = ctx.saved_tensors
         tensors, out, states = list(saved[:ctx.count]), saved[ctx.count], list(saved[ctx.count + 1:])
         grad = grads[0] if grads[0] is not None else torch.zeros_like(out)
-        made = iter(backward(grad.contiguous(), out, states, tensors, ctx.params, ctx.schedule))
-        grads_in = [next(made) if t.is_floating_point() else None for t in tensors]
+        needed = [bool(f) for f in ctx.needs_input_grad[0]]
+        made = iter(backward(grad.contiguous(), out, states, tensors, ctx.params,
+                             ctx.schedule + [int(f) for f in needed]))
+        grads_in = []
+        for t, wanted in zip(tensors, needed):
+            g = next(made) if t.is_floating_point() else None
+            grads_in.append(g if wanted else None)
         # non-tensor arguments get None (an empty list: an empty list), as torch.library expects
         return grads_in, (None if ctx.params else []), None
 

@@ -541,6 +541,28 @@ def _grid_args(kernel: BackwardKernel, tensors: dict[str, torch.Tensor], outs: d
     return args
 
 
+@dataclass(frozen=True)
+class Cut:
+    """The part of a gradient one backward call computes (the gradients of some inputs), cut into kernels."""
+
+    gradient: Gradient
+    parts: Parts
+    streams: dict
+
+
+def restrict(g: Gradient, inputs: frozenset[str]) -> Gradient:
+    """``g`` computing the gradients of ``inputs`` only (inputs that require none are left out)."""
+    partials = tuple(p for p in g.partials if p.input in inputs)
+    return replace(g, cascade=prune(replace(g.cascade, outputs=tuple(p.name for p in partials))), partials=partials)
+
+
+def _cut(g: Gradient) -> Cut:
+    parts = cut(g)
+    streams = {k: (v and stream(v, r)) for k, v, r in (
+        ("kv", parts.kv, "m"), ("q", parts.q, STREAM), ("kv_atomic", parts.kv_atomic, "m"))}
+    return Cut(g, parts, streams)
+
+
 @dataclass
 class Backward:
     """The gradient of a Forward's cascade, its kernels, and one backward call.
@@ -554,6 +576,7 @@ class Backward:
     parts: Parts | None = None
     error: LoweringError | None = None
     _kernels: dict = field(default_factory=dict)
+    _cuts: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.forward.error is not None:
@@ -561,9 +584,7 @@ class Backward:
             return
         try:
             self.gradient = gradient_of(self.forward)
-            self.parts = cut(self.gradient)
-            self._streams = {k: (v and stream(v, r)) for k, v, r in (
-                ("kv", self.parts.kv, "m"), ("q", self.parts.q, STREAM), ("kv_atomic", self.parts.kv_atomic, "m"))}
+            self.parts = self.cut(None).parts
         except LoweringError as e:
             self.error = e
             return
@@ -581,9 +602,14 @@ class Backward:
         """The forward states the backward reads (the forward stores them with their presence)."""
         return () if self.gradient is None else tuple(s.name for s in self.gradient.saved)
 
-    def _outputs(self, kernel: str, atomic: bool) -> dict[str, Output]:
-        g = self.gradient
-        c = g.cascade
+    def cut(self, needed: frozenset[str] | None) -> Cut:
+        """The kernels' cascades for the gradients of ``needed`` (None: every input's)."""
+        if needed not in self._cuts:
+            self._cuts[needed] = _cut(self.gradient if needed is None else restrict(self.gradient, needed))
+        return self._cuts[needed]
+
+    def _outputs(self, cut: Cut, kernel: str, atomic: bool) -> dict[str, Output]:
+        g = cut.gradient
         out = {}
         for p in g.partials:
             ranks = tuple(r for r in p.ranks if r not in PARALLEL)
@@ -597,33 +623,38 @@ class Backward:
             elif kernel == "kv" and atomic and p.kernel == "q":
                 out[p.name] = Output(p.name, ranks, atomic=True)
         if kernel == "rows":
-            for t in self.parts.row_terms:
-                out = {t: Output(t, _tile_ranks(c, t))} | out
+            for t in cut.parts.row_terms:
+                out = {t: Output(t, _tile_ranks(g.cascade, t))} | out
         return out
 
-    def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False):
-        key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic)
+    def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False,
+               needed: frozenset[str] | None = None) -> BackwardKernel:
+        """The rendered ``kind`` kernel ("rows", "kv" or "q") for these dtype, head dims and integer inputs."""
+        key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic, needed)
         if key in self._kernels:
             return self._kernels[key]
+        cut = self.cut(needed)
         name = DTYPE_NAMES[dtype]
         full = self._state_filters if self._full_mask is not None else frozenset()
         if kind == "rows":
-            src = lower_rows(self.parts.rows, tuple(self._outputs("rows", atomic).values()), dims, name, ints)
+            src = lower_rows(cut.parts.rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
         elif kind == "kv":
-            s = self._streams["kv_atomic" if atomic else "kv"]
-            sums = {p.name for p in self.gradient.partials
-                    if p.kernel == "kv" and self.gradient.forward.tensor(p.input).layout is Layout.KEY}
-            src = lower_kv(s, self._outputs("kv", atomic), sums, dims, name, ints, full, self._full_mask)
+            sums = {p.name for p in cut.gradient.partials
+                    if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY}
+            src = lower_kv(cut.streams["kv_atomic" if atomic else "kv"], self._outputs(cut, "kv", atomic), sums, dims,
+                           name, ints, full, self._full_mask)
         else:
-            src = lower_q(self._streams["q"], self._outputs("q", atomic), dims, name, ints, full, self._full_mask)
+            src = lower_q(cut.streams["q"], self._outputs(cut, "q", atomic), dims, name, ints, full, self._full_mask)
         self._kernels[key] = src
         return src
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
             states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
-            extents: dict[str, int], visits: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-        """The gradient of every input (None for integer ones) given the forward's output, its saved ``states``
-        (as ``Forward.run(saved=...)`` returns them) and the incoming gradient.
+            extents: dict[str, int], visits: torch.Tensor | None = None,
+            needed: frozenset[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
+        given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
+        incoming gradient.
 
         ``visits`` (tests only): int32 ``[B·Hkv, key tiles]``, where the dK/dV programs store how many
         (query head, query tile) pairs they visited.
@@ -633,9 +664,13 @@ class Backward:
         g = self.gradient
         first = next(x for x in inputs.values() if x.is_floating_point())
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
-        if B * H * M * N == 0:  # nothing to differentiate through: every gradient is 0
-            return {t.name: (torch.zeros_like(inputs[t.name]) if inputs[t.name].is_floating_point() else None)
-                    for t in g.forward.inputs}
+        wanted = {t.name for t in g.forward.inputs if inputs[t.name].is_floating_point()
+                  and (needed is None or t.name in needed)}
+        if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
+            return {t.name: (torch.zeros_like(inputs[t.name]) if t.name in wanted else None) for t in g.forward.inputs}
+        needed = None if needed is None else frozenset(needed)
+        cut = self.cut(needed)
+        g = cut.gradient
         dims = self.forward.dims(extents)
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
         given = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
@@ -664,18 +699,18 @@ class Backward:
             return t
 
         # rows
-        if self.parts.rows is not None:
-            k = self.kernel("rows", first.dtype, dims, ints)
+        if cut.parts.rows is not None:
+            k = self.kernel("rows", first.dtype, dims, ints, needed=needed)
             outs = {o.name: workspace(o, -(-M // ROWS_BLOCK_M), False) for o in k.outputs}
             fn = load_kernel(k)
             fn[(-(-M // ROWS_BLOCK_M), B * H)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
                                                 M, N, H, group, **dict(k.constexprs), BLOCK_M=ROWS_BLOCK_M)
-            for t in self.parts.row_terms:
+            for t in cut.parts.row_terms:
                 given[t] = outs[t]
         # dK/dV
-        atomic = schedule.atomic_dq and self.parts.q is not None
-        if self.parts.kv is not None or atomic:
-            k = self.kernel("kv", first.dtype, dims, ints, atomic)
+        atomic = schedule.atomic_dq and cut.parts.q is not None
+        if cut.parts.kv is not None or atomic:
+            k = self.kernel("kv", first.dtype, dims, ints, atomic, needed)
             programs = -(-N // schedule.block_n)
             outs = {o.name: workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
                     for o in k.outputs}
@@ -686,8 +721,8 @@ class Backward:
                                     COUNT_VISITS=visits is not None,
                                     num_warps=schedule.num_warps, num_stages=schedule.num_stages)
         # dQ
-        if self.parts.q is not None and not atomic:
-            k = self.kernel("q", first.dtype, dims, ints)
+        if cut.parts.q is not None and not atomic:
+            k = self.kernel("q", first.dtype, dims, ints, needed=needed)
             outs = {o.name: workspace(o, 1, False) for o in k.outputs}
             bm, bn = schedule.block_n, schedule.block_m
             args = _grid_args(k, given, outs)
@@ -699,7 +734,7 @@ class Backward:
                                         **dict(k.constexprs), BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=schedule.num_stages,
                                         SPLIT=False, PACK=False, COUNT_VISITS=False, JAGGED=False,
                                         num_warps=schedule.num_warps, num_stages=schedule.num_stages)
-        return finish(g, partials, labels, inputs)
+        return finish(g, partials, labels, inputs, wanted)
 
     def _direct(self, p: Partial, o: Output) -> bool:
         """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out

@@ -585,13 +585,13 @@ def reference_partials(g: Gradient, inputs: dict[str, torch.Tensor], params: dic
 
 
 def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tuple[str, ...]],
-           inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+           inputs: dict[str, torch.Tensor], wanted: set[str] | None = None) -> dict[str, torch.Tensor | None]:
     """Each input's gradient in its own shape and dtype, from the partials.
 
     ``labels[name]`` names the dimensions of partial ``name``: its ranks, with ``p`` for a dimension
     of per-program sums still to add, and ``hk`` for a head dimension already summed over each GQA
-    group (kv heads). Inputs that are not floating point get None; floating-point inputs without a
-    partial (read only by predicates: thresholds, masks) get zeros.
+    group (kv heads). Inputs that are not floating point (or not in ``wanted``) get None; floating-point
+    inputs without a partial (read only by predicates: thresholds, masks) get zeros.
     """
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in g.forward.inputs}
     for p in g.partials:
@@ -617,7 +617,7 @@ def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tup
     out: dict[str, torch.Tensor | None] = {}
     for t in g.forward.inputs:
         x, mine = inputs[t.name], parts[t.name]
-        if not x.is_floating_point():
+        if not x.is_floating_point() or (wanted is not None and t.name not in wanted):
             out[t.name] = None
         elif not mine:
             out[t.name] = torch.zeros_like(x)
