@@ -27,10 +27,10 @@ once over m (for dK and dV).
 ...     return ef.softmax(q @ k * ef.scale, "n") @ v
 >>> g = gradient_of(plain.forward)
 >>> [s.name for s in g.saved], sorted(p.input for p in g.partials)
-(['top2_raw', 'den'], ['k', 'q', 'v'])
+(['max_n2_raw', 'sum_n'], ['k', 'q', 'v'])
 >>> print(g.invariant[0])  # doctest: +NORMALIZE_WHITESPACE
-top2_raw (line 4): max over n; the output does not change when it shifts: den and o_acc are rescaled by
-exp(−(scale·(top2_raw − top2_raw@prev))) and the output is invariant under that rescaling
+max_n2_raw (line 3): max over n; the output does not change when it shifts: sum_n and o_acc are rescaled by
+exp2(max_n2@prev[m] − max_n2[m]) and the output is invariant under that rescaling
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def partial_derivatives(expr: Expr, value: Expr | None = None) -> dict[Read, Exp
     >>> s = Read("s", (coord("m"), coord("n")))
     >>> {r.tensor: format_expr(d) for r, d in partial_derivatives(call("exp2", call("mul", s, Const(3.0))),
     ...                                                            Read("p", s.index)).items()}
-    {'s': 'p[m,n]·0.6931471805599453·3'}
+    {'s': '0.6931471805599453·p[m,n]·3'}
     """
     out: dict[Read, Expr] = {}
 
