@@ -139,7 +139,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
             if e.out in states:
                 _carry(body, e.out, t)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, listed=kr.listed))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, tile=kr.tile))
 
     epi = gen(masked=False)
     epi.env.update({s: shared[s] for s in states})
