@@ -45,5 +45,6 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     programs = extents["b"] * (kv if pack else heads) * -(-rows // block_m)
     tiles = -(-extents["n"] // cfg.block_n)
     sms = target.sm_count or 1
-    splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split else 1
+    # (an empty batch or query sequence has no program at all: nothing to split)
+    splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split and programs else 1
     return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack)
