@@ -19,6 +19,7 @@ from ..ir.cascade import Cascade, Einsum, Role, TensorDecl
 from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
+from ..ir.user_ops import triton_helper, user_operators
 from ..templates import render
 from .masks import KeyRange, TileLists, key_plan
 from .passes import count_passes
@@ -170,7 +171,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split)
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
-    text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+    text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name, helpers=helpers(c),
                   args=",\n    ".join(args), constexprs=constexprs,
                   dim_offsets=[(r, f"D_{r}") for r in sorted(k for k in dims if not k.endswith("_extent"))],
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
@@ -264,11 +265,19 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_combine__")
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
     text = render("attention_combine.py.jinja", cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+                  helpers=helpers(c),
                   args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
                   fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
     return KernelSource(name, text, inputs, params, row_states,
                         acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
+
+
+def helpers(c: Cascade) -> list[str]:
+    """The @triton.jit combines of the user reducers ``c`` uses."""
+    used = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+                          [e.reduce.op for e in c.einsums if e.reduce is not None])
+    return [triton_helper(name) for name in used]
 
 
 def _init_states(g: TileCode, c: Cascade) -> None:

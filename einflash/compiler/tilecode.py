@@ -260,7 +260,7 @@ class TileCode:
 
     def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
         a, b = args
-        ident = {"add": 0.0, "maximum": float("-inf"), "minimum": float("inf"), "mul": 1.0}.get(op)
+        ident = {"mul": 1.0, **{r.combine: r.identity for r in REDUCERS.values() if r.combine}}.get(op)
         code = OPERATORS[op].triton.format(bcast(self.f32(a), a.ranks, ranks), bcast(self.f32(b), b.ranks, ranks))
         if a.present is None and b.present is None:
             return Tile(code, ranks)
@@ -371,17 +371,19 @@ class TileCode:
 
     def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
         red = e.reduce
-        if len(red.ranks) != 1 or red.op not in ("sum", "max", "min"):
-            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with sum, max or min, "
-                                f"not {red.op} over {red.ranks}")
+        if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
+            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with a reducer that "
+                                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
+                                f"{red.ranks}")
         rank = red.ranks[0]
         ident = REDUCERS[red.op].identity
         src = self.filled(body, ident)
         if rank not in src.ranks:
             raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
         axis = src.ranks.index(rank)
-        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[red.op]
-        code = f"{fn}({self.f32(src)}, {axis})"
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}.get(red.op)
+        # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
+        code = f"{fn}({self.f32(src)}, {axis})" if fn else f"tl.reduce({self.f32(src)}, {axis}, _user_{red.op})"
         keep = tuple(r for r in src.ranks if r != rank)
         present, pranks = None, ()
         if body.present is not None:

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 F32, F16 = torch.float32, torch.float16
 LOWERABLE = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
              "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
-             "top_theta", "causal_linear", "gla", "mla_decode")
+             "top_theta", "causal_linear", "gla", "mla_decode", "logsumexp_reducer")
 # Each not-yet-lowerable example with the reason its LoweringError must give.
 UNLOWERABLE = {"post_norm_threshold": "needs 2 passes over n", "moba": "needs [0-9]+ passes over n",
                "linear": "does not depend on the query rank m", "agent": "does not depend on the query rank m",
