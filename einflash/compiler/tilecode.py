@@ -134,6 +134,7 @@ class TileCode:
         if key in self.loads:
             return self.loads[key]
         offs, masks, axes = [], [], []
+        beyond = []  # (axis, in-range condition) where a coordinate indexes a dimension of another rank
         if r.tensor in self.workspaces:  # memory dims b, h, split, then the ranks after h
             offs.append(f"s_idx * stride_{r.tensor}_2")
         for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
@@ -154,6 +155,9 @@ class TileCode:
             else:
                 axes.append(rank)
                 offs.append((rank, stride))
+                if rank != own:  # doc[b, n] read at m: rows past doc's own extent read nothing
+                    extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
+                    beyond.append((rank, f"(offs_{rank} < {extent})"))
         axes_t = rank_order(axes)
         terms = []
         for o in offs:
@@ -165,22 +169,26 @@ class TileCode:
                 terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
             else:
                 terms.append(o)
-        pad = []
+        absent = []  # (axis, condition) of positions that hold no element: loaded as 0, and absent
         for rank in axes_t:
             cond = self.bound(rank)
             if cond is not None:
                 masks.append(bcast(cond, (rank,), axes_t))
                 if rank != "m":
-                    pad.append(rank)
+                    absent.append((rank, cond))
+        for rank, cond in beyond:
+            masks.append(bcast(cond, (rank,), axes_t))
+            absent.append((rank, cond))
         ptr = f"{r.tensor}_ptr + " + " + ".join(terms)
         name = self.fresh(f"ld_{r.tensor}")
         if masks:
             self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
         else:
             self.emit(f"{name} = tl.load({ptr})")
-        # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
-        present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
-        t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None,
+        # keys past the end, padded head-dimension positions and reads past a dimension's end are absent
+        pranks = rank_order(x for x, _ in absent)
+        present = " & ".join(bcast(cond, (x,), pranks) for x, cond in absent) or None
+        t = Tile(name, axes_t, present, pranks, 0.0 if present else None,
                  dtype="int" if r.tensor in self.int_inputs else "in")
         if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")

@@ -461,3 +461,14 @@ def test_document_mask_visits_only_its_listed_tiles(schedule):
     if not schedule.pack:  # (5 packed queries see the first key tile only, under causal alone too)
         causal = _brute_counts(torch.arange(N) <= torch.arange(M)[:, None], rows, schedule.block_n)
         assert sum(visited) < sum(causal)
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)], ids=["fused", "split"])
+def test_a_per_token_input_read_past_its_end_is_absent(schedule):
+    """doc has N entries and is read at query positions m ≥ N too (M > N): there it holds nothing, as in the
+    reference, so those rows see no key (no read beyond doc's memory)."""
+    op, M, N = _op("document_mask"), (56 if schedule.splits == 1 else 5), (40 if schedule.splits == 1 else 3)
+    inputs = _inputs("document_mask", dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=M, N=N, E=16, F=16), F32)
+    out = op(**inputs, schedule=schedule)
+    _assert_matches_reference(op, out, **inputs)
+    assert (out[:, :, N:] == 0).all()
