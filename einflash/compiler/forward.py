@@ -14,7 +14,7 @@ from ..errors import LoweringError
 from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents, bind_params
-from .launch import LaunchConfig, combine, launch
+from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
 from .lower import KernelSource, lower, lower_combine, sections
 from .masks import key_plan
 from .pipeline import optimise
@@ -79,10 +79,12 @@ class Forward:
         return self._sources[key]
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
-            extents: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            extents: dict[str, int] | None = None,
+            launcher: Launcher = jit_launch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
+        ``launcher`` runs each kernel launch (Triton's JIT by default; stored binaries for AOT).
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -99,12 +101,12 @@ class Forward:
         inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
                   for k, v in inputs.items()}
         if split:
-            return self._split(src, inputs, values, out, schedule, extents, dims)
+            return self._split(src, inputs, values, out, schedule, extents, dims, launcher)
         ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, launcher)
         return out, ws
 
-    def _split(self, src, inputs, values, out, schedule, extents, dims):
+    def _split(self, src, inputs, values, out, schedule, extents, dims, launcher):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -114,10 +116,11 @@ class Forward:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = torch.empty(B, H, S, M, *extra, dtype=torch.float32, device=dev)
             ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, launcher)
         comb = self._combine_source(out.dtype, dims)
         rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
-        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
+        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
+                launcher)
         return out, rows
 
     def _combine_source(self, dtype, dims) -> KernelSource:

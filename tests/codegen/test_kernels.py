@@ -339,8 +339,9 @@ def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Ten
     counts = []
     real = forward_module.launch
 
-    def counting(c, src, inputs, params, out, ws, cfg, extents):
-        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents))
+    def counting(c, src, inputs, params, out, ws, cfg, extents, launcher):
+        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents,
+                           launcher))
 
     with mock.patch.object(forward_module, "launch", counting):
         out, _ = _run(op, inputs, params, schedule)
