@@ -134,7 +134,8 @@ class Entry:
 
     def to_json(self) -> dict:
         return {"shape": dataclasses.asdict(self.shape), "dtype": self.dtype, "inputs": self.inputs,
-                "dims": self.dims, "params": self.params, "schedule": dataclasses.asdict(self.schedule), "launches": list(self.launches),
+                "dims": self.dims, "params": self.params, "schedule": dataclasses.asdict(self.schedule),
+                "launches": list(self.launches),
                 "grids": [list(g) for g in self.grids]}
 
     @classmethod
@@ -361,8 +362,8 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
                                  tuple(call.grid for _, call in launches)))
     out = pathlib.Path(out)
     _prepare(out)
-    (out / "sources").mkdir()
-    (out / "binaries").mkdir()
+    (out / "sources").mkdir(exist_ok=True)
+    (out / "binaries").mkdir(exist_ok=True)
     jobs, owners = [], []
     for name, src in sources.items():
         path = out / "sources" / f"{name}.py"

@@ -161,7 +161,8 @@ def misfit(spec: ArgSpec, x, last: bool = False) -> str | None:
             return f"{what} was compiled for multiples of 16; got {x}{hint}"
         return None
     if spec.type == "fp32":
-        return None if isinstance(x, (int, float)) and not isinstance(x, bool) else f"{what} must be a number; got {x!r}"
+        number = isinstance(x, (int, float)) and not isinstance(x, bool)
+        return None if number else f"{what} must be a number; got {x!r}"
     return None if isinstance(x, bool) and spec.type == "u1" else f"{what}: cannot check a {spec.type} against {x!r}"
 
 
