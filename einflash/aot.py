@@ -18,6 +18,7 @@ from .cli import load_ops
 from .compiler.aot import Manifest, StoredKernels, read_manifest
 from .errors import AOTError, CallError
 from .ir.reference import bind_extents, bind_params
+from .jagged import jagged_batch
 from .op import AttentionOp
 
 
@@ -47,6 +48,9 @@ class AOTOp:
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         inputs, params = self.declared.bind(args, kwargs)
+        if jagged_batch(self.cascade, inputs, kwargs) is not None:
+            raise CallError(f"{self.name} from {self.directory}: jagged batches (cu_seqlens_q/k) are not built ahead "
+                            f"of time yet; call it with a stacked batch, or use the declared op")
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
             raise CallError(f"{self.name} from {self.directory} runs forward kernels only and cannot give "
                             f"gradients; call it under torch.no_grad() or with tensors that do not require grad")

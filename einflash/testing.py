@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .ir.reference import run_reference
-
 ULP_FLOOR = 4  # units in the last place of the output's dtype, times the output's magnitude
 
 
@@ -42,9 +40,8 @@ def tolerance_floor(dtype: torch.dtype, magnitude: float) -> float:
 
 def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     """Hold ``out`` (what a kernel returned for these arguments) to the tolerance rule."""
-    inputs, params = op.bind(args, kwargs)
-    exact = run_reference(op.cascade, inputs, params)
-    lowp = run_reference(op.cascade, inputs, params, dtype=out.dtype).double()
+    exact = op.reference(*args, **kwargs)
+    lowp = op.reference(*args, dtype=out.dtype, **kwargs).double()
     if not torch.isfinite(out).all():
         bad = float("inf")
     else:

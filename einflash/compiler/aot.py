@@ -435,7 +435,7 @@ class StoredKernels:
             raise AOTMismatchError(f"{self.directory} has no {self.manifest.variant} kernels for {call}: it holds "
                                    f"{self.manifest.summary()}; build one for this dtype and head dims with "
                                    f"`einflash aot --shape ... --dtype {dtype}`")
-        reasons = []
+        reasons, self.last = [], []
         for entry in sorted(candidates, key=lambda e: _distance(e, extents)):
             pending: list[tuple[KernelSource, KernelCall]] = []
             out, _ = fwd.run(inputs, values, entry.schedule, extents,

@@ -19,6 +19,7 @@ import torch
 from .. import knobs
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Layout
+from ..jagged import JaggedBatch
 from .lower import KernelSource
 
 _MODULES: dict[str, object] = {}
@@ -92,14 +93,19 @@ def _with_strides(*tensors: torch.Tensor) -> list:
 
 def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
                  out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-                 extents: dict[str, int]) -> KernelCall:
+                 extents: dict[str, int], jagged: JaggedBatch | None = None,
+                 tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> KernelCall:
     """The launch of the forward kernel over a grid of (query tiles, batch·heads[, splits]).
 
-    With ``cfg.count_visits`` the call carries a fresh int32 visit counter as ``visits_ptr``.
+    For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
+    sequence's lengths as m and n. ``tile_lists`` are the (tiles, counts) of a kernel whose key
+    tiles are listed at run time (see einflash.compiler.blocks). With ``cfg.count_visits`` the
+    call carries a fresh int32 visit counter as ``visits_ptr``.
     """
     args = _with_strides(*(inputs[name] for name in src.tensors), out)
     for s in (src.row_states + src.acc_states if src.split else src.row_states):
         args += _with_strides(workspaces[s], *([workspaces[f"{s}:present"]] if src.split else []))
+    args += _with_strides(*(tile_lists or ()))
     args += [params[p] for p in src.params]
     B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
@@ -108,20 +114,23 @@ def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor],
     rows, programs = (M * (H // hkv), B * hkv) if cfg.pack else (M, B * H)
     grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
-    args += [M, N, H, H // hkv, per_split, visits, *(v for _, v in src.constexprs),
-             cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.count_visits]
+    offsets = (jagged.cu_q, jagged.cu_k) if jagged is not None else (None, None)
+    args += [M, N, H, H // hkv, per_split, visits, *offsets, *(v for _, v in src.constexprs),
+             cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.count_visits, jagged is not None]
     return KernelCall(grid, _named(src, args), cfg.num_warps, cfg.num_stages)
 
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
            out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-           extents: dict[str, int], launcher: Launcher = jit_launch) -> torch.Tensor | None:
+           extents: dict[str, int], jagged: JaggedBatch | None = None,
+           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+           launcher: Launcher = jit_launch) -> torch.Tensor | None:
     """Launch the forward kernel (see ``forward_call``).
 
     With ``cfg.count_visits``, return how many key tiles each program visited, int32
     ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
     """
-    call = forward_call(c, src, inputs, params, out, workspaces, cfg, extents)
+    call = forward_call(c, src, inputs, params, out, workspaces, cfg, extents, jagged, tile_lists)
     launcher(src, call)
     return call.args["visits_ptr"]
 

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Role
-from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
+from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
 from ..ir.operators import OPERATORS, REDUCERS
 from ..ir.ranks import PARALLEL, coord, rank_order
 
@@ -144,8 +144,8 @@ class TileCode:
                 raise LoweringError(f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
                                     f"at plain rank coordinates")
             rank = names[0]
-            if rank == "b":
-                offs.append(f"off_b * {stride}")
+            if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
+                offs.append(f"mem_b * {stride}")
             elif rank == "h" and decl.layout is Layout.KEY:
                 offs.append(f"off_hk * {stride}")
             elif rank == "h":  # query heads vary by row when GQA groups are packed into one program
@@ -159,7 +159,9 @@ class TileCode:
         for o in offs:
             if isinstance(o, tuple):
                 rank, stride = o
-                var, axis = ("off_hrow", "m") if rank == "h" else (f"offs_{rank}", rank)
+                axis = "m" if rank == "h" else rank
+                # rows and keys in memory (mem_m, mem_n) are shifted to the sequence's first one in a jagged batch
+                var = "off_hrow" if rank == "h" else f"mem_{rank}" if rank in ("m", "n") else f"offs_{rank}"
                 terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
             else:
                 terms.append(o)
@@ -240,12 +242,12 @@ class TileCode:
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
         exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
+        # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
+        # result's value at absent positions follows from the larger operand's fill alone
+        args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not _finite(a.fill) else a
+                for a in args]
         codes = []
         for a in args:
-            # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
-            # result's value at absent positions follows from the larger operand's fill alone
-            if a.present is not None and a.ranks != ranks and not _finite(a.fill):
-                a = self.filled(a, 0.0)
             code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
         present, pranks = presence(args)
@@ -282,17 +284,32 @@ class TileCode:
         self.emit(f"{name} = tl.where({bcast(t.present, t.pranks, t.ranks)}, {self.f32(t)}, {literal(value)})")
         return replace(t, code=name, fill=value, dtype="f32")
 
-    def bind(self, name: str, t: Tile) -> Tile:
-        """Assign a tile to a variable (and its presence to another) so later uses are cheap."""
+    def bind(self, name: str, t: Tile, evaluate: bool = True) -> Tile:
+        """Assign a tile to a variable (and its presence to another) so later uses are cheap.
+
+        With ``evaluate`` False the value stays an unevaluated expression (its presence is still bound):
+        for a product whose only consumer adds it into an accumulator inside ``tl.dot``.
+        """
         var = f"v_{name}"
-        self.emit(f"{var} = {t.code}")
+        if evaluate:
+            self.emit(f"{var} = {t.code}")
         present = None
         if t.present is not None:
             present = f"{var}_p"
             self.emit(f"{present} = {t.present}")
-        out = replace(t, code=var, present=present)
+        out = replace(t, code=var if evaluate else t.code, present=present)
         self.env[name] = out
         return out
+
+    def only_accumulated(self, name: str) -> bool:
+        """Whether the one consumer of ``name`` is an update ``S = X +∪ name`` (see :meth:`accumulate`)."""
+        users = self.c.consumers(name)
+        if len(users) != 1 or name in self.c.outputs:
+            return False
+        x = users[0].expr
+        return (users[0].reduce is None and isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY
+                and x.args[1] == Read(name, tuple(coord(r) for r in self.c.tensor(name).ranks))
+                and all(r.tensor != name for r in reads(x.args[0])))
 
     # -- Einsums -------------------------------------------------------------------------------
 
@@ -302,7 +319,9 @@ class TileCode:
             raise LoweringError(f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template "
                                 f"handles at most 2")
         if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
-            return self.bind(e.out, self.contraction(e, ranks))
+            tile = self.contraction(e, ranks)
+            # a dot that its consumer adds into an accumulator runs there, inside tl.dot, and only there
+            return self.bind(e.out, tile, evaluate=not (e.out in self.dots and self.only_accumulated(e.out)))
         fused = self.accumulate(e)
         if fused is not None:
             return self.bind(e.out, fused)

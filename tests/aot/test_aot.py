@@ -164,6 +164,9 @@ def test_loader_refuses_gradients_and_bad_arguments_as_the_declared_op_does(soft
         softmax(q.requires_grad_(), k, v)
     with pytest.raises(ef.errors.MissingInputError, match="missing input"):
         softmax(q, k)
+    offsets = torch.tensor([0, 30, 64])
+    with pytest.raises(ef.errors.CallError, match="jagged batches .* are not built ahead of time"):
+        softmax(q.detach(), k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets)
 
 
 def test_parameters_reach_the_any_binary(built_root):

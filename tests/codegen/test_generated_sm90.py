@@ -27,7 +27,7 @@ from einflash.ir.reference import bind_extents, bind_params
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
 
 SM90 = get_target("sm90")
-FORWARD = ("causal", "softmax", "alibi", "softcap")
+FORWARD = ("causal", "softmax", "alibi", "softcap", "document_mask")  # the last with key tiles listed at run time
 DECODE = "softmax"
 HEAD_DIMS = (64, 128)
 PREFILL = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}  # DESIGN §5's shapes
@@ -48,6 +48,8 @@ def _captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[Compile
               "v": torch.empty(B, Hkv, N, head_dim, **meta)}
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
+    if name == "document_mask":
+        inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     extents = bind_extents(op.forward.streamed, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[CompileJob] = []
