@@ -115,6 +115,20 @@ def kernel_dir() -> pathlib.Path:
     return pathlib.Path(text).expanduser() if text else cache_dir() / "kernels"
 
 
+def aot_test_dir() -> pathlib.Path | None:
+    """EINFLASH_AOT_TEST_DIR: an ahead-of-time kernel directory built elsewhere, for the GPU tests to load.
+
+    None when unset: the tests then build their own directory.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"EINFLASH_AOT_TEST_DIR": "/tmp/aot"}):
+    ...     str(aot_test_dir())
+    '/tmp/aot'
+    """
+    text = _read("EINFLASH_AOT_TEST_DIR")
+    return pathlib.Path(text).expanduser() if text else None
+
+
 def use_interpreter() -> bool:
     """Turn on Triton's CPU interpreter (TRITON_INTERPRET=1) when kernels cannot run on a GPU here; say if it is on.
 

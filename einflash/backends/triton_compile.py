@@ -12,12 +12,15 @@ global name there); stdout gets the JSON list of results.
 
 Triton 3.6 calls used: ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(backend, arch, warp_size), options={"num_warps", "num_stages"})``; the
-result's ``metadata.shared``, ``asm["ptx"]``, ``asm["cubin"]``, ``name``; and the wheel's
-cuobjdump (``triton.knobs.nvidia.cuobjdump.path``) for registers and spills.
+result's ``metadata.shared``, ``asm["ptx"]``, ``asm["cubin"]``, ``name``, and ``metadata_group``
+(the files of Triton's cache entry, whose ``.json`` is the metadata Triton's loader reads); and the
+wheel's cuobjdump (``triton.knobs.nvidia.cuobjdump.path``) for registers and spills. The cubin
+travels base64-encoded.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -48,15 +51,19 @@ def resource_usage(cubin: bytes, kernel: str) -> tuple[int, int]:
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, target: list, num_warps: int, num_stages: int,
                    aligned: list[str]) -> dict:
     """Compile the JIT function ``fn`` for ``target`` (GPUTarget's fields) and report name, shared memory,
-    registers, spills, cubin size and PTX. ``signature`` must type every argument not in ``constexprs``;
-    ``aligned`` names the arguments to treat as divisible by 16."""
+    registers, spills, PTX, the cubin (base64) and Triton's metadata. ``signature`` must type every
+    argument not in ``constexprs``; ``aligned`` names the arguments to treat as divisible by 16."""
     full = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name), ): _DIVISIBLE for name in aligned}
     compiled = triton.compile(ASTSource(fn, full, constexprs, attrs), target=GPUTarget(*target),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = resource_usage(compiled.asm["cubin"], compiled.name)
+    metadata = next(path for file, path in compiled.metadata_group.items() if file.endswith(".json"))
+    with open(metadata) as f:
+        metadata = json.load(f)
     return {"name": compiled.name, "shared_bytes": compiled.metadata.shared, "registers": registers,
-            "spill_bytes": spills, "cubin_bytes": len(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"]}
+            "spill_bytes": spills, "ptx": compiled.asm["ptx"],
+            "cubin": base64.b64encode(compiled.asm["cubin"]).decode(), "metadata": metadata}
 
 
 def _load(path: str, name: str):

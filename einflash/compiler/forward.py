@@ -15,7 +15,7 @@ from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents
 from ..jagged import JaggedBatch
-from .launch import LaunchConfig, combine, launch
+from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
 from .lower import KernelSource, lower, lower_combine, sections
 from .blocks import tile_lists
 from .masks import key_plan
@@ -84,12 +84,13 @@ class Forward:
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
             extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            launcher: Launcher = jit_launch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
         A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
-        states are then ``[1, H, total_q, ...]``.
+        states are then ``[1, H, total_q, ...]``. ``launcher`` runs each kernel launch (Triton's JIT by
+        default; stored binaries for AOT).
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -116,13 +117,13 @@ class Forward:
         lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
                                                           schedule.block_m, schedule.block_n, schedule.pack)
         if split:
-            return self._split(src, inputs, values, out, schedule, extents, dims, lists)
+            return self._split(src, inputs, values, out, schedule, extents, dims, lists, launcher)
         ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
         if jagged is None or jagged.max_q > 0:
-            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists)
+            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists, launcher)
         return out, ws
 
-    def _split(self, src, inputs, values, out, schedule, extents, dims, lists):
+    def _split(self, src, inputs, values, out, schedule, extents, dims, lists, launcher):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -132,10 +133,12 @@ class Forward:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = torch.empty(B, H, S, M, *extra, dtype=torch.float32, device=dev)
             ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists,
+               launcher=launcher)
         comb = self._combine_source(out.dtype, dims)
         rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
-        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
+        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
+                launcher)
         return out, rows
 
     def _combine_source(self, dtype, dims) -> KernelSource:

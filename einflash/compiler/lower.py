@@ -26,6 +26,12 @@ from .passes import count_passes
 from .tilecode import Tile, TileCode, bcast, literal
 
 TEMPLATE = "attention_fwd.py.jinja"
+# The templates' own parameters, around the generated ones (tensors, strides, parameters) and the
+# head-dimension constants: attention_fwd.py.jinja and attention_combine.py.jinja declare them so.
+FORWARD_RUNTIME = ("M", "N", "H", "GROUP", "TILES_PER_SPLIT", "visits_ptr", "cu_q_ptr", "cu_k_ptr")
+FORWARD_META = ("BLOCK_M", "BLOCK_N", "NUM_STAGES", "SPLIT", "PACK", "COUNT_VISITS", "JAGGED")
+COMBINE_RUNTIME = ("M", "H", "SPLITS")
+COMBINE_META = ("BLOCK_M",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,13 @@ class KernelSource:
     split: bool
     ranges: tuple[KeyRange, ...] = field(default=())
     lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
+    runtime_args: tuple[str, ...] = ()  # the kernel's parameters given at launch, in order
+    constexpr_args: tuple[str, ...] = ()  # then its tl.constexpr parameters, in order
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Every parameter of the kernel, in order (the templates put compile-time ones last)."""
+        return self.runtime_args + self.constexpr_args
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
-                        split, tuple(ranges), keys.lists)
+                        split, tuple(ranges), keys.lists, (*args, *FORWARD_RUNTIME), (*constexprs, *FORWARD_META))
 
 
 def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
@@ -269,8 +282,10 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
                   args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
                   fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
-    return KernelSource(name, text, inputs, params, row_states,
-                        acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
+    return KernelSource(name, text, inputs, params, row_states, acc_states, value_rank,
+                        tuple((f"D_{r}", dims[r]) for r in names), False,
+                        runtime_args=(*args, *COMBINE_RUNTIME),
+                        constexpr_args=(*(f"D_{r}" for r in names), *COMBINE_META))
 
 
 def helpers(c: Cascade) -> list[str]:

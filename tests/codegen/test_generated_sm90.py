@@ -9,20 +9,19 @@ interpreter, so the whole set is compiled once per session, two at a time.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import pytest
 import torch
 from conftest import load_example
 
 from einflash.backends import get_target
-from einflash.compiler import launch as launch_module
-from einflash.compiler.crosscompile import CompiledKernel, compile_for_target
+from einflash.compiler.crosscompile import CompileJob, CompiledKernel, compile_for_target
 from einflash.compiler.forward import Schedule
+from einflash.compiler.launch import load_kernel
 from einflash.compiler.schedule import default_schedule
+from einflash.compiler.specialise import specialise
 from einflash.ir.reference import bind_extents, bind_params
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
@@ -33,50 +32,14 @@ DECODE = "softmax"
 HEAD_DIMS = (64, 128)
 PREFILL = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}  # DESIGN §5's shapes
 DECODING = {"B": 4, "Hq": 32, "Hkv": 8, "M": 1, "N": 32768}  # GQA 32:8 over a long cache: split-KV and packing
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """One captured kernel launch: the kernel and its arguments, as Triton's launcher would specialise them."""
-
-    fn: object
-    signature: dict
-    constexprs: dict
-    aligned: tuple[str, ...]
-    num_warps: int
-    num_stages: int
+def _specialised(src, call) -> CompileJob:
+    return CompileJob.specialised(load_kernel(src), specialise(call.args, src.constexpr_args), call.num_warps,
+                                  call.num_stages)
 
 
-class _Recorder:
-    """Stands in for a loaded kernel: ``kernel[grid](*args, **kwargs)`` records instead of running."""
-
-    def __init__(self, fn, calls: list):
-        self.fn, self.calls = fn, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append(_specialise(self.fn, args, kwargs))
-
-
-def _specialise(fn, args, kwargs) -> Launch:
-    signature, constexprs, aligned = {}, {}, []
-    for name, x in zip(fn.arg_names, args):
-        if isinstance(x, torch.Tensor):
-            signature[name] = "*" + TRITON_TYPES[x.dtype]
-            aligned.append(name)
-        elif x is None or (type(x) is int and x == 1):
-            constexprs[name] = x
-        elif type(x) is int:
-            signature[name] = "i32"
-            aligned += [name] if x % 16 == 0 else []
-        else:
-            signature[name] = "fp32"
-    options = dict(kwargs)
-    num_warps, num_stages = options.pop("num_warps", 4), options.pop("num_stages", 1)
-    return Launch(fn, signature, {**constexprs, **options}, tuple(aligned), num_warps, num_stages)
-
-
-def _captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[Launch]:
+def _captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJob]:
     """The launches of one bf16 call of example ``name`` on meta tensors, under the schedule ``schedule_of`` picks."""
     op = getattr(load_example(name), name)
     B, Hq, Hkv, M, N = dims["B"], dims["Hq"], dims["Hkv"], dims["M"], dims["N"]
@@ -89,10 +52,9 @@ def _captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[Launch]
         inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     extents = bind_extents(op.forward.streamed, inputs, {})
     schedule = schedule_of(extents, Hkv)
-    calls: list[Launch] = []
-    real = launch_module.load_kernel
-    with mock.patch.object(launch_module, "load_kernel", lambda src: _Recorder(real(src), calls)):
-        op.forward.run(inputs, bind_params(op.forward.streamed, {}, extents), schedule, extents)
+    calls: list[CompileJob] = []
+    op.forward.run(inputs, bind_params(op.forward.streamed, {}, extents), schedule, extents,
+                   launcher=lambda src, call: calls.append(_specialised(src, call)))
     return calls
 
 
@@ -109,13 +71,13 @@ def _decode_schedule(extents, kv_heads) -> Schedule:
     return schedule
 
 
-def _compile(launch: Launch) -> CompiledKernel:
+def _compile(launch: CompileJob) -> CompiledKernel:
     return compile_for_target(launch.fn, launch.signature, launch.constexprs, SM90, launch.num_warps,
                               launch.num_stages, aligned=launch.aligned)
 
 
 @pytest.fixture(scope="session")
-def compiled() -> dict[tuple, tuple[Launch, CompiledKernel]]:
+def compiled() -> dict[tuple, tuple[CompileJob, CompiledKernel]]:
     """Every case compiled once: (kind, variant, head dim) -> (launch, compiled kernel)."""
     launches = {}
     for d in HEAD_DIMS:
