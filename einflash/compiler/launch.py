@@ -43,6 +43,7 @@ class LaunchConfig:
     num_stages: int
     splits: int = 1
     pack: bool = False  # GQA groups packed into the rows of one program (decoding)
+    reverse_m: bool = False  # query tiles launched last-first
     count_visits: bool = False  # tests: have each program count the key tiles it visits
 
 
@@ -79,7 +80,7 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
     fn[grid](*args, M, N, H, H // hkv, per_split, visits, **dict(src.constexprs),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
-             COUNT_VISITS=cfg.count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+             REVERSE_M=cfg.reverse_m, COUNT_VISITS=cfg.count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return visits
 
 
