@@ -106,3 +106,7 @@ class CacheError(EinflashError, RuntimeError):
 
 class TuningError(EinflashError, RuntimeError):
     """Tuning found no configuration that compiled, ran and matched the reference."""
+
+
+class CacheWarning(UserWarning):
+    """A cache file was skipped (corrupt, or written for another environment), or deployment found no entry."""
