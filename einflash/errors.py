@@ -108,5 +108,9 @@ class TuningError(EinflashError, RuntimeError):
     """Tuning found no configuration that compiled, ran and matched the reference."""
 
 
+class TuningOptionError(EinflashError, ValueError):
+    """A tuning budget, sampler or storage that cannot be used."""
+
+
 class CacheWarning(UserWarning):
     """A cache file was skipped (corrupt, or written for another environment), or deployment found no entry."""

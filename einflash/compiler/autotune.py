@@ -21,8 +21,9 @@ they share its storage: a journal file on one machine, an RDB URL (``postgresql:
 machines; each counts its own budget, and each skips schedules another has measured.
 
 The correctness check runs the reference once per tuning run. It covers the whole problem while
-B·Hq·M·N is at most ``FULL_CHECK_SCORES``; beyond that the float64 reference of the whole problem is
-too large, so it covers one slice that the reference executor runs alone: the last batch and the
+the reference's largest tensors (the scores, B·Hq·M·N, and k and v repeated to the query heads,
+B·Hq·N·D) have at most ``FULL_CHECK_ELEMENTS`` elements; beyond that the float64 reference of the whole
+problem is too large, so it covers one slice that the reference executor runs alone: the last batch and the
 last kv head with its group of query heads (the slice furthest from the base pointers).
 """
 
@@ -46,7 +47,7 @@ import torch
 from optuna.trial import TrialState
 
 from ..backends.target import Target
-from ..errors import TuningError
+from ..errors import TuningError, TuningOptionError
 from ..ir.cascade import Cascade, Layout
 from ..ir.reference import bind_extents, bind_params
 from ..testing import judge, references
@@ -56,7 +57,7 @@ from .space import Space, search_space
 
 DEFAULT_TRIALS = 30
 DEFAULT_SECONDS = 600.0
-FULL_CHECK_SCORES = 1 << 24  # B·Hq·M·N up to which the whole problem is checked against the reference
+FULL_CHECK_ELEMENTS = 1 << 24  # the reference's largest tensor up to which the whole problem is checked
 NEIGHBOURS = 3  # cached buckets whose winners warm-start a study
 RDB_ATTEMPTS = 5  # tries to open an RDB storage that other workers may be initialising
 MAX_IDLE = 100  # draws in a row that measure nothing (pruned, repeated) before the sampler is deemed done
@@ -90,7 +91,7 @@ class Budget:
 
     def __post_init__(self):
         if not (isinstance(self.trials, int) and self.trials >= 1) or not self.seconds > 0:
-            raise ValueError(f"a budget is at least one trial and some seconds, got {self.trials} trials, "
+            raise TuningOptionError(f"a budget is at least one trial and some seconds, got {self.trials} trials, "
                              f"{self.seconds} s")
 
 
@@ -108,6 +109,11 @@ def open_storage(url: str | None, default: pathlib.Path) -> optuna.storages.Base
         for attempt in range(RDB_ATTEMPTS):
             try:
                 return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+            except ImportError as e:
+                raise TuningOptionError(f"storage {url.split('://')[0]}://...: {e} (for postgresql:// install "
+                                        f"einflash[postgres])") from None
+            except sqlalchemy.exc.ArgumentError as e:
+                raise TuningOptionError(f"storage URL not understood: {e}") from None
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # workers starting at once on an empty database race to create Optuna's tables: the loser
                 # finds them made when it tries again
@@ -201,7 +207,8 @@ class _Check:
     @classmethod
     def of(cls, cascade: Cascade, inputs: dict, params: dict, extents: dict, kv: int, dtype) -> "_Check":
         B, H = extents["b"], extents["h"]
-        if B * H * extents["m"] * extents["n"] <= FULL_CHECK_SCORES:
+        widest = max(v for r, v in extents.items() if r not in ("b", "h", "n"))  # M or a head dim
+        if B * H * extents["n"] * widest <= FULL_CHECK_ELEMENTS:
             return cls(*references(cascade, inputs, params, dtype), slice(None), slice(None), "whole problem")
         group = H // kv
         batch, kvh, heads = slice(B - 1, B), slice(kv - 1, kv), slice((kv - 1) * group, kv * group)
@@ -230,7 +237,7 @@ def _sampler(kind: str, space: Space, budget: Budget, seed: int) -> tuple[str, o
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return kind, optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                                     n_startup_trials=min(10, max(3, budget.trials // 3)))
-    raise ValueError(f"sampler must be 'auto', 'tpe' or 'grid', got {kind!r}")
+    raise TuningOptionError(f"sampler must be 'auto', 'tpe' or 'grid', got {kind!r}")
 
 
 @contextlib.contextmanager
@@ -391,17 +398,15 @@ def tune(cascade: Cascade, forward: Forward, inputs: dict[str, torch.Tensor], pa
     seconds = time.monotonic() - started
     default_row = next((m for m in measured if schedule_from_json(m["schedule"]) == space.default), None)
     entry = {"study": study_name, "storage": "rdb" if storage and "://" in storage else "journal",
-             "sampler": sampler_name, "seed": seed, "extents": dict(extents), "kv_heads": kv,
-             "params": {k: v for k, v in params.items()}, "space": space.to_json(), "checked": check.what,
+             "sampler": sampler_name, "seed": seed, "extents": dict(extents), "kv_heads": kv, "params": dict(params),
+             "space": space.to_json(), "checked": check.what,
              "default": {"schedule": schedule_to_json(space.default),
                          "ms": None if default_row is None else default_row["ms"]},
-             "best": None, "measured": measured, "failed": failed, "workers": sorted({worker} | {
-                 r["worker"] for r in measured + failed if r.get("worker")}),
-             "seconds": seconds,
-             "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+             "best": best_of(measured), "measured": measured, "failed": failed,
+             "workers": sorted({worker} | {r["worker"] for r in measured + failed if r.get("worker")}),
+             "seconds": seconds, "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     from .selection import forget
 
-    entry["best"] = best_of(measured)
     path = cache.put(key, bucket, entry)
     forget()
     if entry["best"] is None:

@@ -5,8 +5,9 @@ query tile (tiles, warps, stages, and for a cascade with an affine mask the orde
 tiles). ``decode`` (at most 16 queries): split-KV partials plus the combine kernel, GQA groups
 packed into one program's rows (tiles, warps, stages, and the split count, where one split is the
 fused kernel without a combine). Knob values come from the target's SearchSpace; the heuristic
-default's own values are added, so the default is always a candidate. The backward kernels will be
-families of their own (with their dQ strategy as a knob) and join ``family_of`` when they exist.
+default's own values are added, so the default is always a candidate. There are no backward kernels
+yet: each will be a family of its own, named to ``search_space``, with its knobs (the dQ strategy,
+atomic or separate) added in ``_knobs`` and its Tuning on the targets beside ``forward`` and ``decode``.
 
 Pruning, before anything compiles:
 
@@ -40,12 +41,14 @@ from dataclasses import dataclass, fields
 import sympy
 
 from ..backends.target import Target
+from ..errors import LoweringError
 from ..ir.ranks import PARALLEL
 from .analysis import BM, BN, ELEM, STAGES, buffer_needs
 from .forward import Forward, Schedule, padded
 from .schedule import DECODE_MAX_QUERIES, default_schedule
 
 FP32 = 4
+FAMILIES = ("forward", "decode")
 
 
 def family_of(extents: dict[str, int]) -> str:
@@ -160,12 +163,15 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
 
 
 def search_space(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
-                 elem_bytes: int) -> Space:
+                 elem_bytes: int, family: str | None = None) -> Space:
     """The schedules to try for these extents on ``target`` (inputs of ``elem_bytes`` bytes), pruned.
 
-    The heuristic default is never pruned: it is the baseline every tuned result is compared with.
+    ``family`` defaults to the one that runs these extents (``family_of``). The heuristic default is
+    never pruned: it is the baseline every tuned result is compared with.
     """
-    family = family_of(extents)
+    family = family or family_of(extents)
+    if family not in FAMILIES:
+        raise LoweringError(f"no kernel family {family!r} to tune; there are {', '.join(FAMILIES)}")
     default = default_schedule(extents, target, kv_heads, forward.masked)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
     smem, regs = _buffer_functions(forward, extents, elem_bytes)

@@ -100,3 +100,23 @@ def test_a_schedule_pruned_for_registers_does_spill():
     (launch,) = captured("softmax", {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}, 128,
                          lambda extents, kv: dataclasses.replace(sch))
     assert compile_launch(launch, SM90).spill_bytes > 0
+
+
+def test_there_is_no_backward_family_to_tune_yet():
+    from einflash.errors import LoweringError
+
+    with pytest.raises(LoweringError, match="no kernel family 'backward'"):
+        search_space(example("softmax").forward, SM90, PREFILL, 16, 2, family="backward")
+
+
+def test_reversed_tile_order_computes_the_same_bits():
+    """REVERSE_M changes which program runs which query tile, nothing else."""
+    import torch
+    from autotune_helpers import qkv
+
+    op = example("causal")
+    q, k, v = qkv(M=70, N=70)
+    straight = op(q, k, v, schedule=Schedule(16, 16, 4, 1))
+    reversed_ = op(q, k, v, schedule=Schedule(16, 16, 4, 1, reverse_m=True))
+    assert torch.equal(straight, reversed_)
+    torch.testing.assert_close(straight, op.reference(q, k, v).float(), rtol=1e-5, atol=1e-5)

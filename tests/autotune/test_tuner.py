@@ -17,7 +17,7 @@ from einflash.compiler import forward as forward_module
 from einflash.compiler.autotune import Budget, tune
 from einflash.compiler.cache import Bucket, CacheKey, TuneCache
 from einflash.compiler.forward import Schedule
-from einflash.errors import TuningError
+from einflash.errors import TuningError, TuningOptionError
 from einflash.ir.reference import bind_extents
 
 
@@ -97,7 +97,7 @@ def test_nothing_passes_raises_after_storing_the_failures(cache_dir, monkeypatch
 
 
 def test_a_large_problem_is_checked_on_its_last_batch_and_kv_head(cache_dir, monkeypatch):
-    monkeypatch.setattr(autotune, "FULL_CHECK_SCORES", 0)
+    monkeypatch.setattr(autotune, "FULL_CHECK_ELEMENTS", 0)
     real = forward_module.Forward.run
 
     def wrong_in_the_last_slice(self, inputs, values, s, *rest):
@@ -178,7 +178,9 @@ def test_decode_tunes_split_counts(cache_dir):
 
 
 def test_bad_budgets_and_samplers_are_refused(cache_dir):
-    with pytest.raises(ValueError, match="at least one trial"):
+    with pytest.raises(TuningOptionError, match="at least one trial"):
         Budget(trials=0)
-    with pytest.raises(ValueError, match="sampler must be"):
+    with pytest.raises(TuningOptionError, match="sampler must be"):
         _tune(example("causal"), qkv(), sampler="random")
+    with pytest.raises(TuningOptionError, match="storage URL not understood"):
+        _tune(example("causal"), qkv(), storage="nosuchdb://x")
