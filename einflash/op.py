@@ -12,10 +12,12 @@ from .backends import detect, get_target
 from .backends.target import Target
 from .compiler.explain import Explanation, explain
 from .compiler.forward import Forward, Schedule
+from .compiler.schedule import default_schedule
 from .compiler.selection import choose
 from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ShapeError
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, run_reference
+from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
 from .shape import Shape
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,6 +65,8 @@ class AttentionOp:
         params: dict[str, float] = {}
         declared = {p.name for p in self.cascade.params}
         for key, val in kwargs.items():
+            if key in OFFSET_NAMES:  # a jagged batch's offsets: see jagged_batch
+                continue
             if key in names:
                 if key in inputs:
                     raise MissingInputError(f"{self.name}: input {key!r} given twice")
@@ -109,22 +113,34 @@ class AttentionOp:
 
     # -- running -------------------------------------------------------------------------
 
-    def reference(self, *args, **kwargs) -> torch.Tensor:
-        """The float64 reference executor on these inputs (the oracle); returns float64."""
+    def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs) -> torch.Tensor:
+        """The reference executor on these inputs (the oracle), computed and returned in ``dtype``.
+
+        Takes a jagged batch's ``cu_seqlens_q`` and ``cu_seqlens_k`` like a call does, and runs each
+        sequence on its own.
+        """
         inputs, params = self.bind(args, kwargs)
-        return run_reference(self.cascade, inputs, params)
+        jagged = jagged_batch(self.cascade, inputs, kwargs)
+        if jagged is None:
+            return run_reference(self.cascade, inputs, params, dtype=dtype)
+        outs = [run_reference(self.cascade, seq, params, dtype=dtype)
+                for seq in jagged.sequence_inputs(self.cascade, inputs)]
+        return torch.cat(outs, dim=2)
 
     def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None, **kwargs):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
 
         Without a ``schedule``, the autotune cache's for this shape (or the nearest tuned shape), else the
-        heuristic default; see ``einflash.compiler.selection``. Raises LoweringError (with the reason)
+        heuristic default; see ``einflash.compiler.selection``. A jagged batch (sequences packed along m
+        and n of batch-1 tensors) is given by the keywords ``cu_seqlens_q`` and ``cu_seqlens_k``, the
+        cumulative offsets of its sequences (see einflash.jagged). Raises LoweringError (with the reason)
         when the cascade cannot be lowered yet.
         """
         inputs, params = self.bind(args, kwargs)
         first = inputs[self.cascade.inputs[0].name]
+        jagged = jagged_batch(self.cascade, inputs, kwargs)
         if backend == "reference":
-            return run_reference(self.cascade, inputs, params).to(first.dtype)
+            return self.reference(*args, **kwargs).to(first.dtype)
         if backend is not None:
             get_target(backend)  # an unknown name raises BackendError listing the valid ones
         fwd = self.forward
@@ -132,6 +148,8 @@ class AttentionOp:
             raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
                                 f"executor instead)")
         extents = bind_extents(fwd.streamed, inputs, params)
+        if jagged is not None:
+            return self._run_jagged(inputs, params, extents, jagged, schedule, first.device)
         if schedule is None and not torch.compiler.is_compiling():  # traced, the custom op chooses at run time
             schedule = choose(self.cascade, fwd, _target(first.device.type), first.dtype, extents,
                               _kv_heads(self.cascade, inputs), inputs, params)
@@ -171,10 +189,26 @@ class AttentionOp:
         inputs, params = self.bind(args, kwargs)
         if self.forward.error is not None:
             raise LoweringError(f"{self.name}: {self.forward.error}; there is no kernel to tune")
+        if jagged_batch(self.cascade, inputs, kwargs) is not None:
+            raise LoweringError(f"{self.name}: tuning jagged batches is not implemented (the cache's shape buckets "
+                                f"are of stacked batches); tune a stacked batch of typical sequence lengths")
         first = inputs[self.cascade.inputs[0].name]
         return tune(self.cascade, self.forward, inputs, params, _target(first.device.type),
                     budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
                     **options)
+
+    def _run_jagged(self, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None, device):
+        """A jagged batch through the kernel, eagerly (the custom op and autograd take stacked batches only)."""
+        fwd = self.forward
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
+            raise LoweringError(f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
+                                f"into a stacked batch with a mask, or run without autograd")
+        per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
+        if schedule is None:
+            # jagged batches are not tuned yet: the cache's buckets are of stacked batches
+            schedule = default_schedule(per_sequence, _target(device.type), _kv_heads(self.cascade, inputs),
+                                        fwd.masked, allow_split=False)
+        return fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents, jagged)[0]
 
     def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
                 dims: dict[str, int] | None = None, **params) -> Explanation:

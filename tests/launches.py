@@ -18,7 +18,7 @@ from einflash.compiler import launch as launch_module
 from einflash.compiler.crosscompile import CompiledKernel, compile_for_target
 from einflash.ir.reference import bind_extents, bind_params
 
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32"}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,8 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[Launch]:
               "v": torch.empty(B, Hkv, N, head_dim, **meta)}
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
+    if name == "document_mask":
+        inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     extents = bind_extents(op.forward.streamed, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[Launch] = []

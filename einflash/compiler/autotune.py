@@ -108,7 +108,9 @@ def open_storage(url: str | None, default: pathlib.Path) -> optuna.storages.Base
 
         for attempt in range(RDB_ATTEMPTS):
             try:
-                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+                with warnings.catch_warnings():  # the heartbeat (a dead worker's trial fails) is "experimental"
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
             except ImportError as e:
                 raise TuningOptionError(f"storage {url.split('://')[0]}://...: {e} (for postgresql:// install "
                                         f"einflash[postgres])") from None

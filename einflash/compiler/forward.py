@@ -13,9 +13,11 @@ import torch
 from ..errors import LoweringError
 from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
-from ..ir.reference import bind_extents, bind_params
+from ..ir.reference import bind_extents
+from ..jagged import JaggedBatch
 from .launch import LaunchConfig, combine, launch
 from .lower import KernelSource, lower, lower_combine, sections
+from .blocks import tile_lists
 from .masks import key_plan
 from .pipeline import optimise
 
@@ -62,8 +64,10 @@ class Forward:
         except LoweringError as e:
             self.error = e
         self._sources: dict[tuple, KernelSource] = {}
+        keys = None if self.error is not None else key_plan(self.streamed, sections(self.streamed).loop)
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
-        self.masked = self.error is None and key_plan(self.streamed, sections(self.streamed).loop).plan is not None
+        self.masked = keys is not None and keys.plan is not None
+        self.lists = None if keys is None else keys.lists  # key tiles classified at run time
 
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}
@@ -84,10 +88,13 @@ class Forward:
         return self._sources[key]
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
-            extents: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
+        A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
+        states are then ``[1, H, total_q, ...]``.
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -99,17 +106,28 @@ class Forward:
         if B * H * M == 0:
             return out, {}
         split = schedule.splits > 1
+        if jagged is not None:
+            if split:
+                raise LoweringError(f"{c.name}: split-KV decoding of a jagged batch is not implemented; "
+                                    f"run it with splits=1")
+            if self.lists is not None:
+                raise LoweringError(f"{c.name}: a mask on per-token data (document ids) in a jagged batch is not "
+                                    f"implemented; the sequences of a jagged batch need no document mask")
+            extents = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
         src = self.source(first.dtype, dims, split, ints)
         inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
                   for k, v in inputs.items()}
+        lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
+                                                          schedule.block_m, schedule.block_n, schedule.pack)
         if split:
-            return self._split(src, inputs, values, out, schedule, extents, dims)
+            return self._split(src, inputs, values, out, schedule, extents, dims, lists)
         ws = {s: torch.empty(B, H, M, dtype=torch.float32, device=first.device) for s in src.row_states}
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        if jagged is None or jagged.max_q > 0:
+            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists)
         return out, ws
 
-    def _split(self, src, inputs, values, out, schedule, extents, dims):
+    def _split(self, src, inputs, values, out, schedule, extents, dims, lists):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -119,7 +137,7 @@ class Forward:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = torch.empty(B, H, S, M, *extra, dtype=torch.float32, device=dev)
             ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists)
         comb = self._combine_source(out.dtype, dims)
         rows = {s: torch.empty(B, H, M, dtype=torch.float32, device=dev) for s in comb.row_states}
         combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)

@@ -11,6 +11,7 @@ import torch
 
 from .. import knobs
 from ..ir.cascade import Cascade, Layout
+from ..jagged import JaggedBatch
 from .lower import KernelSource
 
 _MODULES: dict[str, object] = {}
@@ -49,8 +50,13 @@ class LaunchConfig:
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
            out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-           extents: dict[str, int]) -> torch.Tensor | None:
+           extents: dict[str, int], jagged: JaggedBatch | None = None,
+           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Launch the kernel over a grid of (query tiles, batch·heads[, splits]).
+
+    For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
+    sequence's lengths as m and n. ``tile_lists`` are the (tiles, counts) of a kernel whose key
+    tiles are listed at run time (see einflash.compiler.blocks).
 
     With ``cfg.count_visits``, return how many key tiles each program visited, int32
     ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
@@ -70,6 +76,9 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
         if src.split:
             args.append(workspaces[f"{s}:present"])
             args += list(workspaces[f"{s}:present"].stride())
+    for t in tile_lists or ():
+        args.append(t)
+        args += list(t.stride())
     args += [params[p] for p in src.params]
     B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
@@ -78,9 +87,11 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     rows, programs = (M * (H // hkv), B * hkv) if cfg.pack else (M, B * H)
     grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
-    fn[grid](*args, M, N, H, H // hkv, per_split, visits, **dict(src.constexprs),
+    offsets = (jagged.cu_q, jagged.cu_k) if jagged is not None else (None, None)
+    fn[grid](*args, M, N, H, H // hkv, per_split, visits, *offsets, **dict(src.constexprs),
              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
-             REVERSE_M=cfg.reverse_m, COUNT_VISITS=cfg.count_visits, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+             REVERSE_M=cfg.reverse_m, COUNT_VISITS=cfg.count_visits, JAGGED=jagged is not None,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return visits
 
 

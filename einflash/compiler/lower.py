@@ -20,7 +20,7 @@ from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
 from ..templates import render
-from .masks import KeyRange, key_plan
+from .masks import KeyRange, TileLists, key_plan
 from .passes import count_passes
 from .tilecode import Tile, TileCode, bcast, literal
 
@@ -41,6 +41,7 @@ class KernelSource:
     constexprs: tuple[tuple[str, int], ...]
     split: bool
     ranges: tuple[KeyRange, ...] = field(default=())
+    lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
             if e.out in states:
                 _carry(body, e.out, t)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, tile=kr.tile))
 
     epi = gen(masked=False)
     epi.env.update({s: shared[s] for s in states})
@@ -162,6 +163,9 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(nd)]
         if split:
             args += [f"wsp_{s}_ptr"] + [f"stride_wsp_{s}_{d}" for d in range(4)]
+    if keys.lists is not None:
+        args += ["tiles_ptr"] + [f"stride_tiles_{d}" for d in range(3)]
+        args += ["counts_ptr"] + [f"stride_counts_{d}" for d in range(3)]
     args += [f"p_{p}" for p in params]
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split)
@@ -172,7 +176,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
-                        split, tuple(ranges))
+                        split, tuple(ranges), keys.lists)
 
 
 def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
@@ -305,7 +309,7 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
     code = bcast(g.f32(t), t.ranks, want)
     if t.ranks != want:  # a value constant along some axis: broadcast it to the full tile
         code = f"tl.broadcast_to({code}, (BLOCK_M, D_{value_rank}))"
-    ptr = (f"out_ptr + off_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + offs_m[:, None] * stride_out_2"
+    ptr = (f"out_ptr + mem_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + mem_m[:, None] * stride_out_2"
            f" + offs_{value_rank}[None, :] * stride_out_3")
     mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
@@ -314,21 +318,23 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
 def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
     """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``.
 
-    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum).
+    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum), and ``ws`` is
+    laid out like the output (packed rows of a jagged batch); a split's workspace is per sequence and row.
     """
     t = g.env[name]
-    ptr = f"ws_{name}_ptr + off_b * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
+    b, m = ("off_b", "offs_m") if split else ("mem_b", "mem_m")
+    ptr = f"ws_{name}_ptr + {b} * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
     d = 2
     if split:
         ptr += f" + tl.program_id(2) * stride_ws_{name}_2"
         d = 3
     tile = _tile_ranks(ranks)
     if tile == ("m",):
-        ptr = ptr.format("") + f" + offs_m * stride_ws_{name}_{d}"
+        ptr = ptr.format("") + f" + {m} * stride_ws_{name}_{d}"
         mask = "row_ok"
     else:
         vr = tile[1]
-        ptr = ptr.format("[:, None]") + (f" + offs_m[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
+        ptr = ptr.format("[:, None]") + (f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
                                           f"stride_ws_{name}_{d + 1}")
         mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
     init = g.c.tensor(name).init

@@ -4,8 +4,12 @@ The loop of the one-pass kernel runs over ranges of key tiles. Ranges come from
 the symbolic tile plan of the mask (``tiles.tile_plan``): tiles proven empty are
 never visited; tiles proven full run a body that skips the affine part of the
 mask; the remaining tiles (cut by the mask or by the end of the sequence) run the
-masked body. Data-dependent parts of a mask (document ids, score thresholds) are
-evaluated in every body. Without a usable plan, every tile runs the masked body.
+masked body. A mask with a conjunct that compares per-token data at the query and the key,
+``x[m] == y[n]`` (document ids), gets its tiles classified at run time instead:
+per-block ranges of x and y (with the affine part's plan) sort each query tile's key
+tiles into lists of full and partial ones (``einflash.compiler.blocks``), and the kernel
+visits the listed tiles only. Other data-dependent parts (score thresholds) are evaluated
+in every body. Without a usable plan, every tile runs the masked body.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir.cascade import Cascade, Einsum
-from ..ir.expr import Call, Expr
-from ..ir.ranks import STREAM
-from .tiles import BM, BN, M0, M1, M, N, I, TilePlan, tile_plan
+from ..ir.cascade import Cascade, Einsum, Role
+from ..ir.expr import Call, Expr, Read
+from ..ir.ranks import STREAM, coord
+from .tiles import BM, BN, M0, M1, M, N, I, Interval, TilePlan, tile_plan
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,30 @@ class KeyRange:
     comment: str = ""
     skip_tile: str | None = None  # a condition on tile index `j` under which the tile is left out
     pipelined: bool = True  # False for ranges of a tile or two, where a software pipeline only adds set-up
+    # With ``tile``, the loop runs over positions lo ≤ t < hi, and ``tile`` (an expression of t) is the key
+    # tile visited at position t: a list of tiles made at run time, or runs of tiles laid end to end.
+    tile: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockTest:
+    """A mask conjunct ``query_side[b, m] == key_side[b, n]`` between per-token inputs (document ids).
+
+    A tile holds none of its pairs where the two sides' value ranges over the tile's rows and keys
+    are disjoint, and all of them where both ranges are one and the same value.
+    """
+
+    query_side: Read
+    key_side: Read
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """What classifies key tiles at run time: the block tests, and the mask's affine part (or None)."""
+
+    tests: tuple[BlockTest, ...]
+    affine: Expr | None
+    integers: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,7 @@ class KeyPlan:
     setup: tuple[str, ...]
     ranges: tuple[KeyRange, ...]
     plan: TilePlan | None = None
+    lists: TileLists | None = None
 
 
 def conjuncts(x: Expr) -> list[Expr]:
@@ -88,6 +117,9 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
         return everything
     integers = frozenset(p.name for p in c.params if p.integer)
     pred = affine_part(f.where, integers)
+    tests = block_tests(c, f.where)
+    if tests:
+        return _listed(f.where, TileLists(tests, pred, integers), None if pred is None else tile_plan(pred, integers))
     if pred is None:
         return everything
     affine = conjuncts(pred)
@@ -96,8 +128,9 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
     setup = ["m0 = 0 if PACK else pid_m * BLOCK_M", "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1",
              "whole = N // BLOCK_N"]
     full = []
-    for k, iv in enumerate(plan.full):
-        setup += _interval(f"full{k}", iv)
+    # full runs of which at most one exists in any query tile share a loop (the tile plan splits cases)
+    for k, group in enumerate(exclusive_groups(plan.full)):
+        setup += _interval(f"full{k}", *group)
         setup.append(f"full{k}_hi = tl.minimum(full{k}_hi, whole)")  # a tile cut by N is masked
         full.append(f"full{k}")
     ranges = [KeyRange(f"{name}_lo * BLOCK_N", f"{name}_hi * BLOCK_N", False, frozenset(affine),
@@ -109,36 +142,125 @@ def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
         setup += [f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
                   f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
                   f"f_len += tl.maximum({name}_hi - {name}_lo, 0)"]
-    setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)",
-              "gap = (f_len > 0) & (f_hi - f_lo != f_len)"]
-    in_full = [f"(({name}_lo <= j) & (j < {name}_hi))" for name in full]
+    setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)"]
+    if len(full) > 1:  # one run of full tiles leaves no gap in its hull
+        setup.append("gap = (f_len > 0) & (f_hi - f_lo != f_len)")
+    in_full = " | ".join(f"(({name}_lo <= j) & (j < {name}_hi))" for name in full)
     seen: list[str] = []  # tiles of earlier visited ranges, already processed
     for k, iv in enumerate(plan.visit):
+        # the visited tiles outside the full hull: the runs [lo, a) before it and [b, hi) after it, and, where
+        # the full runs leave gaps (several groups), [a, gap_end) inside it, whose full tiles are left out
         v = f"visit{k}"
         setup += _interval(v, iv)
         setup += [f"{v}_a = tl.minimum(tl.maximum(f_lo, {v}_lo), {v}_hi)",
-                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)",
-                  f"{v}_m = tl.where(gap, {v}_b, {v}_a)"]
-        before = " | ".join(seen) or None
-        middle = " | ".join(seen + in_full) or None
-        what = "cut by the mask or the end of the keys"
-        ranges += [KeyRange(f"{v}_lo * BLOCK_N", f"{v}_a * BLOCK_N", True, comment=f"key tiles {what}, before "
-                            f"the full ones ({v})", skip_tile=before, pipelined=False),
-                   KeyRange(f"{v}_a * BLOCK_N", f"{v}_m * BLOCK_N", True, comment=f"key tiles {what}, between "
-                            f"full ones ({v})", skip_tile=middle, pipelined=False),
-                   KeyRange(f"{v}_b * BLOCK_N", f"{v}_hi * BLOCK_N", True, comment=f"key tiles {what}, after "
-                            f"the full ones ({v})", skip_tile=before, pipelined=False)]
+                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)"]
+        runs = [(f"{v}_lo", f"{v}_a"), (f"{v}_b", f"{v}_hi")]
+        skip = list(seen)
+        if len(full) > 1:
+            setup.append(f"{v}_g = tl.where(gap, {v}_b, {v}_a)")
+            runs.insert(1, (f"{v}_a", f"{v}_g"))
+            skip.append(f"(({v}_a <= j) & (j < {v}_g) & ({in_full}))")
+        lines, tile = _runs(v, runs)
+        setup += lines
+        ranges.append(KeyRange("0", f"{v}_count", True, comment=f"key tiles of {v} cut by the mask or the end of the "
+                               f"keys", skip_tile=" | ".join(skip) or None, tile=tile))
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
 
 
-def _interval(name: str, iv) -> list[str]:
-    lo, hi = to_triton(iv.lo), to_triton(iv.hi)
-    if iv.when is sympy.true:
-        return [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
-    when = to_triton(iv.when)
-    return [f"{name}_on = {when}", f"{name}_lo = tl.where({name}_on, {lo}, 0)",
-            f"{name}_hi = tl.where({name}_on, tl.maximum({hi}, {name}_lo), 0)"]
+def _runs(name: str, runs: list[tuple[str, str]]) -> tuple[list[str], str]:
+    """Runs of key tiles ``[lo, hi)`` (this split's share of each) laid end to end for one loop over t.
+
+    Returns the scalar code that sets ``name_count``, the number of tiles, and the expression of
+    the tile at position t. One loop visits them all, software-pipelined: its tiles are known before it starts.
+    """
+    lines, before, tile = [], "0", None
+    for k, (lo, hi) in enumerate(runs):
+        start, count = f"{name}_r{k}", f"{name}_n{k}"
+        lines += [f"{start} = tl.maximum({lo}, split_lo // BLOCK_N)",
+                  f"{count} = tl.maximum(tl.minimum({hi}, split_hi // BLOCK_N) - {start}, 0)"]
+        here = f"{start} + t - {name}_c{k}" if k else f"{start} + t"
+        if k:
+            lines.append(f"{name}_c{k} = {before}")
+        tile = here if tile is None else f"tl.where(t < {name}_c{k}, {tile}, {here})"
+        before = f"{before} + {count}" if k else count
+    lines.append(f"{name}_count = {before}")
+    return lines, tile
+
+
+def _per_token_read(c: Cascade, x: Expr, rank: str) -> bool:
+    """Whether ``x`` reads an input at plain (b, ``rank``) coordinates: one value per token of a sequence."""
+    if not (isinstance(x, Read) and not x.prev and c.tensor(x.tensor).role is Role.INPUT):
+        return False
+    decl = c.tensor(x.tensor)
+    return (len(decl.ranks) == 2 and decl.ranks[0] == "b" and decl.ranks[1] in ("m", "n")
+            and tuple(x.index) == (coord("b"), coord(rank)))
+
+
+def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
+    """The conjuncts of ``where`` that compare per-token inputs at the query and at the key for equality."""
+    tests = []
+    for p in conjuncts(where):
+        if isinstance(p, Call) and p.op == "eq":
+            a, b = p.args
+            for q_side, k_side in ((a, b), (b, a)):
+                if _per_token_read(c, q_side, "m") and _per_token_read(c, k_side, "n"):
+                    tests.append(BlockTest(q_side, k_side))
+                    break
+    return tuple(tests)
+
+
+def _listed(where: Expr, lists: TileLists, plan: TilePlan | None) -> KeyPlan:
+    """Loops over the query tile's listed key tiles: the full ones, then the partial ones."""
+    # a packed program (decoding) holds every query position of its heads: its tile list is row 0
+    setup = ("qt = 0 if PACK else pid_m", "tiles_row = tiles_ptr + off_b * stride_tiles_0 + qt * stride_tiles_1",
+             "counts_row = counts_ptr + off_b * stride_counts_0 + qt * stride_counts_1",
+             "n_full = tl.load(counts_row)", "n_partial = tl.load(counts_row + stride_counts_2)")
+    listed = "tl.load(tiles_row + t * stride_tiles_2)"
+    split = ("split_lo // BLOCK_N", "split_hi // BLOCK_N")  # a split takes its share of list positions
+    return KeyPlan(setup, (
+        KeyRange(f"tl.maximum(0, {split[0]})", f"tl.minimum(n_full, {split[1]})", False, frozenset(conjuncts(where)),
+                 "listed key tiles the whole mask holds on", tile=listed),
+        KeyRange(f"tl.maximum(n_full, {split[0]})", f"tl.minimum(n_full + n_partial, {split[1]})", True,
+                 comment="listed key tiles the mask cuts", tile=listed),
+    ), plan, lists)
+
+
+def _exclusive(a: sympy.Basic, b: sympy.Basic) -> bool:
+    """Whether ``a`` and ``b`` provably never hold together: a conjunct of one negates a conjunct of the other."""
+    parts_a = set(sympy.And.make_args(a)) | {a}
+    return any(sympy.Not(x) in parts_a for x in set(sympy.And.make_args(b)) | {b})
+
+
+def exclusive_groups(intervals: tuple[Interval, ...]) -> list[list[Interval]]:
+    """``intervals`` in groups whose conditions exclude one another pairwise (so one loop serves a group).
+
+    >>> x = sympy.Symbol("x")
+    >>> ivs = (Interval(0, 1, x > 0), Interval(0, 2, x <= 0), Interval(1, 3, sympy.true))
+    >>> [len(g) for g in exclusive_groups(ivs)]
+    [2, 1]
+    """
+    groups: list[list[Interval]] = []
+    for iv in intervals:
+        home = next((g for g in groups if all(_exclusive(iv.when, other.when) for other in g)), None)
+        if home is None:
+            groups.append([iv])
+        else:
+            home.append(iv)
+    return groups
+
+
+def _interval(name: str, *cases: Interval) -> list[str]:
+    """Scalar code for ``name_lo``, ``name_hi``: the interval of whichever case holds (empty if none does)."""
+    if len(cases) == 1 and cases[0].when is sympy.true:
+        return [f"{name}_lo = {to_triton(cases[0].lo)}", f"{name}_hi = tl.maximum({to_triton(cases[0].hi)}, {name}_lo)"]
+    lines, lo, hi = [], "0", "0"
+    for k, iv in reversed(list(enumerate(cases))):
+        on = f"{name}_on{k}"
+        lines.append(f"{on} = {to_triton(iv.when)}")
+        lo = f"tl.where({on}, {to_triton(iv.lo)}, {lo})"
+        hi = f"tl.where({on}, {to_triton(iv.hi)}, {hi})"
+    return lines[::-1] + [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
 
 
 _NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m"}

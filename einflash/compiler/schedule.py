@@ -21,10 +21,11 @@ def _pow2(x: int) -> int:
 
 
 def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | None = None,
-                     masked: bool = False) -> Schedule:
+                     masked: bool = False, allow_split: bool = True) -> Schedule:
     """A schedule for these extents on ``target``: tiles, warps, stages, splits and GQA packing.
 
-    ``masked``: the cascade has an affine mask whose empty tiles are skipped.
+    ``masked``: the cascade has an affine mask whose empty tiles are skipped. ``allow_split``: False
+    where split-KV is not available (jagged batches).
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
@@ -44,5 +45,6 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     programs = extents["b"] * (kv if pack else heads) * -(-rows // block_m)
     tiles = -(-extents["n"] // cfg.block_n)
     sms = target.sm_count or 1
-    splits = max(1, min(tiles, -(-WAVES * sms // programs)))
+    # (an empty batch or query sequence has no program at all: nothing to split)
+    splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split and programs else 1
     return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack)

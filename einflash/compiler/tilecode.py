@@ -144,8 +144,8 @@ class TileCode:
                 raise LoweringError(f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
                                     f"at plain rank coordinates")
             rank = names[0]
-            if rank == "b":
-                offs.append(f"off_b * {stride}")
+            if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
+                offs.append(f"mem_b * {stride}")
             elif rank == "h" and decl.layout is Layout.KEY:
                 offs.append(f"off_hk * {stride}")
             elif rank == "h":  # query heads vary by row when GQA groups are packed into one program
@@ -159,7 +159,9 @@ class TileCode:
         for o in offs:
             if isinstance(o, tuple):
                 rank, stride = o
-                var, axis = ("off_hrow", "m") if rank == "h" else (f"offs_{rank}", rank)
+                axis = "m" if rank == "h" else rank
+                # rows and keys in memory (mem_m, mem_n) are shifted to the sequence's first one in a jagged batch
+                var = "off_hrow" if rank == "h" else f"mem_{rank}" if rank in ("m", "n") else f"offs_{rank}"
                 terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
             else:
                 terms.append(o)

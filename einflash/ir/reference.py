@@ -292,6 +292,10 @@ class _Evaluator:
         ident = REDUCERS[red.op].identity
         if pres is not None:
             data = torch.where(pres, data, torch.tensor(ident, dtype=data.dtype, device=data.device))
+        if any(data.shape[d] == 0 for d in dims):  # an empty fiber: the identity, and absent
+            shape = [s for d, s in enumerate(data.shape) if d not in dims]
+            return Value(torch.full(shape, ident, dtype=data.dtype, device=data.device), keep,
+                         torch.zeros(shape, dtype=torch.bool, device=data.device))
         if red.op == "sum":
             out = data.sum(dim=dims)
         elif red.op == "max":

@@ -229,3 +229,61 @@ def test_bad_calls_raise():
         count_tiles(plan, M=8, N=8, BM=4, BN=0, window=2)
     with pytest.raises(DeclarationError, match="BN"):
         tile_plan(call("le", Coord("n"), Param("BN")))
+
+
+# -- key tiles listed at run time (masks on per-token data) --------------------------------------
+
+
+def _listed(M, N, BM, BN, doc: torch.Tensor, pack: bool = False) -> tuple[list[list[set[int]]], list[list[set[int]]]]:
+    """tile_lists for the document mask, as per (batch, query tile) sets of full and of partial key tiles."""
+    from einflash.compiler.blocks import tile_lists
+    from einflash.compiler.masks import key_plan
+    from einflash.compiler.lower import sections
+
+    c = load_example("document_mask").document_mask.forward.streamed
+    lists = key_plan(c, sections(c).loop).lists
+    tiles, counts = tile_lists(lists, {"doc": doc}, {}, doc.shape[0], M, N, BM, BN, pack)
+    full = [[set(tiles[b, i, :f].tolist()) for i, (f, _) in enumerate(counts[b].tolist())] for b in range(doc.shape[0])]
+    partial = [[set(tiles[b, i, f:f + p].tolist()) for i, (f, p) in enumerate(counts[b].tolist())]
+               for b in range(doc.shape[0])]
+    return full, partial
+
+
+def _document_truth(doc: torch.Tensor, M: int, N: int, BM: int, BN: int):
+    """Per (batch, query tile): the non-empty key tiles, and the full ones not cut by the end of the keys."""
+    truths = []
+    for d in doc:
+        mask = (d[:M, None] == d[None, :N]) & (torch.arange(N)[None, :] <= torch.arange(M)[:, None])
+        nonempty, full = _truth(mask, BM, BN)
+        cut = -(-N // BN) - 1 if N % BN else None
+        truths.append((nonempty, [f - {cut} for f in full]))
+    return truths
+
+
+@pytest.mark.parametrize("M, N, BM, BN", [(37, 45, 16, 32), (45, 45, 8, 8), (64, 64, 16, 16), (20, 33, 4, 8)])
+def test_listed_tiles_are_safe_for_any_document_ids(M, N, BM, BN):
+    """Unsorted ids: every non-empty tile is listed, and a tile listed full is full."""
+    doc = torch.randint(0, 4, (2, max(M, N)))
+    full, partial = _listed(M, N, BM, BN, doc)
+    for b, (nonempty, truly_full) in enumerate(_document_truth(doc, M, N, BM, BN)):
+        for i in range(len(nonempty)):
+            assert not full[b][i] & partial[b][i]
+            assert nonempty[i] <= full[b][i] | partial[b][i]
+            assert full[b][i] <= truly_full[i]
+
+
+@pytest.mark.parametrize("BM, BN", [(8, 8), (8, 16), (16, 8)])
+def test_listed_tiles_are_exact_for_documents_aligned_to_tiles(BM, BN):
+    """Documents of 16 tokens: each tile lies in one document, so the ranges decide every tile exactly."""
+    M = N = 64
+    doc = (torch.arange(N) // 16).expand(2, N).contiguous()
+    full, partial = _listed(M, N, BM, BN, doc)
+    for b, (nonempty, truly_full) in enumerate(_document_truth(doc, M, N, BM, BN)):
+        assert [f | p for f, p in zip(full[b], partial[b])] == nonempty
+        assert full[b] == truly_full
+
+
+def test_listed_tiles_of_a_packed_program_cover_all_its_rows():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2]])
+    full, partial = _listed(3, 10, 16, 4, doc, pack=True)
+    assert len(full[0]) == 1 and full[0][0] == set() and partial[0][0] == {0}  # rows 0-2 see keys 0-2 only

@@ -174,3 +174,29 @@ def test_call_errors_share_a_base_and_stay_value_or_type_errors():
     assert issubclass(ShapeError, (CallError, ValueError)) and issubclass(DeviceError, CallError)
     assert issubclass(DTypeError, TypeError) and issubclass(MissingInputError, TypeError)
     assert issubclass(ParameterError, ValueError) and issubclass(BackendError, RuntimeError)
+
+
+# -- jagged batches -------------------------------------------------------------------------------
+
+
+def _packed(total_q: int = 7, total_k: int = 9, batch: int = 1) -> dict[str, torch.Tensor]:
+    return _qkv(q=torch.randn(batch, HQ, total_q, E), k=torch.randn(batch, HKV, total_k, E),
+                v=torch.randn(batch, HKV, total_k, F))
+
+
+@pytest.mark.parametrize("offsets, words", [
+    ({"cu_seqlens_q": torch.tensor([0, 3, 7])}, ["needs both cu_seqlens_q and cu_seqlens_k", "only cu_seqlens_q"]),
+    ({"cu_seqlens_q": torch.tensor([0, 3, 7]), "cu_seqlens_k": torch.tensor([0, 9])}, ["2 sequences", "has 1"]),
+    ({"cu_seqlens_q": torch.tensor([0, 3, 6]), "cu_seqlens_k": torch.tensor([0, 4, 9])},
+     ["cu_seqlens_q must start at 0", "end at the packed length 7", "[0, 3, 6]"]),
+    ({"cu_seqlens_q": torch.tensor([0, 5, 3, 7]), "cu_seqlens_k": torch.tensor([0, 4, 5, 9])}, ["never decrease"]),
+    ({"cu_seqlens_q": torch.tensor([0.0, 7.0]), "cu_seqlens_k": torch.tensor([0, 9])}, ["1-D int32 or int64"]),
+], ids=["one", "counts", "end", "decreasing", "float"])
+def test_bad_jagged_offsets(offsets, words):
+    _raises(ShapeError, _op("causal"), *words, **_packed(), **offsets)
+
+
+def test_jagged_inputs_must_have_batch_one():
+    offsets = {"cu_seqlens_q": torch.tensor([0, 7]), "cu_seqlens_k": torch.tensor([0, 9])}
+    _raises(ShapeError, _op("causal"), "must have batch 1", **_packed(batch=2), **offsets)
+

@@ -222,8 +222,6 @@ def test_empty_shapes_with_a_schedule(B, M, N):
     assert out.shape == (B, 4, M, 16) and (out == 0).all()
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="compiler/schedule.py default_schedule divides by the program count, 0 when B = 0 or M = 0")
 @pytest.mark.parametrize("B, M", [(0, 5), (2, 0)], ids=["batch0", "queries0"])
 def test_empty_shapes_with_the_default_schedule(B, M):
     args = _qkv(B, 4, 2, M, 7, 16)
@@ -339,8 +337,8 @@ def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Ten
     counts = []
     real = forward_module.launch
 
-    def counting(c, src, inputs, params, out, ws, cfg, extents):
-        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), extents))
+    def counting(c, src, inputs, params, out, ws, cfg, *rest, **kw):
+        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), *rest, **kw))
 
     with mock.patch.object(forward_module, "launch", counting):
         out, _ = _run(op, inputs, params, schedule)
@@ -392,3 +390,74 @@ def test_split_programs_visit_their_share_of_the_non_empty_tiles(name, pack):
     per_split = counts[:, 0, 0].tolist()
     assert max(per_split) <= 2
     assert sum(per_split) == _brute_counts(_brute_mask(name, M, N, params), [slice(0, M)], 16)[0]
+
+
+# -- jagged batches ------------------------------------------------------------------------
+
+# (query length, key length) per sequence: lengths that are not multiples of the tile, M ≠ N, an empty
+# sequence of queries, one with no keys (its rows are fully masked: output 0), one longer than a tile.
+JAGGED_LENGTHS = [(5, 9), (17, 17), (0, 4), (3, 0), (33, 20)]
+
+
+def _jagged(lengths, Hq: int, Hkv: int, E: int = 16, dtype=F32):
+    cu_q = torch.tensor([0] + [m for m, _ in lengths]).cumsum(0)
+    cu_k = torch.tensor([0] + [n for _, n in lengths]).cumsum(0)
+    q, k, v = _qkv(1, Hq, Hkv, int(cu_q[-1]), int(cu_k[-1]), E, dtype=dtype)
+    return (q, k, v), {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 1, True)], ids=["fused", "packed"])
+@pytest.mark.parametrize("name", ["causal", "bottom_right", "alibi", "sliding_window"])
+def test_jagged_batch_matches_each_sequence_alone(name, schedule):
+    """Every sequence of the packed batch gives the same bits as the kernel run on that sequence alone."""
+    op = _op(name)
+    args, offsets = _jagged(JAGGED_LENGTHS, Hq=4, Hkv=2, dtype=F16)
+    extra = {"slope": torch.rand(4)} if name == "alibi" else {"window": 4} if name == "sliding_window" else {}
+    out = op(*args, **offsets, **extra, schedule=schedule)
+    assert out.shape == (1, 4, args[0].shape[2], 16)
+    _assert_matches_reference(op, out, *args, **offsets, **extra)
+    q, k, v = args
+    for (q0, k0), (m, n) in zip(zip(offsets["cu_seqlens_q"].tolist(), offsets["cu_seqlens_k"].tolist()),
+                                JAGGED_LENGTHS):
+        alone = op(q[:, :, q0:q0 + m], k[:, :, k0:k0 + n], v[:, :, k0:k0 + n], **extra, schedule=schedule)
+        assert torch.equal(out[:, :, q0:q0 + m], alone)
+    assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
+
+
+def test_jagged_batch_with_the_default_schedule_and_int64_offsets():
+    op = _op("causal")
+    args, offsets = _jagged([(40, 40), (7, 50)], Hq=2, Hkv=2)
+    _assert_matches_reference(op, op(*args, **offsets), *args, **offsets)
+
+
+def test_jagged_batch_refuses_what_it_cannot_do():
+    op = _op("causal")
+    args, offsets = _jagged([(4, 4), (3, 6)], Hq=2, Hkv=1)
+    with pytest.raises(LoweringError, match="split-KV decoding of a jagged batch"):
+        op(*args, **offsets, schedule=Schedule(16, 16, 4, 1, 2, True))
+    q, k, v = args
+    with pytest.raises(LoweringError, match="gradients of jagged batches"):
+        op(q.requires_grad_(), k, v, **offsets)
+
+
+# -- key tiles listed at run time ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(8, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)],
+                         ids=["16x16", "8x16", "split-packed"])
+def test_document_mask_visits_only_its_listed_tiles(schedule):
+    """Documents of 16 tokens: the kernel visits exactly the non-empty tiles of the materialised mask,
+    fewer than causal alone would, and matches the reference."""
+    op, M, N = _op("document_mask"), (5 if schedule.pack else 48), 48
+    inputs = _inputs("document_mask", dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=M, N=N, E=16, F=16), F32)
+    inputs["doc"] = (torch.arange(N) // 16).expand(2, N).contiguous()
+    out, counts = _counting_run(op, inputs, {}, schedule)
+    _assert_matches_reference(op, out, **inputs)
+    mask = (inputs["doc"][0, :M, None] == inputs["doc"][0, None, :]) & (torch.arange(N) <= torch.arange(M)[:, None])
+    rows = [slice(0, M)] if schedule.pack else [slice(i, i + schedule.block_m) for i in range(0, M, schedule.block_m)]
+    want = _brute_counts(mask, rows, schedule.block_n)
+    visited = counts.sum(0)[0].tolist()  # the splits' shares added up
+    assert visited == want
+    if not schedule.pack:  # (5 packed queries see the first key tile only, under causal alone too)
+        causal = _brute_counts(torch.arange(N) <= torch.arange(M)[:, None], rows, schedule.block_n)
+        assert sum(visited) < sum(causal)
