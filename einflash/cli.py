@@ -1,7 +1,9 @@
-"""The ``einflash`` command line: ``explain``, ``demo`` and ``aot``.
+"""The ``einflash`` command line: ``explain``, ``demo``, ``tune``, ``cache`` and ``aot``.
 
     einflash explain examples/softmax.py --json
     einflash demo [--json] [--quick]
+    einflash tune examples/causal.py --shape 2,16,8192,8192,128 --dtype bfloat16 [--trials 30] [--storage URL]
+    einflash cache list|show|export|import|clear [--json]
     einflash aot examples/causal.py --shape 2,16,4096,4096,128 --shape 4,32,1,32768,128 --kv-heads 8 --out DIR
 """
 
@@ -46,15 +48,25 @@ def pick(target: str) -> AttentionOp:
     return next(iter(ops.values()))
 
 
+def add_shape_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--shape B,H,M,N,D``, ``--kv-heads`` and ``--head-dim-v``: how every command that takes a shape takes it."""
+    parser.add_argument("--shape", default=default, required=default is None, help="B,H,M,N,D (query heads H)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA/MQA); default H")
+    parser.add_argument("--head-dim-v", type=int, default=None, help="head dim of v; default D")
+
+
 def _shape(args) -> Shape:
     return Shape.parse(args.shape, args.kv_heads, args.head_dim_v)
 
 
+def _params(args) -> dict[str, float]:
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in args.param)}
+
+
 def cmd_explain(args) -> int:
     op = pick(args.target_file)
-    params = dict(kv.split("=", 1) for kv in args.param)
     dims = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.dim)}
-    x = op.explain(_shape(args), args.dtype, args.target, dims, **{k: float(v) for k, v in params.items()})
+    x = op.explain(_shape(args), args.dtype, args.target, dims, **_params(args))
     print(json.dumps(x.to_json(), indent=1) if args.json else x)
     return 0
 
@@ -121,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("explain", help="passes, buffers, FLOPs, bytes and roofline of a declaration")
     ex.add_argument("target_file", metavar="FILE[:NAME]")
     ex.add_argument("--json", action="store_true")
-    ex.add_argument("--shape", default="2,16,4096,4096,128", help="B,H,M,N,D")
-    ex.add_argument("--kv-heads", type=int, default=None)
-    ex.add_argument("--head-dim-v", type=int, default=None)
+    add_shape_options(ex, "2,16,4096,4096,128")
     ex.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
     ex.add_argument("--target", default="sm90", help="interpreter, sm80 or sm90")
     ex.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -149,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of an extra input (default: q's for per-token inputs, else float32)")
     ao.add_argument("--json", action="store_true", help="print the manifest")
     ao.set_defaults(fn=cmd_aot)
+    from .tuning_cli import add_commands
+
+    add_commands(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -117,3 +117,11 @@ class AOTError(EinflashError, RuntimeError):
 
 class AOTMismatchError(CallError):
     """A call that no kernel in an ahead-of-time directory was compiled for; says what the directory holds."""
+
+
+class TuningOptionError(EinflashError, ValueError):
+    """A tuning budget, sampler or storage that cannot be used."""
+
+
+class CacheWarning(UserWarning):
+    """A cache file was skipped (corrupt, or written for another environment), or deployment found no entry."""

@@ -87,6 +87,19 @@ def deploy() -> bool:
     return _flag("EINFLASH_DEPLOY")
 
 
+def autotune() -> bool:
+    """EINFLASH_AUTOTUNE: a call whose shape has no tuned entry tunes it there and then (never in deploy mode).
+
+    Off by default: a call without an entry uses the nearest cached shape, else the heuristic default.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"EINFLASH_AUTOTUNE": "yes"}):
+    ...     autotune()
+    True
+    """
+    return _flag("EINFLASH_AUTOTUNE")
+
+
 def debug_level() -> Debug:
     """EINFLASH_DEBUG: 0 (default) to 3, see ``Debug``.
 

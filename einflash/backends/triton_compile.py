@@ -38,14 +38,18 @@ _DIVISIBLE = [["tt.divisibility", 16]]
 
 
 def resource_usage(cubin: bytes, kernel: str) -> tuple[int, int]:
-    """(registers per thread, local-memory bytes per thread) of ``kernel`` in ``cubin``, read by cuobjdump."""
+    """(registers per thread, local-memory bytes per thread) of ``kernel`` in ``cubin``, read by cuobjdump.
+
+    Local memory is the stack frame (where ptxas spills registers: Triton kernels have no other use for
+    it) plus any LOCAL allocation.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
                                 capture_output=True, text=True, check=True).stdout
-    usage = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+)\s.*?LOCAL:(\d+)", report, re.S)
-    return int(usage[1]), int(usage[2])
+    usage = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+)\s+STACK:(\d+)\s.*?LOCAL:(\d+)", report, re.S)
+    return int(usage[1]), int(usage[2]) + int(usage[3])
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, target: list, num_warps: int, num_stages: int,

@@ -31,7 +31,10 @@ def padded(extent: int) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How one call is run: tile sizes, warps, pipeline depth, and the number of key splits."""
+    """How one call is run: tile sizes, warps, pipeline depth, the number of key splits, GQA packing, tile order.
+
+    ``reverse_m`` launches the query tiles last-first (the heavy tiles of a causal mask start first).
+    """
 
     block_m: int
     block_n: int
@@ -39,9 +42,11 @@ class Schedule:
     num_stages: int
     splits: int = 1
     pack: bool = False
+    reverse_m: bool = False
 
     def launch_config(self) -> LaunchConfig:
-        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack)
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack,
+                            self.reverse_m)
 
 
 class Forward:

@@ -20,7 +20,7 @@ from .. import knobs
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Layout
 from ..jagged import JaggedBatch
-from .lower import KernelSource
+from .lower import KernelSource, source_digest
 
 _MODULES: dict[str, object] = {}
 
@@ -31,7 +31,9 @@ def load_kernel(src: KernelSource):
         return getattr(_MODULES[src.name], src.name)
     folder = knobs.kernel_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{src.name}.py"
+    # the file is named by its text too: einflash versions (or checkouts) that render the same kernel
+    # differently, and share the kernel folder, never load each other's source
+    path = folder / f"{src.name}__{source_digest(src.text)}.py"
     if not path.exists() or path.read_text() != src.text:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(src.text)
@@ -52,6 +54,7 @@ class LaunchConfig:
     num_stages: int
     splits: int = 1
     pack: bool = False  # GQA groups packed into the rows of one program (decoding)
+    reverse_m: bool = False  # query tiles launched last-first
     count_visits: bool = False  # tests: have each program count the key tiles it visits
 
 
@@ -116,7 +119,8 @@ def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor],
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
     offsets = (jagged.cu_q, jagged.cu_k) if jagged is not None else (None, None)
     args += [M, N, H, H // hkv, per_split, visits, *offsets, *(v for _, v in src.constexprs),
-             cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.count_visits, jagged is not None]
+             cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.reverse_m, cfg.count_visits,
+             jagged is not None]
     return KernelCall(grid, _named(src, args), cfg.num_warps, cfg.num_stages)
 
 

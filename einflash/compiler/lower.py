@@ -29,7 +29,7 @@ TEMPLATE = "attention_fwd.py.jinja"
 # The templates' own parameters, around the generated ones (tensors, strides, parameters) and the
 # head-dimension constants: attention_fwd.py.jinja and attention_combine.py.jinja declare them so.
 FORWARD_RUNTIME = ("M", "N", "H", "GROUP", "TILES_PER_SPLIT", "visits_ptr", "cu_q_ptr", "cu_k_ptr")
-FORWARD_META = ("BLOCK_M", "BLOCK_N", "NUM_STAGES", "SPLIT", "PACK", "COUNT_VISITS", "JAGGED")
+FORWARD_META = ("BLOCK_M", "BLOCK_N", "NUM_STAGES", "SPLIT", "PACK", "REVERSE_M", "COUNT_VISITS", "JAGGED")
 COMBINE_RUNTIME = ("M", "H", "SPLITS")
 COMBINE_META = ("BLOCK_M",)
 
@@ -371,5 +371,6 @@ def _store_state(g: TileCode, name: str, ranks, split: bool) -> None:
 
 
 def source_digest(text: str) -> str:
+    """A short digest of a kernel's source text."""
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
