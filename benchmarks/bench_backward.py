@@ -87,22 +87,11 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
         default = default_backward_schedule({"e": D, "f": D}, detect())
         atomic = BackwardSchedule(default.block_m, default.block_n, default.num_warps, default.num_stages, True)
         impls["einflash[atomic dq]"] = lambda: op(q, k, v, **extra, **params, backward_schedule=atomic)
-        if name in ("softmax", "causal"):
-            for peer in ("sdpa-cudnn", "sdpa-flash"):
-                try:
-                    impls[peer] = peers.sdpa(peer, q, k, v, kind == "causal")
-                except Exception as e:  # noqa: BLE001
-                    emit(rows, kind="perf", case=label, impl=peer, error=str(e)[:200])
-        try:
-            mask = {"causal": peers.causal_mask, "window": peers.sliding_mask(params.get("window", 1024))}.get(kind)
-            score = None
-            if name == "alibi":
-                score = peers.alibi_mod(extra["slope"])
-            if name == "softcap":
-                score = peers.softcap_mod(params["cap"])
-            impls["flex"] = peers.flex(q, k, v, mask_mod=mask, score_mod=score)
-        except Exception as e:  # noqa: BLE001
-            emit(rows, kind="perf", case=label, impl="flex", error=str(e)[:300])
+        for peer, fn in peers.row_peers(name, kind, q, k, v, extra, params).items():
+            if isinstance(fn, Exception):
+                emit(rows, kind="perf", case=label, impl=peer, error=str(fn)[:300])
+            else:
+                impls[peer] = fn
         for impl, fn in impls.items():
             if late():
                 emit(rows, kind="skipped", case=label, impl=impl, reason="deadline")

@@ -74,3 +74,23 @@ def alibi_mod(slopes):
         return score + slopes[h] * (ki - qi)
 
     return mod
+
+
+def row_peers(name: str, kind: str, q, k, v, extra: dict, params: dict) -> dict:
+    """The peers of one benchmark row of catalogue variant ``name`` (mask ``kind``): name → callable, or
+    name → the exception that kept the peer from running the case."""
+    peers = {}
+    if name in ("softmax", "causal"):
+        for peer in SDPA_BACKENDS:
+            try:
+                peers[peer] = sdpa(peer, q, k, v, kind == "causal")
+            except Exception as e:  # noqa: BLE001
+                peers[peer] = e
+    try:
+        mask = {"causal": causal_mask, "window": sliding_mask(params.get("window", 1024))}.get(kind)
+        score = alibi_mod(extra["slope"].to(q.device)) if name == "alibi" else \
+            softcap_mod(params["cap"]) if name == "softcap" else None
+        peers["flex"] = flex(q, k, v, mask_mod=mask, score_mod=score)
+    except Exception as e:  # noqa: BLE001
+        peers["flex"] = e
+    return peers

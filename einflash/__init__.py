@@ -16,10 +16,13 @@ knobs.use_interpreter()  # before anything imports triton: on a machine without 
 from . import errors  # noqa: E402
 from .ir.frontend import (  # noqa: E402
     E, F, Key, M, N, Query, Scalar, Tensor, abs, ceil_div, einsum, exp, exp2, log, m, mask, maximum,
-                          minimum, n, rank, relu, scale, sigmoid, sign, size, softmax, sqrt, tanh, where)
+                          minimum, n, rank, reducer, relu, scale, sigmoid, sign, size, softmax, sqrt, tanh, where)
+from .compiler.selection import set_deploy_mode  # noqa: E402
 from .op import AttentionOp, attention  # noqa: E402
+from .aot import AOTOp, load_aot  # noqa: E402
 from .shape import Shape  # noqa: E402
 
-__all__ = ["attention", "AttentionOp", "Shape", "errors", "Query", "Key", "Tensor", "Scalar", "einsum", "mask", "softmax", "where",
-           "exp", "exp2", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign", "maximum", "minimum", "rank",
+__all__ = ["attention", "AttentionOp", "AOTOp", "load_aot", "Shape", "errors", "set_deploy_mode", "Query", "Key",
+           "Tensor", "Scalar", "einsum", "mask", "softmax", "where", "exp", "exp2", "log", "sqrt", "tanh", "sigmoid",
+           "relu", "abs", "sign", "maximum", "minimum", "rank", "reducer",
            "size", "ceil_div", "scale", "m", "n", "M", "N", "E", "F"]

@@ -10,11 +10,13 @@ contiguous (``out.sum().backward()`` passes a stride-0 one); integer inputs get 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from .compiler.backward import BackwardSchedule
+from .compiler.backward import BackwardSchedule, default_backward_schedule
 from .compiler.forward import Schedule, accumulator_dtype
+from .compiler.selection import choose
 from .ir.ranks import PARALLEL
 from .ir.reference import bind_extents, bind_params
 
@@ -36,20 +38,41 @@ def unpacker(op):
     return unpack
 
 
-def schedule_ints(forward: Schedule, backward: BackwardSchedule) -> list[int]:
-    """A training call's schedules as the custom op takes them (split-KV off: training runs the fused forward)."""
-    return [forward.block_m, forward.block_n, forward.num_warps, forward.num_stages, 1, int(forward.pack),
-            backward.block_m, backward.block_n, backward.num_warps, backward.num_stages, int(backward.atomic_dq)]
+def schedule_ints(forward: list[int], backward: BackwardSchedule | None) -> list[int]:
+    """A training call's schedules as the custom op takes them: the forward's ints as the inference op takes
+    them (none: chosen in the op), then the backward's (none: the target's default, chosen in the op)."""
+    back = [] if backward is None else [backward.block_m, backward.block_n, backward.num_warps, backward.num_stages,
+                                        int(backward.atomic_dq)]
+    return [len(forward), *forward, len(back), *back]
 
 
-def _schedules(ints: list[int]) -> tuple[Schedule, BackwardSchedule]:
-    f, b = ints[:6], ints[6:11]
-    return Schedule(*f[:5], bool(f[5])), BackwardSchedule(*b[:4], bool(b[4]))
+def _layout(ints: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """The forward's ints, the backward's, and the needed-gradient flags that follow them."""
+    f = ints[1:1 + ints[0]]
+    rest = ints[1 + ints[0]:]
+    return f, rest[1:1 + rest[0]], rest[1 + rest[0]:]
 
 
-def _needed(tensors, ints: list[int]) -> list[bool]:
-    """Which inputs' gradients the backward computes: flags after the schedules (all floating-point ones if none)."""
-    flags = ints[11:] or [1] * len(tensors)
+def _schedules(op, tensors, values, ints: list[int]) -> tuple[Schedule, BackwardSchedule, list[int]]:
+    """The forward schedule (split-KV off: training runs the fused forward), the backward schedule and the
+    needed-gradient flags (empty: every floating-point input's)."""
+    from .op import _kv_heads, _target
+
+    f, b, needed = _layout(ints)
+    inputs = dict(zip([t.name for t in op.cascade.inputs], tensors))
+    extents = bind_extents(op.forward.streamed, inputs, values)
+    target = _target(tensors[0].device.type)
+    if f:
+        forward = Schedule(*f[:5], *(bool(x) for x in f[5:]))
+    else:
+        forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, _kv_heads(op.cascade, inputs))
+    backward = BackwardSchedule(*b[:4], bool(b[4])) if b else default_backward_schedule(extents, target)
+    return replace(forward, splits=1), backward, needed
+
+
+def _needed(tensors, flags: list[int]) -> list[bool]:
+    """Which inputs' gradients the backward computes (no flags: every floating-point input's)."""
+    flags = flags or [1] * len(tensors)
     return [bool(f) and t.is_floating_point() for f, t in zip(flags, tensors)]
 
 
@@ -67,7 +90,7 @@ def register_training(op):
     @torch.library.custom_op(qualname, mutates_args=())
     def train(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> list[torch.Tensor]:
         inputs, values = unpack(tensors, params)
-        out, ws = fwd.run(inputs, values, _schedules(schedule)[0], saved=bwd.saved)
+        out, ws = fwd.run(inputs, values, _schedules(op, tensors, values, schedule)[0], saved=bwd.saved)
         if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
             ws = _empty_states(op, inputs, values, out)
         return [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
@@ -85,18 +108,18 @@ def register_training(op):
         inputs, values = unpack(tensors, params)
         k = len(bwd.saved)
         saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
-        needed = frozenset(t.name for t, f in zip(op.cascade.inputs, _needed(tensors, schedule)) if f)
-        grads = bwd.run(inputs, values, out, saved, grad, _schedules(schedule)[1], bind_extents(c, inputs, values),
-                        needed=needed)
+        _, schedule_b, flags = _schedules(op, tensors, values, schedule)
+        wanted = _needed(tensors, flags)
+        needed = frozenset(t.name for t, f in zip(op.cascade.inputs, wanted) if f)
+        grads = bwd.run(inputs, values, out, saved, grad, schedule_b, bind_extents(c, inputs, values), needed=needed)
         # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
-        return [grads[t.name] if f else x.new_empty(0) for t, x, f in zip(op.cascade.inputs, tensors,
-                                                                          _needed(tensors, schedule))
+        return [grads[t.name] if f else x.new_empty(0) for t, x, f in zip(op.cascade.inputs, tensors, wanted)
                 if x.is_floating_point()]
 
     @backward.register_fake
     def _(grad, out, states, tensors, params, schedule):
-        return [torch.empty_like(t) if f else t.new_empty(0) for t, f in zip(tensors, _needed(tensors, schedule))
-                if t.is_floating_point()]
+        wanted = _needed(tensors, _layout(schedule)[2])
+        return [torch.empty_like(t) if f else t.new_empty(0) for t, f in zip(tensors, wanted) if t.is_floating_point()]
 
     def setup_context(ctx, inputs, output):
         tensors, params, schedule = inputs

@@ -111,3 +111,22 @@ class CacheError(EinflashError, RuntimeError):
 
 class TuningError(EinflashError, RuntimeError):
     """Tuning found no configuration that compiled, ran and matched the reference."""
+
+
+# -- ahead-of-time kernels ------------------------------------------------------------
+
+
+class AOTError(EinflashError, RuntimeError):
+    """An ahead-of-time kernel directory is corrupt or incomplete, or was built for another environment."""
+
+
+class AOTMismatchError(CallError):
+    """A call that no kernel in an ahead-of-time directory was compiled for; says what the directory holds."""
+
+
+class TuningOptionError(EinflashError, ValueError):
+    """A tuning budget, sampler or storage that cannot be used."""
+
+
+class CacheWarning(UserWarning):
+    """A cache file was skipped (corrupt, or written for another environment), or deployment found no entry."""

@@ -87,6 +87,19 @@ def deploy() -> bool:
     return _flag("EINFLASH_DEPLOY")
 
 
+def autotune() -> bool:
+    """EINFLASH_AUTOTUNE: a call whose shape has no tuned entry tunes it there and then (never in deploy mode).
+
+    Off by default: a call without an entry uses the nearest cached shape, else the heuristic default.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"EINFLASH_AUTOTUNE": "yes"}):
+    ...     autotune()
+    True
+    """
+    return _flag("EINFLASH_AUTOTUNE")
+
+
 def debug_level() -> Debug:
     """EINFLASH_DEBUG: 0 (default) to 3, see ``Debug``.
 
@@ -113,6 +126,20 @@ def kernel_dir() -> pathlib.Path:
     """
     text = _read("EINFLASH_KERNEL_DIR")
     return pathlib.Path(text).expanduser() if text else cache_dir() / "kernels"
+
+
+def aot_test_dir() -> pathlib.Path | None:
+    """EINFLASH_AOT_TEST_DIR: an ahead-of-time kernel directory built elsewhere, for the GPU tests to load.
+
+    None when unset: the tests then build their own directory.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"EINFLASH_AOT_TEST_DIR": "/tmp/aot"}):
+    ...     str(aot_test_dir())
+    '/tmp/aot'
+    """
+    text = _read("EINFLASH_AOT_TEST_DIR")
+    return pathlib.Path(text).expanduser() if text else None
 
 
 def use_interpreter() -> bool:

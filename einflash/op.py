@@ -15,6 +15,7 @@ from .compiler.backward import Backward, BackwardSchedule, default_backward_sche
 from .compiler.explain import Explanation, explain
 from .compiler.forward import Forward, Schedule
 from .compiler.schedule import default_schedule
+from .compiler.selection import choose
 from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ParameterError, ShapeError
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, run_reference
@@ -134,13 +135,15 @@ class AttentionOp:
                  backward_schedule: BackwardSchedule | None = None, deterministic: bool = False, **kwargs):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
 
+        Without a ``schedule``, the autotune cache's for this shape (or the nearest tuned shape), else the
+        heuristic default; see ``einflash.compiler.selection``. A jagged batch (sequences packed along m
+        and n of batch-1 tensors) is given by the keywords ``cu_seqlens_q`` and ``cu_seqlens_k``, the
+        cumulative offsets of its sequences (see einflash.jagged). Raises LoweringError (with the reason)
+        when the cascade cannot be lowered yet.
+
         Inputs that require grad make the call differentiable: the forward then also keeps the per-row
         states its backward reads, and ``backward_schedule`` says how the backward runs (the default is
         deterministic; an atomic dQ schedule is not, and ``deterministic=True`` refuses one).
-
-        A jagged batch (sequences packed along m and n of batch-1 tensors) is given by the keywords
-        ``cu_seqlens_q`` and ``cu_seqlens_k``, the cumulative offsets of its sequences (see einflash.jagged).
-        Raises LoweringError (with the reason) when the cascade cannot be lowered yet.
         """
         inputs, params = self.bind(args, kwargs)
         first = inputs[self.cascade.inputs[0].name]
@@ -156,9 +159,9 @@ class AttentionOp:
         extents = bind_extents(fwd.streamed, inputs, params)
         if jagged is not None:
             return self._run_jagged(inputs, params, extents, jagged, schedule, first.device)
-        if schedule is None:
-            kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
-            schedule = default_schedule(extents, _target(first.device), kv, fwd.masked)
+        if schedule is None and not torch.compiler.is_compiling():  # traced, the custom op chooses at run time
+            schedule = choose(self.cascade, fwd, _target(first.device.type), first.dtype, extents,
+                              _kv_heads(self.cascade, inputs), inputs, params)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
         if not torch.compiler.is_compiling() and not needs_grad:
             # eager with nothing to differentiate: the custom op's dispatch would only add host time
@@ -166,18 +169,49 @@ class AttentionOp:
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
+        ints = [] if schedule is None else [schedule.block_m, schedule.block_n, schedule.num_warps,
+                                            schedule.num_stages, schedule.splits, int(schedule.pack),
+                                            int(schedule.reverse_m)]
         if needs_grad:
             if self.backward.error is not None:
                 raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
-            bwd = backward_schedule or default_backward_schedule(extents, _target(first.device))
-            if deterministic and not bwd.deterministic:
-                raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {bwd} adds "
-                                     f"query-side gradients atomically; use atomic_dq=False")
-            return self._train_op([inputs[n] for n in names], values, schedule_ints(schedule, bwd))[0]
-        return self._custom_op([inputs[n] for n in names], values,
-                               [schedule.block_m, schedule.block_n, schedule.num_warps, schedule.num_stages,
-                                schedule.splits, int(schedule.pack)])
+            if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
+                raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
+                                     f"adds query-side gradients atomically; use atomic_dq=False")
+            return self._train_op([inputs[n] for n in names], values, schedule_ints(ints, backward_schedule))[0]
+        return self._custom_op([inputs[n] for n in names], values, ints)
 
+    def tune(self, *args, trials: int | None = None, seconds: float | None = None, **kwargs):
+        """Tune the schedule for these arguments (as a call takes them) on their device; store the winner in
+        the autotune cache, which later calls of this shape (and nearby shapes) then use. Returns the
+        ``TuneResult``. The budget: ``trials`` schedules measured (default 30), ``seconds`` (default 600).
+
+        Other keywords go to ``einflash.compiler.autotune.tune``: ``timer``, ``storage`` (an Optuna URL or
+        journal file shared with other workers), ``seed``, ``sampler``, ``warm_start``, ``cache``, ``progress``.
+
+        >>> import tempfile, torch, einflash as ef
+        >>> from einflash.compiler.cache import TuneCache
+        >>> @ef.attention
+        ... def plain(q, k, v):
+        ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+        >>> q = torch.randn(1, 2, 24, 16)
+        >>> r = plain.tune(q, q, q, trials=2, cache=TuneCache(tempfile.mkdtemp()))
+        >>> len(r.measured), r.best_ms <= r.default_ms
+        (2, True)
+        """
+        from .compiler.autotune import Budget, tune
+
+        options = {k: kwargs.pop(k) for k in TUNE_OPTIONS if k in kwargs}
+        inputs, params = self.bind(args, kwargs)
+        if self.forward.error is not None:
+            raise LoweringError(f"{self.name}: {self.forward.error}; there is no kernel to tune")
+        if jagged_batch(self.cascade, inputs, kwargs) is not None:
+            raise LoweringError(f"{self.name}: tuning jagged batches is not implemented (the cache's shape buckets "
+                                f"are of stacked batches); tune a stacked batch of typical sequence lengths")
+        first = inputs[self.cascade.inputs[0].name]
+        return tune(self.cascade, self.forward, inputs, params, _target(first.device.type),
+                    budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
+                    **options)
 
     def _run_jagged(self, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None, device):
         """A jagged batch through the kernel, eagerly (the custom op and autograd take stacked batches only)."""
@@ -187,8 +221,9 @@ class AttentionOp:
                                 f"into a stacked batch with a mask, or run without autograd")
         per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if schedule is None:
-            kv = next(inputs[t.name].shape[1] for t in self.cascade.inputs if t.layout is Layout.KEY)
-            schedule = default_schedule(per_sequence, _target(device), kv, fwd.masked, allow_split=False)
+            # jagged batches are not tuned yet: the cache's buckets are of stacked batches
+            schedule = default_schedule(per_sequence, _target(device.type), _kv_heads(self.cascade, inputs),
+                                        fwd.masked, allow_split=False)
         return fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents, jagged)[0]
 
     def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
@@ -205,13 +240,18 @@ class AttentionOp:
 DEFAULT_SHAPE = Shape(2, 16, 4096, 4096, 128)
 _REGISTERED: dict[str, object] = {}
 _TARGETS: dict[str, Target] = {}
+TUNE_OPTIONS = ("timer", "storage", "seed", "sampler", "warm_start", "cache", "progress")
 
 
-def _target(device: torch.device) -> Target:
-    """The target of a tensor's device (detected once per device type)."""
-    if device.type not in _TARGETS:
-        _TARGETS[device.type] = detect() if device.type == "cuda" else get_target("interpreter")
-    return _TARGETS[device.type]
+def _kv_heads(cascade: Cascade, inputs: dict[str, torch.Tensor]) -> int:
+    return next(inputs[t.name].shape[1] for t in cascade.inputs if t.layout is Layout.KEY)
+
+
+def _target(device_type: str) -> Target:
+    """The target of a device type (detected once per device type)."""
+    if device_type not in _TARGETS:
+        _TARGETS[device_type] = detect() if device_type == "cuda" else get_target("interpreter")
+    return _TARGETS[device_type]
 
 
 def _register(op: AttentionOp):
@@ -224,9 +264,15 @@ def _register(op: AttentionOp):
 
     @torch.library.custom_op(qualname, mutates_args=())
     def run(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> torch.Tensor:
+        """``schedule``: [block_m, block_n, warps, stages, splits, pack, reverse_m], or [] to choose one here."""
         inputs, values = unpack(tensors, params)
-        *ints, pack = schedule
-        return fwd.run(inputs, values, Schedule(*ints, bool(pack)))[0]
+        if schedule:
+            ints, flags = schedule[:5], [bool(x) for x in schedule[5:]]
+            return fwd.run(inputs, values, Schedule(*ints, *flags))[0]
+        extents = bind_extents(fwd.streamed, inputs, values)
+        chosen = choose(op.cascade, fwd, _target(tensors[0].device.type), tensors[0].dtype, extents,
+                        _kv_heads(op.cascade, inputs))
+        return fwd.run(inputs, values, chosen, extents)[0]
 
     @run.register_fake
     def _(tensors, params, schedule):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .ir.reference import run_reference
+
 ULP_FLOOR = 4  # units in the last place of the output's dtype, times the output's magnitude
 
 
@@ -45,7 +47,17 @@ def tolerance_floor(dtype: torch.dtype, magnitude: float) -> float:
 def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     """Hold ``out`` (what a kernel returned for these arguments) to the tolerance rule."""
     exact = op.reference(*args, **kwargs)
-    lowp = op.reference(*args, dtype=out.dtype, **kwargs).double()
+    return judge(out, exact, op.reference(*args, dtype=out.dtype, **kwargs).double())
+
+
+def references(cascade, inputs: dict, params: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference output and the same maths in ``dtype`` (as float64): what ``judge`` compares with."""
+    exact = run_reference(cascade, inputs, params)
+    return exact, run_reference(cascade, inputs, params, dtype=dtype).double()
+
+
+def judge(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> Verdict:
+    """The tolerance rule for ``out`` against precomputed ``references`` (a tuner checks many outputs against one)."""
     if not torch.isfinite(out).all():
         bad = float("inf")
     else:
@@ -106,3 +118,39 @@ def check_gradients(op, grads: dict[str, torch.Tensor | None], grad_output: torc
         tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
         verdicts[name] = Verdict(bad, tol, lowp_err, bad <= tol)
     return verdicts
+
+
+def random_inputs(op, shape, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Seeded inputs of ``op`` at ``shape`` (an ``einflash.Shape``): q ``[B, Hq, M, E]``, k ``[B, Hkv, N, E]``,
+    v ``[B, Hkv, N, F]``, and whatever ``extra_inputs(shape, device=, dtype=)`` in the op's own file gives.
+
+    Raises MissingInputError naming an input neither a shape nor ``extra_inputs`` can make.
+
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> {k: tuple(v.shape) for k, v in random_inputs(plain, ef.Shape(1, 4, 8, 16, 32, Hkv=2)).items()}
+    {'q': (1, 4, 8, 32), 'k': (1, 2, 16, 32), 'v': (1, 2, 16, 32)}
+    """
+    from .errors import MissingInputError
+    from .ir.cascade import Layout
+
+    torch.manual_seed(seed)  # extra_inputs draws from the global generator
+    make = op.fn.__globals__.get("extra_inputs")
+    extra = dict(make(shape, device=device, dtype=dtype)) if make is not None else {}
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = {Layout.QUERY: (shape.Hq, shape.M), Layout.KEY: (shape.Hkv, shape.N)}
+    widths = {"e": shape.E, "f": shape.F}
+    out = {}
+    for t in op.cascade.inputs:
+        if t.name in extra:
+            out[t.name] = extra[t.name]
+        elif t.layout in rows and t.ranks[-1] in widths:
+            out[t.name] = torch.randn(shape.B, *rows[t.layout], widths[t.ranks[-1]], device=device, dtype=dtype,
+                                      generator=g)
+        else:
+            raise MissingInputError(f"{op.name}: input {t.name!r} (ranks {', '.join(t.ranks)}) cannot be made from a "
+                                    f"shape; define extra_inputs(shape, device, dtype) returning it in the file that "
+                                    f"declares {op.name}")
+    return out

@@ -8,6 +8,8 @@ import pathlib
 import pytest
 import torch
 
+import einflash  # noqa: F401  (on a machine without a GPU this turns Triton's interpreter on, before any test imports triton)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -237,3 +237,13 @@ def mla_decode(q, k, q_rope, k_rope, scale=None):
     """The latent k is key and value: softmax((q·k + q_rope·k_rope)·scale)·k."""
     s = _scale(q, scale) * (_dot(q, k) + _dot(q_rope, k_rope))
     return _attend(s, k)
+
+
+def logsumexp_reducer(q, k, v, scale=None):
+    """Causal softmax, with log-sum-exp computed by torch.logsumexp."""
+    s = _dot(q, k) * _scale(q, scale)
+    m, n = _positions(q, k)
+    s = s.masked_fill(n > m, -math.inf)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    p = torch.where(torch.isfinite(lse), torch.exp(s - lse), torch.zeros_like(s))
+    return p @ _heads(v, q.shape[1])

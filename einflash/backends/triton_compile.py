@@ -12,12 +12,15 @@ global name there); stdout gets the JSON list of results.
 
 Triton 3.6 calls used: ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget(backend, arch, warp_size), options={"num_warps", "num_stages"})``; the
-result's ``metadata.shared``, ``asm["ptx"]``, ``asm["cubin"]``, ``name``; and the wheel's
-cuobjdump (``triton.knobs.nvidia.cuobjdump.path``) for registers and spills.
+result's ``metadata.shared``, ``asm["ptx"]``, ``asm["cubin"]``, ``name``, and ``metadata_group``
+(the files of Triton's cache entry, whose ``.json`` is the metadata Triton's loader reads); and the
+wheel's cuobjdump (``triton.knobs.nvidia.cuobjdump.path``) for registers and spills. The cubin
+travels base64-encoded.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -35,28 +38,36 @@ _DIVISIBLE = [["tt.divisibility", 16]]
 
 
 def resource_usage(cubin: bytes, kernel: str) -> tuple[int, int]:
-    """(registers per thread, local-memory bytes per thread) of ``kernel`` in ``cubin``, read by cuobjdump."""
+    """(registers per thread, local-memory bytes per thread) of ``kernel`` in ``cubin``, read by cuobjdump.
+
+    Local memory is the stack frame (where ptxas spills registers: Triton kernels have no other use for
+    it) plus any LOCAL allocation.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
                                 capture_output=True, text=True, check=True).stdout
-    usage = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+)\s.*?LOCAL:(\d+)", report, re.S)
-    return int(usage[1]), int(usage[2])
+    usage = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+)\s+STACK:(\d+)\s.*?LOCAL:(\d+)", report, re.S)
+    return int(usage[1]), int(usage[2]) + int(usage[3])
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, target: list, num_warps: int, num_stages: int,
                    aligned: list[str]) -> dict:
     """Compile the JIT function ``fn`` for ``target`` (GPUTarget's fields) and report name, shared memory,
-    registers, spills, cubin size and PTX. ``signature`` must type every argument not in ``constexprs``;
-    ``aligned`` names the arguments to treat as divisible by 16."""
+    registers, spills, PTX, the cubin (base64) and Triton's metadata. ``signature`` must type every
+    argument not in ``constexprs``; ``aligned`` names the arguments to treat as divisible by 16."""
     full = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name), ): _DIVISIBLE for name in aligned}
     compiled = triton.compile(ASTSource(fn, full, constexprs, attrs), target=GPUTarget(*target),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     registers, spills = resource_usage(compiled.asm["cubin"], compiled.name)
+    metadata = next(path for file, path in compiled.metadata_group.items() if file.endswith(".json"))
+    with open(metadata) as f:
+        metadata = json.load(f)
     return {"name": compiled.name, "shared_bytes": compiled.metadata.shared, "registers": registers,
-            "spill_bytes": spills, "cubin_bytes": len(compiled.asm["cubin"]), "ptx": compiled.asm["ptx"]}
+            "spill_bytes": spills, "ptx": compiled.asm["ptx"],
+            "cubin": base64.b64encode(compiled.asm["cubin"]).decode(), "metadata": metadata}
 
 
 def _load(path: str, name: str):

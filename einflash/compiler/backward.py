@@ -35,14 +35,18 @@ from ..templates import render
 from .blocks import tile_lists
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
-from .launch import load_kernel
-from .lower import exact_dots, kernel_name
+from .launch import KernelCall, Launcher, jit_launch
+from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .rewrites import fresh_name
 from .tilecode import Tile, TileCode, axis_extent, bcast, presence, tile_axes
 
 ROWS_BLOCK_M = 64  # query rows per program of the rows kernel (memory-bound and tiny)
 KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
+ROWS_WARPS = 4
+# the templates' own parameters after the generated ones (runtime, then tl.constexpr)
+ROWS_RUNTIME, ROWS_META = ("M", "N", "H", "GROUP"), ("BLOCK_M",)
+KV_RUNTIME, KV_META = ("M", "N", "H", "GROUP", "visits_ptr"), ("BLOCK_M", "BLOCK_N", "NUM_STAGES", "COUNT_VISITS")
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,19 @@ class BackwardKernel:
     constexprs: tuple[tuple[str, int], ...]
     ranges: tuple[KeyRange, ...] = ()
     lists: object = None  # run-time key tile lists (dQ kernel of a document mask), as the forward's
+    runtime_args: tuple[str, ...] = ()  # the kernel's parameters given at launch, in order
+    constexpr_args: tuple[str, ...] = ()  # then its tl.constexpr parameters, in order
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        return self.runtime_args + self.constexpr_args
+
+    def call(self, grid: tuple[int, ...], values: list, warps: int, stages: int) -> KernelCall:
+        """The launch of this kernel with every argument, in order (as the forward's are made)."""
+        if len(values) != len(self.arguments):
+            raise LoweringError(f"internal: kernel {self.name} takes {len(self.arguments)} arguments, the launch "
+                                f"built {len(values)}")
+        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), dict(zip(self.arguments, values)), warps, stages)
 
 
 class _Gen:
@@ -361,7 +378,8 @@ def lower_rows(c: Cascade, outputs: tuple[Output, ...], dims: dict, dtype: str, 
                   kernel=name, args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], body="\n".join(g.lines))
     return BackwardKernel(name, text, tensors, outputs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names))
+                          tuple((f"D_{r}", dims[r]) for r in names), runtime_args=(*args, *ROWS_RUNTIME),
+                          constexpr_args=(*(f"D_{r}" for r in names), *ROWS_META))
 
 
 def _feeds(s: Streamed, outputs: set[str]) -> dict[str, set[str]]:
@@ -440,7 +458,7 @@ def lower_kv(s: Streamed, outputs: dict[str, Output], group_sums: set[str], dims
             if e.out in per_tile:
                 store(body, outputs[e.out], t)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, tile=kr.tile))
     head_epi = gen.code(head_pro.env, head_pro.loads, masked=False)
     epi = gen.code(pro.env, pro.loads, masked=False)
     for e in s.epilogue:
@@ -461,7 +479,8 @@ def lower_kv(s: Streamed, outputs: dict[str, Output], group_sums: set[str], dims
                   tile_setup=plan.setup, head_prologue="\n".join(head_pro.lines), query_loops=loops,
                   head_epilogue="\n".join(head_epi.lines), epilogue="\n".join(epi.lines))
     return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names), plan.ranges)
+                          tuple((f"D_{r}", dims[r]) for r in names), plan.ranges, runtime_args=(*args, *KV_RUNTIME),
+                          constexpr_args=(*(f"D_{r}" for r in names), *KV_META))
 
 
 def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, ints: frozenset,
@@ -500,7 +519,7 @@ def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, int
         for e in s.loop:
             body.einsum(e)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, listed=kr.listed))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, tile=kr.tile))
     epi = gen.code(pro.env, pro.loads, masked=False)
     for e in s.epilogue:
         epi.einsum(e)
@@ -516,11 +535,13 @@ def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, int
     name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_q__")
     names = _dim_names(dims)
     text = render("attention_fwd.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
+                  helpers=helpers(c),
                   args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
                   tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names), keys.ranges, keys.lists)
+                          tuple((f"D_{r}", dims[r]) for r in names), keys.ranges, keys.lists,
+                          (*args, *FORWARD_RUNTIME), (*(f"D_{r}" for r in names), *FORWARD_META))
 
 
 def _states_present(kr: KeyRange, full_mask: frozenset | None) -> bool:
@@ -651,13 +672,14 @@ class Backward:
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
             states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
             extents: dict[str, int], visits: torch.Tensor | None = None,
-            needed: frozenset[str] | None = None) -> dict[str, torch.Tensor | None]:
+            needed: frozenset[str] | None = None, launcher: Launcher = jit_launch) -> dict[str, torch.Tensor | None]:
         """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
         given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
         incoming gradient.
 
         ``visits`` (tests only): int32 ``[B·Hkv, key tiles]``, where the dK/dV programs store how many
-        (query head, query tile) pairs they visited.
+        (query head, query tile) pairs they visited. ``launcher`` runs each kernel launch (Triton's JIT by
+        default), as the forward's does.
         """
         if self.error is not None:
             raise self.error
@@ -702,9 +724,9 @@ class Backward:
         if cut.parts.rows is not None:
             k = self.kernel("rows", first.dtype, dims, ints, needed=needed)
             outs = {o.name: workspace(o, -(-M // ROWS_BLOCK_M), False) for o in k.outputs}
-            fn = load_kernel(k)
-            fn[(-(-M // ROWS_BLOCK_M), B * H)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
-                                                M, N, H, group, **dict(k.constexprs), BLOCK_M=ROWS_BLOCK_M)
+            launcher(k, k.call((-(-M // ROWS_BLOCK_M), B * H), [
+                *_grid_args(k, given, outs), *[values[p] for p in k.params], M, N, H, group,
+                *(v for _, v in k.constexprs), ROWS_BLOCK_M], ROWS_WARPS, 1))
             for t in cut.parts.row_terms:
                 given[t] = outs[t]
         # dK/dV
@@ -714,12 +736,10 @@ class Backward:
             programs = -(-N // schedule.block_n)
             outs = {o.name: workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
                     for o in k.outputs}
-            fn = load_kernel(k)
-            fn[(programs, B * hkv)](*_grid_args(k, given, outs), *[values[p] for p in k.params],
-                                    M, N, H, group, visits, **dict(k.constexprs), BLOCK_M=schedule.block_m,
-                                    BLOCK_N=schedule.block_n, NUM_STAGES=schedule.num_stages,
-                                    COUNT_VISITS=visits is not None,
-                                    num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+            launcher(k, k.call((programs, B * hkv), [
+                *_grid_args(k, given, outs), *[values[p] for p in k.params], M, N, H, group, visits,
+                *(v for _, v in k.constexprs), schedule.block_m, schedule.block_n, schedule.num_stages,
+                visits is not None], schedule.num_warps, schedule.num_stages))
         # dQ
         if cut.parts.q is not None and not atomic:
             k = self.kernel("q", first.dtype, dims, ints, needed=needed)
@@ -729,11 +749,11 @@ class Backward:
             if k.lists is not None:
                 for t in tile_lists(k.lists, given, values, B, M, N, bm, bn, False):
                     args += [t, *t.stride()]
-            fn = load_kernel(k)
-            fn[(-(-M // bm), B * H, 1)](*args, *[values[p] for p in k.params], M, N, H, group, 1, None, None, None,
-                                        **dict(k.constexprs), BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=schedule.num_stages,
-                                        SPLIT=False, PACK=False, COUNT_VISITS=False, JAGGED=False,
-                                        num_warps=schedule.num_warps, num_stages=schedule.num_stages)
+            # the forward template's own arguments: no split (1 tile share), no visit counter, no jagged batch
+            launcher(k, k.call((-(-M // bm), B * H, 1), [
+                *args, *[values[p] for p in k.params], M, N, H, group, 1, None, None, None,
+                *(v for _, v in k.constexprs), bm, bn, schedule.num_stages, False, False, False, False, False],
+                schedule.num_warps, schedule.num_stages))
         return finish(g, partials, labels, inputs, wanted)
 
     def _direct(self, p: Partial, o: Output) -> bool:

@@ -14,6 +14,7 @@ effects, as generated kernels are.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import inspect
 import json
@@ -28,6 +29,7 @@ from triton.runtime.jit import JITFunction
 from ..backends import triton_compile
 from ..backends.target import Target
 from ..errors import BackendError, OutOfResourcesError
+from .specialise import ArgSpec
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,13 @@ class CompiledKernel:
     shared_bytes: int  # dynamic shared memory per program
     registers: int  # 32-bit registers per thread
     spill_bytes: int  # local memory per thread: registers that did not fit
-    cubin_bytes: int
     ptx: str = field(repr=False)
+    cubin: bytes = field(repr=False)  # the binary, as Triton's launcher loads it
+    metadata: dict = field(repr=False)  # Triton's metadata of the binary (its cache entry's JSON)
+
+    @property
+    def cubin_bytes(self) -> int:
+        return len(self.cubin)
 
     @property
     def uses_wgmma(self) -> bool:
@@ -50,16 +57,36 @@ class CompiledKernel:
         return "wgmma.mma_async" in self.ptx
 
 
-def _in_child(fn, request: dict) -> dict:
-    py = fn.fn  # JIT and interpreter functions both keep the decorated Python function here
-    request = {**request, "path": inspect.getsourcefile(py), "name": py.__name__}
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel to compile: the ``@triton.jit`` function and the arguments of ``compile_for_target``."""
+
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, int | float | bool | None]
+    num_warps: int
+    num_stages: int
+    aligned: tuple[str, ...] | None = None
+
+    @classmethod
+    def specialised(cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int) -> "CompileJob":
+        """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.specialise)."""
+        return cls(fn, {s.name: s.type for s in specs if s.type != "constexpr"},
+                   {s.name: s.value for s in specs if s.type == "constexpr"}, num_warps, num_stages,
+                   tuple(s.name for s in specs if s.divisible))
+
+
+def _in_child(fns: list, requests: list[dict]) -> list[dict]:
+    # JIT and interpreter functions both keep the decorated Python function in .fn
+    requests = [{**r, "path": inspect.getsourcefile(fn.fn), "name": fn.fn.__name__} for fn, r in zip(fns, requests)]
     # -P: the script's folder (einflash/backends) must not shadow top-level modules in the child.
-    run = subprocess.run([sys.executable, "-P", triton_compile.__file__], input=json.dumps([request]),
+    run = subprocess.run([sys.executable, "-P", triton_compile.__file__], input=json.dumps(requests),
                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if run.returncode:
-        raise BackendError(f"compiling {py.__name__} for {request['target']} in a child process failed; "
+        names = ", ".join(fn.fn.__name__ for fn in fns)
+        raise BackendError(f"compiling {names} for {requests[0]['target']} in a child process failed; "
                            f"its error output ends:\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout)[0]
+    return json.loads(run.stdout)
 
 
 def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int | float | bool], target: Target,
@@ -87,29 +114,42 @@ def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int 
     >>> mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     >>> k = compile_for_target(mod.copy, {"x": "*fp32", "y": "*fp32", "n": "i32"}, {"BLOCK": 1024},
     ...                        get_target("sm90"), num_warps=4, num_stages=1)
-    >>> k.name, k.shared_bytes, k.spill_bytes
-    ('copy', 0, 0)
+    >>> k.name, k.shared_bytes, k.spill_bytes, k.cubin[1:4]  # an ELF file
+    ('copy', 0, 0, b'ELF')
     """
+    return compile_all([CompileJob(fn, signature, constexprs, num_warps, num_stages, aligned)], target)[0]
+
+
+def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
+    """``compile_for_target`` for several kernels at once: under the interpreter, in one child process."""
     if target.gpu is None:
         raise BackendError(f"target {target.name!r} runs kernels in Triton's interpreter and has nothing to "
                            f"compile for; cross-compile for a GPU target such as 'sm90' instead")
-    missing = [name for name in fn.arg_names if name not in signature and name not in constexprs]
-    if missing:
-        raise TypeError(f"kernel {fn.__name__} has arguments {', '.join(missing)} that neither the signature "
-                        f"nor the constexprs give; add their types or values")
-    if aligned is None:
-        aligned = tuple(name for name, ty in signature.items() if ty.startswith("*"))
-    request = {"signature": signature, "constexprs": constexprs, "target": list(dataclasses.astuple(target.gpu)),
-               "num_warps": num_warps, "num_stages": num_stages, "aligned": list(aligned)}
-    if isinstance(fn, JITFunction) and not triton.knobs.runtime.interpret:
-        facts = triton_compile.compile_kernel(fn, **request)
+    requests = []
+    for job in jobs:
+        missing = [name for name in job.fn.arg_names if name not in job.signature and name not in job.constexprs]
+        if missing:
+            raise TypeError(f"kernel {job.fn.fn.__name__} has arguments {', '.join(missing)} that neither the "
+                            f"signature nor the constexprs give; add their types or values")
+        aligned = job.aligned
+        if aligned is None:
+            aligned = tuple(name for name, ty in job.signature.items() if ty.startswith("*"))
+        requests.append({"signature": job.signature, "constexprs": job.constexprs,
+                         "target": list(dataclasses.astuple(target.gpu)), "num_warps": job.num_warps,
+                         "num_stages": job.num_stages, "aligned": list(aligned)})
+    if all(isinstance(job.fn, JITFunction) for job in jobs) and not triton.knobs.runtime.interpret:
+        results = [triton_compile.compile_kernel(job.fn, **r) for job, r in zip(jobs, requests)]
     else:
-        facts = _in_child(fn, request)
-    kernel = CompiledKernel(target=target.name, num_warps=num_warps, num_stages=num_stages, **facts)
-    if target.smem_per_block is not None and kernel.shared_bytes > target.smem_per_block:
-        config = ", ".join([f"{k}={v}" for k, v in constexprs.items()] + [f"num_warps={num_warps}",
-                                                                          f"num_stages={num_stages}"])
-        raise OutOfResourcesError(f"kernel {kernel.name} for {target.name} ({config}) shared memory",
-                                  kernel.shared_bytes, target.smem_per_block,
-                                  "Lower the block sizes or num_stages.")
-    return kernel
+        results = _in_child([job.fn for job in jobs], requests) if jobs else []
+    kernels = []
+    for job, facts in zip(jobs, results):
+        facts["cubin"] = base64.b64decode(facts["cubin"])
+        kernel = CompiledKernel(target=target.name, num_warps=job.num_warps, num_stages=job.num_stages, **facts)
+        if target.smem_per_block is not None and kernel.shared_bytes > target.smem_per_block:
+            config = ", ".join([f"{k}={v}" for k, v in job.constexprs.items()] +
+                               [f"num_warps={job.num_warps}", f"num_stages={job.num_stages}"])
+            raise OutOfResourcesError(f"kernel {kernel.name} for {target.name} ({config}) shared memory",
+                                      kernel.shared_bytes, target.smem_per_block,
+                                      "Lower the block sizes or num_stages.")
+        kernels.append(kernel)
+    return kernels

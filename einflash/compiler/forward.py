@@ -15,7 +15,7 @@ from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents
 from ..jagged import JaggedBatch
-from .launch import LaunchConfig, combine, launch
+from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
 from .lower import KernelSource, lower, lower_combine, sections
 from .blocks import tile_lists
 from .masks import key_plan
@@ -37,7 +37,10 @@ def padded(extent: int) -> int:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How one call is run: tile sizes, warps, pipeline depth, and the number of key splits."""
+    """How one call is run: tile sizes, warps, pipeline depth, the number of key splits, GQA packing, tile order.
+
+    ``reverse_m`` launches the query tiles last-first (the heavy tiles of a causal mask start first).
+    """
 
     block_m: int
     block_n: int
@@ -45,9 +48,11 @@ class Schedule:
     num_stages: int
     splits: int = 1
     pack: bool = False
+    reverse_m: bool = False
 
     def launch_config(self) -> LaunchConfig:
-        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack)
+        return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack,
+                            self.reverse_m)
 
 
 class Forward:
@@ -91,14 +96,15 @@ class Forward:
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
             extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
-            saved: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            saved: tuple[str, ...] = (), launcher: Launcher = jit_launch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64).
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
         A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
         states are then ``[1, H, total_q, ...]``. ``saved`` names states to keep for the backward
         (training, no split): each is returned too (``[B, H, M(, F)]``), with its per-row presence as
-        ``"<state>:present"`` (int8, 1 where the row saw a key).
+        ``"<state>:present"`` (int8, 1 where the row saw a key). ``launcher`` runs each kernel launch
+        (Triton's JIT by default; stored binaries for AOT).
         """
         c = self.streamed
         extents = extents or bind_extents(c, inputs, values)
@@ -128,7 +134,7 @@ class Forward:
         lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
                                                           schedule.block_m, schedule.block_n, schedule.pack)
         if split:
-            return self._split(src, inputs, values, out, schedule, extents, dims, lists)
+            return self._split(src, inputs, values, out, schedule, extents, dims, lists, launcher)
         acc = accumulator_dtype(first.dtype)
         ws = {}
         for s in src.stored:
@@ -137,10 +143,10 @@ class Forward:
         for s in src.saved:
             ws[f"{s}:present"] = torch.empty(B, H, M, dtype=torch.int8, device=first.device)
         if jagged is None or jagged.max_q > 0:
-            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists)
+            launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists, launcher)
         return out, ws
 
-    def _split(self, src, inputs, values, out, schedule, extents, dims, lists):
+    def _split(self, src, inputs, values, out, schedule, extents, dims, lists, launcher):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -150,10 +156,12 @@ class Forward:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = torch.empty(B, H, S, M, *extra, dtype=accumulator_dtype(out.dtype), device=dev)
             ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
-        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists)
+        launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists,
+               launcher=launcher)
         comb = self._combine_source(out.dtype, dims)
         rows = {s: torch.empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev) for s in comb.row_states}
-        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S)
+        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
+                launcher)
         return out, rows
 
     def _combine_source(self, dtype, dims) -> KernelSource:

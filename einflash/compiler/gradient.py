@@ -279,9 +279,10 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
     pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
 
     def fail(why: str):
-        names = ", ".join(e.out for e in shifted)
+        names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
         raise DifferentiationError(f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
-                                   f"({why}); the gradient through a max or min over n is not implemented")
+                                   f"({why}); the gradient through a reduction over n other than a sum is "
+                                   f"implemented only where that invariance holds (the max of a softmax)")
 
     factors: dict[str, Expr] = {}
     for e in late:

@@ -1,4 +1,10 @@
-"""Writing generated kernels to files, importing them, and launching them on torch tensors."""
+"""Writing generated kernels to files, importing them, and launching them on torch tensors.
+
+A launch is computed once, as a ``KernelCall`` (grid and every argument by name), by
+``forward_call`` or ``combine_call``; a *launcher* then runs it. The default launcher goes
+through Triton's JIT (``jit_launch``); ahead-of-time kernels run the same calls from stored
+binaries (einflash.compiler.aot), so both paths build arguments and grids in one place.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,15 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .. import knobs
+from ..errors import LoweringError
 from ..ir.cascade import Cascade, Layout
 from ..jagged import JaggedBatch
-from .lower import KernelSource
+from .lower import KernelSource, source_digest
 
 _MODULES: dict[str, object] = {}
 
@@ -23,7 +31,9 @@ def load_kernel(src: KernelSource):
         return getattr(_MODULES[src.name], src.name)
     folder = knobs.kernel_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"{src.name}.py"
+    # the file is named by its text too: einflash versions (or checkouts) that render the same kernel
+    # differently, and share the kernel folder, never load each other's source
+    path = folder / f"{src.name}__{source_digest(src.text)}.py"
     if not path.exists() or path.read_text() != src.text:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(src.text)
@@ -44,43 +54,62 @@ class LaunchConfig:
     num_stages: int
     splits: int = 1
     pack: bool = False  # GQA groups packed into the rows of one program (decoding)
+    reverse_m: bool = False  # query tiles launched last-first
     count_visits: bool = False  # tests: have each program count the key tiles it visits
 
 
-def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
-           out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
-           extents: dict[str, int], jagged: JaggedBatch | None = None,
-           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-    """Launch the kernel over a grid of (query tiles, batch·heads[, splits]).
+@dataclass(frozen=True)
+class KernelCall:
+    """One launch of a generated kernel: the grid, every kernel parameter by name in the kernel's order
+    (runtime values and compile-time constants alike), and Triton's compile options."""
+
+    grid: tuple[int, int, int]
+    args: dict[str, object]
+    num_warps: int
+    num_stages: int
+
+
+Launcher = Callable[[KernelSource, KernelCall], None]
+
+# Triton's defaults, named: the combine kernel is tiny and launched without options.
+COMBINE_WARPS, COMBINE_STAGES = 4, 3
+
+
+def jit_launch(src: KernelSource, call: KernelCall) -> None:
+    """Run ``call`` through Triton's JIT (compiling the kernel on first use)."""
+    load_kernel(src)[call.grid](*call.args.values(), num_warps=call.num_warps, num_stages=call.num_stages)
+
+
+def _named(src: KernelSource, values: list) -> dict[str, object]:
+    if len(values) != len(src.arguments):
+        raise LoweringError(f"internal: kernel {src.name} takes {len(src.arguments)} arguments, "
+                            f"the launch built {len(values)}")
+    return dict(zip(src.arguments, values))
+
+
+def _with_strides(*tensors: torch.Tensor) -> list:
+    out = []
+    for t in tensors:
+        out += [t, *t.stride()]
+    return out
+
+
+def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
+                 out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
+                 extents: dict[str, int], jagged: JaggedBatch | None = None,
+                 tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None) -> KernelCall:
+    """The launch of the forward kernel over a grid of (query tiles, batch·heads[, splits]).
 
     For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
     sequence's lengths as m and n. ``tile_lists`` are the (tiles, counts) of a kernel whose key
-    tiles are listed at run time (see einflash.compiler.blocks).
-
-    With ``cfg.count_visits``, return how many key tiles each program visited, int32
-    ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
+    tiles are listed at run time (see einflash.compiler.blocks). With ``cfg.count_visits`` the
+    call carries a fresh int32 visit counter as ``visits_ptr``.
     """
-    fn = load_kernel(src)
-    args = []
-    for name in src.tensors:
-        x = inputs[name]
-        args.append(x)
-        args += list(x.stride())
-    args.append(out)
-    args += list(out.stride())
+    args = _with_strides(*(inputs[name] for name in src.tensors), out)
     for s in src.stored:
-        w = workspaces[s]
-        args.append(w)
-        args += list(w.stride())
-        if src.split:
-            args.append(workspaces[f"{s}:present"])
-            args += list(workspaces[f"{s}:present"].stride())
-    for s in src.saved:
-        args.append(workspaces[f"{s}:present"])
-        args += list(workspaces[f"{s}:present"].stride())
-    for t in tile_lists or ():
-        args.append(t)
-        args += list(t.stride())
+        args += _with_strides(workspaces[s], *([workspaces[f"{s}:present"]] if src.split else []))
+    args += _with_strides(*(workspaces[f"{s}:present"] for s in src.saved))
+    args += _with_strides(*(tile_lists or ()))
     args += [params[p] for p in src.params]
     B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
@@ -90,31 +119,43 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     grid = (-(-rows // cfg.block_m), programs, cfg.splits if src.split else 1)
     visits = torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if cfg.count_visits else None
     offsets = (jagged.cu_q, jagged.cu_k) if jagged is not None else (None, None)
-    fn[grid](*args, M, N, H, H // hkv, per_split, visits, *offsets, **dict(src.constexprs),
-             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages, SPLIT=src.split, PACK=cfg.pack,
-             COUNT_VISITS=cfg.count_visits, JAGGED=jagged is not None, num_warps=cfg.num_warps,
-             num_stages=cfg.num_stages)
-    return visits
+    args += [M, N, H, H // hkv, per_split, visits, *offsets, *(v for _, v in src.constexprs),
+             cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.reverse_m, cfg.count_visits,
+             jagged is not None]
+    return KernelCall(grid, _named(src, args), cfg.num_warps, cfg.num_stages)
+
+
+def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
+           out: torch.Tensor, workspaces: dict[str, torch.Tensor], cfg: LaunchConfig,
+           extents: dict[str, int], jagged: JaggedBatch | None = None,
+           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+           launcher: Launcher = jit_launch) -> torch.Tensor | None:
+    """Launch the forward kernel (see ``forward_call``).
+
+    With ``cfg.count_visits``, return how many key tiles each program visited, int32
+    ``[splits, batch·heads, query tiles]`` (batch·kv heads when packed); else None.
+    """
+    call = forward_call(c, src, inputs, params, out, workspaces, cfg, extents, jagged, tile_lists)
+    launcher(src, call)
+    return call.args["visits_ptr"]
+
+
+def combine_call(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                 params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
+                 extents: dict[str, int], splits: int) -> KernelCall:
+    """The launch of the split-KV combine kernel over (query tiles, batch·heads)."""
+    args = []
+    for s in src.row_states + src.acc_states:
+        args += _with_strides(ws[s], ws[f"{s}:present"])
+    args += _with_strides(*(inputs[name] for name in src.tensors), out, *(rows[s] for s in src.row_states))
+    args += [params[p] for p in src.params]
+    B, H, M = extents["b"], extents["h"], extents["m"]
+    args += [M, H, splits, *(v for _, v in src.constexprs), block_m]
+    return KernelCall((-(-M // block_m), B * H, 1), _named(src, args), COMBINE_WARPS, COMBINE_STAGES)
 
 
 def combine(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
             params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
-            extents: dict[str, int], splits: int):
-    """Launch the split-KV combine kernel over (query tiles, batch·heads)."""
-    fn = load_kernel(src)
-    args = []
-    for s in src.row_states + src.acc_states:
-        for t in (ws[s], ws[f"{s}:present"]):
-            args.append(t)
-            args += list(t.stride())
-    for name in src.tensors:
-        args.append(inputs[name])
-        args += list(inputs[name].stride())
-    args.append(out)
-    args += list(out.stride())
-    for s in src.row_states:
-        args.append(rows[s])
-        args += list(rows[s].stride())
-    args += [params[p] for p in src.params]
-    B, H, M = extents["b"], extents["h"], extents["m"]
-    fn[(-(-M // block_m), B * H)](*args, M, H, splits, **dict(src.constexprs), BLOCK_M=block_m)
+            extents: dict[str, int], splits: int, launcher: Launcher = jit_launch) -> None:
+    """Launch the split-KV combine kernel (see ``combine_call``)."""
+    launcher(src, combine_call(src, ws, inputs, params, out, rows, block_m, extents, splits))

@@ -19,12 +19,19 @@ from ..ir.cascade import Cascade, Einsum, Role, TensorDecl
 from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
+from ..ir.user_ops import triton_helper, user_operators
 from ..templates import render
 from .masks import KeyRange, TileLists, key_plan
 from .passes import count_passes
 from .tilecode import Tile, TileCode, bcast, literal
 
 TEMPLATE = "attention_fwd.py.jinja"
+# The templates' own parameters, around the generated ones (tensors, strides, parameters) and the
+# head-dimension constants: attention_fwd.py.jinja and attention_combine.py.jinja declare them so.
+FORWARD_RUNTIME = ("M", "N", "H", "GROUP", "TILES_PER_SPLIT", "visits_ptr", "cu_q_ptr", "cu_k_ptr")
+FORWARD_META = ("BLOCK_M", "BLOCK_N", "NUM_STAGES", "SPLIT", "PACK", "REVERSE_M", "COUNT_VISITS", "JAGGED")
+COMBINE_RUNTIME = ("M", "H", "SPLITS")
+COMBINE_META = ("BLOCK_M",)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,14 @@ class KernelSource:
     split: bool
     ranges: tuple[KeyRange, ...] = field(default=())
     lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
+    runtime_args: tuple[str, ...] = ()  # the kernel's parameters given at launch, in order
+    constexpr_args: tuple[str, ...] = ()  # then its tl.constexpr parameters, in order
     saved: tuple[str, ...] = ()  # states stored for the backward, each with a per-row presence flag
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Every parameter of the kernel, in order (the templates put compile-time ones last)."""
+        return self.runtime_args + self.constexpr_args
 
     @property
     def stored(self) -> tuple[str, ...]:
@@ -149,7 +163,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
             if e.out in states:
                 _carry(body, e.out, t)
         loops.append(dict(lo=kr.lo, hi=kr.hi, comment=kr.comment, body="\n".join(body.lines),
-                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, listed=kr.listed))
+                          skip_tile=kr.skip_tile, pipelined=kr.pipelined, tile=kr.tile))
 
     epi = gen(masked=False)
     epi.env.update({s: shared[s] for s in states})
@@ -183,13 +197,14 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split, bool(saved))
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
-    text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+    text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name, helpers=helpers(c),
                   args=",\n    ".join(args), constexprs=constexprs,
                   dim_offsets=[(r, f"D_{r}") for r in sorted(k for k in dims if not k.endswith("_extent"))],
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
-                        split, tuple(ranges), keys.lists, saved)
+                        split, tuple(ranges), keys.lists, (*args, *FORWARD_RUNTIME), (*constexprs, *FORWARD_META),
+                        saved)
 
 
 def exact_dots(dtype: str) -> tuple[bool, str]:
@@ -284,11 +299,21 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_combine__")
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
     text = render("attention_combine.py.jinja", cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+                  helpers=helpers(c),
                   args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
                   dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
                   fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
-    return KernelSource(name, text, inputs, params, row_states,
-                        acc_states, value_rank, tuple((f"D_{r}", dims[r]) for r in names), False)
+    return KernelSource(name, text, inputs, params, row_states, acc_states, value_rank,
+                        tuple((f"D_{r}", dims[r]) for r in names), False,
+                        runtime_args=(*args, *COMBINE_RUNTIME),
+                        constexpr_args=(*(f"D_{r}" for r in names), *COMBINE_META))
+
+
+def helpers(c: Cascade) -> list[str]:
+    """The @triton.jit combines of the user reducers ``c`` uses."""
+    used = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+                          [e.reduce.op for e in c.einsums if e.reduce is not None])
+    return [triton_helper(name) for name in used]
 
 
 def _init_states(g: TileCode, c: Cascade, acc: str = "tl.float32") -> None:
@@ -372,5 +397,6 @@ def _store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = Fa
 
 
 def source_digest(text: str) -> str:
+    """A short digest of a kernel's source text."""
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -22,7 +22,7 @@ import sympy
 from ..ir.cascade import Cascade, Einsum, Role
 from ..ir.expr import Call, Expr, Read
 from ..ir.ranks import STREAM, coord
-from .tiles import BM, BN, M0, M1, N0, N1, M, N, I, J, TilePlan, tile_plan, transposed_plan
+from .tiles import BM, BN, M0, M1, N0, N1, M, N, I, J, Interval, TilePlan, tile_plan, transposed_plan
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class KeyRange:
     comment: str = ""
     skip_tile: str | None = None  # a condition on tile index `j` under which the tile is left out
     pipelined: bool = True  # False for ranges of a tile or two, where a software pipeline only adds set-up
-    listed: bool = False  # lo and hi are positions in the query tile's list of key tiles, not key positions
+    # With ``tile``, the loop runs over positions lo ≤ t < hi, and ``tile`` (an expression of t) is the key
+    # tile visited at position t: a list of tiles made at run time, or runs of tiles laid end to end.
+    tile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def query_plan(c: Cascade, loop: tuple[Einsum, ...], outputs: frozenset = frozen
 
 def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum | None, lists: bool,
                  ranks: frozenset = frozenset({STREAM})) -> KeyPlan:
-    edge = s.edge
+    edge, t = s.edge, s.tile
     if not any(e.where is not None and ranks <= e.iteration_ranks for e in loop):  # no mask on tile pairs
         return KeyPlan(s.edge_setup, (KeyRange("0", edge, False, comment=f"whole {s.what} tiles"),
                                       KeyRange(edge, s.extent, True, comment=f"the last {s.what} tile, cut by the "
@@ -172,11 +174,11 @@ def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum |
     plan = s.plan(pred, integers)
     setup = list(s.bounds)
     full = []
-    for k, iv in enumerate(plan.full):
-        setup += _interval(f"full{k}", iv)
+    # full runs of which at most one exists in any query tile share a loop (the tile plan splits cases)
+    for k, group in enumerate(exclusive_groups(plan.full)):
+        setup += _interval(f"full{k}", *group)
         setup.append(f"full{k}_hi = tl.minimum(full{k}_hi, whole)")  # a tile cut by N is masked
         full.append(f"full{k}")
-    t = s.tile
     ranges = [KeyRange(f"{name}_lo * {t}", f"{name}_hi * {t}", False, frozenset(affine),
                        f"full {s.what} tiles: the mask holds everywhere ({name})") for name in full]
     # the full tiles' hull [f_lo, f_hi): when they are one contiguous run (always for a single band),
@@ -186,27 +188,50 @@ def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Streamed, f: Einsum |
         setup += [f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
                   f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
                   f"f_len += tl.maximum({name}_hi - {name}_lo, 0)"]
-    setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)",
-              "gap = (f_len > 0) & (f_hi - f_lo != f_len)"]
-    in_full = [f"(({name}_lo <= j) & (j < {name}_hi))" for name in full]
+    setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)"]
+    if len(full) > 1:  # one run of full tiles leaves no gap in its hull
+        setup.append("gap = (f_len > 0) & (f_hi - f_lo != f_len)")
+    in_full = " | ".join(f"(({name}_lo <= j) & (j < {name}_hi))" for name in full)
     seen: list[str] = []  # tiles of earlier visited ranges, already processed
     for k, iv in enumerate(plan.visit):
+        # the visited tiles outside the full hull: the runs [lo, a) before it and [b, hi) after it, and, where
+        # the full runs leave gaps (several groups), [a, gap_end) inside it, whose full tiles are left out
         v = f"visit{k}"
         setup += _interval(v, iv)
         setup += [f"{v}_a = tl.minimum(tl.maximum(f_lo, {v}_lo), {v}_hi)",
-                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)",
-                  f"{v}_m = tl.where(gap, {v}_b, {v}_a)"]
-        before = " | ".join(seen) or None
-        middle = " | ".join(seen + in_full) or None
-        what = f"cut by the mask or the end of the {s.what}s"
-        ranges += [KeyRange(f"{v}_lo * {t}", f"{v}_a * {t}", True, comment=f"{s.what} tiles {what}, before "
-                            f"the full ones ({v})", skip_tile=before, pipelined=False),
-                   KeyRange(f"{v}_a * {t}", f"{v}_m * {t}", True, comment=f"{s.what} tiles {what}, between "
-                            f"full ones ({v})", skip_tile=middle, pipelined=False),
-                   KeyRange(f"{v}_b * {t}", f"{v}_hi * {t}", True, comment=f"{s.what} tiles {what}, after "
-                            f"the full ones ({v})", skip_tile=before, pipelined=False)]
+                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)"]
+        runs = [(f"{v}_lo", f"{v}_a"), (f"{v}_b", f"{v}_hi")]
+        skip = list(seen)
+        if len(full) > 1:
+            setup.append(f"{v}_g = tl.where(gap, {v}_b, {v}_a)")
+            runs.insert(1, (f"{v}_a", f"{v}_g"))
+            skip.append(f"(({v}_a <= j) & (j < {v}_g) & ({in_full}))")
+        lines, tile = _runs(v, runs, t)
+        setup += lines
+        ranges.append(KeyRange("0", f"{v}_count", True, comment=f"{s.what} tiles of {v} cut by the mask or the end of "
+                               f"the {s.what}s", skip_tile=" | ".join(skip) or None, tile=tile))
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
+
+
+def _runs(name: str, runs: list[tuple[str, str]], block: str = "BLOCK_N") -> tuple[list[str], str]:
+    """Runs of key tiles ``[lo, hi)`` (this split's share of each) laid end to end for one loop over t.
+
+    Returns the scalar code that sets ``name_count``, the number of tiles, and the expression of
+    the tile at position t. One loop visits them all, software-pipelined: its tiles are known before it starts.
+    """
+    lines, before, tile = [], "0", None
+    for k, (lo, hi) in enumerate(runs):
+        start, count = f"{name}_r{k}", f"{name}_n{k}"
+        lines += [f"{start} = tl.maximum({lo}, split_lo // {block})",
+                  f"{count} = tl.maximum(tl.minimum({hi}, split_hi // {block}) - {start}, 0)"]
+        here = f"{start} + t - {name}_c{k}" if k else f"{start} + t"
+        if k:
+            lines.append(f"{name}_c{k} = {before}")
+        tile = here if tile is None else f"tl.where(t < {name}_c{k}, {tile}, {here})"
+        before = f"{before} + {count}" if k else count
+    lines.append(f"{name}_count = {before}")
+    return lines, tile
 
 
 def _per_token_read(c: Cascade, x: Expr, rank: str) -> bool:
@@ -237,20 +262,51 @@ def _listed(where: Expr, lists: TileLists, plan: TilePlan | None) -> KeyPlan:
     setup = ("qt = 0 if PACK else pid_m", "tiles_row = tiles_ptr + off_b * stride_tiles_0 + qt * stride_tiles_1",
              "counts_row = counts_ptr + off_b * stride_counts_0 + qt * stride_counts_1",
              "n_full = tl.load(counts_row)", "n_partial = tl.load(counts_row + stride_counts_2)")
+    listed = "tl.load(tiles_row + t * stride_tiles_2)"
+    split = ("split_lo // BLOCK_N", "split_hi // BLOCK_N")  # a split takes its share of list positions
     return KeyPlan(setup, (
-        KeyRange("0", "n_full", False, frozenset(conjuncts(where)), "listed key tiles the whole mask holds on",
-                 listed=True),
-        KeyRange("n_full", "n_full + n_partial", True, comment="listed key tiles the mask cuts", listed=True),
+        KeyRange(f"tl.maximum(0, {split[0]})", f"tl.minimum(n_full, {split[1]})", False, frozenset(conjuncts(where)),
+                 "listed key tiles the whole mask holds on", tile=listed),
+        KeyRange(f"tl.maximum(n_full, {split[0]})", f"tl.minimum(n_full + n_partial, {split[1]})", True,
+                 comment="listed key tiles the mask cuts", tile=listed),
     ), plan, lists)
 
 
-def _interval(name: str, iv) -> list[str]:
-    lo, hi = to_triton(iv.lo), to_triton(iv.hi)
-    if iv.when is sympy.true:
-        return [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
-    when = to_triton(iv.when)
-    return [f"{name}_on = {when}", f"{name}_lo = tl.where({name}_on, {lo}, 0)",
-            f"{name}_hi = tl.where({name}_on, tl.maximum({hi}, {name}_lo), 0)"]
+def _exclusive(a: sympy.Basic, b: sympy.Basic) -> bool:
+    """Whether ``a`` and ``b`` provably never hold together: a conjunct of one negates a conjunct of the other."""
+    parts_a = set(sympy.And.make_args(a)) | {a}
+    return any(sympy.Not(x) in parts_a for x in set(sympy.And.make_args(b)) | {b})
+
+
+def exclusive_groups(intervals: tuple[Interval, ...]) -> list[list[Interval]]:
+    """``intervals`` in groups whose conditions exclude one another pairwise (so one loop serves a group).
+
+    >>> x = sympy.Symbol("x")
+    >>> ivs = (Interval(0, 1, x > 0), Interval(0, 2, x <= 0), Interval(1, 3, sympy.true))
+    >>> [len(g) for g in exclusive_groups(ivs)]
+    [2, 1]
+    """
+    groups: list[list[Interval]] = []
+    for iv in intervals:
+        home = next((g for g in groups if all(_exclusive(iv.when, other.when) for other in g)), None)
+        if home is None:
+            groups.append([iv])
+        else:
+            home.append(iv)
+    return groups
+
+
+def _interval(name: str, *cases: Interval) -> list[str]:
+    """Scalar code for ``name_lo``, ``name_hi``: the interval of whichever case holds (empty if none does)."""
+    if len(cases) == 1 and cases[0].when is sympy.true:
+        return [f"{name}_lo = {to_triton(cases[0].lo)}", f"{name}_hi = tl.maximum({to_triton(cases[0].hi)}, {name}_lo)"]
+    lines, lo, hi = [], "0", "0"
+    for k, iv in reversed(list(enumerate(cases))):
+        on = f"{name}_on{k}"
+        lines.append(f"{on} = {to_triton(iv.when)}")
+        lo = f"tl.where({on}, {to_triton(iv.lo)}, {lo})"
+        hi = f"tl.where({on}, {to_triton(iv.hi)}, {hi})"
+    return lines[::-1] + [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
 
 
 _NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m", N0: "n0", N1: "n1",

@@ -217,9 +217,6 @@ class _Plan:
     corrections: dict  # state -> correction expression (Const(1) when none)
 
 
-_COMBINE = {name: r.combine for name, r in REDUCERS.items()}
-
-
 def _inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr:
     """``e``'s body with the Einsums named in ``inline`` substituted, stopping at ``stop``."""
     def sub(x):
@@ -264,7 +261,7 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
     corrections = {}
     for e in reductions:
         where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
-        if e.reduce.op not in ("sum", "max", "min"):
+        if REDUCERS[e.reduce.op].combine is None:
             return None, f"{where} is a {e.reduce.op} over n, which has no running form"
         if set(e.reduce.ranks) != {STREAM}:
             return None, f"{where} reduces over n together with other ranks"
@@ -364,7 +361,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
         chunk = Read(local, cur.index)
         r = plan.corrections[e.out]
         if r == Const(1.0):
-            upd = call(_COMBINE[e.reduce.op], prev, chunk, merge=Merge.ANY)
+            upd = call(REDUCERS[e.reduce.op].combine, prev, chunk, merge=Merge.ANY)
         else:
             if r not in alphas:
                 alpha = fresh_name(c, "alpha", names)

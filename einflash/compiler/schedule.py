@@ -29,7 +29,7 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
-    Schedule(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=9, pack=True)
+    Schedule(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=9, pack=True, reverse_m=False)
     """
     heads = extents["h"]
     kv = kv_heads or heads
@@ -45,5 +45,6 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     programs = extents["b"] * (kv if pack else heads) * -(-rows // block_m)
     tiles = -(-extents["n"] // cfg.block_n)
     sms = target.sm_count or 1
-    splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split else 1
+    # (an empty batch or query sequence has no program at all: nothing to split)
+    splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split and programs else 1
     return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Role
-from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
+from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
 from ..ir.operators import OPERATORS, REDUCERS
 from ..ir.ranks import PARALLEL, coord, rank_order
 
@@ -158,6 +158,7 @@ class TileCode:
         if key in self.loads:
             return self.loads[key]
         offs, masks, axes = [], [], []
+        beyond = []  # (axis, in-range condition) where a coordinate indexes a dimension of another rank
         if r.tensor in self.workspaces:  # memory dims b, h, split, then the ranks after h
             offs.append(f"s_idx * stride_{r.tensor}_2")
         for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
@@ -180,6 +181,9 @@ class TileCode:
             else:
                 axes.append(rank)
                 offs.append((rank, stride))
+                if rank != own:  # doc[b, n] read at m: rows past doc's own extent read nothing
+                    extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
+                    beyond.append((rank, f"(offs_{rank} < {extent})"))
         axes_t = tile_axes(axes, self.order)
         terms = []
         for o in offs:
@@ -191,7 +195,7 @@ class TileCode:
                 terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
             else:
                 terms.append(o)
-        pad = []
+        absent = []  # (axis, condition) of positions that hold no element: loaded as 0, and absent
         for rank in axes_t:
             cond = self.bound(rank)
             if cond is None and rank == "n" and self.edge_loads:
@@ -199,18 +203,22 @@ class TileCode:
             if cond is not None:
                 masks.append(bcast(cond, (rank,), axes_t))
                 if rank != "m" or (self.row_edge and self.masked):
-                    pad.append(rank)
+                    absent.append((rank, cond))
+        for rank, cond in beyond:
+            masks.append(bcast(cond, (rank,), axes_t))
+            absent.append((rank, cond))
         ptr = " + ".join([f"{r.tensor}_ptr"] + terms)  # no terms: a 0-d tensor (a learnable scalar)
         name = self.fresh(f"ld_{r.tensor}")
         if masks:
             self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
         else:
             self.emit(f"{name} = tl.load({ptr})")
-        # keys past the end and padded head-dimension positions are absent (they were loaded as 0)
-        present = " & ".join(bcast(self.bound(x), (x,), tuple(pad)) for x in pad) or None
-        if len(pad) > 1:  # one expression: it is indexed to broadcast against other tiles
+        # keys past the end, padded head-dimension positions and reads past a dimension's end are absent
+        pranks = tile_axes((x for x, _ in absent), self.order)
+        present = " & ".join(bcast(cond, (x,), pranks) for x, cond in absent) or None
+        if len(absent) > 1:  # one expression: it is indexed to broadcast against other tiles
             present = f"({present})"
-        t = Tile(name, axes_t, present, tuple(pad), 0.0 if present else None,
+        t = Tile(name, axes_t, present, pranks, 0.0 if present else None,
                  dtype="int" if r.tensor in self.int_inputs else "in")
         if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
@@ -273,12 +281,12 @@ class TileCode:
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
         exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
+        # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
+        # result's value at absent positions follows from the larger operand's fill alone
+        args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not _finite(a.fill) else a
+                for a in args]
         codes = []
         for a in args:
-            # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
-            # result's value at absent positions follows from the larger operand's fill alone
-            if a.present is not None and a.ranks != ranks and not _finite(a.fill):
-                a = self.filled(a, 0.0)
             code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
         present, pranks = presence(args, order=self.order)
@@ -293,7 +301,7 @@ class TileCode:
 
     def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
         a, b = args
-        ident = {"add": 0.0, "maximum": float("-inf"), "minimum": float("inf"), "mul": 1.0}.get(op)
+        ident = {"mul": 1.0, **{r.combine: r.identity for r in REDUCERS.values() if r.combine}}.get(op)
         code = OPERATORS[op].triton.format(bcast(self.f32(a), a.ranks, ranks), bcast(self.f32(b), b.ranks, ranks))
         if a.present is None and b.present is None:
             return Tile(code, ranks)
@@ -317,17 +325,32 @@ class TileCode:
         self.emit(f"{name} = tl.where({bcast(t.present, t.pranks, t.ranks)}, {self.f32(t)}, {literal(value)})")
         return replace(t, code=name, fill=value, dtype="f32")
 
-    def bind(self, name: str, t: Tile) -> Tile:
-        """Assign a tile to a variable (and its presence to another) so later uses are cheap."""
+    def bind(self, name: str, t: Tile, evaluate: bool = True) -> Tile:
+        """Assign a tile to a variable (and its presence to another) so later uses are cheap.
+
+        With ``evaluate`` False the value stays an unevaluated expression (its presence is still bound):
+        for a product whose only consumer adds it into an accumulator inside ``tl.dot``.
+        """
         var = f"{self.prefix}{name}"
-        self.emit(f"{var} = {t.code}")
+        if evaluate:
+            self.emit(f"{var} = {t.code}")
         present = None
         if t.present is not None:
             present = f"{var}_p"
             self.emit(f"{present} = {t.present}")
-        out = replace(t, code=var, present=present)
+        out = replace(t, code=var if evaluate else t.code, present=present)
         self.env[name] = out
         return out
+
+    def only_accumulated(self, name: str) -> bool:
+        """Whether the one consumer of ``name`` is an update ``S = X +∪ name`` (see :meth:`accumulate`)."""
+        users = self.c.consumers(name)
+        if len(users) != 1 or name in self.c.outputs:
+            return False
+        x = users[0].expr
+        return (users[0].reduce is None and isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY
+                and x.args[1] == Read(name, tuple(coord(r) for r in self.c.tensor(name).ranks))
+                and all(r.tensor != name for r in reads(x.args[0])))
 
     # -- Einsums -------------------------------------------------------------------------------
 
@@ -337,7 +360,9 @@ class TileCode:
             raise LoweringError(f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template "
                                 f"handles at most 2")
         if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
-            return self.bind(e.out, self.contraction(e, ranks))
+            tile = self.contraction(e, ranks)
+            # a dot that its consumer adds into an accumulator runs there, inside tl.dot, and only there
+            return self.bind(e.out, tile, evaluate=not (e.out in self.dots and self.only_accumulated(e.out)))
         fused = self.accumulate(e)
         if fused is not None:
             return self.bind(e.out, fused)
@@ -388,17 +413,19 @@ class TileCode:
 
     def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
         red = e.reduce
-        if len(red.ranks) != 1 or red.op not in ("sum", "max", "min"):
-            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with sum, max or min, "
-                                f"not {red.op} over {red.ranks}")
+        if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
+            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with a reducer that "
+                                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
+                                f"{red.ranks}")
         rank = red.ranks[0]
         ident = REDUCERS[red.op].identity
         src = self.filled(body, ident)
         if rank not in src.ranks:
             raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
         axis = src.ranks.index(rank)
-        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}[red.op]
-        code = f"{fn}({self.f32(src)}, {axis})"
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}.get(red.op)
+        # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
+        code = f"{fn}({self.f32(src)}, {axis})" if fn else f"tl.reduce({self.f32(src)}, {axis}, _user_{red.op})"
         keep = tuple(r for r in src.ranks if r != rank)
         present, pranks = None, ()
         if body.present is not None:
@@ -464,8 +491,11 @@ class TileCode:
         tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None)
         if outer:
             o = self.expr(product(outer))
-            tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, tile.present, tile.pranks,
-                        tile.fill, "f32")
+            if o.present is not None:  # absent where the factor is; 0 there (the dot is finite)
+                o = self.filled(o, 0.0)
+                present, pranks = presence((tile, o), order=self.order)
+            tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, present, pranks,
+                        0.0 if present else None, "f32")
         return tile
 
     def reduced_presence(self, t: Tile, rank: str) -> Tile:

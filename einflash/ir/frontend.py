@@ -29,7 +29,7 @@ import sympy
 from ..errors import DeclarationError, RankMismatchError, UnknownRankError, UnsupportedOperatorError
 from .cascade import Cascade, Einsum, Layout, ParamDecl, Reduction, Role, TensorDecl
 from .expr import Call, Const, Coord, Expr, Param, Read, Size, index_ranks, walk
-from .operators import OPERATORS, REDUCERS
+from .operators import OPERATORS, REDUCERS, Reducer
 from .ranks import PARALLEL, STANDARD_RANKS, Rank, coord, extent_symbol, new_rank, rank_order
 from .validate import validate
 
@@ -219,8 +219,10 @@ class Traced:
     __index__ = __int__ = __float__
 
     # reductions
-    def reduce(self, op: str, ranks: str, arg: float | None = None) -> "Traced":
-        """Reduce over ``ranks`` (space separated) with a reducer: sum, max, min or kth_largest."""
+    def reduce(self, op: "str | Reducer", ranks: str, arg: float | None = None) -> "Traced":
+        """Reduce over ``ranks`` (space separated) with a reducer: sum, max, min, kth_largest, or one made by
+        :func:`reducer`."""
+        op = op.name if isinstance(op, Reducer) else op
         if op not in REDUCERS:
             raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}",
                                            _where())
@@ -335,6 +337,34 @@ def mask(x, keep) -> Traced:
                                "comparisons)", _where())
     ranks = rank_order(x.ranks + p.ranks)
     return Traced(_record(Node("filter", None, (x, p), ranks)))
+
+
+def reducer(name: str, combine: Callable, identity: float) -> Reducer:
+    """A reducer of your own: ``combine(a, b)`` folds two values, ``identity`` leaves any value as it is.
+
+    ``combine`` is written with einflash's operators; it must be commutative and associative (checked on
+    sample values), so that reductions fold in chunks and can run online. Use it with ``x.reduce(r, "n")``.
+
+    >>> import einflash as ef
+    >>> logaddexp = ef.reducer("logaddexp", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
+    ...                        identity=float("-inf"))
+    >>> logaddexp.identity
+    -inf
+    """
+    from .user_ops import define_reducer
+
+    a, b = _leaf(Param("a")), _leaf(Param("b"))
+    out = _to_node(combine(a, b))
+
+    def to_expr(node: Node) -> Expr:
+        if node.kind == "leaf":
+            return node.leaf
+        if node.kind == "map":
+            return Call(node.op, tuple(to_expr(x) for x in node.args))
+        raise DeclarationError(f"reducer {name!r}: combine must be elementwise in its two operands, but it "
+                               f"uses a {node.kind}")
+
+    return define_reducer(name, to_expr(out), float(identity))
 
 
 def softmax(x: Traced, rank: str) -> Traced:

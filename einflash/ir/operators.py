@@ -93,9 +93,9 @@ OPERATORS: dict[str, Operator] = {op.name: op for op in _OPS}
 class Reducer:
     """A reduction operator: a binary map with an identity element.
 
-    ``combine`` names the binary map operator; user reducers built with
-    :func:`einflash.reducer` carry their own combine expression instead (see
-    ``ir.expr.UserReducer``). ``kth`` reducers (top-k) keep the k-th largest.
+    ``combine`` names the binary map operator that folds two partial results (what a
+    running state's update applies); ``kth_largest`` (top-k routing) has none: it keeps the
+    k-th largest value of a whole fiber, so it has no running form.
 
     >>> REDUCERS["max"].identity
     -inf

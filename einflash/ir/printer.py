@@ -16,6 +16,7 @@ from .cascade import Cascade, Einsum, Role
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
+from .user_ops import DEFINITIONS, user_operators
 
 _PRECEDENCE = {"or": 1, "and": 2, "not": 3, "lt": 4, "le": 4, "gt": 4, "ge": 4, "eq": 4, "ne": 4,
                "add": 5, "sub": 5, "mul": 6, "div": 6, "floordiv": 6, "neg": 7}
@@ -102,6 +103,10 @@ def canonical_text(c: Cascade) -> str:
              "params:" + ";".join(f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}"
                                   f"{p.integer}{p.positive}" for p in c.params),
              "outputs:" + ",".join(c.outputs)]
+    users = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+                           [e.reduce.op for e in c.einsums if e.reduce is not None])
+    if users:  # the definitions of user reducers are part of the maths
+        parts.append("operators:" + ";".join(f"{name}={DEFINITIONS[name]!r}" for name in users))
     for e in c.einsums:
         parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{e.loop}")
     return "\n".join(parts)

@@ -308,6 +308,8 @@ class _Evaluator:
             out = data.amax(dim=dims)
         elif red.op == "min":
             out = data.amin(dim=dims)
+        elif red.op != "kth_largest":  # a user reducer: fold pairwise with its combine
+            out = _fold(data, dims, OPERATORS[REDUCERS[red.op].combine].torch, ident)
         else:  # kth_largest
             moved = data.permute([its.index(r) for r in keep] + dims)
             flat = moved.reshape(*moved.shape[:len(keep)], -1)
@@ -364,6 +366,17 @@ class _Evaluator:
                 self.env[e.out] = self.einsum(e)
         self.ranges["n"] = (0, total)
         self.prev = {}
+
+
+def _fold(data: torch.Tensor, dims: list[int], combine, identity: float) -> torch.Tensor:
+    """``data`` reduced over ``dims`` with an associative, commutative ``combine``: halves until one is left."""
+    keep = [d for d in range(data.dim()) if d not in dims]
+    x = data.permute(keep + dims).reshape(*(data.shape[d] for d in keep), -1)
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = torch.cat([x, torch.full_like(x[..., :1], identity)], dim=-1)
+        x = combine(x[..., 0::2], x[..., 1::2]).to(data.dtype)
+    return x[..., 0]
 
 
 def _result_dtype(datas: list[torch.Tensor]) -> torch.dtype:

@@ -21,7 +21,7 @@ PASSES = {
     "document_mask": (3, 1), "gqa": (3, 1), "alibi": (3, 1), "relative_bias": (3, 1), "lowrank_bias": (3, 1),
     "softcap": (3, 1), "sigmoid": (1, 1), "signed_softmax": (3, 1), "differential": (3, 1), "head_gate": (3, 1),
     "top_theta": (3, 1), "post_norm_threshold": (3, 2), "moba": (4, 2), "multi_token": (3, 1), "linear": (3, 1),
-    "causal_linear": (1, 1), "gla": (1, 1), "agent": (3, 1), "mla_decode": (3, 1),
+    "causal_linear": (1, 1), "gla": (1, 1), "agent": (3, 1), "mla_decode": (3, 1), "logsumexp_reducer": (2, 1),
 }
 # Where the pipeline does not reach DESIGN §3's count yet. Strict: reaching it must update this table.
 BEHIND_DESIGN = {

@@ -12,6 +12,7 @@ import torch
 from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, grad_output, inputs, op
 
 import einflash as ef
+from einflash.autograd import schedule_ints
 from einflash.compiler.backward import BackwardSchedule, stream
 from einflash.compiler.forward import Schedule
 from einflash.compiler.masks import query_plan
@@ -228,7 +229,7 @@ def test_training_custom_ops_pass_opcheck():
     o = op("alibi")
     given = inputs("alibi", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
     tensors = [given[t.name] for t in o.cascade.inputs]
-    schedule = [16, 16, 4, 1, 1, 0, 16, 16, 4, 1, 0]
+    schedule = schedule_ints([16, 16, 4, 1, 1, 0, 0], SMALL)
     torch.library.opcheck(o._train_op, (tensors, [float("nan")], schedule))
     out, *states = o._train_op(tensors, [float("nan")], schedule)
     bwd = getattr(torch.ops.einflash, o._train_op._name.replace("train_", "bwd_"))

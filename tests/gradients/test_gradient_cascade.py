@@ -3,10 +3,12 @@ float64 reference executor for every one-pass catalogue variant and input; the m
 the backward streams once per direction; the forward saves per-row states only (and accumulators where the
 output cannot give them back); what cannot be differentiated says so."""
 
+import re
+
 import pytest
 import torch
 from conftest import EXAMPLES
-from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
+from gradient_cases import FULLY_MASKED, NOT_DIFFERENTIABLE, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
 from einflash.compiler.gradient import local_derivative, reference_partials, saved_states, finish
@@ -44,7 +46,18 @@ def _assert_same(got: dict, want: dict, given: dict) -> None:
 
 def test_the_list_is_the_lowerable_catalogue():
     lowered = sorted(p.stem for p in EXAMPLES.glob("*.py") if op(p.stem).forward.error is None)
-    assert lowered == sorted(ONE_PASS)
+    assert lowered == sorted(ONE_PASS + tuple(NOT_DIFFERENTIABLE))
+
+
+@pytest.mark.parametrize("name", sorted(NOT_DIFFERENTIABLE))
+def test_one_pass_variants_without_a_backward_say_why(name):
+    assert isinstance(op(name).backward.error, DifferentiationError)
+    assert re.search(NOT_DIFFERENTIABLE[name], str(op(name).backward.error))
+    given = inputs(name, SHAPE, torch.float32)
+    op(name)(**given)  # the forward still runs
+    leaves = {k: v.clone().requires_grad_() for k, v in given.items()}
+    with pytest.raises(DifferentiationError, match=f"{name}: no backward"):
+        op(name)(**leaves)
 
 
 @pytest.mark.parametrize("name", ONE_PASS + ("learnable_softcap",))

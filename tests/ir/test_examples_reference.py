@@ -17,7 +17,7 @@ from einflash.ir.validate import validate
 CATALOGUE = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
              "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
              "top_theta", "post_norm_threshold", "moba", "multi_token", "linear", "causal_linear", "gla", "agent",
-             "mla_decode")
+             "mla_decode", "logsumexp_reducer")
 
 # Odd sizes, none a multiple of another; Hq = 2·Hkv unless the example names its HEADS.
 SQUARE = ef.Shape(B=2, Hq=4, M=37, N=37, E=16, F=8, Hkv=2)

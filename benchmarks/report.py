@@ -1,0 +1,97 @@
+"""The README's results section, generated from the benchmark JSON in benchmarks/results/.
+
+    python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--readme README.md]
+
+Prints the Markdown (GPU, date, versions, one row per DESIGN §5 case with the ratios against
+FlexAttention and cuDNN measured in the same run, the correctness summary of the catalogue);
+with --readme, replaces what stands between the README's ``<!-- results -->`` and
+``<!-- /results -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+
+
+def _best(d: dict, prefix: str) -> float:
+    mine = [v for k, v in d.items() if k.startswith(prefix)]
+    return max(mine) if mine else math.nan
+
+
+def _cell(x: float, digits: int = 1) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def forward_table(rows: list[dict]) -> list[str]:
+    env = next(r for r in rows if r.get("kind") == "env")
+    anchors = {r["case"]: r for r in rows if r.get("kind") == "anchor"}
+    lines = [f"Forward, bf16, {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}. "
+             f"Anchors in the same run: bf16 matmul 8192³ "
+             f"{_cell(anchors.get('matmul 8192^3 bf16', {}).get('tflops', math.nan), 0)} TFLOP/s, device copy "
+             f"{_cell(anchors.get('device copy 1 GiB', {}).get('tbps', math.nan), 2)} TB/s.", "",
+             "| case | einflash (default) | einflash (tuned) | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
+             "| einflash / Flex | einflash / cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    by: dict[str, dict] = {}
+    unit: dict[str, str] = {}
+    for r in rows:
+        if r.get("kind") in ("prefill", "decode") and "error" not in r:
+            value = r.get("tflops") or r.get("graph_tbps") or r.get("tbps")
+            by.setdefault(r["case"], {})[r["impl"]] = value
+            unit[r["case"]] = "TFLOP/s" if "tflops" in r else "TB/s of KV read" + (
+                ", CUDA-graph replay" if "graph_tbps" in r else "")
+    for case, d in by.items():
+        default, tuned = d.get("einflash", math.nan), _best(d, "einflash")
+        flex, cudnn = d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
+        lines.append(f"| {case} ({unit[case]}) | {_cell(default)} | {_cell(tuned)} | {_cell(cudnn)} | "
+                     f"{_cell(d.get('sdpa-flash', math.nan))} | {_cell(flex)} | {_cell(tuned / flex, 2)} | "
+                     f"{_cell(tuned / cudnn, 2)} |")
+    lines.append("")
+    lines.append("\"tuned\" is the best schedule einflash ran in that run (its default and the schedules the tuner "
+                 "or the sweep tried). TFLOP/s count 4·B·H·D per unmasked (query, key) pair, alike for every "
+                 "implementation.")
+    checks = [r for r in rows if r.get("kind") == "check"]
+    if checks:
+        ran = [r for r in checks if r.get("ok") is not None]
+        failed = [r for r in ran if not r["ok"]]
+        variants = sorted({r["variant"] for r in ran})
+        worst = max((r for r in ran if r.get("tolerance")), key=lambda r: r["max_error"] / r["tolerance"], default=None)
+        lines += ["", f"Correctness on the GPU: {len(ran)} checks ({len(variants)} lowered variants × bf16, fp16 × "
+                      f"prefill and GQA decode) against the float64 reference under the tolerance rule, "
+                      f"{len(ran) - len(failed)} passed" + (f", {len(failed)} failed: "
+                      + ", ".join(sorted({r['variant'] for r in failed})) if failed else "") + "."]
+        if worst is not None:
+            lines.append(f"Closest to its tolerance: {worst['variant']} {worst['case']} {worst['dtype']}, error "
+                         f"{worst['max_error']:.3g} against {worst['tolerance']:.3g}.")
+        skipped = sorted({r["variant"] for r in checks if r.get("ok") is None})
+        if skipped:
+            lines.append(f"Not lowered yet (reference executor only): {', '.join(skipped)}.")
+    return lines
+
+
+def splice(readme: pathlib.Path, lines: list[str]) -> None:
+    text = readme.read_text()
+    block = "<!-- results -->\n" + "\n".join(lines) + "\n<!-- /results -->"
+    if "<!-- /results -->" in text:
+        text = re.sub(r"<!-- results -->.*?<!-- /results -->", lambda _: block, text, flags=re.S)
+    else:
+        text = text.replace("<!-- results -->", block)
+    readme.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("forward_json")
+    ap.add_argument("--readme", default=None)
+    a = ap.parse_args()
+    lines = forward_table(json.loads(pathlib.Path(a.forward_json).read_text()))
+    print("\n".join(lines))
+    if a.readme:
+        splice(pathlib.Path(a.readme), lines)
+
+
+if __name__ == "__main__":
+    main()
