@@ -29,11 +29,12 @@ def _cell(x: float, digits: int = 1) -> str:
 def forward_table(rows: list[dict]) -> list[str]:
     env = next(r for r in rows if r.get("kind") == "env")
     anchors = {r["case"]: r for r in rows if r.get("kind") == "anchor"}
-    lines = [f"Forward, bf16, {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}. "
+    at = f", einflash at commit {env['commit']}" if env.get("commit") else ""
+    lines = [f"Forward, bf16, {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}{at}. "
              f"Anchors in the same run: bf16 matmul 8192³ "
              f"{_cell(anchors.get('matmul 8192^3 bf16', {}).get('tflops', math.nan), 0)} TFLOP/s, device copy "
              f"{_cell(anchors.get('device copy 1 GiB', {}).get('tbps', math.nan), 2)} TB/s.", "",
-             "| case | einflash (default) | einflash (tuned) | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
+             "| case | einflash (default) | einflash (best of the run) | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
              "| einflash / Flex | einflash / cuDNN |", "|---|---|---|---|---|---|---|---|"]
     by: dict[str, dict] = {}
     unit: dict[str, str] = {}
@@ -50,8 +51,8 @@ def forward_table(rows: list[dict]) -> list[str]:
                      f"{_cell(d.get('sdpa-flash', math.nan))} | {_cell(flex)} | {_cell(tuned / flex, 2)} | "
                      f"{_cell(tuned / cudnn, 2)} |")
     lines.append("")
-    lines.append("\"tuned\" is the best schedule einflash ran in that run (its default and the schedules the tuner "
-                 "or the sweep tried). TFLOP/s count 4·B·H·D per unmasked (query, key) pair, alike for every "
+    lines.append("\"best of the run\" is the fastest schedule einflash ran in that run (its default and the schedules a "
+                 "sweep or the tuner tried). TFLOP/s count 4·B·H·D per unmasked (query, key) pair, alike for every "
                  "implementation.")
     checks = [r for r in rows if r.get("kind") == "check"]
     if checks:
