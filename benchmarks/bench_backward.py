@@ -30,7 +30,7 @@ from triton.testing import do_bench
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import peers  # noqa: E402
-from bench_forward import ROWS, example, pairs  # noqa: E402
+from bench_forward import ROWS, example, row_setup  # noqa: E402
 
 import einflash as ef  # noqa: E402
 from einflash.backends import detect  # noqa: E402
@@ -71,13 +71,8 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
         if late():
             emit(rows, kind="skipped", case=label, reason="deadline")
             continue
-        mod, op = example(name)
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT).requires_grad_() for _ in range(3))
+        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
         grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
-        extra = {}
-        if name == "alibi":
-            extra = mod.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=torch.float32)
-        flops = 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
             for bm, bn, w, s in SWEEP:

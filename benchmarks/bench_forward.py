@@ -85,16 +85,21 @@ def anchors(rows):
     del a, x, y
 
 
+def row_setup(name: str, B: int, H: int, N: int, D: int, params: dict, kind, requires_grad: bool = False):
+    """A row's op, its q, k, v (random bf16 on the GPU), extra inputs, and the FLOPs of its forward."""
+    mod, op = example(name)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT).requires_grad_(requires_grad) for _ in range(3))
+    extra = {}
+    if name == "alibi":
+        extra = mod.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=torch.float32)
+    return op, q, k, v, extra, 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
+
+
 def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
     for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
         if cases and not any(c in label for c in cases.split(",")):
             continue
-        mod, op = example(name)
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DT) for _ in range(3))
-        extra = {}
-        if name == "alibi":
-            extra = mod.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=torch.float32)
-        flops = 4 * B * H * D * pairs(kind, N, params.get("window", 1024))
+        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind)
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
             for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),

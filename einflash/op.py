@@ -11,7 +11,7 @@ import torch
 from .backends import detect, get_target
 from .backends.target import Target
 from .autograd import register_training, schedule_ints, unpacker
-from .compiler.backward import Backward, BackwardSchedule, default_backward_schedule
+from .compiler.backward import Backward, BackwardSchedule
 from .compiler.explain import Explanation, explain
 from .compiler.forward import Forward, Schedule
 from .compiler.schedule import default_schedule

@@ -43,7 +43,7 @@ import torch
 
 from ..errors import DifferentiationError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Call, Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy, walk
+from ..ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, index_ranks, reads, to_sympy
 from ..ir.operators import OPERATORS
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.reference import Value, evaluate
@@ -98,7 +98,6 @@ class Invariance:
     factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
 
     def __str__(self) -> str:
-        from ..ir.printer import format_expr
 
         at = f" (line {self.line})" if self.line else ""
         sums = " and ".join(s for s, _ in self.factors) or "no sum"

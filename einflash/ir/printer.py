@@ -13,7 +13,7 @@ from __future__ import annotations
 import sympy
 
 from .cascade import Cascade, Einsum, Role
-from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
+from .expr import Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
 from .user_ops import DEFINITIONS, user_operators

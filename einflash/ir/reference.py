@@ -28,8 +28,8 @@ import sympy
 import torch
 
 from ..errors import MissingInputError, ParameterError, ShapeError
-from .cascade import Cascade, Einsum, Layout, Role
-from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks
+from .cascade import Cascade, Einsum, Layout
+from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import coord, extent_symbol, rank_order
 

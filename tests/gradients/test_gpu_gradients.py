@@ -8,7 +8,6 @@ import torch
 from gradient_cases import TUNED, inputs, op
 
 import einflash as ef
-from einflash.compiler.backward import BackwardSchedule
 from einflash.testing import check_gradients
 
 pytestmark = pytest.mark.gpu
