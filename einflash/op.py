@@ -124,7 +124,9 @@ class AttentionOp:
         sequence on its own.
         """
         inputs, params = self.bind(args, kwargs)
-        jagged = jagged_batch(self.cascade, inputs, kwargs)
+        return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype)
+
+    def _reference(self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype) -> torch.Tensor:
         if jagged is None:
             return run_reference(self.cascade, inputs, params, dtype=dtype)
         outs = [run_reference(self.cascade, seq, params, dtype=dtype)
@@ -149,7 +151,7 @@ class AttentionOp:
         first = inputs[self.cascade.inputs[0].name]
         jagged = jagged_batch(self.cascade, inputs, kwargs)
         if backend == "reference":
-            return self.reference(*args, **kwargs).to(first.dtype)
+            return self._reference(inputs, params, jagged, torch.float64).to(first.dtype)
         if backend is not None:
             get_target(backend)  # an unknown name raises BackendError listing the valid ones
         fwd = self.forward

@@ -102,5 +102,6 @@ def tile_lists(lists: TileLists, inputs: Mapping[str, torch.Tensor], params: Map
     return order.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
 
 
+@functools.cache
 def _param_names(lists: TileLists) -> frozenset[str]:
     return frozenset(x.name for x in walk(lists.affine) if isinstance(x, Param))

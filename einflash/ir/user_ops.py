@@ -40,13 +40,13 @@ class Definition:
 DEFINITIONS: dict[str, Definition] = {}
 
 
-def _guarded(identity: float, a, b, value, where):
+def _guarded(identity: float, a, b, value):
     """``value`` where both operands are real values; where one is the identity, the other (the identity law).
 
     Absent elements reach a reducer as its identity, and a combine written for values need not be defined
     there (log-add-exp of −∞ and −∞ is NaN): the law gives the result instead.
     """
-    return where(a == identity, b, where(b == identity, a, value))
+    return torch.where(a == identity, b, torch.where(b == identity, a, value))
 
 
 def _evaluate(x: Expr, a, b):
@@ -99,7 +99,7 @@ def define_reducer(name: str, body: Expr, identity: float) -> Reducer:
     _check_laws(name, body, identity)
     ops = [OPERATORS[x.op] for x in walk(body) if isinstance(x, Call)]
     OPERATORS[name] = Operator(
-        name, 2, lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b), torch.where), f"_user_{name}({{0}}, {{1}})",
+        name, 2, lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b)), f"_user_{name}({{0}}, {{1}})",
         lambda a, b: to_sympy(body, lambda p: a if p.name == "a" else b),
         transcendental=any(op.transcendental for op in ops))
     REDUCERS[name] = Reducer(name, identity, name, name)
