@@ -11,7 +11,7 @@ TFLOP/s of special functions on H100 SXM, the same order.
 
 Tile defaults were checked by cross-compiling a flash-attention-like loop for each target
 (tests/codegen/test_crosscompile.py): every one fits shared memory and does not spill. Generated
-kernels with these defaults (tests/codegen/test_generated_sm90.py) fit too; two spill a few bytes.
+kernels with these defaults (tests/codegen/test_generated_sm90.py) fit too and do not spill.
 """
 
 from __future__ import annotations

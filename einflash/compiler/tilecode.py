@@ -8,11 +8,19 @@ positions hold when that is known. Consumers that need a particular fill (a
 reduction its identity, a ``tl.dot`` operand zero, a store zero) get a
 ``tl.where`` only when the value's fill is not already right; values that are
 present everywhere (full tiles) never pay for masking.
+
+Presences are related: a row's running maximum is present wherever one of its
+scores is. ``TileCode`` records such implications (reductions by any, unions,
+conjunctions, copies) and leaves implied conjuncts out of a presence, so that a
+masked score tile minus its row maximum is absent exactly where the score is,
+holds −inf there, and its exponential holds 0 with no ``tl.where``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +32,12 @@ from ..ir.operators import OPERATORS, REDUCERS
 from ..ir.ranks import PARALLEL, coord, rank_order
 
 _FINITE_PROBES = (0.0, 1.5, -2.25)
+_POSITIVE_PROBES = (0.125, 1.5)  # a positive parameter's values, for the fills they determine
+# ops whose results are finite where their operands are (overflow aside): a finite score's maximum is
+# above −inf, which tells a row's presence in a tile without reducing a boolean tile
+_FINITE_OPS = ("add", "sub", "mul", "neg", "maximum", "minimum", "abs", "relu", "sign", "where", "tanh", "sigmoid",
+               "exp", "exp2")
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "neg", "maximum", "minimum", "where")  # exact on integers
 
 
@@ -35,6 +49,8 @@ class Tile:
     pranks: tuple[str, ...] = ()
     fill: float | None = None
     dtype: str = "f32"  # "f32" (the accumulator type: fp32, fp64 in fp64 kernels), "in" (as loaded), "bool", "int"
+    values: tuple[float, ...] | None = None  # what present positions may hold, when few values stand for all
+    finite: bool = False  # present positions hold finite values (given finite q, k and v)
 
 
 def axis_extent(rank: str) -> str:
@@ -90,27 +106,49 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def _eval_fill(op: str, args: list[Tile]) -> float | None:
-    """The op's value at absent positions, when the operands' values there determine it.
+def _eval_fill(op: str, args: list[Tile], kept: set[int], implies) -> float | None:
+    """The op's value at the result's absent positions, when the operands' values there determine it.
 
-    An operand that may be absent with an unknown fill may hold anything there (NaN
-    included), so nothing follows; an operand present everywhere holds real data,
-    probed with a few finite values.
+    The result is absent where one of the ``kept`` operands (those whose presence makes up the
+    result's) is. There, an operand with a presence holds its fill (absent) or real data
+    (present), except that an operand whose presence follows from an absent one's is absent too;
+    an operand present everywhere holds real data. Real data is probed with a few finite values.
+    An operand that may be absent with an unknown fill may hold anything (NaN included), so
+    nothing follows.
     """
     if any(a.present is not None and a.fill is None for a in args):
         return None
-    fills = [a.fill for a in args]
+    choices = [[(a.fill, True)] * (a.present is not None) + [(p, False) for p in a.values or _FINITE_PROBES]
+               for a in args]
     results = set()
-    for probe in _FINITE_PROBES:
-        args = [torch.tensor(probe if f is None else f, dtype=torch.float64) for f in fills]
+    for combo in itertools.product(*choices):
+        if not any(combo[i][1] for i in kept):
+            continue  # the result is present here
+        if any(combo[j][1] and not combo[i][1] and implies(args[i].present, args[j].present)
+               for i in range(len(args)) for j in range(len(args)) if i != j and args[i].present and args[j].present):
+            continue  # i present makes j present
+        values = [torch.tensor(v, dtype=torch.float64) for v, _ in combo]
         if op == "where":
-            args[0] = args[0].bool()
+            values[0] = values[0].bool()
         with torch.no_grad():
-            out = float(OPERATORS[op].torch(*args))
+            out = float(OPERATORS[op].torch(*values))
         if math.isnan(out):
             return None
         results.add(out)
-    return results.pop() if len(results) == 1 else None
+        if len(results) > 1:
+            return None
+    return results.pop() if results else None
+
+
+def _eval_values(op: str, args: list[Tile]) -> tuple[float, ...] | None:
+    """The few values an op of operands with few values takes (a product of constants and positive parameters)."""
+    if any(a.values is None for a in args) or op == "where":
+        return None
+    out = set()
+    for combo in itertools.product(*(a.values for a in args)):
+        with torch.no_grad():
+            out.add(float(OPERATORS[op].torch(*(torch.tensor(v, dtype=torch.float64) for v in combo))))
+    return tuple(sorted(out)) if len(out) <= len(_POSITIVE_PROBES) ** 2 and all(map(math.isfinite, out)) else None
 
 
 @dataclass
@@ -142,6 +180,11 @@ class TileCode:
     # first, so that their dots take key-major tiles as they are (no transpose through shared memory)
     order: tuple[str, ...] | None = None
     packed_heads: bool = True  # rows of a program may belong to several query heads (off_hrow); else off_h
+    # presence implications of this section: code -> codes true wherever it is (broadcast along missing axes)
+    implications: dict = field(default_factory=dict)
+    presence_vars: dict = field(default_factory=dict)  # a presence expression -> the variable first bound to it
+    aliases: dict = field(default_factory=dict)  # a presence variable -> the presence it copies
+    reduced: dict = field(default_factory=dict)  # (presence, rank) -> its reduction over rank by any
 
     def fresh(self, base: str) -> str:
         self.counter[0] += 1
@@ -149,6 +192,67 @@ class TileCode:
 
     def emit(self, line: str) -> None:
         self.lines.append(line)
+
+    # -- presence ------------------------------------------------------------------------------
+
+    def imply(self, a: str | None, b: str | None) -> None:
+        """Record that presence ``a`` holds only where ``b`` does."""
+        if a is not None and b is not None and a != b:
+            self.implications.setdefault(a, set()).add(b)
+
+    def implies(self, a: str, b: str) -> bool:
+        seen, todo = {a}, [a]
+        while todo:
+            x = todo.pop()
+            if x == b:
+                return True
+            for y in self.implications.get(x, ()):
+                if y not in seen:
+                    seen.add(y)
+                    todo.append(y)
+        return False
+
+    def presence(self, tiles, how: str = "&") -> tuple[str | None, tuple[str, ...], set[int]]:
+        """Like the module's ``presence``, leaving out parts that others imply (``&``) or that imply
+        others (``|``); also returns the indices of the parts kept."""
+        tiles = list(tiles)
+        kept: list[int] = []
+        for i, t in enumerate(tiles):
+            if t.present is None:
+                continue
+            others = [j for j, u in enumerate(tiles) if j != i and u.present is not None]
+            if how == "&":
+                redundant = any(self.implies(tiles[j].present, t.present) and (j in kept or not
+                                self.implies(t.present, tiles[j].present)) for j in others)
+            else:
+                redundant = any(self.implies(t.present, tiles[j].present) and (j in kept or not
+                                self.implies(tiles[j].present, t.present)) for j in others)
+            if not redundant:
+                kept.append(i)
+        code, pranks = presence([tiles[i] for i in kept], how, self.order)
+        for i in kept:
+            if how == "&":
+                self.imply(code, tiles[i].present)
+            else:
+                self.imply(tiles[i].present, code)
+        return code, pranks, set(kept)
+
+    def canonical(self, present: str) -> str:
+        while present in self.aliases:
+            present = self.aliases[present]
+        return present
+
+    def any_of(self, present: str, pranks: tuple[str, ...], rank: str, known: str | None = None) -> str:
+        """Presence ``present`` reduced over ``rank`` by any (``present`` implies it), computed once.
+
+        ``known`` is an equivalent test that needs no reduction of its own (a finite maximum's
+        result above −inf). A boolean tile's own reduction is dear: its layout is not the dot's.
+        """
+        key = (self.canonical(present), rank)
+        if key not in self.reduced:
+            self.reduced[key] = known or f"(tl.max({key[0]}.to(tl.int32), {pranks.index(rank)}) > 0)"
+            self.imply(present, self.reduced[key])
+        return self.reduced[key]
 
     # -- leaves -----------------------------------------------------------------------------
 
@@ -218,8 +322,11 @@ class TileCode:
         present = " & ".join(bcast(cond, (x,), pranks) for x, cond in absent) or None
         if len(absent) > 1:  # one expression: it is indexed to broadcast against other tiles
             present = f"({present})"
+        # q, k and v are taken to be finite (as every attention kernel does); an extra input (a bias) may
+        # hold −inf on purpose
         t = Tile(name, axes_t, present, pranks, 0.0 if present else None,
-                 dtype="int" if r.tensor in self.int_inputs else "in")
+                 dtype="int" if r.tensor in self.int_inputs else "in",
+                 finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.int_inputs)
         if r.tensor in self.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
             self.emit(f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
@@ -243,18 +350,23 @@ class TileCode:
 
     def leaf(self, x: Expr) -> Tile:
         if isinstance(x, Const):
-            return Tile(literal(x.value), (), fill=x.value)
+            return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value))
         if isinstance(x, Param):
-            return Tile(f"p_{x.name}", ())
+            decl = next(p for p in self.c.params if p.name == x.name)
+            # a positive parameter is checked to be positive and finite at call time
+            return Tile(f"p_{x.name}", (), values=_POSITIVE_PROBES if decl.positive else None,
+                        finite=decl.positive or decl.integer)
         if isinstance(x, Size):
             size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
-            return Tile(f"{size} * 1.0" if self.acc == "tl.float32" else f"tl.cast({size}, {self.acc})", ())
+            return Tile(f"{size} * 1.0" if self.acc == "tl.float32" else f"tl.cast({size}, {self.acc})", (),
+                        finite=True)
         if isinstance(x, Coord):
             if x.rank == "h":
-                return Tile("off_hrow", ("m",), dtype="int") if self.packed_heads else Tile("off_h", (), dtype="int")
+                return Tile("off_hrow", ("m",), dtype="int", finite=True) if self.packed_heads else \
+                    Tile("off_h", (), dtype="int", finite=True)
             if x.rank == "b":
-                return Tile("off_b", (), dtype="int")
-            return Tile(f"offs_{x.rank}", (x.rank,), dtype="int")
+                return Tile("off_b", (), dtype="int", finite=True)
+            return Tile(f"offs_{x.rank}", (x.rank,), dtype="int", finite=True)
         if isinstance(x, Read):
             if x.prev:
                 t = self.env[x.tensor]
@@ -289,22 +401,26 @@ class TileCode:
         for a in args:
             code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
-        present, pranks = presence(args, order=self.order)
-        fill = _eval_fill(x.op, args) if present is not None else None
+        present, pranks, kept = self.presence(args)
+        fill = _eval_fill(x.op, args, kept, self.implies) if present is not None else None
         code = (op.triton_fp32 if self.fp32_dot and op.triton_fp32 else op.triton).format(*codes)
         dtype = "bool" if op.boolean else "int" if exact else "f32"
         if dtype == "f32" and self.acc != "tl.float32" and x.op in ("where", "sign"):
             code = f"({code}).to({self.acc})"  # a selection between literals is fp32 in Triton
         if op.boolean and present is not None:  # a predicate on absent data is false
             code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
-        return Tile(code, ranks, present, pranks, fill, dtype)
+        values = _eval_values(x.op, args) if present is None and dtype == "f32" else None
+        finite = all(a.finite for a in (args[1:] if x.op == "where" else args)) and (
+            x.op in _FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values)
+        return Tile(code, ranks, present, pranks, fill, dtype, values, finite)
 
     def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
         a, b = args
         ident = {"mul": 1.0, **{r.combine: r.identity for r in REDUCERS.values() if r.combine}}.get(op)
         code = OPERATORS[op].triton.format(bcast(self.f32(a), a.ranks, ranks), bcast(self.f32(b), b.ranks, ranks))
+        finite = a.finite and b.finite and op in _FINITE_OPS
         if a.present is None and b.present is None:
-            return Tile(code, ranks)
+            return Tile(code, ranks, finite=finite)
         if ident is not None and all(t.present is None or t.fill == ident for t in (a, b)):
             value = code  # absent operands already hold the identity
         else:
@@ -313,9 +429,9 @@ class TileCode:
             value = (f"tl.where({pa} & {pb}, {code}, tl.where({pa}, {bcast(self.f32(a), a.ranks, ranks)}, "
                      f"{bcast(self.f32(b), b.ranks, ranks)}))")
         if a.present is None or b.present is None:
-            return Tile(value, ranks)
-        present, pranks = presence((a, b), "|", self.order)
-        return Tile(value, ranks, present, pranks, ident)
+            return Tile(value, ranks, finite=finite)
+        present, pranks, _ = self.presence((a, b), "|")
+        return Tile(value, ranks, present, pranks, ident, finite=finite)
 
     def filled(self, t: Tile, value: float) -> Tile:
         """``t`` with its absent positions set to ``value`` (a no-op when they already are)."""
@@ -337,7 +453,14 @@ class TileCode:
         present = None
         if t.present is not None:
             present = f"{var}_p"
-            self.emit(f"{present} = {t.present}")
+            # one presence computed once: a later tile present at the same positions copies the variable
+            source = self.presence_vars.get(t.present, t.present)
+            self.emit(f"{present} = {source}")
+            self.presence_vars.setdefault(t.present, present)
+            if _IDENTIFIER.fullmatch(source):
+                self.aliases[present] = source
+            self.imply(present, t.present)
+            self.imply(t.present, present)
         out = replace(t, code=var if evaluate else t.code, present=present)
         self.env[name] = out
         return out
@@ -388,7 +511,7 @@ class TileCode:
                 or not (made.present is None or made.fill == 0.0):
             return None
         present, pranks = (None, ()) if rest.present is None or made.present is None else \
-            presence((rest, made), "|", self.order)
+            self.presence((rest, made), "|")[:2]
         return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks,
                     0.0 if present else None)
 
@@ -397,9 +520,9 @@ class TileCode:
         if pred is None:
             return body
         ranks = tile_axes(body.ranks + pred.ranks, self.order)
-        present, pranks = presence((body, Tile("", (), pred.code, pred.ranks)), order=self.order)
+        present, pranks, _ = self.presence((body, Tile("", (), pred.code, pred.ranks)))
         value = f"tl.where({bcast(present, pranks, ranks)}, {bcast(self.f32(body), body.ranks, ranks)}, float('-inf'))"
-        return Tile(value, ranks, present, pranks, float("-inf"))
+        return Tile(value, ranks, present, pranks, float("-inf"), finite=body.finite)
 
     def predicate(self, where: Expr) -> Tile | None:
         """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
@@ -430,11 +553,16 @@ class TileCode:
         present, pranks = None, ()
         if body.present is not None:
             if rank in body.pranks:
-                present = f"(tl.max({body.present}.to(tl.int32), {body.pranks.index(rank)}) > 0)"
+                # a maximum (minimum) of finite values is above −inf (below inf) exactly where some is present
+                known = None
+                if body.finite and red.op in ("max", "min"):
+                    known = f"({self.prefix}{e.out} {'>' if red.op == 'max' else '<'} {literal(ident)})"
+                present = self.any_of(body.present, body.pranks, rank, known)
                 pranks = tuple(x for x in body.pranks if x != rank)
             else:
                 present, pranks = body.present, body.pranks
-        return Tile(code, keep, present, pranks, ident if present else None)
+        finite = body.finite and red.op in ("sum", "max", "min")
+        return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
 
     def is_contraction(self, e: Einsum) -> bool:
         return len(e.reduce.ranks) == 1 and self.dot_groups(e) is not None
@@ -482,20 +610,20 @@ class TileCode:
             prec += f", out_dtype={self.acc}"
         code = f"tl.dot({a_code}, {b_code}{prec})"
         # the result is present where some term of the sum is: reduce the operands' presence over r
-        present, pranks = presence([self.reduced_presence(t, r) for t in (a, b)], order=self.order)
+        present, pranks, _ = self.presence([self.reduced_presence(t, r) for t in (a, b)])
         out_ranks = tile_axes((x, y), self.order)
         if out_ranks != (x, y):
             code = f"tl.trans({code})"
         elif not outer:
             self.dots[e.out] = (a_code, b_code, prec)
-        tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None)
+        tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None, finite=a.finite and b.finite)
         if outer:
             o = self.expr(product(outer))
             if o.present is not None:  # absent where the factor is; 0 there (the dot is finite)
                 o = self.filled(o, 0.0)
-                present, pranks = presence((tile, o), order=self.order)
+                present, pranks, _ = self.presence((tile, o))
             tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, present, pranks,
-                        0.0 if present else None, "f32")
+                        0.0 if present else None, "f32", finite=tile.finite and o.finite)
         return tile
 
     def reduced_presence(self, t: Tile, rank: str) -> Tile:
@@ -506,13 +634,10 @@ class TileCode:
         """
         if t.present is None:
             return Tile("", ())
-        code = t.present
-        if rank in t.pranks:
-            code = f"(tl.max({code}.to(tl.int32), {t.pranks.index(rank)}) > 0)"
-        keep = tuple(x for x in t.pranks if x != rank)
-        for x in reversed(keep):
-            if x not in ("m", "n"):
-                code = f"(tl.max({code}.to(tl.int32), {keep.index(x)}) > 0)"
+        code, keep = t.present, t.pranks
+        for x in [rank] * (rank in keep) + [x for x in reversed(keep) if x not in ("m", "n", rank)]:
+            code = self.any_of(code, keep, x)
+            keep = tuple(y for y in keep if y != x)
         keep = tuple(x for x in keep if x in ("m", "n"))
         return Tile("", (), code if keep else None, keep)
 

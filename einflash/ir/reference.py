@@ -21,6 +21,7 @@ dtype gets wrong).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -134,8 +135,8 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
             raise MissingInputError(f"parameter {p.name!r} has no default and was not given")
         if p.integer:
             out[p.name] = int(out[p.name])
-        if p.positive and not out[p.name] > 0:
-            raise ParameterError(f"parameter {p.name!r} must be positive, got {out[p.name]}")
+        if p.positive and not 0 < out[p.name] < math.inf:
+            raise ParameterError(f"parameter {p.name!r} must be positive and finite, got {out[p.name]}")
     return out
 
 
