@@ -73,6 +73,11 @@ class ParameterError(CallError):
     """A scalar parameter has a value the cascade does not allow (a non-positive scale)."""
 
 
+class NormaliserError(CallError):
+    """``return_lse=True`` on a cascade whose normaliser is not one softmax over n (sigmoid or linear
+    attention, a softmax over another rank, several softmaxes); says what the cascade normalises with."""
+
+
 # -- compilation -----------------------------------------------------------------------
 
 

@@ -13,12 +13,14 @@ from .backends.target import Target
 from .autograd import register_training, schedule_ints, unpacker
 from .compiler.backward import Backward, BackwardSchedule
 from .compiler.explain import Explanation, explain
-from .compiler.forward import Forward, Schedule
+from .compiler.forward import Forward, Schedule, accumulator_dtype
+from .compiler.lse import with_lse
 from .compiler.schedule import default_schedule
 from .compiler.selection import choose
-from .errors import DeviceError, DTypeError, LoweringError, MissingInputError, ParameterError, ShapeError
+from .errors import (DeviceError, DTypeError, LoweringError, MissingInputError, NormaliserError, ParameterError,
+                     ShapeError)
 from .ir import Cascade, Layout, trace
-from .ir.reference import bind_extents, bind_params, run_reference
+from .ir.reference import bind_extents, bind_params, run_outputs
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
 from .shape import Shape
 
@@ -31,7 +33,7 @@ class AttentionOp:
     ``op(q, k, v, **inputs)`` takes q ``[B, Hq, M, E]``, k ``[B, Hkv, N, E]``, v
     ``[B, Hkv, N, F]`` (``Hq`` a multiple of ``Hkv``), the declared extra inputs
     and scalar parameters as keywords, and an optional ``scale``; it returns
-    ``[B, Hq, M, F]`` in q's dtype.
+    ``[B, Hq, M, F]`` in q's dtype (and the log-sum-exp with ``return_lse=True``).
 
     >>> import torch, einflash as ef
     >>> @ef.attention
@@ -51,7 +53,14 @@ class AttentionOp:
         # rewritten and registered now, so that calls (also under torch.compile) run no sympy
         self.forward = Forward(self.cascade)
         self.backward = Backward(self.forward)  # the gradient, derived now too
-        self._custom_op = _register(self)
+        # the cascade with its softmax's log-sum-exp as a second output (return_lse=True), or why it has none
+        self.lse_error: NormaliserError | None = None
+        try:
+            self.forward_lse: Forward | None = Forward(with_lse(self.cascade))
+        except NormaliserError as e:
+            self.forward_lse, self.lse_error = None, e
+        self._custom_op = _register(self, self.forward)
+        self._lse_op = None if self.forward_lse is None else _register(self, self.forward_lse)
         self._train_op = register_training(self)
 
     def __repr__(self) -> str:
@@ -126,15 +135,25 @@ class AttentionOp:
         inputs, params = self.bind(args, kwargs)
         return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype)
 
-    def _reference(self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype) -> torch.Tensor:
+    def _reference(self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype,
+                   lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output, or with ``lse`` the output and the log-sum-exp, from the written cascade."""
+        c = self._lse_cascade() if lse else self.cascade
         if jagged is None:
-            return run_reference(self.cascade, inputs, params, dtype=dtype)
-        outs = [run_reference(self.cascade, seq, params, dtype=dtype)
-                for seq in jagged.sequence_inputs(self.cascade, inputs)]
-        return torch.cat(outs, dim=2)
+            outs = run_outputs(c, inputs, params, dtype=dtype)
+        else:
+            per_seq = [run_outputs(c, seq, params, dtype=dtype) for seq in jagged.sequence_inputs(self.cascade, inputs)]
+            outs = tuple(torch.cat(parts, dim=2) for parts in zip(*per_seq))
+        return outs if lse else outs[0]
+
+    def _lse_cascade(self) -> Cascade:
+        if self.lse_error is not None:
+            raise NormaliserError(f"return_lse=True: {self.lse_error}")
+        return self.forward_lse.written
 
     def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None,
-                 backward_schedule: BackwardSchedule | None = None, deterministic: bool = False, **kwargs):
+                 backward_schedule: BackwardSchedule | None = None, deterministic: bool = False,
+                 return_lse: bool = False, **kwargs):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
 
         Without a ``schedule``, the autotune cache's for this shape (or the nearest tuned shape), else the
@@ -146,28 +165,51 @@ class AttentionOp:
         Inputs that require grad make the call differentiable: the forward then also keeps the per-row
         states its backward reads, and ``backward_schedule`` says how the backward runs (the default is
         deterministic; an atomic dQ schedule is not, and ``deterministic=True`` refuses one).
+
+        ``return_lse=True`` returns ``(out, lse)``: ``lse`` ``[B, Hq, M]`` (``[1, Hq, total_q]`` for a jagged
+        batch), float32 (float64 for float64 inputs), the natural-log log-sum-exp over n of the scores the
+        cascade's softmax normalises (scale and biases included, masked keys left out), −inf for a row with
+        no unmasked key (whose output is 0). The fused kernel (or the split-KV combine) computes it from
+        its running max and sum. It is not differentiable: with inputs that require grad it comes back
+        detached, from a second forward pass without the training states. A cascade with no softmax over n
+        (sigmoid or linear attention), or with several (differential attention), raises NormaliserError
+        saying what it normalises with.
+
+        >>> import torch, einflash as ef
+        >>> @ef.attention
+        ... def plain(q, k, v):
+        ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+        >>> q = torch.randn(1, 2, 5, 16)
+        >>> out, lse = plain(q, q, q, return_lse=True)
+        >>> torch.allclose(lse, torch.logsumexp(q @ q.mT / 4, dim=-1), atol=1e-5), lse.dtype
+        (True, torch.float32)
         """
         inputs, params = self.bind(args, kwargs)
         first = inputs[self.cascade.inputs[0].name]
         jagged = jagged_batch(self.cascade, inputs, kwargs)
         if backend == "reference":
+            if return_lse:
+                out, lse = self._reference(inputs, params, jagged, torch.float64, lse=True)
+                return out.to(first.dtype), lse.to(accumulator_dtype(first.dtype))
             return self._reference(inputs, params, jagged, torch.float64).to(first.dtype)
         if backend is not None:
             get_target(backend)  # an unknown name raises BackendError listing the valid ones
-        fwd = self.forward
+        if return_lse:
+            self._lse_cascade()  # NormaliserError when there is no softmax over n
+        fwd = self.forward_lse if return_lse else self.forward
         if fwd.error is not None:
             raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
                                 f"executor instead)")
         extents = bind_extents(fwd.streamed, inputs, params)
         if jagged is not None:
-            return self._run_jagged(inputs, params, extents, jagged, schedule, first.device)
+            return self._run_jagged(fwd, inputs, params, extents, jagged, schedule, first.device)
         if schedule is None and not torch.compiler.is_compiling():  # traced, the custom op chooses at run time
             schedule = choose(self.cascade, fwd, _target(first.device.type), first.dtype, extents,
                               _kv_heads(self.cascade, inputs), inputs, params)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
         if not torch.compiler.is_compiling() and not needs_grad:
             # eager with nothing to differentiate: the custom op's dispatch would only add host time
-            return fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents)[0]
+            return _results(fwd, *fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents))
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
@@ -180,8 +222,12 @@ class AttentionOp:
             if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
                 raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
                                      f"adds query-side gradients atomically; use atomic_dq=False")
-            return self._train_op([inputs[n] for n in names], values, schedule_ints(ints, backward_schedule))[0]
-        return self._custom_op([inputs[n] for n in names], values, ints)
+            out = self._train_op([inputs[n] for n in names], values, schedule_ints(ints, backward_schedule))[0]
+            if not return_lse:
+                return out
+            # lse is not differentiated: the training op keeps the states its backward needs, not lse
+            return out, self._lse_op([inputs[n].detach() for n in names], values, ints)[1]
+        return (self._lse_op if return_lse else self._custom_op)([inputs[n] for n in names], values, ints)
 
     def tune(self, *args, trials: int | None = None, seconds: float | None = None, **kwargs):
         """Tune the schedule for these arguments (as a call takes them) on their device; store the winner in
@@ -215,9 +261,9 @@ class AttentionOp:
                     budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
                     **options)
 
-    def _run_jagged(self, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None, device):
-        """A jagged batch through the kernel, eagerly (the custom op and autograd take stacked batches only)."""
-        fwd = self.forward
+    def _run_jagged(self, fwd: Forward, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None,
+                    device):
+        """A jagged batch through ``fwd``'s kernel, eagerly (the custom op and autograd take stacked batches only)."""
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
             raise LoweringError(f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
                                 f"into a stacked batch with a mask, or run without autograd")
@@ -226,7 +272,7 @@ class AttentionOp:
             # jagged batches are not tuned yet: the cache's buckets are of stacked batches
             schedule = default_schedule(per_sequence, _target(device.type), _kv_heads(self.cascade, inputs),
                                         fwd.masked, allow_split=False)
-        return fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents, jagged)[0]
+        return _results(fwd, *fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents, jagged))
 
     def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
                 dims: dict[str, int] | None = None, **params) -> Explanation:
@@ -256,32 +302,43 @@ def _target(device_type: str) -> Target:
     return _TARGETS[device_type]
 
 
-def _register(op: AttentionOp):
-    """The op as a torch custom op (opaque to torch.compile, with a fake implementation)."""
-    qualname = f"einflash::fwd_{op.name}_{op.cascade.key}"
+def _results(fwd: Forward, out: torch.Tensor, ws: dict[str, torch.Tensor]):
+    """What a call of ``fwd`` returns: the output, or the output and the per-row outputs (the log-sum-exp)."""
+    rows = fwd.streamed.outputs[1:]
+    return (out, *(ws[o] for o in rows)) if rows else out
+
+
+def _register(op: AttentionOp, fwd: Forward):
+    """``fwd`` (the op's forward, or the one with the log-sum-exp output) as a torch custom op, opaque to
+    torch.compile, with a fake implementation; it returns what a call does (see ``_results``)."""
+    rows = fwd.streamed.outputs[1:]
+    qualname = f"einflash::fwd{'_lse' if rows else ''}_{op.name}_{op.cascade.key}"
     if qualname in _REGISTERED:
         return _REGISTERED[qualname]
-    fwd = op.forward
     unpack = unpacker(op)
+    returns = f"({', '.join(['Tensor'] * (1 + len(rows)))})" if rows else "Tensor"
 
-    @torch.library.custom_op(qualname, mutates_args=())
-    def run(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> torch.Tensor:
+    @torch.library.custom_op(qualname, mutates_args=(),
+                             schema=f"(Tensor[] tensors, float[] params, int[] schedule) -> {returns}")
+    def run(tensors, params, schedule):
         """``schedule``: [block_m, block_n, warps, stages, splits, pack, reverse_m], or [] to choose one here."""
         inputs, values = unpack(tensors, params)
         if schedule:
             ints, flags = schedule[:5], [bool(x) for x in schedule[5:]]
-            return fwd.run(inputs, values, Schedule(*ints, *flags))[0]
+            return _results(fwd, *fwd.run(inputs, values, Schedule(*ints, *flags)))
         extents = bind_extents(fwd.streamed, inputs, values)
         chosen = choose(op.cascade, fwd, _target(tensors[0].device.type), tensors[0].dtype, extents,
                         _kv_heads(op.cascade, inputs))
-        return fwd.run(inputs, values, chosen, extents)[0]
+        return _results(fwd, *fwd.run(inputs, values, chosen, extents))
 
     @run.register_fake
     def _(tensors, params, schedule):
         inputs, values = unpack(tensors, params)
         ext = bind_extents(fwd.streamed, inputs, values)
         value_rank = next(r for r in fwd.streamed.tensor(fwd.streamed.outputs[0]).ranks if r not in "bhm")
-        return tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank])
+        acc = accumulator_dtype(tensors[0].dtype)
+        return _results(fwd, tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank]),
+                        {o: tensors[0].new_empty(ext["b"], ext["h"], ext["m"], dtype=acc) for o in rows})
 
     _REGISTERED[qualname] = run
     return run

@@ -97,7 +97,8 @@ class Forward:
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
             extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
             saved: tuple[str, ...] = (), launcher: Launcher = jit_launch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64).
+        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64), with
+        the cascade's per-row outputs (the log-sum-exp: fp32 ``[B, H, M]``, fp64 for fp64) among them by name.
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
         A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
@@ -113,8 +114,10 @@ class Forward:
         value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
         B, H, M = extents["b"], extents["h"], extents["m"]
         out = torch.empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        acc = accumulator_dtype(first.dtype)
+        row_out = {o: torch.empty(B, H, M, dtype=acc, device=first.device) for o in c.outputs[1:]}
         if B * H * M == 0:
-            return out, {}
+            return out, row_out
         split = schedule.splits > 1
         if jagged is not None:
             if split:
@@ -134,9 +137,8 @@ class Forward:
         lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
                                                           schedule.block_m, schedule.block_n, schedule.pack)
         if split:
-            return self._split(src, inputs, values, out, schedule, extents, dims, lists, launcher)
-        acc = accumulator_dtype(first.dtype)
-        ws = {}
+            return self._split(src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher)
+        ws = dict(row_out)
         for s in src.stored:
             extra = [extents[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = torch.empty(B, H, M, *extra, dtype=acc, device=first.device)
@@ -146,7 +148,7 @@ class Forward:
             launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists, launcher)
         return out, ws
 
-    def _split(self, src, inputs, values, out, schedule, extents, dims, lists, launcher):
+    def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -159,7 +161,8 @@ class Forward:
         launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists,
                launcher=launcher)
         comb = self._combine_source(out.dtype, dims)
-        rows = {s: torch.empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev) for s in comb.row_states}
+        rows = row_out | {s: torch.empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev)
+                          for s in comb.row_states}
         combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
                 launcher)
         return out, rows

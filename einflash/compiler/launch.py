@@ -103,9 +103,10 @@ def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor],
     For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
     sequence's lengths as m and n. ``tile_lists`` are the (tiles, counts) of a kernel whose key
     tiles are listed at run time (see einflash.compiler.blocks). With ``cfg.count_visits`` the
-    call carries a fresh int32 visit counter as ``visits_ptr``.
+    call carries a fresh int32 visit counter as ``visits_ptr``. ``workspaces`` also hold the
+    kernel's per-row outputs (``src.row_outputs``: the log-sum-exp), by name.
     """
-    args = _with_strides(*(inputs[name] for name in src.tensors), out)
+    args = _with_strides(*(inputs[name] for name in src.tensors), out, *(workspaces[o] for o in src.row_outputs))
     for s in src.stored:
         args += _with_strides(workspaces[s], *([workspaces[f"{s}:present"]] if src.split else []))
     args += _with_strides(*(workspaces[f"{s}:present"] for s in src.saved))
@@ -143,11 +144,13 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
 def combine_call(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                  params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
                  extents: dict[str, int], splits: int) -> KernelCall:
-    """The launch of the split-KV combine kernel over (query tiles, batch·heads)."""
+    """The launch of the split-KV combine kernel over (query tiles, batch·heads); ``rows`` holds the final row
+    states and the per-row outputs (``src.row_outputs``), by name."""
     args = []
     for s in src.row_states + src.acc_states:
         args += _with_strides(ws[s], ws[f"{s}:present"])
-    args += _with_strides(*(inputs[name] for name in src.tensors), out, *(rows[s] for s in src.row_states))
+    args += _with_strides(*(inputs[name] for name in src.tensors), out,
+                          *(rows[s] for s in src.row_outputs + src.row_states))
     args += [params[p] for p in src.params]
     B, H, M = extents["b"], extents["h"], extents["m"]
     args += [M, H, splits, *(v for _, v in src.constexprs), block_m]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import LoweringError
 from dataclasses import replace
 
-from ..ir.cascade import Cascade, Einsum, Role, TensorDecl
+from ..ir.cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Role, TensorDecl
 from ..ir.expr import Call, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM
@@ -52,6 +52,7 @@ class KernelSource:
     runtime_args: tuple[str, ...] = ()  # the kernel's parameters given at launch, in order
     constexpr_args: tuple[str, ...] = ()  # then its tl.constexpr parameters, in order
     saved: tuple[str, ...] = ()  # states stored for the backward, each with a per-row presence flag
+    row_outputs: tuple[str, ...] = ()  # per-row outputs stored after the output (the log-sum-exp), in order
 
     @property
     def arguments(self) -> tuple[str, ...]:
@@ -176,12 +177,15 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
         for s in row_states + tuple(s for s in saved if s not in row_states):
             _store_state(epi, s, c.tensor(s).ranks, split=False, presence=s in saved)
         _store_output(epi, epi.env[c.outputs[0]], value_rank)
+        for o in c.outputs[1:]:
+            _store_row_output(epi, o)
+    row_outputs = () if split else c.outputs[1:]  # a split program stores states, the combine the outputs
 
     args = []
     for name in tensors:
         args.append(f"{name}_ptr")
         args += [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
-    args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
+    args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)] + _row_output_args(row_outputs)
     saved = () if split else saved
     for s in (row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states)):
         nd = 3 + (1 if split else 0) + (0 if s in row_states else 1)
@@ -204,7 +208,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in sorted(k for k in dims if not k.endswith("_extent"))),
                         split, tuple(ranges), keys.lists, (*args, *FORWARD_RUNTIME), (*constexprs, *FORWARD_META),
-                        saved)
+                        saved, row_outputs)
 
 
 def exact_dots(dtype: str) -> tuple[bool, str]:
@@ -281,6 +285,8 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     for s in row_states:
         _store_state(epi, s, c.tensor(s).ranks, split=False)
     _store_output(epi, epi.env[c.outputs[0]], value_rank)
+    for o in c.outputs[1:]:
+        _store_row_output(epi, o)
     args = []
     for s in row_states + acc_states:
         nd = 5 if s in acc_states else 4
@@ -290,7 +296,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     inputs = tuple(t.name for t in c.inputs if t.name in read)  # per-head gates, λ of differential...
     for name in inputs:
         args += [f"{name}_ptr"] + [f"stride_{name}_{d}" for d in range(len(c.tensor(name).ranks))]
-    args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)]
+    args += ["out_ptr"] + [f"stride_out_{d}" for d in range(4)] + _row_output_args(c.outputs[1:])
     for s in row_states:
         args += [f"ws_{s}_ptr"] + [f"stride_ws_{s}_{d}" for d in range(3)]
     params = tuple(p.name for p in c.params)
@@ -306,7 +312,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     return KernelSource(name, text, inputs, params, row_states, acc_states, value_rank,
                         tuple((f"D_{r}", dims[r]) for r in names), False,
                         runtime_args=(*args, *COMBINE_RUNTIME),
-                        constexpr_args=(*(f"D_{r}" for r in names), *COMBINE_META))
+                        constexpr_args=(*(f"D_{r}" for r in names), *COMBINE_META), row_outputs=c.outputs[1:])
 
 
 def helpers(c: Cascade) -> list[str]:
@@ -358,6 +364,26 @@ def _store_output(g: TileCode, t: Tile, value_rank: str) -> None:
            f" + offs_{value_rank}[None, :] * stride_out_3")
     mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
+
+
+def _row_output_args(names) -> list[str]:
+    return [a for o in names for a in (f"out_{o}_ptr", *(f"stride_out_{o}_{d}" for d in range(3)))]
+
+
+def _store_row_output(g: TileCode, name: str) -> None:
+    """A per-row output into ``out_<name>[b, h, m]``, laid out like the output; absent rows store −inf.
+
+    Selected by presence, not by the tile's fill: a row that saw no key may hold NaN states (a data-dependent
+    mask leaves exp(−inf − (−inf)) in its correction factor), as ``_store_state`` knows too.
+    """
+    t = g.env[name]
+    code = bcast(g.f32(t), t.ranks, ("m",))
+    if t.present is not None:
+        code = f"tl.where({bcast(t.present, t.pranks, ('m',))}, {code}, {literal(ROW_OUTPUT_ABSENT)})"
+    if t.ranks != ("m",):  # constant along the rows (a cascade whose scores ignore q): one value per program
+        code = f"tl.broadcast_to({code}, (BLOCK_M,))"
+    g.emit(f"tl.store(out_{name}_ptr + mem_b * stride_out_{name}_0 + off_hrow * stride_out_{name}_1 + mem_m * "
+           f"stride_out_{name}_2, {code}.to(out_{name}_ptr.dtype.element_ty), mask=row_ok)")
 
 
 def _store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = False) -> None:

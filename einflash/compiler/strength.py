@@ -24,6 +24,7 @@ from .algebra import factors, product
 from .rewrites import fresh_name, ordered_tensors
 
 LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 
 def _scalar(x: Expr) -> bool:
@@ -95,7 +96,8 @@ def scalars_before_masks(c: Cascade) -> Cascade:
 
 
 def exponent_base2(c: Cascade) -> Cascade:
-    """``exp(x − max_n x)`` → ``exp2(x' − max_n x')`` with ``x' = x·log2 e`` (when that is every use of the max)."""
+    """``exp(x − max_n x)`` → ``exp2(x' − max_n x')`` with ``x' = x·log2 e``, when that is every use of the max
+    in the first output's computation; a further output (the log-sum-exp) reads the max as ``max_n x'·ln 2``."""
     for e in c.einsums:
         red = e.reduce
         if e.loop or red is None or red.op != "max" or red.ranks != (STREAM,) or e.where is not None:
@@ -104,7 +106,7 @@ def exponent_base2(c: Cascade) -> Cascade:
             continue
         x = e.expr
         pattern = call("exp", call("sub", x, Read(e.out, tuple(coord(r) for r in e.ranks))))
-        if not _only_in(c, e.out, pattern):
+        if not _only_in(_first_output(c), e.out, pattern):
             continue
         taken: set[str] = set()
         x2 = _fresh(c, f"{x.tensor}2", taken)
@@ -116,6 +118,7 @@ def exponent_base2(c: Cascade) -> Cascade:
         x2_read = Read(x2, x.index)
         top2_read = Read(top2, tuple(coord(r) for r in e.ranks))
         new = call("exp2", call("sub", x2_read, top2_read))
+        natural = _in_natural_log(e.out, top2)
         einsums = []
         for f in c.einsums:
             if f is e:
@@ -123,6 +126,7 @@ def exponent_base2(c: Cascade) -> Cascade:
                 einsums.append(Einsum(top2, e.ranks, x2_read, Reduction("max", red.ranks), line=e.line))
                 continue
             sub = transform(f.expr, lambda y: new if y == pattern else None)
+            sub = transform(sub, natural)
             einsums.append(replace(f, expr=sub))
         tensors = list(c.tensors) + [TensorDecl(x2, c.tensor(x.tensor).ranks), TensorDecl(top2, e.ranks)]
         c = replace(c, einsums=tuple(einsums), tensors=tuple(ordered_tensors(tensors, einsums)))
@@ -151,6 +155,21 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
         out.append(Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)),
                           line=e.line))
     return _drop_unused(replace(c, einsums=tuple(out), tensors=tuple(ordered_tensors(tensors, out))))
+
+
+def _in_natural_log(name: str, base2: str):
+    """A transform reading the max ``name`` as ``base2·ln 2``: the same value, from the max in base 2."""
+    def fn(y: Expr) -> Expr | None:
+        if isinstance(y, Read) and y.tensor == name:
+            return call("mul", Read(base2, y.index), Const(LN2))
+        return None
+
+    return fn
+
+
+def _first_output(c: Cascade) -> Cascade:
+    """``c`` without the Einsums only its further outputs need (the log-sum-exp of einflash.compiler.lse)."""
+    return _drop_unused(replace(c, outputs=c.outputs[:1]))
 
 
 def _only_in(c: Cascade, name: str, pattern: Expr) -> bool:

@@ -40,6 +40,10 @@ class Layout(enum.Enum):
     DECLARED = "declared"  # dimensions in the declared rank order, e.g. slope[h], bias[h, m, n]
 
 
+# A per-row output's absent elements (rows with no unmasked key) read as this: the log of an empty sum.
+ROW_OUTPUT_ABSENT = float("-inf")
+
+
 @dataclass(frozen=True)
 class TensorDecl:
     name: str
@@ -101,7 +105,7 @@ class Cascade:
     tensors: tuple[TensorDecl, ...]
     params: tuple[ParamDecl, ...]
     einsums: tuple[Einsum, ...]
-    outputs: tuple[str, ...] = ("o",)
+    outputs: tuple[str, ...] = ("o",)  # o[m, f], then any per-row ones (the log-sum-exp: einflash.compiler.lse)
     source: str | None = field(default=None, compare=False)  # file of the declaring function
 
     # -- lookups ---------------------------------------------------------------------

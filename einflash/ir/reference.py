@@ -29,7 +29,7 @@ import sympy
 import torch
 
 from ..errors import MissingInputError, ParameterError, ShapeError
-from .cascade import Cascade, Einsum, Layout
+from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import coord, extent_symbol, rank_order
@@ -430,8 +430,35 @@ def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | N
 def run_reference(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
                   dtype: torch.dtype = torch.float64, chunk: int | None = None) -> torch.Tensor:
     """The output ``[B, Hq, M, F]`` of the cascade on these inputs, computed in ``dtype``."""
+    return run_outputs(c, inputs, params, dtype=dtype, chunk=chunk)[0]
+
+
+def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
+                dtype: torch.dtype = torch.float64, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Every output of the cascade: the first ``[B, Hq, M, F]`` (absent elements 0), then the per-row ones
+    ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``.
+
+    >>> import torch, einflash as ef
+    >>> from einflash.compiler.lse import with_lse
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    >>> o, lse = run_outputs(with_lse(plain.cascade), {"q": q, "k": q, "v": q})
+    >>> torch.allclose(lse, torch.logsumexp(q @ q.mT / 8 ** 0.5, dim=-1))
+    True
+    """
     params = dict(params or {})
     env = evaluate(c, inputs, params, dtype=dtype, chunk=chunk)
     extents = bind_extents(c, inputs, params)
-    return to_contract_layout(c, env[c.outputs[0]], extents)
+    rows = (extents["b"], extents["h"], extents["m"])
+    out = [to_contract_layout(c, env[c.outputs[0]], extents)]
+    for name in c.outputs[1:]:
+        v = env[name]
+        data = v.aligned(("b", "h", "m"))
+        if v.present is not None:
+            data = torch.where(v.aligned_present(("b", "h", "m")), data,
+                               torch.full((), ROW_OUTPUT_ABSENT, dtype=data.dtype, device=data.device))
+        out.append(data.expand(*rows).contiguous())
+    return tuple(out)
 

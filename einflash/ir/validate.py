@@ -135,11 +135,15 @@ def _check_order(c: Cascade) -> None:
 
 
 def _check_outputs(c: Cascade) -> None:
-    for o in c.outputs:
+    """The first output is the attention output ``o[m, f]``; any further one is per row, ``lse[m]``."""
+    for i, o in enumerate(c.outputs):
         if not c.has_tensor(o):
             raise UnknownTensorError(f"output {o!r} is not declared", c.source)
         ranks = [r for r in c.tensor(o).ranks if r not in PARALLEL]
-        if "m" not in ranks or len(ranks) != 2:
+        if i > 0 and ranks != ["m"]:
+            raise RankMismatchError(f"output {o!r} after the first must be per query row, like lse[m]; it has "
+                                    f"({', '.join(ranks)})", c.source)
+        if i == 0 and ("m" not in ranks or len(ranks) != 2):
             made = c.producer(o)
             raise RankMismatchError(f"the output must have the query rank m and one value rank, like o[m,f]; "
                                     f"it has ({', '.join(ranks)})", c.where(made) if made else c.source)
