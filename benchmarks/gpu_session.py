@@ -24,6 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
 # fractions of the session's seconds each step may take
 SHARES = {"forward": 0.14, "backward": 0.18, "tune": 0.30, "checks": 0.38}
+SWEEP_SHARES = {"forward": 0.30, "backward": 0.16, "tune": 0.19, "checks": 0.35}  # with the forward's schedule sweep
 
 
 def _run(args: list[str], log: pathlib.Path, seconds: float) -> int:
@@ -74,12 +75,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seconds", type=float, default=570.0)
     ap.add_argument("--workers", type=int, default=4, help="processes per check suite")
+    ap.add_argument("--sweep", action="store_true", help="the forward benchmark also times fixed schedules")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    limit = {k: v * a.seconds for k, v in SHARES.items()}
-    _run([str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)],
-         out / "session.log", limit["forward"])
+    limit = {k: v * a.seconds for k, v in (SWEEP_SHARES if a.sweep else SHARES).items()}
+    _run([str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)]
+         + ["--sweep"] * a.sweep, out / "session.log", limit["forward"])
     _run([str(HERE / "bench_backward.py"), "--only", "perf", "--deadline", str(limit["backward"] - 15),
           "--out", str(out)], out / "session.log", limit["backward"])
     _run([str(HERE / "bench_tune.py"), "--trials", "8", "--deadline", str(limit["tune"] - 15), "--out", str(out)],
