@@ -553,9 +553,11 @@ class TileCode:
         present, pranks = None, ()
         if body.present is not None:
             if rank in body.pranks:
-                # a maximum (minimum) of finite values is above −inf (below inf) exactly where some is present
+                # a maximum (minimum) of finite values is above −inf (below inf) exactly where some is present.
+                # Only for a presence that varies along both axes: a key-only one reduces cheaply as it is, and
+                # testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp kernels
                 known = None
-                if body.finite and red.op in ("max", "min"):
+                if body.finite and red.op in ("max", "min") and len(body.pranks) > 1:
                     known = f"({self.prefix}{e.out} {'>' if red.op == 'max' else '<'} {literal(ident)})"
                 present = self.any_of(body.present, body.pranks, rank, known)
                 pranks = tuple(x for x in body.pranks if x != rank)
