@@ -1,7 +1,7 @@
 """Forward benchmark on one GPU: einflash beside SDPA (cuDNN, FlashAttention-2) and FlexAttention,
 for every row of DESIGN §5, in one process; then the catalogue's correctness in bf16 and fp16.
 
-    python3 benchmarks/bench_forward.py --out DIR [--quick] [--skip-check]
+    python3 benchmarks/bench_forward.py --out DIR [--quick] [--skip-check] [--only anchors,prefill,decode,lse,check]
 
 Writes DIR/forward.json (one record per measurement) and prints the table with ratios.
 TFLOP/s count 4·B·H·M·D per visited (query, key) pair: masked rows use the exact number of
@@ -220,6 +220,37 @@ def correctness(rows, quick: bool, variants: str | None = None):
                 torch.cuda.empty_cache()
 
 
+def lse_check(rows, variants: str | None = None):
+    """The log-sum-exp output (return_lse=True) of softmax variants against the float64 reference's, bf16 and
+    fp16, prefill and GQA decode (split-KV): the largest absolute error over finite rows, and whether the
+    rows without keys agree (−inf)."""
+    names = (variants or "softmax,causal,sliding_window,alibi,softcap").split(",")
+    for name in names:
+        mod, op = example(name)
+        for case, B, Hq, Hkv, M, N, D in [("prefill", 1, 8, 8, 4096, 4096, 128), ("decode", 2, 32, 8, 1, 32768, 128)]:
+            shape = ef.Shape(B, Hq, M, N, D, D, Hkv)
+            for dt in (torch.bfloat16, torch.float16):
+                try:
+                    g = torch.Generator(device="cuda").manual_seed(0)
+                    q = torch.randn(B, Hq, M, D, device="cuda", dtype=dt, generator=g)
+                    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
+                    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
+                    extra = mod.extra_inputs(shape, device="cuda", dtype=dt) if hasattr(mod, "extra_inputs") else {}
+                    _, lse = op(q, k, v, **extra, return_lse=True)
+                    _, ref = op(q, k, v, **extra, return_lse=True, backend="reference")
+                    fin = torch.isfinite(ref)
+                    err = (lse.double() - ref.double())[fin].abs().max().item() if fin.any() else 0.0
+                    same_inf = bool((torch.isinf(lse) == ~fin).all())
+                    # fp32 states: a few ulps of |lse| plus the exp2/log rounding
+                    tol = 1e-5 * max(1.0, ref[fin].abs().max().item()) + 1e-4
+                    emit(rows, kind="lse", variant=name, case=case, dtype=str(dt).split(".")[1], max_error=err,
+                         tolerance=tol, empty_rows_agree=same_inf, ok=err <= tol and same_inf)
+                except Exception as e:  # noqa: BLE001
+                    emit(rows, kind="lse", variant=name, case=case, dtype=str(dt), ok=False,
+                         error=f"{type(e).__name__}: {str(e)[:300]}")
+                torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -245,6 +276,8 @@ def main():
     if "decode" in steps:
         decode(rows, a.sweep)
     summary(rows)
+    if "lse" in steps:
+        lse_check(rows, a.variants)
     if "check" in steps and not a.skip_check:
         if a.check_workers > 1:
             correctness_in_parallel(rows, a.quick, a.check_workers)
