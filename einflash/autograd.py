@@ -66,7 +66,8 @@ def _schedules(op, tensors, values, ints: list[int]) -> tuple[Schedule, Backward
         forward = Schedule(*f[:5], *(bool(x) for x in f[5:]))
     else:
         forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, _kv_heads(op.cascade, inputs))
-    backward = BackwardSchedule(*b[:4], bool(b[4])) if b else default_backward_schedule(extents, target)
+    backward = BackwardSchedule(*b[:4], bool(b[4])) if b else \
+        default_backward_schedule(extents, target, op.forward.broadcast)
     return replace(forward, splits=1), backward, needed
 
 

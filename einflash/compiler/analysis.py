@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import sympy
 
 from ..ir.cascade import Cascade, Einsum, Layout, Role
-from ..ir.expr import Call, walk
+from ..ir.expr import Call, free_ranks, walk
 from ..ir.operators import OPERATORS
 from ..ir.ranks import PARALLEL, STREAM, extent_symbol
+from .algebra import factors
 from .passes import count_passes
 
 BM, BN, STAGES, ELEM = (sympy.Symbol(s, integer=True, positive=True) for s in ("BM", "BN", "STAGES", "b"))
@@ -40,6 +41,26 @@ def _tile(c: Cascade, rank: str) -> sympy.Expr:
 
 def _tile_elems(c: Cascade, ranks) -> sympy.Expr:
     return sympy.Mul(*(_tile(c, r) for r in ranks))
+
+
+def broadcast_reduction(e: Einsum) -> bool:
+    """Whether ``e`` reduces a product that no matrix multiply computes: a factor varies along the reduced
+    rank and both output ranks (GLA's decay ``exp(g[m,e] − g[n,e])`` inside ``Σ_e q·k·decay``).
+
+    >>> import einflash as ef
+    >>> from einflash.compiler.pipeline import optimise
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> any(broadcast_reduction(e) for e in optimise(plain.cascade)[0].einsums)
+    False
+    """
+    if e.reduce is None:
+        return False
+    out = {r for r in e.ranks if r not in PARALLEL}
+    if len(out) < 2:
+        return False
+    return any(set(e.reduce.ranks) & free_ranks(f) and out <= free_ranks(f) for f, _ in factors(e.expr))
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,8 @@ def buffer_needs(c: Cascade) -> BufferNeeds:
     for e in c.einsums:
         if pa.pass_of(e.out) > 0 or c.tensor(e.out).role is Role.STATE:
             shapes.add(tuple(r for r in e.ranks if r not in PARALLEL))
+            if broadcast_reduction(e):  # the whole iteration tile is held before it is reduced
+                shapes.add(tuple(r for r in e.iteration_ranks if r not in PARALLEL))
     registers = sum((FP32 * _tile_elems(c, s) for s in shapes), sympy.Integer(0))
     fiber = sympy.Integer(0)
     for name, _, _ in pa.crossing:

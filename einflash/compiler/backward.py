@@ -73,18 +73,34 @@ class BackwardSchedule:
         return not self.atomic_dq
 
 
-def default_backward_schedule(extents: dict[str, int], target) -> BackwardSchedule:
+# fp32 values per thread a broadcast tile (BM x BN x widest head dim) may take in a backward kernel
+BROADCAST_VALUES_PER_THREAD = 128
+
+
+def default_backward_schedule(extents: dict[str, int], target, broadcast: bool = False) -> BackwardSchedule:
     """The target's backward tiles for the widest head dimension (see ``Target.backward``); deterministic.
+
+    ``broadcast``: the cascade reduces a tile that no matrix multiply computes (GLA's BM x BN x E decay
+    product, ``einflash.compiler.analysis.broadcast_reduction``); the tiles then shrink until it fits
+    the threads' registers.
 
     >>> from einflash.backends import get_target
     >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"))
     BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=2, atomic_dq=False)
+    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"), True)
+    BackwardSchedule(block_m=16, block_n=16, num_warps=8, num_stages=2, atomic_dq=False)
     """
     if target.backward is None:
         raise LoweringError(f"target {target.name} has no backward tile configurations")
     widest = max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
-    cfg = target.backward.default(1 << max(0, widest - 1).bit_length())
-    return BackwardSchedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, atomic_dq=False)
+    widest = 1 << max(0, widest - 1).bit_length()
+    cfg = target.backward.default(widest)
+    bm, bn = cfg.block_m, cfg.block_n
+    if broadcast and target.gpu is not None:
+        budget = BROADCAST_VALUES_PER_THREAD * target.gpu.warp_size * cfg.num_warps
+        while bm * bn * widest > budget and max(bm, bn) > 16:
+            bm, bn = (bm // 2, bn) if bm >= bn else (bm, bn // 2)
+    return BackwardSchedule(bm, bn, cfg.num_warps, cfg.num_stages, atomic_dq=False)
 
 
 # -- the kernels' parts of the gradient cascade -------------------------------------------------

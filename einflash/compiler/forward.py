@@ -17,6 +17,7 @@ from ..ir.reference import bind_extents
 from ..jagged import JaggedBatch
 from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
 from .lower import KernelSource, lower, lower_combine, sections
+from .analysis import broadcast_reduction
 from .blocks import tile_lists
 from .masks import key_plan
 from .pipeline import optimise
@@ -74,6 +75,8 @@ class Forward:
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
         self.masked = keys is not None and keys.plan is not None
         self.lists = None if keys is None else keys.lists  # key tiles classified at run time
+        # a product reduced as a broadcast tile, not by tl.dot (GLA): the backward's tiles shrink to fit it
+        self.broadcast = any(broadcast_reduction(e) for e in self.streamed.einsums)
 
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}

@@ -6,7 +6,8 @@ that shape find the answer in memory. The order:
 1. the autotune cache entry of the call's shape bucket, else of the nearest compatible bucket;
 2. with EINFLASH_AUTOTUNE=1, outside deployment and outside ``torch.compile``: tune the call's own
    inputs there and then (``einflash.compiler.autotune``) and use the winner;
-3. the heuristic default (``einflash.compiler.schedule.default_schedule``).
+3. the heuristic default (``einflash.compiler.schedule.default_schedule``), shrunk where the buffer
+   analysis finds that it cannot fit the target (``einflash.compiler.space.fitting_default``).
 
 Without EINFLASH_AUTOTUNE a call never tunes. Deploy mode (EINFLASH_DEPLOY=1, or
 ``set_deploy_mode(True)``) never tunes, whatever else is set, and warns once per variant, dtype and
@@ -26,7 +27,7 @@ from ..errors import CacheWarning
 from ..ir.cascade import Cascade
 from .cache import Bucket, CacheKey, TuneCache
 from .forward import Forward, Schedule
-from .schedule import default_schedule
+from .space import fitting_default
 
 _MEMO: dict[tuple, Schedule] = {}
 _WARNED: set[tuple] = set()
@@ -95,4 +96,4 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
                       f"{target.device} in {cache.path(key)}; using the heuristic default. Tune it with "
                       f"`einflash tune` and ship the cache folder (or `einflash cache export`)", CacheWarning,
                       stacklevel=4)
-    return default_schedule(extents, target, kv_heads, forward.masked)
+    return fitting_default(forward, target, extents, kv_heads, dtype.itemsize)

@@ -34,6 +34,7 @@ Pruning, before anything compiles:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, fields
@@ -162,6 +163,36 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
     return None
 
 
+# tile sizes a default may shrink to when the target's own do not fit (tl.dot needs 16)
+_SHRUNK_TILES = (16, 32, 64, 128)
+
+
+def fitting_default(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
+                    elem_bytes: int, allow_split: bool = True) -> Schedule:
+    """The heuristic default, or where the buffer analysis finds that it cannot fit the target (a
+    cascade that reduces a broadcast tile, as GLA does), the largest tiles that do, with its warps.
+
+    >>> import einflash as ef
+    >>> from einflash.backends import get_target
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> fitting_default(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
+    Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False)
+    """
+    default = default_schedule(extents, target, kv_heads, forward.masked, allow_split)
+    smem, regs = _buffer_functions(forward, extents, elem_bytes)
+    if _prune(default, extents, target, smem, regs) is None:
+        return default
+    fits = [dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=w)
+            for bm in _SHRUNK_TILES for bn in _SHRUNK_TILES for w in sorted({default.num_warps, 4, 8})
+            if bm <= default.block_m and bn <= default.block_n]
+    fits = [s for s in fits if _prune(s, extents, target, smem, regs) is None]
+    if not fits:
+        return default  # nothing smaller fits either: compiling says what is short
+    return max(fits, key=lambda s: (s.block_m * s.block_n, s.num_warps == default.num_warps, s.block_m))
+
+
 def search_space(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
                  elem_bytes: int, family: str | None = None) -> Space:
     """The schedules to try for these extents on ``target`` (inputs of ``elem_bytes`` bytes), pruned.
@@ -172,7 +203,7 @@ def search_space(forward: Forward, target: Target, extents: dict[str, int], kv_h
     family = family or family_of(extents)
     if family not in FAMILIES:
         raise LoweringError(f"no kernel family {family!r} to tune; there are {', '.join(FAMILIES)}")
-    default = default_schedule(extents, target, kv_heads, forward.masked)
+    default = fitting_default(forward, target, extents, kv_heads, elem_bytes)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
     feasible, pruned = [], []

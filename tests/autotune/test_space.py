@@ -120,3 +120,26 @@ def test_reversed_tile_order_computes_the_same_bits():
     reversed_ = op(q, k, v, schedule=Schedule(16, 16, 4, 1, reverse_m=True))
     assert torch.equal(straight, reversed_)
     torch.testing.assert_close(straight, op.reference(q, k, v).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
+    # GLA reduces q·k·decay over e as a BM×BN×E tile (no tl.dot computes it): the analysis holds that tile,
+    # so the target's 64×64 default cannot fit sm_90's registers, and the default shrinks until it does
+    from einflash.compiler.analysis import broadcast_reduction
+    from einflash.compiler.space import _buffer_functions, _prune, fitting_default
+
+    gla, softmax = example("gla"), example("softmax")
+    assert any(broadcast_reduction(e) for e in gla.forward.streamed.einsums) and gla.forward.broadcast
+    assert not softmax.forward.broadcast
+    regs = buffer_needs(gla.forward.streamed).registers
+    assert {s.name for s in regs.free_symbols} >= {"BM", "BN", "E"} and regs.subs({BN: 1}).free_symbols
+    extents = dict(b=1, h=8, m=4096, n=4096, e=128, f=128)
+    smem, reg_fn = _buffer_functions(gla.forward, extents, 2)
+    plain = default_schedule(extents, SM90, 8, gla.forward.masked)
+    assert _prune(plain, extents, SM90, smem, reg_fn).kind == "registers"
+    shrunk = fitting_default(gla.forward, SM90, extents, 8, 2)
+    assert _prune(shrunk, extents, SM90, smem, reg_fn) is None
+    assert shrunk.block_m * shrunk.block_n < plain.block_m * plain.block_n
+    assert search_space(gla.forward, SM90, extents, 8, 2).default == shrunk
+    # where the default fits, it stays
+    assert fitting_default(softmax.forward, SM90, PREFILL, 16, 2) == default_schedule(PREFILL, SM90, 16)

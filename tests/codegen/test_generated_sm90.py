@@ -104,3 +104,14 @@ def test_combine_kernel_compiles(compiled, head_dim):
     launch, kernel = compiled[case]
     assert kernel.name.startswith("attn_combine__softmax__") and launch.signature["out_ptr"] == "*bf16"
     _fits(kernel, case)
+
+
+def test_a_broadcast_reduction_compiles_at_its_shrunk_default():
+    # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does
+    from einflash.compiler.space import fitting_default
+
+    op = getattr(__import__("conftest").load_example("gla"), "gla")
+    (job,) = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))
+    assert job.constexprs["BLOCK_M"] * job.constexprs["BLOCK_N"] < 64 * 64
+    kernel = _compile(job)
+    assert kernel.shared_bytes <= SM90.smem_per_block and kernel.spill_bytes == 0, kernel
