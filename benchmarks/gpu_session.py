@@ -1,6 +1,6 @@
 """Every GPU measurement of a session in one command, each part under its own time limit.
 
-    python3 benchmarks/gpu_session.py --out DIR [--seconds 570]
+    python3 benchmarks/gpu_session.py --out DIR [--seconds 570] [--sweep] [--parts forward,backward,tune,checks]
 
 Timings run alone on the GPU, one after another: the forward benchmark beside the peers
 (bench_forward.py), the forward+backward benchmark (bench_backward.py), the tuner's tuned-against-
@@ -39,9 +39,13 @@ def _run(args: list[str], log: pathlib.Path, seconds: float) -> int:
             return 124
 
 
+SLOW_TO_CHECK = ("gla", "sink_window", "prefix_lm")  # compile longest: each starts a worker's share
+
+
 def _checks(out: pathlib.Path, seconds: float, workers: int) -> None:
     """Forward and gradient checks of the catalogue, split over processes; merged into DIR/checks.json."""
     names = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    names = [n for n in SLOW_TO_CHECK if n in names] + [n for n in names if n not in SLOW_TO_CHECK]
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="einflash_checks_"))
     jobs = []
     for k in range(workers):
@@ -76,17 +80,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=570.0)
     ap.add_argument("--workers", type=int, default=4, help="processes per check suite")
     ap.add_argument("--sweep", action="store_true", help="the forward benchmark also times fixed schedules")
+    ap.add_argument("--parts", default=",".join(SHARES), help="which of forward, backward, tune, checks to run")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    limit = {k: v * a.seconds for k, v in (SWEEP_SHARES if a.sweep else SHARES).items()}
-    _run([str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)]
-         + ["--sweep"] * a.sweep, out / "session.log", limit["forward"])
-    _run([str(HERE / "bench_backward.py"), "--only", "perf", "--deadline", str(limit["backward"] - 15),
-          "--out", str(out)], out / "session.log", limit["backward"])
-    _run([str(HERE / "bench_tune.py"), "--trials", "8", "--deadline", str(limit["tune"] - 15), "--out", str(out)],
-         out / "session.log", limit["tune"])
-    _checks(out, limit["checks"], a.workers)
+    parts = a.parts.split(",")
+    shares = {k: v for k, v in (SWEEP_SHARES if a.sweep else SHARES).items() if k in parts}
+    limit = {k: v / sum(shares.values()) * a.seconds for k, v in shares.items()}  # the parts left share the time
+    if "forward" in limit:
+        _run([str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)]
+             + ["--sweep"] * a.sweep, out / "session.log", limit["forward"])
+    if "backward" in limit:
+        _run([str(HERE / "bench_backward.py"), "--only", "perf", "--deadline", str(limit["backward"] - 15),
+              "--out", str(out)], out / "session.log", limit["backward"])
+    if "tune" in limit:
+        _run([str(HERE / "bench_tune.py"), "--trials", "8", "--deadline", str(limit["tune"] - 15), "--out", str(out)],
+             out / "session.log", limit["tune"])
+    if "checks" in limit:
+        _checks(out, limit["checks"], a.workers)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Call, Merge, Read, call, transform
+from ..ir.expr import Call, Const, Merge, Read, call, transform
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.validate import validate
@@ -173,9 +173,98 @@ def inline_row_products(c: Cascade) -> Cascade:
     return prune(replace(c, einsums=einsums))
 
 
+def _row_tensor(c: Cascade, name: str) -> bool:
+    return tuple(r for r in c.tensor(name).ranks if r not in PARALLEL) == ("m",)
+
+
+def _is_reciprocal(e: Einsum) -> bool:
+    x = e.expr
+    return e.reduce is None and e.where is None and isinstance(x, Call) and x.op == "div" \
+        and x.args[0] == Const(1.0) and isinstance(x.args[1], Read)
+
+
+def row_reciprocals(c: Cascade) -> Cascade:
+    """Divisions by a row tensor (``x / den[m]``) in Einsums that iterate more than rows, as products with
+    the row's reciprocal ``den__recip[m] = 1 / den[m]``: an Einsum of its own, placed after ``den``'s
+    producer, which ``cut`` has the rows kernel precompute. The dK/dV kernel then multiplies where it
+    divided once per query row in every tile of keys.
+    """
+    recips: dict[str, str] = {}
+    taken: set[str] = set()
+
+    def sub(x):
+        if isinstance(x, Call) and x.op == "div" and isinstance(x.args[1], Read) and not x.args[1].prev:
+            den = x.args[1]
+            if _row_tensor(c, den.tensor) and tuple(den.index) == tuple(coord(r) for r in c.tensor(den.tensor).ranks):
+                if den.tensor not in recips:
+                    recips[den.tensor] = fresh_name(c, f"{den.tensor}__recip", taken)
+                    taken.add(recips[den.tensor])
+                num = transform(x.args[0], sub)
+                read = Read(recips[den.tensor], den.index)
+                return read if num == Const(1.0) else call("mul", num, read)
+        return None
+
+    einsums = []
+    for e in c.einsums:
+        rows_only = {r for r in e.iteration_ranks if r not in PARALLEL} == {"m"}
+        einsums.append(e if rows_only or _is_reciprocal(e) else replace(e, expr=transform(e.expr, sub)))
+    if not recips:
+        return c
+    tensors = list(c.tensors)
+    for den, name in recips.items():
+        decl = c.tensor(den)
+        tensors.append(TensorDecl(name, decl.ranks))
+        recip = Einsum(name, decl.ranks, call("div", Const(1.0), plain_read(decl)))
+        producer = c.producer(den)
+        at = 0 if producer is None else next(i for i, e in enumerate(einsums) if e.out == den) + 1
+        einsums.insert(at, recip)
+    out = replace(c, tensors=tuple(tensors), einsums=tuple(einsums))
+    validate(out, contract=False)
+    return out
+
+
+def fold_scalar_chains(c: Cascade) -> Cascade:
+    """A product map read only by one other product map written into it, and the constants of the result
+    multiplied into one (``d_s2 = d_num·ln 2·num``, ``d_dot = d_s2·scale·log2 e`` become ``d_num·num·scale``):
+    the chain rule through exp2 and the base-2 scaling leaves constants that cancel."""
+    from .algebra import factors, product
+
+    def is_product(e: Einsum) -> bool:
+        return e.reduce is None and e.where is None and isinstance(e.expr, Call) and e.expr.op in ("mul", "div") \
+            and e.expr.merge is Merge.ALL
+
+    einsums = list(c.einsums)
+    changed = True
+    while changed:
+        changed = False
+        for p in einsums:
+            users = [e for e in einsums if any(r.tensor == p.out for r in e.reads())]
+            if not is_product(p) or p.out in c.outputs or len(users) != 1 or not is_product(users[0]):
+                continue
+            u = users[0]
+            plain = tuple(coord(r) for r in c.tensor(p.out).ranks)
+            if any(r.tensor == p.out and (r.prev or tuple(r.index) != plain) for r in u.reads()):
+                continue
+
+            def sub(x, p=p):
+                return p.expr if isinstance(x, Read) and x.tensor == p.out else None
+
+            fs = factors(transform(u.expr, sub))
+            scalar = 1.0
+            for f, k in fs:
+                if isinstance(f, Const):
+                    scalar = scalar * f.value if k > 0 else scalar / f.value
+            rest = [(f, k) for f, k in fs if not isinstance(f, Const)]
+            folded = product(rest + ([(Const(scalar), 1)] if scalar != 1.0 or not rest else []))
+            einsums = [replace(u, expr=folded) if e is u else e for e in einsums if e is not p]
+            changed = True
+            break
+    return prune(replace(c, einsums=tuple(einsums)))
+
+
 def cut(g: Gradient) -> Parts:
     """The kernels' cascades of a gradient (see the module docstring)."""
-    c = g.cascade
+    c = row_reciprocals(g.cascade)
     by = {k: [p.name for p in g.partials if p.kernel == k] for k in ("rows", "q", "kv")}
     pair_reads = {r.tensor for e in c.einsums if STREAM in e.iteration_ranks for r in e.reads()}
     # row maps are recomputed where they are read; row reductions the pair kernels need are precomputed
@@ -188,13 +277,13 @@ def cut(g: Gradient) -> Parts:
         seen.add(t)
         if e.reduce is None:
             todo += [r.tensor for r in e.reads()]
-    row_terms = tuple(e.out for e in c.einsums if e.out in seen and e.reduce is not None)
+    row_terms = tuple(e.out for e in c.einsums if e.out in seen and (e.reduce is not None or _is_reciprocal(e)))
     rows = _part(c, "rows", list(row_terms) + by["rows"], set())
     given = set(row_terms)
     kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
     both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
     def streamed(part, order):
-        return part and one_rank_reductions(inline_row_products(part), order)
+        return part and one_rank_reductions(fold_scalar_chains(inline_row_products(part)), order)
 
     return Parts(rows and one_rank_reductions(rows, ("m",)), streamed(kv, ("m", "n")), streamed(q, ("n", "m")),
                  streamed(both, ("m", "n")), row_terms)
@@ -661,7 +750,7 @@ class Backward:
                 out[p.name] = Output(p.name, ranks, atomic=True)
         if kernel == "rows":
             for t in cut.parts.row_terms:
-                out = {t: Output(t, _tile_ranks(g.cascade, t))} | out
+                out = {t: Output(t, _tile_ranks(cut.parts.rows, t))} | out
         return out
 
     def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False,

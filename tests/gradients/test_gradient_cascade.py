@@ -3,6 +3,7 @@ float64 reference executor for every one-pass catalogue variant and input; the m
 the backward streams once per direction; the forward saves per-row states only (and accumulators where the
 output cannot give them back); what cannot be differentiated says so."""
 
+import dataclasses
 import re
 
 import pytest
@@ -11,10 +12,11 @@ from conftest import EXAMPLES
 from gradient_cases import FULLY_MASKED, NOT_DIFFERENTIABLE, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
+from einflash.compiler.backward import fold_scalar_chains, row_reciprocals
 from einflash.compiler.gradient import local_derivative, reference_partials, saved_states, finish
 from einflash.compiler.passes import count_passes
 from einflash.errors import DifferentiationError
-from einflash.ir.expr import Read, call
+from einflash.ir.expr import Call, Read, call, walk
 from einflash.ir.printer import format_expr
 from einflash.ir.ranks import coord
 from einflash.ir.reference import bind_extents, bind_params
@@ -130,8 +132,36 @@ def test_softmax_saves_only_per_row_states():
     g = op("softmax").backward.gradient
     assert [(s.name, s.ranks) for s in g.saved] == [("top2_raw", ("b", "h", "m")), ("den", ("b", "h", "m"))]
     assert g.output == "o"  # the row term Σ_f d_o·o/den reads the output, not the accumulator
+    # the pair kernels multiply by the row's reciprocal, precomputed with the row term (see the next test)
     row_terms = op("softmax").backward.parts.row_terms
-    assert row_terms == ("d_den",)
+    assert row_terms == ("den__recip", "d_den")
+
+
+@pytest.mark.parametrize("name", ONE_PASS)
+def test_backward_rewrites_keep_the_gradient(name):
+    """Row reciprocals and folded scalar chains (einflash.compiler.backward), both sides run on the reference
+    executor: the same partials."""
+    given, params = inputs(name, SHAPE, torch.float64), TUNED.get(name, {})
+    o = op(name)
+    g, c = o.backward.gradient, o.forward.streamed
+    values = bind_params(c, params, bind_extents(c, given, params))
+    saved = saved_states(g, c, given, values)
+    out = o.reference(**given, **params)
+    d_o = torch.randn_like(out)
+    want = reference_partials(g, given, values, d_o, out, saved)
+    rewritten = dataclasses.replace(g, cascade=fold_scalar_chains(row_reciprocals(g.cascade)))
+    got = reference_partials(rewritten, given, values, d_o, out, saved)
+    assert got.keys() == want.keys()
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=1e-12, msg=p)
+
+
+def test_the_dkdv_kernel_divides_by_no_row_and_its_constants_cancel():
+    kv = op("softmax").backward.parts.kv
+    pair = [e for e in kv.einsums if {"m", "n"} <= set(e.iteration_ranks)]
+    assert not any(isinstance(x, Call) and x.op == "div" for e in pair for x in walk(e.expr))
+    d_dot = kv.producer("d_dot_e")
+    assert format_expr(d_dot.expr) == "d_num[m,n]·num[m,n]·scale"  # ln 2 · log2 e = 1
 
 
 def test_outputs_that_mix_streams_save_their_accumulators():
