@@ -44,6 +44,17 @@ def tolerance_floor(dtype: torch.dtype, magnitude: float) -> float:
     return ULP_FLOOR * torch.finfo(dtype).eps * max(1.0, magnitude)
 
 
+def lowp_error(lowp: torch.Tensor, exact: torch.Tensor) -> float:
+    """Plain PyTorch's error in the kernel's dtype, where it is finite: where it overflows (a masked
+    ``exp(·)`` that a mask's where multiplies by 0 gives NaN) it has no error to compare with.
+
+    >>> lowp_error(torch.tensor([1.0, float("nan"), 2.5]), torch.tensor([1.5, 2.0, 2.0]))
+    0.5
+    """
+    finite = torch.isfinite(lowp)
+    return float((lowp - exact)[finite].abs().max()) if finite.any() else 0.0
+
+
 def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     """Hold ``out`` (what a kernel returned for these arguments) to the tolerance rule."""
     exact = op.reference(*args, **kwargs)
@@ -62,7 +73,7 @@ def judge(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> Verdict
         bad = float("inf")
     else:
         bad = float((out.double() - exact).abs().max()) if out.numel() else 0.0
-    lowp_err = float((lowp - exact).abs().max()) if out.numel() else 0.0
+    lowp_err = lowp_error(lowp, exact) if out.numel() else 0.0
     magnitude = float(exact.abs().max()) if out.numel() else 0.0
     tol = 2 * lowp_err + tolerance_floor(out.dtype, magnitude)
     return Verdict(bad, tol, lowp_err, bad <= tol)
@@ -114,7 +125,7 @@ def check_gradients(op, grads: dict[str, torch.Tensor | None], grad_output: torc
         empty = got.numel() == 0
         bad = float("inf") if not torch.isfinite(got).all() else (
             0.0 if empty else float((got.double() - want).abs().max()))
-        lowp_err = 0.0 if empty else float((lowp - want).abs().max())
+        lowp_err = 0.0 if empty else lowp_error(lowp, want)
         tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
         verdicts[name] = Verdict(bad, tol, lowp_err, bad <= tol)
     return verdicts
