@@ -75,9 +75,48 @@ Launcher = Callable[[KernelSource, KernelCall], None]
 COMBINE_WARPS, COMBINE_STAGES = 4, 3
 
 
+# Triton's compiled kernel of each (kernel, warps, stages, specialisation) launched before in this process
+_COMPILED: dict[tuple, object] = {}
+_CONSTEXPRS: dict[str, frozenset] = {}
+
+
+def specialisation(src: KernelSource, args: dict[str, object]) -> tuple:
+    """What Triton's JIT specialises a launch on, per argument: tensors by dtype, device and 16-byte alignment,
+    integers by being 1, dividing by 16 and fitting 32 bits, floats by type, compile-time constants (and None
+    and booleans) by value. Launches with equal specialisations run the same compiled kernel."""
+    consts = _CONSTEXPRS.get(src.name)
+    if consts is None:
+        consts = _CONSTEXPRS[src.name] = frozenset(src.constexpr_args)
+    key = []
+    for name, v in args.items():
+        if name in consts or v is None or isinstance(v, bool):
+            key.append(v)
+        elif isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.device.index, v.data_ptr() % 16 == 0))
+        elif isinstance(v, int):
+            key.append((v == 1, v % 16 == 0, -2**31 <= v < 2**31))
+        else:
+            key.append(type(v))
+    return tuple(key)
+
+
 def jit_launch(src: KernelSource, call: KernelCall) -> None:
-    """Run ``call`` through Triton's JIT (compiling the kernel on first use)."""
-    load_kernel(src)[call.grid](*call.args.values(), num_warps=call.num_warps, num_stages=call.num_stages)
+    """Run ``call`` through Triton's JIT (compiling the kernel on first use).
+
+    A launch whose ``specialisation`` was launched before goes straight to the compiled kernel's launcher:
+    the JIT's own binding of every argument (70 for a split-KV decode) cost more host time per launch
+    than the GPU's time for the whole decode step on an H200.
+    """
+    key = (src.name, call.num_warps, call.num_stages, specialisation(src, call.args))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        compiled[call.grid](*call.args.values())
+        return
+    kernel = load_kernel(src)[call.grid](*call.args.values(), num_warps=call.num_warps, num_stages=call.num_stages)
+    if hasattr(kernel, "result"):  # compiled in the background
+        kernel = kernel.result()
+    if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none
+        _COMPILED[key] = kernel
 
 
 def _named(src: KernelSource, values: list) -> dict[str, object]:
