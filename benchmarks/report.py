@@ -1,6 +1,6 @@
 """The README's results section, generated from the benchmark JSON in benchmarks/results/.
 
-    python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--readme README.md]
+    python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--backward .../backward.json] [--readme README.md]
 
 Prints the Markdown (GPU, date, versions, one row per DESIGN §5 case with the ratios against
 FlexAttention and cuDNN measured in the same run, the correctness summary of the catalogue);
@@ -40,10 +40,15 @@ def forward_table(rows: list[dict]) -> list[str]:
     unit: dict[str, str] = {}
     for r in rows:
         if r.get("kind") in ("prefill", "decode") and "error" not in r:
-            value = r.get("tflops") or r.get("graph_tbps") or r.get("tbps")
-            by.setdefault(r["case"], {})[r["impl"]] = value
-            unit[r["case"]] = "TFLOP/s" if "tflops" in r else "TB/s of KV read" + (
-                ", CUDA-graph replay" if "graph_tbps" in r else "")
+            if "tflops" in r:
+                by.setdefault(r["case"], {})[r["impl"]] = r["tflops"]
+                unit[r["case"]] = "TFLOP/s"
+                continue
+            # decoding both ways: calls timed as the host issues them, and the GPU's own time from a CUDA graph
+            for case, key in ((f"{r['case']}, per call", "tbps"), (f"{r['case']}, CUDA-graph replay", "graph_tbps")):
+                if key in r:
+                    by.setdefault(case, {})[r["impl"]] = r[key]
+                    unit[case] = "TB/s of KV read"
     for case, d in by.items():
         default, tuned = d.get("einflash", math.nan), _best(d, "einflash")
         flex, cudnn = d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
@@ -73,6 +78,33 @@ def forward_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def backward_table(rows: list[dict]) -> list[str]:
+    """Forward+backward TFLOP/s per DESIGN §5 case, with the ratios against FlexAttention and cuDNN."""
+    env = next(r for r in rows if r.get("kind") == "env")
+    at = f", einflash at commit {env['commit']}" if env.get("commit") else ""
+    lines = [f"Forward+backward, bf16, {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}{at} "
+             f"(TFLOP/s count 3.5× the forward's FLOPs per step: the forward, and 2.5× for the backward).", "",
+             "| case | einflash (default) | einflash, atomic dQ | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
+             "| einflash / Flex | einflash / cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    by: dict[str, dict] = {}
+    for r in rows:
+        if r.get("kind") == "perf" and "error" not in r:
+            by.setdefault(r["case"], {})[r["impl"]] = r["tflops"]
+    for case, d in by.items():
+        mine, flex, cudnn = d.get("einflash", math.nan), d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
+        lines.append(f"| {case} | {_cell(mine)} | {_cell(d.get('einflash[atomic dq]', math.nan))} | {_cell(cudnn)} | "
+                     f"{_cell(d.get('sdpa-flash', math.nan))} | {_cell(flex)} | {_cell(mine / flex, 2)} | "
+                     f"{_cell(mine / cudnn, 2)} |")
+    checks = [r for r in rows if r.get("kind") == "check" and r.get("ok") is not None]
+    if checks:
+        failed = sorted({r["variant"] for r in checks if not r["ok"]})
+        lines += ["", f"Gradients on the GPU: {len(checks)} checks ({len({r['variant'] for r in checks})} variants × "
+                      f"bf16, fp16; every floating-point input) against the float64 reference under the tolerance "
+                      f"rule, {len(checks) - sum(not r['ok'] for r in checks)} passed"
+                      + (f"; failed: {', '.join(failed)}" if failed else "") + "."]
+    return lines
+
+
 def splice(readme: pathlib.Path, lines: list[str]) -> None:
     text = readme.read_text()
     block = "<!-- results -->\n" + "\n".join(lines) + "\n<!-- /results -->"
@@ -86,9 +118,12 @@ def splice(readme: pathlib.Path, lines: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("forward_json")
+    ap.add_argument("--backward", default=None, help="the same run's backward.json (its checks may be merged in)")
     ap.add_argument("--readme", default=None)
     a = ap.parse_args()
     lines = forward_table(json.loads(pathlib.Path(a.forward_json).read_text()))
+    if a.backward:
+        lines += [""] + backward_table(json.loads(pathlib.Path(a.backward).read_text()))
     print("\n".join(lines))
     if a.readme:
         splice(pathlib.Path(a.readme), lines)
