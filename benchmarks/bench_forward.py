@@ -126,14 +126,30 @@ def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
         torch.cuda.empty_cache()
 
 
-def decode(rows, sweep: bool):
-    label, name, p = DECODE
+def seeded_inputs(mod, shape: ef.Shape, dt: torch.dtype):
+    """q, k, v and the example's extra inputs at ``shape``, seeded, on the GPU: what the checks run on."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(shape.B, shape.Hq, shape.M, shape.E, device="cuda", dtype=dt, generator=g)
+    k = torch.randn(shape.B, shape.Hkv, shape.N, shape.E, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(shape.B, shape.Hkv, shape.N, shape.F, device="cuda", dtype=dt, generator=g)
+    extra = mod.extra_inputs(shape, device="cuda", dtype=dt) if hasattr(mod, "extra_inputs") else {}
+    return q, k, v, extra
+
+
+def decode_inputs():
+    """The decode row's op and q, k, v (random bf16 on the GPU), and the bytes of K and V it reads."""
+    _, name, p = DECODE
     _, op = example(name)
     B, Hq, Hkv, L, D = p["B"], p["Hq"], p["Hkv"], p["L"], p["D"]
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=DT)
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
     v = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
-    kv_bytes = 2 * B * Hkv * L * D * 2
+    return op, q, k, v, 2 * B * Hkv * L * D * 2
+
+
+def decode(rows, sweep: bool):
+    label = DECODE[0]
+    op, q, k, v, kv_bytes = decode_inputs()
     impls = {"einflash": lambda: op(q, k, v)}
     if sweep:
         for bn, splits, w, st in [(64, 8, 4, 4), (64, 12, 4, 3), (64, 9, 8, 3), (64, 9, 4, 5), (32, 9, 4, 4),
@@ -206,11 +222,7 @@ def correctness(rows, quick: bool, variants: str | None = None):
             shape = ef.Shape(B, hq, M, N, D, D, hkv)
             for dt in (torch.bfloat16, torch.float16):
                 try:
-                    g = torch.Generator(device="cuda").manual_seed(0)
-                    q = torch.randn(B, hq, M, D, device="cuda", dtype=dt, generator=g)
-                    k = torch.randn(B, hkv, N, D, device="cuda", dtype=dt, generator=g)
-                    v = torch.randn(B, hkv, N, D, device="cuda", dtype=dt, generator=g)
-                    extra = mod.extra_inputs(shape, device="cuda", dtype=dt) if hasattr(mod, "extra_inputs") else {}
+                    q, k, v, extra = seeded_inputs(mod, shape, dt)
                     args = (q, k) if name == "mla_decode" else (q, k, v)
                     out = op(*args, **extra)
                     verdict = check(op, out, *args, **extra)
@@ -233,11 +245,7 @@ def lse_check(rows, variants: str | None = None):
             shape = ef.Shape(B, Hq, M, N, D, D, Hkv)
             for dt in (torch.bfloat16, torch.float16):
                 try:
-                    g = torch.Generator(device="cuda").manual_seed(0)
-                    q = torch.randn(B, Hq, M, D, device="cuda", dtype=dt, generator=g)
-                    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
-                    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=dt, generator=g)
-                    extra = mod.extra_inputs(shape, device="cuda", dtype=dt) if hasattr(mod, "extra_inputs") else {}
+                    q, k, v, extra = seeded_inputs(mod, shape, dt)
                     _, lse = op(q, k, v, **extra, return_lse=True)
                     _, ref = op(q, k, v, **extra, return_lse=True, backend="reference")
                     fin = torch.isfinite(ref)

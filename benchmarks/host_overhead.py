@@ -25,7 +25,7 @@ import triton
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_forward import DECODE, DT, example  # noqa: E402
+from bench_forward import DT, decode_inputs  # noqa: E402
 
 from einflash.compiler.launch import jit_launch  # noqa: E402
 
@@ -47,12 +47,8 @@ def main():
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    _, name, p = DECODE
-    _, op = example(name)
-    B, Hq, Hkv, L, D = p["B"], p["Hq"], p["Hkv"], p["L"], p["D"]
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=DT)
-    k = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
-    v = torch.randn(B, Hkv, L, D, device="cuda", dtype=DT)
+    op, q, k, v, _ = decode_inputs()
+    Hkv = k.shape[1]
     op(q, k, v)
     fwd = op.forward
     from einflash.compiler.selection import choose

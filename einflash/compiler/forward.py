@@ -15,10 +15,10 @@ from ..ir.cascade import Cascade
 from ..ir.ranks import PARALLEL
 from ..ir.reference import bind_extents
 from ..jagged import JaggedBatch
-from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
-from .lower import KernelSource, lower, lower_combine, sections
 from .analysis import broadcast_reduction
 from .blocks import tile_lists
+from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
+from .lower import KernelSource, lower, lower_combine, sections
 from .masks import key_plan
 from .pipeline import optimise
 

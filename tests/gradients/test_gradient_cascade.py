@@ -13,7 +13,7 @@ from gradient_cases import FULLY_MASKED, NOT_DIFFERENTIABLE, ONE_PASS, TUNED, in
 
 import einflash as ef
 from einflash.compiler.backward import fold_scalar_chains, row_reciprocals
-from einflash.compiler.gradient import local_derivative, reference_partials, saved_states, finish
+from einflash.compiler.gradient import finish, local_derivative, reference_partials, saved_states
 from einflash.compiler.passes import count_passes
 from einflash.errors import DifferentiationError
 from einflash.ir.expr import Call, Read, call, walk
