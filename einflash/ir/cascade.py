@@ -130,11 +130,11 @@ class Cascade:
     def has_rank(self, name: str) -> bool:
         return name in self._ranks
 
-    @property
+    @cached_property  # read on every call's host path: once per cascade, not once per read
     def inputs(self) -> tuple[TensorDecl, ...]:
         return tuple(t for t in self.tensors if t.role is Role.INPUT)
 
-    @property
+    @cached_property
     def states(self) -> tuple[TensorDecl, ...]:
         return tuple(t for t in self.tensors if t.role is Role.STATE)
 
