@@ -197,12 +197,15 @@ class AttentionOp:
         if return_lse:
             self._lse_cascade()  # NormaliserError when there is no softmax over n
         fwd = self.forward_lse if return_lse else self.forward
-        if fwd.error is not None:
-            raise LoweringError(f"{self.name}: {fwd.error} (pass backend='reference' to run the reference "
-                                f"executor instead)")
-        extents = bind_extents(fwd.streamed, inputs, params)
+        if fwd.error is not None and not torch.compiler.is_compiling():
+            raise LoweringError(fwd.refusal)
+        # traced by torch.compile, the custom op raises it when it runs: a raise that Dynamo traced would come
+        # out of a fullgraph compile as its own exception type
         if jagged is not None:
-            return self._run_jagged(fwd, inputs, params, extents, jagged, schedule, first.device)
+            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.streamed, inputs, params), jagged,
+                                    schedule, first.device)
+        # traced, the custom op binds the extents (its fake implementation at trace time)
+        extents = None if torch.compiler.is_compiling() else bind_extents(fwd.streamed, inputs, params)
         if schedule is None and not torch.compiler.is_compiling():  # traced, the custom op chooses at run time
             schedule = choose(self.cascade, fwd, _target(first.device.type), first.dtype, extents,
                               _kv_heads(self.cascade, inputs), inputs, params)
@@ -322,6 +325,8 @@ def _register(op: AttentionOp, fwd: Forward):
                              schema=f"(Tensor[] tensors, float[] params, int[] schedule) -> {returns}")
     def run(tensors, params, schedule):
         """``schedule``: [block_m, block_n, warps, stages, splits, pack, reverse_m], or [] to choose one here."""
+        if fwd.error is not None:
+            raise LoweringError(fwd.refusal)
         inputs, values = unpack(tensors, params)
         if schedule:
             ints, flags = schedule[:5], [bool(x) for x in schedule[5:]]

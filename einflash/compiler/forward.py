@@ -70,6 +70,9 @@ class Forward:
             sections(self.streamed)
         except LoweringError as e:
             self.error = e
+        # what a call says when it cannot run the kernel (a string made now: under torch.compile too)
+        self.refusal = None if self.error is None else (
+            f"{cascade.name}: {self.error} (pass backend='reference' to run the reference executor instead)")
         self._sources: dict[tuple, KernelSource] = {}
         keys = None if self.error is not None else key_plan(self.streamed, sections(self.streamed).loop)
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
