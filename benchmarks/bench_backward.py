@@ -82,11 +82,10 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
         default = default_backward_schedule({"e": D, "f": D}, detect())
         atomic = BackwardSchedule(default.block_m, default.block_n, default.num_warps, default.num_stages, True)
         impls["einflash[atomic dq]"] = lambda: op(q, k, v, **extra, **params, backward_schedule=atomic)
-        for peer, fn in peers.row_peers(name, kind, q, k, v, extra, params).items():
-            if isinstance(fn, Exception):
-                emit(rows, kind="perf", case=label, impl=peer, error=str(fn)[:300])
-            else:
-                impls[peer] = fn
+        runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
+        impls.update(runnable)
+        for peer, e in failed.items():
+            emit(rows, kind="perf", case=label, impl=peer, error=str(e)[:300])
         for impl, fn in impls.items():
             if late():
                 emit(rows, kind="skipped", case=label, impl=impl, reason="deadline")

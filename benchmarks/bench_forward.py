@@ -106,11 +106,10 @@ def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
                                  (64, 128, 4, 3), (128, 64, 8, 4)]:
                 sch = Schedule(bm, bn, w, s)
                 impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
-        for peer, fn in peers.row_peers(name, kind, q, k, v, extra, params).items():
-            if isinstance(fn, Exception):
-                emit(rows, kind="prefill", case=label, impl=peer, error=str(fn)[:300])
-            else:
-                impls[peer] = fn
+        runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
+        impls.update(runnable)
+        for peer, e in failed.items():
+            emit(rows, kind="prefill", case=label, impl=peer, error=str(e)[:300])
         for impl, fn in impls.items():
             try:
                 t0 = time.time()

@@ -76,9 +76,9 @@ def alibi_mod(slopes):
     return mod
 
 
-def row_peers(name: str, kind: str, q, k, v, extra: dict, params: dict) -> dict:
-    """The peers of one benchmark row of catalogue variant ``name`` (mask ``kind``): name → callable, or
-    name → the exception that kept the peer from running the case."""
+def row_peers(name: str, kind: str, q, k, v, extra: dict, params: dict) -> tuple[dict, dict]:
+    """The peers of one benchmark row of catalogue variant ``name`` (mask ``kind``): name → callable for those
+    that run the case, and name → the exception that kept each other one from it."""
     peers = {}
     if name in ("softmax", "causal"):
         for peer in SDPA_BACKENDS:
@@ -93,4 +93,5 @@ def row_peers(name: str, kind: str, q, k, v, extra: dict, params: dict) -> dict:
         peers["flex"] = flex(q, k, v, mask_mod=mask, score_mod=score)
     except Exception as e:  # noqa: BLE001
         peers["flex"] = e
-    return peers
+    return ({p: f for p, f in peers.items() if not isinstance(f, Exception)},
+            {p: e for p, e in peers.items() if isinstance(e, Exception)})
