@@ -168,7 +168,7 @@ _SHRUNK_TILES = (16, 32, 64, 128)
 
 
 def fitting_default(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
-                    elem_bytes: int, allow_split: bool = True) -> Schedule:
+                    elem_bytes: int) -> Schedule:
     """The heuristic default, or where the buffer analysis finds that it cannot fit the target (a
     cascade that reduces a broadcast tile, as GLA does), the largest tiles that do, with its warps.
 
@@ -180,8 +180,11 @@ def fitting_default(forward: Forward, target: Target, extents: dict[str, int], k
     >>> fitting_default(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
     Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False)
     """
-    default = default_schedule(extents, target, kv_heads, forward.masked, allow_split)
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
+    return _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
+
+
+def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Schedule:
     if _prune(default, extents, target, smem, regs) is None:
         return default
     fits = [dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=w)
@@ -203,9 +206,9 @@ def search_space(forward: Forward, target: Target, extents: dict[str, int], kv_h
     family = family or family_of(extents)
     if family not in FAMILIES:
         raise LoweringError(f"no kernel family {family!r} to tune; there are {', '.join(FAMILIES)}")
-    default = fitting_default(forward, target, extents, kv_heads, elem_bytes)
+    smem, regs = _buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
+    default = _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
-    smem, regs = _buffer_functions(forward, extents, elem_bytes)
     feasible, pruned = [], []
     for combo in itertools.product(*knobs.values()):
         s = Schedule(*combo)

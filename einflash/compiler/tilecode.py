@@ -120,13 +120,15 @@ def _eval_fill(op: str, args: list[Tile], kept: set[int], implies) -> float | No
         return None
     choices = [[(a.fill, True)] * (a.present is not None) + [(p, False) for p in a.values or _FINITE_PROBES]
                for a in args]
+    # (i, j): operand i present makes operand j present
+    follows = [(i, j) for i, a in enumerate(args) for j, b in enumerate(args)
+               if i != j and a.present and b.present and implies(a.present, b.present)]
     results = set()
     for combo in itertools.product(*choices):
         if not any(combo[i][1] for i in kept):
             continue  # the result is present here
-        if any(combo[j][1] and not combo[i][1] and implies(args[i].present, args[j].present)
-               for i in range(len(args)) for j in range(len(args)) if i != j and args[i].present and args[j].present):
-            continue  # i present makes j present
+        if any(combo[j][1] and not combo[i][1] for i, j in follows):
+            continue  # cannot happen
         values = [torch.tensor(v, dtype=torch.float64) for v, _ in combo]
         if op == "where":
             values[0] = values[0].bool()
@@ -216,18 +218,18 @@ class TileCode:
         """Like the module's ``presence``, leaving out parts that others imply (``&``) or that imply
         others (``|``); also returns the indices of the parts kept."""
         tiles = list(tiles)
+
+        def covers(a: str, b: str) -> bool:  # part a makes part b redundant in the combination
+            return self.implies(a, b) if how == "&" else self.implies(b, a)
+
         kept: list[int] = []
         for i, t in enumerate(tiles):
             if t.present is None:
                 continue
             others = [j for j, u in enumerate(tiles) if j != i and u.present is not None]
-            if how == "&":
-                redundant = any(self.implies(tiles[j].present, t.present) and (j in kept or not
-                                self.implies(t.present, tiles[j].present)) for j in others)
-            else:
-                redundant = any(self.implies(t.present, tiles[j].present) and (j in kept or not
-                                self.implies(tiles[j].present, t.present)) for j in others)
-            if not redundant:
+            # of two equivalent parts, the first stays
+            if not any(covers(tiles[j].present, t.present) and (j in kept or not covers(t.present, tiles[j].present))
+                       for j in others):
                 kept.append(i)
         code, pranks = presence([tiles[i] for i in kept], how, self.order)
         for i in kept:
