@@ -2,14 +2,15 @@
 for the training rows of DESIGN §5, in one process; then the catalogue's gradients in bf16 and fp16 against
 the tolerance rule.
 
-    python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,check] [--deadline 500]
+    python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,kernels,check] [--deadline 500]
                                          [--cases causal,ALiBi] [--variants causal,alibi] [--dtypes bfloat16]
 
 Writes DIR/backward.json as it goes (one record per measurement) and prints the table with ratios. TFLOP/s
 of a forward+backward count 3.5 × 4·B·H·M·D per visited (query, key) pair (the forward's 4·B·H·M·N·D, the
 backward's 2.5×, as /work/shared/bench/peers_gpu.py counts them); masked rows use the exact number of unmasked
-pairs, the same for every implementation. Past the deadline (seconds from the start) nothing new is started
-and the run ends with what it has.
+pairs, the same for every implementation. ``kernels`` profiles a training step of einflash and of FlexAttention per
+row and records each GPU kernel's time (where a step's time goes). Past the deadline (seconds from the start)
+nothing new is started and the run ends with what it has.
 """
 
 from __future__ import annotations
@@ -109,6 +110,31 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
         torch.cuda.empty_cache()
 
 
+def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
+    """Per row, the GPU time of each kernel a training step runs (µs per step, from torch.profiler), for
+    einflash and FlexAttention."""
+    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+        if (cases and not any(c in label for c in cases.split(","))) or late():
+            continue
+        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
+        grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+        runnable, _ = peers.row_peers(name, kind, q, k, v, extra, params)
+        impls = {"einflash": lambda: op(q, k, v, **extra, **params), **{p: f for p, f in runnable.items() if p == "flex"}}
+        for impl, fn in impls.items():
+            step = _training(fn, grad)
+            step()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step()
+                    q.grad = k.grad = v.grad = None
+                torch.cuda.synchronize()
+            times = {e.key[:90]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
+            emit(rows, kind="kernels", case=label, impl=impl, us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])))
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+
+
 def correctness(rows, quick: bool, variants: str | None = None, dtypes: str = "bfloat16,float16"):
     """Every differentiable catalogue variant's gradients, bf16 and fp16, against the rule, per input."""
     names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
@@ -200,6 +226,8 @@ def main():
     steps = a.only.split(",")
     if "perf" in steps:
         perf(rows, a.quick, a.sweep, a.cases)
+    if "kernels" in steps:
+        kernels(rows, a.quick, a.cases)
     if "check" in steps:
         correctness(rows, a.quick, a.variants, a.dtypes)
     summary(rows)

@@ -4,9 +4,10 @@ D=128, KV 32768), which the GPU finishes in about 70 µs, so the host's time per
     python3 benchmarks/host_overhead.py --out DIR
 
 Writes DIR/host.json: µs per call, launched back to back with one synchronisation at the end, of
-(1) the whole call; (2) the call with its launches captured, not run (einflash's Python alone); (3) the two
-launches alone through Triton's JIT, their arguments built beforehand; (4) the GPU's time per call from a
-CUDA graph; and DIR/host_profile.txt, the call's cProfile (functions by own time).
+(1) the whole call, replayed (einflash.compiler.replay); (2) the whole call not replayed (recorded anew each
+time); (3) the call's Python with its launches captured, not run (not replayed); (4) the two launches alone
+through Triton's JIT, their arguments built beforehand; (5) the GPU's time per call from a CUDA graph; and
+DIR/host_profile.txt, the replayed call's cProfile (functions by own time).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def per_call_us(fn, calls: int = 2000) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
+def _unreplayed(op, measure):
+    """``measure()`` with ``op``'s calls recorded but never replayed."""
+    replays = op._replays
+    op._replays = type(replays)(capacity=0)
+    try:
+        return measure()
+    finally:
+        op._replays = replays
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -62,7 +73,8 @@ def main():
     launches = []
     fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: launches.append((src, call)))
     rows = {"schedule": str(schedule),
-            "whole call": per_call_us(lambda: op(q, k, v)),
+            "whole call (replayed)": per_call_us(lambda: op(q, k, v)),
+            "whole call, not replayed": _unreplayed(op, lambda: per_call_us(lambda: op(q, k, v))),
             "einflash Python (launches captured)": per_call_us(
                 lambda: fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: None)),
             "the launches alone (Triton JIT)": per_call_us(lambda: [jit_launch(s, c) for s, c in launches]),

@@ -21,6 +21,7 @@ from .launch import LaunchConfig, Launcher, combine, jit_launch, launch
 from .lower import KernelSource, lower, lower_combine, sections
 from .masks import key_plan
 from .pipeline import optimise
+from .replay import Recording
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                torch.float64: "float64"}
@@ -102,7 +103,8 @@ class Forward:
 
     def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
             extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
-            saved: tuple[str, ...] = (), launcher: Launcher = jit_launch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            saved: tuple[str, ...] = (), launcher: Launcher = jit_launch,
+            record: Recording | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64), with
         the cascade's per-row outputs (the log-sum-exp: fp32 ``[B, H, M]``, fp64 for fp64) among them by name.
 
@@ -111,17 +113,20 @@ class Forward:
         states are then ``[1, H, total_q, ...]``. ``saved`` names states to keep for the backward
         (training, no split): each is returned too (``[B, H, M(, F)]``), with its per-row presence as
         ``"<state>:present"`` (int8, 1 where the row saw a key). ``launcher`` runs each kernel launch
-        (Triton's JIT by default; stored binaries for AOT).
+        (Triton's JIT by default; stored binaries for AOT). A ``record`` allocates every buffer and runs
+        every launch instead, keeping them for a replay (einflash.compiler.replay).
         """
         c = self.streamed
+        empty = torch.empty if record is None else record.empty
+        launcher = launcher if record is None else record.launch
         extents = extents or bind_extents(c, inputs, values)
         first = inputs[c.inputs[0].name]
         dims = self.dims(extents)
         value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
         B, H, M = extents["b"], extents["h"], extents["m"]
-        out = torch.empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        out = empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
         acc = accumulator_dtype(first.dtype)
-        row_out = {o: torch.empty(B, H, M, dtype=acc, device=first.device) for o in c.outputs[1:]}
+        row_out = {o: empty(B, H, M, dtype=acc, device=first.device) for o in c.outputs[1:]}
         if B * H * M == 0:
             return out, row_out
         split = schedule.splits > 1
@@ -143,18 +148,18 @@ class Forward:
         lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
                                                           schedule.block_m, schedule.block_n, schedule.pack)
         if split:
-            return self._split(src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher)
+            return self._split(src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty)
         ws = dict(row_out)
         for s in src.stored:
             extra = [extents[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
-            ws[s] = torch.empty(B, H, M, *extra, dtype=acc, device=first.device)
+            ws[s] = empty(B, H, M, *extra, dtype=acc, device=first.device)
         for s in src.saved:
-            ws[f"{s}:present"] = torch.empty(B, H, M, dtype=torch.int8, device=first.device)
+            ws[f"{s}:present"] = empty(B, H, M, dtype=torch.int8, device=first.device)
         if jagged is None or jagged.max_q > 0:
             launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, jagged, lists, launcher)
         return out, ws
 
-    def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher):
+    def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""
         c = self.streamed
         B, H, M, S = extents["b"], extents["h"], extents["m"], schedule.splits
@@ -162,12 +167,12 @@ class Forward:
         ws = {}
         for s in src.row_states + src.acc_states:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
-            ws[s] = torch.empty(B, H, S, M, *extra, dtype=accumulator_dtype(out.dtype), device=dev)
-            ws[f"{s}:present"] = torch.empty(B, H, S, M, dtype=torch.int8, device=dev)
+            ws[s] = empty(B, H, S, M, *extra, dtype=accumulator_dtype(out.dtype), device=dev)
+            ws[f"{s}:present"] = empty(B, H, S, M, dtype=torch.int8, device=dev)
         launch(c, src, inputs, values, out, ws, schedule.launch_config(), extents, tile_lists=lists,
                launcher=launcher)
         comb = self._combine_source(out.dtype, dims)
-        rows = row_out | {s: torch.empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev)
+        rows = row_out | {s: empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev)
                           for s in comb.row_states}
         combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
                 launcher)

@@ -8,6 +8,7 @@ binaries (einflash.compiler.aot), so both paths build arguments and grids in one
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -107,7 +108,7 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
     the JIT's own binding of every argument (70 for a split-KV decode) cost more host time per launch
     than the GPU's time for the whole decode step on an H200.
     """
-    key = (src.name, call.num_warps, call.num_stages, specialisation(src, call.args))
+    key = _compiled_key(src, call)
     compiled = _COMPILED.get(key)
     if compiled is not None:
         compiled[call.grid](*call.args.values())
@@ -117,6 +118,20 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
         kernel = kernel.result()
     if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none
         _COMPILED[key] = kernel
+
+
+def _compiled_key(src: KernelSource, call: KernelCall) -> tuple:
+    return src.name, call.num_warps, call.num_stages, specialisation(src, call.args)
+
+
+def bound_launch(src: KernelSource, call: KernelCall) -> Callable[..., None]:
+    """A function of positional kernel arguments that launches ``src`` as ``call`` does (its grid, options and
+    specialisation), for arguments that specialise as ``call``'s do: the compiled kernel's own launcher once
+    ``jit_launch`` has compiled it, else Triton's JIT (the interpreter)."""
+    compiled = _COMPILED.get(_compiled_key(src, call))
+    if compiled is not None:
+        return compiled[call.grid]
+    return functools.partial(load_kernel(src)[call.grid], num_warps=call.num_warps, num_stages=call.num_stages)
 
 
 def _named(src: KernelSource, values: list) -> dict[str, object]:

@@ -33,6 +33,7 @@ _MEMO: dict[tuple, Schedule] = {}
 _WARNED: set[tuple] = set()
 _DEPLOY: list[bool | None] = [None]
 _CACHE: list[TuneCache | None] = [None]
+_GENERATION = [0]
 
 
 def set_deploy_mode(on: bool | None = True) -> None:
@@ -57,6 +58,12 @@ def forget() -> None:
     _MEMO.clear()
     _WARNED.clear()
     _CACHE[0] = None
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """How many times ``forget`` has run: what a choice remembered elsewhere (a call's replay) was made under."""
+    return _GENERATION[0]
 
 
 def _cache() -> TuneCache:
