@@ -49,11 +49,13 @@ INTERPRETER = Target(
 )
 # Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program. Measured on an
 # H200 (benchmarks/results/h200_backward_sweep.json, head dim 128, full and causal, 2x16x8192): 64x128 with 8
-# warps and 2 stages ran best (10.0 ms fwd+bwd full, 5.7 ms causal); with 4 warps the kept 128-row tiles and
-# their fp32 accumulators run out of registers (2.2x slower). Head dim 256 is not measured yet. sm80 takes the
-# same tiles unmeasured (they compile within its shared memory: tests/codegen/test_generated_sm90_backward.py
-# cross-compiles the sm90 ones).
-_BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 2)),
+# warps ran best; with 4 warps the kept 128-row tiles and their fp32 accumulators run out of registers (2.2x
+# slower). 3 stages against 2 (h200_2026-12-01_replay_ffaa2dd, the six training rows of DESIGN §5): faster on
+# full D128 (9.76 against 9.93 ms), causal (4.88, 5.34), full D64 (5.81, 6.04) and softcap (16.4, 18.2), within
+# run-to-run noise on sliding window and ALiBi. Head dim 256 is not measured yet. sm80 takes the same tiles
+# unmeasured (they compile within its shared memory: tests/codegen/test_generated_sm90_backward.py cross-compiles
+# the sm90 ones).
+_BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 3)),
                              (256, TileConfig(32, 64, 4, 2))),
                    space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
                                      num_stages=(1, 2, 3, 4, 5)))

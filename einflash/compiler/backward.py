@@ -27,12 +27,13 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Call, Const, Merge, Read, call, transform
+from ..ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, transform, walk
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.validate import validate
 from ..templates import render
 from .blocks import tile_lists
+from .algebra import factors, product
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
 from .launch import KernelCall, Launcher, jit_launch
@@ -41,6 +42,7 @@ from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .rewrites import fresh_name
 from .tilecode import Tile, TileCode, axis_extent, bcast, presence, tile_axes
 
+LOG2E = 1.4426950408889634
 ROWS_BLOCK_M = 64  # query rows per program of the rows kernel (memory-bound and tiny)
 KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
 ROWS_WARPS = 4
@@ -86,9 +88,9 @@ def default_backward_schedule(extents: dict[str, int], target, broadcast: bool =
 
     >>> from einflash.backends import get_target
     >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"))
-    BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=2, atomic_dq=False)
+    BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=3, atomic_dq=False)
     >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"), True)
-    BackwardSchedule(block_m=16, block_n=16, num_warps=8, num_stages=2, atomic_dq=False)
+    BackwardSchedule(block_m=16, block_n=16, num_warps=8, num_stages=3, atomic_dq=False)
     """
     if target.backward is None:
         raise LoweringError(f"target {target.name} has no backward tile configurations")
@@ -183,6 +185,12 @@ def _is_reciprocal(e: Einsum) -> bool:
         and x.args[0] == Const(1.0) and isinstance(x.args[1], Read)
 
 
+def _precomputed(e: Einsum) -> bool:
+    """Whether a row map the pair kernels read is computed once per row by the rows kernel: a reciprocal, or one
+    that takes a logarithm (a libdevice call of some thirty instructions for each row of every tile pair)."""
+    return _is_reciprocal(e) or (e.reduce is None and any(isinstance(x, Call) and x.op == "log" for x in walk(e.expr)))
+
+
 def row_reciprocals(c: Cascade) -> Cascade:
     """Divisions by a row tensor (``x / den[m]``) in Einsums that iterate more than rows, as products with
     the row's reciprocal ``den__recip[m] = 1 / den[m]``: an Einsum of its own, placed after ``den``'s
@@ -223,11 +231,131 @@ def row_reciprocals(c: Cascade) -> Cascade:
     return out
 
 
+def _rank_free(x: Expr) -> bool:
+    """Constants and parameters only: the same value for every element of every tile."""
+    return not free_ranks(x) and not any(isinstance(y, Read) for y in walk(x))
+
+
+def _plain(c: Cascade, x) -> bool:
+    return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
+
+
+def _without(fs: list, factor: Expr, exponent: int) -> list | None:
+    """The factors ``fs`` less one occurrence of ``factor``**``exponent`` (None: it has none)."""
+    i = next((i for i, (f, k) in enumerate(fs) if f == factor and k == exponent), None)
+    return None if i is None else [fk for fk in fs[:i] + fs[i + 1:] if fk[0] != Const(1.0)]
+
+
+def normalised_exponentials(c: Cascade) -> Cascade:
+    """A softmax's gradient in FlashAttention's form: its exponentials divided by their row sum where they are
+    made, not where they are read.
+
+    The derived gradient reads ``num[m,n] = exp2(x)`` only with the row divisor ``den``: through
+    ``d_o_acc = g/den`` in ``d_v = Σ_m d_o_acc·num``, and through ``num``'s adjoint
+    ``d_num = Σ_f d_o_acc·v +∪ d_den`` in ``d_x = d_num·…·num``. With ``p = exp2(x − log2 den) = num/den``
+    and the adjoint scaled by ``den`` these read ``d_v = Σ_m g·p``, ``d_num·den = Σ_f g·v +∪ d_den·den`` and
+    ``d_x = (d_num·den)·…·p``, where ``d_den·den`` is ``d_den``'s reduction with ``1/den`` cancelled (``Σ_f
+    d_o·−o``): each pair of a tile then takes one subtraction and no products by ``1/den``. Cascades without
+    this structure come back unchanged.
+    """
+    for dn in c.einsums:
+        x = dn.expr
+        if not (dn.reduce is None and dn.where is None and isinstance(x, Call) and x.op == "add"
+                and x.merge is Merge.ANY and all(_plain(c, a) for a in x.args)):
+            continue
+        found = _normalised_match(c, dn)
+        if found is not None:
+            return found
+    return c
+
+
+def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
+    """``normalised_exponentials`` around the adjoint ``dn`` (``d_num = y +∪ d_den``), or None where it does not
+    have the structure."""
+    y, r = (a.tensor for a in dn.expr.args)
+    if _row_tensor(c, y):
+        y, r = r, y
+    dp, rp = c.producer(y), c.producer(r)
+    if not _row_tensor(c, r) or dp is None or rp is None or rp.reduce is None or rp.reduce.op != "sum" \
+            or dp.reduce is None or dp.reduce.op != "sum" or len(c.producers(y)) != 1 or len(c.producers(r)) != 1:
+        return None
+    # y = Σ_f acc·v with acc = g/den
+    acc = next((f for f, k in factors(dp.expr) if k == 1 and _plain(c, f) and c.producer(f.tensor) is not None
+                and c.producer(f.tensor).reduce is None), None)
+    if acc is None:
+        return None
+    pa = c.producer(acc.tensor)
+    den = next((f for f, k in factors(pa.expr) if k == -1 and _plain(c, f) and _row_tensor(c, f.tensor)), None)
+    if den is None or pa.where is not None or len(c.producers(acc.tensor)) != 1:
+        return None
+    g = product(_without(factors(pa.expr), den, -1))
+    r_scaled = _without(factors(rp.expr), den, -1)  # d_den's summand with 1/den cancelled
+    # num's only readers: the adjoint's one product and d_v = Σ_m acc·num
+    users = c.consumers(dn.out)
+    if len(users) != 1 or users[0].reduce is not None or r_scaled is None:
+        return None
+    dx = users[0]
+    num = next((f for f, k in factors(dx.expr) if k == 1 and _plain(c, f) and f.tensor != dn.out
+                and c.producer(f.tensor) is not None and isinstance(c.producer(f.tensor).expr, Call)
+                and c.producer(f.tensor).expr.op == "exp2"), None)
+    if num is None or _without(factors(dx.expr), plain_read(c.tensor(dn.out)), 1) is None:
+        return None
+    pn = c.producer(num.tensor)
+    dv = [e for e in c.consumers(num.tensor) if e is not dx]
+    if len(c.producers(num.tensor)) != 1 or pn.reduce is not None or len(dv) != 1 or dv[0].reduce is None \
+            or _without(_without(factors(dv[0].expr), num, 1) or [], acc, 1) is None:
+        return None
+    if {e.out for e in c.consumers(acc.tensor)} != {y, dv[0].out} or c.consumers(y) != [dn] \
+            or c.consumers(r) != [dn] or any(dn.out == o or num.tensor == o for o in c.outputs):
+        return None
+    taken: set[str] = set()
+
+    def name(base: str) -> str:
+        taken.add(fresh := fresh_name(c, base, taken))
+        return fresh
+
+    p, y2, r2, dn2 = name("p"), name(f"{y}__scaled"), name(f"{r}__scaled"), name(f"{dn.out}__scaled")
+    lse = name("lse2")
+    log2_den = call("mul", call("log", den), Const(LOG2E))
+    arg = pn.expr.args[0]
+    row = isinstance(arg, Call) and arg.op == "sub" and arg.merge is Merge.ALL \
+        and free_ranks(arg.args[1]) <= set(c.tensor(den.tensor).ranks)
+    lse_expr = call("add", arg.args[1], log2_den) if row else log2_den
+    lse_read = plain_read(TensorDecl(lse, c.tensor(den.tensor).ranks))
+    shifted = call("sub", arg.args[0] if row else arg, lse_read)
+    reads = {num.tensor: p, acc.tensor: None, y: y2, r: r2, dn.out: dn2}
+
+    def sub(x):
+        if isinstance(x, Read) and x.tensor in reads:
+            return g if reads[x.tensor] is None else Read(reads[x.tensor], x.index, x.prev)
+        return None
+
+    rewritten = {pn.out: replace(pn, out=p, expr=call("exp2", shifted)),
+                 den.tensor: (c.producer(den.tensor), Einsum(lse, c.tensor(den.tensor).ranks, lse_expr, line=pn.line)),
+                 dp.out: replace(dp, out=y2, expr=transform(dp.expr, sub)),
+                 rp.out: replace(rp, out=r2, expr=product(r_scaled)),
+                 dn.out: replace(dn, out=dn2, expr=transform(dn.expr, sub))}
+    einsums = []
+    for e in c.einsums:
+        if e.out != acc.tensor:
+            new = rewritten.get(e.out, replace(e, expr=transform(e.expr, sub)))
+            einsums += new if isinstance(new, tuple) else [new]  # lse2 right after den's producer
+    # p reads lse2: it moves after it, and its readers all come after the adjoint, which reads den
+    made = next(i for i, e in enumerate(einsums) if e.out == p)
+    after = next(i for i, e in enumerate(einsums) if e.out == lse)
+    if after > made:
+        einsums.insert(after, einsums.pop(made))
+    decls = {p: num.tensor, y2: y, r2: r, dn2: dn.out, lse: den.tensor}
+    tensors = list(c.tensors) + [TensorDecl(new, c.tensor(old).ranks) for new, old in decls.items()]
+    out = prune(replace(c, tensors=tuple(tensors), einsums=tuple(einsums)))
+    validate(out, contract=False)
+    return out
+
+
 def fold_scalar_chains(c: Cascade) -> Cascade:
     """A product map read only by one other product map written into it, and the constants of the result
     multiplied into one (``d_s2 = d_num·ln 2·num``, ``d_dot = d_s2·scale·log2 e`` become ``d_num·num·scale``):
     the chain rule through exp2 and the base-2 scaling leaves constants that cancel."""
-    from .algebra import factors, product
 
     def is_product(e: Einsum) -> bool:
         return e.reduce is None and e.where is None and isinstance(e.expr, Call) and e.expr.op in ("mul", "div") \
@@ -262,9 +390,47 @@ def fold_scalar_chains(c: Cascade) -> Cascade:
     return prune(replace(c, einsums=tuple(einsums)))
 
 
+def scalars_after_sums(c: Cascade) -> Cascade:
+    """A sum of products whose operand carries rank-free factors (``d_k = Σ_m d_dot·q`` with ``d_dot = (x·scale
+    :: mask)``) as the sum of the operand without them, scaled once after the sum (``d_k = d_k__sum·scale``):
+    one multiply per result element after the loop instead of one per pair in every tile. The operand's chain
+    (masks included: masking commutes with a rank-free scale) must have no other reader."""
+    einsums = list(c.einsums)
+    tensors, taken = list(c.tensors), set()
+    for e in c.einsums:
+        if e.reduce is None or e.reduce.op != "sum" or e.where is not None or e.out in taken:
+            continue
+        for a, k in factors(e.expr):
+            if k != 1 or not _plain(c, a):
+                continue
+            t = a.tensor
+            while len(c.consumers(t)) == 1 and c.producer(t) is not None and c.producer(t).where is not None \
+                    and c.producer(t).reduce is None and _plain(c, c.producer(t).expr):
+                t = c.producer(t).expr.tensor  # through a mask to what it masks
+            made = c.producer(t)
+            fs = [] if made is None else factors(made.expr)
+            scalars = [(f, j) for f, j in fs if _rank_free(f)]
+            if made is None or made.reduce is not None or made.where is not None or not scalars \
+                    or len(scalars) == len(fs) or len(c.consumers(t)) != 1 or len(c.consumers(a.tensor)) != 1:
+                continue
+            taken.add(raw := fresh_name(c, f"{e.out}__sum", taken))
+            tensors.append(TensorDecl(raw, c.tensor(e.out).ranks))
+            at = einsums.index(e)
+            einsums[einsums.index(made)] = replace(made, expr=product([f for f in fs if f not in scalars]))
+            einsums[at:at + 1] = [replace(e, out=raw),
+                                  Einsum(e.out, e.ranks, call("mul", plain_read(tensors[-1]), product(scalars)),
+                                         line=e.line)]
+            break
+    if not taken:
+        return c
+    out = replace(c, tensors=tuple(tensors), einsums=tuple(einsums))
+    validate(out, contract=False)
+    return out
+
+
 def cut(g: Gradient) -> Parts:
     """The kernels' cascades of a gradient (see the module docstring)."""
-    c = row_reciprocals(g.cascade)
+    c = row_reciprocals(normalised_exponentials(g.cascade))
     by = {k: [p.name for p in g.partials if p.kernel == k] for k in ("rows", "q", "kv")}
     pair_reads = {r.tensor for e in c.einsums if STREAM in e.iteration_ranks for r in e.reads()}
     # row maps are recomputed where they are read; row reductions the pair kernels need are precomputed
@@ -277,16 +443,18 @@ def cut(g: Gradient) -> Parts:
         seen.add(t)
         if e.reduce is None:
             todo += [r.tensor for r in e.reads()]
-    row_terms = tuple(e.out for e in c.einsums if e.out in seen and (e.reduce is not None or _is_reciprocal(e)))
+    row_terms = tuple(e.out for e in c.einsums if e.out in seen and (e.reduce is not None or _precomputed(e)))
     rows = _part(c, "rows", list(row_terms) + by["rows"], set())
     given = set(row_terms)
     kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
     both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
-    def streamed(part, order):
-        return part and one_rank_reductions(fold_scalar_chains(inline_row_products(part)), order)
+    def streamed(part, order, hoist=True):
+        part = part and fold_scalar_chains(inline_row_products(part))
+        # not for the atomic schedule's kernel: its query-side sums are added per tile, with no after
+        return part and one_rank_reductions(scalars_after_sums(part) if hoist else part, order)
 
     return Parts(rows and one_rank_reductions(rows, ("m",)), streamed(kv, ("m", "n")), streamed(q, ("n", "m")),
-                 streamed(both, ("m", "n")), row_terms)
+                 streamed(both, ("m", "n"), hoist=False), row_terms)
 
 
 @dataclass(frozen=True)
@@ -505,8 +673,12 @@ def _group_level(s: Streamed, outputs: dict[str, Output], group_sums: set[str]) 
     feeds = _feeds(s, set(outputs))
     epi = {e.out: e for e in s.epilogue}
 
-    def linear(x) -> bool:
-        return isinstance(x, Read) or (x.op == "add" and all(linear(a) for a in x.args))
+    def linear(x) -> bool:  # a sum of reads, each perhaps scaled by a rank-free factor
+        if isinstance(x, Read):
+            return True
+        if x.op == "add":
+            return all(linear(a) for a in x.args)
+        return x.op == "mul" and any(linear(a) and _rank_free(b) for a, b in (x.args, x.args[::-1]))
 
     level = {x for x in s.sums if feeds.get(x) and feeds[x] <= group_sums}
     level |= {n for n, e in epi.items() if feeds.get(n) and feeds[n] <= group_sums and e.reduce is None

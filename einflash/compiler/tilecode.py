@@ -522,7 +522,11 @@ class TileCode:
         if pred is None:
             return body
         ranks = tile_axes(body.ranks + pred.ranks, self.order)
-        present, pranks, _ = self.presence((body, Tile("", (), pred.code, pred.ranks)))
+        present, pranks, kept = self.presence((body, Tile("", (), pred.code, pred.ranks)))
+        if kept == {0}:
+            # the body is absent wherever the mask fails already (a gradient re-masked by its forward's mask):
+            # it stays as it is, with the fill it has there
+            return body
         value = f"tl.where({bcast(present, pranks, ranks)}, {bcast(self.f32(body), body.ranks, ranks)}, float('-inf'))"
         return Tile(value, ranks, present, pranks, float("-inf"), finite=body.finite)
 
@@ -531,10 +535,25 @@ class TileCode:
         parts = [p for p in _conjuncts(where) if p not in self.skip_predicates]
         if not parts:
             return None
-        tiles = [self.expr(p) for p in parts]
+        ranges, parts = _ranges(parts, {p.name for p in self.c.params if p.integer})
+        tiles = [self.range_test(x, k) for x, k in ranges] + [self.expr(p) for p in parts]
         ranks = tile_axes((r for t in tiles for r in t.ranks), self.order)
         code = " & ".join(bcast(t.code, t.ranks, ranks) for t in tiles)
         return Tile(f"({code})", ranks, dtype="bool")
+
+    def range_test(self, x: Expr, bound: dict) -> Tile:
+        """``0 ≤ x ≤ bound`` as one unsigned comparison, ``x < max(bound + 1, 0)`` (a negative x wraps above
+        any limit), ``x`` over coordinates, ``bound`` a linear form of integer parameters and extents."""
+        t = self.expr(x)
+        limit = dict(bound)
+        limit[1] = limit.get(1, 0) + 1
+        if set(limit) <= {1}:
+            code = str(max(limit[1], 0))
+        else:
+            terms = [str(k) if leaf == 1 else self.leaf(leaf).code.split(" ")[0] if k == 1 else
+                     f"{k} * {self.leaf(leaf).code.split(' ')[0]}" for leaf, k in limit.items() if k]
+            code = f"tl.maximum({' + '.join(terms)}, 0)"
+        return Tile(f"(({t.code}).to(tl.uint32) < ({code}).to(tl.uint32))", t.ranks, dtype="bool")
 
     def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
         red = e.reduce
@@ -662,6 +681,83 @@ def _reciprocals(fs: list[tuple[Expr, int]]) -> list[tuple[Expr, int]]:
 
     ranks = frozenset().union(*(free_ranks(f) for f, _ in fs))
     return [(call("div", Const(1.0), f), 1) if k < 0 and free_ranks(f) < ranks else (f, k) for f, k in fs]
+
+
+def _linear(x: Expr, integers: set[str]) -> dict | None:
+    """``x`` as integer coefficients of its leaves (coordinates, extents, integer parameters; 1 for the
+    constant), or None where it is not such a linear form."""
+    if isinstance(x, Const):
+        return {1: int(x.value)} if float(x.value).is_integer() else None
+    if isinstance(x, (Coord, Size)) or isinstance(x, Param) and x.name in integers:
+        return {x: 1}
+    if not isinstance(x, Call) or x.merge is not Merge.ALL:
+        return None
+    parts = [_linear(a, integers) for a in x.args]
+    if any(p is None for p in parts):
+        return None
+    if x.op == "neg":
+        return {k: -v for k, v in parts[0].items()}
+    if x.op in ("add", "sub"):
+        sign = 1 if x.op == "add" else -1
+        out = dict(parts[0])
+        for k, v in parts[1].items():
+            out[k] = out.get(k, 0) + sign * v
+        return {k: v for k, v in out.items() if v}
+    if x.op == "mul" and any(set(p) <= {1} for p in parts):
+        c = next(p.get(1, 0) for p in parts if set(p) <= {1})
+        other = parts[1] if set(parts[0]) <= {1} else parts[0]
+        return {k: c * v for k, v in other.items() if c * v}
+    return None
+
+
+def _nonnegative(p: Expr, integers: set[str]) -> dict | None:
+    """A comparison of linear forms as the form that it says is ≥ 0 (``a < b``: ``b − a − 1``), else None."""
+    flip = {"le": 1, "lt": 1, "ge": -1, "gt": -1}
+    if not (isinstance(p, Call) and p.op in flip):
+        return None
+    a, b = (_linear(x, integers) for x in p.args)
+    if a is None or b is None:
+        return None
+    lo, hi = (a, b) if flip[p.op] == 1 else (b, a)
+    out = dict(hi)
+    for k, v in lo.items():
+        out[k] = out.get(k, 0) - v
+    if p.op in ("lt", "gt"):
+        out[1] = out.get(1, 0) - 1
+    return {k: v for k, v in out.items() if v}
+
+
+def _ranges(parts: list[Expr], integers: set[str]) -> tuple[list[tuple[Expr, dict]], list[Expr]]:
+    """Pairs of conjuncts that bound one linear form of coordinates from both sides (``n ≤ m ∧ m − n < w``:
+    ``0 ≤ m − n ≤ w − 1``), as (the form, its upper bound), and the other conjuncts."""
+    forms = [_nonnegative(p, integers) for p in parts]
+    ranges, used = [], set()
+    for i, j in itertools.combinations(range(len(parts)), 2):
+        a, b = forms[i], forms[j]
+        if a is None or b is None or i in used or j in used:
+            continue
+        total = {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
+        total = {k: v for k, v in total.items() if v}
+        if any(isinstance(k, Coord) for k in total):
+            continue
+        for x, y in ((a, b), (b, a)):
+            if any(isinstance(k, Coord) for k in x) and all(isinstance(k, Coord) or k == 1 for k in x):
+                ranges.append((_form(x), total))
+                used |= {i, j}
+                break
+    return ranges, [p for i, p in enumerate(parts) if i not in used]
+
+
+def _form(coefficients: dict) -> Expr:
+    """The IR expression of a linear form of coordinates (and a constant)."""
+    out: Expr | None = None
+    for leaf, k in sorted(coefficients.items(), key=lambda kv: (kv[0] == 1, -kv[1])):
+        term = Const(float(abs(k))) if leaf == 1 else leaf if abs(k) == 1 else Call("mul", (Const(float(abs(k))), leaf))
+        if out is None:
+            out = term if k > 0 else Call("neg", (term,))
+        else:
+            out = Call("add" if k > 0 else "sub", (out, term))
+    return out
 
 
 def _conjuncts(x: Expr) -> list[Expr]:

@@ -57,11 +57,11 @@ def compiled() -> dict:
 
 
 # Bytes of registers each dK/dV thread spills with the default tiles (64 queries streamed past 128 kept keys,
-# 8 warps), where that is not zero: the fastest tiles measured on an H200 all the same (its kept dk and dv
-# accumulators fill the registers). Precomputed row reciprocals and folded constants cut the loops' instructions
-# by 12-28% and moved these by -56 to +112 B. The table keeps any growth visible.
-KNOWN_SPILLS = {("causal", 64, "kv"): 24, ("alibi", 64, "kv"): 80, ("softcap", 64, "kv"): 56,
-                ("causal", 128, "kv"): 352, ("alibi", 128, "kv"): 472, ("softcap", 128, "kv"): 448}
+# 8 warps, 3 stages), where that is not zero: the fastest tiles measured on an H200 all the same (its kept dk and
+# dv accumulators fill the registers). FlashAttention's form of the softmax gradient and the scale moved after
+# the sums took these from 24-472 B to 0-368 B. The table keeps any growth visible.
+KNOWN_SPILLS = {("alibi", 64, "kv"): 40, ("softcap", 64, "kv"): 56,
+                ("causal", 128, "kv"): 344, ("alibi", 128, "kv"): 336, ("softcap", 128, "kv"): 368}
 
 
 @pytest.mark.parametrize("kind", ["forward", "rows", "kv", "q"])

@@ -12,7 +12,8 @@ from conftest import EXAMPLES
 from gradient_cases import FULLY_MASKED, NOT_DIFFERENTIABLE, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
-from einflash.compiler.backward import fold_scalar_chains, row_reciprocals
+from einflash.compiler.backward import (fold_scalar_chains, normalised_exponentials, restrict, row_reciprocals,
+                                       scalars_after_sums)
 from einflash.compiler.gradient import finish, local_derivative, reference_partials, saved_states
 from einflash.compiler.passes import count_passes
 from einflash.errors import DifferentiationError
@@ -132,28 +133,44 @@ def test_softmax_saves_only_per_row_states():
     g = op("softmax").backward.gradient
     assert [(s.name, s.ranks) for s in g.saved] == [("top2_raw", ("b", "h", "m")), ("den", ("b", "h", "m"))]
     assert g.output == "o"  # the row term Σ_f d_o·o/den reads the output, not the accumulator
-    # the pair kernels multiply by the row's reciprocal, precomputed with the row term (see the next test)
-    row_terms = op("softmax").backward.parts.row_terms
-    assert row_terms == ("den__recip", "d_den")
+    # in FlashAttention's form the pair kernels read two row terms that the rows kernel computes from the saved
+    # states: lse2 = max + log2 den, and Σ_f d_o·−o (the row sum cancelled); see the next test
+    parts = op("softmax").backward.parts
+    assert parts.row_terms == ("lse2", "d_den__scaled")
+    assert format_expr(parts.rows.producer("lse2").expr) == \
+        "top2[m] + log(den[m])·1.4426950408889634"
+    assert format_expr(parts.rows.producer("d_den__scaled").expr) == "d_o[m,f]·-1·o[m,f]"
 
 
 @pytest.mark.parametrize("name", ONE_PASS)
-def test_backward_rewrites_keep_the_gradient(name):
-    """Row reciprocals and folded scalar chains (einflash.compiler.backward), both sides run on the reference
-    executor: the same partials."""
+@pytest.mark.parametrize("needed", [None, ("q",), ("k",)], ids=["all", "q", "k"])
+def test_backward_rewrites_keep_the_gradient(name, needed):
+    """FlashAttention's form, row reciprocals, folded scalar chains and scalars after sums
+    (einflash.compiler.backward), both sides run on the reference executor: the same partials. Scalars
+    move after a sum only where the summand has no other reader, as in the gradients of q or k alone."""
     given, params = inputs(name, SHAPE, torch.float64), TUNED.get(name, {})
     o = op(name)
     g, c = o.backward.gradient, o.forward.streamed
+    if needed is not None:
+        g = restrict(g, frozenset(needed))
     values = bind_params(c, params, bind_extents(c, given, params))
     saved = saved_states(g, c, given, values)
     out = o.reference(**given, **params)
     d_o = torch.randn_like(out)
     want = reference_partials(g, given, values, d_o, out, saved)
-    rewritten = dataclasses.replace(g, cascade=fold_scalar_chains(row_reciprocals(g.cascade)))
+    rewritten = dataclasses.replace(g, cascade=scalars_after_sums(fold_scalar_chains(row_reciprocals(
+        normalised_exponentials(g.cascade)))))
     got = reference_partials(rewritten, given, values, d_o, out, saved)
     assert got.keys() == want.keys()
     for p in want:
         torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=1e-12, msg=p)
+
+
+def test_scalars_move_after_the_sums_of_q_and_k():
+    parts = op("causal").backward.parts
+    for part, name in ((parts.kv, "d_k"), (parts.q, "d_q")):
+        assert format_expr(part.producer(name).expr) == f"{name}__sum[{'n' if name == 'd_k' else 'm'},e]·scale"
+        assert format_expr(part.producer("d_s_raw").expr) == "d_exp__scaled[m,n]·p[m,n]"
 
 
 def test_the_dkdv_kernel_divides_by_no_row_and_its_constants_cancel():
@@ -161,7 +178,8 @@ def test_the_dkdv_kernel_divides_by_no_row_and_its_constants_cancel():
     pair = [e for e in kv.einsums if {"m", "n"} <= set(e.iteration_ranks)]
     assert not any(isinstance(x, Call) and x.op == "div" for e in pair for x in walk(e.expr))
     d_dot = kv.producer("d_dot_e")
-    assert format_expr(d_dot.expr) == "d_num[m,n]·num[m,n]·scale"  # ln 2 · log2 e = 1
+    assert format_expr(d_dot.expr) == "d_num__scaled[m,n]·p[m,n]"  # ln 2 · log2 e = 1; the scale after the sum
+    assert format_expr(kv.producer("p").expr) == "exp2(s2[m,n] − lse2[m])"
 
 
 def test_outputs_that_mix_streams_save_their_accumulators():
