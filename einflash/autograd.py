@@ -24,8 +24,8 @@ _REGISTERED: dict[str, object] = {}
 
 
 def unpacker(op):
-    """``(tensors, params) -> (inputs, values)`` for an op's custom ops: tensors in declaration order, a NaN
-    parameter meaning "not given" (its default, which may depend on extents, is taken)."""
+    """``(tensors, params) -> (inputs, values, extents)`` for an op's custom ops: tensors in declaration order, a
+    NaN parameter meaning "not given" (its default, which may depend on extents, is taken)."""
     names = [t.name for t in op.cascade.inputs]
     decls = op.cascade.params
     c = op.forward.streamed
@@ -33,7 +33,8 @@ def unpacker(op):
     def unpack(tensors, params):
         inputs = dict(zip(names, tensors))
         given = {p.name: (int(v) if p.integer else v) for p, v in zip(decls, params) if not math.isnan(v)}
-        return inputs, bind_params(c, given, bind_extents(c, inputs, given))
+        extents = bind_extents(c, inputs, given)
+        return inputs, bind_params(c, given, extents), extents
 
     return unpack
 
@@ -53,14 +54,13 @@ def _layout(ints: list[int]) -> tuple[list[int], list[int], list[int]]:
     return f, rest[1:1 + rest[0]], rest[1 + rest[0]:]
 
 
-def _schedules(op, tensors, values, ints: list[int]) -> tuple[Schedule, BackwardSchedule, list[int]]:
+def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, BackwardSchedule, list[int]]:
     """The forward schedule (split-KV off: training runs the fused forward), the backward schedule and the
     needed-gradient flags (empty: every floating-point input's)."""
     from .op import _kv_heads, _target
 
     f, b, needed = _layout(ints)
     inputs = dict(zip([t.name for t in op.cascade.inputs], tensors))
-    extents = bind_extents(op.forward.streamed, inputs, values)
     target = _target(tensors[0].device.type)
     if f:
         forward = Schedule(*f[:5], *(bool(x) for x in f[5:]))
@@ -90,29 +90,28 @@ def register_training(op):
 
     @torch.library.custom_op(qualname, mutates_args=())
     def train(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> list[torch.Tensor]:
-        inputs, values = unpack(tensors, params)
-        out, ws = fwd.run(inputs, values, _schedules(op, tensors, values, schedule)[0], saved=bwd.saved)
+        inputs, values, extents = unpack(tensors, params)
+        out, ws = fwd.run(inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved)
         if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
             ws = _empty_states(op, inputs, values, out)
         return [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
 
     @train.register_fake
     def _(tensors, params, schedule):
-        inputs, values = unpack(tensors, params)
-        ext = bind_extents(c, inputs, values)
+        inputs, values, ext = unpack(tensors, params)
         out = tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank])
         return [out] + list(_empty_states(op, inputs, values, out).values())
 
     @torch.library.custom_op(qualname.replace("::train_", "::bwd_"), mutates_args=())
     def backward(grad: torch.Tensor, out: torch.Tensor, states: list[torch.Tensor], tensors: list[torch.Tensor],
                  params: list[float], schedule: list[int]) -> list[torch.Tensor]:
-        inputs, values = unpack(tensors, params)
+        inputs, values, extents = unpack(tensors, params)
         k = len(bwd.saved)
         saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
-        _, schedule_b, flags = _schedules(op, tensors, values, schedule)
+        _, schedule_b, flags = _schedules(op, tensors, extents, schedule)
         wanted = _needed(tensors, flags)
         needed = frozenset(t.name for t, f in zip(op.cascade.inputs, wanted) if f)
-        grads = bwd.run(inputs, values, out, saved, grad, schedule_b, bind_extents(c, inputs, values), needed=needed)
+        grads = bwd.run(inputs, values, out, saved, grad, schedule_b, extents, needed=needed)
         # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
         return [grads[t.name] if f else x.new_empty(0) for t, x, f in zip(op.cascade.inputs, tensors, wanted)
                 if x.is_floating_point()]

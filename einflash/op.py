@@ -352,19 +352,17 @@ def _register(op: AttentionOp, fwd: Forward):
         """``schedule``: [block_m, block_n, warps, stages, splits, pack, reverse_m], or [] to choose one here."""
         if fwd.error is not None:
             raise LoweringError(fwd.refusal)
-        inputs, values = unpack(tensors, params)
+        inputs, values, extents = unpack(tensors, params)
         if schedule:
             ints, flags = schedule[:5], [bool(x) for x in schedule[5:]]
-            return _results(fwd, *fwd.run(inputs, values, Schedule(*ints, *flags)))
-        extents = bind_extents(fwd.streamed, inputs, values)
+            return _results(fwd, *fwd.run(inputs, values, Schedule(*ints, *flags), extents))
         chosen = choose(op.cascade, fwd, _target(tensors[0].device.type), tensors[0].dtype, extents,
                         _kv_heads(op.cascade, inputs))
         return _results(fwd, *fwd.run(inputs, values, chosen, extents))
 
     @run.register_fake
     def _(tensors, params, schedule):
-        inputs, values = unpack(tensors, params)
-        ext = bind_extents(fwd.streamed, inputs, values)
+        inputs, values, ext = unpack(tensors, params)
         value_rank = next(r for r in fwd.streamed.tensor(fwd.streamed.outputs[0]).ranks if r not in "bhm")
         acc = accumulator_dtype(tensors[0].dtype)
         return _results(fwd, tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank]),

@@ -5,6 +5,7 @@ combine(a, b) = max(a, b) + log(1 + exp(−|a − b|)) with identity −∞, and
 exp(s − logsumexp_n s), normalised by construction ("any normaliser", not only max and sum).
 As written it takes 2 passes (the log-sum-exp needs every key first); streaming makes the
 reducer a running state whose updates rescale the output by exp(lse_old − lse_new): 1 pass.
+Its derivative, ∂ logsumexp_n s / ∂s = exp(s − logsumexp_n s), makes it differentiable.
 """
 
 import math
@@ -12,7 +13,7 @@ import math
 import einflash as ef
 
 LOGADDEXP = ef.reducer("logaddexp", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
-                       identity=-math.inf)
+                       identity=-math.inf, derivative=lambda x, r: ef.exp(x - r))
 
 
 @ef.attention

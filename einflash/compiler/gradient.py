@@ -43,10 +43,12 @@ import torch
 
 from ..errors import DifferentiationError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, index_ranks, reads, to_sympy
+from ..ir.expr import (Call, Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy,
+                       transform)
 from ..ir.operators import OPERATORS
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.reference import Value, evaluate
+from ..ir.user_ops import DEFINITIONS
 from ..ir.validate import validate
 from .algebra import correction, from_sympy
 from .rewrites import _inline_body, fresh_name
@@ -250,6 +252,39 @@ def partial_derivatives(expr: Expr, value: Expr | None = None) -> dict[Read, Exp
 # -- the reductions that get no gradient ------------------------------------------------------
 
 
+def _row_ratio(d: Expr, e: Einsum) -> Expr | None:
+    """``d / body`` for ``e = Σ_n body`` (no mask), when that ratio is constant along n: then Σ_n g·d is
+    g·ratio·e. (``o = Σ_n exp(s − lse)·v``: ∂/∂lse of the summand is −1 times it, and the adjoint of lse is
+    −Σ_f d_o·o, a row term, as deferral makes it for a softmax.)"""
+    if e.reduce is None or e.reduce.op != "sum" or e.reduce.ranks != (STREAM,) or e.where is not None:
+        return None
+    leaves: dict = {}
+
+    def leaf(x):
+        if x not in leaves:
+            leaves[x] = sympy.Symbol(f"z{len(leaves)}", real=True)
+        return leaves[x]
+
+    ratio = sympy.simplify(to_sympy(d, leaf) / to_sympy(e.expr, leaf))
+    back = {v: k for k, v in leaves.items()}
+    if not ratio.free_symbols <= set(back) or any(STREAM in free_ranks(back[x]) for x in ratio.free_symbols) \
+            or ratio.has(sympy.zoo, sympy.nan):
+        return None
+    return from_sympy(ratio, back)
+
+
+def _derivative(e: Einsum) -> Expr | None:
+    """∂(e's reduction)/∂(one reduced element), as an expression of e's body and its result: 1 for a sum, a
+    user reducer's declared derivative; None for the rest (max, min, kth largest: see _invariant_reductions)."""
+    if e.reduce.op == "sum":
+        return Const(1.0)
+    d = DEFINITIONS.get(e.reduce.op)
+    if d is None or d.derivative is None:
+        return None
+    result = plain_read(TensorDecl(e.out, e.ranks))
+    return transform(d.derivative, lambda x: (e.expr if x.name == "a" else result) if isinstance(x, Param) else None)
+
+
 def _depends(c: Cascade, name: str, on: set[str]) -> bool:
     seen, todo = set(), [name]
     while todo:
@@ -267,7 +302,7 @@ def _depends(c: Cascade, name: str, on: set[str]) -> bool:
 def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
     """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
-    shifted = [e for e in late if e.reduce.op != "sum"]
+    shifted = [e for e in late if _derivative(e) is None]
     if not shifted:
         return frozenset(), ()
     derived = {e.out for e in shifted}
@@ -279,9 +314,12 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
 
     def fail(why: str):
         names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
+        own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
+        hint = f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: " \
+               f"ef.reducer(..., derivative=...)" if own else ""
         raise DifferentiationError(f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
                                    f"({why}); the gradient through a reduction over n other than a sum is "
-                                   f"implemented only where that invariance holds (the max of a softmax)")
+                                   f"implemented only where that invariance holds (the max of a softmax){hint}")
 
     factors: dict[str, Expr] = {}
     for e in late:
@@ -291,7 +329,7 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
                   Role.INPUT and _depends(c, r.tensor, derived)]
         if hidden:
             fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
-        if e.reduce.op != "sum":
+        if e.reduce.op != "sum" and _derivative(e) is None:
             if used - {e.out}:
                 fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
             continue
@@ -430,10 +468,15 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
         terms = adjoints.pop(e.out, None)
         if e.out in zero or not terms:
             continue
-        if e.reduce is not None and e.reduce.op != "sum":
+        derivative = None if e.reduce is None else _derivative(e)
+        if e.reduce is not None and derivative is None:
             raise DifferentiationError(f"{c.where(e)}: the gradient through a {e.reduce.op} over "
-                                       f"{', '.join(e.reduce.ranks)} is not implemented")
+                                       f"{', '.join(e.reduce.ranks)} is not implemented (a reducer of your own "
+                                       f"is differentiable with its derivative declared: ef.reducer(..., "
+                                       f"derivative=...))")
         g = _materialise(b, c.tensor(e.out), terms, e.line)
+        if derivative is not None and derivative != Const(1.0):
+            g = _mul(g, derivative)  # the adjoint of each reduced element: of the result times ∂result/∂element
         its = e.iteration_ranks
         value = plain_read(c.tensor(e.out)) if e.reduce is None else None
         for leaf, d in partial_derivatives(e.expr, value).items():
@@ -452,6 +495,12 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                                                f"coordinates; the gradient of such a read is not implemented")
                 keep = set(decl.ranks)
             reduced = tuple(its - keep)
+            ratio = _row_ratio(d, e) if STREAM in reduced and decl.role is not Role.INPUT else None
+            if ratio is not None:
+                # Σ_n of the adjoint needs no pass over n: the summand's derivative is the summand times a factor
+                # constant along n, so the sum is that factor times e's own value (the saved state or output)
+                term = _mul(g, _mul(ratio, plain_read(c.tensor(e.out))))
+                reduced = tuple(r for r in reduced if r != STREAM)
             covered = free_ranks(term) | (free_ranks(e.where) if e.where is not None else frozenset())
             if set(reduced) - covered:
                 raise DifferentiationError(f"{c.where(e)}: the adjoint of {leaf.tensor} is constant along "
@@ -491,8 +540,8 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
     saved: list[SavedState] = []
     inputs = [t for t in c.inputs]
     for e in c.einsums:
-        if e.out == out_name and e.out not in late:
-            continue  # the output itself is given
+        if e.out == out_name:
+            continue  # the output itself is given (also when it is a reduction over n: not saved twice)
         if e.out in late:
             t = decls[e.out]
             value, present = b.fresh(f"{e.out}__saved"), b.fresh(f"{e.out}__present")

@@ -90,14 +90,15 @@ def specialisation(src: KernelSource, args: dict[str, object]) -> tuple:
         consts = _CONSTEXPRS[src.name] = frozenset(src.constexpr_args)
     key = []
     for name, v in args.items():
-        if name in consts or v is None or isinstance(v, bool):
+        kind = type(v)  # tested by type first: most arguments are plain ints (strides, extents)
+        if name in consts or v is None or kind is bool:
             key.append(v)
+        elif kind is not torch.Tensor and isinstance(v, int):
+            key.append((v == 1, v % 16 == 0, -2**31 <= v < 2**31))
         elif isinstance(v, torch.Tensor):
             key.append((v.dtype, v.device.index, v.data_ptr() % 16 == 0))
-        elif isinstance(v, int):
-            key.append((v == 1, v % 16 == 0, -2**31 <= v < 2**31))
         else:
-            key.append(type(v))
+            key.append(kind)
     return tuple(key)
 
 

@@ -339,32 +339,34 @@ def mask(x, keep) -> Traced:
     return Traced(_record(Node("filter", None, (x, p), ranks)))
 
 
-def reducer(name: str, combine: Callable, identity: float) -> Reducer:
+def reducer(name: str, combine: Callable, identity: float, derivative: Callable | None = None) -> Reducer:
     """A reducer of your own: ``combine(a, b)`` folds two values, ``identity`` leaves any value as it is.
 
     ``combine`` is written with einflash's operators; it must be commutative and associative (checked on
     sample values), so that reductions fold in chunks and can run online. Use it with ``x.reduce(r, "n")``.
+    ``derivative(x, r)``, the reduction's derivative with respect to one element ``x`` given the result ``r``,
+    makes cascades that use it differentiable (checked against the combine on sample values).
 
     >>> import einflash as ef
     >>> logaddexp = ef.reducer("logaddexp", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
-    ...                        identity=float("-inf"))
+    ...                        identity=float("-inf"), derivative=lambda x, r: ef.exp(x - r))
     >>> logaddexp.identity
     -inf
     """
     from .user_ops import define_reducer
 
     a, b = _leaf(Param("a")), _leaf(Param("b"))
-    out = _to_node(combine(a, b))
 
-    def to_expr(node: Node) -> Expr:
+    def to_expr(node: Node, what: str) -> Expr:
         if node.kind == "leaf":
             return node.leaf
         if node.kind == "map":
-            return Call(node.op, tuple(to_expr(x) for x in node.args))
-        raise DeclarationError(f"reducer {name!r}: combine must be elementwise in its two operands, but it "
+            return Call(node.op, tuple(to_expr(x, what) for x in node.args))
+        raise DeclarationError(f"reducer {name!r}: {what} must be elementwise in its two operands, but it "
                                f"uses a {node.kind}")
 
-    return define_reducer(name, to_expr(out), float(identity))
+    return define_reducer(name, to_expr(_to_node(combine(a, b)), "combine"), float(identity),
+                          None if derivative is None else to_expr(_to_node(derivative(a, b)), "derivative"))
 
 
 def softmax(x: Traced, rank: str) -> Traced:

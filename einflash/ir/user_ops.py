@@ -1,4 +1,5 @@
-"""User-defined reducers: a binary combine written with einflash's operators, and its identity.
+"""User-defined reducers: a binary combine written with einflash's operators, its identity, and optionally
+its derivative.
 
 A reducer folds a fiber with ``combine(a, b)``; with an identity element and a combine that is
 commutative and associative it folds in any order and in chunks, so a reduction over the key
@@ -6,6 +7,10 @@ sequence can become a running state, as max and sum do. Registering one adds the
 operator table (computed in torch, Triton and sympy from its body) and the reducer to the reducer
 table, under its name; a cascade that uses it hashes its definition, so two definitions under one
 name never share a kernel or a cache entry.
+
+A reducer's gradient needs its *derivative*: ∂(R_i x_i)/∂x_j as a function of the element x_j and the
+result r (1 for a sum, ``exp(x − r)`` for log-add-exp), written over Param a (the element) and Param b
+(the result). It is checked against the combine's own derivative on sample fibers.
 
 >>> from einflash.ir.expr import Param, call
 >>> body = call("maximum", Param("a"), Param("b"))
@@ -35,6 +40,7 @@ _PROBES = (-3.0, -0.5, 0.0, 0.75, 2.5)
 class Definition:
     body: Expr  # over Param("a") and Param("b")
     identity: float
+    derivative: Expr | None = None  # over Param("a"), an element, and Param("b"), the result
 
 
 DEFINITIONS: dict[str, Definition] = {}
@@ -80,30 +86,48 @@ def _check_laws(name: str, body: Expr, identity: float) -> None:
                                    f"into {f(f(x, y), z)} and {f(x, f(y, z))}")
 
 
-def define_reducer(name: str, body: Expr, identity: float) -> Reducer:
-    """Register the reducer ``name`` folding with ``body`` (over Param a and Param b); see the module docstring."""
+def _check_derivative(name: str, body: Expr, derivative: Expr) -> None:
+    """The declared derivative against the combine's, through a fold of sample fibers (float64 autograd)."""
+    for fiber in (_PROBES, _PROBES[::-1][:3], (0.5, 0.5, -1.0, 2.0)):
+        xs = torch.tensor(fiber, dtype=torch.float64, requires_grad=True)
+        r = xs[0]
+        for i in range(1, len(fiber)):
+            r = _evaluate(body, r, xs[i])
+        want, = torch.autograd.grad(r, xs)
+        got = _evaluate(derivative, xs.detach(), r.detach())
+        if not torch.allclose(got, want, rtol=1e-6, atol=1e-9):
+            raise DeclarationError(f"reducer {name!r}: its derivative does not match its combine's: on the fiber "
+                                   f"{list(fiber)} the declared one gives {got.tolist()}, the combine's "
+                                   f"{want.tolist()}")
+
+
+def define_reducer(name: str, body: Expr, identity: float, derivative: Expr | None = None) -> Reducer:
+    """Register the reducer ``name`` folding with ``body`` (over Param a and Param b), with its ``derivative``
+    (over Param a, an element, and Param b, the result) when given; see the module docstring."""
     if not name.isidentifier():
         raise DeclarationError(f"a reducer's name must be an identifier, got {name!r}")
     known = DEFINITIONS.get(name)
     if known is not None:
-        if known == Definition(body, identity):
+        if known == Definition(body, identity, derivative):
             return REDUCERS[name]
-        raise DeclarationError(f"reducer {name!r} is already defined with another combine or identity; "
-                               f"give the new one another name")
+        raise DeclarationError(f"reducer {name!r} is already defined with another combine, identity or "
+                               f"derivative; give the new one another name")
     if name in OPERATORS or name in REDUCERS:
         raise DeclarationError(f"{name!r} is a built-in operator or reducer; give the reducer another name")
-    for x in walk(body):
+    for what, x in [("combine", y) for y in walk(body)] + [("derivative", y) for y in walk(derivative or Const(0))]:
         if not (isinstance(x, (Call, Const)) or (isinstance(x, Param) and x.name in ARGS)):
-            raise DeclarationError(f"reducer {name!r}: combine may use only its two operands, numbers and "
+            raise DeclarationError(f"reducer {name!r}: its {what} may use only its two operands, numbers and "
                                    f"einflash operators, got {type(x).__name__} {x}")
     _check_laws(name, body, identity)
+    if derivative is not None:
+        _check_derivative(name, body, derivative)
     ops = [OPERATORS[x.op] for x in walk(body) if isinstance(x, Call)]
     OPERATORS[name] = Operator(
         name, 2, lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b)), f"_user_{name}({{0}}, {{1}})",
         lambda a, b: to_sympy(body, lambda p: a if p.name == "a" else b),
         transcendental=any(op.transcendental for op in ops))
     REDUCERS[name] = Reducer(name, identity, name, name)
-    DEFINITIONS[name] = Definition(body, identity)
+    DEFINITIONS[name] = Definition(body, identity, derivative)
     return REDUCERS[name]
 
 

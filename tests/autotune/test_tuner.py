@@ -54,8 +54,8 @@ def test_later_calls_of_the_shape_run_the_winner(cache_dir, monkeypatch):
     r = _tune(op, args, budget=Budget(trials=20))
     ran = []
     real = forward_module.Forward.run
-    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest: ran.append(s) or
-                        real(self, i, v, s, *rest))
+    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest, **kw: ran.append(s) or
+                        real(self, i, v, s, *rest, **kw))
     op(*args)
     op(*qkv(M=33, N=50))  # another shape of the same bucket
     assert ran == [r.best, r.best]
@@ -129,8 +129,8 @@ def test_schedules_the_buffer_analysis_rules_out_are_pruned_trials_that_cost_no_
                                  forward=Tuning(((256, TileConfig(16, 16, 4, 1)),), space))
     ran = []
     real = forward_module.Forward.run
-    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest: ran.append(s) or
-                        real(self, i, v, s, *rest))
+    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest, **kw: ran.append(s) or
+                        real(self, i, v, s, *rest, **kw))
     r = _tune(example("softmax"), qkv(), target=target, budget=Budget(trials=6), sampler="tpe")
     assert r.space.pruned_counts()["shared memory"] > 0
     pruned = {p.schedule for p in r.space.pruned}

@@ -15,9 +15,7 @@ from einflash.ir.cascade import Layout
 # The one-pass catalogue variants (the examples whose forward lowers; test_the_list_is_the_lowerable_catalogue).
 ONE_PASS = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
             "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
-            "top_theta", "causal_linear", "gla", "mla_decode")
-# One-pass variants without a backward yet, with the reason their DifferentiationError gives.
-NOT_DIFFERENTIABLE = {"logsumexp_reducer": "logaddexp_n \\(a logaddexp over n\\).*other than a sum"}
+            "top_theta", "causal_linear", "gla", "mla_decode", "logsumexp_reducer")
 # Parameters that make the masks and the cap bite at small sizes.
 TUNED = {"sliding_window": {"window": 7}, "prefix_lm": {"prefix": 5}, "sink_window": {"window": 6, "sinks": 3},
          "softcap": {"cap": 1.5}}
