@@ -1,6 +1,7 @@
 """The README's results section, generated from the benchmark JSON in benchmarks/results/.
 
-    python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--backward .../backward.json] [--readme README.md]
+    python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--backward .../backward.json]
+                                 [--checks .../checks.json] [--commit REV] [--readme README.md]
 
 Prints the Markdown (GPU, date, versions, one row per DESIGN §5 case with the ratios against
 FlexAttention and cuDNN measured in the same run, the correctness summary of the catalogue);
@@ -119,11 +120,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("forward_json")
     ap.add_argument("--backward", default=None, help="the same run's backward.json (its checks may be merged in)")
+    ap.add_argument("--checks", default=None, help="gpu_session.py's checks.json: each suite's checks join its table")
+    ap.add_argument("--commit", default=None, help="the einflash commit the run measured (its tables name it)")
     ap.add_argument("--readme", default=None)
     a = ap.parse_args()
-    lines = forward_table(json.loads(pathlib.Path(a.forward_json).read_text()))
+    checks = [] if a.checks is None else json.loads(pathlib.Path(a.checks).read_text())
+
+    def rows(path: str, suite: str) -> list[dict]:
+        out = json.loads(pathlib.Path(path).read_text()) + [r for r in checks if r.get("suite") == suite]
+        return [dict(r, commit=a.commit) if r.get("kind") == "env" and a.commit else r for r in out]
+
+    lines = forward_table(rows(a.forward_json, "forward"))
     if a.backward:
-        lines += [""] + backward_table(json.loads(pathlib.Path(a.backward).read_text()))
+        lines += [""] + backward_table(rows(a.backward, "backward"))
     print("\n".join(lines))
     if a.readme:
         splice(pathlib.Path(a.readme), lines)
