@@ -119,6 +119,17 @@ def test_example_kernel_matches_reference(name, dtype):
     _assert_matches_reference(_op(name), out, **inputs, **params)
 
 
+@pytest.mark.parametrize("window", [0, 1, 2, 16, 17, 1000])
+def test_a_window_bounded_from_both_sides_is_one_unsigned_test(window):
+    """``n ≤ m ∧ m − n < window`` becomes ``(m − n) <u max(window, 0)``: right at the empty window, the one-key
+    window, tile-sized windows and one longer than the sequence, masked tiles and whole ones alike."""
+    op = _op("sliding_window")
+    src = op.forward.source(torch.float32, op.forward.dims({"e": 16, "f": 16}), False)
+    assert ".to(tl.uint32) < (tl.maximum(p_window, 0)).to(tl.uint32)" in src.text
+    inputs = _inputs("sliding_window", dataclasses.replace(SHAPE, M=37, N=37), F32)
+    _assert_matches_reference(op, op(**inputs, window=window, schedule=Schedule(16, 16, 4, 1)), **inputs, window=window)
+
+
 @pytest.mark.parametrize("name", sorted(UNLOWERABLE))
 def test_unlowerable_example_says_why_and_reference_backend_runs(name):
     op, inputs = _op(name), _inputs(name, SHAPE, F32)
