@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LoweringError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, transform, walk
+from ..ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, reads, transform, walk
 from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.validate import validate
@@ -40,9 +40,9 @@ from .launch import KernelCall, Launcher, jit_launch
 from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .rewrites import fresh_name
+from .strength import LOG2E, _scalar
 from .tilecode import Tile, TileCode, axis_extent, bcast, presence, tile_axes
 
-LOG2E = 1.4426950408889634
 ROWS_BLOCK_M = 64  # query rows per program of the rows kernel (memory-bound and tiny)
 KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
 ROWS_WARPS = 4
@@ -231,11 +231,6 @@ def row_reciprocals(c: Cascade) -> Cascade:
     return out
 
 
-def _rank_free(x: Expr) -> bool:
-    """Constants and parameters only: the same value for every element of every tile."""
-    return not free_ranks(x) and not any(isinstance(y, Read) for y in walk(x))
-
-
 def _plain(c: Cascade, x) -> bool:
     return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
 
@@ -302,8 +297,9 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
         return None
     pn = c.producer(num.tensor)
     dv = [e for e in c.consumers(num.tensor) if e is not dx]
-    if len(c.producers(num.tensor)) != 1 or pn.reduce is not None or len(dv) != 1 or dv[0].reduce is None \
-            or _without(_without(factors(dv[0].expr), num, 1) or [], acc, 1) is None:
+    rest = None if len(dv) != 1 else _without(factors(dv[0].expr), num, 1)  # d_v's summand without num
+    if len(c.producers(num.tensor)) != 1 or pn.reduce is not None or rest is None or dv[0].reduce is None \
+            or _without(rest, acc, 1) is None:
         return None
     if {e.out for e in c.consumers(acc.tensor)} != {y, dv[0].out} or c.consumers(y) != [dn] \
             or c.consumers(r) != [dn] or any(dn.out == o or num.tensor == o for o in c.outputs):
@@ -323,26 +319,24 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     lse_expr = call("add", arg.args[1], log2_den) if row else log2_den
     lse_read = plain_read(TensorDecl(lse, c.tensor(den.tensor).ranks))
     shifted = call("sub", arg.args[0] if row else arg, lse_read)
-    reads = {num.tensor: p, acc.tensor: None, y: y2, r: r2, dn.out: dn2}
+    renamed = {num.tensor: p, acc.tensor: None, y: y2, r: r2, dn.out: dn2}
 
     def sub(x):
-        if isinstance(x, Read) and x.tensor in reads:
-            return g if reads[x.tensor] is None else Read(reads[x.tensor], x.index, x.prev)
+        if isinstance(x, Read) and x.tensor in renamed:
+            return g if renamed[x.tensor] is None else Read(renamed[x.tensor], x.index, x.prev)
         return None
 
+    lse_einsum = Einsum(lse, c.tensor(den.tensor).ranks, lse_expr, line=pn.line)
     rewritten = {pn.out: replace(pn, out=p, expr=call("exp2", shifted)),
-                 den.tensor: (c.producer(den.tensor), Einsum(lse, c.tensor(den.tensor).ranks, lse_expr, line=pn.line)),
                  dp.out: replace(dp, out=y2, expr=transform(dp.expr, sub)),
                  rp.out: replace(rp, out=r2, expr=product(r_scaled)),
                  dn.out: replace(dn, out=dn2, expr=transform(dn.expr, sub))}
-    einsums = []
-    for e in c.einsums:
-        if e.out != acc.tensor:
-            new = rewritten.get(e.out, replace(e, expr=transform(e.expr, sub)))
-            einsums += new if isinstance(new, tuple) else [new]  # lse2 right after den's producer
-    # p reads lse2: it moves after it, and its readers all come after the adjoint, which reads den
-    made = next(i for i, e in enumerate(einsums) if e.out == p)
-    after = next(i for i, e in enumerate(einsums) if e.out == lse)
+    einsums = [rewritten.get(e.out, replace(e, expr=transform(e.expr, sub))) for e in c.einsums
+               if e.out != acc.tensor]
+    # lse2 after what it reads, p after lse2: both before p's readers, which come after the adjoint (it reads den)
+    read = {x.tensor for x in reads(lse_expr)}
+    einsums.insert(1 + max(i for i, e in enumerate(einsums) if e.out in read), lse_einsum)
+    made, after = (next(i for i, e in enumerate(einsums) if e.out == name_) for name_ in (p, lse))
     if after > made:
         einsums.insert(after, einsums.pop(made))
     decls = {p: num.tensor, y2: y, r2: r, dn2: dn.out, lse: den.tensor}
@@ -409,7 +403,7 @@ def scalars_after_sums(c: Cascade) -> Cascade:
                 t = c.producer(t).expr.tensor  # through a mask to what it masks
             made = c.producer(t)
             fs = [] if made is None else factors(made.expr)
-            scalars = [(f, j) for f, j in fs if _rank_free(f)]
+            scalars = [(f, j) for f, j in fs if _scalar(f)]
             if made is None or made.reduce is not None or made.where is not None or not scalars \
                     or len(scalars) == len(fs) or len(c.consumers(t)) != 1 or len(c.consumers(a.tensor)) != 1:
                 continue
@@ -678,7 +672,7 @@ def _group_level(s: Streamed, outputs: dict[str, Output], group_sums: set[str]) 
             return True
         if x.op == "add":
             return all(linear(a) for a in x.args)
-        return x.op == "mul" and any(linear(a) and _rank_free(b) for a, b in (x.args, x.args[::-1]))
+        return x.op == "mul" and any(linear(a) and _scalar(b) for a, b in (x.args, x.args[::-1]))
 
     level = {x for x in s.sums if feeds.get(x) and feeds[x] <= group_sums}
     level |= {n for n, e in epi.items() if feeds.get(n) and feeds[n] <= group_sums and e.reduce is None

@@ -550,10 +550,16 @@ class TileCode:
         if set(limit) <= {1}:
             code = str(max(limit[1], 0))
         else:
-            terms = [str(k) if leaf == 1 else self.leaf(leaf).code.split(" ")[0] if k == 1 else
-                     f"{k} * {self.leaf(leaf).code.split(' ')[0]}" for leaf, k in limit.items() if k]
+            terms = [str(k) if leaf == 1 else self.integer(leaf) if k == 1 else f"{k} * {self.integer(leaf)}"
+                     for leaf, k in limit.items() if k]
             code = f"tl.maximum({' + '.join(terms)}, 0)"
         return Tile(f"(({t.code}).to(tl.uint32) < ({code}).to(tl.uint32))", t.ranks, dtype="bool")
+
+    def integer(self, x: Param | Size) -> str:
+        """An integer parameter's or an extent's value as the kernel has it (an int, not converted)."""
+        if isinstance(x, Param):
+            return f"p_{x.name}"
+        return "M" if x.rank == "m" else "N" if x.rank == "n" else str(self.extent(x.rank))
 
     def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
         red = e.reduce
