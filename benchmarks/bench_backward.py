@@ -4,22 +4,26 @@ the tolerance rule.
 
     python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,kernels,check] [--deadline 500]
                                          [--cases causal,ALiBi] [--variants causal,alibi] [--dtypes bfloat16]
+                                         [--host-profile]
 
 Writes DIR/backward.json as it goes (one record per measurement) and prints the table with ratios. TFLOP/s
 of a forward+backward count 3.5 × 4·B·H·M·D per visited (query, key) pair (the forward's 4·B·H·M·N·D, the
 backward's 2.5×, as /work/shared/bench/peers_gpu.py counts them); masked rows use the exact number of unmasked
 pairs, the same for every implementation. ``kernels`` profiles a training step of einflash and of FlexAttention per
-row and records each GPU kernel's time (where a step's time goes). Past the deadline (seconds from the start)
-nothing new is started and the run ends with what it has.
+row and records each GPU kernel's time (where a step's time goes); ``--host-profile`` adds to each einflash
+perf record the functions that took the most host time over ten steps (cProfile, in the process that timed
+them). Past the deadline (seconds from the start) nothing new is started and the run ends with what it has.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import math
 import pathlib
+import pstats
 import sys
 import time
 import traceback
@@ -65,7 +69,23 @@ def _training(fn, grad):
     return step
 
 
-def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
+def _host_profile(step, q, k, v, steps: int = 10) -> list[list]:
+    """The functions with the most own host time over ``steps`` training steps: [name, calls, own ms, total ms]."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+        q.grad = k.grad = v.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+    return [[f"{f}:{line}({name})"[-90:], calls, own * 1e3 / steps, total * 1e3 / steps]
+            for (f, line, name), (_, calls, own, total, _) in top]
+
+
+def perf(rows, quick: bool, sweep: bool, cases: str | None = None, host_profile: bool = False):
     for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
         if cases and not any(c in label for c in cases.split(",")):
             continue
@@ -99,9 +119,11 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None):
                 first = time.time() - t0
                 total = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v])
                 fwd = do_bench(fn, warmup=10, rep=50)
+                extra_fields = {"host_profile": _host_profile(step, q, k, v)} if host_profile and impl == "einflash" \
+                    else {}
                 emit(rows, kind="perf", case=label, impl=impl, B=B, H=H, N=N, D=D, fwd_bwd_ms=total, fwd_ms=fwd,
                      tflops=3.5 * flops / total / 1e9, bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
-                     first_call_s=first)
+                     first_call_s=first, **extra_fields)
             except Exception as e:  # noqa: BLE001
                 emit(rows, kind="perf", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}",
                      trace=traceback.format_exc()[-800:])
@@ -215,6 +237,7 @@ def main():
     ap.add_argument("--cases", default=None, help="comma-separated substrings of the perf rows to run")
     ap.add_argument("--variants", default=None, help="comma-separated catalogue variants to check")
     ap.add_argument("--dtypes", default="bfloat16,float16")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile einflash's training steps per row")
     a = ap.parse_args()
     DEADLINE[0] = a.deadline
     out = pathlib.Path(a.out)
@@ -225,7 +248,7 @@ def main():
          date=datetime.date.today().isoformat())
     steps = a.only.split(",")
     if "perf" in steps:
-        perf(rows, a.quick, a.sweep, a.cases)
+        perf(rows, a.quick, a.sweep, a.cases, a.host_profile)
     if "kernels" in steps:
         kernels(rows, a.quick, a.cases)
     if "check" in steps:
