@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sympy
 
-from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, to_sympy, call
+from ..ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, call, free_ranks, to_sympy
 
 
 def factors(x: Expr) -> list[tuple[Expr, int]]:
@@ -75,7 +75,29 @@ def correction(body: Expr, states: set[str], reduced: set[str]) -> Expr | None:
     if new == old:
         return Const(1.0)
     ratio = sympy.powsimp(sympy.simplify(new / old), force=True)
-    ratio = sympy.simplify(ratio)
+    return _in_ir(sympy.simplify(ratio), leaves, reduced)
+
+
+def ratio(numerator: Expr, denominator: Expr, constant_along: set[str]) -> Expr | None:
+    """``numerator / denominator`` simplified, as an expression that does not vary along the ranks
+    ``constant_along``, or None where it does (or has no IR form).
+
+    >>> from einflash.ir.expr import Read, call
+    >>> from einflash.ir.ranks import coord
+    >>> m, n = coord("m"), coord("n")
+    >>> e = call("exp", call("sub", Read("s", (m, n)), Read("lse", (m,))))
+    >>> ratio(call("neg", e), e, {"n"})
+    Const(value=-1.0)
+    >>> ratio(Read("s", (m, n)), e, {"n"}) is None
+    True
+    """
+    leaves = _Leaves(set())
+    r = sympy.simplify(to_sympy(numerator, leaves) / to_sympy(denominator, leaves))
+    return None if r.has(sympy.zoo, sympy.nan) else _in_ir(r, leaves, constant_along)
+
+
+def _in_ir(x: sympy.Expr, leaves: _Leaves, reduced: set[str]) -> Expr | None:
+    """``x`` back in the IR, or None where it reads a leaf varying along ``reduced`` or has no IR form."""
     back: dict[sympy.Symbol, Expr] = {}
     for key, sym in leaves.symbols.items():
         if isinstance(key, tuple):
@@ -83,14 +105,14 @@ def correction(body: Expr, states: set[str], reduced: set[str]) -> Expr | None:
             back[sym] = Read(name, index, prev=(phase == "old"))
         else:
             if isinstance(key, (Read, Coord)) and free_ranks(key) & reduced:
-                if sym in ratio.free_symbols:
+                if sym in x.free_symbols:
                     return None
             back[sym] = key
-    if any(s not in back for s in ratio.free_symbols):
+    if any(s not in back for s in x.free_symbols):
         return None
     try:
-        return from_sympy(ratio, back)
-    except ValueError:  # a factor (a Max, a Piecewise...) with no IR form: no usable correction
+        return from_sympy(x, back)
+    except ValueError:  # a factor (a Max, a Piecewise...) with no IR form
         return None
 
 

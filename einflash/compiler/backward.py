@@ -32,8 +32,8 @@ from ..ir.printer import format_cascade
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.validate import validate
 from ..templates import render
-from .blocks import tile_lists
 from .algebra import factors, product
+from .blocks import tile_lists
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
 from .launch import KernelCall, Launcher, jit_launch
@@ -166,13 +166,17 @@ def inline_row_products(c: Cascade) -> Cascade:
                 and STREAM not in e.iteration_ranks and isinstance(e.expr, Call) and e.expr.op in ("mul", "div")}
 
     def sub(x):
-        if isinstance(x, Read) and not x.prev and x.tensor in products \
-                and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks):
+        if _plain(c, x) and x.tensor in products:
             return transform(products[x.tensor], sub)
         return None
 
     einsums = tuple(replace(e, expr=transform(e.expr, sub)) for e in c.einsums if e.out not in products)
     return prune(replace(c, einsums=einsums))
+
+
+def _plain(c: Cascade, x) -> bool:
+    """A read of a whole tensor at its own coordinates (not of its previous chunk)."""
+    return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
 
 
 def _row_tensor(c: Cascade, name: str) -> bool:
@@ -201,9 +205,9 @@ def row_reciprocals(c: Cascade) -> Cascade:
     taken: set[str] = set()
 
     def sub(x):
-        if isinstance(x, Call) and x.op == "div" and isinstance(x.args[1], Read) and not x.args[1].prev:
+        if isinstance(x, Call) and x.op == "div" and _plain(c, x.args[1]):
             den = x.args[1]
-            if _row_tensor(c, den.tensor) and tuple(den.index) == tuple(coord(r) for r in c.tensor(den.tensor).ranks):
+            if _row_tensor(c, den.tensor):
                 if den.tensor not in recips:
                     recips[den.tensor] = fresh_name(c, f"{den.tensor}__recip", taken)
                     taken.add(recips[den.tensor])
@@ -229,10 +233,6 @@ def row_reciprocals(c: Cascade) -> Cascade:
     out = replace(c, tensors=tuple(tensors), einsums=tuple(einsums))
     validate(out, contract=False)
     return out
-
-
-def _plain(c: Cascade, x) -> bool:
-    return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
 
 
 def _without(fs: list, factor: Expr, exponent: int) -> list | None:
@@ -364,8 +364,7 @@ def fold_scalar_chains(c: Cascade) -> Cascade:
             if not is_product(p) or p.out in c.outputs or len(users) != 1 or not is_product(users[0]):
                 continue
             u = users[0]
-            plain = tuple(coord(r) for r in c.tensor(p.out).ranks)
-            if any(r.tensor == p.out and (r.prev or tuple(r.index) != plain) for r in u.reads()):
+            if any(r.tensor == p.out and not _plain(c, r) for r in u.reads()):
                 continue
 
             def sub(x, p=p):

@@ -43,14 +43,13 @@ import torch
 
 from ..errors import DifferentiationError
 from ..ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ..ir.expr import (Call, Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy,
-                       transform)
+from ..ir.expr import Call, Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy, transform
 from ..ir.operators import OPERATORS
 from ..ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ..ir.reference import Value, evaluate
 from ..ir.user_ops import DEFINITIONS
 from ..ir.validate import validate
-from .algebra import correction, from_sympy
+from .algebra import correction, from_sympy, ratio
 from .rewrites import _inline_body, fresh_name
 
 ZERO, ONE = Const(0.0), Const(1.0)
@@ -258,19 +257,7 @@ def _row_ratio(d: Expr, e: Einsum) -> Expr | None:
     −Σ_f d_o·o, a row term, as deferral makes it for a softmax.)"""
     if e.reduce is None or e.reduce.op != "sum" or e.reduce.ranks != (STREAM,) or e.where is not None:
         return None
-    leaves: dict = {}
-
-    def leaf(x):
-        if x not in leaves:
-            leaves[x] = sympy.Symbol(f"z{len(leaves)}", real=True)
-        return leaves[x]
-
-    ratio = sympy.simplify(to_sympy(d, leaf) / to_sympy(e.expr, leaf))
-    back = {v: k for k, v in leaves.items()}
-    if not ratio.free_symbols <= set(back) or any(STREAM in free_ranks(back[x]) for x in ratio.free_symbols) \
-            or ratio.has(sympy.zoo, sympy.nan):
-        return None
-    return from_sympy(ratio, back)
+    return ratio(d, e.expr, {STREAM})
 
 
 def _derivative(e: Einsum) -> Expr | None:

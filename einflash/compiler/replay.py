@@ -94,11 +94,11 @@ class Recording:
                     slots.append((position, *where[id(a)]))
                     args[position] = None
             launches.append(ReplayedLaunch(bound_launch(src, call), tuple(args), tuple(slots)))
-        buffer_index = {id(t): i for i, t in enumerate(self.buffers)}
-        if any(id(r) not in buffer_index for r in results) or not self.buffers:
+        found = [where.get(id(r), (False, 0)) for r in results]
+        if not all(is_buffer for is_buffer, _ in found):
             return None
         return Replay(self.buffers[0].device, tuple((tuple(t.shape), t.dtype) for t in self.buffers),
-                      tuple(launches), tuple(buffer_index[id(r)] for r in results))
+                      tuple(launches), tuple(i for _, i in found))
 
 
 class Replays:
