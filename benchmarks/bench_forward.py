@@ -42,6 +42,9 @@ ROWS = [
     ("ALiBi (2,16,8192,128)", "alibi", (2, 16, 8192, 128), {}, None),
     ("softcap 30 (2,16,8192,128)", "softcap", (2, 16, 8192, 128), {"cap": 30.0}, None),
 ]
+# fixed schedules timed with --sweep beside the default (the last field: ptxas's register cap, 0 for none)
+SWEEP = [Schedule(128, 64, 8, 3), Schedule(128, 128, 8, 3), Schedule(128, 128, 8, 3, max_registers=240),
+         Schedule(128, 64, 8, 3, max_registers=240), Schedule(64, 64, 4, 3), Schedule(64, 128, 4, 3)]
 DECODE = ("decode GQA 32:8 D128 B4 KV32768", "softmax", dict(B=4, Hq=32, Hkv=8, L=32768, D=128))
 
 
@@ -102,10 +105,8 @@ def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
         op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind)
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4),
-                                 (64, 128, 4, 3), (128, 64, 8, 4)]:
-                sch = Schedule(bm, bn, w, s)
-                impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
+            for sch in SWEEP:
+                impls[f"einflash[{sch.describe()}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
         runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
         impls.update(runnable)
         for peer, e in failed.items():

@@ -23,7 +23,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
 # fractions of the session's seconds each step may take
-SHARES = {"forward": 0.14, "backward": 0.18, "tune": 0.30, "checks": 0.38}
+SHARES = {"forward": 0.14, "backward": 0.22, "tune": 0.30, "checks": 0.34}
 SWEEP_SHARES = {"forward": 0.30, "backward": 0.16, "tune": 0.19, "checks": 0.35}  # with the forward's schedule sweep
 
 

@@ -1,4 +1,5 @@
-"""An attention op's training path as PyTorch sees it: two custom ops and the autograd formula joining them.
+"""An attention op's training path as PyTorch sees it: two custom ops and the autograd formula joining them,
+and the same forward and backward as an ``autograd.Function`` for eager calls.
 
 ``einflash::train_<name>_<key>`` runs the forward and also returns the states the backward reads
 (per-row maxima and sums with their presence flags; never the weights P); ``einflash::bwd_<name>_<key>``
@@ -10,13 +11,16 @@ contiguous (``out.sum().backward()`` passes a stride-0 one); integer inputs get 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .compiler.backward import BackwardSchedule, default_backward_schedule
 from .compiler.forward import Schedule, accumulator_dtype
-from .compiler.selection import choose
+from .compiler.replay import Recording, Replays, signature
+from .compiler.selection import choose, generation
 from .ir.ranks import PARALLEL
 from .ir.reference import bind_extents, bind_params
 
@@ -63,7 +67,7 @@ def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, Backwar
     inputs = dict(zip([t.name for t in op.cascade.inputs], tensors))
     target = _target(tensors[0].device.type)
     if f:
-        forward = Schedule(*f[:5], *(bool(x) for x in f[5:]))
+        forward = Schedule.from_ints(f)
     else:
         forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, _kv_heads(op.cascade, inputs))
     backward = BackwardSchedule(*b[:4], bool(b[4])) if b else \
@@ -77,9 +81,23 @@ def _needed(tensors, flags: list[int]) -> list[bool]:
     return [bool(f) and t.is_floating_point() for f, t in zip(flags, tensors)]
 
 
-def register_training(op):
-    """The training custom op of ``op`` (forward returning ``[out, *saved values, *saved presence]``), with its
-    backward registered."""
+@dataclass(frozen=True)
+class Training:
+    """An op's training path: ``custom_op`` for traced calls (``torch.compile``, ``opcheck``), whose autograd
+    formula is registered with torch.library; ``eager`` (an ``autograd.Function``) for eager calls. Both run
+    the same forward and backward; eager calls skip the custom op's dispatch, which cost more host time than
+    a sliding-window training step's GPU time on an H200. Either direction's launches are replayed by call
+    signature (einflash.compiler.replay): ``forward_replays`` and ``backward_replays``."""
+
+    custom_op: Callable
+    eager: type[torch.autograd.Function]
+    forward_replays: Replays
+    backward_replays: Replays
+
+
+def register_training(op) -> Training:
+    """The training path of ``op``: a forward returning ``[out, *saved values, *saved presence]`` and its
+    backward, as custom ops and as an autograd Function."""
     qualname = f"einflash::train_{op.name}_{op.cascade.key}"
     if qualname in _REGISTERED:
         return _REGISTERED[qualname]
@@ -88,13 +106,54 @@ def register_training(op):
     c = fwd.streamed
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
 
-    @torch.library.custom_op(qualname, mutates_args=())
-    def train(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> list[torch.Tensor]:
+    names = [t.name for t in op.cascade.inputs]
+    # each direction's launches by call signature (einflash.compiler.replay): a training step's host work
+    # outlasted a sliding-window step's GPU time on an H200
+    forward_replays, backward_replays = Replays(), Replays()
+
+    def run_forward(tensors, params, schedule) -> list[torch.Tensor]:
+        key = signature(tensors, {}, "forward", *_hashable(params), *schedule, generation())
+        replay = None if key is None else forward_replays.get(key)
+        if replay is not None:
+            return replay(tensors)
+        record = None if key is None else Recording()
         inputs, values, extents = unpack(tensors, params)
-        out, ws = fwd.run(inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved)
+        out, ws = fwd.run(inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved,
+                          record=record)
         if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
             ws = _empty_states(op, inputs, values, out)
-        return [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
+        results = [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
+        replay = None if record is None else record.replay(tensors, results)
+        if replay is not None:
+            forward_replays.put(key, replay)
+        return results
+
+    def run_backward(grad, out, states, tensors, params, schedule) -> list[torch.Tensor]:
+        call = [grad, out, *states, *tensors]
+        key = signature(call, {}, "backward", *_hashable(params), *schedule, generation())
+        hit = None if key is None else backward_replays.get(key)
+        if hit is not None:
+            replay, launched = hit
+            launched = replace(launched, partials=dict(zip(launched.partials, replay(call))))
+        else:
+            inputs, values, extents = unpack(tensors, params)
+            k = len(bwd.saved)
+            saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
+            _, schedule_b, flags = _schedules(op, tensors, extents, schedule)
+            needed = frozenset(t.name for t, f in zip(op.cascade.inputs, _needed(tensors, flags)) if f)
+            record = None if key is None else Recording()
+            launched = bwd.launch(inputs, values, out, saved, grad, schedule_b, extents, needed=needed, record=record)
+            replay = None if record is None else record.replay(call, list(launched.partials.values()))
+            if replay is not None:  # kept without its tensors
+                backward_replays.put(key, (replay, replace(launched, partials=dict.fromkeys(launched.partials))))
+        grads = launched.finish(dict(zip(names, tensors)))
+        # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
+        return [x.new_empty(0) if grads[n] is None else grads[n] for n, x in zip(names, tensors)
+                if x.is_floating_point()]
+
+    @torch.library.custom_op(qualname, mutates_args=())
+    def train(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> list[torch.Tensor]:
+        return run_forward(tensors, params, schedule)
 
     @train.register_fake
     def _(tensors, params, schedule):
@@ -105,16 +164,7 @@ def register_training(op):
     @torch.library.custom_op(qualname.replace("::train_", "::bwd_"), mutates_args=())
     def backward(grad: torch.Tensor, out: torch.Tensor, states: list[torch.Tensor], tensors: list[torch.Tensor],
                  params: list[float], schedule: list[int]) -> list[torch.Tensor]:
-        inputs, values, extents = unpack(tensors, params)
-        k = len(bwd.saved)
-        saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
-        _, schedule_b, flags = _schedules(op, tensors, extents, schedule)
-        wanted = _needed(tensors, flags)
-        needed = frozenset(t.name for t, f in zip(op.cascade.inputs, wanted) if f)
-        grads = bwd.run(inputs, values, out, saved, grad, schedule_b, extents, needed=needed)
-        # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
-        return [grads[t.name] if f else x.new_empty(0) for t, x, f in zip(op.cascade.inputs, tensors, wanted)
-                if x.is_floating_point()]
+        return run_backward(grad, out, states, tensors, params, schedule)
 
     @backward.register_fake
     def _(grad, out, states, tensors, params, schedule):
@@ -128,22 +178,50 @@ def register_training(op):
         ctx.mark_non_differentiable(*output[1:])
 
     def formula(ctx, grads):
-        saved = ctx.saved_tensors
-        tensors, out, states = list(saved[:ctx.count]), saved[ctx.count], list(saved[ctx.count + 1:])
-        grad = grads[0] if grads[0] is not None else torch.zeros_like(out)
         needed = [bool(f) for f in ctx.needs_input_grad[0]]
-        made = iter(backward(grad.contiguous(), out, states, tensors, ctx.params,
-                             ctx.schedule + [int(f) for f in needed]))
-        grads_in = []
-        for t, wanted in zip(tensors, needed):
-            g = next(made) if t.is_floating_point() else None
-            grads_in.append(g if wanted else None)
+        grads_in = _input_grads(ctx.saved_tensors, ctx.count, ctx.params, ctx.schedule, needed, grads[0], backward)
         # non-tensor arguments get None (an empty list: an empty list), as torch.library expects
         return grads_in, (None if ctx.params else []), None
 
     train.register_autograd(formula, setup_context=setup_context)
-    _REGISTERED[qualname] = train
-    return train
+
+    class EagerTraining(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, params, schedule, *tensors):
+            results = run_forward(list(tensors), params, schedule)
+            ctx.save_for_backward(*tensors, *results)
+            ctx.params, ctx.schedule, ctx.count = params, schedule, len(tensors)
+            ctx.mark_non_differentiable(*results[1:])
+            return tuple(results)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, *grads):
+            needed = [bool(f) for f in ctx.needs_input_grad[2:]]
+            return None, None, *_input_grads(ctx.saved_tensors, ctx.count, ctx.params, ctx.schedule, needed,
+                                            grads[0], run_backward)
+
+    EagerTraining.__name__ = EagerTraining.__qualname__ = f"EagerTraining_{op.name}_{op.cascade.key}"
+    _REGISTERED[qualname] = Training(train, EagerTraining, forward_replays, backward_replays)
+    return _REGISTERED[qualname]
+
+
+def _hashable(params: list[float]) -> tuple:
+    """Parameters as a signature holds them: NaN (not given) as None, since NaN equals nothing."""
+    return tuple(None if math.isnan(v) else v for v in params)
+
+
+def _input_grads(saved, count: int, params, schedule, needed: list[bool], grad_out, backward) -> list:
+    """Each input's gradient (None where not needed, and for integer inputs) from what the forward saved:
+    the inputs, then the output and its states; ``backward`` is the backward custom op or its function."""
+    tensors, out, states = list(saved[:count]), saved[count], list(saved[count + 1:])
+    grad = grad_out if grad_out is not None else torch.zeros_like(out)
+    made = iter(backward(grad.contiguous(), out, states, tensors, params, schedule + [int(f) for f in needed]))
+    grads = []
+    for t, wanted in zip(tensors, needed):
+        g = next(made) if t.is_floating_point() else None
+        grads.append(g if wanted else None)
+    return grads
 
 
 def _empty_states(op, inputs, values, out: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ class AttentionOp:
             self.forward_lse, self.lse_error = None, e
         self._custom_op = _register(self, self.forward)
         self._lse_op = None if self.forward_lse is None else _register(self, self.forward_lse)
-        self._train_op = register_training(self)
+        self._training = register_training(self)
         self._replays = Replays()  # eager calls' launches by call signature
 
     def __repr__(self) -> str:
@@ -236,16 +236,18 @@ class AttentionOp:
         names = [t.name for t in self.cascade.inputs]
         # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
         values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
-        ints = [] if schedule is None else [schedule.block_m, schedule.block_n, schedule.num_warps,
-                                            schedule.num_stages, schedule.splits, int(schedule.pack),
-                                            int(schedule.reverse_m)]
+        ints = [] if schedule is None else schedule.to_ints()
         if needs_grad:
             if self.backward.error is not None:
                 raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
             if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
                 raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
                                      f"adds query-side gradients atomically; use atomic_dq=False")
-            out = self._train_op([inputs[n] for n in names], values, schedule_ints(ints, backward_schedule))[0]
+            tensors, training_ints = [inputs[n] for n in names], schedule_ints(ints, backward_schedule)
+            if torch.compiler.is_compiling():
+                out = self._training.custom_op(tensors, values, training_ints)[0]
+            else:  # eager: the same forward and backward without the custom op's dispatch
+                out = self._training.eager.apply(values, training_ints, *tensors)[0]
             if not return_lse:
                 return out
             # lse is not differentiated: the training op keeps the states its backward needs, not lse
@@ -349,13 +351,12 @@ def _register(op: AttentionOp, fwd: Forward):
     @torch.library.custom_op(qualname, mutates_args=(),
                              schema=f"(Tensor[] tensors, float[] params, int[] schedule) -> {returns}")
     def run(tensors, params, schedule):
-        """``schedule``: [block_m, block_n, warps, stages, splits, pack, reverse_m], or [] to choose one here."""
+        """``schedule``: ``Schedule.to_ints()``, or [] to choose one here."""
         if fwd.error is not None:
             raise LoweringError(fwd.refusal)
         inputs, values, extents = unpack(tensors, params)
         if schedule:
-            ints, flags = schedule[:5], [bool(x) for x in schedule[5:]]
-            return _results(fwd, *fwd.run(inputs, values, Schedule(*ints, *flags), extents))
+            return _results(fwd, *fwd.run(inputs, values, Schedule.from_ints(schedule), extents))
         chosen = choose(op.cascade, fwd, _target(tensors[0].device.type), tensors[0].dtype, extents,
                         _kv_heads(op.cascade, inputs))
         return _results(fwd, *fwd.run(inputs, values, chosen, extents))

@@ -48,7 +48,7 @@ def _here() -> dict:
 
 
 def cmd_cache(args) -> int:
-    from .compiler.cache import TuneCache
+    from .compiler.cache import TuneCache, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":
@@ -79,7 +79,7 @@ def cmd_cache(args) -> int:
                 best, default = e["best"], e.get("default") or {}
                 speed = (f"{default['ms'] / best['ms']:.2f}x over the default" if best and default.get("ms")
                          else "no default time")
-                what = f"{_fmt(best['schedule'])} {best['ms']:.4f} ms, {speed}" if best else "nothing passed"
+                what = f"{schedule_from_json(best['schedule']).describe()} {best['ms']:.4f} ms, {speed}" if best else "nothing passed"
                 print(f"  {label}: {what}  ({len(e['measured'])} measured, {len(e['failed'])} failed)")
         return 0
     if args.action == "export":
@@ -105,12 +105,6 @@ def cmd_cache(args) -> int:
     n = cache.clear()
     print(json.dumps({"removed": n}) if args.json else f"removed {n} cache file(s) and the studies from {cache.root}")
     return 0
-
-
-def _fmt(s: dict) -> str:
-    return (f"{s['block_m']}x{s['block_n']} w{s['num_warps']} s{s['num_stages']}" +
-            (f" splits {s['splits']}" if s.get("splits", 1) > 1 else "") + (" packed" if s.get("pack") else "") +
-            (" reversed" if s.get("reverse_m") else ""))
 
 
 def add_commands(sub) -> None:

@@ -20,7 +20,7 @@ from einflash.ir.reference import bind_extents, bind_params
 
 def _job(src, call) -> CompileJob:
     return CompileJob.specialised(load_kernel(src), specialise(call.args, src.constexpr_args), call.num_warps,
-                                  call.num_stages)
+                                  call.num_stages, call.max_registers)
 
 
 def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJob]:
@@ -46,4 +46,4 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJ
 
 def compile_launch(job: CompileJob, target: Target) -> CompiledKernel:
     return compile_for_target(job.fn, job.signature, job.constexprs, target, job.num_warps, job.num_stages,
-                              aligned=job.aligned)
+                              aligned=job.aligned, max_registers=job.max_registers)

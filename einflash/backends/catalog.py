@@ -100,12 +100,15 @@ SM90 = Target(
     hbm_bandwidth=3.0e12,  # measured copy; spec 3.35 TB/s
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=True, tma=True, wgmma=True),
     # measured on an H100 (benchmarks/results/h100_forward.json): head dim 64 runs best at 64×128
-    # tiles, and with a causal or windowed mask the smaller 64×64 tiles waste less on cut tiles
+    # tiles, and with a causal or windowed mask the smaller 64×64 tiles waste less on cut tiles.
+    # Head dim 128 on an H200 (benchmarks/results/h200_2026-12-01_fwd_ab/fwd_ab_regs.json): 128×128 tiles with
+    # ptxas capped at 240 registers ran full attention at 502 TFLOP/s against 487 uncapped and 476 at
+    # 128×64; uncapped, ptxas kept 184 registers and scheduled the loop worse.
     forward=Tuning(defaults=((64, TileConfig(64, 128, 4, 3)),
-                             (128, TileConfig(128, 64, 8, 3)),
+                             (128, TileConfig(128, 128, 8, 3, 240)),
                              (256, TileConfig(64, 32, 4, 2))),
                    space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
-                                     num_stages=(1, 2, 3, 4, 5)),
+                                     num_stages=(1, 2, 3, 4, 5), max_registers=(0, 240)),
                    masked=((128, TileConfig(64, 64, 4, 3)),)),
     decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
                             (128, TileConfig(16, 64, 4, 3)),

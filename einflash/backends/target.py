@@ -34,16 +34,18 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One kernel configuration: query rows and keys per tile, warps per program, pipeline depth.
+    """One kernel configuration: query rows and keys per tile, warps per program, pipeline depth, and the
+    register budget per thread given to the assembler (0: its own choice).
 
     >>> TileConfig(128, 64, 8, 3)
-    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, max_registers=0)
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    max_registers: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class SearchSpace:
     """Candidate values per knob; a tuner draws configurations from their product.
 
     ``splits`` is the number of slices the key sequence is cut into (split-KV decode); 1 means no split.
+    ``max_registers`` are register budgets per thread (0: the assembler's own choice).
 
     >>> space = SearchSpace(block_m=(64, 128), block_n=(64,), num_warps=(4, 8), num_stages=(2, 3))
     >>> space.contains(TileConfig(128, 64, 8, 3)), space.contains(TileConfig(256, 64, 8, 3))
@@ -62,6 +65,7 @@ class SearchSpace:
     num_warps: tuple[int, ...]
     num_stages: tuple[int, ...]
     splits: tuple[int, ...] = (1,)
+    max_registers: tuple[int, ...] = (0,)
 
     def contains(self, cfg: TileConfig) -> bool:
         """Whether every field of ``cfg`` is among this space's candidates for it."""
@@ -77,7 +81,7 @@ class Tuning:
     >>> t = Tuning(((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3))),
     ...            SearchSpace((128,), (64,), (4, 8), (3,)))
     >>> t.default(80)
-    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, max_registers=0)
     """
 
     defaults: tuple[tuple[int, TileConfig], ...]

@@ -11,7 +11,7 @@ Script protocol: stdin holds a JSON list of requests, each the keyword arguments
 global name there); stdout gets the JSON list of results.
 
 Triton 3.6 calls used: ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
-target=GPUTarget(backend, arch, warp_size), options={"num_warps", "num_stages"})``; the
+target=GPUTarget(backend, arch, warp_size), options={"num_warps", "num_stages", "maxnreg"})``; the
 result's ``metadata.shared``, ``asm["ptx"]``, ``asm["cubin"]``, ``name``, and ``metadata_group``
 (the files of Triton's cache entry, whose ``.json`` is the metadata Triton's loader reads); and the
 wheel's cuobjdump (``triton.knobs.nvidia.cuobjdump.path``) for registers and spills. The cubin
@@ -53,14 +53,16 @@ def resource_usage(cubin: bytes, kernel: str) -> tuple[int, int]:
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, target: list, num_warps: int, num_stages: int,
-                   aligned: list[str]) -> dict:
+                   aligned: list[str], max_registers: int = 0) -> dict:
     """Compile the JIT function ``fn`` for ``target`` (GPUTarget's fields) and report name, shared memory,
     registers, spills, PTX, the cubin (base64) and Triton's metadata. ``signature`` must type every
-    argument not in ``constexprs``; ``aligned`` names the arguments to treat as divisible by 16."""
+    argument not in ``constexprs``; ``aligned`` names the arguments to treat as divisible by 16;
+    ``max_registers`` (when not 0) is Triton's ``maxnreg``."""
     full = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name), ): _DIVISIBLE for name in aligned}
     compiled = triton.compile(ASTSource(fn, full, constexprs, attrs), target=GPUTarget(*target),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       **({"maxnreg": max_registers} if max_registers else {})})
     registers, spills = resource_usage(compiled.asm["cubin"], compiled.name)
     metadata = next(path for file, path in compiled.metadata_group.items() if file.endswith(".json"))
     with open(metadata) as f:

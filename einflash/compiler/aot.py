@@ -79,6 +79,7 @@ class Binary:
     shared_bytes: int
     registers: int
     spill_bytes: int
+    max_registers: int = 0  # the cap it was compiled with (0: none)
 
     @property
     def strength(self) -> int:
@@ -337,7 +338,7 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
         raise fwd.error
     given = dict(params or {})
     entries, sources = [], {}
-    wanted: dict[str, dict[tuple, str]] = {}  # kernel -> (specialisation, warps, stages) -> lengths label
+    wanted: dict[str, dict[tuple, str]] = {}  # kernel -> (specialisation, warps, stages, registers) -> lengths label
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ShapeError(f"an AOT dtype is one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -356,7 +357,8 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
                 loose = common(exact, *(specialise(p[i][1].args, src.constexpr_args) for p in probes))
                 sources[src.name] = src
                 for spec, label in ((exact, "exact"), (loose, "any")):
-                    wanted.setdefault(src.name, {}).setdefault((spec, call.num_warps, call.num_stages), label)
+                    options = (call.num_warps, call.num_stages, call.max_registers)
+                    wanted.setdefault(src.name, {}).setdefault((spec, *options), label)
             entries.append(Entry(shape, dtype, {n: str(t.dtype).removeprefix("torch.") for n, t in inputs.items()},
                                  dict(dims or {}), values, schedule, tuple(src.name for src, _ in launches),
                                  tuple(call.grid for _, call in launches)))
@@ -372,9 +374,9 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
         if list(fn.arg_names) != list(src.arguments):
             raise LoweringError(f"internal: kernel {name} declares {fn.arg_names}, its launches fill "
                                 f"{list(src.arguments)}")
-        for spec, num_warps, num_stages in wanted[name]:
-            jobs.append(CompileJob.specialised(fn, spec, num_warps, num_stages))
-            owners.append((name, spec, wanted[name][spec, num_warps, num_stages]))
+        for spec, *options in wanted[name]:
+            jobs.append(CompileJob.specialised(fn, spec, *options))
+            owners.append((name, spec, wanted[name][spec, *options]))
     binaries: dict[str, list[Binary]] = {}
     for (name, spec, label), job, kernel in zip(owners, jobs, compile_all(jobs, target)):
         stem = f"binaries/{name}__{len(binaries.get(name, ()))}"
@@ -383,7 +385,7 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
         binaries.setdefault(name, []).append(Binary(label, spec, f"{stem}.cubin", f"{stem}.json",
                                                     hashlib.sha256(kernel.cubin).hexdigest(), job.num_warps,
                                                     job.num_stages, kernel.shared_bytes, kernel.registers,
-                                                    kernel.spill_bytes))
+                                                    kernel.spill_bytes, job.max_registers))
     kernels = {}
     for name, src in sources.items():
         kind = "combine" if name.startswith("attn_combine__") else "forward"
@@ -463,8 +465,9 @@ class StoredKernels:
             self._checked.add(src.name)
         why: dict[str, list[str]] = {}
         for b in sorted(kernel.binaries, key=lambda b: -b.strength):
-            if (b.num_warps, b.num_stages) != (call.num_warps, call.num_stages):
-                misfit = f"compiled with num_warps={b.num_warps}, num_stages={b.num_stages}"
+            if (b.num_warps, b.num_stages, b.max_registers) != (call.num_warps, call.num_stages, call.max_registers):
+                misfit = (f"compiled with num_warps={b.num_warps}, num_stages={b.num_stages}, "
+                          f"max_registers={b.max_registers}")
             else:
                 misfit = first_misfit(b.args, call.args)
             if misfit is None:

@@ -163,9 +163,6 @@ class TuneResult:
                 "here": self.here, "seconds": self.seconds, "checked": self.checked, "cache": str(self.path)}
 
     def __str__(self) -> str:
-        def fmt(s: Schedule) -> str:
-            return (f"{s.block_m}x{s.block_n} w{s.num_warps} s{s.num_stages}" + (f" splits {s.splits}" if
-                    s.splits > 1 else "") + (" packed" if s.pack else "") + (" reversed" if s.reverse_m else ""))
         speed = f"{self.speedup:.2f}x" if self.speedup else "default failed"
         pruned = ", ".join(f"{n} {k}" for k, n in self.space.pruned_counts().items()) or "none"
         rows = [("variant", f"{self.name} ({self.key.dtype}) on {self.key.environment['device']}"),
@@ -173,12 +170,12 @@ class TuneResult:
                 ("space", f"{self.space.size} schedules, {len(self.space.feasible)} feasible; pruned: {pruned}"),
                 ("trials", f"{len(self.measured)} measured, {len(self.failed)} failed ({self.here} here, "
                            f"{self.seconds:.1f} s)"),
-                ("best", f"{fmt(self.best)}: {self.best_ms:.4f} ms"),
-                ("default", f"{fmt(self.default)}: " + ("failed" if self.default_ms is None else
+                ("best", f"{self.best.describe()}: {self.best_ms:.4f} ms"),
+                ("default", f"{self.default.describe()}: " + ("failed" if self.default_ms is None else
                                                        f"{self.default_ms:.4f} ms")),
                 ("speedup", speed), ("checked", self.checked), ("cache", str(self.path))]
         for f in self.failed[:5]:
-            rows.append(("failed", f"{fmt(schedule_from_json(f['schedule']))}: {f['kind']}: {f['reason'][:120]}"))
+            rows.append(("failed", f"{schedule_from_json(f['schedule']).describe()}: {f['kind']}: {f['reason'][:120]}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

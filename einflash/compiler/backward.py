@@ -37,6 +37,7 @@ from .blocks import tile_lists
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
 from .launch import KernelCall, Launcher, jit_launch
+from .replay import Recording
 from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .rewrites import fresh_name
@@ -854,6 +855,24 @@ def _cut(g: Gradient) -> Cut:
     return Cut(g, parts, streams)
 
 
+@dataclass(frozen=True)
+class Launched:
+    """What one backward call's kernels wrote: each partial's buffer by name, with the names of its dimensions
+    (see ``gradient.finish``), for the gradient cascade cut to the wanted inputs (None: nothing ran, every
+    wanted gradient is 0)."""
+
+    gradient: Gradient | None
+    partials: dict[str, torch.Tensor]
+    labels: dict[str, tuple[str, ...]]
+    wanted: frozenset[str]
+
+    def finish(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """Each input's gradient in its own shape and dtype (None for inputs not wanted)."""
+        if self.gradient is None:
+            return {name: (torch.zeros_like(x) if name in self.wanted else None) for name, x in inputs.items()}
+        return finish(self.gradient, self.partials, self.labels, inputs, self.wanted)
+
+
 @dataclass
 class Backward:
     """The gradient of a Forward's cascade, its kernels, and one backward call.
@@ -951,16 +970,28 @@ class Backward:
         (query head, query tile) pairs they visited. ``launcher`` runs each kernel launch (Triton's JIT by
         default), as the forward's does.
         """
+        return self.launch(inputs, values, output, states, grad_output, schedule, extents, visits, needed,
+                           launcher).finish(inputs)
+
+    def launch(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
+               states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
+               extents: dict[str, int], visits: torch.Tensor | None = None, needed: frozenset[str] | None = None,
+               launcher: Launcher = jit_launch, record: Recording | None = None) -> "Launched":
+        """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
+        ``record`` allocates every buffer and runs every launch instead (einflash.compiler.replay)."""
         if self.error is not None:
             raise self.error
         g = self.gradient
         first = next(x for x in inputs.values() if x.is_floating_point())
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
-        wanted = {t.name for t in g.forward.inputs if inputs[t.name].is_floating_point()
-                  and (needed is None or t.name in needed)}
+        wanted = frozenset(t.name for t in g.forward.inputs if inputs[t.name].is_floating_point()
+                           and (needed is None or t.name in needed))
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
-            return {t.name: (torch.zeros_like(inputs[t.name]) if t.name in wanted else None) for t in g.forward.inputs}
+            return Launched(None, {}, {}, wanted)
         needed = None if needed is None else frozenset(needed)
+        empty = torch.empty if record is None else record.empty
+        zeros = torch.zeros if record is None else record.zeros
+        launcher = launcher if record is None else record.launch
         cut = self.cut(needed)
         g = cut.gradient
         dims = self.forward.dims(extents)
@@ -984,7 +1015,7 @@ class Backward:
             p = next((p for p in g.partials if p.name == o.name), None)
             direct = p is not None and o.program is None and not o.atomic and self._direct(p, o)
             dtype = inputs[p.input].dtype if direct else acc
-            t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=dev)
+            t = (zeros if zero else empty)(*shape, dtype=dtype, device=dev)
             if p is not None:
                 partials[o.name] = t
                 labels[o.name] = ("b", "hk" if o.head == "off_hk" else "h") + (("p",) if o.program else ()) + o.ranks
@@ -1024,7 +1055,7 @@ class Backward:
                 *args, *[values[p] for p in k.params], M, N, H, group, 1, None, None, None,
                 *(v for _, v in k.constexprs), bm, bn, schedule.num_stages, False, False, False, False, False],
                 schedule.num_warps, schedule.num_stages))
-        return finish(g, partials, labels, inputs, wanted)
+        return Launched(g, partials, labels, wanted)
 
     def _direct(self, p: Partial, o: Output) -> bool:
         """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out

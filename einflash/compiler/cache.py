@@ -27,7 +27,7 @@ the file and what is wrong, and skipped; the next write moves it aside to ``*.co
 ...                                 "ms": 1.5}, "measured": [], "failed": []})
 >>> near = Bucket.of(dict(b=2, h=16, m=8192, n=8192, e=128, f=128), 16)  # not tuned: the nearest bucket serves
 >>> cache.best(key, near)
-(Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, pack=False, reverse_m=False), 'forward m4096 n4096 bkv32 g1 e128 f128')
+(Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=0), 'forward m4096 n4096 bkv32 g1 e128 f128')
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ def schedule_from_json(d: dict) -> Schedule:
         if known[name].type in ("bool", bool):
             if not isinstance(v, bool):
                 raise ValueError(f"schedule field {name} must be true or false, got {v!r}")
+        elif name == "max_registers":  # 0: no cap
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"schedule field {name} must be a non-negative integer, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"schedule field {name} must be a positive integer, got {v!r}")
     return Schedule(**d)

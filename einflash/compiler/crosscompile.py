@@ -67,13 +67,15 @@ class CompileJob:
     num_warps: int
     num_stages: int
     aligned: tuple[str, ...] | None = None
+    max_registers: int = 0  # per thread (0: ptxas's own choice)
 
     @classmethod
-    def specialised(cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int) -> "CompileJob":
+    def specialised(cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int,
+                    max_registers: int = 0) -> "CompileJob":
         """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.specialise)."""
         return cls(fn, {s.name: s.type for s in specs if s.type != "constexpr"},
                    {s.name: s.value for s in specs if s.type == "constexpr"}, num_warps, num_stages,
-                   tuple(s.name for s in specs if s.divisible))
+                   tuple(s.name for s in specs if s.divisible), max_registers)
 
 
 def _in_child(fns: list, requests: list[dict]) -> list[dict]:
@@ -90,13 +92,15 @@ def _in_child(fns: list, requests: list[dict]) -> list[dict]:
 
 
 def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int | float | bool], target: Target,
-                       num_warps: int, num_stages: int, aligned: tuple[str, ...] | None = None) -> CompiledKernel:
+                       num_warps: int, num_stages: int, aligned: tuple[str, ...] | None = None,
+                       max_registers: int = 0) -> CompiledKernel:
     """Compile the ``@triton.jit`` kernel ``fn`` for ``target``; check that it fits the target's shared memory.
 
     ``signature`` maps each runtime argument to its Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``);
     ``constexprs`` gives the compile-time ones (JSON scalars). ``aligned`` names the arguments that
     Triton's launcher would find divisible by 16 (16-byte aligned pointers, integers that are multiples
-    of 16) and specialise on at run time; by default every pointer, as torch allocates them. Raises
+    of 16) and specialise on at run time; by default every pointer, as torch allocates them.
+    ``max_registers`` caps the registers per thread (Triton's ``maxnreg``; 0: no cap). Raises
     OutOfResourcesError when the kernel needs more shared memory than the target has. Triton caches
     what it compiles, so asking again is quick.
 
@@ -117,7 +121,8 @@ def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int 
     >>> k.name, k.shared_bytes, k.spill_bytes, k.cubin[1:4]  # an ELF file
     ('copy', 0, 0, b'ELF')
     """
-    return compile_all([CompileJob(fn, signature, constexprs, num_warps, num_stages, aligned)], target)[0]
+    return compile_all([CompileJob(fn, signature, constexprs, num_warps, num_stages, aligned, max_registers)],
+                       target)[0]
 
 
 def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
@@ -136,7 +141,8 @@ def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
             aligned = tuple(name for name, ty in job.signature.items() if ty.startswith("*"))
         requests.append({"signature": job.signature, "constexprs": job.constexprs,
                          "target": list(dataclasses.astuple(target.gpu)), "num_warps": job.num_warps,
-                         "num_stages": job.num_stages, "aligned": list(aligned)})
+                         "num_stages": job.num_stages, "aligned": list(aligned),
+                         "max_registers": job.max_registers})
     if all(isinstance(job.fn, JITFunction) for job in jobs) and not triton.knobs.runtime.interpret:
         results = [triton_compile.compile_kernel(job.fn, **r) for job, r in zip(jobs, requests)]
     else:

@@ -42,6 +42,8 @@ class Schedule:
     """How one call is run: tile sizes, warps, pipeline depth, the number of key splits, GQA packing, tile order.
 
     ``reverse_m`` launches the query tiles last-first (the heavy tiles of a causal mask start first).
+    ``max_registers`` caps the registers per thread that ptxas may use (0: its own choice); a cap can
+    change how it schedules the loop, not only whether it spills.
     """
 
     block_m: int
@@ -51,10 +53,30 @@ class Schedule:
     splits: int = 1
     pack: bool = False
     reverse_m: bool = False
+    max_registers: int = 0
 
     def launch_config(self) -> LaunchConfig:
         return LaunchConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, self.pack,
-                            self.reverse_m)
+                            self.reverse_m, max_registers=self.max_registers)
+
+    def describe(self) -> str:
+        """A short label: ``Schedule(128, 128, 8, 3, max_registers=240).describe()`` is ``128x128 w8 s3 r240``."""
+        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" +
+                (f" splits {self.splits}" if self.splits > 1 else "") + (" packed" if self.pack else "") +
+                (" reversed" if self.reverse_m else "") + (f" r{self.max_registers}" if self.max_registers else ""))
+
+    def to_ints(self) -> list[int]:
+        """The schedule as a custom op's ``int[]`` argument takes it (``from_ints`` reads it back).
+
+        >>> s = Schedule(128, 128, 8, 3, max_registers=240); Schedule.from_ints(s.to_ints()) == s
+        True
+        """
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, int(self.pack),
+                int(self.reverse_m), self.max_registers]
+
+    @classmethod
+    def from_ints(cls, ints: list[int]) -> "Schedule":
+        return cls(*ints[:5], *(bool(x) for x in ints[5:7]), *ints[7:8])  # fields left out keep their defaults
 
 
 class Forward:

@@ -57,17 +57,26 @@ class LaunchConfig:
     pack: bool = False  # GQA groups packed into the rows of one program (decoding)
     reverse_m: bool = False  # query tiles launched last-first
     count_visits: bool = False  # tests: have each program count the key tiles it visits
+    max_registers: int = 0  # per thread, for ptxas (0: its own choice)
 
 
 @dataclass(frozen=True)
 class KernelCall:
     """One launch of a generated kernel: the grid, every kernel parameter by name in the kernel's order
-    (runtime values and compile-time constants alike), and Triton's compile options."""
+    (runtime values and compile-time constants alike), and Triton's compile options (``max_registers``:
+    Triton's ``maxnreg``, 0 for none)."""
 
     grid: tuple[int, int, int]
     args: dict[str, object]
     num_warps: int
     num_stages: int
+    max_registers: int = 0
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The compile options as Triton's launch takes them."""
+        extra = {"maxnreg": self.max_registers} if self.max_registers else {}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **extra}
 
 
 Launcher = Callable[[KernelSource, KernelCall], None]
@@ -114,7 +123,7 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
     if compiled is not None:
         compiled[call.grid](*call.args.values())
         return
-    kernel = load_kernel(src)[call.grid](*call.args.values(), num_warps=call.num_warps, num_stages=call.num_stages)
+    kernel = load_kernel(src)[call.grid](*call.args.values(), **call.options)
     if hasattr(kernel, "result"):  # compiled in the background
         kernel = kernel.result()
     if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none
@@ -122,7 +131,7 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
 
 
 def _compiled_key(src: KernelSource, call: KernelCall) -> tuple:
-    return src.name, call.num_warps, call.num_stages, specialisation(src, call.args)
+    return src.name, call.num_warps, call.num_stages, call.max_registers, specialisation(src, call.args)
 
 
 def bound_launch(src: KernelSource, call: KernelCall) -> Callable[..., None]:
@@ -132,7 +141,7 @@ def bound_launch(src: KernelSource, call: KernelCall) -> Callable[..., None]:
     compiled = _COMPILED.get(_compiled_key(src, call))
     if compiled is not None:
         return compiled[call.grid]
-    return functools.partial(load_kernel(src)[call.grid], num_warps=call.num_warps, num_stages=call.num_stages)
+    return functools.partial(load_kernel(src)[call.grid], **call.options)
 
 
 def _named(src: KernelSource, values: list) -> dict[str, object]:
@@ -178,7 +187,7 @@ def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor],
     args += [M, N, H, H // hkv, per_split, visits, *offsets, *(v for _, v in src.constexprs),
              cfg.block_m, cfg.block_n, cfg.num_stages, src.split, cfg.pack, cfg.reverse_m, cfg.count_visits,
              jagged is not None]
-    return KernelCall(grid, _named(src, args), cfg.num_warps, cfg.num_stages)
+    return KernelCall(grid, _named(src, args), cfg.num_warps, cfg.num_stages, cfg.max_registers)
 
 
 def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],

@@ -37,12 +37,13 @@ class Replay:
     """The launches of one call signature; ``replay(tensors)`` returns the call's results (see ``Recording``)."""
 
     device: torch.device
-    buffers: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    buffers: tuple[tuple[tuple[int, ...], torch.dtype, bool], ...]  # shape, dtype, zero-filled
     launches: tuple[ReplayedLaunch, ...]
     results: tuple[int, ...]  # the buffer of each result
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self.buffers]
+        buffers = [(torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.device)
+                   for shape, dtype, zero in self.buffers]
         for launch in self.launches:
             args = list(launch.args)
             for position, is_buffer, index in launch.tensors:
@@ -52,7 +53,8 @@ class Replay:
 
 
 class Recording:
-    """What one run of a forward allocates (through ``empty``) and launches (through ``launch``, which runs it).
+    """What one run of a forward or a backward allocates (through ``empty`` and ``zeros``) and launches
+    (through ``launch``, which runs it).
 
     >>> rec = Recording()
     >>> out = rec.empty(2, 3, dtype=torch.float32, device=torch.device("cpu"))
@@ -62,11 +64,18 @@ class Recording:
 
     def __init__(self):
         self.buffers: list[torch.Tensor] = []
+        self.zeroed: list[bool] = []
         self.launches: list[tuple[KernelSource, KernelCall]] = []
 
     def empty(self, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        t = torch.empty(*shape, dtype=dtype, device=device)
+        return self._buffer(torch.empty(*shape, dtype=dtype, device=device), False)
+
+    def zeros(self, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._buffer(torch.zeros(*shape, dtype=dtype, device=device), True)
+
+    def _buffer(self, t: torch.Tensor, zero: bool) -> torch.Tensor:
         self.buffers.append(t)
+        self.zeroed.append(zero)
         return t
 
     def launch(self, src: KernelSource, call: KernelCall) -> None:
@@ -77,7 +86,9 @@ class Recording:
         """The replay of this run for calls that give ``tensors`` (in this order) and return ``results``; None
         where a replay could not recompute what a launch read: a tensor that is neither a call tensor nor a
         recorded buffer (tile lists classified from data, inputs converted to int32), one call tensor given
-        twice (a later call may give two), or a result that is no buffer."""
+        twice (a later call may give two), or a result that is no buffer; None also where nothing was allocated."""
+        if not self.buffers:  # nothing ran (an empty batch): nothing worth replaying
+            return None
         where: dict[int, tuple[bool, int]] = {}
         for i, t in enumerate(tensors):
             if id(t) in where:
@@ -97,7 +108,7 @@ class Recording:
         found = [where.get(id(r), (False, 0)) for r in results]
         if not all(is_buffer for is_buffer, _ in found):
             return None
-        return Replay(self.buffers[0].device, tuple((tuple(t.shape), t.dtype) for t in self.buffers),
+        return Replay(self.buffers[0].device, tuple((tuple(t.shape), t.dtype, z) for t, z in zip(self.buffers, self.zeroed)),
                       tuple(launches), tuple(i for _, i in found))
 
 
@@ -123,6 +134,9 @@ class Replays:
 
     def __len__(self) -> int:
         return len(self._by_signature)
+
+    def clear(self) -> None:
+        self._by_signature.clear()
 
 
 def signature(args: Sequence, kwargs: dict, *context: Hashable) -> tuple | None:

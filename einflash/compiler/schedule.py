@@ -29,7 +29,7 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
-    Schedule(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=9, pack=True, reverse_m=False)
+    Schedule(block_m=16, block_n=64, num_warps=4, num_stages=3, splits=9, pack=True, reverse_m=False, max_registers=0)
     """
     heads = extents["h"]
     kv = kv_heads or heads
@@ -37,7 +37,7 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     widest = max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
     if extents["m"] > DECODE_MAX_QUERIES:
         cfg = target.forward.default(_pow2(widest), masked)
-        return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, max_registers=cfg.max_registers)
     cfg = target.decode.default(_pow2(widest))
     pack = group > 1
     rows = extents["m"] * (group if pack else 1)
@@ -47,4 +47,4 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     sms = target.sm_count or 1
     # (an empty batch or query sequence has no program at all: nothing to split)
     splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split and programs else 1
-    return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack)
+    return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack, max_registers=cfg.max_registers)

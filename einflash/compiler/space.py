@@ -29,7 +29,7 @@ Pruning, before anything compiles:
 ...     return ef.softmax(q @ k * ef.scale, "n") @ v
 >>> s = search_space(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
 >>> s.family, s.size, len(s.feasible), s.pruned_counts()
-('forward', 60, 49, {'registers': 3, 'shared memory': 8})
+('forward', 120, 98, {'registers': 6, 'shared memory': 16})
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def _knobs(forward: Forward, target: Target, extents: dict[str, int], kv_heads: 
               "num_stages": space.num_stages, "splits": space.splits if family == "decode" else (1,),
               "pack": (default.pack,),
               # the order of query tiles matters only where tiles differ in work: an affine mask
-              "reverse_m": (False, True) if family == "forward" and forward.masked else (False,)}
+              "reverse_m": (False, True) if family == "forward" and forward.masked else (False,),
+              "max_registers": space.max_registers}
     knobs = {f.name: tuple(sorted(set(values[f.name]) | {getattr(default, f.name)})) for f in fields(Schedule)}
     full = math.prod(len(v) for v in knobs.values())
     # tiles taller than the rows or wider than the keys only repeat a smaller tile's work, whatever else is chosen
@@ -157,9 +158,11 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
                                               f"{target.smem_per_block:,} B per block")
     if target.regs_per_thread is not None and target.gpu is not None:
         per_thread = regs(s.block_m, s.block_n) / FP32 / (target.gpu.warp_size * s.num_warps)
-        if per_thread > target.regs_per_thread:
+        budget = min(target.regs_per_thread, s.max_registers or target.regs_per_thread)
+        if per_thread > budget:
             return Pruned(s, "registers", f"fp32 tiles need {per_thread:.0f} registers per thread, "
-                                          f"{target.name} has {target.regs_per_thread}")
+                                          f"{target.name} has {target.regs_per_thread}" +
+                                          (f" and the schedule caps them at {budget}" if s.max_registers else ""))
     return None
 
 
@@ -178,7 +181,7 @@ def fitting_default(forward: Forward, target: Target, extents: dict[str, int], k
     ... def plain(q, k, v):
     ...     return ef.softmax(q @ k * ef.scale, "n") @ v
     >>> fitting_default(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
-    Schedule(block_m=128, block_n=64, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False)
+    Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=240)
     """
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
     return _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)

@@ -26,7 +26,8 @@ def test_forward_space_is_the_targets_with_the_default_and_prunes_what_cannot_fi
     assert s.family == "forward" and knobs["block_m"] == SM90.forward.space.block_m
     assert knobs["splits"] == (1,) and knobs["reverse_m"] == (False,)  # no mask: the tile order changes nothing
     assert s.default == default_schedule(PREFILL, SM90, 16) and s.default in s.feasible
-    assert s.size == len(s.feasible) + len(s.pruned) == 60
+    assert knobs["max_registers"] == SM90.forward.space.max_registers == (0, 240)
+    assert s.size == len(s.feasible) + len(s.pruned) == 2 * 3 * 2 * 5 * 2
     counts = s.pruned_counts()
     assert counts["shared memory"] > 0 and counts["registers"] > 0
     smem = buffer_needs(op.forward.streamed).smem
@@ -38,7 +39,7 @@ def test_forward_space_is_the_targets_with_the_default_and_prunes_what_cannot_fi
             assert s.why_pruned(p.schedule).startswith("shared memory: input tiles need")
         if p.kind == "registers":  # 4·BM·(BN + F + 1) fp32 bytes over 32·warps threads
             sch = p.schedule
-            assert 4 * sch.block_m * (sch.block_n + 128 + 1) / 4 / (32 * sch.num_warps) > 255
+            assert 4 * sch.block_m * (sch.block_n + 128 + 1) / 4 / (32 * sch.num_warps) > (sch.max_registers or 255)
     assert all(s.why_pruned(x) is None for x in s.feasible)
 
 

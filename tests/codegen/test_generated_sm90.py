@@ -32,7 +32,7 @@ DECODING = {"B": 4, "Hq": 32, "Hkv": 8, "M": 1, "N": 32768}  # GQA 32:8 over a l
 
 def _prefill_schedule(extents, kv_heads) -> Schedule:
     cfg = SM90.forward.default(extents["e"])
-    return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, max_registers=cfg.max_registers)
 
 
 def _decode_schedule(extents, kv_heads) -> Schedule:
@@ -80,6 +80,7 @@ def test_forward_kernel_compiles_with_the_default_config(compiled, name, head_di
     cfg = SM90.forward.default(head_dim)
     assert launch.constexprs["BLOCK_M"] == cfg.block_m and launch.constexprs["BLOCK_N"] == cfg.block_n
     assert (kernel.num_warps, kernel.num_stages) == (cfg.num_warps, cfg.num_stages)
+    assert launch.max_registers == cfg.max_registers and kernel.registers <= (cfg.max_registers or 255)
     assert launch.constexprs["COUNT_VISITS"] is False and launch.constexprs["visits_ptr"] is None
     assert launch.signature["q_ptr"] == "*bf16" and kernel.name.startswith(f"attn_fwd__{name}__")
     _fits(kernel, case)

@@ -229,11 +229,70 @@ def test_training_custom_ops_pass_opcheck():
     o = op("alibi")
     given = inputs("alibi", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
     tensors = [given[t.name] for t in o.cascade.inputs]
-    schedule = schedule_ints([16, 16, 4, 1, 1, 0, 0], SMALL)
-    torch.library.opcheck(o._train_op, (tensors, [float("nan")], schedule))
-    out, *states = o._train_op(tensors, [float("nan")], schedule)
-    bwd = getattr(torch.ops.einflash, o._train_op._name.replace("train_", "bwd_"))
+    schedule = schedule_ints(Schedule(16, 16, 4, 1).to_ints(), SMALL)
+    torch.library.opcheck(o._training.custom_op, (tensors, [float("nan")], schedule))
+    out, *states = o._training.custom_op(tensors, [float("nan")], schedule)
+    bwd = getattr(torch.ops.einflash, o._training.custom_op._name.replace("train_", "bwd_"))
     torch.library.opcheck(bwd, (torch.randn_like(out), out, states, tensors, [float("nan")], schedule))
+
+
+def test_eager_training_skips_the_custom_op_and_matches_it_bit_for_bit():
+    o = op("alibi")
+    given = inputs("alibi", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
+    d_o = torch.randn(given["q"].shape[:-1] + (given["v"].shape[-1],))
+    schedule = schedule_ints(Schedule(16, 16, 4, 1).to_ints(), SMALL)
+    grads = []
+    for train in ("eager", "custom_op"):
+        leaves = [given[t.name].clone().requires_grad_() for t in o.cascade.inputs]
+        if train == "eager":
+            out = o._training.eager.apply([float("nan")], schedule, *leaves)[0]
+            assert type(out.grad_fn).__name__.startswith("EagerTraining")
+        else:
+            out = o._training.custom_op(leaves, [float("nan")], schedule)[0]
+        out.backward(d_o)
+        grads.append([x.grad for x in leaves])
+    eager_call = o(*(given[t.name].clone().requires_grad_() for t in o.cascade.inputs))
+    assert type(eager_call.grad_fn).__name__.startswith("EagerTraining")
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def _step(o, given: dict, d_o: torch.Tensor, fresh: bool = False) -> list[torch.Tensor]:
+    """One eager training step's gradients of every floating-point input (``fresh``: the replays forgotten)."""
+    if fresh:
+        o._training.forward_replays.clear()
+        o._training.backward_replays.clear()
+    leaves = {k: (x.clone().requires_grad_() if x.is_floating_point() else x) for k, x in given.items()}
+    o(*(leaves[t.name] for t in o.cascade.inputs)).backward(d_o)
+    return [x.grad for x in leaves.values() if x.is_floating_point()]
+
+
+def test_a_training_step_of_a_recorded_signature_is_replayed_bit_for_bit():
+    o = op("alibi")  # GQA 4:2 and a per-head slope: the replayed partials still go through finish
+    shape = dataclasses.replace(SHAPE, Hq=4, Hkv=2, M=12, N=21, E=16)
+    given = inputs("alibi", shape, F32)
+    _step(o, given, grad_output("alibi", given, {}), fresh=True)
+    assert len(o._training.forward_replays) == len(o._training.backward_replays) == 1
+    given = inputs("alibi", shape, F32, seed=1)
+    d_o = torch.randn_like(grad_output("alibi", given, {}))
+    replayed = _step(o, given, d_o)
+    assert len(o._training.forward_replays) == len(o._training.backward_replays) == 1
+    for a, b in zip(replayed, _step(o, given, d_o, fresh=True)):
+        assert torch.equal(a, b)
+    given = inputs("alibi", dataclasses.replace(shape, M=13), F32)
+    _step(o, given, grad_output("alibi", given, {}))
+    assert len(o._training.forward_replays) == len(o._training.backward_replays) == 2  # another shape
+
+
+def test_a_training_step_with_converted_inputs_is_not_replayed():
+    o = op("document_mask")  # int64 document ids are converted to int32 for the kernels
+    given = inputs("document_mask", dataclasses.replace(SHAPE, M=12, N=21, E=16), F32)
+    assert given["doc"].dtype == torch.int64
+    d_o = grad_output("document_mask", given, {})
+    first = _step(o, given, d_o, fresh=True)
+    assert len(o._training.forward_replays) == len(o._training.backward_replays) == 0
+    for a, b in zip(first, _step(o, given, d_o)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.slow  # Inductor compiles the training step around the ops

@@ -1,5 +1,6 @@
 """On a GPU (skipped elsewhere): bf16 and fp16 gradients of a few variants within the tolerance rule, the
-deterministic backward giving identical bits run to run, and the atomic dQ schedule within the rule too."""
+deterministic backward giving identical bits run to run, a replayed training step those of a fresh one, and
+the atomic dQ schedule within the rule too."""
 
 import dataclasses
 
@@ -48,3 +49,16 @@ def test_atomic_dq_within_the_rule():
     given, d_o, grads = _run("causal", torch.bfloat16, backward_schedule=schedule)
     verdicts = check_gradients(op("causal"), grads, d_o, **given)
     assert all(v.ok for v in verdicts.values()), verdicts
+
+
+def test_a_replayed_training_step_matches_a_fresh_one():
+    training = op("alibi")._training
+    runs = []
+    for fresh in (True, False, True):  # recorded, replayed, recorded again
+        if fresh:
+            training.forward_replays.clear()
+            training.backward_replays.clear()
+        torch.manual_seed(0)
+        runs.append(_run("alibi", torch.bfloat16)[2])
+        assert len(training.forward_replays) == len(training.backward_replays) == 1
+    assert all(torch.equal(runs[1][k], runs[2][k]) for k in runs[1])
