@@ -37,9 +37,9 @@ from .blocks import tile_lists
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
 from .launch import KernelCall, Launcher, jit_launch
-from .replay import Recording
 from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
+from .replay import Recording
 from .rewrites import fresh_name
 from .strength import LOG2E, _scalar
 from .tilecode import Tile, TileCode, axis_extent, bcast, presence, tile_axes
