@@ -79,7 +79,8 @@ def cmd_cache(args) -> int:
                 best, default = e["best"], e.get("default") or {}
                 speed = (f"{default['ms'] / best['ms']:.2f}x over the default" if best and default.get("ms")
                          else "no default time")
-                what = f"{schedule_from_json(best['schedule']).describe()} {best['ms']:.4f} ms, {speed}" if best else "nothing passed"
+                what = (f"{schedule_from_json(best['schedule']).describe()} {best['ms']:.4f} ms, {speed}" if best
+                        else "nothing passed")
                 print(f"  {label}: {what}  ({len(e['measured'])} measured, {len(e['failed'])} failed)")
         return 0
     if args.action == "export":

@@ -108,7 +108,8 @@ class Recording:
         found = [where.get(id(r), (False, 0)) for r in results]
         if not all(is_buffer for is_buffer, _ in found):
             return None
-        return Replay(self.buffers[0].device, tuple((tuple(t.shape), t.dtype, z) for t, z in zip(self.buffers, self.zeroed)),
+        buffers = tuple((tuple(t.shape), t.dtype, zero) for t, zero in zip(self.buffers, self.zeroed))
+        return Replay(self.buffers[0].device, buffers,
                       tuple(launches), tuple(i for _, i in found))
 
 
