@@ -2,7 +2,7 @@
 for the training rows of DESIGN §5, in one process; then the catalogue's gradients in bf16 and fp16 against
 the tolerance rule.
 
-    python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep] [--only perf,kernels,check] [--deadline 500]
+    python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep [N]] [--only perf,kernels,check] [--deadline 500]
                                          [--cases causal,ALiBi] [--variants causal,alibi] [--dtypes bfloat16]
                                          [--host-profile]
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime
 import json
 import math
@@ -46,9 +47,11 @@ DT = torch.bfloat16
 T0 = time.time()
 DEADLINE = [500.0]
 OUT: list[pathlib.Path] = []
-# backward schedules tried with --sweep: (streamed, kept, warps, stages)
-SWEEP = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-         (16, 128, 4, 4), (32, 128, 4, 5)]
+# backward schedules tried with --sweep beside the default (and the default made atomic): launches, stages per
+# kernel, register budgets
+SWEEP = [BackwardSchedule(64, 128, 8, 3, one_launch=False), BackwardSchedule(64, 128, 8, 3),
+         BackwardSchedule(64, 128, 8, 2, dq_stages=3, max_registers=240, one_launch=False),
+         BackwardSchedule(64, 128, 8, 2, dq_stages=3), BackwardSchedule(32, 128, 8, 3, one_launch=False)]
 
 
 def late() -> bool:
@@ -85,7 +88,7 @@ def _host_profile(step, q, k, v, steps: int = 10) -> list[list]:
             for (f, line, name), (_, calls, own, total, _) in top]
 
 
-def perf(rows, quick: bool, sweep: bool, cases: str | None = None, host_profile: bool = False):
+def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: bool = False):
     for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
         if cases and not any(c in label for c in cases.split(",")):
             continue
@@ -96,13 +99,10 @@ def perf(rows, quick: bool, sweep: bool, cases: str | None = None, host_profile:
         grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
-            for bm, bn, w, s in SWEEP:
-                sch = BackwardSchedule(bm, bn, w, s)
-                impls[f"einflash[{bm}x{bn} w{w} s{s}]"] = (
+            atomic = dataclasses.replace(default_backward_schedule({"e": D, "f": D}, detect()), atomic_dq=True)
+            for sch in (SWEEP + [atomic])[:sweep]:
+                impls[f"einflash[{sch.describe()}]"] = (
                     lambda sch=sch: op(q, k, v, **extra, **params, backward_schedule=sch))
-        default = default_backward_schedule({"e": D, "f": D}, detect())
-        atomic = BackwardSchedule(default.block_m, default.block_n, default.num_warps, default.num_stages, True)
-        impls["einflash[atomic dq]"] = lambda: op(q, k, v, **extra, **params, backward_schedule=atomic)
         runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
         impls.update(runnable)
         for peer, e in failed.items():
@@ -231,7 +231,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time a few backward schedules")
+    ap.add_argument("--sweep", nargs="?", type=int, const=len(SWEEP) + 1, default=0,
+                    help="also time the first N backward schedules of SWEEP and the atomic one (all by default)")
     ap.add_argument("--only", default="perf,check")
     ap.add_argument("--deadline", type=float, default=500.0, help="seconds after which nothing new starts")
     ap.add_argument("--cases", default=None, help="comma-separated substrings of the perf rows to run")

@@ -46,8 +46,7 @@ def unpacker(op):
 def schedule_ints(forward: list[int], backward: BackwardSchedule | None) -> list[int]:
     """A training call's schedules as the custom op takes them: the forward's ints as the inference op takes
     them (none: chosen in the op), then the backward's (none: the target's default, chosen in the op)."""
-    back = [] if backward is None else [backward.block_m, backward.block_n, backward.num_warps, backward.num_stages,
-                                        int(backward.atomic_dq)]
+    back = [] if backward is None else backward.to_ints()
     return [len(forward), *forward, len(back), *back]
 
 
@@ -70,7 +69,7 @@ def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, Backwar
         forward = Schedule.from_ints(f)
     else:
         forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, _kv_heads(op.cascade, inputs))
-    backward = BackwardSchedule(*b[:4], bool(b[4])) if b else \
+    backward = BackwardSchedule.from_ints(b) if b else \
         default_backward_schedule(extents, target, op.forward.broadcast)
     return replace(forward, splits=1), backward, needed
 

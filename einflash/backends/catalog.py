@@ -16,6 +16,8 @@ kernels with these defaults (tests/codegen/test_generated_sm90.py) fit too and d
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .target import GPU, Capabilities, SearchSpace, Target, TileConfig, Tuning
 
 # Head-dimension buckets are padded (power of two) head dims, so 40 falls in 64 and 80 in 128.
@@ -50,15 +52,18 @@ INTERPRETER = Target(
 # Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program. Measured on an
 # H200 (benchmarks/results/h200_backward_sweep.json, head dim 128, full and causal, 2x16x8192): 64x128 with 8
 # warps ran best; with 4 warps the kept 128-row tiles and their fp32 accumulators run out of registers (2.2x
-# slower). 3 stages against 2 (h200_2026-12-01_replay_ffaa2dd, the six training rows of DESIGN §5): faster on
-# full D128 (9.76 against 9.93 ms), causal (4.88, 5.34), full D64 (5.81, 6.04) and softcap (16.4, 18.2), within
-# run-to-run noise on sliding window and ALiBi. Head dim 256 is not measured yet. sm80 takes the same tiles
-# unmeasured (they compile within its shared memory: tests/codegen/test_generated_sm90_backward.py cross-compiles
-# the sm90 ones).
+# slower). 3 stages for both kernels against 2 (h200_2026-12-01_replay_ffaa2dd, the six training rows of DESIGN
+# §5): faster on full D128 (9.76 against 9.93 ms), causal (4.88, 5.34), full D64 (5.81, 6.04) and softcap (16.4,
+# 18.2). Head dim 256 is not measured yet. sm80 keeps these tiles unmeasured (they compile within its shared
+# memory: tests/codegen/test_generated_sm90_backward.py cross-compiles the sm90 ones).
 _BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 3)),
                              (256, TileConfig(32, 64, 4, 2))),
                    space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
                                      num_stages=(1, 2, 3, 4, 5)))
+# sm90, per kernel (benchmarks/results/h200_2026-12-02_bwd_ab, full and ALiBi D128, each kernel timed alone): the
+# dK/dV kernel runs faster 2 deep than 3 (4.24 against 4.49 ms), the dQ kernel 3 deep than 2 (2.49, 2.88); in
+# one launch, capped at 240 registers, both together took 6.49 ms (full) against 7.03 in two launches at 3 stages.
+_BACKWARD_SM90 = replace(_BACKWARD, defaults=((128, TileConfig(64, 128, 8, 2, 240)),) + _BACKWARD.defaults[1:])
 
 SM80 = Target(
     name="sm80",
@@ -115,7 +120,8 @@ SM90 = Target(
                             (256, TileConfig(16, 64, 4, 2))),
                   space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
                                     num_stages=(1, 2, 3, 4, 5), splits=(1, 2, 4, 8, 16, 32, 64))),
-    backward=_BACKWARD,
+    backward=_BACKWARD_SM90,
+    backward_dq_stages=((128, 3),),
 )
 
 TARGETS: dict[str, Target] = {t.name: t for t in (INTERPRETER, SM80, SM90)}

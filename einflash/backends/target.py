@@ -123,8 +123,12 @@ class Target:
     caps: Capabilities
     forward: Tuning  # the one-pass forward template
     decode: Tuning  # split-KV decode (partials; the combine kernel is tiny and not tuned)
-    # the backward: block_n keys kept per dK/dV program (queries per dQ program), block_m streamed
+    # the backward: block_n keys kept per dK/dV program (queries per dQ program), block_m streamed; the stages
+    # are the dK/dV kernel's, the register budget holds for both kernels
     backward: Tuning | None = None
+    # the dQ kernel's pipeline depth per head-dimension bucket (largest head dim, stages), where it differs from
+    # the dK/dV kernel's
+    backward_dq_stages: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_interpreter(self) -> bool:

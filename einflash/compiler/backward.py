@@ -13,6 +13,9 @@
   streaming key tiles with the forward's key plan: gradients of query-side inputs. With an
   atomic schedule the dK/dV kernel adds them (atomically, in fp32) instead; that is faster to
   launch and not deterministic on GPUs.
+- one launch (``attention_bwd.py.jinja``, the default schedule): the dK/dV and dQ kernels' functions
+  called from one grid, the dK/dV programs of each (batch, kv head) followed by its dQ programs, so
+  programs of both kinds run side by side and neither kernel's last wave leaves the GPU idle.
 
 Each kernel's part of the gradient cascade is a cascade of its own (its row terms read as
 inputs), with every reduction over several ranks split into one-rank steps and the reductions
@@ -37,7 +40,7 @@ from .blocks import tile_lists
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype
 from .gradient import Gradient, Partial, _depends, finish, gradient_of, presence_predicate, prune
 from .launch import KernelCall, Launcher, jit_launch
-from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name
+from .lower import FORWARD_META, FORWARD_RUNTIME, exact_dots, helpers, kernel_name, source_digest
 from .masks import KeyRange, _mask_einsum, conjuncts, key_plan, query_plan
 from .replay import Recording
 from .rewrites import fresh_name
@@ -56,13 +59,19 @@ KV_RUNTIME, KV_META = ("M", "N", "H", "GROUP", "visits_ptr"), ("BLOCK_M", "BLOCK
 class BackwardSchedule:
     """How the backward runs.
 
-    The dK/dV kernel keeps ``block_n`` keys per program and streams queries ``block_m`` at a time;
-    the dQ kernel keeps ``block_n`` queries and streams keys ``block_m`` at a time (each keeps the
-    larger tile). ``atomic_dq``: no dQ kernel; the dK/dV kernel adds the query-side gradients
-    atomically (fp32), so their bits may differ from run to run on a GPU.
+    The dK/dV kernel keeps ``block_n`` keys per program and streams queries ``block_m`` at a time, in a
+    pipeline ``num_stages`` deep; the dQ kernel keeps ``block_n`` queries and streams keys ``block_m`` at a
+    time (each keeps the larger tile), ``dq_stages`` deep (0: ``num_stages``). ``max_registers``: the register
+    budget per thread given to ptxas for both (0: its own choice). ``one_launch``: the dK/dV and dQ programs
+    run in one launch (``attention_bwd.py.jinja``), so neither kernel's last wave idles the GPU. ``atomic_dq``:
+    no dQ kernel; the dK/dV kernel adds the query-side gradients atomically (fp32), so their bits may differ
+    from run to run on a GPU.
 
     >>> BackwardSchedule(32, 128, 8, 2).deterministic
     True
+    >>> BackwardSchedule.from_ints(BackwardSchedule(64, 128, 8, 2, dq_stages=3).to_ints())
+    BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=2, atomic_dq=False, dq_stages=3, \
+max_registers=0, one_launch=True)
     """
 
     block_m: int
@@ -70,10 +79,40 @@ class BackwardSchedule:
     num_warps: int
     num_stages: int
     atomic_dq: bool = False
+    dq_stages: int = 0
+    max_registers: int = 0
+    one_launch: bool = True
 
     @property
     def deterministic(self) -> bool:
         return not self.atomic_dq
+
+    @property
+    def dq_depth(self) -> int:
+        """The dQ kernel's pipeline depth."""
+        return self.dq_stages or self.num_stages
+
+    def describe(self) -> str:
+        """A short label: tiles, warps, stages (dK/dV, then dQ), register budget, launches.
+
+        >>> BackwardSchedule(64, 128, 8, 2, dq_stages=3, max_registers=240).describe()
+        '64x128 w8 s2/3 r240 one launch'
+        """
+        stages = f"s{self.num_stages}" + (f"/{self.dq_stages}" if self.dq_stages else "")
+        regs = f" r{self.max_registers}" if self.max_registers else ""
+        how = " atomic dq" if self.atomic_dq else " one launch" if self.one_launch else " two launches"
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} {stages}{regs}{how}"
+
+    def to_ints(self) -> list[int]:
+        """The schedule as the training custom op takes it (``from_ints`` reads it back)."""
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.atomic_dq), self.dq_stages,
+                self.max_registers, int(self.one_launch)]
+
+    @classmethod
+    def from_ints(cls, ints: list[int]) -> "BackwardSchedule":
+        bm, bn, warps, stages, atomic, *rest = ints
+        dq, regs, one = (list(rest) + [0, 0, 1])[:3]
+        return cls(bm, bn, warps, stages, bool(atomic), dq, regs, bool(one))
 
 
 # fp32 values per thread a broadcast tile (BM x BN x widest head dim) may take in a backward kernel
@@ -88,10 +127,10 @@ def default_backward_schedule(extents: dict[str, int], target, broadcast: bool =
     the threads' registers.
 
     >>> from einflash.backends import get_target
-    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"))
-    BackwardSchedule(block_m=64, block_n=128, num_warps=8, num_stages=3, atomic_dq=False)
-    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"), True)
-    BackwardSchedule(block_m=16, block_n=16, num_warps=8, num_stages=3, atomic_dq=False)
+    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90")).describe()
+    '64x128 w8 s2/3 r240 one launch'
+    >>> default_backward_schedule(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), get_target("sm90"), True).describe()
+    '16x16 w8 s2/3 r240 one launch'
     """
     if target.backward is None:
         raise LoweringError(f"target {target.name} has no backward tile configurations")
@@ -103,7 +142,8 @@ def default_backward_schedule(extents: dict[str, int], target, broadcast: bool =
         budget = BROADCAST_VALUES_PER_THREAD * target.gpu.warp_size * cfg.num_warps
         while bm * bn * widest > budget and max(bm, bn) > 16:
             bm, bn = (bm // 2, bn) if bm >= bn else (bm, bn // 2)
-    return BackwardSchedule(bm, bn, cfg.num_warps, cfg.num_stages, atomic_dq=False)
+    dq = next((stages for largest, stages in target.backward_dq_stages if widest <= largest), 0)
+    return BackwardSchedule(bm, bn, cfg.num_warps, cfg.num_stages, dq_stages=dq, max_registers=cfg.max_registers)
 
 
 # -- the kernels' parts of the gradient cascade -------------------------------------------------
@@ -528,17 +568,19 @@ class BackwardKernel:
     lists: object = None  # run-time key tile lists (dQ kernel of a document mask), as the forward's
     runtime_args: tuple[str, ...] = ()  # the kernel's parameters given at launch, in order
     constexpr_args: tuple[str, ...] = ()  # then its tl.constexpr parameters, in order
+    body: str = ""  # the kernel as a function given its program ids, for the one-launch kernel (dK/dV, dQ)
 
     @property
     def arguments(self) -> tuple[str, ...]:
         return self.runtime_args + self.constexpr_args
 
-    def call(self, grid: tuple[int, ...], values: list, warps: int, stages: int) -> KernelCall:
+    def call(self, grid: tuple[int, ...], values: list, warps: int, stages: int, max_registers: int = 0) -> KernelCall:
         """The launch of this kernel with every argument, in order (as the forward's are made)."""
         if len(values) != len(self.arguments):
             raise LoweringError(f"internal: kernel {self.name} takes {len(self.arguments)} arguments, the launch "
                                 f"built {len(values)}")
-        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), dict(zip(self.arguments, values)), warps, stages)
+        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), dict(zip(self.arguments, values)), warps, stages,
+                          max_registers)
 
 
 class _Gen:
@@ -744,14 +786,14 @@ def lower_kv(s: Streamed, outputs: dict[str, Output], group_sums: set[str], dims
     args = _args(c, tensors, outs) + [f"p_{p.name}" for p in c.params]
     name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_kv__")
     names = _dim_names(dims)
-    text = render("attention_bwd_kv.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
-                  args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
-                  tile_setup=plan.setup, head_prologue="\n".join(head_pro.lines), query_loops=loops,
-                  head_epilogue="\n".join(head_epi.lines), epilogue="\n".join(epi.lines))
+    text, body = _module_and_body(
+        "attention_bwd_kv.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
+        args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names], dim_offsets=[(r, f"D_{r}") for r in names],
+        prologue="\n".join(pro.lines), tile_setup=plan.setup, head_prologue="\n".join(head_pro.lines),
+        query_loops=loops, head_epilogue="\n".join(head_epi.lines), epilogue="\n".join(epi.lines))
     return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
                           tuple((f"D_{r}", dims[r]) for r in names), plan.ranges, runtime_args=(*args, *KV_RUNTIME),
-                          constexpr_args=(*(f"D_{r}" for r in names), *KV_META))
+                          constexpr_args=(*(f"D_{r}" for r in names), *KV_META), body=body)
 
 
 def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, ints: frozenset,
@@ -805,14 +847,42 @@ def lower_q(s: Streamed, outputs: dict[str, Output], dims: dict, dtype: str, int
     args += [f"p_{p.name}" for p in c.params]
     name = kernel_name(c, dims, dtype, False).replace("attn_fwd__", "attn_bwd_q__")
     names = _dim_names(dims)
-    text = render("attention_fwd.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
-                  helpers=helpers(c),
-                  args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
-                  tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
+    text, body = _module_and_body(
+        "attention_fwd.py.jinja", cascade_key=c.key, variant=c.name, notation=_notation(c), kernel=name,
+        helpers=helpers(c), args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines), tile_setup=keys.setup,
+        key_loops=loops, epilogue="\n".join(epi.lines))
     return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
                           tuple((f"D_{r}", dims[r]) for r in names), keys.ranges, keys.lists,
-                          (*args, *FORWARD_RUNTIME), (*(f"D_{r}" for r in names), *FORWARD_META))
+                          (*args, *FORWARD_RUNTIME), (*(f"D_{r}" for r in names), *FORWARD_META), body=body)
+
+
+def _module_and_body(template: str, **slots) -> tuple[str, str]:
+    """A kernel's module, and its function alone (given its program ids) for the one-launch kernel."""
+    return render(template, entry=True, **slots), render(template, entry=False, **slots)
+
+
+# the one-launch kernel's own parameters, after the two functions' (attention_bwd.py.jinja)
+ONE_LAUNCH_RUNTIME = ("KV_TILES", "Q_TILES", "GROUP_Q", "H_KV", "H_Q")
+
+
+def lower_one_launch(kv: BackwardKernel, q: BackwardKernel, kv_cascade: Cascade, q_cascade: Cascade) -> BackwardKernel:
+    """The kernel that runs the dK/dV kernel ``kv`` and the dQ kernel ``q`` in one launch: their functions,
+    called with each one's arguments (renamed kv_* and dq_*), the runtime ones first."""
+    def renamed(k: BackwardKernel, prefix: str) -> tuple[list[str], list[str]]:
+        return [prefix + a for a in k.runtime_args], [prefix + a for a in k.constexpr_args]
+
+    (kv_rt, kv_ce), (q_rt, q_ce) = renamed(kv, "kv_"), renamed(q, "dq_")
+    params = [*kv_rt, *q_rt, *ONE_LAUNCH_RUNTIME, *(f"{a}: tl.constexpr" for a in kv_ce + q_ce)]
+    # named by both kernels: a dK/dV kernel may pair with dQ kernels of several cuts (gradients wanted)
+    variant, *rest = kv.name.split("__")[1:]
+    name = "__".join(["attn_bwd", variant.removesuffix("_kv"), source_digest(kv.name + q.name)[:8], *rest[1:]])
+    text = render("attention_bwd.py.jinja", cascade_key=f"{kv_cascade.key} and {q_cascade.key}",
+                  variant=f"{kv_cascade.name}, {q_cascade.name}", notation=_notation(kv_cascade) + "\n#\n" +
+                  _notation(q_cascade), helpers=helpers(q_cascade), kv_body=kv.body, q_body=q.body, params=params,
+                  kernel=name, kv_fn=kv.name, q_fn=q.name, kv_call=", ".join("kv_" + a for a in kv.arguments),
+                  q_call=", ".join("dq_" + a for a in q.arguments))
+    return BackwardKernel(name, text, (), kv.outputs + q.outputs, (), (), runtime_args=(*kv_rt, *q_rt, *ONE_LAUNCH_RUNTIME), constexpr_args=(*kv_ce, *q_ce))
 
 
 def _states_present(kr: KeyRange, full_mask: frozenset | None) -> bool:
@@ -939,7 +1009,8 @@ class Backward:
 
     def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False,
                needed: frozenset[str] | None = None) -> BackwardKernel:
-        """The rendered ``kind`` kernel ("rows", "kv" or "q") for these dtype, head dims and integer inputs."""
+        """The rendered ``kind`` kernel ("rows", "kv", "q", or "one": kv and q in one launch) for these dtype,
+        head dims and integer inputs."""
         key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic, needed)
         if key in self._kernels:
             return self._kernels[key]
@@ -953,8 +1024,12 @@ class Backward:
                     if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY}
             src = lower_kv(cut.streams["kv_atomic" if atomic else "kv"], self._outputs(cut, "kv", atomic), sums, dims,
                            name, ints, full, self._full_mask)
-        else:
+        elif kind == "q":
             src = lower_q(cut.streams["q"], self._outputs(cut, "q", atomic), dims, name, ints, full, self._full_mask)
+        else:
+            src = lower_one_launch(self.kernel("kv", dtype, dims, ints, needed=needed),
+                                   self.kernel("q", dtype, dims, ints, needed=needed),
+                                   cut.streams["kv"].cascade, cut.streams["q"].cascade)
         self._kernels[key] = src
         return src
 
@@ -1030,18 +1105,19 @@ class Backward:
                 *(v for _, v in k.constexprs), ROWS_BLOCK_M], ROWS_WARPS, 1))
             for t in cut.parts.row_terms:
                 given[t] = outs[t]
-        # dK/dV
+        # dK/dV and dQ
         atomic = schedule.atomic_dq and cut.parts.q is not None
+        regs = schedule.max_registers
+        calls = []
         if cut.parts.kv is not None or atomic:
             k = self.kernel("kv", first.dtype, dims, ints, atomic, needed)
             programs = -(-N // schedule.block_n)
             outs = {o.name: workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
                     for o in k.outputs}
-            launcher(k, k.call((programs, B * hkv), [
+            calls.append((k, k.call((programs, B * hkv), [
                 *_grid_args(k, given, outs), *[values[p] for p in k.params], M, N, H, group, visits,
                 *(v for _, v in k.constexprs), schedule.block_m, schedule.block_n, schedule.num_stages,
-                visits is not None], schedule.num_warps, schedule.num_stages))
-        # dQ
+                visits is not None], schedule.num_warps, schedule.num_stages, regs)))
         if cut.parts.q is not None and not atomic:
             k = self.kernel("q", first.dtype, dims, ints, needed=needed)
             outs = {o.name: workspace(o, 1, False) for o in k.outputs}
@@ -1051,10 +1127,20 @@ class Backward:
                 for t in tile_lists(k.lists, given, values, B, M, N, bm, bn, False):
                     args += [t, *t.stride()]
             # the forward template's own arguments: no split (1 tile share), no visit counter, no jagged batch
-            launcher(k, k.call((-(-M // bm), B * H, 1), [
+            calls.append((k, k.call((-(-M // bm), B * H, 1), [
                 *args, *[values[p] for p in k.params], M, N, H, group, 1, None, None, None,
-                *(v for _, v in k.constexprs), bm, bn, schedule.num_stages, False, False, False, False, False],
-                schedule.num_warps, schedule.num_stages))
+                *(v for _, v in k.constexprs), bm, bn, schedule.dq_depth, False, False, False, False, False],
+                schedule.num_warps, schedule.dq_depth, regs)))
+        if len(calls) == 2 and schedule.one_launch and visits is None:  # visit counts need each kernel's own grid
+            (kv, kv_call), (q, q_call) = calls
+            k = self.kernel("one", first.dtype, dims, ints, needed=needed)
+            tiles = (kv_call.grid[0], q_call.grid[0])
+            calls = [(k, k.call((B * hkv * (tiles[0] + group * tiles[1]),), [
+                *(kv_call.args[a] for a in kv.runtime_args), *(q_call.args[a] for a in q.runtime_args),
+                *tiles, group, hkv, H, *(kv_call.args[a] for a in kv.constexpr_args),
+                *(q_call.args[a] for a in q.constexpr_args)], schedule.num_warps, schedule.num_stages, regs))]
+        for k, launch in calls:
+            launcher(k, launch)
         return Launched(g, partials, labels, wanted)
 
     def _direct(self, p: Partial, o: Output) -> bool:

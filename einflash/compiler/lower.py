@@ -201,8 +201,8 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     constexprs = [f"D_{r}" for r in sorted(k for k in dims if not k.endswith("_extent"))]
     name = kernel_name(c, dims, dtype, split, bool(saved))
     notation = "\n".join("# " + line for line in format_cascade(c).splitlines())
-    text = render(TEMPLATE, cascade_key=c.key, variant=c.name, notation=notation, kernel=name, helpers=helpers(c),
-                  args=",\n    ".join(args), constexprs=constexprs,
+    text = render(TEMPLATE, entry=True, cascade_key=c.key, variant=c.name, notation=notation, kernel=name,
+                  helpers=helpers(c), args=",\n    ".join(args), constexprs=constexprs,
                   dim_offsets=[(r, f"D_{r}") for r in sorted(k for k in dims if not k.endswith("_extent"))],
                   prologue="\n".join(pro.lines), tile_setup=keys.setup, key_loops=loops, epilogue="\n".join(epi.lines))
     return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,

@@ -341,7 +341,8 @@ class TileCode:
     def bound(self, rank: str) -> str | None:
         """The in-range condition of a tile axis, or None where it always holds."""
         if rank == "m":
-            return "row_ok"
+            # the dK/dV kernel's unmasked query tiles are whole ones (masks.query_plan): every row is below M
+            return None if self.row_edge and not self.masked else "row_ok"
         if rank == "n":
             return "(offs_n < N)" if self.masked else None
         extent = self.extent(rank)

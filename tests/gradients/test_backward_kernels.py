@@ -15,6 +15,7 @@ import einflash as ef
 from einflash.autograd import schedule_ints
 from einflash.compiler.backward import BackwardSchedule, stream
 from einflash.compiler.forward import Schedule
+from einflash.compiler.launch import jit_launch
 from einflash.compiler.masks import query_plan
 from einflash.compiler.tiles import tile_rows
 from einflash.errors import ParameterError
@@ -109,6 +110,37 @@ def test_atomic_dq_schedule_matches(name):
     for k, g in atomic.items():
         if g is not None:
             torch.testing.assert_close(g, separate[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, Hq, Hkv", [("softmax", 2, 1), ("alibi", 4, 2), ("causal", 4, 1), ("document_mask", 2, 1),
+                                         ("lowrank_bias", 2, 1)])
+def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
+    """dK/dV and dQ programs in one launch (GQA groups, run-time tile lists of a document mask, per-head and
+    key-side partials): one kernel launched where two were, every gradient bit for bit."""
+    o, params = op(name), TUNED.get(name, {})
+    given = inputs(name, dataclasses.replace(SHAPE, Hq=Hq, Hkv=Hkv), F32)
+    c = o.forward.streamed
+    extents = bind_extents(c, given, params)
+    values = bind_params(c, params, extents)
+    out, states = o.forward.run(given, values, Schedule(16, 16, 4, 1), extents, saved=o.backward.saved)
+    d_o = grad_output(name, given, params)
+    runs = {}
+    for one in (True, False):
+        kernels = []
+        grads = o.backward.run(given, values, out, states, d_o, dataclasses.replace(SMALL, one_launch=one), extents,
+                               launcher=lambda src, call: (kernels.append(src.name.split("__")[0]), jit_launch(src, call)))
+        runs[one] = grads, [k for k in kernels if k != "attn_bwd_rows"]
+    assert runs[True][1] == ["attn_bwd"] and runs[False][1] == ["attn_bwd_kv", "attn_bwd_q"]
+    _assert_within_tolerance(name, runs[True][0], d_o, given, params)
+    assert all(g is None or torch.equal(g, runs[False][0][k]) for k, g in runs[True][0].items())
+
+
+def test_whole_query_tiles_load_their_rows_unmasked():
+    """In the dK/dV kernel only the query tile cut by the end of the queries masks its loads of rows."""
+    text = op("softmax").backward.kernel("kv", F16, {"e": 32, "e_extent": 32, "f": 16, "f_extent": 16}, frozenset()).text
+    whole, cut = text.split("# whole query tiles")[1].split("# the last query tile")
+    assert "tl.load(q_ptr" in whole and "mask=row_ok" not in whole
+    assert "tl.load(q_ptr" in cut and "mask=row_ok" in cut
 
 
 def test_inputs_that_need_no_gradient_cost_nothing():

@@ -5,7 +5,6 @@ output cannot give them back); what cannot be differentiated says so."""
 
 import dataclasses
 import math
-import re
 
 import pytest
 import torch
