@@ -141,7 +141,8 @@ def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
         op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
         grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
         runnable, _ = peers.row_peers(name, kind, q, k, v, extra, params)
-        impls = {"einflash": lambda: op(q, k, v, **extra, **params), **{p: f for p, f in runnable.items() if p == "flex"}}
+        impls = {"einflash": lambda: op(q, k, v, **extra, **params),
+                 **{p: f for p, f in runnable.items() if p == "flex"}}
         for impl, fn in impls.items():
             step = _training(fn, grad)
             step()
@@ -152,7 +153,8 @@ def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
                     q.grad = k.grad = v.grad = None
                 torch.cuda.synchronize()
             times = {e.key[:90]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
-            emit(rows, kind="kernels", case=label, impl=impl, us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])))
+            emit(rows, kind="kernels", case=label, impl=impl,
+                 us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])))
         del q, k, v, grad
         torch.cuda.empty_cache()
 

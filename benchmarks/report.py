@@ -1,7 +1,8 @@
 """The README's results section, generated from the benchmark JSON in benchmarks/results/.
 
     python3 benchmarks/report.py benchmarks/results/<run>/forward.json [--backward .../backward.json]
-                                 [--checks .../checks.json] [--commit REV] [--readme README.md]
+                                 [--checks .../checks.json] [--commit REV] [--backward-commit REV]
+                                 [--readme README.md]
 
 Prints the Markdown (GPU, date, versions, one row per DESIGN §5 case with the ratios against
 FlexAttention and cuDNN measured in the same run, the correctness summary of the catalogue);
@@ -57,8 +58,8 @@ def forward_table(rows: list[dict]) -> list[str]:
                      f"{_cell(d.get('sdpa-flash', math.nan))} | {_cell(flex)} | {_cell(tuned / flex, 2)} | "
                      f"{_cell(tuned / cudnn, 2)} |")
     lines.append("")
-    lines.append("\"best of the run\" is the fastest schedule einflash ran in that run (its default and the schedules a "
-                 "sweep or the tuner tried). TFLOP/s count 4·B·H·D per unmasked (query, key) pair, alike for every "
+    lines.append("\"best of the run\" is the fastest schedule einflash ran in that run (its default and the schedules "
+                 "a sweep or the tuner tried). TFLOP/s count 4·B·H·D per unmasked (query, key) pair, alike for every "
                  "implementation.")
     checks = [r for r in rows if r.get("kind") == "check"]
     if checks:
@@ -85,7 +86,7 @@ def backward_table(rows: list[dict]) -> list[str]:
     at = f", einflash at commit {env['commit']}" if env.get("commit") else ""
     lines = [f"Forward+backward, bf16, {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, {env['date']}{at} "
              f"(TFLOP/s count 3.5× the forward's FLOPs per step: the forward, and 2.5× for the backward).", "",
-             "| case | einflash (default) | einflash, atomic dQ | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
+             "| case | einflash (default) | einflash (best of the run) | cuDNN SDPA | FA2 (SDPA flash) | FlexAttention "
              "| einflash / Flex | einflash / cuDNN |", "|---|---|---|---|---|---|---|---|"]
     by: dict[str, dict] = {}
     for r in rows:
@@ -93,14 +94,16 @@ def backward_table(rows: list[dict]) -> list[str]:
             by.setdefault(r["case"], {})[r["impl"]] = r["tflops"]
     for case, d in by.items():
         mine, flex, cudnn = d.get("einflash", math.nan), d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
-        lines.append(f"| {case} | {_cell(mine)} | {_cell(d.get('einflash[atomic dq]', math.nan))} | {_cell(cudnn)} | "
+        lines.append(f"| {case} | {_cell(mine)} | {_cell(_best(d, 'einflash'))} | {_cell(cudnn)} | "
                      f"{_cell(d.get('sdpa-flash', math.nan))} | {_cell(flex)} | {_cell(mine / flex, 2)} | "
                      f"{_cell(mine / cudnn, 2)} |")
     checks = [r for r in rows if r.get("kind") == "check" and r.get("ok") is not None]
     if checks:
         failed = sorted({r["variant"] for r in checks if not r["ok"]})
-        lines += ["", f"Gradients on the GPU: {len(checks)} checks ({len({r['variant'] for r in checks})} variants × "
-                      f"bf16, fp16; every floating-point input) against the float64 reference under the tolerance "
+        dtypes = sorted({r["dtype"] for r in checks})
+        per_dtype = ", ".join(f"{sum(r['dtype'] == t for r in checks)} in {t}" for t in dtypes)
+        lines += ["", f"Gradients on the GPU: {len(checks)} checks of {len({r['variant'] for r in checks})} variants "
+                      f"({per_dtype}; every floating-point input) against the float64 reference under the tolerance "
                       f"rule, {len(checks) - sum(not r['ok'] for r in checks)} passed"
                       + (f"; failed: {', '.join(failed)}" if failed else "") + "."]
     return lines
@@ -122,17 +125,21 @@ def main() -> None:
     ap.add_argument("--backward", default=None, help="the same run's backward.json (its checks may be merged in)")
     ap.add_argument("--checks", default=None, help="gpu_session.py's checks.json: each suite's checks join its table")
     ap.add_argument("--commit", default=None, help="the einflash commit the run measured (its tables name it)")
+    ap.add_argument("--backward-commit", default=None,
+                    help="the backward run's commit, where it is another run than the forward's (whose --checks then "
+                         "stay out of the backward table)")
     ap.add_argument("--readme", default=None)
     a = ap.parse_args()
     checks = [] if a.checks is None else json.loads(pathlib.Path(a.checks).read_text())
 
-    def rows(path: str, suite: str) -> list[dict]:
-        out = json.loads(pathlib.Path(path).read_text()) + [r for r in checks if r.get("suite") == suite]
-        return [dict(r, commit=a.commit) if r.get("kind") == "env" and a.commit else r for r in out]
+    def rows(path: str, suite: str, commit: str | None, merged: bool = True) -> list[dict]:
+        out = json.loads(pathlib.Path(path).read_text()) + [r for r in checks if merged and r.get("suite") == suite]
+        return [dict(r, commit=commit) if r.get("kind") == "env" and commit else r for r in out]
 
-    lines = forward_table(rows(a.forward_json, "forward"))
+    lines = forward_table(rows(a.forward_json, "forward", a.commit))
     if a.backward:
-        lines += [""] + backward_table(rows(a.backward, "backward"))
+        lines += [""] + backward_table(rows(a.backward, "backward", a.backward_commit or a.commit,
+                                            merged=a.backward_commit is None))
     print("\n".join(lines))
     if a.readme:
         splice(pathlib.Path(a.readme), lines)

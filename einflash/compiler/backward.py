@@ -882,7 +882,8 @@ def lower_one_launch(kv: BackwardKernel, q: BackwardKernel, kv_cascade: Cascade,
                   _notation(q_cascade), helpers=helpers(q_cascade), kv_body=kv.body, q_body=q.body, params=params,
                   kernel=name, kv_fn=kv.name, q_fn=q.name, kv_call=", ".join("kv_" + a for a in kv.arguments),
                   q_call=", ".join("dq_" + a for a in q.arguments))
-    return BackwardKernel(name, text, (), kv.outputs + q.outputs, (), (), runtime_args=(*kv_rt, *q_rt, *ONE_LAUNCH_RUNTIME), constexpr_args=(*kv_ce, *q_ce))
+    return BackwardKernel(name, text, (), kv.outputs + q.outputs, (), (),
+                          runtime_args=(*kv_rt, *q_rt, *ONE_LAUNCH_RUNTIME), constexpr_args=(*kv_ce, *q_ce))
 
 
 def _states_present(kr: KeyRange, full_mask: frozenset | None) -> bool:

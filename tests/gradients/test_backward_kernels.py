@@ -112,8 +112,8 @@ def test_atomic_dq_schedule_matches(name):
             torch.testing.assert_close(g, separate[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, Hq, Hkv", [("softmax", 2, 1), ("alibi", 4, 2), ("causal", 4, 1), ("document_mask", 2, 1),
-                                         ("lowrank_bias", 2, 1)])
+@pytest.mark.parametrize("name, Hq, Hkv", [("softmax", 2, 1), ("alibi", 4, 2), ("causal", 4, 1),
+                                         ("document_mask", 2, 1), ("lowrank_bias", 2, 1)])
 def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
     """dK/dV and dQ programs in one launch (GQA groups, run-time tile lists of a document mask, per-head and
     key-side partials): one kernel launched where two were, every gradient bit for bit."""
@@ -127,8 +127,12 @@ def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
     runs = {}
     for one in (True, False):
         kernels = []
+
+        def launcher(src, call):
+            kernels.append(src.name.split("__")[0])
+            jit_launch(src, call)
         grads = o.backward.run(given, values, out, states, d_o, dataclasses.replace(SMALL, one_launch=one), extents,
-                               launcher=lambda src, call: (kernels.append(src.name.split("__")[0]), jit_launch(src, call)))
+                               launcher=launcher)
         runs[one] = grads, [k for k in kernels if k != "attn_bwd_rows"]
     assert runs[True][1] == ["attn_bwd"] and runs[False][1] == ["attn_bwd_kv", "attn_bwd_q"]
     _assert_within_tolerance(name, runs[True][0], d_o, given, params)
@@ -137,7 +141,8 @@ def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
 
 def test_whole_query_tiles_load_their_rows_unmasked():
     """In the dK/dV kernel only the query tile cut by the end of the queries masks its loads of rows."""
-    text = op("softmax").backward.kernel("kv", F16, {"e": 32, "e_extent": 32, "f": 16, "f_extent": 16}, frozenset()).text
+    dims = {"e": 32, "e_extent": 32, "f": 16, "f_extent": 16}
+    text = op("softmax").backward.kernel("kv", F16, dims, frozenset()).text
     whole, cut = text.split("# whole query tiles")[1].split("# the last query tile")
     assert "tl.load(q_ptr" in whole and "mask=row_ok" not in whole
     assert "tl.load(q_ptr" in cut and "mask=row_ok" in cut
