@@ -63,6 +63,9 @@ _BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 3)),
 # sm90, per kernel (benchmarks/results/h200_2026-12-02_bwd_ab, full and ALiBi D128, each kernel timed alone): the
 # dK/dV kernel runs faster 2 deep than 3 (4.24 against 4.49 ms), the dQ kernel 3 deep than 2 (2.49, 2.88); in
 # one launch, capped at 240 registers, both together took 6.49 ms (full) against 7.03 in two launches at 3 stages.
+# The training rows with these (h200_2026-12-02_one_launch_49e7995): at or above the previous default (two launches,
+# 3 stages) except head dim 64 (341.6 against 350.0 TFLOP/s), which shares the bucket; in one launch, a dK/dV part
+# 3 deep ran slower still (7.34 ms, full).
 _BACKWARD_SM90 = replace(_BACKWARD, defaults=((128, TileConfig(64, 128, 8, 2, 240)),) + _BACKWARD.defaults[1:])
 
 SM80 = Target(
