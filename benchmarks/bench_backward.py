@@ -40,7 +40,7 @@ from bench_forward import ROWS, example, row_setup  # noqa: E402
 
 import einflash as ef  # noqa: E402
 from einflash.backends import detect  # noqa: E402
-from einflash.compiler.backward import BackwardSchedule, default_backward_schedule  # noqa: E402
+from einflash.compiler.schedule import BackwardSchedule, default_backward_schedule  # noqa: E402
 from einflash.testing import check_gradients  # noqa: E402
 
 DT = torch.bfloat16

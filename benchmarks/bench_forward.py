@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import peers  # noqa: E402
 
 import einflash as ef  # noqa: E402
-from einflash.compiler.forward import Schedule  # noqa: E402
+from einflash.compiler.schedule import Schedule  # noqa: E402
 from einflash.testing import check  # noqa: E402
 
 DT = torch.bfloat16

@@ -4,7 +4,7 @@ D=128, KV 32768), which the GPU finishes in about 70 µs, so the host's time per
     python3 benchmarks/host_overhead.py --out DIR
 
 Writes DIR/host.json: µs per call, launched back to back with one synchronisation at the end, of
-(1) the whole call, replayed (einflash.compiler.replay); (2) the whole call not replayed (recorded anew each
+(1) the whole call, replayed (einflash.compiler.runtime.replay); (2) the whole call not replayed (recorded anew each
 time); (3) the call's Python with its launches captured, not run (not replayed); (4) the two launches alone
 through Triton's JIT, their arguments built beforehand; (5) the GPU's time per call from a CUDA graph; and
 DIR/host_profile.txt, the replayed call's cProfile (functions by own time).
@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_forward import DT, decode_inputs  # noqa: E402
 
-from einflash.compiler.launch import jit_launch  # noqa: E402
+from einflash.compiler.runtime.launch import jit_launch  # noqa: E402
 
 
 def per_call_us(fn, calls: int = 2000) -> float:
@@ -62,14 +62,14 @@ def main():
     Hkv = k.shape[1]
     op(q, k, v)
     fwd = op.forward
-    from einflash.compiler.selection import choose
+    from einflash.compiler.tuning.selection import choose
     from einflash.ir.reference import bind_extents, bind_params
-    from einflash.op import _target
+    from einflash.backends import for_device
 
     inputs = {"q": q, "k": k, "v": v}
-    extents = bind_extents(fwd.streamed, inputs, {})
-    values = bind_params(fwd.streamed, {}, extents)
-    schedule = choose(op.cascade, fwd, _target("cuda"), DT, extents, Hkv)
+    extents = bind_extents(fwd.rewritten, inputs, {})
+    values = bind_params(fwd.rewritten, {}, extents)
+    schedule = choose(op.cascade, fwd, for_device("cuda"), DT, extents, Hkv)
     launches = []
     fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: launches.append((src, call)))
     rows = {"schedule": str(schedule),

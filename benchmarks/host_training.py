@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_forward import example  # noqa: E402
 
-from einflash.compiler import launch  # noqa: E402
+from einflash.compiler.runtime import launch  # noqa: E402
 
 
 class _NoLaunch:

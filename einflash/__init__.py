@@ -14,10 +14,9 @@ from . import knobs
 knobs.use_interpreter()  # before anything imports triton: on a machine without a GPU, kernels run interpreted
 
 from . import errors  # noqa: E402
-from .ir.frontend import (  # noqa: E402
-    E, F, Key, M, N, Query, Scalar, Tensor, abs, ceil_div, einsum, exp, exp2, log, m, mask, maximum,
-                          minimum, n, rank, reducer, relu, scale, sigmoid, sign, size, softmax, sqrt, tanh, where)
-from .compiler.selection import set_deploy_mode  # noqa: E402
+from .ir.frontend import (E, F, Key, M, N, Query, Scalar, Tensor, abs, ceil_div, einsum, exp, exp2, log, m, mask,
+    maximum, minimum, n, rank, reducer, relu, scale, sigmoid, sign, size, softmax, sqrt, tanh, where)
+from .compiler.tuning.selection import set_deploy_mode  # noqa: E402
 from .op import AttentionOp, attention  # noqa: E402
 from .aot import AOTOp, load_aot  # noqa: E402
 from .shape import Shape  # noqa: E402

@@ -15,7 +15,8 @@ import pathlib
 import torch
 
 from .cli import load_ops
-from .compiler.aot import Manifest, StoredKernels, read_manifest
+from .compiler.aot.manifest import Manifest, read_manifest
+from .compiler.aot.load import StoredKernels
 from .errors import AOTError, CallError
 from .ir.reference import bind_extents, bind_params
 from .jagged import jagged_batch
@@ -55,8 +56,8 @@ class AOTOp:
             raise CallError(f"{self.name} from {self.directory} runs forward kernels only and cannot give "
                             f"gradients; call it under torch.no_grad() or with tensors that do not require grad")
         fwd = self.declared.forward
-        extents = bind_extents(fwd.streamed, inputs, params)
-        return self.kernels.run(fwd, inputs, bind_params(fwd.streamed, params, extents), extents)
+        extents = bind_extents(fwd.rewritten, inputs, params)
+        return self.kernels.run(fwd, inputs, bind_params(fwd.rewritten, params, extents), extents)
 
 
 def load_aot(directory) -> AOTOp:

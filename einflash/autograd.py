@@ -17,12 +17,14 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .compiler.backward import BackwardSchedule, default_backward_schedule
-from .compiler.forward import Schedule, accumulator_dtype
-from .compiler.replay import Recording, Replays, signature
-from .compiler.selection import choose, generation
+from .compiler.schedule import BackwardSchedule, default_backward_schedule
+from .compiler.schedule import Schedule
+from .compiler.runtime.forward import accumulator_dtype
+from .compiler.runtime.replay import Recording, Replays, signature
+from .compiler.tuning.selection import choose, generation
 from .ir.ranks import PARALLEL
-from .ir.reference import bind_extents, bind_params
+from .backends import for_device
+from .ir.reference import bind_extents, bind_params, kv_heads
 
 _REGISTERED: dict[str, object] = {}
 
@@ -32,7 +34,7 @@ def unpacker(op):
     NaN parameter meaning "not given" (its default, which may depend on extents, is taken)."""
     names = [t.name for t in op.cascade.inputs]
     decls = op.cascade.params
-    c = op.forward.streamed
+    c = op.forward.rewritten
 
     def unpack(tensors, params):
         inputs = dict(zip(names, tensors))
@@ -60,15 +62,13 @@ def _layout(ints: list[int]) -> tuple[list[int], list[int], list[int]]:
 def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, BackwardSchedule, list[int]]:
     """The forward schedule (split-KV off: training runs the fused forward), the backward schedule and the
     needed-gradient flags (empty: every floating-point input's)."""
-    from .op import _kv_heads, _target
-
     f, b, needed = _layout(ints)
     inputs = dict(zip([t.name for t in op.cascade.inputs], tensors))
-    target = _target(tensors[0].device.type)
+    target = for_device(tensors[0].device.type)
     if f:
         forward = Schedule.from_ints(f)
     else:
-        forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, _kv_heads(op.cascade, inputs))
+        forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, kv_heads(op.cascade, inputs))
     backward = BackwardSchedule.from_ints(b) if b else \
         default_backward_schedule(extents, target, op.forward.broadcast)
     return replace(forward, splits=1), backward, needed
@@ -86,7 +86,7 @@ class Training:
     formula is registered with torch.library; ``eager`` (an ``autograd.Function``) for eager calls. Both run
     the same forward and backward; eager calls skip the custom op's dispatch, which cost more host time than
     a sliding-window training step's GPU time on an H200. Either direction's launches are replayed by call
-    signature (einflash.compiler.replay): ``forward_replays`` and ``backward_replays``."""
+    signature (einflash.compiler.runtime.replay): ``forward_replays`` and ``backward_replays``."""
 
     custom_op: Callable
     eager: type[torch.autograd.Function]
@@ -102,11 +102,11 @@ def register_training(op) -> Training:
         return _REGISTERED[qualname]
     fwd, bwd = op.forward, op.backward
     unpack = unpacker(op)
-    c = fwd.streamed
+    c = fwd.rewritten
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
 
     names = [t.name for t in op.cascade.inputs]
-    # each direction's launches by call signature (einflash.compiler.replay): a training step's host work
+    # each direction's launches by call signature (einflash.compiler.runtime.replay): a training step's host work
     # outlasted a sliding-window step's GPU time on an H200
     forward_replays, backward_replays = Replays(), Replays()
 
@@ -225,7 +225,7 @@ def _input_grads(saved, count: int, params, schedule, needed: list[bool], grad_o
 
 def _empty_states(op, inputs, values, out: torch.Tensor) -> dict[str, torch.Tensor]:
     """The saved states' values and presence flags, allocated (their shapes, for the fake implementation)."""
-    c = op.forward.streamed
+    c = op.forward.rewritten
     ext = bind_extents(c, inputs, values)
     rows = (ext["b"], ext["h"], ext["m"])
     acc = accumulator_dtype(out.dtype)

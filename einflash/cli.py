@@ -102,7 +102,7 @@ def cmd_aot(args) -> int:
     import torch
 
     from .backends import get_target
-    from .compiler.aot import build
+    from .compiler.aot.build import build
 
     op = pick(args.target_file)
     shapes = [Shape.parse(s, args.kv_heads, args.head_dim_v) for s in args.shape]

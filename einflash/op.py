@@ -8,20 +8,19 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .backends import detect, get_target
-from .backends.target import Target
 from .autograd import register_training, schedule_ints, unpacker
-from .compiler.backward import Backward, BackwardSchedule
+from .backends import for_device, get_target
 from .compiler.explain import Explanation, explain
-from .compiler.forward import Forward, Schedule, accumulator_dtype
-from .compiler.lse import with_lse
-from .compiler.replay import Recording, Replays, signature
-from .compiler.schedule import default_schedule
-from .compiler.selection import choose, generation
+from .compiler.rewrite.lse import with_lse
+from .compiler.runtime.backward import Backward
+from .compiler.runtime.forward import Forward, accumulator_dtype
+from .compiler.runtime.replay import Recording, Replays, signature
+from .compiler.schedule import BackwardSchedule, Schedule, default_schedule
+from .compiler.tuning.selection import choose, generation
 from .errors import (DeviceError, DTypeError, LoweringError, MissingInputError, NormaliserError, ParameterError,
                      ShapeError)
 from .ir import Cascade, Layout, trace
-from .ir.reference import bind_extents, bind_params, run_outputs
+from .ir.reference import bind_extents, bind_params, kv_heads, run_outputs
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
 from .shape import Shape
 
@@ -159,7 +158,7 @@ class AttentionOp:
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
 
         Without a ``schedule``, the autotune cache's for this shape (or the nearest tuned shape), else the
-        heuristic default; see ``einflash.compiler.selection``. A jagged batch (sequences packed along m
+        heuristic default; see ``einflash.compiler.tuning.selection``. A jagged batch (sequences packed along m
         and n of batch-1 tensors) is given by the keywords ``cu_seqlens_q`` and ``cu_seqlens_k``, the
         cumulative offsets of its sequences (see einflash.jagged). Raises LoweringError (with the reason)
         when the cascade cannot be lowered yet.
@@ -177,7 +176,7 @@ class AttentionOp:
         (sigmoid or linear attention), or with several (differential attention), raises NormaliserError
         saying what it normalises with.
 
-        An eager call with nothing to differentiate is recorded (einflash.compiler.replay): a later call
+        An eager call with nothing to differentiate is recorded (einflash.compiler.runtime.replay): a later call
         with tensors of the same shapes, strides, dtypes, devices and alignment and the same other
         arguments skips the binding, the checks and the schedule's choice, and launches the same kernels.
 
@@ -190,80 +189,96 @@ class AttentionOp:
         >>> torch.allclose(lse, torch.logsumexp(q @ q.mT / 4, dim=-1), atol=1e-5), lse.dtype
         (True, torch.float32)
         """
+        tracing = torch.compiler.is_compiling()
         replay_key = None
-        if backend is None and not torch.compiler.is_compiling() and not kwargs.keys() & OFFSET_NAMES:
+        if backend is None and not tracing and not kwargs.keys() & OFFSET_NAMES:
             replay_key = signature(args, kwargs, schedule, return_lse, generation())
             replay = None if replay_key is None else self._replays.get(replay_key)
             if replay is not None:
-                results = replay(_call_tensors(args, kwargs))
-                return results[0] if len(results) == 1 else tuple(results)
+                return _returned(replay(_call_tensors(args, kwargs)))
         inputs, params = self.bind(args, kwargs)
-        first = inputs[self.cascade.inputs[0].name]
         jagged = jagged_batch(self.cascade, inputs, kwargs)
         if backend == "reference":
-            if return_lse:
-                out, lse = self._reference(inputs, params, jagged, torch.float64, lse=True)
-                return out.to(first.dtype), lse.to(accumulator_dtype(first.dtype))
-            return self._reference(inputs, params, jagged, torch.float64).to(first.dtype)
+            return self._call_reference(inputs, params, jagged, return_lse)
+        fwd = self._forward(backend, return_lse, tracing)
+        if jagged is not None:
+            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.rewritten, inputs, params), jagged,
+                                    schedule)
+        # traced, the custom op binds the extents (its fake implementation at trace time) and chooses the schedule
+        extents = None if tracing else bind_extents(fwd.rewritten, inputs, params)
+        if schedule is None and not tracing:
+            first = inputs[self.cascade.inputs[0].name]
+            schedule = choose(self.cascade, fwd, for_device(first.device.type), first.dtype, extents,
+                              kv_heads(self.cascade, inputs), inputs, params)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
+            return self._call_training(inputs, params, schedule, backward_schedule, deterministic, return_lse, tracing)
+        if tracing:
+            return (self._lse_op if return_lse else self._custom_op)(
+                [inputs[t.name] for t in self.cascade.inputs], _param_values(self.cascade, params),
+                [] if schedule is None else schedule.to_ints())
+        # eager with nothing to differentiate: the custom op's dispatch would only add host time
+        record = None if replay_key is None else Recording()
+        results = _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents,
+                                         record=record))
+        replay = None if record is None else record.replay(
+            _call_tensors(args, kwargs), results if isinstance(results, tuple) else (results,))
+        if replay is not None:
+            self._replays.put(replay_key, replay)
+        return results
+
+    def _call_reference(self, inputs, params, jagged: JaggedBatch | None, return_lse: bool):
+        """``backend="reference"``: the float64 reference, returned in the dtypes a kernel returns."""
+        first = inputs[self.cascade.inputs[0].name]
+        if return_lse:
+            out, lse = self._reference(inputs, params, jagged, torch.float64, lse=True)
+            return out.to(first.dtype), lse.to(accumulator_dtype(first.dtype))
+        return self._reference(inputs, params, jagged, torch.float64).to(first.dtype)
+
+    def _forward(self, backend: str | None, return_lse: bool, tracing: bool) -> Forward:
+        """The forward a call runs, after the checks that refuse it: an unknown backend name, a log-sum-exp
+        without a softmax over n, a cascade that no template lowers."""
         if backend is not None:
             get_target(backend)  # an unknown name raises BackendError listing the valid ones
         if return_lse:
             self._lse_cascade()  # NormaliserError when there is no softmax over n
         fwd = self.forward_lse if return_lse else self.forward
-        if fwd.error is not None and not torch.compiler.is_compiling():
-            raise LoweringError(fwd.refusal)
         # traced by torch.compile, the custom op raises it when it runs: a raise that Dynamo traced would come
         # out of a fullgraph compile as its own exception type
-        if jagged is not None:
-            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.streamed, inputs, params), jagged,
-                                    schedule, first.device)
-        # traced, the custom op binds the extents (its fake implementation at trace time)
-        extents = None if torch.compiler.is_compiling() else bind_extents(fwd.streamed, inputs, params)
-        if schedule is None and not torch.compiler.is_compiling():  # traced, the custom op chooses at run time
-            schedule = choose(self.cascade, fwd, _target(first.device.type), first.dtype, extents,
-                              _kv_heads(self.cascade, inputs), inputs, params)
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
-        if not torch.compiler.is_compiling() and not needs_grad:
-            # eager with nothing to differentiate: the custom op's dispatch would only add host time
-            record = None if replay_key is None else Recording()
-            results = _results(fwd, *fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents,
-                                             record=record))
-            replay = None if record is None else record.replay(
-                _call_tensors(args, kwargs), results if isinstance(results, tuple) else (results,))
-            if replay is not None:
-                self._replays.put(replay_key, replay)
-            return results
-        names = [t.name for t in self.cascade.inputs]
-        # a parameter not given travels as NaN: its default (which may depend on extents) is taken inside
-        values = [float(params[p.name]) if p.name in params else math.nan for p in self.cascade.params]
+        if fwd.error is not None and not tracing:
+            raise LoweringError(fwd.refusal)
+        return fwd
+
+    def _call_training(self, inputs, params, schedule: Schedule | None, backward_schedule: BackwardSchedule | None,
+                       deterministic: bool, return_lse: bool, tracing: bool):
+        """A differentiable call: the training forward, which keeps the states its backward reads."""
+        if self.backward.error is not None:
+            raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
+        if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
+            raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
+                                 f"adds query-side gradients atomically; use atomic_dq=False")
+        tensors = [inputs[t.name] for t in self.cascade.inputs]
+        values = _param_values(self.cascade, params)
         ints = [] if schedule is None else schedule.to_ints()
-        if needs_grad:
-            if self.backward.error is not None:
-                raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
-            if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
-                raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
-                                     f"adds query-side gradients atomically; use atomic_dq=False")
-            tensors, training_ints = [inputs[n] for n in names], schedule_ints(ints, backward_schedule)
-            if torch.compiler.is_compiling():
-                out = self._training.custom_op(tensors, values, training_ints)[0]
-            else:  # eager: the same forward and backward without the custom op's dispatch
-                out = self._training.eager.apply(values, training_ints, *tensors)[0]
-            if not return_lse:
-                return out
-            # lse is not differentiated: the training op keeps the states its backward needs, not lse
-            return out, self._lse_op([inputs[n].detach() for n in names], values, ints)[1]
-        return (self._lse_op if return_lse else self._custom_op)([inputs[n] for n in names], values, ints)
+        training_ints = schedule_ints(ints, backward_schedule)
+        if tracing:
+            out = self._training.custom_op(tensors, values, training_ints)[0]
+        else:  # eager: the same forward and backward without the custom op's dispatch
+            out = self._training.eager.apply(values, training_ints, *tensors)[0]
+        if not return_lse:
+            return out
+        # lse is not differentiated: the training op keeps the states its backward needs, not lse
+        return out, self._lse_op([x.detach() for x in tensors], values, ints)[1]
 
     def tune(self, *args, trials: int | None = None, seconds: float | None = None, **kwargs):
         """Tune the schedule for these arguments (as a call takes them) on their device; store the winner in
         the autotune cache, which later calls of this shape (and nearby shapes) then use. Returns the
         ``TuneResult``. The budget: ``trials`` schedules measured (default 30), ``seconds`` (default 600).
 
-        Other keywords go to ``einflash.compiler.autotune.tune``: ``timer``, ``storage`` (an Optuna URL or
+        Other keywords go to ``einflash.compiler.tuning.tuner.tune``: ``timer``, ``storage`` (an Optuna URL or
         journal file shared with other workers), ``seed``, ``sampler``, ``warm_start``, ``cache``, ``progress``.
 
         >>> import tempfile, torch, einflash as ef
-        >>> from einflash.compiler.cache import TuneCache
+        >>> from einflash.compiler.tuning.cache import TuneCache
         >>> @ef.attention
         ... def plain(q, k, v):
         ...     return ef.softmax(q @ k * ef.scale, "n") @ v
@@ -272,7 +287,7 @@ class AttentionOp:
         >>> len(r.measured), r.best_ms <= r.default_ms
         (2, True)
         """
-        from .compiler.autotune import Budget, tune
+        from .compiler.tuning.tuner import Budget, tune
 
         options = {k: kwargs.pop(k) for k in TUNE_OPTIONS if k in kwargs}
         inputs, params = self.bind(args, kwargs)
@@ -282,12 +297,11 @@ class AttentionOp:
             raise LoweringError(f"{self.name}: tuning jagged batches is not implemented (the cache's shape buckets "
                                 f"are of stacked batches); tune a stacked batch of typical sequence lengths")
         first = inputs[self.cascade.inputs[0].name]
-        return tune(self.cascade, self.forward, inputs, params, _target(first.device.type),
+        return tune(self.cascade, self.forward, inputs, params, for_device(first.device.type),
                     budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
                     **options)
 
-    def _run_jagged(self, fwd: Forward, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None,
-                    device):
+    def _run_jagged(self, fwd: Forward, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None):
         """A jagged batch through ``fwd``'s kernel, eagerly (the custom op and autograd take stacked batches only)."""
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
             raise LoweringError(f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
@@ -295,9 +309,10 @@ class AttentionOp:
         per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if schedule is None:
             # jagged batches are not tuned yet: the cache's buckets are of stacked batches
-            schedule = default_schedule(per_sequence, _target(device.type), _kv_heads(self.cascade, inputs),
+            device = inputs[self.cascade.inputs[0].name].device
+            schedule = default_schedule(per_sequence, for_device(device.type), kv_heads(self.cascade, inputs),
                                         fwd.masked, allow_split=False)
-        return _results(fwd, *fwd.run(inputs, bind_params(fwd.streamed, params, extents), schedule, extents, jagged))
+        return _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents, jagged))
 
     def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
                 dims: dict[str, int] | None = None, **params) -> Explanation:
@@ -306,42 +321,43 @@ class AttentionOp:
 
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
         """
-        return explain(self.cascade, self.forward.steps, self.forward.streamed, self.forward.error,
+        return explain(self.cascade, self.forward.steps, self.forward.rewritten, self.forward.error,
                        get_target(target), shape or DEFAULT_SHAPE, dtype, dims, params, self.backward)
 
 
 DEFAULT_SHAPE = Shape(2, 16, 4096, 4096, 128)
 _REGISTERED: dict[str, object] = {}
-_TARGETS: dict[str, Target] = {}
 TUNE_OPTIONS = ("timer", "storage", "seed", "sampler", "warm_start", "cache", "progress")
 
 
 def _call_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
-    """A call's tensors in the order its replay takes them (see einflash.compiler.replay.signature)."""
+    """A call's tensors in the order its replay takes them (see einflash.compiler.runtime.replay.signature)."""
     return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
-def _kv_heads(cascade: Cascade, inputs: dict[str, torch.Tensor]) -> int:
-    return next(inputs[t.name].shape[1] for t in cascade.inputs if t.layout is Layout.KEY)
 
 
-def _target(device_type: str) -> Target:
-    """The target of a device type (detected once per device type)."""
-    if device_type not in _TARGETS:
-        _TARGETS[device_type] = detect() if device_type == "cuda" else get_target("interpreter")
-    return _TARGETS[device_type]
+def _param_values(cascade: Cascade, params: Mapping[str, float]) -> list[float]:
+    """Parameters as the custom ops take them: a parameter not given travels as NaN, and its default (which may
+    depend on extents) is taken inside."""
+    return [float(params[p.name]) if p.name in params else math.nan for p in cascade.params]
+
+
+def _returned(results: list[torch.Tensor]):
+    """A replay's results as a call returns them."""
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def _results(fwd: Forward, out: torch.Tensor, ws: dict[str, torch.Tensor]):
     """What a call of ``fwd`` returns: the output, or the output and the per-row outputs (the log-sum-exp)."""
-    rows = fwd.streamed.outputs[1:]
+    rows = fwd.rewritten.outputs[1:]
     return (out, *(ws[o] for o in rows)) if rows else out
 
 
 def _register(op: AttentionOp, fwd: Forward):
     """``fwd`` (the op's forward, or the one with the log-sum-exp output) as a torch custom op, opaque to
     torch.compile, with a fake implementation; it returns what a call does (see ``_results``)."""
-    rows = fwd.streamed.outputs[1:]
+    rows = fwd.rewritten.outputs[1:]
     qualname = f"einflash::fwd{'_lse' if rows else ''}_{op.name}_{op.cascade.key}"
     if qualname in _REGISTERED:
         return _REGISTERED[qualname]
@@ -357,14 +373,14 @@ def _register(op: AttentionOp, fwd: Forward):
         inputs, values, extents = unpack(tensors, params)
         if schedule:
             return _results(fwd, *fwd.run(inputs, values, Schedule.from_ints(schedule), extents))
-        chosen = choose(op.cascade, fwd, _target(tensors[0].device.type), tensors[0].dtype, extents,
-                        _kv_heads(op.cascade, inputs))
+        chosen = choose(op.cascade, fwd, for_device(tensors[0].device.type), tensors[0].dtype, extents,
+                        kv_heads(op.cascade, inputs))
         return _results(fwd, *fwd.run(inputs, values, chosen, extents))
 
     @run.register_fake
     def _(tensors, params, schedule):
         inputs, values, ext = unpack(tensors, params)
-        value_rank = next(r for r in fwd.streamed.tensor(fwd.streamed.outputs[0]).ranks if r not in "bhm")
+        value_rank = next(r for r in fwd.rewritten.tensor(fwd.rewritten.outputs[0]).ranks if r not in "bhm")
         acc = accumulator_dtype(tensors[0].dtype)
         return _results(fwd, tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank]),
                         {o: tensors[0].new_empty(ext["b"], ext["h"], ext["m"], dtype=acc) for o in rows})

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from .errors import ShapeError
 
 
+ASSUMED_EXTENT = 16  # of a rank a declaration adds (``r``, ``a``...) when no extent is given for it
+
+
 @dataclass(frozen=True)
 class Shape:
     """B, query heads, query length M, key length N, head dims E (q·k) and F (v); Hkv kv heads.
@@ -44,6 +47,19 @@ class Shape:
         except ValueError:
             raise ShapeError(f"a shape is B,H,M,N,D (five ints), got {text!r}") from None
         return cls(b, h, m, n, d, head_dim_v, kv_heads)
+
+    def extents(self, ranks, dims: dict[str, int] | None = None) -> dict[str, int]:
+        """The extent of each rank named in ``ranks`` at this shape: b, h (query heads), m, n, e, f from the
+        shape, any other rank from ``dims``, else ``ASSUMED_EXTENT``.
+
+        >>> Shape(2, 16, 4096, 4096, 128).extents(["b", "m", "r"], {"r": 4})
+        {'b': 2, 'h': 16, 'm': 4096, 'n': 4096, 'e': 128, 'f': 128, 'r': 4}
+        """
+        out = {"b": self.B, "h": self.Hq, "m": self.M, "n": self.N, "e": self.E, "f": self.F}
+        for r in ranks:
+            if r not in out:
+                out[r] = (dims or {}).get(r, ASSUMED_EXTENT)
+        return out
 
     @property
     def group(self) -> int:

@@ -42,13 +42,13 @@ def cmd_tune(args) -> int:
 
 def _here() -> dict:
     from .backends import detect
-    from .compiler.cache import environment
+    from .compiler.tuning.cache import environment
 
     return environment(detect())
 
 
 def cmd_cache(args) -> int:
-    from .compiler.cache import TuneCache, schedule_from_json
+    from .compiler.tuning.cache import TuneCache, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":

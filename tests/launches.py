@@ -2,7 +2,7 @@
 and compiled for a GPU target on this CPU machine (shared by the codegen and autotune tests).
 
 A call goes through ``Forward.run`` on meta tensors (no memory, no kernel run) with a launcher that
-records each ``KernelCall`` as the ``CompileJob`` of its specialisation (einflash.compiler.specialise,
+records each ``KernelCall`` as the ``CompileJob`` of its specialisation (einflash.compiler.aot.specialise,
 the rule ahead-of-time builds use).
 """
 
@@ -12,14 +12,14 @@ import torch
 from conftest import load_example
 
 from einflash.backends.target import Target
-from einflash.compiler.crosscompile import CompileJob, CompiledKernel, compile_for_target
-from einflash.compiler.launch import load_kernel
-from einflash.compiler.specialise import specialise
+from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel, compile_for_target
+from einflash.compiler.runtime.launch import load_kernel
+from einflash.compiler.aot.specialise import specialise
 from einflash.ir.reference import bind_extents, bind_params
 
 
 def _job(src, call) -> CompileJob:
-    return CompileJob.specialised(load_kernel(src), specialise(call.args, src.constexpr_args), call.num_warps,
+    return CompileJob.specialised(load_kernel(src), specialise(call.args, src.signature.constexpr), call.num_warps,
                                   call.num_stages, call.max_registers)
 
 
@@ -36,10 +36,10 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJ
         inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     if name == "gla":
         inputs["g"] = torch.empty(B, Hq, M, head_dim, **meta)
-    extents = bind_extents(op.forward.streamed, inputs, {})
+    extents = bind_extents(op.forward.rewritten, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[CompileJob] = []
-    op.forward.run(inputs, bind_params(op.forward.streamed, {}, extents), schedule, extents,
+    op.forward.run(inputs, bind_params(op.forward.rewritten, {}, extents), schedule, extents,
                    launcher=lambda src, call: calls.append(_job(src, call)))
     return calls
 

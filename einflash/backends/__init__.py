@@ -67,5 +67,20 @@ def detect() -> Target:
     return _local_gpu() if local else target
 
 
+_FOR_DEVICE: dict[str, Target] = {}
+
+
+def for_device(device_type: str) -> Target:
+    """The target that runs kernels on tensors of ``device_type``: this machine's GPU (``detect``) for cuda, the
+    interpreter otherwise. Detected once per device type.
+
+    >>> for_device("cpu").is_interpreter
+    True
+    """
+    if device_type not in _FOR_DEVICE:
+        _FOR_DEVICE[device_type] = detect() if device_type == "cuda" else get_target("interpreter")
+    return _FOR_DEVICE[device_type]
+
+
 __all__ = ["Target", "GPU", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80",
-           "SM90", "get_target", "detect"]
+           "SM90", "get_target", "detect", "for_device"]

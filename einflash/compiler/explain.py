@@ -20,13 +20,13 @@ from ..ir.cascade import Cascade
 from ..ir.expr import Param, walk
 from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
-from .analysis import BM, BN, ELEM, STAGES, buffer_needs, cost
-from .masks import affine_part
-from .passes import count_passes
-from .rewrites import streaming_obstacle
-from .tiles import count_tiles, tile_plan
+from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
+from .analysis.mask_tiles import affine_part
+from .analysis.key_passes import count_passes
+from .rewrite.online import streaming_obstacle
+from .schedule import padded, widest_head_dim
+from .analysis.mask_tiles import count_tiles, tile_plan
 
-ASSUMED_EXTENT = 16  # extent given to ranks a declaration adds (r, a, i, j) unless the caller says
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -103,14 +103,6 @@ class Explanation:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def extents_for(c: Cascade, shape: Shape, dims: dict[str, int]) -> dict[str, int]:
-    out = {"b": shape.B, "h": shape.Hq, "m": shape.M, "n": shape.N, "e": shape.E, "f": shape.F}
-    for r in c.ranks:
-        if r.name not in out:
-            out[r.name] = dims.get(r.name, ASSUMED_EXTENT)
-    return out
-
-
 def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: Shape) -> dict:
     subs = {extent_symbol("Hkv"): shape.Hkv}
     subs.update({extent_symbol(k): v for k, v in params.items()})
@@ -123,23 +115,23 @@ def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: 
     return subs
 
 
-def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None, target: Target, shape: Shape,
+def explain(written: Cascade, steps, rewritten: Cascade, error: Exception | None, target: Target, shape: Shape,
             dtype: str = "bfloat16", dims: dict[str, int] | None = None, params: dict | None = None,
             backward=None) -> Explanation:
-    """Analyse ``written`` and its rewritten form ``streamed`` at ``shape`` on ``target``; with ``backward`` (a
-    compiler.backward.Backward), its gradient cascade too."""
+    """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``; with ``backward`` (a
+    einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
     dims = dict(dims or {})
     params = {p.name: float(p.default.subs({extent_symbol(x): v for x, v in
                                             {"E": shape.E, "N": shape.N, "M": shape.M}.items()}))
               for p in written.params if p.default is not None} | dict(params or {})
-    ext = extents_for(written, shape, dims)
-    pa_w, pa = count_passes(written), count_passes(streamed)
+    ext = shape.extents([r.name for r in written.ranks], dims)
+    pa_w, pa = count_passes(written), count_passes(rewritten)
     before_stream = next((s.cascade for s in reversed(steps) if s.name != "stream online"), written)
-    cfg = target.forward.default(max(16, 1 << (max(v for r, v in ext.items() if r not in "bhmn") - 1).bit_length()))
+    cfg = target.forward.default(padded(widest_head_dim(ext)))
     tile_subs = {BM: cfg.block_m, BN: cfg.block_n, STAGES: cfg.num_stages, ELEM: DTYPE_BYTES[dtype]}
     subs = _subs(written, ext, params, shape) | tile_subs
-    buf_w, buf = buffer_needs(written), buffer_needs(streamed)
-    cst = cost(streamed)
+    buf_w, buf = buffer_needs(written), buffer_needs(rewritten)
+    cst = cost(rewritten)
     flops = float(cst.flops.subs(subs))
     trans = float(cst.transcendentals.subs(subs))
     nbytes = float(cst.bytes.subs(subs))
@@ -159,7 +151,7 @@ def explain(written: Cascade, steps, streamed: Cascade, error: Exception | None,
         pa_w.passes, pa.passes, tuple(str(r) for r in pa_w.reasons), streaming_obstacle(before_stream),
         tuple(s.name for s in steps if s.changed), str(buf_w.total), str(buf.total), int(buf.total.subs(subs)),
         buf.grows_with_n, buf_w.grows_with_n, flops, trans, nbytes, flops / max(nbytes, 1.0),
-        max(times.values()) * 1e3, bound, tiles, template, str(written), str(streamed),
+        max(times.values()) * 1e3, bound, tiles, template, str(written), str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0))
 
 

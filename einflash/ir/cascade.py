@@ -21,8 +21,10 @@ from functools import cached_property
 import networkx as nx
 import sympy
 
-from .expr import Expr, Read, reads
+from .expr import Expr, Read, free_ranks, reads, transform
+from .printer import format_cascade
 from .ranks import Rank, coord
+from .user_ops import DEFINITIONS, user_operators
 
 
 class Role(enum.Enum):
@@ -82,8 +84,6 @@ class Einsum:
 
     @property
     def iteration_ranks(self) -> frozenset[str]:
-        from .expr import free_ranks
-
         its = free_ranks(self.expr)
         if self.where is not None:
             its |= free_ranks(self.where)
@@ -105,7 +105,7 @@ class Cascade:
     tensors: tuple[TensorDecl, ...]
     params: tuple[ParamDecl, ...]
     einsums: tuple[Einsum, ...]
-    outputs: tuple[str, ...] = ("o",)  # o[m, f], then any per-row ones (the log-sum-exp: einflash.compiler.lse)
+    outputs: tuple[str, ...] = ("o",)  # o[m, f], then any per-row ones (the log-sum-exp: einflash.compiler.rewrite.lse)
     source: str | None = field(default=None, compare=False)  # file of the declaring function
 
     # -- lookups ---------------------------------------------------------------------
@@ -147,6 +147,24 @@ class Cascade:
 
     def consumers(self, name: str) -> list[Einsum]:
         return [e for e in self.einsums if any(r.tensor == name for r in e.reads())]
+
+    def depends_on(self, name: str, on: set[str]) -> bool:
+        """Whether tensor ``name`` is one of ``on`` or is computed, directly or not, from one of them."""
+        seen, todo = set(), [name]
+        while todo:
+            x = todo.pop()
+            if x in on:
+                return True
+            p = self.producer(x)
+            for r in (p.reads() if p is not None else ()):
+                if r.tensor not in seen:
+                    seen.add(r.tensor)
+                    todo.append(r.tensor)
+        return False
+
+    def is_plain(self, x: Expr) -> bool:
+        """Whether ``x`` reads a whole tensor at its own coordinates (not its value before the current chunk)."""
+        return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in self.tensor(x.tensor).ranks)
 
     def where(self, einsum: Einsum) -> str:
         """'file:line' of an Einsum, for error messages."""
@@ -190,20 +208,14 @@ class Cascade:
     @cached_property
     def key(self) -> str:
         """Structural hash: equal for the same maths, whatever the names of intermediates."""
-        from .printer import canonical_text
-
         return hashlib.sha256(canonical_text(self.canonical()).encode()).hexdigest()[:16]
 
     def __str__(self) -> str:
-        from .printer import format_cascade
-
         return format_cascade(self)
 
 
 def rename_tensors(c: Cascade, names: dict[str, str]) -> Cascade:
     """Rename tensors everywhere they occur (declarations, reads, outputs)."""
-    from .expr import transform
-
     def fix(x):
         return Read(names.get(x.tensor, x.tensor), x.index, x.prev) if isinstance(x, Read) else None
 
@@ -222,3 +234,19 @@ def rename_tensors(c: Cascade, names: dict[str, str]) -> Cascade:
 def plain_read(decl: TensorDecl, prev: bool = False) -> Read:
     """A read of a whole tensor at its own ranks."""
     return Read(decl.name, tuple(coord(r) for r in decl.ranks), prev)
+
+
+def canonical_text(c: Cascade) -> str:
+    """Every field that changes the maths, unambiguously; no names of intermediates, no lines."""
+    parts = ["ranks:" + ";".join(f"{r.name}={sympy.srepr(r.extent)}:{r.role.value}" for r in c.ranks),
+             "tensors:" + ";".join(f"{t.name}{t.ranks}{t.role.value}{t.layout.value}{t.init}" for t in c.tensors),
+             "params:" + ";".join(f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}"
+                                  f"{p.integer}{p.positive}" for p in c.params),
+             "outputs:" + ",".join(c.outputs)]
+    users = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+                           [e.reduce.op for e in c.einsums if e.reduce is not None])
+    if users:  # the definitions of user reducers are part of the maths
+        parts.append("operators:" + ";".join(f"{name}={DEFINITIONS[name]!r}" for name in users))
+    for e in c.einsums:
+        parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{e.loop}")
+    return "\n".join(parts)

@@ -115,6 +115,16 @@ def free_ranks(expr: Expr) -> frozenset[str]:
     return frozenset(out)
 
 
+def rank_free(x: Expr) -> bool:
+    """Whether ``x`` is the same everywhere: no coordinate, no tensor read (constants, parameters, extents).
+
+    >>> from .ranks import coord
+    >>> rank_free(Call("mul", (Const(2.0), Param("scale")))), rank_free(Coord("m"))
+    (True, False)
+    """
+    return not free_ranks(x) and not any(isinstance(y, Read) for y in walk(x))
+
+
 def transform(expr: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
     """Rebuild ``expr`` bottom-up; ``fn`` returns a replacement or None to keep a node."""
     if isinstance(expr, Call):

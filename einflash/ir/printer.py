@@ -1,4 +1,4 @@
-"""Cascades in Einsum notation, and the canonical text the structural hash is taken of.
+"""Cascades in Einsum notation.
 
 >>> from einflash.ir.cascade import Einsum, Reduction
 >>> from einflash.ir.expr import Read, call
@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-import sympy
+from typing import TYPE_CHECKING
 
-from .cascade import Cascade, Einsum, Role
 from .expr import Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
-from .user_ops import DEFINITIONS, user_operators
+
+if TYPE_CHECKING:  # the cascade prints itself with these functions: it imports this module, not the reverse
+    from .cascade import Cascade, Einsum
 
 _PRECEDENCE = {"or": 1, "and": 2, "not": 3, "lt": 4, "le": 4, "gt": 4, "ge": 4, "eq": 4, "ne": 4,
                "add": 5, "sub": 5, "mul": 6, "div": 6, "floordiv": 6, "neg": 7}
@@ -83,7 +84,7 @@ def format_cascade(c: Cascade) -> str:
     if c.params:
         ps = ", ".join(p.name + (f" = {p.default}" if p.default is not None else "") for p in c.params)
         lines.append(f"  params: {ps}")
-    states = [t for t in c.tensors if t.role is Role.STATE]
+    states = c.states
     if states:
         lines.append("  states: " + "  ".join(f"{t.name}[{_ranks(t.ranks)}]" for t in states))
     in_loop = False
@@ -94,19 +95,3 @@ def format_cascade(c: Cascade) -> str:
         pad = "    " if e.loop else "  "
         lines.append(pad + format_einsum(e) + (f"    # line {e.line}" if e.line else ""))
     return "\n".join(lines)
-
-
-def canonical_text(c: Cascade) -> str:
-    """Every field that changes the maths, unambiguously; no names of intermediates, no lines."""
-    parts = ["ranks:" + ";".join(f"{r.name}={sympy.srepr(r.extent)}:{r.role.value}" for r in c.ranks),
-             "tensors:" + ";".join(f"{t.name}{t.ranks}{t.role.value}{t.layout.value}{t.init}" for t in c.tensors),
-             "params:" + ";".join(f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}"
-                                  f"{p.integer}{p.positive}" for p in c.params),
-             "outputs:" + ",".join(c.outputs)]
-    users = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
-                           [e.reduce.op for e in c.einsums if e.reduce is not None])
-    if users:  # the definitions of user reducers are part of the maths
-        parts.append("operators:" + ";".join(f"{name}={DEFINITIONS[name]!r}" for name in users))
-    for e in c.einsums:
-        parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{e.loop}")
-    return "\n".join(parts)

@@ -73,6 +73,11 @@ def _and(a, b):
 # -- binding inputs -------------------------------------------------------------------------
 
 
+def kv_heads(c: Cascade, inputs: Mapping[str, torch.Tensor]) -> int:
+    """The number of key/value heads of a call: the head dimension of its first key-layout input."""
+    return next(inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY)
+
+
 def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float]) -> dict[str, int]:
     """Rank extents from the inputs' shapes, checked for agreement; raises ShapeError naming both sides."""
     ext: dict[str, int] = {}
@@ -439,7 +444,7 @@ def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[
     ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``.
 
     >>> import torch, einflash as ef
-    >>> from einflash.compiler.lse import with_lse
+    >>> from einflash.compiler.rewrite.lse import with_lse
     >>> @ef.attention
     ... def plain(q, k, v):
     ...     return ef.softmax(q @ k * ef.scale, "n") @ v

@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ..errors import (CascadeError, CycleError, RankMismatchError, UnknownRankError, UnknownTensorError,
-                      UnsupportedOperatorError)
+    UnsupportedOperatorError)
 from .cascade import Cascade, Einsum, Role
 from .expr import Call, Param, Read, index_ranks, is_boolean, walk
 from .operators import OPERATORS, REDUCERS

@@ -11,8 +11,8 @@ import sympy
 from conftest import load_example
 
 import einflash as ef
-from einflash.compiler.analysis import BM, BN, ELEM, FP32, STAGES, buffer_needs, cost
-from einflash.compiler.passes import count_passes
+from einflash.compiler.analysis.cost import BM, BN, ELEM, FP32, STAGES, buffer_needs, cost
+from einflash.compiler.analysis.key_passes import count_passes
 from einflash.ir.ranks import extent_symbol
 
 B, H, HKV, M, N, E, F = (extent_symbol(s) for s in ("B", "H", "Hkv", "M", "N", "E", "F"))
@@ -39,7 +39,7 @@ def _degree(expr: sympy.Expr) -> int:
 
 
 def test_streamed_softmax_buffers_do_not_grow_with_n():
-    needs = buffer_needs(_op("softmax").forward.streamed)
+    needs = buffer_needs(_op("softmax").forward.rewritten)
     # a q tile, and STAGES pipelined k and v tiles
     assert sympy.expand(needs.smem - ELEM * (BM * E + STAGES * BN * (E + F))) == 0
     # fp32 tiles: scores [BM, BN], the accumulator [BM, F], the row states [BM]
@@ -61,17 +61,17 @@ def test_written_softmax_holds_a_fiber_of_n():
 
 @pytest.mark.parametrize("name", ["softmax", "causal", "alibi", "differential", "mla_decode", "sigmoid", "gla"])
 def test_one_pass_examples_have_n_free_buffers(name):
-    needs = buffer_needs(_op(name).forward.streamed)
+    needs = buffer_needs(_op(name).forward.rewritten)
     assert not needs.grows_with_n and N not in needs.total.free_symbols
 
 
 def test_two_pass_post_normalisation_keeps_a_fiber():
-    needs = buffer_needs(_op("post_norm_threshold").forward.streamed)
+    needs = buffer_needs(_op("post_norm_threshold").forward.rewritten)
     assert needs.grows_with_n and sympy.diff(needs.fiber, N) != 0
 
 
 def test_linear_attention_state_is_d_by_d():
-    needs = buffer_needs(_op("linear").forward.streamed)
+    needs = buffer_needs(_op("linear").forward.rewritten)
     assert not needs.grows_with_n
     # the running state ctx_acc is E×F, whatever M and N
     assert sympy.expand(needs.registers - FP32 * E * (BN + F + 1)) == 0
@@ -82,7 +82,7 @@ def test_linear_attention_state_is_d_by_d():
 
 def test_softmax_flops_lead_with_the_two_contractions():
     """q·kᵀ and P·v: a multiply and an add at each (m, n, d) point, twice: 4·B·H·M·N·D."""
-    flops = cost(_op("softmax").forward.streamed).flops
+    flops = cost(_op("softmax").forward.rewritten).flops
     lead, rest = _leading(flops, 3)
     assert lead == 4 * B * H * M * N * D
     assert _degree(rest) <= 2  # per-score work (exp, max, subtract) and per-row work only
@@ -96,13 +96,13 @@ def test_deferral_takes_the_division_out_of_the_value_contraction():
 
 
 def test_one_exponential_per_score():
-    trans = cost(_op("softmax").forward.streamed).transcendentals
+    trans = cost(_op("softmax").forward.rewritten).transcendentals
     lead, rest = _leading(trans, 2)
     assert lead == B * H * M * N and _degree(rest) <= 1
 
 
 def test_linear_attention_flops_are_linear_in_each_sequence():
-    flops = cost(_op("linear").forward.streamed).flops
+    flops = cost(_op("linear").forward.rewritten).flops
     assert sympy.degree(flops, M) == 1 and sympy.degree(flops, N) == 1
     assert sympy.expand(flops).coeff(M * N) == 0  # no term in M·N: nothing spans both sequences
 
@@ -120,11 +120,11 @@ def _bytes_per_pass(passes: int) -> sympy.Expr:
                                                  ("post_norm_threshold", "streamed", 2)])
 def test_inputs_along_n_are_read_once_per_pass(name, which, passes):
     op = _op(name)
-    c = op.cascade if which == "written" else op.forward.streamed
+    c = op.cascade if which == "written" else op.forward.rewritten
     assert count_passes(c).passes == passes
     assert sympy.expand(cost(c).bytes - _bytes_per_pass(passes)) == 0
 
 
 def test_extra_inputs_count_once():
-    c = _op("alibi").forward.streamed
+    c = _op("alibi").forward.rewritten
     assert sympy.expand(cost(c).bytes - _bytes_per_pass(1) - ELEM * H) == 0  # slope[h]

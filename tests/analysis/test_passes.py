@@ -9,7 +9,7 @@ import pytest
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler.passes import count_passes
+from einflash.compiler.analysis.key_passes import count_passes
 from einflash.ir.cascade import Role
 
 # Passes over n (as written, after the pipeline), from DESIGN §3. A softmax-normalised variant
@@ -54,7 +54,7 @@ def _after(name: str):
 
 @pytest.mark.parametrize("name", [_after(n) for n in sorted(PASSES)])
 def test_passes_after_the_pipeline(name):
-    assert count_passes(_op(name).forward.streamed).passes == PASSES[name][1]
+    assert count_passes(_op(name).forward.rewritten).passes == PASSES[name][1]
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))
@@ -93,7 +93,7 @@ def test_pass_of_each_einsum():
 def test_values_crossing_passes():
     """s is made in pass 1 and read in pass 2; num in pass 2 and read in pass 3."""
     assert count_passes(_op("softmax").cascade).crossing == (("num", 2, 3), ("s", 1, 2))
-    assert count_passes(_op("softmax").forward.streamed).crossing == ()
+    assert count_passes(_op("softmax").forward.rewritten).crossing == ()
 
 
 def test_moba_waits_for_its_routing_sum():
@@ -108,7 +108,7 @@ def test_moba_waits_for_its_routing_sum():
 
 
 def test_moba_after_the_pipeline_still_waits_for_the_routing():
-    streamed = _op("moba").forward.streamed
+    streamed = _op("moba").forward.rewritten
     pa = count_passes(streamed)
     first = pa.reasons[0]
     assert (first.index, first.waits_for, first.reduction) == (2, "sel", "sum")
@@ -117,7 +117,7 @@ def test_moba_after_the_pipeline_still_waits_for_the_routing():
 
 
 def test_post_norm_threshold_keeps_a_second_pass_after_a_running_max_and_sum():
-    streamed = _op("post_norm_threshold").forward.streamed
+    streamed = _op("post_norm_threshold").forward.rewritten
     pa = count_passes(streamed)
     assert pa.passes == 2 and len(pa.reasons) == 1
     r = pa.reasons[0]
@@ -129,7 +129,7 @@ def test_post_norm_threshold_keeps_a_second_pass_after_a_running_max_and_sum():
 
 
 def test_a_loop_is_one_pass():
-    streamed = _op("differential").forward.streamed
+    streamed = _op("differential").forward.rewritten
     pa = count_passes(streamed)
     assert pa.passes == 1 and pa.reasons == ()
     for e in streamed.einsums:
@@ -146,13 +146,13 @@ def _spans_both_sequences(name: str, c) -> list[str]:
 def test_linear_attention_has_no_m_by_n_intermediate_after_the_pipeline():
     op = _op("linear")
     assert _spans_both_sequences("linear", op.cascade) == ["a"]
-    assert _spans_both_sequences("linear", op.forward.streamed) == []
-    assert count_passes(op.forward.streamed).passes == 1
+    assert _spans_both_sequences("linear", op.forward.rewritten) == []
+    assert count_passes(op.forward.rewritten).passes == 1
 
 
 def test_agent_attention_streams_n_once_and_never_iterates_it_for_the_agents_softmax():
     op = _op("agent")
-    streamed = op.forward.streamed
+    streamed = op.forward.rewritten
     pa = count_passes(streamed)
     assert pa.passes == 1
     assert _spans_both_sequences("agent", streamed) == []

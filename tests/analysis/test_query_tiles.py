@@ -8,7 +8,7 @@ import itertools
 import pytest
 from test_tiles import SIZES, TILES, _band, _bottom_right, _example, _mask_of, _materialise
 
-from einflash.compiler.tiles import count_tiles, tile_plan, tile_rows, transposed_plan
+from einflash.compiler.analysis.mask_tiles import count_tiles, tile_plan, tile_rows, transposed_plan
 
 
 def _truth(mask, BM: int, BN: int) -> tuple[list[set[int]], list[set[int]]]:

@@ -13,8 +13,8 @@ import torch
 from conftest import load_example
 
 import einflash as ef
-from einflash.compiler.tiles import (ROW_BOUNDS, I, Interval, TilePlan, affine_form, count_tiles, is_affine, tile_plan,
-                                     tile_rows, _compiled)
+from einflash.compiler.analysis.mask_tiles import (ROW_BOUNDS, I, Interval, TilePlan, affine_form, count_tiles,
+    is_affine, tile_plan, tile_rows, _compiled)
 from einflash.errors import DeclarationError, MissingInputError, ShapeError
 from einflash.ir.expr import Call, Const, Coord, Expr, Param, Read, Size, call
 from einflash.ir.operators import OPERATORS
@@ -236,11 +236,11 @@ def test_bad_calls_raise():
 
 def _listed(M, N, BM, BN, doc: torch.Tensor, pack: bool = False) -> tuple[list[list[set[int]]], list[list[set[int]]]]:
     """tile_lists for the document mask, as per (batch, query tile) sets of full and of partial key tiles."""
-    from einflash.compiler.blocks import tile_lists
-    from einflash.compiler.masks import key_plan
-    from einflash.compiler.lower import sections
+    from einflash.compiler.runtime.tile_lists import tile_lists
+    from einflash.compiler.codegen.tile_ranges import key_plan
+    from einflash.compiler.codegen.forward import sections
 
-    c = load_example("document_mask").document_mask.forward.streamed
+    c = load_example("document_mask").document_mask.forward.rewritten
     lists = key_plan(c, sections(c).loop).lists
     tiles, counts = tile_lists(lists, {"doc": doc}, {}, doc.shape[0], M, N, BM, BN, pack)
     full = [[set(tiles[b, i, :f].tolist()) for i, (f, _) in enumerate(counts[b].tolist())] for b in range(doc.shape[0])]

@@ -18,9 +18,11 @@ from conftest import EXAMPLES, load_example
 
 import einflash as ef
 from einflash import cli
-from einflash.compiler.aot import MANIFEST, declared_inputs, read_manifest, record
-from einflash.compiler.lower import lower, lower_combine
-from einflash.compiler.specialise import first_misfit, specialise
+from einflash.compiler.aot.manifest import MANIFEST, read_manifest
+from einflash.compiler.aot.build import declared_inputs, record
+from einflash.compiler.codegen.forward import lower
+from einflash.compiler.codegen.combine import lower_combine
+from einflash.compiler.aot.specialise import first_misfit, specialise
 from einflash.errors import AOTError, AOTMismatchError, DeviceError
 from einflash.ir.reference import bind_extents, bind_params
 
@@ -78,8 +80,8 @@ def test_sources_are_what_the_jit_path_renders(softmax_dir):
     """One generator: the stored sources are the kernels the JIT path writes for the same specialisation."""
     fwd = load_example("softmax").softmax.forward
     dims = {"e": 64, "e_extent": 64, "f": 64, "f_extent": 64}
-    for src in (lower(fwd.streamed, dims, "float16"), lower(fwd.streamed, dims, "float16", split=True),
-                lower_combine(fwd.streamed, dims, "float16")):
+    for src in (lower(fwd.rewritten, dims, "float16"), lower(fwd.rewritten, dims, "float16", split=True),
+                lower_combine(fwd.rewritten, dims, "float16")):
         assert (softmax_dir / "sources" / f"{src.name}.py").read_text() == src.text
 
 
@@ -111,13 +113,13 @@ def test_any_binaries_fit_every_length(softmax_dir):
         for M, N in [(entry.shape.M, entry.shape.N)] + [(rng.randint(1, 300), rng.randint(1, 3000)) for _ in range(12)]:
             shape = ef.Shape(entry.shape.B, entry.shape.Hq, M, N, 64, 64, entry.shape.Hkv)
             inputs = declared_inputs(op.cascade, shape, F16)
-            extents = bind_extents(op.forward.streamed, inputs, {})
-            values = bind_params(op.forward.streamed, {}, extents)
+            extents = bind_extents(op.forward.rewritten, inputs, {})
+            values = bind_params(op.forward.rewritten, {}, extents)
             for src, call in record(op.forward, inputs, values, entry.schedule, extents):
                 binaries = {b.lengths: b for b in m.kernels[src.name].binaries}
                 assert first_misfit(binaries["any"].args, call.args) is None, (M, N)
                 if (M, N) == (entry.shape.M, entry.shape.N):
-                    assert binaries["exact"].args == specialise(call.args, src.constexpr_args)
+                    assert binaries["exact"].args == specialise(call.args, src.signature.constexpr)
 
 
 # -- what the loader picks and refuses ------------------------------------------------------------------

@@ -19,7 +19,8 @@ import triton.runtime.jit
 from aot_dirs import aot_root  # noqa: F401 (a fixture)
 
 import einflash as ef
-from einflash.compiler.aot import DTYPES, Entry, declared_inputs
+from einflash.compiler.aot.manifest import DTYPES, Entry
+from einflash.compiler.aot.build import declared_inputs
 from einflash.compiler.schedule import DECODE_MAX_QUERIES
 from einflash.testing import check
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from einflash.compiler.specialise import ArgSpec, common, first_misfit, of_value  # first: einflash sets up Triton
+from einflash.compiler.aot.specialise import ArgSpec, common, first_misfit, of_value  # first: einflash sets up Triton
 from einflash.errors import LoweringError
 from triton._C.libtriton import native_specialize_impl  # noqa: I001
 from triton.backends.compiler import BaseBackend

@@ -13,16 +13,8 @@ import torch
 from conftest import load_example
 
 import einflash as ef
-from einflash.errors import (
-    BackendError,
-    CallError,
-    DeviceError,
-    DTypeError,
-    EinflashError,
-    MissingInputError,
-    ParameterError,
-    ShapeError,
-)
+from einflash.errors import (BackendError, CallError, DeviceError, DTypeError, EinflashError, MissingInputError,
+    ParameterError, ShapeError)
 
 B, HQ, HKV, M, N, E, F = 1, 4, 2, 5, 7, 8, 6
 

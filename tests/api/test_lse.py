@@ -13,7 +13,7 @@ import torch
 from conftest import load_example
 
 import einflash as ef
-from einflash.compiler.forward import Schedule
+from einflash.compiler.schedule import Schedule
 from einflash.errors import NormaliserError
 from einflash.testing import random_inputs
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import load_example
 
-from einflash.compiler import selection
-from einflash.compiler.forward import Schedule
-from einflash.compiler.replay import Recording
+from einflash.compiler.tuning import selection
+from einflash.compiler.schedule import Schedule
+from einflash.compiler.runtime.replay import Recording
 from einflash.testing import check
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_example
 
-from einflash.compiler import selection
+from einflash.compiler.tuning import selection
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import torch
 from autotune_helpers import cache_dir, example, qkv  # noqa: F401 -- cache_dir is a fixture
 
 from einflash.backends import INTERPRETER
-from einflash.compiler import cache as cache_module
-from einflash.compiler import forward as forward_module
-from einflash.compiler import selection
-from einflash.compiler.cache import Bucket, CacheKey, TuneCache
-from einflash.compiler.forward import Schedule
+from einflash.compiler.tuning import cache as cache_module
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.tuning import selection
+from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.schedule import Schedule
 from einflash.compiler.schedule import default_schedule
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents
@@ -33,7 +33,7 @@ def ran(monkeypatch):
 
 
 def _store(op, args, schedule=TUNED):
-    extents = bind_extents(op.forward.streamed, dict(zip("qkv", args)), {})
+    extents = bind_extents(op.forward.rewritten, dict(zip("qkv", args)), {})
     TuneCache().put(CacheKey.of(op.cascade, INTERPRETER, args[0].dtype), Bucket.of(extents, args[1].shape[1]),
                     {"study": "t", "best": {"schedule": dataclasses.asdict(schedule), "ms": 1.0}, "measured": [],
                      "failed": []})
@@ -46,7 +46,7 @@ def test_no_entry_runs_the_default_silently_and_never_tunes(cache_dir, ran):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
         op(*args)
-    extents = bind_extents(op.forward.streamed, dict(zip("qkv", args)), {})
+    extents = bind_extents(op.forward.rewritten, dict(zip("qkv", args)), {})
     assert ran == [default_schedule(extents, INTERPRETER, 2, op.forward.masked)]
     assert not (cache_dir / "autotune").exists()
 

@@ -9,10 +9,10 @@ from autotune_helpers import example
 from launches import captured, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.analysis import BM, BN, ELEM, STAGES, buffer_needs
-from einflash.compiler.forward import Schedule
+from einflash.compiler.analysis.cost import BM, BN, ELEM, STAGES, buffer_needs
+from einflash.compiler.schedule import Schedule
 from einflash.compiler.schedule import default_schedule
-from einflash.compiler.space import family_of, search_space
+from einflash.compiler.tuning.space import family_of, search_space
 
 SM90 = get_target("sm90")
 PREFILL = dict(b=2, h=16, m=4096, n=4096, e=128, f=128)
@@ -30,7 +30,7 @@ def test_forward_space_is_the_targets_with_the_default_and_prunes_what_cannot_fi
     assert s.size == len(s.feasible) + len(s.pruned) == 2 * 3 * 2 * 5 * 2
     counts = s.pruned_counts()
     assert counts["shared memory"] > 0 and counts["registers"] > 0
-    smem = buffer_needs(op.forward.streamed).smem
+    smem = buffer_needs(op.forward.rewritten).smem
     for p in s.pruned:
         if p.kind == "shared memory":
             need = smem.subs({BM: p.schedule.block_m, BN: p.schedule.block_n, STAGES: p.schedule.num_stages,
@@ -84,7 +84,7 @@ def test_project_moves_each_knob_to_the_nearest_candidate():
 def test_shared_memory_formula_is_a_lower_bound_of_what_triton_allocates():
     """The pruning is sound only if the formula never exceeds the real allocation (at 2+ stages)."""
     op = example("softmax")
-    smem = buffer_needs(op.forward.streamed).smem
+    smem = buffer_needs(op.forward.rewritten).smem
     dims = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}
     for sch in (Schedule(128, 64, 8, 3), Schedule(64, 128, 4, 2)):
         (launch,) = captured("softmax", dims, 128, lambda extents, kv: sch)
@@ -126,13 +126,13 @@ def test_reversed_tile_order_computes_the_same_bits():
 def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     # GLA reduces q·k·decay over e as a BM×BN×E tile (no tl.dot computes it): the analysis holds that tile,
     # so the target's 64×64 default cannot fit sm_90's registers, and the default shrinks until it does
-    from einflash.compiler.analysis import broadcast_reduction
-    from einflash.compiler.space import _buffer_functions, _prune, fitting_default
+    from einflash.compiler.analysis.cost import broadcast_reduction
+    from einflash.compiler.tuning.space import _buffer_functions, _prune, fitting_default
 
     gla, softmax = example("gla"), example("softmax")
-    assert any(broadcast_reduction(e) for e in gla.forward.streamed.einsums) and gla.forward.broadcast
+    assert any(broadcast_reduction(e) for e in gla.forward.rewritten.einsums) and gla.forward.broadcast
     assert not softmax.forward.broadcast
-    regs = buffer_needs(gla.forward.streamed).registers
+    regs = buffer_needs(gla.forward.rewritten).registers
     assert {s.name for s in regs.free_symbols} >= {"BM", "BN", "E"} and regs.subs({BN: 1}).free_symbols
     extents = dict(b=1, h=8, m=4096, n=4096, e=128, f=128)
     smem, reg_fn = _buffer_functions(gla.forward, extents, 2)

@@ -12,11 +12,11 @@ import torch
 from autotune_helpers import FakeTimer, cache_dir, example, fake_ms, qkv  # noqa: F401 -- cache_dir is a fixture
 
 from einflash.backends import INTERPRETER, SearchSpace, TileConfig, Tuning
-from einflash.compiler import autotune
-from einflash.compiler import forward as forward_module
-from einflash.compiler.autotune import Budget, tune
-from einflash.compiler.cache import Bucket, CacheKey, TuneCache
-from einflash.compiler.forward import Schedule
+from einflash.compiler.tuning import tuner as autotune
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.tuning.tuner import Budget, tune
+from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.schedule import Schedule
 from einflash.errors import TuningError, TuningOptionError
 from einflash.ir.reference import bind_extents
 
@@ -159,7 +159,7 @@ def test_a_seeded_study_draws_the_same_schedules(tmp_path, monkeypatch):
 
 def test_warm_start_from_the_nearest_cached_shape(cache_dir):
     op = example("causal")
-    extents = bind_extents(op.forward.streamed, dict(zip("qkv", qkv(M=100, N=100))), {})
+    extents = bind_extents(op.forward.rewritten, dict(zip("qkv", qkv(M=100, N=100))), {})
     near = Bucket.of(extents, 2)
     winner = Schedule(32, 32, 4, 1, reverse_m=True)
     TuneCache().put(CacheKey.of(op.cascade, INTERPRETER, torch.float32), near,

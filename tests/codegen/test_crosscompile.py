@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from einflash.backends import TARGETS, get_target
-from einflash.compiler.crosscompile import compile_for_target
+from einflash.compiler.aot.crosscompile import compile_for_target
 from einflash.errors import BackendError, OutOfResourcesError
 
 # A real kernel file, as einflash's generated kernels are (Triton reads kernel source from files):

@@ -16,8 +16,8 @@ import pytest
 from launches import captured, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.crosscompile import CompileJob, CompiledKernel
-from einflash.compiler.forward import Schedule
+from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel
+from einflash.compiler.schedule import Schedule
 from einflash.compiler.schedule import default_schedule
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
@@ -109,7 +109,7 @@ def test_combine_kernel_compiles(compiled, head_dim):
 
 def test_a_broadcast_reduction_compiles_at_its_shrunk_default():
     # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does
-    from einflash.compiler.space import fitting_default
+    from einflash.compiler.tuning.space import fitting_default
 
     op = getattr(__import__("conftest").load_example("gla"), "gla")
     (job,) = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))

@@ -15,8 +15,8 @@ from conftest import load_example
 from launches import _job, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.backward import default_backward_schedule
-from einflash.compiler.forward import Schedule
+from einflash.compiler.schedule import default_backward_schedule
+from einflash.compiler.schedule import Schedule
 from einflash.ir.reference import bind_extents, bind_params
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
@@ -36,7 +36,7 @@ def _captured(name: str, head_dim: int, one_launch: bool) -> dict:
               "v": torch.empty(B, Hkv, N, head_dim, **meta)}
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
-    c = op.forward.streamed
+    c = op.forward.rewritten
     extents = bind_extents(c, inputs, {})
     values = bind_params(c, {}, extents)
     cfg = SM90.forward.default(head_dim)

@@ -17,11 +17,11 @@ import torch
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler import forward as forward_module
-from einflash.compiler.forward import Schedule
-from einflash.compiler.lower import sections
-from einflash.compiler.masks import key_plan
-from einflash.compiler.tiles import tile_rows
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.schedule import Schedule
+from einflash.compiler.codegen.forward import sections
+from einflash.compiler.codegen.tile_ranges import key_plan
+from einflash.compiler.analysis.mask_tiles import tile_rows
 from einflash.errors import LoweringError
 from einflash.ir.cascade import Layout
 from einflash.ir.reference import bind_extents, bind_params
@@ -92,7 +92,7 @@ def _assert_matches_reference(op, out, *args, **kwargs):
 
 def _run(op, inputs: dict, params: dict, schedule: Schedule) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward.run, the kernel entry: the output and the final per-row states."""
-    c = op.forward.streamed
+    c = op.forward.rewritten
     extents = bind_extents(c, inputs, params)
     return op.forward.run(inputs, bind_params(c, params, extents), schedule, extents)
 
@@ -190,7 +190,7 @@ def test_fully_masked_rows_are_zero_with_initial_states(name, M, N, params, spli
     assert not out.isnan().any() and (out[empty] == 0).all()
     _assert_matches_reference(op, out, **inputs, **params)
     for state_name, state in states.items():  # e.g. the running max is -inf and the sum 0: log-sum-exp is -inf
-        init = op.forward.streamed.tensor(state_name).init
+        init = op.forward.rewritten.tensor(state_name).init
         assert (state[empty] == init).all(), state_name
 
 
@@ -349,8 +349,8 @@ def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Ten
     counts = []
     real = forward_module.launch
 
-    def counting(c, src, inputs, params, out, ws, cfg, *rest, **kw):
-        counts.append(real(c, src, inputs, params, out, ws, dataclasses.replace(cfg, count_visits=True), *rest, **kw))
+    def counting(*args, **kw):
+        counts.append(real(*args, **kw, count_visits=True))
 
     with mock.patch.object(forward_module, "launch", counting):
         out, _ = _run(op, inputs, params, schedule)
@@ -372,7 +372,7 @@ def _visits(name: str, M: int, N: int, BM: int, BN: int) -> list[int]:
 @pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
 @pytest.mark.parametrize("name", list(VISIT_PARAMS))
 def test_visited_tiles_are_the_plans_non_empty_tiles(name, M, N, BM, BN):
-    c = _op(name).forward.streamed
+    c = _op(name).forward.rewritten
     plan = key_plan(c, sections(c).loop).plan
     assert plan is not None and plan.exact
     want = [sum(hi - lo for lo, hi in row.nonempty) for row in tile_rows(plan, M, N, BM, BN, **VISIT_PARAMS[name])]

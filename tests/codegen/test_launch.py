@@ -4,12 +4,13 @@ the same compiled kernel, so the key tells apart everything the JIT tells apart.
 import pytest
 import torch
 
-from einflash.compiler.launch import specialisation
-from einflash.compiler.lower import KernelSource
+from einflash.compiler.runtime.launch import specialisation
+from einflash.compiler.codegen.source import KernelSource
 
 
 def test_specialisation_tells_apart_what_the_jit_compiles_for():
-    src = KernelSource("k", "", (), (), (), (), "f", (), False, constexpr_args=("BLOCK_M",))
+    text = "@triton.jit\ndef k(q_ptr, stride, n, scale, BLOCK_M: tl.constexpr, flag):\n    pass\n"
+    src = KernelSource("k", text, (), (), (), (), "f", (), False)
     base = {"q_ptr": torch.empty(64), "stride": 64, "n": 100, "scale": 0.125, "BLOCK_M": 64, "flag": None}
     key = specialisation(src, base)
     assert specialisation(src, {**base, "q_ptr": torch.empty(64)}) == key  # another aligned tensor
@@ -29,7 +30,7 @@ def test_repeated_launches_skip_the_jit_and_stay_right():
     specialisation) input both match the reference."""
     from conftest import load_example
 
-    from einflash.compiler import launch
+    from einflash.compiler.runtime import launch
     from einflash.testing import check
 
     op = load_example("causal").causal

@@ -13,11 +13,12 @@ from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, grad_output, inputs, o
 
 import einflash as ef
 from einflash.autograd import schedule_ints
-from einflash.compiler.backward import BackwardSchedule, stream
-from einflash.compiler.forward import Schedule
-from einflash.compiler.launch import jit_launch
-from einflash.compiler.masks import query_plan
-from einflash.compiler.tiles import tile_rows
+from einflash.compiler.schedule import BackwardSchedule
+from einflash.compiler.autodiff.parts import loop_over
+from einflash.compiler.schedule import Schedule
+from einflash.compiler.runtime.launch import jit_launch
+from einflash.compiler.codegen.tile_ranges import query_plan
+from einflash.compiler.analysis.mask_tiles import tile_rows
 from einflash.errors import ParameterError
 from einflash.ir.reference import bind_extents, bind_params
 from einflash.testing import check_gradients
@@ -119,7 +120,7 @@ def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
     key-side partials): one kernel launched where two were, every gradient bit for bit."""
     o, params = op(name), TUNED.get(name, {})
     given = inputs(name, dataclasses.replace(SHAPE, Hq=Hq, Hkv=Hkv), F32)
-    c = o.forward.streamed
+    c = o.forward.rewritten
     extents = bind_extents(c, given, params)
     values = bind_params(c, params, extents)
     out, states = o.forward.run(given, values, Schedule(16, 16, 4, 1), extents, saved=o.backward.saved)
@@ -229,7 +230,7 @@ def _kv_visits(name: str, M: int, N: int, BM: int, BN: int) -> list[int]:
     """Query tiles each dK/dV program (key tile) visited, counted by the kernel; its gradients checked on the way."""
     o, params = op(name), VISIT_PARAMS[name]
     given = inputs(name, ef.Shape(B=1, Hq=2, M=M, N=N, E=16, F=16, Hkv=1), F32)
-    c = o.forward.streamed
+    c = o.forward.rewritten
     extents = bind_extents(c, given, params)
     values = bind_params(c, params, extents)
     out, states = o.forward.run(given, values, Schedule(16, 16, 4, 1), extents, saved=o.backward.saved)
@@ -243,7 +244,7 @@ def _kv_visits(name: str, M: int, N: int, BM: int, BN: int) -> list[int]:
 @pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
 @pytest.mark.parametrize("name", list(VISIT_PARAMS))
 def test_dkdv_programs_visit_the_transposed_plans_tiles(name, M, N, BM, BN):
-    kv = stream(op(name).backward.parts.kv, "m")
+    kv = loop_over(op(name).backward.parts.kv, "m")
     plan = query_plan(kv.cascade, kv.loop).plan
     assert plan is not None and plan.exact and plan.over == "m"
     want = [sum(hi - lo for lo, hi in row.nonempty) for row in tile_rows(plan, M, N, BM, BN, **VISIT_PARAMS[name])]

@@ -43,7 +43,7 @@ def test_deterministic_backward_gives_identical_bits():
 
 def test_atomic_dq_within_the_rule():
     from einflash.backends import detect
-    from einflash.compiler.backward import default_backward_schedule
+    from einflash.compiler.schedule import default_backward_schedule
 
     schedule = dataclasses.replace(default_backward_schedule({"e": 64, "f": 64}, detect()), atomic_dq=True)
     given, d_o, grads = _run("causal", torch.bfloat16, backward_schedule=schedule)

@@ -12,10 +12,12 @@ from conftest import EXAMPLES
 from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
-from einflash.compiler.backward import (fold_scalar_chains, normalised_exponentials, restrict, row_reciprocals,
-                                       scalars_after_sums)
-from einflash.compiler.gradient import finish, local_derivative, reference_partials, saved_states
-from einflash.compiler.passes import count_passes
+from einflash.compiler.autodiff.flash_form import (fold_scalar_chains, normalised_exponentials, row_reciprocals,
+    scalars_after_sums)
+from einflash.compiler.autodiff.parts import restrict
+from einflash.compiler.autodiff.gradient import finish, reference_partials, saved_states
+from einflash.compiler.autodiff.derivatives import local_derivative
+from einflash.compiler.analysis.key_passes import count_passes
 from einflash.errors import DifferentiationError
 from einflash.ir.expr import Call, Read, call, walk
 from einflash.ir.printer import format_expr
@@ -30,7 +32,7 @@ def _cascade_gradients(name: str, given: dict, params: dict, d_o: torch.Tensor) 
     """Each input's gradient from the gradient cascade on the reference executor (states from the reference)."""
     o = op(name)
     g = o.backward.gradient
-    c = o.forward.streamed
+    c = o.forward.rewritten
     values = bind_params(c, params, bind_extents(c, given, params))
     saved = saved_states(g, c, given, values)
     parts = reference_partials(g, given, values, d_o, o.reference(**given, **params), saved)
@@ -152,11 +154,11 @@ def test_softmax_saves_only_per_row_states():
 @pytest.mark.parametrize("needed", [None, ("q",), ("k",)], ids=["all", "q", "k"])
 def test_backward_rewrites_keep_the_gradient(name, needed):
     """FlashAttention's form, row reciprocals, folded scalar chains and scalars after sums
-    (einflash.compiler.backward), both sides run on the reference executor: the same partials. Scalars
+    (einflash.compiler.runtime.backward), both sides run on the reference executor: the same partials. Scalars
     move after a sum only where the summand has no other reader, as in the gradients of q or k alone."""
     given, params = inputs(name, SHAPE, torch.float64), TUNED.get(name, {})
     o = op(name)
-    g, c = o.backward.gradient, o.forward.streamed
+    g, c = o.backward.gradient, o.forward.rewritten
     if needed is not None:
         g = restrict(g, frozenset(needed))
     values = bind_params(c, params, bind_extents(c, given, params))

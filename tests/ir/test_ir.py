@@ -13,17 +13,10 @@ import pytest
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler.passes import count_passes
-from einflash.compiler.pipeline import optimise
-from einflash.errors import (
-    CascadeError,
-    CycleError,
-    DeclarationError,
-    RankMismatchError,
-    UnknownRankError,
-    UnknownTensorError,
-    UnsupportedOperatorError,
-)
+from einflash.compiler.analysis.key_passes import count_passes
+from einflash.compiler.rewrite.pipeline import optimise
+from einflash.errors import (CascadeError, CycleError, DeclarationError, RankMismatchError, UnknownRankError,
+    UnknownTensorError, UnsupportedOperatorError)
 from einflash.ir import Call, Cascade, Const, Einsum, Layout, Read, Reduction, Role, TensorDecl, validate
 from einflash.ir.cascade import plain_read
 from einflash.ir.expr import Coord, Merge, Param, Size, call
@@ -128,7 +121,7 @@ def test_library_and_examples_keys():
 
 def test_key_changes_with_the_rewrites():
     written = _op("softmax").cascade
-    assert _op("softmax").forward.streamed.key != written.key
+    assert _op("softmax").forward.rewritten.key != written.key
 
 
 # -- printer ------------------------------------------------------------------------------------
@@ -172,7 +165,7 @@ def test_printer_masks_and_params():
 
 
 def test_printer_loop_block_and_states():
-    c = _op("softmax").forward.streamed
+    c = _op("softmax").forward.rewritten
     lines = str(c).splitlines()
     states = [t.name for t in c.states]
     assert lines[3] == "  states: " + "  ".join(f"{s}[{'m,f' if s == 'o_acc' else 'm'}]" for s in states)
@@ -217,7 +210,7 @@ def test_graph_of_softmax_has_the_dataflow_edges():
 
 
 def test_graph_of_a_loop_leaves_out_previous_values():
-    c = _op("softmax").forward.streamed
+    c = _op("softmax").forward.rewritten
     g = c.graph()
     assert nx.is_directed_acyclic_graph(g)
     for s in c.states:

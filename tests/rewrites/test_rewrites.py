@@ -12,10 +12,12 @@ import torch
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler.passes import count_passes
-from einflash.compiler.pipeline import PIPELINE, optimise
-from einflash.compiler.rewrites import defer_normalisation, reassociate, stream_online, streaming_obstacle
-from einflash.compiler.strength import LOG2E, exponent_base2, scalars_before_masks, scalars_out_of_max
+from einflash.compiler.analysis.key_passes import count_passes
+from einflash.compiler.rewrite.pipeline import PIPELINE, optimise
+from einflash.compiler.rewrite.defer import defer_normalisation
+from einflash.compiler.rewrite.reassociate import reassociate
+from einflash.compiler.rewrite.online import stream_online, streaming_obstacle
+from einflash.compiler.rewrite.strength import LOG2E, exponent_base2, scalars_before_masks, scalars_out_of_max
 from einflash.ir import REDUCERS, Call, Const, Param, Read, Role, validate
 from einflash.ir.cascade import plain_read
 from einflash.ir.expr import Merge, to_sympy, walk
@@ -125,11 +127,11 @@ def signed_temperature(q, k, v, c: float = 2.0):
                          ids=["first-key", "previous-query", "negative-temperature", "positive-temperature"])
 def test_edge_declarations_keep_the_output(op, params, passes):
     _check_steps(op, _inputs(op), params)
-    assert count_passes(op.forward.streamed).passes <= passes
+    assert count_passes(op.forward.rewritten).passes <= passes
 
 
 def test_a_temperature_of_unknown_sign_stays_inside_the_max():
-    streamed = signed_temperature.forward.streamed
+    streamed = signed_temperature.forward.rewritten
     top = next(e for e in streamed.einsums if e.reduce is not None and e.reduce.op == "max")
     body = streamed.producer(top.expr.tensor).expr if isinstance(top.expr, Read) else top.expr
     assert Param("c") in walk(body)
@@ -139,7 +141,7 @@ def test_a_temperature_of_unknown_sign_stays_inside_the_max():
 
 
 def _loop_examples():
-    return [n for n in NAMES if any(e.loop for e in _op(n).forward.streamed.einsums)]
+    return [n for n in NAMES if any(e.loop for e in _op(n).forward.rewritten.einsums)]
 
 
 def test_most_examples_stream():
@@ -148,7 +150,7 @@ def test_most_examples_stream():
 
 @pytest.mark.parametrize("name", _loop_examples())
 def test_running_states_update_with_merge_any(name):
-    c = _op(name).forward.streamed
+    c = _op(name).forward.rewritten
     assert c.states
     for s in c.states:
         updates = [e for e in c.einsums if e.out == s.name]
@@ -191,7 +193,7 @@ def _exp_of_prev_minus_new(expr: Call, state: str) -> sympy.Expr:
 
 
 def test_softmax_correction_is_the_exponential_of_the_max_difference():
-    c = _op("softmax").forward.streamed
+    c = _op("softmax").forward.rewritten
     corrections = _corrections(c)
     assert len(corrections) == 1
     (state, expr), = corrections.items()
@@ -201,7 +203,7 @@ def test_softmax_correction_is_the_exponential_of_the_max_difference():
 
 
 def test_differential_has_two_running_maxima_and_two_corrections():
-    c = _op("differential").forward.streamed
+    c = _op("differential").forward.rewritten
     maxima = [s.name for s in c.states if c.producer(s.name).expr.op == "maximum"]
     assert len(maxima) == 2
     corrections = _corrections(c)
@@ -247,7 +249,7 @@ def test_exponent_base2_and_scalars_out_of_max():
 
 
 def test_stream_online_is_idempotent():
-    streamed = _op("softmax").forward.streamed
+    streamed = _op("softmax").forward.rewritten
     assert stream_online(streamed) is streamed
 
 

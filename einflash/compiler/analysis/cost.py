@@ -1,0 +1,148 @@
+"""Buffer needs, FLOPs and bytes of a cascade, as sympy formulas.
+
+Tile sizes are symbols: ``BM`` rows of m and ``BN`` keys of n per step,
+``STAGES`` pipelined copies of each streamed input tile, ``b`` bytes per input
+element; accumulators and states are fp32. All other ranks are held whole.
+
+>>> import einflash as ef
+>>> from einflash.compiler.rewrite.pipeline import optimise
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> needs = buffer_needs(optimise(plain.cascade)[0])
+>>> needs.smem
+b*(BM*E + BN*E*STAGES + BN*F*STAGES)
+>>> needs.grows_with_n
+False
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ...ir.cascade import Cascade, Einsum, Layout, Role
+from ...ir.expr import Call, free_ranks, walk
+from ...ir.operators import OPERATORS
+from ...ir.ranks import PARALLEL, STREAM, extent_symbol
+from ...ir.algebra import factors
+from .key_passes import count_passes
+
+BM, BN, STAGES, ELEM = (sympy.Symbol(s, integer=True, positive=True) for s in ("BM", "BN", "STAGES", "b"))
+FP32 = 4
+
+
+def _tile(c: Cascade, rank: str) -> sympy.Expr:
+    if rank in PARALLEL:
+        return sympy.Integer(1)
+    return {"m": BM, "n": BN}.get(rank, c.rank(rank).extent)
+
+
+def _tile_elems(c: Cascade, ranks) -> sympy.Expr:
+    return sympy.Mul(*(_tile(c, r) for r in ranks))
+
+
+def broadcast_reduction(e: Einsum) -> bool:
+    """Whether ``e`` reduces a product that no matrix multiply computes: a factor varies along the reduced
+    rank and both output ranks (GLA's decay ``exp(g[m,e] − g[n,e])`` inside ``Σ_e q·k·decay``).
+
+    >>> import einflash as ef
+    >>> from einflash.compiler.rewrite.pipeline import optimise
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> any(broadcast_reduction(e) for e in optimise(plain.cascade)[0].einsums)
+    False
+    """
+    if e.reduce is None:
+        return False
+    out = {r for r in e.ranks if r not in PARALLEL}
+    if len(out) < 2:
+        return False
+    return any(set(e.reduce.ranks) & free_ranks(f) and out <= free_ranks(f) for f, _ in factors(e.expr))
+
+
+@dataclass(frozen=True)
+class BufferNeeds:
+    """On-chip bytes of one program (one BM-row tile of queries) and whether they grow with N.
+
+    ``smem``: input tiles (streamed ones multiplied by STAGES); ``registers``:
+    fp32 tiles of intermediates and running states; ``fiber``: what a multi-pass
+    cascade must keep between passes to avoid re-reading (a whole row of n).
+    """
+
+    smem: sympy.Expr
+    registers: sympy.Expr
+    fiber: sympy.Expr
+    total: sympy.Expr
+    grows_with_n: bool
+
+
+def buffer_needs(c: Cascade) -> BufferNeeds:
+    """On-chip buffers of ``c`` per program, as formulas (see BufferNeeds)."""
+    pa = count_passes(c)
+    read_inputs = {r.tensor for e in c.einsums for r in e.reads() if c.tensor(r.tensor).role is Role.INPUT}
+    smem = sympy.Integer(0)
+    for t in c.inputs:
+        if t.name not in read_inputs:
+            continue
+        elems = _tile_elems(c, t.ranks)
+        smem += ELEM * elems * (STAGES if STREAM in t.ranks else 1)
+    shapes = set()
+    for e in c.einsums:
+        if pa.pass_of(e.out) > 0 or c.tensor(e.out).role is Role.STATE:
+            shapes.add(tuple(r for r in e.ranks if r not in PARALLEL))
+            if broadcast_reduction(e):  # the whole iteration tile is held before it is reduced
+                shapes.add(tuple(r for r in e.iteration_ranks if r not in PARALLEL))
+    registers = sum((FP32 * _tile_elems(c, s) for s in shapes), sympy.Integer(0))
+    fiber = sympy.Integer(0)
+    for name, _, _ in pa.crossing:
+        ranks = [r for r in c.tensor(name).ranks if r not in PARALLEL]
+        fiber += FP32 * sympy.Mul(*(c.rank(r).extent if r == STREAM else _tile(c, r) for r in ranks))
+    total = sympy.expand(smem + registers + fiber)
+    n_extent = c.rank(STREAM).extent if c.has_rank(STREAM) else extent_symbol("N")
+    return BufferNeeds(sympy.factor_terms(smem), sympy.factor_terms(registers), fiber, total,
+                       sympy.diff(total, n_extent) != 0)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Arithmetic and compulsory memory traffic of one call (all batches and heads)."""
+
+    flops: sympy.Expr
+    transcendentals: sympy.Expr
+    bytes: sympy.Expr
+
+
+def _points(c: Cascade, e: Einsum) -> sympy.Expr:
+    return sympy.Mul(*(c.rank(r).extent for r in e.iteration_ranks))
+
+
+def _ops(e: Einsum) -> tuple[int, int]:
+    nodes = list(walk(e.expr)) + (list(walk(e.where)) if e.where is not None else [])
+    calls = [x for x in nodes if isinstance(x, Call)]
+    trans = sum(1 for x in calls if OPERATORS[x.op].transcendental)
+    return len(calls) + (1 if e.reduce is not None else 0), trans
+
+
+def cost(c: Cascade) -> Cost:
+    """FLOPs (a multiply-add counts 2), transcendental evaluations, and bytes read and written once.
+
+    Key-layout inputs are read once per kv head (GQA shares them across the group);
+    each extra pass over n reads the streamed inputs again.
+    """
+    flops = transc = sympy.Integer(0)
+    for e in c.einsums:
+        n_ops, n_trans = _ops(e)
+        flops += _points(c, e) * n_ops
+        transc += _points(c, e) * n_trans
+    passes = max(1, count_passes(c).passes)
+    hkv = extent_symbol("Hkv")
+    nbytes = sympy.Integer(0)
+    for t in c.inputs:
+        elems = sympy.Mul(*(hkv if (t.layout is Layout.KEY and r == "h") else c.rank(r).extent for r in t.ranks))
+        nbytes += ELEM * elems * (passes if STREAM in t.ranks else 1)
+    for o in c.outputs:
+        nbytes += ELEM * sympy.Mul(*(c.rank(r).extent for r in c.tensor(o).ranks))
+    return Cost(sympy.expand(flops), sympy.expand(transc), sympy.expand(nbytes))

@@ -1,0 +1,535 @@
+"""Gradients of a cascade by reverse-mode differentiation, as another cascade.
+
+The gradient cascade is derived from the forward cascade as it stands just before it is
+streamed (deferred and strength-reduced; each reduction over n is one Einsum whose final
+value the one-pass forward keeps as a running state). That form already divides by the
+row normaliser after the contraction with v (``o = o_acc / den``), so the adjoint of the
+normaliser is a row term (``d_den = −Σ_f d_o·o/den``, FlashAttention's rowsum(dO∘O)):
+deferral carries over to the adjoint, and the gradient streams once over n (for dQ) and
+once over m (for dK and dV).
+
+- The forward's reductions over n are not recomputed: the gradient cascade reads their
+  final values (saved by the forward with a per-row presence flag) as inputs.
+- A max (or min) over n whose shift leaves the output unchanged gets no gradient. That is
+  proved, not assumed: every sum over n that reads it must be rescaled by a correction
+  factor (``algebra.correction``) when it shifts, and the output must be invariant under
+  those rescalings (checked by sympy).
+- Derivatives of map operators come from the operators' sympy forms, expressed through
+  the operator's own value where they can be (σ' = σ − σ², tanh' = 1 − tanh², exp' = exp),
+  so kernels reuse the forward value and stay finite where the textbook form overflows.
+- Each gradient of an input is a sum of *partials*: one per way it is read (``g[m,e]`` and
+  ``g[n,e]`` are two) and per backward kernel that computes it; :func:`finish` reduces them
+  to the input's own shape (per head, per token, per pair, scalar).
+
+>>> import einflash as ef
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> g = gradient_of(plain.forward)
+>>> [s.name for s in g.saved], sorted(p.input for p in g.partials)
+(['max_n2_raw', 'sum_n'], ['k', 'q', 'v'])
+>>> print(g.invariant[0])  # doctest: +NORMALIZE_WHITESPACE
+max_n2_raw (line 3): max over n; the output does not change when it shifts: sum_n and o_acc are rescaled by
+exp2(max_n2@prev[m] − max_n2[m]) and the output is invariant under that rescaling
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import sympy
+import torch
+
+from ...errors import DifferentiationError
+from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
+from ...ir.expr import Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy, transform
+from ...ir.ranks import PARALLEL, STREAM, coord, rank_order
+from ...ir.reference import Value, evaluate
+from ...ir.user_ops import DEFINITIONS
+from ...ir.validate import validate
+from ...ir.algebra import correction, ratio
+from ..rewrite.online import inline_body
+from ..rewrite.names import fresh_name
+from .derivatives import ONE, ZERO, simplified_mul, partial_derivatives
+KERNELS = ("rows", "q", "kv")  # row-level terms; per query tile streaming keys; per key tile streaming queries
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A forward state the gradient reads: ``value`` and ``present`` are inputs of the gradient cascade
+    holding its final value (``init`` where a row saw no key) and 1 where the row saw a key."""
+
+    name: str
+    ranks: tuple[str, ...]
+    init: float
+    value: str
+    present: str
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The ranks of its presence flag: batch, head and query row."""
+        return tuple(r for r in self.ranks if r in PARALLEL or r == "m")
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A part of the gradient of ``input``: tensor ``name`` of the gradient cascade, over ``ranks``.
+
+    ``relabel`` pairs a rank of the partial with the rank of the input it stands for where they
+    differ (``g`` read as ``g[n,e]`` gives a partial over n for the input's m). ``kernel`` is the
+    backward kernel that computes it (see KERNELS).
+    """
+
+    name: str
+    input: str
+    ranks: tuple[str, ...]
+    relabel: tuple[tuple[str, str], ...]
+    kernel: str
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """Why a reduction over n gets no gradient: each sum over n reading it is rescaled by a factor."""
+
+    reduction: str
+    op: str
+    line: int | None
+    factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
+
+    def __str__(self) -> str:
+
+        at = f" (line {self.line})" if self.line else ""
+        sums = " and ".join(s for s, _ in self.factors) or "no sum"
+        factors = sorted({f for _, f in self.factors})
+        return (f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
+                f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
+                f"output is invariant under that rescaling")
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The gradient cascade of a forward cascade and how to read its results.
+
+    Inputs of ``cascade``: the forward's inputs, ``grad_output`` (the incoming gradient, laid out
+    like the output), ``output`` (the forward's output, when the gradient reads it) and the
+    ``saved`` states; its outputs are the ``partials``.
+    """
+
+    cascade: Cascade
+    forward: Cascade
+    grad_output: str
+    output: str | None
+    saved: tuple[SavedState, ...]
+    partials: tuple[Partial, ...]
+    invariant: tuple[Invariance, ...]
+
+    def inputs_with_gradient(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.input for p in self.partials))
+
+
+def gradient_of(forward) -> Gradient:
+    """The gradient of a :class:`~einflash.compiler.runtime.forward.Forward`'s cascade (cached on it by the caller)."""
+    before = next(s.cascade for s in reversed(forward.steps) if s.name != "stream online")
+    return differentiate(before, frozenset(t.name for t in forward.rewritten.states))
+
+
+# -- the reductions that get no gradient ------------------------------------------------------
+
+
+def _row_ratio(d: Expr, e: Einsum) -> Expr | None:
+    """``d / body`` for ``e = Σ_n body`` (no mask), when that ratio is constant along n: then Σ_n g·d is
+    g·ratio·e. (``o = Σ_n exp(s − lse)·v``: ∂/∂lse of the summand is −1 times it, and the adjoint of lse is
+    −Σ_f d_o·o, a row term, as deferral makes it for a softmax.)"""
+    if e.reduce is None or e.reduce.op != "sum" or e.reduce.ranks != (STREAM,) or e.where is not None:
+        return None
+    return ratio(d, e.expr, {STREAM})
+
+
+def _derivative(e: Einsum) -> Expr | None:
+    """∂(e's reduction)/∂(one reduced element), as an expression of e's body and its result: 1 for a sum, a
+    user reducer's declared derivative; None for the rest (max, min, kth largest: see _invariant_reductions)."""
+    if e.reduce.op == "sum":
+        return Const(1.0)
+    d = DEFINITIONS.get(e.reduce.op)
+    if d is None or d.derivative is None:
+        return None
+    result = plain_read(TensorDecl(e.out, e.ranks))
+    return transform(d.derivative, lambda x: (e.expr if x.name == "a" else result) if isinstance(x, Param) else None)
+
+
+
+def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
+    """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
+    computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
+    shifted = [e for e in late if _derivative(e) is None]
+    if not shifted:
+        return frozenset(), ()
+    derived = {e.out for e in shifted}
+    for e in c.einsums:  # row values computed from them (top2 = top2_raw·scale·log2 e)
+        if STREAM not in e.iteration_ranks and e.out not in derived and any(r.tensor in derived for r in e.reads()):
+            derived.add(e.out)
+    late_names = {e.out for e in late}
+    pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
+
+    def fail(why: str):
+        names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
+        own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
+        hint = f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: " \
+               f"ef.reducer(..., derivative=...)" if own else ""
+        raise DifferentiationError(f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
+                                   f"({why}); the gradient through a reduction over n other than a sum is "
+                                   f"implemented only where that invariance holds (the max of a softmax){hint}")
+
+    factors: dict[str, Expr] = {}
+    for e in late:
+        body = inline_body(c, e, derived | late_names, pair_maps)
+        used = {r.tensor for r in reads(body) if r.tensor in derived}
+        hidden = [r.tensor for r in reads(body) if r.tensor not in derived and c.tensor(r.tensor).role is not
+                  Role.INPUT and c.depends_on(r.tensor, derived)]
+        if hidden:
+            fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
+        if e.reduce.op != "sum" and _derivative(e) is None:
+            if used - {e.out}:
+                fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
+            continue
+        r = correction(body, used, {STREAM}) if used else ONE
+        if r is None:
+            fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
+        factors[e.out] = r
+    out = c.producer(c.outputs[0])
+    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
+    expr = inline_body(c, out, late_names | derived, row_maps - derived) if out.out not in late_names \
+        else Read(out.out, tuple(coord(r) for r in out.ranks))
+    for r in reads(expr):
+        if r.tensor not in late_names | derived and c.tensor(r.tensor).role is not Role.INPUT \
+                and c.depends_on(r.tensor, late_names):
+            fail(f"the output reads {r.tensor}, a reduction of values that depend on them")
+    symbols: dict = {}
+
+    def leaf(phase: str):
+        def fn(x):
+            key = x
+            if isinstance(x, Read) and x.tensor in derived:
+                key = (x.tensor, x.index, "old" if (phase == "old" or x.prev) else "new")
+            elif isinstance(x, Read):
+                key = Read(x.tensor, x.index)
+            if key not in symbols:
+                symbols[key] = sympy.Symbol(f"z{len(symbols)}", real=True)
+            sym = symbols[key]
+            if phase == "new" and isinstance(x, Read) and x.tensor in factors and not x.prev:
+                return sym * to_sympy(factors[x.tensor], leaf("factor"))
+            return sym
+        return fn
+
+    old = to_sympy(expr, leaf("old"))
+    new = to_sympy(expr, leaf("new"))
+    if sympy.simplify(new - old) != 0:
+        fail("the output changes when the sums over n are rescaled")
+    from ...ir.printer import format_expr
+
+    proofs = []
+    for e in shifted:
+        mine = {x.out for x in c.einsums if x.out in derived and (x.out == e.out or c.depends_on(x.out, {e.out}))}
+        readers = [(s, format_expr(r)) for s, r in factors.items() if r != ONE and any(
+            t.tensor in mine for t in reads(inline_body(c, c.producer(s), derived | late_names, pair_maps)))]
+        proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
+    return frozenset(derived), tuple(proofs)
+
+
+# -- reverse mode ----------------------------------------------------------------------------------
+
+
+class _Builder:
+    """Accumulates the Einsums and tensor declarations of the gradient cascade."""
+
+    def __init__(self, c: Cascade):
+        self.c = c
+        self.taken = {t.name for t in c.tensors} | {p.name for p in c.params}
+        self.tensors: list[TensorDecl] = []
+        self.einsums: list[Einsum] = []
+
+    def fresh(self, base: str) -> str:
+        name = fresh_name(self.c, base, self.taken)
+        self.taken.add(name)
+        return name
+
+    def einsum(self, base: str, ranks: tuple[str, ...], expr: Expr, reduced: tuple[str, ...] = (),
+               where: Expr | None = None, line: int | None = None) -> Read:
+        name = self.fresh(base)
+        ranks = rank_order(ranks)
+        self.tensors.append(TensorDecl(name, ranks))
+        self.einsums.append(Einsum(name, ranks, expr, Reduction("sum", rank_order(reduced)) if reduced else None,
+                                   where, line=line))
+        return Read(name, tuple(coord(r) for r in ranks))
+
+    def total(self, base: str, ranks: tuple[str, ...], terms: list[Expr], line: int | None = None) -> Read:
+        """The sum of ``terms`` as tensor ``base``; a single term made here is renamed rather than copied."""
+        ranks = rank_order(ranks)
+        made = {e.out: i for i, e in enumerate(self.einsums)}
+        if len(terms) == 1 and isinstance(terms[0], Read) and terms[0].tensor in made \
+                and self.einsums[made[terms[0].tensor]].ranks == ranks:
+            i, name = made[terms[0].tensor], self.fresh(base)
+            self.einsums[i] = replace(self.einsums[i], out=name)
+            self.tensors = [replace(t, name=name) if t.name == terms[0].tensor else t for t in self.tensors]
+            return Read(name, tuple(coord(r) for r in ranks))
+        return self.einsum(base, ranks, _sum(terms), line=line)
+
+
+def _sum(terms: list[Expr]) -> Expr:
+    """Contributions to one adjoint: one that is absent somewhere (masked there) adds nothing there."""
+    out = terms[0]
+    for t in terms[1:]:
+        out = call("add", out, t, merge=Merge.ANY)
+    return out
+
+
+def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
+    decl = c.tensor(leaf.tensor)
+    pairs = []
+    for i, own in zip(leaf.index, decl.ranks):
+        names = [s.name for s in sympy.sympify(i).free_symbols]
+        if len(names) != 1 or i != coord(names[0]):
+            raise DifferentiationError(f"{c.name}: {leaf.tensor} is read at index {i} for its rank {own}; the "
+                                       f"gradient of a shifted or computed read is not implemented")
+        pairs.append((names[0], own))
+    if len({a for a, _ in pairs}) != len(pairs):
+        raise DifferentiationError(f"{c.name}: {leaf.tensor} is read with a repeated index "
+                                   f"{tuple(map(str, leaf.index))}; its gradient is not implemented")
+    return tuple((a, b) for a, b in pairs if a != b)
+
+
+def _kernel(iterates_n: bool, ranks) -> str:
+    if not iterates_n:
+        return "rows"
+    return "q" if {"m", "n"} & set(ranks) == {"m"} else "kv"
+
+
+def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
+    """The gradient cascade of ``c``, a one-pass cascade before streaming; ``states`` names the reductions
+    over n the streamed forward keeps (and can save). Raises DifferentiationError when a step has no
+    gradient einflash can derive."""
+    if any(e.loop for e in c.einsums):
+        raise DifferentiationError(f"{c.name}: differentiate the cascade before it is streamed")
+    late = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
+    for e in late:
+        if e.out not in states or set(e.reduce.ranks) != {STREAM}:
+            raise DifferentiationError(f"{c.name}: {e.out} is a reduction over n that the one-pass forward does "
+                                       f"not keep as a running state; its gradient would need another pass")
+    late_names = {e.out for e in late}
+    zero, proofs = _invariant_reductions(c, late)
+    out_name = c.outputs[0]
+    b = _Builder(c)
+    out_decl = c.tensor(out_name)
+    d_out = b.fresh(f"d_{out_name}")
+    adjoints: dict[str, list[Expr]] = {out_name: [plain_read(TensorDecl(d_out, out_decl.ranks))]}
+    grads: dict[tuple, list[Expr]] = {}
+    for e in reversed(c.einsums):
+        terms = adjoints.pop(e.out, None)
+        if e.out in zero or not terms:
+            continue
+        derivative = None if e.reduce is None else _derivative(e)
+        if e.reduce is not None and derivative is None:
+            raise DifferentiationError(f"{c.where(e)}: the gradient through a {e.reduce.op} over "
+                                       f"{', '.join(e.reduce.ranks)} is not implemented (a reducer of your own "
+                                       f"is differentiable with its derivative declared: ef.reducer(..., "
+                                       f"derivative=...))")
+        g = _materialise(b, c.tensor(e.out), terms, e.line)
+        if derivative is not None and derivative != Const(1.0):
+            g = simplified_mul(g, derivative)  # the adjoint of each reduced element: of the result times ∂result/∂element
+        its = e.iteration_ranks
+        value = plain_read(c.tensor(e.out)) if e.reduce is None else None
+        for leaf, d in partial_derivatives(e.expr, value).items():
+            if leaf.prev:
+                raise DifferentiationError(f"{c.where(e)}: reads a running state's previous value")
+            decl = c.tensor(leaf.tensor)
+            if decl.role is not Role.INPUT and leaf.tensor in zero:
+                continue
+            term = simplified_mul(g, d)
+            if decl.role is Role.INPUT:
+                relabel = _relabel(c, leaf)
+                keep = index_ranks(leaf.index) | (set(PARALLEL) & its)
+            else:
+                if tuple(leaf.index) != tuple(coord(r) for r in decl.ranks):
+                    raise DifferentiationError(f"{c.where(e)}: reads {leaf.tensor} at {leaf.index}, not at its own "
+                                               f"coordinates; the gradient of such a read is not implemented")
+                keep = set(decl.ranks)
+            reduced = tuple(its - keep)
+            ratio = _row_ratio(d, e) if STREAM in reduced and decl.role is not Role.INPUT else None
+            if ratio is not None:
+                # Σ_n of the adjoint needs no pass over n: the summand's derivative is the summand times a factor
+                # constant along n, so the sum is that factor times e's own value (the saved state or output)
+                term = simplified_mul(g, simplified_mul(ratio, plain_read(c.tensor(e.out))))
+                reduced = tuple(r for r in reduced if r != STREAM)
+            covered = free_ranks(term) | (free_ranks(e.where) if e.where is not None else frozenset())
+            if set(reduced) - covered:
+                raise DifferentiationError(f"{c.where(e)}: the adjoint of {leaf.tensor} is constant along "
+                                           f"{', '.join(sorted(set(reduced) - covered))}; not implemented")
+            if reduced or e.where is not None:
+                term = b.einsum(f"d_{leaf.tensor}__{e.out}", tuple(keep), term, reduced, e.where, e.line)
+            if decl.role is Role.INPUT:
+                key = (leaf.tensor, relabel, _kernel(STREAM in its, keep), rank_order(keep))
+                grads.setdefault(key, []).append(term)
+            else:
+                adjoints.setdefault(leaf.tensor, []).append(term)
+    partials = []
+    for (name, relabel, kernel, ranks), terms in grads.items():
+        same = [k for k in grads if k[0] == name]
+        base = f"d_{name}" if len(same) == 1 else f"d_{name}__{kernel}" + "".join(f"_{a}" for a, _ in relabel)
+        read = b.total(base, ranks, terms)
+        partials.append(Partial(read.tensor, name, ranks, relabel, kernel))
+    return _assemble(c, b, late_names, d_out, tuple(partials), proofs)
+
+
+def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr:
+    """The adjoint of ``decl`` as one read when it has all of decl's ranks, else inline (a broadcast)."""
+    total = _sum(terms)
+    made = isinstance(total, Read) and any(e.out == total.tensor for e in b.einsums)
+    if (isinstance(total, Read) and not made) or free_ranks(total) != frozenset(decl.ranks):
+        return total
+    return b.total(f"d_{decl.name}", decl.ranks, terms, line)
+
+
+def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tuple[Partial, ...],
+              proofs) -> Gradient:
+    """Recomputation of the forward's values (reductions over n read from the saved states), then the adjoints;
+    whatever the partials do not need is dropped."""
+    out_name = c.outputs[0]
+    recompute: list[Einsum] = []
+    decls = {t.name: t for t in c.tensors}
+    saved: list[SavedState] = []
+    inputs = [t for t in c.inputs]
+    for e in c.einsums:
+        if e.out == out_name:
+            continue  # the output itself is given (also when it is a reduction over n: not saved twice)
+        if e.out in late:
+            t = decls[e.out]
+            value, present = b.fresh(f"{e.out}__saved"), b.fresh(f"{e.out}__present")
+            rows = tuple(r for r in t.ranks if r in PARALLEL or r == "m")
+            inputs += [TensorDecl(value, t.ranks, Role.INPUT), TensorDecl(present, rows, Role.INPUT)]
+            state = SavedState(e.out, t.ranks, _init(c, e), value, present)
+            recompute.append(Einsum(e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)),
+                                    where=presence_predicate(state), line=e.line))
+            saved.append(state)
+            continue
+        recompute.append(e)
+    out_decl = c.tensor(out_name)
+    inputs += [TensorDecl(d_out, out_decl.ranks, Role.INPUT, Layout.QUERY),
+               TensorDecl(out_name, out_decl.ranks, Role.INPUT, Layout.QUERY)]
+    intermediates = [TensorDecl(t.name, t.ranks) for t in c.tensors if t.role is not Role.INPUT
+                     and t.name != out_name]
+    einsums = recompute + b.einsums
+    tensors = inputs + intermediates + b.tensors
+    g = Cascade(f"{c.name}_grad", c.ranks, tuple(tensors), c.params, tuple(einsums), tuple(p.name for p in partials),
+                source=c.source)
+    g = prune(g)
+    used = {t.name for t in g.tensors}
+    saved = [s for s in saved if s.value in used]
+    validate(g, contract=False)
+    return Gradient(g, c, d_out, out_name if out_name in used else None, tuple(saved), partials, proofs)
+
+
+def presence_predicate(s: SavedState) -> Expr:
+    """Where the gradient cascade takes a saved state as present: its row saw a key."""
+    return call("ne", plain_read(TensorDecl(s.present, s.rows)), ZERO)
+
+
+def _init(c: Cascade, e: Einsum) -> float:
+    from ...ir.operators import REDUCERS
+
+    return REDUCERS[e.reduce.op].identity
+
+
+def prune(g: Cascade) -> Cascade:
+    """Drop Einsums nothing the outputs need reads, and unused tensors (inputs included)."""
+    needed = set(g.outputs)
+    keep: list[Einsum] = []
+    for e in reversed(g.einsums):
+        if e.out in needed:
+            keep.append(e)
+            needed |= {r.tensor for r in e.reads()}
+    keep.reverse()
+    names = needed | {e.out for e in keep}
+    return Cascade(g.name, g.ranks, tuple(t for t in g.tensors if t.name in names), g.params, tuple(keep),
+                   g.outputs, source=g.source)
+
+
+# -- running the gradient cascade on the reference executor ------------------------------------------
+
+
+def saved_states(g: Gradient, streamed: Cascade, inputs: dict[str, torch.Tensor], params: dict,
+                 dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The saved states' inputs (values and presence flags) from the reference run of the streamed forward."""
+    env = evaluate(streamed, inputs, params, dtype=dtype)
+    out = {}
+    for s in g.saved:
+        v: Value = env[s.name]
+        data = v.aligned(s.ranks)
+        present = v.aligned_present(s.ranks) if v.present is not None else torch.ones_like(data, dtype=torch.bool)
+        rows = tuple(r for r in s.ranks if r in PARALLEL or r == "m")
+        row_present = present if present.dim() == len(rows) else present.any(-1)
+        out[s.value] = torch.where(present, data, torch.full((), s.init, dtype=data.dtype)).contiguous()
+        out[s.present] = row_present.to(torch.int8).contiguous()
+    return out
+
+
+def reference_partials(g: Gradient, inputs: dict[str, torch.Tensor], params: dict, grad_output: torch.Tensor,
+                       output: torch.Tensor, saved: dict[str, torch.Tensor],
+                       dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The partials, by the reference executor: each ``[B, H, ...]`` over its ranks in order (absent as 0)."""
+    given = {t.name: inputs[t.name] for t in g.forward.inputs if g.cascade.has_tensor(t.name)}
+    given[g.grad_output] = grad_output
+    if g.output is not None:
+        given[g.output] = output
+    given |= {k: v for k, v in saved.items() if g.cascade.has_tensor(k)}
+    env = evaluate(g.cascade, given, params, dtype=dtype)
+    out = {}
+    for p in g.partials:
+        v = env[p.name]
+        data = v.aligned(p.ranks)
+        if v.present is not None:
+            data = torch.where(v.aligned_present(p.ranks), data, torch.zeros((), dtype=data.dtype))
+        out[p.name] = data
+    return out
+
+
+def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tuple[str, ...]],
+           inputs: dict[str, torch.Tensor], wanted: set[str] | None = None) -> dict[str, torch.Tensor | None]:
+    """Each input's gradient in its own shape and dtype, from the partials.
+
+    ``labels[name]`` names the dimensions of partial ``name``: its ranks, with ``p`` for a dimension
+    of per-program sums still to add, and ``hk`` for a head dimension already summed over each GQA
+    group (kv heads). Inputs that are not floating point (or not in ``wanted``) get None; floating-point
+    inputs without a partial (read only by predicates: thresholds, masks) get zeros.
+    """
+    parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in g.forward.inputs}
+    for p in g.partials:
+        x = inputs[p.input]
+        if not x.is_floating_point():
+            continue
+        decl = g.forward.tensor(p.input)
+        value, dims = partials[p.name], list(labels[p.name])
+        if "p" in dims:
+            value, dims = value.sum(dims.index("p")), [d for d in dims if d != "p"]
+        names = dict(p.relabel)
+        dims = [names.get(d, d) for d in dims]
+        if "h" in dims and decl.layout is Layout.KEY:  # query heads → their kv head
+            i, hkv = dims.index("h"), x.shape[decl.ranks.index("h")]
+            value = value.unflatten(i, (hkv, value.shape[i] // hkv)).sum(i + 1)
+        dims = ["h" if d == "hk" else d for d in dims]
+        extra = [i for i, d in enumerate(dims) if d not in decl.ranks]
+        if extra:
+            value = value.sum(extra)
+            dims = [d for d in dims if d in decl.ranks]
+        value = value.permute([dims.index(r) for r in decl.ranks]) if dims else value
+        parts[p.input].append(value)
+    out: dict[str, torch.Tensor | None] = {}
+    for t in g.forward.inputs:
+        x, mine = inputs[t.name], parts[t.name]
+        if not x.is_floating_point() or (wanted is not None and t.name not in wanted):
+            out[t.name] = None
+        elif not mine:
+            out[t.name] = torch.zeros_like(x)
+        else:
+            total = mine[0] if len(mine) == 1 else torch.stack(torch.broadcast_tensors(*mine)).sum(0)
+            out[t.name] = total.to(x.dtype)
+    return out

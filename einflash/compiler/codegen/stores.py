@@ -1,0 +1,109 @@
+"""The stores that end a kernel: the output, per-row outputs (the log-sum-exp), running states (with their
+presence) into workspaces, and the running states' initialisation and update that the loops share."""
+
+from __future__ import annotations
+
+from ...errors import LoweringError
+from ...ir.cascade import ROW_OUTPUT_ABSENT, Cascade
+from ...ir.ranks import PARALLEL
+from .signature import pointer_params
+from .tile import Tile, axis_extent, bcast, literal
+from .tilecode import TileCode
+
+
+def init_states(g: TileCode, c: Cascade, acc: str = "tl.float32") -> None:
+    """Every running state at its initial value, absent on every row (no key seen yet)."""
+    for t in c.states:
+        shape = ", ".join(bcast_axes(t.ranks))
+        g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, {acc})")
+        g.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
+        g.env[t.name] = Tile(f"v_{t.name}", tile_ranks(t.ranks), f"v_{t.name}_p", ("m",), t.init)
+
+
+def tile_ranks(ranks) -> tuple[str, ...]:
+    """The ranks of a tensor that are tile axes (batch and head are fixed per program)."""
+    return tuple(r for r in ranks if r not in PARALLEL)
+
+
+def bcast_axes(ranks) -> list[str]:
+    """The tile extents of a tensor's tile axes."""
+    return [axis_extent(r) for r in tile_ranks(ranks)]
+
+
+def carry(g: TileCode, name: str, t: Tile) -> None:
+    """Keep a running state loop-carried with a fixed type: value and a [BLOCK_M] presence."""
+    if t.present is None:
+        g.emit(f"v_{name}_p = tl.full([BLOCK_M], 1, tl.int1)")
+    elif t.pranks != ("m",):
+        raise LoweringError(f"the presence of state {name} varies along {t.pranks}; expected rows only")
+    g.env[name] = Tile(f"v_{name}", t.ranks, None if t.present is None else f"v_{name}_p",
+                       ("m",) if t.present else (), t.fill)
+
+
+def store_output(g: TileCode, t: Tile, value_rank: str) -> None:
+    want = ("m", value_rank)
+    t = g.filled(t, 0.0)
+    code = bcast(g.f32(t), t.ranks, want)
+    if t.ranks != want:  # a value constant along some axis: broadcast it to the full tile
+        code = f"tl.broadcast_to({code}, (BLOCK_M, D_{value_rank}))"
+    ptr = (f"out_ptr + mem_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + mem_m[:, None] * stride_out_2"
+           f" + offs_{value_rank}[None, :] * stride_out_3")
+    mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
+    g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
+
+
+def row_output_params(names) -> list[str]:
+    """The kernel parameters of per-row outputs ``out_<name>[b, h, m]``."""
+    return [a for o in names for a in pointer_params(f"out_{o}", 3)]
+
+
+def store_row_output(g: TileCode, name: str) -> None:
+    """A per-row output into ``out_<name>[b, h, m]``, laid out like the output; absent rows store −inf.
+
+    Selected by presence, not by the tile's fill: a row that saw no key may hold NaN states (a data-dependent
+    mask leaves exp(−inf − (−inf)) in its correction factor), as ``store_state`` knows too.
+    """
+    t = g.env[name]
+    code = bcast(g.f32(t), t.ranks, ("m",))
+    if t.present is not None:
+        code = f"tl.where({bcast(t.present, t.pranks, ('m',))}, {code}, {literal(ROW_OUTPUT_ABSENT)})"
+    if t.ranks != ("m",):  # constant along the rows (a cascade whose scores ignore q): one value per program
+        code = f"tl.broadcast_to({code}, (BLOCK_M,))"
+    g.emit(f"tl.store(out_{name}_ptr + mem_b * stride_out_{name}_0 + off_hrow * stride_out_{name}_1 + mem_m * "
+           f"stride_out_{name}_2, {code}.to(out_{name}_ptr.dtype.element_ty), mask=row_ok)")
+
+
+def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = False) -> None:
+    """A state into ``ws[b, h, (split,) m (, d)]``; with ``split`` also its presence into ``wsp[b, h, split, m]``,
+    with ``presence`` (a saved state, no split) into ``wsp[b, h, m]``.
+
+    Without a split, absent rows keep the state's initial value (-inf for a max, 0 for a sum), and ``ws`` is
+    laid out like the output (packed rows of a jagged batch); a split's workspace is per sequence and row.
+    """
+    t = g.env[name]
+    b, m = ("off_b", "offs_m") if split else ("mem_b", "mem_m")
+    ptr = f"ws_{name}_ptr + {b} * stride_ws_{name}_0 + off_hrow{{}} * stride_ws_{name}_1"
+    d = 2
+    if split:
+        ptr += f" + tl.program_id(2) * stride_ws_{name}_2"
+        d = 3
+    tile = tile_ranks(ranks)
+    if tile == ("m",):
+        ptr = ptr.format("") + f" + {m} * stride_ws_{name}_{d}"
+        mask = "row_ok"
+    else:
+        vr = tile[1]
+        ptr = ptr.format("[:, None]") + (f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
+                                          f"stride_ws_{name}_{d + 1}")
+        mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
+    init = g.c.tensor(name).init
+    value = f"tl.where({bcast(t.present, t.pranks, tile)}, {t.code}, {literal(init)})" if t.present else t.code
+    g.emit(f"tl.store({ptr}, {value}, mask={mask})")
+    if split:
+        flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
+        g.emit(f"tl.store(wsp_{name}_ptr + off_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+               f"tl.program_id(2) * stride_wsp_{name}_2 + offs_m * stride_wsp_{name}_3, {flag}, mask=row_ok)")
+    elif presence:
+        flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
+        g.emit(f"tl.store(wsp_{name}_ptr + mem_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+               f"mem_m * stride_wsp_{name}_2, {flag}, mask=row_ok)")

@@ -1,0 +1,605 @@
+"""Triton code for the Einsums of a streamed cascade, one tile at a time.
+
+Every value is a register tile whose axes are its ranks (batch and head are fixed
+per program): ``m`` spans BLOCK_M query rows, ``n`` BLOCK_N keys, any other rank
+its padded extent ``D_<rank>``. A value may be absent at some positions (masked);
+it then carries a boolean ``present`` tile, and ``fill`` says what the absent
+positions hold when that is known. Consumers that need a particular fill (a
+reduction its identity, a ``tl.dot`` operand zero, a store zero) get a
+``tl.where`` only when the value's fill is not already right; values that are
+present everywhere (full tiles) never pay for masking.
+
+Presences are related: a row's running maximum is present wherever one of its
+scores is. ``TileCode`` records such implications (reductions by any, unions,
+conjunctions, copies) and leaves implied conjuncts out of a presence, so that a
+masked score tile minus its row maximum is absent exactly where the score is,
+holds −inf there, and its exponential holds 0 with no ``tl.where``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+
+from ...errors import LoweringError
+from ...ir.cascade import Cascade, Einsum, Layout, Role
+from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
+from ...ir.operators import OPERATORS, REDUCERS
+from ...ir.ranks import PARALLEL, coord
+from .tile import (Tile, FINITE_OPS, POSITIVE_PROBES, absent_value, few_values, is_finite, bcast, literal, presence,
+    tile_axes)
+from ..analysis.mask_tiles import conjuncts
+from .range_tests import range_pairs
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_INT_OPS = ("add", "sub", "mul", "floordiv", "neg", "maximum", "minimum", "where")  # exact on integers
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """What every code section of one kernel shares: the cascade, head dims, dtypes and tile layout, and the
+    counter that keeps its variable names unique across sections. ``section`` makes the sections.
+
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> k = KernelSettings(plain.forward.rewritten, {"e": 16, "e_extent": 16, "f": 16, "f_extent": 16})
+    >>> k.section().fresh("x"), k.section(masked=True).fresh("x")
+    ('x_1', 'x_2')
+    """
+
+    cascade: Cascade
+    dims: dict[str, int]
+    dot_dtype: str = "q_ptr.dtype.element_ty"  # what tl.dot operands are converted to
+    exact: bool = False  # exact dots: ieee precision, operands in the accumulator type (fp32 and fp64 kernels)
+    acc: str = "tl.float32"  # the type values are computed and accumulated in ("f32" tiles; tl.float64 for fp64)
+    int_inputs: frozenset = frozenset()  # inputs holding integers (document ids)
+    workspaces: frozenset = frozenset()  # split workspaces: [B, H, SPLITS, M(, D)] read at split s_idx
+    # the order of tile axes (None: canonical, m before n); kernels that keep keys and stream queries put n
+    # first, so that their dots take key-major tiles as they are (no transpose through shared memory)
+    order: tuple[str, ...] | None = None
+    packed_heads: bool = True  # rows of a program may belong to several query heads (off_hrow); else off_h
+    counter: list = field(default_factory=lambda: [0], compare=False)
+
+    def section(self, masked: bool = False, skip=frozenset(), env: dict | None = None, loads: dict | None = None,
+                **options) -> TileCode:
+        """A new code section: ``masked`` evaluates mask predicates and the sequence edge (partial tiles),
+        ``skip`` names conjuncts proven true on its tiles; ``env`` and ``loads`` are copied in. ``options``:
+        ``row_edge``, ``edge_loads``, ``prefix`` (see TileCode)."""
+        return TileCode(self, masked, frozenset(skip), dict(env or {}), loads=dict(loads or {}), **options)
+
+
+@dataclass
+class TileCode:
+    """Emits Triton statements for Einsums into ``lines``; one instance per code section."""
+
+    kernel: KernelSettings
+    masked: bool  # evaluate mask predicates and the sequence edge (partial key tiles)
+    skip_predicates: frozenset = frozenset()  # conjuncts proven true on these tiles
+    env: dict[str, Tile] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    loads: dict = field(default_factory=dict)
+    dots: dict = field(default_factory=dict)  # tensor -> (a, b, precision) of a plain tl.dot result
+    # rows past M are absent in masked code: kernels that reduce over m (the backward's dK/dV) need them absent,
+    # one-pass forwards only never store them
+    row_edge: bool = False
+    # loads of keys are masked at the end of the keys even in unmasked code (tiles loaded once, before
+    # code of both kinds runs), without making keys past N absent
+    edge_loads: bool = False
+    prefix: str = "v_"  # of the variables Einsums are bound to (two versions of one Einsum need two)
+    # presence implications of this section: code -> codes true wherever it is (broadcast along missing axes)
+    implications: dict = field(default_factory=dict)
+    presence_vars: dict = field(default_factory=dict)  # a presence expression -> the variable first bound to it
+    aliases: dict = field(default_factory=dict)  # a presence variable -> the presence it copies
+    reduced: dict = field(default_factory=dict)  # (presence, rank) -> its reduction over rank by any
+
+    @property
+    def c(self) -> Cascade:
+        return self.kernel.cascade
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.kernel.dims
+
+    def fresh(self, base: str) -> str:
+        self.kernel.counter[0] += 1
+        return f"{base}_{self.kernel.counter[0]}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    # -- presence ------------------------------------------------------------------------------
+
+    def imply(self, a: str | None, b: str | None) -> None:
+        """Record that presence ``a`` holds only where ``b`` does."""
+        if a is not None and b is not None and a != b:
+            self.implications.setdefault(a, set()).add(b)
+
+    def implies(self, a: str, b: str) -> bool:
+        seen, todo = {a}, [a]
+        while todo:
+            x = todo.pop()
+            if x == b:
+                return True
+            for y in self.implications.get(x, ()):
+                if y not in seen:
+                    seen.add(y)
+                    todo.append(y)
+        return False
+
+    def presence(self, tiles, how: str = "&") -> tuple[str | None, tuple[str, ...], set[int]]:
+        """Like the module's ``presence``, leaving out parts that others imply (``&``) or that imply
+        others (``|``); also returns the indices of the parts kept."""
+        tiles = list(tiles)
+
+        def covers(a: str, b: str) -> bool:  # part a makes part b redundant in the combination
+            return self.implies(a, b) if how == "&" else self.implies(b, a)
+
+        kept: list[int] = []
+        for i, t in enumerate(tiles):
+            if t.present is None:
+                continue
+            others = [j for j, u in enumerate(tiles) if j != i and u.present is not None]
+            # of two equivalent parts, the first stays
+            if not any(covers(tiles[j].present, t.present) and (j in kept or not covers(t.present, tiles[j].present))
+                       for j in others):
+                kept.append(i)
+        code, pranks = presence([tiles[i] for i in kept], how, self.kernel.order)
+        for i in kept:
+            if how == "&":
+                self.imply(code, tiles[i].present)
+            else:
+                self.imply(tiles[i].present, code)
+        return code, pranks, set(kept)
+
+    def canonical(self, present: str) -> str:
+        while present in self.aliases:
+            present = self.aliases[present]
+        return present
+
+    def any_of(self, present: str, pranks: tuple[str, ...], rank: str, known: str | None = None) -> str:
+        """Presence ``present`` reduced over ``rank`` by any (``present`` implies it), computed once.
+
+        ``known`` is an equivalent test that needs no reduction of its own (a finite maximum's
+        result above −inf). A boolean tile's own reduction is dear: its layout is not the dot's.
+        """
+        key = (self.canonical(present), rank)
+        if key not in self.reduced:
+            self.reduced[key] = known or f"(tl.max({key[0]}.to(tl.int32), {pranks.index(rank)}) > 0)"
+            self.imply(present, self.reduced[key])
+        return self.reduced[key]
+
+    # -- leaves -----------------------------------------------------------------------------
+
+    def load(self, r: Read) -> Tile:
+        decl = self.c.tensor(r.tensor)
+        key = (r.tensor, r.index)
+        if key in self.loads:
+            return self.loads[key]
+        offs, masks, axes = [], [], []
+        beyond = []  # (axis, in-range condition) where a coordinate indexes a dimension of another rank
+        if r.tensor in self.kernel.workspaces:  # memory dims b, h, split, then the ranks after h
+            offs.append(f"s_idx * stride_{r.tensor}_2")
+        for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
+            d += 1 if (r.tensor in self.kernel.workspaces and d >= 2) else 0
+            stride = f"stride_{r.tensor}_{d}"
+            names = [s.name for s in getattr(i, "free_symbols", ())]
+            if len(names) != 1 or i != coord(names[0]):
+                raise LoweringError(f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
+                                    f"at plain rank coordinates")
+            rank = names[0]
+            if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
+                offs.append(f"mem_b * {stride}")
+            elif rank == "h" and decl.layout is Layout.KEY:
+                offs.append(f"off_hk * {stride}")
+            elif rank == "h" and not self.kernel.packed_heads:
+                offs.append(f"off_h * {stride}")
+            elif rank == "h":  # query heads vary by row when GQA groups are packed into one program
+                axes.append("m")
+                offs.append(("h", stride))
+            else:
+                axes.append(rank)
+                offs.append((rank, stride))
+                if rank != own:  # doc[b, n] read at m: rows past doc's own extent read nothing
+                    extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
+                    beyond.append((rank, f"(offs_{rank} < {extent})"))
+        axes_t = tile_axes(axes, self.kernel.order)
+        terms = []
+        for o in offs:
+            if isinstance(o, tuple):
+                rank, stride = o
+                axis = "m" if rank == "h" else rank
+                # rows and keys in memory (mem_m, mem_n) are shifted to the sequence's first one in a jagged batch
+                var = "off_hrow" if rank == "h" else f"mem_{rank}" if rank in ("m", "n") else f"offs_{rank}"
+                terms.append(f"{bcast(var, (axis,), axes_t)} * {stride}")
+            else:
+                terms.append(o)
+        absent = []  # (axis, condition) of positions that hold no element: loaded as 0, and absent
+        for rank in axes_t:
+            cond = self.bound(rank)
+            if cond is None and rank == "n" and self.edge_loads:
+                masks.append(bcast("(offs_n < N)", (rank,), axes_t))
+            if cond is not None:
+                masks.append(bcast(cond, (rank,), axes_t))
+                if rank != "m" or (self.row_edge and self.masked):
+                    absent.append((rank, cond))
+        for rank, cond in beyond:
+            masks.append(bcast(cond, (rank,), axes_t))
+            absent.append((rank, cond))
+        ptr = " + ".join([f"{r.tensor}_ptr"] + terms)  # no terms: a 0-d tensor (a learnable scalar)
+        name = self.fresh(f"ld_{r.tensor}")
+        if masks:
+            self.emit(f"{name} = tl.load({ptr}, mask={' & '.join(masks)}, other=0)")
+        else:
+            self.emit(f"{name} = tl.load({ptr})")
+        # keys past the end, padded head-dimension positions and reads past a dimension's end are absent
+        pranks = tile_axes((x for x, _ in absent), self.kernel.order)
+        present = " & ".join(bcast(cond, (x,), pranks) for x, cond in absent) or None
+        if len(absent) > 1:  # one expression: it is indexed to broadcast against other tiles
+            present = f"({present})"
+        # q, k and v are taken to be finite (as every attention kernel does); an extra input (a bias) may
+        # hold −inf on purpose
+        t = Tile(name, axes_t, present, pranks, 0.0 if present else None,
+                 dtype="int" if r.tensor in self.kernel.int_inputs else "in",
+                 finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.kernel.int_inputs)
+        if r.tensor in self.kernel.workspaces:  # a split that saw no key of a row left that row absent
+            pres = self.fresh(f"ldp_{r.tensor}")
+            self.emit(f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
+                      f"stride_wsp_{r.tensor}_1 + s_idx * stride_wsp_{r.tensor}_2 + offs_m * stride_wsp_{r.tensor}_3,"
+                      f" mask=row_ok, other=0) != 0")
+            t = Tile(name, axes_t, pres, ("m",), None, "f32")
+        self.loads[key] = t
+        return t
+
+    def bound(self, rank: str) -> str | None:
+        """The in-range condition of a tile axis, or None where it always holds."""
+        if rank == "m":
+            # the dK/dV kernel's unmasked query tiles are whole ones (tile_ranges.query_plan): every row is below M
+            return None if self.row_edge and not self.masked else "row_ok"
+        if rank == "n":
+            return "(offs_n < N)" if self.masked else None
+        extent = self.extent(rank)
+        return None if extent == self.dims[rank] else f"(offs_{rank} < {extent})"
+
+    def extent(self, rank: str) -> int:
+        return self.dims[f"{rank}_extent"]
+
+    def leaf(self, x: Expr) -> Tile:
+        if isinstance(x, Const):
+            return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value))
+        if isinstance(x, Param):
+            decl = next(p for p in self.c.params if p.name == x.name)
+            # a positive parameter is checked to be positive and finite at call time
+            return Tile(f"p_{x.name}", (), values=POSITIVE_PROBES if decl.positive else None,
+                        finite=decl.positive or decl.integer)
+        if isinstance(x, Size):
+            size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
+            return Tile(f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})", (),
+                        finite=True)
+        if isinstance(x, Coord):
+            if x.rank == "h":
+                return Tile("off_hrow", ("m",), dtype="int", finite=True) if self.kernel.packed_heads else \
+                    Tile("off_h", (), dtype="int", finite=True)
+            if x.rank == "b":
+                return Tile("off_b", (), dtype="int", finite=True)
+            return Tile(f"offs_{x.rank}", (x.rank,), dtype="int", finite=True)
+        if isinstance(x, Read):
+            if x.prev:
+                t = self.env[x.tensor]
+                return replace(t, code=f"{t.code}_prev", present=None if t.present is None else f"{t.present}_prev")
+            if self.c.tensor(x.tensor).role is Role.INPUT:
+                return self.load(x)
+            if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
+                raise LoweringError(f"{x.tensor} is read at index {x.index}; the one-pass template reads "
+                                    f"intermediates only at their own coordinates")
+            return self.env[x.tensor]
+        raise TypeError(x)
+
+    # -- expressions ---------------------------------------------------------------------------
+
+    def f32(self, t: Tile) -> str:
+        return f"{t.code}.to({self.kernel.acc})" if t.dtype in ("in", "int") else t.code
+
+    def expr(self, x: Expr) -> Tile:
+        if not isinstance(x, Call):
+            return self.leaf(x)
+        args = [self.expr(a) for a in x.args]
+        op = OPERATORS[x.op]
+        ranks = tile_axes((r for a in args for r in a.ranks), self.kernel.order)
+        if x.merge is Merge.ANY:
+            return self.any_merge(x.op, args, ranks)
+        exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
+        # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
+        # result's value at absent positions follows from the larger operand's fill alone
+        args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
+                for a in args]
+        codes = []
+        for a in args:
+            code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
+            codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
+        present, pranks, kept = self.presence(args)
+        fill = absent_value(x.op, args, kept, self.implies) if present is not None else None
+        code = (op.triton_fp32 if self.kernel.exact and op.triton_fp32 else op.triton).format(*codes)
+        dtype = "bool" if op.boolean else "int" if exact else "f32"
+        if dtype == "f32" and self.kernel.acc != "tl.float32" and x.op in ("where", "sign"):
+            code = f"({code}).to({self.kernel.acc})"  # a selection between literals is fp32 in Triton
+        if op.boolean and present is not None:  # a predicate on absent data is false
+            code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
+        values = few_values(x.op, args) if present is None and dtype == "f32" else None
+        finite = all(a.finite for a in (args[1:] if x.op == "where" else args)) and (
+            x.op in FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values)
+        return Tile(code, ranks, present, pranks, fill, dtype, values, finite)
+
+    def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
+        a, b = args
+        ident = {"mul": 1.0, **{r.combine: r.identity for r in REDUCERS.values() if r.combine}}.get(op)
+        code = OPERATORS[op].triton.format(bcast(self.f32(a), a.ranks, ranks), bcast(self.f32(b), b.ranks, ranks))
+        finite = a.finite and b.finite and op in FINITE_OPS
+        if a.present is None and b.present is None:
+            return Tile(code, ranks, finite=finite)
+        if ident is not None and all(t.present is None or t.fill == ident for t in (a, b)):
+            value = code  # absent operands already hold the identity
+        else:
+            pa = bcast(a.present, a.pranks, ranks) if a.present else "True"
+            pb = bcast(b.present, b.pranks, ranks) if b.present else "True"
+            value = (f"tl.where({pa} & {pb}, {code}, tl.where({pa}, {bcast(self.f32(a), a.ranks, ranks)}, "
+                     f"{bcast(self.f32(b), b.ranks, ranks)}))")
+        if a.present is None or b.present is None:
+            return Tile(value, ranks, finite=finite)
+        present, pranks, _ = self.presence((a, b), "|")
+        return Tile(value, ranks, present, pranks, ident, finite=finite)
+
+    def filled(self, t: Tile, value: float) -> Tile:
+        """``t`` with its absent positions set to ``value`` (a no-op when they already are)."""
+        if t.present is None or t.fill == value:
+            return t
+        name = self.fresh("f")
+        self.emit(f"{name} = tl.where({bcast(t.present, t.pranks, t.ranks)}, {self.f32(t)}, {literal(value)})")
+        return replace(t, code=name, fill=value, dtype="f32")
+
+    def bind(self, name: str, t: Tile, evaluate: bool = True) -> Tile:
+        """Assign a tile to a variable (and its presence to another) so later uses are cheap.
+
+        With ``evaluate`` False the value stays an unevaluated expression (its presence is still bound):
+        for a product whose only consumer adds it into an accumulator inside ``tl.dot``.
+        """
+        var = f"{self.prefix}{name}"
+        if evaluate:
+            self.emit(f"{var} = {t.code}")
+        present = None
+        if t.present is not None:
+            present = f"{var}_p"
+            # one presence computed once: a later tile present at the same positions copies the variable
+            source = self.presence_vars.get(t.present, t.present)
+            self.emit(f"{present} = {source}")
+            self.presence_vars.setdefault(t.present, present)
+            if _IDENTIFIER.fullmatch(source):
+                self.aliases[present] = source
+            self.imply(present, t.present)
+            self.imply(t.present, present)
+        out = replace(t, code=var if evaluate else t.code, present=present)
+        self.env[name] = out
+        return out
+
+    def only_accumulated(self, name: str) -> bool:
+        """Whether the one consumer of ``name`` is an update ``S = X +∪ name`` (see :meth:`accumulate`)."""
+        users = self.c.consumers(name)
+        if len(users) != 1 or name in self.c.outputs:
+            return False
+        x = users[0].expr
+        return (users[0].reduce is None and isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY
+                and x.args[1] == Read(name, tuple(coord(r) for r in self.c.tensor(name).ranks))
+                and all(r.tensor != name for r in reads(x.args[0])))
+
+    # -- Einsums -------------------------------------------------------------------------------
+
+    def einsum(self, e: Einsum) -> Tile:
+        ranks = tuple(r for r in e.ranks if r not in PARALLEL)
+        if len(ranks) > 2:
+            raise LoweringError(f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template "
+                                f"handles at most 2")
+        if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
+            tile = self.contraction(e, ranks)
+            # a dot that its consumer adds into an accumulator runs there, inside tl.dot, and only there
+            return self.bind(e.out, tile, evaluate=not (e.out in self.dots and self.only_accumulated(e.out)))
+        fused = self.accumulate(e)
+        if fused is not None:
+            return self.bind(e.out, fused)
+        body = self.expr(e.expr)
+        if e.where is not None:
+            body = self.mask(e, body)
+        if e.reduce is None:
+            return self.bind(e.out, body)
+        return self.bind(e.out, self.reduction(e, body, ranks))
+
+    def accumulate(self, e: Einsum) -> Tile | None:
+        """``S = X +∪ dot`` as ``tl.dot(a, b, X)``: the tensor cores add into the rescaled accumulator."""
+        x = e.expr
+        if not (isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY and e.reduce is None):
+            return None
+        acc, chunk = x.args
+        if not (isinstance(chunk, Read) and chunk.tensor in self.dots):
+            return None
+        a, b, prec = self.dots[chunk.tensor]
+        made = self.env[chunk.tensor]
+        rest = self.expr(acc)
+        if rest.ranks != made.ranks or not (rest.present is None or rest.fill == 0.0) \
+                or not (made.present is None or made.fill == 0.0):
+            return None
+        present, pranks = (None, ()) if rest.present is None or made.present is None else \
+            self.presence((rest, made), "|")[:2]
+        return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks,
+                    0.0 if present else None)
+
+    def mask(self, e: Einsum, body: Tile) -> Tile:
+        pred = self.predicate(e.where)
+        if pred is None:
+            return body
+        ranks = tile_axes(body.ranks + pred.ranks, self.kernel.order)
+        present, pranks, kept = self.presence((body, Tile("", (), pred.code, pred.ranks)))
+        if kept == {0}:
+            # the body is absent wherever the mask fails already (a gradient re-masked by its forward's mask):
+            # it stays as it is, with the fill it has there
+            return body
+        value = f"tl.where({bcast(present, pranks, ranks)}, {bcast(self.f32(body), body.ranks, ranks)}, float('-inf'))"
+        return Tile(value, ranks, present, pranks, float("-inf"), finite=body.finite)
+
+    def predicate(self, where: Expr) -> Tile | None:
+        """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
+        parts = [p for p in conjuncts(where) if p not in self.skip_predicates]
+        if not parts:
+            return None
+        ranges, parts = range_pairs(parts, {p.name for p in self.c.params if p.integer})
+        tiles = [self.range_test(x, k) for x, k in ranges] + [self.expr(p) for p in parts]
+        ranks = tile_axes((r for t in tiles for r in t.ranks), self.kernel.order)
+        code = " & ".join(bcast(t.code, t.ranks, ranks) for t in tiles)
+        return Tile(f"({code})", ranks, dtype="bool")
+
+    def range_test(self, x: Expr, bound: dict) -> Tile:
+        """``0 ≤ x ≤ bound`` as one unsigned comparison, ``x < max(bound + 1, 0)`` (a negative x wraps above
+        any limit), ``x`` over coordinates, ``bound`` a linear form of integer parameters and extents."""
+        t = self.expr(x)
+        limit = dict(bound)
+        limit[1] = limit.get(1, 0) + 1
+        if set(limit) <= {1}:
+            code = str(max(limit[1], 0))
+        else:
+            terms = [str(k) if leaf == 1 else self.integer(leaf) if k == 1 else f"{k} * {self.integer(leaf)}"
+                     for leaf, k in limit.items() if k]
+            code = f"tl.maximum({' + '.join(terms)}, 0)"
+        return Tile(f"(({t.code}).to(tl.uint32) < ({code}).to(tl.uint32))", t.ranks, dtype="bool")
+
+    def integer(self, x: Param | Size) -> str:
+        """An integer parameter's or an extent's value as the kernel has it (an int, not converted)."""
+        if isinstance(x, Param):
+            return f"p_{x.name}"
+        return "M" if x.rank == "m" else "N" if x.rank == "n" else str(self.extent(x.rank))
+
+    def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
+        red = e.reduce
+        if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
+            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with a reducer that "
+                                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
+                                f"{red.ranks}")
+        rank = red.ranks[0]
+        ident = REDUCERS[red.op].identity
+        src = self.filled(body, ident)
+        if rank not in src.ranks:
+            raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
+        axis = src.ranks.index(rank)
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}.get(red.op)
+        # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
+        code = f"{fn}({self.f32(src)}, {axis})" if fn else f"tl.reduce({self.f32(src)}, {axis}, _user_{red.op})"
+        keep = tuple(r for r in src.ranks if r != rank)
+        present, pranks = None, ()
+        if body.present is not None:
+            if rank in body.pranks:
+                # a maximum (minimum) of finite values is above −inf (below inf) exactly where some is present.
+                # Only for a presence that varies along both axes: a key-only one reduces cheaply as it is, and
+                # testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp kernels
+                known = None
+                if body.finite and red.op in ("max", "min") and len(body.pranks) > 1:
+                    known = f"({self.prefix}{e.out} {'>' if red.op == 'max' else '<'} {literal(ident)})"
+                present = self.any_of(body.present, body.pranks, rank, known)
+                pranks = tuple(x for x in body.pranks if x != rank)
+            else:
+                present, pranks = body.present, body.pranks
+        finite = body.finite and red.op in ("sum", "max", "min")
+        return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
+
+    def is_contraction(self, e: Einsum) -> bool:
+        return len(e.reduce.ranks) == 1 and self.dot_groups(e) is not None
+
+    def dot_groups(self, e: Einsum):
+        """Split a sum-of-products body into (left, right, outer) factor lists for tl.dot."""
+        from ...ir.algebra import factors
+
+        r = e.reduce.ranks[0]
+        out = list(tile_axes([x for x in e.ranks if x not in PARALLEL], self.kernel.order))
+        if len(out) != 2:
+            return None
+        from ...ir.expr import free_ranks
+
+        x, y = out
+        left, right, outer = [], [], []
+        for f, k in factors(e.expr):
+            fr = set(free_ranks(f)) - set(PARALLEL)
+            if r not in fr:
+                outer.append((f, k))
+            elif fr <= {x, r} and x in fr:
+                left.append((f, k))
+            elif fr <= {y, r} and y in fr:
+                right.append((f, k))
+            elif fr == {r}:
+                left.append((f, k))
+            else:
+                return None
+        if not left or not right:
+            return None
+        return (x, left), (y, right), outer
+
+    def contraction(self, e: Einsum, ranks) -> Tile:
+        from ...ir.algebra import product
+
+        r = e.reduce.ranks[0]
+        (x, left), (y, right), outer = self.dot_groups(e)
+        outer = [(f, k) for f, k in outer if f != Const(1.0)]
+        a = self.filled(self.expr(product(_reciprocals(left))), 0.0)
+        b = self.filled(self.expr(product(_reciprocals(right))), 0.0)
+        a_code = self.operand(a, (x, r))
+        b_code = self.operand(b, (r, y))
+        prec = ', input_precision="ieee"' if self.kernel.exact else ""
+        if self.kernel.acc != "tl.float32":  # tl.dot accumulates in fp32 unless told otherwise
+            prec += f", out_dtype={self.kernel.acc}"
+        code = f"tl.dot({a_code}, {b_code}{prec})"
+        # the result is present where some term of the sum is: reduce the operands' presence over r
+        present, pranks, _ = self.presence([self.reduced_presence(t, r) for t in (a, b)])
+        out_ranks = tile_axes((x, y), self.kernel.order)
+        if out_ranks != (x, y):
+            code = f"tl.trans({code})"
+        elif not outer:
+            self.dots[e.out] = (a_code, b_code, prec)
+        tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None, finite=a.finite and b.finite)
+        if outer:
+            o = self.expr(product(outer))
+            if o.present is not None:  # absent where the factor is; 0 there (the dot is finite)
+                o = self.filled(o, 0.0)
+                present, pranks, _ = self.presence((tile, o))
+            tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, present, pranks,
+                        0.0 if present else None, "f32", finite=tile.finite and o.finite)
+        return tile
+
+    def reduced_presence(self, t: Tile, rank: str) -> Tile:
+        """``t``'s presence reduced over ``rank`` by any, along the sequence axes only.
+
+        Padding of a head dimension is left out: the operand holds 0 there, and
+        stores mask padded positions, so it never reaches memory.
+        """
+        if t.present is None:
+            return Tile("", ())
+        code, keep = t.present, t.pranks
+        for x in [rank] * (rank in keep) + [x for x in reversed(keep) if x not in ("m", "n", rank)]:
+            code = self.any_of(code, keep, x)
+            keep = tuple(y for y in keep if y != x)
+        keep = tuple(x for x in keep if x in ("m", "n"))
+        return Tile("", (), code if keep else None, keep)
+
+    def operand(self, t: Tile, want: tuple[str, str]) -> str:
+        """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
+        code = t.code if (t.dtype == "in" or self.kernel.exact) else f"{t.code}.to({self.kernel.dot_dtype})"
+        if self.kernel.exact and t.dtype == "in":
+            code = f"{t.code}.to({self.kernel.acc})"
+        if len(t.ranks) == 1:
+            raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")
+        return code if t.ranks == want else f"tl.trans({code})"
+
+
+def _reciprocals(fs: list[tuple[Expr, int]]) -> list[tuple[Expr, int]]:
+    """Divisors of an operand that have fewer ranks than it (a row's normaliser) as factors 1/d: one division
+    per row, then a multiplication per element, instead of a division per element."""
+    from ...ir.expr import call, free_ranks
+
+    ranks = frozenset().union(*(free_ranks(f) for f, _ in fs))
+    return [(call("div", Const(1.0), f), 1) if k < 0 and free_ranks(f) < ranks else (f, k) for f, k in fs]

@@ -1,0 +1,27 @@
+"""Names and order of the tensors a rewrite adds: fresh names that collide with nothing, and declarations
+in the order the Einsums assign them."""
+
+from __future__ import annotations
+
+
+from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
+
+
+def fresh_name(c: Cascade, base: str, taken: set[str] = frozenset()) -> str:
+    """``base``, or ``base2``, ``base3``... : a tensor name neither the cascade nor ``taken`` uses."""
+    name, i = base, 2
+    while c.has_tensor(name) or name in taken:
+        name, i = f"{base}{i}", i + 1
+    return name
+
+
+def ordered_tensors(tensors: list[TensorDecl], einsums: list[Einsum]) -> list[TensorDecl]:
+    """Inputs first, then tensors in the order Einsums first assign them; drop unused ones."""
+    by = {t.name: t for t in tensors}
+    out = [t for t in tensors if t.role is Role.INPUT]
+    seen = {t.name for t in out}
+    for e in einsums:
+        if e.out not in seen:
+            out.append(by[e.out])
+            seen.add(e.out)
+    return out

@@ -1,0 +1,315 @@
+"""One backward call: the gradient of a Forward's cascade, its kernels rendered once per specialisation, and
+their launches with every argument by name.
+
+The rows kernel runs first (its row terms are inputs of the others); then the dK/dV and dQ kernels, in one
+launch by default (``BackwardSchedule.one_launch``), or the dK/dV kernel alone adding the query-side
+gradients atomically (``atomic_dq``). Each input's gradient is then assembled from the partials the kernels
+wrote (``Launched.finish``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import LoweringError
+from ...ir.cascade import Layout
+from ...ir.ranks import PARALLEL, STREAM
+from ..analysis.mask_tiles import conjuncts
+from ..autodiff.gradient import Gradient, Partial, finish, gradient_of, presence_predicate
+from ..autodiff.parts import Cut, Parts, cut, restrict
+from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launch, lower_q, lower_rows
+from ..codegen.signature import KernelCall, param_name, pointer
+from ..codegen.tile_ranges import governing_mask
+from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule
+from .forward import DTYPE_NAMES, Forward, accumulator_dtype
+from .launch import Launcher, jit_launch
+from .replay import Recording
+from .tile_lists import tile_lists
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What one backward call's kernels wrote: each partial's buffer by name, with the names of its dimensions
+    (see ``einflash.compiler.autodiff.gradient.finish``), for the gradient cascade cut to the wanted inputs (None: nothing ran, every
+    wanted gradient is 0)."""
+
+    gradient: Gradient | None
+    partials: dict[str, torch.Tensor]
+    labels: dict[str, tuple[str, ...]]
+    wanted: frozenset[str]
+
+    def finish(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """Each input's gradient in its own shape and dtype (None for inputs not wanted)."""
+        if self.gradient is None:
+            return {name: (torch.zeros_like(x) if name in self.wanted else None) for name, x in inputs.items()}
+        return finish(self.gradient, self.partials, self.labels, inputs, self.wanted)
+
+
+@dataclass
+class Backward:
+    """The gradient of a Forward's cascade, its kernels, and one backward call.
+
+    ``error`` holds the DifferentiationError (or LoweringError) when the gradient cannot be derived or
+    lowered yet; calls then raise it.
+    """
+
+    forward: Forward
+    gradient: Gradient | None = None
+    parts: Parts | None = None
+    error: LoweringError | None = None
+    _kernels: dict = field(default_factory=dict)
+    _cuts: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.forward.error is not None:
+            self.error = self.forward.error
+            return
+        try:
+            self.gradient = gradient_of(self.forward)
+            self.parts = self.cut(None).parts
+        except LoweringError as e:
+            self.error = e
+            return
+        fwd = self.gradient.forward
+        pair = tuple(e for e in fwd.einsums if STREAM in e.iteration_ranks)
+        governing = governing_mask(fwd, pair)
+        # the conjuncts of the one mask every state of the forward is masked by: tiles where all of them
+        # hold have a key on every row (None: several masks, no tile is known to)
+        self._full_mask = (frozenset() if not any(e.where is not None for e in pair) else
+                           None if governing is None else frozenset(conjuncts(governing.where)))
+        self._state_filters = frozenset(presence_predicate(st) for st in self.gradient.saved)
+
+    @property
+    def saved(self) -> tuple[str, ...]:
+        """The forward states the backward reads (the forward stores them with their presence)."""
+        return () if self.gradient is None else tuple(s.name for s in self.gradient.saved)
+
+    def cut(self, needed: frozenset[str] | None) -> Cut:
+        """The kernels' cascades for the gradients of ``needed`` (None: every input's)."""
+        if needed not in self._cuts:
+            self._cuts[needed] = cut(self.gradient if needed is None else restrict(self.gradient, needed))
+        return self._cuts[needed]
+
+    def _outputs(self, cut: Cut, kernel: str, atomic: bool) -> dict[str, Output]:
+        g = cut.gradient
+        out = {}
+        for p in g.partials:
+            ranks = tuple(r for r in p.ranks if r not in PARALLEL)
+            if kernel == "rows" and p.kernel == "rows":
+                out[p.name] = Output(p.name, ranks, program=None if "m" in ranks else "pid_m")
+            elif kernel == "q" and p.kernel == "q":
+                out[p.name] = Output(p.name, ranks)
+            elif kernel == "kv" and p.kernel == "kv":
+                no_seq = not ({"m", "n"} & set(ranks))
+                out[p.name] = Output(p.name, ranks, program="pid_n" if no_seq else None)
+            elif kernel == "kv" and atomic and p.kernel == "q":
+                out[p.name] = Output(p.name, ranks, atomic=True)
+        if kernel == "rows":
+            for t in cut.parts.row_terms:
+                out = {t: Output(t, tuple(r for r in cut.parts.rows.tensor(t).ranks if r not in PARALLEL))} | out
+        return out
+
+    def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False,
+               needed: frozenset[str] | None = None) -> BackwardKernel:
+        """The rendered ``kind`` kernel ("rows", "kv", "q", or "one": kv and q in one launch) for these dtype,
+        head dims and integer inputs."""
+        key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic, needed)
+        if key in self._kernels:
+            return self._kernels[key]
+        cut = self.cut(needed)
+        name = DTYPE_NAMES[dtype]
+        full = self._state_filters if self._full_mask is not None else frozenset()
+        if kind == "rows":
+            src = lower_rows(cut.parts.rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
+        elif kind == "kv":
+            sums = {p.name for p in cut.gradient.partials
+                    if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY}
+            src = lower_kv(cut.loops["kv_atomic" if atomic else "kv"], self._outputs(cut, "kv", atomic), sums, dims,
+                           name, ints, full, self._full_mask)
+        elif kind == "q":
+            src = lower_q(cut.loops["q"], self._outputs(cut, "q", atomic), dims, name, ints, full, self._full_mask)
+        else:
+            src = lower_one_launch(self.kernel("kv", dtype, dims, ints, needed=needed),
+                                   self.kernel("q", dtype, dims, ints, needed=needed),
+                                   cut.loops["kv"].cascade, cut.loops["q"].cascade)
+        self._kernels[key] = src
+        return src
+
+    def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
+            states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
+            extents: dict[str, int], visits: torch.Tensor | None = None,
+            needed: frozenset[str] | None = None, launcher: Launcher = jit_launch) -> dict[str, torch.Tensor | None]:
+        """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
+        given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
+        incoming gradient.
+
+        ``visits`` (tests only): int32 ``[B·Hkv, key tiles]``, where the dK/dV programs store how many
+        (query head, query tile) pairs they visited. ``launcher`` runs each kernel launch (Triton's JIT by
+        default), as the forward's does.
+        """
+        return self.launch(inputs, values, output, states, grad_output, schedule, extents, visits, needed,
+                           launcher).finish(inputs)
+
+    def launch(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
+               states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
+               extents: dict[str, int], visits: torch.Tensor | None = None, needed: frozenset[str] | None = None,
+               launcher: Launcher = jit_launch, record: Recording | None = None) -> Launched:
+        """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
+        ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
+        if self.error is not None:
+            raise self.error
+        B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
+        wanted = frozenset(t.name for t in self.gradient.forward.inputs if inputs[t.name].is_floating_point()
+                           and (needed is None or t.name in needed))
+        if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
+            return Launched(None, {}, {}, wanted)
+        call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record)
+        launcher = launcher if record is None else record.launch
+        if call.cut.parts.rows is not None:
+            launcher(*call.rows())  # its row terms are inputs of the kernels that follow
+        atomic = schedule.atomic_dq and call.cut.parts.q is not None
+        calls = []
+        if call.cut.parts.kv is not None or atomic:
+            calls.append(call.kv(schedule, atomic, visits))
+        if call.cut.parts.q is not None and not atomic:
+            calls.append(call.q(schedule))
+        if len(calls) == 2 and schedule.one_launch and visits is None:  # visit counts need each kernel's own grid
+            calls = [call.one_launch(*calls, schedule)]
+        for kernel, launch in calls:
+            launcher(kernel, launch)
+        return Launched(call.cut.gradient, call.partials, call.labels, wanted)
+
+    def direct(self, p: Partial, o: Output) -> bool:
+        """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out
+        as the input is (a sum over the GQA group done, no rank to sum or rename)."""
+        g = self.gradient
+        decl = g.forward.tensor(p.input)
+        mine = [x for x in g.partials if x.input == p.input]
+        heads = "h" if (o.head == "off_hk") == (decl.layout is Layout.KEY) else None
+        return len(mine) == 1 and not p.relabel and heads is not None and decl.ranks == ("b", "h") + o.ranks
+
+
+@dataclass
+class _Call:
+    """One backward call's tensors by the gradient cascade's names, and the buffers its kernels write."""
+
+    backward: Backward
+    cut: Cut
+    given: dict[str, torch.Tensor]  # the gradient cascade's inputs (and row terms once computed)
+    values: dict[str, float]
+    extents: dict[str, int]
+    dims: dict[str, int]
+    ints: frozenset[str]  # inputs holding integers
+    dtype: torch.dtype  # of q, k and v
+    device: torch.device
+    kv_heads: int
+    needed: frozenset[str] | None
+    empty: object  # torch.empty, or a recording's
+    zeros: object
+    partials: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, backward: Backward, inputs, values, output, states, grad_output, extents, needed, record) -> _Call:
+        needed = None if needed is None else frozenset(needed)
+        cut = backward.cut(needed)
+        g = cut.gradient
+        given = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
+                 for k, v in inputs.items()}
+        given[g.grad_output] = grad_output.contiguous()
+        if g.output is not None:
+            given[g.output] = output
+        for st in g.saved:
+            given[st.value], given[st.present] = states[st.name], states[f"{st.name}:present"]
+        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point()) | {st.present for st in g.saved}
+        first = next(x for x in inputs.values() if x.is_floating_point())
+        hkv = next(inputs[t.name].shape[1] for t in g.forward.inputs if t.layout is Layout.KEY)
+        return cls(backward, cut, given, values, extents, backward.forward.dims(extents), ints, first.dtype, first.device,
+                   hkv,
+                   needed, torch.empty if record is None else record.empty,
+                   torch.zeros if record is None else record.zeros)
+
+    @property
+    def group(self) -> int:
+        return self.extents["h"] // self.kv_heads
+
+    def kernel(self, kind: str, atomic: bool = False) -> BackwardKernel:
+        return self.backward.kernel(kind, self.dtype, self.dims, self.ints, atomic, self.needed)
+
+    def workspace(self, o: Output, programs: int, zero: bool) -> torch.Tensor:
+        """The buffer output ``o`` is written to; a partial's is kept with the names of its dimensions."""
+        ext = self.extents
+        shape = [ext["b"], self.kv_heads if o.head == "off_hk" else ext["h"]] + ([programs] if o.program else [])
+        shape += [ext[r] for r in o.ranks]
+        p = next((p for p in self.cut.gradient.partials if p.name == o.name), None)
+        direct = p is not None and o.program is None and not o.atomic and self.backward.direct(p, o)
+        dtype = self.given[p.input].dtype if direct else accumulator_dtype(self.dtype)
+        t = (self.zeros if zero else self.empty)(*shape, dtype=dtype, device=self.device)
+        if p is not None:
+            self.partials[o.name] = t
+            self.labels[o.name] = ("b", "hk" if o.head == "off_hk" else "h") + (("p",) if o.program else ()) + o.ranks
+        return t
+
+    def tensors(self, k: BackwardKernel, outs: dict[str, torch.Tensor]) -> dict[str, object]:
+        """A kernel's tensor arguments (inputs, then outputs, each with its strides), its parameters and head dims,
+        and the extents every backward template takes."""
+        args: dict[str, object] = {}
+        for name in k.tensors:
+            args |= pointer(name, self.given[name])
+        for o in k.outputs:
+            args |= pointer(o.name, outs[o.name])
+        ext = self.extents
+        return args | {param_name(p): self.values[p] for p in k.params} | dict(k.constexprs) | dict(
+            M=ext["m"], N=ext["n"], H=ext["h"], GROUP=self.group)
+
+    def rows(self) -> tuple[BackwardKernel, KernelCall]:
+        """The rows kernel's launch; its row terms become inputs of the kernels that follow."""
+        k = self.kernel("rows")
+        tiles = -(-self.extents["m"] // ROWS_BLOCK_M)
+        outs = {o.name: self.workspace(o, tiles, False) for o in k.outputs}
+        for t in self.cut.parts.row_terms:
+            self.given[t] = outs[t]
+        return k, k.call((tiles, self.extents["b"] * self.extents["h"]),
+                         self.tensors(k, outs) | dict(BLOCK_M=ROWS_BLOCK_M), ROWS_WARPS, 1)
+
+    def kv(self, schedule: BackwardSchedule, atomic: bool, visits) -> tuple[BackwardKernel, KernelCall]:
+        """The dK/dV kernel's launch: one program per key tile and kv head."""
+        k = self.kernel("kv", atomic)
+        programs = -(-self.extents["n"] // schedule.block_n)
+        outs = {o.name: self.workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
+                for o in k.outputs}
+        own = dict(visits_ptr=visits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+                   NUM_STAGES=schedule.num_stages, COUNT_VISITS=visits is not None)
+        return k, k.call((programs, self.extents["b"] * self.kv_heads), self.tensors(k, outs) | own,
+                         schedule.num_warps, schedule.num_stages, schedule.max_registers)
+
+    def q(self, schedule: BackwardSchedule) -> tuple[BackwardKernel, KernelCall]:
+        """The dQ kernel's launch (the forward's template): one program per query tile and query head."""
+        k = self.kernel("q")
+        outs = {o.name: self.workspace(o, 1, False) for o in k.outputs}
+        bm, bn = schedule.block_n, schedule.block_m
+        ext = self.extents
+        args = self.tensors(k, outs)
+        if k.lists is not None:
+            tiles, counts = tile_lists(k.lists, self.given, self.values, ext["b"], ext["m"], ext["n"], bm, bn, False)
+            args |= pointer("tiles", tiles) | pointer("counts", counts)
+        # the forward template's own arguments: no split (1 tile share), no visit counter, no jagged batch
+        own = dict(TILES_PER_SPLIT=1, visits_ptr=None, cu_q_ptr=None, cu_k_ptr=None, BLOCK_M=bm, BLOCK_N=bn,
+                   NUM_STAGES=schedule.dq_depth, SPLIT=False, PACK=False, REVERSE_M=False, COUNT_VISITS=False,
+                   JAGGED=False)
+        return k, k.call((-(-ext["m"] // bm), ext["b"] * ext["h"], 1), args | own, schedule.num_warps,
+                         schedule.dq_depth, schedule.max_registers)
+
+    def one_launch(self, kv: tuple[BackwardKernel, KernelCall], q: tuple[BackwardKernel, KernelCall],
+                   schedule: BackwardSchedule) -> tuple[BackwardKernel, KernelCall]:
+        """The dK/dV and dQ launches as one: each program of the grid runs one of either kind."""
+        (_, kv_call), (_, q_call) = kv, q
+        k = self.kernel("one")
+        tiles = (kv_call.grid[0], q_call.grid[0])
+        args = {f"kv_{a}": v for a, v in kv_call.args.items()} | {f"dq_{a}": v for a, v in q_call.args.items()}
+        args |= dict(KV_TILES=tiles[0], Q_TILES=tiles[1], GROUP_Q=self.group, H_KV=self.kv_heads,
+                     H_Q=self.extents["h"])
+        return k, k.call((self.extents["b"] * self.kv_heads * (tiles[0] + self.group * tiles[1]),), args,
+                         schedule.num_warps, schedule.num_stages, schedule.max_registers)

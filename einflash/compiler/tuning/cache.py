@@ -1,0 +1,418 @@
+"""The autotune cache (DESIGN §8): measured schedules as JSON, one file per variant, environment and dtype.
+
+A file is named by its key: the cascade's structural hash, the target (name, GPU as the driver names
+it, compute capability), the Triton, torch and einflash versions, and the dtype. Inside, entries are
+keyed by shape bucket: the template family, M and N rounded up to powers of two, B·Hkv rounded up to
+a power of two, the GQA group and the exact head dims. Each entry keeps every configuration measured
+(its time, its error against the reference) and every failure (with its reason), the winner and the
+heuristic default's own time.
+
+Writes are atomic (a temporary file, then ``os.replace``) under a file lock, so concurrent tuners and
+readers never see half a file. A file that cannot be read (not JSON, wrong format version, a
+schema violation, or metadata that do not match its key) is reported once as a CacheWarning naming
+the file and what is wrong, and skipped; the next write moves it aside to ``*.corrupt-<time>``.
+
+>>> import tempfile, einflash as ef
+>>> from einflash.backends import get_target
+>>> from einflash.compiler.runtime.forward import Schedule
+>>> @ef.attention
+... def plain(q, k, v):
+...     return ef.softmax(q @ k * ef.scale, "n") @ v
+>>> cache = TuneCache(tempfile.mkdtemp())
+>>> key = CacheKey.of(plain.cascade, get_target("sm90"), "bfloat16")
+>>> b = Bucket.of(dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16)
+>>> b.label
+'forward m4096 n4096 bkv32 g1 e128 f128'
+>>> _ = cache.put(key, b, {"best": {"schedule": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+...                                 "ms": 1.5}, "measured": [], "failed": []})
+>>> near = Bucket.of(dict(b=2, h=16, m=8192, n=8192, e=128, f=128), 16)  # not tuned: the nearest bucket serves
+>>> cache.best(key, near)
+(Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=0), 'forward m4096 n4096 bkv32 g1 e128 f128')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import time
+import warnings
+from dataclasses import dataclass
+
+import filelock
+import torch
+import triton
+
+from ... import knobs
+from ...backends.target import Target
+from ...errors import CacheError, CacheWarning
+from ...ir.cascade import Cascade
+from ...shape import Shape
+from ..runtime.forward import DTYPE_NAMES
+from ..schedule import Schedule, next_power_of_two
+from .space import family_of
+
+FORMAT = 1
+KIND = "einflash-autotune"
+BUNDLE = "einflash-autotune-bundle"
+LOCK_TIMEOUT_S = 60
+
+
+@functools.cache
+def _einflash_version() -> str:
+    try:
+        return importlib.metadata.version("einflash")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def environment(target: Target) -> dict[str, str | None]:
+    """Everything about this process and ``target`` that can change which schedule is fastest."""
+    return {"target": target.name, "device": target.device,
+            "capability": None if target.gpu is None else f"{target.gpu.arch // 10}.{target.gpu.arch % 10}",
+            "triton": triton.__version__, "torch": torch.__version__, "einflash": _einflash_version()}
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What one cache file is for: a cascade (by structural hash), an environment and a dtype."""
+
+    cascade: str
+    name: str  # the variant's name, for people reading file names (not part of the identity)
+    env: tuple[tuple[str, str | None], ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, cascade: Cascade, target: Target, dtype: torch.dtype | str) -> "CacheKey":
+        name = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        return cls(cascade.key, cascade.name, tuple(environment(target).items()), str(name))
+
+    @property
+    def environment(self) -> dict[str, str | None]:
+        return dict(self.env)
+
+    def metadata(self) -> dict:
+        return {"cascade": self.cascade, "name": self.name, "dtype": self.dtype, "environment": self.environment}
+
+    @property
+    def stem(self) -> str:
+        ident = json.dumps([self.cascade, self.dtype, self.env], sort_keys=True)
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+        return f"{self.name}-{self.cascade[:12]}-{self.dtype}-{self.environment['target']}-{digest}"
+
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The shapes one cache entry serves: family, M and N and B·Hkv by power of two, exact group and head dims."""
+
+    family: str
+    m: int
+    n: int
+    bkv: int
+    group: int
+    dims: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, extents: dict[str, int], kv_heads: int) -> "Bucket":
+        dims = tuple(sorted((r, v) for r, v in extents.items() if r not in ("b", "h", "m", "n")))
+        return cls(family_of(extents), next_power_of_two(extents["m"]), next_power_of_two(extents["n"]), next_power_of_two(extents["b"] * kv_heads),
+                   extents["h"] // kv_heads, dims)
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.family, f"m{self.m}", f"n{self.n}", f"bkv{self.bkv}", f"g{self.group}"] +
+                        [f"{r}{v}" for r, v in self.dims])
+
+    def compatible(self, other: "Bucket") -> bool:
+        """Whether a schedule tuned for ``other`` can run here: same family, group and head dims."""
+        return (self.family, self.group, self.dims) == (other.family, other.group, other.dims)
+
+    def distance(self, other: "Bucket") -> float:
+        """How far apart two compatible buckets are, in factors of two of M, N and B·Hkv."""
+        return sum(abs(math.log2(a / b)) for a, b in ((self.m, other.m), (self.n, other.n), (self.bkv, other.bkv)))
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "m": self.m, "n": self.n, "bkv": self.bkv, "group": self.group,
+                "dims": dict(self.dims)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Bucket":
+        return cls(str(d["family"]), int(d["m"]), int(d["n"]), int(d["bkv"]), int(d["group"]),
+                   tuple(sorted((str(r), int(v)) for r, v in d["dims"].items())))
+
+
+def schedule_to_json(s: Schedule) -> dict:
+    return dataclasses.asdict(s)
+
+
+def schedule_from_json(d: dict) -> Schedule:
+    """A Schedule from its JSON form; raises ValueError naming the field that is wrong."""
+    known = {f.name: f for f in dataclasses.fields(Schedule)}
+    if not isinstance(d, dict) or set(d) - set(known):
+        raise ValueError(f"a schedule is an object with fields {sorted(known)}, got {d!r}")
+    for name, v in d.items():
+        if known[name].type in ("bool", bool):
+            if not isinstance(v, bool):
+                raise ValueError(f"schedule field {name} must be true or false, got {v!r}")
+        elif name == "max_registers":  # 0: no cap
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"schedule field {name} must be a non-negative integer, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"schedule field {name} must be a positive integer, got {v!r}")
+    return Schedule(**d)
+
+
+def _check_entry(label: str, e) -> None:
+    if not isinstance(e, dict):
+        raise ValueError(f"entry {label!r} is not an object")
+    Bucket.from_json(e["bucket"])
+    if Bucket.from_json(e["bucket"]).label != label:
+        raise ValueError(f"entry {label!r} holds bucket {Bucket.from_json(e['bucket']).label!r}")
+    best = e["best"]
+    if best is not None:
+        schedule_from_json(best["schedule"])
+        if not (isinstance(best["ms"], (int, float)) and math.isfinite(best["ms"]) and best["ms"] > 0):
+            raise ValueError(f"entry {label!r}: best time {best['ms']!r} is not a positive number of ms")
+    for m in e["measured"]:
+        schedule_from_json(m["schedule"])
+    for f in e["failed"]:
+        schedule_from_json(f["schedule"])
+
+
+def problem(data, key: CacheKey | None = None) -> str | None:
+    """What is wrong with a cache file's content (for ``key``, when given), or None."""
+    try:
+        if not isinstance(data, dict) or data.get("kind") != KIND:
+            return f"not an einflash autotune file (kind {data.get('kind') if isinstance(data, dict) else None!r})"
+        if data.get("format") != FORMAT:
+            return f"format version {data.get('format')!r}, this einflash reads version {FORMAT}"
+        if key is not None:
+            want = key.metadata()
+            for field in ("cascade", "dtype", "environment"):
+                if data.get(field) != want[field]:
+                    return f"written for {field} {data.get(field)!r}, expected {want[field]!r}"
+        if not isinstance(data["entries"], dict):
+            return "entries is not an object"
+        for label, e in data["entries"].items():
+            _check_entry(label, e)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed: {type(e).__name__}: {e}"
+    return None
+
+
+_REPORTED: set[tuple[str, str]] = set()
+
+
+def _report(path: pathlib.Path, what: str) -> None:
+    if (str(path), what) not in _REPORTED:
+        _REPORTED.add((str(path), what))
+        warnings.warn(f"einflash autotune cache {path}: {what}; skipped (see `einflash cache list`; "
+                      f"`einflash cache clear` removes it)", CacheWarning, stacklevel=3)
+
+
+def _read(path: pathlib.Path) -> tuple[dict | None, str | None]:
+    """The parsed file and what is wrong with it (a missing file is neither)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read: {e}"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON: {e}"
+    except UnicodeDecodeError as e:
+        return None, f"not text: {e}"
+
+
+def best_of(measured: list[dict]) -> dict | None:
+    """The fastest of measured rows (earliest trial on a tie), as an entry's ``best``."""
+    if not measured:
+        return None
+    m = min(measured, key=lambda r: (r["ms"], r.get("trial", 0)))
+    return {"schedule": m["schedule"], "ms": m["ms"], "trial": m.get("trial")}
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """``new`` entry over ``old``: trials of one study are united (workers write their views as they
+    finish, not necessarily in order); an entry from another study replaces the old one."""
+    if old is None or old.get("study") is None or old.get("study") != new.get("study"):
+        return new
+    out = dict(new)
+    for part in ("measured", "failed"):
+        rows = {r["trial"]: r for r in old.get(part, []) + new.get(part, [])}
+        out[part] = [rows[t] for t in sorted(rows)]
+    out["best"] = best_of(out["measured"])
+    out["workers"] = sorted(set(old.get("workers", [])) | set(new.get("workers", [])))
+    return out
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One file of the cache as ``einflash cache list`` shows it."""
+
+    path: pathlib.Path
+    problem: str | None
+    data: dict | None
+
+    def to_json(self) -> dict:
+        d = self.data if self.problem is None else {}
+        return {"path": str(self.path), "ok": self.problem is None, "problem": self.problem,
+                "name": d.get("name"), "cascade": d.get("cascade"), "dtype": d.get("dtype"),
+                "environment": d.get("environment"), "entries": sorted(d.get("entries", {}))}
+
+
+class TuneCache:
+    """The autotune cache in folder ``root`` (default: ``autotune`` in ``knobs.cache_dir()``)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = pathlib.Path(root) if root is not None else knobs.cache_dir() / "autotune"
+        self._parsed: dict[pathlib.Path, tuple[tuple[int, int], dict]] = {}
+
+    def path(self, key: CacheKey) -> pathlib.Path:
+        return self.root / f"{key.stem}.json"
+
+    def entries(self, key: CacheKey) -> dict[str, dict]:
+        """The entries of ``key``'s file by bucket label; empty (after a CacheWarning) when the file is bad."""
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        if path in self._parsed and self._parsed[path][0] == stamp:
+            return self._parsed[path][1]
+        data, bad = _read(path)
+        bad = bad or (problem(data, key) if data is not None else None)
+        entries = {} if bad or data is None else data["entries"]
+        if bad:
+            _report(path, bad)
+        self._parsed[path] = (stamp, entries)
+        return entries
+
+    def neighbours(self, key: CacheKey, bucket: Bucket) -> list[tuple[Bucket, dict]]:
+        """Entries with a winner whose schedules can run in ``bucket``, nearest first (``bucket`` itself first)."""
+        found = []
+        for e in self.entries(key).values():
+            b = Bucket.from_json(e["bucket"])
+            if e["best"] is not None and b.compatible(bucket):
+                found.append((b.distance(bucket), b.label, b, e))
+        return [(b, e) for _, _, b, e in sorted(found, key=lambda x: x[:2])]
+
+    def best(self, key: CacheKey, bucket: Bucket) -> tuple[Schedule, str] | None:
+        """The winner for ``bucket``, else the nearest compatible bucket's, with the label it came from."""
+        near = self.neighbours(key, bucket)
+        if not near:
+            return None
+        b, e = near[0]
+        return schedule_from_json(e["best"]["schedule"]), b.label
+
+    def put(self, key: CacheKey, bucket: Bucket, entry: dict) -> pathlib.Path:
+        """Store ``entry`` for ``bucket`` (merged with the one there, see ``merge``); returns the file."""
+        return self._update(key, {bucket.label: {**entry, "bucket": bucket.to_json()}})
+
+    def _update(self, key: CacheKey, entries: dict[str, dict]) -> pathlib.Path:
+        path = self.path(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+            data, bad = _read(path)
+            bad = bad or (problem(data, key) if data is not None else None)
+            if bad:
+                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+                os.replace(path, aside)
+                _report(path, f"{bad} (moved to {aside.name})")
+                data = None
+            merged = dict(data["entries"]) if data else {}
+            for label, e in entries.items():
+                merged[label] = merge(merged.get(label), e)
+            out = {"kind": KIND, "format": FORMAT, **key.metadata(),
+                   "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "entries": dict(sorted(merged.items()))}
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self._parsed.pop(path, None)
+        _WRITES[0] += 1
+        return path
+
+    def files(self) -> list[CacheFile]:
+        """Every cache file here, each with what is wrong with it (None when it reads well)."""
+        out = []
+        for path in sorted(self.root.glob("*.json")):
+            data, bad = _read(path)
+            bad = bad or (problem(data) if data is not None else "vanished while listing")
+            out.append(CacheFile(path, bad, data if bad is None else None))
+        return out
+
+    def export(self) -> dict:
+        """Every readable file, as one bundle (``einflash cache export``); unreadable ones are left out."""
+        return {"kind": BUNDLE, "format": FORMAT, "files": [f.data for f in self.files() if f.problem is None]}
+
+    def import_bundle(self, bundle: dict) -> int:
+        """Merge a bundle's files into this cache; returns the number of entries taken. Raises CacheError when
+        the bundle or a file in it is malformed (nothing is written then)."""
+        if not isinstance(bundle, dict) or bundle.get("kind") != BUNDLE or bundle.get("format") != FORMAT:
+            raise CacheError(f"not an einflash autotune bundle of format {FORMAT} (kind {bundle.get('kind')!r}, "
+                             f"format {bundle.get('format')!r})" if isinstance(bundle, dict) else
+                             "an einflash autotune bundle is a JSON object")
+        keyed = []
+        for i, data in enumerate(bundle.get("files", [])):
+            bad = problem(data)
+            if bad:
+                raise CacheError(f"file {i} of the bundle: {bad}")
+            key = CacheKey(data["cascade"], data.get("name", "cascade"), tuple(data["environment"].items()),
+                           data["dtype"])
+            keyed.append((key, data["entries"]))
+        for key, entries in keyed:
+            self._update(key, entries)
+        return sum(len(e) for _, e in keyed)
+
+    def clear(self) -> int:
+        """Remove every cache file (with its lock and files moved aside) and the tuners' local studies;
+        returns how many cache files went."""
+        n = 0
+        for path in [*self.root.glob("*.json*"), *self.root.glob("studies/*")]:
+            path.unlink(missing_ok=True)
+            n += path.suffix == ".json"
+        self._parsed.clear()
+        _WRITES[0] += 1
+        return n
+
+
+_WRITES = [0]
+
+
+def writes() -> int:
+    """How many times this process has changed a cache (written, imported or cleared one): choices remembered
+    from a cache's contents are stale once it moves (einflash.compiler.tuning.selection)."""
+    return _WRITES[0]
+
+
+def best_schedule(cascade: Cascade, target: Target, dtype: torch.dtype | str, shape: Shape,
+                  dims: dict[str, int] | None = None, cache: TuneCache | None = None) -> Schedule | None:
+    """The cached winner for ``cascade`` at ``shape`` on ``target``, or from the nearest cached shape; None
+    when nothing compatible was tuned. ``dims`` gives extents of ranks a declaration adds (as in explain).
+
+    >>> import tempfile, einflash as ef
+    >>> from einflash.backends import get_target
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> best_schedule(plain.cascade, get_target("sm90"), "bfloat16", ef.Shape(2, 16, 4096, 4096, 128),
+    ...               cache=TuneCache(tempfile.mkdtemp())) is None
+    True
+    """
+    extents = {r: v for r, v in shape.extents([r.name for r in cascade.ranks], dims).items() if cascade.has_rank(r)}
+    hit = (cache or TuneCache()).best(CacheKey.of(cascade, target, dtype), Bucket.of(extents, shape.Hkv))
+    return None if hit is None else hit[0]
