@@ -2,6 +2,9 @@
 
 s = scale·q·kᵀ + slope[h]·(n − m), with a fixed slope per head; O = softmax(s)·v.
 Not causal here, as FlexAttention benchmarks it.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the bias end-aligned, as docs/semantics.md shows.
 """
 
 import torch

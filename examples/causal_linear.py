@@ -2,6 +2,9 @@
 
 O[m] = Σ_{n ≤ m} (q[m]·k[n])·decay[h]^(m − n)·v[n], with no normaliser, written as
 a masked quadratic form; a chunked kernel computes it with a D×F running state.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import torch

@@ -3,6 +3,9 @@
 Several documents are packed into one sequence; doc[b, n] is the id of the document
 token n belongs to (non-decreasing along n). A query sees the earlier tokens of its own
 document: doc[m] == doc[n] and n ≤ m.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import torch

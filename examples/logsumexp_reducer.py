@@ -6,6 +6,9 @@ exp(s − logsumexp_n s), normalised by construction ("any normaliser", not only
 As written it takes 2 passes (the log-sum-exp needs every key first); streaming makes the
 reducer a running state whose updates rescale the output by exp(lse_old − lse_new): 1 pass.
 Its derivative, ∂ logsumexp_n s / ∂s = exp(s − logsumexp_n s), makes it differentiable.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import math

@@ -4,6 +4,9 @@ Keys are cut into blocks of `block`; each block c is summarised by its mean key 
 and gated by g[m, c] = q[m]·kbar[c]. A query attends, causally, to its own block and to
 the TOPK past blocks with the largest gates (all past blocks when there are fewer).
 TOPK is fixed at declaration: the k of a k-th-largest reduction must be a Python int.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import einflash as ef

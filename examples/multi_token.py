@@ -3,6 +3,9 @@
 The causal scores are convolved over a small window of neighbouring queries and keys,
 conv[m, n] = Σ_{i,j} θ[h, i, j]·s[m − i, n − j] (masked or out-of-range scores add
 nothing), then masked causally again, normalised and applied to v.
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import torch

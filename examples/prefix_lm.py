@@ -2,6 +2,9 @@
 
 The first `prefix` keys are visible to every query (bidirectional prefix), the rest
 causally: (n ≤ m) ∨ (n < prefix).
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import einflash as ef

@@ -2,6 +2,9 @@
 
 Query m sees the first `sinks` keys and the `window` most recent ones, causally:
 n ≤ m and (m − n < window or n < sinks).
+
+Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
+and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """
 
 import einflash as ef
