@@ -1,5 +1,5 @@
 """Forward+backward benchmark on one GPU: einflash beside SDPA (cuDNN, FlashAttention-2) and FlexAttention,
-for the training rows of DESIGN §5, in one process; then the catalogue's gradients in bf16 and fp16 against
+for the training rows of docs/design.md §5, in one process; then the catalogue's gradients in bf16 and fp16 against
 the tolerance rule.
 
     python3 benchmarks/bench_backward.py --out DIR [--quick] [--sweep [N]] [--only perf,kernels,check] [--deadline 500]

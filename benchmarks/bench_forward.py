@@ -1,5 +1,5 @@
 """Forward benchmark on one GPU: einflash beside SDPA (cuDNN, FlashAttention-2) and FlexAttention,
-for every row of DESIGN §5, in one process; then the catalogue's correctness in bf16 and fp16.
+for every row of docs/design.md §5, in one process; then the catalogue's correctness in bf16 and fp16.
 
     python3 benchmarks/bench_forward.py --out DIR [--quick] [--skip-check] [--only anchors,prefill,decode,lse,check]
 

@@ -1,4 +1,4 @@
-"""Autotuning on one GPU, for the rows of DESIGN §5: tuned against default schedules, tuning time per
+"""Autotuning on one GPU, for the rows of docs/design.md §5: tuned against default schedules, tuning time per
 shape, and a warm-started study against a cold one.
 
     python3 benchmarks/bench_tune.py --out DIR [--trials 12] [--deadline 500] [--quick]

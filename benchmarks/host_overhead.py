@@ -1,4 +1,4 @@
-"""Where a decode call's host time goes, on one GPU: the GQA decode row of DESIGN §5 (bf16, B=4, 32:8 heads,
+"""Where a decode call's host time goes, on one GPU: the GQA decode row of docs/design.md §5 (bf16, B=4, 32:8 heads,
 D=128, KV 32768), which the GPU finishes in about 70 µs, so the host's time per call decides its rate.
 
     python3 benchmarks/host_overhead.py --out DIR

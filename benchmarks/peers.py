@@ -1,4 +1,4 @@
-"""Peer attention implementations on one GPU, for the benchmark rows of DESIGN §5.
+"""Peer attention implementations on one GPU, for the benchmark rows of docs/design.md §5.
 
 Each function returns a zero-argument callable that runs the peer's forward on the
 given tensors, or raises when the peer cannot run the case. The benchmark times the

@@ -2,7 +2,7 @@
 
 One record per variant: its name, passes as written and after rewriting, the backend
 it ran on, the kernel's error against the float64 reference with its tolerance
-(DESIGN §7), whether it passed, and the time of one call; then the same for its
+(docs/design.md §7), whether it passed, and the time of one call; then the same for its
 gradients (``grad_ok``: every input's gradient within the rule, ``grad_max_error``: the
 largest error of any of them). Variants that cannot be lowered yet have ``ok: None``
 and the reason; variants without a backward ``grad_ok: None`` and ``grad_reason``.

@@ -142,6 +142,17 @@ def aot_test_dir() -> pathlib.Path | None:
     return pathlib.Path(text).expanduser() if text else None
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET: whether kernels run on Triton's CPU interpreter in this process.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
+    ...     interpreting()
+    True
+    """
+    return _read("TRITON_INTERPRET").lower() in _TRUE
+
+
 def use_interpreter() -> bool:
     """Turn on Triton's CPU interpreter (TRITON_INTERPRET=1) when kernels cannot run on a GPU here; say if it is on.
 
@@ -156,7 +167,7 @@ def use_interpreter() -> bool:
     ...         use_interpreter()
     False
     """
-    already = _read("TRITON_INTERPRET").lower() in _TRUE
+    already = interpreting()
     if not (already or backend() == "interpreter" or not torch.cuda.is_available()):
         return False
     if not already and "triton" in sys.modules:

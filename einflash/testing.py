@@ -1,4 +1,4 @@
-"""The tolerance rule every kernel is held to (DESIGN §7), and random inputs for a declaration.
+"""The tolerance rule every kernel is held to (docs/design.md §7), and random inputs for a declaration.
 
 A kernel's error against the float64 reference may be at most twice the error of
 the same maths done by PyTorch in the kernel's dtype (the reference executor run in

@@ -1,15 +1,16 @@
 """The targets einflash knows, as data.
 
 Rates are labelled: "measured" figures were read on this project's GPU machines
-(DESIGN.md §5 and the device notes: an 8192³ bf16 matrix product through PyTorch, a
-device-to-device copy counting bytes read and written); "spec" figures are the vendor's
+(an 8192³ bf16 matrix product through PyTorch, a device-to-device copy counting bytes read and
+written); "spec" figures are the vendor's
 data sheet values for the SXM parts. Where a measurement exists the roofline uses it,
 because it is what a kernel can reach. The SFU rate is 16 results per clock per SM
 (the CUDA programming guide's throughput table for exp2/log2/reciprocal on compute
 capability 8.x and 9.0) times SMs times the boost clock; FlashAttention-3 quotes 3.9
 TFLOP/s of special functions on H100 SXM, the same order.
 
-Tile defaults were checked by cross-compiling a flash-attention-like loop for each target
+Why each default is what it is, with the measurements behind it: docs/tuning.md, "Why the defaults
+are what they are". Tile defaults were checked by cross-compiling a flash-attention-like loop for each target
 (tests/codegen/test_crosscompile.py): every one fits shared memory and does not spill. Generated
 kernels with these defaults (tests/codegen/test_generated_sm90.py) fit too and do not spill.
 """
@@ -49,23 +50,12 @@ INTERPRETER = Target(
     backward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
                     space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
 )
-# Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program. Measured on an
-# H200 (benchmarks/results/h200_backward_sweep.json, head dim 128, full and causal, 2x16x8192): 64x128 with 8
-# warps ran best; with 4 warps the kept 128-row tiles and their fp32 accumulators run out of registers (2.2x
-# slower). 3 stages for both kernels against 2 (h200_2026-12-01_replay_ffaa2dd, the six training rows of DESIGN
-# §5): faster on full D128 (9.76 against 9.93 ms), causal (4.88, 5.34), full D64 (5.81, 6.04) and softcap (16.4,
-# 18.2). Head dim 256 is not measured yet. sm80 keeps these tiles unmeasured (they compile within its shared
-# memory: tests/codegen/test_generated_sm90_backward.py cross-compiles the sm90 ones).
+# Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program.
 _BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 3)),
                              (256, TileConfig(32, 64, 4, 2))),
                    space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
                                      num_stages=(1, 2, 3, 4, 5)))
-# sm90, per kernel (benchmarks/results/h200_2026-12-02_bwd_ab, full and ALiBi D128, each kernel timed alone): the
-# dK/dV kernel runs faster 2 deep than 3 (4.24 against 4.49 ms), the dQ kernel 3 deep than 2 (2.49, 2.88); in
-# one launch, capped at 240 registers, both together took 6.49 ms (full) against 7.03 in two launches at 3 stages.
-# The training rows with these (h200_2026-12-02_one_launch_49e7995): at or above the previous default (two launches,
-# 3 stages) except head dim 64 (341.6 against 350.0 TFLOP/s), which shares the bucket; in one launch, a dK/dV part
-# 3 deep ran slower still (7.34 ms, full).
+# sm90: the dK/dV part 2 stages deep, the dQ part 3 (backward_dq_stages), capped at 240 registers, in one launch.
 _BACKWARD_SM90 = replace(_BACKWARD, defaults=((128, TileConfig(64, 128, 8, 2, 240)),) + _BACKWARD.defaults[1:])
 
 SM80 = Target(
@@ -107,11 +97,7 @@ SM90 = Target(
     sfu_ops=132 * 16 * 1.98e9,  # SMs × 16/clock × 1.98 GHz boost
     hbm_bandwidth=3.0e12,  # measured copy; spec 3.35 TB/s
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=True, tma=True, wgmma=True),
-    # measured on an H100 (benchmarks/results/h100_forward.json): head dim 64 runs best at 64×128
-    # tiles, and with a causal or windowed mask the smaller 64×64 tiles waste less on cut tiles.
-    # Head dim 128 on an H200 (benchmarks/results/h200_2026-12-01_fwd_ab/fwd_ab_regs.json): 128×128 tiles with
-    # ptxas capped at 240 registers ran full attention at 502 TFLOP/s against 487 uncapped and 476 at
-    # 128×64; uncapped, ptxas kept 184 registers and scheduled the loop worse.
+    # masked: with a causal or windowed mask, smaller tiles waste less on the tiles the mask cuts
     forward=Tuning(defaults=((64, TileConfig(64, 128, 4, 3)),
                              (128, TileConfig(128, 128, 8, 3, 240)),
                              (256, TileConfig(64, 32, 4, 2))),

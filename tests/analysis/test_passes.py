@@ -12,7 +12,7 @@ import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
 from einflash.ir.cascade import Role
 
-# Passes over n (as written, after the pipeline), from DESIGN §3. A softmax-normalised variant
+# Passes over n (as written, after the pipeline), from docs/design.md §3. A softmax-normalised variant
 # written naively is 3 (max; sum of exp; normalise and contract with v), FuseMax's count;
 # variants without a row normaliser are 1. MoBA's routing needs a sum over n (the block means)
 # before its softmax can start: 4 as written.
@@ -23,12 +23,12 @@ PASSES = {
     "top_theta": (3, 1), "post_norm_threshold": (3, 2), "moba": (4, 2), "multi_token": (3, 1), "linear": (3, 1),
     "causal_linear": (1, 1), "gla": (1, 1), "agent": (3, 1), "mla_decode": (3, 1), "logsumexp_reducer": (2, 1),
 }
-# Where the pipeline does not reach DESIGN §3's count yet. Strict: reaching it must update this table.
-BEHIND_DESIGN = {
+# Where the pipeline does not reach docs/design.md §3's count yet. Strict: reaching it must update this table.
+BEHIND_CATALOGUE = {
     "moba": "stream_online fuses only the leading passes into one loop (a cascade has one loop block): "
-            "after the routing pass, the softmax keeps its 2 passes (3 in all, DESIGN says 2)",
+            "after the routing pass, the softmax keeps its 2 passes (3 in all, docs/design.md §3 says 2)",
     "multi_token": "the convolution reads scores at n − j, outside the current chunk of n; no rewrite "
-                   "recomputes the halo, so the cascade is not streamed (2 passes, DESIGN says 1)",
+                   "recomputes the halo, so the cascade is not streamed (2 passes, docs/design.md §3 says 1)",
 }
 
 
@@ -47,8 +47,8 @@ def test_passes_as_written(name):
 
 
 def _after(name: str):
-    if name in BEHIND_DESIGN:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=BEHIND_DESIGN[name]))
+    if name in BEHIND_CATALOGUE:
+        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=BEHIND_CATALOGUE[name]))
     return name
 
 

@@ -1,4 +1,4 @@
-"""The tolerance rule (DESIGN §7) where plain PyTorch in the kernel's dtype overflows: its error is taken where
+"""The tolerance rule (docs/design.md §7) where plain PyTorch in the kernel's dtype overflows: its error is taken where
 it is finite, so the tolerance stays a number; a kernel output that is not finite still fails."""
 
 import math

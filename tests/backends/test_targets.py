@@ -15,7 +15,7 @@ from einflash.backends import INTERPRETER, SM80, SM90, TARGETS, detect, get_targ
 from einflash.errors import BackendError, FlagError, LoweringError
 
 GPUS = [t for t in TARGETS.values() if not t.is_interpreter]
-HEAD_DIMS = (16, 40, 64, 80, 96, 128, 256)  # DESIGN.md §7's edge cases, padded up to a bucket
+HEAD_DIMS = (16, 40, 64, 80, 96, 128, 256)  # docs/design.md §7's edge cases, padded up to a bucket
 
 
 def power_of_two(x: int) -> bool:

@@ -26,7 +26,7 @@ SM90 = get_target("sm90")
 FORWARD = ("causal", "softmax", "alibi", "softcap", "document_mask")  # the last with key tiles listed at run time
 DECODE = "softmax"
 HEAD_DIMS = (64, 128)
-PREFILL = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}  # DESIGN §5's shapes
+PREFILL = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}  # docs/design.md §5's shapes
 DECODING = {"B": 4, "Hq": 32, "Hkv": 8, "M": 1, "N": 32768}  # GQA 32:8 over a long cache: split-KV and packing
 
 

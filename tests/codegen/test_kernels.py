@@ -1,4 +1,4 @@
-"""Generated Triton kernels, run under the CPU interpreter, against the float64 reference (DESIGN §7).
+"""Generated Triton kernels, run under the CPU interpreter, against the float64 reference (docs/design.md §7).
 
 Every lowerable catalogue example in fp32 and fp16; the edge cases trusted suites test (head
 dims, lengths, GQA, fully masked rows, strides, large logits, empty shapes, determinism, fp32

@@ -1,5 +1,5 @@
 """Backward kernels under the CPU interpreter against the float64 reference gradients (the tolerance rule of
-DESIGN §7, applied to each input's gradient): every one-pass catalogue variant in fp32 and fp16 through
+docs/design.md §7, applied to each input's gradient): every one-pass catalogue variant in fp32 and fp16 through
 autograd; GQA, head dims, lengths, rows that see no key, strides, the atomic dQ schedule, determinism, empty
 shapes; the query tiles each dK/dV program visits, counted by the kernel, against the transposed plan and the
 materialised mask; the custom ops under opcheck and a compiled training step."""

@@ -12,8 +12,10 @@ import functools
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Callable
 
+import numpy
 import torch
 
 from ... import knobs
@@ -93,7 +95,7 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
     if compiled is not None:
         compiled[call.grid](*call.args.values())
         return
-    kernel = load_kernel(src)[call.grid](*call.args.values(), **call.options)
+    kernel = _quiet(load_kernel(src)[call.grid])(*call.args.values(), **call.options)
     if hasattr(kernel, "result"):  # compiled in the background
         kernel = kernel.result()
     if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none
@@ -111,7 +113,24 @@ def bound_launch(src: KernelSource, call: KernelCall) -> Callable[..., None]:
     compiled = _COMPILED.get(_compiled_key(src, call))
     if compiled is not None:
         return compiled[call.grid]
-    return functools.partial(load_kernel(src)[call.grid], **call.options)
+    return _quiet(functools.partial(load_kernel(src)[call.grid], **call.options))
+
+
+def _quiet(launch: Callable[..., object]) -> Callable[..., object]:
+    """``launch``, with numpy's warnings off when the interpreter runs it: it computes the lanes a mask leaves out
+    too (``exp(−inf − −inf)``, divisions by 0), whose results the kernel never keeps, and converts one-element
+    arrays to scalars, which numpy 2.3 deprecates (numpy is held below 2.4, where that is an error, for this).
+    On a GPU the launch as it is."""
+    if not knobs.interpreting():
+        return launch
+
+    @functools.wraps(launch)
+    def quietly(*args, **kwargs):
+        with numpy.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Conversion of an array with ndim > 0", DeprecationWarning)
+            return launch(*args, **kwargs)
+
+    return quietly
 
 
 def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],

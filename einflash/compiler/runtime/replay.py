@@ -2,7 +2,7 @@
 
 An eager call binds and checks its arguments, chooses a schedule, allocates its output and
 workspaces and builds every launch argument (70 for a split-KV decode's first kernel). On the
-decode row of DESIGN §5 that host work took longer than the GPU's whole step, so a call timed on
+decode row of docs/design.md §5 that host work took longer than the GPU's whole step, so a call timed on
 its own measured the host. All of it depends only on the call's *signature*: each tensor's shape,
 strides, dtype, device and alignment, the other arguments' values, and the schedule chosen for
 them. A ``Replay`` keeps what it computed: the buffers to allocate, and each launch's bound

@@ -1,4 +1,4 @@
-"""The autotune cache (DESIGN §8): measured schedules as JSON, one file per variant, environment and dtype.
+"""The autotune cache (docs/design.md §8): measured schedules as JSON, one file per variant, environment and dtype.
 
 A file is named by its key: the cascade's structural hash, the target (name, GPU as the driver names
 it, compute capability), the Triton, torch and einflash versions, and the dtype. Inside, entries are
