@@ -159,6 +159,13 @@ def _map(op: str, *args) -> "Traced":
     return Traced(_record(Node("map", op, nodes, ranks)))
 
 
+def _divide(op: str, a, b) -> "Traced":
+    """``a // b`` or ``a % b``; a divisor written as 0 is refused here, where the line is known."""
+    if isinstance(b, (int, float)) and not isinstance(b, bool) and b == 0:
+        raise DeclarationError(f"{'//' if op == 'floordiv' else '%'} by 0", _where())
+    return _map(op, a, b)
+
+
 def _check_ranks(what: str, ranks: tuple[str, ...], node: Node) -> None:
     for r in ranks:
         if r not in node.ranks:
@@ -190,7 +197,10 @@ class Traced:
     def __rmul__(self, o): return _map("mul", o, self)
     def __truediv__(self, o): return _map("div", self, o)
     def __rtruediv__(self, o): return _map("div", o, self)
-    def __floordiv__(self, o): return _map("floordiv", self, o)
+    def __floordiv__(self, o): return _divide("floordiv", self, o)
+    def __rfloordiv__(self, o): return _divide("floordiv", o, self)
+    def __mod__(self, o): return _divide("mod", self, o)
+    def __rmod__(self, o): return _divide("mod", o, self)
     def __neg__(self): return _map("neg", self)
 
     # comparisons and logic
@@ -289,11 +299,12 @@ def _index_expr(x) -> sympy.Expr:
         if isinstance(leaf, Size):
             st = _STATE.get()
             return ((st.ranks.get(leaf.rank) if st else None) or new_rank(leaf.rank)).extent
-    if node.kind == "map" and node.op in ("add", "sub", "mul", "floordiv"):
+    if node.kind == "map" and node.op in ("add", "sub", "mul", "floordiv", "mod"):
         a, b = (_index_expr(Traced(n)) for n in node.args)
-        return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b)}[node.op]
+        return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b),
+                "mod": sympy.Mod(a, b)}[node.op]
     raise DeclarationError("an index must be built from rank coordinates, ints and int parameters "
-                           "with +, -, * and //", _where())
+                           "with +, -, *, // and %", _where())
 
 
 # -- the public vocabulary -----------------------------------------------------------------

@@ -41,6 +41,7 @@ class Operator:
     positive: bool = False  # result is > 0 wherever it is defined
     transcendental: bool = False  # counted apart in FLOPs (SFU work on GPUs)
     triton_fp32: str | None = field(default=None, compare=False, repr=False)  # where fp32 needs more accuracy
+    triton_int: str | None = field(default=None, compare=False, repr=False)  # on integer operands, where it differs
 
 
 def _sign(x):
@@ -56,7 +57,12 @@ _OPS = [
     Operator("sub", 2, torch.sub, "({0} - {1})", lambda a, b: a - b, "−", linear_in=(0, 1)),
     Operator("mul", 2, torch.mul, "({0} * {1})", lambda a, b: a * b, "·", linear_in=(0, 1)),
     Operator("div", 2, torch.div, "({0} / {1})", lambda a, b: a / b, "/", linear_in=(0,)),
-    Operator("floordiv", 2, torch.floor_divide, "({0} // {1})", lambda a, b: sympy.floor(a / b), "//"),
+    # floor division and its remainder (Python's ``//`` and ``%``: the remainder has the divisor's sign). Triton's
+    # own ``//`` and ``%`` truncate toward zero on integers (as C does), so integer operands take ``triton_int``.
+    Operator("floordiv", 2, torch.floor_divide, "tl.floor({0} / {1})", lambda a, b: sympy.floor(a / b), "//",
+             triton_int="_floor_div({0}, {1})"),
+    Operator("mod", 2, torch.remainder, "({0} - tl.floor({0} / {1}) * {1})", sympy.Mod, "%",
+             triton_int="((({0} % {1}) + {1}) % {1})"),
     Operator("neg", 1, torch.neg, "(-{0})", lambda a: -a, "−", linear_in=(0,)),
     Operator("maximum", 2, torch.maximum, "tl.maximum({0}, {1})", sympy.Max),
     Operator("minimum", 2, torch.minimum, "tl.minimum({0}, {1})", sympy.Min),

@@ -35,6 +35,12 @@ class Sections:
 
 def sections(c: Cascade) -> Sections:
     """Split a streamed cascade into prologue, loop and epilogue; raise LoweringError if it is not one-pass."""
+    for e in c.einsums:
+        if e.reduce is not None and "m" in e.reduce.ranks:
+            raise LoweringError(f"{c.where(e)}: a reduction over the query rank m; a program of the forward "
+                                f"kernel holds one tile of query rows, so a reduction over all of m (a softmax "
+                                f"over m, slot attention) has no kernel yet; normalise over n, or run it with "
+                                f"backend='reference'")
     pa = count_passes(c)
     if pa.passes > 1:
         raise LoweringError(f"{c.name} needs {pa.passes} passes over n; the one-pass template needs 1 "

@@ -33,7 +33,7 @@ from .tile import (Tile, FINITE_OPS, POSITIVE_PROBES, absent_value, few_values, 
 from ..analysis.mask_tiles import conjuncts
 from .range_tests import range_pairs
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
-_INT_OPS = ("add", "sub", "mul", "floordiv", "neg", "maximum", "minimum", "where")  # exact on integers
+_INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
 
 
 @dataclass(frozen=True)
@@ -268,12 +268,13 @@ class TileCode:
 
     def leaf(self, x: Expr) -> Tile:
         if isinstance(x, Const):
-            return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value))
+            return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value),
+                        integer=math.isfinite(x.value) and float(x.value).is_integer())
         if isinstance(x, Param):
             decl = next(p for p in self.c.params if p.name == x.name)
             # a positive parameter is checked to be positive and finite at call time
             return Tile(f"p_{x.name}", (), values=POSITIVE_PROBES if decl.positive else None,
-                        finite=decl.positive or decl.integer)
+                        finite=decl.positive or decl.integer, integer=decl.integer)
         if isinstance(x, Size):
             size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
             return Tile(f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})", (),
@@ -310,18 +311,28 @@ class TileCode:
         ranks = tile_axes((r for a in args for r in a.ranks), self.kernel.order)
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
-        exact = all(a.dtype in ("int", "bool") for a in args) and x.op in _INT_OPS
+        # integer coordinates with integral constants and integer parameters: exact integer arithmetic
+        exact = x.op in _INT_OPS and all(a.dtype in ("int", "bool") or a.integer for a in args) \
+            and any(a.dtype in ("int", "bool") for a in args)
         # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
         # result's value at absent positions follows from the larger operand's fill alone
         args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
                 for a in args]
         codes = []
         for a in args:
-            code = a.code if a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) else self.f32(a)
+            if exact and a.integer and a.values is not None:  # an integral constant, as an integer literal
+                code = str(int(a.values[0]))
+            elif a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) or (exact and a.integer):
+                code = a.code
+            else:
+                code = self.f32(a)
             codes.append(bcast(code, a.ranks, ranks) if a.ranks else code)
         present, pranks, kept = self.presence(args)
         fill = absent_value(x.op, args, kept, self.implies) if present is not None else None
-        code = (op.triton_fp32 if self.kernel.exact and op.triton_fp32 else op.triton).format(*codes)
+        if exact and op.triton_int:
+            code = op.triton_int.format(*codes)
+        else:
+            code = (op.triton_fp32 if self.kernel.exact and op.triton_fp32 else op.triton).format(*codes)
         dtype = "bool" if op.boolean else "int" if exact else "f32"
         if dtype == "f32" and self.kernel.acc != "tl.float32" and x.op in ("where", "sign"):
             code = f"({code}).to({self.kernel.acc})"  # a selection between literals is fp32 in Triton

@@ -169,9 +169,16 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
     after: list[Einsum] = []
     alphas: dict[Expr, str] = {}
     decl = {t.name: t for t in c.tensors}
+    # values the loop reads are computed before it, wherever they were written (a sub-expression the mask
+    # shares, declared after the first Einsum that iterates n)
+    feeds_loop = {r.tensor for e in c.einsums if e.out in in_loop for r in e.reads() if r.tensor not in in_loop}
+    for e in reversed(c.einsums):
+        if e.out in feeds_loop:
+            feeds_loop |= {r.tensor for r in e.reads()}
     for e in c.einsums:
         if e.out not in in_loop:
-            (after if loop or any(c.depends_on(r.tensor, in_loop) for r in e.reads()) else before).append(e)
+            later = e.out not in feeds_loop and (loop or any(c.depends_on(r.tensor, in_loop) for r in e.reads()))
+            (after if later else before).append(e)
             continue
         if e.out not in states:
             loop.append(replace(e, loop=True))
