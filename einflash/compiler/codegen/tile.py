@@ -41,7 +41,7 @@ class Tile:
     dtype: str = "f32"  # "f32" (the accumulator type: fp32, fp64 in fp64 kernels), "in" (as loaded), "bool", "int"
     values: tuple[float, ...] | None = None  # what present positions may hold, when few values stand for all
     finite: bool = False  # present positions hold finite values (given finite q, k and v)
-    integer: bool = False  # an integral constant or an integer parameter: exact in integer arithmetic
+    int_code: str | None = None  # an integer leaf's code as an integer (a constant, an int parameter, an extent)
 
 
 def axis_extent(rank: str) -> str:

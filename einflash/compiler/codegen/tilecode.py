@@ -268,17 +268,18 @@ class TileCode:
 
     def leaf(self, x: Expr) -> Tile:
         if isinstance(x, Const):
+            integral = math.isfinite(x.value) and float(x.value).is_integer()
             return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value),
-                        integer=math.isfinite(x.value) and float(x.value).is_integer())
+                        int_code=str(int(x.value)) if integral else None)
         if isinstance(x, Param):
             decl = next(p for p in self.c.params if p.name == x.name)
             # a positive parameter is checked to be positive and finite at call time
             return Tile(f"p_{x.name}", (), values=POSITIVE_PROBES if decl.positive else None,
-                        finite=decl.positive or decl.integer, integer=decl.integer)
+                        finite=decl.positive or decl.integer, int_code=f"p_{x.name}" if decl.integer else None)
         if isinstance(x, Size):
             size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
             return Tile(f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})", (),
-                        finite=True)
+                        finite=True, int_code=str(size))
         if isinstance(x, Coord):
             if x.rank == "h":
                 return Tile("off_hrow", ("m",), dtype="int", finite=True) if self.kernel.packed_heads else \
@@ -311,18 +312,23 @@ class TileCode:
         ranks = tile_axes((r for a in args for r in a.ranks), self.kernel.order)
         if x.merge is Merge.ANY:
             return self.any_merge(x.op, args, ranks)
-        # integer coordinates with integral constants and integer parameters: exact integer arithmetic
-        exact = x.op in _INT_OPS and all(a.dtype in ("int", "bool") or a.integer for a in args) \
-            and any(a.dtype in ("int", "bool") for a in args)
+        # integer coordinates, extents, integral constants and integer parameters: exact integer arithmetic, and
+        # comparisons of integers as integers
+        integral = all(a.dtype in ("int", "bool") or a.int_code is not None for a in args)
+        exact = x.op in _INT_OPS and integral and not all(a.values is not None for a in args)
+        as_ints = exact or (op.boolean and integral and x.op not in ("and", "or", "not"))
         # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
         # result's value at absent positions follows from the larger operand's fill alone
         args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
                 for a in args]
+        if op.boolean and x.op in ("and", "or", "not"):  # a constant operand of a logical op is a truth value
+            args = [Tile("True" if a.values[0] else "False", (), dtype="bool") if a.dtype == "f32" and a.values
+                    and a.present is None else a for a in args]
         codes = []
         for a in args:
-            if exact and a.integer and a.values is not None:  # an integral constant, as an integer literal
-                code = str(int(a.values[0]))
-            elif a.dtype == "bool" or (a.dtype == "int" and (exact or op.boolean)) or (exact and a.integer):
+            if as_ints and a.int_code is not None:
+                code = a.int_code
+            elif a.dtype == "bool" or (a.dtype == "int" and as_ints):
                 code = a.code
             else:
                 code = self.f32(a)
@@ -459,7 +465,10 @@ class TileCode:
 
     def predicate(self, where: Expr) -> Tile | None:
         """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
-        parts = [p for p in conjuncts(where) if p not in self.skip_predicates]
+        # a constant conjunct (the declaration compared constants) holds everywhere or nowhere
+        parts = [p for p in conjuncts(where) if p not in self.skip_predicates and not (isinstance(p, Const) and p.value)]
+        if any(isinstance(p, Const) for p in parts):
+            return Tile("False", (), dtype="bool")
         if not parts:
             return None
         ranges, parts = range_pairs(parts, {p.name for p in self.c.params if p.integer})
