@@ -23,7 +23,7 @@ from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launc
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
 from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule
-from .forward import DTYPE_NAMES, Forward, accumulator_dtype
+from .forward import DTYPE_NAMES, Forward, accumulator_dtype, refuse_interpreted_bfloat16
 from .launch import Launcher, jit_launch
 from .replay import Recording
 from .tile_lists import tile_lists
@@ -165,6 +165,7 @@ class Backward:
                            and (needed is None or t.name in needed))
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
+        refuse_interpreted_bfloat16(output)
         call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record)
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import LoweringError
+from ... import knobs
+from ...errors import DTypeError, LoweringError
 from ...ir.cascade import Cascade
 from ...ir.ranks import PARALLEL
 from ...ir.reference import bind_extents
@@ -27,6 +28,15 @@ from ..schedule import Schedule, padded
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                torch.float64: "float64"}
+
+
+def refuse_interpreted_bfloat16(x: torch.Tensor) -> None:
+    """Raise DTypeError for a bfloat16 kernel call that Triton's interpreter would run: it computes bfloat16
+    dots and adds wrongly, so the result would be silently wrong."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and knobs.interpreting():
+        raise DTypeError("bfloat16 kernels cannot run on Triton's CPU interpreter, which computes bfloat16 wrongly; "
+                         "call with float16 or float32 tensors on the CPU, bfloat16 on a GPU, or pass "
+                         "backend='reference'")
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +108,7 @@ class Forward:
         launcher = launcher if record is None else record.launch
         extents = extents or bind_extents(c, inputs, values)
         first = inputs[c.inputs[0].name]
+        refuse_interpreted_bfloat16(first)
         dims = self.dims(extents)
         value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
         B, H, M = extents["b"], extents["h"], extents["m"]

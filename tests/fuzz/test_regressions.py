@@ -1,0 +1,72 @@
+"""Declarations the fuzzer (einflash.fuzz) or a user found einflash getting wrong, each kept as a test: the kernel
+now matches the float64 reference under the tolerance rule, or the declaration is refused with a typed error."""
+
+import pytest
+import torch
+
+import einflash as ef
+from einflash.errors import DeclarationError, DTypeError, LoweringError
+from einflash.testing import check
+
+
+def _masked(predicate):
+    @ef.attention
+    def masked(q, k, v, window: int = 5):
+        s = ef.mask(q @ k * ef.scale, predicate(window))
+        return ef.softmax(s, "n") @ v
+
+    return masked
+
+
+def _qkv(M=13, N=21, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, M, D, generator=g), torch.randn(1, 2, N, D, generator=g), torch.randn(1, 2, N, D,
+                                                                                                   generator=g)
+
+
+MASKS = {
+    # a sub-expression used twice: the end-aligned position of a query in a cache (was: CascadeError)
+    "shared end-aligned window": lambda w: (lambda qp: (ef.n <= qp) & (qp - ef.n < w))(ef.m + ef.N - ef.M),
+    # floor division and remainder of coordinates (was: an interpreter error, and % a TypeError)
+    "block diagonal": lambda w: ef.n // 4 == ef.m // 4,
+    "dilated window": lambda w: ((ef.m - ef.n) % 3 == 0) & (ef.n <= ef.m),
+    "negative floor division": lambda w: (ef.n - ef.m) // w >= -1,
+    # predicates of constants (was: an interpreter error)
+    "constant true": lambda w: (ef.m <= ef.m) & (0 <= 0),
+    "comparison of extents": lambda w: (ef.n <= ef.m) | (ef.N < ef.M),
+    "extents compared to themselves": lambda w: ef.M <= ef.M,
+}
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_masks_the_kernel_computes_right(name):
+    op = _masked(MASKS[name])
+    args = _qkv()
+    assert check(op, op(*args), *args).ok
+
+
+def test_a_softmax_over_the_query_rank_is_refused():
+    """It was normalised within each query tile (errors up to 2.9 once M exceeds a tile)."""
+    @ef.attention
+    def slots(q, k, v):
+        return ef.softmax(q @ k * ef.scale, "m") @ v
+
+    with pytest.raises(LoweringError, match="reduction over the query rank m"):
+        slots(*_qkv(M=40))
+    assert slots(*_qkv(M=40), backend="reference").shape == (1, 2, 40, 16)
+
+
+def test_division_by_a_written_zero_is_refused_at_its_line():
+    with pytest.raises(DeclarationError, match=r"test_regressions.py:\d+: // by 0"):
+        @ef.attention
+        def by_zero(q, k, v):
+            return ef.softmax(ef.mask(q @ k, ef.m // 0 == 1), "n") @ v
+
+
+def test_bfloat16_on_the_interpreter_is_refused():
+    """The interpreter computes bf16 wrongly: a call returned values around 1e8 without a word."""
+    op = _masked(lambda w: ef.n <= ef.m)
+    q, k, v = (x.bfloat16() for x in _qkv())
+    with pytest.raises(DTypeError, match="bfloat16 kernels cannot run on Triton's CPU interpreter"):
+        op(q, k, v)
+    assert op(q, k, v, backend="reference").dtype == torch.bfloat16
