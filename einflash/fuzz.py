@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import math
 import pathlib
 import sys
 import tempfile
@@ -127,6 +128,8 @@ class Program:
 # The generator (hypothesis strategies)
 # ---------------------------------------------------------------------------------------------------------------
 
+MAX_GAIN = 2.0  # of the scores in their dot products (see ``programs``)
+
 def _strategies():
     """The strategies, built on first use: hypothesis is a test dependency, not a run-time one."""
     from hypothesis import strategies as st
@@ -203,15 +206,20 @@ def programs():
                * (shape.E ** -0.5))
         # the plain-torch side's own: where the scores are present
         p.steps.append(lambda env: env.update(keep=torch.ones(shape.B, shape.Hq, shape.M, shape.N, dtype=torch.bool)))
-        # the scores' scale stays below about 9 (a temperature of 1/3 on top of the usual 1/sqrt(E)): beyond it, a
-        # backward that recomputes the scores (every FlashAttention-style backward) rounds them in another order
-        # than the forward did, and its fp32 gradients err by more than twice plain PyTorch's (docs/training.md)
-        scaled = 1.0
+        # How much the scores amplify the rounding of their dot products stays at most MAX_GAIN: a backward that
+        # recomputes the scores (every FlashAttention-style backward) sums the dots in another order than the
+        # forward did, and where that rounding is amplified its fp32 gradients err by more than twice plain
+        # PyTorch's (docs/training.md, Numerics). ``bound`` bounds |s|, ``gain`` its derivative in the dot.
+        bound, gain = 4.0, 1.0
         for kind, c in draw(st.lists(_score_transform(st), max_size=3)):
+            step_gain = {"scale": c, "sigmoid": c / 4, "exp": math.exp(bound / (2 * c)) / (2 * c)}.get(kind, 1.0)
+            if gain * step_gain > MAX_GAIN:
+                continue
+            gain *= step_gain
+            bound = {"scale": bound * c, "softcap": min(bound, c), "alibi": bound + max(shape.M, shape.N),
+                     "bias": bound + 4.0, "max": max(bound, c), "min": max(bound, c), "sigmoid": c, "tanh": 1.0,
+                     "exp": math.exp(bound / (2 * c))}.get(kind, bound)
             if kind == "scale":
-                if scaled * c > 3.0:
-                    continue
-                scaled *= c
                 assign("s", f"s * {c}", lambda env, c=c: env["s"] * c)
             elif kind == "softcap":
                 assign("s", f"{c} * ef.tanh(s / {c})", lambda env, c=c: c * torch.tanh(env["s"] / c))
