@@ -255,6 +255,7 @@ def main(examples: pathlib.Path, quick: bool = False, as_json: bool = False, sha
             print(HEADER, flush=True)
         for rec in iter_demo(examples, quick, shape, progress):
             records.append(rec)
+            progress(len(records), rec["name"], rec["status"])
             if not as_json:
                 print(format_row(rec), flush=True)
     print(json.dumps(records, indent=1) if as_json else summary(records))
