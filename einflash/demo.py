@@ -238,10 +238,11 @@ def summary(records: list[dict]) -> str:
     no_backward = sum(r["grad_ok"] is None for r in ok)
     lowered = sum(r["status"] == NOT_LOWERED for r in records)
     failed = [r["name"] for r in records if r["status"] == FAILED]
-    return (f"{len(ok)} of {len(records)} variants ok (output and gradients within tolerance"
-            + (f"; {no_backward} of them {'has' if no_backward == 1 else 'have'} no backward yet" if no_backward else "")
-            + f"), {lowered} not lowered (no kernel yet: not a failure), {len(failed)} failed (a step raised or a "
-              f"result is out of tolerance" + (f": {', '.join(failed)}" if failed else "") + ")")
+    without = f"; {no_backward} of them {'has' if no_backward == 1 else 'have'} no backward yet" if no_backward else ""
+    which = f": {', '.join(failed)}" if failed else ""
+    return (f"{len(ok)} of {len(records)} variants ok (output and gradients within tolerance{without}), "
+            f"{lowered} not lowered (no kernel yet: not a failure), "
+            f"{len(failed)} failed (a step raised or a result is out of tolerance{which})")
 
 
 def main(examples: pathlib.Path, quick: bool = False, as_json: bool = False, shape: Shape | None = None) -> int:
