@@ -655,12 +655,13 @@ def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
     >>> len(row_boxes(plain.cascade, sizes, 8, 4 * row))  # 4 rows' worth: 3 boxes per head
     18
     """
-    rows = independent_rows(c)
-
     def cost(sizes: Mapping[str, int]) -> int:
         return footprint(c, {**extents, **sizes}, itemsize)
 
-    if not rows or cost({}) <= max_bytes:
+    if cost({}) <= max_bytes:
+        return [{}]
+    rows = independent_rows(c)
+    if not rows:
         return [{}]
     # the outermost rank of which one coordinate (with the ranks inside it whole) fits, else the innermost
     i = next((i for i, r in enumerate(rows) if cost({x: 1 for x in rows[:i + 1]}) <= max_bytes), len(rows) - 1)
