@@ -72,23 +72,9 @@ def cmd_explain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import main as demo
 
-    records = run_demo(pathlib.Path(args.examples), quick=args.quick)
-    if args.json:
-        print(json.dumps(records, indent=1))
-    else:
-        print(f"{'variant':22} {'passes':>7} {'backend':12} {'max error':>10} {'tolerance':>10} {'ok':>5} {'ms':>8} "
-              f"{'grad error':>10} {'grad ok':>7}")
-        for r in records:
-            err = "" if r["max_error"] is None else f"{r['max_error']:.2e}"
-            tol = "" if r["tolerance"] is None else f"{r['tolerance']:.2e}"
-            ms = "" if r["ms"] is None else f"{r['ms']:.2f}"
-            gerr = "" if r["grad_max_error"] is None else f"{r['grad_max_error']:.2e}"
-            why = r.get("reason") or (r.get("grad_reason") if r["ok"] else None)
-            print(f"{r['name']:22} {r['passes_as_written']:>3}→{r['passes']:<3} {r['backend']:12} {err:>10} {tol:>10} "
-                  f"{str(r['ok']):>5} {ms:>8} {gerr:>10} {str(r['grad_ok']):>7}" + (f"  ({why})" if why else ""))
-    return 0 if all(r["ok"] is not False and r["grad_ok"] is not False for r in records) else 1
+    return demo(pathlib.Path(args.examples), quick=args.quick, as_json=args.json)
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:

@@ -57,8 +57,9 @@ def lowp_error(lowp: torch.Tensor, exact: torch.Tensor) -> float:
 
 def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     """Hold ``out`` (what a kernel returned for these arguments) to the tolerance rule."""
-    exact = op.reference(*args, **kwargs)
-    return judge(out, exact, op.reference(*args, dtype=out.dtype, **kwargs).double())
+    with torch.no_grad():  # values to compare, whether or not the arguments require grad: no graph to keep
+        exact = op.reference(*args, **kwargs)
+        return judge(out, exact, op.reference(*args, dtype=out.dtype, **kwargs).double())
 
 
 def references(cascade, inputs: dict, params: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

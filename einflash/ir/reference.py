@@ -9,6 +9,15 @@ cascade says. Coordinates are exact int64; float inputs are cast to ``dtype``
 (float64 for the oracle; a kernel's dtype to measure what plain PyTorch in that
 dtype gets wrong).
 
+An evaluation that would hold more than a memory budget (:func:`run_outputs`'
+``max_bytes``) runs in boxes of rows that the cascade computes independently
+(:func:`independent_rows`): whole heads first, blocks of query rows only when one
+head does not fit. Each box is evaluated on its own, with absolute coordinates and
+its inputs laid out as a whole run lays them, by the same operations: on the CPU the
+output is bit-for-bit the unboxed one (tests/ir/test_reference_boxes.py); a GPU's
+BLAS may pick other kernels for other sizes. Under autograd each box is
+checkpointed, so a backward also holds one box at a time.
+
 >>> import torch, einflash as ef
 >>> @ef.attention
 ... def plain(q, k, v):
@@ -21,18 +30,20 @@ dtype gets wrong).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import sympy
 import torch
+import torch.utils.checkpoint
 
 from ..errors import MissingInputError, ParameterError, ShapeError
 from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout
-from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size
+from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, walk
 from .operators import OPERATORS, REDUCERS
-from .ranks import coord, extent_symbol, rank_order
+from .ranks import PARALLEL, coord, extent_symbol, rank_order
 
 
 @dataclass
@@ -160,11 +171,14 @@ def _default_fn(key: str, params, ranks, name: str):
 
 
 class _Evaluator:
-    def __init__(self, c: Cascade, extents: dict[str, int], params: dict[str, float], device, dtype):
+    """Evaluates the cascade over ``box`` (coordinate ranges of some ranks, the whole extent of the others)."""
+
+    def __init__(self, c: Cascade, extents: dict[str, int], params: dict[str, float], device, dtype,
+                 inputs: dict[str, Value], box: Mapping[str, tuple[int, int]]):
         self.c, self.extents, self.params, self.device, self.dtype = c, extents, params, device, dtype
-        self.env: dict[str, Value] = {}
+        self.env: dict[str, Value] = dict(inputs)
         self.prev: dict[str, Value] = {}
-        self.ranges = {r: (0, s) for r, s in extents.items()}
+        self.ranges = {r: (0, s) for r, s in extents.items()} | dict(box)
 
     # leaves
     def coord_values(self, rank: str) -> torch.Tensor:
@@ -326,7 +340,10 @@ class _Evaluator:
 
     def _sum_of_products(self, e: Einsum, its) -> Value:
         factors = list(_factors(e.expr))
-        vals = [self.eval(f) for f in factors]
+        # b and h as batch dimensions of every contraction: BLAS then computes each head alike, however many
+        # heads an evaluation has (a factor without b would have b folded into its product's rows)
+        batch = tuple(r for r in PARALLEL if r not in e.reduce.ranks)
+        vals = [self._with_ranks(self.eval(f), batch) for f in factors]
         letters = {r: chr(ord("a") + i) for i, r in enumerate(its)}
         keep = tuple(r for r in its if r not in e.reduce.ranks)
         spec = ",".join("".join(letters[r] for r in v.ranks) for v in vals) + "->" + "".join(letters[r] for r in keep)
@@ -344,6 +361,17 @@ class _Evaluator:
                   else v.present.to(torch.float64) for v in vals]
             pres = torch.einsum(spec, *ps) > 0
         return Value(data, keep, pres)
+
+    def _with_ranks(self, v: Value, ranks: tuple[str, ...]) -> Value:
+        """``v`` broadcast along those of ``ranks`` it lacks (a view); a scalar stays one (weak in promotion)."""
+        missing = tuple(r for r in ranks if r not in v.ranks)
+        if not missing or v.data.dim() == 0:
+            return v
+        have = missing + v.ranks
+        shape = [self.ranges[r][1] - self.ranges[r][0] for r in missing] + list(v.data.shape)
+        present = None if v.present is None else _align(v.present, v.ranks, have).expand(shape)
+        return Value(_align(v.data, v.ranks, have).expand(shape), have, present,
+                     v.origin | {r: self.ranges[r][0] for r in missing})
 
     # the whole cascade
     def run(self, chunk: int | None) -> dict[str, Value]:
@@ -402,21 +430,31 @@ def _factors(x: Expr):
         yield x
 
 
+def _input_values(c: Cascade, inputs: Mapping[str, torch.Tensor], extents: Mapping[str, int],
+                  dtype: torch.dtype) -> dict[str, Value]:
+    """The inputs as Values: floats in ``dtype``, key/value heads repeated to the query heads."""
+    out = {}
+    for t in c.inputs:
+        x = inputs[t.name]
+        x = x.to(dtype) if x.is_floating_point() else x
+        if t.layout is Layout.KEY:
+            x = x.repeat_interleave(extents["h"] // x.shape[1], dim=1)
+        out[t.name] = Value(x, t.ranks)
+    return out
+
+
 def evaluate(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
              dtype: torch.dtype = torch.float64, chunk: int | None = None) -> dict[str, Value]:
     """Every tensor of the cascade as a Value (for tests of rewrites); see :func:`run_reference`."""
     params = dict(params or {})
     extents = bind_extents(c, inputs, params)
     values = bind_params(c, params, extents)
-    any_input = next(iter(inputs.values()))
-    ev = _Evaluator(c, extents, values, any_input.device, dtype)
-    for t in c.inputs:
-        x = inputs[t.name]
-        x = x.to(dtype) if x.is_floating_point() else x
-        if t.layout is Layout.KEY:
-            x = x.repeat_interleave(extents["h"] // x.shape[1], dim=1)
-        ev.env[t.name] = Value(x, t.ranks)
-    return ev.run(chunk)
+    given = _input_values(c, inputs, extents, dtype)
+    return _Evaluator(c, extents, values, _device(inputs), dtype, given, {}).run(chunk)
+
+
+def _device(inputs: Mapping[str, torch.Tensor]) -> torch.device:
+    return next(iter(inputs.values())).device
 
 
 def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | None = None) -> torch.Tensor:
@@ -433,15 +471,21 @@ def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | N
 
 
 def run_reference(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
-                  dtype: torch.dtype = torch.float64, chunk: int | None = None) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float64, chunk: int | None = None,
+                  max_bytes: float | None = None) -> torch.Tensor:
     """The output ``[B, Hq, M, F]`` of the cascade on these inputs, computed in ``dtype``."""
-    return run_outputs(c, inputs, params, dtype=dtype, chunk=chunk)[0]
+    return run_outputs(c, inputs, params, dtype=dtype, chunk=chunk, max_bytes=max_bytes)[0]
 
 
 def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
-                dtype: torch.dtype = torch.float64, chunk: int | None = None) -> tuple[torch.Tensor, ...]:
+                dtype: torch.dtype = torch.float64, chunk: int | None = None,
+                max_bytes: float | None = None) -> tuple[torch.Tensor, ...]:
     """Every output of the cascade: the first ``[B, Hq, M, F]`` (absent elements 0), then the per-row ones
     ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``.
+
+    ``max_bytes`` bounds what one evaluation holds, as :func:`footprint` estimates it: above it the rows are
+    evaluated in boxes (:func:`row_boxes`), for the same output (see the module's docstring). None takes a share
+    of the memory free on the inputs' device (:func:`memory_budget`).
 
     >>> import torch, einflash as ef
     >>> from einflash.compiler.rewrite.lse import with_lse
@@ -452,18 +496,203 @@ def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[
     >>> o, lse = run_outputs(with_lse(plain.cascade), {"q": q, "k": q, "v": q})
     >>> torch.allclose(lse, torch.logsumexp(q @ q.mT / 8 ** 0.5, dim=-1))
     True
+    >>> torch.equal(run_outputs(plain.cascade, {"q": q, "k": q, "v": q}, max_bytes=1)[0], o)  # one row at a time
+    True
     """
     params = dict(params or {})
-    env = evaluate(c, inputs, params, dtype=dtype, chunk=chunk)
     extents = bind_extents(c, inputs, params)
-    rows = (extents["b"], extents["h"], extents["m"])
-    out = [to_contract_layout(c, env[c.outputs[0]], extents)]
+    values = bind_params(c, params, extents)
+    given = _input_values(c, inputs, extents, dtype)
+    device = _device(inputs)
+    budget = memory_budget(device) if max_bytes is None else max_bytes
+    boxes = row_boxes(c, extents, torch.empty((), dtype=dtype).element_size(), budget)
+    names = list(given)
+
+    def run(box: dict[str, tuple[int, int]], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # the inputs come as arguments, so that a checkpoint sees what it differentiates
+        ev = _Evaluator(c, extents, values, device, dtype,
+                        {n: _boxed(c, n, given[n].ranks, t, box) for n, t in zip(names, tensors)}, box)
+        return _outputs(c, ev.run(chunk), {r: hi - lo for r, (lo, hi) in ev.ranges.items()})
+
+    tensors = [v.data for v in given.values()]
+    if len(boxes) == 1:
+        return run(boxes[0], *tensors)
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs: list[torch.Tensor] = []
+    for box in boxes:
+        pieces = (torch.utils.checkpoint.checkpoint(run, box, *tensors, use_reentrant=False) if differentiated
+                  else run(box, *tensors))
+        if not outs:  # each output whole: full extents along the ranks boxes cut, the piece's sizes elsewhere
+            outs = [p.new_empty([extents[r] if r in box else s for r, s in zip(ROW_RANKS, p.shape)] + [*p.shape[3:]])
+                    for p in pieces]
+        rows = tuple(slice(*box.get(r, (0, extents[r]))) for r in ROW_RANKS)
+        for out, piece in zip(outs, pieces):
+            out[rows] = piece
+    return tuple(outs)
+
+
+def _outputs(c: Cascade, env: dict[str, Value], sizes: Mapping[str, int]) -> tuple[torch.Tensor, ...]:
+    """The cascade's outputs in their contract layouts, from the Values of one evaluation over ``sizes``."""
+    out = [to_contract_layout(c, env[c.outputs[0]], sizes)]
     for name in c.outputs[1:]:
         v = env[name]
-        data = v.aligned(("b", "h", "m"))
+        data = v.aligned(ROW_RANKS)
         if v.present is not None:
-            data = torch.where(v.aligned_present(("b", "h", "m")), data,
+            data = torch.where(v.aligned_present(ROW_RANKS), data,
                                torch.full((), ROW_OUTPUT_ABSENT, dtype=data.dtype, device=data.device))
-        out.append(data.expand(*rows).contiguous())
+        out.append(data.expand(*(sizes[r] for r in ROW_RANKS)).contiguous())
     return tuple(out)
 
+
+# -- evaluating within a memory budget ------------------------------------------------------------
+
+ROW_RANKS = ("b", "h", "m")  # the ranks of the output's rows, outermost first: what boxes cut
+BUDGET_SHARE = 4  # the estimate counts what the forward holds; a backward holds about as much again
+# Blocks of query rows start at multiples of this: BLAS kernels compute rows in groups (of 4 to 16 on CPUs)
+# and the last, partial group of a product another way, so a block boundary inside a group changes roundings.
+ROW_GROUP = 64
+
+
+def independent_rows(c: Cascade) -> tuple[str, ...]:
+    """The ranks among b, h and m along which the cascade computes its outputs row by row: every output has
+    the rank, no Einsum reduces over it, and every tensor the cascade computes is read at its own coordinate
+    there. Inputs may be read anywhere (a box keeps them whole): GLA reads its gates ``g[n, e]`` across m.
+
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def smoothed(q, k, v):
+    ...     s = q @ k * ef.scale
+    ...     return ef.softmax(s + s[ef.m - 1, ef.n], "n") @ v
+    >>> independent_rows(smoothed.cascade)  # s is read at m − 1: a row of m needs the one before it
+    ('b', 'h')
+    """
+    return tuple(r for r in ROW_RANKS
+                 if all(r in c.tensor(o).ranks for o in c.outputs)
+                 and not any(e.reduce is not None and r in e.reduce.ranks for e in c.einsums)
+                 and not any(_read_across(c, e.out, r) for e in c.einsums))
+
+
+def _read_across(c: Cascade, name: str, rank: str) -> bool:
+    """Whether some Einsum reads tensor ``name`` along ``rank`` at other than its own coordinate."""
+    ranks = c.tensor(name).ranks
+    return rank in ranks and any(x.tensor == name and sympy.sympify(x.index[ranks.index(rank)]) != coord(rank)
+                                 for e in c.einsums for x in e.reads())
+
+
+def _boxed(c: Cascade, name: str, ranks: tuple[str, ...], data: torch.Tensor,
+           box: Mapping[str, tuple[int, int]]) -> Value:
+    """Input ``name`` cut to ``box`` along the row ranks it is read at its own coordinate (whole along the
+    others), as a contiguous copy: laid out as in an unboxed run, so that BLAS computes its rows alike."""
+    origin = {}
+    for d, r in enumerate(ranks):
+        if r in box and not _read_across(c, name, r):
+            lo, hi = box[r]
+            data, origin[r] = data.narrow(d, lo, hi - lo), lo
+    return Value(data.contiguous() if origin else data, ranks, None, origin)
+
+
+def footprint(c: Cascade, extents: Mapping[str, int], itemsize: int) -> int:
+    """Bytes one evaluation of the cascade over ``extents`` may hold, from its ranks: every tensor an Einsum
+    makes (each operator's result, each gathered read with its indices, its output, and its iteration space
+    where a filter, a reduction or a product of three factors materialises it), each element in ``itemsize``
+    bytes plus a presence flag. Autograd keeps them all, so it is counted as if nothing were freed; torch's
+    allocations for the catalogue, measured on the CPU, peaked at 0.4 to 1.9 times this, backward included.
+
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> footprint(plain.cascade, dict(b=1, h=1, m=100, n=100, e=64, f=64), 8) < 100 * 100 * 64 * 8  # no m×n×e
+    True
+    """
+    elements = 0
+    for ranks, count in _materialised(c):
+        elements += count * math.prod(extents[r] for r in ranks)
+    return elements * (itemsize + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _materialised(c: Cascade) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """The rank sets of the tensors evaluating ``c`` makes, with how many of each (see :func:`footprint`)."""
+    counts: dict[tuple[str, ...], int] = {}
+
+    def add(ranks, count: int = 1) -> None:
+        key = rank_order(ranks)
+        counts[key] = counts.get(key, 0) + count
+
+    for e in c.einsums:
+        products = e.reduce is not None and e.reduce.op == "sum" and e.where is None
+        # a sum of products is contracted by torch.einsum from its factors: their products are never formed
+        roots = list(_factors(e.expr)) if products else [e.expr]
+        roots += [] if e.where is None else [e.where]
+        for node in (x for root in roots for x in walk(root)):
+            if isinstance(node, Call):
+                add(free_ranks(node))
+            elif isinstance(node, Read) and not _plain(node, c):  # a gather: its values, and int64 indices
+                add(free_ranks(node), 2)
+        add(e.ranks)
+        if e.where is not None or (e.reduce is not None and not products):
+            add(e.iteration_ranks)
+        elif products and len(roots) > 2:  # torch.einsum forms a pairwise product, and copies it to contract it
+            add(e.iteration_ranks, 2)
+    return tuple(counts.items())
+
+
+def _plain(x: Read, c: Cascade) -> bool:
+    """A read of a tensor at its own coordinates: a view, no copy."""
+    return tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
+
+
+def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
+              max_bytes: float) -> list[dict[str, tuple[int, int]]]:
+    """Boxes of rows that cover the output once, each within ``max_bytes`` by :func:`footprint` where one row
+    of the cascade's :func:`independent_rows` fits: the outer row ranks one coordinate at a time, then as many
+    coordinates of the next as fit, the inner ones whole. ``[{}]`` (everything at once) when it all fits.
+
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> sizes = dict(b=2, h=3, m=10, n=10, e=8, f=8)
+    >>> row = footprint(plain.cascade, sizes | dict(b=1, h=1, m=1), 8)
+    >>> row_boxes(plain.cascade, sizes, 8, 25 * row)[:2]  # 25 query rows' worth: two heads at a time
+    [{'b': (0, 1), 'h': (0, 2)}, {'b': (0, 1), 'h': (2, 3)}]
+    >>> len(row_boxes(plain.cascade, sizes, 8, 4 * row))  # 4 rows' worth: 3 boxes per head
+    18
+    """
+    def cost(sizes: Mapping[str, int]) -> int:
+        return footprint(c, {**extents, **sizes}, itemsize)
+
+    if cost({}) <= max_bytes:
+        return [{}]
+    rows = independent_rows(c)
+    if not rows:
+        return [{}]
+    # the outermost rank of which one coordinate (with the ranks inside it whole) fits, else the innermost
+    i = next((i for i, r in enumerate(rows) if cost({x: 1 for x in rows[:i + 1]}) <= max_bytes), len(rows) - 1)
+    rank, ones = rows[i], {r: 1 for r in rows[:i]}
+    lo, hi = 1, max(1, extents[rank])  # the largest block of that rank that fits, at least one coordinate
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(ones | {rank: mid}) <= max_bytes else (lo, mid - 1)
+    if rank == "m" and lo > ROW_GROUP:
+        lo -= lo % ROW_GROUP
+    return [{**{r: (x, x + 1) for r, x in zip(rows[:i], at)}, rank: (s, min(s + lo, extents[rank]))}
+            for at in itertools.product(*(range(extents[r]) for r in rows[:i])) for s in range(0, extents[rank], lo)]
+
+
+def memory_budget(device: torch.device) -> float:
+    """What one reference evaluation may hold on ``device``: a ``1/BUDGET_SHARE`` share of its free memory
+    (on a GPU, with what torch's allocator has cached but does not use; on the CPU, Linux's MemAvailable),
+    or no bound (infinity) where that is not known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // BUDGET_SHARE
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return math.inf
+        return kib * 1024 // BUDGET_SHARE
+    return math.inf
