@@ -14,13 +14,12 @@ import pathlib
 
 import torch
 
-from .cli import load_ops
 from .compiler.aot.manifest import Manifest, read_manifest
 from .compiler.aot.load import StoredKernels
 from .errors import AOTError, CallError
 from .ir.reference import bind_extents, bind_params
 from .jagged import jagged_batch
-from .op import AttentionOp
+from .op import AttentionOp, load_ops
 
 
 class AOTOp:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
+import pathlib
 from typing import Any, Callable, Mapping
 
 import torch
@@ -17,7 +19,7 @@ from .compiler.runtime.forward import Forward, accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
 from .compiler.schedule import BackwardSchedule, Schedule, default_schedule
 from .compiler.tuning.selection import choose, generation
-from .errors import (DeviceError, DTypeError, LoweringError, MissingInputError, NormaliserError, ParameterError,
+from .errors import (DeclarationError, DeviceError, DTypeError, LoweringError, MissingInputError, NormaliserError, ParameterError,
                      ShapeError)
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, kv_heads, run_outputs
@@ -399,3 +401,14 @@ def attention(fn: Callable | None = None, *, name: str | None = None):
     if not callable(fn) or not inspect.isfunction(fn):
         raise TypeError(f"@einflash.attention decorates a function, got {type(fn).__name__}")
     return AttentionOp(fn, name)
+
+
+def load_ops(path: str) -> dict[str, AttentionOp]:
+    """The attention ops a Python file declares, by name (``einflash explain FILE``, ``load_aot``)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise DeclarationError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(f"einflash_user_{file.stem}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {v.name: v for v in vars(mod).values() if isinstance(v, AttentionOp)}

@@ -1,4 +1,4 @@
-"""The ``einflash tune`` and ``einflash cache`` commands (added to the parser of ``einflash.cli``).
+"""The ``einflash tune`` and ``einflash cache`` commands .
 
     einflash tune FILE[:NAME] --shape B,H,M,N,D --dtype DTYPE [--kv-heads HKV] [--head-dim-v F]
                   [--trials N] [--seconds S] [--storage URL] [--json]
@@ -15,15 +15,15 @@ import json
 import pathlib
 import sys
 
-from .errors import CacheError, DTypeError
+from ..errors import CacheError, DTypeError
+from .common import add_shape_options, params_of, pick, shape_of
 
 
 def cmd_tune(args) -> int:
     import torch
 
-    from .backends import detect
-    from .cli import _params, _shape, pick
-    from .testing import random_inputs
+    from ..backends import detect
+    from ..testing import random_inputs
 
     op = pick(args.target_file)
     target = detect()
@@ -32,8 +32,8 @@ def cmd_tune(args) -> int:
         raise DTypeError("Triton's interpreter computes bfloat16 wrongly, so no bfloat16 schedule would pass the "
                          "reference check here; tune float16 or float32 on this machine, bfloat16 on a GPU")
     device = "cpu" if target.is_interpreter else "cuda"
-    inputs = random_inputs(op, _shape(args), device, getattr(torch, dtype), args.seed)
-    result = op.tune(**inputs, **_params(args), trials=args.trials, seconds=args.seconds, storage=args.storage,
+    inputs = random_inputs(op, shape_of(args), device, getattr(torch, dtype), args.seed)
+    result = op.tune(**inputs, **params_of(args), trials=args.trials, seconds=args.seconds, storage=args.storage,
                      seed=args.seed, sampler=args.sampler, warm_start=not args.cold,
                      progress=not args.json and sys.stderr.isatty())
     print(json.dumps(result.to_json(), indent=1) if args.json else result)
@@ -41,14 +41,14 @@ def cmd_tune(args) -> int:
 
 
 def _here() -> dict:
-    from .backends import detect
-    from .compiler.tuning.cache import environment
+    from ..backends import detect
+    from ..compiler.tuning.cache import environment
 
     return environment(detect())
 
 
 def cmd_cache(args) -> int:
-    from .compiler.tuning.cache import TuneCache, schedule_from_json
+    from ..compiler.tuning.cache import TuneCache, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":
@@ -110,8 +110,6 @@ def cmd_cache(args) -> int:
 
 def add_commands(sub) -> None:
     """Add ``tune`` and ``cache`` to the ``einflash`` parser's subcommands."""
-    from .cli import add_shape_options
-
     tu = sub.add_parser("tune", help="tune a declaration's schedule at a shape on this machine; store the winner")
     tu.add_argument("target_file", metavar="FILE[:NAME]")
     add_shape_options(tu)

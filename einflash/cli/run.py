@@ -1,101 +1,41 @@
-"""The ``einflash`` command line: ``explain``, ``demo``, ``tune``, ``cache`` and ``aot``.
-
-    einflash explain examples/softmax.py --json
-    einflash demo [--json] [--quick]
-    einflash tune examples/causal.py --shape 2,16,8192,8192,128 --dtype bfloat16 [--trials 30] [--storage URL]
-    einflash cache list|show|export|import|clear [--json]
-    einflash aot examples/causal.py --shape 2,16,4096,4096,128 --shape 4,32,1,32768,128 --kv-heads 8 --out DIR
-"""
+"""The ``einflash explain``, ``demo`` and ``aot`` commands."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import pathlib
-import sys
 
-from .errors import DeclarationError, EinflashError
-from .op import AttentionOp
-from .shape import Shape
+import torch
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+from ..backends import get_target
+from ..compiler.aot.build import build
+from ..demo import main as demo
+from ..errors import DeclarationError
+from ..shape import Shape
+from .common import add_shape_options, pairs, params_of, pick, shape_of
 
-
-def load_ops(path: str) -> dict[str, AttentionOp]:
-    """The attention ops a Python file declares, by name."""
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise DeclarationError(f"no such file: {path}")
-    spec = importlib.util.spec_from_file_location(f"einflash_user_{file.stem}", file)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return {v.name: v for v in vars(mod).values() if isinstance(v, AttentionOp)}
-
-
-def pick(target: str) -> AttentionOp:
-    """``FILE[:NAME]`` → the op it names (or the only one the file declares)."""
-    path, _, name = target.partition(":")
-    ops = load_ops(path)
-    if not ops:
-        raise DeclarationError(f"{path} declares no @einflash.attention function")
-    if name:
-        if name not in ops:
-            raise DeclarationError(f"{path} has no attention op {name!r}; it has {sorted(ops)}")
-        return ops[name]
-    if len(ops) > 1:
-        raise DeclarationError(f"{path} declares several attention ops {sorted(ops)}; name one as FILE:NAME")
-    return next(iter(ops.values()))
-
-
-def add_shape_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--shape B,H,M,N,D``, ``--kv-heads`` and ``--head-dim-v``: how every command that takes a shape takes it."""
-    parser.add_argument("--shape", default=default, required=default is None, help="B,H,M,N,D (query heads H)")
-    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA/MQA); default H")
-    parser.add_argument("--head-dim-v", type=int, default=None, help="head dim of v; default D")
-
-
-def _shape(args) -> Shape:
-    return Shape.parse(args.shape, args.kv_heads, args.head_dim_v)
-
-
-def _params(args) -> dict[str, float]:
-    return {k: float(v) for k, v in (kv.split("=", 1) for kv in args.param)}
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent.parent / "examples"
 
 
 def cmd_explain(args) -> int:
     op = pick(args.target_file)
     dims = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.dim)}
-    x = op.explain(_shape(args), args.dtype, args.target, dims, **_params(args))
+    x = op.explain(shape_of(args), args.dtype, args.target, dims, **params_of(args))
     print(json.dumps(x.to_json(), indent=1) if args.json else x)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import main as demo
-
     return demo(pathlib.Path(args.examples), quick=args.quick, as_json=args.json)
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    bad = [kv for kv in items if "=" not in kv]
-    if bad:
-        raise DeclarationError(f"{what} is NAME=VALUE, got {bad[0]!r}")
-    return dict(kv.split("=", 1) for kv in items)
-
-
 def cmd_aot(args) -> int:
-    import torch
-
-    from .backends import get_target
-    from .compiler.aot.build import build
-
     op = pick(args.target_file)
     shapes = [Shape.parse(s, args.kv_heads, args.head_dim_v) for s in args.shape]
-    params = {k: float(v) for k, v in _pairs(args.param, "--param").items()}
-    dims = {k: int(v) for k, v in _pairs(args.dim, "--dim").items()}
+    params = params_of(args)
+    dims = {k: int(v) for k, v in pairs(args.dim, "--dim").items()}
     inputs = {}
-    for name, dtype in _pairs(args.input, "--input").items():
+    for name, dtype in pairs(args.input, "--input").items():
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise DeclarationError(f"--input {name}={dtype}: {dtype!r} is not a torch dtype (float32, int64, ...)")
         inputs[name] = getattr(torch, dtype)
@@ -116,9 +56,8 @@ def cmd_aot(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="einflash", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """Add ``explain``, ``demo`` and ``aot`` to the ``einflash`` parser's subcommands."""
     ex = sub.add_parser("explain", help="passes, buffers, FLOPs, bytes and roofline of a declaration")
     ex.add_argument("target_file", metavar="FILE[:NAME]")
     ex.add_argument("--json", action="store_true")
@@ -148,13 +87,3 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of an extra input (default: q's for per-token inputs, else float32)")
     ao.add_argument("--json", action="store_true", help="print the manifest")
     ao.set_defaults(fn=cmd_aot)
-    from .tuning_cli import add_commands
-
-    add_commands(sub)
-    args = ap.parse_args(argv)
-    try:
-        return args.fn(args)
-    except EinflashError as e:
-        print(f"einflash: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-
