@@ -49,9 +49,13 @@ DEADLINE = [500.0]
 OUT: list[pathlib.Path] = []
 # backward schedules tried with --sweep beside the default (and the default made atomic): launches, stages per
 # kernel, register budgets
-SWEEP = [BackwardSchedule(64, 128, 8, 3, one_launch=False), BackwardSchedule(64, 128, 8, 3),
-         BackwardSchedule(64, 128, 8, 2, dq_stages=3, max_registers=240, one_launch=False),
-         BackwardSchedule(64, 128, 8, 2, dq_stages=3), BackwardSchedule(32, 128, 8, 3, one_launch=False)]
+SWEEP = [
+    BackwardSchedule(64, 128, 8, 3, one_launch=False),
+    BackwardSchedule(64, 128, 8, 3),
+    BackwardSchedule(64, 128, 8, 2, dq_stages=3, max_registers=240, one_launch=False),
+    BackwardSchedule(64, 128, 8, 2, dq_stages=3),
+    BackwardSchedule(32, 128, 8, 3, one_launch=False),
+]
 
 
 def late() -> bool:
@@ -67,8 +71,10 @@ def emit(rows, **kw):
 
 def _training(fn, grad):
     """One forward+backward of ``fn``."""
+
     def step():
         fn().backward(grad)
+
     return step
 
 
@@ -84,12 +90,14 @@ def _host_profile(step, q, k, v, steps: int = 10) -> list[list]:
     prof.disable()
     stats = pstats.Stats(prof).stats
     top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
-    return [[f"{f}:{line}({name})"[-90:], calls, own * 1e3 / steps, total * 1e3 / steps]
-            for (f, line, name), (_, calls, own, total, _) in top]
+    return [
+        [f"{f}:{line}({name})"[-90:], calls, own * 1e3 / steps, total * 1e3 / steps]
+        for (f, line, name), (_, calls, own, total, _) in top
+    ]
 
 
 def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: bool = False):
-    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
         if cases and not any(c in label for c in cases.split(",")):
             continue
         if late():
@@ -101,8 +109,9 @@ def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: 
         if sweep:
             atomic = dataclasses.replace(default_backward_schedule({"e": D, "f": D}, detect()), atomic_dq=True)
             for sch in (SWEEP + [atomic])[:sweep]:
-                impls[f"einflash[{sch.describe()}]"] = (
-                    lambda sch=sch: op(q, k, v, **extra, **params, backward_schedule=sch))
+                impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(
+                    q, k, v, **extra, **params, backward_schedule=sch
+                )
         runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
         impls.update(runnable)
         for peer, e in failed.items():
@@ -119,14 +128,34 @@ def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: 
                 first = time.time() - t0
                 total = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v])
                 fwd = do_bench(fn, warmup=10, rep=50)
-                extra_fields = {"host_profile": _host_profile(step, q, k, v)} if host_profile and impl == "einflash" \
-                    else {}
-                emit(rows, kind="perf", case=label, impl=impl, B=B, H=H, N=N, D=D, fwd_bwd_ms=total, fwd_ms=fwd,
-                     tflops=3.5 * flops / total / 1e9, bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
-                     first_call_s=first, **extra_fields)
+                extra_fields = (
+                    {"host_profile": _host_profile(step, q, k, v)} if host_profile and impl == "einflash" else {}
+                )
+                emit(
+                    rows,
+                    kind="perf",
+                    case=label,
+                    impl=impl,
+                    B=B,
+                    H=H,
+                    N=N,
+                    D=D,
+                    fwd_bwd_ms=total,
+                    fwd_ms=fwd,
+                    tflops=3.5 * flops / total / 1e9,
+                    bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
+                    first_call_s=first,
+                    **extra_fields,
+                )
             except Exception as e:  # noqa: BLE001
-                emit(rows, kind="perf", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}",
-                     trace=traceback.format_exc()[-800:])
+                emit(
+                    rows,
+                    kind="perf",
+                    case=label,
+                    impl=impl,
+                    error=f"{type(e).__name__}: {str(e)[:300]}",
+                    trace=traceback.format_exc()[-800:],
+                )
             q.grad = k.grad = v.grad = None
         del q, k, v, grad
         torch.cuda.empty_cache()
@@ -135,14 +164,16 @@ def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: 
 def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
     """Per row, the GPU time of each kernel a training step runs (µs per step, from torch.profiler), for
     einflash and FlexAttention."""
-    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
         if (cases and not any(c in label for c in cases.split(","))) or late():
             continue
         op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
         grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
         runnable, _ = peers.row_peers(name, kind, q, k, v, extra, params)
-        impls = {"einflash": lambda: op(q, k, v, **extra, **params),
-                 **{p: f for p, f in runnable.items() if p == "flex"}}
+        impls = {
+            "einflash": lambda: op(q, k, v, **extra, **params),
+            **{p: f for p, f in runnable.items() if p == "flex"},
+        }
         for impl, fn in impls.items():
             step = _training(fn, grad)
             step()
@@ -153,8 +184,13 @@ def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
                     q.grad = k.grad = v.grad = None
                 torch.cuda.synchronize()
             times = {e.key[:90]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
-            emit(rows, kind="kernels", case=label, impl=impl,
-                 us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])))
+            emit(
+                rows,
+                kind="kernels",
+                case=label,
+                impl=impl,
+                us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])),
+            )
         del q, k, v, grad
         torch.cuda.empty_cache()
 
@@ -179,32 +215,54 @@ def correctness(rows, quick: bool, variants: str | None = None, dtypes: str = "b
             shape = ef.Shape(B, hq, M, M, D, D, hkv)
             try:
                 g = torch.Generator(device="cuda").manual_seed(0)
-                given = {"q": torch.randn(B, hq, M, D, device="cuda", dtype=dt, generator=g),
-                         "k": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g),
-                         "v": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g)}
+                given = {
+                    "q": torch.randn(B, hq, M, D, device="cuda", dtype=dt, generator=g),
+                    "k": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g),
+                    "v": torch.randn(B, hkv, M, D, device="cuda", dtype=dt, generator=g),
+                }
                 if hasattr(mod, "extra_inputs"):
                     given.update(mod.extra_inputs(shape, device="cuda", dtype=dt))
                 # parameters (inputs along no sequence: slopes, decays, gates) kept in fp32, as mixed-precision
                 # training keeps them: a sum over every (m, n) pair overflows fp16 (causal_linear's decay)
                 seqless = {t.name for t in op.cascade.inputs if not {"m", "n"} & set(t.ranks)}
-                given = {t.name: given[t.name].float() if t.name in seqless and given[t.name].is_floating_point()
-                         else given[t.name] for t in op.cascade.inputs}
-                leaves = {n: (x.detach().clone().requires_grad_() if x.is_floating_point() else x)
-                          for n, x in given.items()}
+                given = {
+                    t.name: given[t.name].float()
+                    if t.name in seqless and given[t.name].is_floating_point()
+                    else given[t.name]
+                    for t in op.cascade.inputs
+                }
+                leaves = {
+                    n: (x.detach().clone().requires_grad_() if x.is_floating_point() else x) for n, x in given.items()
+                }
                 t0 = time.time()
                 out = op(**leaves)
                 d_o = torch.randn(out.shape, device="cuda", dtype=dt, generator=g)
                 out.backward(d_o)
                 torch.cuda.synchronize()
                 seconds = time.time() - t0
-                verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items() if x.is_floating_point()}, d_o,
-                                           **given)
-                emit(rows, kind="check", variant=name, dtype=str(dt).split(".")[1], shape=[B, hq, hkv, M, M, D],
-                     ok=all(v.ok for v in verdicts.values()), first_call_s=seconds,
-                     inputs={n: v.as_dict() for n, v in verdicts.items()})
+                verdicts = check_gradients(
+                    op, {n: x.grad for n, x in leaves.items() if x.is_floating_point()}, d_o, **given
+                )
+                emit(
+                    rows,
+                    kind="check",
+                    variant=name,
+                    dtype=str(dt).split(".")[1],
+                    shape=[B, hq, hkv, M, M, D],
+                    ok=all(v.ok for v in verdicts.values()),
+                    first_call_s=seconds,
+                    inputs={n: v.as_dict() for n, v in verdicts.items()},
+                )
             except Exception as e:  # noqa: BLE001
-                emit(rows, kind="check", variant=name, dtype=str(dt), ok=False,
-                     error=f"{type(e).__name__}: {str(e)[:300]}", trace=traceback.format_exc()[-800:])
+                emit(
+                    rows,
+                    kind="check",
+                    variant=name,
+                    dtype=str(dt),
+                    ok=False,
+                    error=f"{type(e).__name__}: {str(e)[:300]}",
+                    trace=traceback.format_exc()[-800:],
+                )
             torch.cuda.empty_cache()
 
 
@@ -219,22 +277,32 @@ def summary(rows):
         mine = {k: v for k, v in d.items() if k.startswith("einflash")}
         best = max(mine.values()) if mine else math.nan
         flex, cudnn = d.get("flex", math.nan), d.get("sdpa-cudnn", math.nan)
-        print(f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {d.get('einflash[atomic dq]', math.nan):.1f}"
-              f" | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f} | {flex:.1f} | {best / flex:.2f}"
-              f" | {best / cudnn:.2f}")
+        print(
+            f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {d.get('einflash[atomic dq]', math.nan):.1f}"
+            f" | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f} | {flex:.1f} | {best / flex:.2f}"
+            f" | {best / cudnn:.2f}"
+        )
     checks = [r for r in rows if r.get("kind") == "check" and r.get("ok") is not None]
     if checks:
         bad = [f"{r['variant']} {r.get('dtype')}" for r in checks if not r["ok"]]
-        print(f"\ngradients within the tolerance rule: {len(checks) - len(bad)} of {len(checks)}"
-              + (f"; not: {', '.join(bad)}" if bad else ""))
+        print(
+            f"\ngradients within the tolerance rule: {len(checks) - len(bad)} of {len(checks)}"
+            + (f"; not: {', '.join(bad)}" if bad else "")
+        )
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", nargs="?", type=int, const=len(SWEEP) + 1, default=0,
-                    help="also time the first N backward schedules of SWEEP and the atomic one (all by default)")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        type=int,
+        const=len(SWEEP) + 1,
+        default=0,
+        help="also time the first N backward schedules of SWEEP and the atomic one (all by default)",
+    )
     ap.add_argument("--only", default="perf,check")
     ap.add_argument("--deadline", type=float, default=500.0, help="seconds after which nothing new starts")
     ap.add_argument("--cases", default=None, help="comma-separated substrings of the perf rows to run")
@@ -247,8 +315,14 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     OUT.append(out / "backward.json")
     rows = []
-    emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-         date=datetime.date.today().isoformat())
+    emit(
+        rows,
+        kind="env",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+    )
     steps = a.only.split(",")
     if "perf" in steps:
         perf(rows, a.quick, a.sweep, a.cases, a.host_profile)

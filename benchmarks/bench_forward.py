@@ -43,8 +43,14 @@ ROWS = [
     ("softcap 30 (2,16,8192,128)", "softcap", (2, 16, 8192, 128), {"cap": 30.0}, None),
 ]
 # fixed schedules timed with --sweep beside the default (the last field: ptxas's register cap, 0 for none)
-SWEEP = [Schedule(128, 64, 8, 3), Schedule(128, 128, 8, 3), Schedule(128, 128, 8, 3, max_registers=240),
-         Schedule(128, 64, 8, 3, max_registers=240), Schedule(64, 64, 4, 3), Schedule(64, 128, 4, 3)]
+SWEEP = [
+    Schedule(128, 64, 8, 3),
+    Schedule(128, 128, 8, 3),
+    Schedule(128, 128, 8, 3, max_registers=240),
+    Schedule(128, 64, 8, 3, max_registers=240),
+    Schedule(64, 64, 4, 3),
+    Schedule(64, 128, 4, 3),
+]
 DECODE = ("decode GQA 32:8 D128 B4 KV32768", "softmax", dict(B=4, Hq=32, Hkv=8, L=32768, D=128))
 
 
@@ -99,14 +105,14 @@ def row_setup(name: str, B: int, H: int, N: int, D: int, params: dict, kind, req
 
 
 def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
-    for label, name, (B, H, N, D), params, kind in (ROWS[:2] if quick else ROWS):
+    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
         if cases and not any(c in label for c in cases.split(",")):
             continue
         op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind)
         impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
         if sweep:
             for sch in SWEEP:
-                impls[f"einflash[{sch.describe()}]"] = (lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch))
+                impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch)
         runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
         impls.update(runnable)
         for peer, e in failed.items():
@@ -118,8 +124,19 @@ def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
                 torch.cuda.synchronize()
                 first = time.time() - t0
                 ms = bench(fn)
-                emit(rows, kind="prefill", case=label, impl=impl, B=B, H=H, N=N, D=D, ms=ms,
-                     tflops=flops / ms / 1e9, first_call_s=first)
+                emit(
+                    rows,
+                    kind="prefill",
+                    case=label,
+                    impl=impl,
+                    B=B,
+                    H=H,
+                    N=N,
+                    D=D,
+                    ms=ms,
+                    tflops=flops / ms / 1e9,
+                    first_call_s=first,
+                )
             except Exception as e:  # noqa: BLE001
                 emit(rows, kind="prefill", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
         del q, k, v
@@ -152,10 +169,17 @@ def decode(rows, sweep: bool):
     op, q, k, v, kv_bytes = decode_inputs()
     impls = {"einflash": lambda: op(q, k, v)}
     if sweep:
-        for bn, splits, w, st in [(64, 8, 4, 4), (64, 12, 4, 3), (64, 9, 8, 3), (64, 9, 4, 5), (32, 9, 4, 4),
-                                  (128, 9, 8, 3), (64, 6, 4, 4)]:
+        for bn, splits, w, st in [
+            (64, 8, 4, 4),
+            (64, 12, 4, 3),
+            (64, 9, 8, 3),
+            (64, 9, 4, 5),
+            (32, 9, 4, 4),
+            (128, 9, 8, 3),
+            (64, 6, 4, 4),
+        ]:
             sch = Schedule(16, bn, w, st, splits, True)
-            impls[f"einflash[bn{bn} splits{splits} w{w} s{st}]"] = (lambda sch=sch: op(q, k, v, schedule=sch))
+            impls[f"einflash[bn{bn} splits{splits} w{w} s{st}]"] = lambda sch=sch: op(q, k, v, schedule=sch)
     for peer in ("sdpa-cudnn", "sdpa-flash"):
         try:
             impls[peer] = peers.sdpa(peer, q, k, v)
@@ -171,8 +195,16 @@ def decode(rows, sweep: bool):
             ms = bench(fn)
             # replayed from a CUDA graph, as serving loops run decoding: the GPU's time without the host's
             graph_ms = triton.testing.do_bench_cudagraph(fn, rep=100)
-            emit(rows, kind="decode", case=label, impl=impl, ms=ms, tbps=kv_bytes / ms / 1e9, graph_ms=graph_ms,
-                 graph_tbps=kv_bytes / graph_ms / 1e9)
+            emit(
+                rows,
+                kind="decode",
+                case=label,
+                impl=impl,
+                ms=ms,
+                tbps=kv_bytes / ms / 1e9,
+                graph_ms=graph_ms,
+                graph_tbps=kv_bytes / graph_ms / 1e9,
+            )
         except Exception as e:  # noqa: BLE001
             emit(rows, kind="decode", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -185,9 +217,24 @@ def correctness_in_parallel(rows, quick: bool, workers: int):
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="einflash_check_"))
     names = sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
     shares = [names[k::workers] for k in range(workers)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--only", "check", "--variants", ",".join(share),
-                               "--out", str(scratch / f"check{k}")] + (["--quick"] if quick else []),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for k, share in enumerate(shares)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--only",
+                "check",
+                "--variants",
+                ",".join(share),
+                "--out",
+                str(scratch / f"check{k}"),
+            ]
+            + (["--quick"] if quick else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for k, share in enumerate(shares)
+    ]
     for proc in procs:
         proc.wait()
     for k in range(workers):
@@ -215,7 +262,7 @@ def correctness(rows, quick: bool, variants: str | None = None):
         if op.forward.error is not None:
             emit(rows, kind="check", variant=name, ok=None, reason=str(op.forward.error))
             continue
-        for case, B, Hq, Hkv, M, N, D in (broadcast if op.forward.broadcast and not quick else cases):
+        for case, B, Hq, Hkv, M, N, D in broadcast if op.forward.broadcast and not quick else cases:
             hq, hkv = getattr(mod, "HEADS", (Hq, Hkv))
             if name == "gla" and M != N:
                 continue
@@ -226,11 +273,26 @@ def correctness(rows, quick: bool, variants: str | None = None):
                     args = (q, k) if name == "mla_decode" else (q, k, v)
                     out = op(*args, **extra)
                     verdict = check(op, out, *args, **extra)
-                    emit(rows, kind="check", variant=name, case=case, dtype=str(dt).split(".")[1],
-                         shape=[B, hq, hkv, M, N, D], **verdict.as_dict())
+                    emit(
+                        rows,
+                        kind="check",
+                        variant=name,
+                        case=case,
+                        dtype=str(dt).split(".")[1],
+                        shape=[B, hq, hkv, M, N, D],
+                        **verdict.as_dict(),
+                    )
                 except Exception as e:  # noqa: BLE001
-                    emit(rows, kind="check", variant=name, case=case, dtype=str(dt), ok=False,
-                         error=f"{type(e).__name__}: {str(e)[:300]}", trace=traceback.format_exc()[-600:])
+                    emit(
+                        rows,
+                        kind="check",
+                        variant=name,
+                        case=case,
+                        dtype=str(dt),
+                        ok=False,
+                        error=f"{type(e).__name__}: {str(e)[:300]}",
+                        trace=traceback.format_exc()[-600:],
+                    )
                 torch.cuda.empty_cache()
 
 
@@ -253,11 +315,27 @@ def lse_check(rows, variants: str | None = None):
                     same_inf = bool((torch.isinf(lse) == ~fin).all())
                     # fp32 states: a few ulps of |lse| plus the exp2/log rounding
                     tol = 1e-5 * max(1.0, ref[fin].abs().max().item()) + 1e-4
-                    emit(rows, kind="lse", variant=name, case=case, dtype=str(dt).split(".")[1], max_error=err,
-                         tolerance=tol, empty_rows_agree=same_inf, ok=err <= tol and same_inf)
+                    emit(
+                        rows,
+                        kind="lse",
+                        variant=name,
+                        case=case,
+                        dtype=str(dt).split(".")[1],
+                        max_error=err,
+                        tolerance=tol,
+                        empty_rows_agree=same_inf,
+                        ok=err <= tol and same_inf,
+                    )
                 except Exception as e:  # noqa: BLE001
-                    emit(rows, kind="lse", variant=name, case=case, dtype=str(dt), ok=False,
-                         error=f"{type(e).__name__}: {str(e)[:300]}")
+                    emit(
+                        rows,
+                        kind="lse",
+                        variant=name,
+                        case=case,
+                        dtype=str(dt),
+                        ok=False,
+                        error=f"{type(e).__name__}: {str(e)[:300]}",
+                    )
                 torch.cuda.empty_cache()
 
 
@@ -273,8 +351,14 @@ def main():
     ap.add_argument("--check-workers", type=int, default=1, help="processes the check is split over")
     a = ap.parse_args()
     rows = []
-    emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-         date=datetime.date.today().isoformat())
+    emit(
+        rows,
+        kind="env",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+    )
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     OUT.append(out / "forward.json")
@@ -309,8 +393,10 @@ def summary(rows):
         best = max(mine.values()) if mine else math.nan
         flex = d.get("flex", math.nan)
         cudnn = d.get("sdpa-cudnn", math.nan)
-        print(f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f}"
-              f" | {flex:.1f} | {best / flex:.2f} | {best / cudnn:.2f}")
+        print(
+            f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f}"
+            f" | {flex:.1f} | {best / flex:.2f} | {best / cudnn:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,17 @@ def main():
     os.environ["EINFLASH_CACHE_DIR"] = tempfile.mkdtemp(prefix="einflash-bench-tune-")
     bf.OUT.append(out / "tune.json")
     rows: list[dict] = []
-    bf.emit(rows, kind="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-            optuna=optuna.__version__, date=datetime.date.today().isoformat(), trials=a.trials, deadline_s=a.deadline)
+    bf.emit(
+        rows,
+        kind="env",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        optuna=optuna.__version__,
+        date=datetime.date.today().isoformat(),
+        trials=a.trials,
+        deadline_s=a.deadline,
+    )
     trials = 4 if a.quick else a.trials
     deadline = START + a.deadline
     cases, pairs = _cases(a.quick), _pairs(a.quick)
@@ -100,11 +109,23 @@ def _share(deadline: float, studies: int) -> float:
 
 def _cases(quick: bool) -> list[dict]:
     cases = []
-    for label, name, (B, H, N, D), params, kind in (bf.ROWS[:1] if quick else bf.ROWS):
+    for label, name, (B, H, N, D), params, kind in bf.ROWS[:1] if quick else bf.ROWS:
         cases.append(dict(label=label, name=name, B=B, Hq=H, Hkv=H, M=N, N=N, D=D, params=params, kind=kind))
     label, name, p = bf.DECODE
-    cases.append(dict(label=label, name=name, B=p["B"], Hq=p["Hq"], Hkv=p["Hkv"], M=1, N=p["L"], D=p["D"],
-                      params={}, kind="decode"))
+    cases.append(
+        dict(
+            label=label,
+            name=name,
+            B=p["B"],
+            Hq=p["Hq"],
+            Hkv=p["Hkv"],
+            M=1,
+            N=p["L"],
+            D=p["D"],
+            params={},
+            kind="decode",
+        )
+    )
     return cases
 
 
@@ -157,17 +178,39 @@ def _tune_row(rows, case, trials, seconds, seed):
             best.append(gpu_timer(lambda: op(*args, **kw, schedule=r.best), r.best))
             default.append(gpu_timer(lambda: op(*args, **kw, schedule=r.default), r.default))
         b, d = statistics.median(best), statistics.median(default)
-        bf.emit(rows, kind="tuned", case=case["label"], bucket=r.bucket.label, tuning_s=tuning_s,
-                sampler=r.sampler, space=r.space.to_json(), measured=len(r.measured), failed=len(r.failed),
-                failures=[f"{f['kind']}: {f['reason'][:160]}" for f in r.failed],
-                best=_sched(r.best), default=_sched(r.default), tuned_ms=b, default_ms=d, speedup=d / b,
-                tuned_rate=_rate(case, b), default_rate=_rate(case, d), study_best_ms=r.best_ms,
-                study_default_ms=r.default_ms, checked=r.checked, cache=str(r.path))
+        bf.emit(
+            rows,
+            kind="tuned",
+            case=case["label"],
+            bucket=r.bucket.label,
+            tuning_s=tuning_s,
+            sampler=r.sampler,
+            space=r.space.to_json(),
+            measured=len(r.measured),
+            failed=len(r.failed),
+            failures=[f"{f['kind']}: {f['reason'][:160]}" for f in r.failed],
+            best=_sched(r.best),
+            default=_sched(r.default),
+            tuned_ms=b,
+            default_ms=d,
+            speedup=d / b,
+            tuned_rate=_rate(case, b),
+            default_rate=_rate(case, d),
+            study_best_ms=r.best_ms,
+            study_default_ms=r.default_ms,
+            checked=r.checked,
+            cache=str(r.path),
+        )
         del args
         torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001 -- one row failing must not lose the others
-        bf.emit(rows, kind="tuned", case=case["label"], error=f"{type(e).__name__}: {str(e)[:400]}",
-                trace=traceback.format_exc()[-800:])
+        bf.emit(
+            rows,
+            kind="tuned",
+            case=case["label"],
+            error=f"{type(e).__name__}: {str(e)[:400]}",
+            trace=traceback.format_exc()[-800:],
+        )
 
 
 def _to_within(result, best_ms: float) -> int | None:
@@ -187,24 +230,40 @@ def _warm_vs_cold(rows, case, trials, deadline, studies, seed):
             seconds = _share(deadline, studies - i)
             t0 = time.monotonic()
             if mode == "cold":  # nothing enqueued, and a cache of its own, empty
-                r = op.tune(*args, **kw, trials=trials, seconds=seconds, seed=seed, warm_start=False,
-                            cache=TuneCache(tempfile.mkdtemp(prefix="einflash-cold-")))
+                r = op.tune(
+                    *args,
+                    **kw,
+                    trials=trials,
+                    seconds=seconds,
+                    seed=seed,
+                    warm_start=False,
+                    cache=TuneCache(tempfile.mkdtemp(prefix="einflash-cold-")),
+                )
             else:  # the default, then the winners of the nearest cached shapes (the tuned rows)
                 r = op.tune(*args, **kw, trials=trials, seconds=seconds, seed=seed)
             runs[mode] = (r, time.monotonic() - t0)
         best = min(r.best_ms for r, _ in runs.values())
         record = {"kind": "warm_vs_cold", "case": label, "best_ms": best, "trials": trials}
         for mode, (r, seconds) in runs.items():
-            record[mode] = {"to_within_5pct": _to_within(r, best), "best_ms": r.best_ms, "seconds": seconds,
-                            "best": _sched(r.best), "warm_starts": [m.get("warm_start") for m in r.measured
-                                                                    if m.get("warm_start")],
-                            "ms_in_order": [m["ms"] for m in sorted(r.measured, key=lambda m: m["trial"])]}
+            record[mode] = {
+                "to_within_5pct": _to_within(r, best),
+                "best_ms": r.best_ms,
+                "seconds": seconds,
+                "best": _sched(r.best),
+                "warm_starts": [m.get("warm_start") for m in r.measured if m.get("warm_start")],
+                "ms_in_order": [m["ms"] for m in sorted(r.measured, key=lambda m: m["trial"])],
+            }
         bf.emit(rows, **record)
         del args
         torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001
-        bf.emit(rows, kind="warm_vs_cold", case=label, error=f"{type(e).__name__}: {str(e)[:400]}",
-                trace=traceback.format_exc()[-800:])
+        bf.emit(
+            rows,
+            kind="warm_vs_cold",
+            case=label,
+            error=f"{type(e).__name__}: {str(e)[:400]}",
+            trace=traceback.format_exc()[-800:],
+        )
 
 
 def _summary(rows):
@@ -219,18 +278,25 @@ def _summary(rows):
         unit = "TFLOP/s" if "tflops" in r["tuned_rate"] else "TB/s"
         d, t = (next(iter(x.values())) for x in (r["default_rate"], r["tuned_rate"]))
         b = r["best"]
-        sched = (f"{b['block_m']}x{b['block_n']} w{b['num_warps']} s{b['num_stages']}" +
-                 (f" splits {b['splits']}" if b["splits"] > 1 else "") + (" rev" if b["reverse_m"] else ""))
-        print(f"{r['case']} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | {r['speedup']:.2f}x | {d:.1f} → {t:.1f} "
-              f"{unit} | {r['tuning_s']:.0f} | {r['measured']}/{r['failed']} | {sched}")
+        sched = (
+            f"{b['block_m']}x{b['block_n']} w{b['num_warps']} s{b['num_stages']}"
+            + (f" splits {b['splits']}" if b["splits"] > 1 else "")
+            + (" rev" if b["reverse_m"] else "")
+        )
+        print(
+            f"{r['case']} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | {r['speedup']:.2f}x | {d:.1f} → {t:.1f} "
+            f"{unit} | {r['tuning_s']:.0f} | {r['measured']}/{r['failed']} | {sched}"
+        )
     print("\nwarm vs cold (schedules tried until within 5% of the best either found)")
     for r in rows:
         if r.get("kind") == "warm_vs_cold":
             if "error" in r:
                 print(f"{r['case']} | error: {r['error'][:120]}")
             else:
-                print(f"{r['case']} | cold {r['cold']['to_within_5pct']} | warm {r['warm']['to_within_5pct']} | "
-                      f"best {r['best_ms']:.3f} ms (of {r['trials']} each)")
+                print(
+                    f"{r['case']} | cold {r['cold']['to_within_5pct']} | warm {r['warm']['to_within_5pct']} | "
+                    f"best {r['best_ms']:.3f} ms (of {r['trials']} each)"
+                )
     for r in rows:
         if r.get("kind") == "skipped":
             print(f"skipped {r['case']}: {r['reason']}")

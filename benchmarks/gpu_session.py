@@ -32,8 +32,9 @@ def _run(args: list[str], log: pathlib.Path, seconds: float) -> int:
         f.write(f"\n[gpu_session] {' '.join(args)}\n")
         f.flush()
         try:
-            return subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=seconds).returncode
+            return subprocess.run(
+                [sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, timeout=seconds
+            ).returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[gpu_session] stopped at its limit of {seconds:.0f} s\n")
             return 124
@@ -43,8 +44,11 @@ def _backward(out: pathlib.Path, seconds: float) -> None:
     """The forward+backward benchmark, every row in one process, into DIR/backward.json. (One process per row
     once kept a sliding-window anomaly seen in a shared process out; it did not recur with every row in one
     process, h200_2026-12-02_final_3466567, and a per-row share of the session left the peers untimed.)"""
-    _run([str(HERE / "bench_backward.py"), "--only", "perf", "--deadline", str(seconds - 10), "--out", str(out)],
-         out / "session.log", seconds)
+    _run(
+        [str(HERE / "bench_backward.py"), "--only", "perf", "--deadline", str(seconds - 10), "--out", str(out)],
+        out / "session.log",
+        seconds,
+    )
 
 
 SLOW_TO_CHECK = ("gla", "sink_window", "prefix_lm")  # compile longest: each starts a worker's share
@@ -58,11 +62,38 @@ def _checks(out: pathlib.Path, seconds: float, workers: int) -> None:
     jobs = []
     for k in range(workers):
         share = ",".join(names[k::workers])
-        jobs.append(("forward", scratch / f"f{k}", [str(HERE / "bench_forward.py"), "--only", "check",
-                                                     "--variants", share, "--out", str(scratch / f"f{k}")]))
-        jobs.append(("backward", scratch / f"b{k}", [str(HERE / "bench_backward.py"), "--only", "check",
-                                                      "--variants", share, "--deadline", str(seconds - 20),
-                                                      "--out", str(scratch / f"b{k}")]))
+        jobs.append(
+            (
+                "forward",
+                scratch / f"f{k}",
+                [
+                    str(HERE / "bench_forward.py"),
+                    "--only",
+                    "check",
+                    "--variants",
+                    share,
+                    "--out",
+                    str(scratch / f"f{k}"),
+                ],
+            )
+        )
+        jobs.append(
+            (
+                "backward",
+                scratch / f"b{k}",
+                [
+                    str(HERE / "bench_backward.py"),
+                    "--only",
+                    "check",
+                    "--variants",
+                    share,
+                    "--deadline",
+                    str(seconds - 20),
+                    "--out",
+                    str(scratch / f"b{k}"),
+                ],
+            )
+        )
     procs = []
     with (out / "session.log").open("a") as log:
         for _, folder, args in jobs:
@@ -96,13 +127,20 @@ def main() -> None:
     shares = {k: v for k, v in (SWEEP_SHARES if a.sweep else SHARES).items() if k in parts}
     limit = {k: v / sum(shares.values()) * a.seconds for k, v in shares.items()}  # the parts left share the time
     if "forward" in limit:
-        _run([str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)]
-             + ["--sweep"] * a.sweep, out / "session.log", limit["forward"])
+        _run(
+            [str(HERE / "bench_forward.py"), "--only", "anchors,prefill,decode", "--out", str(out)]
+            + ["--sweep"] * a.sweep,
+            out / "session.log",
+            limit["forward"],
+        )
     if "backward" in limit:
         _backward(out, limit["backward"])
     if "tune" in limit:
-        _run([str(HERE / "bench_tune.py"), "--trials", "8", "--deadline", str(limit["tune"] - 15), "--out", str(out)],
-             out / "session.log", limit["tune"])
+        _run(
+            [str(HERE / "bench_tune.py"), "--trials", "8", "--deadline", str(limit["tune"] - 15), "--out", str(out)],
+            out / "session.log",
+            limit["tune"],
+        )
     if "checks" in limit:
         _checks(out, limit["checks"], a.workers)
 

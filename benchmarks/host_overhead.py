@@ -72,14 +72,17 @@ def main():
     schedule = choose(op.cascade, fwd, for_device("cuda"), DT, extents, Hkv)
     launches = []
     fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: launches.append((src, call)))
-    rows = {"schedule": str(schedule),
-            "whole call (replayed)": per_call_us(lambda: op(q, k, v)),
-            "whole call, not replayed": _unreplayed(op, lambda: per_call_us(lambda: op(q, k, v))),
-            "einflash Python (launches captured)": per_call_us(
-                lambda: fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: None)),
-            "the launches alone (Triton JIT)": per_call_us(lambda: [jit_launch(s, c) for s, c in launches]),
-            "GPU per call (CUDA graph)": triton.testing.do_bench_cudagraph(lambda: op(q, k, v), rep=100) * 1e3,
-            "arguments per launch": [len(c.args) for _, c in launches]}
+    rows = {
+        "schedule": str(schedule),
+        "whole call (replayed)": per_call_us(lambda: op(q, k, v)),
+        "whole call, not replayed": _unreplayed(op, lambda: per_call_us(lambda: op(q, k, v))),
+        "einflash Python (launches captured)": per_call_us(
+            lambda: fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: None)
+        ),
+        "the launches alone (Triton JIT)": per_call_us(lambda: [jit_launch(s, c) for s, c in launches]),
+        "GPU per call (CUDA graph)": triton.testing.do_bench_cudagraph(lambda: op(q, k, v), rep=100) * 1e3,
+        "arguments per launch": [len(c.args) for _, c in launches],
+    }
     (out / "host.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
     prof = cProfile.Profile()

@@ -78,10 +78,18 @@ def main():
             training.forward_replays.capacity, training.backward_replays.capacity = kept
 
     eager = lambda: op(q, k, v, **params)  # noqa: E731
-    result = {"variant": a.variant, "device": a.device, "B": B, "H": H, "N": N, "D": D, "dtype": "bfloat16",
-              "custom_ops_us": without_replays(lambda: training.custom_op([q, k, v], values, schedule)[0]),
-              "function_recorded_us": without_replays(eager),
-              "function_replayed_us": per_step_us(lambda: step(eager))}
+    result = {
+        "variant": a.variant,
+        "device": a.device,
+        "B": B,
+        "H": H,
+        "N": N,
+        "D": D,
+        "dtype": "bfloat16",
+        "custom_ops_us": without_replays(lambda: training.custom_op([q, k, v], values, schedule)[0]),
+        "function_recorded_us": without_replays(eager),
+        "function_replayed_us": per_step_us(lambda: step(eager)),
+    }
     print(json.dumps(result))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,10 +88,17 @@ def row_peers(name: str, kind: str, q, k, v, extra: dict, params: dict) -> tuple
                 peers[peer] = e
     try:
         mask = {"causal": causal_mask, "window": sliding_mask(params.get("window", 1024))}.get(kind)
-        score = alibi_mod(extra["slope"].to(q.device)) if name == "alibi" else \
-            softcap_mod(params["cap"]) if name == "softcap" else None
+        score = (
+            alibi_mod(extra["slope"].to(q.device))
+            if name == "alibi"
+            else softcap_mod(params["cap"])
+            if name == "softcap"
+            else None
+        )
         peers["flex"] = flex(q, k, v, mask_mod=mask, score_mod=score)
     except Exception as e:  # noqa: BLE001
         peers["flex"] = e
-    return ({p: f for p, f in peers.items() if not isinstance(f, Exception)},
-            {p: e for p, e in peers.items() if isinstance(e, Exception)})
+    return (
+        {p: f for p, f in peers.items() if not isinstance(f, Exception)},
+        {p: e for p, e in peers.items() if isinstance(e, Exception)},
+    )

@@ -42,23 +42,42 @@ class Run:
 
 
 RUNS = {
-    "forward": Run("h200_2026-12-02_final_3466567/forward.json", "3466567",
-                   "forward TFLOP/s, decode TB/s, anchors (gpu_session.py → bench_forward.py)"),
-    "checks": Run("h200_2026-12-02_final_3466567/checks.json", "3466567",
-                  "forward checks of the catalogue; gradient checks of the two-launch backward (gpu_session.py)",
-                  env_from="h200_2026-12-02_final_3466567/forward.json"),
-    "training": Run("h200_2026-12-02_one_launch_49e7995/backward.json", "49e7995",
-                    "forward+backward TFLOP/s and gradient checks (bench_backward.py)"),
-    "lse": Run("h200_2026-12-01_session_7a144e7/lse.json", "bad1f68",
-               "log-sum-exp output checks (bench_forward.py --only lse)"),
-    "tune": Run("h200_2026-12-01_session_7a144e7/tune.json", "7a144e7",
-                "tuned against default, warm against cold studies (bench_tune.py)"),
-    "host_decode": Run("h200_2026-12-01_replay_ffaa2dd/host.json", "ffaa2dd",
-                       "host time of a decode call (host_overhead.py)",
-                       env_from="h200_2026-12-01_replay_ffaa2dd/backward_sweep.json"),
-    "host_training": Run("h200_2026-12-02_final_3466567/host_training.json", "3466567",
-                         "host time of a training step, launches stubbed out (host_training.py)",
-                         env_from="h200_2026-12-02_final_3466567/forward.json"),
+    "forward": Run(
+        "h200_2026-12-02_final_3466567/forward.json",
+        "3466567",
+        "forward TFLOP/s, decode TB/s, anchors (gpu_session.py → bench_forward.py)",
+    ),
+    "checks": Run(
+        "h200_2026-12-02_final_3466567/checks.json",
+        "3466567",
+        "forward checks of the catalogue; gradient checks of the two-launch backward (gpu_session.py)",
+        env_from="h200_2026-12-02_final_3466567/forward.json",
+    ),
+    "training": Run(
+        "h200_2026-12-02_one_launch_49e7995/backward.json",
+        "49e7995",
+        "forward+backward TFLOP/s and gradient checks (bench_backward.py)",
+    ),
+    "lse": Run(
+        "h200_2026-12-01_session_7a144e7/lse.json", "bad1f68", "log-sum-exp output checks (bench_forward.py --only lse)"
+    ),
+    "tune": Run(
+        "h200_2026-12-01_session_7a144e7/tune.json",
+        "7a144e7",
+        "tuned against default, warm against cold studies (bench_tune.py)",
+    ),
+    "host_decode": Run(
+        "h200_2026-12-01_replay_ffaa2dd/host.json",
+        "ffaa2dd",
+        "host time of a decode call (host_overhead.py)",
+        env_from="h200_2026-12-01_replay_ffaa2dd/backward_sweep.json",
+    ),
+    "host_training": Run(
+        "h200_2026-12-02_final_3466567/host_training.json",
+        "3466567",
+        "host time of a training step, launches stubbed out (host_training.py)",
+        env_from="h200_2026-12-02_final_3466567/forward.json",
+    ),
 }
 
 # implementation names in the JSON → column titles
@@ -95,8 +114,10 @@ def env(name: str) -> dict:
 
 def stamp(name: str) -> str:
     e = env(name)
-    return (f"{e['gpu']}, torch {e['torch']}, Triton {e['triton']}, {e['date']}, einflash at commit {e['commit']} "
-            f"(`{RUNS[name].path}`)")
+    return (
+        f"{e['gpu']}, torch {e['torch']}, Triton {e['triton']}, {e['date']}, einflash at commit {e['commit']} "
+        f"(`{RUNS[name].path}`)"
+    )
 
 
 def cell(x: float | None, digits: int = 1) -> str:
@@ -110,8 +131,9 @@ def ratio(a: float | None, b: float | None) -> str:
 def table(head: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
     align = align or ["l"] + ["r"] * (len(head) - 1)
     rule = ["---" if a == "l" else "---:" for a in align]
-    return ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"] + ["| " + " | ".join(r) + " |"
-                                                                              for r in rows]
+    return ["| " + " | ".join(head) + " |", "| " + " | ".join(rule) + " |"] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def by_case(rows: list[dict], kinds: tuple[str, ...], value: str) -> dict[str, dict[str, float]]:
@@ -139,8 +161,9 @@ def runs_section() -> list[str]:
     for name, run in RUNS.items():
         e = env(name)
         rows.append([f"`{run.path}`", run.what, e["gpu"], e["torch"], e["triton"], f"`{e['commit']}`", e["date"]])
-    return table(["file", "what it holds", "GPU", "torch", "Triton", "commit", "date"], rows,
-                 ["l", "l", "l", "l", "l", "l", "l"])
+    return table(
+        ["file", "what it holds", "GPU", "torch", "Triton", "commit", "date"], rows, ["l", "l", "l", "l", "l", "l", "l"]
+    )
 
 
 def forward_section() -> list[str]:
@@ -148,17 +171,31 @@ def forward_section() -> list[str]:
     anchors = {r["case"]: r for r in rows if r.get("kind") == "anchor"}
     cases = by_case(rows, ("prefill",), "tflops")
     extra = other_schedules(cases)
-    head = ["case (B,H,N,D), bf16", "einflash"] + [f"einflash {i[8:]}" for i in extra] + [t for _, t in PEERS] + \
-           ["einflash / Flex", "einflash / cuDNN"]
+    head = (
+        ["case (B,H,N,D), bf16", "einflash"]
+        + [f"einflash {i[8:]}" for i in extra]
+        + [t for _, t in PEERS]
+        + ["einflash / Flex", "einflash / cuDNN"]
+    )
     body = []
     for case, d in cases.items():
         mine = d.get("einflash")
-        body.append([case, cell(mine)] + [cell(d.get(i)) for i in extra] + [cell(d.get(p)) for p, _ in PEERS] +
-                    [ratio(mine, d.get("flex")), ratio(mine, d.get("sdpa-cudnn"))])
+        body.append(
+            [case, cell(mine)]
+            + [cell(d.get(i)) for i in extra]
+            + [cell(d.get(p)) for p, _ in PEERS]
+            + [ratio(mine, d.get("flex")), ratio(mine, d.get("sdpa-cudnn"))]
+        )
     mm, cp = anchors.get("matmul 8192^3 bf16", {}), anchors.get("device copy 1 GiB", {})
-    return [f"Forward TFLOP/s. {stamp('forward')}.", ""] + table(head, body) + [
-        "", f"Anchors measured in the same run: bf16 matrix product 8192³ {cell(mm.get('tflops'), 0)} TFLOP/s; "
-            f"device-to-device copy of 1 GiB {cell(cp.get('tbps'), 2)} TB/s (bytes read and written)."]
+    return (
+        [f"Forward TFLOP/s. {stamp('forward')}.", ""]
+        + table(head, body)
+        + [
+            "",
+            f"Anchors measured in the same run: bf16 matrix product 8192³ {cell(mm.get('tflops'), 0)} TFLOP/s; "
+            f"device-to-device copy of 1 GiB {cell(cp.get('tbps'), 2)} TB/s (bytes read and written).",
+        ]
+    )
 
 
 def decode_section() -> list[str]:
@@ -173,34 +210,68 @@ def decode_section() -> list[str]:
     us = {r["impl"]: (r["ms"] * 1e3, r.get("graph_ms", math.nan) * 1e3) for r in decode}
     order = ["einflash"] + [i for i in per_call if i.startswith("einflash[")] + [p for p, _ in PEERS if p in per_call]
     titles = dict(PEERS)
-    body = [[titles.get(i, i), cell(us[i][0], 0), cell(per_call[i], 2), cell(us[i][1], 0), cell(graph[i], 2),
-             ratio(graph[i], copy)] for i in order]
+    body = [
+        [
+            titles.get(i, i),
+            cell(us[i][0], 0),
+            cell(per_call[i], 2),
+            cell(us[i][1], 0),
+            cell(graph[i], 2),
+            ratio(graph[i], copy),
+        ]
+        for i in order
+    ]
     mine = per_call.get("einflash"), graph.get("einflash")
-    return [f"Decoding, {case}: TB/s of K and V read. {stamp('forward')}.", ""] + \
-        table(["implementation", "µs per call", "TB/s per call", "µs from a CUDA graph", "TB/s from a CUDA graph",
-               "CUDA graph / copy"], body) + [
-        "", f"einflash / Flex: {ratio(mine[0], per_call.get('flex'))} per call, {ratio(mine[1], graph.get('flex'))} "
+    return (
+        [f"Decoding, {case}: TB/s of K and V read. {stamp('forward')}.", ""]
+        + table(
+            [
+                "implementation",
+                "µs per call",
+                "TB/s per call",
+                "µs from a CUDA graph",
+                "TB/s from a CUDA graph",
+                "CUDA graph / copy",
+            ],
+            body,
+        )
+        + [
+            "",
+            f"einflash / Flex: {ratio(mine[0], per_call.get('flex'))} per call, {ratio(mine[1], graph.get('flex'))} "
             f"from a CUDA graph; einflash / cuDNN: {ratio(mine[0], per_call.get('sdpa-cudnn'))} and "
-            f"{ratio(mine[1], graph.get('sdpa-cudnn'))}. \"copy\" is the device copy anchor of the same run "
-            f"({cell(copy, 2)} TB/s)."]
+            f'{ratio(mine[1], graph.get("sdpa-cudnn"))}. "copy" is the device copy anchor of the same run '
+            f"({cell(copy, 2)} TB/s).",
+        ]
+    )
 
 
 def training_section() -> list[str]:
     rows = load("training")
     cases = by_case(rows, ("perf",), "tflops")
     extra = other_schedules(cases)
-    head = ["case (B,H,N,D), bf16", "einflash"] + [f"einflash {i[8:]}" for i in extra] + [t for _, t in PEERS] + \
-           ["einflash / Flex", "einflash / cuDNN"]
+    head = (
+        ["case (B,H,N,D), bf16", "einflash"]
+        + [f"einflash {i[8:]}" for i in extra]
+        + [t for _, t in PEERS]
+        + ["einflash / Flex", "einflash / cuDNN"]
+    )
     body = []
     for case, d in cases.items():
         mine = d.get("einflash")
-        body.append([case, cell(mine)] + [cell(d.get(i)) for i in extra] + [cell(d.get(p)) for p, _ in PEERS] +
-                    [ratio(mine, d.get("flex")), ratio(mine, d.get("sdpa-cudnn"))])
+        body.append(
+            [case, cell(mine)]
+            + [cell(d.get(i)) for i in extra]
+            + [cell(d.get(p)) for p, _ in PEERS]
+            + [ratio(mine, d.get("flex")), ratio(mine, d.get("sdpa-cudnn"))]
+        )
     ms = by_case(rows, ("perf",), "fwd_bwd_ms")
     ms_body = [[case, cell(d.get("einflash"), 2)] + [cell(d.get(p), 2) for p, _ in PEERS] for case, d in ms.items()]
-    return [f"Forward+backward TFLOP/s (3.5 × the forward's FLOPs per step). {stamp('training')}.", ""] + \
-        table(head, body) + ["", "The same steps in ms (forward and backward, mean of `do_bench`):", ""] + \
-        table(["case", "einflash"] + [t for _, t in PEERS], ms_body)
+    return (
+        [f"Forward+backward TFLOP/s (3.5 × the forward's FLOPs per step). {stamp('training')}.", ""]
+        + table(head, body)
+        + ["", "The same steps in ms (forward and backward, mean of `do_bench`):", ""]
+        + table(["case", "einflash"] + [t for _, t in PEERS], ms_body)
+    )
 
 
 def _ratio_of(v: dict) -> float:
@@ -211,8 +282,10 @@ def checks_section() -> list[str]:
     rows = [r for r in load("checks") if r.get("suite") == "forward"]
     ran = [r for r in rows if r.get("ok") is not None]
     cols = [("prefill", "bfloat16"), ("prefill", "float16"), ("decode", "bfloat16"), ("decode", "float16")]
-    shapes = {c: next((r["shape"] for r in ran if (r.get("case"), r.get("dtype")) == c and r["variant"] == "softmax"),
-                      None) for c in cols}
+    shapes = {
+        c: next((r["shape"] for r in ran if (r.get("case"), r.get("dtype")) == c and r["variant"] == "softmax"), None)
+        for c in cols
+    }
     grid: dict[str, dict[tuple, dict]] = {}
     for r in ran:
         grid.setdefault(r["variant"], {})[(r.get("case"), r.get("dtype"))] = r
@@ -228,22 +301,32 @@ def checks_section() -> list[str]:
     failed = [r for r in ran if not r["ok"]]
     skipped = sorted({r["variant"] for r in rows if r.get("ok") is None})
     worst = max((r for r in ran if "max_error" in r), key=_ratio_of, default=None)
-    lines = [f"Forward checks: {len(ran)} runs of {len(grid)} lowered variants, {len(ran) - len(failed)} within the "
-             f"tolerance rule{', ' + str(len(failed)) + ' not' if failed else ''}. {stamp('checks')}.", "",
-             "Each cell: ✓ when within the rule, and the largest error divided by its tolerance (1.000 would be "
-             "at the limit). Shapes [B, Hq, Hkv, M, N, D]: prefill "
-             f"{shapes[cols[0]]}, decode {shapes[cols[2]]} (a variant's own head counts or a smaller size where "
-             "its module says so).", ""]
+    lines = [
+        f"Forward checks: {len(ran)} runs of {len(grid)} lowered variants, {len(ran) - len(failed)} within the "
+        f"tolerance rule{', ' + str(len(failed)) + ' not' if failed else ''}. {stamp('checks')}.",
+        "",
+        "Each cell: ✓ when within the rule, and the largest error divided by its tolerance (1.000 would be "
+        "at the limit). Shapes [B, Hq, Hkv, M, N, D]: prefill "
+        f"{shapes[cols[0]]}, decode {shapes[cols[2]]} (a variant's own head counts or a smaller size where "
+        "its module says so).",
+        "",
+    ]
     lines += table(["variant", "prefill bf16", "prefill fp16", "decode bf16", "decode fp16"], body)
     if worst is not None:
-        lines += ["", f"Closest to its tolerance: `{worst['variant']}` {worst['case']} {worst['dtype']}, error "
-                      f"{worst['max_error']:.3g} against {worst['tolerance']:.3g}."]
+        lines += [
+            "",
+            f"Closest to its tolerance: `{worst['variant']}` {worst['case']} {worst['dtype']}, error "
+            f"{worst['max_error']:.3g} against {worst['tolerance']:.3g}.",
+        ]
     if skipped:
         lines += ["", f"Not lowered yet (reference executor only): {', '.join(f'`{s}`' for s in skipped)}."]
     grads = [r for r in load("checks") if r.get("suite") == "backward" and r.get("ok") is not None]
     if grads:
-        lines += ["", f"The same run checked the gradients of the backward as it was at that commit (two launches): "
-                      f"{sum(r['ok'] for r in grads)} of {len(grads)} within the rule."]
+        lines += [
+            "",
+            f"The same run checked the gradients of the backward as it was at that commit (two launches): "
+            f"{sum(r['ok'] for r in grads)} of {len(grads)} within the rule.",
+        ]
     return lines
 
 
@@ -263,15 +346,22 @@ def gradients_section() -> list[str]:
         worst = max(r["inputs"].items(), key=lambda kv: _ratio_of(kv[1]))
         return ("✓ " if r["ok"] else "✗ ") + f"{_ratio_of(worst[1]):.3f} ({worst[0]})"
 
-    body = [[f"`{v}`", ", ".join(next(iter(cells.values()))["inputs"]) if "inputs" in next(iter(cells.values()))
-             else ""] + [mark(cells.get(t)) for t in dtypes] for v, cells in sorted(grid.items())]
+    body = [
+        [f"`{v}`", ", ".join(next(iter(cells.values()))["inputs"]) if "inputs" in next(iter(cells.values())) else ""]
+        + [mark(cells.get(t)) for t in dtypes]
+        for v, cells in sorted(grid.items())
+    ]
     shape = next((r["shape"] for r in ran if r["variant"] == "softmax"), None)
     failed = [r for r in ran if not r["ok"]]
     skipped = sorted({r["variant"] for r in rows if r.get("ok") is None})
-    lines = [f"Gradient checks: {len(ran)} in the JSON, {len(ran) - len(failed)} within the tolerance rule. "
-             f"{stamp('training')}.", "",
-             f"Shape [B, Hq, Hkv, M, N, D] {shape}; every floating-point input's gradient is checked. Each cell: "
-             "the input whose error is closest to its tolerance, as error / tolerance.", ""]
+    lines = [
+        f"Gradient checks: {len(ran)} in the JSON, {len(ran) - len(failed)} within the tolerance rule. "
+        f"{stamp('training')}.",
+        "",
+        f"Shape [B, Hq, Hkv, M, N, D] {shape}; every floating-point input's gradient is checked. Each cell: "
+        "the input whose error is closest to its tolerance, as error / tolerance.",
+        "",
+    ]
     lines += table(["variant", "inputs", "bf16", "fp16"], body, ["l", "l", "r", "r"])
     if skipped:
         lines += ["", f"No backward (not lowered): {', '.join(f'`{s}`' for s in skipped)}."]
@@ -283,11 +373,13 @@ def lse_section() -> list[str]:
     ok = [r for r in rows if r.get("ok")]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     worst = max(rows, key=lambda r: r["max_error"] / r["tolerance"] if "tolerance" in r else math.inf)
-    return [f"`return_lse=True`: {len(ok)} of {len(rows)} checks within tolerance ({', '.join(variants)}; bf16 and "
-            f"fp16; prefill 4096² and GQA decode at 32768 keys), rows without keys −inf where the reference's are; "
-            f"largest error {max(r['max_error'] for r in rows):.2g}; closest to its tolerance: {worst['variant']} "
-            f"{worst['case']} {worst['dtype']}, {worst['max_error']:.2g} against {worst['tolerance']:.2g}. "
-            f"{stamp('lse')}."]
+    return [
+        f"`return_lse=True`: {len(ok)} of {len(rows)} checks within tolerance ({', '.join(variants)}; bf16 and "
+        f"fp16; prefill 4096² and GQA decode at 32768 keys), rows without keys −inf where the reference's are; "
+        f"largest error {max(r['max_error'] for r in rows):.2g}; closest to its tolerance: {worst['variant']} "
+        f"{worst['case']} {worst['dtype']}, {worst['max_error']:.2g} against {worst['tolerance']:.2g}. "
+        f"{stamp('lse')}."
+    ]
 
 
 def _sched(s: dict) -> str:
@@ -305,39 +397,79 @@ def tuning_section() -> list[str]:
     rows = load("tune")
     e = next(r for r in rows if r.get("kind") == "env")
     tuned = [r for r in rows if r.get("kind") == "tuned"]
-    body = [[r["case"], _sched(r["default"]), cell(r["default_ms"], 3), _sched(r["best"]), cell(r["tuned_ms"], 3),
-             f"{r['speedup']:.2f}×", f"{r['measured']}", cell(r["tuning_s"], 1)] for r in tuned]
-    lines = [f"Tuned against default. {stamp('tune')}; Optuna {e.get('optuna', '?')}, a budget of "
-             f"{e.get('trials', '?')} schedules per study.", ""]
+    body = [
+        [
+            r["case"],
+            _sched(r["default"]),
+            cell(r["default_ms"], 3),
+            _sched(r["best"]),
+            cell(r["tuned_ms"], 3),
+            f"{r['speedup']:.2f}×",
+            f"{r['measured']}",
+            cell(r["tuning_s"], 1),
+        ]
+        for r in tuned
+    ]
+    lines = [
+        f"Tuned against default. {stamp('tune')}; Optuna {e.get('optuna', '?')}, a budget of "
+        f"{e.get('trials', '?')} schedules per study.",
+        "",
+    ]
     lines += table(["case", "default", "ms", "tuned", "ms", "speedup", "measured", "tuning s"], body)
     warm = [r for r in rows if r.get("kind") == "warm_vs_cold"]
     if warm:
+
         def first(x):
             return "not within 5%" if x is None else str(x)
-        wbody = [[r["case"], first(r["cold"]["to_within_5pct"]), cell(r["cold"]["best_ms"], 3),
-                  cell(r["cold"]["seconds"], 1), first(r["warm"]["to_within_5pct"]), cell(r["warm"]["best_ms"], 3),
-                  cell(r["warm"]["seconds"], 1)] for r in warm]
-        lines += ["", "Warm against cold studies at a neighbouring shape (N = 4096, the tuned N = 8192 row in the "
-                      f"cache), {warm[0]['trials']} schedules each: how many schedules each measured before one came "
-                      "within 5% of the best either found, its best, and its seconds.", ""]
-        lines += table(["case", "cold: schedules", "cold: best ms", "cold: s", "warm: schedules", "warm: best ms",
-                        "warm: s"], wbody)
+
+        wbody = [
+            [
+                r["case"],
+                first(r["cold"]["to_within_5pct"]),
+                cell(r["cold"]["best_ms"], 3),
+                cell(r["cold"]["seconds"], 1),
+                first(r["warm"]["to_within_5pct"]),
+                cell(r["warm"]["best_ms"], 3),
+                cell(r["warm"]["seconds"], 1),
+            ]
+            for r in warm
+        ]
+        lines += [
+            "",
+            "Warm against cold studies at a neighbouring shape (N = 4096, the tuned N = 8192 row in the "
+            f"cache), {warm[0]['trials']} schedules each: how many schedules each measured before one came "
+            "within 5% of the best either found, its best, and its seconds.",
+            "",
+        ]
+        lines += table(
+            ["case", "cold: schedules", "cold: best ms", "cold: s", "warm: schedules", "warm: best ms", "warm: s"],
+            wbody,
+        )
     return lines
 
 
 def host_section() -> list[str]:
     d = load("host_decode")
     keys = [k for k, v in d.items() if isinstance(v, (int, float))]
-    lines = [f"Host time of the decode call (GQA 32:8, D 128, B 4, 32768 keys, bf16), µs per call over 2000 calls "
-             f"issued back to back. {stamp('host_decode')}. Schedule: `{d.get('schedule')}`.", ""]
+    lines = [
+        f"Host time of the decode call (GQA 32:8, D 128, B 4, 32768 keys, bf16), µs per call over 2000 calls "
+        f"issued back to back. {stamp('host_decode')}. Schedule: `{d.get('schedule')}`.",
+        "",
+    ]
     lines += table(["what", "µs per call"], [[k, cell(d[k], 0)] for k in keys])
     t = load("host_training")
-    lines += ["", f"Host time of a training step ({t['variant']}, B={t['B']}, H={t['H']}, N={t['N']}, D={t['D']}, "
-                  f"{t['dtype']}, on {t['device']}) with every kernel launch stubbed out, median of five rounds of "
-                  f"100 steps. {stamp('host_training')}.", ""]
-    paths = [("custom ops (as a `torch.compile`d step runs)", "custom_ops_us"),
-             ("autograd Function, every call recorded anew", "function_recorded_us"),
-             ("autograd Function, replayed (the eager default)", "function_replayed_us")]
+    lines += [
+        "",
+        f"Host time of a training step ({t['variant']}, B={t['B']}, H={t['H']}, N={t['N']}, D={t['D']}, "
+        f"{t['dtype']}, on {t['device']}) with every kernel launch stubbed out, median of five rounds of "
+        f"100 steps. {stamp('host_training')}.",
+        "",
+    ]
+    paths = [
+        ("custom ops (as a `torch.compile`d step runs)", "custom_ops_us"),
+        ("autograd Function, every call recorded anew", "function_recorded_us"),
+        ("autograd Function, replayed (the eager default)", "function_replayed_us"),
+    ]
     lines += table(["path", "ms per step"], [[what, cell(t[key] / 1e3, 2)] for what, key in paths])
     return lines
 
@@ -351,8 +483,17 @@ def summary_section() -> list[str]:
     fr, tr = [], []
     for case in fwd:
         a, b = fwd[case], trn.get(case, {})
-        body.append([case, cell(a.get("einflash")), cell(a.get("flex")), cell(a.get("sdpa-cudnn")),
-                     cell(b.get("einflash")), cell(b.get("flex")), cell(b.get("sdpa-cudnn"))])
+        body.append(
+            [
+                case,
+                cell(a.get("einflash")),
+                cell(a.get("flex")),
+                cell(a.get("sdpa-cudnn")),
+                cell(b.get("einflash")),
+                cell(b.get("flex")),
+                cell(b.get("sdpa-cudnn")),
+            ]
+        )
         if a.get("flex"):
             fr.append(a["einflash"] / a["flex"])
         if b.get("flex"):
@@ -360,18 +501,29 @@ def summary_section() -> list[str]:
     gpu = ef["gpu"] if ef["gpu"] == et["gpu"] else f"{ef['gpu']} (forward), {et['gpu']} (training)"
     lines = table(["bf16, TFLOP/s", "forward: einflash", "Flex", "cuDNN", "training: einflash", "Flex", "cuDNN"], body)
     dates = sorted({ef["date"], et["date"]})
-    lines += ["", f"{gpu}, torch {ef['torch']}, Triton {ef['triton']}, {' and '.join(dates)}; einflash's default "
-                  f"schedules, each number beside the peers timed in the same process. einflash / FlexAttention: "
-                  f"{min(fr):.2f} to {max(fr):.2f} forward, {min(tr):.2f} to {max(tr):.2f} training. cuDNN (through "
-                  f"SDPA) has no window, ALiBi or softcap form (—). Decoding, the checks, tuning and host time: "
-                  f"[docs/benchmarks.md](docs/benchmarks.md)."]
+    lines += [
+        "",
+        f"{gpu}, torch {ef['torch']}, Triton {ef['triton']}, {' and '.join(dates)}; einflash's default "
+        f"schedules, each number beside the peers timed in the same process. einflash / FlexAttention: "
+        f"{min(fr):.2f} to {max(fr):.2f} forward, {min(tr):.2f} to {max(tr):.2f} training. cuDNN (through "
+        f"SDPA) has no window, ALiBi or softcap form (—). Decoding, the checks, tuning and host time: "
+        f"[docs/benchmarks.md](docs/benchmarks.md).",
+    ]
     return lines
 
 
 SECTIONS = {
-    DOC: {"runs": runs_section, "forward": forward_section, "decode": decode_section, "training": training_section,
-          "checks": checks_section, "gradients": gradients_section, "lse": lse_section, "tuning": tuning_section,
-          "host": host_section},
+    DOC: {
+        "runs": runs_section,
+        "forward": forward_section,
+        "decode": decode_section,
+        "training": training_section,
+        "checks": checks_section,
+        "gradients": gradients_section,
+        "lse": lse_section,
+        "tuning": tuning_section,
+        "host": host_section,
+    },
     README: {"summary": summary_section},
 }
 
@@ -419,14 +571,19 @@ def main(argv: list[str] | None = None) -> int:
             if a.check:
                 stale.append(path)
                 rel = str(path.relative_to(ROOT))
-                sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                                           f"{rel} (committed)", f"{rel} (from the JSON)"))
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        old.splitlines(True), new.splitlines(True), f"{rel} (committed)", f"{rel} (from the JSON)"
+                    )
+                )
             else:
                 path.write_text(new)
                 print(f"wrote {path.relative_to(ROOT)}")
         if stale:
-            print(f"\nstale: {', '.join(str(p.relative_to(ROOT)) for p in stale)}; run python3 benchmarks/report.py",
-                  file=sys.stderr)
+            print(
+                f"\nstale: {', '.join(str(p.relative_to(ROOT)) for p in stale)}; run python3 benchmarks/report.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     except ReportError as e:

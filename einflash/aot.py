@@ -49,11 +49,15 @@ class AOTOp:
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         inputs, params = self.declared.bind(args, kwargs)
         if jagged_batch(self.cascade, inputs, kwargs) is not None:
-            raise CallError(f"{self.name} from {self.directory}: jagged batches (cu_seqlens_q/k) are not built ahead "
-                            f"of time yet; call it with a stacked batch, or use the declared op")
+            raise CallError(
+                f"{self.name} from {self.directory}: jagged batches (cu_seqlens_q/k) are not built ahead "
+                f"of time yet; call it with a stacked batch, or use the declared op"
+            )
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
-            raise CallError(f"{self.name} from {self.directory} runs forward kernels only and cannot give "
-                            f"gradients; call it under torch.no_grad() or with tensors that do not require grad")
+            raise CallError(
+                f"{self.name} from {self.directory} runs forward kernels only and cannot give "
+                f"gradients; call it under torch.no_grad() or with tensors that do not require grad"
+            )
         fwd = self.declared.forward
         extents = bind_extents(fwd.rewritten, inputs, params)
         return self.kernels.run(fwd, inputs, bind_params(fwd.rewritten, params, extents), extents)
@@ -69,11 +73,15 @@ def load_aot(directory) -> AOTOp:
     manifest = read_manifest(directory)
     ops = load_ops(str(directory / manifest.declaration))
     if manifest.variant not in ops:
-        raise AOTError(f"{directory / manifest.declaration} declares {sorted(ops)}, not {manifest.variant!r} "
-                       f"whose kernels the directory holds")
+        raise AOTError(
+            f"{directory / manifest.declaration} declares {sorted(ops)}, not {manifest.variant!r} "
+            f"whose kernels the directory holds"
+        )
     declared = ops[manifest.variant]
     if declared.cascade.key != manifest.key:
-        raise AOTError(f"{manifest.variant} in {directory / manifest.declaration} traces to cascade "
-                       f"{declared.cascade.key}, but the kernels were built for {manifest.key} (the declaration "
-                       f"or einflash changed); regenerate the directory with `einflash aot`")
+        raise AOTError(
+            f"{manifest.variant} in {directory / manifest.declaration} traces to cascade "
+            f"{declared.cascade.key}, but the kernels were built for {manifest.key} (the declaration "
+            f"or einflash changed); regenerate the directory with `einflash aot`"
+        )
     return AOTOp(directory, manifest, declared)

@@ -54,9 +54,9 @@ def schedule_ints(forward: list[int], backward: BackwardSchedule | None) -> list
 
 def _layout(ints: list[int]) -> tuple[list[int], list[int], list[int]]:
     """The forward's ints, the backward's, and the needed-gradient flags that follow them."""
-    f = ints[1:1 + ints[0]]
-    rest = ints[1 + ints[0]:]
-    return f, rest[1:1 + rest[0]], rest[1 + rest[0]:]
+    f = ints[1 : 1 + ints[0]]
+    rest = ints[1 + ints[0] :]
+    return f, rest[1 : 1 + rest[0]], rest[1 + rest[0] :]
 
 
 def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, BackwardSchedule, list[int]]:
@@ -69,8 +69,7 @@ def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, Backwar
         forward = Schedule.from_ints(f)
     else:
         forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, kv_heads(op.cascade, inputs))
-    backward = BackwardSchedule.from_ints(b) if b else \
-        default_backward_schedule(extents, target, op.forward.broadcast)
+    backward = BackwardSchedule.from_ints(b) if b else default_backward_schedule(extents, target, op.forward.broadcast)
     return replace(forward, splits=1), backward, needed
 
 
@@ -117,8 +116,9 @@ def register_training(op) -> Training:
             return replay(tensors)
         record = None if key is None else Recording()
         inputs, values, extents = unpack(tensors, params)
-        out, ws = fwd.run(inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved,
-                          record=record)
+        out, ws = fwd.run(
+            inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved, record=record
+        )
         if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
             ws = _empty_states(op, inputs, values, out)
         results = [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
@@ -147,8 +147,9 @@ def register_training(op) -> Training:
                 backward_replays.put(key, (replay, replace(launched, partials=dict.fromkeys(launched.partials))))
         grads = launched.finish(dict(zip(names, tensors)))
         # a gradient nobody asked for comes back empty (a custom op returns tensors, never None)
-        return [x.new_empty(0) if grads[n] is None else grads[n] for n, x in zip(names, tensors)
-                if x.is_floating_point()]
+        return [
+            x.new_empty(0) if grads[n] is None else grads[n] for n, x in zip(names, tensors) if x.is_floating_point()
+        ]
 
     @torch.library.custom_op(qualname, mutates_args=())
     def train(tensors: list[torch.Tensor], params: list[float], schedule: list[int]) -> list[torch.Tensor]:
@@ -161,8 +162,14 @@ def register_training(op) -> Training:
         return [out] + list(_empty_states(op, inputs, values, out).values())
 
     @torch.library.custom_op(qualname.replace("::train_", "::bwd_"), mutates_args=())
-    def backward(grad: torch.Tensor, out: torch.Tensor, states: list[torch.Tensor], tensors: list[torch.Tensor],
-                 params: list[float], schedule: list[int]) -> list[torch.Tensor]:
+    def backward(
+        grad: torch.Tensor,
+        out: torch.Tensor,
+        states: list[torch.Tensor],
+        tensors: list[torch.Tensor],
+        params: list[float],
+        schedule: list[int],
+    ) -> list[torch.Tensor]:
         return run_backward(grad, out, states, tensors, params, schedule)
 
     @backward.register_fake
@@ -197,8 +204,11 @@ def register_training(op) -> Training:
         @once_differentiable
         def backward(ctx, *grads):
             needed = [bool(f) for f in ctx.needs_input_grad[2:]]
-            return None, None, *_input_grads(ctx.saved_tensors, ctx.count, ctx.params, ctx.schedule, needed,
-                                            grads[0], run_backward)
+            return (
+                None,
+                None,
+                *_input_grads(ctx.saved_tensors, ctx.count, ctx.params, ctx.schedule, needed, grads[0], run_backward),
+            )
 
     EagerTraining.__name__ = EagerTraining.__qualname__ = f"EagerTraining_{op.name}_{op.cascade.key}"
     _REGISTERED[qualname] = Training(train, EagerTraining, forward_replays, backward_replays)
@@ -213,7 +223,7 @@ def _hashable(params: list[float]) -> tuple:
 def _input_grads(saved, count: int, params, schedule, needed: list[bool], grad_out, backward) -> list:
     """Each input's gradient (None where not needed, and for integer inputs) from what the forward saved:
     the inputs, then the output and its states; ``backward`` is the backward custom op or its function."""
-    tensors, out, states = list(saved[:count]), saved[count], list(saved[count + 1:])
+    tensors, out, states = list(saved[:count]), saved[count], list(saved[count + 1 :])
     grad = grad_out if grad_out is not None else torch.zeros_like(out)
     made = iter(backward(grad.contiguous(), out, states, tensors, params, schedule + [int(f) for f in needed]))
     grads = []
@@ -229,6 +239,8 @@ def _empty_states(op, inputs, values, out: torch.Tensor) -> dict[str, torch.Tens
     ext = bind_extents(c, inputs, values)
     rows = (ext["b"], ext["h"], ext["m"])
     acc = accumulator_dtype(out.dtype)
-    values_ = {s: out.new_empty(*rows, *(ext[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)), dtype=acc)
-               for s in op.backward.saved}
+    values_ = {
+        s: out.new_empty(*rows, *(ext[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)), dtype=acc)
+        for s in op.backward.saved
+    }
     return values_ | {f"{s}:present": out.new_zeros(*rows, dtype=torch.int8) for s in op.backward.saved}

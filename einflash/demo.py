@@ -62,9 +62,22 @@ def _time(fn, on_gpu: bool) -> float:
 
 
 def _record(name: str, backend: str) -> dict:
-    return {"name": name, "passes_as_written": None, "passes": None, "backend": backend,
-            "max_error": None, "tolerance": None, "ok": None, "ms": None, "reason": None,
-            "grad_ok": None, "grad_max_error": None, "grad_reason": None, "status": None, "seconds": None}
+    return {
+        "name": name,
+        "passes_as_written": None,
+        "passes": None,
+        "backend": backend,
+        "max_error": None,
+        "tolerance": None,
+        "ok": None,
+        "ms": None,
+        "reason": None,
+        "grad_ok": None,
+        "grad_max_error": None,
+        "grad_reason": None,
+        "status": None,
+        "seconds": None,
+    }
 
 
 class _Failed(Exception):
@@ -98,8 +111,14 @@ def load_variant(file: pathlib.Path) -> tuple[object, AttentionOp]:
     return mod, op
 
 
-def run_variant(file: pathlib.Path, device: str, dtype: torch.dtype, backend: str, shape: Shape | None = None,
-                progress: Progress = lambda step: None) -> dict:
+def run_variant(
+    file: pathlib.Path,
+    device: str,
+    dtype: torch.dtype,
+    backend: str,
+    shape: Shape | None = None,
+    progress: Progress = lambda step: None,
+) -> dict:
     """One variant's record (see the module's docstring); ``shape`` overrides the device's demo shape."""
     rec = _record(file.stem, backend)
     start = time.perf_counter()
@@ -115,8 +134,9 @@ def run_variant(file: pathlib.Path, device: str, dtype: torch.dtype, backend: st
     return rec
 
 
-def _forward(rec: dict, mod, op: AttentionOp, device: str, dtype: torch.dtype, shape: Shape | None,
-             progress: Progress) -> None:
+def _forward(
+    rec: dict, mod, op: AttentionOp, device: str, dtype: torch.dtype, shape: Shape | None, progress: Progress
+) -> None:
     x = _step("explain", op.explain, progress)
     rec.update(passes_as_written=x.passes_as_written, passes=x.passes)
     if op.forward.error is not None:
@@ -162,16 +182,22 @@ def _gradients(op: AttentionOp, given: dict, generator: torch.Generator, progres
 
     try:
         d_o = _step("gradients", backward, progress)
-        verdicts = _step("gradient check", lambda: check_gradients(
-            op, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}, d_o, **given), progress)
+        verdicts = _step(
+            "gradient check",
+            lambda: check_gradients(op, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}, d_o, **given),
+            progress,
+        )
     except LoweringError as e:  # a backward found not lowerable only when its kernels are generated
         return {"grad_reason": str(e)}
     except _Failed as e:
         return {"grad_ok": False, "grad_reason": str(e)}
     worst = max(verdicts.values(), key=lambda v: v.max_error)
     ok = all(v.ok for v in verdicts.values())
-    return {"grad_ok": ok, "grad_max_error": worst.max_error,
-            "grad_reason": None if ok else f"max error {worst.max_error:.2e} above the tolerance {worst.tolerance:.2e}"}
+    return {
+        "grad_ok": ok,
+        "grad_max_error": worst.max_error,
+        "grad_reason": None if ok else f"max error {worst.max_error:.2e} above the tolerance {worst.tolerance:.2e}",
+    }
 
 
 def status(rec: dict) -> str:
@@ -190,16 +216,21 @@ def variant_files(examples: pathlib.Path, quick: bool = False) -> list[pathlib.P
     return [f for f in sorted(examples.glob("*.py")) if not quick or f.stem in QUICK]
 
 
-def iter_demo(examples: pathlib.Path, quick: bool = False, shape: Shape | None = None,
-              progress: Callable[[int, str, str], None] = lambda i, name, step: None) -> Iterator[dict]:
+def iter_demo(
+    examples: pathlib.Path,
+    quick: bool = False,
+    shape: Shape | None = None,
+    progress: Callable[[int, str, str], None] = lambda i, name, step: None,
+) -> Iterator[dict]:
     """Each variant's record as it finishes, on this machine's backend; ``progress(i, name, step)`` is told
     every step of the i-th variant."""
     target = detect()
     device = "cpu" if target.is_interpreter else "cuda"
     dtype = torch.float16 if target.is_interpreter else torch.bfloat16
     for i, file in enumerate(variant_files(examples, quick)):
-        yield run_variant(file, device, dtype, target.name, shape,
-                          lambda step, i=i, name=file.stem: progress(i, name, step))
+        yield run_variant(
+            file, device, dtype, target.name, shape, lambda step, i=i, name=file.stem: progress(i, name, step)
+        )
 
 
 def run_demo(examples: pathlib.Path, quick: bool = False, shape: Shape | None = None) -> list[dict]:
@@ -209,20 +240,25 @@ def run_demo(examples: pathlib.Path, quick: bool = False, shape: Shape | None = 
 
 # -- the command -------------------------------------------------------------------------------------
 
-HEADER = (f"{'variant':22} {'passes':>7} {'backend':12} {'max error':>10} {'tolerance':>10} {'ok':>5} {'ms':>8} "
-          f"{'grad error':>10} {'grad ok':>7}")
+HEADER = (
+    f"{'variant':22} {'passes':>7} {'backend':12} {'max error':>10} {'tolerance':>10} {'ok':>5} {'ms':>8} "
+    f"{'grad error':>10} {'grad ok':>7}"
+)
 
 
 def format_row(r: dict) -> str:
     """One record as a line of the table (the reason, if any, at its end)."""
+
     def num(x, spec):
         return "" if x is None else format(x, spec)
 
     passes = "" if r["passes"] is None else f"{r['passes_as_written']}→{r['passes']}"
     why = r["reason"] or (r["grad_reason"] if r["ok"] else None)
-    return (f"{r['name']:22} {passes:^7} {r['backend']:12} {num(r['max_error'], '.2e'):>10} "
-            f"{num(r['tolerance'], '.2e'):>10} {str(r['ok']):>5} {num(r['ms'], '.2f'):>8} "
-            f"{num(r['grad_max_error'], '.2e'):>10} {str(r['grad_ok']):>7}" + (f"  ({why})" if why else ""))
+    return (
+        f"{r['name']:22} {passes:^7} {r['backend']:12} {num(r['max_error'], '.2e'):>10} "
+        f"{num(r['tolerance'], '.2e'):>10} {str(r['ok']):>5} {num(r['ms'], '.2f'):>8} "
+        f"{num(r['grad_max_error'], '.2e'):>10} {str(r['grad_ok']):>7}" + (f"  ({why})" if why else "")
+    )
 
 
 def summary(records: list[dict]) -> str:
@@ -240,9 +276,11 @@ def summary(records: list[dict]) -> str:
     failed = [r["name"] for r in records if r["status"] == FAILED]
     without = f"; {no_backward} of them {'has' if no_backward == 1 else 'have'} no backward yet" if no_backward else ""
     which = f": {', '.join(failed)}" if failed else ""
-    return (f"{len(ok)} of {len(records)} variants ok (output and gradients within tolerance{without}), "
-            f"{lowered} not lowered (no kernel yet: not a failure), "
-            f"{len(failed)} failed (a step raised or a result is out of tolerance{which})")
+    return (
+        f"{len(ok)} of {len(records)} variants ok (output and gradients within tolerance{without}), "
+        f"{lowered} not lowered (no kernel yet: not a failure), "
+        f"{len(failed)} failed (a step raised or a result is out of tolerance{which})"
+    )
 
 
 def main(examples: pathlib.Path, quick: bool = False, as_json: bool = False, shape: Shape | None = None) -> int:
@@ -274,9 +312,16 @@ def _progress_display(total: int, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(file=stream), transient=True, redirect_stdout=sys.stdout.isatty(),
-                  redirect_stderr=sys.stderr.isatty()) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=stream),
+        transient=True,
+        redirect_stdout=sys.stdout.isatty(),
+        redirect_stderr=sys.stderr.isatty(),
+    ) as bar:
         task = bar.add_task("", total=total)
 
         def show(i: int, name: str, step: str) -> None:

@@ -94,15 +94,19 @@ class Program:
         args = ["q", "k", "v"] + [f"{n}: {e.annotation}" for n, e in self.extras.items()]
         args += [f"{n}: {a} = {v!r}" for n, (a, v) in self.params.items()]
         body = "\n".join(f"    {line}" for line in self.lines)
-        return (f"import einflash as ef\n\n\n@ef.attention\ndef {name}({', '.join(args)}):\n{body}\n"
-                f"    return {self.result}\n")
+        return (
+            f"import einflash as ef\n\n\n@ef.attention\ndef {name}({', '.join(args)}):\n{body}\n"
+            f"    return {self.result}\n"
+        )
 
     def inputs(self, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         s = self.shape
-        out = {"q": torch.randn(s.B, s.Hq, s.M, s.E, generator=g),
-               "k": torch.randn(s.B, s.Hkv, s.N, s.E, generator=g),
-               "v": torch.randn(s.B, s.Hkv, s.N, s.F, generator=g)}
+        out = {
+            "q": torch.randn(s.B, s.Hq, s.M, s.E, generator=g),
+            "k": torch.randn(s.B, s.Hkv, s.N, s.E, generator=g),
+            "v": torch.randn(s.B, s.Hkv, s.N, s.F, generator=g),
+        }
         out = {k: v.to(dtype) for k, v in out.items()}
         for name, e in self.extras.items():
             x = e.make(s, g)
@@ -130,22 +134,34 @@ class Program:
 
 MAX_GAIN = 2.0  # of the scores in their dot products (see ``programs``)
 
+
 def _strategies():
     """The strategies, built on first use: hypothesis is a test dependency, not a run-time one."""
     from hypothesis import strategies as st
 
-    shapes = st.builds(Shape, B=st.sampled_from([1, 2]), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]),
-                       M=st.sampled_from([1, 3, 16, 17, 40]), N=st.sampled_from([1, 5, 16, 33, 40]),
-                       E=st.sampled_from([8, 16, 20]), F=st.sampled_from([8, 16]))
+    shapes = st.builds(
+        Shape,
+        B=st.sampled_from([1, 2]),
+        Hkv=st.sampled_from([1, 2]),
+        group=st.sampled_from([1, 2]),
+        M=st.sampled_from([1, 3, 16, 17, 40]),
+        N=st.sampled_from([1, 5, 16, 33, 40]),
+        E=st.sampled_from([8, 16, 20]),
+        F=st.sampled_from([8, 16]),
+    )
 
     def coord(d: int):
         """An integer-valued expression of coordinates, lengths and small constants."""
-        leaves = st.sampled_from([
-            Expr("ef.m", lambda env: env["m"], "int"), Expr("ef.n", lambda env: env["n"], "int"),
-            Expr("ef.M", lambda env: torch.tensor(env["M"], dtype=env["dtype"]), "int"),
-            Expr("ef.N", lambda env: torch.tensor(env["N"], dtype=env["dtype"]), "int"),
-        ]) | st.integers(0, 9).map(lambda c: Expr(str(c), lambda env, c=c: torch.tensor(float(c), dtype=env["dtype"]),
-                                                  "int"))
+        leaves = st.sampled_from(
+            [
+                Expr("ef.m", lambda env: env["m"], "int"),
+                Expr("ef.n", lambda env: env["n"], "int"),
+                Expr("ef.M", lambda env: torch.tensor(env["M"], dtype=env["dtype"]), "int"),
+                Expr("ef.N", lambda env: torch.tensor(env["N"], dtype=env["dtype"]), "int"),
+            ]
+        ) | st.integers(0, 9).map(
+            lambda c: Expr(str(c), lambda env, c=c: torch.tensor(float(c), dtype=env["dtype"]), "int")
+        )
         if d <= 0:
             return leaves
 
@@ -161,9 +177,12 @@ def _strategies():
             return Expr(f"({a.src} {op} {c})", lambda env: fn(a.value(env), c), "int")
 
         sub = coord(d - 1)
-        return leaves | st.builds(binary, sub, st.sampled_from(["+", "-"]), sub) | \
-            st.builds(scaled, sub, st.integers(2, 3)) | st.builds(divided, sub, st.sampled_from(["//", "%"]),
-                                                                  st.integers(2, 8))
+        return (
+            leaves
+            | st.builds(binary, sub, st.sampled_from(["+", "-"]), sub)
+            | st.builds(scaled, sub, st.integers(2, 3))
+            | st.builds(divided, sub, st.sampled_from(["//", "%"]), st.integers(2, 8))
+        )
 
     def comparison(a: Expr, op: str, b: Expr) -> Expr:
         fn = {"<=": torch.le, "<": torch.lt, ">=": torch.ge, ">": torch.gt, "==": torch.eq, "!=": torch.ne}[op]
@@ -174,15 +193,20 @@ def _strategies():
         return Expr(f"({a.src} {op} {b.src})", lambda env: fn(a.value(env), b.value(env)), "bool")
 
     comparisons = st.builds(comparison, coord(2), st.sampled_from(["<=", "<", ">=", ">", "==", "!="]), coord(2))
-    predicates = st.recursive(comparisons, lambda sub: st.builds(combined, sub, st.sampled_from(["&", "|"]), sub),
-                              max_leaves=3)
+    predicates = st.recursive(
+        comparisons, lambda sub: st.builds(combined, sub, st.sampled_from(["&", "|"]), sub), max_leaves=3
+    )
     return st, shapes, predicates
 
 
 def _score_transform(st):
     """One step applied to the scores ``s``: a map, a bias from an extra input, a selection."""
-    return st.tuples(st.sampled_from(["scale", "softcap", "alibi", "bias", "abs", "sign", "max", "min", "where",
-                                      "sigmoid", "tanh", "exp"]), st.sampled_from([0.5, 2.0, 3.0]))
+    return st.tuples(
+        st.sampled_from(
+            ["scale", "softcap", "alibi", "bias", "abs", "sign", "max", "min", "where", "sigmoid", "tanh", "exp"]
+        ),
+        st.sampled_from([0.5, 2.0, 3.0]),
+    )
 
 
 def programs():
@@ -202,8 +226,9 @@ def programs():
 
             p.steps.append(step)
 
-        assign("s", "q @ k * ef.scale", lambda env: torch.einsum("bhme,bhne->bhmn", env["q"], env["k"])
-               * (shape.E ** -0.5))
+        assign(
+            "s", "q @ k * ef.scale", lambda env: torch.einsum("bhme,bhne->bhmn", env["q"], env["k"]) * (shape.E**-0.5)
+        )
         # the plain-torch side's own: where the scores are present
         p.steps.append(lambda env: env.update(keep=torch.ones(shape.B, shape.Hq, shape.M, shape.N, dtype=torch.bool)))
         # How much the scores amplify the rounding of their dot products stays at most MAX_GAIN: a backward that
@@ -216,20 +241,32 @@ def programs():
             if gain * step_gain > MAX_GAIN:
                 continue
             gain *= step_gain
-            bound = {"scale": bound * c, "softcap": min(bound, c), "alibi": bound + max(shape.M, shape.N),
-                     "bias": bound + 4.0, "max": max(bound, c), "min": max(bound, c), "sigmoid": c, "tanh": 1.0,
-                     "exp": math.exp(bound / (2 * c))}.get(kind, bound)
+            bound = {
+                "scale": bound * c,
+                "softcap": min(bound, c),
+                "alibi": bound + max(shape.M, shape.N),
+                "bias": bound + 4.0,
+                "max": max(bound, c),
+                "min": max(bound, c),
+                "sigmoid": c,
+                "tanh": 1.0,
+                "exp": math.exp(bound / (2 * c)),
+            }.get(kind, bound)
             if kind == "scale":
                 assign("s", f"s * {c}", lambda env, c=c: env["s"] * c)
             elif kind == "softcap":
                 assign("s", f"{c} * ef.tanh(s / {c})", lambda env, c=c: c * torch.tanh(env["s"] / c))
             elif kind == "alibi":
                 p.extras.setdefault("slope", Extra('ef.Tensor["h"]', lambda s, g: torch.rand(s.Hq, generator=g)))
-                assign("s", "s + slope * (ef.n - ef.m)", lambda env: env["s"] + env["slope"].view(1, -1, 1, 1)
-                       * (env["n"] - env["m"]))
+                assign(
+                    "s",
+                    "s + slope * (ef.n - ef.m)",
+                    lambda env: env["s"] + env["slope"].view(1, -1, 1, 1) * (env["n"] - env["m"]),
+                )
             elif kind == "bias":
-                p.extras.setdefault("bias", Extra('ef.Tensor["h m n"]',
-                                                  lambda s, g: torch.randn(s.Hq, s.M, s.N, generator=g)))
+                p.extras.setdefault(
+                    "bias", Extra('ef.Tensor["h m n"]', lambda s, g: torch.randn(s.Hq, s.M, s.N, generator=g))
+                )
                 assign("s", "s + bias", lambda env: env["s"] + env["bias"].unsqueeze(0))
             elif kind == "abs":
                 assign("s", "ef.abs(s)", lambda env: env["s"].abs())
@@ -240,8 +277,11 @@ def programs():
             elif kind == "min":
                 assign("s", f"ef.minimum(s, {c})", lambda env, c=c: torch.clamp(env["s"], max=c))
             elif kind == "where":
-                assign("s", f"ef.where(s > 0, s, s * {1 / c})", lambda env, c=c: torch.where(env["s"] > 0, env["s"],
-                                                                                             env["s"] / c))
+                assign(
+                    "s",
+                    f"ef.where(s > 0, s, s * {1 / c})",
+                    lambda env, c=c: torch.where(env["s"] > 0, env["s"], env["s"] / c),
+                )
             elif kind == "sigmoid":
                 assign("s", f"{c} * ef.sigmoid(s)", lambda env, c=c: c * torch.sigmoid(env["s"]))
             elif kind == "tanh":
@@ -269,14 +309,18 @@ def programs():
 
             p.steps.append(windowed)
         elif mask == "documents":
+
             def ids(length: int):
                 return lambda s, g: torch.randint(0, 3, (s.B, length(s)), generator=g).sort(dim=-1).values
 
             p.extras["doc_q"] = Extra('ef.Tensor["b m"]', ids(lambda s: s.M))
             p.extras["doc_k"] = Extra('ef.Tensor["b n"]', ids(lambda s: s.N))
             assign("s", "ef.mask(s, doc_q == doc_k)", lambda env: env["s"])
-            p.steps.append(lambda env: env.update(keep=env["keep"] & (env["doc_q"][:, None, :, None]
-                                                                      == env["doc_k"][:, None, None, :])))
+            p.steps.append(
+                lambda env: env.update(
+                    keep=env["keep"] & (env["doc_q"][:, None, :, None] == env["doc_k"][:, None, None, :])
+                )
+            )
         elif mask == "threshold":
             p.extras["theta"] = Extra('ef.Tensor["h"]', lambda s, g: torch.randn(s.Hq, generator=g) * 0.3)
             assign("s", "ef.mask(s, s >= theta)", lambda env: env["s"])
@@ -292,8 +336,9 @@ def programs():
             assign("p", 'ef.softmax(s, "m")', lambda env: _softmax(env["s"], env["keep"], -2))
         else:
             assign("p", "ef.sigmoid(s)", lambda env: torch.where(env["keep"], torch.sigmoid(env["s"]), 0.0))
-        assign("o", "p @ v", lambda env: torch.einsum("bhmn,bhnf->bhmf", torch.where(env["keep"], env["p"], 0.0),
-                                                      env["v"]))
+        assign(
+            "o", "p @ v", lambda env: torch.einsum("bhmn,bhnf->bhmf", torch.where(env["keep"], env["p"], 0.0), env["v"])
+        )
         # a row that saw no key has an absent output, stored as 0
         p.steps.append(lambda env: env.update(rows=env["keep"].any(-1, keepdim=True)))
         gate = draw(st.sampled_from(["none", "none", "head", "token"]))
@@ -368,8 +413,9 @@ def _typed(stage: str, source: str, fn: Callable):
     except EinflashError as e:
         return None, Outcome(f"{type(e).__name__}: {e}", stage)
     except Exception as e:  # noqa: BLE001 -- an untyped exception is the defect being looked for
-        raise Defect(f"untyped error at {stage}", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}",
-                     source) from None
+        raise Defect(
+            f"untyped error at {stage}", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}", source
+        ) from None
 
 
 def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
@@ -389,20 +435,25 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
         return refused
     plain = program.evaluate(inputs)
     if ref.shape != plain.shape:
-        raise Defect("oracle disagrees", f"reference shape {tuple(ref.shape)}, plain torch {tuple(plain.shape)}",
-                     source)
+        raise Defect(
+            "oracle disagrees", f"reference shape {tuple(ref.shape)}, plain torch {tuple(plain.shape)}", source
+        )
     scale = float(plain.abs().max()) if plain.numel() else 0.0
     bad = float((ref - plain).abs().max()) if plain.numel() else 0.0
     if not (bad <= 1e-9 * max(1.0, scale)) or (torch.isnan(ref) != torch.isnan(plain)).any():
-        raise Defect("oracle disagrees", f"reference against plain torch: max error {bad:.3e} (magnitude "
-                                         f"{scale:.3e})", source)
+        raise Defect(
+            "oracle disagrees", f"reference against plain torch: max error {bad:.3e} (magnitude {scale:.3e})", source
+        )
     out, refused = _typed("call", source, lambda: op(**inputs, **params))
     if refused:
         return refused
     verdict = judge(out, plain, program.evaluate(inputs, torch.float32).double())
     if not verdict.ok:
-        raise Defect("silent wrong result", f"kernel max error {verdict.max_error:.3e} > tolerance "
-                                            f"{verdict.tolerance:.3e}", source)
+        raise Defect(
+            "silent wrong result",
+            f"kernel max error {verdict.max_error:.3e} > tolerance {verdict.tolerance:.3e}",
+            source,
+        )
     if not gradients or op.backward.error is not None:
         return Outcome(None, "forward")
     leaves = {k: (x.detach().clone().requires_grad_() if x.is_floating_point() else x) for k, x in inputs.items()}
@@ -455,9 +506,16 @@ def run(minutes: float, seed: int = 0, out: pathlib.Path | None = None, log=prin
         pass
 
     while time.monotonic() < deadline:
-        @settings(max_examples=10**6, deadline=None, database=None, derandomize=False,
-                  suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink],
-                  report_multiple_bugs=False)
+
+        @settings(
+            max_examples=10**6,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.generate, Phase.shrink],
+            report_multiple_bugs=False,
+        )
         @given(programs())
         def prop(p: Program):
             if time.monotonic() > deadline:

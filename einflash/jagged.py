@@ -51,10 +51,14 @@ class JaggedBatch:
         """Check both offset tensors against the packed lengths; one small device-to-host copy reads them."""
         for name, t in zip(OFFSET_NAMES, (cu_q, cu_k)):
             if not isinstance(t, torch.Tensor):
-                raise DTypeError(f"{name} must be a torch.Tensor of cumulative sequence offsets, got {type(t).__name__}")
+                raise DTypeError(
+                    f"{name} must be a torch.Tensor of cumulative sequence offsets, got {type(t).__name__}"
+                )
             if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or t.numel() < 1:
-                raise ShapeError(f"{name} must be a 1-D int32 or int64 tensor [sequences + 1], got {t.dtype} "
-                                 f"of shape {tuple(t.shape)}")
+                raise ShapeError(
+                    f"{name} must be a 1-D int32 or int64 tensor [sequences + 1], got {t.dtype} "
+                    f"of shape {tuple(t.shape)}"
+                )
         if cu_q.numel() != cu_k.numel():
             raise ShapeError(f"cu_seqlens_q has {cu_q.numel() - 1} sequences but cu_seqlens_k has {cu_k.numel() - 1}")
         if cu_q.device != cu_k.device:
@@ -62,8 +66,9 @@ class JaggedBatch:
         both = torch.stack([cu_q.to(torch.int64), cu_k.to(torch.int64)]).cpu()
         for name, row, total in zip(OFFSET_NAMES, both.tolist(), (total_q, total_k)):
             if row[0] != 0 or row[-1] != total or any(b < a for a, b in zip(row, row[1:])):
-                raise ShapeError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
-                                 f"got {row}")
+                raise ShapeError(
+                    f"{name} must start at 0, never decrease and end at the packed length {total}; got {row}"
+                )
         steps = both.diff(dim=1).tolist()
         return cls(cu_q.to(torch.int32), cu_k.to(torch.int32), tuple(zip(steps[0], steps[1])))
 
@@ -98,9 +103,12 @@ def jagged_batch(c: Cascade, inputs: Mapping[str, torch.Tensor], offsets: Mappin
         x = inputs[t.name]
         for d, r in enumerate(t.ranks):
             if r == "b" and x.shape[d] != 1:
-                raise ShapeError(f"in a jagged batch the sequences are packed along m and n, so {t.name} must have "
-                                 f"batch 1; got shape {tuple(x.shape)}")
+                raise ShapeError(
+                    f"in a jagged batch the sequences are packed along m and n, so {t.name} must have "
+                    f"batch 1; got shape {tuple(x.shape)}"
+                )
             if r in ("m", "n"):
                 total.setdefault(r, int(x.shape[d]))
-    return JaggedBatch.from_offsets(offsets["cu_seqlens_q"], offsets["cu_seqlens_k"], total.get("m", 0),
-                                    total.get("n", 0))
+    return JaggedBatch.from_offsets(
+        offsets["cu_seqlens_q"], offsets["cu_seqlens_k"], total.get("m", 0), total.get("n", 0)
+    )

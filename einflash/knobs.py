@@ -45,8 +45,10 @@ def _flag(name: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise FlagError(f"{name} must be one of {', '.join(_TRUE + _FALSE[1:])} (or unset), got {text!r}; "
-                    f"fix or unset the environment variable")
+    raise FlagError(
+        f"{name} must be one of {', '.join(_TRUE + _FALSE[1:])} (or unset), got {text!r}; "
+        f"fix or unset the environment variable"
+    )
 
 
 def backend() -> str | None:
@@ -111,8 +113,10 @@ def debug_level() -> Debug:
     text = _read("EINFLASH_DEBUG") or "0"
     valid = [str(int(d)) for d in Debug]
     if text not in valid:
-        raise FlagError(f"EINFLASH_DEBUG must be one of {', '.join(valid)} "
-                        f"({', '.join(f'{int(d)} = {d.name.lower()}' for d in Debug)}), got {text!r}")
+        raise FlagError(
+            f"EINFLASH_DEBUG must be one of {', '.join(valid)} "
+            f"({', '.join(f'{int(d)} = {d.name.lower()}' for d in Debug)}), got {text!r}"
+        )
     return Debug(int(text))
 
 
@@ -171,8 +175,10 @@ def use_interpreter() -> bool:
     if not (already or backend() == "interpreter" or not torch.cuda.is_available()):
         return False
     if not already and "triton" in sys.modules:
-        raise BackendError("Triton was imported before its interpreter was turned on, so its language helpers "
-                           "cannot run on the CPU; call einflash.knobs.use_interpreter() before anything imports "
-                           "triton, or set TRITON_INTERPRET=1 in the environment before Python starts")
+        raise BackendError(
+            "Triton was imported before its interpreter was turned on, so its language helpers "
+            "cannot run on the CPU; call einflash.knobs.use_interpreter() before anything imports "
+            "triton, or set TRITON_INTERPRET=1 in the environment before Python starts"
+        )
     os.environ["TRITON_INTERPRET"] = "1"
     return True

@@ -19,8 +19,16 @@ from .compiler.runtime.forward import Forward, accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
 from .compiler.schedule import BackwardSchedule, Schedule, default_schedule
 from .compiler.tuning.selection import choose, generation
-from .errors import (DeclarationError, DeviceError, DTypeError, LoweringError, MissingInputError, NormaliserError, ParameterError,
-                     ShapeError)
+from .errors import (
+    DeclarationError,
+    DeviceError,
+    DTypeError,
+    LoweringError,
+    MissingInputError,
+    NormaliserError,
+    ParameterError,
+    ShapeError,
+)
 from .ir import Cascade, Layout, trace
 from .ir.reference import bind_extents, bind_params, kv_heads, run_outputs
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
@@ -75,8 +83,10 @@ class AttentionOp:
         """Split call arguments into checked input tensors and scalar parameters."""
         names = [t.name for t in self.cascade.inputs]
         if len(args) > len(names):
-            raise MissingInputError(f"{self.name} takes {len(names)} tensor inputs ({', '.join(names)}), "
-                                    f"got {len(args)} positional arguments")
+            raise MissingInputError(
+                f"{self.name} takes {len(names)} tensor inputs ({', '.join(names)}), "
+                f"got {len(args)} positional arguments"
+            )
         inputs = dict(zip(names, args))
         params: dict[str, float] = {}
         declared = {p.name for p in self.cascade.params}
@@ -94,8 +104,10 @@ class AttentionOp:
                 if val is not None:
                     raise MissingInputError(f"{self.name} does not use ef.scale, so `scale` cannot be given")
             else:
-                raise MissingInputError(f"{self.name} got an unexpected argument {key!r}; it takes inputs "
-                                        f"{names} and parameters {sorted(declared)}")
+                raise MissingInputError(
+                    f"{self.name} got an unexpected argument {key!r}; it takes inputs "
+                    f"{names} and parameters {sorted(declared)}"
+                )
         missing = [n for n in names if n not in inputs]
         if missing:
             raise MissingInputError(f"{self.name} is missing input(s) {missing}")
@@ -111,19 +123,25 @@ class AttentionOp:
             if device is None:
                 device = x.device
             elif x.device != device:
-                raise DeviceError(f"{t.name} is on {x.device}, but {self.cascade.inputs[0].name} is on {device}; "
-                                  f"move all inputs to one device")
+                raise DeviceError(
+                    f"{t.name} is on {x.device}, but {self.cascade.inputs[0].name} is on {device}; "
+                    f"move all inputs to one device"
+                )
             if t.layout in (Layout.QUERY, Layout.KEY):
                 if x.dtype not in FLOAT_DTYPES:
                     raise DTypeError(f"{t.name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
                 if qkv_dtype is None:
                     qkv_dtype = x.dtype
                 elif x.dtype != qkv_dtype:
-                    raise DTypeError(f"{t.name} is {x.dtype} but {self.cascade.inputs[0].name} is {qkv_dtype}; "
-                                     f"q, k and v must share a dtype")
+                    raise DTypeError(
+                        f"{t.name} is {x.dtype} but {self.cascade.inputs[0].name} is {qkv_dtype}; "
+                        f"q, k and v must share a dtype"
+                    )
                 if x.dim() != 4:
-                    raise ShapeError(f"{t.name} must be 4-D {'[B, Hq, M, d]' if t.layout is Layout.QUERY else '[B, Hkv, N, d]'}"
-                                     f", got shape {tuple(x.shape)}")
+                    raise ShapeError(
+                        f"{t.name} must be 4-D {'[B, Hq, M, d]' if t.layout is Layout.QUERY else '[B, Hkv, N, d]'}"
+                        f", got shape {tuple(x.shape)}"
+                    )
             elif x.dtype.is_complex:
                 raise DTypeError(f"{t.name} must be a real tensor, got {x.dtype}")
 
@@ -138,8 +156,9 @@ class AttentionOp:
         inputs, params = self.bind(args, kwargs)
         return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype)
 
-    def _reference(self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype,
-                   lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _reference(
+        self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype, lse: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The output, or with ``lse`` the output and the log-sum-exp, from the written cascade."""
         c = self._lse_cascade() if lse else self.cascade
         if jagged is None:
@@ -154,9 +173,16 @@ class AttentionOp:
             raise NormaliserError(f"return_lse=True: {self.lse_error}")
         return self.forward_lse.written
 
-    def __call__(self, *args, backend: str | None = None, schedule: Schedule | None = None,
-                 backward_schedule: BackwardSchedule | None = None, deterministic: bool = False,
-                 return_lse: bool = False, **kwargs):
+    def __call__(
+        self,
+        *args,
+        backend: str | None = None,
+        schedule: Schedule | None = None,
+        backward_schedule: BackwardSchedule | None = None,
+        deterministic: bool = False,
+        return_lse: bool = False,
+        **kwargs,
+    ):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
 
         Without a ``schedule``, the autotune cache's for this shape (or the nearest tuned shape), else the
@@ -204,26 +230,39 @@ class AttentionOp:
             return self._call_reference(inputs, params, jagged, return_lse)
         fwd = self._forward(backend, return_lse, tracing)
         if jagged is not None:
-            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.rewritten, inputs, params), jagged,
-                                    schedule)
+            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.rewritten, inputs, params), jagged, schedule)
         # traced, the custom op binds the extents (its fake implementation at trace time) and chooses the schedule
         extents = None if tracing else bind_extents(fwd.rewritten, inputs, params)
         if schedule is None and not tracing:
             first = inputs[self.cascade.inputs[0].name]
-            schedule = choose(self.cascade, fwd, for_device(first.device.type), first.dtype, extents,
-                              kv_heads(self.cascade, inputs), inputs, params)
+            schedule = choose(
+                self.cascade,
+                fwd,
+                for_device(first.device.type),
+                first.dtype,
+                extents,
+                kv_heads(self.cascade, inputs),
+                inputs,
+                params,
+            )
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
             return self._call_training(inputs, params, schedule, backward_schedule, deterministic, return_lse, tracing)
         if tracing:
             return (self._lse_op if return_lse else self._custom_op)(
-                [inputs[t.name] for t in self.cascade.inputs], _param_values(self.cascade, params),
-                [] if schedule is None else schedule.to_ints())
+                [inputs[t.name] for t in self.cascade.inputs],
+                _param_values(self.cascade, params),
+                [] if schedule is None else schedule.to_ints(),
+            )
         # eager with nothing to differentiate: the custom op's dispatch would only add host time
         record = None if replay_key is None else Recording()
-        results = _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents,
-                                         record=record))
-        replay = None if record is None else record.replay(
-            _call_tensors(args, kwargs), results if isinstance(results, tuple) else (results,))
+        results = _results(
+            fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents, record=record)
+        )
+        replay = (
+            None
+            if record is None
+            else record.replay(_call_tensors(args, kwargs), results if isinstance(results, tuple) else (results,))
+        )
         if replay is not None:
             self._replays.put(replay_key, replay)
         return results
@@ -250,14 +289,24 @@ class AttentionOp:
             raise LoweringError(fwd.refusal)
         return fwd
 
-    def _call_training(self, inputs, params, schedule: Schedule | None, backward_schedule: BackwardSchedule | None,
-                       deterministic: bool, return_lse: bool, tracing: bool):
+    def _call_training(
+        self,
+        inputs,
+        params,
+        schedule: Schedule | None,
+        backward_schedule: BackwardSchedule | None,
+        deterministic: bool,
+        return_lse: bool,
+        tracing: bool,
+    ):
         """A differentiable call: the training forward, which keeps the states its backward reads."""
         if self.backward.error is not None:
             raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
         if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
-            raise ParameterError(f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
-                                 f"adds query-side gradients atomically; use atomic_dq=False")
+            raise ParameterError(
+                f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
+                f"adds query-side gradients atomically; use atomic_dq=False"
+            )
         tensors = [inputs[t.name] for t in self.cascade.inputs]
         values = _param_values(self.cascade, params)
         ints = [] if schedule is None else schedule.to_ints()
@@ -296,35 +345,62 @@ class AttentionOp:
         if self.forward.error is not None:
             raise LoweringError(f"{self.name}: {self.forward.error}; there is no kernel to tune")
         if jagged_batch(self.cascade, inputs, kwargs) is not None:
-            raise LoweringError(f"{self.name}: tuning jagged batches is not implemented (the cache's shape buckets "
-                                f"are of stacked batches); tune a stacked batch of typical sequence lengths")
+            raise LoweringError(
+                f"{self.name}: tuning jagged batches is not implemented (the cache's shape buckets "
+                f"are of stacked batches); tune a stacked batch of typical sequence lengths"
+            )
         first = inputs[self.cascade.inputs[0].name]
-        return tune(self.cascade, self.forward, inputs, params, for_device(first.device.type),
-                    budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
-                    **options)
+        return tune(
+            self.cascade,
+            self.forward,
+            inputs,
+            params,
+            for_device(first.device.type),
+            budget=Budget(**{k: v for k, v in (("trials", trials), ("seconds", seconds)) if v is not None}),
+            **options,
+        )
 
     def _run_jagged(self, fwd: Forward, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None):
         """A jagged batch through ``fwd``'s kernel, eagerly (the custom op and autograd take stacked batches only)."""
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
-            raise LoweringError(f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
-                                f"into a stacked batch with a mask, or run without autograd")
+            raise LoweringError(
+                f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
+                f"into a stacked batch with a mask, or run without autograd"
+            )
         per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if schedule is None:
             # jagged batches are not tuned yet: the cache's buckets are of stacked batches
             device = inputs[self.cascade.inputs[0].name].device
-            schedule = default_schedule(per_sequence, for_device(device.type), kv_heads(self.cascade, inputs),
-                                        fwd.masked, allow_split=False)
+            schedule = default_schedule(
+                per_sequence, for_device(device.type), kv_heads(self.cascade, inputs), fwd.masked, allow_split=False
+            )
         return _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents, jagged))
 
-    def explain(self, shape: Shape | None = None, dtype: str = "bfloat16", target: str = "sm90",
-                dims: dict[str, int] | None = None, **params) -> Explanation:
+    def explain(
+        self,
+        shape: Shape | None = None,
+        dtype: str = "bfloat16",
+        target: str = "sm90",
+        dims: dict[str, int] | None = None,
+        **params,
+    ) -> Explanation:
         """Passes as written and after rewriting (with reasons), buffers as formulas, FLOPs, bytes, the
         roofline on ``target`` at ``shape`` (default B=2, H=16, M=N=4096, D=128), mask tile counts.
 
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
         """
-        return explain(self.cascade, self.forward.steps, self.forward.rewritten, self.forward.error,
-                       get_target(target), shape or DEFAULT_SHAPE, dtype, dims, params, self.backward)
+        return explain(
+            self.cascade,
+            self.forward.steps,
+            self.forward.rewritten,
+            self.forward.error,
+            get_target(target),
+            shape or DEFAULT_SHAPE,
+            dtype,
+            dims,
+            params,
+            self.backward,
+        )
 
 
 DEFAULT_SHAPE = Shape(2, 16, 4096, 4096, 128)
@@ -335,8 +411,6 @@ TUNE_OPTIONS = ("timer", "storage", "seed", "sampler", "warm_start", "cache", "p
 def _call_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
     """A call's tensors in the order its replay takes them (see einflash.compiler.runtime.replay.signature)."""
     return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-
-
 
 
 def _param_values(cascade: Cascade, params: Mapping[str, float]) -> list[float]:
@@ -366,8 +440,9 @@ def _register(op: AttentionOp, fwd: Forward):
     unpack = unpacker(op)
     returns = f"({', '.join(['Tensor'] * (1 + len(rows)))})" if rows else "Tensor"
 
-    @torch.library.custom_op(qualname, mutates_args=(),
-                             schema=f"(Tensor[] tensors, float[] params, int[] schedule) -> {returns}")
+    @torch.library.custom_op(
+        qualname, mutates_args=(), schema=f"(Tensor[] tensors, float[] params, int[] schedule) -> {returns}"
+    )
     def run(tensors, params, schedule):
         """``schedule``: ``Schedule.to_ints()``, or [] to choose one here."""
         if fwd.error is not None:
@@ -375,8 +450,9 @@ def _register(op: AttentionOp, fwd: Forward):
         inputs, values, extents = unpack(tensors, params)
         if schedule:
             return _results(fwd, *fwd.run(inputs, values, Schedule.from_ints(schedule), extents))
-        chosen = choose(op.cascade, fwd, for_device(tensors[0].device.type), tensors[0].dtype, extents,
-                        kv_heads(op.cascade, inputs))
+        chosen = choose(
+            op.cascade, fwd, for_device(tensors[0].device.type), tensors[0].dtype, extents, kv_heads(op.cascade, inputs)
+        )
         return _results(fwd, *fwd.run(inputs, values, chosen, extents))
 
     @run.register_fake
@@ -384,8 +460,11 @@ def _register(op: AttentionOp, fwd: Forward):
         inputs, values, ext = unpack(tensors, params)
         value_rank = next(r for r in fwd.rewritten.tensor(fwd.rewritten.outputs[0]).ranks if r not in "bhm")
         acc = accumulator_dtype(tensors[0].dtype)
-        return _results(fwd, tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank]),
-                        {o: tensors[0].new_empty(ext["b"], ext["h"], ext["m"], dtype=acc) for o in rows})
+        return _results(
+            fwd,
+            tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank]),
+            {o: tensors[0].new_empty(ext["b"], ext["h"], ext["m"], dtype=acc) for o in rows},
+        )
 
     _REGISTERED[qualname] = run
     return run

@@ -34,8 +34,9 @@ class Shape:
         for name in ("B", "Hq", "M", "N", "E", "F", "Hkv"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or (v == 0 and name not in ("B", "M", "N")):
-                raise ShapeError(f"shape field {name} must be a {'non-negative' if name in 'BMN' else 'positive'} "
-                                 f"int, got {v!r}")
+                raise ShapeError(
+                    f"shape field {name} must be a {'non-negative' if name in 'BMN' else 'positive'} int, got {v!r}"
+                )
         if self.Hq % self.Hkv:
             raise ShapeError(f"query heads ({self.Hq}) must be a multiple of kv heads ({self.Hkv})")
 

@@ -36,8 +36,7 @@ class Verdict:
     ok: bool
 
     def as_dict(self) -> dict:
-        return {"max_error": self.max_error, "tolerance": self.tolerance, "lowp_error": self.lowp_error,
-                "ok": self.ok}
+        return {"max_error": self.max_error, "tolerance": self.tolerance, "lowp_error": self.lowp_error, "ok": self.ok}
 
 
 def tolerance_floor(dtype: torch.dtype, magnitude: float) -> float:
@@ -80,8 +79,9 @@ def judge(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> Verdict
     return Verdict(bad, tol, lowp_err, bad <= tol)
 
 
-def reference_gradients(op, grad_output: torch.Tensor, *args, dtype: torch.dtype = torch.float64,
-                        **kwargs) -> dict[str, torch.Tensor | None]:
+def reference_gradients(
+    op, grad_output: torch.Tensor, *args, dtype: torch.dtype = torch.float64, **kwargs
+) -> dict[str, torch.Tensor | None]:
     """torch.autograd's gradient of ``Σ out·grad_output`` for every floating-point input, through the reference
     executor computing in ``dtype`` (each gradient in that dtype; None for integer inputs)."""
     inputs, params = op.bind(args, kwargs)
@@ -93,8 +93,9 @@ def reference_gradients(op, grad_output: torch.Tensor, *args, dtype: torch.dtype
     return {n: made.get(n) for n in inputs}
 
 
-def check_gradients(op, grads: dict[str, torch.Tensor | None], grad_output: torch.Tensor, *args,
-                    **kwargs) -> dict[str, Verdict]:
+def check_gradients(
+    op, grads: dict[str, torch.Tensor | None], grad_output: torch.Tensor, *args, **kwargs
+) -> dict[str, Verdict]:
     """Hold each floating-point gradient in ``grads`` (what the backward returned for the incoming gradient
     ``grad_output`` at these arguments) to the tolerance rule; one verdict per input. The same maths in
     torch is autograd through the reference run in the dtype of the op's first input (the kernel's).
@@ -124,8 +125,11 @@ def check_gradients(op, grads: dict[str, torch.Tensor | None], grad_output: torc
             continue
         want, lowp = exact[name], lowps[name].double()
         empty = got.numel() == 0
-        bad = float("inf") if not torch.isfinite(got).all() else (
-            0.0 if empty else float((got.double() - want).abs().max()))
+        bad = (
+            float("inf")
+            if not torch.isfinite(got).all()
+            else (0.0 if empty else float((got.double() - want).abs().max()))
+        )
         lowp_err = 0.0 if empty else lowp_error(lowp, want)
         tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
         verdicts[name] = Verdict(bad, tol, lowp_err, bad <= tol)
@@ -159,10 +163,13 @@ def random_inputs(op, shape, device="cpu", dtype: torch.dtype = torch.float32, s
         if t.name in extra:
             out[t.name] = extra[t.name]
         elif t.layout in rows and t.ranks[-1] in widths:
-            out[t.name] = torch.randn(shape.B, *rows[t.layout], widths[t.ranks[-1]], device=device, dtype=dtype,
-                                      generator=g)
+            out[t.name] = torch.randn(
+                shape.B, *rows[t.layout], widths[t.ranks[-1]], device=device, dtype=dtype, generator=g
+            )
         else:
-            raise MissingInputError(f"{op.name}: input {t.name!r} (ranks {', '.join(t.ranks)}) cannot be made from a "
-                                    f"shape; define extra_inputs(shape, device, dtype) returning it in the file that "
-                                    f"declares {op.name}")
+            raise MissingInputError(
+                f"{op.name}: input {t.name!r} (ranks {', '.join(t.ranks)}) cannot be made from a "
+                f"shape; define extra_inputs(shape, device, dtype) returning it in the file that "
+                f"declares {op.name}"
+            )
     return out

@@ -18,6 +18,8 @@ def differential(q, k, v, q2: ef.Query["e"], k2: ef.Key["e"], lam: ef.Tensor["h"
 
 def extra_inputs(shape, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
     """A second query/key pair and λ per head in (0.2, 0.8)."""
-    return {"q2": torch.randn(shape.B, shape.Hq, shape.M, shape.E, device=device, dtype=dtype),
-            "k2": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, device=device, dtype=dtype),
-            "lam": 0.2 + 0.6 * torch.rand(shape.Hq, device=device, dtype=dtype)}
+    return {
+        "q2": torch.randn(shape.B, shape.Hq, shape.M, shape.E, device=device, dtype=dtype),
+        "k2": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, device=device, dtype=dtype),
+        "lam": 0.2 + 0.6 * torch.rand(shape.Hq, device=device, dtype=dtype),
+    }

@@ -15,8 +15,12 @@ import math
 
 import einflash as ef
 
-LOGADDEXP = ef.reducer("logaddexp", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
-                       identity=-math.inf, derivative=lambda x, r: ef.exp(x - r))
+LOGADDEXP = ef.reducer(
+    "logaddexp",
+    lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
+    identity=-math.inf,
+    derivative=lambda x, r: ef.exp(x - r),
+)
 
 
 @ef.attention

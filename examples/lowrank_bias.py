@@ -18,5 +18,7 @@ def lowrank_bias(q, k, v, u: ef.Query["r"], w: ef.Key["r"]):
 def extra_inputs(shape, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Rank-4 factors."""
     r = 4
-    return {"u": torch.randn(shape.B, shape.Hq, shape.M, r, device=device, dtype=dtype) / 2,
-            "w": torch.randn(shape.B, shape.Hkv, shape.N, r, device=device, dtype=dtype) / 2}
+    return {
+        "u": torch.randn(shape.B, shape.Hq, shape.M, r, device=device, dtype=dtype) / 2,
+        "w": torch.randn(shape.B, shape.Hkv, shape.N, r, device=device, dtype=dtype) / 2,
+    }

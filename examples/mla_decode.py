@@ -22,5 +22,7 @@ def mla_decode(q, k, q_rope: ef.Query["r"], k_rope: ef.Key["r"]):
 def extra_inputs(shape, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Rotary parts one eighth of the latent width (64 of 512 in DeepSeek-V2), at least 4."""
     r = max(4, shape.E // 8)
-    return {"q_rope": torch.randn(shape.B, shape.Hq, shape.M, r, device=device, dtype=dtype),
-            "k_rope": torch.randn(shape.B, shape.Hkv, shape.N, r, device=device, dtype=dtype)}
+    return {
+        "q_rope": torch.randn(shape.B, shape.Hq, shape.M, r, device=device, dtype=dtype),
+        "k_rope": torch.randn(shape.B, shape.Hkv, shape.N, r, device=device, dtype=dtype),
+    }

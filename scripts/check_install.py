@@ -30,9 +30,11 @@ def main() -> int:
     forward = check(causal, out.detach(), q, k, v)
     gradients = check_gradients(causal, {"q": q.grad, "k": k.grad, "v": v.grad}, d_o, q, k, v)
     worst = max(gradients.values(), key=lambda verdict: verdict.max_error)
-    print(f"torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}: causal forward error "
-          f"{forward.max_error:.2e} (tolerance {forward.tolerance:.2e}), gradient error {worst.max_error:.2e} "
-          f"(tolerance {worst.tolerance:.2e})")
+    print(
+        f"torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}: causal forward error "
+        f"{forward.max_error:.2e} (tolerance {forward.tolerance:.2e}), gradient error {worst.max_error:.2e} "
+        f"(tolerance {worst.tolerance:.2e})"
+    )
     return 0 if forward.ok and all(verdict.ok for verdict in gradients.values()) else 1
 
 

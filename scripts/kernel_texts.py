@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"changed: {k}")
     digest = hashlib.sha256("".join(texts[k] for k in sorted(texts)).encode()).hexdigest()[:16]
     same = not (missing or added or changed)
-    print(f"{len(texts)} kernel texts, {len(before)} before: {'byte-identical' if same else 'DIFFERENT'} "
-          f"(digest {digest})")
+    print(
+        f"{len(texts)} kernel texts, {len(before)} before: {'byte-identical' if same else 'DIFFERENT'} "
+        f"(digest {digest})"
+    )
     return 0 if same else 1
 
 

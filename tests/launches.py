@@ -19,8 +19,13 @@ from einflash.ir.reference import bind_extents, bind_params
 
 
 def _job(src, call) -> CompileJob:
-    return CompileJob.specialised(load_kernel(src), specialise(call.args, src.signature.constexpr), call.num_warps,
-                                  call.num_stages, call.max_registers)
+    return CompileJob.specialised(
+        load_kernel(src),
+        specialise(call.args, src.signature.constexpr),
+        call.num_warps,
+        call.num_stages,
+        call.max_registers,
+    )
 
 
 def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJob]:
@@ -28,8 +33,11 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJ
     op = getattr(load_example(name), name)
     B, Hq, Hkv, M, N = dims["B"], dims["Hq"], dims["Hkv"], dims["M"], dims["N"]
     meta = {"dtype": torch.bfloat16, "device": "meta"}
-    inputs = {"q": torch.empty(B, Hq, M, head_dim, **meta), "k": torch.empty(B, Hkv, N, head_dim, **meta),
-              "v": torch.empty(B, Hkv, N, head_dim, **meta)}
+    inputs = {
+        "q": torch.empty(B, Hq, M, head_dim, **meta),
+        "k": torch.empty(B, Hkv, N, head_dim, **meta),
+        "v": torch.empty(B, Hkv, N, head_dim, **meta),
+    }
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
     if name == "document_mask":
@@ -39,11 +47,24 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJ
     extents = bind_extents(op.forward.rewritten, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[CompileJob] = []
-    op.forward.run(inputs, bind_params(op.forward.rewritten, {}, extents), schedule, extents,
-                   launcher=lambda src, call: calls.append(_job(src, call)))
+    op.forward.run(
+        inputs,
+        bind_params(op.forward.rewritten, {}, extents),
+        schedule,
+        extents,
+        launcher=lambda src, call: calls.append(_job(src, call)),
+    )
     return calls
 
 
 def compile_launch(job: CompileJob, target: Target) -> CompiledKernel:
-    return compile_for_target(job.fn, job.signature, job.constexprs, target, job.num_warps, job.num_stages,
-                              aligned=job.aligned, max_registers=job.max_registers)
+    return compile_for_target(
+        job.fn,
+        job.signature,
+        job.constexprs,
+        target,
+        job.num_warps,
+        job.num_stages,
+        aligned=job.aligned,
+        max_registers=job.max_registers,
+    )

@@ -36,15 +36,22 @@ def _local_gpu() -> Target:
     """The target of CUDA device 0, with its own name, SM count and shared memory, and its part's rates."""
     major, minor = torch.cuda.get_device_capability(0)
     if major not in _BY_MAJOR:
-        raise BackendError(f"no einflash target for compute capability {major}.{minor}; targets exist for "
-                           f"{', '.join(f'{m}.x ({t.name})' for m, t in _BY_MAJOR.items())}. "
-                           f"Set EINFLASH_BACKEND=interpreter to run on the CPU instead")
+        raise BackendError(
+            f"no einflash target for compute capability {major}.{minor}; targets exist for "
+            f"{', '.join(f'{m}.x ({t.name})' for m, t in _BY_MAJOR.items())}. "
+            f"Set EINFLASH_BACKEND=interpreter to run on the CPU instead"
+        )
     nominal = _BY_MAJOR[major]
     props = torch.cuda.get_device_properties(0)
     rates = next((r for fragment, r in DEVICE_RATES.get(nominal.name, ()) if fragment in props.name), {})
     # The driver's figures beat the table's: parts of one architecture differ (e.g. 8.6 has 99 KiB per block).
-    return dataclasses.replace(nominal, device=props.name, sm_count=props.multi_processor_count,
-                               smem_per_block=props.shared_memory_per_block_optin, **rates)
+    return dataclasses.replace(
+        nominal,
+        device=props.name,
+        sm_count=props.multi_processor_count,
+        smem_per_block=props.shared_memory_per_block_optin,
+        **rates,
+    )
 
 
 def detect() -> Target:
@@ -82,5 +89,18 @@ def for_device(device_type: str) -> Target:
     return _FOR_DEVICE[device_type]
 
 
-__all__ = ["Target", "GPU", "Capabilities", "TileConfig", "SearchSpace", "Tuning", "TARGETS", "INTERPRETER", "SM80",
-           "SM90", "get_target", "detect", "for_device"]
+__all__ = [
+    "Target",
+    "GPU",
+    "Capabilities",
+    "TileConfig",
+    "SearchSpace",
+    "Tuning",
+    "TARGETS",
+    "INTERPRETER",
+    "SM80",
+    "SM90",
+    "get_target",
+    "detect",
+    "for_device",
+]

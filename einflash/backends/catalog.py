@@ -42,19 +42,24 @@ INTERPRETER = Target(
     caps=Capabilities(tensor_core_dot=False, bf16=False, fp8=False, tma=False, wgmma=False),
     # The interpreter's cost grows with the work per tile and it runs programs one at a time:
     # small tiles keep CPU tests fast; warps and stages mean nothing there.
-    forward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
-                   space=SearchSpace(block_m=(16, 32), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
-    decode=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
-                  space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,),
-                                    splits=(1, 2, 4))),
-    backward=Tuning(defaults=((256, TileConfig(16, 16, 4, 1)),),
-                    space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,))),
+    forward=Tuning(
+        defaults=((256, TileConfig(16, 16, 4, 1)),),
+        space=SearchSpace(block_m=(16, 32), block_n=(16, 32), num_warps=(4,), num_stages=(1,)),
+    ),
+    decode=Tuning(
+        defaults=((256, TileConfig(16, 16, 4, 1)),),
+        space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,), splits=(1, 2, 4)),
+    ),
+    backward=Tuning(
+        defaults=((256, TileConfig(16, 16, 4, 1)),),
+        space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,)),
+    ),
 )
 # Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program.
-_BACKWARD = Tuning(defaults=((128, TileConfig(64, 128, 8, 3)),
-                             (256, TileConfig(32, 64, 4, 2))),
-                   space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8),
-                                     num_stages=(1, 2, 3, 4, 5)))
+_BACKWARD = Tuning(
+    defaults=((128, TileConfig(64, 128, 8, 3)), (256, TileConfig(32, 64, 4, 2))),
+    space=SearchSpace(block_m=(16, 32, 64), block_n=(64, 128), num_warps=(4, 8), num_stages=(1, 2, 3, 4, 5)),
+)
 # sm90: the dK/dV part 2 stages deep, the dQ part 3 (backward_dq_stages), capped at 240 registers, in one launch.
 _BACKWARD_SM90 = replace(_BACKWARD, defaults=((128, TileConfig(64, 128, 8, 2, 240)),) + _BACKWARD.defaults[1:])
 
@@ -71,16 +76,24 @@ SM80 = Target(
     sfu_ops=108 * 16 * 1.41e9,  # SMs × 16/clock × 1.41 GHz boost
     hbm_bandwidth=2.0e12,  # spec (80 GB part: 2.04 TB/s)
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=False, tma=False, wgmma=False),
-    forward=Tuning(defaults=((64, TileConfig(128, 64, 4, 3)),
-                             (128, TileConfig(128, 64, 8, 2)),
-                             (256, TileConfig(64, 32, 8, 2))),  # 4 warps use all 255 registers a thread has
-                   space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
-                                     num_stages=(1, 2, 3, 4))),
-    decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
-                            (128, TileConfig(16, 64, 4, 3)),
-                            (256, TileConfig(16, 64, 4, 2))),
-                  space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
-                                    num_stages=(1, 2, 3, 4), splits=(1, 2, 4, 8, 16, 32, 64))),
+    forward=Tuning(
+        defaults=(
+            (64, TileConfig(128, 64, 4, 3)),
+            (128, TileConfig(128, 64, 8, 2)),
+            (256, TileConfig(64, 32, 8, 2)),
+        ),  # 4 warps use all 255 registers a thread has
+        space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3, 4)),
+    ),
+    decode=Tuning(
+        defaults=((64, TileConfig(16, 128, 4, 3)), (128, TileConfig(16, 64, 4, 3)), (256, TileConfig(16, 64, 4, 2))),
+        space=SearchSpace(
+            block_m=(16, 32, 64),
+            block_n=(32, 64, 128, 256),
+            num_warps=(2, 4, 8),
+            num_stages=(1, 2, 3, 4),
+            splits=(1, 2, 4, 8, 16, 32, 64),
+        ),
+    ),
     backward=_BACKWARD,
 )
 
@@ -98,17 +111,31 @@ SM90 = Target(
     hbm_bandwidth=3.0e12,  # measured copy; spec 3.35 TB/s
     caps=Capabilities(tensor_core_dot=True, bf16=True, fp8=True, tma=True, wgmma=True),
     # masked: with a causal or windowed mask, smaller tiles waste less on the tiles the mask cuts
-    forward=Tuning(defaults=((64, TileConfig(64, 128, 4, 3)),
-                             (128, TileConfig(128, 128, 8, 3, 240)),
-                             (256, TileConfig(64, 32, 4, 2))),
-                   space=SearchSpace(block_m=(64, 128), block_n=(32, 64, 128), num_warps=(4, 8),
-                                     num_stages=(1, 2, 3, 4, 5), max_registers=(0, 240)),
-                   masked=((128, TileConfig(64, 64, 4, 3)),)),
-    decode=Tuning(defaults=((64, TileConfig(16, 128, 4, 3)),
-                            (128, TileConfig(16, 64, 4, 3)),
-                            (256, TileConfig(16, 64, 4, 2))),
-                  space=SearchSpace(block_m=(16, 32, 64), block_n=(32, 64, 128, 256), num_warps=(2, 4, 8),
-                                    num_stages=(1, 2, 3, 4, 5), splits=(1, 2, 4, 8, 16, 32, 64))),
+    forward=Tuning(
+        defaults=(
+            (64, TileConfig(64, 128, 4, 3)),
+            (128, TileConfig(128, 128, 8, 3, 240)),
+            (256, TileConfig(64, 32, 4, 2)),
+        ),
+        space=SearchSpace(
+            block_m=(64, 128),
+            block_n=(32, 64, 128),
+            num_warps=(4, 8),
+            num_stages=(1, 2, 3, 4, 5),
+            max_registers=(0, 240),
+        ),
+        masked=((128, TileConfig(64, 64, 4, 3)),),
+    ),
+    decode=Tuning(
+        defaults=((64, TileConfig(16, 128, 4, 3)), (128, TileConfig(16, 64, 4, 3)), (256, TileConfig(16, 64, 4, 2))),
+        space=SearchSpace(
+            block_m=(16, 32, 64),
+            block_n=(32, 64, 128, 256),
+            num_warps=(2, 4, 8),
+            num_stages=(1, 2, 3, 4, 5),
+            splits=(1, 2, 4, 8, 16, 32, 64),
+        ),
+    ),
     backward=_BACKWARD_SM90,
     backward_dq_stages=((128, 3),),
 )
@@ -118,7 +145,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (INTERPRETER, SM80, SM90)}
 # Parts whose rates differ from their architecture's nominal target, by a fragment of the name
 # the driver reports. Any other part of a known architecture keeps the nominal rates.
 DEVICE_RATES: dict[str, tuple[tuple[str, dict[str, float]], ...]] = {
-    "sm90": (("H200", {"tensor_flops": 788e12,  # measured, same compute as H100
-                       "hbm_bandwidth": 4.3e12}),  # measured copy; spec 4.8 TB/s
-             ),
+    "sm90": (
+        (
+            "H200",
+            {
+                "tensor_flops": 788e12,  # measured, same compute as H100
+                "hbm_bandwidth": 4.3e12,
+            },
+        ),  # measured copy; spec 4.8 TB/s
+    ),
 }

@@ -96,8 +96,10 @@ class Tuning:
         for largest, cfg in self.defaults:
             if head_dim <= largest:
                 return cfg
-        raise LoweringError(f"head dimension {head_dim} is larger than the largest one with a tile configuration "
-                            f"({self.defaults[-1][0]}); split the head dimension or add a bucket to the target")
+        raise LoweringError(
+            f"head dimension {head_dim} is larger than the largest one with a tile configuration "
+            f"({self.defaults[-1][0]}); split the head dimension or add a bucket to the target"
+        )
 
 
 @dataclass(frozen=True)
@@ -133,4 +135,3 @@ class Target:
     @property
     def is_interpreter(self) -> bool:
         return self.gpu is None
-

@@ -46,30 +46,54 @@ def resource_usage(cubin: bytes, kernel: str) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                                capture_output=True, text=True, check=True).stdout
+        report = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     usage = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+)\s+STACK:(\d+)\s.*?LOCAL:(\d+)", report, re.S)
     return int(usage[1]), int(usage[2]) + int(usage[3])
 
 
-def compile_kernel(fn, signature: dict[str, str], constexprs: dict, target: list, num_warps: int, num_stages: int,
-                   aligned: list[str], max_registers: int = 0) -> dict:
+def compile_kernel(
+    fn,
+    signature: dict[str, str],
+    constexprs: dict,
+    target: list,
+    num_warps: int,
+    num_stages: int,
+    aligned: list[str],
+    max_registers: int = 0,
+) -> dict:
     """Compile the JIT function ``fn`` for ``target`` (GPUTarget's fields) and report name, shared memory,
     registers, spills, PTX, the cubin (base64) and Triton's metadata. ``signature`` must type every
     argument not in ``constexprs``; ``aligned`` names the arguments to treat as divisible by 16;
     ``max_registers`` (when not 0) is Triton's ``maxnreg``."""
     full = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name), ): _DIVISIBLE for name in aligned}
-    compiled = triton.compile(ASTSource(fn, full, constexprs, attrs), target=GPUTarget(*target),
-                              options={"num_warps": num_warps, "num_stages": num_stages,
-                                       **({"maxnreg": max_registers} if max_registers else {})})
+    attrs = {(fn.arg_names.index(name),): _DIVISIBLE for name in aligned}
+    compiled = triton.compile(
+        ASTSource(fn, full, constexprs, attrs),
+        target=GPUTarget(*target),
+        options={
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+            **({"maxnreg": max_registers} if max_registers else {}),
+        },
+    )
     registers, spills = resource_usage(compiled.asm["cubin"], compiled.name)
     metadata = next(path for file, path in compiled.metadata_group.items() if file.endswith(".json"))
     with open(metadata) as f:
         metadata = json.load(f)
-    return {"name": compiled.name, "shared_bytes": compiled.metadata.shared, "registers": registers,
-            "spill_bytes": spills, "ptx": compiled.asm["ptx"],
-            "cubin": base64.b64encode(compiled.asm["cubin"]).decode(), "metadata": metadata}
+    return {
+        "name": compiled.name,
+        "shared_bytes": compiled.metadata.shared,
+        "registers": registers,
+        "spill_bytes": spills,
+        "ptx": compiled.asm["ptx"],
+        "cubin": base64.b64encode(compiled.asm["cubin"]).decode(),
+        "metadata": metadata,
+    }
 
 
 def _load(path: str, name: str):

@@ -1,10 +1,10 @@
 """The ``einflash`` command line: ``explain``, ``demo``, ``tune``, ``cache`` and ``aot``.
 
-    einflash explain examples/softmax.py --json
-    einflash demo [--json] [--quick]
-    einflash tune examples/causal.py --shape 2,16,8192,8192,128 --dtype bfloat16 [--trials 30] [--storage URL]
-    einflash cache list|show|export|import|clear [--json]
-    einflash aot examples/causal.py --shape 2,16,4096,4096,128 --shape 4,32,1,32768,128 --kv-heads 8 --out DIR
+einflash explain examples/softmax.py --json
+einflash demo [--json] [--quick]
+einflash tune examples/causal.py --shape 2,16,8192,8192,128 --dtype bfloat16 [--trials 30] [--storage URL]
+einflash cache list|show|export|import|clear [--json]
+einflash aot examples/causal.py --shape 2,16,4096,4096,128 --shape 4,32,1,32768,128 --kv-heads 8 --out DIR
 """
 
 from __future__ import annotations

@@ -39,9 +39,18 @@ def cmd_aot(args) -> int:
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise DeclarationError(f"--input {name}={dtype}: {dtype!r} is not a torch dtype (float32, int64, ...)")
         inputs[name] = getattr(torch, dtype)
-    manifest = build(op.forward, op.cascade, pathlib.Path(args.target_file.partition(":")[0]), shapes,
-                     args.dtype or ["bfloat16"], get_target(args.target), pathlib.Path(args.out), params=params,
-                     dims=dims, input_dtypes=inputs)
+    manifest = build(
+        op.forward,
+        op.cascade,
+        pathlib.Path(args.target_file.partition(":")[0]),
+        shapes,
+        args.dtype or ["bfloat16"],
+        get_target(args.target),
+        pathlib.Path(args.out),
+        params=params,
+        dims=dims,
+        input_dtypes=inputs,
+    )
     if args.json:
         print(json.dumps(manifest.to_json(), indent=1))
         return 0
@@ -51,8 +60,10 @@ def cmd_aot(args) -> int:
     print(f"{'kernel':64} {'lengths':>7} {'warps':>5} {'stages':>6} {'smem B':>8} {'regs':>5} {'spill':>5}")
     for k in manifest.kernels.values():
         for b in k.binaries:
-            print(f"{k.name:64} {b.lengths:>7} {b.num_warps:>5} {b.num_stages:>6} {b.shared_bytes:>8} "
-                  f"{b.registers:>5} {b.spill_bytes:>5}")
+            print(
+                f"{k.name:64} {b.lengths:>7} {b.num_warps:>5} {b.num_stages:>6} {b.shared_bytes:>8} "
+                f"{b.registers:>5} {b.spill_bytes:>5}"
+            )
     return 0
 
 
@@ -77,13 +88,22 @@ def add_commands(sub) -> None:
     ao.add_argument("--shape", action="append", required=True, help="B,H,M,N,D (repeat for several)")
     ao.add_argument("--kv-heads", type=int, default=None)
     ao.add_argument("--head-dim-v", type=int, default=None)
-    ao.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32"),
-                    help="default bfloat16 (repeat for several)")
+    ao.add_argument(
+        "--dtype",
+        action="append",
+        choices=("float16", "bfloat16", "float32"),
+        help="default bfloat16 (repeat for several)",
+    )
     ao.add_argument("--target", default="sm90", help="sm80 or sm90")
     ao.add_argument("--out", required=True, metavar="DIR")
     ao.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     ao.add_argument("--dim", action="append", default=[], metavar="RANK=EXTENT", help="extent of an added rank")
-    ao.add_argument("--input", action="append", default=[], metavar="NAME=DTYPE",
-                    help="dtype of an extra input (default: q's for per-token inputs, else float32)")
+    ao.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=DTYPE",
+        help="dtype of an extra input (default: q's for per-token inputs, else float32)",
+    )
     ao.add_argument("--json", action="store_true", help="print the manifest")
     ao.set_defaults(fn=cmd_aot)

@@ -29,13 +29,23 @@ def cmd_tune(args) -> int:
     target = detect()
     dtype = args.dtype or ("float32" if target.is_interpreter else "bfloat16")
     if target.is_interpreter and dtype == "bfloat16":
-        raise DTypeError("Triton's interpreter computes bfloat16 wrongly, so no bfloat16 schedule would pass the "
-                         "reference check here; tune float16 or float32 on this machine, bfloat16 on a GPU")
+        raise DTypeError(
+            "Triton's interpreter computes bfloat16 wrongly, so no bfloat16 schedule would pass the "
+            "reference check here; tune float16 or float32 on this machine, bfloat16 on a GPU"
+        )
     device = "cpu" if target.is_interpreter else "cuda"
     inputs = random_inputs(op, shape_of(args), device, getattr(torch, dtype), args.seed)
-    result = op.tune(**inputs, **params_of(args), trials=args.trials, seconds=args.seconds, storage=args.storage,
-                     seed=args.seed, sampler=args.sampler, warm_start=not args.cold,
-                     progress=not args.json and sys.stderr.isatty())
+    result = op.tune(
+        **inputs,
+        **params_of(args),
+        trials=args.trials,
+        seconds=args.seconds,
+        storage=args.storage,
+        seed=args.seed,
+        sampler=args.sampler,
+        warm_start=not args.cold,
+        progress=not args.json and sys.stderr.isatty(),
+    )
     print(json.dumps(result.to_json(), indent=1) if args.json else result)
     return 0
 
@@ -63,13 +73,18 @@ def cmd_cache(args) -> int:
                 print(f"  CORRUPT  {pathlib.Path(r['path']).name}: {r['problem']}")
                 continue
             env = r["environment"]
-            print(f"  {'here' if r['here'] else 'other':7}  {r['name']} {r['dtype']} on {env['device']} "
-                  f"({env['target']}, Triton {env['triton']}, torch {env['torch']}): {len(r['entries'])} shape "
-                  f"bucket(s)  [{pathlib.Path(r['path']).name}]")
+            print(
+                f"  {'here' if r['here'] else 'other':7}  {r['name']} {r['dtype']} on {env['device']} "
+                f"({env['target']}, Triton {env['triton']}, torch {env['torch']}): {len(r['entries'])} shape "
+                f"bucket(s)  [{pathlib.Path(r['path']).name}]"
+            )
         return 0
     if args.action == "show":
-        files = [f for f in cache.files() if f.problem is None and
-                 (not args.arg or args.arg in f.path.name or args.arg == f.data.get("name"))]
+        files = [
+            f
+            for f in cache.files()
+            if f.problem is None and (not args.arg or args.arg in f.path.name or args.arg == f.data.get("name"))
+        ]
         if args.json:
             print(json.dumps([{"path": str(f.path), **f.data} for f in files], indent=1))
             return 0
@@ -77,10 +92,16 @@ def cmd_cache(args) -> int:
             print(f"{f.data['name']} {f.data['dtype']} on {f.data['environment']['device']}  [{f.path.name}]")
             for label, e in f.data["entries"].items():
                 best, default = e["best"], e.get("default") or {}
-                speed = (f"{default['ms'] / best['ms']:.2f}x over the default" if best and default.get("ms")
-                         else "no default time")
-                what = (f"{schedule_from_json(best['schedule']).describe()} {best['ms']:.4f} ms, {speed}" if best
-                        else "nothing passed")
+                speed = (
+                    f"{default['ms'] / best['ms']:.2f}x over the default"
+                    if best and default.get("ms")
+                    else "no default time"
+                )
+                what = (
+                    f"{schedule_from_json(best['schedule']).describe()} {best['ms']:.4f} ms, {speed}"
+                    if best
+                    else "nothing passed"
+                )
                 print(f"  {label}: {what}  ({len(e['measured'])} measured, {len(e['failed'])} failed)")
         return 0
     if args.action == "export":
@@ -88,10 +109,16 @@ def cmd_cache(args) -> int:
             raise CacheError("cache export needs a file to write the bundle to")
         bundle = cache.export()
         pathlib.Path(args.arg).write_text(json.dumps(bundle, indent=1))
-        summary = {"path": args.arg, "files": len(bundle["files"]),
-                   "entries": sum(len(f["entries"]) for f in bundle["files"])}
-        print(json.dumps(summary) if args.json else
-              f"wrote {summary['entries']} entries of {summary['files']} file(s) to {args.arg}")
+        summary = {
+            "path": args.arg,
+            "files": len(bundle["files"]),
+            "entries": sum(len(f["entries"]) for f in bundle["files"]),
+        }
+        print(
+            json.dumps(summary)
+            if args.json
+            else f"wrote {summary['entries']} entries of {summary['files']} file(s) to {args.arg}"
+        )
         return 0
     if args.action == "import":
         if not args.arg:
@@ -113,13 +140,21 @@ def add_commands(sub) -> None:
     tu = sub.add_parser("tune", help="tune a declaration's schedule at a shape on this machine; store the winner")
     tu.add_argument("target_file", metavar="FILE[:NAME]")
     add_shape_options(tu)
-    tu.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-                    help="default: bfloat16 on a GPU, float32 under the interpreter")
+    tu.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float16", "bfloat16", "float32"),
+        help="default: bfloat16 on a GPU, float32 under the interpreter",
+    )
     tu.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     tu.add_argument("--trials", type=int, default=None, help="schedules to measure (default 30)")
     tu.add_argument("--seconds", type=float, default=None, help="wall-time budget (default 600)")
-    tu.add_argument("--storage", default=None, metavar="URL",
-                    help="Optuna storage shared by several tuning processes: a journal file path, or an RDB URL")
+    tu.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage shared by several tuning processes: a journal file path, or an RDB URL",
+    )
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--sampler", default="auto", choices=("auto", "tpe", "grid"))
     tu.add_argument("--cold", action="store_true", help="no warm start from the default and cached neighbours")
@@ -127,8 +162,12 @@ def add_commands(sub) -> None:
     tu.set_defaults(fn=cmd_tune)
     ca = sub.add_parser("cache", help="list, show, export, import or clear the autotune cache")
     ca.add_argument("action", choices=("list", "show", "export", "import", "clear"))
-    ca.add_argument("arg", nargs="?", default=None, metavar="PATTERN|FILE",
-                    help="show: a variant name or part of a file name; export/import: the bundle file")
+    ca.add_argument(
+        "arg",
+        nargs="?",
+        default=None,
+        metavar="PATTERN|FILE",
+        help="show: a variant name or part of a file name; export/import: the bundle file",
+    )
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(fn=cmd_cache)
-

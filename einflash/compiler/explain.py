@@ -59,45 +59,82 @@ class Explanation:
     backward: dict | None = None  # the gradient cascade's analysis (see _backward)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "key": self.key, "target": self.target, "shape": self.shape,
-                "passes_as_written": self.passes_as_written, "passes": self.passes,
-                "pass_reasons": list(self.pass_reasons), "obstacle": self.obstacle, "rewrites": list(self.rewrites),
-                "buffer_bytes": {"formula": self.buffer_formula, "value": self.buffer_bytes,
-                                 "formula_as_written": self.buffer_formula_as_written},
-                "grows_with_n": self.grows_with_n, "grows_with_n_as_written": self.grows_with_n_as_written,
-                "flops": self.flops, "transcendentals": self.transcendentals, "bytes": self.bytes,
-                "intensity": self.intensity, "roofline_ms": self.roofline_ms, "bound": self.bound,
-                "tiles": self.tiles, "template": self.template,
-                "cascade_as_written": self.written, "cascade": self.rewritten, "backward": self.backward}
+        return {
+            "name": self.name,
+            "key": self.key,
+            "target": self.target,
+            "shape": self.shape,
+            "passes_as_written": self.passes_as_written,
+            "passes": self.passes,
+            "pass_reasons": list(self.pass_reasons),
+            "obstacle": self.obstacle,
+            "rewrites": list(self.rewrites),
+            "buffer_bytes": {
+                "formula": self.buffer_formula,
+                "value": self.buffer_bytes,
+                "formula_as_written": self.buffer_formula_as_written,
+            },
+            "grows_with_n": self.grows_with_n,
+            "grows_with_n_as_written": self.grows_with_n_as_written,
+            "flops": self.flops,
+            "transcendentals": self.transcendentals,
+            "bytes": self.bytes,
+            "intensity": self.intensity,
+            "roofline_ms": self.roofline_ms,
+            "bound": self.bound,
+            "tiles": self.tiles,
+            "template": self.template,
+            "cascade_as_written": self.written,
+            "cascade": self.rewritten,
+            "backward": self.backward,
+        }
 
     def __str__(self) -> str:
-        rows = [("variant", f"{self.name}  ({self.key})"), ("target, shape", f"{self.target}, {self.shape}"),
-                ("passes as written", str(self.passes_as_written))]
+        rows = [
+            ("variant", f"{self.name}  ({self.key})"),
+            ("target, shape", f"{self.target}, {self.shape}"),
+            ("passes as written", str(self.passes_as_written)),
+        ]
         rows += [("", r) for r in self.pass_reasons]
         rows.append(("passes after rewriting", str(self.passes)))
         if self.obstacle:
             rows.append(("why not fewer", self.obstacle))
-        rows += [("rewrites", ", ".join(self.rewrites) or "none"),
-                 ("on-chip buffer as written", f"{self.buffer_formula_as_written}"
-                                               f"{'  (grows with N)' if self.grows_with_n_as_written else ''}"),
-                 ("on-chip buffer", f"{self.buffer_formula} = {self.buffer_bytes:,} B"
-                                    f"{'  (grows with N)' if self.grows_with_n else '  (independent of N)'}"),
-                 ("FLOPs", f"{self.flops:.3e}  (+ {self.transcendentals:.3e} exp/log/tanh)"),
-                 ("bytes (compulsory)", f"{self.bytes:.3e}"), ("intensity", f"{self.intensity:.1f} FLOP/B"),
-                 ("roofline", f"{self.roofline_ms:.3f} ms ({self.bound}-bound)")]
+        rows += [
+            ("rewrites", ", ".join(self.rewrites) or "none"),
+            (
+                "on-chip buffer as written",
+                f"{self.buffer_formula_as_written}{'  (grows with N)' if self.grows_with_n_as_written else ''}",
+            ),
+            (
+                "on-chip buffer",
+                f"{self.buffer_formula} = {self.buffer_bytes:,} B"
+                f"{'  (grows with N)' if self.grows_with_n else '  (independent of N)'}",
+            ),
+            ("FLOPs", f"{self.flops:.3e}  (+ {self.transcendentals:.3e} exp/log/tanh)"),
+            ("bytes (compulsory)", f"{self.bytes:.3e}"),
+            ("intensity", f"{self.intensity:.1f} FLOP/B"),
+            ("roofline", f"{self.roofline_ms:.3f} ms ({self.bound}-bound)"),
+        ]
         if self.tiles:
             t = self.tiles
-            rows.append(("mask tiles", f"{t['empty']} empty, {t['partial']} partial, {t['full']} full of "
-                                       f"{t['total']} ({t['block_m']}×{t['block_n']})"))
+            rows.append(
+                (
+                    "mask tiles",
+                    f"{t['empty']} empty, {t['partial']} partial, {t['full']} full of "
+                    f"{t['total']} ({t['block_m']}×{t['block_n']})",
+                )
+            )
         rows.append(("template", self.template))
         b = self.backward
         if b is not None and b["error"] is not None:
             rows.append(("backward", f"none: {b['error']}"))
         elif b is not None:
-            rows += [("backward passes", f"{b['passes']['n']} over n (dQ), {b['passes']['m']} over m (dK/dV)"),
-                     ("saved per row", ", ".join(f"{s['name']}[{','.join(s['ranks'])}]" for s in b["saved"]) or "none"),
-                     ("row terms", ", ".join(b["row_terms"]) or "none"),
-                     ("backward FLOPs", f"{b['flops']:.3e}  ({b['flops'] / max(self.flops, 1.0):.2f}× the forward)")]
+            rows += [
+                ("backward passes", f"{b['passes']['n']} over n (dQ), {b['passes']['m']} over m (dK/dV)"),
+                ("saved per row", ", ".join(f"{s['name']}[{','.join(s['ranks'])}]" for s in b["saved"]) or "none"),
+                ("row terms", ", ".join(b["row_terms"]) or "none"),
+                ("backward FLOPs", f"{b['flops']:.3e}  ({b['flops'] / max(self.flops, 1.0):.2f}× the forward)"),
+            ]
             rows += [("no gradient", z) for z in b["zero_gradients"]]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -115,15 +152,28 @@ def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: 
     return subs
 
 
-def explain(written: Cascade, steps, rewritten: Cascade, error: Exception | None, target: Target, shape: Shape,
-            dtype: str = "bfloat16", dims: dict[str, int] | None = None, params: dict | None = None,
-            backward=None) -> Explanation:
+def explain(
+    written: Cascade,
+    steps,
+    rewritten: Cascade,
+    error: Exception | None,
+    target: Target,
+    shape: Shape,
+    dtype: str = "bfloat16",
+    dims: dict[str, int] | None = None,
+    params: dict | None = None,
+    backward=None,
+) -> Explanation:
     """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``; with ``backward`` (a
     einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
     dims = dict(dims or {})
-    params = {p.name: float(p.default.subs({extent_symbol(x): v for x, v in
-                                            {"E": shape.E, "N": shape.N, "M": shape.M}.items()}))
-              for p in written.params if p.default is not None} | dict(params or {})
+    params = {
+        p.name: float(
+            p.default.subs({extent_symbol(x): v for x, v in {"E": shape.E, "N": shape.N, "M": shape.M}.items()})
+        )
+        for p in written.params
+        if p.default is not None
+    } | dict(params or {})
     ext = shape.extents([r.name for r in written.ranks], dims)
     pa_w, pa = count_passes(written), count_passes(rewritten)
     before_stream = next((s.cascade for s in reversed(steps) if s.name != "stream online"), written)
@@ -140,19 +190,53 @@ def explain(written: Cascade, steps, rewritten: Cascade, error: Exception | None
     if tiles:  # masked-out tiles are never visited: count the work of the visited ones
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
         flops, trans = flops * frac, trans * frac
-    times = {"tensor-core": flops / target.tensor_flops, "special-function": trans / target.sfu_ops,
-             "memory": nbytes / target.hbm_bandwidth}
+    times = {
+        "tensor-core": flops / target.tensor_flops,
+        "special-function": trans / target.sfu_ops,
+        "memory": nbytes / target.hbm_bandwidth,
+    }
     bound = max(times, key=times.get)
-    template = f"not lowered: {error}" if error is not None else \
-        "one-pass forward (attention_fwd.py.jinja); split-KV + combine for ≤ 16 queries"
+    template = (
+        f"not lowered: {error}"
+        if error is not None
+        else "one-pass forward (attention_fwd.py.jinja); split-KV + combine for ≤ 16 queries"
+    )
     return Explanation(
-        written.name, written.key, target.name, {"B": shape.B, "Hq": shape.Hq, "Hkv": shape.Hkv, "M": shape.M,
-                                                 "N": shape.N, "E": shape.E, "F": shape.F, **dims},
-        pa_w.passes, pa.passes, tuple(str(r) for r in pa_w.reasons), streaming_obstacle(before_stream),
-        tuple(s.name for s in steps if s.changed), str(buf_w.total), str(buf.total), int(buf.total.subs(subs)),
-        buf.grows_with_n, buf_w.grows_with_n, flops, trans, nbytes, flops / max(nbytes, 1.0),
-        max(times.values()) * 1e3, bound, tiles, template, str(written), str(rewritten),
-        None if backward is None else _backward(backward, subs, frac if tiles else 1.0))
+        written.name,
+        written.key,
+        target.name,
+        {
+            "B": shape.B,
+            "Hq": shape.Hq,
+            "Hkv": shape.Hkv,
+            "M": shape.M,
+            "N": shape.N,
+            "E": shape.E,
+            "F": shape.F,
+            **dims,
+        },
+        pa_w.passes,
+        pa.passes,
+        tuple(str(r) for r in pa_w.reasons),
+        streaming_obstacle(before_stream),
+        tuple(s.name for s in steps if s.changed),
+        str(buf_w.total),
+        str(buf.total),
+        int(buf.total.subs(subs)),
+        buf.grows_with_n,
+        buf_w.grows_with_n,
+        flops,
+        trans,
+        nbytes,
+        flops / max(nbytes, 1.0),
+        max(times.values()) * 1e3,
+        bound,
+        tiles,
+        template,
+        str(written),
+        str(rewritten),
+        None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
+    )
 
 
 def _backward(backward, subs: dict, visited: float) -> dict:
@@ -161,13 +245,17 @@ def _backward(backward, subs: dict, visited: float) -> dict:
     if backward.error is not None:
         return {"error": str(backward.error)}
     g = backward.gradient
-    return {"error": None, "passes": {"n": count_passes(g.cascade, "n").passes,
-                                      "m": count_passes(g.cascade, "m").passes},
-            "saved": [{"name": s.name, "ranks": list(s.ranks)} for s in g.saved],
-            "reads_output": g.output is not None, "row_terms": list(backward.parts.row_terms),
-            "zero_gradients": [str(z) for z in g.invariant],
-            "gradients": {p.input: [q.name for q in g.partials if q.input == p.input] for p in g.partials},
-            "flops": float(cost(g.cascade).flops.subs(subs)) * visited, "cascade": str(g.cascade)}
+    return {
+        "error": None,
+        "passes": {"n": count_passes(g.cascade, "n").passes, "m": count_passes(g.cascade, "m").passes},
+        "saved": [{"name": s.name, "ranks": list(s.ranks)} for s in g.saved],
+        "reads_output": g.output is not None,
+        "row_terms": list(backward.parts.row_terms),
+        "zero_gradients": [str(z) for z in g.invariant],
+        "gradients": {p.input: [q.name for q in g.partials if q.input == p.input] for p in g.partials},
+        "flops": float(cost(g.cascade).flops.subs(subs)) * visited,
+        "cascade": str(g.cascade),
+    }
 
 
 def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
@@ -182,7 +270,13 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
         named = {x.name for x in walk(pred) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
         counts = count_tiles(plan, M=ext["m"], N=ext["n"], BM=cfg.block_m, BN=cfg.block_n, **used)
-        return {"empty": counts.empty, "partial": counts.partial, "full": counts.full, "total": counts.total,
-                "block_m": cfg.block_m, "block_n": cfg.block_n, "exact": plan.exact}
+        return {
+            "empty": counts.empty,
+            "partial": counts.partial,
+            "full": counts.full,
+            "total": counts.total,
+            "block_m": cfg.block_m,
+            "block_n": cfg.block_n,
+            "exact": plan.exact,
+        }
     return None
-

@@ -39,6 +39,7 @@ def widest_head_dim(extents: dict[str, int]) -> int:
     """The widest extent of the ranks other than batch, heads and the sequences (the head dims), at least 16."""
     return max([v for r, v in extents.items() if r not in ("b", "h", "m", "n")] + [16])
 
+
 @dataclass(frozen=True)
 class Schedule:
     """How one call is run: tile sizes, warps, pipeline depth, the number of key splits, GQA packing, tile order.
@@ -59,9 +60,13 @@ class Schedule:
 
     def describe(self) -> str:
         """A short label: ``Schedule(128, 128, 8, 3, max_registers=240).describe()`` is ``128x128 w8 s3 r240``."""
-        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" +
-                (f" splits {self.splits}" if self.splits > 1 else "") + (" packed" if self.pack else "") +
-                (" reversed" if self.reverse_m else "") + (f" r{self.max_registers}" if self.max_registers else ""))
+        return (
+            f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+            + (f" splits {self.splits}" if self.splits > 1 else "")
+            + (" packed" if self.pack else "")
+            + (" reversed" if self.reverse_m else "")
+            + (f" r{self.max_registers}" if self.max_registers else "")
+        )
 
     def to_ints(self) -> list[int]:
         """The schedule as a custom op's ``int[]`` argument takes it (``from_ints`` reads it back).
@@ -69,12 +74,21 @@ class Schedule:
         >>> s = Schedule(128, 128, 8, 3, max_registers=240); Schedule.from_ints(s.to_ints()) == s
         True
         """
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages, self.splits, int(self.pack),
-                int(self.reverse_m), self.max_registers]
+        return [
+            self.block_m,
+            self.block_n,
+            self.num_warps,
+            self.num_stages,
+            self.splits,
+            int(self.pack),
+            int(self.reverse_m),
+            self.max_registers,
+        ]
 
     @classmethod
     def from_ints(cls, ints: list[int]) -> "Schedule":
         return cls(*ints[:5], *(bool(x) for x in ints[5:7]), *ints[7:8])  # fields left out keep their defaults
+
 
 @dataclass(frozen=True)
 class BackwardSchedule:
@@ -126,8 +140,16 @@ max_registers=0, one_launch=True)
 
     def to_ints(self) -> list[int]:
         """The schedule as the training custom op takes it (``from_ints`` reads it back)."""
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.atomic_dq), self.dq_stages,
-                self.max_registers, int(self.one_launch)]
+        return [
+            self.block_m,
+            self.block_n,
+            self.num_warps,
+            self.num_stages,
+            int(self.atomic_dq),
+            self.dq_stages,
+            self.max_registers,
+            int(self.one_launch),
+        ]
 
     @classmethod
     def from_ints(cls, ints: list[int]) -> "BackwardSchedule":
@@ -135,8 +157,10 @@ max_registers=0, one_launch=True)
         dq, regs, one = (list(rest) + [0, 0, 1])[:3]
         return cls(bm, bn, warps, stages, bool(atomic), dq, regs, bool(one))
 
-def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | None = None,
-                     masked: bool = False, allow_split: bool = True) -> Schedule:
+
+def default_schedule(
+    extents: dict[str, int], target: Target, kv_heads: int | None = None, masked: bool = False, allow_split: bool = True
+) -> Schedule:
     """A schedule for these extents on ``target``: tiles, warps, stages, splits and GQA packing.
 
     ``masked``: the cascade has an affine mask whose empty tiles are skipped. ``allow_split``: False
@@ -163,6 +187,7 @@ def default_schedule(extents: dict[str, int], target: Target, kv_heads: int | No
     # (an empty batch or query sequence has no program at all: nothing to split)
     splits = max(1, min(tiles, -(-WAVES * sms // programs))) if allow_split and programs else 1
     return Schedule(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, splits, pack, max_registers=cfg.max_registers)
+
 
 # fp32 values per thread a broadcast tile (BM x BN x widest head dim) may take in a backward kernel
 BROADCAST_VALUES_PER_THREAD = 128

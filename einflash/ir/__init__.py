@@ -9,6 +9,27 @@ from .printer import format_cascade
 from .ranks import Rank, RankRole
 from .validate import validate
 
-__all__ = ["Cascade", "Einsum", "Layout", "ParamDecl", "Reduction", "Role", "TensorDecl", "Call", "Const",
-           "Coord", "Expr", "Merge", "Param", "Read", "Size", "trace", "OPERATORS", "REDUCERS",
-           "format_cascade", "Rank", "RankRole", "validate"]
+__all__ = [
+    "Cascade",
+    "Einsum",
+    "Layout",
+    "ParamDecl",
+    "Reduction",
+    "Role",
+    "TensorDecl",
+    "Call",
+    "Const",
+    "Coord",
+    "Expr",
+    "Merge",
+    "Param",
+    "Read",
+    "Size",
+    "trace",
+    "OPERATORS",
+    "REDUCERS",
+    "format_cascade",
+    "Rank",
+    "RankRole",
+    "validate",
+]

@@ -177,8 +177,12 @@ def _from_sympy_function(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Exp
     if isinstance(x, sympy.Piecewise) and len(x.args) == 2 and x.args[1].cond == sympy.true:
         (a, cond), (b, _) = x.args
         return call("where", from_sympy(cond, leaves), from_sympy(a, leaves), from_sympy(b, leaves))
-    comparisons = {sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
-                   sympy.LessThan: "le"}
+    comparisons = {
+        sympy.StrictGreaterThan: "gt",
+        sympy.GreaterThan: "ge",
+        sympy.StrictLessThan: "lt",
+        sympy.LessThan: "le",
+    }
     if type(x) in comparisons:
         return call(comparisons[type(x)], from_sympy(x.lhs, leaves), from_sympy(x.rhs, leaves))
     raise ValueError(f"cannot translate {x} back into the IR")

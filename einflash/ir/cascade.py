@@ -156,7 +156,7 @@ class Cascade:
             if x in on:
                 return True
             p = self.producer(x)
-            for r in (p.reads() if p is not None else ()):
+            for r in p.reads() if p is not None else ():
                 if r.tensor not in seen:
                     seen.add(r.tensor)
                     todo.append(r.tensor)
@@ -164,7 +164,11 @@ class Cascade:
 
     def is_plain(self, x: Expr) -> bool:
         """Whether ``x`` reads a whole tensor at its own coordinates (not its value before the current chunk)."""
-        return isinstance(x, Read) and not x.prev and tuple(x.index) == tuple(coord(r) for r in self.tensor(x.tensor).ranks)
+        return (
+            isinstance(x, Read)
+            and not x.prev
+            and tuple(x.index) == tuple(coord(r) for r in self.tensor(x.tensor).ranks)
+        )
 
     def where(self, einsum: Einsum) -> str:
         """'file:line' of an Einsum, for error messages."""
@@ -188,8 +192,7 @@ class Cascade:
                     continue
                 # a read refers to the latest producer before it, or to any producer if none precedes
                 before = [j for j, p in enumerate(self.einsums[:i]) if p.out == r.tensor]
-                src = before[-1] if before else next(
-                    (j for j, p in enumerate(self.einsums) if p.out == r.tensor), None)
+                src = before[-1] if before else next((j for j, p in enumerate(self.einsums) if p.out == r.tensor), None)
                 if src is not None:
                     g.add_edge(src, i, tensor=r.tensor)
         return g
@@ -216,12 +219,17 @@ class Cascade:
 
 def rename_tensors(c: Cascade, names: dict[str, str]) -> Cascade:
     """Rename tensors everywhere they occur (declarations, reads, outputs)."""
+
     def fix(x):
         return Read(names.get(x.tensor, x.tensor), x.index, x.prev) if isinstance(x, Read) else None
 
     def fix_einsum(e: Einsum) -> Einsum:
-        return replace(e, out=names.get(e.out, e.out), expr=transform(e.expr, fix),
-                       where=None if e.where is None else transform(e.where, fix))
+        return replace(
+            e,
+            out=names.get(e.out, e.out),
+            expr=transform(e.expr, fix),
+            where=None if e.where is None else transform(e.where, fix),
+        )
 
     return replace(
         c,
@@ -238,13 +246,20 @@ def plain_read(decl: TensorDecl, prev: bool = False) -> Read:
 
 def canonical_text(c: Cascade) -> str:
     """Every field that changes the maths, unambiguously; no names of intermediates, no lines."""
-    parts = ["ranks:" + ";".join(f"{r.name}={sympy.srepr(r.extent)}:{r.role.value}" for r in c.ranks),
-             "tensors:" + ";".join(f"{t.name}{t.ranks}{t.role.value}{t.layout.value}{t.init}" for t in c.tensors),
-             "params:" + ";".join(f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}"
-                                  f"{p.integer}{p.positive}" for p in c.params),
-             "outputs:" + ",".join(c.outputs)]
-    users = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
-                           [e.reduce.op for e in c.einsums if e.reduce is not None])
+    parts = [
+        "ranks:" + ";".join(f"{r.name}={sympy.srepr(r.extent)}:{r.role.value}" for r in c.ranks),
+        "tensors:" + ";".join(f"{t.name}{t.ranks}{t.role.value}{t.layout.value}{t.init}" for t in c.tensors),
+        "params:"
+        + ";".join(
+            f"{p.name}={sympy.srepr(p.default) if p.default is not None else ''}{p.integer}{p.positive}"
+            for p in c.params
+        ),
+        "outputs:" + ",".join(c.outputs),
+    ]
+    users = user_operators(
+        [x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+        [e.reduce.op for e in c.einsums if e.reduce is not None],
+    )
     if users:  # the definitions of user reducers are part of the maths
         parts.append("operators:" + ";".join(f"{name}={DEFINITIONS[name]!r}" for name in users))
     for e in c.einsums:

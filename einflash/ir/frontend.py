@@ -149,8 +149,10 @@ def _to_node(x) -> Node:
         return Node("leaf", None, (), (), leaf=Const(float(x)))
     if isinstance(x, (int, float)):
         return Node("leaf", None, (), (), leaf=Const(float(x)))
-    raise DeclarationError(f"cannot use a {type(x).__name__} in an attention declaration "
-                           f"(expected a traced tensor, int or float)", _where())
+    raise DeclarationError(
+        f"cannot use a {type(x).__name__} in an attention declaration (expected a traced tensor, int or float)",
+        _where(),
+    )
 
 
 def _map(op: str, *args) -> "Traced":
@@ -170,7 +172,8 @@ def _check_ranks(what: str, ranks: tuple[str, ...], node: Node) -> None:
     for r in ranks:
         if r not in node.ranks:
             raise UnknownRankError(
-                f"{what} over rank {r!r}, but the operand has ranks ({', '.join(node.ranks)})", _where())
+                f"{what} over rank {r!r}, but the operand has ranks ({', '.join(node.ranks)})", _where()
+            )
 
 
 class Traced:
@@ -189,42 +192,95 @@ class Traced:
         return f"Traced[{', '.join(self.ranks)}]"
 
     # arithmetic
-    def __add__(self, o): return _map("add", self, o)
-    def __radd__(self, o): return _map("add", o, self)
-    def __sub__(self, o): return _map("sub", self, o)
-    def __rsub__(self, o): return _map("sub", o, self)
-    def __mul__(self, o): return _map("mul", self, o)
-    def __rmul__(self, o): return _map("mul", o, self)
-    def __truediv__(self, o): return _map("div", self, o)
-    def __rtruediv__(self, o): return _map("div", o, self)
-    def __floordiv__(self, o): return _divide("floordiv", self, o)
-    def __rfloordiv__(self, o): return _divide("floordiv", o, self)
-    def __mod__(self, o): return _divide("mod", self, o)
-    def __rmod__(self, o): return _divide("mod", o, self)
-    def __neg__(self): return _map("neg", self)
+    def __add__(self, o):
+        return _map("add", self, o)
+
+    def __radd__(self, o):
+        return _map("add", o, self)
+
+    def __sub__(self, o):
+        return _map("sub", self, o)
+
+    def __rsub__(self, o):
+        return _map("sub", o, self)
+
+    def __mul__(self, o):
+        return _map("mul", self, o)
+
+    def __rmul__(self, o):
+        return _map("mul", o, self)
+
+    def __truediv__(self, o):
+        return _map("div", self, o)
+
+    def __rtruediv__(self, o):
+        return _map("div", o, self)
+
+    def __floordiv__(self, o):
+        return _divide("floordiv", self, o)
+
+    def __rfloordiv__(self, o):
+        return _divide("floordiv", o, self)
+
+    def __mod__(self, o):
+        return _divide("mod", self, o)
+
+    def __rmod__(self, o):
+        return _divide("mod", o, self)
+
+    def __neg__(self):
+        return _map("neg", self)
 
     # comparisons and logic
-    def __lt__(self, o): return _map("lt", self, o)
-    def __le__(self, o): return _map("le", self, o)
-    def __gt__(self, o): return _map("gt", self, o)
-    def __ge__(self, o): return _map("ge", self, o)
-    def __eq__(self, o): return _map("eq", self, o)  # type: ignore[override]
-    def __ne__(self, o): return _map("ne", self, o)  # type: ignore[override]
-    def __and__(self, o): return _map("and", self, o)
-    def __rand__(self, o): return _map("and", o, self)
-    def __or__(self, o): return _map("or", self, o)
-    def __ror__(self, o): return _map("or", o, self)
-    def __invert__(self): return _map("not", self)
+    def __lt__(self, o):
+        return _map("lt", self, o)
+
+    def __le__(self, o):
+        return _map("le", self, o)
+
+    def __gt__(self, o):
+        return _map("gt", self, o)
+
+    def __ge__(self, o):
+        return _map("ge", self, o)
+
+    def __eq__(self, o):
+        return _map("eq", self, o)  # type: ignore[override]
+
+    def __ne__(self, o):
+        return _map("ne", self, o)  # type: ignore[override]
+
+    def __and__(self, o):
+        return _map("and", self, o)
+
+    def __rand__(self, o):
+        return _map("and", o, self)
+
+    def __or__(self, o):
+        return _map("or", self, o)
+
+    def __ror__(self, o):
+        return _map("or", o, self)
+
+    def __invert__(self):
+        return _map("not", self)
+
     __hash__ = object.__hash__
 
     def __bool__(self):
-        raise DeclarationError("a traced value has no truth value at declaration time: Python `if`, "
-                               "`and`, `or` and `not` cannot branch on tensor data; use ef.where(cond, a, b) "
-                               "or ef.mask(x, cond), and `&`, `|`, `~` for predicates", _where())
+        raise DeclarationError(
+            "a traced value has no truth value at declaration time: Python `if`, "
+            "`and`, `or` and `not` cannot branch on tensor data; use ef.where(cond, a, b) "
+            "or ef.mask(x, cond), and `&`, `|`, `~` for predicates",
+            _where(),
+        )
 
     def __float__(self):
-        raise DeclarationError("a traced value is not a number at declaration time; keep it symbolic "
-                               "(use ef.exp, ef.log, ... instead of math.*)", _where())
+        raise DeclarationError(
+            "a traced value is not a number at declaration time; keep it symbolic "
+            "(use ef.exp, ef.log, ... instead of math.*)",
+            _where(),
+        )
 
     __index__ = __int__ = __float__
 
@@ -234,8 +290,7 @@ class Traced:
         :func:`reducer`."""
         op = op.name if isinstance(op, Reducer) else op
         if op not in REDUCERS:
-            raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}",
-                                           _where())
+            raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}", _where())
         rs = _spec_ranks(ranks)
         _check_ranks(op, rs, self.node)
         out = tuple(r for r in self.ranks if r not in rs)
@@ -261,8 +316,11 @@ class Traced:
         o = _to_node(other)
         shared = [r for r in self.ranks if r in o.ranks and r not in PARALLEL]
         if not shared:
-            raise RankMismatchError(f"`@` contracts the ranks both operands share, but ({', '.join(self.ranks)})"
-                                    f" and ({', '.join(o.ranks)}) share none; use ef.einsum", _where())
+            raise RankMismatchError(
+                f"`@` contracts the ranks both operands share, but ({', '.join(self.ranks)})"
+                f" and ({', '.join(o.ranks)}) share none; use ef.einsum",
+                _where(),
+            )
         return (self * Traced(o)).sum(" ".join(shared))
 
     def __getitem__(self, index) -> "Traced":
@@ -270,8 +328,10 @@ class Traced:
         index = index if isinstance(index, tuple) else (index,)
         own = [r for r in self.ranks if r not in PARALLEL]
         if len(index) != len(own):
-            raise RankMismatchError(f"indexing a tensor with ranks ({', '.join(own)}) needs {len(own)} "
-                                    f"coordinates, got {len(index)}", _where())
+            raise RankMismatchError(
+                f"indexing a tensor with ranks ({', '.join(own)}) needs {len(own)} coordinates, got {len(index)}",
+                _where(),
+            )
         subs = {coord(r): _index_expr(i) for r, i in zip(own, index)}
         new = tuple(sympy.sympify(coord(r)).subs(subs, simultaneous=True) for r in self.ranks)
         ranks = rank_order(index_ranks(new))
@@ -301,10 +361,12 @@ def _index_expr(x) -> sympy.Expr:
             return ((st.ranks.get(leaf.rank) if st else None) or new_rank(leaf.rank)).extent
     if node.kind == "map" and node.op in ("add", "sub", "mul", "floordiv", "mod"):
         a, b = (_index_expr(Traced(n)) for n in node.args)
-        return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b),
-                "mod": sympy.Mod(a, b)}[node.op]
-    raise DeclarationError("an index must be built from rank coordinates, ints and int parameters "
-                           "with +, -, *, // and %", _where())
+        return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b), "mod": sympy.Mod(a, b)}[
+            node.op
+        ]
+    raise DeclarationError(
+        "an index must be built from rank coordinates, ints and int parameters with +, -, *, // and %", _where()
+    )
 
 
 # -- the public vocabulary -----------------------------------------------------------------
@@ -320,7 +382,8 @@ def _unary(op: str):
 
 
 exp, exp2, log, sqrt, tanh, sigmoid, relu, abs, sign = (
-    _unary(o) for o in ("exp", "exp2", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign"))
+    _unary(o) for o in ("exp", "exp2", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sign")
+)
 
 
 def maximum(a, b) -> Traced:
@@ -344,8 +407,9 @@ def mask(x, keep) -> Traced:
     """
     x, p = _to_node(x), _to_node(keep)
     if not (p.kind == "map" and OPERATORS.get(p.op) is not None and OPERATORS[p.op].boolean):
-        raise DeclarationError("ef.mask needs a predicate (a comparison such as ef.n <= ef.m, or & | ~ of "
-                               "comparisons)", _where())
+        raise DeclarationError(
+            "ef.mask needs a predicate (a comparison such as ef.n <= ef.m, or & | ~ of comparisons)", _where()
+        )
     ranks = rank_order(x.ranks + p.ranks)
     return Traced(_record(Node("filter", None, (x, p), ranks)))
 
@@ -373,11 +437,16 @@ def reducer(name: str, combine: Callable, identity: float, derivative: Callable 
             return node.leaf
         if node.kind == "map":
             return Call(node.op, tuple(to_expr(x, what) for x in node.args))
-        raise DeclarationError(f"reducer {name!r}: {what} must be elementwise in its two operands, but it "
-                               f"uses a {node.kind}")
+        raise DeclarationError(
+            f"reducer {name!r}: {what} must be elementwise in its two operands, but it uses a {node.kind}"
+        )
 
-    return define_reducer(name, to_expr(_to_node(combine(a, b)), "combine"), float(identity),
-                          None if derivative is None else to_expr(_to_node(derivative(a, b)), "derivative"))
+    return define_reducer(
+        name,
+        to_expr(_to_node(combine(a, b)), "combine"),
+        float(identity),
+        None if derivative is None else to_expr(_to_node(derivative(a, b)), "derivative"),
+    )
 
 
 def softmax(x: Traced, rank: str) -> Traced:
@@ -402,8 +471,10 @@ def einsum(spec: str, *operands: Traced) -> Traced:
     for i, (t, node) in enumerate(zip(terms, nodes)):
         own = tuple(r for r in node.ranks if r not in PARALLEL)
         if set(t) != set(own) or len(t) != len(own):
-            raise RankMismatchError(f"einsum {spec!r}: operand {i + 1} has ranks ({', '.join(own)}), "
-                                    f"the spec says ({', '.join(t)})", _where())
+            raise RankMismatchError(
+                f"einsum {spec!r}: operand {i + 1} has ranks ({', '.join(own)}), the spec says ({', '.join(t)})",
+                _where(),
+            )
     out = _spec_ranks(rhs)
     seen = {r for t in terms for r in t}
     for r in out:
@@ -457,8 +528,10 @@ def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], 
             spec = ann if isinstance(ann, InputSpec) else _STANDARD_INPUTS.get(p.name)
             if spec is None:
                 raise DeclarationError(
-                    f"parameter {p.name!r} needs a declaration: ef.Query[\"d\"], ef.Key[\"d\"], "
-                    f"ef.Tensor[\"ranks\"], or a number default for a scalar parameter", where)
+                    f'parameter {p.name!r} needs a declaration: ef.Query["d"], ef.Key["d"], '
+                    f'ef.Tensor["ranks"], or a number default for a scalar parameter',
+                    where,
+                )
             ranks = spec.all_ranks()
             for r in ranks:
                 st.ranks.setdefault(r, new_rank(r))
@@ -467,8 +540,9 @@ def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], 
         else:
             default = p.default if p.default is not inspect.Parameter.empty else None
             if default is not None and not isinstance(default, (int, float)):
-                raise DeclarationError(f"parameter {p.name!r}: a scalar parameter's default must be a number, "
-                                       f"got {default!r}", where)
+                raise DeclarationError(
+                    f"parameter {p.name!r}: a scalar parameter's default must be a number, got {default!r}", where
+                )
             integer = ann is int or isinstance(default, int) and not isinstance(default, bool)
             st.params[p.name] = ParamDecl(p.name, None if default is None else sympy.sympify(default), integer)
             args[p.name] = _leaf(Param(p.name))
@@ -495,8 +569,10 @@ def trace(fn: Callable, name: str | None = None) -> Cascade:
         finally:
             sys.setprofile(old)
         if not isinstance(result, Traced):
-            raise DeclarationError(f"the function must return the attention output, a traced tensor; "
-                                   f"it returned {type(result).__name__}", st.source)
+            raise DeclarationError(
+                f"the function must return the attention output, a traced tensor; it returned {type(result).__name__}",
+                st.source,
+            )
         names = {v.node: k for k, v in local_names.items() if isinstance(v, Traced) and k not in args}
         cascade = _build(name or fn.__name__, st, inputs, result.node, names)
     finally:
@@ -573,8 +649,10 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     used_ranks = {r for t in tensors for r in t.ranks} | {r for e in einsums for r in e.iteration_ranks}
     ranks = tuple(st.ranks.get(r) or new_rank(r) for r in rank_order(used_ranks))
     params = tuple(st.params.values())
-    if any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in _walk_einsum(e)) \
-            and "scale" not in st.params:
+    if (
+        any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in _walk_einsum(e))
+        and "scale" not in st.params
+    ):
         params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2), positive=True),)
     return Cascade(name, ranks, tuple(tensors), params, tuple(einsums), ("o",), source=st.source)
 

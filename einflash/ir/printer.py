@@ -19,8 +19,24 @@ from .ranks import PARALLEL
 if TYPE_CHECKING:  # the cascade prints itself with these functions: it imports this module, not the reverse
     from .cascade import Cascade, Einsum
 
-_PRECEDENCE = {"or": 1, "and": 2, "not": 3, "lt": 4, "le": 4, "gt": 4, "ge": 4, "eq": 4, "ne": 4,
-               "add": 5, "sub": 5, "mul": 6, "div": 6, "floordiv": 6, "mod": 6, "neg": 7}
+_PRECEDENCE = {
+    "or": 1,
+    "and": 2,
+    "not": 3,
+    "lt": 4,
+    "le": 4,
+    "gt": 4,
+    "ge": 4,
+    "eq": 4,
+    "ne": 4,
+    "add": 5,
+    "sub": 5,
+    "mul": 6,
+    "div": 6,
+    "floordiv": 6,
+    "mod": 6,
+    "neg": 7,
+}
 
 
 def _index(index) -> str:

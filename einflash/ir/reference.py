@@ -103,12 +103,12 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
 
     for t in c.inputs:
         if t.name not in inputs:
-            raise MissingInputError(f"input {t.name!r} is missing; the cascade declares "
-                                    f"{[x.name for x in c.inputs]}")
+            raise MissingInputError(f"input {t.name!r} is missing; the cascade declares {[x.name for x in c.inputs]}")
         x = inputs[t.name]
         if x.dim() != len(t.ranks):
-            raise ShapeError(f"{t.name} must have {len(t.ranks)} dimensions ({', '.join(t.ranks)}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ShapeError(
+                f"{t.name} must have {len(t.ranks)} dimensions ({', '.join(t.ranks)}), got shape {tuple(x.shape)}"
+            )
         for r, s in zip(t.ranks, x.shape):
             if t.layout is Layout.KEY and r == "h":
                 if hkv is not None and hkv[0] != s:
@@ -125,8 +125,9 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
         subs = {r.extent: ext[r.name] for r in c.ranks if isinstance(r.extent, sympy.Symbol) and r.name in ext}
         subs.update({extent_symbol(k): v for k, v in params.items()})
         # parameters not given take their defaults, which may themselves use extents
-        defaults = {extent_symbol(p.name): p.default for p in c.params
-                    if p.default is not None and p.name not in params}
+        defaults = {
+            extent_symbol(p.name): p.default for p in c.params if p.default is not None and p.name not in params
+        }
         for r in missing:
             val = sympy.sympify(r.extent).subs(defaults).subs(subs)
             if not val.is_number:
@@ -139,8 +140,9 @@ def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, in
     """Parameter values: given ones, else defaults evaluated at the extents."""
     unknown = set(given) - {p.name for p in c.params}
     if unknown:
-        raise MissingInputError(f"unknown parameter(s) {sorted(unknown)}; the cascade declares "
-                                f"{[p.name for p in c.params]}")
+        raise MissingInputError(
+            f"unknown parameter(s) {sorted(unknown)}; the cascade declares {[p.name for p in c.params]}"
+        )
     out: dict[str, float] = {}
     for p in c.params:
         if p.name in given and given[p.name] is not None:
@@ -173,8 +175,16 @@ def _default_fn(key: str, params, ranks, name: str):
 class _Evaluator:
     """Evaluates the cascade over ``box`` (coordinate ranges of some ranks, the whole extent of the others)."""
 
-    def __init__(self, c: Cascade, extents: dict[str, int], params: dict[str, float], device, dtype,
-                 inputs: dict[str, Value], box: Mapping[str, tuple[int, int]]):
+    def __init__(
+        self,
+        c: Cascade,
+        extents: dict[str, int],
+        params: dict[str, float],
+        device,
+        dtype,
+        inputs: dict[str, Value],
+        box: Mapping[str, tuple[int, int]],
+    ):
         self.c, self.extents, self.params, self.device, self.dtype = c, extents, params, device, dtype
         self.env: dict[str, Value] = dict(inputs)
         self.prev: dict[str, Value] = {}
@@ -191,8 +201,12 @@ class _Evaluator:
         if src is None:  # a state before its first update: absent everywhere
             shape = [self.ranges[r][1] - self.ranges[r][0] for r in decl.ranks]
             zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            src = Value(zeros, decl.ranks, torch.zeros(shape, dtype=torch.bool, device=self.device),
-                        {r: self.ranges[r][0] for r in decl.ranks})
+            src = Value(
+                zeros,
+                decl.ranks,
+                torch.zeros(shape, dtype=torch.bool, device=self.device),
+                {r: self.ranges[r][0] for r in decl.ranks},
+            )
         if tuple(x.index) == tuple(coord(r) for r in src.ranks):
             return self._narrow(src)
         return self._gather(src, x.index)
@@ -237,8 +251,9 @@ class _Evaluator:
             return Value(torch.tensor(x.value, dtype=torch.float64, device=self.device), ())
         if isinstance(x, Param):
             v = self.params[x.name]
-            return Value(torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64,
-                                      device=self.device), ())
+            return Value(
+                torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64, device=self.device), ()
+            )
         if isinstance(x, Size):
             return Value(torch.tensor(float(self.extents[x.rank]), dtype=torch.float64, device=self.device), ())
         if isinstance(x, Coord):
@@ -261,8 +276,10 @@ class _Evaluator:
         if absent is not None:
             # the result is absent there whatever it holds: computing it from 1s keeps infinities and NaNs made
             # at absent positions (exp(s − max) of a row with no key) out of autograd's 0·∞
-            datas = [torch.where(absent, d, torch.ones((), dtype=d.dtype, device=d.device))
-                     if d.is_floating_point() else d for d in datas]
+            datas = [
+                torch.where(absent, d, torch.ones((), dtype=d.dtype, device=d.device)) if d.is_floating_point() else d
+                for d in datas
+            ]
         data = op.torch(*datas)
         if op.boolean:  # a predicate on absent data is false, never absent
             for p in press:
@@ -304,8 +321,9 @@ class _Evaluator:
                 val = Value(data, its, pres)
             else:
                 val = self._reduce(e, its, data, pres)
-        out = Value(val.aligned(e.ranks), e.ranks, val.aligned_present(e.ranks),
-                    {r: self.ranges[r][0] for r in e.ranks})
+        out = Value(
+            val.aligned(e.ranks), e.ranks, val.aligned_present(e.ranks), {r: self.ranges[r][0] for r in e.ranks}
+        )
         shape = [self.ranges[r][1] - self.ranges[r][0] for r in e.ranks]
         out.data = out.data.expand(shape)
         out.present = None if out.present is None else out.present.expand(shape)
@@ -320,8 +338,11 @@ class _Evaluator:
             data = torch.where(pres, data, torch.tensor(ident, dtype=data.dtype, device=data.device))
         if any(data.shape[d] == 0 for d in dims):  # an empty fiber: the identity, and absent
             shape = [s for d, s in enumerate(data.shape) if d not in dims]
-            return Value(torch.full(shape, ident, dtype=data.dtype, device=data.device), keep,
-                         torch.zeros(shape, dtype=torch.bool, device=data.device))
+            return Value(
+                torch.full(shape, ident, dtype=data.dtype, device=data.device),
+                keep,
+                torch.zeros(shape, dtype=torch.bool, device=data.device),
+            )
         if red.op == "sum":
             out = data.sum(dim=dims)
         elif red.op == "max":
@@ -332,7 +353,7 @@ class _Evaluator:
             out = _fold(data, dims, OPERATORS[REDUCERS[red.op].combine].torch, ident)
         else:  # kth_largest
             moved = data.permute([its.index(r) for r in keep] + dims)
-            flat = moved.reshape(*moved.shape[:len(keep)], -1)
+            flat = moved.reshape(*moved.shape[: len(keep)], -1)
             k = min(int(red.arg), flat.shape[-1])
             out = flat.topk(k, dim=-1).values[..., -1]
         any_pres = None if pres is None else pres.any(dim=dims)
@@ -357,8 +378,12 @@ class _Evaluator:
         data = torch.einsum(spec, *(d.to(dt) for d in datas))
         pres = None
         if any(v.present is not None for v in vals):
-            ps = [torch.ones(v.data.shape, dtype=torch.float64, device=self.device) if v.present is None
-                  else v.present.to(torch.float64) for v in vals]
+            ps = [
+                torch.ones(v.data.shape, dtype=torch.float64, device=self.device)
+                if v.present is None
+                else v.present.to(torch.float64)
+                for v in vals
+            ]
             pres = torch.einsum(spec, *ps) > 0
         return Value(data, keep, pres)
 
@@ -370,8 +395,12 @@ class _Evaluator:
         have = missing + v.ranks
         shape = [self.ranges[r][1] - self.ranges[r][0] for r in missing] + list(v.data.shape)
         present = None if v.present is None else _align(v.present, v.ranks, have).expand(shape)
-        return Value(_align(v.data, v.ranks, have).expand(shape), have, present,
-                     v.origin | {r: self.ranges[r][0] for r in missing})
+        return Value(
+            _align(v.data, v.ranks, have).expand(shape),
+            have,
+            present,
+            v.origin | {r: self.ranges[r][0] for r in missing},
+        )
 
     # the whole cascade
     def run(self, chunk: int | None) -> dict[str, Value]:
@@ -430,8 +459,9 @@ def _factors(x: Expr):
         yield x
 
 
-def _input_values(c: Cascade, inputs: Mapping[str, torch.Tensor], extents: Mapping[str, int],
-                  dtype: torch.dtype) -> dict[str, Value]:
+def _input_values(
+    c: Cascade, inputs: Mapping[str, torch.Tensor], extents: Mapping[str, int], dtype: torch.dtype
+) -> dict[str, Value]:
     """The inputs as Values: floats in ``dtype``, key/value heads repeated to the query heads."""
     out = {}
     for t in c.inputs:
@@ -443,8 +473,14 @@ def _input_values(c: Cascade, inputs: Mapping[str, torch.Tensor], extents: Mappi
     return out
 
 
-def evaluate(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
-             dtype: torch.dtype = torch.float64, chunk: int | None = None) -> dict[str, Value]:
+def evaluate(
+    c: Cascade,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+) -> dict[str, Value]:
     """Every tensor of the cascade as a Value (for tests of rewrites); see :func:`run_reference`."""
     params = dict(params or {})
     extents = bind_extents(c, inputs, params)
@@ -470,16 +506,28 @@ def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | N
     return data.contiguous()
 
 
-def run_reference(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
-                  dtype: torch.dtype = torch.float64, chunk: int | None = None,
-                  max_bytes: float | None = None) -> torch.Tensor:
+def run_reference(
+    c: Cascade,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+    max_bytes: float | None = None,
+) -> torch.Tensor:
     """The output ``[B, Hq, M, F]`` of the cascade on these inputs, computed in ``dtype``."""
     return run_outputs(c, inputs, params, dtype=dtype, chunk=chunk, max_bytes=max_bytes)[0]
 
 
-def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float] | None = None, *,
-                dtype: torch.dtype = torch.float64, chunk: int | None = None,
-                max_bytes: float | None = None) -> tuple[torch.Tensor, ...]:
+def run_outputs(
+    c: Cascade,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float] | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+    max_bytes: float | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Every output of the cascade: the first ``[B, Hq, M, F]`` (absent elements 0), then the per-row ones
     ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``.
 
@@ -510,8 +558,15 @@ def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[
 
     def run(box: dict[str, tuple[int, int]], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # the inputs come as arguments, so that a checkpoint sees what it differentiates
-        ev = _Evaluator(c, extents, values, device, dtype,
-                        {n: _boxed(c, n, given[n].ranks, t, box) for n, t in zip(names, tensors)}, box)
+        ev = _Evaluator(
+            c,
+            extents,
+            values,
+            device,
+            dtype,
+            {n: _boxed(c, n, given[n].ranks, t, box) for n, t in zip(names, tensors)},
+            box,
+        )
         return _outputs(c, ev.run(chunk), {r: hi - lo for r, (lo, hi) in ev.ranges.items()})
 
     tensors = [v.data for v in given.values()]
@@ -520,11 +575,16 @@ def run_outputs(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping[
     differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outs: list[torch.Tensor] = []
     for box in boxes:
-        pieces = (torch.utils.checkpoint.checkpoint(run, box, *tensors, use_reentrant=False) if differentiated
-                  else run(box, *tensors))
+        pieces = (
+            torch.utils.checkpoint.checkpoint(run, box, *tensors, use_reentrant=False)
+            if differentiated
+            else run(box, *tensors)
+        )
         if not outs:  # each output whole: full extents along the ranks boxes cut, the piece's sizes elsewhere
-            outs = [p.new_empty([extents[r] if r in box else s for r, s in zip(ROW_RANKS, p.shape)] + [*p.shape[3:]])
-                    for p in pieces]
+            outs = [
+                p.new_empty([extents[r] if r in box else s for r, s in zip(ROW_RANKS, p.shape)] + [*p.shape[3:]])
+                for p in pieces
+            ]
         rows = tuple(slice(*box.get(r, (0, extents[r]))) for r in ROW_RANKS)
         for out, piece in zip(outs, pieces):
             out[rows] = piece
@@ -538,8 +598,11 @@ def _outputs(c: Cascade, env: dict[str, Value], sizes: Mapping[str, int]) -> tup
         v = env[name]
         data = v.aligned(ROW_RANKS)
         if v.present is not None:
-            data = torch.where(v.aligned_present(ROW_RANKS), data,
-                               torch.full((), ROW_OUTPUT_ABSENT, dtype=data.dtype, device=data.device))
+            data = torch.where(
+                v.aligned_present(ROW_RANKS),
+                data,
+                torch.full((), ROW_OUTPUT_ABSENT, dtype=data.dtype, device=data.device),
+            )
         out.append(data.expand(*(sizes[r] for r in ROW_RANKS)).contiguous())
     return tuple(out)
 
@@ -566,21 +629,28 @@ def independent_rows(c: Cascade) -> tuple[str, ...]:
     >>> independent_rows(smoothed.cascade)  # s is read at m − 1: a row of m needs the one before it
     ('b', 'h')
     """
-    return tuple(r for r in ROW_RANKS
-                 if all(r in c.tensor(o).ranks for o in c.outputs)
-                 and not any(e.reduce is not None and r in e.reduce.ranks for e in c.einsums)
-                 and not any(_read_across(c, e.out, r) for e in c.einsums))
+    return tuple(
+        r
+        for r in ROW_RANKS
+        if all(r in c.tensor(o).ranks for o in c.outputs)
+        and not any(e.reduce is not None and r in e.reduce.ranks for e in c.einsums)
+        and not any(_read_across(c, e.out, r) for e in c.einsums)
+    )
 
 
 def _read_across(c: Cascade, name: str, rank: str) -> bool:
     """Whether some Einsum reads tensor ``name`` along ``rank`` at other than its own coordinate."""
     ranks = c.tensor(name).ranks
-    return rank in ranks and any(x.tensor == name and sympy.sympify(x.index[ranks.index(rank)]) != coord(rank)
-                                 for e in c.einsums for x in e.reads())
+    return rank in ranks and any(
+        x.tensor == name and sympy.sympify(x.index[ranks.index(rank)]) != coord(rank)
+        for e in c.einsums
+        for x in e.reads()
+    )
 
 
-def _boxed(c: Cascade, name: str, ranks: tuple[str, ...], data: torch.Tensor,
-           box: Mapping[str, tuple[int, int]]) -> Value:
+def _boxed(
+    c: Cascade, name: str, ranks: tuple[str, ...], data: torch.Tensor, box: Mapping[str, tuple[int, int]]
+) -> Value:
     """Input ``name`` cut to ``box`` along the row ranks it is read at its own coordinate (whole along the
     others), as a contiguous copy: laid out as in an unboxed run, so that BLAS computes its rows alike."""
     origin = {}
@@ -643,8 +713,9 @@ def _plain(x: Read, c: Cascade) -> bool:
     return tuple(x.index) == tuple(coord(r) for r in c.tensor(x.tensor).ranks)
 
 
-def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
-              max_bytes: float) -> list[dict[str, tuple[int, int]]]:
+def row_boxes(
+    c: Cascade, extents: Mapping[str, int], itemsize: int, max_bytes: float
+) -> list[dict[str, tuple[int, int]]]:
     """Boxes of rows that cover the output once, each within ``max_bytes`` by :func:`footprint` where one row
     of the cascade's :func:`independent_rows` fits: the outer row ranks one coordinate at a time, then as many
     coordinates of the next as fit, the inner ones whole. ``[{}]`` (everything at once) when it all fits.
@@ -660,6 +731,7 @@ def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
     >>> len(row_boxes(plain.cascade, sizes, 8, 4 * row))  # 4 rows' worth: 3 boxes per head
     18
     """
+
     def cost(sizes: Mapping[str, int]) -> int:
         return footprint(c, {**extents, **sizes}, itemsize)
 
@@ -669,7 +741,7 @@ def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
     if not rows:
         return [{}]
     # the outermost rank of which one coordinate (with the ranks inside it whole) fits, else the innermost
-    i = next((i for i, r in enumerate(rows) if cost({x: 1 for x in rows[:i + 1]}) <= max_bytes), len(rows) - 1)
+    i = next((i for i, r in enumerate(rows) if cost({x: 1 for x in rows[: i + 1]}) <= max_bytes), len(rows) - 1)
     rank, ones = rows[i], {r: 1 for r in rows[:i]}
     lo, hi = 1, max(1, extents[rank])  # the largest block of that rank that fits, at least one coordinate
     while lo < hi:
@@ -677,8 +749,11 @@ def row_boxes(c: Cascade, extents: Mapping[str, int], itemsize: int,
         lo, hi = (mid, hi) if cost(ones | {rank: mid}) <= max_bytes else (lo, mid - 1)
     if rank == "m" and lo > ROW_GROUP:
         lo -= lo % ROW_GROUP
-    return [{**{r: (x, x + 1) for r, x in zip(rows[:i], at)}, rank: (s, min(s + lo, extents[rank]))}
-            for at in itertools.product(*(range(extents[r]) for r in rows[:i])) for s in range(0, extents[rank], lo)]
+    return [
+        {**{r: (x, x + 1) for r, x in zip(rows[:i], at)}, rank: (s, min(s + lo, extents[rank]))}
+        for at in itertools.product(*(range(extents[r]) for r in rows[:i]))
+        for s in range(0, extents[rank], lo)
+    ]
 
 
 def memory_budget(device: torch.device) -> float:

@@ -66,6 +66,7 @@ def _evaluate(x: Expr, a, b):
 
 def _check_laws(name: str, body: Expr, identity: float) -> None:
     """The laws that let a reduction fold in chunks, on probe values; a DeclarationError names the first broken."""
+
     def f(x, y):
         return float(_evaluate(body, torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)))
 
@@ -74,16 +75,21 @@ def _check_laws(name: str, body: Expr, identity: float) -> None:
 
     for x in _PROBES:
         if not same(f(x, identity), x) or not same(f(identity, x), x):
-            raise DeclarationError(f"reducer {name!r}: combine(x, identity) must be x, but combine({x}, {identity}) "
-                                   f"= {f(x, identity)}")
+            raise DeclarationError(
+                f"reducer {name!r}: combine(x, identity) must be x, but combine({x}, {identity}) = {f(x, identity)}"
+            )
     for x, y in itertools.product(_PROBES, repeat=2):
         if not same(f(x, y), f(y, x)):
-            raise DeclarationError(f"reducer {name!r}: combine must be commutative, but combine({x}, {y}) = "
-                                   f"{f(x, y)} and combine({y}, {x}) = {f(y, x)}")
+            raise DeclarationError(
+                f"reducer {name!r}: combine must be commutative, but combine({x}, {y}) = "
+                f"{f(x, y)} and combine({y}, {x}) = {f(y, x)}"
+            )
     for x, y, z in itertools.product(_PROBES[:3], _PROBES[2:], _PROBES[1:4]):
         if not same(f(f(x, y), z), f(x, f(y, z))):
-            raise DeclarationError(f"reducer {name!r}: combine must be associative, but it groups ({x}, {y}, {z}) "
-                                   f"into {f(f(x, y), z)} and {f(x, f(y, z))}")
+            raise DeclarationError(
+                f"reducer {name!r}: combine must be associative, but it groups ({x}, {y}, {z}) "
+                f"into {f(f(x, y), z)} and {f(x, f(y, z))}"
+            )
 
 
 def _check_derivative(name: str, body: Expr, derivative: Expr) -> None:
@@ -93,12 +99,14 @@ def _check_derivative(name: str, body: Expr, derivative: Expr) -> None:
         r = xs[0]
         for i in range(1, len(fiber)):
             r = _evaluate(body, r, xs[i])
-        want, = torch.autograd.grad(r, xs)
+        (want,) = torch.autograd.grad(r, xs)
         got = _evaluate(derivative, xs.detach(), r.detach())
         if not torch.allclose(got, want, rtol=1e-6, atol=1e-9):
-            raise DeclarationError(f"reducer {name!r}: its derivative does not match its combine's: on the fiber "
-                                   f"{list(fiber)} the declared one gives {got.tolist()}, the combine's "
-                                   f"{want.tolist()}")
+            raise DeclarationError(
+                f"reducer {name!r}: its derivative does not match its combine's: on the fiber "
+                f"{list(fiber)} the declared one gives {got.tolist()}, the combine's "
+                f"{want.tolist()}"
+            )
 
 
 def define_reducer(name: str, body: Expr, identity: float, derivative: Expr | None = None) -> Reducer:
@@ -110,22 +118,30 @@ def define_reducer(name: str, body: Expr, identity: float, derivative: Expr | No
     if known is not None:
         if known == Definition(body, identity, derivative):
             return REDUCERS[name]
-        raise DeclarationError(f"reducer {name!r} is already defined with another combine, identity or "
-                               f"derivative; give the new one another name")
+        raise DeclarationError(
+            f"reducer {name!r} is already defined with another combine, identity or "
+            f"derivative; give the new one another name"
+        )
     if name in OPERATORS or name in REDUCERS:
         raise DeclarationError(f"{name!r} is a built-in operator or reducer; give the reducer another name")
     for what, x in [("combine", y) for y in walk(body)] + [("derivative", y) for y in walk(derivative or Const(0))]:
         if not (isinstance(x, (Call, Const)) or (isinstance(x, Param) and x.name in ARGS)):
-            raise DeclarationError(f"reducer {name!r}: its {what} may use only its two operands, numbers and "
-                                   f"einflash operators, got {type(x).__name__} {x}")
+            raise DeclarationError(
+                f"reducer {name!r}: its {what} may use only its two operands, numbers and "
+                f"einflash operators, got {type(x).__name__} {x}"
+            )
     _check_laws(name, body, identity)
     if derivative is not None:
         _check_derivative(name, body, derivative)
     ops = [OPERATORS[x.op] for x in walk(body) if isinstance(x, Call)]
     OPERATORS[name] = Operator(
-        name, 2, lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b)), f"_user_{name}({{0}}, {{1}})",
+        name,
+        2,
+        lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b)),
+        f"_user_{name}({{0}}, {{1}})",
         lambda a, b: to_sympy(body, lambda p: a if p.name == "a" else b),
-        transcendental=any(op.transcendental for op in ops))
+        transcendental=any(op.transcendental for op in ops),
+    )
     REDUCERS[name] = Reducer(name, identity, name, name)
     DEFINITIONS[name] = Definition(body, identity, derivative)
     return REDUCERS[name]
@@ -143,9 +159,11 @@ def triton_helper(name: str) -> str:
     """The ``@triton.jit`` function a kernel calls for the combine of user reducer ``name``."""
     d = DEFINITIONS[name]
     identity = _triton(Const(d.identity))
-    return (f"@triton.jit\ndef _user_{name}(a, b):\n    # where an operand is the identity, the other (the identity law)\n"
-            f"    value = {_triton(d.body)}\n"
-            f"    return tl.where(a == {identity}, b, tl.where(b == {identity}, a, value))\n")
+    return (
+        f"@triton.jit\ndef _user_{name}(a, b):\n    # where an operand is the identity, the other (the identity law)\n"
+        f"    value = {_triton(d.body)}\n"
+        f"    return tl.where(a == {identity}, b, tl.where(b == {identity}, a, value))\n"
+    )
 
 
 def user_operators(exprs, reductions) -> list[str]:

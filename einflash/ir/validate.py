@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..errors import (CascadeError, CycleError, RankMismatchError, UnknownRankError, UnknownTensorError,
-    UnsupportedOperatorError)
+from ..errors import (
+    CascadeError,
+    CycleError,
+    RankMismatchError,
+    UnknownRankError,
+    UnknownTensorError,
+    UnsupportedOperatorError,
+)
 from .cascade import Cascade, Einsum, Role
 from .expr import Call, Param, Read, index_ranks, is_boolean, walk
 from .operators import OPERATORS, REDUCERS
@@ -43,16 +49,17 @@ def _check_declarations(c: Cascade) -> None:
         seen.add(t.name)
         for r in t.ranks:
             if not c.has_rank(r):
-                raise UnknownRankError(f"tensor {t.name!r} has rank {r!r}, which the cascade does not declare",
-                                       c.source)
+                raise UnknownRankError(
+                    f"tensor {t.name!r} has rank {r!r}, which the cascade does not declare", c.source
+                )
     for t in c.tensors:
         made = c.producers(t.name)
         if t.role is Role.INPUT and made:
-            raise CascadeError(f"input {t.name!r} is assigned by an Einsum; inputs are read-only",
-                               c.where(made[0]))
+            raise CascadeError(f"input {t.name!r} is assigned by an Einsum; inputs are read-only", c.where(made[0]))
         if t.role in (Role.INTERMEDIATE, Role.OUTPUT) and len(made) > 1:
-            raise CascadeError(f"tensor {t.name!r} is assigned {len(made)} times; only states may be updated",
-                               c.where(made[1]))
+            raise CascadeError(
+                f"tensor {t.name!r} is assigned {len(made)} times; only states may be updated", c.where(made[1])
+            )
     loops = [i for i, e in enumerate(c.einsums) if e.loop]
     if loops and loops != list(range(loops[0], loops[-1] + 1)):
         raise CascadeError("loop Einsums must form one contiguous block", c.source)
@@ -82,30 +89,37 @@ def _check_einsum(c: Cascade, e: Einsum) -> None:
     reduced: tuple[str, ...] = ()
     if e.reduce is not None:
         if e.reduce.op not in REDUCERS:
-            raise UnsupportedOperatorError(f"unknown reducer {e.reduce.op!r}; supported: {sorted(REDUCERS)}",
-                                           where)
+            raise UnsupportedOperatorError(f"unknown reducer {e.reduce.op!r}; supported: {sorted(REDUCERS)}", where)
         reduced = e.reduce.ranks
         body = its - frozenset(e.ranks)
         for r in reduced:
             if r not in body:
-                raise UnknownRankError(f"{e.reduce.op} reduces over rank {r!r}, which the expression "
-                                       f"({', '.join(sorted(body))}) does not have", where)
+                raise UnknownRankError(
+                    f"{e.reduce.op} reduces over rank {r!r}, which the expression "
+                    f"({', '.join(sorted(body))}) does not have",
+                    where,
+                )
     expected = its - frozenset(reduced)
     if frozenset(e.ranks) != expected or c.tensor(e.out).ranks != e.ranks:
-        raise RankMismatchError(f"{e.out!r} has ranks ({', '.join(e.ranks)}) but its right-hand side gives "
-                                f"({', '.join(sorted(expected))})", where)
+        raise RankMismatchError(
+            f"{e.out!r} has ranks ({', '.join(e.ranks)}) but its right-hand side gives ({', '.join(sorted(expected))})",
+            where,
+        )
     if e.where is not None and not is_boolean(e.where):
         raise CascadeError("a mask must be a predicate (a comparison, or & | ~ of comparisons)", where)
 
 
 def _check_read(c: Cascade, e: Einsum, x: Read, where: str) -> None:
     if not c.has_tensor(x.tensor):
-        raise UnknownTensorError(f"reads {x.tensor!r}, which is not declared; tensors: "
-                                 f"{sorted(t.name for t in c.tensors)}", where)
+        raise UnknownTensorError(
+            f"reads {x.tensor!r}, which is not declared; tensors: {sorted(t.name for t in c.tensors)}", where
+        )
     decl = c.tensor(x.tensor)
     if len(x.index) != len(decl.ranks):
-        raise RankMismatchError(f"{x.tensor!r} has {len(decl.ranks)} ranks ({', '.join(decl.ranks)}), "
-                                f"read with {len(x.index)} indices", where)
+        raise RankMismatchError(
+            f"{x.tensor!r} has {len(decl.ranks)} ranks ({', '.join(decl.ranks)}), read with {len(x.index)} indices",
+            where,
+        )
     for r in index_ranks(x.index):
         if not c.has_rank(r):
             raise UnknownRankError(f"index of {x.tensor!r} uses rank {r!r}, which is not declared", where)
@@ -129,8 +143,9 @@ def _check_order(c: Cascade) -> None:
     for e in c.einsums:
         for r in e.reads():
             if not r.prev and r.tensor not in assigned and c.tensor(r.tensor).role is not Role.STATE:
-                raise CascadeError(f"{e.out!r} reads {r.tensor!r} before the Einsum that assigns it; "
-                                   f"move that Einsum up", c.where(e))
+                raise CascadeError(
+                    f"{e.out!r} reads {r.tensor!r} before the Einsum that assigns it; move that Einsum up", c.where(e)
+                )
         assigned.add(e.out)
 
 
@@ -141,9 +156,13 @@ def _check_outputs(c: Cascade) -> None:
             raise UnknownTensorError(f"output {o!r} is not declared", c.source)
         ranks = [r for r in c.tensor(o).ranks if r not in PARALLEL]
         if i > 0 and ranks != ["m"]:
-            raise RankMismatchError(f"output {o!r} after the first must be per query row, like lse[m]; it has "
-                                    f"({', '.join(ranks)})", c.source)
+            raise RankMismatchError(
+                f"output {o!r} after the first must be per query row, like lse[m]; it has ({', '.join(ranks)})",
+                c.source,
+            )
         if i == 0 and ("m" not in ranks or len(ranks) != 2):
             made = c.producer(o)
-            raise RankMismatchError(f"the output must have the query rank m and one value rank, like o[m,f]; "
-                                    f"it has ({', '.join(ranks)})", c.where(made) if made else c.source)
+            raise RankMismatchError(
+                f"the output must have the query rank m and one value rank, like o[m,f]; it has ({', '.join(ranks)})",
+                c.where(made) if made else c.source,
+            )

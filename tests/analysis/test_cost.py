@@ -115,9 +115,15 @@ def _bytes_per_pass(passes: int) -> sympy.Expr:
     return ELEM * (B * H * M * E + passes * B * HKV * N * (E + F) + B * H * M * F)
 
 
-@pytest.mark.parametrize("name, which, passes", [("softmax", "written", 3), ("softmax", "streamed", 1),
-                                                 ("causal", "streamed", 1),
-                                                 ("post_norm_threshold", "streamed", 2)])
+@pytest.mark.parametrize(
+    "name, which, passes",
+    [
+        ("softmax", "written", 3),
+        ("softmax", "streamed", 1),
+        ("causal", "streamed", 1),
+        ("post_norm_threshold", "streamed", 2),
+    ],
+)
 def test_inputs_along_n_are_read_once_per_pass(name, which, passes):
     op = _op(name)
     c = op.cascade if which == "written" else op.forward.rewritten

@@ -17,18 +17,38 @@ from einflash.ir.cascade import Role
 # variants without a row normaliser are 1. MoBA's routing needs a sum over n (the block means)
 # before its softmax can start: 4 as written.
 PASSES = {
-    "softmax": (3, 1), "causal": (3, 1), "sliding_window": (3, 1), "prefix_lm": (3, 1), "sink_window": (3, 1),
-    "document_mask": (3, 1), "gqa": (3, 1), "alibi": (3, 1), "relative_bias": (3, 1), "lowrank_bias": (3, 1),
-    "softcap": (3, 1), "sigmoid": (1, 1), "signed_softmax": (3, 1), "differential": (3, 1), "head_gate": (3, 1),
-    "top_theta": (3, 1), "post_norm_threshold": (3, 2), "moba": (4, 2), "multi_token": (3, 1), "linear": (3, 1),
-    "causal_linear": (1, 1), "gla": (1, 1), "agent": (3, 1), "mla_decode": (3, 1), "logsumexp_reducer": (2, 1),
+    "softmax": (3, 1),
+    "causal": (3, 1),
+    "sliding_window": (3, 1),
+    "prefix_lm": (3, 1),
+    "sink_window": (3, 1),
+    "document_mask": (3, 1),
+    "gqa": (3, 1),
+    "alibi": (3, 1),
+    "relative_bias": (3, 1),
+    "lowrank_bias": (3, 1),
+    "softcap": (3, 1),
+    "sigmoid": (1, 1),
+    "signed_softmax": (3, 1),
+    "differential": (3, 1),
+    "head_gate": (3, 1),
+    "top_theta": (3, 1),
+    "post_norm_threshold": (3, 2),
+    "moba": (4, 2),
+    "multi_token": (3, 1),
+    "linear": (3, 1),
+    "causal_linear": (1, 1),
+    "gla": (1, 1),
+    "agent": (3, 1),
+    "mla_decode": (3, 1),
+    "logsumexp_reducer": (2, 1),
 }
 # Where the pipeline does not reach docs/design.md §3's count yet. Strict: reaching it must update this table.
 BEHIND_CATALOGUE = {
     "moba": "stream_online fuses only the leading passes into one loop (a cascade has one loop block): "
-            "after the routing pass, the softmax keeps its 2 passes (3 in all, docs/design.md §3 says 2)",
+    "after the routing pass, the softmax keeps its 2 passes (3 in all, docs/design.md §3 says 2)",
     "multi_token": "the convolution reads scores at n − j, outside the current chunk of n; no rewrite "
-                   "recomputes the halo, so the cascade is not streamed (2 passes, docs/design.md §3 says 1)",
+    "recomputes the halo, so the cascade is not streamed (2 passes, docs/design.md §3 says 1)",
 }
 
 
@@ -74,14 +94,15 @@ def _reason_fields(r):
 def test_reasons_of_the_naive_softmax():
     c = _op("softmax").cascade
     pa = count_passes(c)
-    assert [_reason_fields(r) for r in pa.reasons] == [(2, "num", "top", "top", "max"),
-                                                       (3, "o", "den", "den", "sum")]
+    assert [_reason_fields(r) for r in pa.reasons] == [(2, "num", "top", "top", "max"), (3, "o", "den", "den", "sum")]
     for r in pa.reasons:  # lines are those of the user's statements
         assert r.consumer_line == c.producer(r.consumer).line
         assert r.reduction_line == c.producer(r.reduced).line
-    assert str(pa.reasons[0]) == (f"pass 2: num (line {c.producer('num').line}) iterates n again and reads top, "
-                                  f"a max over all of n (line {c.producer('top').line}) that is complete only "
-                                  f"after pass 1")
+    assert str(pa.reasons[0]) == (
+        f"pass 2: num (line {c.producer('num').line}) iterates n again and reads top, "
+        f"a max over all of n (line {c.producer('top').line}) that is complete only "
+        f"after pass 1"
+    )
 
 
 def test_pass_of_each_einsum():
@@ -103,8 +124,10 @@ def test_moba_waits_for_its_routing_sum():
     assert _reason_fields(first) == (2, "s", "sel", "sum_n", "sum")
     assert first.reduction_line == c.producer("sum_n").line
     assert c.producer("sum_n").reduce.ranks == ("n",)
-    assert str(first).startswith(f"pass 2: s (line {c.producer('s').line}) iterates n again and reads sel, "
-                                 f"which needs sum_n, a sum over all of n")
+    assert str(first).startswith(
+        f"pass 2: s (line {c.producer('s').line}) iterates n again and reads sel, "
+        f"which needs sum_n, a sum over all of n"
+    )
 
 
 def test_moba_after_the_pipeline_still_waits_for_the_routing():
@@ -161,4 +184,3 @@ def test_agent_attention_streams_n_once_and_never_iterates_it_for_the_agents_sof
             assert pa.pass_of(e.out) == 0
     # over the agent rank, the queries' softmax as written is the naive 3-pass cascade
     assert count_passes(op.cascade, rank="a").passes == 3
-

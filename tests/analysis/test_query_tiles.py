@@ -15,8 +15,8 @@ def _truth(mask, BM: int, BN: int) -> tuple[list[set[int]], list[set[int]]]:
     """Per key tile: the sets of non-empty and of full query tiles."""
     nonempty, full = [], []
     for j in range(0, mask.shape[1], BN):
-        cols = mask[:, j:j + BN]
-        tiles = [cols[i:i + BM] for i in range(0, mask.shape[0], BM)]
+        cols = mask[:, j : j + BN]
+        tiles = [cols[i : i + BM] for i in range(0, mask.shape[0], BM)]
         nonempty.append({i for i, t in enumerate(tiles) if t.any()})
         full.append({i for i, t in enumerate(tiles) if t.all()})
     return nonempty, full
@@ -43,17 +43,21 @@ def _check(pred, integers, params, exact=True) -> int:
                 assert got_nonempty >= nonempty[j] and got_full <= full[j], where
             partial += len(nonempty[j] - full[j])
         if exact:  # the same pairs as the plan of key tiles per query tile
-            assert count_tiles(plan, M, N, BM, BN, **params) == count_tiles(tile_plan(pred, integers), M, N, BM,
-                                                                              BN, **params)
+            assert count_tiles(plan, M, N, BM, BN, **params) == count_tiles(
+                tile_plan(pred, integers), M, N, BM, BN, **params
+            )
     return partial
 
 
-@pytest.mark.parametrize("name, grid", [
-    ("causal", [{}]),
-    ("sliding_window", [{"window": w} for w in (-1, 0, 1, 3, 8, 40)]),
-    ("prefix_lm", [{"prefix": p} for p in (-2, 0, 5, 17, 64)]),
-    ("sink_window", [{"window": w, "sinks": s} for w, s in itertools.product((1, 3, 9), (0, 1, 6))]),
-])
+@pytest.mark.parametrize(
+    "name, grid",
+    [
+        ("causal", [{}]),
+        ("sliding_window", [{"window": w} for w in (-1, 0, 1, 3, 8, 40)]),
+        ("prefix_lm", [{"prefix": p} for p in (-2, 0, 5, 17, 64)]),
+        ("sink_window", [{"window": w, "sinks": s} for w, s in itertools.product((1, 3, 9), (0, 1, 6))]),
+    ],
+)
 def test_catalogue_masks_are_exact_on_every_tile(name, grid):
     pred, integers = _example(name)
     assert sum(_check(pred, integers, params) for params in grid) > 0

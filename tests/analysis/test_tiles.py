@@ -13,8 +13,18 @@ import torch
 from conftest import load_example
 
 import einflash as ef
-from einflash.compiler.analysis.mask_tiles import (ROW_BOUNDS, I, Interval, TilePlan, affine_form, count_tiles,
-    is_affine, tile_plan, tile_rows, _compiled)
+from einflash.compiler.analysis.mask_tiles import (
+    ROW_BOUNDS,
+    I,
+    Interval,
+    TilePlan,
+    affine_form,
+    count_tiles,
+    is_affine,
+    tile_plan,
+    tile_rows,
+    _compiled,
+)
 from einflash.errors import DeclarationError, MissingInputError, ShapeError
 from einflash.ir.expr import Call, Const, Coord, Expr, Param, Read, Size, call
 from einflash.ir.operators import OPERATORS
@@ -42,12 +52,20 @@ def _bottom_right(q, k, v):
 @ef.attention
 def _band(q, k, v, lo: float = 1.5, hi: float = 2.5):
     """A band with real-valued edges and ~, ==, != in it: rounding must be right on both sides."""
-    return ef.softmax(ef.mask(q @ k * ef.scale, ~(ef.m - ef.n > hi) & (ef.n - ef.m < lo) & (ef.n != ef.m - 1)
-                              | (ef.m == 2 * ef.n)), "n") @ v
+    return (
+        ef.softmax(
+            ef.mask(
+                q @ k * ef.scale, ~(ef.m - ef.n > hi) & (ef.n - ef.m < lo) & (ef.n != ef.m - 1) | (ef.m == 2 * ef.n)
+            ),
+            "n",
+        )
+        @ v
+    )
 
 
 def _materialise(pred: Expr, M: int, N: int, params: dict) -> torch.Tensor:
     """The [M, N] boolean mask, evaluated point by point with the operators' torch forms."""
+
     def ev(x):
         if isinstance(x, Call):
             return OPERATORS[x.op].torch(*(torch.as_tensor(ev(a)) for a in x.args))
@@ -64,8 +82,8 @@ def _truth(mask: torch.Tensor, BM: int, BN: int) -> tuple[list[set[int]], list[s
     """Per query tile: the sets of non-empty and of full key tiles."""
     nonempty, full = [], []
     for i in range(0, mask.shape[0], BM):
-        rows = mask[i:i + BM]
-        tiles = [rows[:, j:j + BN] for j in range(0, mask.shape[1], BN)]
+        rows = mask[i : i + BM]
+        tiles = [rows[:, j : j + BN] for j in range(0, mask.shape[1], BN)]
         nonempty.append({j for j, t in enumerate(tiles) if t.any()})
         full.append({j for j, t in enumerate(tiles) if t.all()})
     return nonempty, full
@@ -77,8 +95,15 @@ def _tiles(spans) -> set[int]:
 
 def _assert_disjoint_runs(plan: TilePlan, M: int, N: int, BM: int, BN: int, params: dict, i: int) -> None:
     """The kernel loops over the full runs one after another: no tile may be in two of them."""
-    env = {"M": M, "N": N, "BM": BM, "BN": BN, "m0": i * BM, "m1": min((i + 1) * BM, M) - 1,
-           **{k: Fraction(v) for k, v in params.items()}}
+    env = {
+        "M": M,
+        "N": N,
+        "BM": BM,
+        "BN": BN,
+        "m0": i * BM,
+        "m1": min((i + 1) * BM, M) - 1,
+        **{k: Fraction(v) for k, v in params.items()},
+    }
     runs = [span for f in _compiled(plan).full if (span := f(env)) is not None]
     assert sum(max(0, hi - lo) for lo, hi in runs) == len(_tiles(runs))
 
@@ -114,12 +139,15 @@ def _check(pred: Expr, integers: frozenset[str], params: dict, exact: bool = Tru
     return partial, slack
 
 
-@pytest.mark.parametrize("name, grid", [
-    ("causal", [{}]),
-    ("sliding_window", [{"window": w} for w in (-1, 0, 1, 3, 8, 40)]),
-    ("prefix_lm", [{"prefix": p} for p in (-2, 0, 5, 17, 64)]),
-    ("sink_window", [{"window": w, "sinks": s} for w, s in itertools.product((1, 3, 9, 40), (0, 1, 6, 21))]),
-])
+@pytest.mark.parametrize(
+    "name, grid",
+    [
+        ("causal", [{}]),
+        ("sliding_window", [{"window": w} for w in (-1, 0, 1, 3, 8, 40)]),
+        ("prefix_lm", [{"prefix": p} for p in (-2, 0, 5, 17, 64)]),
+        ("sink_window", [{"window": w, "sinks": s} for w, s in itertools.product((1, 3, 9, 40), (0, 1, 6, 21))]),
+    ],
+)
 def test_catalogue_masks_are_exact_on_every_tile(name, grid):
     pred, integers = _example(name)
     assert sum(_check(pred, integers, params)[0] for params in grid) > 0  # the sizes do cut tiles
@@ -197,15 +225,18 @@ def test_data_dependent_masks_have_no_plan(name):
     assert not is_affine(pred) and tile_plan(pred, integers) is None
 
 
-@pytest.mark.parametrize("pred", [
-    call("le", call("mul", Coord("m"), Coord("n")), Const(4.0)),  # a product of coordinates
-    call("eq", call("floordiv", Coord("m"), Const(64.0)), call("floordiv", Coord("n"), Const(64.0))),
-    call("le", Coord("n"), call("mul", Param("stride"), Coord("m"))),  # a weight that is a parameter
-    call("le", Coord("h"), Coord("m")),  # another rank
-    call("le", Read("x", (coord("m"),)), Coord("n")),
-    call("le", Coord("n"), Const(float("inf"))),
-    call("le", call("abs", Coord("n")), Coord("m")),
-])
+@pytest.mark.parametrize(
+    "pred",
+    [
+        call("le", call("mul", Coord("m"), Coord("n")), Const(4.0)),  # a product of coordinates
+        call("eq", call("floordiv", Coord("m"), Const(64.0)), call("floordiv", Coord("n"), Const(64.0))),
+        call("le", Coord("n"), call("mul", Param("stride"), Coord("m"))),  # a weight that is a parameter
+        call("le", Coord("h"), Coord("m")),  # another rank
+        call("le", Read("x", (coord("m"),)), Coord("n")),
+        call("le", Coord("n"), Const(float("inf"))),
+        call("le", call("abs", Coord("n")), Coord("m")),
+    ],
+)
 def test_non_affine_predicates(pred):
     assert affine_form(pred) is None and not is_affine(pred)
 
@@ -244,8 +275,10 @@ def _listed(M, N, BM, BN, doc: torch.Tensor, pack: bool = False) -> tuple[list[l
     lists = key_plan(c, sections(c).loop).lists
     tiles, counts = tile_lists(lists, {"doc": doc}, {}, doc.shape[0], M, N, BM, BN, pack)
     full = [[set(tiles[b, i, :f].tolist()) for i, (f, _) in enumerate(counts[b].tolist())] for b in range(doc.shape[0])]
-    partial = [[set(tiles[b, i, f:f + p].tolist()) for i, (f, p) in enumerate(counts[b].tolist())]
-               for b in range(doc.shape[0])]
+    partial = [
+        [set(tiles[b, i, f : f + p].tolist()) for i, (f, p) in enumerate(counts[b].tolist())]
+        for b in range(doc.shape[0])
+    ]
     return full, partial
 
 

@@ -21,8 +21,17 @@ from einflash import cli, knobs
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 BUILDS = {
-    "softmax": [str(EXAMPLES / "softmax.py"), "--shape", "1,4,64,64,64", "--shape", "2,8,1,256,64",
-                "--kv-heads", "2", "--dtype", "float16"],
+    "softmax": [
+        str(EXAMPLES / "softmax.py"),
+        "--shape",
+        "1,4,64,64,64",
+        "--shape",
+        "2,8,1,256,64",
+        "--kv-heads",
+        "2",
+        "--dtype",
+        "float16",
+    ],
     "sliding_window": [str(EXAMPLES / "sliding_window.py"), "--shape", "1,2,48,48,32", "--dtype", "float16"],
 }
 

@@ -40,8 +40,11 @@ def softmax(softmax_dir):
 
 
 def _qkv(B=1, Hq=4, Hkv=2, M=64, N=64, E=64, F=64, dtype=F16):
-    return torch.randn(B, Hq, M, E, dtype=dtype), torch.randn(B, Hkv, N, E, dtype=dtype), \
-        torch.randn(B, Hkv, N, F, dtype=dtype)
+    return (
+        torch.randn(B, Hq, M, E, dtype=dtype),
+        torch.randn(B, Hkv, N, E, dtype=dtype),
+        torch.randn(B, Hkv, N, F, dtype=dtype),
+    )
 
 
 def _chosen(op, *args, **kwargs) -> list[tuple[str, str]]:
@@ -80,8 +83,11 @@ def test_sources_are_what_the_jit_path_renders(softmax_dir):
     """One generator: the stored sources are the kernels the JIT path writes for the same specialisation."""
     fwd = load_example("softmax").softmax.forward
     dims = {"e": 64, "e_extent": 64, "f": 64, "f_extent": 64}
-    for src in (lower(fwd.rewritten, dims, "float16"), lower(fwd.rewritten, dims, "float16", split=True),
-                lower_combine(fwd.rewritten, dims, "float16")):
+    for src in (
+        lower(fwd.rewritten, dims, "float16"),
+        lower(fwd.rewritten, dims, "float16", split=True),
+        lower_combine(fwd.rewritten, dims, "float16"),
+    ):
         assert (softmax_dir / "sources" / f"{src.name}.py").read_text() == src.text
 
 
@@ -136,8 +142,11 @@ def test_loader_picks_the_most_specialised_binary_that_fits(softmax):
 def test_loader_refuses_a_non_contiguous_last_dimension(softmax):
     q, k, v = _qkv()
     k = torch.randn(1, 2, 64, 128, dtype=F16)[..., ::2]  # last-dimension stride 2
-    with pytest.raises(AOTMismatchError, match=r"k's last dimension must be contiguous \(stride 1\); got stride 2: "
-                                                r"call \.contiguous\(\) on it"):
+    with pytest.raises(
+        AOTMismatchError,
+        match=r"k's last dimension must be contiguous \(stride 1\); got stride 2: "
+        r"call \.contiguous\(\) on it",
+    ):
         softmax(q, k, v)
     assert _chosen(softmax, q, k.contiguous(), v)
 
@@ -148,14 +157,20 @@ def test_loader_refuses_misaligned_and_oddly_strided_tensors(softmax):
     with pytest.raises(AOTMismatchError, match="q must start at a 16-byte aligned address; got one 2 bytes past"):
         softmax(shifted, k, v)
     transposed = k.transpose(2, 3).contiguous().transpose(2, 3)  # keys along the last dim, stride 1 along n
-    with pytest.raises(AOTMismatchError, match=r"k's stride along dimension 2 was compiled for multiples of 16; "
-                                                r"got 1: call \.contiguous\(\) on k"):
+    with pytest.raises(
+        AOTMismatchError,
+        match=r"k's stride along dimension 2 was compiled for multiples of 16; "
+        r"got 1: call \.contiguous\(\) on k",
+    ):
         softmax(q, transposed, v)
 
 
 def test_loader_names_what_the_directory_holds_for_a_dtype_or_head_dim_it_lacks(softmax):
-    with pytest.raises(AOTMismatchError, match=r"has no softmax kernels for float32.*it holds float16 B=1 Hq=4 Hkv=2 "
-                                                r"M=64 N=64 E=64 F=64 \(fused, 64×128 tiles\); float16 .*split-KV"):
+    with pytest.raises(
+        AOTMismatchError,
+        match=r"has no softmax kernels for float32.*it holds float16 B=1 Hq=4 Hkv=2 "
+        r"M=64 N=64 E=64 F=64 \(fused, 64×128 tiles\); float16 .*split-KV",
+    ):
         softmax(*_qkv(dtype=torch.float32))
     with pytest.raises(AOTMismatchError, match="no softmax kernels for float16, .* E=32 F=64"):
         softmax(*_qkv(E=32))
@@ -194,19 +209,28 @@ def _edit(directory, change):
     (directory / MANIFEST).write_text(json.dumps(raw))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / MANIFEST).write_text("{not json"), "is corrupt \\(not JSON"),
-    (lambda d: (d / MANIFEST).unlink(), "is not an einflash AOT directory: it has no manifest.json"),
-    (lambda d: _edit(d, lambda m: m.update(format_version=99)), "format version 99; this einflash reads version 1"),
-    (lambda d: _edit(d, lambda m: m["versions"].update(triton="9.9.9")),
-     f"built with Triton 9.9.9, this process has Triton {triton.__version__}"),
-    (lambda d: _edit(d, lambda m: m["entries"][0].pop("schedule")), "is malformed \\(KeyError: 'schedule'\\)"),
-    (lambda d: next((d / "binaries").glob("*.cubin")).write_bytes(b"\x7fELF garbage"),
-     "does not match its checksum in the manifest"),
-    (lambda d: next((d / "sources").glob("*.py")).unlink(), "lacks files its manifest names: sources/"),
-    (lambda d: _edit(d, lambda m: m.update(key="0" * 16)), "traces to cascade 64b3e8b55472857a, but the kernels were "
-                                                             "built for 0000000000000000"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / MANIFEST).write_text("{not json"), "is corrupt \\(not JSON"),
+        (lambda d: (d / MANIFEST).unlink(), "is not an einflash AOT directory: it has no manifest.json"),
+        (lambda d: _edit(d, lambda m: m.update(format_version=99)), "format version 99; this einflash reads version 1"),
+        (
+            lambda d: _edit(d, lambda m: m["versions"].update(triton="9.9.9")),
+            f"built with Triton 9.9.9, this process has Triton {triton.__version__}",
+        ),
+        (lambda d: _edit(d, lambda m: m["entries"][0].pop("schedule")), "is malformed \\(KeyError: 'schedule'\\)"),
+        (
+            lambda d: next((d / "binaries").glob("*.cubin")).write_bytes(b"\x7fELF garbage"),
+            "does not match its checksum in the manifest",
+        ),
+        (lambda d: next((d / "sources").glob("*.py")).unlink(), "lacks files its manifest names: sources/"),
+        (
+            lambda d: _edit(d, lambda m: m.update(key="0" * 16)),
+            "traces to cascade 64b3e8b55472857a, but the kernels were built for 0000000000000000",
+        ),
+    ],
+)
 def test_corrupt_or_mismatched_directories_are_reported(copy, damage, message):
     damage(copy)
     with pytest.raises(AOTError, match=message):
@@ -221,8 +245,10 @@ def test_a_kernel_whose_interface_changed_is_refused_at_the_call(copy):
 
 def test_cli_refuses_the_interpreter_target_and_a_foreign_folder(tmp_path, capsys):
     softmax = str(EXAMPLES / "softmax.py")
-    assert cli.main(["aot", softmax, "--shape", "1,2,64,64,64", "--target", "interpreter", "--out",
-                     str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(["aot", softmax, "--shape", "1,2,64,64,64", "--target", "interpreter", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "BackendError: target 'interpreter' runs kernels in Triton's interpreter" in capsys.readouterr().err
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "notes.txt").write_text("mine")

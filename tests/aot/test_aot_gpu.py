@@ -77,8 +77,10 @@ def test_loaded_ops_run_their_binaries_and_match_the_reference(aot_root, nothing
                 verdict = check(op, out, **inputs, **entry.params)
                 lengths = [b for _, b in op.kernels.last]
                 chosen.update(lengths)
-                report.append(f"{directory.name:16} {entry.label:72} M={M:<5} N={N:<6} {'+'.join(lengths):12} err "
-                              f"{verdict.max_error:.2e} tol {verdict.tolerance:.2e} {'ok' if verdict.ok else 'FAIL'}")
+                report.append(
+                    f"{directory.name:16} {entry.label:72} M={M:<5} N={N:<6} {'+'.join(lengths):12} err "
+                    f"{verdict.max_error:.2e} tol {verdict.tolerance:.2e} {'ok' if verdict.ok else 'FAIL'}"
+                )
                 assert verdict.ok, report[-1]
                 if i == 0:
                     assert set(lengths) == {"exact"}, report[-1]

@@ -10,9 +10,30 @@ from einflash.errors import LoweringError
 from triton._C.libtriton import native_specialize_impl  # noqa: I001
 from triton.backends.compiler import BaseBackend
 
-VALUES = [1, 0, 2, 16, 17, -16, 48, 2**31 - 16, 2**31, 2**40, 2**63, 0.5, 1.0, None, True, False,
-          torch.empty(8), torch.empty(8, dtype=torch.float16)[1:], torch.empty(8, dtype=torch.bfloat16),
-          torch.empty(4, dtype=torch.int32), torch.empty(4, dtype=torch.int8), torch.empty(4, dtype=torch.float64)]
+VALUES = [
+    1,
+    0,
+    2,
+    16,
+    17,
+    -16,
+    48,
+    2**31 - 16,
+    2**31,
+    2**40,
+    2**63,
+    0.5,
+    1.0,
+    None,
+    True,
+    False,
+    torch.empty(8),
+    torch.empty(8, dtype=torch.float16)[1:],
+    torch.empty(8, dtype=torch.bfloat16),
+    torch.empty(4, dtype=torch.int32),
+    torch.empty(4, dtype=torch.int8),
+    torch.empty(4, dtype=torch.float64),
+]
 
 
 @pytest.mark.parametrize("x", VALUES, ids=repr)

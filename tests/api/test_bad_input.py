@@ -13,8 +13,16 @@ import torch
 from conftest import load_example
 
 import einflash as ef
-from einflash.errors import (BackendError, CallError, DeviceError, DTypeError, EinflashError, MissingInputError,
-    ParameterError, ShapeError)
+from einflash.errors import (
+    BackendError,
+    CallError,
+    DeviceError,
+    DTypeError,
+    EinflashError,
+    MissingInputError,
+    ParameterError,
+    ShapeError,
+)
 
 B, HQ, HKV, M, N, E, F = 1, 4, 2, 5, 7, 8, 6
 
@@ -49,17 +57,32 @@ def test_well_formed_input_runs():
 # -- shapes ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, bad, layout", [("q", torch.randn(HQ, M, E), "[B, Hq, M, d]"),
-                                               ("k", torch.randn(1, B, HKV, N, E), "[B, Hkv, N, d]"),
-                                               ("v", torch.randn(B, HKV, N), "[B, Hkv, N, d]")])
+@pytest.mark.parametrize(
+    "name, bad, layout",
+    [
+        ("q", torch.randn(HQ, M, E), "[B, Hq, M, d]"),
+        ("k", torch.randn(1, B, HKV, N, E), "[B, Hkv, N, d]"),
+        ("v", torch.randn(B, HKV, N), "[B, Hkv, N, d]"),
+    ],
+)
 def test_wrong_number_of_dims(name, bad, layout):
-    _raises(ShapeError, _op("softmax"), f"{name} must be 4-D {layout}", f"got shape {tuple(bad.shape)}",
-            **_qkv(**{name: bad}))
+    _raises(
+        ShapeError,
+        _op("softmax"),
+        f"{name} must be 4-D {layout}",
+        f"got shape {tuple(bad.shape)}",
+        **_qkv(**{name: bad}),
+    )
 
 
 def test_extra_input_with_wrong_number_of_dims():
-    _raises(ShapeError, _op("alibi"), "slope must have 1 dimensions (h)", "got shape (4, 1)",
-            **_qkv(slope=torch.ones(HQ, 1)))
+    _raises(
+        ShapeError,
+        _op("alibi"),
+        "slope must have 1 dimensions (h)",
+        "got shape (4, 1)",
+        **_qkv(slope=torch.ones(HQ, 1)),
+    )
 
 
 def test_query_heads_not_a_multiple_of_kv_heads():
@@ -72,31 +95,56 @@ def test_k_and_v_disagree_on_kv_heads():
 
 
 def test_k_and_v_lengths_differ():
-    _raises(ShapeError, _op("softmax"), "v.shape gives rank 'n' extent 6", "k.shape gives 7",
-            **_qkv(v=torch.randn(B, HKV, N - 1, F)))
+    _raises(
+        ShapeError,
+        _op("softmax"),
+        "v.shape gives rank 'n' extent 6",
+        "k.shape gives 7",
+        **_qkv(v=torch.randn(B, HKV, N - 1, F)),
+    )
 
 
 def test_q_and_k_head_dims_differ():
-    _raises(ShapeError, _op("softmax"), "k.shape gives rank 'e' extent 9", f"q.shape gives {E}",
-            **_qkv(k=torch.randn(B, HKV, N, 9)))
+    _raises(
+        ShapeError,
+        _op("softmax"),
+        "k.shape gives rank 'e' extent 9",
+        f"q.shape gives {E}",
+        **_qkv(k=torch.randn(B, HKV, N, 9)),
+    )
 
 
 def test_extra_input_disagrees_with_q():
-    _raises(ShapeError, _op("alibi"), "slope.shape gives rank 'h' extent 3", f"q.shape gives {HQ}",
-            **_qkv(slope=torch.ones(3)))
+    _raises(
+        ShapeError,
+        _op("alibi"),
+        "slope.shape gives rank 'h' extent 3",
+        f"q.shape gives {HQ}",
+        **_qkv(slope=torch.ones(3)),
+    )
 
 
 # -- dtypes and devices -------------------------------------------------------------------------------
 
 
 def test_integer_query():
-    _raises(DTypeError, _op("softmax"), "q must be float16, bfloat16, float32 or float64", "got torch.int32",
-            **_qkv(q=torch.ones(B, HQ, M, E, dtype=torch.int32)))
+    _raises(
+        DTypeError,
+        _op("softmax"),
+        "q must be float16, bfloat16, float32 or float64",
+        "got torch.int32",
+        **_qkv(q=torch.ones(B, HQ, M, E, dtype=torch.int32)),
+    )
 
 
 def test_mixed_query_and_key_dtypes():
-    _raises(DTypeError, _op("softmax"), "k is torch.float16 but q is torch.float32", "must share a dtype",
-            **_qkv(k=torch.randn(B, HKV, N, E).half()))
+    _raises(
+        DTypeError,
+        _op("softmax"),
+        "k is torch.float16 but q is torch.float32",
+        "must share a dtype",
+        **_qkv(k=torch.randn(B, HKV, N, E).half()),
+    )
 
 
 def test_not_a_tensor():
@@ -104,8 +152,13 @@ def test_not_a_tensor():
 
 
 def test_complex_extra_input():
-    _raises(DTypeError, _op("alibi"), "slope must be a real tensor", "complex64",
-            **_qkv(slope=torch.ones(HQ, dtype=torch.complex64)))
+    _raises(
+        DTypeError,
+        _op("alibi"),
+        "slope must be a real tensor",
+        "complex64",
+        **_qkv(slope=torch.ones(HQ, dtype=torch.complex64)),
+    )
 
 
 def test_inputs_on_two_devices():
@@ -121,14 +174,21 @@ def test_missing_extra_input():
 
 
 def test_unknown_keyword():
-    _raises(MissingInputError, _op("alibi"), "unexpected argument 'slop'", "['q', 'k', 'v', 'slope']",
-            "['scale']", **_qkv(slop=torch.ones(HQ)))
+    _raises(
+        MissingInputError,
+        _op("alibi"),
+        "unexpected argument 'slop'",
+        "['q', 'k', 'v', 'slope']",
+        "['scale']",
+        **_qkv(slop=torch.ones(HQ)),
+    )
 
 
 def test_scale_for_an_op_without_scale():
     assert not any(p.name == "scale" for p in _op("linear").cascade.params)
-    _raises(MissingInputError, _op("linear"), "linear does not use ef.scale", "`scale` cannot be given",
-            **_qkv(), scale=0.5)
+    _raises(
+        MissingInputError, _op("linear"), "linear does not use ef.scale", "`scale` cannot be given", **_qkv(), scale=0.5
+    )
 
 
 def test_too_many_positional_inputs_and_an_input_twice():
@@ -150,8 +210,7 @@ def test_parameter_without_default_not_given():
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
 def test_non_positive_scale(scale):
-    _raises(ParameterError, _op("softmax"), "parameter 'scale' must be positive", f"got {scale}", **_qkv(),
-            scale=scale)
+    _raises(ParameterError, _op("softmax"), "parameter 'scale' must be positive", f"got {scale}", **_qkv(), scale=scale)
 
 
 def test_unknown_backend():
@@ -172,18 +231,27 @@ def test_call_errors_share_a_base_and_stay_value_or_type_errors():
 
 
 def _packed(total_q: int = 7, total_k: int = 9, batch: int = 1) -> dict[str, torch.Tensor]:
-    return _qkv(q=torch.randn(batch, HQ, total_q, E), k=torch.randn(batch, HKV, total_k, E),
-                v=torch.randn(batch, HKV, total_k, F))
+    return _qkv(
+        q=torch.randn(batch, HQ, total_q, E),
+        k=torch.randn(batch, HKV, total_k, E),
+        v=torch.randn(batch, HKV, total_k, F),
+    )
 
 
-@pytest.mark.parametrize("offsets, words", [
-    ({"cu_seqlens_q": torch.tensor([0, 3, 7])}, ["needs both cu_seqlens_q and cu_seqlens_k", "only cu_seqlens_q"]),
-    ({"cu_seqlens_q": torch.tensor([0, 3, 7]), "cu_seqlens_k": torch.tensor([0, 9])}, ["2 sequences", "has 1"]),
-    ({"cu_seqlens_q": torch.tensor([0, 3, 6]), "cu_seqlens_k": torch.tensor([0, 4, 9])},
-     ["cu_seqlens_q must start at 0", "end at the packed length 7", "[0, 3, 6]"]),
-    ({"cu_seqlens_q": torch.tensor([0, 5, 3, 7]), "cu_seqlens_k": torch.tensor([0, 4, 5, 9])}, ["never decrease"]),
-    ({"cu_seqlens_q": torch.tensor([0.0, 7.0]), "cu_seqlens_k": torch.tensor([0, 9])}, ["1-D int32 or int64"]),
-], ids=["one", "counts", "end", "decreasing", "float"])
+@pytest.mark.parametrize(
+    "offsets, words",
+    [
+        ({"cu_seqlens_q": torch.tensor([0, 3, 7])}, ["needs both cu_seqlens_q and cu_seqlens_k", "only cu_seqlens_q"]),
+        ({"cu_seqlens_q": torch.tensor([0, 3, 7]), "cu_seqlens_k": torch.tensor([0, 9])}, ["2 sequences", "has 1"]),
+        (
+            {"cu_seqlens_q": torch.tensor([0, 3, 6]), "cu_seqlens_k": torch.tensor([0, 4, 9])},
+            ["cu_seqlens_q must start at 0", "end at the packed length 7", "[0, 3, 6]"],
+        ),
+        ({"cu_seqlens_q": torch.tensor([0, 5, 3, 7]), "cu_seqlens_k": torch.tensor([0, 4, 5, 9])}, ["never decrease"]),
+        ({"cu_seqlens_q": torch.tensor([0.0, 7.0]), "cu_seqlens_k": torch.tensor([0, 9])}, ["1-D int32 or int64"]),
+    ],
+    ids=["one", "counts", "end", "decreasing", "float"],
+)
 def test_bad_jagged_offsets(offsets, words):
     _raises(ShapeError, _op("causal"), *words, **_packed(), **offsets)
 
@@ -191,4 +259,3 @@ def test_bad_jagged_offsets(offsets, words):
 def test_jagged_inputs_must_have_batch_one():
     offsets = {"cu_seqlens_q": torch.tensor([0, 7]), "cu_seqlens_k": torch.tensor([0, 9])}
     _raises(ShapeError, _op("causal"), "must have batch 1", **_packed(batch=2), **offsets)
-

@@ -17,9 +17,11 @@ from einflash.compiler.schedule import Schedule
 from einflash.errors import NormaliserError
 from einflash.testing import random_inputs
 
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
 
 FUSED = Schedule(16, 16, 4, 1)
 SPLIT = Schedule(16, 16, 4, 1, splits=3)
@@ -61,8 +63,11 @@ def _assert_lse(lse: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _inputs(name: str, M: int, N: int, hq: int = 2, hkv: int = 2, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    made = {"q": torch.randn(1, hq, M, 16, dtype=dtype), "k": torch.randn(1, hkv, N, 16, dtype=dtype),
-            "v": torch.randn(1, hkv, N, 16, dtype=dtype)}
+    made = {
+        "q": torch.randn(1, hq, M, 16, dtype=dtype),
+        "k": torch.randn(1, hkv, N, 16, dtype=dtype),
+        "v": torch.randn(1, hkv, N, 16, dtype=dtype),
+    }
     if name == "alibi":
         made["slope"] = torch.tensor([0.5, 0.125])[:hq]
     return made
@@ -106,8 +111,7 @@ def test_jagged_batch():
     cu_q, cu_k = torch.tensor([0, 5, 12, 16]), torch.tensor([0, 9, 13, 13])  # the last sequence has no key
     x = _inputs("causal", 16, 13, hq=4, hkv=2)
     out, lse = _op("causal")(**x, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
-    ref_out, ref_lse = _op("causal")(**x, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="reference",
-                                     return_lse=True)
+    ref_out, ref_lse = _op("causal")(**x, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="reference", return_lse=True)
     assert lse.shape == (1, 4, 16)
     for i in range(3):
         rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
@@ -118,16 +122,21 @@ def test_jagged_batch():
     assert float((out - ref_out).abs().max()) < TOL
 
 
-@pytest.mark.parametrize("name, says", [
-    ("sigmoid", ["no softmax", "o = sum_n (line 13)"]),
-    ("linear", ["softmax is over e", "over n of max_n[e]"]),
-    ("differential", ["it has 2", "sum_n = Σ_n", "sum_n2 = Σ_n"]),
-])
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("sigmoid", ["no softmax", "o = sum_n (line 13)"]),
+        ("linear", ["softmax is over e", "over n of max_n[e]"]),
+        ("differential", ["it has 2", "sum_n = Σ_n", "sum_n2 = Σ_n"]),
+    ],
+)
 def test_no_softmax_over_n_raises_normaliser_error(name, says):
     op = _op(name)
     assert op.lse_error is not None
-    x = {t.name: torch.randn(1, 2, 8, 16) if t.layout is not ef.ir.Layout.DECLARED else torch.rand(2)
-         for t in op.cascade.inputs}
+    x = {
+        t.name: torch.randn(1, 2, 8, 16) if t.layout is not ef.ir.Layout.DECLARED else torch.rand(2)
+        for t in op.cascade.inputs
+    }
     for backend in (None, "reference"):
         with pytest.raises(NormaliserError) as err:
             op(**x, backend=backend, return_lse=True)
@@ -167,8 +176,23 @@ def test_compiled_call_returns_lse():
 
 
 # every catalogue variant with one softmax over n that lowers (the others: NormaliserError, or LoweringError)
-CATALOGUE = ["alibi", "causal", "document_mask", "gqa", "head_gate", "lowrank_bias", "mla_decode", "prefix_lm",
-             "relative_bias", "signed_softmax", "sink_window", "sliding_window", "softcap", "softmax", "top_theta"]
+CATALOGUE = [
+    "alibi",
+    "causal",
+    "document_mask",
+    "gqa",
+    "head_gate",
+    "lowrank_bias",
+    "mla_decode",
+    "prefix_lm",
+    "relative_bias",
+    "signed_softmax",
+    "sink_window",
+    "sliding_window",
+    "softcap",
+    "softmax",
+    "top_theta",
+]
 
 
 @pytest.mark.parametrize("name", CATALOGUE)

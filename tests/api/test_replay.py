@@ -22,7 +22,11 @@ def _op(name: str):
 
 
 def _qkv(M=5, N=40, E=16, dtype=torch.float32):
-    return torch.randn(1, 4, M, E, dtype=dtype), torch.randn(1, 2, N, E, dtype=dtype), torch.randn(1, 2, N, E, dtype=dtype)
+    return (
+        torch.randn(1, 4, M, E, dtype=dtype),
+        torch.randn(1, 2, N, E, dtype=dtype),
+        torch.randn(1, 2, N, E, dtype=dtype),
+    )
 
 
 def _fresh(op, *args, **kwargs):
@@ -49,8 +53,13 @@ def test_what_changes_the_launches_gets_its_own_recording():
     q, k, v = _qkv()
     _fresh(op, q, k, v)
     wide = torch.randn(1, 4, 5, 24)[..., :16]  # other strides
-    for args, kwargs in [((q, k, v), {"cap": 5.0}), ((q[:, :, :3], k, v), {}), ((wide, k, v), {}),
-                         ((q.half(), k.half(), v.half()), {}), ((q, k, v), {"return_lse": True})]:
+    for args, kwargs in [
+        ((q, k, v), {"cap": 5.0}),
+        ((q[:, :, :3], k, v), {}),
+        ((wide, k, v), {}),
+        ((q.half(), k.half(), v.half()), {}),
+        ((q, k, v), {"return_lse": True}),
+    ]:
         before = len(op._replays)
         got = op(*args, **kwargs)
         assert len(op._replays) == before + 1, kwargs

@@ -14,9 +14,11 @@ from conftest import load_example
 import einflash as ef
 from einflash.errors import LoweringError
 
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
 
 # (example, its parameters as the custom op takes them, schedule ints [block_m, block_n, warps, stages, splits, pack])
 OPCHECK = [
@@ -33,8 +35,12 @@ def _op(name: str):
 
 def _tensors(name: str, M: int = 12, N: int = 21, dtype=torch.float32) -> list[torch.Tensor]:
     """The op's inputs in declaration order: q [1, 4, M, 16], k and v [1, 2, N, 16], extras."""
-    made = {"q": torch.randn(1, 4, M, 16, dtype=dtype), "k": torch.randn(1, 2, N, 16, dtype=dtype),
-            "v": torch.randn(1, 2, N, 16, dtype=dtype), "slope": torch.tensor([0.5, 0.25, 0.125, 0.0625])}
+    made = {
+        "q": torch.randn(1, 4, M, 16, dtype=dtype),
+        "k": torch.randn(1, 2, N, 16, dtype=dtype),
+        "v": torch.randn(1, 2, N, 16, dtype=dtype),
+        "slope": torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+    }
     return [made[t.name] for t in _op(name).cascade.inputs]
 
 

@@ -30,8 +30,11 @@ def example(name: str):
 
 def qkv(B=1, Hq=2, Hkv=2, M=40, N=40, D=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, M, D, generator=g, dtype=dtype), torch.randn(B, Hkv, N, D, generator=g, dtype=dtype),
-            torch.randn(B, Hkv, N, D, generator=g, dtype=dtype))
+    return (
+        torch.randn(B, Hq, M, D, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, N, D, generator=g, dtype=dtype),
+        torch.randn(B, Hkv, N, D, generator=g, dtype=dtype),
+    )
 
 
 def fake_ms(s) -> float:

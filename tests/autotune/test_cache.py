@@ -22,8 +22,12 @@ PREFILL = dict(b=2, h=16, m=4096, n=4096, e=128, f=128)
 
 def _entry(schedule: Schedule, ms: float, study: str = "s", trial: int = 0) -> dict:
     row = {"trial": trial, "schedule": dataclasses.asdict(schedule), "ms": ms}
-    return {"study": study, "best": {"schedule": row["schedule"], "ms": ms, "trial": trial}, "measured": [row],
-            "failed": []}
+    return {
+        "study": study,
+        "best": {"schedule": row["schedule"], "ms": ms, "trial": trial},
+        "measured": [row],
+        "failed": [],
+    }
 
 
 @pytest.fixture
@@ -36,9 +40,12 @@ def test_key_names_everything_that_changes_the_answer(key):
     assert set(env) == {"target", "device", "capability", "triton", "torch", "einflash"}
     assert env["capability"] == "9.0" and env["target"] == "sm90"
     softmax, causal = example("softmax").cascade, example("causal").cascade
-    others = [CacheKey.of(causal, SM90, "bfloat16"), CacheKey.of(softmax, SM90, "float16"),
-              CacheKey.of(softmax, get_target("sm80"), "bfloat16"),
-              dataclasses.replace(key, env=tuple({**env, "triton": "3.9.0"}.items()))]
+    others = [
+        CacheKey.of(causal, SM90, "bfloat16"),
+        CacheKey.of(softmax, SM90, "float16"),
+        CacheKey.of(softmax, get_target("sm80"), "bfloat16"),
+        dataclasses.replace(key, env=tuple({**env, "triton": "3.9.0"}.items())),
+    ]
     assert len({key.stem, *(o.stem for o in others)}) == 5
 
 
@@ -70,16 +77,23 @@ def test_best_schedule_is_the_lookup_for_ahead_of_time_builds(tmp_path, key):
     cache = TuneCache(tmp_path)
     cache.put(key, Bucket.of(PREFILL, 16), _entry(Schedule(64, 64, 4, 3), 2.0))
     op = example("softmax")
-    assert best_schedule(op.cascade, SM90, "bfloat16", Shape(2, 16, 4096, 4096, 128), cache=cache) == \
-        Schedule(64, 64, 4, 3)
+    assert best_schedule(op.cascade, SM90, "bfloat16", Shape(2, 16, 4096, 4096, 128), cache=cache) == Schedule(
+        64, 64, 4, 3
+    )
     assert best_schedule(op.cascade, SM90, "bfloat16", Shape(2, 16, 1, 4096, 128), cache=cache) is None  # decode
 
 
 def test_files_are_json_with_format_metadata_and_every_measurement(tmp_path, key):
     cache = TuneCache(tmp_path)
     entry = _entry(Schedule(64, 64, 4, 3), 2.0)
-    entry["failed"] = [{"trial": 1, "schedule": dataclasses.asdict(Schedule(128, 128, 4, 5)), "kind": "compile error",
-                        "reason": "boom"}]
+    entry["failed"] = [
+        {
+            "trial": 1,
+            "schedule": dataclasses.asdict(Schedule(128, 128, 4, 5)),
+            "kind": "compile error",
+            "reason": "boom",
+        }
+    ]
     path = cache.put(key, Bucket.of(PREFILL, 16), entry)
     data = json.loads(path.read_text())
     assert data["kind"] == "einflash-autotune" and data["format"] == FORMAT and problem(data, key) is None
@@ -110,13 +124,17 @@ def test_one_study_written_by_two_workers_unites_their_trials():
     assert merge(a, _entry(Schedule(128, 64, 8, 3), 9.0, study="another"))["best"]["ms"] == 9.0
 
 
-@pytest.mark.parametrize("content, what", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"kind": "einflash-autotune", "format": 99}), "format version 99"),
-    (json.dumps([1, 2]), "not an einflash autotune file"),
-    ("BAD-SCHEDULE", "schedule field block_m must be a positive integer"),
-    ("OTHER-TRITON", "written for environment"),
-], ids=["not-json", "format", "not-ours", "schema", "mismatch"])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"kind": "einflash-autotune", "format": 99}), "format version 99"),
+        (json.dumps([1, 2]), "not an einflash autotune file"),
+        ("BAD-SCHEDULE", "schedule field block_m must be a positive integer"),
+        ("OTHER-TRITON", "written for environment"),
+    ],
+    ids=["not-json", "format", "not-ours", "schema", "mismatch"],
+)
 def test_a_bad_file_is_reported_once_and_skipped_then_moved_aside(tmp_path, key, content, what):
     cache = TuneCache(tmp_path)
     b = Bucket.of(PREFILL, 16)

@@ -23,8 +23,16 @@ TRIALS = 3  # per worker; the tiny causal problem has 8 schedules
 
 def _workers(storage: str, cache: pathlib.Path, n: int = 2) -> list[dict]:
     env = {**os.environ, "EINFLASH_CACHE_DIR": str(cache)}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), storage, str(TRIALS)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), storage, str(TRIALS)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=240)
@@ -36,8 +44,9 @@ def _workers(storage: str, cache: pathlib.Path, n: int = 2) -> list[dict]:
 def _check_shared_study(results: list[dict], storage) -> None:
     assert all(r["here"] == TRIALS for r in results)
     study = optuna.load_study(study_name=results[0]["study"], storage=storage)
-    measured = [t for t in study.trials if t.state is optuna.trial.TrialState.COMPLETE and "repeat_of" not in
-                t.user_attrs]
+    measured = [
+        t for t in study.trials if t.state is optuna.trial.TrialState.COMPLETE and "repeat_of" not in t.user_attrs
+    ]
     workers = {t.user_attrs["worker"] for t in measured}
     assert len(workers) == 2 and len(measured) == 2 * TRIALS  # both contributed to one study
     schedules = [json.dumps(t.user_attrs["schedule"], sort_keys=True) for t in measured]
@@ -72,8 +81,10 @@ def _install_postgres() -> str | None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return "PostgreSQL is not installed and this is not a root shell with apt-get to install it"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                                                 "postgresql"]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"],
+    ):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if run.returncode:
             return f"`{' '.join(cmd)}` failed: {run.stderr[-500:]}"
@@ -108,8 +119,17 @@ def postgres():
 
     try:
         pg("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
-        pg("pg_ctl", "-D", str(data), "-l", str(data / "server.log"), "-w",
-           "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+        pg(
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(data / "server.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         if (data / "postmaster.pid").exists():
@@ -123,5 +143,6 @@ def test_two_processes_tune_one_study_through_postgresql(tmp_path, postgres):
     results = _workers(postgres, tmp_path / "cache")
     assert time.monotonic() - t0 < 240
     _check_shared_study(results, optuna.storages.RDBStorage(postgres))
-    assert {r["cache"] for r in results} and json.loads(pathlib.Path(results[0]["cache"]).read_text())[
-        "entries"][results[0]["bucket"]]["storage"] == "rdb"
+    assert {r["cache"] for r in results} and json.loads(pathlib.Path(results[0]["cache"]).read_text())["entries"][
+        results[0]["bucket"]
+    ]["storage"] == "rdb"

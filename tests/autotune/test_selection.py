@@ -27,16 +27,21 @@ def ran(monkeypatch):
     """The schedules Forward.run was given, in order."""
     got = []
     real = forward_module.Forward.run
-    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest, **kw: got.append(s) or
-                        real(self, i, v, s, *rest, **kw))
+    monkeypatch.setattr(
+        forward_module.Forward,
+        "run",
+        lambda self, i, v, s, *rest, **kw: got.append(s) or real(self, i, v, s, *rest, **kw),
+    )
     return got
 
 
 def _store(op, args, schedule=TUNED):
     extents = bind_extents(op.forward.rewritten, dict(zip("qkv", args)), {})
-    TuneCache().put(CacheKey.of(op.cascade, INTERPRETER, args[0].dtype), Bucket.of(extents, args[1].shape[1]),
-                    {"study": "t", "best": {"schedule": dataclasses.asdict(schedule), "ms": 1.0}, "measured": [],
-                     "failed": []})
+    TuneCache().put(
+        CacheKey.of(op.cascade, INTERPRETER, args[0].dtype),
+        Bucket.of(extents, args[1].shape[1]),
+        {"study": "t", "best": {"schedule": dataclasses.asdict(schedule), "ms": 1.0}, "measured": [], "failed": []},
+    )
     selection.forget()
     return extents
 

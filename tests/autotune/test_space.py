@@ -33,8 +33,15 @@ def test_forward_space_is_the_targets_with_the_default_and_prunes_what_cannot_fi
     smem = buffer_needs(op.forward.rewritten).smem
     for p in s.pruned:
         if p.kind == "shared memory":
-            need = smem.subs({BM: p.schedule.block_m, BN: p.schedule.block_n, STAGES: p.schedule.num_stages,
-                              ELEM: 2, **{x: 128 for x in smem.free_symbols if x.name in ("E", "F")}})
+            need = smem.subs(
+                {
+                    BM: p.schedule.block_m,
+                    BN: p.schedule.block_n,
+                    STAGES: p.schedule.num_stages,
+                    ELEM: 2,
+                    **{x: 128 for x in smem.free_symbols if x.name in ("E", "F")},
+                }
+            )
             assert need > SM90.smem_per_block and p.schedule.num_stages >= 2
             assert s.why_pruned(p.schedule).startswith("shared memory: input tiles need")
         if p.kind == "registers":  # 4·BM·(BN + F + 1) fp32 bytes over 32·warps threads
@@ -58,8 +65,9 @@ def test_decode_space_splits_and_packs_and_drops_tiles_taller_than_the_rows():
     assert knobs["pack"] == (True,)  # 4 query heads per kv head, packed into one program's rows
     assert knobs["block_m"] == (16,)  # 4 rows a program: 32 and 64 rows repeat 16's work
     assert s.pruned_counts()["redundant"] == 2 * len(s.feasible + s.pruned)
-    assert s.size == len(SM90.decode.space.block_m) * len(SM90.decode.space.block_n) * \
-        len(SM90.decode.space.num_warps) * len(SM90.decode.space.num_stages) * (len(SM90.decode.space.splits) + 1)
+    assert s.size == len(SM90.decode.space.block_m) * len(SM90.decode.space.block_n) * len(
+        SM90.decode.space.num_warps
+    ) * len(SM90.decode.space.num_stages) * (len(SM90.decode.space.splits) + 1)
 
 
 def test_more_splits_than_key_tiles_are_redundant():
@@ -69,8 +77,7 @@ def test_more_splits_than_key_tiles_are_redundant():
 
 
 def test_interpreter_prunes_nothing_for_resources():
-    s = search_space(example("causal").forward, get_target("interpreter"), dict(b=1, h=2, m=40, n=40, e=16, f=16),
-                     2, 4)
+    s = search_space(example("causal").forward, get_target("interpreter"), dict(b=1, h=2, m=40, n=40, e=16, f=16), 2, 4)
     assert s.pruned_counts() == {} and len(s.feasible) == s.size == 8
 
 
@@ -89,8 +96,17 @@ def test_shared_memory_formula_is_a_lower_bound_of_what_triton_allocates():
     for sch in (Schedule(128, 64, 8, 3), Schedule(64, 128, 4, 2)):
         (launch,) = captured("softmax", dims, 128, lambda extents, kv: sch)
         kernel = compile_launch(launch, SM90)
-        formula = int(smem.subs({BM: sch.block_m, BN: sch.block_n, STAGES: sch.num_stages, ELEM: 2,
-                                 **{x: 128 for x in smem.free_symbols if x.name in ("E", "F")}}))
+        formula = int(
+            smem.subs(
+                {
+                    BM: sch.block_m,
+                    BN: sch.block_n,
+                    STAGES: sch.num_stages,
+                    ELEM: 2,
+                    **{x: 128 for x in smem.free_symbols if x.name in ("E", "F")},
+                }
+            )
+        )
         assert formula <= kernel.shared_bytes <= formula + 4096, (sch, formula, kernel.shared_bytes)
 
 
@@ -98,8 +114,12 @@ def test_shared_memory_formula_is_a_lower_bound_of_what_triton_allocates():
 def test_a_schedule_pruned_for_registers_does_spill():
     s = search_space(example("softmax").forward, SM90, PREFILL, 16, 2)
     sch = next(p.schedule for p in s.pruned if p.kind == "registers")
-    (launch,) = captured("softmax", {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}, 128,
-                         lambda extents, kv: dataclasses.replace(sch))
+    (launch,) = captured(
+        "softmax",
+        {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096},
+        128,
+        lambda extents, kv: dataclasses.replace(sch),
+    )
     assert compile_launch(launch, SM90).spill_bytes > 0
 
 

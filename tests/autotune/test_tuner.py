@@ -40,8 +40,9 @@ def test_the_fastest_schedule_that_passes_wins_and_is_cached(cache_dir):
     assert r.best == min(r.space.feasible, key=fake_ms) and r.best.reverse_m  # causal: heavy tiles first
     assert r.best_ms == fake_ms(r.best) and r.default_ms == fake_ms(r.default) and r.speedup > 1
     assert len(r.measured) == len(timer.timed) == 8 and r.here == 8 and not r.failed
-    assert r.measured[0]["warm_start"] == "heuristic default" and r.measured[0]["schedule"] == \
-        dataclasses.asdict(r.default)
+    assert r.measured[0]["warm_start"] == "heuristic default" and r.measured[0]["schedule"] == dataclasses.asdict(
+        r.default
+    )
     assert all(m["max_error"] <= m["tolerance"] for m in r.measured)
     entry = TuneCache().entries(r.key)[r.bucket.label]
     assert entry["best"]["ms"] == r.best_ms and len(entry["measured"]) == 8
@@ -54,8 +55,11 @@ def test_later_calls_of_the_shape_run_the_winner(cache_dir, monkeypatch):
     r = _tune(op, args, budget=Budget(trials=20))
     ran = []
     real = forward_module.Forward.run
-    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest, **kw: ran.append(s) or
-                        real(self, i, v, s, *rest, **kw))
+    monkeypatch.setattr(
+        forward_module.Forward,
+        "run",
+        lambda self, i, v, s, *rest, **kw: ran.append(s) or real(self, i, v, s, *rest, **kw),
+    )
     op(*args)
     op(*qkv(M=33, N=50))  # another shape of the same bucket
     assert ran == [r.best, r.best]
@@ -125,20 +129,27 @@ def test_budget_in_trials_and_in_seconds(cache_dir):
 def test_schedules_the_buffer_analysis_rules_out_are_pruned_trials_that_cost_no_compile(cache_dir, monkeypatch):
     """A made-up target with a tiny shared memory: half its space cannot fit; the sampler never runs those."""
     space = SearchSpace(block_m=(16, 32), block_n=(16, 32, 64), num_warps=(4,), num_stages=(1, 2, 3))
-    target = dataclasses.replace(INTERPRETER, smem_per_block=12_000,
-                                 forward=Tuning(((256, TileConfig(16, 16, 4, 1)),), space))
+    target = dataclasses.replace(
+        INTERPRETER, smem_per_block=12_000, forward=Tuning(((256, TileConfig(16, 16, 4, 1)),), space)
+    )
     ran = []
     real = forward_module.Forward.run
-    monkeypatch.setattr(forward_module.Forward, "run", lambda self, i, v, s, *rest, **kw: ran.append(s) or
-                        real(self, i, v, s, *rest, **kw))
+    monkeypatch.setattr(
+        forward_module.Forward,
+        "run",
+        lambda self, i, v, s, *rest, **kw: ran.append(s) or real(self, i, v, s, *rest, **kw),
+    )
     r = _tune(example("softmax"), qkv(), target=target, budget=Budget(trials=6), sampler="tpe")
     assert r.space.pruned_counts()["shared memory"] > 0
     pruned = {p.schedule for p in r.space.pruned}
     assert not pruned & set(ran) and r.here == 6
     states = [t.state for t in _study(r).trials]
     assert optuna.trial.TrialState.PRUNED in states
-    assert all(t.user_attrs["pruned"].startswith("shared memory") for t in _study(r).trials
-               if t.state is optuna.trial.TrialState.PRUNED)
+    assert all(
+        t.user_attrs["pruned"].startswith("shared memory")
+        for t in _study(r).trials
+        if t.state is optuna.trial.TrialState.PRUNED
+    )
 
 
 def test_a_repeated_draw_reuses_its_result(cache_dir):
@@ -162,9 +173,16 @@ def test_warm_start_from_the_nearest_cached_shape(cache_dir):
     extents = bind_extents(op.forward.rewritten, dict(zip("qkv", qkv(M=100, N=100))), {})
     near = Bucket.of(extents, 2)
     winner = Schedule(32, 32, 4, 1, reverse_m=True)
-    TuneCache().put(CacheKey.of(op.cascade, INTERPRETER, torch.float32), near,
-                    {"study": "elsewhere", "best": {"schedule": dataclasses.asdict(winner), "ms": 1.0},
-                     "measured": [], "failed": []})
+    TuneCache().put(
+        CacheKey.of(op.cascade, INTERPRETER, torch.float32),
+        near,
+        {
+            "study": "elsewhere",
+            "best": {"schedule": dataclasses.asdict(winner), "ms": 1.0},
+            "measured": [],
+            "failed": [],
+        },
+    )
     r = _tune(op, qkv(), budget=Budget(trials=2), sampler="tpe")
     first, second = r.measured[:2]
     assert first["warm_start"] == "heuristic default"

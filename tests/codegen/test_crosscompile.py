@@ -15,7 +15,7 @@ from einflash.errors import BackendError, OutOfResourcesError
 # A real kernel file, as einflash's generated kernels are (Triton reads kernel source from files):
 # one-pass softmax attention over one head, N a multiple of BLOCK_N. Same shape as the forward
 # template: the q tile is held, k/v tiles are streamed, with a running max and sum per row.
-TOY_ATTENTION = '''
+TOY_ATTENTION = """
 import triton
 import triton.language as tl
 
@@ -46,10 +46,18 @@ def toy_attention(Q, K, V, O, N, stride_m, stride_n, qk_scale,
         acc = tl.dot(p.to(tl.float16), v, acc * alpha[:, None])
         m_i = m_new
     tl.store(O + offs_m[:, None] * stride_m + offs_d[None, :], (acc / l_i[:, None]).to(tl.float16))
-'''
+"""
 
-SIGNATURE = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "O": "*fp16", "N": "i32", "stride_m": "i32",
-             "stride_n": "i32", "qk_scale": "fp32"}
+SIGNATURE = {
+    "Q": "*fp16",
+    "K": "*fp16",
+    "V": "*fp16",
+    "O": "*fp16",
+    "N": "i32",
+    "stride_m": "i32",
+    "stride_n": "i32",
+    "qk_scale": "fp32",
+}
 # Contiguous [rows, D] tensors with D >= 16: row strides are multiples of 16, as the launcher would see.
 ALIGNED = ("Q", "K", "V", "O", "stride_m", "stride_n")
 
@@ -116,8 +124,14 @@ def test_interpreter_target_has_nothing_to_compile_for(toy):
 
 def test_missing_argument_type_is_reported(toy):
     with pytest.raises(TypeError, match="qk_scale"):
-        compile_for_target(toy, {k: v for k, v in SIGNATURE.items() if k != "qk_scale"},
-                           {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "NUM_STAGES": 1}, get_target("sm90"), 4, 1)
+        compile_for_target(
+            toy,
+            {k: v for k, v in SIGNATURE.items() if k != "qk_scale"},
+            {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "NUM_STAGES": 1},
+            get_target("sm90"),
+            4,
+            1,
+        )
 
 
 def test_interpreter_mode_compiles_in_a_child_process_to_the_same_code(toy, toy_file, monkeypatch):
@@ -137,7 +151,19 @@ def test_toy_attention_is_attention(toy):
     n, d, block = 64, 16, 16
     q, k, v = (torch.randn(n, d, dtype=torch.float16, device=device) for _ in range(3))
     o = torch.empty_like(q)
-    toy[(n // block,)](q, k, v, o, n, q.stride(0), k.stride(0), d ** -0.5 * math.log2(math.e),
-                       BLOCK_M=block, BLOCK_N=block, D=d, NUM_STAGES=1)
-    expected = torch.softmax(q.double() @ k.double().T * d ** -0.5, dim=1) @ v.double()
+    toy[(n // block,)](
+        q,
+        k,
+        v,
+        o,
+        n,
+        q.stride(0),
+        k.stride(0),
+        d**-0.5 * math.log2(math.e),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        D=d,
+        NUM_STAGES=1,
+    )
+    expected = torch.softmax(q.double() @ k.double().T * d**-0.5, dim=1) @ v.double()
     torch.testing.assert_close(o.double(), expected, atol=2e-3, rtol=0)

@@ -54,8 +54,9 @@ def compiled() -> dict[tuple, tuple[CompileJob, CompiledKernel]]:
     for d in HEAD_DIMS:
         for name in FORWARD:
             (launches[("forward", name, d)],) = captured(name, PREFILL, d, _prefill_schedule)
-        launches[("split", DECODE, d)], launches[("combine", DECODE, d)] = captured(DECODE, DECODING, d,
-                                                                                  _decode_schedule)
+        launches[("split", DECODE, d)], launches[("combine", DECODE, d)] = captured(
+            DECODE, DECODING, d, _decode_schedule
+        )
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         kernels = dict(zip(launches, pool.map(_compile, launches.values())))
     return {key: (launches[key], kernels[key]) for key in launches}

@@ -32,8 +32,11 @@ def _captured(name: str, head_dim: int, one_launch: bool) -> dict:
     op = getattr(load_example(name), name)
     B, Hq, Hkv, M, N = (SHAPE[k] for k in ("B", "Hq", "Hkv", "M", "N"))
     meta = {"dtype": torch.bfloat16, "device": "meta"}
-    inputs = {"q": torch.empty(B, Hq, M, head_dim, **meta), "k": torch.empty(B, Hkv, N, head_dim, **meta),
-              "v": torch.empty(B, Hkv, N, head_dim, **meta)}
+    inputs = {
+        "q": torch.empty(B, Hq, M, head_dim, **meta),
+        "k": torch.empty(B, Hkv, N, head_dim, **meta),
+        "v": torch.empty(B, Hkv, N, head_dim, **meta),
+    }
     if name == "alibi":
         inputs["slope"] = torch.empty(Hq, dtype=torch.float32, device="meta")
     c = op.forward.rewritten
@@ -42,8 +45,14 @@ def _captured(name: str, head_dim: int, one_launch: bool) -> dict:
     cfg = SM90.forward.default(head_dim)
     jobs: list = []
     record = lambda src, call: jobs.append(_job(src, call))  # noqa: E731
-    out, states = op.forward.run(inputs, values, Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages),
-                                 extents, saved=op.backward.saved, launcher=record)
+    out, states = op.forward.run(
+        inputs,
+        values,
+        Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages),
+        extents,
+        saved=op.backward.saved,
+        launcher=record,
+    )
     schedule = replace(default_backward_schedule(extents, SM90), one_launch=one_launch)
     op.backward.run(inputs, values, out, states, torch.empty_like(out), schedule, extents, launcher=record)
     return dict(zip(("forward", "rows", "one") if one_launch else ("forward", "rows", "kv", "q"), jobs))
@@ -51,8 +60,13 @@ def _captured(name: str, head_dim: int, one_launch: bool) -> dict:
 
 @pytest.fixture(scope="session")
 def compiled() -> dict:
-    launches = {(name, d, kind): job for name in VARIANTS for d in HEAD_DIMS for one in (False, True)
-                for kind, job in _captured(name, d, one).items()}
+    launches = {
+        (name, d, kind): job
+        for name in VARIANTS
+        for d in HEAD_DIMS
+        for one in (False, True)
+        for kind, job in _captured(name, d, one).items()
+    }
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         kernels = dict(zip(launches, pool.map(lambda job: compile_launch(job, SM90), launches.values())))
     return {key: (launches[key], kernels[key]) for key in launches}
@@ -63,11 +77,21 @@ def compiled() -> dict:
 # backward measured on an H200 all the same (benchmarks/results/h200_2026-12-02_bwd_ab; the kept dk and dv
 # accumulators fill the registers). The one-launch kernel holds the dK/dV kernel's code, and spills as it does.
 # The table keeps any growth visible.
-KNOWN_SPILLS = {("alibi", 64, "kv"): 40, ("softcap", 64, "kv"): 56,
-                ("causal", 128, "kv"): 344, ("alibi", 128, "kv"): 336, ("softcap", 128, "kv"): 368,
-                ("causal", 128, "q"): 40, ("alibi", 128, "q"): 32,
-                ("causal", 64, "one"): 64, ("alibi", 64, "one"): 96, ("softcap", 64, "one"): 32,
-                ("causal", 128, "one"): 432, ("alibi", 128, "one"): 328, ("softcap", 128, "one"): 320}
+KNOWN_SPILLS = {
+    ("alibi", 64, "kv"): 40,
+    ("softcap", 64, "kv"): 56,
+    ("causal", 128, "kv"): 344,
+    ("alibi", 128, "kv"): 336,
+    ("softcap", 128, "kv"): 368,
+    ("causal", 128, "q"): 40,
+    ("alibi", 128, "q"): 32,
+    ("causal", 64, "one"): 64,
+    ("alibi", 64, "one"): 96,
+    ("softcap", 64, "one"): 32,
+    ("causal", 128, "one"): 432,
+    ("alibi", 128, "one"): 328,
+    ("softcap", 128, "one"): 320,
+}
 
 
 @pytest.mark.parametrize("kind", ["forward", "rows", "kv", "q", "one"])
@@ -75,8 +99,15 @@ KNOWN_SPILLS = {("alibi", 64, "kv"): 40, ("softcap", 64, "kv"): 56,
 @pytest.mark.parametrize("name", VARIANTS)
 def test_training_kernels_compile_with_the_default_config(compiled, name, head_dim, kind):
     _, kernel = compiled[(name, head_dim, kind)]
-    assert kernel.name.startswith({"forward": "attn_fwd__", "rows": "attn_bwd_rows__", "kv": "attn_bwd_kv__",
-                                   "q": "attn_bwd_q__", "one": "attn_bwd__"}[kind])
+    assert kernel.name.startswith(
+        {
+            "forward": "attn_fwd__",
+            "rows": "attn_bwd_rows__",
+            "kv": "attn_bwd_kv__",
+            "q": "attn_bwd_q__",
+            "one": "attn_bwd__",
+        }[kind]
+    )
     assert 0 < kernel.cubin_bytes and kernel.shared_bytes <= SM90.smem_per_block, kernel
     if kind in ("kv", "q", "one"):
         schedule = default_backward_schedule({"e": head_dim, "f": head_dim}, SM90)

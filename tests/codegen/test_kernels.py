@@ -29,21 +29,50 @@ from einflash.testing import check
 
 # Masked lanes compute -inf - -inf (then discard it), and the interpreter indexes with 1-element
 # arrays: numpy, which it runs on, warns about both.
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
 
 F32, F16 = torch.float32, torch.float16
-LOWERABLE = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
-             "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
-             "top_theta", "causal_linear", "gla", "mla_decode", "logsumexp_reducer")
+LOWERABLE = (
+    "softmax",
+    "causal",
+    "sliding_window",
+    "prefix_lm",
+    "sink_window",
+    "document_mask",
+    "gqa",
+    "alibi",
+    "relative_bias",
+    "lowrank_bias",
+    "softcap",
+    "sigmoid",
+    "signed_softmax",
+    "differential",
+    "head_gate",
+    "top_theta",
+    "causal_linear",
+    "gla",
+    "mla_decode",
+    "logsumexp_reducer",
+)
 # Each not-yet-lowerable example with the reason its LoweringError must give.
-UNLOWERABLE = {"post_norm_threshold": "needs 2 passes over n", "moba": "needs [0-9]+ passes over n",
-               "linear": "does not depend on the query rank m", "agent": "does not depend on the query rank m",
-               "multi_token": "needs [0-9]+ passes over n|reads intermediates only at their own coordinates"}
+UNLOWERABLE = {
+    "post_norm_threshold": "needs 2 passes over n",
+    "moba": "needs [0-9]+ passes over n",
+    "linear": "does not depend on the query rank m",
+    "agent": "does not depend on the query rank m",
+    "multi_token": "needs [0-9]+ passes over n|reads intermediates only at their own coordinates",
+}
 # Parameters that make the masks and the cap bite at these small sizes.
-TUNED = {"sliding_window": {"window": 7}, "prefix_lm": {"prefix": 5}, "sink_window": {"window": 6, "sinks": 3},
-         "softcap": {"cap": 1.5}}
+TUNED = {
+    "sliding_window": {"window": 7},
+    "prefix_lm": {"prefix": 5},
+    "sink_window": {"window": 6, "sinks": 3},
+    "softcap": {"cap": 1.5},
+}
 # Odd lengths, M ≠ N, E padded to 32; Hq = 2·Hkv unless the example names its HEADS.
 SHAPE = ef.Shape(B=1, Hq=2, M=37, N=45, E=24, F=16, Hkv=1)
 SQUARE = {"gla"}  # gates are read at query and key positions alike: M = N
@@ -67,9 +96,11 @@ def _inputs(name: str, shape: ef.Shape, dtype: torch.dtype) -> dict[str, torch.T
     heads = getattr(mod, "HEADS", None)
     if heads is not None:
         shape = dataclasses.replace(shape, Hq=heads[0], Hkv=heads[1])
-    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E),
-            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E),
-            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F)}
+    made = {
+        "q": torch.randn(shape.B, shape.Hq, shape.M, shape.E),
+        "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E),
+        "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F),
+    }
     if hasattr(mod, "extra_inputs"):
         made.update(mod.extra_inputs(shape))
     out = {}
@@ -142,8 +173,9 @@ def test_unlowerable_example_says_why_and_reference_backend_runs(name):
 # -- edge cases ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("E, F", [(16, 16), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256),
-                                  (40, 24), (24, 96)])
+@pytest.mark.parametrize(
+    "E, F", [(16, 16), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (40, 24), (24, 96)]
+)
 def test_head_dims_padded_or_not(E, F):
     op = _op("causal")
     args = _qkv(1, 2, 1, 33, 29, E, F, dtype=F16)
@@ -199,9 +231,11 @@ def test_non_contiguous_inputs_give_the_same_bits(name):
     B, H, M, N, E = 2, 2, 21, 34, 16
     inputs = _inputs(name, dataclasses.replace(SHAPE, B=B, Hq=H, Hkv=H, M=M, N=N, E=E, F=E), F32)
     q, k, v = inputs.pop("q"), inputs.pop("k"), inputs.pop("v")
-    strided = {"q": q.transpose(1, 2).contiguous().transpose(1, 2),  # [B, M, H, E] memory, as many models keep it
-               "k": torch.cat([k, torch.randn_like(k)], -1)[..., :E],  # a slice of a wider buffer
-               "v": v.transpose(2, 3).contiguous().transpose(2, 3)}  # feature stride N, key stride 1
+    strided = {
+        "q": q.transpose(1, 2).contiguous().transpose(1, 2),  # [B, M, H, E] memory, as many models keep it
+        "k": torch.cat([k, torch.randn_like(k)], -1)[..., :E],  # a slice of a wider buffer
+        "v": v.transpose(2, 3).contiguous().transpose(2, 3),
+    }  # feature stride N, key stride 1
     assert not any(x.is_contiguous() for x in strided.values())
     if "slope" in inputs:
         inputs["slope"] = torch.stack([inputs["slope"], inputs["slope"]], -1)[:, 0]
@@ -322,8 +356,13 @@ def test_call_runs_the_schedule_it_was_given(grad):
 
 # -- visited key tiles --------------------------------------------------------------------
 
-VISIT_PARAMS = {"causal": {}, "sliding_window": {"window": 20}, "prefix_lm": {"prefix": 21},
-                "sink_window": {"window": 12, "sinks": 5}, "bottom_right": {}}
+VISIT_PARAMS = {
+    "causal": {},
+    "sliding_window": {"window": 20},
+    "prefix_lm": {"prefix": 21},
+    "sink_window": {"window": 12, "sinks": 5},
+    "bottom_right": {},
+}
 # (M, N, BM, BN): lengths not multiples of the tiles, BM ≠ BN, both M > N and M < N.
 VISIT_SIZES = [(37, 45, 16, 32), (45, 37, 32, 16), (100, 77, 16, 32), (77, 100, 32, 16)]
 
@@ -331,17 +370,18 @@ VISIT_SIZES = [(37, 45, 16, 32), (45, 37, 32, 16), (100, 77, 16, 32), (77, 100, 
 def _brute_mask(name: str, M: int, N: int, params: dict) -> torch.Tensor:
     """The [M, N] mask, written here from the examples' docstrings (independent of einflash)."""
     m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
-    return {"causal": lambda: n <= m,
-            "bottom_right": lambda: n <= m + (N - M),
-            "sliding_window": lambda: (n <= m) & (m - n < params.get("window", 0)),
-            "prefix_lm": lambda: (n <= m) | (n < params.get("prefix", 0)),
-            "sink_window": lambda: (n <= m) & ((m - n < params.get("window", 0)) | (n < params.get("sinks", 0))),
-            }[name]().expand(M, N)
+    return {
+        "causal": lambda: n <= m,
+        "bottom_right": lambda: n <= m + (N - M),
+        "sliding_window": lambda: (n <= m) & (m - n < params.get("window", 0)),
+        "prefix_lm": lambda: (n <= m) | (n < params.get("prefix", 0)),
+        "sink_window": lambda: (n <= m) & ((m - n < params.get("window", 0)) | (n < params.get("sinks", 0))),
+    }[name]().expand(M, N)
 
 
 def _brute_counts(mask: torch.Tensor, row_tiles: list[slice], BN: int) -> list[int]:
     """Per query tile (a slice of rows), the key tiles of width BN holding at least one visible pair."""
-    return [sum(bool(mask[rows, j:j + BN].any()) for j in range(0, mask.shape[1], BN)) for rows in row_tiles]
+    return [sum(bool(mask[rows, j : j + BN].any()) for j in range(0, mask.shape[1], BN)) for rows in row_tiles]
 
 
 def _counting_run(op, inputs, params, schedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,10 +469,11 @@ def test_jagged_batch_matches_each_sequence_alone(name, schedule):
     assert out.shape == (1, 4, args[0].shape[2], 16)
     _assert_matches_reference(op, out, *args, **offsets, **extra)
     q, k, v = args
-    for (q0, k0), (m, n) in zip(zip(offsets["cu_seqlens_q"].tolist(), offsets["cu_seqlens_k"].tolist()),
-                                JAGGED_LENGTHS):
-        alone = op(q[:, :, q0:q0 + m], k[:, :, k0:k0 + n], v[:, :, k0:k0 + n], **extra, schedule=schedule)
-        assert torch.equal(out[:, :, q0:q0 + m], alone)
+    for (q0, k0), (m, n) in zip(
+        zip(offsets["cu_seqlens_q"].tolist(), offsets["cu_seqlens_k"].tolist()), JAGGED_LENGTHS
+    ):
+        alone = op(q[:, :, q0 : q0 + m], k[:, :, k0 : k0 + n], v[:, :, k0 : k0 + n], **extra, schedule=schedule)
+        assert torch.equal(out[:, :, q0 : q0 + m], alone)
     assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
 
 
@@ -455,8 +496,11 @@ def test_jagged_batch_refuses_what_it_cannot_do():
 # -- key tiles listed at run time ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(8, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)],
-                         ids=["16x16", "8x16", "split-packed"])
+@pytest.mark.parametrize(
+    "schedule",
+    [Schedule(16, 16, 4, 1), Schedule(8, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)],
+    ids=["16x16", "8x16", "split-packed"],
+)
 def test_document_mask_visits_only_its_listed_tiles(schedule):
     """Documents of 16 tokens: the kernel visits exactly the non-empty tiles of the materialised mask,
     fewer than causal alone would, and matches the reference."""

@@ -16,10 +16,14 @@ def test_specialisation_tells_apart_what_the_jit_compiles_for():
     assert specialisation(src, {**base, "q_ptr": torch.empty(64)}) == key  # another aligned tensor
     assert specialisation(src, {**base, "n": 228}) == key  # another integer of the same kind
     assert specialisation(src, {**base, "scale": 0.5}) == key  # floats are runtime fp32 values
-    differ = [{"q_ptr": torch.empty(65)[1:]},  # 4-byte offset: not 16-byte aligned
-              {"q_ptr": torch.empty(64, dtype=torch.float16)},
-              {"stride": 1}, {"stride": 48 + 1}, {"n": 2**31},  # one, not a multiple of 16, 64 bits
-              {"BLOCK_M": 128}]  # a compile-time constant
+    differ = [
+        {"q_ptr": torch.empty(65)[1:]},  # 4-byte offset: not 16-byte aligned
+        {"q_ptr": torch.empty(64, dtype=torch.float16)},
+        {"stride": 1},
+        {"stride": 48 + 1},
+        {"n": 2**31},  # one, not a multiple of 16, 64 bits
+        {"BLOCK_M": 128},
+    ]  # a compile-time constant
     for change in differ:
         assert specialisation(src, {**base, **change}) != key, change
 
@@ -39,6 +43,10 @@ def test_repeated_launches_skip_the_jit_and_stay_right():
     op(q, k, v)
     before = len(launch._COMPILED)
     assert before > 0
-    for args in ((q, k, v), (q.clone(), k.clone(), v.clone()), (torch.randn(2, 4, 300, 72, device="cuda", dtype=torch.bfloat16)[..., :64], k, v)):
+    for args in (
+        (q, k, v),
+        (q.clone(), k.clone(), v.clone()),
+        (torch.randn(2, 4, 300, 72, device="cuda", dtype=torch.bfloat16)[..., :64], k, v),
+    ):
         assert check(op, op(*args), *args).ok
     assert len(launch._COMPILED) > before  # rows 72 apart (not a multiple of 16): compiled once more

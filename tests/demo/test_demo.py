@@ -14,8 +14,20 @@ import einflash as ef
 from einflash import demo
 
 TINY = ef.Shape(1, 1, 16, 16, 16, 16, 1)
-KEYS = {"name", "passes_as_written", "passes", "backend", "max_error", "tolerance", "ok", "ms", "reason", "grad_ok",
-        "grad_max_error", "grad_reason"}
+KEYS = {
+    "name",
+    "passes_as_written",
+    "passes",
+    "backend",
+    "max_error",
+    "tolerance",
+    "ok",
+    "ms",
+    "reason",
+    "grad_ok",
+    "grad_max_error",
+    "grad_reason",
+}
 
 FILES = {
     "sigmoid": """
@@ -59,10 +71,12 @@ FILES = {
 @pytest.fixture
 def catalogue(tmp_path):
     """A directory holding the named variant files."""
+
     def make(*names):
         for name in names:
             (tmp_path / f"{name}.py").write_text(textwrap.dedent(FILES[name]))
         return tmp_path
+
     return make
 
 
@@ -94,8 +108,10 @@ def test_a_step_that_raises_ends_the_row_with_its_reason(catalogue, monkeypatch,
 
     def step(name, fn, progress):
         if name == failing:
+
             def fn():
                 raise RuntimeError(f"injected in {name}")
+
         return real(name, fn, progress)
 
     monkeypatch.setattr(demo, "_step", step)
@@ -127,9 +143,14 @@ def test_after_running_out_of_memory_the_memory_is_given_back_and_the_next_varia
 
 
 def test_the_summary_counts_each_kind_of_row():
-    rows = [{"name": "a", "status": "ok", "grad_ok": True}, {"name": "b", "status": "ok", "grad_ok": None},
-            {"name": "c", "status": "ok", "grad_ok": None}, {"name": "d", "status": "not lowered", "grad_ok": None},
-            {"name": "e", "status": "failed"}, {"name": "f", "status": "failed"}]
+    rows = [
+        {"name": "a", "status": "ok", "grad_ok": True},
+        {"name": "b", "status": "ok", "grad_ok": None},
+        {"name": "c", "status": "ok", "grad_ok": None},
+        {"name": "d", "status": "not lowered", "grad_ok": None},
+        {"name": "e", "status": "failed"},
+        {"name": "f", "status": "failed"},
+    ]
     line = demo.summary(rows)
     assert line.startswith("3 of 6 variants ok (output and gradients within tolerance; 2 of them have no backward")
     assert "1 not lowered (no kernel yet: not a failure)" in line and line.endswith("out of tolerance: e, f)")
@@ -140,8 +161,10 @@ def test_the_command_streams_rows_then_the_summary_and_fails_when_a_variant_fail
     assert demo.main(path, shape=TINY) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == demo.HEADER and [line.split()[0] for line in lines[1:3]] == ["broken", "two_pass"]
-    assert lines[3] == ("0 of 2 variants ok (output and gradients within tolerance), 1 not lowered (no kernel yet: "
-                        "not a failure), 1 failed (a step raised or a result is out of tolerance: broken)")
+    assert lines[3] == (
+        "0 of 2 variants ok (output and gradients within tolerance), 1 not lowered (no kernel yet: "
+        "not a failure), 1 failed (a step raised or a result is out of tolerance: broken)"
+    )
 
 
 def test_json_records_keep_their_keys_and_a_passing_catalogue_exits_0(catalogue, capsys):

@@ -9,8 +9,9 @@ from einflash.fuzz import Program, check, programs
 EXAMPLES = 100  # about three minutes on two cores
 
 
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(programs())
 def test_every_declaration_is_right_or_refused(program: Program):
     check(program)

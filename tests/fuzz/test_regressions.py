@@ -20,8 +20,11 @@ def _masked(predicate):
 
 def _qkv(M=13, N=21, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 2, M, D, generator=g), torch.randn(1, 2, N, D, generator=g), torch.randn(1, 2, N, D,
-                                                                                                   generator=g)
+    return (
+        torch.randn(1, 2, M, D, generator=g),
+        torch.randn(1, 2, N, D, generator=g),
+        torch.randn(1, 2, N, D, generator=g),
+    )
 
 
 MASKS = {
@@ -47,6 +50,7 @@ def test_masks_the_kernel_computes_right(name):
 
 def test_a_softmax_over_the_query_rank_is_refused():
     """It was normalised within each query tile (errors up to 2.9 once M exceeds a tile)."""
+
     @ef.attention
     def slots(q, k, v):
         return ef.softmax(q @ k * ef.scale, "m") @ v
@@ -58,6 +62,7 @@ def test_a_softmax_over_the_query_rank_is_refused():
 
 def test_division_by_a_written_zero_is_refused_at_its_line():
     with pytest.raises(DeclarationError, match=r"test_regressions.py:\d+: // by 0"):
+
         @ef.attention
         def by_zero(q, k, v):
             return ef.softmax(ef.mask(q @ k, ef.m // 0 == 1), "n") @ v

@@ -13,12 +13,35 @@ import einflash as ef
 from einflash.ir.cascade import Layout
 
 # The one-pass catalogue variants (the examples whose forward lowers; test_the_list_is_the_lowerable_catalogue).
-ONE_PASS = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
-            "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
-            "top_theta", "causal_linear", "gla", "mla_decode", "logsumexp_reducer")
+ONE_PASS = (
+    "softmax",
+    "causal",
+    "sliding_window",
+    "prefix_lm",
+    "sink_window",
+    "document_mask",
+    "gqa",
+    "alibi",
+    "relative_bias",
+    "lowrank_bias",
+    "softcap",
+    "sigmoid",
+    "signed_softmax",
+    "differential",
+    "head_gate",
+    "top_theta",
+    "causal_linear",
+    "gla",
+    "mla_decode",
+    "logsumexp_reducer",
+)
 # Parameters that make the masks and the cap bite at small sizes.
-TUNED = {"sliding_window": {"window": 7}, "prefix_lm": {"prefix": 5}, "sink_window": {"window": 6, "sinks": 3},
-         "softcap": {"cap": 1.5}}
+TUNED = {
+    "sliding_window": {"window": 7},
+    "prefix_lm": {"prefix": 5},
+    "sink_window": {"window": 6, "sinks": 3},
+    "softcap": {"cap": 1.5},
+}
 FEWER_HEADS = {"mla_decode": (4, 1)}  # its 16 query heads share one kv head; 4 keep interpreted tests quick
 SQUARE = {"gla"}  # its gates are read at query and key positions alike: M = N
 # Not every row sees a key: (name, M, N, params).
@@ -53,9 +76,12 @@ def inputs(name: str, shape: ef.Shape, dtype: torch.dtype, seed: int = 0) -> dic
         shape = dataclasses.replace(shape, Hq=heads[0], Hkv=heads[1])
     if name in SQUARE:
         shape = dataclasses.replace(shape, N=shape.M)
-    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E),
-            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E),
-            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F), "cap": torch.tensor(1.5)}
+    made = {
+        "q": torch.randn(shape.B, shape.Hq, shape.M, shape.E),
+        "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E),
+        "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F),
+        "cap": torch.tensor(1.5),
+    }
     if hasattr(mod, "extra_inputs"):
         made.update(mod.extra_inputs(shape))
     out = {}

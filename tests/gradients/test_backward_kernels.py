@@ -23,10 +23,12 @@ from einflash.errors import ParameterError
 from einflash.ir.reference import bind_extents, bind_params
 from einflash.testing import check_gradients
 
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
 
 F32, F16, F64 = torch.float32, torch.float16, torch.float64
 SHAPE = ef.Shape(B=1, Hq=2, M=37, N=45, E=24, F=16, Hkv=1)  # odd lengths, M ≠ N, E padded to 32
@@ -113,8 +115,10 @@ def test_atomic_dq_schedule_matches(name):
             torch.testing.assert_close(g, separate[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, Hq, Hkv", [("softmax", 2, 1), ("alibi", 4, 2), ("causal", 4, 1),
-                                         ("document_mask", 2, 1), ("lowrank_bias", 2, 1)])
+@pytest.mark.parametrize(
+    "name, Hq, Hkv",
+    [("softmax", 2, 1), ("alibi", 4, 2), ("causal", 4, 1), ("document_mask", 2, 1), ("lowrank_bias", 2, 1)],
+)
 def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
     """dK/dV and dQ programs in one launch (GQA groups, run-time tile lists of a document mask, per-head and
     key-side partials): one kernel launched where two were, every gradient bit for bit."""
@@ -132,8 +136,10 @@ def test_one_launch_gives_the_two_launches_bits(name, Hq, Hkv):
         def launcher(src, call):
             kernels.append(src.name.split("__")[0])
             jit_launch(src, call)
-        grads = o.backward.run(given, values, out, states, d_o, dataclasses.replace(SMALL, one_launch=one), extents,
-                               launcher=launcher)
+
+        grads = o.backward.run(
+            given, values, out, states, d_o, dataclasses.replace(SMALL, one_launch=one), extents, launcher=launcher
+        )
         runs[one] = grads, [k for k in kernels if k != "attn_bwd_rows"]
     assert runs[True][1] == ["attn_bwd"] and runs[False][1] == ["attn_bwd_kv", "attn_bwd_q"]
     _assert_within_tolerance(name, runs[True][0], d_o, given, params)
@@ -175,8 +181,14 @@ def test_deterministic_runs_give_identical_bits():
 def test_deterministic_refuses_an_atomic_schedule():
     given = inputs("causal", SHAPE, F32)
     with pytest.raises(ParameterError, match="atomically"):
-        _grads("causal", given, {}, grad_output("causal", given, {}),
-               backward_schedule=dataclasses.replace(SMALL, atomic_dq=True), deterministic=True)
+        _grads(
+            "causal",
+            given,
+            {},
+            grad_output("causal", given, {}),
+            backward_schedule=dataclasses.replace(SMALL, atomic_dq=True),
+            deterministic=True,
+        )
 
 
 def test_incoming_gradients_of_any_strides():
@@ -193,9 +205,11 @@ def test_incoming_gradients_of_any_strides():
 
 def test_non_contiguous_inputs():
     given = inputs("causal", dataclasses.replace(SHAPE, B=2, M=21, N=34, E=16), F32)
-    strided = {"q": given["q"].transpose(1, 2).contiguous().transpose(1, 2),
-               "k": torch.cat([given["k"], torch.randn_like(given["k"])], -1)[..., :16],
-               "v": given["v"].transpose(2, 3).contiguous().transpose(2, 3)}
+    strided = {
+        "q": given["q"].transpose(1, 2).contiguous().transpose(1, 2),
+        "k": torch.cat([given["k"], torch.randn_like(given["k"])], -1)[..., :16],
+        "v": given["v"].transpose(2, 3).contiguous().transpose(2, 3),
+    }
     assert not any(x.is_contiguous() for x in strided.values())
     d_o = grad_output("causal", given, {})
     got, want = _grads("causal", strided, {}, d_o), _grads("causal", given, {}, d_o)
@@ -211,18 +225,26 @@ def test_empty_shapes(B, M, N):
 
 # -- visited query tiles ----------------------------------------------------------------------
 
-VISIT_PARAMS = {"causal": {}, "sliding_window": {"window": 20}, "prefix_lm": {"prefix": 21},
-                "sink_window": {"window": 12, "sinks": 5}, "bottom_right": {}}
+VISIT_PARAMS = {
+    "causal": {},
+    "sliding_window": {"window": 20},
+    "prefix_lm": {"prefix": 21},
+    "sink_window": {"window": 12, "sinks": 5},
+    "bottom_right": {},
+}
 VISIT_SIZES = [(37, 45, 16, 32), (45, 37, 32, 16), (77, 100, 16, 32)]  # (M, N, BM, BN)
 
 
 def _brute_mask(name: str, M: int, N: int, p: dict) -> torch.Tensor:
     """The [M, N] mask, written from the examples' docstrings (independent of einflash)."""
     m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
-    return {"causal": lambda: n <= m, "bottom_right": lambda: n <= m + (N - M),
-            "sliding_window": lambda: (n <= m) & (m - n < p["window"]),
-            "prefix_lm": lambda: (n <= m) | (n < p["prefix"]),
-            "sink_window": lambda: (n <= m) & ((m - n < p["window"]) | (n < p["sinks"]))}[name]().expand(M, N)
+    return {
+        "causal": lambda: n <= m,
+        "bottom_right": lambda: n <= m + (N - M),
+        "sliding_window": lambda: (n <= m) & (m - n < p["window"]),
+        "prefix_lm": lambda: (n <= m) | (n < p["prefix"]),
+        "sink_window": lambda: (n <= m) & ((m - n < p["window"]) | (n < p["sinks"])),
+    }[name]().expand(M, N)
 
 
 @functools.cache
@@ -255,7 +277,7 @@ def test_dkdv_programs_visit_the_transposed_plans_tiles(name, M, N, BM, BN):
 @pytest.mark.parametrize("name", list(VISIT_PARAMS))
 def test_dkdv_programs_visit_the_materialised_masks_tiles(name, M, N, BM, BN):
     mask = _brute_mask(name, M, N, VISIT_PARAMS[name])
-    want = [sum(bool(mask[i:i + BM, j:j + BN].any()) for i in range(0, M, BM)) for j in range(0, N, BN)]
+    want = [sum(bool(mask[i : i + BM, j : j + BN].any()) for i in range(0, M, BM)) for j in range(0, N, BN)]
     got = _kv_visits(name, M, N, BM, BN)
     assert got == want and sum(got) < -(-M // BM) * -(-N // BN)
 

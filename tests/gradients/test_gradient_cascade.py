@@ -12,8 +12,12 @@ from conftest import EXAMPLES
 from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
-from einflash.compiler.autodiff.flash_form import (fold_scalar_chains, normalised_exponentials, row_reciprocals,
-    scalars_after_sums)
+from einflash.compiler.autodiff.flash_form import (
+    fold_scalar_chains,
+    normalised_exponentials,
+    row_reciprocals,
+    scalars_after_sums,
+)
 from einflash.compiler.autodiff.parts import restrict
 from einflash.compiler.autodiff.gradient import finish, reference_partials, saved_states
 from einflash.compiler.autodiff.derivatives import local_derivative
@@ -55,8 +59,9 @@ def test_the_list_is_the_lowerable_catalogue():
 
 
 def test_a_reducer_without_a_derivative_says_how_to_declare_one():
-    undeclared = ef.reducer("logaddexp_undeclared", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
-                            identity=-math.inf)
+    undeclared = ef.reducer(
+        "logaddexp_undeclared", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))), identity=-math.inf
+    )
 
     @ef.attention(name="lse_weights")
     def f(q, k, v):
@@ -75,8 +80,9 @@ def test_a_reducer_without_a_derivative_says_how_to_declare_one():
 def test_gradient_cascade_is_autograd_of_the_reference(name):
     given, params = inputs(name, SHAPE, torch.float64), TUNED.get(name, {})
     d_o = torch.randn_like(op(name).reference(**given, **params))
-    _assert_same(_cascade_gradients(name, given, params, d_o), reference_gradients(op(name), d_o, **given, **params),
-                 given)
+    _assert_same(
+        _cascade_gradients(name, given, params, d_o), reference_gradients(op(name), d_o, **given, **params), given
+    )
 
 
 @pytest.mark.parametrize("name, M, N, params", FULLY_MASKED, ids=[c[0] for c in FULLY_MASKED])
@@ -90,9 +96,16 @@ def test_rows_that_see_no_key_get_zero_gradients(name, M, N, params):
     _assert_same(got, reference_gradients(op(name), d_o, **given, **params), given)
 
 
-SHIFTED = {"softmax": ["top2_raw"], "causal": ["max_n2_raw"], "softcap": ["max_n2"],
-           "signed_softmax": ["max_n2_raw"], "differential": ["max_n22_raw", "max_n222_raw"], "sigmoid": [],
-           "causal_linear": [], "gla": []}
+SHIFTED = {
+    "softmax": ["top2_raw"],
+    "causal": ["max_n2_raw"],
+    "softcap": ["max_n2"],
+    "signed_softmax": ["max_n2_raw"],
+    "differential": ["max_n22_raw", "max_n222_raw"],
+    "sigmoid": [],
+    "causal_linear": [],
+    "gla": [],
+}
 
 
 @pytest.mark.parametrize("name", sorted(SHIFTED))
@@ -145,8 +158,7 @@ def test_softmax_saves_only_per_row_states():
     # states: lse2 = max + log2 den, and Σ_f d_o·−o (the row sum cancelled); see the next test
     parts = op("softmax").backward.parts
     assert parts.row_terms == ("lse2", "d_den__scaled")
-    assert format_expr(parts.rows.producer("lse2").expr) == \
-        "top2[m] + log(den[m])·1.4426950408889634"
+    assert format_expr(parts.rows.producer("lse2").expr) == "top2[m] + log(den[m])·1.4426950408889634"
     assert format_expr(parts.rows.producer("d_den__scaled").expr) == "d_o[m,f]·-1·o[m,f]"
 
 
@@ -166,8 +178,9 @@ def test_backward_rewrites_keep_the_gradient(name, needed):
     out = o.reference(**given, **params)
     d_o = torch.randn_like(out)
     want = reference_partials(g, given, values, d_o, out, saved)
-    rewritten = dataclasses.replace(g, cascade=scalars_after_sums(fold_scalar_chains(row_reciprocals(
-        normalised_exponentials(g.cascade)))))
+    rewritten = dataclasses.replace(
+        g, cascade=scalars_after_sums(fold_scalar_chains(row_reciprocals(normalised_exponentials(g.cascade))))
+    )
     got = reference_partials(rewritten, given, values, d_o, out, saved)
     assert got.keys() == want.keys()
     for p in want:
@@ -196,10 +209,18 @@ def test_outputs_that_mix_streams_save_their_accumulators():
     assert {"dot_n_acc", "dot_n2_acc"} <= set(saved)
 
 
-@pytest.mark.parametrize("operator, derivative", [("sigmoid", "y[m] − y[m]·y[m]"), ("tanh", "1 − y[m]·y[m]"),
-                                                  ("exp", "y[m]"), ("exp2", "0.6931471805599453·y[m]"),
-                                                  ("log", "1/x[m]"), ("abs", "sign(x[m])"),
-                                                  ("relu", "where(x[m] > 0, 1, 0)")])
+@pytest.mark.parametrize(
+    "operator, derivative",
+    [
+        ("sigmoid", "y[m] − y[m]·y[m]"),
+        ("tanh", "1 − y[m]·y[m]"),
+        ("exp", "y[m]"),
+        ("exp2", "0.6931471805599453·y[m]"),
+        ("log", "1/x[m]"),
+        ("abs", "sign(x[m])"),
+        ("relu", "where(x[m] > 0, 1, 0)"),
+    ],
+)
 def test_operator_derivatives_are_written_with_the_operators_value(operator, derivative):
     x, y = Read("x", (coord("m"),)), Read("y", (coord("m"),))
     assert format_expr(local_derivative(call(operator, x), 0, y)) == derivative

@@ -14,10 +14,33 @@ from conftest import EXAMPLES, load_example
 import einflash as ef
 from einflash.ir.validate import validate
 
-CATALOGUE = ("softmax", "causal", "sliding_window", "prefix_lm", "sink_window", "document_mask", "gqa", "alibi",
-             "relative_bias", "lowrank_bias", "softcap", "sigmoid", "signed_softmax", "differential", "head_gate",
-             "top_theta", "post_norm_threshold", "moba", "multi_token", "linear", "causal_linear", "gla", "agent",
-             "mla_decode", "logsumexp_reducer")
+CATALOGUE = (
+    "softmax",
+    "causal",
+    "sliding_window",
+    "prefix_lm",
+    "sink_window",
+    "document_mask",
+    "gqa",
+    "alibi",
+    "relative_bias",
+    "lowrank_bias",
+    "softcap",
+    "sigmoid",
+    "signed_softmax",
+    "differential",
+    "head_gate",
+    "top_theta",
+    "post_norm_threshold",
+    "moba",
+    "multi_token",
+    "linear",
+    "causal_linear",
+    "gla",
+    "agent",
+    "mla_decode",
+    "logsumexp_reducer",
+)
 
 # Odd sizes, none a multiple of another; Hq = 2·Hkv unless the example names its HEADS.
 SQUARE = ef.Shape(B=2, Hq=4, M=37, N=37, E=16, F=8, Hkv=2)
@@ -29,8 +52,14 @@ SHAPES = {
     "mla_decode": (SQUARE, dataclasses.replace(SQUARE, M=1, N=41), dataclasses.replace(SQUARE, M=4, N=41)),
 }
 # Parameters that make the variant bite at these small sizes (the defaults are tested on SQUARE).
-TUNED = {"sliding_window": {"window": 7}, "prefix_lm": {"prefix": 5}, "sink_window": {"window": 6, "sinks": 3},
-         "softcap": {"cap": 1.5}, "moba": {"block": 5}, "post_norm_threshold": {"tau": 0.02}}
+TUNED = {
+    "sliding_window": {"window": 7},
+    "prefix_lm": {"prefix": 5},
+    "sink_window": {"window": 6, "sinks": 3},
+    "softcap": {"cap": 1.5},
+    "moba": {"block": 5},
+    "post_norm_threshold": {"tau": 0.02},
+}
 
 
 @functools.cache
@@ -51,9 +80,11 @@ def _inputs(name: str, shape: ef.Shape) -> dict[str, torch.Tensor]:
     """Random q, k, v and the example's own extra inputs, in float64, for the inputs it declares."""
     mod = _example(name)
     f64 = dict(dtype=torch.float64)
-    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E, **f64),
-            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, **f64),
-            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F, **f64)}
+    made = {
+        "q": torch.randn(shape.B, shape.Hq, shape.M, shape.E, **f64),
+        "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, **f64),
+        "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F, **f64),
+    }
     if hasattr(mod, "extra_inputs"):
         made.update(mod.extra_inputs(shape, dtype=torch.float64))
     return {t.name: made[t.name] for t in _op(name).cascade.inputs}
@@ -89,7 +120,7 @@ def test_example_declares_one_valid_op(name):
     validate(op.cascade)
     lines = str(op.cascade).splitlines()
     assert lines[0].startswith(f"cascade {name}")
-    assert [e.out for e in op.cascade.einsums] == [ln.split("[")[0].strip() for ln in lines[-len(op.cascade.einsums):]]
+    assert [e.out for e in op.cascade.einsums] == [ln.split("[")[0].strip() for ln in lines[-len(op.cascade.einsums) :]]
     extras = {t.name for t in op.cascade.inputs} - {"q", "k", "v"}
     assert hasattr(mod, "extra_inputs") == bool(extras)
     if extras:
@@ -106,8 +137,9 @@ def test_reference_matches_formula(name, shape, tuned):
     _check(name, _with_heads(name, shape), params)
 
 
-@pytest.mark.parametrize("name, shape, params", [("sliding_window", MANY_QUERIES, {"window": 7}),
-                                                 ("top_theta", SQUARE, {})])
+@pytest.mark.parametrize(
+    "name, shape, params", [("sliding_window", MANY_QUERIES, {"window": 7}), ("top_theta", SQUARE, {})]
+)
 def test_fully_masked_rows_are_zero(name, shape, params):
     got = _check(name, shape, params)
     empty = (got == 0).all(dim=-1)

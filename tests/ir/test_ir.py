@@ -15,8 +15,15 @@ from conftest import EXAMPLES, load_example
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
 from einflash.compiler.rewrite.pipeline import optimise
-from einflash.errors import (CascadeError, CycleError, DeclarationError, RankMismatchError, UnknownRankError,
-    UnknownTensorError, UnsupportedOperatorError)
+from einflash.errors import (
+    CascadeError,
+    CycleError,
+    DeclarationError,
+    RankMismatchError,
+    UnknownRankError,
+    UnknownTensorError,
+    UnsupportedOperatorError,
+)
 from einflash.ir import Call, Cascade, Const, Einsum, Layout, Read, Reduction, Role, TensorDecl, validate
 from einflash.ir.cascade import plain_read
 from einflash.ir.expr import Coord, Merge, Param, Size, call
@@ -77,15 +84,18 @@ def test_same_maths_same_key_whatever_the_names():
     assert re.fullmatch(r"[0-9a-f]{16}", a.key)
 
 
-@pytest.mark.parametrize("first, second", [(_causal, _strict_causal), (_window_256, _window_128),
-                                           (_causal, _plain_names)],
-                         ids=["another-mask", "another-default", "mask-or-not"])
+@pytest.mark.parametrize(
+    "first, second",
+    [(_causal, _strict_causal), (_window_256, _window_128), (_causal, _plain_names)],
+    ids=["another-mask", "another-default", "mask-or-not"],
+)
 def test_different_maths_different_key(first, second):
     assert ef.attention(first).cascade.key != ef.attention(second).cascade.key
 
 
 def test_an_input_named_like_a_canonical_name_keeps_keys_apart():
     """Canonical names t1, t2... must not merge an input called t1 with an intermediate."""
+
     @ef.attention
     def added(q, k, v, t1: ef.Tensor["b h m n"]):
         return ef.softmax(q @ k + t1, "n") @ v
@@ -128,7 +138,7 @@ def test_key_changes_with_the_rewrites():
 
 
 def _einsum_lines(c: Cascade) -> list[str]:
-    return [ln.split("    # line")[0].strip() for ln in str(c).splitlines()[-len(c.einsums):]]
+    return [ln.split("    # line")[0].strip() for ln in str(c).splitlines()[-len(c.einsums) :]]
 
 
 def test_printer_softmax_as_written():
@@ -137,19 +147,26 @@ def test_printer_softmax_as_written():
     assert text[0] == f"cascade softmax  ({c.source})"
     assert text[1] == "  inputs: q[m,e]  k[n,e]  v[n,f]"
     assert text[2] == "  params: scale = 1/sqrt(E)"
-    assert _einsum_lines(c) == ["dot_e[m,n] = Σ_e q[m,e]·k[n,e]",
-                                "s[m,n] = dot_e[m,n]·scale",
-                                "top[m] = max_n s[m,n]",
-                                "num[m,n] = exp(s[m,n] − top[m])",
-                                "den[m] = Σ_n num[m,n]",
-                                "o[m,f] = Σ_n num[m,n]/den[m]·v[n,f]"]
+    assert _einsum_lines(c) == [
+        "dot_e[m,n] = Σ_e q[m,e]·k[n,e]",
+        "s[m,n] = dot_e[m,n]·scale",
+        "top[m] = max_n s[m,n]",
+        "num[m,n] = exp(s[m,n] − top[m])",
+        "den[m] = Σ_n num[m,n]",
+        "o[m,f] = Σ_n num[m,n]/den[m]·v[n,f]",
+    ]
     assert len(text) == 3 + len(c.einsums)  # one Einsum a line
 
 
 def test_printer_names_each_einsums_source_line():
     op = _op("softmax")
-    statements = {"s": "ef.einsum(\"m e, n e", "top": "s.max", "num": "ef.exp(s - top)", "den": "num.sum",
-                  "o": "ef.einsum(\"m n, n f"}
+    statements = {
+        "s": 'ef.einsum("m e, n e',
+        "top": "s.max",
+        "num": "ef.exp(s - top)",
+        "den": "num.sum",
+        "o": 'ef.einsum("m n, n f',
+    }
     for name, text in statements.items():
         e = op.cascade.producer(name)
         assert op.cascade.where(e) == _at(op.fn, text)
@@ -180,18 +197,23 @@ def test_printer_loop_block_and_states():
 _m, _n = coord("m"), coord("n")
 
 
-@pytest.mark.parametrize("expr, text", [
-    (call("sub", Param("a"), call("sub", Param("b"), Param("c"))), "a − (b − c)"),
-    (call("sub", call("sub", Param("a"), Param("b")), Param("c")), "a − b − c"),
-    (call("div", Param("a"), call("mul", Param("b"), Param("c"))), "a/(b·c)"),
-    (call("mul", call("add", Param("a"), Param("b")), Param("c")), "(a + b)·c"),
-    (call("neg", call("add", Param("a"), Param("b"))), "−(a + b)"),
-    (call("add", Read("x", (_m,), prev=True), Read("y", (_m,)), merge=Merge.ANY), "x@prev[m] +∪ y[m]"),
-    (call("maximum", Const(float("-inf")), Size("n")), "maximum(−∞, |n|)"),
-    (call("and", call("le", Coord("n"), Coord("m")), call("not", call("eq", Coord("n"), Const(0.0)))),
-     "n ≤ m ∧ ¬n == 0"),
-    (Read("s", (_m - coord("i"), _n // 4)), "s[-i + m,floor(n/4)]"),  # indices print as sympy does
-])
+@pytest.mark.parametrize(
+    "expr, text",
+    [
+        (call("sub", Param("a"), call("sub", Param("b"), Param("c"))), "a − (b − c)"),
+        (call("sub", call("sub", Param("a"), Param("b")), Param("c")), "a − b − c"),
+        (call("div", Param("a"), call("mul", Param("b"), Param("c"))), "a/(b·c)"),
+        (call("mul", call("add", Param("a"), Param("b")), Param("c")), "(a + b)·c"),
+        (call("neg", call("add", Param("a"), Param("b"))), "−(a + b)"),
+        (call("add", Read("x", (_m,), prev=True), Read("y", (_m,)), merge=Merge.ANY), "x@prev[m] +∪ y[m]"),
+        (call("maximum", Const(float("-inf")), Size("n")), "maximum(−∞, |n|)"),
+        (
+            call("and", call("le", Coord("n"), Coord("m")), call("not", call("eq", Coord("n"), Const(0.0)))),
+            "n ≤ m ∧ ¬n == 0",
+        ),
+        (Read("s", (_m - coord("i"), _n // 4)), "s[-i + m,floor(n/4)]"),  # indices print as sympy does
+    ],
+)
 def test_format_expr(expr, text):
     assert format_expr(expr) == text
 
@@ -228,14 +250,26 @@ def _frozen_values():
     c = op.cascade
     e = c.einsums[-1]
     _, steps = optimise(c)
-    return [(c, "name"), (e, "out"), (c.tensors[0], "role"), (c.params[0], "default"), (e.reduce, "op"),
-            (Read("x", ()), "tensor"), (call("exp", Param("a")), "op"), (Const(1.0), "value"),
-            (STANDARD_RANKS["n"], "extent"), (count_passes(c), "passes"), (count_passes(c).reasons[0], "index"),
-            (steps[0], "cascade"), (ef.Shape(1, 1, 1, 1, 16), "B")]
+    return [
+        (c, "name"),
+        (e, "out"),
+        (c.tensors[0], "role"),
+        (c.params[0], "default"),
+        (e.reduce, "op"),
+        (Read("x", ()), "tensor"),
+        (call("exp", Param("a")), "op"),
+        (Const(1.0), "value"),
+        (STANDARD_RANKS["n"], "extent"),
+        (count_passes(c), "passes"),
+        (count_passes(c).reasons[0], "index"),
+        (steps[0], "cascade"),
+        (ef.Shape(1, 1, 1, 1, 16), "B"),
+    ]
 
 
-@pytest.mark.parametrize("value, field", _frozen_values(), ids=lambda x: type(x).__name__ if not isinstance(x, str)
-                         else x)
+@pytest.mark.parametrize(
+    "value, field", _frozen_values(), ids=lambda x: type(x).__name__ if not isinstance(x, str) else x
+)
 def test_values_are_frozen(value, field):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(value, field, None)
@@ -293,6 +327,7 @@ def _unknown_reducer(q, k, v):
 
 def _math_on_traced(q, k, v):
     import math
+
     return ef.softmax(q @ k * math.exp(ef.scale), "n") @ v
 
 
@@ -300,20 +335,24 @@ def _rank_not_declared(q, k, v):
     return ef.softmax(q @ k + ef.rank("zz"), "n") @ v
 
 
-@pytest.mark.parametrize("fn, error, text, words", [
-    (_unknown_output_rank, UnknownRankError, "-> m x", ["'x'", "no operand"]),
-    (_reduce_missing_rank, UnknownRankError, 'sum("f")', ["'f'", "(b, h, m, n)"]),
-    (_operand_mismatch, RankMismatchError, "m f, n e", ["operand 1", "(m, e)", "(m, f)"]),
-    (_python_if, DeclarationError, "if s > 0", ["truth value", "ef.where"]),
-    (_text_default, DeclarationError, "def _text_default", ["'tau'", "'0.1'", "number"]),
-    (_undeclared_input, DeclarationError, "def _undeclared_input", ["'bias'", "ef.Tensor"]),
-    (_mask_not_predicate, DeclarationError, "ef.mask(", ["predicate"]),
-    (_output_without_m, RankMismatchError, "n f -> n f", ["rank m", "(n, f)"]),
-    (_output_summed_over_m, RankMismatchError, 'sum("m")', ["rank m", "(f)"]),
-    (_unknown_reducer, UnsupportedOperatorError, "product", ["'product'", "'sum'"]),
-    (_math_on_traced, DeclarationError, "math.exp", ["not a number", "ef.exp"]),
-    (_rank_not_declared, UnknownRankError, "ef.rank", ["'zz'", "extent"]),
-], ids=lambda x: x.__name__.strip("_") if callable(x) and not isinstance(x, type) else None)
+@pytest.mark.parametrize(
+    "fn, error, text, words",
+    [
+        (_unknown_output_rank, UnknownRankError, "-> m x", ["'x'", "no operand"]),
+        (_reduce_missing_rank, UnknownRankError, 'sum("f")', ["'f'", "(b, h, m, n)"]),
+        (_operand_mismatch, RankMismatchError, "m f, n e", ["operand 1", "(m, e)", "(m, f)"]),
+        (_python_if, DeclarationError, "if s > 0", ["truth value", "ef.where"]),
+        (_text_default, DeclarationError, "def _text_default", ["'tau'", "'0.1'", "number"]),
+        (_undeclared_input, DeclarationError, "def _undeclared_input", ["'bias'", "ef.Tensor"]),
+        (_mask_not_predicate, DeclarationError, "ef.mask(", ["predicate"]),
+        (_output_without_m, RankMismatchError, "n f -> n f", ["rank m", "(n, f)"]),
+        (_output_summed_over_m, RankMismatchError, 'sum("m")', ["rank m", "(f)"]),
+        (_unknown_reducer, UnsupportedOperatorError, "product", ["'product'", "'sum'"]),
+        (_math_on_traced, DeclarationError, "math.exp", ["not a number", "ef.exp"]),
+        (_rank_not_declared, UnknownRankError, "ef.rank", ["'zz'", "extent"]),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) and not isinstance(x, type) else None,
+)
 def test_declaration_errors_name_the_line(fn, error, text, words):
     with pytest.raises(error) as info:
         ef.attention(fn)
@@ -327,9 +366,11 @@ def test_declaration_errors_name_the_line(fn, error, text, words):
 # -- validation: hand-built cascades -----------------------------------------------------------------
 
 _RANKS = tuple(STANDARD_RANKS.values())
-_INPUTS = (TensorDecl("q", ("b", "h", "m", "e"), Role.INPUT, Layout.QUERY),
-           TensorDecl("k", ("b", "h", "n", "e"), Role.INPUT, Layout.KEY),
-           TensorDecl("v", ("b", "h", "n", "f"), Role.INPUT, Layout.KEY))
+_INPUTS = (
+    TensorDecl("q", ("b", "h", "m", "e"), Role.INPUT, Layout.QUERY),
+    TensorDecl("k", ("b", "h", "n", "e"), Role.INPUT, Layout.KEY),
+    TensorDecl("v", ("b", "h", "n", "f"), Role.INPUT, Layout.KEY),
+)
 _Q, _K, _V = (plain_read(t) for t in _INPUTS)
 
 
@@ -350,9 +391,12 @@ def test_a_hand_built_cascade_is_valid():
 
 def test_cycle():
     x, y = TensorDecl("x", _S.ranks), TensorDecl("y", _S.ranks)
-    c = _hand(Einsum("x", x.ranks, call("mul", plain_read(y), Const(2.0)), line=3),
-              Einsum("y", y.ranks, call("mul", plain_read(x), Const(3.0)), line=4),
-              Einsum("s", _S.ranks, plain_read(y), line=5), tensors=(x, y, _S))
+    c = _hand(
+        Einsum("x", x.ranks, call("mul", plain_read(y), Const(2.0)), line=3),
+        Einsum("y", y.ranks, call("mul", plain_read(x), Const(3.0)), line=4),
+        Einsum("s", _S.ranks, plain_read(y), line=5),
+        tensors=(x, y, _S),
+    )
     with pytest.raises(CycleError) as info:
         validate(c)
     assert info.value.where in ("hand.py:3", "hand.py:4")
@@ -361,8 +405,11 @@ def test_cycle():
 
 def test_read_before_assignment():
     t = TensorDecl("t", _S.ranks)
-    c = _hand(Einsum("s", _S.ranks, call("mul", plain_read(t), Const(2.0)), line=7),
-              Einsum("t", t.ranks, call("mul", _Q, _K), Reduction("sum", ("e",)), line=8), tensors=(_S, t))
+    c = _hand(
+        Einsum("s", _S.ranks, call("mul", plain_read(t), Const(2.0)), line=7),
+        Einsum("t", t.ranks, call("mul", _Q, _K), Reduction("sum", ("e",)), line=8),
+        tensors=(_S, t),
+    )
     with pytest.raises(CascadeError, match="'s' reads 't' before") as info:
         validate(c)
     assert info.value.where == "hand.py:7"
@@ -378,10 +425,19 @@ def _expect(c: Cascade, error: type, where: str, *words: str) -> None:
 
 def test_undeclared_tensor():
     ghost = Read("ghost", plain_read(_S).index)
-    _expect(_hand(Einsum("s", _S.ranks, call("mul", ghost, Const(2.0)), line=12), tensors=(_S,)),
-            UnknownTensorError, "hand.py:12", "'ghost'", "not declared")
-    _expect(_hand(_SCORE, Einsum("nowhere", ("b", "h", "m"), Const(1.0), line=13), tensors=(_S,)),
-            UnknownTensorError, "hand.py:13", "'nowhere'")
+    _expect(
+        _hand(Einsum("s", _S.ranks, call("mul", ghost, Const(2.0)), line=12), tensors=(_S,)),
+        UnknownTensorError,
+        "hand.py:12",
+        "'ghost'",
+        "not declared",
+    )
+    _expect(
+        _hand(_SCORE, Einsum("nowhere", ("b", "h", "m"), Const(1.0), line=13), tensors=(_S,)),
+        UnknownTensorError,
+        "hand.py:13",
+        "'nowhere'",
+    )
 
 
 def test_unknown_operator_and_arity():
@@ -394,11 +450,20 @@ def test_unknown_operator_and_arity():
 
 
 def test_rank_errors_of_hand_built_einsums():
-    _expect(_hand(dataclasses.replace(_SCORE, reduce=Reduction("sum", ("f",)), line=31), tensors=(_S,)),
-            UnknownRankError, "hand.py:31", "rank 'f'")
+    _expect(
+        _hand(dataclasses.replace(_SCORE, reduce=Reduction("sum", ("f",)), line=31), tensors=(_S,)),
+        UnknownRankError,
+        "hand.py:31",
+        "rank 'f'",
+    )
     wrong = dataclasses.replace(_SCORE, ranks=("b", "h", "m"), line=32)
-    _expect(_hand(wrong, tensors=(dataclasses.replace(_S, ranks=("b", "h", "m")),)),
-            RankMismatchError, "hand.py:32", "(b, h, m)", "(b, h, m, n)")
+    _expect(
+        _hand(wrong, tensors=(dataclasses.replace(_S, ranks=("b", "h", "m")),)),
+        RankMismatchError,
+        "hand.py:32",
+        "(b, h, m)",
+        "(b, h, m, n)",
+    )
     short = dataclasses.replace(_SCORE, expr=call("mul", Read("q", (_m,)), _K), line=33)
     _expect(_hand(short, tensors=(_S,)), RankMismatchError, "hand.py:33", "4 ranks", "1 indices")
 
@@ -420,6 +485,7 @@ def test_previous_values_only_in_loops_and_of_states():
 def test_output_needs_the_query_rank():
     c = _hand(_SCORE, tensors=(_S,))
     no_m = dataclasses.replace(c.einsums[-1], ranks=("b", "h", "f"), reduce=Reduction("sum", ("m", "n")))
-    bad = dataclasses.replace(c, einsums=c.einsums[:-1] + (no_m,),
-                              tensors=c.tensors[:-1] + (TensorDecl("o", ("b", "h", "f"), Role.OUTPUT),))
+    bad = dataclasses.replace(
+        c, einsums=c.einsums[:-1] + (no_m,), tensors=c.tensors[:-1] + (TensorDecl("o", ("b", "h", "f"), Role.OUTPUT),)
+    )
     _expect(bad, RankMismatchError, "hand.py:99", "query rank m", "(f)")

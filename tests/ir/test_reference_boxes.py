@@ -11,8 +11,7 @@ import torch
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.ir.reference import (bind_extents, footprint, independent_rows, memory_budget, row_boxes,
-                                   run_outputs)
+from einflash.ir.reference import bind_extents, footprint, independent_rows, memory_budget, row_boxes, run_outputs
 from einflash.testing import random_inputs
 
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
@@ -37,8 +36,9 @@ def test_boxes_give_the_unboxed_output_bit_for_bit(name):
     cascades = [op.cascade] + ([op.forward_lse.written] if op.forward_lse is not None else [])
     for c in cascades:
         whole = run_outputs(c, inputs, max_bytes=math.inf)
-        budgets = [_budget(c, inputs, b=1, h=1)] + ([_budget(c, inputs, b=1, h=1, m=64)]
-                                                     if "m" in independent_rows(c) else [])
+        budgets = [_budget(c, inputs, b=1, h=1)] + (
+            [_budget(c, inputs, b=1, h=1, m=64)] if "m" in independent_rows(c) else []
+        )
         for budget in budgets:
             assert len(row_boxes(c, bind_extents(c, inputs, {}), 8, budget)) > 1
             boxed = run_outputs(c, inputs, max_bytes=budget)

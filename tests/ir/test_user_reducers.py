@@ -52,33 +52,48 @@ def test_the_streamed_cascade_computes_the_same_chunk_by_chunk():
 
 def test_the_definition_is_part_of_the_structural_hash():
     # the same function, written another way: another definition
-    other = ef.reducer("logaddexp_shifted", lambda a, b: ef.maximum(a, b) + ef.log(
-        ef.exp(a - ef.maximum(a, b)) + ef.exp(b - ef.maximum(a, b))), identity=-math.inf)
+    other = ef.reducer(
+        "logaddexp_shifted",
+        lambda a, b: ef.maximum(a, b) + ef.log(ef.exp(a - ef.maximum(a, b)) + ef.exp(b - ef.maximum(a, b))),
+        identity=-math.inf,
+    )
 
     def declare(r):
         def f(q, k, v):
             s = q @ k * ef.scale
             return ef.exp(s - s.reduce(r, "n")) @ v
+
         return ef.attention(f, name="lse").cascade
 
     assert declare(LOGADDEXP).key == declare(LOGADDEXP).key != declare(other).key
 
 
 def test_defining_the_same_reducer_again_is_allowed_another_body_is_not():
-    assert ef.reducer("logaddexp", lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
-                      identity=-math.inf, derivative=lambda x, r: ef.exp(x - r)) is LOGADDEXP
+    assert (
+        ef.reducer(
+            "logaddexp",
+            lambda a, b: ef.maximum(a, b) + ef.log(1 + ef.exp(-ef.abs(a - b))),
+            identity=-math.inf,
+            derivative=lambda x, r: ef.exp(x - r),
+        )
+        is LOGADDEXP
+    )
     with pytest.raises(DeclarationError, match="already defined"):
         ef.reducer("logaddexp", lambda a, b: a + b, identity=0.0)
 
 
-@pytest.mark.parametrize("combine, identity, words", [
-    (lambda a, b: a + b + a * b * (a - b), 0.0, "must be commutative"),
-    (lambda a, b: a + b, 1.0, "combine(x, identity) must be x"),
-    (lambda a, b: (a + b) * 0.5, 0.0, "combine(x, identity) must be x"),
-    (lambda a, b: a + b + a * a * b * b, 0.0, "must be associative"),
-    (lambda a, b: ef.maximum(a, b) + ef.m, 0.0, "only its two operands"),
-    (lambda a, b: ef.mask(a, a > b), 0.0, "elementwise"),
-], ids=["not-commutative", "bad-identity", "mean", "not-associative", "coordinate", "filter"])
+@pytest.mark.parametrize(
+    "combine, identity, words",
+    [
+        (lambda a, b: a + b + a * b * (a - b), 0.0, "must be commutative"),
+        (lambda a, b: a + b, 1.0, "combine(x, identity) must be x"),
+        (lambda a, b: (a + b) * 0.5, 0.0, "combine(x, identity) must be x"),
+        (lambda a, b: a + b + a * a * b * b, 0.0, "must be associative"),
+        (lambda a, b: ef.maximum(a, b) + ef.m, 0.0, "only its two operands"),
+        (lambda a, b: ef.mask(a, a > b), 0.0, "elementwise"),
+    ],
+    ids=["not-commutative", "bad-identity", "mean", "not-associative", "coordinate", "filter"],
+)
 def test_broken_reducers_are_refused(combine, identity, words):
     with pytest.raises(DeclarationError, match=re.escape(words)):
         ef.reducer(f"broken_{abs(hash(words))}", combine, identity)
@@ -91,6 +106,7 @@ def test_built_in_names_are_taken():
 
 def test_unknown_reducer_names_are_refused():
     with pytest.raises(UnsupportedOperatorError, match="unknown reducer 'logsumexp'"):
+
         @ef.attention
         def unknown(q, k, v):
             s = q @ k

@@ -29,8 +29,14 @@ from einflash.ir.reference import run_reference
 SHAPE = ef.Shape(B=1, Hq=4, M=11, N=13, E=5, F=3, Hkv=2)
 SQUARE = {"gla"}  # gates are read at query and key positions alike
 # Parameters that make masks, caps, thresholds and routing bite at these sizes.
-TUNED = {"sliding_window": {"window": 4}, "prefix_lm": {"prefix": 3}, "sink_window": {"window": 3, "sinks": 2},
-         "softcap": {"cap": 1.5}, "moba": {"block": 3}, "post_norm_threshold": {"tau": 0.05}}
+TUNED = {
+    "sliding_window": {"window": 4},
+    "prefix_lm": {"prefix": 3},
+    "sink_window": {"window": 3, "sinks": 2},
+    "softcap": {"cap": 1.5},
+    "moba": {"block": 3},
+    "post_norm_threshold": {"tau": 0.05},
+}
 CHUNKS = (1, 3, 7, None)
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
 
@@ -53,9 +59,11 @@ def _inputs(op: ef.AttentionOp, extra=None) -> dict[str, torch.Tensor]:
     if op.name in SQUARE:
         shape = dataclasses.replace(shape, M=shape.N)
     f64 = {"dtype": torch.float64}
-    made = {"q": torch.randn(shape.B, shape.Hq, shape.M, shape.E, **f64),
-            "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, **f64),
-            "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F, **f64)}
+    made = {
+        "q": torch.randn(shape.B, shape.Hq, shape.M, shape.E, **f64),
+        "k": torch.randn(shape.B, shape.Hkv, shape.N, shape.E, **f64),
+        "v": torch.randn(shape.B, shape.Hkv, shape.N, shape.F, **f64),
+    }
     if extra is not None:
         made.update(extra(shape, dtype=torch.float64))
     return {t.name: made[t.name] for t in op.cascade.inputs}
@@ -76,8 +84,13 @@ def _check_steps(op: ef.AttentionOp, inputs, params) -> None:
         validate(step.cascade)
         for chunk in CHUNKS:
             got = run_reference(step.cascade, inputs, params, chunk=chunk)
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10,
-                                       msg=lambda m, step=step, chunk=chunk: f"after {step.name!r}, chunk {chunk}: {m}")
+            torch.testing.assert_close(
+                got,
+                want,
+                rtol=1e-10,
+                atol=1e-10,
+                msg=lambda m, step=step, chunk=chunk: f"after {step.name!r}, chunk {chunk}: {m}",
+            )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -121,10 +134,16 @@ def signed_temperature(q, k, v, c: float = 2.0):
     return ef.softmax(q @ k * c, "n") @ v
 
 
-@pytest.mark.parametrize("op, params, passes", [(first_key_gate, {}, 4), (previous_query, {}, 1),
-                                                (signed_temperature, {"c": -1.5}, 1),
-                                                (signed_temperature, {"c": 0.5}, 1)],
-                         ids=["first-key", "previous-query", "negative-temperature", "positive-temperature"])
+@pytest.mark.parametrize(
+    "op, params, passes",
+    [
+        (first_key_gate, {}, 4),
+        (previous_query, {}, 1),
+        (signed_temperature, {"c": -1.5}, 1),
+        (signed_temperature, {"c": 0.5}, 1),
+    ],
+    ids=["first-key", "previous-query", "negative-temperature", "positive-temperature"],
+)
 def test_edge_declarations_keep_the_output(op, params, passes):
     _check_steps(op, _inputs(op), params)
     assert count_passes(op.forward.rewritten).passes <= passes
@@ -196,7 +215,7 @@ def test_softmax_correction_is_the_exponential_of_the_max_difference():
     c = _op("softmax").forward.rewritten
     corrections = _corrections(c)
     assert len(corrections) == 1
-    (state, expr), = corrections.items()
+    ((state, expr),) = corrections.items()
     assert c.tensor(state).role is Role.STATE and c.producer(state).expr.op == "maximum"
     # the max runs over the unscaled scores (the scale moved out of it), so the factor carries the scale
     assert _exp_of_prev_minus_new(expr, state) == sympy.Symbol("scale", positive=True)

@@ -23,9 +23,19 @@ ALLOWED = {
     "jagged": ("errors", "ir"),
     "testing": ("errors", "ir"),
     "compiler.schedule": (*SHARED, "backends", "compiler.schedule"),
-    **{f"compiler.{s}": (*SHARED, "ir", "backends", "templates", "jagged", "testing", "compiler.schedule",
-                         *(f"compiler.{t}" for t in STAGES[:i + 1]))
-       for i, s in enumerate(STAGES)},
+    **{
+        f"compiler.{s}": (
+            *SHARED,
+            "ir",
+            "backends",
+            "templates",
+            "jagged",
+            "testing",
+            "compiler.schedule",
+            *(f"compiler.{t}" for t in STAGES[: i + 1]),
+        )
+        for i, s in enumerate(STAGES)
+    },
 }
 
 
@@ -43,8 +53,12 @@ def _imports() -> nx.DiGraph:
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         tree = ast.parse(path.read_text())
         # imports for type annotations only (under ``if TYPE_CHECKING:``) are no dependency at run time
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and ast.unparse(block.test) == "TYPE_CHECKING" for n in ast.walk(block)}
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
         for node in ast.walk(tree):
             if id(node) in typing_only:
                 continue
@@ -79,6 +93,12 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("part", sorted(ALLOWED))
 def test_each_part_imports_only_the_layers_below_it(part):
     g = _imports()
-    bad = sorted((a, b) for a, b in g.edges if _part(a) == part and _part(b) != part
-                 and _part(b) not in ALLOWED[part] and not any(_part(b).startswith(x + ".") for x in ALLOWED[part]))
+    bad = sorted(
+        (a, b)
+        for a, b in g.edges
+        if _part(a) == part
+        and _part(b) != part
+        and _part(b) not in ALLOWED[part]
+        and not any(_part(b).startswith(x + ".") for x in ALLOWED[part])
+    )
     assert not bad, f"{part} imports what it may not: {bad}"

@@ -102,8 +102,9 @@ def buffer_needs(c: Cascade) -> BufferNeeds:
         fiber += FP32 * sympy.Mul(*(c.rank(r).extent if r == STREAM else _tile(c, r) for r in ranks))
     total = sympy.expand(smem + registers + fiber)
     n_extent = c.rank(STREAM).extent if c.has_rank(STREAM) else extent_symbol("N")
-    return BufferNeeds(sympy.factor_terms(smem), sympy.factor_terms(registers), fiber, total,
-                       sympy.diff(total, n_extent) != 0)
+    return BufferNeeds(
+        sympy.factor_terms(smem), sympy.factor_terms(registers), fiber, total, sympy.diff(total, n_extent) != 0
+    )
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,10 @@ class PassReason:
         at = f" (line {self.consumer_line})" if self.consumer_line else ""
         src = f" (line {self.reduction_line})" if self.reduction_line else ""
         via = f", which needs {self.reduced}" if self.reduced != self.waits_for else ""
-        return (f"pass {self.index}: {self.consumer}{at} iterates n again and reads {self.waits_for}{via}, "
-                f"a {self.reduction} over all of n{src} that is complete only after pass {self.index - 1}")
+        return (
+            f"pass {self.index}: {self.consumer}{at} iterates n again and reads {self.waits_for}{via}, "
+            f"a {self.reduction} over all of n{src} that is complete only after pass {self.index - 1}"
+        )
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,9 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
             while j < len(einsums) and einsums[j].loop:
                 j += 1
             block = einsums[i:j]
-            loop_pass = max([1] + [_need(c, e, rank, status, producer, reasons, crossing, external_only=block)
-                                   for e in block])
+            loop_pass = max(
+                [1] + [_need(c, e, rank, status, producer, reasons, crossing, external_only=block) for e in block]
+            )
             for e in block:
                 of[e.out] = loop_pass
                 producer[e.out] = e
@@ -98,8 +101,9 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
         status[e.out] = ("D", need) if (reduces or not iterates) else ("S", need)
         i += 1
     passes = max([p for p in of.values()] + [0])
-    return PassAnalysis(passes, tuple(of.items()), tuple(reasons[k] for k in sorted(reasons)),
-                        tuple(sorted(crossing.values())))
+    return PassAnalysis(
+        passes, tuple(of.items()), tuple(reasons[k] for k in sorted(reasons)), tuple(sorted(crossing.values()))
+    )
 
 
 def _completing(name: str, rank: str, status, producer) -> tuple[str, str, int | None]:
@@ -113,8 +117,14 @@ def _completing(name: str, rank: str, status, producer) -> tuple[str, str, int |
     e = producer[name]
     while e.reduce is None or rank not in e.reduce.ranks:
         if e.loop:  # a running state: its update reads the chunk's reduction
-            chunk = next(producer[r.tensor] for r in e.reads() if not r.prev and producer[r.tensor].loop
-                         and producer[r.tensor].reduce is not None and rank in producer[r.tensor].reduce.ranks)
+            chunk = next(
+                producer[r.tensor]
+                for r in e.reads()
+                if not r.prev
+                and producer[r.tensor].loop
+                and producer[r.tensor].reduce is not None
+                and rank in producer[r.tensor].reduce.ranks
+            )
             return name, chunk.reduce.op, e.line
         p = status[name][1]
         ups = [r.tensor for r in e.reads() if not r.prev and status.get(r.tensor, ("I", 0))[1] == p]
@@ -140,8 +150,9 @@ def _need(c, e: Einsum, rank, status, producer, reasons, crossing, external_only
             if later > need:
                 need = later
                 if later > p and later not in reasons:
-                    reasons[later] = PassReason(later, e.out, e.line, r.tensor,
-                                                *_completing(r.tensor, rank, status, producer))
+                    reasons[later] = PassReason(
+                        later, e.out, e.line, r.tensor, *_completing(r.tensor, rank, status, producer)
+                    )
     for r in e.reads():
         if r.prev or r.tensor in inside or r.tensor not in status:
             continue
@@ -163,8 +174,12 @@ def late_tensors(c: Cascade, rank: str = STREAM) -> set[str]:
         if e.loop:
             continue
         reduces = e.reduce is not None and rank in e.reduce.ranks
-        if reduces or (rank not in e.iteration_ranks and any(
+        if reduces or (
+            rank not in e.iteration_ranks
+            and any(
                 r.tensor in late or (rank in c.tensor(r.tensor).ranks and c.tensor(r.tensor).role is not Role.INPUT)
-                for r in e.reads())):
+                for r in e.reads()
+            )
+        ):
             late.add(e.out)
     return late

@@ -252,8 +252,12 @@ def _eliminate_m(conj: Conjunction) -> list[Constraint]:
     lows = [c for c in conj if c.a > 0] + [_ROW_LOW]
     highs = [c for c in conj if c.a < 0] + [_ROW_HIGH]
     # (−u.a)·l + l.a·u cancels m with non-negative weights; m0 ≤ m1 holds in every row.
-    pairs = [Constraint(0, -u.a * lo.b + lo.a * u.b, -u.a * lo.c + lo.a * u.c)
-             for lo in lows for u in highs if (lo, u) != (_ROW_LOW, _ROW_HIGH)]
+    pairs = [
+        Constraint(0, -u.a * lo.b + lo.a * u.b, -u.a * lo.c + lo.a * u.c)
+        for lo in lows
+        for u in highs
+        if (lo, u) != (_ROW_LOW, _ROW_HIGH)
+    ]
     return [c for c in conj if c.a == 0] + pairs
 
 
@@ -310,8 +314,10 @@ def _complement(cuts: tuple[Interval, ...]) -> tuple[Interval, ...]:
     for (lo, first), (hi, last) in product(starts, ends):
         if first is not None and first == last:
             continue  # a cut ends after it starts
-        when = sympy.And(*(cuts[x].when for x in (first, last) if x is not None),
-                         *(_misses(c, k, lo, hi, first, last) for k, c in enumerate(cuts)))
+        when = sympy.And(
+            *(cuts[x].when for x in (first, last) if x is not None),
+            *(_misses(c, k, lo, hi, first, last) for k, c in enumerate(cuts)),
+        )
         if not (run := Interval(lo, hi, when)).is_void():
             runs.append(run)
     return tuple(runs)
@@ -373,8 +379,10 @@ def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | 
         return None
     clash = sorted({p.name for p in walk(pred) if isinstance(p, Param)} & _RESERVED)
     if clash:
-        raise DeclarationError(f"mask parameter(s) {', '.join(clash)} share a name with a tile-plan symbol "
-                               f"({', '.join(sorted(_RESERVED))}); rename the parameter")
+        raise DeclarationError(
+            f"mask parameter(s) {', '.join(clash)} share a name with a tile-plan symbol "
+            f"({', '.join(sorted(_RESERVED))}); rename the parameter"
+        )
     visit = tuple(iv for conj in form if (iv := row_interval(conj)) is not None)
     cut = tuple(iv for conj in negation if (iv := row_interval(conj)) is not None)
     exact = all(_is_exact(conj) for conj in form + negation)
@@ -420,17 +428,26 @@ def transposed_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TileP
     def rename(ivs):
         return tuple(Interval(iv.lo.xreplace(back), iv.hi.xreplace(back), iv.when.xreplace(back)) for iv in ivs)
 
-    return TilePlan(affine_form(pred, integers), rename(plan.visit), rename(plan.cut), rename(plan.full), plan.exact,
-                    over="m")
+    return TilePlan(
+        affine_form(pred, integers), rename(plan.visit), rename(plan.cut), rename(plan.full), plan.exact, over="m"
+    )
 
 
 # -- concrete sizes ---------------------------------------------------------------------
 
 _EVAL: dict[type, Callable] = {
-    sympy.Add: lambda *a: sum(a), sympy.Mul: lambda *a: math.prod(a), sympy.Pow: lambda b, e: Fraction(b) ** e,
-    sympy.Min: min, sympy.Max: max, sympy.Mod: operator.mod,
-    sympy.GreaterThan: operator.ge, sympy.StrictGreaterThan: operator.gt, sympy.LessThan: operator.le,
-    sympy.StrictLessThan: operator.lt, sympy.Equality: operator.eq, sympy.Unequality: operator.ne,
+    sympy.Add: lambda *a: sum(a),
+    sympy.Mul: lambda *a: math.prod(a),
+    sympy.Pow: lambda b, e: Fraction(b) ** e,
+    sympy.Min: min,
+    sympy.Max: max,
+    sympy.Mod: operator.mod,
+    sympy.GreaterThan: operator.ge,
+    sympy.StrictGreaterThan: operator.gt,
+    sympy.LessThan: operator.le,
+    sympy.StrictLessThan: operator.lt,
+    sympy.Equality: operator.eq,
+    sympy.Unequality: operator.ne,
     sympy.Not: operator.not_,
 }
 _SHORT_CIRCUIT = {sympy.And: all, sympy.Or: any}
@@ -491,8 +508,11 @@ class _Compiled:
 @functools.lru_cache(maxsize=64)
 def _compiled(plan: TilePlan) -> _Compiled:
     symbols = {s for iv in plan.visit + plan.full for x in (iv.lo, iv.hi, iv.when) for s in x.free_symbols}
-    return _Compiled(tuple(map(_compile_interval, plan.visit)), tuple(map(_compile_interval, plan.full)),
-                     tuple(sorted(symbols - _SIZES, key=lambda s: s.name)))
+    return _Compiled(
+        tuple(map(_compile_interval, plan.visit)),
+        tuple(map(_compile_interval, plan.full)),
+        tuple(sorted(symbols - _SIZES, key=lambda s: s.name)),
+    )
 
 
 def _environment(needs: tuple[sympy.Symbol, ...], M: int, N: int, BM: int, BN: int, params: Mapping) -> dict:

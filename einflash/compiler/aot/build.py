@@ -32,8 +32,14 @@ from .load import _import_kernel
 # -- generation -----------------------------------------------------------------------------------
 
 
-def declared_inputs(c: Cascade, shape: Shape, dtype: torch.dtype, dims: dict[str, int] | None = None,
-                    dtypes: dict[str, torch.dtype] | None = None, device: str = "meta") -> dict[str, torch.Tensor]:
+def declared_inputs(
+    c: Cascade,
+    shape: Shape,
+    dtype: torch.dtype,
+    dims: dict[str, int] | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
+    device: str = "meta",
+) -> dict[str, torch.Tensor]:
     """An empty tensor for every input the cascade declares, at ``shape``.
 
     Ranks other than b, h, m, n, e, f take their extents from ``dims``. Inputs laid out like the query
@@ -57,15 +63,18 @@ def declared_inputs(c: Cascade, shape: Shape, dtype: torch.dtype, dims: dict[str
             elif r in extent:
                 sizes.append(extent[r])
             else:
-                raise ShapeError(f"input {t.name} has rank {r!r}, whose extent the shape does not give; "
-                                 f"give it (--dim {r}=EXTENT on the command line)")
+                raise ShapeError(
+                    f"input {t.name} has rank {r!r}, whose extent the shape does not give; "
+                    f"give it (--dim {r}=EXTENT on the command line)"
+                )
         default = dtype if t.layout in (Layout.QUERY, Layout.KEY) else torch.float32
         out[t.name] = torch.empty(sizes, dtype=(dtypes or {}).get(t.name, default), device=device)
     return out
 
 
-def record(fwd: Forward, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
-           extents: dict[str, int]) -> list[tuple[KernelSource, KernelCall]]:
+def record(
+    fwd: Forward, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule, extents: dict[str, int]
+) -> list[tuple[KernelSource, KernelCall]]:
     """The kernel launches one call would make, in order, without running any (inputs may be meta tensors)."""
     launches: list[tuple[KernelSource, KernelCall]] = []
     fwd.run(inputs, values, schedule, extents, launcher=lambda src, call: launches.append((src, call)))
@@ -92,22 +101,35 @@ def _prepare(out: pathlib.Path) -> None:
         raise AOTError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MANIFEST).is_file():
-            raise AOTError(f"{out} is not empty and holds no {MANIFEST}: refusing to write an AOT build into it; "
-                           f"name a new or empty directory")
+            raise AOTError(
+                f"{out} is not empty and holds no {MANIFEST}: refusing to write an AOT build into it; "
+                f"name a new or empty directory"
+            )
         try:
             old = Manifest.from_json(json.loads((out / MANIFEST).read_text()))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise AOTError(f"{out / MANIFEST} is unreadable ({e}); remove the directory by hand and build again") \
-                from None
+            raise AOTError(
+                f"{out / MANIFEST} is unreadable ({e}); remove the directory by hand and build again"
+            ) from None
         for f in old.files() + [MANIFEST]:
             (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
-def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: list[Shape], dtypes: list[str],
-          target: Target, out: pathlib.Path, *, params: dict[str, float] | None = None,
-          dims: dict[str, int] | None = None, input_dtypes: dict[str, torch.dtype] | None = None,
-          schedule_for=default_schedule) -> Manifest:
+def build(
+    fwd: Forward,
+    cascade: Cascade,
+    declaration: pathlib.Path,
+    shapes: list[Shape],
+    dtypes: list[str],
+    target: Target,
+    out: pathlib.Path,
+    *,
+    params: dict[str, float] | None = None,
+    dims: dict[str, int] | None = None,
+    input_dtypes: dict[str, torch.dtype] | None = None,
+    schedule_for=default_schedule,
+) -> Manifest:
     """Generate, compile for ``target`` and store the kernels of ``cascade`` at each shape and dtype.
 
     ``declaration`` is the file declaring the variant (copied into ``out``); ``params`` the values of
@@ -116,8 +138,10 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
     default; a tuned cache can stand in). ``out`` must be new, empty, or an earlier AOT build (replaced).
     """
     if target.gpu is None:
-        raise BackendError(f"target {target.name!r} runs kernels in Triton's interpreter: there is nothing to "
-                           f"compile ahead of time; name a GPU target such as 'sm90'")
+        raise BackendError(
+            f"target {target.name!r} runs kernels in Triton's interpreter: there is nothing to "
+            f"compile ahead of time; name a GPU target such as 'sm90'"
+        )
     if fwd.error is not None:
         raise fwd.error
     given = dict(params or {})
@@ -143,9 +167,18 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
                 for spec, label in ((exact, "exact"), (loose, "any")):
                     options = (call.num_warps, call.num_stages, call.max_registers)
                     wanted.setdefault(src.name, {}).setdefault((spec, *options), label)
-            entries.append(Entry(shape, dtype, {n: str(t.dtype).removeprefix("torch.") for n, t in inputs.items()},
-                                 dict(dims or {}), values, schedule, tuple(src.name for src, _ in launches),
-                                 tuple(call.grid for _, call in launches)))
+            entries.append(
+                Entry(
+                    shape,
+                    dtype,
+                    {n: str(t.dtype).removeprefix("torch.") for n, t in inputs.items()},
+                    dict(dims or {}),
+                    values,
+                    schedule,
+                    tuple(src.name for src, _ in launches),
+                    tuple(call.grid for _, call in launches),
+                )
+            )
     out = pathlib.Path(out)
     _prepare(out)
     (out / "sources").mkdir(exist_ok=True)
@@ -156,8 +189,9 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
         path.write_text(src.text)
         fn = _import_kernel(path, name)
         if list(fn.arg_names) != list(src.signature.names):
-            raise LoweringError(f"internal: kernel {name} declares {fn.arg_names}, its launches fill "
-                                f"{list(src.signature.names)}")
+            raise LoweringError(
+                f"internal: kernel {name} declares {fn.arg_names}, its launches fill {list(src.signature.names)}"
+            )
         for spec, *options in wanted[name]:
             jobs.append(CompileJob.specialised(fn, spec, *options))
             owners.append((name, spec, wanted[name][spec, *options]))
@@ -166,18 +200,43 @@ def build(fwd: Forward, cascade: Cascade, declaration: pathlib.Path, shapes: lis
         stem = f"binaries/{name}__{len(binaries.get(name, ()))}"
         (out / f"{stem}.cubin").write_bytes(kernel.cubin)
         (out / f"{stem}.json").write_text(json.dumps(kernel.metadata, indent=1))
-        binaries.setdefault(name, []).append(Binary(label, spec, f"{stem}.cubin", f"{stem}.json",
-                                                    hashlib.sha256(kernel.cubin).hexdigest(), job.num_warps,
-                                                    job.num_stages, kernel.shared_bytes, kernel.registers,
-                                                    kernel.spill_bytes, job.max_registers))
+        binaries.setdefault(name, []).append(
+            Binary(
+                label,
+                spec,
+                f"{stem}.cubin",
+                f"{stem}.json",
+                hashlib.sha256(kernel.cubin).hexdigest(),
+                job.num_warps,
+                job.num_stages,
+                kernel.shared_bytes,
+                kernel.registers,
+                kernel.spill_bytes,
+                job.max_registers,
+            )
+        )
     kernels = {}
     for name, src in sources.items():
         kind = "combine" if name.startswith("attn_combine__") else "forward"
-        kernels[name] = Kernel(name, kind, f"sources/{name}.py", hashlib.sha256(src.text.encode()).hexdigest(),
-                               interface(src), GRIDS[kind], tuple(binaries[name]))
+        kernels[name] = Kernel(
+            name,
+            kind,
+            f"sources/{name}.py",
+            hashlib.sha256(src.text.encode()).hexdigest(),
+            interface(src),
+            GRIDS[kind],
+            tuple(binaries[name]),
+        )
     shutil.copyfile(declaration, out / f"{cascade.name}.py")
-    manifest = Manifest(cascade.name, cascade.key, f"{cascade.name}.py",
-                        {"name": target.name, **dataclasses.asdict(target.gpu)}, versions(), tuple(entries), kernels)
+    manifest = Manifest(
+        cascade.name,
+        cascade.key,
+        f"{cascade.name}.py",
+        {"name": target.name, **dataclasses.asdict(target.gpu)},
+        versions(),
+        tuple(entries),
+        kernels,
+    )
     tmp = out / f"{MANIFEST}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(manifest.to_json(), indent=1))
     os.replace(tmp, out / MANIFEST)

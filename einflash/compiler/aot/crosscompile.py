@@ -70,30 +70,51 @@ class CompileJob:
     max_registers: int = 0  # per thread (0: ptxas's own choice)
 
     @classmethod
-    def specialised(cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int,
-                    max_registers: int = 0) -> "CompileJob":
+    def specialised(
+        cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int, max_registers: int = 0
+    ) -> "CompileJob":
         """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.aot.specialise)."""
-        return cls(fn, {s.name: s.type for s in specs if s.type != "constexpr"},
-                   {s.name: s.value for s in specs if s.type == "constexpr"}, num_warps, num_stages,
-                   tuple(s.name for s in specs if s.divisible), max_registers)
+        return cls(
+            fn,
+            {s.name: s.type for s in specs if s.type != "constexpr"},
+            {s.name: s.value for s in specs if s.type == "constexpr"},
+            num_warps,
+            num_stages,
+            tuple(s.name for s in specs if s.divisible),
+            max_registers,
+        )
 
 
 def _in_child(fns: list, requests: list[dict]) -> list[dict]:
     # JIT and interpreter functions both keep the decorated Python function in .fn
     requests = [{**r, "path": inspect.getsourcefile(fn.fn), "name": fn.fn.__name__} for fn, r in zip(fns, requests)]
     # -P: the script's folder (einflash/backends) must not shadow top-level modules in the child.
-    run = subprocess.run([sys.executable, "-P", triton_compile.__file__], input=json.dumps(requests),
-                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    run = subprocess.run(
+        [sys.executable, "-P", triton_compile.__file__],
+        input=json.dumps(requests),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     if run.returncode:
         names = ", ".join(fn.fn.__name__ for fn in fns)
-        raise BackendError(f"compiling {names} for {requests[0]['target']} in a child process failed; "
-                           f"its error output ends:\n{run.stderr[-3000:]}")
+        raise BackendError(
+            f"compiling {names} for {requests[0]['target']} in a child process failed; "
+            f"its error output ends:\n{run.stderr[-3000:]}"
+        )
     return json.loads(run.stdout)
 
 
-def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int | float | bool], target: Target,
-                       num_warps: int, num_stages: int, aligned: tuple[str, ...] | None = None,
-                       max_registers: int = 0) -> CompiledKernel:
+def compile_for_target(
+    fn,
+    signature: dict[str, str],
+    constexprs: dict[str, int | float | bool],
+    target: Target,
+    num_warps: int,
+    num_stages: int,
+    aligned: tuple[str, ...] | None = None,
+    max_registers: int = 0,
+) -> CompiledKernel:
     """Compile the ``@triton.jit`` kernel ``fn`` for ``target``; check that it fits the target's shared memory.
 
     ``signature`` maps each runtime argument to its Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``);
@@ -121,28 +142,40 @@ def compile_for_target(fn, signature: dict[str, str], constexprs: dict[str, int 
     >>> k.name, k.shared_bytes, k.spill_bytes, k.cubin[1:4]  # an ELF file
     ('copy', 0, 0, b'ELF')
     """
-    return compile_all([CompileJob(fn, signature, constexprs, num_warps, num_stages, aligned, max_registers)],
-                       target)[0]
+    return compile_all([CompileJob(fn, signature, constexprs, num_warps, num_stages, aligned, max_registers)], target)[
+        0
+    ]
 
 
 def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
     """``compile_for_target`` for several kernels at once: under the interpreter, in one child process."""
     if target.gpu is None:
-        raise BackendError(f"target {target.name!r} runs kernels in Triton's interpreter and has nothing to "
-                           f"compile for; cross-compile for a GPU target such as 'sm90' instead")
+        raise BackendError(
+            f"target {target.name!r} runs kernels in Triton's interpreter and has nothing to "
+            f"compile for; cross-compile for a GPU target such as 'sm90' instead"
+        )
     requests = []
     for job in jobs:
         missing = [name for name in job.fn.arg_names if name not in job.signature and name not in job.constexprs]
         if missing:
-            raise TypeError(f"kernel {job.fn.fn.__name__} has arguments {', '.join(missing)} that neither the "
-                            f"signature nor the constexprs give; add their types or values")
+            raise TypeError(
+                f"kernel {job.fn.fn.__name__} has arguments {', '.join(missing)} that neither the "
+                f"signature nor the constexprs give; add their types or values"
+            )
         aligned = job.aligned
         if aligned is None:
             aligned = tuple(name for name, ty in job.signature.items() if ty.startswith("*"))
-        requests.append({"signature": job.signature, "constexprs": job.constexprs,
-                         "target": list(dataclasses.astuple(target.gpu)), "num_warps": job.num_warps,
-                         "num_stages": job.num_stages, "aligned": list(aligned),
-                         "max_registers": job.max_registers})
+        requests.append(
+            {
+                "signature": job.signature,
+                "constexprs": job.constexprs,
+                "target": list(dataclasses.astuple(target.gpu)),
+                "num_warps": job.num_warps,
+                "num_stages": job.num_stages,
+                "aligned": list(aligned),
+                "max_registers": job.max_registers,
+            }
+        )
     if all(isinstance(job.fn, JITFunction) for job in jobs) and not triton.knobs.runtime.interpret:
         results = [triton_compile.compile_kernel(job.fn, **r) for job, r in zip(jobs, requests)]
     else:
@@ -152,10 +185,15 @@ def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
         facts["cubin"] = base64.b64decode(facts["cubin"])
         kernel = CompiledKernel(target=target.name, num_warps=job.num_warps, num_stages=job.num_stages, **facts)
         if target.smem_per_block is not None and kernel.shared_bytes > target.smem_per_block:
-            config = ", ".join([f"{k}={v}" for k, v in job.constexprs.items()] +
-                               [f"num_warps={job.num_warps}", f"num_stages={job.num_stages}"])
-            raise OutOfResourcesError(f"kernel {kernel.name} for {target.name} ({config}) shared memory",
-                                      kernel.shared_bytes, target.smem_per_block,
-                                      "Lower the block sizes or num_stages.")
+            config = ", ".join(
+                [f"{k}={v}" for k, v in job.constexprs.items()]
+                + [f"num_warps={job.num_warps}", f"num_stages={job.num_stages}"]
+            )
+            raise OutOfResourcesError(
+                f"kernel {kernel.name} for {target.name} ({config}) shared memory",
+                kernel.shared_bytes,
+                target.smem_per_block,
+                "Lower the block sizes or num_stages.",
+            )
         kernels.append(kernel)
     return kernels

@@ -45,9 +45,11 @@ from .specialise import ArgSpec
 FORMAT, FORMAT_VERSION = "einflash-aot", 1
 MANIFEST = "manifest.json"
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-GRIDS = {"forward": "(ceil(rows / BLOCK_M), programs, splits if SPLIT else 1) where rows, programs = "
-                    "(M·GROUP, B·Hkv) if PACK else (M, B·H)",
-         "combine": "(ceil(M / BLOCK_M), B·H, 1)"}
+GRIDS = {
+    "forward": "(ceil(rows / BLOCK_M), programs, splits if SPLIT else 1) where rows, programs = "
+    "(M·GROUP, B·Hkv) if PACK else (M, B·H)",
+    "combine": "(ceil(M / BLOCK_M), B·H, 1)",
+}
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -122,20 +124,35 @@ class Entry:
     @property
     def label(self) -> str:
         s, c = self.shape, self.schedule
-        return (f"{self.dtype} B={s.B} Hq={s.Hq} Hkv={s.Hkv} M={s.M} N={s.N} E={s.E} F={s.F} "
-                f"({'split-KV ×' + str(c.splits) if c.splits > 1 else 'fused'}, {c.block_m}×{c.block_n} tiles)")
+        return (
+            f"{self.dtype} B={s.B} Hq={s.Hq} Hkv={s.Hkv} M={s.M} N={s.N} E={s.E} F={s.F} "
+            f"({'split-KV ×' + str(c.splits) if c.splits > 1 else 'fused'}, {c.block_m}×{c.block_n} tiles)"
+        )
 
     def to_json(self) -> dict:
-        return {"shape": dataclasses.asdict(self.shape), "dtype": self.dtype, "inputs": self.inputs,
-                "dims": self.dims, "params": self.params, "schedule": dataclasses.asdict(self.schedule),
-                "launches": list(self.launches),
-                "grids": [list(g) for g in self.grids]}
+        return {
+            "shape": dataclasses.asdict(self.shape),
+            "dtype": self.dtype,
+            "inputs": self.inputs,
+            "dims": self.dims,
+            "params": self.params,
+            "schedule": dataclasses.asdict(self.schedule),
+            "launches": list(self.launches),
+            "grids": [list(g) for g in self.grids],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "Entry":
-        return cls(Shape(**d["shape"]), d["dtype"], dict(d["inputs"]), dict(d["dims"]), dict(d["params"]),
-                   Schedule(**d["schedule"]),
-                   tuple(d["launches"]), tuple(tuple(g) for g in d["grids"]))
+        return cls(
+            Shape(**d["shape"]),
+            d["dtype"],
+            dict(d["inputs"]),
+            dict(d["dims"]),
+            dict(d["params"]),
+            Schedule(**d["schedule"]),
+            tuple(d["launches"]),
+            tuple(tuple(g) for g in d["grids"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -151,16 +168,29 @@ class Manifest:
     kernels: dict[str, Kernel]
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "variant": self.variant, "key": self.key,
-                "declaration": self.declaration, "target": self.target, "versions": self.versions,
-                "entries": [e.to_json() for e in self.entries],
-                "kernels": {n: k.to_json() for n, k in self.kernels.items()}}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "variant": self.variant,
+            "key": self.key,
+            "declaration": self.declaration,
+            "target": self.target,
+            "versions": self.versions,
+            "entries": [e.to_json() for e in self.entries],
+            "kernels": {n: k.to_json() for n, k in self.kernels.items()},
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
-        return cls(d["variant"], d["key"], d["declaration"], dict(d["target"]), dict(d["versions"]),
-                   tuple(Entry.from_json(e) for e in d["entries"]),
-                   {n: Kernel.from_json(k) for n, k in d["kernels"].items()})
+        return cls(
+            d["variant"],
+            d["key"],
+            d["declaration"],
+            dict(d["target"]),
+            dict(d["versions"]),
+            tuple(Entry.from_json(e) for e in d["entries"]),
+            {n: Kernel.from_json(k) for n, k in d["kernels"].items()},
+        )
 
     def files(self) -> list[str]:
         """Every file the manifest names, relative to its directory."""
@@ -180,15 +210,26 @@ def versions() -> dict[str, str]:
         own = importlib.metadata.version("einflash")
     except importlib.metadata.PackageNotFoundError:
         own = "source tree (not installed)"
-    return {"einflash": own, "triton": triton.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "einflash": own,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def interface(src: KernelSource) -> dict:
     """What launching a kernel relies on besides its code: argument names and order, and what fills them."""
-    return {"arguments": list(src.signature.names), "constexpr_args": list(src.signature.constexpr),
-            "tensors": list(src.tensors), "params": list(src.params), "row_states": list(src.row_states),
-            "acc_states": list(src.acc_states), "split": src.split, "constexprs": [list(c) for c in src.constexprs]}
+    return {
+        "arguments": list(src.signature.names),
+        "constexpr_args": list(src.signature.constexpr),
+        "tensors": list(src.tensors),
+        "params": list(src.params),
+        "row_states": list(src.row_states),
+        "acc_states": list(src.acc_states),
+        "split": src.split,
+        "constexprs": [list(c) for c in src.constexprs],
+    }
 
 
 def read_manifest(directory: pathlib.Path) -> Manifest:
@@ -205,26 +246,35 @@ def read_manifest(directory: pathlib.Path) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AOTError(f"{path} is corrupt (not JSON: {e}); {redo}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise AOTError(f"{path} is not an einflash AOT manifest (its format is "
-                       f"{raw.get('format') if isinstance(raw, dict) else type(raw).__name__!r}, expected {FORMAT!r})")
+        raise AOTError(
+            f"{path} is not an einflash AOT manifest (its format is "
+            f"{raw.get('format') if isinstance(raw, dict) else type(raw).__name__!r}, expected {FORMAT!r})"
+        )
     if raw.get("format_version") != FORMAT_VERSION:
-        raise AOTError(f"{path} has format version {raw.get('format_version')!r}; this einflash reads version "
-                       f"{FORMAT_VERSION}; {redo}")
+        raise AOTError(
+            f"{path} has format version {raw.get('format_version')!r}; this einflash reads version "
+            f"{FORMAT_VERSION}; {redo}"
+        )
     try:
         manifest = Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise AOTError(f"{path} is malformed ({type(e).__name__}: {e}); {redo}") from None
     built = manifest.versions.get("triton")
     if built != triton.__version__:
-        raise AOTError(f"{directory} was built with Triton {built}, this process has Triton {triton.__version__}, "
-                       f"whose launcher may read its binaries differently; {redo} under this Triton")
+        raise AOTError(
+            f"{directory} was built with Triton {built}, this process has Triton {triton.__version__}, "
+            f"whose launcher may read its binaries differently; {redo} under this Triton"
+        )
     missing = [f for f in manifest.files() if not (path.parent / f).is_file()]
     if missing:
-        raise AOTError(f"{directory} lacks files its manifest names: {', '.join(missing[:5])}"
-                       f"{' ...' if len(missing) > 5 else ''}; {redo}")
+        raise AOTError(
+            f"{directory} lacks files its manifest names: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; {redo}"
+        )
     for k in manifest.kernels.values():
         for b in k.binaries:
             if hashlib.sha256((path.parent / b.cubin).read_bytes()).hexdigest() != b.sha256:
-                raise AOTError(f"{path.parent / b.cubin} does not match its checksum in the manifest (corrupt or "
-                               f"replaced); {redo}")
+                raise AOTError(
+                    f"{path.parent / b.cubin} does not match its checksum in the manifest (corrupt or replaced); {redo}"
+                )
     return manifest

@@ -23,9 +23,18 @@ import torch
 from ...errors import LoweringError
 
 DIVISOR = 16  # what Triton's "divisible" attribute promises: bytes for a pointer, units for an integer
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
-                torch.bool: "i1"}
+TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 _INT_TYPES = ("i32", "i64", "u64")
 _STRIDE = re.compile(r"stride_(wsp?_)?(\w+?)_(\d+)")  # stride_<tensor>_<dim>; ws: a workspace
 
@@ -62,7 +71,7 @@ class ArgSpec:
 
 
 def _int_type(x: int) -> str:
-    if -2**31 <= x < 2**31:
+    if -(2**31) <= x < 2**31:
         return "i32"
     return "i64" if x < 2**63 else "u64"
 
@@ -83,8 +92,9 @@ def of_value(name: str, x) -> ArgSpec:
         return ArgSpec(name, _int_type(x), divisible=x % DIVISOR == 0)
     if isinstance(x, float):
         return ArgSpec(name, "fp32")
-    raise LoweringError(f"{name}: a kernel argument must be a tensor, an int, a float, a bool or None, "
-                        f"got {type(x).__name__}")
+    raise LoweringError(
+        f"{name}: a kernel argument must be a tensor, an int, a float, a bool or None, got {type(x).__name__}"
+    )
 
 
 def specialise(args: dict[str, object], constexpr_args) -> tuple[ArgSpec, ...]:
@@ -110,8 +120,11 @@ def common(*specs: tuple[ArgSpec, ...]) -> tuple[ArgSpec, ...]:
         if all(s == first for s in column):
             out.append(first)
             continue
-        ints = [s.type if s.type != "constexpr" else _int_type(s.value) for s in column
-                if s.type in _INT_TYPES or (s.type == "constexpr" and type(s.value) is int)]
+        ints = [
+            s.type if s.type != "constexpr" else _int_type(s.value)
+            for s in column
+            if s.type in _INT_TYPES or (s.type == "constexpr" and type(s.value) is int)
+        ]
         pointers = {s.type for s in column if s.type.startswith("*")}
         if len(ints) == len(column):
             widest = max(ints, key=_INT_TYPES.index)
@@ -120,8 +133,10 @@ def common(*specs: tuple[ArgSpec, ...]) -> tuple[ArgSpec, ...]:
         elif len(pointers) == 1 and all(s.type.startswith("*") for s in column):
             out.append(ArgSpec(first.name, first.type, divisible=all(s.divisible for s in column)))
         else:
-            raise LoweringError(f"argument {first.name} is {' / '.join(map(str, column))} across the shapes; "
-                                f"one binary cannot serve them all")
+            raise LoweringError(
+                f"argument {first.name} is {' / '.join(map(str, column))} across the shapes; "
+                f"one binary cannot serve them all"
+            )
     return tuple(out)
 
 
@@ -148,8 +163,10 @@ def misfit(spec: ArgSpec, x, last: bool = False) -> str | None:
         if got != spec.type:
             return f"{what} must be {spec.type[1:]} ({_torch_name(spec.type[1:])}); got {x.dtype}"
         if spec.divisible and x.data_ptr() % DIVISOR:
-            return (f"{what} must start at a 16-byte aligned address; got one {x.data_ptr() % DIVISOR} bytes past "
-                    f"(a view with an offset?): call .contiguous() or .clone() on it")
+            return (
+                f"{what} must start at a 16-byte aligned address; got one {x.data_ptr() % DIVISOR} bytes past "
+                f"(a view with an offset?): call .contiguous() or .clone() on it"
+            )
         return None
     if spec.type in _INT_TYPES:
         if isinstance(x, bool) or not isinstance(x, int):
@@ -177,9 +194,16 @@ def first_misfit(specs: tuple[ArgSpec, ...], args: dict[str, object]) -> str | N
     return next((why for s in specs if (why := misfit(s, args[s.name], s.name in last.values())) is not None), None)
 
 
-_NAMES = {"M": "the query length M", "N": "the key length N", "H": "the query head count H",
-          "GROUP": "the GQA group size (query heads per kv head)", "TILES_PER_SPLIT": "the key tiles per split",
-          "SPLITS": "the split count", "out_ptr": "the output", "visits_ptr": "the visit counter"}
+_NAMES = {
+    "M": "the query length M",
+    "N": "the key length N",
+    "H": "the query head count H",
+    "GROUP": "the GQA group size (query heads per kv head)",
+    "TILES_PER_SPLIT": "the key tiles per split",
+    "SPLITS": "the split count",
+    "out_ptr": "the output",
+    "visits_ptr": "the visit counter",
+}
 
 
 def describe(name: str) -> str:

@@ -27,8 +27,9 @@ ZERO, ONE = Const(0.0), Const(1.0)
 def _local_derivative(op: str, i: int) -> tuple[sympy.Expr, tuple[sympy.Symbol, ...], sympy.Symbol]:
     """∂op/∂(argument i) as sympy over argument symbols ``xs`` and the operator's value ``y``."""
     arity = OPERATORS[op].arity
-    xs = tuple(sympy.Symbol(f"x{j}") if (op == "where" and j == 0) else sympy.Symbol(f"x{j}", real=True)
-               for j in range(arity))
+    xs = tuple(
+        sympy.Symbol(f"x{j}") if (op == "where" and j == 0) else sympy.Symbol(f"x{j}", real=True) for j in range(arity)
+    )
     y = sympy.Symbol("y", real=True)
     f = OPERATORS[op].sympy(*xs)
     d = sympy.diff(f, xs[i]).replace(sympy.DiracDelta, lambda *_: sympy.Integer(0))
@@ -54,7 +55,7 @@ def _through_value(d: sympy.Expr, f: sympy.Expr, xs, y: sympy.Symbol) -> sympy.E
         coef = [sympy.nsimplify(float(cf), rational=True, tolerance=1e-12) for cf in rows.LUsolve(rhs)]
     except (ValueError, ZeroDivisionError, TypeError):
         return shorter
-    poly = coef[0] + coef[1] * y + coef[2] * y ** 2
+    poly = coef[0] + coef[1] * y + coef[2] * y**2
     if sympy.simplify(d - poly.subs(y, f)) == 0:
         return poly
     return shorter
@@ -120,8 +121,10 @@ def partial_derivatives(expr: Expr, value: Expr | None = None) -> dict[Read, Exp
         if not isinstance(node, Call) or OPERATORS[node.op].boolean:
             return
         if node.merge is not Merge.ALL:
-            raise DifferentiationError(f"{node.op}∪ merges absent values; the gradient of a running-state update "
-                                       f"is not defined (differentiate the cascade before it is streamed)")
+            raise DifferentiationError(
+                f"{node.op}∪ merges absent values; the gradient of a running-state update "
+                f"is not defined (differentiate the cascade before it is streamed)"
+            )
         for i, arg in enumerate(node.args):
             if node.op == "where" and i == 0:
                 continue

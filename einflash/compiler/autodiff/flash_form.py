@@ -26,8 +26,16 @@ from ..rewrite.strength import LOG2E
 def inline_row_products(c: Cascade) -> Cascade:
     """Row-level products (``d_o·(1/den)``) written into the Einsums that read them, so that a contraction takes
     the row factor out of the dot and keeps the loaded operand as it is (no product tile to stage)."""
-    products = {e.out: e.expr for e in c.einsums if e.reduce is None and e.where is None and e.out not in c.outputs
-                and STREAM not in e.iteration_ranks and isinstance(e.expr, Call) and e.expr.op in ("mul", "div")}
+    products = {
+        e.out: e.expr
+        for e in c.einsums
+        if e.reduce is None
+        and e.where is None
+        and e.out not in c.outputs
+        and STREAM not in e.iteration_ranks
+        and isinstance(e.expr, Call)
+        and e.expr.op in ("mul", "div")
+    }
 
     def sub(x):
         if c.is_plain(x) and x.tensor in products:
@@ -38,15 +46,20 @@ def inline_row_products(c: Cascade) -> Cascade:
     return prune(replace(c, einsums=einsums))
 
 
-
 def _row_tensor(c: Cascade, name: str) -> bool:
     return tuple(r for r in c.tensor(name).ranks if r not in PARALLEL) == ("m",)
 
 
 def _is_reciprocal(e: Einsum) -> bool:
     x = e.expr
-    return e.reduce is None and e.where is None and isinstance(x, Call) and x.op == "div" \
-        and x.args[0] == Const(1.0) and isinstance(x.args[1], Read)
+    return (
+        e.reduce is None
+        and e.where is None
+        and isinstance(x, Call)
+        and x.op == "div"
+        and x.args[0] == Const(1.0)
+        and isinstance(x.args[1], Read)
+    )
 
 
 def precomputed_row_map(e: Einsum) -> bool:
@@ -98,7 +111,7 @@ def row_reciprocals(c: Cascade) -> Cascade:
 def _without(fs: list, factor: Expr, exponent: int) -> list | None:
     """The factors ``fs`` less one occurrence of ``factor``**``exponent`` (None: it has none)."""
     i = next((i for i, (f, k) in enumerate(fs) if f == factor and k == exponent), None)
-    return None if i is None else [fk for fk in fs[:i] + fs[i + 1:] if fk[0] != Const(1.0)]
+    return None if i is None else [fk for fk in fs[:i] + fs[i + 1 :] if fk[0] != Const(1.0)]
 
 
 def normalised_exponentials(c: Cascade) -> Cascade:
@@ -115,8 +128,14 @@ def normalised_exponentials(c: Cascade) -> Cascade:
     """
     for dn in c.einsums:
         x = dn.expr
-        if not (dn.reduce is None and dn.where is None and isinstance(x, Call) and x.op == "add"
-                and x.merge is Merge.ANY and all(c.is_plain(a) for a in x.args)):
+        if not (
+            dn.reduce is None
+            and dn.where is None
+            and isinstance(x, Call)
+            and x.op == "add"
+            and x.merge is Merge.ANY
+            and all(c.is_plain(a) for a in x.args)
+        ):
             continue
         found = _normalised_match(c, dn)
         if found is not None:
@@ -131,12 +150,27 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     if _row_tensor(c, y):
         y, r = r, y
     dp, rp = c.producer(y), c.producer(r)
-    if not _row_tensor(c, r) or dp is None or rp is None or rp.reduce is None or rp.reduce.op != "sum" \
-            or dp.reduce is None or dp.reduce.op != "sum" or len(c.producers(y)) != 1 or len(c.producers(r)) != 1:
+    if (
+        not _row_tensor(c, r)
+        or dp is None
+        or rp is None
+        or rp.reduce is None
+        or rp.reduce.op != "sum"
+        or dp.reduce is None
+        or dp.reduce.op != "sum"
+        or len(c.producers(y)) != 1
+        or len(c.producers(r)) != 1
+    ):
         return None
     # y = Σ_f acc·v with acc = g/den
-    acc = next((f for f, k in factors(dp.expr) if k == 1 and c.is_plain(f) and c.producer(f.tensor) is not None
-                and c.producer(f.tensor).reduce is None), None)
+    acc = next(
+        (
+            f
+            for f, k in factors(dp.expr)
+            if k == 1 and c.is_plain(f) and c.producer(f.tensor) is not None and c.producer(f.tensor).reduce is None
+        ),
+        None,
+    )
     if acc is None:
         return None
     pa = c.producer(acc.tensor)
@@ -150,19 +184,38 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     if len(users) != 1 or users[0].reduce is not None or r_scaled is None:
         return None
     dx = users[0]
-    num = next((f for f, k in factors(dx.expr) if k == 1 and c.is_plain(f) and f.tensor != dn.out
-                and c.producer(f.tensor) is not None and isinstance(c.producer(f.tensor).expr, Call)
-                and c.producer(f.tensor).expr.op == "exp2"), None)
+    num = next(
+        (
+            f
+            for f, k in factors(dx.expr)
+            if k == 1
+            and c.is_plain(f)
+            and f.tensor != dn.out
+            and c.producer(f.tensor) is not None
+            and isinstance(c.producer(f.tensor).expr, Call)
+            and c.producer(f.tensor).expr.op == "exp2"
+        ),
+        None,
+    )
     if num is None or _without(factors(dx.expr), plain_read(c.tensor(dn.out)), 1) is None:
         return None
     pn = c.producer(num.tensor)
     dv = [e for e in c.consumers(num.tensor) if e is not dx]
     rest = None if len(dv) != 1 else _without(factors(dv[0].expr), num, 1)  # d_v's summand without num
-    if len(c.producers(num.tensor)) != 1 or pn.reduce is not None or rest is None or dv[0].reduce is None \
-            or _without(rest, acc, 1) is None:
+    if (
+        len(c.producers(num.tensor)) != 1
+        or pn.reduce is not None
+        or rest is None
+        or dv[0].reduce is None
+        or _without(rest, acc, 1) is None
+    ):
         return None
-    if {e.out for e in c.consumers(acc.tensor)} != {y, dv[0].out} or c.consumers(y) != [dn] \
-            or c.consumers(r) != [dn] or any(dn.out == o or num.tensor == o for o in c.outputs):
+    if (
+        {e.out for e in c.consumers(acc.tensor)} != {y, dv[0].out}
+        or c.consumers(y) != [dn]
+        or c.consumers(r) != [dn]
+        or any(dn.out == o or num.tensor == o for o in c.outputs)
+    ):
         return None
     taken: set[str] = set()
 
@@ -174,8 +227,12 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     lse = name("lse2")
     log2_den = call("mul", call("log", den), Const(LOG2E))
     arg = pn.expr.args[0]
-    row = isinstance(arg, Call) and arg.op == "sub" and arg.merge is Merge.ALL \
+    row = (
+        isinstance(arg, Call)
+        and arg.op == "sub"
+        and arg.merge is Merge.ALL
         and free_ranks(arg.args[1]) <= set(c.tensor(den.tensor).ranks)
+    )
     lse_expr = call("add", arg.args[1], log2_den) if row else log2_den
     lse_read = plain_read(TensorDecl(lse, c.tensor(den.tensor).ranks))
     shifted = call("sub", arg.args[0] if row else arg, lse_read)
@@ -187,12 +244,13 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
         return None
 
     lse_einsum = Einsum(lse, c.tensor(den.tensor).ranks, lse_expr, line=pn.line)
-    rewritten = {pn.out: replace(pn, out=p, expr=call("exp2", shifted)),
-                 dp.out: replace(dp, out=y2, expr=transform(dp.expr, sub)),
-                 rp.out: replace(rp, out=r2, expr=product(r_scaled)),
-                 dn.out: replace(dn, out=dn2, expr=transform(dn.expr, sub))}
-    einsums = [rewritten.get(e.out, replace(e, expr=transform(e.expr, sub))) for e in c.einsums
-               if e.out != acc.tensor]
+    rewritten = {
+        pn.out: replace(pn, out=p, expr=call("exp2", shifted)),
+        dp.out: replace(dp, out=y2, expr=transform(dp.expr, sub)),
+        rp.out: replace(rp, out=r2, expr=product(r_scaled)),
+        dn.out: replace(dn, out=dn2, expr=transform(dn.expr, sub)),
+    }
+    einsums = [rewritten.get(e.out, replace(e, expr=transform(e.expr, sub))) for e in c.einsums if e.out != acc.tensor]
     # lse2 after what it reads, p after lse2: both before p's readers, which come after the adjoint (it reads den)
     read = {x.tensor for x in reads(lse_expr)}
     einsums.insert(1 + max(i for i, e in enumerate(einsums) if e.out in read), lse_einsum)
@@ -212,8 +270,13 @@ def fold_scalar_chains(c: Cascade) -> Cascade:
     the chain rule through exp2 and the base-2 scaling leaves constants that cancel."""
 
     def is_product(e: Einsum) -> bool:
-        return e.reduce is None and e.where is None and isinstance(e.expr, Call) and e.expr.op in ("mul", "div") \
+        return (
+            e.reduce is None
+            and e.where is None
+            and isinstance(e.expr, Call)
+            and e.expr.op in ("mul", "div")
             and e.expr.merge is Merge.ALL
+        )
 
     einsums = list(c.einsums)
     changed = True
@@ -257,22 +320,35 @@ def scalars_after_sums(c: Cascade) -> Cascade:
             if k != 1 or not c.is_plain(a):
                 continue
             t = a.tensor
-            while len(c.consumers(t)) == 1 and c.producer(t) is not None and c.producer(t).where is not None \
-                    and c.producer(t).reduce is None and c.is_plain(c.producer(t).expr):
+            while (
+                len(c.consumers(t)) == 1
+                and c.producer(t) is not None
+                and c.producer(t).where is not None
+                and c.producer(t).reduce is None
+                and c.is_plain(c.producer(t).expr)
+            ):
                 t = c.producer(t).expr.tensor  # through a mask to what it masks
             made = c.producer(t)
             fs = [] if made is None else factors(made.expr)
             scalars = [(f, j) for f, j in fs if rank_free(f)]
-            if made is None or made.reduce is not None or made.where is not None or not scalars \
-                    or len(scalars) == len(fs) or len(c.consumers(t)) != 1 or len(c.consumers(a.tensor)) != 1:
+            if (
+                made is None
+                or made.reduce is not None
+                or made.where is not None
+                or not scalars
+                or len(scalars) == len(fs)
+                or len(c.consumers(t)) != 1
+                or len(c.consumers(a.tensor)) != 1
+            ):
                 continue
             taken.add(raw := fresh_name(c, f"{e.out}__sum", taken))
             tensors.append(TensorDecl(raw, c.tensor(e.out).ranks))
             at = einsums.index(e)
             einsums[einsums.index(made)] = replace(made, expr=product([f for f in fs if f not in scalars]))
-            einsums[at:at + 1] = [replace(e, out=raw),
-                                  Einsum(e.out, e.ranks, call("mul", plain_read(tensors[-1]), product(scalars)),
-                                         line=e.line)]
+            einsums[at : at + 1] = [
+                replace(e, out=raw),
+                Einsum(e.out, e.ranks, call("mul", plain_read(tensors[-1]), product(scalars)), line=e.line),
+            ]
             break
     if not taken:
         return c

@@ -51,6 +51,7 @@ from ...ir.algebra import correction, ratio
 from ..rewrite.online import inline_body
 from ..rewrite.names import fresh_name
 from .derivatives import ONE, ZERO, simplified_mul, partial_derivatives
+
 KERNELS = ("rows", "q", "kv")  # row-level terms; per query tile streaming keys; per key tile streaming queries
 
 
@@ -101,9 +102,11 @@ class Invariance:
         at = f" (line {self.line})" if self.line else ""
         sums = " and ".join(s for s, _ in self.factors) or "no sum"
         factors = sorted({f for _, f in self.factors})
-        return (f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
-                f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
-                f"output is invariant under that rescaling")
+        return (
+            f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
+            f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
+            f"output is invariant under that rescaling"
+        )
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,6 @@ def _derivative(e: Einsum) -> Expr | None:
     return transform(d.derivative, lambda x: (e.expr if x.name == "a" else result) if isinstance(x, Param) else None)
 
 
-
 def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
     """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
@@ -174,18 +176,27 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
     def fail(why: str):
         names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
         own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
-        hint = f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: " \
-               f"ef.reducer(..., derivative=...)" if own else ""
-        raise DifferentiationError(f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
-                                   f"({why}); the gradient through a reduction over n other than a sum is "
-                                   f"implemented only where that invariance holds (the max of a softmax){hint}")
+        hint = (
+            f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: "
+            f"ef.reducer(..., derivative=...)"
+            if own
+            else ""
+        )
+        raise DifferentiationError(
+            f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
+            f"({why}); the gradient through a reduction over n other than a sum is "
+            f"implemented only where that invariance holds (the max of a softmax){hint}"
+        )
 
     factors: dict[str, Expr] = {}
     for e in late:
         body = inline_body(c, e, derived | late_names, pair_maps)
         used = {r.tensor for r in reads(body) if r.tensor in derived}
-        hidden = [r.tensor for r in reads(body) if r.tensor not in derived and c.tensor(r.tensor).role is not
-                  Role.INPUT and c.depends_on(r.tensor, derived)]
+        hidden = [
+            r.tensor
+            for r in reads(body)
+            if r.tensor not in derived and c.tensor(r.tensor).role is not Role.INPUT and c.depends_on(r.tensor, derived)
+        ]
         if hidden:
             fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
         if e.reduce.op != "sum" and _derivative(e) is None:
@@ -198,11 +209,17 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
         factors[e.out] = r
     out = c.producer(c.outputs[0])
     row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
-    expr = inline_body(c, out, late_names | derived, row_maps - derived) if out.out not in late_names \
+    expr = (
+        inline_body(c, out, late_names | derived, row_maps - derived)
+        if out.out not in late_names
         else Read(out.out, tuple(coord(r) for r in out.ranks))
+    )
     for r in reads(expr):
-        if r.tensor not in late_names | derived and c.tensor(r.tensor).role is not Role.INPUT \
-                and c.depends_on(r.tensor, late_names):
+        if (
+            r.tensor not in late_names | derived
+            and c.tensor(r.tensor).role is not Role.INPUT
+            and c.depends_on(r.tensor, late_names)
+        ):
             fail(f"the output reads {r.tensor}, a reduction of values that depend on them")
     symbols: dict = {}
 
@@ -219,6 +236,7 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
             if phase == "new" and isinstance(x, Read) and x.tensor in factors and not x.prev:
                 return sym * to_sympy(factors[x.tensor], leaf("factor"))
             return sym
+
         return fn
 
     old = to_sympy(expr, leaf("old"))
@@ -230,8 +248,12 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
     proofs = []
     for e in shifted:
         mine = {x.out for x in c.einsums if x.out in derived and (x.out == e.out or c.depends_on(x.out, {e.out}))}
-        readers = [(s, format_expr(r)) for s, r in factors.items() if r != ONE and any(
-            t.tensor in mine for t in reads(inline_body(c, c.producer(s), derived | late_names, pair_maps)))]
+        readers = [
+            (s, format_expr(r))
+            for s, r in factors.items()
+            if r != ONE
+            and any(t.tensor in mine for t in reads(inline_body(c, c.producer(s), derived | late_names, pair_maps)))
+        ]
         proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
     return frozenset(derived), tuple(proofs)
 
@@ -253,21 +275,33 @@ class _Builder:
         self.taken.add(name)
         return name
 
-    def einsum(self, base: str, ranks: tuple[str, ...], expr: Expr, reduced: tuple[str, ...] = (),
-               where: Expr | None = None, line: int | None = None) -> Read:
+    def einsum(
+        self,
+        base: str,
+        ranks: tuple[str, ...],
+        expr: Expr,
+        reduced: tuple[str, ...] = (),
+        where: Expr | None = None,
+        line: int | None = None,
+    ) -> Read:
         name = self.fresh(base)
         ranks = rank_order(ranks)
         self.tensors.append(TensorDecl(name, ranks))
-        self.einsums.append(Einsum(name, ranks, expr, Reduction("sum", rank_order(reduced)) if reduced else None,
-                                   where, line=line))
+        self.einsums.append(
+            Einsum(name, ranks, expr, Reduction("sum", rank_order(reduced)) if reduced else None, where, line=line)
+        )
         return Read(name, tuple(coord(r) for r in ranks))
 
     def total(self, base: str, ranks: tuple[str, ...], terms: list[Expr], line: int | None = None) -> Read:
         """The sum of ``terms`` as tensor ``base``; a single term made here is renamed rather than copied."""
         ranks = rank_order(ranks)
         made = {e.out: i for i, e in enumerate(self.einsums)}
-        if len(terms) == 1 and isinstance(terms[0], Read) and terms[0].tensor in made \
-                and self.einsums[made[terms[0].tensor]].ranks == ranks:
+        if (
+            len(terms) == 1
+            and isinstance(terms[0], Read)
+            and terms[0].tensor in made
+            and self.einsums[made[terms[0].tensor]].ranks == ranks
+        ):
             i, name = made[terms[0].tensor], self.fresh(base)
             self.einsums[i] = replace(self.einsums[i], out=name)
             self.tensors = [replace(t, name=name) if t.name == terms[0].tensor else t for t in self.tensors]
@@ -289,12 +323,16 @@ def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
     for i, own in zip(leaf.index, decl.ranks):
         names = [s.name for s in sympy.sympify(i).free_symbols]
         if len(names) != 1 or i != coord(names[0]):
-            raise DifferentiationError(f"{c.name}: {leaf.tensor} is read at index {i} for its rank {own}; the "
-                                       f"gradient of a shifted or computed read is not implemented")
+            raise DifferentiationError(
+                f"{c.name}: {leaf.tensor} is read at index {i} for its rank {own}; the "
+                f"gradient of a shifted or computed read is not implemented"
+            )
         pairs.append((names[0], own))
     if len({a for a, _ in pairs}) != len(pairs):
-        raise DifferentiationError(f"{c.name}: {leaf.tensor} is read with a repeated index "
-                                   f"{tuple(map(str, leaf.index))}; its gradient is not implemented")
+        raise DifferentiationError(
+            f"{c.name}: {leaf.tensor} is read with a repeated index "
+            f"{tuple(map(str, leaf.index))}; its gradient is not implemented"
+        )
     return tuple((a, b) for a, b in pairs if a != b)
 
 
@@ -313,8 +351,10 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
     late = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
     for e in late:
         if e.out not in states or set(e.reduce.ranks) != {STREAM}:
-            raise DifferentiationError(f"{c.name}: {e.out} is a reduction over n that the one-pass forward does "
-                                       f"not keep as a running state; its gradient would need another pass")
+            raise DifferentiationError(
+                f"{c.name}: {e.out} is a reduction over n that the one-pass forward does "
+                f"not keep as a running state; its gradient would need another pass"
+            )
     late_names = {e.out for e in late}
     zero, proofs = _invariant_reductions(c, late)
     out_name = c.outputs[0]
@@ -329,13 +369,17 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             continue
         derivative = None if e.reduce is None else _derivative(e)
         if e.reduce is not None and derivative is None:
-            raise DifferentiationError(f"{c.where(e)}: the gradient through a {e.reduce.op} over "
-                                       f"{', '.join(e.reduce.ranks)} is not implemented (a reducer of your own "
-                                       f"is differentiable with its derivative declared: ef.reducer(..., "
-                                       f"derivative=...))")
+            raise DifferentiationError(
+                f"{c.where(e)}: the gradient through a {e.reduce.op} over "
+                f"{', '.join(e.reduce.ranks)} is not implemented (a reducer of your own "
+                f"is differentiable with its derivative declared: ef.reducer(..., "
+                f"derivative=...))"
+            )
         g = _materialise(b, c.tensor(e.out), terms, e.line)
         if derivative is not None and derivative != Const(1.0):
-            g = simplified_mul(g, derivative)  # the adjoint of each reduced element: of the result times ∂result/∂element
+            g = simplified_mul(
+                g, derivative
+            )  # the adjoint of each reduced element: of the result times ∂result/∂element
         its = e.iteration_ranks
         value = plain_read(c.tensor(e.out)) if e.reduce is None else None
         for leaf, d in partial_derivatives(e.expr, value).items():
@@ -350,8 +394,10 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                 keep = index_ranks(leaf.index) | (set(PARALLEL) & its)
             else:
                 if tuple(leaf.index) != tuple(coord(r) for r in decl.ranks):
-                    raise DifferentiationError(f"{c.where(e)}: reads {leaf.tensor} at {leaf.index}, not at its own "
-                                               f"coordinates; the gradient of such a read is not implemented")
+                    raise DifferentiationError(
+                        f"{c.where(e)}: reads {leaf.tensor} at {leaf.index}, not at its own "
+                        f"coordinates; the gradient of such a read is not implemented"
+                    )
                 keep = set(decl.ranks)
             reduced = tuple(its - keep)
             ratio = _row_ratio(d, e) if STREAM in reduced and decl.role is not Role.INPUT else None
@@ -362,8 +408,10 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                 reduced = tuple(r for r in reduced if r != STREAM)
             covered = free_ranks(term) | (free_ranks(e.where) if e.where is not None else frozenset())
             if set(reduced) - covered:
-                raise DifferentiationError(f"{c.where(e)}: the adjoint of {leaf.tensor} is constant along "
-                                           f"{', '.join(sorted(set(reduced) - covered))}; not implemented")
+                raise DifferentiationError(
+                    f"{c.where(e)}: the adjoint of {leaf.tensor} is constant along "
+                    f"{', '.join(sorted(set(reduced) - covered))}; not implemented"
+                )
             if reduced or e.where is not None:
                 term = b.einsum(f"d_{leaf.tensor}__{e.out}", tuple(keep), term, reduced, e.where, e.line)
             if decl.role is Role.INPUT:
@@ -389,8 +437,7 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
     return b.total(f"d_{decl.name}", decl.ranks, terms, line)
 
 
-def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tuple[Partial, ...],
-              proofs) -> Gradient:
+def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tuple[Partial, ...], proofs) -> Gradient:
     """Recomputation of the forward's values (reductions over n read from the saved states), then the adjoints;
     whatever the partials do not need is dropped."""
     out_name = c.outputs[0]
@@ -407,20 +454,31 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
             rows = tuple(r for r in t.ranks if r in PARALLEL or r == "m")
             inputs += [TensorDecl(value, t.ranks, Role.INPUT), TensorDecl(present, rows, Role.INPUT)]
             state = SavedState(e.out, t.ranks, _init(c, e), value, present)
-            recompute.append(Einsum(e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)),
-                                    where=presence_predicate(state), line=e.line))
+            recompute.append(
+                Einsum(
+                    e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)), where=presence_predicate(state), line=e.line
+                )
+            )
             saved.append(state)
             continue
         recompute.append(e)
     out_decl = c.tensor(out_name)
-    inputs += [TensorDecl(d_out, out_decl.ranks, Role.INPUT, Layout.QUERY),
-               TensorDecl(out_name, out_decl.ranks, Role.INPUT, Layout.QUERY)]
-    intermediates = [TensorDecl(t.name, t.ranks) for t in c.tensors if t.role is not Role.INPUT
-                     and t.name != out_name]
+    inputs += [
+        TensorDecl(d_out, out_decl.ranks, Role.INPUT, Layout.QUERY),
+        TensorDecl(out_name, out_decl.ranks, Role.INPUT, Layout.QUERY),
+    ]
+    intermediates = [TensorDecl(t.name, t.ranks) for t in c.tensors if t.role is not Role.INPUT and t.name != out_name]
     einsums = recompute + b.einsums
     tensors = inputs + intermediates + b.tensors
-    g = Cascade(f"{c.name}_grad", c.ranks, tuple(tensors), c.params, tuple(einsums), tuple(p.name for p in partials),
-                source=c.source)
+    g = Cascade(
+        f"{c.name}_grad",
+        c.ranks,
+        tuple(tensors),
+        c.params,
+        tuple(einsums),
+        tuple(p.name for p in partials),
+        source=c.source,
+    )
     g = prune(g)
     used = {t.name for t in g.tensors}
     saved = [s for s in saved if s.value in used]
@@ -449,15 +507,23 @@ def prune(g: Cascade) -> Cascade:
             needed |= {r.tensor for r in e.reads()}
     keep.reverse()
     names = needed | {e.out for e in keep}
-    return Cascade(g.name, g.ranks, tuple(t for t in g.tensors if t.name in names), g.params, tuple(keep),
-                   g.outputs, source=g.source)
+    return Cascade(
+        g.name,
+        g.ranks,
+        tuple(t for t in g.tensors if t.name in names),
+        g.params,
+        tuple(keep),
+        g.outputs,
+        source=g.source,
+    )
 
 
 # -- running the gradient cascade on the reference executor ------------------------------------------
 
 
-def saved_states(g: Gradient, streamed: Cascade, inputs: dict[str, torch.Tensor], params: dict,
-                 dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+def saved_states(
+    g: Gradient, streamed: Cascade, inputs: dict[str, torch.Tensor], params: dict, dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
     """The saved states' inputs (values and presence flags) from the reference run of the streamed forward."""
     env = evaluate(streamed, inputs, params, dtype=dtype)
     out = {}
@@ -472,9 +538,15 @@ def saved_states(g: Gradient, streamed: Cascade, inputs: dict[str, torch.Tensor]
     return out
 
 
-def reference_partials(g: Gradient, inputs: dict[str, torch.Tensor], params: dict, grad_output: torch.Tensor,
-                       output: torch.Tensor, saved: dict[str, torch.Tensor],
-                       dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+def reference_partials(
+    g: Gradient,
+    inputs: dict[str, torch.Tensor],
+    params: dict,
+    grad_output: torch.Tensor,
+    output: torch.Tensor,
+    saved: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
     """The partials, by the reference executor: each ``[B, H, ...]`` over its ranks in order (absent as 0)."""
     given = {t.name: inputs[t.name] for t in g.forward.inputs if g.cascade.has_tensor(t.name)}
     given[g.grad_output] = grad_output
@@ -492,8 +564,13 @@ def reference_partials(g: Gradient, inputs: dict[str, torch.Tensor], params: dic
     return out
 
 
-def finish(g: Gradient, partials: dict[str, torch.Tensor], labels: dict[str, tuple[str, ...]],
-           inputs: dict[str, torch.Tensor], wanted: set[str] | None = None) -> dict[str, torch.Tensor | None]:
+def finish(
+    g: Gradient,
+    partials: dict[str, torch.Tensor],
+    labels: dict[str, tuple[str, ...]],
+    inputs: dict[str, torch.Tensor],
+    wanted: set[str] | None = None,
+) -> dict[str, torch.Tensor | None]:
     """Each input's gradient in its own shape and dtype, from the partials.
 
     ``labels[name]`` names the dimensions of partial ``name``: its ranks, with ``p`` for a dimension

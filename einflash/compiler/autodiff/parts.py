@@ -19,8 +19,14 @@ from ...ir.ranks import STREAM, rank_order
 from ...ir.validate import validate
 from .gradient import Gradient, prune
 from ..rewrite.names import fresh_name
-from .flash_form import (precomputed_row_map, fold_scalar_chains, inline_row_products, normalised_exponentials,
-    row_reciprocals, scalars_after_sums)
+from .flash_form import (
+    precomputed_row_map,
+    fold_scalar_chains,
+    inline_row_products,
+    normalised_exponentials,
+    row_reciprocals,
+    scalars_after_sums,
+)
 
 
 # -- the kernels' parts of the gradient cascade -------------------------------------------------
@@ -97,13 +103,19 @@ def parts_of(g: Gradient) -> Parts:
     given = set(row_terms)
     kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
     both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
+
     def streamed(part, order, hoist=True):
         part = part and fold_scalar_chains(inline_row_products(part))
         # not for the atomic schedule's kernel: its query-side sums are added per tile, with no after
         return part and one_rank_reductions(scalars_after_sums(part) if hoist else part, order)
 
-    return Parts(rows and one_rank_reductions(rows, ("m",)), streamed(kv, ("m", "n")), streamed(q, ("n", "m")),
-                 streamed(both, ("m", "n"), hoist=False), row_terms)
+    return Parts(
+        rows and one_rank_reductions(rows, ("m",)),
+        streamed(kv, ("m", "n")),
+        streamed(q, ("n", "m")),
+        streamed(both, ("m", "n"), hoist=False),
+        row_terms,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,8 +141,10 @@ def loop_over(c: Cascade, rank: str) -> Looped:
         if e.out in iterating:
             late = reads & (set(sums) | after)
             if late:
-                raise LoweringError(f"{c.where(e)}: reads {sorted(late)[0]}, a sum over all of {rank}; the "
-                                    f"gradient would need another pass over {rank}")
+                raise LoweringError(
+                    f"{c.where(e)}: reads {sorted(late)[0]}, a sum over all of {rank}; the "
+                    f"gradient would need another pass over {rank}"
+                )
             if e.reduce is not None and rank in e.reduce.ranks:
                 chunk = fresh_name(c, f"{e.out}_chunk", taken)
                 taken.add(chunk)
@@ -138,8 +152,9 @@ def loop_over(c: Cascade, rank: str) -> Looped:
                 tensors = [replace(t, role=Role.STATE, init=0.0) if t.name == e.out else t for t in tensors]
                 tensors.append(TensorDecl(chunk, decl.ranks))
                 loop.append(replace(e, out=chunk, loop=True))
-                update = call("add", plain_read(decl, prev=True), plain_read(TensorDecl(chunk, decl.ranks)),
-                              merge=Merge.ANY)
+                update = call(
+                    "add", plain_read(decl, prev=True), plain_read(TensorDecl(chunk, decl.ranks)), merge=Merge.ANY
+                )
                 loop.append(Einsum(e.out, e.ranks, update, loop=True, line=e.line))
                 sums.append(e.out)
             else:
@@ -172,6 +187,8 @@ def restrict(g: Gradient, inputs: frozenset[str]) -> Gradient:
 def cut(g: Gradient) -> Cut:
     """``g`` cut into the kernels' cascades, each put into its loop."""
     parts = parts_of(g)
-    loops = {k: (v and loop_over(v, r)) for k, v, r in (
-        ("kv", parts.kv, "m"), ("q", parts.q, STREAM), ("kv_atomic", parts.kv_atomic, "m"))}
+    loops = {
+        k: (v and loop_over(v, r))
+        for k, v, r in (("kv", parts.kv, "m"), ("q", parts.q, STREAM), ("kv_atomic", parts.kv_atomic, "m"))
+    }
     return Cut(g, parts, loops)

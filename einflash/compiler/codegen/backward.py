@@ -77,15 +77,16 @@ class BackwardKernel:
         """The kernel's parameters, as its rendered source declares them."""
         return Signature.of(self.text, self.name)
 
-    def call(self, grid: tuple[int, ...], args: dict[str, object], warps: int, stages: int,
-             max_registers: int = 0) -> KernelCall:
+    def call(
+        self, grid: tuple[int, ...], args: dict[str, object], warps: int, stages: int, max_registers: int = 0
+    ) -> KernelCall:
         """The launch of this kernel with every argument by name (checked against its signature)."""
-        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), self.signature.bind(args), warps, stages,
-                          max_registers)
+        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), self.signature.bind(args), warps, stages, max_registers)
 
 
-def _settings(c: Cascade, dims: dict, dtype: str, ints: frozenset, order: tuple[str, ...] | None = None) \
-        -> KernelSettings:
+def _settings(
+    c: Cascade, dims: dict, dtype: str, ints: frozenset, order: tuple[str, ...] | None = None
+) -> KernelSettings:
     """A backward kernel's tile-code settings: its dots in the dtype of its first q or k input."""
     exact, acc = exact_dots(dtype)
     first = next((t.name for t in c.inputs if t.layout in (Layout.QUERY, Layout.KEY) and t.name not in ints), None)
@@ -165,11 +166,20 @@ def lower_rows(c: Cascade, outputs: tuple[Output, ...], dims: dict, dtype: str, 
     args = tensor_params(c, tensors, outputs) + [param_name(p.name) for p in c.params]
     name = kernel_name(c, dims, dtype, kind="bwd_rows")
     names = dim_names(dims)
-    text = render("attention_bwd_rows.py.jinja", cascade_key=c.key, variant=c.name, notation=notation(c),
-                  kernel=name, args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-                  dim_offsets=[(r, f"D_{r}") for r in names], body="\n".join(g.lines))
-    return BackwardKernel(name, text, tensors, outputs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names))
+    text = render(
+        "attention_bwd_rows.py.jinja",
+        cascade_key=c.key,
+        variant=c.name,
+        notation=notation(c),
+        kernel=name,
+        args=",\n    ".join(args),
+        constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names],
+        body="\n".join(g.lines),
+    )
+    return BackwardKernel(
+        name, text, tensors, outputs, tuple(p.name for p in c.params), tuple((f"D_{r}", dims[r]) for r in names)
+    )
 
 
 def _feeds(s: Looped, outputs: set[str]) -> dict[str, set[str]]:
@@ -198,26 +208,42 @@ def _group_level(s: Looped, outputs: dict[str, Output], group_sums: set[str]) ->
         return x.op == "mul" and any(linear(a) and rank_free(b) for a, b in (x.args, x.args[::-1]))
 
     level = {x for x in s.sums if feeds.get(x) and feeds[x] <= group_sums}
-    level |= {n for n, e in epi.items() if feeds.get(n) and feeds[n] <= group_sums and e.reduce is None
-              and e.where is None and linear(e.expr)}
+    level |= {
+        n
+        for n, e in epi.items()
+        if feeds.get(n) and feeds[n] <= group_sums and e.reduce is None and e.where is None and linear(e.expr)
+    }
     while True:
         drop = {r.tensor for e in s.epilogue if e.out not in level for r in e.reads() if r.tensor in level}
-        drop |= {n for n in level if n in epi and any(r.tensor not in level and r.tensor in set(s.sums) | set(epi)
-                                                      for r in epi[n].reads())}
+        drop |= {
+            n
+            for n in level
+            if n in epi and any(r.tensor not in level and r.tensor in set(s.sums) | set(epi) for r in epi[n].reads())
+        }
         if not drop:
             return level
         level -= drop
 
 
-def lower_kv(s: Looped, outputs: dict[str, Output], group_sums: set[str], dims: dict, dtype: str,
-             ints: frozenset, states_full: frozenset, full_mask: frozenset | None) -> BackwardKernel:
+def lower_kv(
+    s: Looped,
+    outputs: dict[str, Output],
+    group_sums: set[str],
+    dims: dict,
+    dtype: str,
+    ints: frozenset,
+    states_full: frozenset,
+    full_mask: frozenset | None,
+) -> BackwardKernel:
     """The dK/dV kernel of a cascade streamed over m. ``group_sums``: gradients of key-layout inputs, summed over
     the query heads of a GQA group in the program where the cascade allows (the rest are stored per query head)."""
     c = s.cascade
     kernel = _settings(c, dims, dtype, ints, KEYS_FIRST)
     level = _group_level(s, outputs, group_sums)
-    outputs = {n: replace(o, head="off_hk" if n in level else o.head, ranks=tile_axes(o.ranks, KEYS_FIRST))
-               for n, o in outputs.items()}
+    outputs = {
+        n: replace(o, head="off_hk" if n in level else o.head, ranks=tile_axes(o.ranks, KEYS_FIRST))
+        for n, o in outputs.items()
+    }
     per_tile = {n for n, o in outputs.items() if "m" in o.ranks}  # per pair, or added atomically
     plan = query_plan(c, s.loop, frozenset(per_tile))
 
@@ -267,16 +293,42 @@ def lower_kv(s: Looped, outputs: dict[str, Output], group_sums: set[str], dims: 
     name = kernel_name(c, dims, dtype, kind="bwd_kv")
     names = dim_names(dims)
     text, body = _module_and_body(
-        "attention_bwd_kv.py.jinja", cascade_key=c.key, variant=c.name, notation=notation(c), kernel=name,
-        args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names], dim_offsets=[(r, f"D_{r}") for r in names],
-        prologue="\n".join(pro.lines), tile_setup=plan.setup, head_prologue="\n".join(head_pro.lines),
-        query_loops=loops, head_epilogue="\n".join(head_epi.lines), epilogue="\n".join(epi.lines))
-    return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names), plan.ranges, body=body)
+        "attention_bwd_kv.py.jinja",
+        cascade_key=c.key,
+        variant=c.name,
+        notation=notation(c),
+        kernel=name,
+        args=",\n    ".join(args),
+        constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names],
+        prologue="\n".join(pro.lines),
+        tile_setup=plan.setup,
+        head_prologue="\n".join(head_pro.lines),
+        query_loops=loops,
+        head_epilogue="\n".join(head_epi.lines),
+        epilogue="\n".join(epi.lines),
+    )
+    return BackwardKernel(
+        name,
+        text,
+        tensors,
+        outs,
+        tuple(p.name for p in c.params),
+        tuple((f"D_{r}", dims[r]) for r in names),
+        plan.ranges,
+        body=body,
+    )
 
 
-def lower_q(s: Looped, outputs: dict[str, Output], dims: dict, dtype: str, ints: frozenset,
-            states_full: frozenset, full_mask: frozenset | None) -> BackwardKernel:
+def lower_q(
+    s: Looped,
+    outputs: dict[str, Output],
+    dims: dict,
+    dtype: str,
+    ints: frozenset,
+    states_full: frozenset,
+    full_mask: frozenset | None,
+) -> BackwardKernel:
     """The dQ kernel of a cascade streamed over n, through the forward's one-pass template."""
     c = s.cascade
     kernel = _settings(c, dims, dtype, ints)
@@ -304,8 +356,12 @@ def lower_q(s: Looped, outputs: dict[str, Output], dims: dict, dtype: str, ints:
     loops = []
     for kr in keys.ranges:
         full = _states_present(kr, full_mask)
-        body = kernel.section(env=full_env if full else pro.env, loads=pro.loads, masked=kr.masked,
-                        skip=set(kr.skip) | (set(states_full) if full else set()))
+        body = kernel.section(
+            env=full_env if full else pro.env,
+            loads=pro.loads,
+            masked=kr.masked,
+            skip=set(kr.skip) | (set(states_full) if full else set()),
+        )
         for x in s.sums:
             body.emit(f"v_{x}_prev = v_{x}")
         for e in s.loop:
@@ -326,12 +382,31 @@ def lower_q(s: Looped, outputs: dict[str, Output], dims: dict, dtype: str, ints:
     name = kernel_name(c, dims, dtype, kind="bwd_q")
     names = dim_names(dims)
     text, body = _module_and_body(
-        "attention_fwd.py.jinja", cascade_key=c.key, variant=c.name, notation=notation(c), kernel=name,
-        helpers=helpers(c), args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-        dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines), tile_setup=keys.setup,
-        key_loops=loops, epilogue="\n".join(epi.lines))
-    return BackwardKernel(name, text, tensors, outs, tuple(p.name for p in c.params),
-                          tuple((f"D_{r}", dims[r]) for r in names), keys.ranges, keys.lists, body=body)
+        "attention_fwd.py.jinja",
+        cascade_key=c.key,
+        variant=c.name,
+        notation=notation(c),
+        kernel=name,
+        helpers=helpers(c),
+        args=",\n    ".join(args),
+        constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names],
+        prologue="\n".join(pro.lines),
+        tile_setup=keys.setup,
+        key_loops=loops,
+        epilogue="\n".join(epi.lines),
+    )
+    return BackwardKernel(
+        name,
+        text,
+        tensors,
+        outs,
+        tuple(p.name for p in c.params),
+        tuple((f"D_{r}", dims[r]) for r in names),
+        keys.ranges,
+        keys.lists,
+        body=body,
+    )
 
 
 def _module_and_body(template: str, **slots) -> tuple[str, str]:
@@ -347,12 +422,22 @@ def lower_one_launch(kv: BackwardKernel, q: BackwardKernel, kv_cascade: Cascade,
     # named by both kernels: a dK/dV kernel may pair with dQ kernels of several cuts (gradients wanted)
     variant, *rest = kv.name.split("__")[1:]
     name = "__".join(["attn_bwd", variant.removesuffix("_kv"), source_digest(kv.name + q.name)[:8], *rest[1:]])
-    text = render("attention_bwd.py.jinja", cascade_key=f"{kv_cascade.key} and {q_cascade.key}",
-                  variant=f"{kv_cascade.name}, {q_cascade.name}", notation=notation(kv_cascade) + "\n#\n" +
-                  notation(q_cascade), helpers=helpers(q_cascade), kv_body=kv.body, q_body=q.body, runtime=runtime,
-                  constexprs=constexpr, kernel=name, kv_fn=kv.name, q_fn=q.name,
-                  kv_call=", ".join("kv_" + a for a in kv.signature.names),
-                  q_call=", ".join("dq_" + a for a in q.signature.names))
+    text = render(
+        "attention_bwd.py.jinja",
+        cascade_key=f"{kv_cascade.key} and {q_cascade.key}",
+        variant=f"{kv_cascade.name}, {q_cascade.name}",
+        notation=notation(kv_cascade) + "\n#\n" + notation(q_cascade),
+        helpers=helpers(q_cascade),
+        kv_body=kv.body,
+        q_body=q.body,
+        runtime=runtime,
+        constexprs=constexpr,
+        kernel=name,
+        kv_fn=kv.name,
+        q_fn=q.name,
+        kv_call=", ".join("kv_" + a for a in kv.signature.names),
+        q_call=", ".join("dq_" + a for a in q.signature.names),
+    )
     return BackwardKernel(name, text, (), kv.outputs + q.outputs, (), ())
 
 

@@ -43,8 +43,12 @@ def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]
             mine = Read(w[e.out], chunk.index)
             if isinstance(acc, Read) and acc.prev:
                 split = mine
-            elif isinstance(acc, Call) and acc.op == "mul" and isinstance(acc.args[1], Read) \
-                    and acc.args[1].tensor in alphas:
+            elif (
+                isinstance(acc, Call)
+                and acc.op == "mul"
+                and isinstance(acc.args[1], Read)
+                and acc.args[1].tensor in alphas
+            ):
                 alpha = acc.args[1]
                 split = call("mul", mine, Read(alphas[alpha.tensor], alpha.index))
             else:
@@ -101,9 +105,29 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
     args += [param_name(p) for p in params]
     names = dim_names(dims)
     name = kernel_name(c, dims, dtype, kind="combine")
-    text = render("attention_combine.py.jinja", cascade_key=c.key, variant=c.name, notation=notation(c), kernel=name,
-                  helpers=helpers(c), args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines),
-                  fold="\n".join(body.lines), epilogue="\n".join(epi.lines))
-    return KernelSource(name, text, inputs, params, row_states, acc_states, value_rank,
-                        tuple((f"D_{r}", dims[r]) for r in names), False, row_outputs=c.outputs[1:])
+    text = render(
+        "attention_combine.py.jinja",
+        cascade_key=c.key,
+        variant=c.name,
+        notation=notation(c),
+        kernel=name,
+        helpers=helpers(c),
+        args=",\n    ".join(args),
+        constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names],
+        prologue="\n".join(pro.lines),
+        fold="\n".join(body.lines),
+        epilogue="\n".join(epi.lines),
+    )
+    return KernelSource(
+        name,
+        text,
+        inputs,
+        params,
+        row_states,
+        acc_states,
+        value_rank,
+        tuple((f"D_{r}", dims[r]) for r in names),
+        False,
+        row_outputs=c.outputs[1:],
+    )

@@ -37,14 +37,18 @@ def sections(c: Cascade) -> Sections:
     """Split a streamed cascade into prologue, loop and epilogue; raise LoweringError if it is not one-pass."""
     for e in c.einsums:
         if e.reduce is not None and "m" in e.reduce.ranks:
-            raise LoweringError(f"{c.where(e)}: a reduction over the query rank m; a program of the forward "
-                                f"kernel holds one tile of query rows, so a reduction over all of m (a softmax "
-                                f"over m, slot attention) has no kernel yet; normalise over n, or run it with "
-                                f"backend='reference'")
+            raise LoweringError(
+                f"{c.where(e)}: a reduction over the query rank m; a program of the forward "
+                f"kernel holds one tile of query rows, so a reduction over all of m (a softmax "
+                f"over m, slot attention) has no kernel yet; normalise over n, or run it with "
+                f"backend='reference'"
+            )
     pa = count_passes(c)
     if pa.passes > 1:
-        raise LoweringError(f"{c.name} needs {pa.passes} passes over n; the one-pass template needs 1 "
-                            f"(a multi-pass template is not implemented yet)")
+        raise LoweringError(
+            f"{c.name} needs {pa.passes} passes over n; the one-pass template needs 1 "
+            f"(a multi-pass template is not implemented yet)"
+        )
     loop = [e for e in c.einsums if e.loop]
     if not loop:
         raise LoweringError(f"{c.name} has no loop over n after the rewrites; nothing to stream")
@@ -55,14 +59,23 @@ def sections(c: Cascade) -> Sections:
             raise LoweringError(f"{e.out} iterates n after the loop")
     for t in c.states:
         if "m" not in t.ranks:
-            raise LoweringError(f"running state {t.name}[{','.join(t.ranks)}] does not depend on the query rank m: "
-                                f"every query tile would repeat the whole stream (linear-attention form); "
-                                f"it needs a two-stage template, not implemented yet")
+            raise LoweringError(
+                f"running state {t.name}[{','.join(t.ranks)}] does not depend on the query rank m: "
+                f"every query tile would repeat the whole stream (linear-attention form); "
+                f"it needs a two-stage template, not implemented yet"
+            )
     return Sections(c.einsums[:first], tuple(loop), c.einsums[last:])
 
 
-def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
-          int_inputs: frozenset = frozenset(), saved: tuple[str, ...] = ()) -> KernelSource:
+def lower(
+    c: Cascade,
+    dims: dict[str, int],
+    dtype: str,
+    *,
+    split: bool = False,
+    int_inputs: frozenset = frozenset(),
+    saved: tuple[str, ...] = (),
+) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
     ``dims`` maps every non-sequence rank to its padded tile extent and
@@ -122,7 +135,7 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     args = [a for name in tensors for a in pointer_params(name, len(c.tensor(name).ranks))]
     args += pointer_params("out", 4) + row_output_params(row_outputs)
     saved = () if split else saved
-    for s in (row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states)):
+    for s in row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states):
         args += pointer_params(f"ws_{s}", 3 + (1 if split else 0) + (0 if s in row_states else 1))
         if split:
             args += pointer_params(f"wsp_{s}", 4)
@@ -133,13 +146,37 @@ def lower(c: Cascade, dims: dict[str, int], dtype: str, *, split: bool = False,
     args += [param_name(p) for p in params]
     names = dim_names(dims)
     name = kernel_name(c, dims, dtype, split=split, saved=bool(saved))
-    text = render(TEMPLATE, entry=True, cascade_key=c.key, variant=c.name, notation=notation(c), kernel=name,
-                  helpers=helpers(c), args=",\n    ".join(args), constexprs=[f"D_{r}" for r in names],
-                  dim_offsets=[(r, f"D_{r}") for r in names], prologue="\n".join(pro.lines), tile_setup=keys.setup,
-                  key_loops=loops, epilogue="\n".join(epi.lines))
-    return KernelSource(name, text, tensors, params, row_states, acc_states, value_rank,
-                        tuple((f"D_{r}", dims[r]) for r in names), split, tuple(keys.ranges), keys.lists,
-                        saved=saved, row_outputs=row_outputs)
+    text = render(
+        TEMPLATE,
+        entry=True,
+        cascade_key=c.key,
+        variant=c.name,
+        notation=notation(c),
+        kernel=name,
+        helpers=helpers(c),
+        args=",\n    ".join(args),
+        constexprs=[f"D_{r}" for r in names],
+        dim_offsets=[(r, f"D_{r}") for r in names],
+        prologue="\n".join(pro.lines),
+        tile_setup=keys.setup,
+        key_loops=loops,
+        epilogue="\n".join(epi.lines),
+    )
+    return KernelSource(
+        name,
+        text,
+        tensors,
+        params,
+        row_states,
+        acc_states,
+        value_rank,
+        tuple((f"D_{r}", dims[r]) for r in names),
+        split,
+        tuple(keys.ranges),
+        keys.lists,
+        saved=saved,
+        row_outputs=row_outputs,
+    )
 
 
 def exact_dots(dtype: str) -> tuple[bool, str]:
@@ -150,8 +187,10 @@ def exact_dots(dtype: str) -> tuple[bool, str]:
 
 def helpers(c: Cascade) -> list[str]:
     """The @triton.jit combines of the user reducers ``c`` uses."""
-    used = user_operators([x for e in c.einsums for x in (e.expr, e.where) if x is not None],
-                          [e.reduce.op for e in c.einsums if e.reduce is not None])
+    used = user_operators(
+        [x for e in c.einsums for x in (e.expr, e.where) if x is not None],
+        [e.reduce.op for e in c.einsums if e.reduce is not None],
+    )
     return [triton_helper(name) for name in used]
 
 

@@ -60,8 +60,11 @@ class Signature:
         missing = [n for n in self.names if n not in values]
         extra = [n for n in values if n not in self.constexpr and n not in self.runtime]
         if missing or extra:
-            raise LoweringError(f"internal: the launch of {self.kernel} does not match its signature"
-                                + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""))
+            raise LoweringError(
+                f"internal: the launch of {self.kernel} does not match its signature"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unknown {extra}" if extra else "")
+            )
         return {n: values[n] for n in self.names}
 
 

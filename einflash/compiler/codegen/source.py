@@ -60,6 +60,7 @@ def kernel_name(c: Cascade, dims: dict, dtype: str, kind: str = "fwd", split: bo
     A head dim is named by its true extent (``e40``), with the padded tile extent after it when
     they differ (``e40p64``): kernels of 40 and 64 share a tile but mask differently.
     """
+
     def dim(r: str) -> str:
         true = dims.get(f"{r}_extent", dims[r])
         return f"{r}{true}" if true == dims[r] else f"{r}{true}p{dims[r]}"

@@ -36,8 +36,9 @@ def carry(g: TileCode, name: str, t: Tile) -> None:
         g.emit(f"v_{name}_p = tl.full([BLOCK_M], 1, tl.int1)")
     elif t.pranks != ("m",):
         raise LoweringError(f"the presence of state {name} varies along {t.pranks}; expected rows only")
-    g.env[name] = Tile(f"v_{name}", t.ranks, None if t.present is None else f"v_{name}_p",
-                       ("m",) if t.present else (), t.fill)
+    g.env[name] = Tile(
+        f"v_{name}", t.ranks, None if t.present is None else f"v_{name}_p", ("m",) if t.present else (), t.fill
+    )
 
 
 def store_output(g: TileCode, t: Tile, value_rank: str) -> None:
@@ -46,8 +47,10 @@ def store_output(g: TileCode, t: Tile, value_rank: str) -> None:
     code = bcast(g.f32(t), t.ranks, want)
     if t.ranks != want:  # a value constant along some axis: broadcast it to the full tile
         code = f"tl.broadcast_to({code}, (BLOCK_M, D_{value_rank}))"
-    ptr = (f"out_ptr + mem_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + mem_m[:, None] * stride_out_2"
-           f" + offs_{value_rank}[None, :] * stride_out_3")
+    ptr = (
+        f"out_ptr + mem_b * stride_out_0 + off_hrow[:, None] * stride_out_1 + mem_m[:, None] * stride_out_2"
+        f" + offs_{value_rank}[None, :] * stride_out_3"
+    )
     mask = f"row_ok[:, None] & (offs_{value_rank} < {g.extent(value_rank)})[None, :]"
     g.emit(f"tl.store({ptr}, {code}.to(out_ptr.dtype.element_ty), mask={mask})")
 
@@ -69,8 +72,10 @@ def store_row_output(g: TileCode, name: str) -> None:
         code = f"tl.where({bcast(t.present, t.pranks, ('m',))}, {code}, {literal(ROW_OUTPUT_ABSENT)})"
     if t.ranks != ("m",):  # constant along the rows (a cascade whose scores ignore q): one value per program
         code = f"tl.broadcast_to({code}, (BLOCK_M,))"
-    g.emit(f"tl.store(out_{name}_ptr + mem_b * stride_out_{name}_0 + off_hrow * stride_out_{name}_1 + mem_m * "
-           f"stride_out_{name}_2, {code}.to(out_{name}_ptr.dtype.element_ty), mask=row_ok)")
+    g.emit(
+        f"tl.store(out_{name}_ptr + mem_b * stride_out_{name}_0 + off_hrow * stride_out_{name}_1 + mem_m * "
+        f"stride_out_{name}_2, {code}.to(out_{name}_ptr.dtype.element_ty), mask=row_ok)"
+    )
 
 
 def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = False) -> None:
@@ -93,17 +98,22 @@ def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = Fal
         mask = "row_ok"
     else:
         vr = tile[1]
-        ptr = ptr.format("[:, None]") + (f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * "
-                                          f"stride_ws_{name}_{d + 1}")
+        ptr = ptr.format("[:, None]") + (
+            f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * stride_ws_{name}_{d + 1}"
+        )
         mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
     init = g.c.tensor(name).init
     value = f"tl.where({bcast(t.present, t.pranks, tile)}, {t.code}, {literal(init)})" if t.present else t.code
     g.emit(f"tl.store({ptr}, {value}, mask={mask})")
     if split:
         flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
-        g.emit(f"tl.store(wsp_{name}_ptr + off_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
-               f"tl.program_id(2) * stride_wsp_{name}_2 + offs_m * stride_wsp_{name}_3, {flag}, mask=row_ok)")
+        g.emit(
+            f"tl.store(wsp_{name}_ptr + off_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+            f"tl.program_id(2) * stride_wsp_{name}_2 + offs_m * stride_wsp_{name}_3, {flag}, mask=row_ok)"
+        )
     elif presence:
         flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"
-        g.emit(f"tl.store(wsp_{name}_ptr + mem_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
-               f"mem_m * stride_wsp_{name}_2, {flag}, mask=row_ok)")
+        g.emit(
+            f"tl.store(wsp_{name}_ptr + mem_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
+            f"mem_m * stride_wsp_{name}_2, {flag}, mask=row_ok)"
+        )

@@ -27,8 +27,22 @@ FINITE_PROBES = (0.0, 1.5, -2.25)
 POSITIVE_PROBES = (0.125, 1.5)  # a positive parameter's values, for the fills they determine
 # ops whose results are finite where their operands are (overflow aside): a finite score's maximum is
 # above −inf, which tells a row's presence in a tile without reducing a boolean tile
-FINITE_OPS = ("add", "sub", "mul", "neg", "maximum", "minimum", "abs", "relu", "sign", "where", "tanh", "sigmoid",
-               "exp", "exp2")
+FINITE_OPS = (
+    "add",
+    "sub",
+    "mul",
+    "neg",
+    "maximum",
+    "minimum",
+    "abs",
+    "relu",
+    "sign",
+    "where",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "exp2",
+)
 
 
 @dataclass(frozen=True)
@@ -109,11 +123,16 @@ def absent_value(op: str, args: list[Tile], kept: set[int], implies) -> float | 
     """
     if any(a.present is not None and a.fill is None for a in args):
         return None
-    choices = [[(a.fill, True)] * (a.present is not None) + [(p, False) for p in a.values or FINITE_PROBES]
-               for a in args]
+    choices = [
+        [(a.fill, True)] * (a.present is not None) + [(p, False) for p in a.values or FINITE_PROBES] for a in args
+    ]
     # (i, j): operand i present makes operand j present
-    follows = [(i, j) for i, a in enumerate(args) for j, b in enumerate(args)
-               if i != j and a.present and b.present and implies(a.present, b.present)]
+    follows = [
+        (i, j)
+        for i, a in enumerate(args)
+        for j, b in enumerate(args)
+        if i != j and a.present and b.present and implies(a.present, b.present)
+    ]
     results = set()
     for combo in itertools.product(*choices):
         if not any(combo[i][1] for i in kept):

@@ -41,8 +41,15 @@ class KeyRange:
 
     def slots(self, body: list[str]) -> dict:
         """This range as a template's loop slot, with the code of its ``body``."""
-        return dict(lo=self.lo, hi=self.hi, comment=self.comment, body="\n".join(body), skip_tile=self.skip_tile,
-                    pipelined=self.pipelined, tile=self.tile)
+        return dict(
+            lo=self.lo,
+            hi=self.hi,
+            comment=self.comment,
+            body="\n".join(body),
+            skip_tile=self.skip_tile,
+            pipelined=self.pipelined,
+            tile=self.tile,
+        )
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,9 @@ class KeyPlan:
     lists: TileLists | None = None
 
 
-def governing_mask(c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}),
-                 outputs: frozenset = frozenset()) -> Einsum | None:
+def governing_mask(
+    c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}), outputs: frozenset = frozenset()
+) -> Einsum | None:
     """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, when all
     the loop's filters over ``ranks`` share one affine part (one filter in a forward; a mask and the adjoints
     it masks in a backward, whose per-row filters of saved states are no mask of tiles)."""
@@ -114,16 +122,31 @@ class _Sweep:
     plan: object  # tile_plan or transposed_plan
 
 
-_KEYS = _Sweep("BLOCK_N", "N", "key",
-                  # rows of a packed program (decoding) cover every query position of their heads
-                  ("m0 = 0 if PACK else pid_m * BLOCK_M",
-                   "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1", "whole = N // BLOCK_N"),
-                  "(N // BLOCK_N) * BLOCK_N", (), tile_plan)
+_KEYS = _Sweep(
+    "BLOCK_N",
+    "N",
+    "key",
+    # rows of a packed program (decoding) cover every query position of their heads
+    (
+        "m0 = 0 if PACK else pid_m * BLOCK_M",
+        "m1 = M - 1 if PACK else tl.minimum((pid_m + 1) * BLOCK_M, M) - 1",
+        "whole = N // BLOCK_N",
+    ),
+    "(N // BLOCK_N) * BLOCK_N",
+    (),
+    tile_plan,
+)
 # A key tile cut by the end of the keys has no full query tile: keys past N must be absent in all of them.
 _WHOLE_QUERIES = "whole = tl.where((pid_n + 1) * BLOCK_N > N, 0, M // BLOCK_M)"
-_QUERIES = _Sweep("BLOCK_M", "M", "query",
-                     ("n0 = pid_n * BLOCK_N", "n1 = tl.minimum((pid_n + 1) * BLOCK_N, N) - 1", _WHOLE_QUERIES),
-                     "whole * BLOCK_M", (_WHOLE_QUERIES,), transposed_plan)
+_QUERIES = _Sweep(
+    "BLOCK_M",
+    "M",
+    "query",
+    ("n0 = pid_n * BLOCK_N", "n1 = tl.minimum((pid_n + 1) * BLOCK_N, N) - 1", _WHOLE_QUERIES),
+    "whole * BLOCK_M",
+    (_WHOLE_QUERIES,),
+    transposed_plan,
+)
 
 
 def key_plan(c: Cascade, loop: tuple[Einsum, ...]) -> KeyPlan:
@@ -142,13 +165,23 @@ def query_plan(c: Cascade, loop: tuple[Einsum, ...], outputs: frozenset = frozen
     return _stream_plan(c, loop, _QUERIES, governing_mask(c, loop, pairs, outputs), lists=False, ranks=pairs)
 
 
-def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Sweep, f: Einsum | None, lists: bool,
-                 ranks: frozenset = frozenset({STREAM})) -> KeyPlan:
+def _stream_plan(
+    c: Cascade,
+    loop: tuple[Einsum, ...],
+    s: _Sweep,
+    f: Einsum | None,
+    lists: bool,
+    ranks: frozenset = frozenset({STREAM}),
+) -> KeyPlan:
     edge, t = s.edge, s.tile
     if not any(e.where is not None and ranks <= e.iteration_ranks for e in loop):  # no mask on tile pairs
-        return KeyPlan(s.edge_setup, (KeyRange("0", edge, False, comment=f"whole {s.what} tiles"),
-                                      KeyRange(edge, s.extent, True, comment=f"the last {s.what} tile, cut by the "
-                                                                             f"end of the {s.what}s")))
+        return KeyPlan(
+            s.edge_setup,
+            (
+                KeyRange("0", edge, False, comment=f"whole {s.what} tiles"),
+                KeyRange(edge, s.extent, True, comment=f"the last {s.what} tile, cut by the end of the {s.what}s"),
+            ),
+        )
     everything = KeyPlan((), (KeyRange("0", s.extent, True, comment=f"every {s.what} tile, masked"),))
     if f is None:
         return everything
@@ -168,15 +201,25 @@ def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Sweep, f: Einsum | No
         setup += _interval(f"full{k}", *group)
         setup.append(f"full{k}_hi = tl.minimum(full{k}_hi, whole)")  # a tile cut by N is masked
         full.append(f"full{k}")
-    ranges = [KeyRange(f"{name}_lo * {t}", f"{name}_hi * {t}", False, frozenset(affine),
-                       f"full {s.what} tiles: the mask holds everywhere ({name})") for name in full]
+    ranges = [
+        KeyRange(
+            f"{name}_lo * {t}",
+            f"{name}_hi * {t}",
+            False,
+            frozenset(affine),
+            f"full {s.what} tiles: the mask holds everywhere ({name})",
+        )
+        for name in full
+    ]
     # the full tiles' hull [f_lo, f_hi): when they are one contiguous run (always for a single band),
     # each visited range splits into a masked run before it and one after it, with no per-tile tests
     setup += [f"ntiles = tl.cdiv({s.extent}, {t})", "f_lo = ntiles", "f_hi = 0", "f_len = 0"]
     for name in full:
-        setup += [f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
-                  f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
-                  f"f_len += tl.maximum({name}_hi - {name}_lo, 0)"]
+        setup += [
+            f"f_lo = tl.where({name}_hi > {name}_lo, tl.minimum(f_lo, {name}_lo), f_lo)",
+            f"f_hi = tl.where({name}_hi > {name}_lo, tl.maximum(f_hi, {name}_hi), f_hi)",
+            f"f_len += tl.maximum({name}_hi - {name}_lo, 0)",
+        ]
     setup += ["f_lo = tl.where(f_len > 0, f_lo, ntiles)", "f_hi = tl.where(f_len > 0, f_hi, ntiles)"]
     if len(full) > 1:  # one run of full tiles leaves no gap in its hull
         setup.append("gap = (f_len > 0) & (f_hi - f_lo != f_len)")
@@ -187,8 +230,10 @@ def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Sweep, f: Einsum | No
         # the full runs leave gaps (several groups), [a, gap_end) inside it, whose full tiles are left out
         v = f"visit{k}"
         setup += _interval(v, iv)
-        setup += [f"{v}_a = tl.minimum(tl.maximum(f_lo, {v}_lo), {v}_hi)",
-                  f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)"]
+        setup += [
+            f"{v}_a = tl.minimum(tl.maximum(f_lo, {v}_lo), {v}_hi)",
+            f"{v}_b = tl.minimum(tl.maximum(f_hi, {v}_lo), {v}_hi)",
+        ]
         runs = [(f"{v}_lo", f"{v}_a"), (f"{v}_b", f"{v}_hi")]
         skip = list(seen)
         if len(full) > 1:
@@ -197,8 +242,16 @@ def _stream_plan(c: Cascade, loop: tuple[Einsum, ...], s: _Sweep, f: Einsum | No
             skip.append(f"(({v}_a <= j) & (j < {v}_g) & ({in_full}))")
         lines, tile = _runs(v, runs, t)
         setup += lines
-        ranges.append(KeyRange("0", f"{v}_count", True, comment=f"{s.what} tiles of {v} cut by the mask or the end of "
-                               f"the {s.what}s", skip_tile=" | ".join(skip) or None, tile=tile))
+        ranges.append(
+            KeyRange(
+                "0",
+                f"{v}_count",
+                True,
+                comment=f"{s.what} tiles of {v} cut by the mask or the end of the {s.what}s",
+                skip_tile=" | ".join(skip) or None,
+                tile=tile,
+            )
+        )
         seen.append(f"(({v}_lo <= j) & (j < {v}_hi))")
     return KeyPlan(tuple(setup), tuple(ranges), plan)
 
@@ -212,8 +265,10 @@ def _runs(name: str, runs: list[tuple[str, str]], block: str = "BLOCK_N") -> tup
     lines, before, tile = [], "0", None
     for k, (lo, hi) in enumerate(runs):
         start, count = f"{name}_r{k}", f"{name}_n{k}"
-        lines += [f"{start} = tl.maximum({lo}, split_lo // {block})",
-                  f"{count} = tl.maximum(tl.minimum({hi}, split_hi // {block}) - {start}, 0)"]
+        lines += [
+            f"{start} = tl.maximum({lo}, split_lo // {block})",
+            f"{count} = tl.maximum(tl.minimum({hi}, split_hi // {block}) - {start}, 0)",
+        ]
         here = f"{start} + t - {name}_c{k}" if k else f"{start} + t"
         if k:
             lines.append(f"{name}_c{k} = {before}")
@@ -228,8 +283,12 @@ def _per_token_read(c: Cascade, x: Expr, rank: str) -> bool:
     if not (isinstance(x, Read) and not x.prev and c.tensor(x.tensor).role is Role.INPUT):
         return False
     decl = c.tensor(x.tensor)
-    return (len(decl.ranks) == 2 and decl.ranks[0] == "b" and decl.ranks[1] in ("m", "n")
-            and tuple(x.index) == (coord("b"), coord(rank)))
+    return (
+        len(decl.ranks) == 2
+        and decl.ranks[0] == "b"
+        and decl.ranks[1] in ("m", "n")
+        and tuple(x.index) == (coord("b"), coord(rank))
+    )
 
 
 def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
@@ -248,17 +307,37 @@ def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
 def _listed(where: Expr, lists: TileLists, plan: TilePlan | None) -> KeyPlan:
     """Loops over the query tile's listed key tiles: the full ones, then the partial ones."""
     # a packed program (decoding) holds every query position of its heads: its tile list is row 0
-    setup = ("qt = 0 if PACK else pid_m", "tiles_row = tiles_ptr + off_b * stride_tiles_0 + qt * stride_tiles_1",
-             "counts_row = counts_ptr + off_b * stride_counts_0 + qt * stride_counts_1",
-             "n_full = tl.load(counts_row)", "n_partial = tl.load(counts_row + stride_counts_2)")
+    setup = (
+        "qt = 0 if PACK else pid_m",
+        "tiles_row = tiles_ptr + off_b * stride_tiles_0 + qt * stride_tiles_1",
+        "counts_row = counts_ptr + off_b * stride_counts_0 + qt * stride_counts_1",
+        "n_full = tl.load(counts_row)",
+        "n_partial = tl.load(counts_row + stride_counts_2)",
+    )
     listed = "tl.load(tiles_row + t * stride_tiles_2)"
     split = ("split_lo // BLOCK_N", "split_hi // BLOCK_N")  # a split takes its share of list positions
-    return KeyPlan(setup, (
-        KeyRange(f"tl.maximum(0, {split[0]})", f"tl.minimum(n_full, {split[1]})", False, frozenset(conjuncts(where)),
-                 "listed key tiles the whole mask holds on", tile=listed),
-        KeyRange(f"tl.maximum(n_full, {split[0]})", f"tl.minimum(n_full + n_partial, {split[1]})", True,
-                 comment="listed key tiles the mask cuts", tile=listed),
-    ), plan, lists)
+    return KeyPlan(
+        setup,
+        (
+            KeyRange(
+                f"tl.maximum(0, {split[0]})",
+                f"tl.minimum(n_full, {split[1]})",
+                False,
+                frozenset(conjuncts(where)),
+                "listed key tiles the whole mask holds on",
+                tile=listed,
+            ),
+            KeyRange(
+                f"tl.maximum(n_full, {split[0]})",
+                f"tl.minimum(n_full + n_partial, {split[1]})",
+                True,
+                comment="listed key tiles the mask cuts",
+                tile=listed,
+            ),
+        ),
+        plan,
+        lists,
+    )
 
 
 def _exclusive(a: sympy.Basic, b: sympy.Basic) -> bool:
@@ -298,8 +377,7 @@ def _interval(name: str, *cases: Interval) -> list[str]:
     return lines[::-1] + [f"{name}_lo = {lo}", f"{name}_hi = tl.maximum({hi}, {name}_lo)"]
 
 
-_NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m", N0: "n0", N1: "n1",
-          J: "pid_n"}
+_NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m", N0: "n0", N1: "n1", J: "pid_n"}
 
 
 def to_triton(x: sympy.Basic) -> str:
@@ -333,8 +411,14 @@ def to_triton(x: sympy.Basic) -> str:
     if x.is_Mul:
         return "(" + " * ".join(to_triton(a) for a in x.args) + ")"
     if isinstance(x, sympy.Rel):
-        op = {sympy.LessThan: "<=", sympy.StrictLessThan: "<", sympy.GreaterThan: ">=",
-              sympy.StrictGreaterThan: ">", sympy.Equality: "==", sympy.Unequality: "!="}[type(x)]
+        op = {
+            sympy.LessThan: "<=",
+            sympy.StrictLessThan: "<",
+            sympy.GreaterThan: ">=",
+            sympy.StrictGreaterThan: ">",
+            sympy.Equality: "==",
+            sympy.Unequality: "!=",
+        }[type(x)]
         return f"({to_triton(x.lhs)} {op} {to_triton(x.rhs)})"
     if isinstance(x, sympy.And):
         return "(" + " & ".join(to_triton(a) for a in x.args) + ")"

@@ -28,10 +28,21 @@ from ...ir.cascade import Cascade, Einsum, Layout, Role
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
-from .tile import (Tile, FINITE_OPS, POSITIVE_PROBES, absent_value, few_values, is_finite, bcast, literal, presence,
-    tile_axes)
+from .tile import (
+    Tile,
+    FINITE_OPS,
+    POSITIVE_PROBES,
+    absent_value,
+    few_values,
+    is_finite,
+    bcast,
+    literal,
+    presence,
+    tile_axes,
+)
 from ..analysis.mask_tiles import conjuncts
 from .range_tests import range_pairs
+
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
 
@@ -63,8 +74,9 @@ class KernelSettings:
     packed_heads: bool = True  # rows of a program may belong to several query heads (off_hrow); else off_h
     counter: list = field(default_factory=lambda: [0], compare=False)
 
-    def section(self, masked: bool = False, skip=frozenset(), env: dict | None = None, loads: dict | None = None,
-                **options) -> TileCode:
+    def section(
+        self, masked: bool = False, skip=frozenset(), env: dict | None = None, loads: dict | None = None, **options
+    ) -> TileCode:
         """A new code section: ``masked`` evaluates mask predicates and the sequence edge (partial tiles),
         ``skip`` names conjuncts proven true on its tiles; ``env`` and ``loads`` are copied in. ``options``:
         ``row_edge``, ``edge_loads``, ``prefix`` (see TileCode)."""
@@ -143,8 +155,10 @@ class TileCode:
                 continue
             others = [j for j, u in enumerate(tiles) if j != i and u.present is not None]
             # of two equivalent parts, the first stays
-            if not any(covers(tiles[j].present, t.present) and (j in kept or not covers(t.present, tiles[j].present))
-                       for j in others):
+            if not any(
+                covers(tiles[j].present, t.present) and (j in kept or not covers(t.present, tiles[j].present))
+                for j in others
+            ):
                 kept.append(i)
         code, pranks = presence([tiles[i] for i in kept], how, self.kernel.order)
         for i in kept:
@@ -187,8 +201,10 @@ class TileCode:
             stride = f"stride_{r.tensor}_{d}"
             names = [s.name for s in getattr(i, "free_symbols", ())]
             if len(names) != 1 or i != coord(names[0]):
-                raise LoweringError(f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
-                                    f"at plain rank coordinates")
+                raise LoweringError(
+                    f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
+                    f"at plain rank coordinates"
+                )
             rank = names[0]
             if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
                 offs.append(f"mem_b * {stride}")
@@ -241,14 +257,22 @@ class TileCode:
             present = f"({present})"
         # q, k and v are taken to be finite (as every attention kernel does); an extra input (a bias) may
         # hold −inf on purpose
-        t = Tile(name, axes_t, present, pranks, 0.0 if present else None,
-                 dtype="int" if r.tensor in self.kernel.int_inputs else "in",
-                 finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.kernel.int_inputs)
+        t = Tile(
+            name,
+            axes_t,
+            present,
+            pranks,
+            0.0 if present else None,
+            dtype="int" if r.tensor in self.kernel.int_inputs else "in",
+            finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.kernel.int_inputs,
+        )
         if r.tensor in self.kernel.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
-            self.emit(f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
-                      f"stride_wsp_{r.tensor}_1 + s_idx * stride_wsp_{r.tensor}_2 + offs_m * stride_wsp_{r.tensor}_3,"
-                      f" mask=row_ok, other=0) != 0")
+            self.emit(
+                f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
+                f"stride_wsp_{r.tensor}_1 + s_idx * stride_wsp_{r.tensor}_2 + offs_m * stride_wsp_{r.tensor}_3,"
+                f" mask=row_ok, other=0) != 0"
+            )
             t = Tile(name, axes_t, pres, ("m",), None, "f32")
         self.loads[key] = t
         return t
@@ -269,21 +293,39 @@ class TileCode:
     def leaf(self, x: Expr) -> Tile:
         if isinstance(x, Const):
             integral = math.isfinite(x.value) and float(x.value).is_integer()
-            return Tile(literal(x.value), (), fill=x.value, values=(x.value,), finite=math.isfinite(x.value),
-                        int_code=str(int(x.value)) if integral else None)
+            return Tile(
+                literal(x.value),
+                (),
+                fill=x.value,
+                values=(x.value,),
+                finite=math.isfinite(x.value),
+                int_code=str(int(x.value)) if integral else None,
+            )
         if isinstance(x, Param):
             decl = next(p for p in self.c.params if p.name == x.name)
             # a positive parameter is checked to be positive and finite at call time
-            return Tile(f"p_{x.name}", (), values=POSITIVE_PROBES if decl.positive else None,
-                        finite=decl.positive or decl.integer, int_code=f"p_{x.name}" if decl.integer else None)
+            return Tile(
+                f"p_{x.name}",
+                (),
+                values=POSITIVE_PROBES if decl.positive else None,
+                finite=decl.positive or decl.integer,
+                int_code=f"p_{x.name}" if decl.integer else None,
+            )
         if isinstance(x, Size):
-            size = 'M' if x.rank == 'm' else 'N' if x.rank == 'n' else self.extent(x.rank)
-            return Tile(f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})", (),
-                        finite=True, int_code=str(size))
+            size = "M" if x.rank == "m" else "N" if x.rank == "n" else self.extent(x.rank)
+            return Tile(
+                f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})",
+                (),
+                finite=True,
+                int_code=str(size),
+            )
         if isinstance(x, Coord):
             if x.rank == "h":
-                return Tile("off_hrow", ("m",), dtype="int", finite=True) if self.kernel.packed_heads else \
-                    Tile("off_h", (), dtype="int", finite=True)
+                return (
+                    Tile("off_hrow", ("m",), dtype="int", finite=True)
+                    if self.kernel.packed_heads
+                    else Tile("off_h", (), dtype="int", finite=True)
+                )
             if x.rank == "b":
                 return Tile("off_b", (), dtype="int", finite=True)
             return Tile(f"offs_{x.rank}", (x.rank,), dtype="int", finite=True)
@@ -294,8 +336,10 @@ class TileCode:
             if self.c.tensor(x.tensor).role is Role.INPUT:
                 return self.load(x)
             if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
-                raise LoweringError(f"{x.tensor} is read at index {x.index}; the one-pass template reads "
-                                    f"intermediates only at their own coordinates")
+                raise LoweringError(
+                    f"{x.tensor} is read at index {x.index}; the one-pass template reads "
+                    f"intermediates only at their own coordinates"
+                )
             return self.env[x.tensor]
         raise TypeError(x)
 
@@ -319,11 +363,17 @@ class TileCode:
         as_ints = exact or (op.boolean and integral and x.op not in ("and", "or", "not"))
         # a smaller operand that may be absent is made finite (cheap: it is smaller), so the
         # result's value at absent positions follows from the larger operand's fill alone
-        args = [self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
-                for a in args]
+        args = [
+            self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
+            for a in args
+        ]
         if op.boolean and x.op in ("and", "or", "not"):  # a constant operand of a logical op is a truth value
-            args = [Tile("True" if a.values[0] else "False", (), dtype="bool") if a.dtype == "f32" and a.values
-                    and a.present is None else a for a in args]
+            args = [
+                Tile("True" if a.values[0] else "False", (), dtype="bool")
+                if a.dtype == "f32" and a.values and a.present is None
+                else a
+                for a in args
+            ]
         codes = []
         for a in args:
             if as_ints and a.int_code is not None:
@@ -346,7 +396,8 @@ class TileCode:
             code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
         values = few_values(x.op, args) if present is None and dtype == "f32" else None
         finite = all(a.finite for a in (args[1:] if x.op == "where" else args)) and (
-            x.op in FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values)
+            x.op in FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values
+        )
         return Tile(code, ranks, present, pranks, fill, dtype, values, finite)
 
     def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
@@ -361,8 +412,10 @@ class TileCode:
         else:
             pa = bcast(a.present, a.pranks, ranks) if a.present else "True"
             pb = bcast(b.present, b.pranks, ranks) if b.present else "True"
-            value = (f"tl.where({pa} & {pb}, {code}, tl.where({pa}, {bcast(self.f32(a), a.ranks, ranks)}, "
-                     f"{bcast(self.f32(b), b.ranks, ranks)}))")
+            value = (
+                f"tl.where({pa} & {pb}, {code}, tl.where({pa}, {bcast(self.f32(a), a.ranks, ranks)}, "
+                f"{bcast(self.f32(b), b.ranks, ranks)}))"
+            )
         if a.present is None or b.present is None:
             return Tile(value, ranks, finite=finite)
         present, pranks, _ = self.presence((a, b), "|")
@@ -406,17 +459,23 @@ class TileCode:
         if len(users) != 1 or name in self.c.outputs:
             return False
         x = users[0].expr
-        return (users[0].reduce is None and isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY
-                and x.args[1] == Read(name, tuple(coord(r) for r in self.c.tensor(name).ranks))
-                and all(r.tensor != name for r in reads(x.args[0])))
+        return (
+            users[0].reduce is None
+            and isinstance(x, Call)
+            and x.op == "add"
+            and x.merge is Merge.ANY
+            and x.args[1] == Read(name, tuple(coord(r) for r in self.c.tensor(name).ranks))
+            and all(r.tensor != name for r in reads(x.args[0]))
+        )
 
     # -- Einsums -------------------------------------------------------------------------------
 
     def einsum(self, e: Einsum) -> Tile:
         ranks = tuple(r for r in e.ranks if r not in PARALLEL)
         if len(ranks) > 2:
-            raise LoweringError(f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template "
-                                f"handles at most 2")
+            raise LoweringError(
+                f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template handles at most 2"
+            )
         if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
             tile = self.contraction(e, ranks)
             # a dot that its consumer adds into an accumulator runs there, inside tl.dot, and only there
@@ -442,13 +501,16 @@ class TileCode:
         a, b, prec = self.dots[chunk.tensor]
         made = self.env[chunk.tensor]
         rest = self.expr(acc)
-        if rest.ranks != made.ranks or not (rest.present is None or rest.fill == 0.0) \
-                or not (made.present is None or made.fill == 0.0):
+        if (
+            rest.ranks != made.ranks
+            or not (rest.present is None or rest.fill == 0.0)
+            or not (made.present is None or made.fill == 0.0)
+        ):
             return None
-        present, pranks = (None, ()) if rest.present is None or made.present is None else \
-            self.presence((rest, made), "|")[:2]
-        return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks,
-                    0.0 if present else None)
+        present, pranks = (
+            (None, ()) if rest.present is None or made.present is None else self.presence((rest, made), "|")[:2]
+        )
+        return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks, 0.0 if present else None)
 
     def mask(self, e: Einsum, body: Tile) -> Tile:
         pred = self.predicate(e.where)
@@ -466,7 +528,9 @@ class TileCode:
     def predicate(self, where: Expr) -> Tile | None:
         """The mask as a boolean tile; conjuncts proven true on these tiles are left out."""
         # a constant conjunct (the declaration compared constants) holds everywhere or nowhere
-        parts = [p for p in conjuncts(where) if p not in self.skip_predicates and not (isinstance(p, Const) and p.value)]
+        parts = [
+            p for p in conjuncts(where) if p not in self.skip_predicates and not (isinstance(p, Const) and p.value)
+        ]
         if any(isinstance(p, Const) for p in parts):
             return Tile("False", (), dtype="bool")
         if not parts:
@@ -486,8 +550,11 @@ class TileCode:
         if set(limit) <= {1}:
             code = str(max(limit[1], 0))
         else:
-            terms = [str(k) if leaf == 1 else self.integer(leaf) if k == 1 else f"{k} * {self.integer(leaf)}"
-                     for leaf, k in limit.items() if k]
+            terms = [
+                str(k) if leaf == 1 else self.integer(leaf) if k == 1 else f"{k} * {self.integer(leaf)}"
+                for leaf, k in limit.items()
+                if k
+            ]
             code = f"tl.maximum({' + '.join(terms)}, 0)"
         return Tile(f"(({t.code}).to(tl.uint32) < ({code}).to(tl.uint32))", t.ranks, dtype="bool")
 
@@ -500,9 +567,11 @@ class TileCode:
     def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
         red = e.reduce
         if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
-            raise LoweringError(f"{e.out}: the one-pass template reduces over one rank with a reducer that "
-                                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
-                                f"{red.ranks}")
+            raise LoweringError(
+                f"{e.out}: the one-pass template reduces over one rank with a reducer that "
+                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
+                f"{red.ranks}"
+            )
         rank = red.ranks[0]
         ident = REDUCERS[red.op].identity
         src = self.filled(body, ident)
@@ -587,8 +656,15 @@ class TileCode:
             if o.present is not None:  # absent where the factor is; 0 there (the dot is finite)
                 o = self.filled(o, 0.0)
                 present, pranks, _ = self.presence((tile, o))
-            tile = Tile(f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}", out_ranks, present, pranks,
-                        0.0 if present else None, "f32", finite=tile.finite and o.finite)
+            tile = Tile(
+                f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}",
+                out_ranks,
+                present,
+                pranks,
+                0.0 if present else None,
+                "f32",
+                finite=tile.finite and o.finite,
+            )
         return tile
 
     def reduced_presence(self, t: Tile, rank: str) -> Tile:

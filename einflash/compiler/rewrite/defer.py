@@ -43,8 +43,9 @@ def defer_normalisation(c: Cascade) -> Cascade:
             out.append(e)
             continue
         fs = factors(e.expr)
-        moved = [(f, k) for f, k in fs
-                 if not (free_ranks(f) & set(red.ranks)) and any(r.tensor in late for r in reads(f))]
+        moved = [
+            (f, k) for f, k in fs if not (free_ranks(f) & set(red.ranks)) and any(r.tensor in late for r in reads(f))
+        ]
         if not moved:
             out.append(e)
             continue
@@ -57,4 +58,3 @@ def defer_normalisation(c: Cascade) -> Cascade:
         acc_read = Read(acc, tuple(coord(r) for r in acc_ranks))
         out.append(Einsum(e.out, e.ranks, product([(acc_read, 1)] + moved), line=e.line))
     return replace(c, tensors=tuple(ordered_tensors(tensors, out)), einsums=tuple(out))
-

@@ -45,17 +45,34 @@ def softmaxes(c: Cascade) -> list[Softmax]:
     found = []
     for e in c.einsums:
         red = e.reduce
-        if e.loop or red is None or red.op != "sum" or len(red.ranks) != 1 or e.where is not None \
-                or not isinstance(e.expr, Read):
+        if (
+            e.loop
+            or red is None
+            or red.op != "sum"
+            or len(red.ranks) != 1
+            or e.where is not None
+            or not isinstance(e.expr, Read)
+        ):
             continue
         num = c.producer(e.expr.tensor)
-        if num is None or num.reduce is not None or num.where is not None or not _is_call(num.expr, "exp") \
-                or not _is_call(num.expr.args[0], "sub"):
+        if (
+            num is None
+            or num.reduce is not None
+            or num.where is not None
+            or not _is_call(num.expr, "exp")
+            or not _is_call(num.expr.args[0], "sub")
+        ):
             continue
         x, top = num.expr.args[0].args
         made = c.producer(top.tensor) if isinstance(top, Read) else None
-        if made is not None and made.reduce is not None and made.reduce.op == "max" \
-                and made.reduce.ranks == red.ranks and made.where is None and made.expr == x:
+        if (
+            made is not None
+            and made.reduce is not None
+            and made.reduce.op == "max"
+            and made.reduce.ranks == red.ranks
+            and made.where is None
+            and made.expr == x
+        ):
             found.append(Softmax(made.out, e.out, red.ranks[0], e.line))
     return found
 
@@ -76,19 +93,26 @@ def with_lse(c: Cascade) -> Cascade:
     """
     rows = [s for s in softmaxes(c) if _per_row(c, s)]
     if len(rows) != 1:
-        raise NormaliserError(f"{c.name}: the log-sum-exp output needs one softmax over n of the scores of each "
-                              f"query row, and {_normaliser(c, rows)}")
+        raise NormaliserError(
+            f"{c.name}: the log-sum-exp output needs one softmax over n of the scores of each "
+            f"query row, and {_normaliser(c, rows)}"
+        )
     s = rows[0]
     name = fresh_name(c, LSE)
     ranks = c.tensor(s.den).ranks
     at = tuple(coord(r) for r in ranks)
     lse = Einsum(name, ranks, call("add", Read(s.top, at), call("log", Read(s.den, at))), line=s.line)
-    return replace(c, tensors=c.tensors + (TensorDecl(name, ranks, Role.OUTPUT),), einsums=c.einsums + (lse,),
-                   outputs=c.outputs + (name,))
+    return replace(
+        c,
+        tensors=c.tensors + (TensorDecl(name, ranks, Role.OUTPUT),),
+        einsums=c.einsums + (lse,),
+        outputs=c.outputs + (name,),
+    )
 
 
 def _normaliser(c: Cascade, rows: list[Softmax]) -> str:
     """What ``c`` normalises with, for NormaliserError's message."""
+
     def at(line):
         return f" (line {line})" if line else ""
 
@@ -98,7 +122,8 @@ def _normaliser(c: Cascade, rows: list[Softmax]) -> str:
     if other:
         return "its softmax is " + ", ".join(
             f"over {s.rank} of {s.top}[{','.join(r for r in c.tensor(s.top).ranks if r not in PARALLEL)}]{at(s.line)}"
-            for s in other)
+            for s in other
+        )
     sums = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
     kinds = ", ".join(f"{e.out} = {e.reduce.op}_n{at(e.line)}" for e in sums) or "none"
     return f"it has no softmax (its reductions over n: {kinds})"

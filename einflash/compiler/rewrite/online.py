@@ -42,6 +42,7 @@ class _Plan:
 
 def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr:
     """``e``'s body with the Einsums named in ``inline`` substituted, stopping at ``stop``."""
+
     def sub(x):
         if isinstance(x, Read) and not x.prev and x.tensor in inline and x.tensor not in stop:
             p = c.producer(x.tensor)
@@ -64,23 +65,29 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
         for r in e.reads() if e.out in fused else ():
             at = _stream_index(c, r)
             if r.tensor in fused and at is not None and at != coord(STREAM):
-                return None, (f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reads {r.tensor} at "
-                              f"n = {at}, outside the current chunk of n, so it cannot run chunk by chunk")
+                return None, (
+                    f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reads {r.tensor} at "
+                    f"n = {at}, outside the current chunk of n, so it cannot run chunk by chunk"
+                )
     dependent = set(states)  # in-loop values that change as the running states change
     for e in c.einsums:
         if e.out in fused and e.out not in states and any(r.tensor in dependent for r in e.reads()):
             if e.reduce is not None:
-                return None, (f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reduces over "
-                              f"{', '.join(e.reduce.ranks)} a value that depends on a running state; no "
-                              f"correction factor can be taken out of that reduction")
+                return None, (
+                    f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reduces over "
+                    f"{', '.join(e.reduce.ranks)} a value that depends on a running state; no "
+                    f"correction factor can be taken out of that reduction"
+                )
             dependent.add(e.out)
     for e in c.einsums:  # a value the loop reads must be an input, streamed, or a map of running states
         if e.out in fused:
             for r in e.reads():
                 if r.tensor in late and not _follows_states(c, r.tensor, states):
                     where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
-                    return None, (f"{where} reads {r.tensor}, which needs a full reduction over n and reaches it "
-                                  f"through a computation that has no running form, so it waits for that pass")
+                    return None, (
+                        f"{where} reads {r.tensor}, which needs a full reduction over n and reaches it "
+                        f"through a computation that has no running form, so it waits for that pass"
+                    )
     corrections = {}
     for e in reductions:
         where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
@@ -92,8 +99,10 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
         used = {r.tensor for r in reads(body) if r.tensor in states}
         for r in reads(body):
             if r.tensor in late and r.tensor not in states:
-                return None, (f"{where} needs {r.tensor}, which depends on a full reduction over n through "
-                              f"a computation that has no running form")
+                return None, (
+                    f"{where} needs {r.tensor}, which depends on a full reduction over n through "
+                    f"a computation that has no running form"
+                )
         if not used:
             corrections[e.out] = Const(1.0)
             continue
@@ -102,9 +111,11 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
         r = correction(body, used, set(e.reduce.ranks))
         if r is None:
             named = ", ".join(sorted(used))
-            return None, (f"{where} sums a function of {named} for which no correction factor exists: "
-                          f"its value under the final {named} is not a multiple of its value under a "
-                          f"running {named}, so it must wait until {named} is complete")
+            return None, (
+                f"{where} sums a function of {named} for which no correction factor exists: "
+                f"its value under the final {named} is not a multiple of its value under a "
+                f"running {named}, so it must wait until {named} is complete"
+            )
         corrections[e.out] = r
     return _Plan(k, tuple(x.out for x in reductions), corrections), None
 
@@ -158,9 +169,13 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
     states = set(plan.states)
     # non-streaming Einsums that read running states and feed the loop are recomputed per chunk
     for e in c.einsums:
-        if e.out not in in_loop and e.reduce is None and pa.pass_of(e.out) == 0 \
-                and any(r.tensor in states for r in e.reads()) \
-                and any(e.out in {r.tensor for r in x.reads()} for x in c.einsums if x.out in in_loop):
+        if (
+            e.out not in in_loop
+            and e.reduce is None
+            and pa.pass_of(e.out) == 0
+            and any(r.tensor in states for r in e.reads())
+            and any(e.out in {r.tensor for r in x.reads()} for x in c.einsums if x.out in in_loop)
+        ):
             in_loop.add(e.out)
     names = {t.name for t in c.tensors}
     tensors = list(c.tensors)
@@ -201,8 +216,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
                 alphas[r] = alpha
                 loop.append(Einsum(alpha, ar, r, loop=True, line=e.line))
             ar = rank_order(free_ranks(r))
-            upd = call("add", call("mul", prev, Read(alphas[r], tuple(coord(x) for x in ar))), chunk,
-                       merge=Merge.ANY)
+            upd = call("add", call("mul", prev, Read(alphas[r], tuple(coord(x) for x in ar))), chunk, merge=Merge.ANY)
         loop.append(Einsum(e.out, e.ranks, upd, loop=True, line=e.line))
         ident = REDUCERS[e.reduce.op].identity
         tensors = [replace(t, role=Role.STATE, init=ident) if t.name == e.out else t for t in tensors]
@@ -211,9 +225,9 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
     return replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums))
 
 
-
-def _recompute_after(c: Cascade, after: list[Einsum], in_loop: set[str], states: set[str], names: set[str],
-                     tensors: list[TensorDecl]) -> list[Einsum]:
+def _recompute_after(
+    c: Cascade, after: list[Einsum], in_loop: set[str], states: set[str], names: set[str], tensors: list[TensorDecl]
+) -> list[Einsum]:
     """Einsums after the loop that read chunk-local values get their own copies of them."""
     chunk_local = in_loop - states
     needed: list[str] = []
@@ -246,8 +260,9 @@ def _recompute_after(c: Cascade, after: list[Einsum], in_loop: set[str], states:
         return None
 
     def redo(e: Einsum, out: str | None = None) -> Einsum:
-        return replace(e, out=out or e.out, expr=transform(e.expr, fix),
-                       where=None if e.where is None else transform(e.where, fix))
+        return replace(
+            e, out=out or e.out, expr=transform(e.expr, fix), where=None if e.where is None else transform(e.where, fix)
+        )
 
     copies = [redo(c.producer(n), renames[n]) for n in order]
     return copies + [redo(e) for e in after]

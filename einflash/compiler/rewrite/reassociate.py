@@ -67,9 +67,10 @@ def reassociate(c: Cascade) -> Cascade:
             mid_read = Read(mid, tuple(coord(r) for r in mid_ranks))
             outer = product([rest, (mid_read, 1)])
             outer_reduced = rank_order((free_ranks(outer)) - set(e.ranks))
-            new_e = Einsum(e.out, e.ranks, outer, Reduction("sum", outer_reduced) if outer_reduced else None,
-                           line=e.line)
-            einsums = einsums[:j] + einsums[j + 1:i] + [mid_einsum, new_e] + einsums[i + 1:]
+            new_e = Einsum(
+                e.out, e.ranks, outer, Reduction("sum", outer_reduced) if outer_reduced else None, line=e.line
+            )
+            einsums = einsums[:j] + einsums[j + 1 : i] + [mid_einsum, new_e] + einsums[i + 1 :]
             tensors = [t for t in tensors if t.name != a.out] + [TensorDecl(mid, mid_ranks)]
             return reassociate(replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums)))
     return c
@@ -83,9 +84,13 @@ def _operands(x: Expr) -> list[Expr]:
 
 
 def _plain_sum(e: Einsum) -> bool:
-    return (not e.loop and e.reduce is not None and e.reduce.op == "sum" and e.where is None
-            and all(not (isinstance(x, Call) and x.merge is Merge.ANY) for x in walk(e.expr)))
-
+    return (
+        not e.loop
+        and e.reduce is not None
+        and e.reduce.op == "sum"
+        and e.where is None
+        and all(not (isinstance(x, Call) and x.merge is Merge.ANY) for x in walk(e.expr))
+    )
 
 
 def _inner_contraction(c: Cascade, einsums, f, k, consumer) -> tuple[int, Einsum] | None:
@@ -102,6 +107,7 @@ def _inner_contraction(c: Cascade, einsums, f, k, consumer) -> tuple[int, Einsum
 
 def _best_order(parts, out_ranks: set[str]):
     """The pair to contract first (and the remaining factor), if it beats the written order."""
+
     def cost(pair, rest):
         a, b = free_ranks(pair[0][0]), free_ranks(pair[1][0])
         keep = (a | b) & (free_ranks(rest[0]) | out_ranks)

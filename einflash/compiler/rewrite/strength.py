@@ -27,7 +27,6 @@ LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
 
-
 def _positive(c: Cascade, x: Expr) -> bool:
     if isinstance(x, Const):
         return x.value > 0
@@ -49,7 +48,6 @@ def _grouped(fs: list[tuple[Expr, int]]) -> Expr:
     return call("mul", product(tensors), product(scalars))
 
 
-
 def _fresh(c: Cascade, base: str, taken: set[str]) -> str:
     name = fresh_name(c, base, taken)
     taken.add(name)
@@ -67,8 +65,11 @@ def _drop_unused(c: Cascade) -> Cascade:
         if not dead:
             return c
         names = {e.out for e in dead}
-        c = replace(c, einsums=tuple(e for e in c.einsums if e.out not in names),
-                    tensors=tuple(t for t in c.tensors if t.name not in names))
+        c = replace(
+            c,
+            einsums=tuple(e for e in c.einsums if e.out not in names),
+            tensors=tuple(t for t in c.tensors if t.name not in names),
+        )
 
 
 def scalars_before_masks(c: Cascade) -> Cascade:
@@ -84,8 +85,9 @@ def scalars_before_masks(c: Cascade) -> Cascade:
         raw = _fresh(c, f"{e.out}_raw", taken)
         tensors.append(TensorDecl(raw, e.ranks))
         out.append(Einsum(raw, e.ranks, product(rest), where=e.where, line=e.line))
-        out.append(Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)),
-                          line=e.line))
+        out.append(
+            Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)), line=e.line)
+        )
     return replace(c, einsums=tuple(out), tensors=tuple(ordered_tensors(tensors, out)))
 
 
@@ -106,8 +108,7 @@ def exponent_base2(c: Cascade) -> Cascade:
         x2 = _fresh(c, f"{x.tensor}2", taken)
         top2 = _fresh(c, f"{e.out}2", taken)
         made = c.producer(x.tensor)
-        body = made.expr if (made is not None and made.where is None and made.reduce is None and not made.loop) \
-            else x
+        body = made.expr if (made is not None and made.where is None and made.reduce is None and not made.loop) else x
         scaled = _grouped(factors(body) + [(Const(LOG2E), 1)])
         x2_read = Read(x2, x.index)
         top2_read = Read(top2, tuple(coord(r) for r in e.ranks))
@@ -134,9 +135,17 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
     for e in c.einsums:
         red = e.reduce
         made = c.producer(e.expr.tensor) if isinstance(e.expr, Read) else None
-        ok = (not e.loop and red is not None and red.op == "max" and e.where is None and made is not None
-              and made.reduce is None and made.where is None and not made.loop
-              and c.is_plain(e.expr))
+        ok = (
+            not e.loop
+            and red is not None
+            and red.op == "max"
+            and e.where is None
+            and made is not None
+            and made.reduce is None
+            and made.where is None
+            and not made.loop
+            and c.is_plain(e.expr)
+        )
         fs = factors(made.expr) if ok else []
         scal = [f for f in fs if rank_free(f[0])]
         rest = [f for f in fs if not rank_free(f[0])]
@@ -146,13 +155,15 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
         raw = _fresh(c, f"{e.out}_raw", taken)
         tensors.append(TensorDecl(raw, e.ranks))
         out.append(Einsum(raw, e.ranks, product(rest), red, line=e.line))
-        out.append(Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)),
-                          line=e.line))
+        out.append(
+            Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)), line=e.line)
+        )
     return _drop_unused(replace(c, einsums=tuple(out), tensors=tuple(ordered_tensors(tensors, out))))
 
 
 def _in_natural_log(name: str, base2: str):
     """A transform reading the max ``name`` as ``base2·ln 2``: the same value, from the max in base 2."""
+
     def fn(y: Expr) -> Expr | None:
         if isinstance(y, Read) and y.tensor == name:
             return call("mul", Read(base2, y.index), Const(LN2))
@@ -178,4 +189,3 @@ def _only_in(c: Cascade, name: str, pattern: Expr) -> bool:
             if total != inside:
                 return False
     return True
-

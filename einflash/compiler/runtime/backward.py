@@ -77,8 +77,13 @@ class Backward:
         governing = governing_mask(fwd, pair)
         # the conjuncts of the one mask every state of the forward is masked by: tiles where all of them
         # hold have a key on every row (None: several masks, no tile is known to)
-        self._full_mask = (frozenset() if not any(e.where is not None for e in pair) else
-                           None if governing is None else frozenset(conjuncts(governing.where)))
+        self._full_mask = (
+            frozenset()
+            if not any(e.where is not None for e in pair)
+            else None
+            if governing is None
+            else frozenset(conjuncts(governing.where))
+        )
         self._state_filters = frozenset(presence_predicate(st) for st in self.gradient.saved)
 
     @property
@@ -111,8 +116,15 @@ class Backward:
                 out = {t: Output(t, tuple(r for r in cut.parts.rows.tensor(t).ranks if r not in PARALLEL))} | out
         return out
 
-    def kernel(self, kind: str, dtype: torch.dtype, dims: dict, ints: frozenset, atomic: bool = False,
-               needed: frozenset[str] | None = None) -> BackwardKernel:
+    def kernel(
+        self,
+        kind: str,
+        dtype: torch.dtype,
+        dims: dict,
+        ints: frozenset,
+        atomic: bool = False,
+        needed: frozenset[str] | None = None,
+    ) -> BackwardKernel:
         """The rendered ``kind`` kernel ("rows", "kv", "q", or "one": kv and q in one launch) for these dtype,
         head dims and integer inputs."""
         key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic, needed)
@@ -124,23 +136,46 @@ class Backward:
         if kind == "rows":
             src = lower_rows(cut.parts.rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
         elif kind == "kv":
-            sums = {p.name for p in cut.gradient.partials
-                    if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY}
-            src = lower_kv(cut.loops["kv_atomic" if atomic else "kv"], self._outputs(cut, "kv", atomic), sums, dims,
-                           name, ints, full, self._full_mask)
+            sums = {
+                p.name
+                for p in cut.gradient.partials
+                if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY
+            }
+            src = lower_kv(
+                cut.loops["kv_atomic" if atomic else "kv"],
+                self._outputs(cut, "kv", atomic),
+                sums,
+                dims,
+                name,
+                ints,
+                full,
+                self._full_mask,
+            )
         elif kind == "q":
             src = lower_q(cut.loops["q"], self._outputs(cut, "q", atomic), dims, name, ints, full, self._full_mask)
         else:
-            src = lower_one_launch(self.kernel("kv", dtype, dims, ints, needed=needed),
-                                   self.kernel("q", dtype, dims, ints, needed=needed),
-                                   cut.loops["kv"].cascade, cut.loops["q"].cascade)
+            src = lower_one_launch(
+                self.kernel("kv", dtype, dims, ints, needed=needed),
+                self.kernel("q", dtype, dims, ints, needed=needed),
+                cut.loops["kv"].cascade,
+                cut.loops["q"].cascade,
+            )
         self._kernels[key] = src
         return src
 
-    def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
-            states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
-            extents: dict[str, int], visits: torch.Tensor | None = None,
-            needed: frozenset[str] | None = None, launcher: Launcher = jit_launch) -> dict[str, torch.Tensor | None]:
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        output: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        grad_output: torch.Tensor,
+        schedule: BackwardSchedule,
+        extents: dict[str, int],
+        visits: torch.Tensor | None = None,
+        needed: frozenset[str] | None = None,
+        launcher: Launcher = jit_launch,
+    ) -> dict[str, torch.Tensor | None]:
         """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
         given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
         incoming gradient.
@@ -149,20 +184,34 @@ class Backward:
         (query head, query tile) pairs they visited. ``launcher`` runs each kernel launch (Triton's JIT by
         default), as the forward's does.
         """
-        return self.launch(inputs, values, output, states, grad_output, schedule, extents, visits, needed,
-                           launcher).finish(inputs)
+        return self.launch(
+            inputs, values, output, states, grad_output, schedule, extents, visits, needed, launcher
+        ).finish(inputs)
 
-    def launch(self, inputs: dict[str, torch.Tensor], values: dict[str, float], output: torch.Tensor,
-               states: dict[str, torch.Tensor], grad_output: torch.Tensor, schedule: BackwardSchedule,
-               extents: dict[str, int], visits: torch.Tensor | None = None, needed: frozenset[str] | None = None,
-               launcher: Launcher = jit_launch, record: Recording | None = None) -> Launched:
+    def launch(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        output: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        grad_output: torch.Tensor,
+        schedule: BackwardSchedule,
+        extents: dict[str, int],
+        visits: torch.Tensor | None = None,
+        needed: frozenset[str] | None = None,
+        launcher: Launcher = jit_launch,
+        record: Recording | None = None,
+    ) -> Launched:
         """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
         if self.error is not None:
             raise self.error
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
-        wanted = frozenset(t.name for t in self.gradient.forward.inputs if inputs[t.name].is_floating_point()
-                           and (needed is None or t.name in needed))
+        wanted = frozenset(
+            t.name
+            for t in self.gradient.forward.inputs
+            if inputs[t.name].is_floating_point() and (needed is None or t.name in needed)
+        )
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
         refuse_interpreted_bfloat16(output)
@@ -217,8 +266,9 @@ class _Call:
         needed = None if needed is None else frozenset(needed)
         cut = backward.cut(needed)
         g = cut.gradient
-        given = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
-                 for k, v in inputs.items()}
+        given = {
+            k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
+        }
         given[g.grad_output] = grad_output.contiguous()
         if g.output is not None:
             given[g.output] = output
@@ -227,10 +277,21 @@ class _Call:
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point()) | {st.present for st in g.saved}
         first = next(x for x in inputs.values() if x.is_floating_point())
         hkv = next(inputs[t.name].shape[1] for t in g.forward.inputs if t.layout is Layout.KEY)
-        return cls(backward, cut, given, values, extents, backward.forward.dims(extents), ints, first.dtype, first.device,
-                   hkv,
-                   needed, torch.empty if record is None else record.empty,
-                   torch.zeros if record is None else record.zeros)
+        return cls(
+            backward,
+            cut,
+            given,
+            values,
+            extents,
+            backward.forward.dims(extents),
+            ints,
+            first.dtype,
+            first.device,
+            hkv,
+            needed,
+            torch.empty if record is None else record.empty,
+            torch.zeros if record is None else record.zeros,
+        )
 
     @property
     def group(self) -> int:
@@ -262,8 +323,12 @@ class _Call:
         for o in k.outputs:
             args |= pointer(o.name, outs[o.name])
         ext = self.extents
-        return args | {param_name(p): self.values[p] for p in k.params} | dict(k.constexprs) | dict(
-            M=ext["m"], N=ext["n"], H=ext["h"], GROUP=self.group)
+        return (
+            args
+            | {param_name(p): self.values[p] for p in k.params}
+            | dict(k.constexprs)
+            | dict(M=ext["m"], N=ext["n"], H=ext["h"], GROUP=self.group)
+        )
 
     def rows(self) -> tuple[BackwardKernel, KernelCall]:
         """The rows kernel's launch; its row terms become inputs of the kernels that follow."""
@@ -272,19 +337,34 @@ class _Call:
         outs = {o.name: self.workspace(o, tiles, False) for o in k.outputs}
         for t in self.cut.parts.row_terms:
             self.given[t] = outs[t]
-        return k, k.call((tiles, self.extents["b"] * self.extents["h"]),
-                         self.tensors(k, outs) | dict(BLOCK_M=ROWS_BLOCK_M), ROWS_WARPS, 1)
+        return k, k.call(
+            (tiles, self.extents["b"] * self.extents["h"]),
+            self.tensors(k, outs) | dict(BLOCK_M=ROWS_BLOCK_M),
+            ROWS_WARPS,
+            1,
+        )
 
     def kv(self, schedule: BackwardSchedule, atomic: bool, visits) -> tuple[BackwardKernel, KernelCall]:
         """The dK/dV kernel's launch: one program per key tile and kv head."""
         k = self.kernel("kv", atomic)
         programs = -(-self.extents["n"] // schedule.block_n)
-        outs = {o.name: self.workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic)
-                for o in k.outputs}
-        own = dict(visits_ptr=visits, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-                   NUM_STAGES=schedule.num_stages, COUNT_VISITS=visits is not None)
-        return k, k.call((programs, self.extents["b"] * self.kv_heads), self.tensors(k, outs) | own,
-                         schedule.num_warps, schedule.num_stages, schedule.max_registers)
+        outs = {
+            o.name: self.workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic) for o in k.outputs
+        }
+        own = dict(
+            visits_ptr=visits,
+            BLOCK_M=schedule.block_m,
+            BLOCK_N=schedule.block_n,
+            NUM_STAGES=schedule.num_stages,
+            COUNT_VISITS=visits is not None,
+        )
+        return k, k.call(
+            (programs, self.extents["b"] * self.kv_heads),
+            self.tensors(k, outs) | own,
+            schedule.num_warps,
+            schedule.num_stages,
+            schedule.max_registers,
+        )
 
     def q(self, schedule: BackwardSchedule) -> tuple[BackwardKernel, KernelCall]:
         """The dQ kernel's launch (the forward's template): one program per query tile and query head."""
@@ -297,20 +377,41 @@ class _Call:
             tiles, counts = tile_lists(k.lists, self.given, self.values, ext["b"], ext["m"], ext["n"], bm, bn, False)
             args |= pointer("tiles", tiles) | pointer("counts", counts)
         # the forward template's own arguments: no split (1 tile share), no visit counter, no jagged batch
-        own = dict(TILES_PER_SPLIT=1, visits_ptr=None, cu_q_ptr=None, cu_k_ptr=None, BLOCK_M=bm, BLOCK_N=bn,
-                   NUM_STAGES=schedule.dq_depth, SPLIT=False, PACK=False, REVERSE_M=False, COUNT_VISITS=False,
-                   JAGGED=False)
-        return k, k.call((-(-ext["m"] // bm), ext["b"] * ext["h"], 1), args | own, schedule.num_warps,
-                         schedule.dq_depth, schedule.max_registers)
+        own = dict(
+            TILES_PER_SPLIT=1,
+            visits_ptr=None,
+            cu_q_ptr=None,
+            cu_k_ptr=None,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            NUM_STAGES=schedule.dq_depth,
+            SPLIT=False,
+            PACK=False,
+            REVERSE_M=False,
+            COUNT_VISITS=False,
+            JAGGED=False,
+        )
+        return k, k.call(
+            (-(-ext["m"] // bm), ext["b"] * ext["h"], 1),
+            args | own,
+            schedule.num_warps,
+            schedule.dq_depth,
+            schedule.max_registers,
+        )
 
-    def one_launch(self, kv: tuple[BackwardKernel, KernelCall], q: tuple[BackwardKernel, KernelCall],
-                   schedule: BackwardSchedule) -> tuple[BackwardKernel, KernelCall]:
+    def one_launch(
+        self, kv: tuple[BackwardKernel, KernelCall], q: tuple[BackwardKernel, KernelCall], schedule: BackwardSchedule
+    ) -> tuple[BackwardKernel, KernelCall]:
         """The dK/dV and dQ launches as one: each program of the grid runs one of either kind."""
         (_, kv_call), (_, q_call) = kv, q
         k = self.kernel("one")
         tiles = (kv_call.grid[0], q_call.grid[0])
         args = {f"kv_{a}": v for a, v in kv_call.args.items()} | {f"dq_{a}": v for a, v in q_call.args.items()}
-        args |= dict(KV_TILES=tiles[0], Q_TILES=tiles[1], GROUP_Q=self.group, H_KV=self.kv_heads,
-                     H_Q=self.extents["h"])
-        return k, k.call((self.extents["b"] * self.kv_heads * (tiles[0] + self.group * tiles[1]),), args,
-                         schedule.num_warps, schedule.num_stages, schedule.max_registers)
+        args |= dict(KV_TILES=tiles[0], Q_TILES=tiles[1], GROUP_Q=self.group, H_KV=self.kv_heads, H_Q=self.extents["h"])
+        return k, k.call(
+            (self.extents["b"] * self.kv_heads * (tiles[0] + self.group * tiles[1]),),
+            args,
+            schedule.num_warps,
+            schedule.num_stages,
+            schedule.max_registers,
+        )

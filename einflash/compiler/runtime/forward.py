@@ -26,17 +26,18 @@ from ..rewrite.pipeline import optimise
 from .replay import Recording
 from ..schedule import Schedule, padded
 
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-               torch.float64: "float64"}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
 def refuse_interpreted_bfloat16(x: torch.Tensor) -> None:
     """Raise DTypeError for a bfloat16 kernel call that Triton's interpreter would run: it computes bfloat16
     dots and adds wrongly, so the result would be silently wrong."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and knobs.interpreting():
-        raise DTypeError("bfloat16 kernels cannot run on Triton's CPU interpreter, which computes bfloat16 wrongly; "
-                         "call with float16 or float32 tensors on the CPU, bfloat16 on a GPU, or pass "
-                         "backend='reference'")
+        raise DTypeError(
+            "bfloat16 kernels cannot run on Triton's CPU interpreter, which computes bfloat16 wrongly; "
+            "call with float16 or float32 tensors on the CPU, bfloat16 on a GPU, or pass "
+            "backend='reference'"
+        )
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,8 +60,11 @@ class Forward:
         except LoweringError as e:
             self.error = e
         # what a call says when it cannot run the kernel (a string made now: under torch.compile too)
-        self.refusal = None if self.error is None else (
-            f"{cascade.name}: {self.error} (pass backend='reference' to run the reference executor instead)")
+        self.refusal = (
+            None
+            if self.error is None
+            else (f"{cascade.name}: {self.error} (pass backend='reference' to run the reference executor instead)")
+        )
         self._sources: dict[tuple, KernelSource] = {}
         keys = None if self.error is not None else key_plan(self.rewritten, sections(self.rewritten).loop)
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
@@ -78,20 +82,34 @@ class Forward:
             out[f"{r.name}_extent"] = extents[r.name]
         return out
 
-    def source(self, dtype: torch.dtype, dims: dict[str, int], split: bool,
-               int_inputs: frozenset = frozenset(), saved: tuple[str, ...] = ()) -> KernelSource:
+    def source(
+        self,
+        dtype: torch.dtype,
+        dims: dict[str, int],
+        split: bool,
+        int_inputs: frozenset = frozenset(),
+        saved: tuple[str, ...] = (),
+    ) -> KernelSource:
         if self.error is not None:
             raise self.error
         key = (dtype, tuple(sorted(dims.items())), split, int_inputs, saved)
         if key not in self._sources:
-            self._sources[key] = lower(self.rewritten, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs,
-                                       saved=saved)
+            self._sources[key] = lower(
+                self.rewritten, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs, saved=saved
+            )
         return self._sources[key]
 
-    def run(self, inputs: dict[str, torch.Tensor], values: dict[str, float], schedule: Schedule,
-            extents: dict[str, int] | None = None, jagged: JaggedBatch | None = None,
-            saved: tuple[str, ...] = (), launcher: Launcher = jit_launch,
-            record: Recording | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        schedule: Schedule,
+        extents: dict[str, int] | None = None,
+        jagged: JaggedBatch | None = None,
+        saved: tuple[str, ...] = (),
+        launcher: Launcher = jit_launch,
+        record: Recording | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64), with
         the cascade's per-row outputs (the log-sum-exp: fp32 ``[B, H, M]``, fp64 for fp64) among them by name.
 
@@ -120,21 +138,32 @@ class Forward:
         split = schedule.splits > 1
         if jagged is not None:
             if split:
-                raise LoweringError(f"{c.name}: split-KV decoding of a jagged batch is not implemented; "
-                                    f"run it with splits=1")
+                raise LoweringError(
+                    f"{c.name}: split-KV decoding of a jagged batch is not implemented; run it with splits=1"
+                )
             if self.lists is not None:
-                raise LoweringError(f"{c.name}: a mask on per-token data (document ids) in a jagged batch is not "
-                                    f"implemented; the sequences of a jagged batch need no document mask")
+                raise LoweringError(
+                    f"{c.name}: a mask on per-token data (document ids) in a jagged batch is not "
+                    f"implemented; the sequences of a jagged batch need no document mask"
+                )
             extents = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if saved and split:
-            raise LoweringError(f"{c.name}: the training forward keeps its states for the backward and runs "
-                                f"without split-KV; run it with splits=1")
+            raise LoweringError(
+                f"{c.name}: the training forward keeps its states for the backward and runs "
+                f"without split-KV; run it with splits=1"
+            )
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
         src = self.source(first.dtype, dims, split, ints, saved)
-        inputs = {k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32))
-                  for k, v in inputs.items()}
-        lists = None if src.lists is None else tile_lists(src.lists, inputs, values, B, M, extents["n"],
-                                                          schedule.block_m, schedule.block_n, schedule.pack)
+        inputs = {
+            k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
+        }
+        lists = (
+            None
+            if src.lists is None
+            else tile_lists(
+                src.lists, inputs, values, B, M, extents["n"], schedule.block_m, schedule.block_n, schedule.pack
+            )
+        )
         if split:
             return self._split(src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty)
         ws = dict(row_out)
@@ -157,13 +186,12 @@ class Forward:
             extra = [dims[r] for r in c.tensor(s).ranks if r not in PARALLEL + ("m",)]
             ws[s] = empty(B, H, S, M, *extra, dtype=accumulator_dtype(out.dtype), device=dev)
             ws[f"{s}:present"] = empty(B, H, S, M, dtype=torch.int8, device=dev)
-        launch(c, src, inputs, values, out, ws, schedule, extents, tile_lists=lists,
-               launcher=launcher)
+        launch(c, src, inputs, values, out, ws, schedule, extents, tile_lists=lists, launcher=launcher)
         comb = self._combine_source(out.dtype, dims)
-        rows = row_out | {s: empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev)
-                          for s in comb.row_states}
-        combine(comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S,
-                launcher)
+        rows = row_out | {s: empty(B, H, M, dtype=accumulator_dtype(out.dtype), device=dev) for s in comb.row_states}
+        combine(
+            comb, ws, inputs, values, out, rows, schedule.block_m if not schedule.pack else 16, extents, S, launcher
+        )
         return out, rows
 
     def _combine_source(self, dtype, dims) -> KernelSource:

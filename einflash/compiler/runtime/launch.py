@@ -49,8 +49,6 @@ def load_kernel(src: KernelSource):
     return getattr(mod, src.name)
 
 
-
-
 Launcher = Callable[[KernelSource, KernelCall], None]
 
 # Triton's defaults, named: the combine kernel is tiny and launched without options.
@@ -75,7 +73,7 @@ def specialisation(src: KernelSource, args: dict[str, object]) -> tuple:
         if name in consts or v is None or kind is bool:
             key.append(v)
         elif kind is not torch.Tensor and isinstance(v, int):
-            key.append((v == 1, v % 16 == 0, -2**31 <= v < 2**31))
+            key.append((v == 1, v % 16 == 0, -(2**31) <= v < 2**31))
         elif isinstance(v, torch.Tensor):
             key.append((v.dtype, v.device.index, v.data_ptr() % 16 == 0))
         else:
@@ -133,10 +131,19 @@ def _quiet(launch: Callable[..., object]) -> Callable[..., object]:
     return quietly
 
 
-def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
-                 out: torch.Tensor, workspaces: dict[str, torch.Tensor], schedule: Schedule,
-                 extents: dict[str, int], jagged: JaggedBatch | None = None,
-                 tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None, count_visits: bool = False) -> KernelCall:
+def forward_call(
+    c: Cascade,
+    src: KernelSource,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    out: torch.Tensor,
+    workspaces: dict[str, torch.Tensor],
+    schedule: Schedule,
+    extents: dict[str, int],
+    jagged: JaggedBatch | None = None,
+    tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+    count_visits: bool = False,
+) -> KernelCall:
     """The launch of the forward kernel over a grid of (query tiles, batch·heads[, splits]).
 
     For a ``jagged`` batch, ``extents`` give the number of sequences as b and the longest
@@ -165,19 +172,41 @@ def forward_call(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor],
     tiles = -(-N // schedule.block_n)
     rows, programs = (M * (H // hkv), B * hkv) if schedule.pack else (M, B * H)
     grid = (-(-rows // schedule.block_m), programs, schedule.splits if src.split else 1)
-    args |= dict(M=M, N=N, H=H, GROUP=H // hkv, TILES_PER_SPLIT=-(-tiles // schedule.splits),
-                 visits_ptr=torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if count_visits else None,
-                 cu_q_ptr=None if jagged is None else jagged.cu_q, cu_k_ptr=None if jagged is None else jagged.cu_k,
-                 BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n, NUM_STAGES=schedule.num_stages, SPLIT=src.split,
-                 PACK=schedule.pack, REVERSE_M=schedule.reverse_m, COUNT_VISITS=count_visits, JAGGED=jagged is not None)
+    args |= dict(
+        M=M,
+        N=N,
+        H=H,
+        GROUP=H // hkv,
+        TILES_PER_SPLIT=-(-tiles // schedule.splits),
+        visits_ptr=torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if count_visits else None,
+        cu_q_ptr=None if jagged is None else jagged.cu_q,
+        cu_k_ptr=None if jagged is None else jagged.cu_k,
+        BLOCK_M=schedule.block_m,
+        BLOCK_N=schedule.block_n,
+        NUM_STAGES=schedule.num_stages,
+        SPLIT=src.split,
+        PACK=schedule.pack,
+        REVERSE_M=schedule.reverse_m,
+        COUNT_VISITS=count_visits,
+        JAGGED=jagged is not None,
+    )
     return KernelCall(grid, src.signature.bind(args), schedule.num_warps, schedule.num_stages, schedule.max_registers)
 
 
-def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], params: dict[str, float],
-           out: torch.Tensor, workspaces: dict[str, torch.Tensor], schedule: Schedule,
-           extents: dict[str, int], jagged: JaggedBatch | None = None,
-           tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
-           launcher: Launcher = jit_launch, count_visits: bool = False) -> torch.Tensor | None:
+def launch(
+    c: Cascade,
+    src: KernelSource,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    out: torch.Tensor,
+    workspaces: dict[str, torch.Tensor],
+    schedule: Schedule,
+    extents: dict[str, int],
+    jagged: JaggedBatch | None = None,
+    tile_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+    launcher: Launcher = jit_launch,
+    count_visits: bool = False,
+) -> torch.Tensor | None:
     """Launch the forward kernel (see ``forward_call``).
 
     With ``count_visits``, return how many key tiles each program visited, int32
@@ -188,9 +217,17 @@ def launch(c: Cascade, src: KernelSource, inputs: dict[str, torch.Tensor], param
     return call.args["visits_ptr"]
 
 
-def combine_call(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-                 params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
-                 extents: dict[str, int], splits: int) -> KernelCall:
+def combine_call(
+    src: KernelSource,
+    ws: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    out: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    block_m: int,
+    extents: dict[str, int],
+    splits: int,
+) -> KernelCall:
     """The launch of the split-KV combine kernel over (query tiles, batch·heads); ``rows`` holds the final row
     states and the per-row outputs (``src.row_outputs``), by name."""
     args: dict[str, object] = {}
@@ -209,8 +246,17 @@ def combine_call(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[st
     return KernelCall((-(-M // block_m), B * H, 1), src.signature.bind(args), COMBINE_WARPS, COMBINE_STAGES)
 
 
-def combine(src: KernelSource, ws: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
-            params: dict[str, float], out: torch.Tensor, rows: dict[str, torch.Tensor], block_m: int,
-            extents: dict[str, int], splits: int, launcher: Launcher = jit_launch) -> None:
+def combine(
+    src: KernelSource,
+    ws: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    out: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    block_m: int,
+    extents: dict[str, int],
+    splits: int,
+    launcher: Launcher = jit_launch,
+) -> None:
     """Launch the split-KV combine kernel (see ``combine_call``)."""
     launcher(src, combine_call(src, ws, inputs, params, out, rows, block_m, extents, splits))

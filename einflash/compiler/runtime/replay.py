@@ -43,8 +43,10 @@ class Replay:
     results: tuple[int, ...]  # the buffer of each result
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        buffers = [(torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.device)
-                   for shape, dtype, zero in self.buffers]
+        buffers = [
+            (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=self.device)
+            for shape, dtype, zero in self.buffers
+        ]
         for launch in self.launches:
             args = list(launch.args)
             for position, is_buffer, index in launch.tensors:
@@ -110,8 +112,7 @@ class Recording:
         if not all(is_buffer for is_buffer, _ in found):
             return None
         buffers = tuple((tuple(t.shape), t.dtype, zero) for t, zero in zip(self.buffers, self.zeroed))
-        return Replay(self.buffers[0].device, buffers,
-                      tuple(launches), tuple(i for _, i in found))
+        return Replay(self.buffers[0].device, buffers, tuple(launches), tuple(i for _, i in found))
 
 
 class Replays:

@@ -39,21 +39,27 @@ def _ranges(values: torch.Tensor, length: int, block: int, tiles: int) -> tuple[
     """Per block of ``block`` positions of ``values[:, :length]``: the least and the greatest value."""
     x = values[:, :length]
     pad = tiles * block - length
-    hi, lo = (torch.iinfo(x.dtype).max, torch.iinfo(x.dtype).min) if not x.is_floating_point() else (
-        float("inf"), float("-inf"))
+    hi, lo = (
+        (torch.iinfo(x.dtype).max, torch.iinfo(x.dtype).min)
+        if not x.is_floating_point()
+        else (float("inf"), float("-inf"))
+    )
     least = torch.nn.functional.pad(x, (0, pad), value=hi).view(x.shape[0], tiles, block).amin(-1)
     most = torch.nn.functional.pad(x, (0, pad), value=lo).view(x.shape[0], tiles, block).amax(-1)
     return least, most
 
 
-def _test_classes(test: BlockTest, inputs: Mapping[str, torch.Tensor], M: int, N: int, BM: int, BN: int,
-                  Tq: int, Tk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _test_classes(
+    test: BlockTest, inputs: Mapping[str, torch.Tensor], M: int, N: int, BM: int, BN: int, Tq: int, Tk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(some pair equal, every pair equal) per [B, Tq, Tk] tile for one block test."""
     q_values, k_values = inputs[test.query_side.tensor], inputs[test.key_side.tensor]
     if q_values.shape[1] < M or k_values.shape[1] < N:  # reads past the tensor's end: leave the test to the kernel
         shape = (max(q_values.shape[0], k_values.shape[0]), Tq, Tk)
-        return (torch.ones(shape, dtype=torch.bool, device=q_values.device),
-                torch.zeros(shape, dtype=torch.bool, device=q_values.device))
+        return (
+            torch.ones(shape, dtype=torch.bool, device=q_values.device),
+            torch.zeros(shape, dtype=torch.bool, device=q_values.device),
+        )
     q_lo, q_hi = _ranges(q_values, M, BM, Tq)
     k_lo, k_hi = _ranges(k_values, N, BN, Tk)
     q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
@@ -77,8 +83,17 @@ def _affine_classes(lists: TileLists, M: int, N: int, BM: int, BN: int, params: 
     return some, every
 
 
-def tile_lists(lists: TileLists, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float], B: int, M: int,
-               N: int, BM: int, BN: int, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_lists(
+    lists: TileLists,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float],
+    B: int,
+    M: int,
+    N: int,
+    BM: int,
+    BN: int,
+    pack: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (tiles, counts) of the module docstring; with ``pack``, one query tile holds all M rows."""
     if pack:
         BM = max(M, 1)

@@ -74,9 +74,14 @@ def _einflash_version() -> str:
 
 def environment(target: Target) -> dict[str, str | None]:
     """Everything about this process and ``target`` that can change which schedule is fastest."""
-    return {"target": target.name, "device": target.device,
-            "capability": None if target.gpu is None else f"{target.gpu.arch // 10}.{target.gpu.arch % 10}",
-            "triton": triton.__version__, "torch": torch.__version__, "einflash": _einflash_version()}
+    return {
+        "target": target.name,
+        "device": target.device,
+        "capability": None if target.gpu is None else f"{target.gpu.arch // 10}.{target.gpu.arch % 10}",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "einflash": _einflash_version(),
+    }
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,6 @@ class CacheKey:
         return f"{self.name}-{self.cascade[:12]}-{self.dtype}-{self.environment['target']}-{digest}"
 
 
-
 @dataclass(frozen=True)
 class Bucket:
     """The shapes one cache entry serves: family, M and N and B·Hkv by power of two, exact group and head dims."""
@@ -122,13 +126,21 @@ class Bucket:
     @classmethod
     def of(cls, extents: dict[str, int], kv_heads: int) -> "Bucket":
         dims = tuple(sorted((r, v) for r, v in extents.items() if r not in ("b", "h", "m", "n")))
-        return cls(family_of(extents), next_power_of_two(extents["m"]), next_power_of_two(extents["n"]), next_power_of_two(extents["b"] * kv_heads),
-                   extents["h"] // kv_heads, dims)
+        return cls(
+            family_of(extents),
+            next_power_of_two(extents["m"]),
+            next_power_of_two(extents["n"]),
+            next_power_of_two(extents["b"] * kv_heads),
+            extents["h"] // kv_heads,
+            dims,
+        )
 
     @property
     def label(self) -> str:
-        return " ".join([self.family, f"m{self.m}", f"n{self.n}", f"bkv{self.bkv}", f"g{self.group}"] +
-                        [f"{r}{v}" for r, v in self.dims])
+        return " ".join(
+            [self.family, f"m{self.m}", f"n{self.n}", f"bkv{self.bkv}", f"g{self.group}"]
+            + [f"{r}{v}" for r, v in self.dims]
+        )
 
     def compatible(self, other: "Bucket") -> bool:
         """Whether a schedule tuned for ``other`` can run here: same family, group and head dims."""
@@ -139,13 +151,25 @@ class Bucket:
         return sum(abs(math.log2(a / b)) for a, b in ((self.m, other.m), (self.n, other.n), (self.bkv, other.bkv)))
 
     def to_json(self) -> dict:
-        return {"family": self.family, "m": self.m, "n": self.n, "bkv": self.bkv, "group": self.group,
-                "dims": dict(self.dims)}
+        return {
+            "family": self.family,
+            "m": self.m,
+            "n": self.n,
+            "bkv": self.bkv,
+            "group": self.group,
+            "dims": dict(self.dims),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "Bucket":
-        return cls(str(d["family"]), int(d["m"]), int(d["n"]), int(d["bkv"]), int(d["group"]),
-                   tuple(sorted((str(r), int(v)) for r, v in d["dims"].items())))
+        return cls(
+            str(d["family"]),
+            int(d["m"]),
+            int(d["n"]),
+            int(d["bkv"]),
+            int(d["group"]),
+            tuple(sorted((str(r), int(v)) for r, v in d["dims"].items())),
+        )
 
 
 def schedule_to_json(s: Schedule) -> dict:
@@ -213,8 +237,12 @@ _REPORTED: set[tuple[str, str]] = set()
 def _report(path: pathlib.Path, what: str) -> None:
     if (str(path), what) not in _REPORTED:
         _REPORTED.add((str(path), what))
-        warnings.warn(f"einflash autotune cache {path}: {what}; skipped (see `einflash cache list`; "
-                      f"`einflash cache clear` removes it)", CacheWarning, stacklevel=3)
+        warnings.warn(
+            f"einflash autotune cache {path}: {what}; skipped (see `einflash cache list`; "
+            f"`einflash cache clear` removes it)",
+            CacheWarning,
+            stacklevel=3,
+        )
 
 
 def _read(path: pathlib.Path) -> tuple[dict | None, str | None]:
@@ -265,9 +293,16 @@ class CacheFile:
 
     def to_json(self) -> dict:
         d = self.data if self.problem is None else {}
-        return {"path": str(self.path), "ok": self.problem is None, "problem": self.problem,
-                "name": d.get("name"), "cascade": d.get("cascade"), "dtype": d.get("dtype"),
-                "environment": d.get("environment"), "entries": sorted(d.get("entries", {}))}
+        return {
+            "path": str(self.path),
+            "ok": self.problem is None,
+            "problem": self.problem,
+            "name": d.get("name"),
+            "cascade": d.get("cascade"),
+            "dtype": d.get("dtype"),
+            "environment": d.get("environment"),
+            "entries": sorted(d.get("entries", {})),
+        }
 
 
 class TuneCache:
@@ -333,9 +368,13 @@ class TuneCache:
             merged = dict(data["entries"]) if data else {}
             for label, e in entries.items():
                 merged[label] = merge(merged.get(label), e)
-            out = {"kind": KIND, "format": FORMAT, **key.metadata(),
-                   "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "entries": dict(sorted(merged.items()))}
+            out = {
+                "kind": KIND,
+                "format": FORMAT,
+                **key.metadata(),
+                "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "entries": dict(sorted(merged.items())),
+            }
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             with open(tmp, "w") as f:
                 json.dump(out, f, indent=1)
@@ -363,16 +402,20 @@ class TuneCache:
         """Merge a bundle's files into this cache; returns the number of entries taken. Raises CacheError when
         the bundle or a file in it is malformed (nothing is written then)."""
         if not isinstance(bundle, dict) or bundle.get("kind") != BUNDLE or bundle.get("format") != FORMAT:
-            raise CacheError(f"not an einflash autotune bundle of format {FORMAT} (kind {bundle.get('kind')!r}, "
-                             f"format {bundle.get('format')!r})" if isinstance(bundle, dict) else
-                             "an einflash autotune bundle is a JSON object")
+            raise CacheError(
+                f"not an einflash autotune bundle of format {FORMAT} (kind {bundle.get('kind')!r}, "
+                f"format {bundle.get('format')!r})"
+                if isinstance(bundle, dict)
+                else "an einflash autotune bundle is a JSON object"
+            )
         keyed = []
         for i, data in enumerate(bundle.get("files", [])):
             bad = problem(data)
             if bad:
                 raise CacheError(f"file {i} of the bundle: {bad}")
-            key = CacheKey(data["cascade"], data.get("name", "cascade"), tuple(data["environment"].items()),
-                           data["dtype"])
+            key = CacheKey(
+                data["cascade"], data.get("name", "cascade"), tuple(data["environment"].items()), data["dtype"]
+            )
             keyed.append((key, data["entries"]))
         for key, entries in keyed:
             self._update(key, entries)
@@ -399,8 +442,14 @@ def writes() -> int:
     return _WRITES[0]
 
 
-def best_schedule(cascade: Cascade, target: Target, dtype: torch.dtype | str, shape: Shape,
-                  dims: dict[str, int] | None = None, cache: TuneCache | None = None) -> Schedule | None:
+def best_schedule(
+    cascade: Cascade,
+    target: Target,
+    dtype: torch.dtype | str,
+    shape: Shape,
+    dims: dict[str, int] | None = None,
+    cache: TuneCache | None = None,
+) -> Schedule | None:
     """The cached winner for ``cascade`` at ``shape`` on ``target``, or from the nearest cached shape; None
     when nothing compatible was tuned. ``dims`` gives extents of ranks a declaration adds (as in explain).
 

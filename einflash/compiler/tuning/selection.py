@@ -80,8 +80,16 @@ def _cache() -> TuneCache:
     return _CACHE[0]
 
 
-def choose(cascade: Cascade, forward: Forward, target: Target, dtype: torch.dtype, extents: dict[str, int],
-           kv_heads: int, inputs: dict | None = None, params: dict | None = None) -> Schedule:
+def choose(
+    cascade: Cascade,
+    forward: Forward,
+    target: Target,
+    dtype: torch.dtype,
+    extents: dict[str, int],
+    kv_heads: int,
+    inputs: dict | None = None,
+    params: dict | None = None,
+) -> Schedule:
     """The schedule for a call of these extents. ``inputs`` (with ``params``) are the call's own, given only
     where tuning may run (eager calls); see the module's docstring for the order."""
     generation()  # forgets what a cache written since (a tuning run) makes stale
@@ -106,8 +114,11 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
         return tune(cascade, forward, inputs, params or {}, target, cache=cache).best
     if deploy and (key, bucket) not in _WARNED:
         _WARNED.add((key, bucket))
-        warnings.warn(f"deploy mode: no tuned schedule for {cascade.name} ({key.dtype}, {bucket.label}) on "
-                      f"{target.device} in {cache.path(key)}; using the heuristic default. Tune it with "
-                      f"`einflash tune` and ship the cache folder (or `einflash cache export`)", CacheWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"deploy mode: no tuned schedule for {cascade.name} ({key.dtype}, {bucket.label}) on "
+            f"{target.device} in {cache.path(key)}; using the heuristic default. Tune it with "
+            f"`einflash tune` and ship the cache folder (or `einflash cache export`)",
+            CacheWarning,
+            stacklevel=4,
+        )
     return fitting_default(forward, target, extents, kv_heads, dtype.itemsize)

@@ -99,34 +99,54 @@ class Space:
         near = {}
         for name, values in self.knobs:
             have = getattr(schedule, name)
-            near[name] = min(values, key=lambda v: (abs(math.log2(max(v, 1) / max(have, 1))) if
-                                                    isinstance(v, int) and not isinstance(v, bool) else v != have, v))
+            near[name] = min(
+                values,
+                key=lambda v: (
+                    abs(math.log2(max(v, 1) / max(have, 1)))
+                    if isinstance(v, int) and not isinstance(v, bool)
+                    else v != have,
+                    v,
+                ),
+            )
         return Schedule(**near)
 
     def to_json(self) -> dict:
-        return {"family": self.family, "knobs": {k: list(v) for k, v in self.knobs}, "size": self.size,
-                "feasible": len(self.feasible), "pruned": self.pruned_counts()}
-
+        return {
+            "family": self.family,
+            "knobs": {k: list(v) for k, v in self.knobs},
+            "size": self.size,
+            "feasible": len(self.feasible),
+            "pruned": self.pruned_counts(),
+        }
 
 
 def _rows(extents: dict[str, int], kv_heads: int, pack: bool) -> int:
     return extents["m"] * (extents["h"] // kv_heads if pack else 1)
 
 
-def _knobs(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int, family: str,
-           default: Schedule) -> tuple[dict[str, tuple], int]:
+def _knobs(
+    forward: Forward, target: Target, extents: dict[str, int], kv_heads: int, family: str, default: Schedule
+) -> tuple[dict[str, tuple], int]:
     """Candidate values per field, and how many schedules of their product dropping redundant values removed."""
     space = (target.decode if family == "decode" else target.forward).space
-    values = {"block_m": space.block_m, "block_n": space.block_n, "num_warps": space.num_warps,
-              "num_stages": space.num_stages, "splits": space.splits if family == "decode" else (1,),
-              "pack": (default.pack,),
-              # the order of query tiles matters only where tiles differ in work: an affine mask
-              "reverse_m": (False, True) if family == "forward" and forward.masked else (False,),
-              "max_registers": space.max_registers}
+    values = {
+        "block_m": space.block_m,
+        "block_n": space.block_n,
+        "num_warps": space.num_warps,
+        "num_stages": space.num_stages,
+        "splits": space.splits if family == "decode" else (1,),
+        "pack": (default.pack,),
+        # the order of query tiles matters only where tiles differ in work: an affine mask
+        "reverse_m": (False, True) if family == "forward" and forward.masked else (False,),
+        "max_registers": space.max_registers,
+    }
     knobs = {f.name: tuple(sorted(set(values[f.name]) | {getattr(default, f.name)})) for f in fields(Schedule)}
     full = math.prod(len(v) for v in knobs.values())
     # tiles taller than the rows or wider than the keys only repeat a smaller tile's work, whatever else is chosen
-    most = {"block_m": max(16, next_power_of_two(_rows(extents, kv_heads, default.pack))), "block_n": max(16, next_power_of_two(extents["n"]))}
+    most = {
+        "block_m": max(16, next_power_of_two(_rows(extents, kv_heads, default.pack))),
+        "block_n": max(16, next_power_of_two(extents["n"])),
+    }
     for name, limit in most.items():
         knobs[name] = tuple(v for v in knobs[name] if v <= limit or v == getattr(default, name))
     return knobs, full - math.prod(len(v) for v in knobs.values())
@@ -151,15 +171,22 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
     if target.smem_per_block is not None and s.num_stages >= 2:
         need = int(smem(s.block_m, s.block_n, s.num_stages))
         if need > target.smem_per_block:
-            return Pruned(s, "shared memory", f"input tiles need {need:,} B, {target.name} has "
-                                              f"{target.smem_per_block:,} B per block")
+            return Pruned(
+                s,
+                "shared memory",
+                f"input tiles need {need:,} B, {target.name} has {target.smem_per_block:,} B per block",
+            )
     if target.regs_per_thread is not None and target.gpu is not None:
         per_thread = regs(s.block_m, s.block_n) / FP32 / (target.gpu.warp_size * s.num_warps)
         budget = min(target.regs_per_thread, s.max_registers or target.regs_per_thread)
         if per_thread > budget:
-            return Pruned(s, "registers", f"fp32 tiles need {per_thread:.0f} registers per thread, "
-                                          f"{target.name} has {target.regs_per_thread}" +
-                                          (f" and the schedule caps them at {budget}" if s.max_registers else ""))
+            return Pruned(
+                s,
+                "registers",
+                f"fp32 tiles need {per_thread:.0f} registers per thread, "
+                f"{target.name} has {target.regs_per_thread}"
+                + (f" and the schedule caps them at {budget}" if s.max_registers else ""),
+            )
     return None
 
 
@@ -167,8 +194,9 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
 _SHRUNK_TILES = (16, 32, 64, 128)
 
 
-def fitting_default(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
-                    elem_bytes: int) -> Schedule:
+def fitting_default(
+    forward: Forward, target: Target, extents: dict[str, int], kv_heads: int, elem_bytes: int
+) -> Schedule:
     """The heuristic default, or where the buffer analysis finds that it cannot fit the target (a
     cascade that reduces a broadcast tile, as GLA does), the largest tiles that do, with its warps.
 
@@ -187,17 +215,22 @@ def fitting_default(forward: Forward, target: Target, extents: dict[str, int], k
 def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Schedule:
     if _prune(default, extents, target, smem, regs) is None:
         return default
-    fits = [dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=w)
-            for bm in _SHRUNK_TILES for bn in _SHRUNK_TILES for w in sorted({default.num_warps, 4, 8})
-            if bm <= default.block_m and bn <= default.block_n]
+    fits = [
+        dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=w)
+        for bm in _SHRUNK_TILES
+        for bn in _SHRUNK_TILES
+        for w in sorted({default.num_warps, 4, 8})
+        if bm <= default.block_m and bn <= default.block_n
+    ]
     fits = [s for s in fits if _prune(s, extents, target, smem, regs) is None]
     if not fits:
         return default  # nothing smaller fits either: compiling says what is short
     return max(fits, key=lambda s: (s.block_m * s.block_n, s.num_warps == default.num_warps, s.block_m))
 
 
-def search_space(forward: Forward, target: Target, extents: dict[str, int], kv_heads: int,
-                 elem_bytes: int, family: str | None = None) -> Space:
+def search_space(
+    forward: Forward, target: Target, extents: dict[str, int], kv_heads: int, elem_bytes: int, family: str | None = None
+) -> Space:
     """The schedules to try for these extents on ``target`` (inputs of ``elem_bytes`` bytes), pruned.
 
     ``family`` defaults to the one that runs these extents (``family_of``). The heuristic default is

@@ -92,8 +92,9 @@ class Budget:
 
     def __post_init__(self):
         if not (isinstance(self.trials, int) and self.trials >= 1) or not self.seconds > 0:
-            raise TuningOptionError(f"a budget is at least one trial and some seconds, got {self.trials} trials, "
-                             f"{self.seconds} s")
+            raise TuningOptionError(
+                f"a budget is at least one trial and some seconds, got {self.trials} trials, {self.seconds} s"
+            )
 
 
 def open_storage(url: str | None, default: pathlib.Path) -> optuna.storages.BaseStorage:
@@ -113,8 +114,9 @@ def open_storage(url: str | None, default: pathlib.Path) -> optuna.storages.Base
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
             except ImportError as e:
-                raise TuningOptionError(f"storage {url.split('://')[0]}://...: {e} (for postgresql:// install "
-                                        f"einflash[postgres])") from None
+                raise TuningOptionError(
+                    f"storage {url.split('://')[0]}://...: {e} (for postgresql:// install einflash[postgres])"
+                ) from None
             except sqlalchemy.exc.ArgumentError as e:
                 raise TuningOptionError(f"storage URL not understood: {e}") from None
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
@@ -156,25 +158,49 @@ class TuneResult:
         return None if self.default_ms is None else self.default_ms / self.best_ms
 
     def to_json(self) -> dict:
-        return {"name": self.name, "cascade": self.key.cascade, "dtype": self.key.dtype,
-                "environment": self.key.environment, "bucket": self.bucket.label, "study": self.study,
-                "sampler": self.sampler, "space": self.space.to_json(), "best": schedule_to_json(self.best),
-                "best_ms": self.best_ms, "default": schedule_to_json(self.default), "default_ms": self.default_ms,
-                "speedup": self.speedup, "measured": list(self.measured), "failed": list(self.failed),
-                "here": self.here, "seconds": self.seconds, "checked": self.checked, "cache": str(self.path)}
+        return {
+            "name": self.name,
+            "cascade": self.key.cascade,
+            "dtype": self.key.dtype,
+            "environment": self.key.environment,
+            "bucket": self.bucket.label,
+            "study": self.study,
+            "sampler": self.sampler,
+            "space": self.space.to_json(),
+            "best": schedule_to_json(self.best),
+            "best_ms": self.best_ms,
+            "default": schedule_to_json(self.default),
+            "default_ms": self.default_ms,
+            "speedup": self.speedup,
+            "measured": list(self.measured),
+            "failed": list(self.failed),
+            "here": self.here,
+            "seconds": self.seconds,
+            "checked": self.checked,
+            "cache": str(self.path),
+        }
 
     def __str__(self) -> str:
         speed = f"{self.speedup:.2f}x" if self.speedup else "default failed"
         pruned = ", ".join(f"{n} {k}" for k, n in self.space.pruned_counts().items()) or "none"
-        rows = [("variant", f"{self.name} ({self.key.dtype}) on {self.key.environment['device']}"),
-                ("bucket", self.bucket.label), ("study", f"{self.study} ({self.sampler})"),
-                ("space", f"{self.space.size} schedules, {len(self.space.feasible)} feasible; pruned: {pruned}"),
-                ("trials", f"{len(self.measured)} measured, {len(self.failed)} failed ({self.here} here, "
-                           f"{self.seconds:.1f} s)"),
-                ("best", f"{self.best.describe()}: {self.best_ms:.4f} ms"),
-                ("default", f"{self.default.describe()}: " + ("failed" if self.default_ms is None else
-                                                       f"{self.default_ms:.4f} ms")),
-                ("speedup", speed), ("checked", self.checked), ("cache", str(self.path))]
+        rows = [
+            ("variant", f"{self.name} ({self.key.dtype}) on {self.key.environment['device']}"),
+            ("bucket", self.bucket.label),
+            ("study", f"{self.study} ({self.sampler})"),
+            ("space", f"{self.space.size} schedules, {len(self.space.feasible)} feasible; pruned: {pruned}"),
+            (
+                "trials",
+                f"{len(self.measured)} measured, {len(self.failed)} failed ({self.here} here, {self.seconds:.1f} s)",
+            ),
+            ("best", f"{self.best.describe()}: {self.best_ms:.4f} ms"),
+            (
+                "default",
+                f"{self.default.describe()}: " + ("failed" if self.default_ms is None else f"{self.default_ms:.4f} ms"),
+            ),
+            ("speedup", speed),
+            ("checked", self.checked),
+            ("cache", str(self.path)),
+        ]
         for f in self.failed[:5]:
             rows.append(("failed", f"{schedule_from_json(f['schedule']).describe()}: {f['kind']}: {f['reason'][:120]}"))
         width = max(len(k) for k, _ in rows)
@@ -235,8 +261,9 @@ def _sampler(kind: str, space: Space, budget: Budget, seed: int) -> tuple[str, o
     if kind == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return kind, optuna.samplers.TPESampler(seed=seed, multivariate=True,
-                                                    n_startup_trials=min(10, max(3, budget.trials // 3)))
+            return kind, optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, n_startup_trials=min(10, max(3, budget.trials // 3))
+            )
     raise TuningOptionError(f"sampler must be 'auto', 'tpe' or 'grid', got {kind!r}")
 
 
@@ -260,8 +287,13 @@ class _Progress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True))
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
             self.task = self.bar.add_task(title, total=total)
             self.title = title
 
@@ -272,8 +304,9 @@ class _Progress:
 
     def update(self, done: int, best: float | None):
         if self.bar:
-            self.bar.update(self.task, completed=done,
-                            description=self.title + ("" if best is None else f"  best {best:.4f} ms"))
+            self.bar.update(
+                self.task, completed=done, description=self.title + ("" if best is None else f"  best {best:.4f} ms")
+            )
 
     def __exit__(self, *exc):
         if self.bar:
@@ -297,10 +330,22 @@ def _rows(study: optuna.Study) -> tuple[list[dict], list[dict]]:
     return measured, failed
 
 
-def tune(cascade: Cascade, forward: Forward, inputs: dict[str, torch.Tensor], params: dict[str, float],
-         target: Target, *, budget: Budget = Budget(), timer: Timer | None = None, storage: str | None = None,
-         seed: int = 0, sampler: str = "auto", warm_start: bool = True, cache: TuneCache | None = None,
-         progress: bool = False) -> TuneResult:
+def tune(
+    cascade: Cascade,
+    forward: Forward,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    target: Target,
+    *,
+    budget: Budget = Budget(),
+    timer: Timer | None = None,
+    storage: str | None = None,
+    seed: int = 0,
+    sampler: str = "auto",
+    warm_start: bool = True,
+    cache: TuneCache | None = None,
+    progress: bool = False,
+) -> TuneResult:
     """Tune the schedule of ``cascade`` on these inputs (and given parameters) on ``target``; store the result.
 
     ``timer(run, schedule)`` returns ms for one schedule (default: ``gpu_timer`` on a GPU,
@@ -317,26 +362,50 @@ def tune(cascade: Cascade, forward: Forward, inputs: dict[str, torch.Tensor], pa
     trials = _Trials.of(cascade, forward, inputs, params, target, timer, storage, seed, cache)
     sampler_name, chosen = _sampler(sampler, trials.space, budget, trials.seed)
     with _quiet_optuna():
-        study = optuna.create_study(study_name=trials.study_name, direction="minimize", sampler=chosen,
-                                    storage=open_storage(storage, cache.root / "studies" / f"{trials.key.stem}.journal"),
-                                    load_if_exists=True)
+        study = optuna.create_study(
+            study_name=trials.study_name,
+            direction="minimize",
+            sampler=chosen,
+            storage=open_storage(storage, cache.root / "studies" / f"{trials.key.stem}.journal"),
+            load_if_exists=True,
+        )
         if warm_start:
             _enqueue(study, trials.space, cache, trials.key, trials.bucket)
         with _Progress(progress, f"tuning {cascade.name} {trials.bucket.label}", budget.trials) as bar:
-            study.optimize(trials.objective, timeout=budget.seconds, catch=(_Failed,),
-                           callbacks=[trials.stopper(budget, started + budget.seconds, bar)])
+            study.optimize(
+                trials.objective,
+                timeout=budget.seconds,
+                catch=(_Failed,),
+                callbacks=[trials.stopper(budget, started + budget.seconds, bar)],
+            )
     measured, failed = _rows(study)
     seconds = time.monotonic() - started
     entry = trials.entry(sampler_name, storage, params, measured, failed, seconds)
     path = cache.put(trials.key, trials.bucket, entry)
     if entry["best"] is None:
         reasons = "; ".join(f"{f['kind']}: {f['reason'][:100]}" for f in failed[:3]) or "nothing was measured"
-        raise TuningError(f"no schedule of {cascade.name} at {trials.bucket.label} compiled, ran and matched the "
-                          f"reference in {len(failed)} tries ({reasons}); the failures are in {path}")
-    return TuneResult(cascade.name, trials.key, trials.bucket, trials.study_name, sampler_name, trials.space,
-                      schedule_from_json(entry["best"]["schedule"]), entry["best"]["ms"], trials.space.default,
-                      entry["default"]["ms"], tuple(measured), tuple(failed), trials.here, seconds,
-                      trials.check.what, path)
+        raise TuningError(
+            f"no schedule of {cascade.name} at {trials.bucket.label} compiled, ran and matched the "
+            f"reference in {len(failed)} tries ({reasons}); the failures are in {path}"
+        )
+    return TuneResult(
+        cascade.name,
+        trials.key,
+        trials.bucket,
+        trials.study_name,
+        sampler_name,
+        trials.space,
+        schedule_from_json(entry["best"]["schedule"]),
+        entry["best"]["ms"],
+        trials.space.default,
+        entry["default"]["ms"],
+        tuple(measured),
+        tuple(failed),
+        trials.here,
+        seconds,
+        trials.check.what,
+        path,
+    )
 
 
 @dataclass
@@ -365,15 +434,32 @@ class _Trials:
         first = inputs[cascade.inputs[0].name]
         kv = kv_heads(cascade, inputs)
         # every parameter resolved at the full extents, so that a slice checks the same maths
-        check = _Check.of(cascade, inputs, bind_params(cascade, params, bind_extents(cascade, inputs, params)),
-                          extents, kv, first.dtype)
+        check = _Check.of(
+            cascade,
+            inputs,
+            bind_params(cascade, params, bind_extents(cascade, inputs, params)),
+            extents,
+            kv,
+            first.dtype,
+        )
         worker = f"{socket.gethostname()}:{os.getpid()}"
         if storage is not None:
             seed = seed + zlib.crc32(worker.encode()) % 1_000_003
-        return cls(cascade, forward, inputs, bind_params(forward.rewritten, params, extents), extents, kv,
-                   search_space(forward, target, extents, kv, first.element_size()),
-                   CacheKey.of(cascade, target, first.dtype), Bucket.of(extents, kv), check,
-                   timer or (interpreter_timer if target.is_interpreter else gpu_timer), worker, seed)
+        return cls(
+            cascade,
+            forward,
+            inputs,
+            bind_params(forward.rewritten, params, extents),
+            extents,
+            kv,
+            search_space(forward, target, extents, kv, first.element_size()),
+            CacheKey.of(cascade, target, first.dtype),
+            Bucket.of(extents, kv),
+            check,
+            timer or (interpreter_timer if target.is_interpreter else gpu_timer),
+            worker,
+            seed,
+        )
 
     @property
     def study_name(self) -> str:
@@ -391,8 +477,9 @@ class _Trials:
             self.idle += 1
             trial.set_user_attr("pruned", why)
             raise optuna.TrialPruned(why)
-        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL,
-                                                                TrialState.RUNNING)):
+        for t in trial.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+        ):
             if t.number == trial.number or t.params != trial.params or "repeat_of" in t.user_attrs:
                 continue
             self.idle += 1
@@ -414,8 +501,11 @@ class _Trials:
         trial.set_user_attr("max_error", verdict.max_error)
         trial.set_user_attr("tolerance", verdict.tolerance)
         if not verdict.ok:
-            raise _fail(trial, "wrong result", f"max error {verdict.max_error:.3e} > tolerance "
-                                               f"{verdict.tolerance:.3e} ({self.check.what})")
+            raise _fail(
+                trial,
+                "wrong result",
+                f"max error {verdict.max_error:.3e} > tolerance {verdict.tolerance:.3e} ({self.check.what})",
+            )
         try:
             ms = float(self.timer(lambda: self.run(s), s))
         except Exception as e:  # noqa: BLE001
@@ -426,6 +516,7 @@ class _Trials:
 
     def stopper(self, budget: Budget, deadline: float, bar: _Progress):
         """A study callback that stops this worker once its budget is spent or the space is exhausted."""
+
         def stop_when_spent(study: optuna.Study, trial) -> None:
             measured, failed = _rows(study)
             bar.update(self.here, min((m["ms"] for m in measured), default=None))
@@ -435,19 +526,32 @@ class _Trials:
 
         return stop_when_spent
 
-    def entry(self, sampler: str, storage: str | None, params: dict, measured: list[dict], failed: list[dict],
-              seconds: float) -> dict:
+    def entry(
+        self, sampler: str, storage: str | None, params: dict, measured: list[dict], failed: list[dict], seconds: float
+    ) -> dict:
         """The cache entry of this study: every measured and failed schedule, the default's time, the winner."""
         default_row = next((m for m in measured if schedule_from_json(m["schedule"]) == self.space.default), None)
-        return {"study": self.study_name, "storage": "rdb" if storage and "://" in storage else "journal",
-                "sampler": sampler, "seed": self.seed, "extents": dict(self.extents), "kv_heads": self.kv,
-                "params": dict(params), "space": self.space.to_json(), "checked": self.check.what,
-                "default": {"schedule": schedule_to_json(self.space.default),
-                            "ms": None if default_row is None else default_row["ms"]},
-                "best": best_of(measured), "measured": measured, "failed": failed,
-                "workers": sorted({self.worker} | {r["worker"] for r in measured + failed if r.get("worker")}),
-                "seconds": seconds,
-                "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        return {
+            "study": self.study_name,
+            "storage": "rdb" if storage and "://" in storage else "journal",
+            "sampler": sampler,
+            "seed": self.seed,
+            "extents": dict(self.extents),
+            "kv_heads": self.kv,
+            "params": dict(params),
+            "space": self.space.to_json(),
+            "checked": self.check.what,
+            "default": {
+                "schedule": schedule_to_json(self.space.default),
+                "ms": None if default_row is None else default_row["ms"],
+            },
+            "best": best_of(measured),
+            "measured": measured,
+            "failed": failed,
+            "workers": sorted({self.worker} | {r["worker"] for r in measured + failed if r.get("worker")}),
+            "seconds": seconds,
+            "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 def _schedule_key(schedule: dict) -> tuple:
