@@ -10,6 +10,7 @@ contiguous (``out.sum().backward()`` passes a stride-0 one); integer inputs get 
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -17,13 +18,13 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .compiler.schedule import BackwardSchedule, default_backward_schedule
-from .compiler.schedule import Schedule
+from .backends import for_device
 from .compiler.runtime.forward import accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
+from .compiler.schedule import BackwardSchedule, Schedule, default_backward_schedule
 from .compiler.tuning.selection import choose, generation
+from .errors import CallError
 from .ir.ranks import PARALLEL
-from .backends import for_device
 from .ir.reference import bind_extents, bind_params, kv_heads
 
 _REGISTERED: dict[str, object] = {}
@@ -36,11 +37,20 @@ def unpacker(op):
     decls = op.cascade.params
     c = op.forward.rewritten
 
-    def unpack(tensors, params):
+    def unpack(tensors, params, fake: bool = False):
         inputs = dict(zip(names, tensors))
         given = {p.name: (int(v) if p.integer else v) for p, v in zip(decls, params) if not math.isnan(v)}
-        extents = bind_extents(c, inputs, given)
-        return inputs, bind_params(c, given, extents), extents
+        try:
+            extents = bind_extents(c, inputs, given)
+            return inputs, bind_params(c, given, extents), extents
+        except CallError:
+            if not fake:
+                raise
+            # traced, a call whose run will refuse it (the same binding raises then, with its own type): shapes
+            # guessed from q, so that tracing goes on to that run
+            q = tensors[0]
+            guess = collections.defaultdict(lambda: q.shape[-1], b=q.shape[0], h=q.shape[1], m=q.shape[2])
+            return inputs, dict(given), guess
 
     return unpack
 
@@ -120,7 +130,7 @@ def register_training(op) -> Training:
             inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved, record=record
         )
         if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
-            ws = _empty_states(op, inputs, values, out)
+            ws = _empty_states(op, bind_extents(op.forward.rewritten, inputs, values), out)
         results = [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
         replay = None if record is None else record.replay(tensors, results)
         if replay is not None:
@@ -157,9 +167,9 @@ def register_training(op) -> Training:
 
     @train.register_fake
     def _(tensors, params, schedule):
-        inputs, values, ext = unpack(tensors, params)
+        inputs, values, ext = unpack(tensors, params, fake=True)
         out = tensors[0].new_empty(ext["b"], ext["h"], ext["m"], ext[value_rank])
-        return [out] + list(_empty_states(op, inputs, values, out).values())
+        return [out] + list(_empty_states(op, ext, out).values())
 
     @torch.library.custom_op(qualname.replace("::train_", "::bwd_"), mutates_args=())
     def backward(
@@ -233,10 +243,10 @@ def _input_grads(saved, count: int, params, schedule, needed: list[bool], grad_o
     return grads
 
 
-def _empty_states(op, inputs, values, out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The saved states' values and presence flags, allocated (their shapes, for the fake implementation)."""
+def _empty_states(op, ext: dict[str, int], out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The saved states' values and presence flags at extents ``ext``, allocated (their shapes, for the fake
+    implementation)."""
     c = op.forward.rewritten
-    ext = bind_extents(c, inputs, values)
     rows = (ext["b"], ext["h"], ext["m"])
     acc = accumulator_dtype(out.dtype)
     values_ = {

@@ -6,10 +6,12 @@ import importlib.util
 import inspect
 import math
 import pathlib
+import re
 from typing import Any, Callable, Mapping
 
 import torch
 
+from . import errors
 from .autograd import register_training, schedule_ints, unpacker
 from .backends import for_device, get_target
 from .compiler.explain import Explanation, explain
@@ -20,6 +22,7 @@ from .compiler.runtime.replay import Recording, Replays, signature
 from .compiler.schedule import BackwardSchedule, Schedule, default_schedule
 from .compiler.tuning.selection import choose, generation
 from .errors import (
+    CallError,
     DeclarationError,
     DeviceError,
     DTypeError,
@@ -30,6 +33,7 @@ from .errors import (
     ShapeError,
 )
 from .ir import Cascade, Layout, trace
+from .ir.cascade import ParamDecl
 from .ir.reference import bind_extents, bind_params, kv_heads, run_outputs
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
 from .shape import Shape
@@ -56,7 +60,7 @@ class AttentionOp:
 
     def __init__(self, fn: Callable, name: str | None = None):
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = _identifier(fn.__name__ if name is None else name, given=name is not None)
         self.cascade: Cascade = trace(fn, self.name)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -89,7 +93,7 @@ class AttentionOp:
             )
         inputs = dict(zip(names, args))
         params: dict[str, float] = {}
-        declared = {p.name for p in self.cascade.params}
+        declared = {p.name: p for p in self.cascade.params}
         for key, val in kwargs.items():
             if key in OFFSET_NAMES:  # a jagged batch's offsets: see jagged_batch
                 continue
@@ -99,7 +103,7 @@ class AttentionOp:
                 inputs[key] = val
             elif key in declared:
                 if val is not None:
-                    params[key] = val
+                    params[key] = _checked_param(self.name, declared[key], val)
             elif key == "scale":
                 if val is not None:
                     raise MissingInputError(f"{self.name} does not use ef.scale, so `scale` cannot be given")
@@ -120,6 +124,11 @@ class AttentionOp:
             x = inputs[t.name]
             if not isinstance(x, torch.Tensor):
                 raise DTypeError(f"{t.name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.device.type not in ("cpu", "cuda"):
+                raise DeviceError(
+                    f"{t.name} is on {x.device}: einflash computes on cpu or cuda tensors (a meta "
+                    f"tensor holds no data; einflash.aot builds kernels without a GPU)"
+                )
             if device is None:
                 device = x.device
             elif x.device != device:
@@ -142,6 +151,8 @@ class AttentionOp:
                         f"{t.name} must be 4-D {'[B, Hq, M, d]' if t.layout is Layout.QUERY else '[B, Hkv, N, d]'}"
                         f", got shape {tuple(x.shape)}"
                     )
+                if x.shape[3] == 0:
+                    raise ShapeError(f"{t.name}'s head dim is 0 (shape {tuple(x.shape)}); attention needs at least 1")
             elif x.dtype.is_complex:
                 raise DTypeError(f"{t.name} must be a real tensor, got {x.dtype}")
 
@@ -224,7 +235,14 @@ class AttentionOp:
             replay = None if replay_key is None else self._replays.get(replay_key)
             if replay is not None:
                 return _returned(replay(_call_tensors(args, kwargs)))
-        inputs, params = self.bind(args, kwargs)
+        try:
+            inputs, params = self.bind(args, kwargs)
+        except CallError as e:
+            if not tracing:
+                raise
+            # a raise that Dynamo traced would come out of a fullgraph compile as its own exception type: the
+            # compiled graph raises this one when it runs instead
+            return _refused(e, args, kwargs)
         jagged = jagged_batch(self.cascade, inputs, kwargs)
         if backend == "reference":
             return self._call_reference(inputs, params, jagged, return_lse)
@@ -413,6 +431,26 @@ def _call_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
     return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
 
 
+@torch.library.custom_op("einflash::refuse", mutates_args=())
+def _refuse(error: str, message: str, like: torch.Tensor) -> torch.Tensor:
+    """Raise the einflash error ``error`` (a class of einflash.errors) with ``message``: a call that tracing
+    refused, raised when the compiled graph runs."""
+    raise getattr(errors, error)(message)
+
+
+@_refuse.register_fake
+def _(error, message, like):
+    return torch.empty_like(like)
+
+
+def _refused(e: CallError, args: tuple, kwargs: Mapping[str, Any]):
+    """A traced call that ``e`` refuses: a node of the graph that raises ``e`` when it runs."""
+    like = next((x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+    if like is None:
+        raise e
+    return _refuse(type(e).__name__, str(e), like)
+
+
 def _param_values(cascade: Cascade, params: Mapping[str, float]) -> list[float]:
     """Parameters as the custom ops take them: a parameter not given travels as NaN, and its default (which may
     depend on extents) is taken inside."""
@@ -457,7 +495,7 @@ def _register(op: AttentionOp, fwd: Forward):
 
     @run.register_fake
     def _(tensors, params, schedule):
-        inputs, values, ext = unpack(tensors, params)
+        inputs, values, ext = unpack(tensors, params, fake=True)
         value_rank = next(r for r in fwd.rewritten.tensor(fwd.rewritten.outputs[0]).ranks if r not in "bhm")
         acc = accumulator_dtype(tensors[0].dtype)
         return _results(
@@ -478,8 +516,48 @@ def attention(fn: Callable | None = None, *, name: str | None = None):
     if fn is None:
         return lambda f: AttentionOp(f, name)
     if not callable(fn) or not inspect.isfunction(fn):
-        raise TypeError(f"@einflash.attention decorates a function, got {type(fn).__name__}")
+        raise DeclarationError(f"@einflash.attention decorates a function, got {type(fn).__name__}")
     return AttentionOp(fn, name)
+
+
+def _checked_param(op: str, decl: ParamDecl, value) -> float | int:
+    """A scalar parameter's value as the declaration allows it: a finite number; an int for an int parameter
+    (True or False for a bool one). Anything else raises ParameterError saying what was expected."""
+    kind = "bool" if decl.boolean else "int" if decl.integer else "number"
+    ok = (
+        isinstance(value, bool)
+        if decl.boolean
+        else (
+            isinstance(value, int) and not isinstance(value, bool)
+            if decl.integer
+            else isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    )
+    if not ok:
+        shown = f"{type(value).__name__} {value!r}" if not isinstance(value, torch.Tensor) else "a tensor"
+        raise ParameterError(
+            f"{op}: parameter {decl.name!r} takes a {'finite ' if kind == 'number' else ''}{kind}, "
+            f"got {shown}" + ("; pass float(x)" if isinstance(value, torch.Tensor) else "")
+        )
+    return int(value) if decl.integer else value
+
+
+def _identifier(name: str, given: bool) -> str:
+    """The op's name as kernels, files and custom ops are named by it: an ASCII identifier. A function's own name
+    that is none (a lambda's, a non-ASCII one) is made one; a ``name=`` that is none is refused.
+
+    >>> _identifier("<lambda>", given=False), _identifier("atténtion", given=False)
+    ('lambda', 'att_ntion')
+    """
+    if name.isascii() and name.isidentifier():
+        return name
+    if given:
+        raise DeclarationError(
+            f"name={name!r}: an attention op's name must be a Python identifier of ASCII letters, "
+            f"digits and underscores (kernels and custom ops are named by it)"
+        )
+    safe = re.sub(r"[^0-9A-Za-z_]", "_", name).strip("_") or "attention"
+    return f"_{safe}" if safe[0].isdigit() else safe
 
 
 def load_ops(path: str) -> dict[str, AttentionOp]:

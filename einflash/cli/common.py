@@ -36,9 +36,22 @@ def shape_of(args) -> Shape:
     return Shape.parse(args.shape, args.kv_heads, args.head_dim_v)
 
 
-def params_of(args) -> dict[str, float]:
-    """The ``--param NAME=VALUE`` options as numbers."""
-    return {k: float(v) for k, v in pairs(args.param, "--param").items()}
+def params_of(args) -> dict[str, float | int | bool]:
+    """The ``--param NAME=VALUE`` options as numbers: ``16`` an int, ``0.5`` a float, ``true``/``false`` a bool."""
+    return {k: _number(k, v) for k, v in pairs(args.param, "--param").items()}
+
+
+def _number(name: str, text: str) -> float | int | bool:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise DeclarationError(f"--param {name}={text}: a value is a number (or true/false)") from None
 
 
 def pairs(items: list[str], what: str) -> dict[str, str]:

@@ -63,6 +63,7 @@ class ParamDecl:
     default: sympy.Expr | None = None
     integer: bool = False
     positive: bool = False  # checked at call time; lets rewrites move it out of a max
+    boolean: bool = False  # declared bool: an integer that is 0 or 1, given as True or False
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def _spec_ranks(text: str) -> tuple[str, ...]:
     for r in names:
         if not r.isidentifier():
             raise DeclarationError(f"rank names must be identifiers, got {r!r} in {text!r}")
+    twice = sorted({r for r in names if names.count(r) > 1})
+    if twice:
+        raise DeclarationError(f"a tensor's ranks are distinct; {text!r} names {', '.join(twice)} twice")
     return names
 
 
@@ -117,18 +120,46 @@ def _where() -> str:
 # -- nodes -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Node:
-    """A structural value: equal nodes are the same value."""
+    """A structural value: equal nodes are the same value.
+
+    Hashing and comparing a node never recurse through its arguments (a chain of a few hundred operations is
+    as deep): the hash is made once from the arguments' hashes, and equality walks the two trees with a stack.
+    """
 
     kind: str  # leaf | map | reduce | filter | reindex
     op: str | None
-    args: tuple["Node", ...]
+    args: tuple[Node, ...]
     ranks: tuple[str, ...]
     leaf: Expr | None = None
     reduce_ranks: tuple[str, ...] = ()
     arg: float | None = None
     index: tuple[sympy.Expr, ...] = ()
+    key: int = field(init=False, repr=False)
+
+    def __post_init__(self):
+        own = (self.kind, self.op, self.ranks, self.leaf, self.reduce_ranks, self.arg, self.index)
+        object.__setattr__(self, "key", hash((own, tuple(a.key for a in self.args))))
+
+    def _own(self) -> tuple:
+        return self.kind, self.op, self.ranks, self.leaf, self.reduce_ranks, self.arg, self.index, len(self.args)
+
+    def __hash__(self) -> int:
+        return self.key
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        todo = [(self, other)]
+        while todo:
+            a, b = todo.pop()
+            if a is b:
+                continue
+            if a.key != b.key or a._own() != b._own():
+                return False
+            todo.extend(zip(a.args, b.args))
+        return True
 
 
 def _record(node: Node) -> Node:
@@ -291,6 +322,8 @@ class Traced:
         op = op.name if isinstance(op, Reducer) else op
         if op not in REDUCERS:
             raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}", _where())
+        if not isinstance(ranks, str):
+            raise DeclarationError(f'reduce over rank names, a string such as "n"; got {ranks!r}', _where())
         rs = _spec_ranks(ranks)
         _check_ranks(op, rs, self.node)
         out = tuple(r for r in self.ranks if r not in rs)
@@ -326,7 +359,12 @@ class Traced:
     def __getitem__(self, index) -> "Traced":
         """Read this tensor at other coordinates: ``doc[ef.m]``, ``s[ef.m - i, ef.n - j]``."""
         index = index if isinstance(index, tuple) else (index,)
-        own = [r for r in self.ranks if r not in PARALLEL]
+        node = self.node
+        plain = node.kind == "leaf" and isinstance(node.leaf, Read) and all(i.is_Symbol for i in node.leaf.index)
+        # an input's coordinates bind in its declaration's order (tab: ef.Tensor["h x r"], tab[x, r]); a computed
+        # value's, in the order of its ranks
+        order = [str(i) for i in node.leaf.index] if plain else self.ranks
+        own = [r for r in order if r not in PARALLEL]
         if len(index) != len(own):
             raise RankMismatchError(
                 f"indexing a tensor with ranks ({', '.join(own)}) needs {len(own)} coordinates, got {len(index)}",
@@ -335,7 +373,6 @@ class Traced:
         subs = {coord(r): _index_expr(i) for r, i in zip(own, index)}
         new = tuple(sympy.sympify(coord(r)).subs(subs, simultaneous=True) for r in self.ranks)
         ranks = rank_order(index_ranks(new))
-        node = self.node
         if node.kind == "leaf" and isinstance(node.leaf, Read):
             sub = {coord(r): v for r, v in zip(self.ranks, new)}
             idx = tuple(sympy.sympify(i).subs(sub, simultaneous=True) for i in node.leaf.index)
@@ -451,6 +488,8 @@ def reducer(name: str, combine: Callable, identity: float, derivative: Callable 
 
 def softmax(x: Traced, rank: str) -> Traced:
     """Softmax over ``rank``, expanded into its max, exp, sum and divide Einsums."""
+    if not isinstance(x, Traced):
+        raise DeclarationError(f"softmax of a traced tensor, got {type(x).__name__}", _where())
     top = x.max(rank)
     num = exp(x - top)
     return num / num.sum(rank)
@@ -543,8 +582,15 @@ def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], 
                 raise DeclarationError(
                     f"parameter {p.name!r}: a scalar parameter's default must be a number, got {default!r}", where
                 )
-            integer = ann is int or isinstance(default, int) and not isinstance(default, bool)
-            st.params[p.name] = ParamDecl(p.name, None if default is None else sympy.sympify(default), integer)
+            # a bool parameter is an int that is 0 or 1 (as Python's bool is)
+            integer = ann in (int, bool) or isinstance(default, int)
+            boolean = ann is bool or isinstance(default, bool)
+            st.params[p.name] = ParamDecl(
+                p.name,
+                None if default is None else sympy.sympify(int(default) if boolean else default),
+                integer,
+                boolean=boolean,
+            )
             args[p.name] = _leaf(Param(p.name))
     return decls, args
 
@@ -573,37 +619,70 @@ def trace(fn: Callable, name: str | None = None) -> Cascade:
                 f"the function must return the attention output, a traced tensor; it returned {type(result).__name__}",
                 st.source,
             )
+        own = [r for r in result.ranks if r not in PARALLEL]
+        if len(own) != 2 or own[0] != "m" or "n" in own:
+            hint = "; did you forget `@ v`?" if "n" in own else ""
+            raise DeclarationError(
+                f"the function must return the attention output [B, H, M, F]: ranks m and one value rank "
+                f"(f, or e); it returns ranks ({', '.join(result.ranks)}){hint}",
+                f"{st.source}:{st.lines.get(result.node) or fn.__code__.co_firstlineno}",
+            )
         names = {v.node: k for k, v in local_names.items() if isinstance(v, Traced) and k not in args}
         cascade = _build(name or fn.__name__, st, inputs, result.node, names)
+        extents = {str(r.extent): r.name for r in cascade.ranks}
+        for param in cascade.params:
+            if param.name in extents:
+                raise DeclarationError(
+                    f"parameter {param.name!r} has the name of the extent of rank {extents[param.name]!r}, which "
+                    f"an index may mean too; give the parameter another name",
+                    f"{st.source}:{fn.__code__.co_firstlineno}",
+                )
     finally:
         _STATE.reset(token)
     validate(cascade)
     return cascade
 
 
+MAX_INLINED_DEPTH = 32  # of an expression the frontend writes into one Einsum
+
+
 def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, names: dict[Node, str]) -> Cascade:
-    order: list[Node] = []
+    order: list[Node] = []  # arguments before the nodes that read them
     parents: dict[Node, set[Node]] = {}
     seen: set[Node] = set()
-
-    def visit(node: Node) -> None:
+    stack: list[tuple[Node, bool]] = [(out, False)]
+    while stack:  # a depth-first walk with a stack: a traced chain may be deeper than Python's recursion limit
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
         if node in seen:
-            return
+            continue
         seen.add(node)
-        for a in node.args:
+        stack.append((node, True))
+        for a in reversed(node.args):
             parents.setdefault(a, set()).add(node)
-            visit(a)
-        order.append(node)
-
-    visit(out)
+            if a not in seen:
+                stack.append((a, False))
 
     def materialised(node: Node) -> bool:
-        if node is out or node.kind in ("reduce", "filter"):
+        if node is out or node.kind in ("reduce", "filter") or node in deep:
             return True
         # a shared predicate stays inline: an Einsum's filter must be a predicate expression, not a read
         if node.kind == "map" and node.ranks and len(parents.get(node, ())) > 1 and not OPERATORS[node.op].boolean:
             return True
         return any(p.kind == "reindex" for p in parents.get(node, ()))
+
+    # a map inlined into its reader deeper than MAX_INLINED_DEPTH becomes an Einsum of its own, so that no
+    # expression of the cascade nests deeper than that (its analyses and code generation recurse through it)
+    deep: set[Node] = set()
+    depth: dict[Node, int] = {}
+    for node in order:
+        d = 1 + max((0 if materialised(a) else depth[a] for a in node.args), default=0)
+        if d > MAX_INLINED_DEPTH and node.kind == "map" and not OPERATORS[node.op].boolean:
+            deep.add(node)
+            d = 0
+        depth[node] = d
 
     used = {t.name for t in inputs} | set(st.params)
     tensor_name: dict[Node, str] = {}

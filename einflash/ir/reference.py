@@ -40,7 +40,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MissingInputError, ParameterError, ShapeError
-from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout
+from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Role
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, walk
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL, coord, extent_symbol, rank_order
@@ -133,7 +133,46 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
             if not val.is_number:
                 raise ShapeError(f"rank {r.name!r} has extent {r.extent}, which the inputs do not determine")
             ext[r.name] = int(val)
+    _check_input_reads(c, ext, params)
     return ext
+
+
+_OFFSET_READS: dict[str, tuple] = {}  # by cascade key: its reads of inputs at other than their own coordinates
+
+
+def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, float]) -> None:
+    """Raise ShapeError where the cascade reads an input outside its extent at these extents (``doc[b, n]`` read at
+    ``m`` with M > N, ``tab[n − m + r]`` past the table's end): such a read is an error, never a dropped key."""
+    reads = _OFFSET_READS.get(c.key)
+    if reads is None:
+        reads = _OFFSET_READS[c.key] = tuple(
+            (e, r.tensor, rank, sympy.sympify(i))
+            for e in c.einsums
+            for r in e.reads()
+            if c.tensor(r.tensor).role is Role.INPUT
+            for rank, i in zip(c.tensor(r.tensor).ranks, r.index)
+            if rank not in PARALLEL and sympy.sympify(i) != coord(rank)
+        )
+    for e, tensor, rank, index in reads:
+        coords = sorted(s.name for s in index.free_symbols if s == coord(s.name))
+        if any(ext.get(x, 0) == 0 for x in coords):
+            continue  # nothing is read
+        values = {extent_symbol(k): v for k, v in params.items()} | {
+            r.extent: ext[r.name] for r in c.ranks if r.name in ext
+        }
+        fn = sympy.lambdify([coord(x) for x in coords], index.subs(values), modules=[{"floor": math.floor}, "math"])
+        # an affine index takes its extremes at the corners; another (floor, mod) is tried everywhere on short ranks
+        affine = all(sympy.degree(index, coord(x)) <= 1 for x in coords) and not index.has(sympy.floor, sympy.Mod)
+        span = [(0, ext[x] - 1) if affine or ext[x] > 64 else range(ext[x]) for x in coords]
+        seen = [fn(*point) for point in itertools.product(*span)] if coords else [fn()]
+        low, high = min(seen), max(seen)
+        if low < 0 or high >= ext[rank]:
+            raise ShapeError(
+                f"{c.where(e)}: reads {tensor} at {rank} = {index}, which runs from {low} to {high} at these "
+                f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}), outside {tensor}'s 0..{ext[rank] - 1}; "
+                f"a read outside an input is an error: give the input the extent it is read at, or clamp the index "
+                f"(ef.minimum, ef.maximum)"
+            )
 
 
 def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, int]) -> dict[str, float]:
@@ -226,7 +265,9 @@ class _Evaluator:
     def _gather(self, src: Value, index) -> Value:
         free = rank_order(s.name for i in index for s in sympy.sympify(i).free_symbols if s == coord(s.name))
         grids = {coord(r): _align(self.coord_values(r), (r,), free) for r in free}
+        # parameters and extents (a query's end-aligned position m + N − M) by their values
         psubs = {extent_symbol(k): v for k, v in self.params.items()}
+        psubs |= {r.extent: self.extents[r.name] for r in self.c.ranks if r.name in self.extents}
         idxs, valid = [], None
         for d, (i, r) in enumerate(zip(index, src.ranks)):
             expr = sympy.sympify(i).subs(psubs)

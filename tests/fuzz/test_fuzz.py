@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 from einflash.fuzz import Program, check, programs
 
-EXAMPLES = 100  # about three minutes on two cores
+EXAMPLES = 60  # about two minutes on two cores
 
 
 @settings(

@@ -75,3 +75,24 @@ def test_bfloat16_on_the_interpreter_is_refused():
     with pytest.raises(DTypeError, match="bfloat16 kernels cannot run on Triton's CPU interpreter"):
         op(q, k, v)
     assert op(q, k, v, backend="reference").dtype == torch.bfloat16
+
+
+def test_an_output_gated_by_the_log_sum_exp_has_its_gradients():
+    """A row value read beside the max (sigmoid(top + log(den) − sink)) was taken for a function of the max alone,
+    and the output for invariant: every gradient was 0."""
+    from einflash.testing import check_gradients
+
+    @ef.attention
+    def gated(q, k, v, sink: float = 0.5):
+        s = ef.mask(q @ k * ef.scale, ef.n <= ef.m)
+        top = s.max("n")
+        e = ef.exp(s - top)
+        den = e.sum("n")
+        return ((e / den) @ v) * ef.sigmoid(top + ef.log(den) - sink)
+
+    q, k, v = (x.requires_grad_() for x in _qkv(M=13, N=13))
+    out = gated(q, k, v)
+    d_o = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(d_o)
+    verdicts = check_gradients(gated, {"q": q.grad, "k": k.grad, "v": v.grad}, d_o, q, k, v)
+    assert all(v.ok for v in verdicts.values()) and float(q.grad.abs().max()) > 0

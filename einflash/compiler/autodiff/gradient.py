@@ -167,8 +167,9 @@ def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str
     if not shifted:
         return frozenset(), ()
     derived = {e.out for e in shifted}
-    for e in c.einsums:  # row values computed from them (top2 = top2_raw·scale·log2 e)
-        if STREAM not in e.iteration_ranks and e.out not in derived and any(r.tensor in derived for r in e.reads()):
+    for e in c.einsums:  # row values computed from them alone (top2 = top2_raw·scale·log2 e)
+        read = e.reads()
+        if STREAM not in e.iteration_ranks and e.out not in derived and read and all(r.tensor in derived for r in read):
             derived.add(e.out)
     late_names = {e.out for e in late}
     pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}

@@ -367,13 +367,8 @@ class TileCode:
             self.filled(a, 0.0) if a.present is not None and a.ranks != ranks and not is_finite(a.fill) else a
             for a in args
         ]
-        if op.boolean and x.op in ("and", "or", "not"):  # a constant operand of a logical op is a truth value
-            args = [
-                Tile("True" if a.values[0] else "False", (), dtype="bool")
-                if a.dtype == "f32" and a.values and a.present is None
-                else a
-                for a in args
-            ]
+        if op.boolean and x.op in ("and", "or", "not"):  # the operands of a logical op as truth values
+            args = [self.truth(a) for a in args]
         codes = []
         for a in args:
             if as_ints and a.int_code is not None:
@@ -399,6 +394,16 @@ class TileCode:
             x.op in FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values
         )
         return Tile(code, ranks, present, pranks, fill, dtype, values, finite)
+
+    def truth(self, t: Tile) -> Tile:
+        """``t`` as a truth value (nonzero is true, as Python's ``and`` and ``|`` of a bool parameter take it); a
+        constant becomes True or False."""
+        if t.dtype == "bool":
+            return t
+        if t.values is not None and len(t.values) == 1 and t.present is None and not t.ranks:
+            return Tile("True" if t.values[0] else "False", (), dtype="bool")
+        code = t.code if t.dtype == "int" else self.f32(t)
+        return replace(t, code=f"({code} != 0)", dtype="bool", values=None, fill=None, int_code=None)
 
     def any_merge(self, op: str, args: list[Tile], ranks) -> Tile:
         a, b = args

@@ -41,10 +41,18 @@ class _Plan:
 
 
 def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr:
-    """``e``'s body with the Einsums named in ``inline`` substituted, stopping at ``stop``."""
+    """``e``'s body with the Einsums named in ``inline`` substituted, stopping at ``stop``. Only what is computed
+    from ``stop`` is substituted: a value that does not depend on it stays a read (its expression may be as deep as
+    the declaration's, and what is asked of the body is how it depends on ``stop``)."""
 
     def sub(x):
-        if isinstance(x, Read) and not x.prev and x.tensor in inline and x.tensor not in stop:
+        if (
+            isinstance(x, Read)
+            and not x.prev
+            and x.tensor in inline
+            and x.tensor not in stop
+            and c.depends_on(x.tensor, stop)
+        ):
             p = c.producer(x.tensor)
             if p.reduce is None and tuple(x.index) == tuple(coord(r) for r in p.ranks):
                 return inline_body(c, p, stop, inline)
