@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -21,9 +22,9 @@ from torch.autograd.function import once_differentiable
 from .backends import for_device
 from .compiler.runtime.forward import accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
-from .compiler.schedule import BackwardSchedule, Schedule, default_backward_schedule
+from .compiler.schedule import BackwardSchedule, Schedule, default_backward_schedule, smaller_backward_schedules
 from .compiler.tuning.selection import choose, generation
-from .errors import CallError
+from .errors import CallError, OutOfResourcesError
 from .ir.ranks import PARALLEL
 from .ir.reference import bind_extents, bind_params, kv_heads
 
@@ -81,6 +82,36 @@ def _schedules(op, tensors, extents, ints: list[int]) -> tuple[Schedule, Backwar
         forward = choose(op.cascade, op.forward, target, tensors[0].dtype, extents, kv_heads(op.cascade, inputs))
     backward = BackwardSchedule.from_ints(b) if b else default_backward_schedule(extents, target, op.forward.broadcast)
     return replace(forward, splits=1), backward, needed
+
+
+_FITTING: dict[
+    tuple, BackwardSchedule
+] = {}  # a default backward schedule that ran out of shared memory -> one that fit
+
+
+def _fitting(launch, schedule: BackwardSchedule, chosen: bool, key: tuple):
+    """``launch(schedule)``, or where the target's default does not fit the cascade's kernels in shared memory (a
+    cascade with more operands than attention's, at a wide head dim), with the first smaller schedule that does,
+    remembered for ``key``. A schedule the caller chose is not changed: running out raises OutOfResourcesError."""
+    tried = _FITTING.get(key, schedule)
+    attempts = [tried] if chosen else [tried, *smaller_backward_schedules(tried)]
+    for s in attempts:
+        try:
+            result = launch(s)
+        except Exception as e:  # noqa: BLE001 -- Triton's OutOfResources has no stable import path across versions
+            if type(e).__name__ != "OutOfResources":
+                raise
+            failure = e
+            continue
+        _FITTING[key] = s
+        return result
+    numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(failure))] or [0, 0]
+    raise OutOfResourcesError(
+        f"the backward with schedule {attempts[-1].describe()}",
+        numbers[0],
+        numbers[-1],
+        "pass a smaller backward_schedule" if chosen else "no smaller backward schedule fits either",
+    ) from failure
 
 
 def _needed(tensors, flags: list[int]) -> list[bool]:
@@ -150,8 +181,14 @@ def register_training(op) -> Training:
             saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
             _, schedule_b, flags = _schedules(op, tensors, extents, schedule)
             needed = frozenset(t.name for t, f in zip(op.cascade.inputs, _needed(tensors, flags)) if f)
-            record = None if key is None else Recording()
-            launched = bwd.launch(inputs, values, out, saved, grad, schedule_b, extents, needed=needed, record=record)
+
+            def launch(s: BackwardSchedule):
+                record = None if key is None else Recording()
+                return bwd.launch(inputs, values, out, saved, grad, s, extents, needed=needed, record=record), record
+
+            chosen = bool(_layout(schedule)[1])  # given by the caller, else the target's default
+            fits = (op.cascade.key, tensors[0].dtype, tuple(op.forward.dims(extents).items()), needed, schedule_b)
+            launched, record = _fitting(launch, schedule_b, chosen, fits)
             replay = None if record is None else record.replay(call, list(launched.partials.values()))
             if replay is not None:  # kept without its tensors
                 backward_replays.put(key, (replay, replace(launched, partials=dict.fromkeys(launched.partials))))

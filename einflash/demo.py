@@ -17,10 +17,13 @@ what the row counts as: ``ok``, ``not lowered`` (no kernel yet; not a failure) o
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import importlib.util
 import json
+import multiprocessing
+import os
 import pathlib
 import sys
 import time
@@ -145,13 +148,12 @@ def _forward(
     on_gpu = device == "cuda"
     sh = shape or _shape(mod, on_gpu)
     args, extra, g = _step("inputs", lambda: _inputs(mod, op, sh, device, dtype), progress)
-    out = _step("run", lambda: op(*args, **extra), progress)
-    verdict = _step("check", lambda: check(op, out, *args, **extra), progress)
+    out = [_step("run", lambda: op(*args, **extra), progress)]  # dropped by its check: the backward makes its own
+    verdict = _step("check", lambda: check(op, out.pop(), *args, **extra), progress)
     rec.update(max_error=verdict.max_error, tolerance=verdict.tolerance, ok=verdict.ok)
     if not verdict.ok:
         rec["reason"] = f"max error {verdict.max_error:.2e} above the tolerance {verdict.tolerance:.2e}"
     rec["ms"] = _step("timing", lambda: _time(lambda: op(*args, **extra), on_gpu), progress)
-    del out  # the backward makes its own: one output at a time on the device
     given = dict(zip([t.name for t in op.cascade.inputs if t.name in ("q", "k", "v")], args)) | extra
     rec.update(_gradients(op, given, g, progress))
 
@@ -221,16 +223,48 @@ def iter_demo(
     quick: bool = False,
     shape: Shape | None = None,
     progress: Callable[[int, str, str], None] = lambda i, name, step: None,
+    jobs: int = 1,
 ) -> Iterator[dict]:
     """Each variant's record as it finishes, on this machine's backend; ``progress(i, name, step)`` is told
-    every step of the i-th variant."""
+    every step of the i-th variant. ``jobs`` > 1 runs that many variants at a time, each in a process of its own
+    (most of a variant's time on a GPU is Triton compiling its kernels, on one CPU core); progress is then told
+    only when a variant is done."""
     target = detect()
     device = "cpu" if target.is_interpreter else "cuda"
     dtype = torch.float16 if target.is_interpreter else torch.bfloat16
-    for i, file in enumerate(variant_files(examples, quick)):
-        yield run_variant(
-            file, device, dtype, target.name, shape, lambda step, i=i, name=file.stem: progress(i, name, step)
-        )
+    files = variant_files(examples, quick)
+    if jobs <= 1:
+        for i, file in enumerate(files):
+            yield run_variant(
+                file, device, dtype, target.name, shape, lambda step, i=i, name=file.stem: progress(i, name, step)
+            )
+        return
+    context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, context, initializer=_share_memory, initargs=(jobs,)) as pool:
+        running = {pool.submit(run_variant, file, device, dtype, target.name, shape): file for file in files}
+        for future in concurrent.futures.as_completed(running):
+            file = running[future]
+            try:
+                yield future.result()
+            except Exception as e:  # noqa: BLE001 -- a worker that died (a crash, not a Python error) is a row too
+                rec = _record(file.stem, target.name)
+                rec.update(ok=False, reason=f"worker: {type(e).__name__}: {e}", status=FAILED)
+                yield rec
+
+
+def _share_memory(jobs: int) -> None:
+    """In a worker of ``jobs``: a reference evaluation takes its share of the device's memory divided among them."""
+    from .ir import reference
+
+    reference.BUDGET_SHARE *= jobs
+
+
+def default_jobs() -> int:
+    """Variants run at a time by default: several on a GPU machine (a process each, compiling in parallel,
+    a core in four for each), one on the interpreter (the CPU is the device)."""
+    if detect().is_interpreter:
+        return 1
+    return max(1, min(3, (os.cpu_count() or 1) // 4))
 
 
 def run_demo(examples: pathlib.Path, quick: bool = False, shape: Shape | None = None) -> list[dict]:
@@ -283,20 +317,28 @@ def summary(records: list[dict]) -> str:
     )
 
 
-def main(examples: pathlib.Path, quick: bool = False, as_json: bool = False, shape: Shape | None = None) -> int:
+def main(
+    examples: pathlib.Path,
+    quick: bool = False,
+    as_json: bool = False,
+    shape: Shape | None = None,
+    jobs: int | None = None,
+) -> int:
     """The ``einflash demo`` command: the table, a row as each variant finishes (with a progress display on a
-    terminal), then the summary; or with ``as_json`` the records as a JSON list. Returns the exit status:
-    0 when no variant failed (variants not lowered are not failures), 1 otherwise."""
+    terminal), then the summary; or with ``as_json`` the records as a JSON list, by name. ``jobs``: variants run
+    at a time (default ``default_jobs()``). Returns the exit status: 0 when no variant failed (variants not
+    lowered are not failures), 1 otherwise."""
     files = variant_files(examples, quick)
     records = []
     with _progress_display(len(files), enabled=not as_json) as progress:
         if not as_json:
             print(HEADER, flush=True)
-        for rec in iter_demo(examples, quick, shape, progress):
+        for rec in iter_demo(examples, quick, shape, progress, default_jobs() if jobs is None else jobs):
             records.append(rec)
             progress(len(records), rec["name"], rec["status"])
             if not as_json:
                 print(format_row(rec), flush=True)
+    records.sort(key=lambda r: r["name"])
     print(json.dumps(records, indent=1) if as_json else summary(records))
     return 0 if all(r["status"] != FAILED for r in records) else 1
 

@@ -26,7 +26,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    return demo(pathlib.Path(args.examples), quick=args.quick, as_json=args.json)
+    return demo(pathlib.Path(args.examples), quick=args.quick, as_json=args.json, jobs=args.jobs)
 
 
 def cmd_aot(args) -> int:
@@ -82,6 +82,9 @@ def add_commands(sub) -> None:
     de.add_argument("--json", action="store_true")
     de.add_argument("--quick", action="store_true", help="a few variants only")
     de.add_argument("--examples", default=str(EXAMPLES))
+    de.add_argument(
+        "--jobs", type=int, default=None, help="variants run at a time (default: 3 on a GPU machine, 1 on the CPU)"
+    )
     de.set_defaults(fn=cmd_demo)
     ao = sub.add_parser("aot", help="generate and compile kernels ahead of time for a GPU target (no GPU needed)")
     ao.add_argument("target_file", metavar="FILE[:NAME]")

@@ -10,7 +10,7 @@ the key sequence is split so that there are enough programs to fill the GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..backends.target import Target
 from ..errors import LoweringError
@@ -217,3 +217,21 @@ def default_backward_schedule(extents: dict[str, int], target, broadcast: bool =
             bm, bn = (bm // 2, bn) if bm >= bn else (bm, bn // 2)
     dq = next((stages for largest, stages in target.backward_dq_stages if widest <= largest), 0)
     return BackwardSchedule(bm, bn, cfg.num_warps, cfg.num_stages, dq_stages=dq, max_registers=cfg.max_registers)
+
+
+def smaller_backward_schedules(s: BackwardSchedule):
+    """Schedules of the backward that need less shared memory than ``s``, each less than the one before: one
+    stage deep, then shorter query tiles, then fewer keys per program (down to 16); for a default that does not
+    fit a cascade's kernels (its buffers are known only once Triton compiles them).
+
+    >>> [x.describe() for x in smaller_backward_schedules(BackwardSchedule(32, 32, 4, 2))]
+    ['32x32 w4 s1 one launch', '16x32 w4 s1 one launch', '16x16 w4 s1 one launch']
+    """
+    s = replace(s, num_stages=1, dq_stages=0)
+    yield s
+    while s.block_m > 16:
+        s = replace(s, block_m=s.block_m // 2)
+        yield s
+    while s.block_n > 16:
+        s = replace(s, block_n=s.block_n // 2)
+        yield s

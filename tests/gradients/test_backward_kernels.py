@@ -371,3 +371,31 @@ def test_compiled_training_step_matches_eager():
         grads.append([x.grad for x in leaves])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_default_backward_that_runs_out_of_shared_memory_shrinks_until_it_fits():
+    """Differential attention's backward at head dim 128 needed 245,760 B of an H100's 232,448 with the default;
+    the default shrinks (one stage, then smaller tiles) and the schedule that fit is remembered. A schedule the
+    caller chose is kept, and running out then raises OutOfResourcesError."""
+    from einflash.autograd import _fitting
+    from einflash.compiler.schedule import BackwardSchedule
+    from einflash.errors import OutOfResourcesError
+
+    class OutOfResources(Exception):  # Triton's, by name
+        pass
+
+    tried = []
+
+    def launch(s):
+        tried.append(s)
+        if s.num_stages > 1 or s.block_m > 32:
+            raise OutOfResources("out of resource: shared memory, Required: 245760, Hardware limit: 232448.")
+        return "ran"
+
+    default = BackwardSchedule(64, 128, 8, 2)
+    assert _fitting(launch, default, False, ("key",)) == "ran"
+    assert [(s.block_m, s.num_stages) for s in tried] == [(64, 2), (64, 1), (32, 1)]
+    tried.clear()
+    assert _fitting(launch, default, False, ("key",)) == "ran" and len(tried) == 1  # remembered
+    with pytest.raises(OutOfResourcesError, match="needs 245,760 B, the target has 232,448 B"):
+        _fitting(launch, default, True, ("other",))
