@@ -523,7 +523,7 @@ def attention(fn: Callable | None = None, *, name: str | None = None):
 def _checked_param(op: str, decl: ParamDecl, value) -> float | int:
     """A scalar parameter's value as the declaration allows it: a finite number; an int for an int parameter
     (True or False for a bool one). Anything else raises ParameterError saying what was expected."""
-    kind = "bool" if decl.boolean else "int" if decl.integer else "number"
+    kind = "bool" if decl.boolean else "an int" if decl.integer else "number"
     ok = (
         isinstance(value, bool)
         if decl.boolean
@@ -536,7 +536,7 @@ def _checked_param(op: str, decl: ParamDecl, value) -> float | int:
     if not ok:
         shown = f"{type(value).__name__} {value!r}" if not isinstance(value, torch.Tensor) else "a tensor"
         raise ParameterError(
-            f"{op}: parameter {decl.name!r} takes a {'finite ' if kind == 'number' else ''}{kind}, "
+            f"{op}: parameter {decl.name!r} takes {'a finite ' if kind == 'number' else 'a ' if kind == 'bool' else ''}{kind}, "
             f"got {shown}" + ("; pass float(x)" if isinstance(value, torch.Tensor) else "")
         )
     return int(value) if decl.integer else value

@@ -622,9 +622,9 @@ def trace(fn: Callable, name: str | None = None) -> Cascade:
         own = [r for r in result.ranks if r not in PARALLEL]
         if len(own) != 2 or own[0] != "m" or "n" in own:
             hint = "; did you forget `@ v`?" if "n" in own else ""
-            raise DeclarationError(
-                f"the function must return the attention output [B, H, M, F]: ranks m and one value rank "
-                f"(f, or e); it returns ranks ({', '.join(result.ranks)}){hint}",
+            raise RankMismatchError(
+                f"the function must return the attention output [B, H, M, F], over rank m and one value rank "
+                f"(f, or e); it returns ranks ({', '.join(own)}){hint}",
                 f"{st.source}:{st.lines.get(result.node) or fn.__code__.co_firstlineno}",
             )
         names = {v.node: k for k, v in local_names.items() if isinstance(v, Traced) and k not in args}

@@ -161,9 +161,9 @@ def test_complex_extra_input():
     )
 
 
-def test_inputs_on_two_devices():
-    meta = torch.empty(B, HKV, N, E, device="meta")  # stands in for a second device on a CPU-only machine
-    _raises(DeviceError, _op("softmax"), "k is on meta", "q is on cpu", "one device", **_qkv(k=meta))
+def test_inputs_on_a_device_without_data():
+    meta = torch.empty(B, HKV, N, E, device="meta")
+    _raises(DeviceError, _op("softmax"), "k is on meta", "cpu or cuda tensors", **_qkv(k=meta))
 
 
 # -- inputs and parameters ------------------------------------------------------------------------------
@@ -208,9 +208,19 @@ def test_parameter_without_default_not_given():
     assert capped(**_qkv(), cap=2.0, backend="reference").shape == (B, HQ, M, F)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("scale", [0.0, -1.0])
 def test_non_positive_scale(scale):
     _raises(ParameterError, _op("softmax"), "parameter 'scale' must be positive", f"got {scale}", **_qkv(), scale=scale)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", torch.tensor(0.5)], ids=str)
+def test_a_scale_that_is_no_finite_number(value):
+    _raises(ParameterError, _op("softmax"), "parameter 'scale' takes a finite number", **_qkv(), scale=value)
+
+
+@pytest.mark.parametrize("value", [16.7, 16.0, "16", True], ids=repr)
+def test_an_int_parameter_takes_ints_only(value):
+    _raises(ParameterError, _op("sliding_window"), "parameter 'window' takes an int", **_qkv(), window=value)
 
 
 def test_unknown_backend():

@@ -45,7 +45,8 @@ def _tensors(name: str, M: int = 12, N: int = 21, dtype=torch.float32) -> list[t
 
 
 def _params(name: str, values: list[float]) -> dict[str, float]:
-    return {p.name: v for p, v in zip(_op(name).cascade.params, values) if not math.isnan(v)}
+    """The custom op's parameter list as a call's keywords (an int parameter as an int)."""
+    return {p.name: (int(v) if p.integer else v) for p, v in zip(_op(name).cascade.params, values) if not math.isnan(v)}
 
 
 @pytest.mark.parametrize("name, params, schedule", OPCHECK, ids=[c[0] for c in OPCHECK])

@@ -17,12 +17,12 @@ import torch
 from conftest import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler.runtime import forward as forward_module
-from einflash.compiler.schedule import Schedule
+from einflash.compiler.analysis.mask_tiles import tile_rows
 from einflash.compiler.codegen.forward import sections
 from einflash.compiler.codegen.tile_ranges import key_plan
-from einflash.compiler.analysis.mask_tiles import tile_rows
-from einflash.errors import LoweringError
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.schedule import Schedule
+from einflash.errors import LoweringError, ShapeError
 from einflash.ir.cascade import Layout
 from einflash.ir.reference import bind_extents, bind_params
 from einflash.testing import check
@@ -520,11 +520,12 @@ def test_document_mask_visits_only_its_listed_tiles(schedule):
 
 
 @pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)], ids=["fused", "split"])
-def test_a_per_token_input_read_past_its_end_is_absent(schedule):
-    """doc has N entries and is read at query positions m ≥ N too (M > N): there it holds nothing, as in the
-    reference, so those rows see no key (no read beyond doc's memory)."""
+def test_a_per_token_input_read_past_its_end_is_refused(schedule):
+    """doc has N entries and would be read at query positions m ≥ N too (M > N): a read outside an input is an
+    error at call, not rows that silently see no key."""
     op, M, N = _op("document_mask"), (56 if schedule.splits == 1 else 5), (40 if schedule.splits == 1 else 3)
     inputs = _inputs("document_mask", dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=M, N=N, E=16, F=16), F32)
-    out = op(**inputs, schedule=schedule)
-    _assert_matches_reference(op, out, **inputs)
-    assert (out[:, :, N:] == 0).all()
+    with pytest.raises(ShapeError, match=f"reads doc at n = m, which runs from 0 to {M - 1}"):
+        op(**inputs, schedule=schedule)
+    with pytest.raises(ShapeError, match="outside doc's"):
+        op.reference(**inputs)
