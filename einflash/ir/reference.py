@@ -170,8 +170,7 @@ def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, 
             raise ShapeError(
                 f"{c.where(e)}: reads {tensor} at {rank} = {index}, which runs from {low} to {high} at these "
                 f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}), outside {tensor}'s 0..{ext[rank] - 1}; "
-                f"a read outside an input is an error: give the input the extent it is read at, or clamp the index "
-                f"(ef.minimum, ef.maximum)"
+                f"a read outside an input is an error: give the input the extent it is read at (pad it)"
             )
 
 
