@@ -41,6 +41,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ FORMAT = 1
 KIND = "einflash-autotune"
 BUNDLE = "einflash-autotune-bundle"
 LOCK_TIMEOUT_S = 60
+ENVIRONMENT = ("target", "device", "capability", "triton", "torch", "einflash")
+DTYPES = tuple(DTYPE_NAMES.values())
+# the key's fields that name its file (CacheKey.stem): what einflash writes there, and nothing that names a path
+_HASH = re.compile(r"[0-9a-f]{8,64}")
+_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_NOT_IN_FILE_NAMES = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @functools.cache
@@ -73,7 +80,7 @@ def _einflash_version() -> str:
 
 
 def environment(target: Target) -> dict[str, str | None]:
-    """Everything about this process and ``target`` that can change which schedule is fastest."""
+    """Everything about this process and ``target`` that can change which schedule is fastest (``ENVIRONMENT``)."""
     return {
         "target": target.name,
         "device": target.device,
@@ -84,6 +91,33 @@ def environment(target: Target) -> dict[str, str | None]:
     }
 
 
+def _show(value) -> str:
+    """A value from a file, as a message quotes it: a file may hold megabytes where a name should be."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
+
+
+def key_problem(cascade, name, dtype, env) -> str | None:
+    """What makes these fields (read from a file, perhaps) unfit to key a cache file, or None. The cascade's
+    hash, the dtype and the target name the file (``CacheKey.stem``), so each must be what einflash writes."""
+    if not isinstance(cascade, str) or not _HASH.fullmatch(cascade):
+        return f"cascade {_show(cascade)} is not a structural hash (8 to 64 lowercase hexadecimal digits)"
+    if not isinstance(name, str):
+        return f"name {_show(name)} is not a string"
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return f"dtype {_show(dtype)} is not one of {', '.join(DTYPES)}"
+    if not isinstance(env, dict) or set(env) != set(ENVIRONMENT):
+        return f"environment {_show(env)} is not an object with the fields {', '.join(ENVIRONMENT)}"
+    for field, v in env.items():
+        if v is not None and not isinstance(v, str):
+            return f"environment.{field} {_show(v)} is not a string"
+    if not isinstance(env["target"], str) or not _TARGET.fullmatch(env["target"]):
+        return (
+            f"environment.target {_show(env['target'])} is not a target name (letters, digits, '_' and '-', at most 64)"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What one cache file is for: a cascade (by structural hash), an environment and a dtype."""
@@ -92,6 +126,11 @@ class CacheKey:
     name: str  # the variant's name, for people reading file names (not part of the identity)
     env: tuple[tuple[str, str | None], ...]
     dtype: str
+
+    def __post_init__(self):
+        why = key_problem(self.cascade, self.name, self.dtype, dict(self.env))
+        if why is not None:
+            raise CacheError(f"not a cache key: {why}; keys come from CacheKey.of (a cascade, a target, a dtype)")
 
     @classmethod
     def of(cls, cascade: Cascade, target: Target, dtype: torch.dtype | str) -> "CacheKey":
@@ -109,7 +148,9 @@ class CacheKey:
     def stem(self) -> str:
         ident = json.dumps([self.cascade, self.dtype, self.env], sort_keys=True)
         digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
-        return f"{self.name}-{self.cascade[:12]}-{self.dtype}-{self.environment['target']}-{digest}"
+        # any name is a variant's (a bundle's are data); only these characters of it go into the file name
+        name = _NOT_IN_FILE_NAMES.sub("_", self.name)[:64]
+        return f"{name}-{self.cascade[:12]}-{self.dtype}-{self.environment['target']}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -217,6 +258,9 @@ def problem(data, key: CacheKey | None = None) -> str | None:
             return f"not an einflash autotune file (kind {data.get('kind') if isinstance(data, dict) else None!r})"
         if data.get("format") != FORMAT:
             return f"format version {data.get('format')!r}, this einflash reads version {FORMAT}"
+        why = key_problem(data.get("cascade"), data.get("name"), data.get("dtype"), data.get("environment"))
+        if why is not None:
+            return why
         if key is not None:
             want = key.metadata()
             for field in ("cascade", "dtype", "environment"):
@@ -413,9 +457,7 @@ class TuneCache:
             bad = problem(data)
             if bad:
                 raise CacheError(f"file {i} of the bundle: {bad}")
-            key = CacheKey(
-                data["cascade"], data.get("name", "cascade"), tuple(data["environment"].items()), data["dtype"]
-            )
+            key = CacheKey(data["cascade"], data["name"], tuple(data["environment"].items()), data["dtype"])
             keyed.append((key, data["entries"]))
         for key, entries in keyed:
             self._update(key, entries)
