@@ -58,7 +58,7 @@ def _here() -> dict:
 
 
 def cmd_cache(args) -> int:
-    from ..compiler.tuning.cache import TuneCache, schedule_from_json
+    from ..compiler.tuning.cache import MAX_BUNDLE_BYTES, TuneCache, read_json, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":
@@ -123,10 +123,12 @@ def cmd_cache(args) -> int:
     if args.action == "import":
         if not args.arg:
             raise CacheError("cache import needs a bundle written by `einflash cache export`")
-        try:
-            bundle = json.loads(pathlib.Path(args.arg).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CacheError(f"cannot read the bundle {args.arg}: {e}") from None
+        bundle, bad = read_json(pathlib.Path(args.arg), MAX_BUNDLE_BYTES)
+        if bad or bundle is None:
+            raise CacheError(
+                f"cannot read the bundle {args.arg}: {bad or 'no such file'}; give a file written by "
+                f"`einflash cache export`"
+            )
         n = cache.import_bundle(bundle)
         print(json.dumps({"imported": n}) if args.json else f"imported {n} entries into {cache.root}")
         return 0
