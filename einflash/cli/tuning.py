@@ -73,10 +73,11 @@ def cmd_cache(args) -> int:
                 print(f"  CORRUPT  {pathlib.Path(r['path']).name}: {r['problem']}")
                 continue
             env = r["environment"]
+            skipped = f", {len(r['skipped'])} skipped (see `einflash cache show`)" if r["skipped"] else ""
             print(
                 f"  {'here' if r['here'] else 'other':7}  {r['name']} {r['dtype']} on {env['device']} "
                 f"({env['target']}, Triton {env['triton']}, torch {env['torch']}): {len(r['entries'])} shape "
-                f"bucket(s)  [{pathlib.Path(r['path']).name}]"
+                f"bucket(s){skipped}  [{pathlib.Path(r['path']).name}]"
             )
         return 0
     if args.action == "show":
@@ -91,6 +92,9 @@ def cmd_cache(args) -> int:
         for f in files:
             print(f"{f.data['name']} {f.data['dtype']} on {f.data['environment']['device']}  [{f.path.name}]")
             for label, e in f.data["entries"].items():
+                if label in f.skipped:
+                    print(f"  {label}: SKIPPED: {f.skipped[label]}")
+                    continue
                 best, default = e["best"], e.get("default") or {}
                 speed = (
                     f"{default['ms'] / best['ms']:.2f}x over the default"

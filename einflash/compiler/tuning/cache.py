@@ -13,7 +13,10 @@ MAX_FILE_BYTES, not UTF-8 JSON, nested more than MAX_DEPTH deep, wrong format ve
 violation, or metadata that do not match its key) is reported once as a CacheWarning naming the file
 and what is wrong, and skipped; the next write moves it aside to ``*.corrupt-<time>``, and
 ``TuneCache.clear`` removes it whatever it is. Every field a file gives is checked before it is used:
-those that name the file (``key_problem``) and the type of each one a reader takes.
+those that name the file (``key_problem``) and the type of each one a reader takes. An entry whose
+schedules no tuner could have chosen for its target (``schedule_problem``: ``block_m: 3`` from a hand
+edit or a forged bundle would crash every call) is skipped alone, with a CacheWarning, on read and on
+import; the next write drops it.
 
 >>> import tempfile, einflash as ef
 >>> from einflash.backends import get_target
@@ -56,12 +59,13 @@ import torch
 import triton
 
 from ... import knobs
+from ...backends import get_target
 from ...backends.target import Target
-from ...errors import CacheError, CacheWarning
+from ...errors import BackendError, CacheError, CacheWarning, LoweringError
 from ...ir.cascade import Cascade
 from ...shape import Shape
 from ..runtime.forward import DTYPE_NAMES
-from ..schedule import Schedule, next_power_of_two
+from ..schedule import Schedule, default_schedule, next_power_of_two
 from .space import FAMILIES, family_of
 
 FORMAT = 1
@@ -130,12 +134,17 @@ def key_problem(cascade, name, dtype, env) -> str | None:
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What one cache file is for: a cascade (by structural hash), an environment and a dtype."""
+    """What one cache file is for: a cascade (by structural hash), an environment and a dtype.
+
+    ``target`` (not part of the identity) is what entries are held to (``schedule_problem``); a key read
+    from a bundle has none, and its environment's target is looked up by name.
+    """
 
     cascade: str
     name: str  # the variant's name, for people reading file names (not part of the identity)
     env: tuple[tuple[str, str | None], ...]
     dtype: str
+    target: Target | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         why = key_problem(self.cascade, self.name, self.dtype, dict(self.env))
@@ -145,7 +154,7 @@ class CacheKey:
     @classmethod
     def of(cls, cascade: Cascade, target: Target, dtype: torch.dtype | str) -> "CacheKey":
         name = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
-        return cls(cascade.key, cascade.name, tuple(environment(target).items()), str(name))
+        return cls(cascade.key, cascade.name, tuple(environment(target).items()), str(name), target)
 
     @property
     def environment(self) -> dict[str, str | None]:
@@ -226,8 +235,8 @@ class Bucket:
                 f"bucket.family {_show(d.get('family'))} is not the family that runs m{d['m']} ({family_of(d)})"
             )
         dims = d.get("dims")
-        if not isinstance(dims, dict) or not all(_count(v) for v in dims.values()):
-            raise ValueError(f"bucket.dims {_show(dims)} is not an object of positive integer extents")
+        if not isinstance(dims, dict) or not all(_count(v) for v in dims.values()) or {"b", "h", "m", "n"} & set(dims):
+            raise ValueError(f"bucket.dims {_show(dims)} is not an object of positive integer head dims")
         return cls(d["family"], d["m"], d["n"], d["bkv"], d["group"], tuple(sorted(dims.items())))
 
 
@@ -303,6 +312,80 @@ def _check_entry(label: str, e) -> None:
         raise ValueError(f"entry {label!r}: workers {_show(workers)} is not a list of strings")
 
 
+def _power_of_two(v: int) -> bool:
+    return v & (v - 1) == 0
+
+
+def schedule_problem(s: Schedule, target: Target, bucket: Bucket) -> str | None:
+    """What makes ``s`` (read from a file) unfit to run the shapes of ``bucket`` on ``target``, or None.
+
+    A schedule is held to what a tuner there could have chosen (``einflash.compiler.tuning.space``): each knob
+    within the values of the target's search space for the bucket's family and of the heuristic defaults for
+    the bucket's largest shapes (a decode default packs a GQA group's rows); tiles and warps powers of two
+    (Triton's ``arange`` and layouts), tiles at least 16 (``tl.dot``); no more splits than the key tiles.
+    """
+    tuning = target.decode if bucket.family == "decode" else target.forward
+    space = tuning.space
+    extents = {**dict(bucket.dims), "b": 1, "h": bucket.group, "m": bucket.m, "n": bucket.n}
+    try:
+        defaults = [default_schedule(extents, target, 1, masked) for masked in (False, True)]
+    except LoweringError as e:
+        return f"no schedule runs these shapes on {target.name}: {e}"
+
+    def most(name: str) -> int:
+        return max(*getattr(space, name), *(getattr(d, name) for d in defaults))
+
+    decode = bucket.family == "decode"
+    ranges = {
+        "block_m": (16, most("block_m")),
+        "block_n": (16, most("block_n")),
+        "num_warps": (1, most("num_warps")),
+        "num_stages": (1, most("num_stages")),
+        "splits": (1, -(-bucket.n // s.block_n) if decode else most("splits")),
+    }
+    for name, (low, high) in ranges.items():
+        v = getattr(s, name)
+        if name in ("block_m", "block_n", "num_warps") and not _power_of_two(v):
+            return f"{name} {v} is not a power of two"
+        if not low <= v <= high:
+            return f"{name} {v} is outside {low}..{high} (the {target.name} {bucket.family} search space and defaults)"
+    registers = sorted({*space.max_registers, *(d.max_registers for d in defaults)})
+    if s.max_registers not in registers:
+        return f"max_registers {s.max_registers} is not one of {', '.join(map(str, registers))}"
+    if s.pack != defaults[0].pack:
+        return (
+            f"pack {str(s.pack).lower()}, while {bucket.family} at group {bucket.group} packs "
+            f"{str(defaults[0].pack).lower()}"
+        )
+    if s.reverse_m and decode:
+        return "reverse_m true, which only the forward family has"
+    return None
+
+
+def entry_problem(e: dict, target: Target) -> str | None:
+    """What makes a well-formed entry (``problem`` found none) unfit to run on ``target``, or None: its winner
+    and every measured schedule (``merge`` may make one the winner) must be ``schedule_problem``-free."""
+    bucket = Bucket.from_json(e["bucket"])
+    rows = [("best schedule", e["best"])] if e["best"] is not None else []
+    rows += [(f"measured[{i}] schedule", r) for i, r in enumerate(e["measured"])]
+    for where, row in rows:
+        why = schedule_problem(schedule_from_json(row["schedule"]), target, bucket)
+        if why is not None:
+            return f"{where}: {why}"
+    return None
+
+
+def unusable(target: Target | str, entries: dict[str, dict]) -> dict[str, str]:
+    """Why each of the well-formed ``entries`` cannot run on ``target`` (a Target, or the name of one, which
+    einflash may not know): the entries no call would use."""
+    if isinstance(target, str):
+        try:
+            target = get_target(target)
+        except BackendError:
+            return dict.fromkeys(entries, f"written for target {target!r}, which this einflash does not know")
+    return {label: why for label, e in entries.items() if (why := entry_problem(e, target)) is not None}
+
+
 def problem(data, key: CacheKey | None = None) -> str | None:
     """What is wrong with a cache file's content (for ``key``, when given), or None."""
     try:
@@ -327,18 +410,35 @@ def problem(data, key: CacheKey | None = None) -> str | None:
     return None
 
 
-_REPORTED: set[tuple[str, str]] = set()
+_REPORTED: set[tuple[pathlib.Path, str]] = set()
 
 
-def _report(path: pathlib.Path, what: str) -> None:
-    if (str(path), what) not in _REPORTED:
-        _REPORTED.add((str(path), what))
-        warnings.warn(
-            f"einflash autotune cache {path}: {what}; skipped (see `einflash cache list`; "
-            f"`einflash cache clear` removes it)",
-            CacheWarning,
-            stacklevel=3,
-        )
+FILE_SKIPPED = "skipped (see `einflash cache list`; `einflash cache clear` removes it)"
+ENTRY_SKIPPED = (
+    "the entry is skipped: calls use the nearest other entry or the heuristic default (`einflash tune` at "
+    "that shape replaces it)"
+)
+
+
+def _report(where: pathlib.Path | str, what: str, then: str = FILE_SKIPPED) -> None:
+    """Warn about a cache file (once per process: readers read it again and again), or a bundle's (each time)."""
+    if isinstance(where, pathlib.Path):
+        if (where, what) in _REPORTED:
+            return
+        _REPORTED.add((where, what))
+        where = f"cache {where}"
+    warnings.warn(f"einflash autotune {where}: {what}; {then}", CacheWarning, stacklevel=3)
+
+
+def usable(
+    where: pathlib.Path | str, key: CacheKey, entries: dict[str, dict], then: str = ENTRY_SKIPPED
+) -> dict[str, dict]:
+    """The well-formed ``entries`` of ``key``'s file (``where``, in warnings) that can run on its target; each
+    other one is reported (``then`` says what becomes of it) and left out."""
+    skipped = unusable(key.target or key.environment["target"], entries)
+    for label, why in skipped.items():
+        _report(where, f"entry {label!r}: {why}", then)
+    return {label: e for label, e in entries.items() if label not in skipped}
 
 
 def _too_deep(value) -> bool:
@@ -422,6 +522,7 @@ class CacheFile:
     path: pathlib.Path
     problem: str | None
     data: dict | None
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # entries no call would use, and why
 
     def to_json(self) -> dict:
         d = self.data if self.problem is None else {}
@@ -434,6 +535,7 @@ class CacheFile:
             "dtype": d.get("dtype"),
             "environment": d.get("environment"),
             "entries": sorted(d.get("entries", {})),
+            "skipped": self.skipped,
         }
 
 
@@ -461,7 +563,7 @@ class TuneCache:
             return self._parsed[path][1]
         data, bad = read_json(path)
         bad = bad or (problem(data, key) if data is not None else None)
-        entries = {} if bad or data is None else data["entries"]
+        entries = {} if bad or data is None else usable(path, key, data["entries"])
         if bad:
             _report(path, bad)
         self._parsed[path] = (stamp, entries)
@@ -499,7 +601,7 @@ class TuneCache:
                 os.replace(path, aside)
                 _report(path, f"{bad} (moved to {aside.name})")
                 data = None
-            merged = dict(data["entries"]) if data else {}
+            merged = usable(path, key, data["entries"], "dropped from the file") if data else {}
             for label, e in entries.items():
                 merged[label] = merge(merged.get(label), e)
             out = {
@@ -525,7 +627,10 @@ class TuneCache:
         for path in sorted(self.root.glob("*.json")):
             data, bad = read_json(path)
             bad = bad or (problem(data) if data is not None else "vanished while listing")
-            out.append(CacheFile(path, bad, data if bad is None else None))
+            if bad:
+                out.append(CacheFile(path, bad, None))
+            else:
+                out.append(CacheFile(path, None, data, unusable(data["environment"]["target"], data["entries"])))
         return out
 
     def export(self) -> dict:
@@ -550,9 +655,10 @@ class TuneCache:
             if bad:
                 raise CacheError(f"file {i} of the bundle: {bad}")
             key = CacheKey(data["cascade"], data["name"], tuple(data["environment"].items()), data["dtype"])
-            keyed.append((key, data["entries"]))
+            keyed.append((key, usable(f"bundle's file {i} ({data['name']})", key, data["entries"])))
         for key, entries in keyed:
-            self._update(key, entries)
+            if entries:
+                self._update(key, entries)
         return sum(len(e) for _, e in keyed)
 
     def clear(self) -> int:
