@@ -58,7 +58,7 @@ def _here() -> dict:
 
 
 def cmd_cache(args) -> int:
-    from ..compiler.tuning.cache import TuneCache, schedule_from_json
+    from ..compiler.tuning.cache import MAX_BUNDLE_BYTES, TuneCache, read_json, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":
@@ -73,10 +73,11 @@ def cmd_cache(args) -> int:
                 print(f"  CORRUPT  {pathlib.Path(r['path']).name}: {r['problem']}")
                 continue
             env = r["environment"]
+            skipped = f", {len(r['skipped'])} skipped (see `einflash cache show`)" if r["skipped"] else ""
             print(
                 f"  {'here' if r['here'] else 'other':7}  {r['name']} {r['dtype']} on {env['device']} "
                 f"({env['target']}, Triton {env['triton']}, torch {env['torch']}): {len(r['entries'])} shape "
-                f"bucket(s)  [{pathlib.Path(r['path']).name}]"
+                f"bucket(s){skipped}  [{pathlib.Path(r['path']).name}]"
             )
         return 0
     if args.action == "show":
@@ -91,6 +92,9 @@ def cmd_cache(args) -> int:
         for f in files:
             print(f"{f.data['name']} {f.data['dtype']} on {f.data['environment']['device']}  [{f.path.name}]")
             for label, e in f.data["entries"].items():
+                if label in f.skipped:
+                    print(f"  {label}: SKIPPED: {f.skipped[label]}")
+                    continue
                 best, default = e["best"], e.get("default") or {}
                 speed = (
                     f"{default['ms'] / best['ms']:.2f}x over the default"
@@ -123,10 +127,12 @@ def cmd_cache(args) -> int:
     if args.action == "import":
         if not args.arg:
             raise CacheError("cache import needs a bundle written by `einflash cache export`")
-        try:
-            bundle = json.loads(pathlib.Path(args.arg).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CacheError(f"cannot read the bundle {args.arg}: {e}") from None
+        bundle, bad = read_json(pathlib.Path(args.arg), MAX_BUNDLE_BYTES)
+        if bad or bundle is None:
+            raise CacheError(
+                f"cannot read the bundle {args.arg}: {bad or 'no such file'}; give a file written by "
+                f"`einflash cache export`"
+            )
         n = cache.import_bundle(bundle)
         print(json.dumps({"imported": n}) if args.json else f"imported {n} entries into {cache.root}")
         return 0
