@@ -9,7 +9,7 @@ the rule ahead-of-time builds use).
 from __future__ import annotations
 
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 from einflash.backends.target import Target
 from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel, compile_for_target

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.compiler.analysis.mask_tiles import (

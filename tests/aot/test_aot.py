@@ -13,8 +13,7 @@ import shutil
 import pytest
 import torch
 import triton
-from aot_dirs import built_root  # noqa: F401 (a fixture)
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash import cli

@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 from einflash.compiler.tuning import selection
 from einflash.compiler.schedule import Schedule

@@ -9,7 +9,7 @@ import time
 import optuna
 import pytest
 import torch
-from autotune_helpers import FakeTimer, cache_dir, example, fake_ms, qkv  # noqa: F401 -- cache_dir is a fixture
+from autotune_helpers import FakeTimer, example, fake_ms, qkv
 
 from einflash.backends import INTERPRETER, SearchSpace, TileConfig, Tuning
 from einflash.compiler.tuning import tuner as autotune

@@ -13,6 +13,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from catalogue import load_example
 from launches import captured, compile_launch
 
 from einflash.backends import get_target
@@ -112,7 +113,7 @@ def test_a_broadcast_reduction_compiles_at_its_shrunk_default():
     # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does
     from einflash.compiler.tuning.space import fitting_default
 
-    op = getattr(__import__("conftest").load_example("gla"), "gla")
+    op = load_example("gla").gla
     (job,) = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))
     assert job.constexprs["BLOCK_M"] * job.constexprs["BLOCK_N"] < 64 * 64
     kernel = _compile(job)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 from launches import _job, compile_launch
 
 from einflash.backends import get_target

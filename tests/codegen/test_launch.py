@@ -32,7 +32,7 @@ def test_specialisation_tells_apart_what_the_jit_compiles_for():
 def test_repeated_launches_skip_the_jit_and_stay_right():
     """The second call of a shape runs Triton's compiled kernel directly; it and a call with a strided (other
     specialisation) input both match the reference."""
-    from conftest import load_example
+    from catalogue import load_example
 
     from einflash.compiler.runtime import launch
     from einflash.testing import check

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from catalogue import EXAMPLES
 from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef

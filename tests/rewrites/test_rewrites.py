@@ -9,7 +9,7 @@ import functools
 import pytest
 import sympy
 import torch
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
