@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_forward as bf  # noqa: E402
 
 import einflash as ef  # noqa: E402
-from einflash.compiler.tuning.tuner import gpu_timer  # noqa: E402
 from einflash.compiler.tuning.cache import TuneCache  # noqa: E402
+from einflash.compiler.tuning.tuner import gpu_timer  # noqa: E402
 
 START = time.monotonic()
 DEVICE = "cuda"

@@ -17,13 +17,12 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-from .compiler.schedule import BackwardSchedule, default_backward_schedule
-from .compiler.schedule import Schedule
+from .backends import for_device
 from .compiler.runtime.forward import accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
+from .compiler.schedule import BackwardSchedule, Schedule, default_backward_schedule
 from .compiler.tuning.selection import choose, generation
 from .ir.ranks import PARALLEL
-from .backends import for_device
 from .ir.reference import bind_extents, bind_params, kv_heads
 
 _REGISTERED: dict[str, object] = {}

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from .errors import ShapeError
 
-
 ASSUMED_EXTENT = 16  # of a rank a declaration adds (``r``, ``a``...) when no extent is given for it
 
 

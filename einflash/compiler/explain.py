@@ -21,11 +21,10 @@ from ..ir.expr import Param, walk
 from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
 from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
-from .analysis.mask_tiles import affine_part
 from .analysis.key_passes import count_passes
+from .analysis.mask_tiles import affine_part, count_tiles, tile_plan
 from .rewrite.online import streaming_obstacle
 from .schedule import padded, widest_head_dim
-from .analysis.mask_tiles import count_tiles, tile_plan
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 

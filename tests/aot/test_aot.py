@@ -17,11 +17,11 @@ from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash import cli
-from einflash.compiler.aot.manifest import MANIFEST, read_manifest
 from einflash.compiler.aot.build import declared_inputs, record
-from einflash.compiler.codegen.forward import lower
-from einflash.compiler.codegen.combine import lower_combine
+from einflash.compiler.aot.manifest import MANIFEST, read_manifest
 from einflash.compiler.aot.specialise import first_misfit, specialise
+from einflash.compiler.codegen.combine import lower_combine
+from einflash.compiler.codegen.forward import lower
 from einflash.errors import AOTError, AOTMismatchError, DeviceError
 from einflash.ir.reference import bind_extents, bind_params
 

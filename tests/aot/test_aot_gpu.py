@@ -18,8 +18,8 @@ import triton.compiler.compiler
 import triton.runtime.jit
 
 import einflash as ef
-from einflash.compiler.aot.manifest import DTYPES, Entry
 from einflash.compiler.aot.build import declared_inputs
+from einflash.compiler.aot.manifest import DTYPES, Entry
 from einflash.compiler.schedule import DECODE_MAX_QUERIES
 from einflash.testing import check
 

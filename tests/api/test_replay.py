@@ -10,9 +10,9 @@ import pytest
 import torch
 from catalogue import load_example
 
-from einflash.compiler.tuning import selection
-from einflash.compiler.schedule import Schedule
 from einflash.compiler.runtime.replay import Recording
+from einflash.compiler.schedule import Schedule
+from einflash.compiler.tuning import selection
 from einflash.testing import check
 
 

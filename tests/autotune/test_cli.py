@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from catalogue import EXAMPLES
 
 from einflash.cli import main
-from catalogue import EXAMPLES
 
 CAUSAL = str(EXAMPLES / "causal.py")
 TINY = ["--shape", "1,4,24,24,16", "--kv-heads", "2"]

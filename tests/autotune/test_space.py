@@ -10,8 +10,7 @@ from launches import captured, compile_launch
 
 from einflash.backends import get_target
 from einflash.compiler.analysis.cost import BM, BN, ELEM, STAGES, buffer_needs
-from einflash.compiler.schedule import Schedule
-from einflash.compiler.schedule import default_schedule
+from einflash.compiler.schedule import Schedule, default_schedule
 from einflash.compiler.tuning.space import family_of, search_space
 
 SM90 = get_target("sm90")

@@ -17,9 +17,8 @@ from catalogue import load_example
 from launches import captured, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel
-from einflash.compiler.schedule import Schedule
-from einflash.compiler.schedule import default_schedule
+from einflash.compiler.aot.crosscompile import CompiledKernel, CompileJob
+from einflash.compiler.schedule import Schedule, default_schedule
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
 

@@ -6,8 +6,8 @@ forward's), for the benchmark's variants and head dims, with a GQA group the dK/
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +15,7 @@ from catalogue import load_example
 from launches import _job, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.schedule import default_backward_schedule
-from einflash.compiler.schedule import Schedule
+from einflash.compiler.schedule import Schedule, default_backward_schedule
 from einflash.ir.reference import bind_extents, bind_params
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel

@@ -17,11 +17,11 @@ import torch
 from catalogue import EXAMPLES, load_example
 
 import einflash as ef
-from einflash.compiler.runtime import forward as forward_module
-from einflash.compiler.schedule import Schedule
+from einflash.compiler.analysis.mask_tiles import tile_rows
 from einflash.compiler.codegen.forward import sections
 from einflash.compiler.codegen.tile_ranges import key_plan
-from einflash.compiler.analysis.mask_tiles import tile_rows
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.schedule import Schedule
 from einflash.errors import LoweringError
 from einflash.ir.cascade import Layout
 from einflash.ir.reference import bind_extents, bind_params

@@ -4,8 +4,8 @@ the same compiled kernel, so the key tells apart everything the JIT tells apart.
 import pytest
 import torch
 
-from einflash.compiler.runtime.launch import specialisation
 from einflash.compiler.codegen.source import KernelSource
+from einflash.compiler.runtime.launch import specialisation
 
 
 def test_specialisation_tells_apart_what_the_jit_compiles_for():

@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-
 from catalogue import load_example
 
 import einflash as ef

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import AOTError, AOTMismatchError, DeviceError
-from ..runtime.forward import DTYPE_NAMES, Forward
 from ..codegen.signature import KernelCall
 from ..codegen.source import KernelSource
+from ..runtime.forward import DTYPE_NAMES, Forward
 from ..schedule import DECODE_MAX_QUERIES
-from .specialise import first_misfit
 from .manifest import Binary, Entry, Manifest, interface
+from .specialise import first_misfit
 
 
 def _import_kernel(path: pathlib.Path, name: str):

@@ -37,9 +37,9 @@ import triton
 
 from ...errors import AOTError
 from ...shape import Shape
+from ..codegen.source import KernelSource
 from ..runtime.forward import DTYPE_NAMES
 from ..schedule import Schedule
-from ..codegen.source import KernelSource
 from .specialise import ArgSpec
 
 FORMAT, FORMAT_VERSION = "einflash-aot", 1

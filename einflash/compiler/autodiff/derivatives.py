@@ -13,9 +13,9 @@ import functools
 import sympy
 
 from ...errors import DifferentiationError
+from ...ir.algebra import from_sympy
 from ...ir.expr import Call, Const, Expr, Merge, Read, call
 from ...ir.operators import OPERATORS
-from ...ir.algebra import from_sympy
 
 ZERO, ONE = Const(0.0), Const(1.0)
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-
+from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, TensorDecl, plain_read
 from ...ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, rank_free, reads, transform, walk
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.validate import validate
-from ...ir.algebra import factors, product
-from .gradient import prune
 from ..rewrite.names import fresh_name
 from ..rewrite.strength import LOG2E
+from .gradient import prune
 
 
 def inline_row_products(c: Cascade) -> Cascade:

@@ -41,16 +41,16 @@ import sympy
 import torch
 
 from ...errors import DifferentiationError
+from ...ir.algebra import correction, ratio
 from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
 from ...ir.expr import Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy, transform
 from ...ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ...ir.reference import Value, evaluate
 from ...ir.user_ops import DEFINITIONS
 from ...ir.validate import validate
-from ...ir.algebra import correction, ratio
-from ..rewrite.online import inline_body
 from ..rewrite.names import fresh_name
-from .derivatives import ONE, ZERO, simplified_mul, partial_derivatives
+from ..rewrite.online import inline_body
+from .derivatives import ONE, ZERO, partial_derivatives, simplified_mul
 
 KERNELS = ("rows", "q", "kv")  # row-level terms; per query tile streaming keys; per key tile streaming queries
 

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Reduction, Role, TensorDecl, plain_read
 from ...ir.expr import Merge, call
 from ...ir.ranks import STREAM, rank_order
 from ...ir.validate import validate
-from .gradient import Gradient, prune
 from ..rewrite.names import fresh_name
 from .flash_form import (
-    precomputed_row_map,
     fold_scalar_chains,
     inline_row_products,
     normalised_exponentials,
+    precomputed_row_map,
     row_reciprocals,
     scalars_after_sums,
 )
-
+from .gradient import Gradient, prune
 
 # -- the kernels' parts of the gradient cascade -------------------------------------------------
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Size
 
 

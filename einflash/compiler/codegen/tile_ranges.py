@@ -22,8 +22,24 @@ import sympy
 from ...ir.cascade import Cascade, Einsum, Role
 from ...ir.expr import Call, Expr, Read
 from ...ir.ranks import STREAM, coord
-from ..analysis.mask_tiles import BM, BN, M0, M1, N0, N1, M, N, I, J, Interval, TilePlan, tile_plan, transposed_plan
-from ..analysis.mask_tiles import affine_part, conjuncts
+from ..analysis.mask_tiles import (
+    BM,
+    BN,
+    M0,
+    M1,
+    N0,
+    N1,
+    I,
+    Interval,
+    J,
+    M,
+    N,
+    TilePlan,
+    affine_part,
+    conjuncts,
+    tile_plan,
+    transposed_plan,
+)
 
 
 @dataclass(frozen=True)

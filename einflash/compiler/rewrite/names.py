@@ -3,7 +3,6 @@ in the order the Einsums assign them."""
 
 from __future__ import annotations
 
-
 from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
 
 

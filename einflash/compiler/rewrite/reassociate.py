@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+from ...ir.algebra import product
 from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl
 from ...ir.expr import Call, Expr, Merge, Read, free_ranks, walk
 from ...ir.ranks import coord, rank_order
-from ...ir.algebra import product
 from .names import fresh_name, ordered_tensors
-
 
 # -- reassociation ------------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl
 from ...ir.expr import Call, Const, Expr, Param, Read, call, rank_free, reads, transform, walk
 from ...ir.ranks import STREAM, coord
-from ...ir.algebra import factors, product
 from .names import fresh_name, ordered_tensors
 
 LOG2E = 1.0 / math.log(2.0)

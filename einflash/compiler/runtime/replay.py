@@ -19,8 +19,8 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from ..codegen.signature import KernelCall
-from .launch import bound_launch, jit_launch
 from ..codegen.source import KernelSource
+from .launch import bound_launch, jit_launch
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from typing import Mapping
 import torch
 
 from ...ir.expr import Param, walk
-from ..codegen.tile_ranges import BlockTest, TileLists
 from ..analysis.mask_tiles import tile_plan, tile_rows
+from ..codegen.tile_ranges import BlockTest, TileLists
 
 
 def _ranges(values: torch.Tensor, length: int, block: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

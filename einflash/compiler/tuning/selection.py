@@ -25,10 +25,10 @@ from ... import knobs
 from ...backends.target import Target
 from ...errors import CacheWarning
 from ...ir.cascade import Cascade
-from . import cache as cache_files
-from .cache import Bucket, CacheKey, TuneCache
 from ..runtime.forward import Forward
 from ..schedule import Schedule
+from . import cache as cache_files
+from .cache import Bucket, CacheKey, TuneCache
 from .space import fitting_default
 from .tuner import tune
 
