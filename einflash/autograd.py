@@ -11,8 +11,8 @@ contiguous (``out.sum().backward()`` passes a stride-0 one); integer inputs get 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable

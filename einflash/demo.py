@@ -24,7 +24,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

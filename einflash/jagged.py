@@ -15,8 +15,8 @@ same way. Inside a sequence, the coordinates m and n count from 0, so masks such
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 
@@ -47,7 +47,7 @@ class JaggedBatch:
         return max((n for _, n in self.lengths), default=0)
 
     @classmethod
-    def from_offsets(cls, cu_q, cu_k, total_q: int, total_k: int) -> "JaggedBatch":
+    def from_offsets(cls, cu_q, cu_k, total_q: int, total_k: int) -> JaggedBatch:
         """Check both offset tensors against the packed lengths; one small device-to-host copy reads them."""
         for name, t in zip(OFFSET_NAMES, (cu_q, cu_k)):
             if not isinstance(t, torch.Tensor):

@@ -40,7 +40,7 @@ class Shape:
             raise ShapeError(f"query heads ({self.Hq}) must be a multiple of kv heads ({self.Hkv})")
 
     @classmethod
-    def parse(cls, text: str, kv_heads: int | None = None, head_dim_v: int | None = None) -> "Shape":
+    def parse(cls, text: str, kv_heads: int | None = None, head_dim_v: int | None = None) -> Shape:
         """``B,H,M,N,D`` as the CLI takes it."""
         try:
             b, h, m, n, d = (int(x) for x in text.split(","))

@@ -197,7 +197,7 @@ class Cascade:
                     g.add_edge(src, i, tensor=r.tensor)
         return g
 
-    def canonical(self) -> "Cascade":
+    def canonical(self) -> Cascade:
         """The same cascade with intermediates renamed t1, t2, ... in order of definition."""
         fixed = {t.name for t in self.tensors if t.role in (Role.INPUT, Role.OUTPUT)}
         # an input may itself be called t1: a fresh name equal to it would merge two tensors into one

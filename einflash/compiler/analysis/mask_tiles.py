@@ -34,10 +34,10 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import product
-from typing import Callable, Iterator, Mapping
 
 import sympy
 

@@ -72,7 +72,7 @@ class CompileJob:
     @classmethod
     def specialised(
         cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int, max_registers: int = 0
-    ) -> "CompileJob":
+    ) -> CompileJob:
         """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.aot.specialise)."""
         return cls(
             fn,

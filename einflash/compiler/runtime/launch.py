@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy
 import torch

@@ -26,7 +26,7 @@ This is the only place where einflash looks at mask data per tile, and it looks 
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
