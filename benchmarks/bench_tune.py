@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -175,8 +176,8 @@ def _tune_row(rows, case, trials, seconds, seed):
         tuning_s = time.monotonic() - t0
         best, default = [], []
         for _ in range(REPEATS):  # alternate, so that clock or thermal drift hits both alike
-            best.append(gpu_timer(lambda: op(*args, **kw, schedule=r.best), r.best))
-            default.append(gpu_timer(lambda: op(*args, **kw, schedule=r.default), r.default))
+            best.append(gpu_timer(functools.partial(op, *args, **kw, schedule=r.best), r.best))
+            default.append(gpu_timer(functools.partial(op, *args, **kw, schedule=r.default), r.default))
         b, d = statistics.median(best), statistics.median(default)
         bf.emit(
             rows,

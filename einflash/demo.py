@@ -18,6 +18,7 @@ what the row counts as: ``ok``, ``not lowered`` (no kernel yet; not a failure) o
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -92,7 +93,7 @@ def _step(name: str, fn, progress: Progress):
         return fn()
     except LoweringError:  # no kernel yet: a row of its own kind, not a failure
         raise
-    except Exception as e:  # any failure of one variant is its row's reason, never the demo's end
+    except Exception as e:  # noqa: BLE001 -- any failure of one variant is its row's reason, never the demo's end
         reason, out_of_memory = f"{name}: {type(e).__name__}: {e}", isinstance(e, torch.OutOfMemoryError)
     if out_of_memory:
         gc.collect()
@@ -146,7 +147,7 @@ def _forward(
     sh = shape or _shape(mod, on_gpu)
     args, extra, g = _step("inputs", lambda: _inputs(mod, op, sh, device, dtype), progress)
     out = _step("run", lambda: op(*args, **extra), progress)
-    verdict = _step("check", lambda: check(op, out, *args, **extra), progress)
+    verdict = _step("check", functools.partial(check, op, out, *args, **extra), progress)
     rec.update(max_error=verdict.max_error, tolerance=verdict.tolerance, ok=verdict.ok)
     if not verdict.ok:
         rec["reason"] = f"max error {verdict.max_error:.2e} above the tolerance {verdict.tolerance:.2e}"
@@ -256,8 +257,8 @@ def format_row(r: dict) -> str:
     why = r["reason"] or (r["grad_reason"] if r["ok"] else None)
     return (
         f"{r['name']:22} {passes:^7} {r['backend']:12} {num(r['max_error'], '.2e'):>10} "
-        f"{num(r['tolerance'], '.2e'):>10} {str(r['ok']):>5} {num(r['ms'], '.2f'):>8} "
-        f"{num(r['grad_max_error'], '.2e'):>10} {str(r['grad_ok']):>7}" + (f"  ({why})" if why else "")
+        f"{num(r['tolerance'], '.2e'):>10} {r['ok']!s:>5} {num(r['ms'], '.2f'):>8} "
+        f"{num(r['grad_max_error'], '.2e'):>10} {r['grad_ok']!s:>7}" + (f"  ({why})" if why else "")
     )
 
 

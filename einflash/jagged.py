@@ -15,6 +15,7 @@ same way. Inside a sequence, the coordinates m and n count from 0, so masks such
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ class JaggedBatch:
             raise ShapeError(f"cu_seqlens_q is on {cu_q.device} but cu_seqlens_k on {cu_k.device}")
         both = torch.stack([cu_q.to(torch.int64), cu_k.to(torch.int64)]).cpu()
         for name, row, total in zip(OFFSET_NAMES, both.tolist(), (total_q, total_k)):
-            if row[0] != 0 or row[-1] != total or any(b < a for a, b in zip(row, row[1:])):
+            if row[0] != 0 or row[-1] != total or any(b < a for a, b in itertools.pairwise(row)):
                 raise ShapeError(
                     f"{name} must start at 0, never decrease and end at the packed length {total}; got {row}"
                 )

@@ -163,8 +163,8 @@ def explain(
     params: dict | None = None,
     backward=None,
 ) -> Explanation:
-    """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``; with ``backward`` (a
-    einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
+    """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``;
+    with ``backward`` (a einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
     dims = dict(dims or {})
     params = {
         p.name: float(

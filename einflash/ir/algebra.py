@@ -6,7 +6,8 @@ correction-factor test that decides whether a running state can be rescaled onli
 >>> m, n = coord("m"), coord("n")
 >>> body = call("exp", call("sub", Read("s", (m, n)), Read("top", (m,))))
 >>> correction(body, {"top"}, reduced={"n"})
-Call(op='exp', args=(Call(op='sub', args=(Read(tensor='top', index=(m,), prev=True), Read(tensor='top', index=(m,), prev=False)), merge=<Merge.ALL: '∩'>),), merge=<Merge.ALL: '∩'>)
+Call(op='exp', args=(Call(op='sub', args=(Read(tensor='top', index=(m,), prev=True),
+    Read(tensor='top', index=(m,), prev=False)), merge=<Merge.ALL: '∩'>),), merge=<Merge.ALL: '∩'>)
 """
 
 from __future__ import annotations
@@ -104,9 +105,8 @@ def _in_ir(x: sympy.Expr, leaves: _Leaves, reduced: set[str]) -> Expr | None:
             name, index, phase = key
             back[sym] = Read(name, index, prev=(phase == "old"))
         else:
-            if isinstance(key, (Read, Coord)) and free_ranks(key) & reduced:
-                if sym in x.free_symbols:
-                    return None
+            if isinstance(key, (Read, Coord)) and free_ranks(key) & reduced and sym in x.free_symbols:
+                return None
             back[sym] = key
     if any(s not in back for s in x.free_symbols):
         return None

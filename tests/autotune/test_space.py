@@ -93,7 +93,7 @@ def test_shared_memory_formula_is_a_lower_bound_of_what_triton_allocates():
     smem = buffer_needs(op.forward.rewritten).smem
     dims = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}
     for sch in (Schedule(128, 64, 8, 3), Schedule(64, 128, 4, 2)):
-        (launch,) = captured("softmax", dims, 128, lambda extents, kv: sch)
+        (launch,) = captured("softmax", dims, 128, lambda extents, kv, sch=sch: sch)
         kernel = compile_launch(launch, SM90)
         formula = int(
             smem.subs(

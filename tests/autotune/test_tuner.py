@@ -94,7 +94,7 @@ def test_failures_are_trials_with_reasons_and_never_stop_the_tuner(cache_dir, mo
 
 def test_nothing_passes_raises_after_storing_the_failures(cache_dir, monkeypatch):
     monkeypatch.setattr(forward_module.Forward, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no GPU")))
-    with pytest.raises(TuningError, match="no schedule of causal .* compiled, ran and matched"):
+    with pytest.raises(TuningError, match=r"no schedule of causal .* compiled, ran and matched"):
         _tune(example("causal"), qkv(), budget=Budget(trials=3))
     (entry,) = TuneCache().entries(CacheKey.of(example("causal").cascade, INTERPRETER, torch.float32)).values()
     assert entry["best"] is None and entry["failed"][0]["reason"] == "RuntimeError: no GPU"

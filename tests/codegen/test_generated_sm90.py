@@ -69,7 +69,7 @@ KNOWN_SPILLS: dict[tuple, int] = {}
 
 
 def _fits(kernel: CompiledKernel, case: tuple):
-    assert 0 < kernel.cubin_bytes and kernel.shared_bytes <= SM90.smem_per_block, kernel
+    assert kernel.cubin_bytes > 0 and kernel.shared_bytes <= SM90.smem_per_block, kernel
     assert kernel.spill_bytes <= KNOWN_SPILLS.get(case, 0), kernel
 
 

@@ -47,7 +47,7 @@ from ...ir.ranks import STANDARD_RANKS, coord, new_rank
 from .cost import BM, BN
 
 M, N = STANDARD_RANKS["m"].extent, STANDARD_RANKS["n"].extent
-I = sympy.Symbol("i", integer=True, nonnegative=True)  # the query tile
+I = sympy.Symbol("i", integer=True, nonnegative=True)  # noqa: E741 -- the query tile, i as in the tile formulas
 M0, M1 = (sympy.Symbol(s, integer=True, nonnegative=True) for s in ("m0", "m1"))  # its first and last row
 ROW_BOUNDS = {M0: I * BM, M1: sympy.Min((I + 1) * BM, M) - 1}
 J = sympy.Symbol("j", integer=True, nonnegative=True)  # a key tile (transposed plans)

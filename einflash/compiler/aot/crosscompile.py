@@ -73,7 +73,8 @@ class CompileJob:
     def specialised(
         cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int, max_registers: int = 0
     ) -> CompileJob:
-        """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.aot.specialise)."""
+        """The job that compiles ``fn`` for exactly the specialisation ``specs``
+        (see einflash.compiler.aot.specialise)."""
         return cls(
             fn,
             {s.name: s.type for s in specs if s.type != "constexpr"},

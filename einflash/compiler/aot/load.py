@@ -76,7 +76,7 @@ class StoredKernels:
         reasons, self.last = [], []
         for entry in sorted(candidates, key=lambda e: _distance(e, extents)):
             pending: list[tuple[KernelSource, KernelCall]] = []
-            out, _ = fwd.run(inputs, values, entry.schedule, extents, launcher=lambda src, c: pending.append((src, c)))
+            out, _ = fwd.run(inputs, values, entry.schedule, extents, launcher=lambda src, c: pending.append((src, c)))  # noqa: B023 -- called before run returns
             try:
                 chosen = [(self._binary(src, c), c) for src, c in pending]
             except AOTMismatchError as e:

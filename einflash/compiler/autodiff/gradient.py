@@ -444,7 +444,7 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
     recompute: list[Einsum] = []
     decls = {t.name: t for t in c.tensors}
     saved: list[SavedState] = []
-    inputs = [t for t in c.inputs]
+    inputs = list(c.inputs)
     for e in c.einsums:
         if e.out == out_name:
             continue  # the output itself is given (also when it is a reduction over n: not saved twice)

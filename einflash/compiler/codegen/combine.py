@@ -54,7 +54,7 @@ def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]
             else:
                 raise LoweringError(f"state {e.out} has no split form: its correction is not a plain factor")
             fold.append(replace(e, expr=call(x.op, acc, split, merge=Merge.ANY)))
-        elif not (STREAM in e.iteration_ranks) and all(r.tensor in states for r in e.reads()):
+        elif STREAM not in e.iteration_ranks and all(r.tensor in states for r in e.reads()):
             alpha_w = f"{e.out}_w"
             alphas[e.out] = alpha_w
             decls.append(TensorDecl(alpha_w, e.ranks))

@@ -21,7 +21,7 @@ def linear_form(x: Expr, integers: set[str]) -> dict | None:
     constant), or None where it is not such a linear form."""
     if isinstance(x, Const):
         return {1: int(x.value)} if float(x.value).is_integer() else None
-    if isinstance(x, (Coord, Size)) or isinstance(x, Param) and x.name in integers:
+    if isinstance(x, (Coord, Size)) or (isinstance(x, Param) and x.name in integers):
         return {x: 1}
     if not isinstance(x, Call) or x.merge is not Merge.ALL:
         return None
@@ -73,7 +73,7 @@ def range_pairs(parts: list[Expr], integers: set[str]) -> tuple[list[tuple[Expr,
         total = {k: v for k, v in total.items() if v}
         if any(isinstance(k, Coord) for k in total):
             continue
-        for x, y in ((a, b), (b, a)):
+        for x in (a, b):
             if any(isinstance(k, Coord) for k in x) and all(isinstance(k, Coord) or k == 1 for k in x):
                 ranges.append((form_expr(x), total))
                 used |= {i, j}

@@ -120,7 +120,7 @@ def exponent_base2(c: Cascade) -> Cascade:
                 einsums.append(Einsum(x2, c.tensor(x.tensor).ranks, scaled, line=made.line if made else e.line))
                 einsums.append(Einsum(top2, e.ranks, x2_read, Reduction("max", red.ranks), line=e.line))
                 continue
-            sub = transform(f.expr, lambda y: new if y == pattern else None)
+            sub = transform(f.expr, lambda y: new if y == pattern else None)  # noqa: B023 -- called before transform returns
             sub = transform(sub, natural)
             einsums.append(replace(f, expr=sub))
         tensors = list(c.tensors) + [TensorDecl(x2, c.tensor(x.tensor).ranks), TensorDecl(top2, e.ranks)]

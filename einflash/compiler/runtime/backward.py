@@ -32,8 +32,8 @@ from .tile_lists import tile_lists
 @dataclass(frozen=True)
 class Launched:
     """What one backward call's kernels wrote: each partial's buffer by name, with the names of its dimensions
-    (see ``einflash.compiler.autodiff.gradient.finish``), for the gradient cascade cut to the wanted inputs (None: nothing ran, every
-    wanted gradient is 0)."""
+    (see ``einflash.compiler.autodiff.gradient.finish``), for the gradient cascade cut to the wanted inputs
+    (None: nothing ran, every wanted gradient is 0)."""
 
     gradient: Gradient | None
     partials: dict[str, torch.Tensor]

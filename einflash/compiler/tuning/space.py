@@ -206,7 +206,8 @@ def fitting_default(
     ... def plain(q, k, v):
     ...     return ef.softmax(q @ k * ef.scale, "n") @ v
     >>> fitting_default(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
-    Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=240)
+    Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False,
+             max_registers=240)
     """
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
     return _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
