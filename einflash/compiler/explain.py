@@ -194,7 +194,7 @@ def explain(
         "special-function": trans / target.sfu_ops,
         "memory": nbytes / target.hbm_bandwidth,
     }
-    bound = max(times, key=times.get)
+    bound = max(times, key=times.__getitem__)
     template = (
         f"not lowered: {error}"
         if error is not None
@@ -266,6 +266,7 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
         if pred is None:
             continue
         plan = tile_plan(pred, integers)
+        assert plan is not None, pred  # an affine part has a tile plan
         named = {x.name for x in walk(pred) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
         counts = count_tiles(plan, M=ext["m"], N=ext["n"], BM=cfg.block_m, BN=cfg.block_n, **used)

@@ -87,7 +87,10 @@ class Schedule:
 
     @classmethod
     def from_ints(cls, ints: list[int]) -> Schedule:
-        return cls(*ints[:5], *(bool(x) for x in ints[5:7]), *ints[7:8])  # fields left out keep their defaults
+        bm, bn, warps, stages, *given = ints
+        # fields left out keep their defaults
+        splits, pack, reverse_m, registers = (given + [1, 0, 0, 0][len(given) :])[:4]
+        return cls(bm, bn, warps, stages, splits, bool(pack), bool(reverse_m), registers)
 
 
 @dataclass(frozen=True)

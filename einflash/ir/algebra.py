@@ -12,6 +12,8 @@ Call(op='exp', args=(Call(op='sub', args=(Read(tensor='top', index=(m,), prev=Tr
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import sympy
 
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, call, free_ranks, to_sympy
@@ -41,15 +43,20 @@ def product(fs: list[tuple[Expr, int]]) -> Expr:
     return out
 
 
+# a leaf, or a state's read as (tensor, index, "old" or "new")
+_Key: TypeAlias = Read | Param | Coord | Size | tuple[str, tuple[sympy.Expr, ...], str]
+
+
 class _Leaves:
     """Sympy symbols for expression leaves; states get separate old and new symbols."""
 
     def __init__(self, states: set[str]):
         self.states = states
-        self.symbols: dict[object, sympy.Symbol] = {}
+        self.symbols: dict[_Key, sympy.Symbol] = {}
         self.phase = "new"
 
     def __call__(self, x: Expr) -> sympy.Expr:
+        key: _Key
         if isinstance(x, Read) and x.tensor in self.states:
             key = (x.tensor, x.index, self.phase)
         elif isinstance(x, (Read, Param, Coord, Size)):

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import TypeGuard
 
 import networkx as nx
 import sympy
@@ -96,6 +97,17 @@ class Einsum:
         return out
 
 
+class Reducing(Einsum):
+    """An Einsum with a reduction: the type :func:`reduces` narrows an Einsum to (none is made as such)."""
+
+    reduce: Reduction
+
+
+def reduces(e: Einsum) -> TypeGuard[Reducing]:
+    """Whether ``e`` reduces, said so that a type checker knows ``e.reduce`` is set where it does."""
+    return e.reduce is not None
+
+
 @dataclass(frozen=True)
 class Cascade:
     """A validated-or-not cascade of Einsums; frozen, printable, hashable by structure."""
@@ -162,7 +174,7 @@ class Cascade:
                     todo.append(r.tensor)
         return False
 
-    def is_plain(self, x: Expr) -> bool:
+    def is_plain(self, x: Expr) -> TypeGuard[Read]:
         """Whether ``x`` reads a whole tensor at its own coordinates (not its value before the current chunk)."""
         return (
             isinstance(x, Read)

@@ -190,9 +190,9 @@ def build(
             raise LoweringError(
                 f"internal: kernel {name} declares {fn.arg_names}, its launches fill {list(src.signature.names)}"
             )
-        for spec, *options in wanted[name]:
-            jobs.append(CompileJob.specialised(fn, spec, *options))
-            owners.append((name, spec, wanted[name][spec, *options]))
+        for spec, *settings in wanted[name]:
+            jobs.append(CompileJob.specialised(fn, spec, *settings))
+            owners.append((name, spec, wanted[name][spec, *settings]))
     binaries: dict[str, list[Binary]] = {}
     for (name, spec, label), job, kernel in zip(owners, jobs, compile_all(jobs, target)):
         stem = f"binaries/{name}__{len(binaries.get(name, ()))}"

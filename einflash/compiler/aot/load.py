@@ -24,6 +24,7 @@ from .specialise import first_misfit
 
 def _import_kernel(path: pathlib.Path, name: str):
     spec = importlib.util.spec_from_file_location(f"einflash_aot_{name}", path)
+    assert spec is not None and spec.loader is not None, path  # a .py file has its loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, name)
@@ -106,6 +107,7 @@ class StoredKernels:
             self._checked.add(src.name)
         why: dict[str, list[str]] = {}
         for b in sorted(kernel.binaries, key=lambda b: -b.strength):
+            misfit: str | None
             if (b.num_warps, b.num_stages, b.max_registers) != (call.num_warps, call.num_stages, call.max_registers):
                 misfit = (
                     f"compiled with num_warps={b.num_warps}, num_stages={b.num_stages}, max_registers={b.max_registers}"

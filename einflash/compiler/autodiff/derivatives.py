@@ -14,7 +14,7 @@ import sympy
 
 from ...errors import DifferentiationError
 from ...ir.algebra import from_sympy
-from ...ir.cascade import Einsum, TensorDecl, plain_read
+from ...ir.cascade import Reducing, TensorDecl, plain_read
 from ...ir.expr import Call, Const, Expr, Merge, Param, Read, call, transform
 from ...ir.operators import OPERATORS
 from ...ir.user_ops import DEFINITIONS
@@ -141,7 +141,7 @@ def partial_derivatives(expr: Expr, value: Expr | None = None) -> dict[Read, Exp
 # -- derivatives of reductions ---------------------------------------------------------------
 
 
-def reduction_derivative(e: Einsum) -> Expr | None:
+def reduction_derivative(e: Reducing) -> Expr | None:
     """∂(e's reduction)/∂(one reduced element), as an expression of e's body and its result: 1 for a sum, a
     user reducer's declared derivative; None for the rest (max, min, kth largest: see
     einflash.compiler.autodiff.invariance)."""

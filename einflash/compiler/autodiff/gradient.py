@@ -33,6 +33,7 @@ exp2(max_n2@prev[m] − max_n2[m]) and the output is invariant under that rescal
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, replace
 
 import sympy
@@ -40,8 +41,9 @@ import torch
 
 from ...errors import DifferentiationError
 from ...ir.algebra import ratio
-from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
+from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Reduction, Role, TensorDecl, plain_read, reduces
 from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, index_ranks
+from ...ir.operators import REDUCERS
 from ...ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ...ir.reference import Value, evaluate
 from ...ir.validate import validate
@@ -211,14 +213,13 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
     gradient einflash can derive."""
     if any(e.loop for e in c.einsums):
         raise DifferentiationError(f"{c.name}: differentiate the cascade before it is streamed")
-    late = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
-    for e in late:
-        if e.out not in states or set(e.reduce.ranks) != {STREAM}:
+    late = [e for e in c.einsums if reduces(e) and STREAM in e.reduce.ranks]
+    for reduction in late:
+        if reduction.out not in states or set(reduction.reduce.ranks) != {STREAM}:
             raise DifferentiationError(
-                f"{c.name}: {e.out} is a reduction over n that the one-pass forward does "
+                f"{c.name}: {reduction.out} is a reduction over n that the one-pass forward does "
                 f"not keep as a running state; its gradient would need another pass"
             )
-    late_names = {e.out for e in late}
     zero, proofs = invariant_reductions(c, late)
     out_name = c.outputs[0]
     b = _Builder(c)
@@ -230,7 +231,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
         terms = adjoints.pop(e.out, None)
         if e.out in zero or not terms:
             continue
-        derivative = None if e.reduce is None else reduction_derivative(e)
+        derivative = reduction_derivative(e) if reduces(e) else None
         if e.reduce is not None and derivative is None:
             raise DifferentiationError(
                 f"{c.where(e)}: the gradient through a {e.reduce.op} over "
@@ -254,7 +255,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             term = simplified_mul(g, d)
             if decl.role is Role.INPUT:
                 relabel = _relabel(c, leaf)
-                keep = index_ranks(leaf.index) | (set(PARALLEL) & its)
+                keep: Set[str] = index_ranks(leaf.index) | (set(PARALLEL) & its)
             else:
                 if tuple(leaf.index) != tuple(coord(r) for r in decl.ranks):
                     raise DifferentiationError(
@@ -288,7 +289,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
         base = f"d_{name}" if len(same) == 1 else f"d_{name}__{kernel}" + "".join(f"_{a}" for a, _ in relabel)
         read = b.total(base, ranks, terms)
         partials.append(Partial(read.tensor, name, ranks, relabel, kernel))
-    return _assemble(c, b, late_names, d_out, tuple(partials), proofs)
+    return _assemble(c, b, {e.out: e for e in late}, d_out, tuple(partials), proofs)
 
 
 def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr:
@@ -300,7 +301,9 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
     return b.total(f"d_{decl.name}", decl.ranks, terms, line)
 
 
-def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tuple[Partial, ...], proofs) -> Gradient:
+def _assemble(
+    c: Cascade, b: _Builder, late: dict[str, Reducing], d_out: str, partials: tuple[Partial, ...], proofs
+) -> Gradient:
     """Recomputation of the forward's values (reductions over n read from the saved states), then the adjoints;
     whatever the partials do not need is dropped."""
     out_name = c.outputs[0]
@@ -316,7 +319,7 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
             value, present = b.fresh(f"{e.out}__saved"), b.fresh(f"{e.out}__present")
             rows = tuple(r for r in t.ranks if r in PARALLEL or r == "m")
             inputs += [TensorDecl(value, t.ranks, Role.INPUT), TensorDecl(present, rows, Role.INPUT)]
-            state = SavedState(e.out, t.ranks, _init(c, e), value, present)
+            state = SavedState(e.out, t.ranks, REDUCERS[late[e.out].reduce.op].identity, value, present)
             recompute.append(
                 Einsum(
                     e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)), where=presence_predicate(state), line=e.line
@@ -354,12 +357,6 @@ def presence_predicate(s: SavedState) -> Expr:
     return call("ne", plain_read(TensorDecl(s.present, s.rows)), ZERO)
 
 
-def _init(c: Cascade, e: Einsum) -> float:
-    from ...ir.operators import REDUCERS
-
-    return REDUCERS[e.reduce.op].identity
-
-
 def prune(g: Cascade) -> Cascade:
     """Drop Einsums nothing the outputs need reads, and unused tensors (inputs included)."""
     needed = set(g.outputs)
@@ -393,7 +390,9 @@ def saved_states(
     for s in g.saved:
         v: Value = env[s.name]
         data = v.aligned(s.ranks)
-        present = v.aligned_present(s.ranks) if v.present is not None else torch.ones_like(data, dtype=torch.bool)
+        present = v.aligned_present(s.ranks)
+        if present is None:
+            present = torch.ones_like(data, dtype=torch.bool)
         rows = tuple(r for r in s.ranks if r in PARALLEL or r == "m")
         row_present = present if present.dim() == len(rows) else present.any(-1)
         out[s.value] = torch.where(present, data, torch.full((), s.init, dtype=data.dtype)).contiguous()
@@ -421,8 +420,9 @@ def reference_partials(
     for p in g.partials:
         v = env[p.name]
         data = v.aligned(p.ranks)
-        if v.present is not None:
-            data = torch.where(v.aligned_present(p.ranks), data, torch.zeros((), dtype=data.dtype))
+        present = v.aligned_present(p.ranks)
+        if present is not None:
+            data = torch.where(present, data, torch.zeros((), dtype=data.dtype))
         out[p.name] = data
     return out
 
@@ -432,7 +432,7 @@ def finish(
     partials: dict[str, torch.Tensor],
     labels: dict[str, tuple[str, ...]],
     inputs: dict[str, torch.Tensor],
-    wanted: set[str] | None = None,
+    wanted: Set[str] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Each input's gradient in its own shape and dtype, from the partials.
 

@@ -8,12 +8,13 @@ when it shifts, and the output must be invariant under those rescalings (checked
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import sympy
 
 from ...errors import DifferentiationError
 from ...ir.algebra import correction
-from ...ir.cascade import Cascade, Einsum, Role
+from ...ir.cascade import Cascade, Reducing, Role
 from ...ir.expr import Expr, Read, reads, to_sympy
 from ...ir.ranks import STREAM, coord
 from ...ir.user_ops import DEFINITIONS
@@ -42,7 +43,7 @@ class Invariance:
         )
 
 
-def invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
+def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
     """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
     shifted = [e for e in late if reduction_derivative(e) is None]
@@ -55,7 +56,7 @@ def invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str]
     late_names = {e.out for e in late}
     pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
 
-    def fail(why: str):
+    def fail(why: str) -> NoReturn:
         names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
         own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
         hint = (
@@ -71,6 +72,7 @@ def invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str]
         )
 
     factors: dict[str, Expr] = {}
+    bodies: dict[str, Expr] = {}
     for e in late:
         body = inline_body(c, e, derived | late_names, pair_maps)
         used = {r.tensor for r in reads(body) if r.tensor in derived}
@@ -88,8 +90,9 @@ def invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str]
         r = correction(body, used, {STREAM}) if used else ONE
         if r is None:
             fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
-        factors[e.out] = r
+        factors[e.out], bodies[e.out] = r, body
     out = c.producer(c.outputs[0])
+    assert out is not None, c.outputs[0]  # a valid cascade computes its output
     row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
     expr = (
         inline_body(c, out, late_names | derived, row_maps - derived)
@@ -133,8 +136,7 @@ def invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str]
         readers = [
             (s, format_expr(r))
             for s, r in factors.items()
-            if r != ONE
-            and any(t.tensor in mine for t in reads(inline_body(c, c.producer(s), derived | late_names, pair_maps)))
+            if r != ONE and any(t.tensor in mine for t in reads(bodies[s]))
         ]
         proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
     return frozenset(derived), tuple(proofs)

@@ -58,7 +58,8 @@ def _part(g: Cascade, name: str, outputs: list[str], given: set[str]) -> Cascade
 def one_rank_reductions(c: Cascade, order: tuple[str, ...]) -> Cascade:
     """Every reduction over several ranks as a chain of reductions over one rank each, the ranks in
     ``order`` last and in that order (Σ_{m,n} x = Σ_n Σ_m x); sums only."""
-    einsums, tensors, taken = [], list(c.tensors), set()
+    einsums, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         if e.reduce is None or len(e.reduce.ranks) == 1:
             einsums.append(e)
@@ -132,8 +133,11 @@ class Looped:
 def loop_over(c: Cascade, rank: str) -> Looped:
     """Put the Einsums of ``c`` that iterate ``rank`` into one loop over tiles of it."""
     iterating = {e.out for e in c.einsums if rank in e.iteration_ranks}
-    pro, loop, epi, sums, after = [], [], [], [], set()
-    tensors, taken = list(c.tensors), set()
+    pro, loop, epi = [], [], []
+    sums: list[str] = []
+    after: set[str] = set()
+    tensors = list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         reads = {r.tensor for r in e.reads()}
         if e.out in iterating:

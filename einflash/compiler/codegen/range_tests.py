@@ -25,8 +25,8 @@ def linear_form(x: Expr, integers: set[str]) -> dict | None:
         return {x: 1}
     if not isinstance(x, Call) or x.merge is not Merge.ALL:
         return None
-    parts = [linear_form(a, integers) for a in x.args]
-    if any(p is None for p in parts):
+    parts = [p for a in x.args if (p := linear_form(a, integers)) is not None]
+    if len(parts) != len(x.args):
         return None
     if x.op == "neg":
         return {k: -v for k, v in parts[0].items()}
@@ -83,11 +83,12 @@ def range_pairs(parts: list[Expr], integers: set[str]) -> tuple[list[tuple[Expr,
 
 def form_expr(coefficients: dict) -> Expr:
     """The IR expression of a linear form of coordinates (and a constant)."""
-    out: Expr | None = None
-    for leaf, k in sorted(coefficients.items(), key=lambda kv: (kv[0] == 1, -kv[1])):
-        term = Const(float(abs(k))) if leaf == 1 else leaf if abs(k) == 1 else Call("mul", (Const(float(abs(k))), leaf))
-        if out is None:
-            out = term if k > 0 else Call("neg", (term,))
-        else:
-            out = Call("add" if k > 0 else "sub", (out, term))
+
+    def term(leaf, k: int) -> Expr:
+        return Const(float(abs(k))) if leaf == 1 else leaf if abs(k) == 1 else Call("mul", (Const(float(abs(k))), leaf))
+
+    (leaf, k), *rest = sorted(coefficients.items(), key=lambda kv: (kv[0] == 1, -kv[1]))
+    out = term(leaf, k) if k > 0 else Call("neg", (term(leaf, k),))
+    for leaf, k in rest:
+        out = Call("add" if k > 0 else "sub", (out, term(leaf, k)))
     return out

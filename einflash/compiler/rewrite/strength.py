@@ -74,7 +74,8 @@ def _drop_unused(c: Cascade) -> Cascade:
 
 def scalars_before_masks(c: Cascade) -> Cascade:
     """``s = a·c :: p`` → ``s_raw = a :: p``, ``s = s_raw·c`` (masking commutes with a rank-free scale)."""
-    out, tensors, taken = [], list(c.tensors), set()
+    out, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         fs = factors(e.expr)
         scal = [f for f in fs if rank_free(f[0])]
@@ -131,11 +132,13 @@ def exponent_base2(c: Cascade) -> Cascade:
 
 def scalars_out_of_max(c: Cascade) -> Cascade:
     """``t = max_n(y·c)`` → ``t_raw = max_n y``, ``t = t_raw·c`` for a positive rank-free c."""
-    out, tensors, taken = [], list(c.tensors), set()
+    out, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         red = e.reduce
         made = c.producer(e.expr.tensor) if isinstance(e.expr, Read) else None
-        ok = (
+        fs: list[tuple[Expr, int]] = []
+        if (
             not e.loop
             and red is not None
             and red.op == "max"
@@ -145,11 +148,11 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
             and made.where is None
             and not made.loop
             and c.is_plain(e.expr)
-        )
-        fs = factors(made.expr) if ok else []
+        ):
+            fs = factors(made.expr)
         scal = [f for f in fs if rank_free(f[0])]
         rest = [f for f in fs if not rank_free(f[0])]
-        if not ok or not scal or not rest or not all(_positive(c, f) and k == 1 for f, k in scal):
+        if not scal or not rest or not all(_positive(c, f) and k == 1 for f, k in scal):
             out.append(e)
             continue
         raw = _fresh(c, f"{e.out}_raw", taken)

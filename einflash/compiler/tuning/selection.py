@@ -75,9 +75,10 @@ def generation() -> int:
 
 
 def _cache() -> TuneCache:
-    if _CACHE[0] is None or _CACHE[0].root != TuneCache().root:
-        _CACHE[0] = TuneCache()
-    return _CACHE[0]
+    cache = _CACHE[0]
+    if cache is None or cache.root != TuneCache().root:
+        cache = _CACHE[0] = TuneCache()
+    return cache
 
 
 def choose(

@@ -243,9 +243,13 @@ def search_space(
     smem, regs = _buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
     default = _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
-    feasible, pruned = [], []
+    feasible: list[Schedule] = []
+    pruned: list[Pruned] = []
     for combo in itertools.product(*knobs.values()):
         s = Schedule(*combo)
         why = None if s == default else _prune(s, extents, target, smem, regs)
-        (feasible if why is None else pruned).append(s if why is None else why)
+        if why is None:
+            feasible.append(s)
+        else:
+            pruned.append(why)
     return Space(family, tuple(knobs.items()), default, tuple(feasible), tuple(pruned), redundant)
