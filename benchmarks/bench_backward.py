@@ -97,102 +97,106 @@ def _host_profile(step, q, k, v, steps: int = 10) -> list[list]:
 
 
 def perf(rows, quick: bool, sweep: int, cases: str | None = None, host_profile: bool = False):
-    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
+    for label, name, dims, params, kind in ROWS[:2] if quick else ROWS:
         if cases and not any(c in label for c in cases.split(",")):
             continue
         if late():
             emit(rows, kind="skipped", case=label, reason="deadline")
             continue
-        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
-        grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
-        impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
-        if sweep:
-            atomic = dataclasses.replace(default_backward_schedule({"e": D, "f": D}, detect()), atomic_dq=True)
-            for sch in (SWEEP + [atomic])[:sweep]:
-                impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(
-                    q, k, v, **extra, **params, backward_schedule=sch
-                )
-        runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
-        impls.update(runnable)
-        for peer, e in failed.items():
-            emit(rows, kind="perf", case=label, impl=peer, error=str(e)[:300])
-        for impl, fn in impls.items():
-            if late():
-                emit(rows, kind="skipped", case=label, impl=impl, reason="deadline")
-                continue
-            try:
-                t0 = time.time()
-                step = _training(fn, grad)
-                step()
-                torch.cuda.synchronize()
-                first = time.time() - t0
-                total = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v])
-                fwd = do_bench(fn, warmup=10, rep=50)
-                extra_fields = (
-                    {"host_profile": _host_profile(step, q, k, v)} if host_profile and impl == "einflash" else {}
-                )
-                emit(
-                    rows,
-                    kind="perf",
-                    case=label,
-                    impl=impl,
-                    B=B,
-                    H=H,
-                    N=N,
-                    D=D,
-                    fwd_bwd_ms=total,
-                    fwd_ms=fwd,
-                    tflops=3.5 * flops / total / 1e9,
-                    bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
-                    first_call_s=first,
-                    **extra_fields,
-                )
-            except Exception as e:  # noqa: BLE001
-                emit(
-                    rows,
-                    kind="perf",
-                    case=label,
-                    impl=impl,
-                    error=f"{type(e).__name__}: {str(e)[:300]}",
-                    trace=traceback.format_exc()[-800:],
-                )
-            q.grad = k.grad = v.grad = None
-        del q, k, v, grad
-        torch.cuda.empty_cache()
+        _perf_row(rows, label, name, dims, params, kind, sweep, host_profile)
+        torch.cuda.empty_cache()  # the row's tensors went with its call
+
+
+def _perf_row(rows, label: str, name: str, dims: tuple, params: dict, kind, sweep: int, host_profile: bool):
+    B, H, N, D = dims
+    op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
+    grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+    impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
+    if sweep:
+        atomic = dataclasses.replace(default_backward_schedule({"e": D, "f": D}, detect()), atomic_dq=True)
+        for sch in (SWEEP + [atomic])[:sweep]:
+            impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(q, k, v, **extra, **params, backward_schedule=sch)
+    runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
+    impls.update(runnable)
+    for peer, e in failed.items():
+        emit(rows, kind="perf", case=label, impl=peer, error=str(e)[:300])
+    for impl, fn in impls.items():
+        if late():
+            emit(rows, kind="skipped", case=label, impl=impl, reason="deadline")
+            continue
+        try:
+            t0 = time.time()
+            step = _training(fn, grad)
+            step()
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            total = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v])
+            fwd = do_bench(fn, warmup=10, rep=50)
+            extra_fields = {"host_profile": _host_profile(step, q, k, v)} if host_profile and impl == "einflash" else {}
+            emit(
+                rows,
+                kind="perf",
+                case=label,
+                impl=impl,
+                B=B,
+                H=H,
+                N=N,
+                D=D,
+                fwd_bwd_ms=total,
+                fwd_ms=fwd,
+                tflops=3.5 * flops / total / 1e9,
+                bwd_tflops=2.5 * flops / max(total - fwd, 1e-6) / 1e9,
+                first_call_s=first,
+                **extra_fields,
+            )
+        except Exception as e:  # noqa: BLE001
+            emit(
+                rows,
+                kind="perf",
+                case=label,
+                impl=impl,
+                error=f"{type(e).__name__}: {str(e)[:300]}",
+                trace=traceback.format_exc()[-800:],
+            )
+        q.grad = k.grad = v.grad = None
 
 
 def kernels(rows, quick: bool, cases: str | None = None, steps: int = 5):
     """Per row, the GPU time of each kernel a training step runs (µs per step, from torch.profiler), for
     einflash and FlexAttention."""
-    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
+    for label, name, dims, params, kind in ROWS[:2] if quick else ROWS:
         if (cases and not any(c in label for c in cases.split(","))) or late():
             continue
-        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
-        grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
-        runnable, _ = peers.row_peers(name, kind, q, k, v, extra, params)
-        impls = {
-            "einflash": lambda: op(q, k, v, **extra, **params),
-            **{p: f for p, f in runnable.items() if p == "flex"},
-        }
-        for impl, fn in impls.items():
-            step = _training(fn, grad)
-            step()
+        _kernels_row(rows, label, name, dims, params, kind, steps)
+        torch.cuda.empty_cache()  # the row's tensors went with its call
+
+
+def _kernels_row(rows, label: str, name: str, dims: tuple, params: dict, kind, steps: int):
+    B, H, N, D = dims
+    op, q, k, v, extra, _ = row_setup(name, B, H, N, D, params, kind, requires_grad=True)
+    grad = torch.randn(B, H, N, D, device="cuda", dtype=DT)
+    runnable, _ = peers.row_peers(name, kind, q, k, v, extra, params)
+    impls = {
+        "einflash": lambda: op(q, k, v, **extra, **params),
+        **{p: f for p, f in runnable.items() if p == "flex"},
+    }
+    for impl, fn in impls.items():
+        step = _training(fn, grad)
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+                q.grad = k.grad = v.grad = None
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    step()
-                    q.grad = k.grad = v.grad = None
-                torch.cuda.synchronize()
-            times = {e.key[:90]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
-            emit(
-                rows,
-                kind="kernels",
-                case=label,
-                impl=impl,
-                us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])),
-            )
-        del q, k, v, grad
-        torch.cuda.empty_cache()
+        times = {e.key[:90]: e.device_time_total / steps for e in prof.key_averages() if e.device_time_total > 0}
+        emit(
+            rows,
+            kind="kernels",
+            case=label,
+            impl=impl,
+            us_per_step=dict(sorted(times.items(), key=lambda kv: -kv[1])),
+        )
 
 
 def correctness(rows, quick: bool, variants: str | None = None, dtypes: str = "bfloat16,float16"):

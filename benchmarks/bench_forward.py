@@ -91,7 +91,6 @@ def anchors(rows):
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
     emit(rows, kind="anchor", case="device copy 1 GiB", ms=ms, tbps=2 * 2**30 / ms / 1e9)
-    del a, x, y
 
 
 def row_setup(name: str, B: int, H: int, N: int, D: int, params: dict, kind, requires_grad: bool = False):
@@ -105,42 +104,46 @@ def row_setup(name: str, B: int, H: int, N: int, D: int, params: dict, kind, req
 
 
 def prefill(rows, quick: bool, sweep: bool, cases: str | None = None):
-    for label, name, (B, H, N, D), params, kind in ROWS[:2] if quick else ROWS:
+    for label, name, dims, params, kind in ROWS[:2] if quick else ROWS:
         if cases and not any(c in label for c in cases.split(",")):
             continue
-        op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind)
-        impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
-        if sweep:
-            for sch in SWEEP:
-                impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch)
-        runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
-        impls.update(runnable)
-        for peer, e in failed.items():
-            emit(rows, kind="prefill", case=label, impl=peer, error=str(e)[:300])
-        for impl, fn in impls.items():
-            try:
-                t0 = time.time()
-                fn()
-                torch.cuda.synchronize()
-                first = time.time() - t0
-                ms = bench(fn)
-                emit(
-                    rows,
-                    kind="prefill",
-                    case=label,
-                    impl=impl,
-                    B=B,
-                    H=H,
-                    N=N,
-                    D=D,
-                    ms=ms,
-                    tflops=flops / ms / 1e9,
-                    first_call_s=first,
-                )
-            except Exception as e:  # noqa: BLE001
-                emit(rows, kind="prefill", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
-        del q, k, v
-        torch.cuda.empty_cache()
+        _prefill_row(rows, label, name, dims, params, kind, sweep)
+        torch.cuda.empty_cache()  # the row's tensors went with its call
+
+
+def _prefill_row(rows, label: str, name: str, dims: tuple, params: dict, kind, sweep: bool):
+    B, H, N, D = dims
+    op, q, k, v, extra, flops = row_setup(name, B, H, N, D, params, kind)
+    impls = {"einflash": lambda: op(q, k, v, **extra, **params)}
+    if sweep:
+        for sch in SWEEP:
+            impls[f"einflash[{sch.describe()}]"] = lambda sch=sch: op(q, k, v, **extra, **params, schedule=sch)
+    runnable, failed = peers.row_peers(name, kind, q, k, v, extra, params)
+    impls.update(runnable)
+    for peer, e in failed.items():
+        emit(rows, kind="prefill", case=label, impl=peer, error=str(e)[:300])
+    for impl, fn in impls.items():
+        try:
+            t0 = time.time()
+            fn()
+            torch.cuda.synchronize()
+            first = time.time() - t0
+            ms = bench(fn)
+            emit(
+                rows,
+                kind="prefill",
+                case=label,
+                impl=impl,
+                B=B,
+                H=H,
+                N=N,
+                D=D,
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                first_call_s=first,
+            )
+        except Exception as e:  # noqa: BLE001
+            emit(rows, kind="prefill", case=label, impl=impl, error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def seeded_inputs(mod, shape: ef.Shape, dt: torch.dtype):
@@ -394,8 +397,8 @@ def summary(rows):
         flex = d.get("flex", math.nan)
         cudnn = d.get("sdpa-cudnn", math.nan)
         print(
-            f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {cudnn:.1f} | {d.get('sdpa-flash', math.nan):.1f}"
-            f" | {flex:.1f} | {best / flex:.2f} | {best / cudnn:.2f}"
+            f"{case} | {d.get('einflash', math.nan):.1f} | {best:.1f} | {cudnn:.1f}"
+            f" | {d.get('sdpa-flash', math.nan):.1f} | {flex:.1f} | {best / flex:.2f} | {best / cudnn:.2f}"
         )
 
 

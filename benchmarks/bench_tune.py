@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -43,8 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_forward as bf  # noqa: E402
 
 import einflash as ef  # noqa: E402
-from einflash.compiler.tuning.tuner import gpu_timer  # noqa: E402
 from einflash.compiler.tuning.cache import TuneCache  # noqa: E402
+from einflash.compiler.tuning.tuner import gpu_timer  # noqa: E402
 
 START = time.monotonic()
 DEVICE = "cuda"
@@ -175,8 +176,8 @@ def _tune_row(rows, case, trials, seconds, seed):
         tuning_s = time.monotonic() - t0
         best, default = [], []
         for _ in range(REPEATS):  # alternate, so that clock or thermal drift hits both alike
-            best.append(gpu_timer(lambda: op(*args, **kw, schedule=r.best), r.best))
-            default.append(gpu_timer(lambda: op(*args, **kw, schedule=r.default), r.default))
+            best.append(gpu_timer(functools.partial(op, *args, **kw, schedule=r.best), r.best))
+            default.append(gpu_timer(functools.partial(op, *args, **kw, schedule=r.default), r.default))
         b, d = statistics.median(best), statistics.median(default)
         bf.emit(
             rows,

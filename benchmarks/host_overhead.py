@@ -62,9 +62,9 @@ def main():
     Hkv = k.shape[1]
     op(q, k, v)
     fwd = op.forward
+    from einflash.backends import for_device
     from einflash.compiler.tuning.selection import choose
     from einflash.ir.reference import bind_extents, bind_params
-    from einflash.backends import for_device
 
     inputs = {"q": q, "k": k, "v": v}
     extents = bind_extents(fwd.rewritten, inputs, {})

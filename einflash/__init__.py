@@ -14,7 +14,9 @@ from . import knobs
 knobs.use_interpreter()  # before anything imports triton: on a machine without a GPU, kernels run interpreted
 
 from . import errors  # noqa: E402
-from .ir.frontend import (
+from .aot import AOTOp, load_aot  # noqa: E402
+from .compiler.tuning.selection import set_deploy_mode  # noqa: E402
+from .ir.frontend import (  # noqa: E402
     E,
     F,
     Key,
@@ -46,9 +48,7 @@ from .ir.frontend import (
     tanh,
     where,
 )
-from .compiler.tuning.selection import set_deploy_mode  # noqa: E402
 from .op import AttentionOp, attention  # noqa: E402
-from .aot import AOTOp, load_aot  # noqa: E402
 from .shape import Shape  # noqa: E402
 
 __all__ = [

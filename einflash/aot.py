@@ -14,8 +14,8 @@ import pathlib
 
 import torch
 
-from .compiler.aot.manifest import Manifest, read_manifest
 from .compiler.aot.load import StoredKernels
+from .compiler.aot.manifest import Manifest, read_manifest
 from .errors import AOTError, CallError
 from .ir.reference import bind_extents, bind_params
 from .jagged import jagged_batch

@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable

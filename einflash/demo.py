@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -27,7 +28,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -95,7 +96,7 @@ def _step(name: str, fn, progress: Progress):
         return fn()
     except LoweringError:  # no kernel yet: a row of its own kind, not a failure
         raise
-    except Exception as e:  # any failure of one variant is its row's reason, never the demo's end
+    except Exception as e:  # noqa: BLE001 -- any failure of one variant is its row's reason, never the demo's end
         reason, out_of_memory = f"{name}: {type(e).__name__}: {e}", isinstance(e, torch.OutOfMemoryError)
     if out_of_memory:
         gc.collect()
@@ -290,8 +291,8 @@ def format_row(r: dict) -> str:
     why = r["reason"] or (r["grad_reason"] if r["ok"] else None)
     return (
         f"{r['name']:22} {passes:^7} {r['backend']:12} {num(r['max_error'], '.2e'):>10} "
-        f"{num(r['tolerance'], '.2e'):>10} {str(r['ok']):>5} {num(r['ms'], '.2f'):>8} "
-        f"{num(r['grad_max_error'], '.2e'):>10} {str(r['grad_ok']):>7}" + (f"  ({why})" if why else "")
+        f"{num(r['tolerance'], '.2e'):>10} {r['ok']!s:>5} {num(r['ms'], '.2f'):>8} "
+        f"{num(r['grad_max_error'], '.2e'):>10} {r['grad_ok']!s:>7}" + (f"  ({why})" if why else "")
     )
 
 

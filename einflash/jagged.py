@@ -15,8 +15,9 @@ same way. Inside a sequence, the coordinates m and n count from 0, so masks such
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import torch
 
@@ -47,7 +48,7 @@ class JaggedBatch:
         return max((n for _, n in self.lengths), default=0)
 
     @classmethod
-    def from_offsets(cls, cu_q, cu_k, total_q: int, total_k: int) -> "JaggedBatch":
+    def from_offsets(cls, cu_q, cu_k, total_q: int, total_k: int) -> JaggedBatch:
         """Check both offset tensors against the packed lengths; one small device-to-host copy reads them."""
         for name, t in zip(OFFSET_NAMES, (cu_q, cu_k)):
             if not isinstance(t, torch.Tensor):
@@ -65,7 +66,7 @@ class JaggedBatch:
             raise ShapeError(f"cu_seqlens_q is on {cu_q.device} but cu_seqlens_k on {cu_k.device}")
         both = torch.stack([cu_q.to(torch.int64), cu_k.to(torch.int64)]).cpu()
         for name, row, total in zip(OFFSET_NAMES, both.tolist(), (total_q, total_k)):
-            if row[0] != 0 or row[-1] != total or any(b < a for a, b in zip(row, row[1:])):
+            if row[0] != 0 or row[-1] != total or any(b < a for a, b in itertools.pairwise(row)):
                 raise ShapeError(
                     f"{name} must start at 0, never decrease and end at the packed length {total}; got {row}"
                 )

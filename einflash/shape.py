@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 from .errors import ShapeError
 
-
 ASSUMED_EXTENT = 16  # of a rank a declaration adds (``r``, ``a``...) when no extent is given for it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Shape:
     """B, query heads, query length M, key length N, head dims E (q·k) and F (v); Hkv kv heads.
 
@@ -23,25 +22,32 @@ class Shape:
     M: int
     N: int
     E: int
-    F: int | None = None
-    Hkv: int | None = None
+    F: int
+    Hkv: int
 
-    def __post_init__(self):
-        if self.F is None:
-            object.__setattr__(self, "F", self.E)
-        if self.Hkv is None:
-            object.__setattr__(self, "Hkv", self.Hq)
-        for name in ("B", "Hq", "M", "N", "E", "F", "Hkv"):
-            v = getattr(self, name)
+    # F and Hkv may be left out (None: F is E, Hkv is Hq), and are ints once made: a generated __init__ would
+    # leave them Optional for every reader
+    def __init__(self, B: int, Hq: int, M: int, N: int, E: int, F: int | None = None, Hkv: int | None = None):
+        given = {
+            "B": B,
+            "Hq": Hq,
+            "M": M,
+            "N": N,
+            "E": E,
+            "F": E if F is None else F,
+            "Hkv": Hq if Hkv is None else Hkv,
+        }
+        for name, v in given.items():
             if not isinstance(v, int) or v < 0 or (v == 0 and name not in ("B", "M", "N")):
                 raise ShapeError(
                     f"shape field {name} must be a {'non-negative' if name in 'BMN' else 'positive'} int, got {v!r}"
                 )
+            object.__setattr__(self, name, v)
         if self.Hq % self.Hkv:
             raise ShapeError(f"query heads ({self.Hq}) must be a multiple of kv heads ({self.Hkv})")
 
     @classmethod
-    def parse(cls, text: str, kv_heads: int | None = None, head_dim_v: int | None = None) -> "Shape":
+    def parse(cls, text: str, kv_heads: int | None = None, head_dim_v: int | None = None) -> Shape:
         """``B,H,M,N,D`` as the CLI takes it."""
         try:
             b, h, m, n, d = (int(x) for x in text.split(","))

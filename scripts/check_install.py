@@ -8,10 +8,12 @@ the tolerance rule, prints the versions it ran with, and exits 1 on a mismatch.
 
 import sys
 
-import einflash as ef  # first: it turns Triton's interpreter on before Triton is imported
+# first: einflash turns Triton's interpreter on before Triton is imported
+import einflash as ef  # isort: skip
 import numpy
 import torch
 import triton
+
 from einflash.testing import check, check_gradients
 
 

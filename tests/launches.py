@@ -9,12 +9,12 @@ the rule ahead-of-time builds use).
 from __future__ import annotations
 
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 from einflash.backends.target import Target
-from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel, compile_for_target
-from einflash.compiler.runtime.launch import load_kernel
+from einflash.compiler.aot.crosscompile import CompiledKernel, CompileJob, compile_for_target
 from einflash.compiler.aot.specialise import specialise
+from einflash.compiler.runtime.launch import load_kernel
 from einflash.ir.reference import bind_extents, bind_params
 
 

@@ -21,11 +21,10 @@ from ..ir.expr import Param, walk
 from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
 from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
-from .analysis.mask_tiles import affine_part
 from .analysis.key_passes import count_passes
+from .analysis.mask_tiles import affine_part, count_tiles, tile_plan
 from .rewrite.online import streaming_obstacle
 from .schedule import padded, widest_head_dim
-from .analysis.mask_tiles import count_tiles, tile_plan
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -164,8 +163,8 @@ def explain(
     params: dict | None = None,
     backward=None,
 ) -> Explanation:
-    """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``; with ``backward`` (a
-    einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
+    """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``;
+    with ``backward`` (a einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
     dims = dict(dims or {})
     params = {
         p.name: float(
@@ -195,7 +194,7 @@ def explain(
         "special-function": trans / target.sfu_ops,
         "memory": nbytes / target.hbm_bandwidth,
     }
-    bound = max(times, key=times.get)
+    bound = max(times, key=times.__getitem__)
     template = (
         f"not lowered: {error}"
         if error is not None
@@ -267,6 +266,7 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
         if pred is None:
             continue
         plan = tile_plan(pred, integers)
+        assert plan is not None, pred  # an affine part has a tile plan
         named = {x.name for x in walk(pred) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
         counts = count_tiles(plan, M=ext["m"], N=ext["n"], BM=cfg.block_m, BN=cfg.block_n, **used)

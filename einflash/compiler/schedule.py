@@ -86,8 +86,11 @@ class Schedule:
         ]
 
     @classmethod
-    def from_ints(cls, ints: list[int]) -> "Schedule":
-        return cls(*ints[:5], *(bool(x) for x in ints[5:7]), *ints[7:8])  # fields left out keep their defaults
+    def from_ints(cls, ints: list[int]) -> Schedule:
+        bm, bn, warps, stages, *given = ints
+        # fields left out keep their defaults
+        splits, pack, reverse_m, registers = (given + [1, 0, 0, 0][len(given) :])[:4]
+        return cls(bm, bn, warps, stages, splits, bool(pack), bool(reverse_m), registers)
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ max_registers=0, one_launch=True)
         ]
 
     @classmethod
-    def from_ints(cls, ints: list[int]) -> "BackwardSchedule":
+    def from_ints(cls, ints: list[int]) -> BackwardSchedule:
         bm, bn, warps, stages, atomic, *rest = ints
         dq, regs, one = (list(rest) + [0, 0, 1])[:3]
         return cls(bm, bn, warps, stages, bool(atomic), dq, regs, bool(one))

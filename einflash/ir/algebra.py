@@ -6,10 +6,13 @@ correction-factor test that decides whether a running state can be rescaled onli
 >>> m, n = coord("m"), coord("n")
 >>> body = call("exp", call("sub", Read("s", (m, n)), Read("top", (m,))))
 >>> correction(body, {"top"}, reduced={"n"})
-Call(op='exp', args=(Call(op='sub', args=(Read(tensor='top', index=(m,), prev=True), Read(tensor='top', index=(m,), prev=False)), merge=<Merge.ALL: '∩'>),), merge=<Merge.ALL: '∩'>)
+Call(op='exp', args=(Call(op='sub', args=(Read(tensor='top', index=(m,), prev=True),
+    Read(tensor='top', index=(m,), prev=False)), merge=<Merge.ALL: '∩'>),), merge=<Merge.ALL: '∩'>)
 """
 
 from __future__ import annotations
+
+from typing import TypeAlias
 
 import sympy
 
@@ -40,15 +43,20 @@ def product(fs: list[tuple[Expr, int]]) -> Expr:
     return out
 
 
+# a leaf, or a state's read as (tensor, index, "old" or "new")
+_Key: TypeAlias = Read | Param | Coord | Size | tuple[str, tuple[sympy.Expr, ...], str]
+
+
 class _Leaves:
     """Sympy symbols for expression leaves; states get separate old and new symbols."""
 
     def __init__(self, states: set[str]):
         self.states = states
-        self.symbols: dict[object, sympy.Symbol] = {}
+        self.symbols: dict[_Key, sympy.Symbol] = {}
         self.phase = "new"
 
     def __call__(self, x: Expr) -> sympy.Expr:
+        key: _Key
         if isinstance(x, Read) and x.tensor in self.states:
             key = (x.tensor, x.index, self.phase)
         elif isinstance(x, (Read, Param, Coord, Size)):
@@ -104,9 +112,8 @@ def _in_ir(x: sympy.Expr, leaves: _Leaves, reduced: set[str]) -> Expr | None:
             name, index, phase = key
             back[sym] = Read(name, index, prev=(phase == "old"))
         else:
-            if isinstance(key, (Read, Coord)) and free_ranks(key) & reduced:
-                if sym in x.free_symbols:
-                    return None
+            if isinstance(key, (Read, Coord)) and free_ranks(key) & reduced and sym in x.free_symbols:
+                return None
             back[sym] = key
     if any(s not in back for s in x.free_symbols):
         return None

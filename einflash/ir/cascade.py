@@ -17,6 +17,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import TypeGuard
 
 import networkx as nx
 import sympy
@@ -97,6 +98,17 @@ class Einsum:
         return out
 
 
+class Reducing(Einsum):
+    """An Einsum with a reduction: the type :func:`reduces` narrows an Einsum to (none is made as such)."""
+
+    reduce: Reduction
+
+
+def reduces(e: Einsum) -> TypeGuard[Reducing]:
+    """Whether ``e`` reduces, said so that a type checker knows ``e.reduce`` is set where it does."""
+    return e.reduce is not None
+
+
 @dataclass(frozen=True)
 class Cascade:
     """A validated-or-not cascade of Einsums; frozen, printable, hashable by structure."""
@@ -163,7 +175,7 @@ class Cascade:
                     todo.append(r.tensor)
         return False
 
-    def is_plain(self, x: Expr) -> bool:
+    def is_plain(self, x: Expr) -> TypeGuard[Read]:
         """Whether ``x`` reads a whole tensor at its own coordinates (not its value before the current chunk)."""
         return (
             isinstance(x, Read)
@@ -198,7 +210,7 @@ class Cascade:
                     g.add_edge(src, i, tensor=r.tensor)
         return g
 
-    def canonical(self) -> "Cascade":
+    def canonical(self) -> Cascade:
         """The same cascade with intermediates renamed t1, t2, ... in order of definition."""
         fixed = {t.name for t in self.tensors if t.role in (Role.INPUT, Role.OUTPUT)}
         # an input may itself be called t1: a fresh name equal to it would merge two tensors into one

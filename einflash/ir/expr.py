@@ -13,8 +13,9 @@ an absent argument as the operator's identity and is absent only where all are.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Union
+from typing import TypeAlias
 
 import sympy
 
@@ -65,11 +66,11 @@ class Read:
 @dataclass(frozen=True)
 class Call:
     op: str
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     merge: Merge = Merge.ALL
 
 
-Expr = Union[Const, Param, Coord, Size, Read, Call]
+Expr: TypeAlias = Const | Param | Coord | Size | Read | Call
 LEAVES = (Const, Param, Coord, Size, Read)
 
 

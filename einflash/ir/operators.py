@@ -9,8 +9,8 @@ sum into a product (``exp(a + b) = exp(a) * exp(b)``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sympy
 import torch

@@ -82,7 +82,7 @@ def format_expr(x: Expr, parent: int = 0) -> str:
 def format_einsum(e: Einsum) -> str:
     rhs = format_expr(e.expr, 0 if e.reduce is None else 6)
     if e.reduce is not None:
-        red = REDUCERS[e.reduce.op] if e.reduce.op in REDUCERS else None
+        red = REDUCERS.get(e.reduce.op)
         sym = red.symbol if red else e.reduce.op
         arg = f"{int(e.reduce.arg)}" if e.reduce.arg is not None else ""
         rhs = f"{sym}{arg}_{''.join(e.reduce.ranks)} {rhs}"

@@ -61,6 +61,7 @@ def _evaluate(x: Expr, a, b):
         return torch.tensor(x.value, dtype=torch.float64)
     if isinstance(x, Param):
         return a if x.name == "a" else b
+    assert isinstance(x, Call), x  # define_reducer lets no other node into a reducer
     return OPERATORS[x.op].torch(*(_evaluate(y, a, b) for y in x.args))
 
 
@@ -139,7 +140,7 @@ def define_reducer(name: str, body: Expr, identity: float, derivative: Expr | No
         2,
         lambda a, b: _guarded(identity, a, b, _evaluate(body, a, b)),
         f"_user_{name}({{0}}, {{1}})",
-        lambda a, b: to_sympy(body, lambda p: a if p.name == "a" else b),
+        lambda a, b: to_sympy(body, lambda p: a if p == Param("a") else b),
         transcendental=any(op.transcendental for op in ops),
     )
     REDUCERS[name] = Reducer(name, identity, name, name)
@@ -152,6 +153,7 @@ def _triton(x: Expr) -> str:
         return repr(x.value) if math.isfinite(x.value) else f'float("{x.value}")'
     if isinstance(x, Param):
         return x.name
+    assert isinstance(x, Call), x  # define_reducer lets no other node into a reducer
     return OPERATORS[x.op].triton.format(*(_triton(y) for y in x.args))
 
 

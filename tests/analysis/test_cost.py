@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import sympy
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.compiler.analysis.cost import BM, BN, ELEM, FP32, STAGES, buffer_needs, cost

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.compiler.analysis.mask_tiles import (
@@ -18,12 +18,12 @@ from einflash.compiler.analysis.mask_tiles import (
     I,
     Interval,
     TilePlan,
+    _compiled,
     affine_form,
     count_tiles,
     is_affine,
     tile_plan,
     tile_rows,
-    _compiled,
 )
 from einflash.errors import DeclarationError, MissingInputError, ShapeError
 from einflash.ir.expr import Call, Const, Coord, Expr, Param, Read, Size, call
@@ -267,9 +267,9 @@ def test_bad_calls_raise():
 
 def _listed(M, N, BM, BN, doc: torch.Tensor, pack: bool = False) -> tuple[list[list[set[int]]], list[list[set[int]]]]:
     """tile_lists for the document mask, as per (batch, query tile) sets of full and of partial key tiles."""
-    from einflash.compiler.runtime.tile_lists import tile_lists
-    from einflash.compiler.codegen.tile_ranges import key_plan
     from einflash.compiler.codegen.forward import sections
+    from einflash.compiler.codegen.tile_ranges import key_plan
+    from einflash.compiler.runtime.tile_lists import tile_lists
 
     c = load_example("document_mask").document_mask.forward.rewritten
     lists = key_plan(c, sections(c).loop).lists

@@ -13,16 +13,15 @@ import shutil
 import pytest
 import torch
 import triton
-from aot_dirs import built_root  # noqa: F401 (a fixture)
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash import cli
-from einflash.compiler.aot.manifest import MANIFEST, read_manifest
 from einflash.compiler.aot.build import declared_inputs, record
-from einflash.compiler.codegen.forward import lower
-from einflash.compiler.codegen.combine import lower_combine
+from einflash.compiler.aot.manifest import MANIFEST, read_manifest
 from einflash.compiler.aot.specialise import first_misfit, specialise
+from einflash.compiler.codegen.combine import lower_combine
+from einflash.compiler.codegen.forward import lower
 from einflash.errors import AOTError, AOTMismatchError, DeviceError
 from einflash.ir.reference import bind_extents, bind_params
 
@@ -172,7 +171,7 @@ def test_loader_names_what_the_directory_holds_for_a_dtype_or_head_dim_it_lacks(
         r"M=64 N=64 E=64 F=64 \(fused, 64×128 tiles\); float16 .*split-KV",
     ):
         softmax(*_qkv(dtype=torch.float32))
-    with pytest.raises(AOTMismatchError, match="no softmax kernels for float16, .* E=32 F=64"):
+    with pytest.raises(AOTMismatchError, match=r"no softmax kernels for float16, .* E=32 F=64"):
         softmax(*_qkv(E=32))
 
 
@@ -183,7 +182,7 @@ def test_loader_refuses_gradients_and_bad_arguments_as_the_declared_op_does(soft
     with pytest.raises(ef.errors.MissingInputError, match="missing input"):
         softmax(q, k)
     offsets = torch.tensor([0, 30, 64])
-    with pytest.raises(ef.errors.CallError, match="jagged batches .* are not built ahead of time"):
+    with pytest.raises(ef.errors.CallError, match=r"jagged batches .* are not built ahead of time"):
         softmax(q.detach(), k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets)
 
 

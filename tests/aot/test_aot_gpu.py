@@ -1,7 +1,7 @@
 """On the GPU: ops loaded from AOT directories run their stored binaries, match the reference, and compile nothing.
 
 EINFLASH_AOT_TEST_DIR names a folder of AOT directories built on another machine (``einflash aot ...
---out $EINFLASH_AOT_TEST_DIR/<name>``, on a CPU machine say); unset, aot_dirs' BUILDS are built here.
+--out $EINFLASH_AOT_TEST_DIR/<name>``, on a CPU machine say); unset, conftest's BUILDS are built here.
 Every entry of every directory runs at the shape it was built for (its exact binaries) and at other
 lengths (the any-lengths binaries), under a Triton that refuses to compile and an empty Triton cache.
 """
@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.compiler.compiler
 import triton.runtime.jit
-from aot_dirs import aot_root  # noqa: F401 (a fixture)
 
 import einflash as ef
-from einflash.compiler.aot.manifest import DTYPES, Entry
 from einflash.compiler.aot.build import declared_inputs
+from einflash.compiler.aot.manifest import DTYPES, Entry
 from einflash.compiler.schedule import DECODE_MAX_QUERIES
 from einflash.testing import check
 

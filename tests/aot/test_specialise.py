@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from einflash.compiler.aot.specialise import ArgSpec, common, first_misfit, of_value  # first: einflash sets up Triton
-from einflash.errors import LoweringError
-from triton._C.libtriton import native_specialize_impl  # noqa: I001
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
+
+from einflash.compiler.aot.specialise import ArgSpec, common, first_misfit, of_value
+from einflash.errors import LoweringError
 
 VALUES = [
     1,

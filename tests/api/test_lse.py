@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.compiler.schedule import Schedule

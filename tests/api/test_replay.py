@@ -8,11 +8,11 @@ import functools
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
-from einflash.compiler.tuning import selection
-from einflash.compiler.schedule import Schedule
 from einflash.compiler.runtime.replay import Recording
+from einflash.compiler.schedule import Schedule
+from einflash.compiler.tuning import selection
 from einflash.testing import check
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.errors import LoweringError

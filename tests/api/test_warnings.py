@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 from einflash.compiler.tuning import selection
 from einflash.errors import CacheWarning

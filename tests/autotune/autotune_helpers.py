@@ -1,4 +1,4 @@
-"""Shared pieces of the autotune tests: a private cache folder per test, tiny problems, a fake timer.
+"""Shared pieces of the autotune tests: tiny problems and a fake timer (the cache folder: conftest.py).
 
 The fake timer gives every schedule a fixed, distinct time, so the winner of a tuning run is known
 in advance: the smallest ``fake_ms`` among the feasible schedules.
@@ -6,22 +6,8 @@ in advance: the smallest ``fake_ms`` among the feasible schedules.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import load_example
-
-from einflash.compiler.tuning import selection
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """EINFLASH_CACHE_DIR in a fresh folder; no deploy or autotune flags; nothing remembered."""
-    monkeypatch.setenv("EINFLASH_CACHE_DIR", str(tmp_path))
-    for flag in ("EINFLASH_DEPLOY", "EINFLASH_AUTOTUNE"):
-        monkeypatch.delenv(flag, raising=False)
-    selection.set_deploy_mode(None)
-    yield tmp_path
-    selection.set_deploy_mode(None)
+from catalogue import load_example
 
 
 def example(name: str):

@@ -11,8 +11,8 @@ import pytest
 from autotune_helpers import example
 
 from einflash.backends import get_target
-from einflash.compiler.tuning.cache import FORMAT, Bucket, CacheKey, TuneCache, best_schedule, merge, problem
 from einflash.compiler.schedule import Schedule
+from einflash.compiler.tuning.cache import FORMAT, Bucket, CacheKey, TuneCache, best_schedule, merge, problem
 from einflash.errors import CacheError, CacheWarning
 from einflash.shape import Shape
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from autotune_helpers import cache_dir  # noqa: F401 -- a fixture
+from catalogue import EXAMPLES
 
 from einflash.cli import main
-from conftest import EXAMPLES
 
 CAUSAL = str(EXAMPLES / "causal.py")
 TINY = ["--shape", "1,4,24,24,16", "--kv-heads", "2"]

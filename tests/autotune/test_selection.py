@@ -7,15 +7,14 @@ import warnings
 
 import pytest
 import torch
-from autotune_helpers import cache_dir, example, qkv  # noqa: F401 -- cache_dir is a fixture
+from autotune_helpers import example, qkv
 
 from einflash.backends import INTERPRETER
-from einflash.compiler.tuning import cache as cache_module
 from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.schedule import Schedule, default_schedule
+from einflash.compiler.tuning import cache as cache_module
 from einflash.compiler.tuning import selection
 from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
-from einflash.compiler.schedule import Schedule
-from einflash.compiler.schedule import default_schedule
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents
 

@@ -10,8 +10,7 @@ from launches import captured, compile_launch
 
 from einflash.backends import get_target
 from einflash.compiler.analysis.cost import BM, BN, ELEM, STAGES, buffer_needs
-from einflash.compiler.schedule import Schedule
-from einflash.compiler.schedule import default_schedule
+from einflash.compiler.schedule import Schedule, default_schedule
 from einflash.compiler.tuning.space import family_of, search_space
 
 SM90 = get_target("sm90")
@@ -94,7 +93,7 @@ def test_shared_memory_formula_is_a_lower_bound_of_what_triton_allocates():
     smem = buffer_needs(op.forward.rewritten).smem
     dims = {"B": 2, "Hq": 16, "Hkv": 16, "M": 4096, "N": 4096}
     for sch in (Schedule(128, 64, 8, 3), Schedule(64, 128, 4, 2)):
-        (launch,) = captured("softmax", dims, 128, lambda extents, kv: sch)
+        (launch,) = captured("softmax", dims, 128, lambda extents, kv, sch=sch: sch)
         kernel = compile_launch(launch, SM90)
         formula = int(
             smem.subs(

@@ -9,14 +9,14 @@ import time
 import optuna
 import pytest
 import torch
-from autotune_helpers import FakeTimer, cache_dir, example, fake_ms, qkv  # noqa: F401 -- cache_dir is a fixture
+from autotune_helpers import FakeTimer, example, fake_ms, qkv
 
 from einflash.backends import INTERPRETER, SearchSpace, TileConfig, Tuning
-from einflash.compiler.tuning import tuner as autotune
 from einflash.compiler.runtime import forward as forward_module
-from einflash.compiler.tuning.tuner import Budget, tune
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
 from einflash.compiler.schedule import Schedule
+from einflash.compiler.tuning import tuner as autotune
+from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.tuning.tuner import Budget, tune
 from einflash.errors import TuningError, TuningOptionError
 from einflash.ir.reference import bind_extents
 
@@ -94,7 +94,7 @@ def test_failures_are_trials_with_reasons_and_never_stop_the_tuner(cache_dir, mo
 
 def test_nothing_passes_raises_after_storing_the_failures(cache_dir, monkeypatch):
     monkeypatch.setattr(forward_module.Forward, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no GPU")))
-    with pytest.raises(TuningError, match="no schedule of causal .* compiled, ran and matched"):
+    with pytest.raises(TuningError, match=r"no schedule of causal .* compiled, ran and matched"):
         _tune(example("causal"), qkv(), budget=Budget(trials=3))
     (entry,) = TuneCache().entries(CacheKey.of(example("causal").cascade, INTERPRETER, torch.float32)).values()
     assert entry["best"] is None and entry["failed"][0]["reason"] == "RuntimeError: no GPU"

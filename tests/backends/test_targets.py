@@ -77,7 +77,7 @@ def test_search_spaces_hold_values_triton_accepts(target):
 
 def test_get_target_names_the_valid_backends_when_it_does_not_know_one():
     assert get_target("sm90") is SM90
-    with pytest.raises(BackendError, match="'tpu'.*interpreter, sm80, sm90"):
+    with pytest.raises(BackendError, match=r"'tpu'.*interpreter, sm80, sm90"):
         get_target("tpu")
 
 
@@ -138,7 +138,7 @@ def test_backend_flag_overrides_detection(no_flags):
     no_flags.setattr(torch.cuda, "is_available", lambda: False)
     assert detect() is SM90  # cross-compiling for Hopper from a CPU-only machine
     no_flags.setenv("EINFLASH_BACKEND", "gpu")
-    with pytest.raises(BackendError, match="'gpu'.*interpreter, sm80, sm90"):
+    with pytest.raises(BackendError, match=r"'gpu'.*interpreter, sm80, sm90"):
         detect()
 
 
@@ -162,10 +162,10 @@ def test_flags_are_read_at_call_time_and_bad_values_are_refused(no_flags, tmp_pa
     no_flags.setenv("EINFLASH_KERNEL_DIR", "")
     assert (knobs.deploy(), knobs.debug_level(), knobs.kernel_dir()) == (True, knobs.Debug.SOURCE, tmp_path / "kernels")
     no_flags.setenv("EINFLASH_DEBUG", "4")
-    with pytest.raises(FlagError, match="EINFLASH_DEBUG must be one of 0, 1, 2, 3.*got '4'"):
+    with pytest.raises(FlagError, match=r"EINFLASH_DEBUG must be one of 0, 1, 2, 3.*got '4'"):
         knobs.debug_level()
     no_flags.setenv("EINFLASH_DEPLOY", "maybe")
-    with pytest.raises(FlagError, match="EINFLASH_DEPLOY.*'maybe'"):
+    with pytest.raises(FlagError, match=r"EINFLASH_DEPLOY.*'maybe'"):
         knobs.deploy()
 
 
@@ -186,5 +186,5 @@ def test_use_interpreter_refuses_once_triton_was_imported_without_it(no_flags):
     no_flags.setenv("TRITON_INTERPRET", "")
     no_flags.setitem(sys.modules, "triton", sys.modules.get("triton", SimpleNamespace()))
     no_flags.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(BackendError, match="use_interpreter.*before anything imports triton"):
+    with pytest.raises(BackendError, match=r"use_interpreter.*before anything imports triton"):
         knobs.use_interpreter()

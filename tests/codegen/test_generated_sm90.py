@@ -13,12 +13,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from catalogue import load_example
 from launches import captured, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.aot.crosscompile import CompileJob, CompiledKernel
-from einflash.compiler.schedule import Schedule
-from einflash.compiler.schedule import default_schedule
+from einflash.compiler.aot.crosscompile import CompiledKernel, CompileJob
+from einflash.compiler.schedule import Schedule, default_schedule
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
 
@@ -69,7 +69,7 @@ KNOWN_SPILLS: dict[tuple, int] = {}
 
 
 def _fits(kernel: CompiledKernel, case: tuple):
-    assert 0 < kernel.cubin_bytes and kernel.shared_bytes <= SM90.smem_per_block, kernel
+    assert kernel.cubin_bytes > 0 and kernel.shared_bytes <= SM90.smem_per_block, kernel
     assert kernel.spill_bytes <= KNOWN_SPILLS.get(case, 0), kernel
 
 
@@ -112,7 +112,7 @@ def test_a_broadcast_reduction_compiles_at_its_shrunk_default():
     # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does
     from einflash.compiler.tuning.space import fitting_default
 
-    op = getattr(__import__("conftest").load_example("gla"), "gla")
+    op = load_example("gla").gla
     (job,) = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))
     assert job.constexprs["BLOCK_M"] * job.constexprs["BLOCK_N"] < 64 * 64
     kernel = _compile(job)

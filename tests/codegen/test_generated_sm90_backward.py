@@ -6,17 +6,16 @@ forward's), for the benchmark's variants and head dims, with a GQA group the dK/
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import load_example
+from catalogue import load_example
 from launches import _job, compile_launch
 
 from einflash.backends import get_target
-from einflash.compiler.schedule import default_backward_schedule
-from einflash.compiler.schedule import Schedule
+from einflash.compiler.schedule import Schedule, default_backward_schedule
 from einflash.ir.reference import bind_extents, bind_params
 
 pytestmark = pytest.mark.slow  # a child process compiles each kernel
@@ -108,7 +107,7 @@ def test_training_kernels_compile_with_the_default_config(compiled, name, head_d
             "one": "attn_bwd__",
         }[kind]
     )
-    assert 0 < kernel.cubin_bytes and kernel.shared_bytes <= SM90.smem_per_block, kernel
+    assert kernel.cubin_bytes > 0 and kernel.shared_bytes <= SM90.smem_per_block, kernel
     if kind in ("kv", "q", "one"):
         schedule = default_backward_schedule({"e": head_dim, "f": head_dim}, SM90)
         stages = schedule.dq_depth if kind == "q" else schedule.num_stages

@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.compiler.analysis.mask_tiles import tile_rows

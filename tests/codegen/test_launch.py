@@ -4,8 +4,8 @@ the same compiled kernel, so the key tells apart everything the JIT tells apart.
 import pytest
 import torch
 
-from einflash.compiler.runtime.launch import specialisation
 from einflash.compiler.codegen.source import KernelSource
+from einflash.compiler.runtime.launch import specialisation
 
 
 def test_specialisation_tells_apart_what_the_jit_compiles_for():
@@ -32,7 +32,7 @@ def test_specialisation_tells_apart_what_the_jit_compiles_for():
 def test_repeated_launches_skip_the_jit_and_stay_right():
     """The second call of a shape runs Triton's compiled kernel directly; it and a call with a strided (other
     specialisation) input both match the reference."""
-    from conftest import load_example
+    from catalogue import load_example
 
     from einflash.compiler.runtime import launch
     from einflash.testing import check

@@ -138,7 +138,7 @@ def test_after_running_out_of_memory_the_memory_is_given_back_and_the_next_varia
 
     monkeypatch.setattr(demo, "check", check)
     records = demo.run_demo(path, shape=TINY)
-    assert [r["reason"] for r in records][0] == "check: OutOfMemoryError: Tried to allocate 128.00 GiB"
+    assert records[0]["reason"] == "check: OutOfMemoryError: Tried to allocate 128.00 GiB"
     assert emptied == [True] and records[1]["status"] == "not lowered"
 
 
@@ -171,7 +171,7 @@ def test_json_records_keep_their_keys_and_a_passing_catalogue_exits_0(catalogue,
     path = catalogue("sigmoid", "two_pass")
     assert demo.main(path, as_json=True, shape=TINY) == 0
     records = json.loads(capsys.readouterr().out)
-    assert all(KEYS <= set(r) for r in records)
+    assert all(set(r) >= KEYS for r in records)
     sigmoid = records[0]
     assert (sigmoid["status"], sigmoid["ok"], sigmoid["grad_ok"]) == ("ok", True, True)
     assert sigmoid["max_error"] <= sigmoid["tolerance"] and sigmoid["ms"] > 0

@@ -7,7 +7,7 @@ import dataclasses
 import functools
 
 import torch
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.ir.cascade import Layout

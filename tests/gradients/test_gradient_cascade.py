@@ -8,20 +8,20 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from catalogue import EXAMPLES
 from gradient_cases import FULLY_MASKED, ONE_PASS, TUNED, inputs, op
 
 import einflash as ef
+from einflash.compiler.analysis.key_passes import count_passes
+from einflash.compiler.autodiff.derivatives import local_derivative
 from einflash.compiler.autodiff.flash_form import (
     fold_scalar_chains,
     normalised_exponentials,
     row_reciprocals,
     scalars_after_sums,
 )
-from einflash.compiler.autodiff.parts import restrict
 from einflash.compiler.autodiff.gradient import finish, reference_partials, saved_states
-from einflash.compiler.autodiff.derivatives import local_derivative
-from einflash.compiler.analysis.key_passes import count_passes
+from einflash.compiler.autodiff.parts import restrict
 from einflash.errors import DifferentiationError
 from einflash.ir.expr import Call, Read, call, walk
 from einflash.ir.printer import format_expr

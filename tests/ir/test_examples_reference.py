@@ -9,7 +9,7 @@ import functools
 import formulas
 import pytest
 import torch
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.ir.validate import validate

@@ -10,7 +10,7 @@ import re
 
 import networkx as nx
 import pytest
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.ir.reference import bind_extents, footprint, independent_rows, memory_budget, row_boxes, run_outputs

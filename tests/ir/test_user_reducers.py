@@ -8,8 +8,7 @@ import re
 
 import pytest
 import torch
-
-from conftest import load_example
+from catalogue import load_example
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes

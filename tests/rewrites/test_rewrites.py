@@ -9,14 +9,14 @@ import functools
 import pytest
 import sympy
 import torch
-from conftest import EXAMPLES, load_example
+from catalogue import EXAMPLES, load_example
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
-from einflash.compiler.rewrite.pipeline import PIPELINE, optimise
 from einflash.compiler.rewrite.defer import defer_normalisation
-from einflash.compiler.rewrite.reassociate import reassociate
 from einflash.compiler.rewrite.online import stream_online, streaming_obstacle
+from einflash.compiler.rewrite.pipeline import PIPELINE, optimise
+from einflash.compiler.rewrite.reassociate import reassociate
 from einflash.compiler.rewrite.strength import LOG2E, exponent_base2, scalars_before_masks, scalars_out_of_max
 from einflash.ir import REDUCERS, Call, Const, Param, Read, Role, validate
 from einflash.ir.cascade import plain_read

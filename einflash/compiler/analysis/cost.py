@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import sympy
 
+from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Role
 from ...ir.expr import Call, free_ranks, walk
 from ...ir.operators import OPERATORS
 from ...ir.ranks import PARALLEL, STREAM, extent_symbol
-from ...ir.algebra import factors
 from .key_passes import count_passes
 
 BM, BN, STAGES, ELEM = (sympy.Symbol(s, integer=True, positive=True) for s in ("BM", "BN", "STAGES", "b"))

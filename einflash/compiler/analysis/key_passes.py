@@ -100,7 +100,7 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
         reduces = e.reduce is not None and rank in e.reduce.ranks
         status[e.out] = ("D", need) if (reduces or not iterates) else ("S", need)
         i += 1
-    passes = max([p for p in of.values()] + [0])
+    passes = max([*of.values(), 0])
     return PassAnalysis(
         passes, tuple(of.items()), tuple(reasons[k] for k in sorted(reasons)), tuple(sorted(crossing.values()))
     )

@@ -34,20 +34,20 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import product
-from typing import Callable, Iterator, Mapping
 
 import sympy
 
 from ...errors import DeclarationError, MissingInputError, ShapeError
-from ...ir.expr import Call, Coord, Expr, Param, Read, to_sympy, walk
+from ...ir.expr import Call, Coord, Expr, Param, Read, Size, to_sympy, transform, walk
 from ...ir.ranks import STANDARD_RANKS, coord, new_rank
 from .cost import BM, BN
 
 M, N = STANDARD_RANKS["m"].extent, STANDARD_RANKS["n"].extent
-I = sympy.Symbol("i", integer=True, nonnegative=True)  # the query tile
+I = sympy.Symbol("i", integer=True, nonnegative=True)  # noqa: E741 -- the query tile, i as in the tile formulas
 M0, M1 = (sympy.Symbol(s, integer=True, nonnegative=True) for s in ("m0", "m1"))  # its first and last row
 ROW_BOUNDS = {M0: I * BM, M1: sympy.Min((I + 1) * BM, M) - 1}
 J = sympy.Symbol("j", integer=True, nonnegative=True)  # a key tile (transposed plans)
@@ -88,19 +88,29 @@ TRUE: Form = ((),)
 FALSE: Form = ()
 
 
-def _or(*forms: Form | None) -> Form | None:
-    if any(f is None for f in forms):
-        return None
+def _known(forms: tuple[Form | None, ...]) -> list[Form] | None:
+    """The forms, or None where one of them is None (not affine)."""
+    known = [f for f in forms if f is not None]
+    return known if len(known) == len(forms) else None
+
+
+def _union(forms: list[Form]) -> Form:
     conjs = tuple(dict.fromkeys(c for f in forms for c in f))
     return TRUE if () in conjs else conjs
 
 
+def _or(*forms: Form | None) -> Form | None:
+    known = _known(forms)
+    return None if known is None else _union(known)
+
+
 def _and(*forms: Form | None) -> Form | None:
-    if any(f is None for f in forms):
+    known = _known(forms)
+    if known is None:
         return None
     out = TRUE
-    for f in forms:
-        out = _or(*(((tuple(sorted(set(p) | set(q), key=Constraint.sort_key)),)) for p in out for q in f))
+    for f in known:
+        out = _union([(tuple(sorted(set(p) | set(q), key=Constraint.sort_key)),) for p in out for q in f])
     return out
 
 
@@ -129,7 +139,10 @@ def _arith(x: Expr, integers: frozenset[str]) -> sympy.Expr | None:
     def leaf(y: Expr) -> sympy.Expr:
         if isinstance(y, Param):
             return param_symbol(y.name, y.name in integers)
-        return coord(y.rank) if isinstance(y, Coord) else new_rank(y.rank).extent
+        if isinstance(y, Coord):
+            return coord(y.rank)
+        assert isinstance(y, Size), y  # _is_arith lets no read through; to_sympy turns constants and calls itself
+        return new_rank(y.rank).extent
 
     return to_sympy(x, leaf)
 
@@ -173,7 +186,8 @@ def _form(pred: Expr, integers: frozenset[str], negate: bool) -> Form | None:
         parts = [_form(a, integers, negate) for a in pred.args]
         return _and(*parts) if (pred.op == "and") != negate else _or(*parts)
     if pred.op in _NEGATED:
-        return _compare(_NEGATED[pred.op] if negate else pred.op, *pred.args, integers)
+        lhs, rhs = pred.args
+        return _compare(_NEGATED[pred.op] if negate else pred.op, lhs, rhs, integers)
     return None
 
 
@@ -391,8 +405,6 @@ def tile_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TilePlan | 
 
 def _swap_sequences(pred: Expr) -> Expr:
     """The predicate with the roles of m and n exchanged (coordinates and extents)."""
-    from ...ir.expr import Size, transform
-
     other = {"m": "n", "n": "m"}
 
     def swap(x):
@@ -420,17 +432,15 @@ def transposed_plan(pred: Expr, integers: frozenset[str] = frozenset()) -> TileP
                 [Min(floor((n1 - 1)/BM) + 1, ceiling(M/BM)), ceiling(M/BM)) if 0 <= n1 - 1
       exact
     """
-    plan = tile_plan(_swap_sequences(pred), integers)
-    if plan is None:
+    plan, form = tile_plan(_swap_sequences(pred), integers), affine_form(pred, integers)
+    if plan is None or form is None:
         return None
     back = {M0: N0, M1: N1, BN: BM, BM: BN, N: M, M: N}
 
     def rename(ivs):
         return tuple(Interval(iv.lo.xreplace(back), iv.hi.xreplace(back), iv.when.xreplace(back)) for iv in ivs)
 
-    return TilePlan(
-        affine_form(pred, integers), rename(plan.visit), rename(plan.cut), rename(plan.full), plan.exact, over="m"
-    )
+    return TilePlan(form, rename(plan.visit), rename(plan.cut), rename(plan.full), plan.exact, over="m")
 
 
 # -- concrete sizes ---------------------------------------------------------------------

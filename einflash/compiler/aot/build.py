@@ -18,16 +18,14 @@ from ...errors import AOTError, BackendError, LoweringError, ShapeError
 from ...ir.cascade import Cascade, Layout
 from ...ir.reference import bind_extents, bind_params
 from ...shape import Shape
-from .crosscompile import CompileJob, compile_all
-from ..runtime.forward import Forward
-from ..schedule import Schedule
 from ..codegen.signature import KernelCall
 from ..codegen.source import KernelSource
-from ..schedule import default_schedule
-from .specialise import common, specialise
-from .manifest import Binary, DTYPES, Entry, GRIDS, Kernel, MANIFEST, Manifest, interface, versions
+from ..runtime.forward import Forward
+from ..schedule import Schedule, default_schedule
+from .crosscompile import CompileJob, compile_all
 from .load import _import_kernel
-
+from .manifest import DTYPES, GRIDS, MANIFEST, Binary, Entry, Kernel, Manifest, interface, versions
+from .specialise import common, specialise
 
 # -- generation -----------------------------------------------------------------------------------
 
@@ -192,9 +190,9 @@ def build(
             raise LoweringError(
                 f"internal: kernel {name} declares {fn.arg_names}, its launches fill {list(src.signature.names)}"
             )
-        for spec, *options in wanted[name]:
-            jobs.append(CompileJob.specialised(fn, spec, *options))
-            owners.append((name, spec, wanted[name][spec, *options]))
+        for spec, *settings in wanted[name]:
+            jobs.append(CompileJob.specialised(fn, spec, *settings))
+            owners.append((name, spec, wanted[name][spec, *settings]))
     binaries: dict[str, list[Binary]] = {}
     for (name, spec, label), job, kernel in zip(owners, jobs, compile_all(jobs, target)):
         stem = f"binaries/{name}__{len(binaries.get(name, ()))}"

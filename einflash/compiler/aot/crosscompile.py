@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import triton
 from triton.runtime.jit import JITFunction
@@ -61,9 +62,9 @@ class CompiledKernel:
 class CompileJob:
     """One kernel to compile: the ``@triton.jit`` function and the arguments of ``compile_for_target``."""
 
-    fn: object
+    fn: Any  # Triton's JITFunction (or its interpreter's), which has no type information
     signature: dict[str, str]
-    constexprs: dict[str, int | float | bool | None]
+    constexprs: dict[str, object]  # JSON scalars
     num_warps: int
     num_stages: int
     aligned: tuple[str, ...] | None = None
@@ -72,8 +73,9 @@ class CompileJob:
     @classmethod
     def specialised(
         cls, fn, specs: tuple[ArgSpec, ...], num_warps: int, num_stages: int, max_registers: int = 0
-    ) -> "CompileJob":
-        """The job that compiles ``fn`` for exactly the specialisation ``specs`` (see einflash.compiler.aot.specialise)."""
+    ) -> CompileJob:
+        """The job that compiles ``fn`` for exactly the specialisation ``specs``
+        (see einflash.compiler.aot.specialise)."""
         return cls(
             fn,
             {s.name: s.type for s in specs if s.type != "constexpr"},
@@ -108,7 +110,7 @@ def _in_child(fns: list, requests: list[dict]) -> list[dict]:
 def compile_for_target(
     fn,
     signature: dict[str, str],
-    constexprs: dict[str, int | float | bool],
+    constexprs: dict[str, object],
     target: Target,
     num_warps: int,
     num_stages: int,
@@ -154,7 +156,7 @@ def compile_all(jobs: list[CompileJob], target: Target) -> list[CompiledKernel]:
             f"target {target.name!r} runs kernels in Triton's interpreter and has nothing to "
             f"compile for; cross-compile for a GPU target such as 'sm90' instead"
         )
-    requests = []
+    requests: list[dict[str, Any]] = []  # compile_kernel's arguments, as JSON for a child process
     for job in jobs:
         missing = [name for name in job.fn.arg_names if name not in job.signature and name not in job.constexprs]
         if missing:

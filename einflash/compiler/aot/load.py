@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import AOTError, AOTMismatchError, DeviceError
-from ..runtime.forward import DTYPE_NAMES, Forward
 from ..codegen.signature import KernelCall
 from ..codegen.source import KernelSource
+from ..runtime.forward import DTYPE_NAMES, Forward
 from ..schedule import DECODE_MAX_QUERIES
-from .specialise import first_misfit
 from .manifest import Binary, Entry, Manifest, interface
+from .specialise import first_misfit
 
 
 def _import_kernel(path: pathlib.Path, name: str):
     spec = importlib.util.spec_from_file_location(f"einflash_aot_{name}", path)
+    assert spec is not None and spec.loader is not None, path  # a .py file has its loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, name)
@@ -76,7 +77,7 @@ class StoredKernels:
         reasons, self.last = [], []
         for entry in sorted(candidates, key=lambda e: _distance(e, extents)):
             pending: list[tuple[KernelSource, KernelCall]] = []
-            out, _ = fwd.run(inputs, values, entry.schedule, extents, launcher=lambda src, c: pending.append((src, c)))
+            out, _ = fwd.run(inputs, values, entry.schedule, extents, launcher=lambda src, c: pending.append((src, c)))  # noqa: B023 -- called before run returns
             try:
                 chosen = [(self._binary(src, c), c) for src, c in pending]
             except AOTMismatchError as e:
@@ -106,6 +107,7 @@ class StoredKernels:
             self._checked.add(src.name)
         why: dict[str, list[str]] = {}
         for b in sorted(kernel.binaries, key=lambda b: -b.strength):
+            misfit: str | None
             if (b.num_warps, b.num_stages, b.max_registers) != (call.num_warps, call.num_stages, call.max_registers):
                 misfit = (
                     f"compiled with num_warps={b.num_warps}, num_stages={b.num_stages}, max_registers={b.max_registers}"

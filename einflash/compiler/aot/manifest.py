@@ -37,9 +37,9 @@ import triton
 
 from ...errors import AOTError
 from ...shape import Shape
+from ..codegen.source import KernelSource
 from ..runtime.forward import DTYPE_NAMES
 from ..schedule import Schedule
-from ..codegen.source import KernelSource
 from .specialise import ArgSpec
 
 FORMAT, FORMAT_VERSION = "einflash-aot", 1
@@ -84,7 +84,7 @@ class Binary:
         return {**dataclasses.asdict(self), "args": [a.to_json() for a in self.args]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Binary":
+    def from_json(cls, d: dict) -> Binary:
         return cls(**{**d, "args": tuple(ArgSpec.from_json(a) for a in d["args"])})
 
 
@@ -104,7 +104,7 @@ class Kernel:
         return {**dataclasses.asdict(self), "binaries": [b.to_json() for b in self.binaries]}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Kernel":
+    def from_json(cls, d: dict) -> Kernel:
         return cls(**{**d, "binaries": tuple(Binary.from_json(b) for b in d["binaries"])})
 
 
@@ -142,7 +142,7 @@ class Entry:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Entry":
+    def from_json(cls, d: dict) -> Entry:
         return cls(
             Shape(**d["shape"]),
             d["dtype"],
@@ -181,7 +181,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Manifest":
+    def from_json(cls, d: dict) -> Manifest:
         return cls(
             d["variant"],
             d["key"],

@@ -66,7 +66,7 @@ class ArgSpec:
         return out
 
     @classmethod
-    def from_json(cls, d: dict) -> "ArgSpec":
+    def from_json(cls, d: dict) -> ArgSpec:
         return cls(d["name"], d["type"], d.get("value"), bool(d.get("divisible", False)))
 
 

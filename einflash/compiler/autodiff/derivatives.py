@@ -1,5 +1,5 @@
 """Derivatives of map expressions: each operator's local derivative from its sympy form, and the chain rule over
-an expression's tree.
+an expression's tree; the derivative of a reduction by one of its elements.
 
 Local derivatives are written through the operator's own value where that is shorter or a polynomial of
 it (σ' = σ − σ², tanh' = 1 − tanh², exp' = exp), so kernels reuse the forward value and stay finite where
@@ -13,9 +13,11 @@ import functools
 import sympy
 
 from ...errors import DifferentiationError
-from ...ir.expr import Call, Const, Expr, Merge, Read, call
-from ...ir.operators import OPERATORS
 from ...ir.algebra import from_sympy
+from ...ir.cascade import Reducing, TensorDecl, plain_read
+from ...ir.expr import Call, Const, Expr, Merge, Param, Read, call, transform
+from ...ir.operators import OPERATORS
+from ...ir.user_ops import DEFINITIONS
 
 ZERO, ONE = Const(0.0), Const(1.0)
 
@@ -134,3 +136,19 @@ def partial_derivatives(expr: Expr, value: Expr | None = None) -> dict[Read, Exp
 
     visit(expr, ONE, value if value is not None else expr)
     return {r: d for r, d in out.items() if d != ZERO}
+
+
+# -- derivatives of reductions ---------------------------------------------------------------
+
+
+def reduction_derivative(e: Reducing) -> Expr | None:
+    """∂(e's reduction)/∂(one reduced element), as an expression of e's body and its result: 1 for a sum, a
+    user reducer's declared derivative; None for the rest (max, min, kth largest: see
+    einflash.compiler.autodiff.invariance)."""
+    if e.reduce.op == "sum":
+        return Const(1.0)
+    d = DEFINITIONS.get(e.reduce.op)
+    if d is None or d.derivative is None:
+        return None
+    result = plain_read(TensorDecl(e.out, e.ranks))
+    return transform(d.derivative, lambda x: (e.expr if x.name == "a" else result) if isinstance(x, Param) else None)

@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
-
+from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, TensorDecl, plain_read
 from ...ir.expr import Call, Const, Expr, Merge, Read, call, free_ranks, rank_free, reads, transform, walk
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.validate import validate
-from ...ir.algebra import factors, product
-from .gradient import prune
 from ..rewrite.names import fresh_name
 from ..rewrite.strength import LOG2E
+from .gradient import prune
 
 
 def inline_row_products(c: Cascade) -> Cascade:
@@ -127,26 +127,30 @@ def normalised_exponentials(c: Cascade) -> Cascade:
     this structure come back unchanged.
     """
     for dn in c.einsums:
-        x = dn.expr
-        if not (
-            dn.reduce is None
-            and dn.where is None
-            and isinstance(x, Call)
-            and x.op == "add"
-            and x.merge is Merge.ANY
-            and all(c.is_plain(a) for a in x.args)
-        ):
-            continue
         found = _normalised_match(c, dn)
         if found is not None:
             return found
     return c
 
 
+def _computed_factors(c: Cascade, x: Expr, exponent: int) -> Iterator[tuple[Read, Einsum]]:
+    """The factors of ``x`` with that exponent that read a computed tensor at its own coordinates, each with
+    the Einsum computing it."""
+    for f, k in factors(x):
+        if k == exponent and c.is_plain(f) and (made := c.producer(f.tensor)) is not None:
+            yield f, made
+
+
 def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     """``normalised_exponentials`` around the adjoint ``dn`` (``d_num = y +∪ d_den``), or None where it does not
     have the structure."""
-    y, r = (a.tensor for a in dn.expr.args)
+    x = dn.expr
+    if not (dn.reduce is None and dn.where is None and isinstance(x, Call) and x.op == "add" and x.merge is Merge.ANY):
+        return None
+    terms = [a.tensor for a in x.args if c.is_plain(a)]
+    if len(terms) != len(x.args):
+        return None
+    y, r = terms
     if _row_tensor(c, y):
         y, r = r, y
     dp, rp = c.producer(y), c.producer(r)
@@ -163,43 +167,32 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     ):
         return None
     # y = Σ_f acc·v with acc = g/den
-    acc = next(
-        (
-            f
-            for f, k in factors(dp.expr)
-            if k == 1 and c.is_plain(f) and c.producer(f.tensor) is not None and c.producer(f.tensor).reduce is None
-        ),
-        None,
-    )
-    if acc is None:
+    scaled = next(((f, p) for f, p in _computed_factors(c, dp.expr, 1) if p.reduce is None), None)
+    if scaled is None:
         return None
-    pa = c.producer(acc.tensor)
+    acc, pa = scaled
     den = next((f for f, k in factors(pa.expr) if k == -1 and c.is_plain(f) and _row_tensor(c, f.tensor)), None)
     if den is None or pa.where is not None or len(c.producers(acc.tensor)) != 1:
         return None
-    g = product(_without(factors(pa.expr), den, -1))
+    g_factors = _without(factors(pa.expr), den, -1)
     r_scaled = _without(factors(rp.expr), den, -1)  # d_den's summand with 1/den cancelled
     # num's only readers: the adjoint's one product and d_v = Σ_m acc·num
     users = c.consumers(dn.out)
-    if len(users) != 1 or users[0].reduce is not None or r_scaled is None:
+    if len(users) != 1 or users[0].reduce is not None or g_factors is None or r_scaled is None:
         return None
+    g = product(g_factors)
     dx = users[0]
-    num = next(
+    exponential = next(
         (
-            f
-            for f, k in factors(dx.expr)
-            if k == 1
-            and c.is_plain(f)
-            and f.tensor != dn.out
-            and c.producer(f.tensor) is not None
-            and isinstance(c.producer(f.tensor).expr, Call)
-            and c.producer(f.tensor).expr.op == "exp2"
+            (f, p, p.expr)
+            for f, p in _computed_factors(c, dx.expr, 1)
+            if f.tensor != dn.out and isinstance(p.expr, Call) and p.expr.op == "exp2"
         ),
         None,
     )
-    if num is None or _without(factors(dx.expr), plain_read(c.tensor(dn.out)), 1) is None:
+    if exponential is None or _without(factors(dx.expr), plain_read(c.tensor(dn.out)), 1) is None:
         return None
-    pn = c.producer(num.tensor)
+    num, pn, exp2 = exponential
     dv = [e for e in c.consumers(num.tensor) if e is not dx]
     rest = None if len(dv) != 1 else _without(factors(dv[0].expr), num, 1)  # d_v's summand without num
     if (
@@ -226,21 +219,24 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     p, y2, r2, dn2 = name("p"), name(f"{y}__scaled"), name(f"{r}__scaled"), name(f"{dn.out}__scaled")
     lse = name("lse2")
     log2_den = call("mul", call("log", den), Const(LOG2E))
-    arg = pn.expr.args[0]
-    row = (
+    arg = exp2.args[0]
+    if (
         isinstance(arg, Call)
         and arg.op == "sub"
         and arg.merge is Merge.ALL
         and free_ranks(arg.args[1]) <= set(c.tensor(den.tensor).ranks)
-    )
-    lse_expr = call("add", arg.args[1], log2_den) if row else log2_den
+    ):
+        lse_expr, exponent = call("add", arg.args[1], log2_den), arg.args[0]
+    else:
+        lse_expr, exponent = log2_den, arg
     lse_read = plain_read(TensorDecl(lse, c.tensor(den.tensor).ranks))
-    shifted = call("sub", arg.args[0] if row else arg, lse_read)
+    shifted = call("sub", exponent, lse_read)
     renamed = {num.tensor: p, acc.tensor: None, y: y2, r: r2, dn.out: dn2}
 
     def sub(x):
         if isinstance(x, Read) and x.tensor in renamed:
-            return g if renamed[x.tensor] is None else Read(renamed[x.tensor], x.index, x.prev)
+            new = renamed[x.tensor]
+            return g if new is None else Read(new, x.index, x.prev)
         return None
 
     lse_einsum = Einsum(lse, c.tensor(den.tensor).ranks, lse_expr, line=pn.line)
@@ -312,7 +308,8 @@ def scalars_after_sums(c: Cascade) -> Cascade:
     one multiply per result element after the loop instead of one per pair in every tile. The operand's chain
     (masks included: masking commutes with a rank-free scale) must have no other reader."""
     einsums = list(c.einsums)
-    tensors, taken = list(c.tensors), set()
+    tensors = list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         if e.reduce is None or e.reduce.op != "sum" or e.where is not None or e.out in taken:
             continue
@@ -322,12 +319,12 @@ def scalars_after_sums(c: Cascade) -> Cascade:
             t = a.tensor
             while (
                 len(c.consumers(t)) == 1
-                and c.producer(t) is not None
-                and c.producer(t).where is not None
-                and c.producer(t).reduce is None
-                and c.is_plain(c.producer(t).expr)
+                and (mask := c.producer(t)) is not None
+                and mask.where is not None
+                and mask.reduce is None
+                and c.is_plain(mask.expr)
             ):
-                t = c.producer(t).expr.tensor  # through a mask to what it masks
+                t = mask.expr.tensor  # through a mask to what it masks
             made = c.producer(t)
             fs = [] if made is None else factors(made.expr)
             scalars = [(f, j) for f, j in fs if rank_free(f)]

@@ -10,10 +10,8 @@ once over m (for dK and dV).
 
 - The forward's reductions over n are not recomputed: the gradient cascade reads their
   final values (saved by the forward with a per-row presence flag) as inputs.
-- A max (or min) over n whose shift leaves the output unchanged gets no gradient. That is
-  proved, not assumed: every sum over n that reads it must be rescaled by a correction
-  factor (``algebra.correction``) when it shifts, and the output must be invariant under
-  those rescalings (checked by sympy).
+- A max (or min) over n whose shift leaves the output unchanged gets no gradient, which is
+  proved, not assumed (einflash.compiler.autodiff.invariance).
 - Derivatives of map operators come from the operators' sympy forms, expressed through
   the operator's own value where they can be (σ' = σ − σ², tanh' = 1 − tanh², exp' = exp),
   so kernels reuse the forward value and stay finite where the textbook form overflows.
@@ -35,22 +33,23 @@ exp2(max_n2@prev[m] − max_n2[m]) and the output is invariant under that rescal
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, replace
 
 import sympy
 import torch
 
 from ...errors import DifferentiationError
-from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl, plain_read
-from ...ir.expr import Const, Expr, Merge, Param, Read, call, free_ranks, index_ranks, reads, to_sympy, transform
+from ...ir.algebra import ratio
+from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Reduction, Role, TensorDecl, plain_read, reduces
+from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, index_ranks
+from ...ir.operators import REDUCERS
 from ...ir.ranks import PARALLEL, STREAM, coord, rank_order
 from ...ir.reference import Value, evaluate
-from ...ir.user_ops import DEFINITIONS
 from ...ir.validate import validate
-from ...ir.algebra import correction, ratio
-from ..rewrite.online import inline_body
 from ..rewrite.names import fresh_name
-from .derivatives import ONE, ZERO, simplified_mul, partial_derivatives
+from .derivatives import ZERO, partial_derivatives, reduction_derivative, simplified_mul
+from .invariance import Invariance, invariant_reductions
 
 KERNELS = ("rows", "q", "kv")  # row-level terms; per query tile streaming keys; per key tile streaming queries
 
@@ -89,27 +88,6 @@ class Partial:
 
 
 @dataclass(frozen=True)
-class Invariance:
-    """Why a reduction over n gets no gradient: each sum over n reading it is rescaled by a factor."""
-
-    reduction: str
-    op: str
-    line: int | None
-    factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
-
-    def __str__(self) -> str:
-
-        at = f" (line {self.line})" if self.line else ""
-        sums = " and ".join(s for s, _ in self.factors) or "no sum"
-        factors = sorted({f for _, f in self.factors})
-        return (
-            f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
-            f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
-            f"output is invariant under that rescaling"
-        )
-
-
-@dataclass(frozen=True)
 class Gradient:
     """The gradient cascade of a forward cascade and how to read its results.
 
@@ -136,7 +114,7 @@ def gradient_of(forward) -> Gradient:
     return differentiate(before, frozenset(t.name for t in forward.rewritten.states))
 
 
-# -- the reductions that get no gradient ------------------------------------------------------
+# -- reverse mode ----------------------------------------------------------------------------------
 
 
 def _row_ratio(d: Expr, e: Einsum) -> Expr | None:
@@ -146,120 +124,6 @@ def _row_ratio(d: Expr, e: Einsum) -> Expr | None:
     if e.reduce is None or e.reduce.op != "sum" or e.reduce.ranks != (STREAM,) or e.where is not None:
         return None
     return ratio(d, e.expr, {STREAM})
-
-
-def _derivative(e: Einsum) -> Expr | None:
-    """∂(e's reduction)/∂(one reduced element), as an expression of e's body and its result: 1 for a sum, a
-    user reducer's declared derivative; None for the rest (max, min, kth largest: see _invariant_reductions)."""
-    if e.reduce.op == "sum":
-        return Const(1.0)
-    d = DEFINITIONS.get(e.reduce.op)
-    if d is None or d.derivative is None:
-        return None
-    result = plain_read(TensorDecl(e.out, e.ranks))
-    return transform(d.derivative, lambda x: (e.expr if x.name == "a" else result) if isinstance(x, Param) else None)
-
-
-def _invariant_reductions(c: Cascade, late: list[Einsum]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
-    """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
-    computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
-    shifted = [e for e in late if _derivative(e) is None]
-    if not shifted:
-        return frozenset(), ()
-    derived = {e.out for e in shifted}
-    for e in c.einsums:  # row values computed from them alone (top2 = top2_raw·scale·log2 e)
-        read = e.reads()
-        if STREAM not in e.iteration_ranks and e.out not in derived and read and all(r.tensor in derived for r in read):
-            derived.add(e.out)
-    late_names = {e.out for e in late}
-    pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
-
-    def fail(why: str):
-        names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
-        own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
-        hint = (
-            f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: "
-            f"ef.reducer(..., derivative=...)"
-            if own
-            else ""
-        )
-        raise DifferentiationError(
-            f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
-            f"({why}); the gradient through a reduction over n other than a sum is "
-            f"implemented only where that invariance holds (the max of a softmax){hint}"
-        )
-
-    factors: dict[str, Expr] = {}
-    for e in late:
-        body = inline_body(c, e, derived | late_names, pair_maps)
-        used = {r.tensor for r in reads(body) if r.tensor in derived}
-        hidden = [
-            r.tensor
-            for r in reads(body)
-            if r.tensor not in derived and c.tensor(r.tensor).role is not Role.INPUT and c.depends_on(r.tensor, derived)
-        ]
-        if hidden:
-            fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
-        if e.reduce.op != "sum" and _derivative(e) is None:
-            if used - {e.out}:
-                fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
-            continue
-        r = correction(body, used, {STREAM}) if used else ONE
-        if r is None:
-            fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
-        factors[e.out] = r
-    out = c.producer(c.outputs[0])
-    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
-    expr = (
-        inline_body(c, out, late_names | derived, row_maps - derived)
-        if out.out not in late_names
-        else Read(out.out, tuple(coord(r) for r in out.ranks))
-    )
-    for r in reads(expr):
-        if (
-            r.tensor not in late_names | derived
-            and c.tensor(r.tensor).role is not Role.INPUT
-            and c.depends_on(r.tensor, late_names)
-        ):
-            fail(f"the output reads {r.tensor}, a reduction of values that depend on them")
-    symbols: dict = {}
-
-    def leaf(phase: str):
-        def fn(x):
-            key = x
-            if isinstance(x, Read) and x.tensor in derived:
-                key = (x.tensor, x.index, "old" if (phase == "old" or x.prev) else "new")
-            elif isinstance(x, Read):
-                key = Read(x.tensor, x.index)
-            if key not in symbols:
-                symbols[key] = sympy.Symbol(f"z{len(symbols)}", real=True)
-            sym = symbols[key]
-            if phase == "new" and isinstance(x, Read) and x.tensor in factors and not x.prev:
-                return sym * to_sympy(factors[x.tensor], leaf("factor"))
-            return sym
-
-        return fn
-
-    old = to_sympy(expr, leaf("old"))
-    new = to_sympy(expr, leaf("new"))
-    if sympy.simplify(new - old) != 0:
-        fail("the output changes when the sums over n are rescaled")
-    from ...ir.printer import format_expr
-
-    proofs = []
-    for e in shifted:
-        mine = {x.out for x in c.einsums if x.out in derived and (x.out == e.out or c.depends_on(x.out, {e.out}))}
-        readers = [
-            (s, format_expr(r))
-            for s, r in factors.items()
-            if r != ONE
-            and any(t.tensor in mine for t in reads(inline_body(c, c.producer(s), derived | late_names, pair_maps)))
-        ]
-        proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
-    return frozenset(derived), tuple(proofs)
-
-
-# -- reverse mode ----------------------------------------------------------------------------------
 
 
 class _Builder:
@@ -349,15 +213,14 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
     gradient einflash can derive."""
     if any(e.loop for e in c.einsums):
         raise DifferentiationError(f"{c.name}: differentiate the cascade before it is streamed")
-    late = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
-    for e in late:
-        if e.out not in states or set(e.reduce.ranks) != {STREAM}:
+    late = [e for e in c.einsums if reduces(e) and STREAM in e.reduce.ranks]
+    for reduction in late:
+        if reduction.out not in states or set(reduction.reduce.ranks) != {STREAM}:
             raise DifferentiationError(
-                f"{c.name}: {e.out} is a reduction over n that the one-pass forward does "
+                f"{c.name}: {reduction.out} is a reduction over n that the one-pass forward does "
                 f"not keep as a running state; its gradient would need another pass"
             )
-    late_names = {e.out for e in late}
-    zero, proofs = _invariant_reductions(c, late)
+    zero, proofs = invariant_reductions(c, late)
     out_name = c.outputs[0]
     b = _Builder(c)
     out_decl = c.tensor(out_name)
@@ -368,7 +231,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
         terms = adjoints.pop(e.out, None)
         if e.out in zero or not terms:
             continue
-        derivative = None if e.reduce is None else _derivative(e)
+        derivative = reduction_derivative(e) if reduces(e) else None
         if e.reduce is not None and derivative is None:
             raise DifferentiationError(
                 f"{c.where(e)}: the gradient through a {e.reduce.op} over "
@@ -392,7 +255,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             term = simplified_mul(g, d)
             if decl.role is Role.INPUT:
                 relabel = _relabel(c, leaf)
-                keep = index_ranks(leaf.index) | (set(PARALLEL) & its)
+                keep: Set[str] = index_ranks(leaf.index) | (set(PARALLEL) & its)
             else:
                 if tuple(leaf.index) != tuple(coord(r) for r in decl.ranks):
                     raise DifferentiationError(
@@ -426,7 +289,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
         base = f"d_{name}" if len(same) == 1 else f"d_{name}__{kernel}" + "".join(f"_{a}" for a, _ in relabel)
         read = b.total(base, ranks, terms)
         partials.append(Partial(read.tensor, name, ranks, relabel, kernel))
-    return _assemble(c, b, late_names, d_out, tuple(partials), proofs)
+    return _assemble(c, b, {e.out: e for e in late}, d_out, tuple(partials), proofs)
 
 
 def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr:
@@ -438,14 +301,16 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
     return b.total(f"d_{decl.name}", decl.ranks, terms, line)
 
 
-def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tuple[Partial, ...], proofs) -> Gradient:
+def _assemble(
+    c: Cascade, b: _Builder, late: dict[str, Reducing], d_out: str, partials: tuple[Partial, ...], proofs
+) -> Gradient:
     """Recomputation of the forward's values (reductions over n read from the saved states), then the adjoints;
     whatever the partials do not need is dropped."""
     out_name = c.outputs[0]
     recompute: list[Einsum] = []
     decls = {t.name: t for t in c.tensors}
     saved: list[SavedState] = []
-    inputs = [t for t in c.inputs]
+    inputs = list(c.inputs)
     for e in c.einsums:
         if e.out == out_name:
             continue  # the output itself is given (also when it is a reduction over n: not saved twice)
@@ -454,7 +319,7 @@ def _assemble(c: Cascade, b: _Builder, late: set[str], d_out: str, partials: tup
             value, present = b.fresh(f"{e.out}__saved"), b.fresh(f"{e.out}__present")
             rows = tuple(r for r in t.ranks if r in PARALLEL or r == "m")
             inputs += [TensorDecl(value, t.ranks, Role.INPUT), TensorDecl(present, rows, Role.INPUT)]
-            state = SavedState(e.out, t.ranks, _init(c, e), value, present)
+            state = SavedState(e.out, t.ranks, REDUCERS[late[e.out].reduce.op].identity, value, present)
             recompute.append(
                 Einsum(
                     e.out, t.ranks, plain_read(TensorDecl(value, t.ranks)), where=presence_predicate(state), line=e.line
@@ -492,12 +357,6 @@ def presence_predicate(s: SavedState) -> Expr:
     return call("ne", plain_read(TensorDecl(s.present, s.rows)), ZERO)
 
 
-def _init(c: Cascade, e: Einsum) -> float:
-    from ...ir.operators import REDUCERS
-
-    return REDUCERS[e.reduce.op].identity
-
-
 def prune(g: Cascade) -> Cascade:
     """Drop Einsums nothing the outputs need reads, and unused tensors (inputs included)."""
     needed = set(g.outputs)
@@ -531,7 +390,9 @@ def saved_states(
     for s in g.saved:
         v: Value = env[s.name]
         data = v.aligned(s.ranks)
-        present = v.aligned_present(s.ranks) if v.present is not None else torch.ones_like(data, dtype=torch.bool)
+        present = v.aligned_present(s.ranks)
+        if present is None:
+            present = torch.ones_like(data, dtype=torch.bool)
         rows = tuple(r for r in s.ranks if r in PARALLEL or r == "m")
         row_present = present if present.dim() == len(rows) else present.any(-1)
         out[s.value] = torch.where(present, data, torch.full((), s.init, dtype=data.dtype)).contiguous()
@@ -559,8 +420,9 @@ def reference_partials(
     for p in g.partials:
         v = env[p.name]
         data = v.aligned(p.ranks)
-        if v.present is not None:
-            data = torch.where(v.aligned_present(p.ranks), data, torch.zeros((), dtype=data.dtype))
+        present = v.aligned_present(p.ranks)
+        if present is not None:
+            data = torch.where(present, data, torch.zeros((), dtype=data.dtype))
         out[p.name] = data
     return out
 
@@ -570,7 +432,7 @@ def finish(
     partials: dict[str, torch.Tensor],
     labels: dict[str, tuple[str, ...]],
     inputs: dict[str, torch.Tensor],
-    wanted: set[str] | None = None,
+    wanted: Set[str] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Each input's gradient in its own shape and dtype, from the partials.
 

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Reduction, Role, TensorDecl, plain_read
 from ...ir.expr import Merge, call
 from ...ir.ranks import STREAM, rank_order
 from ...ir.validate import validate
-from .gradient import Gradient, prune
 from ..rewrite.names import fresh_name
 from .flash_form import (
-    precomputed_row_map,
     fold_scalar_chains,
     inline_row_products,
     normalised_exponentials,
+    precomputed_row_map,
     row_reciprocals,
     scalars_after_sums,
 )
-
+from .gradient import Gradient, prune
 
 # -- the kernels' parts of the gradient cascade -------------------------------------------------
 
@@ -60,7 +58,8 @@ def _part(g: Cascade, name: str, outputs: list[str], given: set[str]) -> Cascade
 def one_rank_reductions(c: Cascade, order: tuple[str, ...]) -> Cascade:
     """Every reduction over several ranks as a chain of reductions over one rank each, the ranks in
     ``order`` last and in that order (Σ_{m,n} x = Σ_n Σ_m x); sums only."""
-    einsums, tensors, taken = [], list(c.tensors), set()
+    einsums, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         if e.reduce is None or len(e.reduce.ranks) == 1:
             einsums.append(e)
@@ -134,8 +133,11 @@ class Looped:
 def loop_over(c: Cascade, rank: str) -> Looped:
     """Put the Einsums of ``c`` that iterate ``rank`` into one loop over tiles of it."""
     iterating = {e.out for e in c.einsums if rank in e.iteration_ranks}
-    pro, loop, epi, sums, after = [], [], [], [], set()
-    tensors, taken = list(c.tensors), set()
+    pro, loop, epi = [], [], []
+    sums: list[str] = []
+    after: set[str] = set()
+    tensors = list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         reads = {r.tensor for r in e.reads()}
         if e.out in iterating:

@@ -37,7 +37,7 @@ from .forward import exact_dots, helpers
 from .signature import KernelCall, Signature, param_name, pointer_params
 from .source import dim_names, kernel_name, notation, source_digest
 from .tile import Tile, axis_extent, bcast, presence, tile_axes
-from .tile_ranges import KeyRange, key_plan, query_plan
+from .tile_ranges import KeyRange, TileLists, key_plan, query_plan
 from .tilecode import KernelSettings, TileCode
 
 KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
@@ -69,7 +69,7 @@ class BackwardKernel:
     params: tuple[str, ...]
     constexprs: tuple[tuple[str, int], ...]
     ranges: tuple[KeyRange, ...] = ()
-    lists: object = None  # run-time key tile lists (dQ kernel of a document mask), as the forward's
+    lists: TileLists | None = None  # run-time key tile lists (dQ kernel of a document mask), as the forward's
     body: str = ""  # the kernel as a function given its program ids, for the one-launch kernel (dK/dV, dQ)
 
     @cached_property
@@ -81,7 +81,8 @@ class BackwardKernel:
         self, grid: tuple[int, ...], args: dict[str, object], warps: int, stages: int, max_registers: int = 0
     ) -> KernelCall:
         """The launch of this kernel with every argument by name (checked against its signature)."""
-        return KernelCall(tuple(grid) + (1,) * (3 - len(grid)), self.signature.bind(args), warps, stages, max_registers)
+        x, y, z = (*grid, 1, 1)[:3]  # a grid of fewer dimensions is 1 along the others
+        return KernelCall((x, y, z), self.signature.bind(args), warps, stages, max_registers)
 
 
 def _settings(
@@ -270,14 +271,14 @@ def lower_kv(
         # masked code sees the keys past N of the tiles loaded before the loops as absent
         env = {k: (_with_key_edge(v, False) if kr.masked and k not in s.sums else v) for k, v in head_pro.env.items()}
         loads = {k: (_with_key_edge(v, True) if kr.masked else v) for k, v in head_pro.loads.items()}
-        body = kernel.section(env=env, loads=loads, masked=kr.masked, skip=skip, row_edge=True)
+        tile_loop = kernel.section(env=env, loads=loads, masked=kr.masked, skip=skip, row_edge=True)
         for x in s.sums:
-            body.emit(f"v_{x}_prev = v_{x}")
+            tile_loop.emit(f"v_{x}_prev = v_{x}")
         for e in s.loop:
-            t = body.einsum(e)
+            t = tile_loop.einsum(e)
             if e.out in per_tile:
-                store(body, outputs[e.out], t)
-        loops.append(kr.slots(body.lines))
+                store(tile_loop, outputs[e.out], t)
+        loops.append(kr.slots(tile_loop.lines))
     head_epi = kernel.section(env=head_pro.env, loads=head_pro.loads, masked=False)
     epi = kernel.section(env=pro.env, loads=pro.loads, masked=False)
     for e in s.epilogue:
@@ -356,17 +357,17 @@ def lower_q(
     loops = []
     for kr in keys.ranges:
         full = _states_present(kr, full_mask)
-        body = kernel.section(
+        tile_loop = kernel.section(
             env=full_env if full else pro.env,
             loads=pro.loads,
             masked=kr.masked,
             skip=set(kr.skip) | (set(states_full) if full else set()),
         )
         for x in s.sums:
-            body.emit(f"v_{x}_prev = v_{x}")
+            tile_loop.emit(f"v_{x}_prev = v_{x}")
         for e in s.loop:
-            body.einsum(e)
-        loops.append(kr.slots(body.lines))
+            tile_loop.einsum(e)
+        loops.append(kr.slots(tile_loop.lines))
     epi = kernel.section(env=pro.env, loads=pro.loads, masked=False)
     for e in s.epilogue:
         epi.einsum(e)

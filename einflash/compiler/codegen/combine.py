@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
-from ...ir.expr import Call, Merge, Read, call, transform
+from ...ir.expr import Call, Expr, Merge, Read, call, transform
 from ...ir.ranks import PARALLEL, STREAM
 from ...templates import render
 from .forward import exact_dots, helpers, sections
@@ -33,14 +33,15 @@ def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]
 
     fold: list[Einsum] = []
     decls = [TensorDecl(w[s], c.tensor(s).ranks, Role.INPUT) for s in sorted(states)]
-    alphas = {}
+    alphas: dict[str, str] = {}
     for e in loop:
         if e.out in states:
             x = e.expr
             acc, chunk = x.args if isinstance(x, Call) and x.merge is Merge.ANY else (None, None)
-            if not (isinstance(chunk, Read) and not chunk.prev):
+            if not (isinstance(x, Call) and isinstance(chunk, Read) and not chunk.prev):
                 raise LoweringError(f"state {e.out} has no split form: its update is not op∪(previous, chunk)")
             mine = Read(w[e.out], chunk.index)
+            split: Expr
             if isinstance(acc, Read) and acc.prev:
                 split = mine
             elif (
@@ -54,7 +55,7 @@ def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]
             else:
                 raise LoweringError(f"state {e.out} has no split form: its correction is not a plain factor")
             fold.append(replace(e, expr=call(x.op, acc, split, merge=Merge.ANY)))
-        elif not (STREAM in e.iteration_ranks) and all(r.tensor in states for r in e.reads()):
+        elif STREAM not in e.iteration_ranks and all(r.tensor in states for r in e.reads()):
             alpha_w = f"{e.out}_w"
             alphas[e.out] = alpha_w
             decls.append(TensorDecl(alpha_w, e.ranks))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Size
 
 
@@ -22,12 +21,12 @@ def linear_form(x: Expr, integers: set[str]) -> dict | None:
     constant), or None where it is not such a linear form."""
     if isinstance(x, Const):
         return {1: int(x.value)} if float(x.value).is_integer() else None
-    if isinstance(x, (Coord, Size)) or isinstance(x, Param) and x.name in integers:
+    if isinstance(x, (Coord, Size)) or (isinstance(x, Param) and x.name in integers):
         return {x: 1}
     if not isinstance(x, Call) or x.merge is not Merge.ALL:
         return None
-    parts = [linear_form(a, integers) for a in x.args]
-    if any(p is None for p in parts):
+    parts = [p for a in x.args if (p := linear_form(a, integers)) is not None]
+    if len(parts) != len(x.args):
         return None
     if x.op == "neg":
         return {k: -v for k, v in parts[0].items()}
@@ -74,7 +73,7 @@ def range_pairs(parts: list[Expr], integers: set[str]) -> tuple[list[tuple[Expr,
         total = {k: v for k, v in total.items() if v}
         if any(isinstance(k, Coord) for k in total):
             continue
-        for x, y in ((a, b), (b, a)):
+        for x in (a, b):
             if any(isinstance(k, Coord) for k in x) and all(isinstance(k, Coord) or k == 1 for k in x):
                 ranges.append((form_expr(x), total))
                 used |= {i, j}
@@ -84,11 +83,12 @@ def range_pairs(parts: list[Expr], integers: set[str]) -> tuple[list[tuple[Expr,
 
 def form_expr(coefficients: dict) -> Expr:
     """The IR expression of a linear form of coordinates (and a constant)."""
-    out: Expr | None = None
-    for leaf, k in sorted(coefficients.items(), key=lambda kv: (kv[0] == 1, -kv[1])):
-        term = Const(float(abs(k))) if leaf == 1 else leaf if abs(k) == 1 else Call("mul", (Const(float(abs(k))), leaf))
-        if out is None:
-            out = term if k > 0 else Call("neg", (term,))
-        else:
-            out = Call("add" if k > 0 else "sub", (out, term))
+
+    def term(leaf, k: int) -> Expr:
+        return Const(float(abs(k))) if leaf == 1 else leaf if abs(k) == 1 else Call("mul", (Const(float(abs(k))), leaf))
+
+    (leaf, k), *rest = sorted(coefficients.items(), key=lambda kv: (kv[0] == 1, -kv[1]))
+    out = term(leaf, k) if k > 0 else Call("neg", (term(leaf, k),))
+    for leaf, k in rest:
+        out = Call("add" if k > 0 else "sub", (out, term(leaf, k)))
     return out

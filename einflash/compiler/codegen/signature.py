@@ -44,7 +44,8 @@ class Signature:
         fn = next((n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == kernel), None)
         if fn is None:
             raise LoweringError(f"internal: the rendered source defines no kernel {kernel!r}")
-        runtime, constexpr = [], []
+        runtime: list[str] = []
+        constexpr: list[str] = []
         for a in fn.args.args:
             compile_time = a.annotation is not None and ast.unparse(a.annotation) == "tl.constexpr"
             (constexpr if compile_time else runtime).append(a.arg)

@@ -10,11 +10,25 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 from ...ir.cascade import Cascade
 from ...ir.printer import format_cascade
 from .signature import Signature
 from .tile_ranges import KeyRange, TileLists
+
+
+class RenderedKernel(Protocol):
+    """What launching a rendered kernel takes of it, a forward, combine or backward kernel alike."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def signature(self) -> Signature: ...
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .tilecode import TileCode
 def init_states(g: TileCode, c: Cascade, acc: str = "tl.float32") -> None:
     """Every running state at its initial value, absent on every row (no key seen yet)."""
     for t in c.states:
+        assert t.init is not None, t.name  # a state is made with its reducer's identity (rewrite.online)
         shape = ", ".join(bcast_axes(t.ranks))
         g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, {acc})")
         g.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
@@ -102,8 +103,11 @@ def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = Fal
             f" + {m}[:, None] * stride_ws_{name}_{d} + offs_{vr}[None, :] * stride_ws_{name}_{d + 1}"
         )
         mask = f"row_ok[:, None] & (offs_{vr} < {g.extent(vr)})[None, :]"
-    init = g.c.tensor(name).init
-    value = f"tl.where({bcast(t.present, t.pranks, tile)}, {t.code}, {literal(init)})" if t.present else t.code
+    value = t.code
+    if t.present:
+        init = g.c.tensor(name).init
+        assert init is not None, name  # a state is made with its reducer's identity (rewrite.online)
+        value = f"tl.where({bcast(t.present, t.pranks, tile)}, {t.code}, {literal(init)})"
     g.emit(f"tl.store({ptr}, {value}, mask={mask})")
     if split:
         flag = f"{t.present}.to(tl.int8)" if t.present else "tl.full([BLOCK_M], 1, tl.int8)"

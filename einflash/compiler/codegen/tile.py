@@ -154,10 +154,11 @@ def absent_value(op: str, args: list[Tile], kept: set[int], implies) -> float | 
 
 def few_values(op: str, args: list[Tile]) -> tuple[float, ...] | None:
     """The few values an op of operands with few values takes (a product of constants and positive parameters)."""
-    if any(a.values is None for a in args) or op == "where":
+    values = [a.values for a in args if a.values is not None]
+    if len(values) != len(args) or op == "where":
         return None
     out = set()
-    for combo in itertools.product(*(a.values for a in args)):
+    for combo in itertools.product(*values):
         with torch.no_grad():
             out.add(float(OPERATORS[op].torch(*(torch.tensor(v, dtype=torch.float64) for v in combo))))
     return tuple(sorted(out)) if len(out) <= len(POSITIVE_PROBES) ** 2 and all(map(math.isfinite, out)) else None

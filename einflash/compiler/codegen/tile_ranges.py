@@ -15,15 +15,33 @@ in every body. Without a usable plan, every tile runs the masked body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import sympy
 
 from ...ir.cascade import Cascade, Einsum, Role
 from ...ir.expr import Call, Expr, Read
 from ...ir.ranks import STREAM, coord
-from ..analysis.mask_tiles import BM, BN, M0, M1, N0, N1, M, N, I, J, Interval, TilePlan, tile_plan, transposed_plan
-from ..analysis.mask_tiles import affine_part, conjuncts
+from ..analysis.mask_tiles import (
+    BM,
+    BN,
+    M0,
+    M1,
+    N0,
+    N1,
+    I,
+    Interval,
+    J,
+    M,
+    N,
+    TilePlan,
+    affine_part,
+    conjuncts,
+    tile_plan,
+    transposed_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -85,17 +103,18 @@ class KeyPlan:
 
 def governing_mask(
     c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}), outputs: frozenset = frozenset()
-) -> Einsum | None:
+) -> Expr | None:
     """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, when all
     the loop's filters over ``ranks`` share one affine part (one filter in a forward; a mask and the adjoints
     it masks in a backward, whose per-row filters of saved states are no mask of tiles)."""
-    filters = [e for e in loop if e.where is not None and ranks <= e.iteration_ranks]
+    filters = [(e.out, e.where) for e in loop if e.where is not None and ranks <= e.iteration_ranks]
     if not filters:
         return None
     integers = frozenset(p.name for p in c.params if p.integer)
-    if any(affine_part(f.where, integers) != affine_part(filters[0].where, integers) for f in filters[1:]):
+    first = filters[0][1]
+    if any(affine_part(where, integers) != affine_part(first, integers) for _, where in filters[1:]):
         return None
-    names = {f.out for f in filters}
+    names = {out for out, _ in filters}
     deps: dict[str, set[str]] = {}
     for e in loop:
         mine = {e.out} if e.out in names else set()
@@ -106,7 +125,7 @@ def governing_mask(
     for e in loop:
         if ((e.reduce is not None and set(e.reduce.ranks) & ranks) or e.out in outputs) and not deps[e.out]:
             return None
-    return filters[0]
+    return first
 
 
 @dataclass(frozen=True)
@@ -119,7 +138,7 @@ class _Sweep:
     bounds: tuple[str, ...]  # set-up lines defining the fixed tile's first and last position and `whole`
     edge: str  # start of the streamed tiles cut by the end of the sequence (or of a cut fixed tile)
     edge_setup: tuple[str, ...]  # set-up lines the edge needs
-    plan: object  # tile_plan or transposed_plan
+    plan: Callable[[Expr, frozenset[str]], TilePlan | None]  # tile_plan or transposed_plan
 
 
 _KEYS = _Sweep(
@@ -169,7 +188,7 @@ def _stream_plan(
     c: Cascade,
     loop: tuple[Einsum, ...],
     s: _Sweep,
-    f: Einsum | None,
+    mask: Expr | None,
     lists: bool,
     ranks: frozenset = frozenset({STREAM}),
 ) -> KeyPlan:
@@ -183,17 +202,18 @@ def _stream_plan(
             ),
         )
     everything = KeyPlan((), (KeyRange("0", s.extent, True, comment=f"every {s.what} tile, masked"),))
-    if f is None:
+    if mask is None:
         return everything
     integers = frozenset(p.name for p in c.params if p.integer)
-    pred = affine_part(f.where, integers)
-    tests = block_tests(c, f.where) if lists else ()
+    pred = affine_part(mask, integers)
+    tests = block_tests(c, mask) if lists else ()
     if tests:
-        return _listed(f.where, TileLists(tests, pred, integers), None if pred is None else tile_plan(pred, integers))
+        return _listed(mask, TileLists(tests, pred, integers), None if pred is None else tile_plan(pred, integers))
     if pred is None:
         return everything
     affine = conjuncts(pred)
     plan = s.plan(pred, integers)
+    assert plan is not None, pred  # an affine part has a tile plan
     setup = list(s.bounds)
     full = []
     # full runs of which at most one exists in any query tile share a loop (the tile plan splits cases)
@@ -262,7 +282,7 @@ def _runs(name: str, runs: list[tuple[str, str]], block: str = "BLOCK_N") -> tup
     Returns the scalar code that sets ``name_count``, the number of tiles, and the expression of
     the tile at position t. One loop visits them all, software-pipelined: its tiles are known before it starts.
     """
-    lines, before, tile = [], "0", None
+    lines, before, tile = [], "0", ""
     for k, (lo, hi) in enumerate(runs):
         start, count = f"{name}_r{k}", f"{name}_n{k}"
         lines += [
@@ -272,13 +292,13 @@ def _runs(name: str, runs: list[tuple[str, str]], block: str = "BLOCK_N") -> tup
         here = f"{start} + t - {name}_c{k}" if k else f"{start} + t"
         if k:
             lines.append(f"{name}_c{k} = {before}")
-        tile = here if tile is None else f"tl.where(t < {name}_c{k}, {tile}, {here})"
+        tile = f"tl.where(t < {name}_c{k}, {tile}, {here})" if k else here
         before = f"{before} + {count}" if k else count
     lines.append(f"{name}_count = {before}")
     return lines, tile
 
 
-def _per_token_read(c: Cascade, x: Expr, rank: str) -> bool:
+def _per_token_read(x: Expr, c: Cascade, rank: str) -> TypeGuard[Read]:
     """Whether ``x`` reads an input at plain (b, ``rank``) coordinates: one value per token of a sequence."""
     if not (isinstance(x, Read) and not x.prev and c.tensor(x.tensor).role is Role.INPUT):
         return False
@@ -298,7 +318,7 @@ def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
         if isinstance(p, Call) and p.op == "eq":
             a, b = p.args
             for q_side, k_side in ((a, b), (b, a)):
-                if _per_token_read(c, q_side, "m") and _per_token_read(c, k_side, "n"):
+                if _per_token_read(q_side, c, "m") and _per_token_read(k_side, c, "n"):
                     tests.append(BlockTest(q_side, k_side))
                     break
     return tuple(tests)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, TensorDecl
 from ...ir.expr import Read, free_ranks, reads
 from ...ir.ranks import STREAM, coord, rank_order
-from ...ir.algebra import factors, product
 from ..analysis.key_passes import late_tensors
 from .names import fresh_name, ordered_tensors
 

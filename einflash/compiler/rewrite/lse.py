@@ -20,10 +20,11 @@ absent, hence ``lse`` absent, stored as −inf (``ROW_OUTPUT_ABSENT``, the log o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypeGuard
 
 from ...errors import NormaliserError
-from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
-from ...ir.expr import Call, Read, call
+from ...ir.cascade import Cascade, Einsum, Role, TensorDecl, reduces
+from ...ir.expr import Call, Expr, Read, call
 from ...ir.ranks import PARALLEL, STREAM, coord
 from .names import fresh_name
 
@@ -77,7 +78,7 @@ def softmaxes(c: Cascade) -> list[Softmax]:
     return found
 
 
-def _is_call(x, op: str) -> bool:
+def _is_call(x: Expr, op: str) -> TypeGuard[Call]:
     return isinstance(x, Call) and x.op == op
 
 
@@ -124,6 +125,6 @@ def _normaliser(c: Cascade, rows: list[Softmax]) -> str:
             f"over {s.rank} of {s.top}[{','.join(r for r in c.tensor(s.top).ranks if r not in PARALLEL)}]{at(s.line)}"
             for s in other
         )
-    sums = [e for e in c.einsums if e.reduce is not None and STREAM in e.reduce.ranks]
+    sums = [e for e in c.einsums if reduces(e) and STREAM in e.reduce.ranks]
     kinds = ", ".join(f"{e.out} = {e.reduce.op}_n{at(e.line)}" for e in sums) or "none"
     return f"it has no softmax (its reductions over n: {kinds})"

@@ -3,11 +3,12 @@ in the order the Einsums assign them."""
 
 from __future__ import annotations
 
+from collections.abc import Set
 
 from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
 
 
-def fresh_name(c: Cascade, base: str, taken: set[str] = frozenset()) -> str:
+def fresh_name(c: Cascade, base: str, taken: Set[str] = frozenset()) -> str:
     """``base``, or ``base2``, ``base3``... : a tensor name neither the cascade nor ``taken`` uses."""
     name, i = base, 2
     while c.has_tensor(name) or name in taken:

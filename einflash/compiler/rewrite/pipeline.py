@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from ...ir.cascade import Cascade
 from ...ir.validate import validate
 from .defer import defer_normalisation
-from .reassociate import reassociate
 from .online import stream_online
+from .reassociate import reassociate
 from .strength import exponent_base2, scalars_before_masks, scalars_out_of_max
 
 PIPELINE = (

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import TypeGuard
 
-from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl
+from ...ir.algebra import product
+from ...ir.cascade import Cascade, Einsum, Reducing, Reduction, TensorDecl
 from ...ir.expr import Call, Expr, Merge, Read, free_ranks, walk
 from ...ir.ranks import coord, rank_order
-from ...ir.algebra import product
 from .names import fresh_name, ordered_tensors
-
 
 # -- reassociation ------------------------------------------------------------------------------
 
@@ -83,7 +83,7 @@ def _operands(x: Expr) -> list[Expr]:
     return [x]
 
 
-def _plain_sum(e: Einsum) -> bool:
+def _plain_sum(e: Einsum) -> TypeGuard[Reducing]:
     return (
         not e.loop
         and e.reduce is not None
@@ -93,16 +93,19 @@ def _plain_sum(e: Einsum) -> bool:
     )
 
 
-def _inner_contraction(c: Cascade, einsums, f, k, consumer) -> tuple[int, Einsum] | None:
+def _inner_contraction(c: Cascade, einsums, f, k, consumer) -> tuple[int, Reducing] | None:
     if k != 1 or not isinstance(f, Read) or f.prev:
         return None
     j = next((j for j, x in enumerate(einsums) if x.out == f.tensor), None)
-    if j is None or not _plain_sum(einsums[j]) or tuple(f.index) != tuple(coord(r) for r in einsums[j].ranks):
+    if j is None:
+        return None
+    inner = einsums[j]
+    if not _plain_sum(inner) or tuple(f.index) != tuple(coord(r) for r in inner.ranks):
         return None
     users = [x for x in einsums if any(r.tensor == f.tensor for r in x.reads())]
     if users != [consumer] or f.tensor in c.outputs:
         return None
-    return j, einsums[j]
+    return j, inner
 
 
 def _best_order(parts, out_ranks: set[str]):

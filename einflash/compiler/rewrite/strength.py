@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl
 from ...ir.expr import Call, Const, Expr, Param, Read, call, rank_free, reads, transform, walk
 from ...ir.ranks import STREAM, coord
-from ...ir.algebra import factors, product
 from .names import fresh_name, ordered_tensors
 
 LOG2E = 1.0 / math.log(2.0)
@@ -74,7 +74,8 @@ def _drop_unused(c: Cascade) -> Cascade:
 
 def scalars_before_masks(c: Cascade) -> Cascade:
     """``s = a·c :: p`` → ``s_raw = a :: p``, ``s = s_raw·c`` (masking commutes with a rank-free scale)."""
-    out, tensors, taken = [], list(c.tensors), set()
+    out, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         fs = factors(e.expr)
         scal = [f for f in fs if rank_free(f[0])]
@@ -120,7 +121,7 @@ def exponent_base2(c: Cascade) -> Cascade:
                 einsums.append(Einsum(x2, c.tensor(x.tensor).ranks, scaled, line=made.line if made else e.line))
                 einsums.append(Einsum(top2, e.ranks, x2_read, Reduction("max", red.ranks), line=e.line))
                 continue
-            sub = transform(f.expr, lambda y: new if y == pattern else None)
+            sub = transform(f.expr, lambda y: new if y == pattern else None)  # noqa: B023 -- called before transform returns
             sub = transform(sub, natural)
             einsums.append(replace(f, expr=sub))
         tensors = list(c.tensors) + [TensorDecl(x2, c.tensor(x.tensor).ranks), TensorDecl(top2, e.ranks)]
@@ -131,11 +132,13 @@ def exponent_base2(c: Cascade) -> Cascade:
 
 def scalars_out_of_max(c: Cascade) -> Cascade:
     """``t = max_n(y·c)`` → ``t_raw = max_n y``, ``t = t_raw·c`` for a positive rank-free c."""
-    out, tensors, taken = [], list(c.tensors), set()
+    out, tensors = [], list(c.tensors)
+    taken: set[str] = set()
     for e in c.einsums:
         red = e.reduce
         made = c.producer(e.expr.tensor) if isinstance(e.expr, Read) else None
-        ok = (
+        fs: list[tuple[Expr, int]] = []
+        if (
             not e.loop
             and red is not None
             and red.op == "max"
@@ -145,11 +148,11 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
             and made.where is None
             and not made.loop
             and c.is_plain(e.expr)
-        )
-        fs = factors(made.expr) if ok else []
+        ):
+            fs = factors(made.expr)
         scal = [f for f in fs if rank_free(f[0])]
         rest = [f for f in fs if not rank_free(f[0])]
-        if not ok or not scal or not rest or not all(_positive(c, f) and k == 1 for f, k in scal):
+        if not scal or not rest or not all(_positive(c, f) and k == 1 for f, k in scal):
             out.append(e)
             continue
         raw = _fresh(c, f"{e.out}_raw", taken)

@@ -9,6 +9,7 @@ wrote (``Launched.finish``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,16 +25,19 @@ from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
 from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype, refuse_interpreted_bfloat16
-from .launch import Launcher, jit_launch
+from .launch import jit_launch
 from .replay import Recording
 from .tile_lists import tile_lists
+
+# a launcher of the backward's kernels (einflash.compiler.runtime.launch.jit_launch by default)
+BackwardLauncher = Callable[[BackwardKernel, KernelCall], None]
 
 
 @dataclass(frozen=True)
 class Launched:
     """What one backward call's kernels wrote: each partial's buffer by name, with the names of its dimensions
-    (see ``einflash.compiler.autodiff.gradient.finish``), for the gradient cascade cut to the wanted inputs (None: nothing ran, every
-    wanted gradient is 0)."""
+    (see ``einflash.compiler.autodiff.gradient.finish``), for the gradient cascade cut to the wanted inputs
+    (None: nothing ran, every wanted gradient is 0)."""
 
     gradient: Gradient | None
     partials: dict[str, torch.Tensor]
@@ -82,7 +86,7 @@ class Backward:
             if not any(e.where is not None for e in pair)
             else None
             if governing is None
-            else frozenset(conjuncts(governing.where))
+            else frozenset(conjuncts(governing))
         )
         self._state_filters = frozenset(presence_predicate(st) for st in self.gradient.saved)
 
@@ -91,10 +95,18 @@ class Backward:
         """The forward states the backward reads (the forward stores them with their presence)."""
         return () if self.gradient is None else tuple(s.name for s in self.gradient.saved)
 
+    def _derived(self) -> Gradient:
+        """The gradient; raises why there is none."""
+        if self.error is not None:
+            raise self.error
+        assert self.gradient is not None  # __post_init__ derives it or records why it cannot
+        return self.gradient
+
     def cut(self, needed: frozenset[str] | None) -> Cut:
         """The kernels' cascades for the gradients of ``needed`` (None: every input's)."""
         if needed not in self._cuts:
-            self._cuts[needed] = cut(self.gradient if needed is None else restrict(self.gradient, needed))
+            gradient = self._derived()
+            self._cuts[needed] = cut(gradient if needed is None else restrict(gradient, needed))
         return self._cuts[needed]
 
     def _outputs(self, cut: Cut, kernel: str, atomic: bool) -> dict[str, Output]:
@@ -111,9 +123,10 @@ class Backward:
                 out[p.name] = Output(p.name, ranks, program="pid_n" if no_seq else None)
             elif kernel == "kv" and atomic and p.kernel == "q":
                 out[p.name] = Output(p.name, ranks, atomic=True)
-        if kernel == "rows":
+        rows = cut.parts.rows
+        if kernel == "rows" and rows is not None:
             for t in cut.parts.row_terms:
-                out = {t: Output(t, tuple(r for r in cut.parts.rows.tensor(t).ranks if r not in PARALLEL))} | out
+                out = {t: Output(t, tuple(r for r in rows.tensor(t).ranks if r not in PARALLEL))} | out
         return out
 
     def kernel(
@@ -134,7 +147,9 @@ class Backward:
         name = DTYPE_NAMES[dtype]
         full = self._state_filters if self._full_mask is not None else frozenset()
         if kind == "rows":
-            src = lower_rows(cut.parts.rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
+            rows = cut.parts.rows
+            assert rows is not None, kind  # asked for only where the gradient has row terms
+            src = lower_rows(rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
         elif kind == "kv":
             sums = {
                 p.name
@@ -174,7 +189,7 @@ class Backward:
         extents: dict[str, int],
         visits: torch.Tensor | None = None,
         needed: frozenset[str] | None = None,
-        launcher: Launcher = jit_launch,
+        launcher: BackwardLauncher = jit_launch,
     ) -> dict[str, torch.Tensor | None]:
         """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
         given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
@@ -199,17 +214,16 @@ class Backward:
         extents: dict[str, int],
         visits: torch.Tensor | None = None,
         needed: frozenset[str] | None = None,
-        launcher: Launcher = jit_launch,
+        launcher: BackwardLauncher = jit_launch,
         record: Recording | None = None,
     ) -> Launched:
         """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
-        if self.error is not None:
-            raise self.error
+        gradient = self._derived()
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
         wanted = frozenset(
             t.name
-            for t in self.gradient.forward.inputs
+            for t in gradient.forward.inputs
             if inputs[t.name].is_floating_point() and (needed is None or t.name in needed)
         )
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
@@ -226,7 +240,8 @@ class Backward:
         if call.cut.parts.q is not None and not atomic:
             calls.append(call.q(schedule))
         if len(calls) == 2 and schedule.one_launch and visits is None:  # visit counts need each kernel's own grid
-            calls = [call.one_launch(*calls, schedule)]
+            kv_launch, q_launch = calls
+            calls = [call.one_launch(kv_launch, q_launch, schedule)]
         for kernel, launch in calls:
             launcher(kernel, launch)
         return Launched(call.cut.gradient, call.partials, call.labels, wanted)
@@ -234,7 +249,7 @@ class Backward:
     def direct(self, p: Partial, o: Output) -> bool:
         """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out
         as the input is (a sum over the GQA group done, no rank to sum or rename)."""
-        g = self.gradient
+        g = self._derived()
         decl = g.forward.tensor(p.input)
         mine = [x for x in g.partials if x.input == p.input]
         heads = "h" if (o.head == "off_hk") == (decl.layout is Layout.KEY) else None
@@ -256,8 +271,8 @@ class _Call:
     device: torch.device
     kv_heads: int
     needed: frozenset[str] | None
-    empty: object  # torch.empty, or a recording's
-    zeros: object
+    empty: Callable[..., torch.Tensor]  # torch.empty, or a recording's
+    zeros: Callable[..., torch.Tensor]
     partials: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -306,8 +321,10 @@ class _Call:
         shape = [ext["b"], self.kv_heads if o.head == "off_hk" else ext["h"]] + ([programs] if o.program else [])
         shape += [ext[r] for r in o.ranks]
         p = next((p for p in self.cut.gradient.partials if p.name == o.name), None)
-        direct = p is not None and o.program is None and not o.atomic and self.backward.direct(p, o)
-        dtype = self.given[p.input].dtype if direct else accumulator_dtype(self.dtype)
+        if p is not None and o.program is None and not o.atomic and self.backward.direct(p, o):
+            dtype = self.given[p.input].dtype
+        else:
+            dtype = accumulator_dtype(self.dtype)
         t = (self.zeros if zero else self.empty)(*shape, dtype=dtype, device=self.device)
         if p is not None:
             self.partials[o.name] = t

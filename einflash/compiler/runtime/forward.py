@@ -6,7 +6,6 @@ the input dtype, the padded head dimensions and the schedule (fused or split-KV)
 
 from __future__ import annotations
 
-
 import torch
 
 from ... import knobs
@@ -16,15 +15,15 @@ from ...ir.ranks import PARALLEL
 from ...ir.reference import bind_extents
 from ...jagged import JaggedBatch
 from ..analysis.cost import broadcast_reduction
-from .tile_lists import tile_lists
-from .launch import Launcher, combine, jit_launch, launch
-from ..codegen.source import KernelSource
-from ..codegen.forward import lower, sections
 from ..codegen.combine import lower_combine
+from ..codegen.forward import lower, sections
+from ..codegen.source import KernelSource
 from ..codegen.tile_ranges import key_plan
 from ..rewrite.pipeline import optimise
-from .replay import Recording
 from ..schedule import Schedule, padded
+from .launch import Launcher, combine, jit_launch, launch
+from .replay import Recording
+from .tile_lists import tile_lists
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 

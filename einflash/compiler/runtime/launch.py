@@ -13,7 +13,9 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import numpy
 import torch
@@ -22,13 +24,13 @@ from ... import knobs
 from ...ir.cascade import Cascade, Layout
 from ...jagged import JaggedBatch
 from ..codegen.signature import KernelCall, param_name, pointer
-from ..codegen.source import KernelSource, source_digest
+from ..codegen.source import KernelSource, RenderedKernel, source_digest
 from ..schedule import Schedule
 
-_MODULES: dict[str, object] = {}
+_MODULES: dict[str, ModuleType] = {}
 
 
-def load_kernel(src: KernelSource):
+def load_kernel(src: RenderedKernel):
     """The @triton.jit function of a rendered kernel (written once, imported once per process)."""
     if src.name in _MODULES:
         return getattr(_MODULES[src.name], src.name)
@@ -42,6 +44,7 @@ def load_kernel(src: KernelSource):
         tmp.write_text(src.text)
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(f"einflash_kernels.{src.name}", path)
+    assert spec is not None and spec.loader is not None, path  # a .py file has its loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -56,11 +59,11 @@ COMBINE_WARPS, COMBINE_STAGES = 4, 3
 
 
 # Triton's compiled kernel of each (kernel, warps, stages, specialisation) launched before in this process
-_COMPILED: dict[tuple, object] = {}
+_COMPILED: dict[tuple, Any] = {}  # Triton's CompiledKernel, which has no type information
 _CONSTEXPRS: dict[str, frozenset] = {}
 
 
-def specialisation(src: KernelSource, args: dict[str, object]) -> tuple:
+def specialisation(src: RenderedKernel, args: dict[str, object]) -> tuple:
     """What Triton's JIT specialises a launch on, per argument: tensors by dtype, device and 16-byte alignment,
     integers by being 1, dividing by 16 and fitting 32 bits, floats by type, compile-time constants (and None
     and booleans) by value. Launches with equal specialisations run the same compiled kernel."""
@@ -81,7 +84,7 @@ def specialisation(src: KernelSource, args: dict[str, object]) -> tuple:
     return tuple(key)
 
 
-def jit_launch(src: KernelSource, call: KernelCall) -> None:
+def jit_launch(src: RenderedKernel, call: KernelCall) -> None:
     """Run ``call`` through Triton's JIT (compiling the kernel on first use).
 
     A launch whose ``specialisation`` was launched before goes straight to the compiled kernel's launcher:
@@ -100,11 +103,11 @@ def jit_launch(src: KernelSource, call: KernelCall) -> None:
         _COMPILED[key] = kernel
 
 
-def _compiled_key(src: KernelSource, call: KernelCall) -> tuple:
+def _compiled_key(src: RenderedKernel, call: KernelCall) -> tuple:
     return src.name, call.num_warps, call.num_stages, call.max_registers, specialisation(src, call.args)
 
 
-def bound_launch(src: KernelSource, call: KernelCall) -> Callable[..., None]:
+def bound_launch(src: RenderedKernel, call: KernelCall) -> Callable[..., object]:
     """A function of positional kernel arguments that launches ``src`` as ``call`` does (its grid, options and
     specialisation), for arguments that specialise as ``call``'s do: the compiled kernel's own launcher once
     ``jit_launch`` has compiled it, else Triton's JIT (the interpreter)."""
@@ -214,7 +217,8 @@ def launch(
     """
     call = forward_call(c, src, inputs, params, out, workspaces, schedule, extents, jagged, tile_lists, count_visits)
     launcher(src, call)
-    return call.args["visits_ptr"]
+    visits = call.args["visits_ptr"]
+    return visits if isinstance(visits, torch.Tensor) else None
 
 
 def combine_call(

@@ -13,14 +13,14 @@ and launches with its own tensors.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
 
 import torch
 
 from ..codegen.signature import KernelCall
+from ..codegen.source import RenderedKernel
 from .launch import bound_launch, jit_launch
-from ..codegen.source import KernelSource
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ReplayedLaunch:
     """One launch: its launcher, its arguments with None where a tensor goes, and each tensor's source as
     (argument position, whether it is a buffer (else a call tensor), index)."""
 
-    launcher: Callable[..., None]
+    launcher: Callable[..., object]
     args: tuple
     tensors: tuple[tuple[int, bool, int], ...]
 
@@ -65,10 +65,10 @@ class Recording:
     torch.Size([2, 3])
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
         self.zeroed: list[bool] = []
-        self.launches: list[tuple[KernelSource, KernelCall]] = []
+        self.launches: list[tuple[RenderedKernel, KernelCall]] = []
 
     def empty(self, *shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self._buffer(torch.empty(*shape, dtype=dtype, device=device), False)
@@ -81,7 +81,7 @@ class Recording:
         self.zeroed.append(zero)
         return t
 
-    def launch(self, src: KernelSource, call: KernelCall) -> None:
+    def launch(self, src: RenderedKernel, call: KernelCall) -> None:
         jit_launch(src, call)
         self.launches.append((src, call))
 

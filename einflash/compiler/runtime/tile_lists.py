@@ -26,13 +26,13 @@ This is the only place where einflash looks at mask data per tile, and it looks 
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
-from ...ir.expr import Param, walk
-from ..codegen.tile_ranges import BlockTest, TileLists
+from ...ir.expr import Expr, Param, walk
 from ..analysis.mask_tiles import tile_plan, tile_rows
+from ..codegen.tile_ranges import BlockTest, TileLists
 
 
 def _ranges(values: torch.Tensor, length: int, block: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +69,12 @@ def _test_classes(
 
 
 @functools.lru_cache(maxsize=256)
-def _affine_classes(lists: TileLists, M: int, N: int, BM: int, BN: int, params: tuple) -> tuple[torch.Tensor, ...]:
+def _affine_classes(
+    affine: Expr, integers: frozenset[str], M: int, N: int, BM: int, BN: int, params: tuple
+) -> tuple[torch.Tensor, ...]:
     """(non-empty, full) per [Tq, Tk] tile of the mask's affine part, from its symbolic plan (on the CPU)."""
-    plan = tile_plan(lists.affine, lists.integers)
+    plan = tile_plan(affine, integers)
+    assert plan is not None, affine  # an affine part has a tile plan
     rows = list(tile_rows(plan, M, N, BM, BN, **dict(params)))
     some = torch.zeros(len(rows), -(-N // BN), dtype=torch.bool)
     every = torch.zeros_like(some)
@@ -102,8 +105,10 @@ def tile_lists(
     some = torch.ones(B, Tq, Tk, dtype=torch.bool, device=device)
     every = torch.ones_like(some)
     if lists.affine is not None:
-        named = sorted(p for p in params if p in _param_names(lists))
-        a_some, a_every = _affine_classes(lists, M, N, BM, BN, tuple((p, params[p]) for p in named))
+        named = sorted(p for p in params if p in _param_names(lists.affine))
+        a_some, a_every = _affine_classes(
+            lists.affine, lists.integers, M, N, BM, BN, tuple((p, params[p]) for p in named)
+        )
         some, every = some & a_some.to(device), every & a_every.to(device)
     for test in lists.tests:
         t_some, t_every = _test_classes(test, inputs, M, N, BM, BN, Tq, Tk)
@@ -118,5 +123,5 @@ def tile_lists(
 
 
 @functools.cache
-def _param_names(lists: TileLists) -> frozenset[str]:
-    return frozenset(x.name for x in walk(lists.affine) if isinstance(x, Param))
+def _param_names(affine: Expr) -> frozenset[str]:
+    return frozenset(x.name for x in walk(affine) if isinstance(x, Param))

@@ -25,10 +25,10 @@ from ... import knobs
 from ...backends.target import Target
 from ...errors import CacheWarning
 from ...ir.cascade import Cascade
-from . import cache as cache_files
-from .cache import Bucket, CacheKey, TuneCache
 from ..runtime.forward import Forward
 from ..schedule import Schedule
+from . import cache as cache_files
+from .cache import Bucket, CacheKey, TuneCache
 from .space import fitting_default
 from .tuner import tune
 
@@ -75,9 +75,10 @@ def generation() -> int:
 
 
 def _cache() -> TuneCache:
-    if _CACHE[0] is None or _CACHE[0].root != TuneCache().root:
-        _CACHE[0] = TuneCache()
-    return _CACHE[0]
+    cache = _CACHE[0]
+    if cache is None or cache.root != TuneCache().root:
+        cache = _CACHE[0] = TuneCache()
+    return cache
 
 
 def choose(

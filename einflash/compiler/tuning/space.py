@@ -206,7 +206,8 @@ def fitting_default(
     ... def plain(q, k, v):
     ...     return ef.softmax(q @ k * ef.scale, "n") @ v
     >>> fitting_default(plain.forward, get_target("sm90"), dict(b=2, h=16, m=4096, n=4096, e=128, f=128), 16, 2)
-    Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=240)
+    Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False,
+             max_registers=240)
     """
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
     return _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
@@ -242,9 +243,13 @@ def search_space(
     smem, regs = _buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
     default = _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
-    feasible, pruned = [], []
+    feasible: list[Schedule] = []
+    pruned: list[Pruned] = []
     for combo in itertools.product(*knobs.values()):
         s = Schedule(*combo)
         why = None if s == default else _prune(s, extents, target, smem, regs)
-        (feasible if why is None else pruned).append(s if why is None else why)
+        if why is None:
+            feasible.append(s)
+        else:
+            pruned.append(why)
     return Space(family, tuple(knobs.items()), default, tuple(feasible), tuple(pruned), redundant)

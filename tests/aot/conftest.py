@@ -1,5 +1,4 @@
-"""AOT directories for the tests (fixtures the test modules import): built through the CLI, or taken
-from EINFLASH_AOT_TEST_DIR.
+"""AOT directories for the tests, as fixtures: built through the CLI, or taken from EINFLASH_AOT_TEST_DIR.
 
 One fused and one split-KV entry of softmax (GQA 4:2, packed decode), and a fused entry of
 sliding_window (an integer parameter and an affine mask): eight compiles for sm_90, done once per
@@ -15,10 +14,9 @@ import json
 import pathlib
 
 import pytest
+from catalogue import EXAMPLES
 
 from einflash import cli, knobs
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 BUILDS = {
     "softmax": [

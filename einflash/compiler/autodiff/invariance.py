@@ -1,0 +1,143 @@
+"""The reductions over n that get no gradient, and the proof that they need none.
+
+A max (or min) over n whose shift leaves the output unchanged gets no gradient. That is proved, not
+assumed: every sum over n that reads it must be rescaled by a correction factor (``algebra.correction``)
+when it shifts, and the output must be invariant under those rescalings (checked by sympy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NoReturn
+
+import sympy
+
+from ...errors import DifferentiationError
+from ...ir.algebra import correction
+from ...ir.cascade import Cascade, Reducing, Role
+from ...ir.expr import Expr, Read, reads, to_sympy
+from ...ir.ranks import STREAM, coord
+from ...ir.user_ops import DEFINITIONS
+from ..rewrite.online import inline_body
+from .derivatives import ONE, reduction_derivative
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """Why a reduction over n gets no gradient: each sum over n reading it is rescaled by a factor."""
+
+    reduction: str
+    op: str
+    line: int | None
+    factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
+
+    def __str__(self) -> str:
+
+        at = f" (line {self.line})" if self.line else ""
+        sums = " and ".join(s for s, _ in self.factors) or "no sum"
+        factors = sorted({f for _, f in self.factors})
+        return (
+            f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
+            f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
+            f"output is invariant under that rescaling"
+        )
+
+
+def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
+    """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
+    computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
+    shifted = [e for e in late if reduction_derivative(e) is None]
+    if not shifted:
+        return frozenset(), ()
+    derived = {e.out for e in shifted}
+    for e in c.einsums:  # row values computed from them alone (top2 = top2_raw·scale·log2 e)
+        read = e.reads()
+        if STREAM not in e.iteration_ranks and e.out not in derived and read and all(r.tensor in derived for r in read):
+            derived.add(e.out)
+    late_names = {e.out for e in late}
+    pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
+
+    def fail(why: str) -> NoReturn:
+        names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
+        own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
+        hint = (
+            f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: "
+            f"ef.reducer(..., derivative=...)"
+            if own
+            else ""
+        )
+        raise DifferentiationError(
+            f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
+            f"({why}); the gradient through a reduction over n other than a sum is "
+            f"implemented only where that invariance holds (the max of a softmax){hint}"
+        )
+
+    factors: dict[str, Expr] = {}
+    bodies: dict[str, Expr] = {}
+    for e in late:
+        body = inline_body(c, e, derived | late_names, pair_maps)
+        used = {r.tensor for r in reads(body) if r.tensor in derived}
+        hidden = [
+            r.tensor
+            for r in reads(body)
+            if r.tensor not in derived and c.tensor(r.tensor).role is not Role.INPUT and c.depends_on(r.tensor, derived)
+        ]
+        if hidden:
+            fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
+        if e.reduce.op != "sum" and reduction_derivative(e) is None:
+            if used - {e.out}:
+                fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
+            continue
+        r = correction(body, used, {STREAM}) if used else ONE
+        if r is None:
+            fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
+        factors[e.out], bodies[e.out] = r, body
+    out = c.producer(c.outputs[0])
+    assert out is not None, c.outputs[0]  # a valid cascade computes its output
+    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
+    expr = (
+        inline_body(c, out, late_names | derived, row_maps - derived)
+        if out.out not in late_names
+        else Read(out.out, tuple(coord(r) for r in out.ranks))
+    )
+    for r in reads(expr):
+        if (
+            r.tensor not in late_names | derived
+            and c.tensor(r.tensor).role is not Role.INPUT
+            and c.depends_on(r.tensor, late_names)
+        ):
+            fail(f"the output reads {r.tensor}, a reduction of values that depend on them")
+    symbols: dict = {}
+
+    def leaf(phase: str):
+        def fn(x):
+            key = x
+            if isinstance(x, Read) and x.tensor in derived:
+                key = (x.tensor, x.index, "old" if (phase == "old" or x.prev) else "new")
+            elif isinstance(x, Read):
+                key = Read(x.tensor, x.index)
+            if key not in symbols:
+                symbols[key] = sympy.Symbol(f"z{len(symbols)}", real=True)
+            sym = symbols[key]
+            if phase == "new" and isinstance(x, Read) and x.tensor in factors and not x.prev:
+                return sym * to_sympy(factors[x.tensor], leaf("factor"))
+            return sym
+
+        return fn
+
+    old = to_sympy(expr, leaf("old"))
+    new = to_sympy(expr, leaf("new"))
+    if sympy.simplify(new - old) != 0:
+        fail("the output changes when the sums over n are rescaled")
+    from ...ir.printer import format_expr
+
+    proofs = []
+    for e in shifted:
+        mine = {x.out for x in c.einsums if x.out in derived and (x.out == e.out or c.depends_on(x.out, {e.out}))}
+        readers = [
+            (s, format_expr(r))
+            for s, r in factors.items()
+            if r != ONE and any(t.tensor in mine for t in reads(bodies[s]))
+        ]
+        proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
+    return frozenset(derived), tuple(proofs)

@@ -1,0 +1,18 @@
+"""Fixtures of the autotune tests: a private cache folder per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from einflash.compiler.tuning import selection
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """EINFLASH_CACHE_DIR in a fresh folder; no deploy or autotune flags; nothing remembered."""
+    monkeypatch.setenv("EINFLASH_CACHE_DIR", str(tmp_path))
+    for flag in ("EINFLASH_DEPLOY", "EINFLASH_AUTOTUNE"):
+        monkeypatch.delenv(flag, raising=False)
+    selection.set_deploy_mode(None)
+    yield tmp_path
+    selection.set_deploy_mode(None)
