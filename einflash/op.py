@@ -7,7 +7,8 @@ import inspect
 import math
 import pathlib
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -495,7 +496,7 @@ def _register(op: AttentionOp, fwd: Forward):
 
     @run.register_fake
     def _(tensors, params, schedule):
-        inputs, values, ext = unpack(tensors, params, fake=True)
+        ext = unpack(tensors, params, fake=True)[2]
         value_rank = next(r for r in fwd.rewritten.tensor(fwd.rewritten.outputs[0]).ranks if r not in "bhm")
         acc = accumulator_dtype(tensors[0].dtype)
         return _results(
@@ -535,8 +536,9 @@ def _checked_param(op: str, decl: ParamDecl, value) -> float | int:
     )
     if not ok:
         shown = f"{type(value).__name__} {value!r}" if not isinstance(value, torch.Tensor) else "a tensor"
+        article = "a finite " if kind == "number" else "a " if kind == "bool" else ""
         raise ParameterError(
-            f"{op}: parameter {decl.name!r} takes {'a finite ' if kind == 'number' else 'a ' if kind == 'bool' else ''}{kind}, "
+            f"{op}: parameter {decl.name!r} takes {article}{kind}, "
             f"got {shown}" + ("; pass float(x)" if isinstance(value, torch.Tensor) else "")
         )
     return int(value) if decl.integer else value

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import sympy
 
@@ -169,7 +170,7 @@ def _record(node: Node) -> Node:
     return node
 
 
-def _leaf(expr: Expr, ranks=()) -> "Traced":
+def _leaf(expr: Expr, ranks=()) -> Traced:
     return Traced(_record(Node("leaf", None, (), rank_order(ranks), leaf=expr)))
 
 
@@ -186,13 +187,13 @@ def _to_node(x) -> Node:
     )
 
 
-def _map(op: str, *args) -> "Traced":
+def _map(op: str, *args) -> Traced:
     nodes = tuple(_to_node(a) for a in args)
     ranks = rank_order(r for n in nodes for r in n.ranks)
     return Traced(_record(Node("map", op, nodes, ranks)))
 
 
-def _divide(op: str, a, b) -> "Traced":
+def _divide(op: str, a, b) -> Traced:
     """``a // b`` or ``a % b``; a divisor written as 0 is refused here, where the line is known."""
     if isinstance(b, (int, float)) and not isinstance(b, bool) and b == 0:
         raise DeclarationError(f"{'//' if op == 'floordiv' else '%'} by 0", _where())
@@ -316,7 +317,7 @@ class Traced:
     __index__ = __int__ = __float__
 
     # reductions
-    def reduce(self, op: "str | Reducer", ranks: str, arg: float | None = None) -> "Traced":
+    def reduce(self, op: str | Reducer, ranks: str, arg: float | None = None) -> Traced:
         """Reduce over ``ranks`` (space separated) with a reducer: sum, max, min, kth_largest, or one made by
         :func:`reducer`."""
         op = op.name if isinstance(op, Reducer) else op
@@ -329,22 +330,22 @@ class Traced:
         out = tuple(r for r in self.ranks if r not in rs)
         return Traced(_record(Node("reduce", op, (self.node,), out, reduce_ranks=rank_order(rs), arg=arg)))
 
-    def sum(self, ranks: str) -> "Traced":
+    def sum(self, ranks: str) -> Traced:
         return self.reduce("sum", ranks)
 
-    def max(self, ranks: str) -> "Traced":
+    def max(self, ranks: str) -> Traced:
         return self.reduce("max", ranks)
 
-    def min(self, ranks: str) -> "Traced":
+    def min(self, ranks: str) -> Traced:
         return self.reduce("min", ranks)
 
-    def kth_largest(self, k: int, ranks: str) -> "Traced":
+    def kth_largest(self, k: int, ranks: str) -> Traced:
         """The k-th largest value over ``ranks`` (top-k routing thresholds)."""
         if not isinstance(k, int) or k < 1:
             raise DeclarationError(f"kth_largest needs a positive int k, got {k!r}", _where())
         return self.reduce("kth_largest", ranks, float(k))
 
-    def __matmul__(self, other: "Traced") -> "Traced":
+    def __matmul__(self, other: Traced) -> Traced:
         """Contract over every rank both operands have (batch and head excepted)."""
         o = _to_node(other)
         shared = [r for r in self.ranks if r in o.ranks and r not in PARALLEL]
@@ -356,7 +357,7 @@ class Traced:
             )
         return (self * Traced(o)).sum(" ".join(shared))
 
-    def __getitem__(self, index) -> "Traced":
+    def __getitem__(self, index) -> Traced:
         """Read this tensor at other coordinates: ``doc[ef.m]``, ``s[ef.m - i, ef.n - j]``."""
         index = index if isinstance(index, tuple) else (index,)
         node = self.node

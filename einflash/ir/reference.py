@@ -32,8 +32,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import sympy
 import torch
@@ -169,7 +169,8 @@ def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, 
         if low < 0 or high >= ext[rank]:
             raise ShapeError(
                 f"{c.where(e)}: reads {tensor} at {rank} = {index}, which runs from {low} to {high} at these "
-                f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}), outside {tensor}'s 0..{ext[rank] - 1}; "
+                f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}), "
+                f"outside {tensor}'s 0..{ext[rank] - 1}; "
                 f"a read outside an input is an error: give the input the extent it is read at (pad it)"
             )
 
@@ -781,8 +782,8 @@ def row_boxes(
     if not rows:
         return [{}]
     # the outermost rank of which one coordinate (with the ranks inside it whole) fits, else the innermost
-    i = next((i for i, r in enumerate(rows) if cost({x: 1 for x in rows[: i + 1]}) <= max_bytes), len(rows) - 1)
-    rank, ones = rows[i], {r: 1 for r in rows[:i]}
+    i = next((i for i, r in enumerate(rows) if cost(dict.fromkeys(rows[: i + 1], 1)) <= max_bytes), len(rows) - 1)
+    rank, ones = rows[i], dict.fromkeys(rows[:i], 1)
     lo, hi = 1, max(1, extents[rank])  # the largest block of that rank that fits, at least one coordinate
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -12,8 +12,7 @@ import signal
 import warnings
 
 import pytest
-import torch
-from autotune_helpers import cache_dir, example, qkv  # noqa: F401 -- cache_dir is a fixture
+from autotune_helpers import example, qkv
 
 from einflash.backends import INTERPRETER
 from einflash.cli import main
@@ -151,8 +150,8 @@ def test_a_bundle_that_cannot_be_read_is_a_cache_error(cache_dir, capsys, tmp_pa
     for name, make in [
         ("fifo.json", os.mkfifo),
         ("folder.json", os.mkdir),
-        ("bytes.json", lambda p: open(p, "wb").write(b"\xff\xfe")),
-        ("deep.json", lambda p: open(p, "w").write("[" * 100_000)),
+        ("bytes.json", lambda p: p.write_bytes(b"\xff\xfe")),
+        ("deep.json", lambda p: p.write_text("[" * 100_000)),
     ]:
         make(tmp_path / name)
         with _no_hang():

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from autotune_helpers import cache_dir, example, qkv  # noqa: F401 -- cache_dir is a fixture
+from autotune_helpers import example, qkv
 
 from einflash.backends import INTERPRETER, get_target
 from einflash.compiler.runtime import forward as forward_module

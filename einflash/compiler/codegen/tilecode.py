@@ -22,26 +22,25 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Role
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
+from ..analysis.mask_tiles import conjuncts
+from .range_tests import range_pairs
 from .tile import (
-    Tile,
     FINITE_OPS,
     POSITIVE_PROBES,
+    Tile,
     absent_value,
+    bcast,
     few_values,
     is_finite,
-    bcast,
     literal,
     presence,
     tile_axes,
 )
-from ..analysis.mask_tiles import conjuncts
-from .range_tests import range_pairs
 
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
@@ -391,7 +390,7 @@ class TileCode:
             code, present, pranks = f"({code} & {bcast(present, pranks, ranks)})", None, ()
         values = few_values(x.op, args) if present is None and dtype == "f32" else None
         finite = all(a.finite for a in (args[1:] if x.op == "where" else args)) and (
-            x.op in FINITE_OPS or x.op == "div" and args[1].values is not None and 0.0 not in args[1].values
+            x.op in FINITE_OPS or (x.op == "div" and args[1].values is not None and 0.0 not in args[1].values)
         )
         return Tile(code, ranks, present, pranks, fill, dtype, values, finite)
 

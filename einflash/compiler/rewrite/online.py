@@ -20,15 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ...ir.algebra import correction
 from ...ir.cascade import Cascade, Einsum, Role, TensorDecl, plain_read
 from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, reads, transform
 from ...ir.operators import REDUCERS
 from ...ir.ranks import STREAM, coord, rank_order
-from ...ir.algebra import correction
-from ..analysis.key_passes import count_passes
-from ..analysis.key_passes import late_tensors
+from ..analysis.key_passes import count_passes, late_tensors
 from .names import fresh_name, ordered_tensors
-
 
 # -- online streaming ------------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ import; the next write drops it.
 >>> _ = cache.put(key, b, {"best": {"schedule": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
 ...                                 "ms": 1.5}, "measured": [], "failed": []})
 >>> near = Bucket.of(dict(b=2, h=16, m=8192, n=8192, e=128, f=128), 16)  # not tuned: the nearest bucket serves
->>> cache.best(key, near)
-(Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=0), 'forward m4096 n4096 bkv32 g1 e128 f128')
+>>> cache.best(key, near)  # doctest: +NORMALIZE_WHITESPACE
+(Schedule(block_m=64, block_n=64, num_warps=4, num_stages=3, splits=1, pack=False, reverse_m=False, max_registers=0),
+ 'forward m4096 n4096 bkv32 g1 e128 f128')
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from ...ir.cascade import Cascade
 from ...shape import Shape
 from ..runtime.forward import DTYPE_NAMES
 from ..schedule import Schedule, default_schedule, next_power_of_two
-from .space import FAMILIES, family_of
+from .space import family_of
 
 FORMAT = 1
 KIND = "einflash-autotune"
@@ -152,7 +153,7 @@ class CacheKey:
             raise CacheError(f"not a cache key: {why}; keys come from CacheKey.of (a cascade, a target, a dtype)")
 
     @classmethod
-    def of(cls, cascade: Cascade, target: Target, dtype: torch.dtype | str) -> "CacheKey":
+    def of(cls, cascade: Cascade, target: Target, dtype: torch.dtype | str) -> CacheKey:
         name = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
         return cls(cascade.key, cascade.name, tuple(environment(target).items()), str(name), target)
 
@@ -184,7 +185,7 @@ class Bucket:
     dims: tuple[tuple[str, int], ...]
 
     @classmethod
-    def of(cls, extents: dict[str, int], kv_heads: int) -> "Bucket":
+    def of(cls, extents: dict[str, int], kv_heads: int) -> Bucket:
         dims = tuple(sorted((r, v) for r, v in extents.items() if r not in ("b", "h", "m", "n")))
         return cls(
             family_of(extents),
@@ -202,11 +203,11 @@ class Bucket:
             + [f"{r}{v}" for r, v in self.dims]
         )
 
-    def compatible(self, other: "Bucket") -> bool:
+    def compatible(self, other: Bucket) -> bool:
         """Whether a schedule tuned for ``other`` can run here: same family, group and head dims."""
         return (self.family, self.group, self.dims) == (other.family, other.group, other.dims)
 
-    def distance(self, other: "Bucket") -> float:
+    def distance(self, other: Bucket) -> float:
         """How far apart two compatible buckets are, in factors of two of M, N and B·Hkv."""
         return sum(abs(math.log2(a / b)) for a, b in ((self.m, other.m), (self.n, other.n), (self.bkv, other.bkv)))
 
@@ -221,7 +222,7 @@ class Bucket:
         }
 
     @classmethod
-    def from_json(cls, d) -> "Bucket":
+    def from_json(cls, d) -> Bucket:
         """A Bucket from its JSON form; raises ValueError naming the field that is wrong."""
         if not isinstance(d, dict):
             raise ValueError(f"a bucket is an object, got {_show(d)}")
@@ -608,7 +609,7 @@ class TuneCache:
                 "kind": KIND,
                 "format": FORMAT,
                 **key.metadata(),
-                "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "updated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "entries": dict(sorted(merged.items())),
             }
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -39,8 +39,8 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 import torch
@@ -51,9 +51,9 @@ from ...errors import TuningError, TuningOptionError
 from ...ir.cascade import Cascade, Layout
 from ...ir.reference import bind_extents, bind_params, kv_heads
 from ...testing import judge, references
-from .cache import Bucket, CacheKey, TuneCache, best_of, schedule_from_json, schedule_to_json
 from ..runtime.forward import Forward
 from ..schedule import Schedule
+from .cache import Bucket, CacheKey, TuneCache, best_of, schedule_from_json, schedule_to_json
 from .space import Space, search_space
 
 DEFAULT_TRIALS = 30
@@ -231,7 +231,7 @@ class _Check:
     what: str
 
     @classmethod
-    def of(cls, cascade: Cascade, inputs: dict, params: dict, extents: dict, kv: int, dtype) -> "_Check":
+    def of(cls, cascade: Cascade, inputs: dict, params: dict, extents: dict, kv: int, dtype) -> _Check:
         B, H = extents["b"], extents["h"]
         widest = max(v for r, v in extents.items() if r not in ("b", "h", "n"))  # M or a head dim
         if B * H * extents["n"] * widest <= FULL_CHECK_ELEMENTS:
@@ -550,7 +550,7 @@ class _Trials:
             "failed": failed,
             "workers": sorted({self.worker} | {r["worker"] for r in measured + failed if r.get("worker")}),
             "seconds": seconds,
-            "tuned": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tuned": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
 
 
