@@ -61,7 +61,7 @@ def _check_shared_study(results: list[dict], storage) -> None:
 def test_two_processes_tune_one_study_through_a_journal_file(tmp_path):
     journal = tmp_path / "study.journal"
     results = _workers(str(journal), tmp_path / "cache")
-    from einflash.compiler.tuning.tuner import open_storage
+    from einflash.compiler.tuning.storage import open_storage
 
     _check_shared_study(results, open_storage(str(journal), journal))
 

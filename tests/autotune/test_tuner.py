@@ -16,6 +16,7 @@ from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.compiler.tuning import tuner as autotune
 from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.tuning.storage import open_storage
 from einflash.compiler.tuning.tuner import Budget, tune
 from einflash.errors import TuningError, TuningOptionError
 from einflash.ir.reference import bind_extents
@@ -28,7 +29,7 @@ def _tune(op, args, **kw):
 
 
 def _study(result) -> optuna.Study:
-    storage = autotune.open_storage(None, result.path.parent / "studies" / f"{result.key.stem}.journal")
+    storage = open_storage(None, result.path.parent / "studies" / f"{result.key.stem}.journal")
     return optuna.load_study(study_name=result.study, storage=storage)
 
 

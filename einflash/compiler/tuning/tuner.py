@@ -55,12 +55,12 @@ from ..runtime.forward import Forward
 from ..schedule import Schedule
 from .cache import Bucket, CacheKey, TuneCache, best_of, schedule_from_json, schedule_to_json
 from .space import Space, search_space
+from .storage import fail_stale_trials, open_storage
 
 DEFAULT_TRIALS = 30
 DEFAULT_SECONDS = 600.0
 FULL_CHECK_ELEMENTS = 1 << 24  # the reference's largest tensor up to which the whole problem is checked
 NEIGHBOURS = 3  # cached buckets whose winners warm-start a study
-RDB_ATTEMPTS = 5  # tries to open an RDB storage that other workers may be initialising
 MAX_IDLE = 100  # draws in a row that measure nothing (pruned, repeated) before the sampler is deemed done
 
 Timer = Callable[[Callable[[], object], Schedule], float]
@@ -95,41 +95,6 @@ class Budget:
             raise TuningOptionError(
                 f"a budget is at least one trial and some seconds, got {self.trials} trials, {self.seconds} s"
             )
-
-
-def open_storage(url: str | None, default: pathlib.Path) -> optuna.storages.BaseStorage:
-    """An Optuna storage: an RDB for a URL (``postgresql://``, ``sqlite:///``), else a journal file at that
-    path (``default`` when None). A journal file is shared safely by the processes of one machine.
-
-    >>> import tempfile, pathlib
-    >>> type(open_storage(None, pathlib.Path(tempfile.mkdtemp()) / "s.journal")).__name__
-    'JournalStorage'
-    """
-    if url and "://" in url:
-        import sqlalchemy.exc
-
-        for attempt in range(RDB_ATTEMPTS):
-            try:
-                with warnings.catch_warnings():  # the heartbeat (a dead worker's trial fails) is "experimental"
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-            except ImportError as e:
-                raise TuningOptionError(
-                    f"storage {url.split('://')[0]}://...: {e} (for postgresql:// install einflash[postgres])"
-                ) from None
-            except sqlalchemy.exc.ArgumentError as e:
-                raise TuningOptionError(f"storage URL not understood: {e}") from None
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers starting at once on an empty database race to create Optuna's tables: the loser
-                # finds them made when it tries again
-                if attempt == RDB_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-    path = pathlib.Path(url) if url else default
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
 @dataclass(frozen=True)
@@ -359,16 +324,15 @@ def tune(
     cache = cache or TuneCache()
     if forward.error is not None:
         raise forward.error
-    trials = _Trials.of(cascade, forward, inputs, params, target, timer, storage, seed, cache)
+    key = CacheKey.of(cascade, target, inputs[cascade.inputs[0].name].dtype)
+    store = open_storage(storage, cache.root / "studies" / f"{key.stem}.journal")  # refused before any work
+    trials = _Trials.of(cascade, forward, inputs, params, target, timer, storage, seed, key)
     sampler_name, chosen = _sampler(sampler, trials.space, budget, trials.seed)
     with _quiet_optuna():
         study = optuna.create_study(
-            study_name=trials.study_name,
-            direction="minimize",
-            sampler=chosen,
-            storage=open_storage(storage, cache.root / "studies" / f"{trials.key.stem}.journal"),
-            load_if_exists=True,
+            study_name=trials.study_name, direction="minimize", sampler=chosen, storage=store, load_if_exists=True
         )
+        fail_stale_trials(study)
         if warm_start:
             _enqueue(study, trials.space, cache, trials.key, trials.bucket)
         with _Progress(progress, f"tuning {cascade.name} {trials.bucket.label}", budget.trials) as bar:
@@ -429,7 +393,7 @@ class _Trials:
     idle: int = 0  # draws in a row that measured nothing (pruned, repeated)
 
     @classmethod
-    def of(cls, cascade, forward, inputs, params, target: Target, timer, storage, seed, cache) -> _Trials:
+    def of(cls, cascade, forward, inputs, params, target: Target, timer, storage, seed, key: CacheKey) -> _Trials:
         extents = bind_extents(forward.rewritten, inputs, params)
         first = inputs[cascade.inputs[0].name]
         kv = kv_heads(cascade, inputs)
@@ -453,7 +417,7 @@ class _Trials:
             extents,
             kv,
             search_space(forward, target, extents, kv, first.element_size()),
-            CacheKey.of(cascade, target, first.dtype),
+            key,
             Bucket.of(extents, kv),
             check,
             timer or (interpreter_timer if target.is_interpreter else gpu_timer),
@@ -482,6 +446,8 @@ class _Trials:
         ):
             if t.number == trial.number or t.params != trial.params or "repeat_of" in t.user_attrs:
                 continue
+            if t.state is TrialState.FAIL and "failure" not in t.user_attrs:
+                continue  # not a measurement: its worker died (stale, or failed by the RDB's heartbeat)
             self.idle += 1
             trial.set_user_attr("repeat_of", t.number)
             if t.state is TrialState.COMPLETE:
