@@ -78,8 +78,9 @@ _OPS = [
         triton_int="((({0} % {1}) + {1}) % {1})",
     ),
     Operator("neg", 1, torch.neg, "(-{0})", lambda a: -a, "−", linear_in=(0,)),
-    Operator("maximum", 2, torch.maximum, "tl.maximum({0}, {1})", sympy.Max),
-    Operator("minimum", 2, torch.minimum, "tl.minimum({0}, {1})", sympy.Min),
+    # NaN propagates, as in torch (and the reference): Triton's default maximum returns the other operand
+    Operator("maximum", 2, torch.maximum, "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", sympy.Max),
+    Operator("minimum", 2, torch.minimum, "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)", sympy.Min),
     Operator(
         "exp", 1, torch.exp, "tl.exp({0})", sympy.exp, homomorphism=("add", "mul"), positive=True, transcendental=True
     ),
@@ -115,7 +116,9 @@ _OPS = [
         positive=True,
         transcendental=True,
     ),
-    Operator("relu", 1, torch.relu, "tl.maximum({0}, 0.0)", lambda a: sympy.Max(a, 0)),
+    Operator(
+        "relu", 1, torch.relu, "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)", lambda a: sympy.Max(a, 0)
+    ),
     Operator("abs", 1, torch.abs, "tl.abs({0})", sympy.Abs),
     Operator("sign", 1, _sign, "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))", sympy.sign),
     Operator("where", 3, torch.where, "tl.where({0}, {1}, {2})", _piecewise),

@@ -96,3 +96,24 @@ def test_an_output_gated_by_the_log_sum_exp_has_its_gradients():
     out.backward(d_o)
     verdicts = check_gradients(gated, {"q": q.grad, "k": k.grad, "v": v.grad}, d_o, q, k, v)
     assert all(v.ok for v in verdicts.values()) and float(q.grad.abs().max()) > 0
+
+
+NAN_ROW_MASKS = {
+    "causal": lambda w: ef.n <= ef.m,
+    "end-aligned causal": lambda w: ef.n <= ef.m + ef.N - ef.M,
+    "sliding window": lambda w: (ef.n <= ef.m) & (ef.m - ef.n < w),
+    "window and sinks": lambda w: (ef.n <= ef.m) & ((ef.m - ef.n < w) | (ef.n < 2)),
+    "no mask": lambda w: ef.n >= 0,
+}
+
+
+@pytest.mark.parametrize("M", [13, 1], ids=["prefill", "decode"])
+@pytest.mark.parametrize("name", NAN_ROW_MASKS)
+def test_a_nan_in_a_query_row_gives_nan_there_as_the_reference_does(name, M):
+    # was: a masked variant's row took its NaN scores for masked ones, 0 output and log-sum-exp −inf
+    op = _masked(NAN_ROW_MASKS[name])
+    q, k, v = _qkv(M=M)
+    q[0, 1, M // 2, 3] = float("nan")
+    out, exact = op(q, k, v), op.reference(q, k, v)
+    assert exact.isnan().any() and torch.equal(out.isnan(), exact.isnan())
+    assert torch.allclose(out[~exact.isnan()].double(), exact[~exact.isnan()], atol=1e-4)

@@ -582,19 +582,21 @@ class TileCode:
         if rank not in src.ranks:
             raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
         axis = src.ranks.index(rank)
-        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}.get(red.op)
+        # a maximum (minimum) that propagates NaN, as the reference's does (tl.max drops it, kernel_helpers)
+        fn = {"sum": "tl.sum", "max": "_max_nan", "min": "_min_nan"}.get(red.op)
         # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
         code = f"{fn}({self.f32(src)}, {axis})" if fn else f"tl.reduce({self.f32(src)}, {axis}, _user_{red.op})"
         keep = tuple(r for r in src.ranks if r != rank)
         present, pranks = None, ()
         if body.present is not None:
             if rank in body.pranks:
-                # a maximum (minimum) of finite values is above −inf (below inf) exactly where some is present.
+                # a maximum (minimum) of finite values is not −inf (inf) exactly where some is present; NaN
+                # (from a NaN input) is present, so the row gives NaN as the reference does, never an empty row.
                 # Only for a presence that varies along both axes: a key-only one reduces cheaply as it is, and
                 # testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp kernels
                 known = None
                 if body.finite and red.op in ("max", "min") and len(body.pranks) > 1:
-                    known = f"({self.prefix}{e.out} {'>' if red.op == 'max' else '<'} {literal(ident)})"
+                    known = f"({self.prefix}{e.out} != {literal(ident)})"
                 present = self.any_of(body.present, body.pranks, rank, known)
                 pranks = tuple(x for x in body.pranks if x != rank)
             else:
