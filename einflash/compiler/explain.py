@@ -17,13 +17,16 @@ import sympy
 
 from ..backends.target import Target
 from ..ir.cascade import Cascade
-from ..ir.expr import Param, walk
+from ..ir.expr import Param, reads, walk
+from ..ir.printer import format_expr
 from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
 from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
 from .analysis.key_passes import count_passes
-from .analysis.mask_tiles import affine_part, count_tiles, tile_plan
+from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
+from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.online import streaming_obstacle
+from .runtime.tile_lists import tile_lists
 from .schedule import padded, widest_head_dim
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -120,7 +123,12 @@ class Explanation:
                 (
                     "mask tiles",
                     f"{t['empty']} empty, {t['partial']} partial, {t['full']} full of "
-                    f"{t['total']} ({t['block_m']}×{t['block_n']})",
+                    f"{t['total']} ({t['block_m']}×{t['block_n']})"
+                    + (
+                        f"; {' ∧ '.join(t['tested_in_every_tile'])} tested in every visited tile"
+                        if t["tested_in_every_tile"]
+                        else ""
+                    ),
                 )
             )
         rows.append(("template", self.template))
@@ -258,25 +266,44 @@ def _backward(backward, subs: dict, visited: float) -> dict:
 
 
 def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
+    """The mask's tile counts at the default tiles: exact where the mask is affine or compares functions of
+    positions (``m // 64 == n // 64``, classified here as the run time does); otherwise the affine part's
+    counts, with its full tiles counted as visited and masked, since the rest of the mask decides there."""
     integers = frozenset(p.name for p in c.params if p.integer)
     for e in c.einsums:
         if e.where is None or STREAM not in e.iteration_ranks:
             continue
         pred = affine_part(e.where, integers)
-        if pred is None:
+        rest = [p for p in conjuncts(e.where) if tile_plan(p, integers) is None]
+        tests = block_tests(c, e.where)
+        positional = len(tests) == len(rest) and not any(
+            list(reads(t.query_side)) + list(reads(t.key_side)) for t in tests
+        )
+        if pred is None and not (rest and positional):
             continue
-        plan = tile_plan(pred, integers)
-        assert plan is not None, pred  # an affine part has a tile plan
-        named = {x.name for x in walk(pred) if isinstance(x, Param)}
+        named = {x.name for x in walk(e.where) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
-        counts = count_tiles(plan, M=ext["m"], N=ext["n"], BM=cfg.block_m, BN=cfg.block_n, **used)
+        M, N, BM, BN = ext["m"], ext["n"], cfg.block_m, cfg.block_n
+        if rest and positional:
+            _, counts = tile_lists(TileLists(tests, pred, integers), {}, used, 1, M, N, BM, BN)
+            full, partial = int(counts[..., 0].sum()), int(counts[..., 1].sum())
+            total = -(-M // BM) * -(-N // BN)
+            tiles = TileCounts(total - full - partial, partial, full, total)
+        else:
+            plan = tile_plan(pred, integers)
+            assert plan is not None, pred  # an affine part has a tile plan
+            tiles = count_tiles(plan, M=M, N=N, BM=BM, BN=BN, **used)
+            if rest:  # a tile full under the affine part is still masked by the rest
+                tiles = TileCounts(tiles.empty, tiles.partial + tiles.full, 0, tiles.total)
         return {
-            "empty": counts.empty,
-            "partial": counts.partial,
-            "full": counts.full,
-            "total": counts.total,
-            "block_m": cfg.block_m,
-            "block_n": cfg.block_n,
-            "exact": plan.exact,
+            "empty": tiles.empty,
+            "partial": tiles.partial,
+            "full": tiles.full,
+            "total": tiles.total,
+            "block_m": BM,
+            "block_n": BN,
+            # the counts are the mask's own non-empty and full tiles (else: the tiles the kernel visits)
+            "exact": not rest and tile_plan(pred, integers).exact,
+            "tested_in_every_tile": [] if positional else [format_expr(p) for p in rest],
         }
     return None

@@ -320,3 +320,42 @@ def test_listed_tiles_of_a_packed_program_cover_all_its_rows():
     doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2]])
     full, partial = _listed(3, 10, 16, 4, doc, pack=True)
     assert len(full[0]) == 1 and full[0][0] == set() and partial[0][0] == {0}  # rows 0-2 see keys 0-2 only
+
+
+def _explained_tiles(mask, M=512, N=640, c=64) -> dict:
+    @ef.attention
+    def masked(q, k, v, c: int = c):
+        return ef.softmax(ef.mask(q @ k * ef.scale, mask(c)), "n") @ v
+
+    return masked.explain(ef.Shape(1, 2, M, N, 64)).tiles
+
+
+def _brute_tiles(mask: torch.Tensor, BM: int, BN: int) -> tuple[int, int]:
+    """(non-empty, full) tiles of an [M, N] mask."""
+    blocks = [mask[i : i + BM, j : j + BN] for i in range(0, mask.shape[0], BM) for j in range(0, mask.shape[1], BN)]
+    return sum(bool(b.any()) for b in blocks), sum(bool(b.all()) for b in blocks)
+
+
+@pytest.mark.parametrize(
+    "name, declared, brute",
+    [
+        ("block diagonal", lambda c: ef.n // c == ef.m // c, lambda m, n, c: n // c == m // c),
+        (
+            "chunked local causal",
+            lambda c: (ef.m // c == ef.n // c) & (ef.n <= ef.m),
+            lambda m, n, c: (m // c == n // c) & (n <= m),
+        ),
+    ],
+)
+def test_explain_counts_the_tiles_of_masks_on_positions(name, declared, brute):
+    t = _explained_tiles(declared)
+    m, n = torch.arange(512)[:, None], torch.arange(640)[None, :]
+    assert (t["partial"] + t["full"], t["full"]) == _brute_tiles(brute(m, n, 64), t["block_m"], t["block_n"])
+    assert t["tested_in_every_tile"] == []
+
+
+def test_explain_does_not_call_tiles_full_that_the_rest_of_the_mask_still_cuts():
+    t = _explained_tiles(lambda c: ((ef.m - ef.n) % 3 == 0) & (ef.n <= ef.m))
+    causal = _explained_tiles(lambda c: ef.n <= ef.m)
+    assert (t["empty"], t["partial"] + t["full"]) == (causal["empty"], causal["partial"] + causal["full"])
+    assert t["full"] == 0 and not t["exact"] and t["tested_in_every_tile"] == ["(m − n)%3 == 0"]

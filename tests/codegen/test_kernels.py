@@ -529,3 +529,46 @@ def test_a_per_token_input_read_past_its_end_is_refused(schedule):
         op(**inputs, schedule=schedule)
     with pytest.raises(ShapeError, match="outside doc's"):
         op.reference(**inputs)
+
+
+# -- masks on functions of one position: blocks, strides --------------------------------------------
+
+
+def _positional(predicate):
+    @ef.attention
+    def positional(q, k, v, block: int = 8):
+        return ef.softmax(ef.mask(q @ k * ef.scale, predicate(block)), "n") @ v
+
+    return positional
+
+
+# (declared mask, the same mask written out in torch, whether tile ranges decide it exactly)
+POSITION_MASKS = {
+    "block diagonal": (lambda c: ef.n // c == ef.m // c, lambda m, n, c: n // c == m // c, True),
+    "blocks of two lengths": (lambda c: ef.n // (2 * c) == ef.m // c, lambda m, n, c: n // (2 * c) == m // c, True),
+    "chunked local causal": (
+        lambda c: (ef.m // c == ef.n // c) & (ef.n <= ef.m),
+        lambda m, n, c: (m // c == n // c) & (n <= m),
+        False,
+    ),
+    "same residue": (lambda c: ef.n % 4 == ef.m % 4, lambda m, n, c: n % 4 == m % 4, True),
+}
+
+
+@pytest.mark.parametrize("M, N, BM, BN", VISIT_SIZES)
+@pytest.mark.parametrize("name", list(POSITION_MASKS))
+def test_a_mask_on_positions_skips_the_tiles_it_empties(name, M, N, BM, BN):
+    """``f(m) == g(n)`` tiles are classified at run time by the ranges of f over the tile's rows and of g over
+    its keys: a block-diagonal mask visits only the tiles that hold a pair, and the result matches."""
+    declared, brute, exact = POSITION_MASKS[name]
+    op = _positional(declared)
+    inputs = _inputs("causal", dataclasses.replace(SHAPE, B=1, Hq=2, Hkv=2, M=M, N=N, E=16, F=16), F32)
+    out, counts = _counting_run(op, inputs, {"block": 8}, Schedule(BM, BN, 4, 1))
+    _assert_matches_reference(op, out, **inputs, block=8)
+    got = counts[0, 0].tolist()
+    m, n = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    want = _brute_counts(brute(m, n, 8).expand(M, N), [slice(i, i + BM) for i in range(0, M, BM)], BN)
+    if exact:
+        assert got == want
+    else:  # the affine part and the block test each keep a tile: a superset, never a tile with a pair left out
+        assert all(g >= w for g, w in zip(got, want)) and sum(got) < len(got) * -(-N // BN)

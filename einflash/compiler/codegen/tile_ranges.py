@@ -22,7 +22,7 @@ from typing import TypeGuard
 import sympy
 
 from ...ir.cascade import Cascade, Einsum, Role
-from ...ir.expr import Call, Expr, Read
+from ...ir.expr import Call, Coord, Expr, Read, walk
 from ...ir.ranks import STREAM, coord
 from ..analysis.mask_tiles import (
     BM,
@@ -72,14 +72,15 @@ class KeyRange:
 
 @dataclass(frozen=True)
 class BlockTest:
-    """A mask conjunct ``query_side[b, m] == key_side[b, n]`` between per-token inputs (document ids).
+    """A mask conjunct ``f(m) == g(n)``: each side a function of one position, its coordinate and inputs read
+    per token there (document ids ``doc[m] == doc[n]``, blocks ``m // 64 == n // 64``).
 
     A tile holds none of its pairs where the two sides' value ranges over the tile's rows and keys
     are disjoint, and all of them where both ranges are one and the same value.
     """
 
-    query_side: Read
-    key_side: Read
+    query_side: Expr
+    key_side: Expr
 
 
 @dataclass(frozen=True)
@@ -311,14 +312,37 @@ def _per_token_read(x: Expr, c: Cascade, rank: str) -> TypeGuard[Read]:
     )
 
 
+# exact on the integers a side holds: the run time's ranges of a side match what the kernel compares
+_SIDE_OPS = frozenset({"add", "sub", "mul", "neg", "floordiv", "mod", "maximum", "minimum", "abs"})
+
+
+def token_side(x: Expr, c: Cascade, rank: str) -> bool:
+    """Whether ``x`` is a function of ``rank``'s position alone: its coordinate and inputs read per token there,
+    with parameters, extents and constants, by integer arithmetic (the run time evaluates it per position)."""
+    positional = False
+    for y in walk(x):
+        if isinstance(y, Coord):
+            if y.rank != rank:
+                return False
+            positional = True
+        elif isinstance(y, Read):
+            if not _per_token_read(y, c, rank):
+                return False
+            positional = True
+        elif isinstance(y, Call) and y.op not in _SIDE_OPS:
+            return False
+    return positional
+
+
 def block_tests(c: Cascade, where: Expr) -> tuple[BlockTest, ...]:
-    """The conjuncts of ``where`` that compare per-token inputs at the query and at the key for equality."""
+    """The conjuncts of ``where`` that compare a function of the query's position with one of the key's."""
+    integers = frozenset(p.name for p in c.params if p.integer)
     tests = []
     for p in conjuncts(where):
-        if isinstance(p, Call) and p.op == "eq":
+        if isinstance(p, Call) and p.op == "eq" and tile_plan(p, integers) is None:  # affine ones: the plan's
             a, b = p.args
             for q_side, k_side in ((a, b), (b, a)):
-                if _per_token_read(q_side, c, "m") and _per_token_read(k_side, c, "n"):
+                if token_side(q_side, c, "m") and token_side(k_side, c, "n"):
                     tests.append(BlockTest(q_side, k_side))
                     break
     return tuple(tests)

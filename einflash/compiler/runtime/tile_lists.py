@@ -1,9 +1,11 @@
-"""Key tiles classified at run time, for masks on per-token data (document ids).
+"""Key tiles classified at run time, for masks on per-token data (document ids) and on functions of one
+position (blocks, ``m // 64 == n // 64``).
 
 For every batch b and query tile i, each key tile j is empty, partial or full under the mask.
 The affine part of the mask is classified by its symbolic tile plan; each block test
-``x[b, m] == y[b, n]`` by the ranges of x over the tile's rows and of y over its keys: disjoint
-ranges hold no equal pair, two equal one-value ranges hold only equal pairs. A tile is full
+``f(m) == g(n)`` by the ranges of f over the tile's rows and of g over its keys (f and g evaluated at
+every position, reading per-token inputs such as ``doc[b, m]``): disjoint ranges hold no equal pair,
+two equal one-value ranges hold only equal pairs. A tile is full
 when every part says full, empty when some part says empty. The kernel gets, per (b, i), the
 indices of its full tiles followed by those of its partial tiles, and the two counts:
 
@@ -30,7 +32,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ...ir.expr import Expr, Param, walk
+from ...ir.expr import Call, Const, Coord, Expr, Param, Read, Size, walk
+from ...ir.operators import OPERATORS
 from ..analysis.mask_tiles import tile_plan, tile_rows
 from ..codegen.tile_ranges import BlockTest, TileLists
 
@@ -38,28 +41,63 @@ from ..codegen.tile_ranges import BlockTest, TileLists
 def _ranges(values: torch.Tensor, length: int, block: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block of ``block`` positions of ``values[:, :length]``: the least and the greatest value."""
     x = values[:, :length]
-    pad = tiles * block - length
-    hi, lo = (
-        (torch.iinfo(x.dtype).max, torch.iinfo(x.dtype).min)
-        if not x.is_floating_point()
-        else (float("inf"), float("-inf"))
-    )
-    least = torch.nn.functional.pad(x, (0, pad), value=hi).view(x.shape[0], tiles, block).amin(-1)
-    most = torch.nn.functional.pad(x, (0, pad), value=lo).view(x.shape[0], tiles, block).amax(-1)
+    if length == 0:
+        return x, x
+    # the last block is filled up with its own last value, which moves neither its least nor its greatest
+    x = torch.cat([x, x[:, -1:].expand(-1, tiles * block - length)], dim=1).reshape(x.shape[0], tiles, block)
+    least, most = x.amin(-1), x.amax(-1)
     return least, most
 
 
+def _side_values(
+    side: Expr, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float], length: int, sizes: dict, device
+) -> torch.Tensor | None:
+    """A block test's side at positions 0..length-1, [B or 1, length]; None where it cannot be evaluated here
+    (a per-token input shorter than the sequence, a division by zero, an extent other than M or N)."""
+
+    def value(x: Expr) -> torch.Tensor | float | None:
+        if isinstance(x, Const):
+            return x.value
+        if isinstance(x, Param):
+            return params[x.name]
+        if isinstance(x, Size):
+            return sizes.get(x.rank)
+        if isinstance(x, Coord):
+            return torch.arange(length, device=device)[None, :]
+        if isinstance(x, Read):
+            data = inputs[x.tensor]
+            return data[:, :length] if data.shape[1] >= length else None
+        assert isinstance(x, Call), x
+        args = [value(a) for a in x.args]
+        if any(a is None for a in args):
+            return None
+        args = [a if isinstance(a, torch.Tensor) else torch.tensor(a, device=device) for a in args]
+        if x.op in ("floordiv", "mod") and bool((args[1] == 0).any()):
+            return None
+        return OPERATORS[x.op].torch(*args)
+
+    out = value(side)  # a tensor: a side reads its coordinate or a per-token input (token_side)
+    return None if out is None else torch.as_tensor(out).expand(-1, length)
+
+
 def _test_classes(
-    test: BlockTest, inputs: Mapping[str, torch.Tensor], M: int, N: int, BM: int, BN: int, Tq: int, Tk: int
+    test: BlockTest,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float],
+    M: int,
+    N: int,
+    BM: int,
+    BN: int,
+    Tq: int,
+    Tk: int,
+    device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(some pair equal, every pair equal) per [B, Tq, Tk] tile for one block test."""
-    q_values, k_values = inputs[test.query_side.tensor], inputs[test.key_side.tensor]
-    if q_values.shape[1] < M or k_values.shape[1] < N:  # reads past the tensor's end: leave the test to the kernel
-        shape = (max(q_values.shape[0], k_values.shape[0]), Tq, Tk)
-        return (
-            torch.ones(shape, dtype=torch.bool, device=q_values.device),
-            torch.zeros(shape, dtype=torch.bool, device=q_values.device),
-        )
+    q_values = _side_values(test.query_side, inputs, params, M, {"m": M, "n": N}, device)
+    k_values = _side_values(test.key_side, inputs, params, N, {"m": M, "n": N}, device)
+    if q_values is None or k_values is None:  # a side the run time cannot evaluate: leave the test to the kernel
+        unknown = torch.ones(1, Tq, Tk, dtype=torch.bool, device=device)
+        return unknown, ~unknown
     q_lo, q_hi = _ranges(q_values, M, BM, Tq)
     k_lo, k_hi = _ranges(k_values, N, BN, Tk)
     q_lo, q_hi, k_lo, k_hi = q_lo[:, :, None], q_hi[:, :, None], k_lo[:, None, :], k_hi[:, None, :]
@@ -101,7 +139,7 @@ def tile_lists(
     if pack:
         BM = max(M, 1)
     Tq, Tk = -(-M // BM), -(-N // BN)
-    device = next(iter(inputs.values())).device
+    device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
     some = torch.ones(B, Tq, Tk, dtype=torch.bool, device=device)
     every = torch.ones_like(some)
     if lists.affine is not None:
@@ -111,7 +149,7 @@ def tile_lists(
         )
         some, every = some & a_some.to(device), every & a_every.to(device)
     for test in lists.tests:
-        t_some, t_every = _test_classes(test, inputs, M, N, BM, BN, Tq, Tk)
+        t_some, t_every = _test_classes(test, inputs, params, M, N, BM, BN, Tq, Tk, device)
         some, every = some & t_some, every & t_every
     if N % BN:  # the last key tile is cut by the end of the keys: only a masked body checks n < N
         every[:, :, -1] = False
