@@ -485,6 +485,7 @@ class _Trials:
             self.idle += 1
             trial.set_user_attr("repeat_of", t.number)
             if t.state is TrialState.COMPLETE:
+                assert t.value is not None  # a complete trial of a single-objective study has its value
                 return t.value
             raise _Failed(f"repeat of trial {t.number} ({t.state.name.lower()})")
         self.idle = 0
