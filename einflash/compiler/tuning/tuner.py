@@ -53,7 +53,9 @@ from ...ir.reference import bind_extents, bind_params, kv_heads
 from ...testing import judge, references
 from ..runtime.forward import Forward
 from ..schedule import Schedule
-from .cache import Bucket, CacheKey, TuneCache, best_of, schedule_from_json, schedule_to_json
+from .cache import TuneCache, best_of
+from .cache_format import schedule_from_json, schedule_to_json
+from .cache_keys import Bucket, CacheKey
 from .space import Space, search_space
 
 DEFAULT_TRIALS = 30
