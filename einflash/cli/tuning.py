@@ -52,13 +52,14 @@ def cmd_tune(args) -> int:
 
 def _here() -> dict:
     from ..backends import detect
-    from ..compiler.tuning.cache import environment
+    from ..compiler.tuning.cache_keys import environment
 
     return environment(detect())
 
 
 def cmd_cache(args) -> int:
-    from ..compiler.tuning.cache import MAX_BUNDLE_BYTES, TuneCache, read_json, schedule_from_json
+    from ..compiler.tuning.cache import TuneCache
+    from ..compiler.tuning.cache_format import MAX_BUNDLE_BYTES, read_json, schedule_from_json
 
     cache = TuneCache()
     if args.action == "list":

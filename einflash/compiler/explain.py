@@ -284,13 +284,13 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
         named = {x.name for x in walk(e.where) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
         M, N, BM, BN = ext["m"], ext["n"], cfg.block_m, cfg.block_n
+        plan = None if pred is None else tile_plan(pred, integers)
         if rest and positional:
             _, counts = tile_lists(TileLists(tests, pred, integers), {}, used, 1, M, N, BM, BN)
             full, partial = int(counts[..., 0].sum()), int(counts[..., 1].sum())
             total = -(-M // BM) * -(-N // BN)
             tiles = TileCounts(total - full - partial, partial, full, total)
         else:
-            plan = tile_plan(pred, integers)
             assert plan is not None, pred  # an affine part has a tile plan
             tiles = count_tiles(plan, M=M, N=N, BM=BM, BN=BN, **used)
             if rest:  # a tile full under the affine part is still masked by the rest
@@ -303,7 +303,7 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
             "block_m": BM,
             "block_n": BN,
             # the counts are the mask's own non-empty and full tiles (else: the tiles the kernel visits)
-            "exact": not rest and tile_plan(pred, integers).exact,
+            "exact": not rest and plan is not None and plan.exact,
             "tested_in_every_tile": [] if positional else [format_expr(p) for p in rest],
         }
     return None

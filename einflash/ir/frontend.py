@@ -23,6 +23,7 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import sympy
@@ -88,7 +89,11 @@ class Tensor:
 # Python-number parameter (``cap: float = 30.0``) is a constant of the kernel.
 Scalar = InputSpec(Layout.DECLARED, ())
 
-_STANDARD_INPUTS = {"q": Query["e"], "k": Key["e"], "v": Key["f"]}
+_STANDARD_INPUTS = {
+    "q": InputSpec(Layout.QUERY, ("e",)),
+    "k": InputSpec(Layout.KEY, ("e",)),
+    "v": InputSpec(Layout.KEY, ("f",)),
+}
 
 # -- trace-time state --------------------------------------------------------------------
 
@@ -102,7 +107,7 @@ class _TraceState:
     source: str = ""
 
     def line(self) -> int | None:
-        f = sys._getframe(1)
+        f: FrameType | None = sys._getframe(1)
         while f is not None and f.f_code is not self.code:
             f = f.f_back
         return f.f_lineno if f is not None else None
@@ -130,10 +135,10 @@ class Node:
     """
 
     kind: str  # leaf | map | reduce | filter | reindex
-    op: str | None
+    op: str | None  # a map's or a reduce's (read it as .operator)
     args: tuple[Node, ...]
     ranks: tuple[str, ...]
-    leaf: Expr | None = None
+    leaf: Expr | None = None  # set on a leaf, and only there
     reduce_ranks: tuple[str, ...] = ()
     arg: float | None = None
     index: tuple[sympy.Expr, ...] = ()
@@ -142,6 +147,12 @@ class Node:
     def __post_init__(self):
         own = (self.kind, self.op, self.ranks, self.leaf, self.reduce_ranks, self.arg, self.index)
         object.__setattr__(self, "key", hash((own, tuple(a.key for a in self.args))))
+
+    @property
+    def operator(self) -> str:
+        """The operator of a map or a reduce node (the other kinds have none)."""
+        assert self.op is not None, f"a {self.kind} node has no operator"
+        return self.op
 
     def _own(self) -> tuple:
         return self.kind, self.op, self.ranks, self.leaf, self.reduce_ranks, self.arg, self.index, len(self.args)
@@ -277,10 +288,10 @@ class Traced:
         return _map("ge", self, o)
 
     def __eq__(self, o):
-        return _map("eq", self, o)  # type: ignore[override]
+        return _map("eq", self, o)
 
     def __ne__(self, o):
-        return _map("ne", self, o)  # type: ignore[override]
+        return _map("ne", self, o)
 
     def __and__(self, o):
         return _map("and", self, o)
@@ -361,10 +372,12 @@ class Traced:
         """Read this tensor at other coordinates: ``doc[ef.m]``, ``s[ef.m - i, ef.n - j]``."""
         index = index if isinstance(index, tuple) else (index,)
         node = self.node
-        plain = node.kind == "leaf" and isinstance(node.leaf, Read) and all(i.is_Symbol for i in node.leaf.index)
+        leaf = node.leaf
         # an input's coordinates bind in its declaration's order (tab: ef.Tensor["h x r"], tab[x, r]); a computed
         # value's, in the order of its ranks
-        order = [str(i) for i in node.leaf.index] if plain else self.ranks
+        order = self.ranks
+        if isinstance(leaf, Read) and all(i.is_Symbol for i in leaf.index):
+            order = tuple(str(i) for i in leaf.index)
         own = [r for r in order if r not in PARALLEL]
         if len(index) != len(own):
             raise RankMismatchError(
@@ -444,7 +457,7 @@ def mask(x, keep) -> Traced:
     the output there is 0.
     """
     x, p = _to_node(x), _to_node(keep)
-    if not (p.kind == "map" and OPERATORS.get(p.op) is not None and OPERATORS[p.op].boolean):
+    if not (p.kind == "map" and (op := OPERATORS.get(p.operator)) is not None and op.boolean):
         raise DeclarationError(
             "ef.mask needs a predicate (a comparison such as ef.n <= ef.m, or & | ~ of comparisons)", _where()
         )
@@ -471,10 +484,10 @@ def reducer(name: str, combine: Callable, identity: float, derivative: Callable 
     a, b = _leaf(Param("a")), _leaf(Param("b"))
 
     def to_expr(node: Node, what: str) -> Expr:
-        if node.kind == "leaf":
+        if node.leaf is not None:
             return node.leaf
         if node.kind == "map":
-            return Call(node.op, tuple(to_expr(x, what) for x in node.args))
+            return Call(node.operator, tuple(to_expr(x, what) for x in node.args))
         raise DeclarationError(
             f"reducer {name!r}: {what} must be elementwise in its two operands, but it uses a {node.kind}"
         )
@@ -670,7 +683,12 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
         if node is out or node.kind in ("reduce", "filter") or node in deep:
             return True
         # a shared predicate stays inline: an Einsum's filter must be a predicate expression, not a read
-        if node.kind == "map" and node.ranks and len(parents.get(node, ())) > 1 and not OPERATORS[node.op].boolean:
+        if (
+            node.kind == "map"
+            and node.ranks
+            and len(parents.get(node, ())) > 1
+            and not OPERATORS[node.operator].boolean
+        ):
             return True
         return any(p.kind == "reindex" for p in parents.get(node, ()))
 
@@ -680,7 +698,7 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     depth: dict[Node, int] = {}
     for node in order:
         d = 1 + max((0 if materialised(a) else depth[a] for a in node.args), default=0)
-        if d > MAX_INLINED_DEPTH and node.kind == "map" and not OPERATORS[node.op].boolean:
+        if d > MAX_INLINED_DEPTH and node.kind == "map" and not OPERATORS[node.operator].boolean:
             deep.add(node)
             d = 0
         depth[node] = d
@@ -701,10 +719,10 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     def to_expr(node: Node, top: bool = False) -> Expr:
         if not top and node in tensor_name:
             return Read(tensor_name[node], tuple(coord(r) for r in node.ranks))
-        if node.kind == "leaf":
+        if node.leaf is not None:
             return node.leaf
         if node.kind == "map":
-            return Call(node.op, tuple(to_expr(a) for a in node.args))
+            return Call(node.operator, tuple(to_expr(a) for a in node.args))
         if node.kind == "reindex":
             base = node.args[0]
             return Read(tensor_name[base], node.index)
@@ -718,7 +736,9 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
         line = st.lines.get(node)
         if node.kind == "reduce":
             body = node.args[0]
-            e = Einsum(name_, node.ranks, to_expr(body), Reduction(node.op, node.reduce_ranks, node.arg), line=line)
+            e = Einsum(
+                name_, node.ranks, to_expr(body), Reduction(node.operator, node.reduce_ranks, node.arg), line=line
+            )
         elif node.kind == "filter":
             e = Einsum(name_, node.ranks, to_expr(node.args[0]), where=to_expr(node.args[1]), line=line)
         else:

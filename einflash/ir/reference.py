@@ -39,8 +39,8 @@ import sympy
 import torch
 import torch.utils.checkpoint
 
-from ..errors import MissingInputError, ParameterError, ShapeError
-from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Role
+from ..errors import CascadeError, MissingInputError, ParameterError, ShapeError
+from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, walk
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL, coord, extent_symbol, rank_order
@@ -128,11 +128,11 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
         defaults = {
             extent_symbol(p.name): p.default for p in c.params if p.default is not None and p.name not in params
         }
-        for r in missing:
-            val = sympy.sympify(r.extent).subs(defaults).subs(subs)
+        for rank in missing:
+            val = sympy.sympify(rank.extent).subs(defaults).subs(subs)
             if not val.is_number:
-                raise ShapeError(f"rank {r.name!r} has extent {r.extent}, which the inputs do not determine")
-            ext[r.name] = int(val)
+                raise ShapeError(f"rank {rank.name!r} has extent {rank.extent}, which the inputs do not determine")
+            ext[rank.name] = int(val)
     _check_input_reads(c, ext, params)
     return ext
 
@@ -346,7 +346,7 @@ class _Evaluator:
         its = rank_order(e.iteration_ranks)
         red = e.reduce
         if red is not None and red.op == "sum" and e.where is None:
-            val = self._sum_of_products(e, its)
+            val = self._sum_of_products(e, red, its)
         else:
             body = self.eval(e.expr)
             data, pres = body.aligned(its), body.aligned_present(its)
@@ -361,7 +361,7 @@ class _Evaluator:
             if red is None:
                 val = Value(data, its, pres)
             else:
-                val = self._reduce(e, its, data, pres)
+                val = self._reduce(e, red, its, data, pres)
         out = Value(
             val.aligned(e.ranks), e.ranks, val.aligned_present(e.ranks), {r: self.ranges[r][0] for r in e.ranks}
         )
@@ -370,8 +370,7 @@ class _Evaluator:
         out.present = None if out.present is None else out.present.expand(shape)
         return out
 
-    def _reduce(self, e: Einsum, its, data, pres) -> Value:
-        red = e.reduce
+    def _reduce(self, e: Einsum, red: Reduction, its, data, pres) -> Value:
         dims = [its.index(r) for r in red.ranks]
         keep = tuple(r for r in its if r not in red.ranks)
         ident = REDUCERS[red.op].identity
@@ -390,9 +389,11 @@ class _Evaluator:
             out = data.amax(dim=dims)
         elif red.op == "min":
             out = data.amin(dim=dims)
-        elif red.op != "kth_largest":  # a user reducer: fold pairwise with its combine
-            out = _fold(data, dims, OPERATORS[REDUCERS[red.op].combine].torch, ident)
-        else:  # kth_largest
+        elif (combine := REDUCERS[red.op].combine) is not None:  # a user reducer: fold pairwise with its combine
+            out = _fold(data, dims, OPERATORS[combine].torch, ident)
+        else:  # kth_largest, the one reducer with no combine
+            if red.arg is None:  # a cascade built by hand, or x.reduce("kth_largest", ...) with no k
+                raise CascadeError(f"{e.out}: kth_largest needs its k (Reduction.arg), got none")
             moved = data.permute([its.index(r) for r in keep] + dims)
             flat = moved.reshape(*moved.shape[: len(keep)], -1)
             k = min(int(red.arg), flat.shape[-1])
@@ -400,14 +401,14 @@ class _Evaluator:
         any_pres = None if pres is None else pres.any(dim=dims)
         return Value(out, keep, any_pres)
 
-    def _sum_of_products(self, e: Einsum, its) -> Value:
+    def _sum_of_products(self, e: Einsum, red: Reduction, its) -> Value:
         factors = list(_factors(e.expr))
         # b and h as batch dimensions of every contraction: BLAS then computes each head alike, however many
         # heads an evaluation has (a factor without b would have b folded into its product's rows)
-        batch = tuple(r for r in PARALLEL if r not in e.reduce.ranks)
+        batch = tuple(r for r in PARALLEL if r not in red.ranks)
         vals = [self._with_ranks(self.eval(f), batch) for f in factors]
         letters = {r: chr(ord("a") + i) for i, r in enumerate(its)}
-        keep = tuple(r for r in its if r not in e.reduce.ranks)
+        keep = tuple(r for r in its if r not in red.ranks)
         spec = ",".join("".join(letters[r] for r in v.ranks) for v in vals) + "->" + "".join(letters[r] for r in keep)
         datas = []
         for v in vals:
@@ -540,8 +541,9 @@ def to_contract_layout(c: Cascade, v: Value, extents_like: Mapping[str, int] | N
     value_rank = next(r for r in ranks if r not in ("b", "h", "m"))
     want = ("b", "h", "m", value_rank)
     data = v.aligned(want)
-    if v.present is not None:
-        data = torch.where(v.aligned_present(want), data, torch.zeros((), dtype=data.dtype, device=data.device))
+    present = v.aligned_present(want)
+    if present is not None:
+        data = torch.where(present, data, torch.zeros((), dtype=data.dtype, device=data.device))
     if extents_like:
         data = data.expand(extents_like["b"], extents_like["h"], data.shape[2], data.shape[3])
     return data.contiguous()
@@ -638,9 +640,10 @@ def _outputs(c: Cascade, env: dict[str, Value], sizes: Mapping[str, int]) -> tup
     for name in c.outputs[1:]:
         v = env[name]
         data = v.aligned(ROW_RANKS)
-        if v.present is not None:
+        present = v.aligned_present(ROW_RANKS)
+        if present is not None:
             data = torch.where(
-                v.aligned_present(ROW_RANKS),
+                present,
                 data,
                 torch.full((), ROW_OUTPUT_ABSENT, dtype=data.dtype, device=data.device),
             )

@@ -12,7 +12,9 @@ from autotune_helpers import example
 
 from einflash.backends import get_target
 from einflash.compiler.schedule import Schedule
-from einflash.compiler.tuning.cache import FORMAT, Bucket, CacheKey, TuneCache, best_schedule, merge, problem
+from einflash.compiler.tuning.cache import TuneCache, best_schedule, merge
+from einflash.compiler.tuning.cache_format import FORMAT, problem
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.errors import CacheError, CacheWarning
 from einflash.shape import Shape
 

@@ -18,9 +18,10 @@ from einflash.backends import INTERPRETER
 from einflash.cli import main
 from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
-from einflash.compiler.tuning import cache as cache_module
-from einflash.compiler.tuning import selection
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache, problem
+from einflash.compiler.tuning import cache_format, selection
+from einflash.compiler.tuning.cache import TuneCache
+from einflash.compiler.tuning.cache_format import problem
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents
 
@@ -163,7 +164,7 @@ def test_a_file_larger_than_the_limit_is_not_parsed(cache_dir, monkeypatch):
     op, args = example("causal"), qkv()
     key, bucket = _key_and_bucket(op, args)
     _good_file(key, bucket)
-    monkeypatch.setattr(cache_module, "MAX_FILE_BYTES", 100)
+    monkeypatch.setattr(cache_format, "MAX_FILE_BYTES", 100)
     with pytest.warns(CacheWarning, match="more than the 100 bytes"):
         assert TuneCache().best(key, bucket) is None
 

@@ -15,7 +15,9 @@ from einflash.backends import INTERPRETER, get_target
 from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.compiler.tuning import selection
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache, schedule_problem
+from einflash.compiler.tuning.cache import TuneCache
+from einflash.compiler.tuning.cache_format import schedule_problem
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.compiler.tuning.space import fitting_default, search_space
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents

@@ -9,7 +9,8 @@ from autotune_helpers import example
 
 from einflash.backends import get_target
 from einflash.compiler.schedule import Schedule
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.tuning.cache import TuneCache
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.errors import CacheError
 
 SM90 = get_target("sm90")

@@ -14,7 +14,8 @@ from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule, default_schedule
 from einflash.compiler.tuning import cache as cache_module
 from einflash.compiler.tuning import selection
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.tuning.cache import TuneCache
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents
 

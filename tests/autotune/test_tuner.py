@@ -15,7 +15,8 @@ from einflash.backends import INTERPRETER, SearchSpace, TileConfig, Tuning
 from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.compiler.tuning import tuner as autotune
-from einflash.compiler.tuning.cache import Bucket, CacheKey, TuneCache
+from einflash.compiler.tuning.cache import TuneCache
+from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
 from einflash.compiler.tuning.storage import open_storage
 from einflash.compiler.tuning.tuner import Budget, tune
 from einflash.errors import TuningError, TuningOptionError

@@ -23,12 +23,13 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ...errors import LoweringError
-from ...ir.cascade import Cascade, Einsum, Layout, Role
+from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
 from ..analysis.mask_tiles import conjuncts
 from .range_tests import range_pairs
+from .reductions import contraction, dot_groups, reduction
 from .tile import (
     FINITE_OPS,
     POSITIVE_PROBES,
@@ -191,8 +192,12 @@ class TileCode:
         key = (r.tensor, r.index)
         if key in self.loads:
             return self.loads[key]
-        offs, masks, axes = [], [], []
-        beyond = []  # (axis, in-range condition) where a coordinate indexes a dimension of another rank
+        # terms of the address: a code, or (rank, stride) for a tile axis, indexed once the tile's axes are known
+        offs: list[str | tuple[str, str]] = []
+        masks: list[str] = []
+        axes: list[str] = []
+        # (axis, in-range condition) where a coordinate indexes a dimension of another rank
+        beyond: list[tuple[str, str]] = []
         if r.tensor in self.kernel.workspaces:  # memory dims b, h, split, then the ranks after h
             offs.append(f"s_idx * stride_{r.tensor}_2")
         for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
@@ -480,8 +485,13 @@ class TileCode:
             raise LoweringError(
                 f"{e.out} has {len(ranks)} tile ranks ({', '.join(ranks)}); the one-pass template handles at most 2"
             )
-        if e.reduce is not None and e.reduce.op == "sum" and e.where is None and self.is_contraction(e):
-            tile = self.contraction(e, ranks)
+        if (
+            reduces(e)
+            and e.reduce.op == "sum"
+            and e.where is None
+            and (groups := dot_groups(e, self.kernel.order)) is not None
+        ):
+            tile = contraction(self, e, groups)
             # a dot that its consumer adds into an accumulator runs there, inside tl.dot, and only there
             return self.bind(e.out, tile, evaluate=not (e.out in self.dots and self.only_accumulated(e.out)))
         fused = self.accumulate(e)
@@ -489,10 +499,10 @@ class TileCode:
             return self.bind(e.out, fused)
         body = self.expr(e.expr)
         if e.where is not None:
-            body = self.mask(e, body)
-        if e.reduce is None:
-            return self.bind(e.out, body)
-        return self.bind(e.out, self.reduction(e, body, ranks))
+            body = self.mask(e.where, body)
+        if reduces(e):
+            return self.bind(e.out, reduction(self, e, body))
+        return self.bind(e.out, body)
 
     def accumulate(self, e: Einsum) -> Tile | None:
         """``S = X +∪ dot`` as ``tl.dot(a, b, X)``: the tensor cores add into the rescaled accumulator."""
@@ -516,12 +526,14 @@ class TileCode:
         )
         return Tile(f"tl.dot({a}, {b}, {self.f32(rest)}{prec})", made.ranks, present, pranks, 0.0 if present else None)
 
-    def mask(self, e: Einsum, body: Tile) -> Tile:
-        pred = self.predicate(e.where)
+    def mask(self, where: Expr, body: Tile) -> Tile:
+        """``body`` kept where the filter ``where`` holds, and absent elsewhere."""
+        pred = self.predicate(where)
         if pred is None:
             return body
         ranks = tile_axes(body.ranks + pred.ranks, self.kernel.order)
         present, pranks, kept = self.presence((body, Tile("", (), pred.code, pred.ranks)))
+        assert present is not None  # the predicate's tile has a presence: the combination has one
         if kept == {0}:
             # the body is absent wherever the mask fails already (a gradient re-masked by its forward's mask):
             # it stays as it is, with the fill it has there
@@ -567,141 +579,3 @@ class TileCode:
         if isinstance(x, Param):
             return f"p_{x.name}"
         return "M" if x.rank == "m" else "N" if x.rank == "n" else str(self.extent(x.rank))
-
-    def reduction(self, e: Einsum, body: Tile, out_ranks) -> Tile:
-        red = e.reduce
-        if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
-            raise LoweringError(
-                f"{e.out}: the one-pass template reduces over one rank with a reducer that "
-                f"combines partial results (sum, max, min, user reducers), not {red.op} over "
-                f"{red.ranks}"
-            )
-        rank = red.ranks[0]
-        ident = REDUCERS[red.op].identity
-        src = self.filled(body, ident)
-        if rank not in src.ranks:
-            raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
-        axis = src.ranks.index(rank)
-        # a maximum (minimum) that propagates NaN, as the reference's does (tl.max drops it, kernel_helpers)
-        fn = {"sum": "tl.sum", "max": "_max_nan", "min": "_min_nan"}.get(red.op)
-        # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
-        code = f"{fn}({self.f32(src)}, {axis})" if fn else f"tl.reduce({self.f32(src)}, {axis}, _user_{red.op})"
-        keep = tuple(r for r in src.ranks if r != rank)
-        present, pranks = None, ()
-        if body.present is not None:
-            if rank in body.pranks:
-                # a maximum (minimum) of finite values is not −inf (inf) exactly where some is present; NaN
-                # (from a NaN input) is present, so the row gives NaN as the reference does, never an empty row.
-                # Only for a presence that varies along both axes: a key-only one reduces cheaply as it is, and
-                # testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp kernels
-                known = None
-                if body.finite and red.op in ("max", "min") and len(body.pranks) > 1:
-                    known = f"({self.prefix}{e.out} != {literal(ident)})"
-                present = self.any_of(body.present, body.pranks, rank, known)
-                pranks = tuple(x for x in body.pranks if x != rank)
-            else:
-                present, pranks = body.present, body.pranks
-        finite = body.finite and red.op in ("sum", "max", "min")
-        return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
-
-    def is_contraction(self, e: Einsum) -> bool:
-        return len(e.reduce.ranks) == 1 and self.dot_groups(e) is not None
-
-    def dot_groups(self, e: Einsum):
-        """Split a sum-of-products body into (left, right, outer) factor lists for tl.dot."""
-        from ...ir.algebra import factors
-
-        r = e.reduce.ranks[0]
-        out = list(tile_axes([x for x in e.ranks if x not in PARALLEL], self.kernel.order))
-        if len(out) != 2:
-            return None
-        from ...ir.expr import free_ranks
-
-        x, y = out
-        left, right, outer = [], [], []
-        for f, k in factors(e.expr):
-            fr = set(free_ranks(f)) - set(PARALLEL)
-            if r not in fr:
-                outer.append((f, k))
-            elif fr <= {x, r} and x in fr:
-                left.append((f, k))
-            elif fr <= {y, r} and y in fr:
-                right.append((f, k))
-            elif fr == {r}:
-                left.append((f, k))
-            else:
-                return None
-        if not left or not right:
-            return None
-        return (x, left), (y, right), outer
-
-    def contraction(self, e: Einsum, ranks) -> Tile:
-        from ...ir.algebra import product
-
-        r = e.reduce.ranks[0]
-        (x, left), (y, right), outer = self.dot_groups(e)
-        outer = [(f, k) for f, k in outer if f != Const(1.0)]
-        a = self.filled(self.expr(product(_reciprocals(left))), 0.0)
-        b = self.filled(self.expr(product(_reciprocals(right))), 0.0)
-        a_code = self.operand(a, (x, r))
-        b_code = self.operand(b, (r, y))
-        prec = ', input_precision="ieee"' if self.kernel.exact else ""
-        if self.kernel.acc != "tl.float32":  # tl.dot accumulates in fp32 unless told otherwise
-            prec += f", out_dtype={self.kernel.acc}"
-        code = f"tl.dot({a_code}, {b_code}{prec})"
-        # the result is present where some term of the sum is: reduce the operands' presence over r
-        present, pranks, _ = self.presence([self.reduced_presence(t, r) for t in (a, b)])
-        out_ranks = tile_axes((x, y), self.kernel.order)
-        if out_ranks != (x, y):
-            code = f"tl.trans({code})"
-        elif not outer:
-            self.dots[e.out] = (a_code, b_code, prec)
-        tile = Tile(code, out_ranks, present, pranks, 0.0 if present else None, finite=a.finite and b.finite)
-        if outer:
-            o = self.expr(product(outer))
-            if o.present is not None:  # absent where the factor is; 0 there (the dot is finite)
-                o = self.filled(o, 0.0)
-                present, pranks, _ = self.presence((tile, o))
-            tile = Tile(
-                f"{code} * {bcast(self.f32(o), o.ranks, out_ranks)}",
-                out_ranks,
-                present,
-                pranks,
-                0.0 if present else None,
-                "f32",
-                finite=tile.finite and o.finite,
-            )
-        return tile
-
-    def reduced_presence(self, t: Tile, rank: str) -> Tile:
-        """``t``'s presence reduced over ``rank`` by any, along the sequence axes only.
-
-        Padding of a head dimension is left out: the operand holds 0 there, and
-        stores mask padded positions, so it never reaches memory.
-        """
-        if t.present is None:
-            return Tile("", ())
-        code, keep = t.present, t.pranks
-        for x in [rank] * (rank in keep) + [x for x in reversed(keep) if x not in ("m", "n", rank)]:
-            code = self.any_of(code, keep, x)
-            keep = tuple(y for y in keep if y != x)
-        keep = tuple(x for x in keep if x in ("m", "n"))
-        return Tile("", (), code if keep else None, keep)
-
-    def operand(self, t: Tile, want: tuple[str, str]) -> str:
-        """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
-        code = t.code if (t.dtype == "in" or self.kernel.exact) else f"{t.code}.to({self.kernel.dot_dtype})"
-        if self.kernel.exact and t.dtype == "in":
-            code = f"{t.code}.to({self.kernel.acc})"
-        if len(t.ranks) == 1:
-            raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")
-        return code if t.ranks == want else f"tl.trans({code})"
-
-
-def _reciprocals(fs: list[tuple[Expr, int]]) -> list[tuple[Expr, int]]:
-    """Divisors of an operand that have fewer ranks than it (a row's normaliser) as factors 1/d: one division
-    per row, then a multiplication per element, instead of a division per element."""
-    from ...ir.expr import call, free_ranks
-
-    ranks = frozenset().union(*(free_ranks(f) for f, _ in fs))
-    return [(call("div", Const(1.0), f), 1) if k < 0 and free_ranks(f) < ranks else (f, k) for f, k in fs]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...ir.algebra import correction
-from ...ir.cascade import Cascade, Einsum, Role, TensorDecl, plain_read
+from ...ir.cascade import Cascade, Einsum, Role, TensorDecl, plain_read, reduces
 from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, reads, transform
 from ...ir.operators import REDUCERS
 from ...ir.ranks import STREAM, coord, rank_order
@@ -32,10 +32,19 @@ from .names import fresh_name, ordered_tensors
 
 
 @dataclass(frozen=True)
+class _Running:
+    """How a reduction over n runs as a state: the operator that folds a chunk's value into it, its value
+    before the first chunk."""
+
+    combine: str
+    identity: float
+
+
+@dataclass(frozen=True)
 class _Plan:
     k: int  # passes 1..k become the loop
-    states: tuple[str, ...]  # reductions over n that become running states
-    corrections: dict  # state -> correction expression (Const(1) when none)
+    states: dict[str, _Running]  # reductions over n that become running states, by the tensor each writes
+    corrections: dict[str, Expr]  # state -> correction expression (Const(1) when none)
 
 
 def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr:
@@ -50,10 +59,11 @@ def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr
             and x.tensor in inline
             and x.tensor not in stop
             and c.depends_on(x.tensor, stop)
+            and (p := c.producer(x.tensor)) is not None
+            and p.reduce is None
+            and tuple(x.index) == tuple(coord(r) for r in p.ranks)
         ):
-            p = c.producer(x.tensor)
-            if p.reduce is None and tuple(x.index) == tuple(coord(r) for r in p.ranks):
-                return inline_body(c, p, stop, inline)
+            return inline_body(c, p, stop, inline)
         return None
 
     return transform(e.expr, sub)
@@ -63,7 +73,7 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
     """Whether passes 1..k can share one loop; the plan, or the reason they cannot."""
     pa = count_passes(c)
     fused = {e.out for e in c.einsums if 0 < pa.pass_of(e.out) <= k}
-    reductions = [e for e in c.einsums if e.out in fused and e.reduce is not None and STREAM in e.reduce.ranks]
+    reductions = [e for e in c.einsums if e.out in fused and reduces(e) and STREAM in e.reduce.ranks]
     states = {e.out for e in reductions}
     late = late_tensors(c)
     maps = {e.out for e in c.einsums if e.reduce is None}
@@ -94,11 +104,14 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
                         f"{where} reads {r.tensor}, which needs a full reduction over n and reaches it "
                         f"through a computation that has no running form, so it waits for that pass"
                     )
-    corrections = {}
+    running: dict[str, _Running] = {}
+    corrections: dict[str, Expr] = {}
     for e in reductions:
         where = f"{e.out}" + (f" (line {e.line})" if e.line else "")
-        if REDUCERS[e.reduce.op].combine is None:
+        combine = REDUCERS[e.reduce.op].combine
+        if combine is None:
             return None, f"{where} is a {e.reduce.op} over n, which has no running form"
+        running[e.out] = _Running(combine, REDUCERS[e.reduce.op].identity)
         if set(e.reduce.ranks) != {STREAM}:
             return None, f"{where} reduces over n together with other ranks"
         body = inline_body(c, e, states, maps & (fused | late))
@@ -114,16 +127,16 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
             continue
         if e.reduce.op != "sum":
             return None, f"{where} is a {e.reduce.op} of values that depend on running states"
-        r = correction(body, used, set(e.reduce.ranks))
-        if r is None:
+        factor = correction(body, used, set(e.reduce.ranks))
+        if factor is None:
             named = ", ".join(sorted(used))
             return None, (
                 f"{where} sums a function of {named} for which no correction factor exists: "
                 f"its value under the final {named} is not a multiple of its value under a "
                 f"running {named}, so it must wait until {named} is complete"
             )
-        corrections[e.out] = r
-    return _Plan(k, tuple(x.out for x in reductions), corrections), None
+        corrections[e.out] = factor
+    return _Plan(k, running, corrections), None
 
 
 def _stream_index(c: Cascade, r: Read):
@@ -204,6 +217,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
         if e.out not in states:
             loop.append(replace(e, loop=True))
             continue
+        state = plan.states[e.out]
         local = fresh_name(c, f"{e.out}_chunk", names)
         names.add(local)
         tensors.append(TensorDecl(local, e.ranks))
@@ -212,7 +226,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
         chunk = Read(local, cur.index)
         r = plan.corrections[e.out]
         if r == Const(1.0):
-            upd = call(REDUCERS[e.reduce.op].combine, prev, chunk, merge=Merge.ANY)
+            upd = call(state.combine, prev, chunk, merge=Merge.ANY)
         else:
             if r not in alphas:
                 alpha = fresh_name(c, "alpha", names)
@@ -224,8 +238,7 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
             ar = rank_order(free_ranks(r))
             upd = call("add", call("mul", prev, Read(alphas[r], tuple(coord(x) for x in ar))), chunk, merge=Merge.ANY)
         loop.append(Einsum(e.out, e.ranks, upd, loop=True, line=e.line))
-        ident = REDUCERS[e.reduce.op].identity
-        tensors = [replace(t, role=Role.STATE, init=ident) if t.name == e.out else t for t in tensors]
+        tensors = [replace(t, role=Role.STATE, init=state.identity) if t.name == e.out else t for t in tensors]
     after = _recompute_after(c, after, in_loop, states, names, tensors)
     einsums = before + loop + after
     return replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums))
@@ -236,13 +249,13 @@ def _recompute_after(
 ) -> list[Einsum]:
     """Einsums after the loop that read chunk-local values get their own copies of them."""
     chunk_local = in_loop - states
+    producer = {e.out: e for e in c.einsums}  # by tensor, the last Einsum that writes it (as Cascade.producer)
     needed: list[str] = []
 
     def need(name: str) -> None:
         if name in needed:
             return
-        p = c.producer(name)
-        for r in p.reads():
+        for r in producer[name].reads():
             if r.tensor in chunk_local:
                 need(r.tensor)
         needed.append(name)
@@ -270,5 +283,5 @@ def _recompute_after(
             e, out=out or e.out, expr=transform(e.expr, fix), where=None if e.where is None else transform(e.where, fix)
         )
 
-    copies = [redo(c.producer(n), renames[n]) for n in order]
+    copies = [redo(producer[n], renames[n]) for n in order]
     return copies + [redo(e) for e in after]

@@ -68,10 +68,10 @@ def _side_values(
             data = inputs[x.tensor]
             return data[:, :length] if data.shape[1] >= length else None
         assert isinstance(x, Call), x
-        args = [value(a) for a in x.args]
-        if any(a is None for a in args):
+        values = [value(a) for a in x.args]
+        if any(a is None for a in values):
             return None
-        args = [a if isinstance(a, torch.Tensor) else torch.tensor(a, device=device) for a in args]
+        args = [torch.as_tensor(a, device=device) for a in values]
         if x.op in ("floordiv", "mod") and bool((args[1] == 0).any()):
             return None
         return OPERATORS[x.op].torch(*args)

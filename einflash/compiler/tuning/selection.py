@@ -28,7 +28,8 @@ from ...ir.cascade import Cascade
 from ..runtime.forward import Forward
 from ..schedule import Schedule
 from . import cache as cache_files
-from .cache import Bucket, CacheKey, TuneCache
+from .cache import TuneCache
+from .cache_keys import Bucket, CacheKey
 from .space import fitting_default
 from .tuner import tune
 

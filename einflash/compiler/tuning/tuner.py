@@ -53,7 +53,9 @@ from ...ir.reference import bind_extents, bind_params, kv_heads
 from ...testing import judge, references
 from ..runtime.forward import Forward
 from ..schedule import Schedule
-from .cache import Bucket, CacheKey, TuneCache, best_of, schedule_from_json, schedule_to_json
+from .cache import TuneCache, best_of
+from .cache_format import schedule_from_json, schedule_to_json
+from .cache_keys import Bucket, CacheKey
 from .space import Space, search_space
 from .storage import fail_stale_trials, open_storage
 
@@ -451,6 +453,7 @@ class _Trials:
             self.idle += 1
             trial.set_user_attr("repeat_of", t.number)
             if t.state is TrialState.COMPLETE:
+                assert t.value is not None  # a complete trial of a single-objective study has its value
                 return t.value
             raise _Failed(f"repeat of trial {t.number} ({t.state.name.lower()})")
         self.idle = 0
