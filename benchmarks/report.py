@@ -43,19 +43,19 @@ class Run:
 
 RUNS = {
     "forward": Run(
-        "h200_2026-12-02_final_3466567/forward.json",
-        "3466567",
+        "h100_2026-12-06_session_6ab895a/forward.json",
+        "6ab895a",
         "forward TFLOP/s, decode TB/s, anchors (gpu_session.py → bench_forward.py)",
     ),
     "checks": Run(
-        "h200_2026-12-02_final_3466567/checks.json",
-        "3466567",
-        "forward checks of the catalogue; gradient checks of the two-launch backward (gpu_session.py)",
-        env_from="h200_2026-12-02_final_3466567/forward.json",
+        "h100_2026-12-06_session_6ab895a/checks.json",
+        "6ab895a",
+        "forward and gradient checks of the catalogue (gpu_session.py)",
+        env_from="h100_2026-12-06_session_6ab895a/forward.json",
     ),
     "training": Run(
-        "h200_2026-12-02_one_launch_49e7995/backward.json",
-        "49e7995",
+        "h100_2026-12-06_session_6ab895a/backward.json",
+        "6ab895a",
         "forward+backward TFLOP/s and gradient checks (bench_backward.py)",
     ),
     "lse": Run(
