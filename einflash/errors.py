@@ -82,7 +82,12 @@ class NormaliserError(CallError):
 
 
 class LoweringError(EinflashError, NotImplementedError):
-    """A valid cascade that no template can lower yet; says why."""
+    """A valid cascade that no template can lower yet; says why. ``where`` names the declaration's line
+    when the error belongs to one statement."""
+
+    def __init__(self, message: str, where: str | None = None):
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
 
 
 class DifferentiationError(LoweringError):

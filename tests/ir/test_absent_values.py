@@ -59,3 +59,10 @@ def test_a_kernel_that_cannot_follow_the_rule_refuses():
     q, k, v, w = (x.float() for x in _inputs())
     with pytest.raises(LoweringError, match="3 tile ranks"):
         _tail_weighted(False)(q, k, v, w=w)
+
+
+def test_the_refusal_names_the_declarations_line():
+    q, k, v, w = (x.float() for x in _inputs())
+    with pytest.raises(LoweringError) as refused:
+        _tail_weighted(False)(q, k, v, w=w)
+    assert refused.value.where is not None and refused.value.where.startswith(__file__)

@@ -480,6 +480,15 @@ class TileCode:
     # -- Einsums -------------------------------------------------------------------------------
 
     def einsum(self, e: Einsum) -> Tile:
+        """``e`` as tile code; a LoweringError raised on the way names ``e``'s line of the declaration."""
+        try:
+            return self._einsum(e)
+        except LoweringError as err:
+            if err.where is not None or self.c.where(e) in str(err):
+                raise
+            raise type(err)(str(err), self.c.where(e)) from None
+
+    def _einsum(self, e: Einsum) -> Tile:
         ranks = tuple(r for r in e.ranks if r not in PARALLEL)
         if len(ranks) > 2:
             raise LoweringError(
