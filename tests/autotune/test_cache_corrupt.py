@@ -16,7 +16,6 @@ from autotune_helpers import example, qkv
 
 from einflash.backends import INTERPRETER
 from einflash.cli import main
-from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.compiler.tuning import cache_format, selection
 from einflash.compiler.tuning.cache import TuneCache
@@ -86,16 +85,6 @@ def _edit(path, data, change) -> None:
     data = copy.deepcopy(data)
     change(data)
     path.write_text(json.dumps(data))
-
-
-@pytest.fixture
-def ran(monkeypatch):
-    got = []
-    real = forward_module.Forward.run
-    monkeypatch.setattr(
-        forward_module.Forward, "run", lambda self, i, v, s, *a, **kw: got.append(s) or real(self, i, v, s, *a, **kw)
-    )
-    return got
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:

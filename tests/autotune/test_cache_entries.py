@@ -12,7 +12,6 @@ import torch
 from autotune_helpers import example, qkv
 
 from einflash.backends import INTERPRETER, get_target
-from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.compiler.tuning import selection
 from einflash.compiler.tuning.cache import TuneCache
@@ -24,16 +23,6 @@ from einflash.ir.reference import bind_extents
 
 GOOD = Schedule(32, 16, 4, 1, reverse_m=True)
 POISON = dataclasses.replace(GOOD, block_m=3)
-
-
-@pytest.fixture
-def ran(monkeypatch):
-    got = []
-    real = forward_module.Forward.run
-    monkeypatch.setattr(
-        forward_module.Forward, "run", lambda self, i, v, s, *a, **kw: got.append(s) or real(self, i, v, s, *a, **kw)
-    )
-    return got
 
 
 def _entry(schedule: Schedule, study: str = "s", trial: int = 0) -> dict:
