@@ -21,6 +21,7 @@ needs the ``test`` extra (``hypothesis``).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import pathlib
@@ -398,7 +399,7 @@ def _typed(stage: str, source: str, fn: Callable):
 
 def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     """Declare, reference, run and differentiate ``program``; raise Defect where einflash is wrong."""
-    from .testing import judge, lowp_error, tolerance_floor
+    from .testing import judge, lowp_error, overflow_stand_in, tolerance_floor
 
     digest = hashlib.sha256("\n".join(program.lines).encode()).hexdigest()[:8]
     name = f"fuzz_{digest}"
@@ -450,13 +451,15 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
         return refused
     exact = _plain_grads(program, half, d_o, torch.float64)
     lowp = _plain_grads(program, half, d_o, torch.float16)
+    wide = functools.cache(lambda: _plain_grads(program, half, d_o, torch.float32))
     magnitude = max([float(g.abs().max()) for g in exact.values() if g.numel()] + [0.0])
     for k, want in exact.items():
         got = grads.get(k)
         if got is None:
             got = torch.zeros_like(want)
         err = float("inf") if not torch.isfinite(got).all() else float((got.double() - want).abs().max())
-        tol = 2 * lowp_error(lowp[k].double(), want) + tolerance_floor(got.dtype, magnitude)
+        stood_in = overflow_stand_in(lowp[k].double(), want, torch.float16, lambda k=k: wide()[k])
+        tol = 2 * lowp_error(stood_in, want) + tolerance_floor(got.dtype, magnitude)
         if not err <= tol:
             raise Defect("silent wrong gradient", f"d{k}: max error {err:.3e} > tolerance {tol:.3e}", source)
     return Outcome(None, "gradients")

@@ -15,10 +15,18 @@ True
 Gradients are held to the same rule (:func:`check_gradients`): each input's gradient against
 torch.autograd through the float64 reference, with the error of autograd through the reference
 run in the kernel's dtype as the measure of what that dtype allows.
+
+Where the same maths overflows in the kernel's dtype (fp16 stops at 65504: a decay raised to a long
+distance, a sum of a million terms) while the exact result is finite, PyTorch's run has no error to measure
+there, and the rule would shrink to its floor; a kernel that keeps fp32 inside is right to stay finite. There
+the float32 run's deviation from the exact result, scaled by the ratio of the two dtypes' epsilons, stands in
+(:func:`overflow_stand_in`): the error that maths makes at the kernel's precision given the range.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +51,24 @@ def tolerance_floor(dtype: torch.dtype, magnitude: float) -> float:
     return ULP_FLOOR * torch.finfo(dtype).eps * max(1.0, magnitude)
 
 
+def overflow_stand_in(
+    lowp: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, wide: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``lowp`` (the same maths in ``dtype``) where it is finite or the exact result is not; elsewhere the
+    float32 run (``wide()``, computed only then) deviating from ``exact`` by its error times eps(dtype)/eps(fp32).
+
+    >>> exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> lowp = torch.tensor([1.0009765625, float("inf")], dtype=torch.float64)
+    >>> overflow_stand_in(lowp, exact, torch.float16, lambda: torch.tensor([1.0, 2.0 + 2**-22])).tolist()
+    [1.0009765625, 2.001953125]
+    """
+    lost = ~torch.isfinite(lowp) & torch.isfinite(exact)
+    if dtype == torch.float32 or not bool(lost.any()):
+        return lowp
+    ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    return torch.where(lost, exact + (wide().double() - exact) * ratio, lowp)
+
+
 def lowp_error(lowp: torch.Tensor, exact: torch.Tensor) -> float:
     """Plain PyTorch's error in the kernel's dtype, where it is finite: where it overflows (a masked
     ``exp(·)`` that a mask's where multiplies by 0 gives NaN) it has no error to compare with.
@@ -58,13 +84,17 @@ def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
     """Hold ``out`` (what a kernel returned for these arguments) to the tolerance rule."""
     with torch.no_grad():  # values to compare, whether or not the arguments require grad: no graph to keep
         exact = op.reference(*args, **kwargs)
-        return judge(out, exact, op.reference(*args, dtype=out.dtype, **kwargs).double())
+        lowp = op.reference(*args, dtype=out.dtype, **kwargs).double()
+        wide = lambda: op.reference(*args, dtype=torch.float32, **kwargs)  # noqa: E731 -- only on overflow
+        return judge(out, exact, overflow_stand_in(lowp, exact, out.dtype, wide))
 
 
 def references(cascade, inputs: dict, params: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference output and the same maths in ``dtype`` (as float64): what ``judge`` compares with."""
     exact = run_reference(cascade, inputs, params)
-    return exact, run_reference(cascade, inputs, params, dtype=dtype).double()
+    lowp = run_reference(cascade, inputs, params, dtype=dtype).double()
+    wide = lambda: run_reference(cascade, inputs, params, dtype=torch.float32)  # noqa: E731 -- only on overflow
+    return exact, overflow_stand_in(lowp, exact, dtype, wide)
 
 
 def judge(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> Verdict:
@@ -116,6 +146,7 @@ def check_gradients(
     inputs, _ = op.bind(args, kwargs)
     kernel = inputs[op.cascade.inputs[0].name].dtype
     lowps = reference_gradients(op, grad_output, *args, dtype=kernel, **kwargs)
+    wides = functools.cache(lambda: reference_gradients(op, grad_output, *args, dtype=torch.float32, **kwargs))
     # a gradient may cancel to 0 where its terms do not (q's, when every weight is 1): the floor scales with
     # the largest gradient of the call, as the terms do
     magnitude = max([float(g.abs().max()) for g in exact.values() if g is not None and g.numel()] + [0.0])
@@ -123,7 +154,8 @@ def check_gradients(
     for name, got in grads.items():
         if got is None or exact.get(name) is None:
             continue
-        want, lowp = exact[name], lowps[name].double()
+        want = exact[name]
+        lowp = overflow_stand_in(lowps[name].double(), want, kernel, lambda name=name: wides()[name])
         empty = got.numel() == 0
         bad = (
             float("inf")

@@ -1,11 +1,14 @@
 """The tolerance rule (docs/design.md §7) where plain PyTorch in the kernel's dtype overflows: its error is taken where
-it is finite, so the tolerance stays a number; a kernel output that is not finite still fails."""
+it is finite, so the tolerance stays a number; where it overflowed, the float32 run's error scaled to the dtype stands
+in for it; a kernel output that is not finite still fails."""
 
 import math
 
 import torch
+from catalogue import load_example
 
-from einflash.testing import judge
+import einflash as ef
+from einflash.testing import check_gradients, judge, random_inputs, reference_gradients
 
 
 def test_an_overflowing_low_precision_reference_leaves_a_finite_tolerance():
@@ -20,3 +23,19 @@ def test_a_kernel_output_that_is_not_finite_fails_whatever_the_reference():
     lowp = torch.tensor([float("inf"), 2.0], dtype=torch.float64)
     verdict = judge(torch.tensor([float("inf"), 2.0], dtype=torch.float16), exact, lowp)
     assert verdict.max_error == float("inf") and not verdict.ok
+
+
+def test_a_gradient_that_overflows_in_fp16_is_held_to_the_float32_error_scaled_to_fp16():
+    # causal linear attention's decay gradient sums decay^(m−n) terms over every pair: in fp16 PyTorch overflows
+    # (was: no error to measure, the tolerance its floor alone, and an H100 check failed a 0.4% error)
+    op = load_example("causal_linear").causal_linear
+    inputs = random_inputs(op, ef.Shape(1, 2, 256, 256, 16), dtype=torch.float16)
+    grad_output = torch.randn(1, 2, 256, 16, generator=torch.Generator().manual_seed(0)).half()
+    lowp = reference_gradients(op, grad_output, **inputs, dtype=torch.float16)["decay"]
+    assert not torch.isfinite(lowp).any()
+    exact = reference_gradients(op, grad_output, **inputs)
+    verdict = check_gradients(op, exact, grad_output, **inputs)["decay"]  # the exact gradient itself: error 0
+    wide = reference_gradients(op, grad_output, **inputs, dtype=torch.float32)["decay"].double()
+    scale = torch.finfo(torch.float16).eps / torch.finfo(torch.float32).eps
+    stood_in = float((wide - exact["decay"]).abs().max()) * scale
+    assert stood_in > 0 and math.isclose(verdict.lowp_error, stood_in, rel_tol=1e-9)
