@@ -43,22 +43,28 @@ def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     if rank not in src.ranks:
         raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
     axis = src.ranks.index(rank)
-    # a maximum (minimum) that propagates NaN, as the reference's does (tl.max drops it, kernel_helpers)
-    fn = {"sum": "tl.sum", "max": "_max_nan", "min": "_min_nan"}.get(red.op)
+    # A maximum (minimum) of finite values is not −inf (inf) exactly where some is present: that test stands
+    # for a reduction of the presence. Only for a presence that varies along both axes: a key-only one reduces
+    # cheaply as it is, and testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp
+    # kernels. A row of NaN (a NaN input) must then count as present, so that it gives NaN as the reference
+    # does, not an empty row: that maximum propagates NaN (kernel_helpers); tl.max, which drops NaN, serves
+    # the rest, where a NaN reaches the row's sum anyway (and the NaN-propagating form spills registers).
+    by_value = (
+        body.present is not None
+        and rank in body.pranks
+        and body.finite
+        and red.op in ("max", "min")
+        and len(body.pranks) > 1
+    )
+    fn = {"sum": "tl.sum", "max": "_max_nan" if by_value else "tl.max", "min": "_min_nan" if by_value else "tl.min"}
     # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
-    code = f"{fn}({g.f32(src)}, {axis})" if fn else f"tl.reduce({g.f32(src)}, {axis}, _user_{red.op})"
+    code = f"{fn[red.op]}({g.f32(src)}, {axis})" if red.op in fn else f"tl.reduce({g.f32(src)}, {axis}, _user_{red.op})"
     keep = tuple(r for r in src.ranks if r != rank)
     present: str | None = None
     pranks: tuple[str, ...] = ()
     if body.present is not None:
         if rank in body.pranks:
-            # a maximum (minimum) of finite values is not −inf (inf) exactly where some is present; NaN
-            # (from a NaN input) is present, so the row gives NaN as the reference does, never an empty row.
-            # Only for a presence that varies along both axes: a key-only one reduces cheaply as it is, and
-            # testing the dot's maximum there instead makes ptxas serialise the wgmmas of 8-warp kernels
-            known = None
-            if body.finite and red.op in ("max", "min") and len(body.pranks) > 1:
-                known = f"({g.prefix}{e.out} != {literal(ident)})"
+            known = f"({g.prefix}{e.out} != {literal(ident)})" if by_value else None
             present = g.any_of(body.present, body.pranks, rank, known)
             pranks = tuple(x for x in body.pranks if x != rank)
         else:
