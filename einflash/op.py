@@ -407,7 +407,16 @@ class AttentionOp:
         roofline on ``target`` at ``shape`` (default B=2, H=16, M=N=4096, D=128), mask tile counts.
 
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
+        Keyword arguments are the declaration's parameters; anything else (``M=1024``) is refused.
         """
+        declared = {p.name: p for p in self.cascade.params}
+        for key, val in params.items():
+            if key not in declared:
+                raise ParameterError(
+                    f"{self.name}.explain got {key}={val!r}, which is not a parameter of {self.name} "
+                    f"(it has {sorted(declared)}); give sizes as shape=ef.Shape(B, H, M, N, D)"
+                )
+            params[key] = _checked_param(self.name, declared[key], val)
         return explain(
             self.cascade,
             self.forward.steps,

@@ -269,3 +269,10 @@ def test_bad_jagged_offsets(offsets, words):
 def test_jagged_inputs_must_have_batch_one():
     offsets = {"cu_seqlens_q": torch.tensor([0, 7]), "cu_seqlens_k": torch.tensor([0, 9])}
     _raises(ShapeError, _op("causal"), "must have batch 1", **_packed(batch=2), **offsets)
+
+
+def test_explain_refuses_a_size_given_as_a_keyword():
+    # was: explain(M=1024) took M for a parameter and explained the default shape without a word
+    op = ef.attention(lambda q, k, v: ef.softmax(q @ k * ef.scale, "n") @ v, name="plain")
+    with pytest.raises(ParameterError, match=r"M=1024, which is not a parameter of plain .*shape=ef.Shape"):
+        op.explain(M=1024)
