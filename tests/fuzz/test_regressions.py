@@ -119,6 +119,18 @@ def test_a_nan_in_a_query_row_gives_nan_there_as_the_reference_does(name, M):
     assert torch.allclose(out[~exact.isnan()].double(), exact[~exact.isnan()], atol=1e-4)
 
 
+def _fp16_gradients_hold(op, seed: int, M: int, N: int, D: int, slope: bool) -> bool:
+    """Seeded fp16 q, k, v (and a per-head slope) of [1, 2, ·, D]: every gradient of ``op`` within the rule."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, n, D, generator=g).half() for n in (M, N, N))
+    extra = {"slope": torch.randn(2, generator=g).half()} if slope else {}
+    grad_output = torch.randn(1, 2, M, D, generator=g).half()
+    leaves = {name: x.clone().requires_grad_() for name, x in dict(q=q, k=k, v=v, **extra).items()}
+    op(**leaves).backward(grad_output)
+    grads = {name: x.grad for name, x in leaves.items()}
+    return all(v.ok for v in check_gradients(op, grads, grad_output, q, k, v, **extra).values())
+
+
 def test_the_gradient_of_a_softmax_of_exponentiated_scores_in_fp16():
     # was (fuzzer): dq 1.3× the tolerance, because PyTorch's fp16 gradient overflows at some entries and the
     # rule measured its error only where it did not; the float32 error scaled to fp16 stands in there now
@@ -126,13 +138,7 @@ def test_the_gradient_of_a_softmax_of_exponentiated_scores_in_fp16():
     def exp_scores(q, k, v):
         return ef.softmax(ef.exp(q @ k * ef.scale * 3.0), "n") @ v
 
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, n, 4, generator=g).half() for n in (3, 33, 33))
-    grad_output = torch.randn(1, 2, 3, 4, generator=g).half()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    exp_scores(*leaves).backward(grad_output)
-    grads = dict(zip("qkv", (x.grad for x in leaves)))
-    assert all(v.ok for v in check_gradients(exp_scores, grads, grad_output, q, k, v).values())
+    assert _fp16_gradients_hold(exp_scores, seed=5, M=3, N=33, D=4, slope=False)
 
 
 @pytest.mark.xfail(
@@ -149,14 +155,7 @@ def test_the_gradient_of_a_softmax_of_exponentiated_biased_scores_in_fp16():
     def exp_biased(q, k, v, slope: ef.Tensor["h"]):  # noqa: F821 -- a rank name, einflash's DSL
         return ef.softmax(ef.exp(q @ k * ef.scale + slope * (ef.n - ef.m)), "n") @ v
 
-    g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(1, 2, n, 16, generator=g).half() for n in (4, 9, 9))
-    slope = torch.randn(2, generator=g).half()
-    grad_output = torch.randn(1, 2, 4, 16, generator=g).half()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, slope)]
-    exp_biased(*leaves[:3], slope=leaves[3]).backward(grad_output)
-    grads = dict(zip(["q", "k", "v", "slope"], (x.grad for x in leaves)))
-    assert all(v.ok for v in check_gradients(exp_biased, grads, grad_output, q, k, v, slope=slope).values())
+    assert _fp16_gradients_hold(exp_biased, seed=8, M=4, N=9, D=16, slope=True)
 
 
 @pytest.mark.xfail(
@@ -174,11 +173,4 @@ def test_the_slope_gradient_under_a_two_key_window_in_fp16():
         qp = ef.m + ef.N - ef.M
         return ef.softmax(ef.mask(s, (ef.n <= qp) & (qp - ef.n < window)), "n") @ v
 
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, n, 16, generator=g).half() for n in (4, 9, 9))
-    slope = torch.randn(2, generator=g).half()
-    grad_output = torch.randn(1, 2, 4, 16, generator=g).half()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, slope)]
-    windowed_alibi(*leaves[:3], slope=leaves[3]).backward(grad_output)
-    grads = dict(zip(["q", "k", "v", "slope"], (x.grad for x in leaves)))
-    assert all(v.ok for v in check_gradients(windowed_alibi, grads, grad_output, q, k, v, slope=slope).values())
+    assert _fp16_gradients_hold(windowed_alibi, seed=2, M=4, N=9, D=16, slope=True)
