@@ -159,14 +159,17 @@ class AttentionOp:
 
     # -- running -------------------------------------------------------------------------
 
-    def reference(self, *args, dtype: torch.dtype = torch.float64, **kwargs) -> torch.Tensor:
-        """The reference executor on these inputs (the oracle), computed and returned in ``dtype``.
+    def reference(
+        self, *args, dtype: torch.dtype = torch.float64, return_lse: bool = False, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reference executor on these inputs (the oracle), computed and returned in ``dtype``; with
+        ``return_lse=True`` the output and its softmax's log-sum-exp, as a call returns them.
 
         Takes a jagged batch's ``cu_seqlens_q`` and ``cu_seqlens_k`` like a call does, and runs each
         sequence on its own.
         """
         inputs, params = self.bind(args, kwargs)
-        return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype)
+        return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype, return_lse)
 
     def _reference(
         self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype, lse: bool = False

@@ -1,6 +1,7 @@
 """The tolerance rule (docs/design.md §7) where plain PyTorch in the kernel's dtype overflows: its error is taken where
 it is finite, so the tolerance stays a number; where it overflowed, the float32 run's error scaled to the dtype stands
-in for it; a kernel output that is not finite still fails."""
+in for it; a kernel output that is not finite still fails. A gradient's error may also include what the backward's
+row term's rounding moves it by (row_term_allowance), and no more."""
 
 import math
 
@@ -8,7 +9,14 @@ import torch
 from catalogue import load_example
 
 import einflash as ef
-from einflash.testing import check_gradients, judge, random_inputs, reference_gradients
+from einflash.testing import (
+    check_gradients,
+    judge,
+    random_inputs,
+    reference_gradients,
+    row_term_allowance,
+    tolerance_floor,
+)
 
 
 def test_an_overflowing_low_precision_reference_leaves_a_finite_tolerance():
@@ -39,3 +47,45 @@ def test_a_gradient_that_overflows_in_fp16_is_held_to_the_float32_error_scaled_t
     scale = torch.finfo(torch.float16).eps / torch.finfo(torch.float32).eps
     stood_in = float((wide - exact["decay"]).abs().max()) * scale
     assert stood_in > 0 and math.isclose(verdict.lowp_error, stood_in, rel_tol=1e-9)
+
+
+def _alibi_window_case():
+    @ef.attention
+    def windowed_alibi(q, k, v, slope: ef.Tensor["h"], window: int = 2):  # noqa: F821 -- a rank name
+        s = q @ k * ef.scale + slope * (ef.n - ef.m)
+        qp = ef.m + ef.N - ef.M
+        return ef.softmax(ef.mask(s, (ef.n <= qp) & (qp - ef.n < window)), "n") @ v
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).half() for n in (4, 9, 9))
+    slope, grad_output = torch.randn(2, generator=g).half(), torch.randn(1, 2, 4, 16, generator=g).half()
+    return windowed_alibi, grad_output, dict(q=q, k=k, v=v, slope=slope)
+
+
+def test_the_row_term_allowance_stays_below_the_floor_for_plain_softmax():
+    op = load_example("softmax").softmax
+    inputs = random_inputs(op, ef.Shape(1, 2, 64, 64, 32), dtype=torch.float16)
+    grad_output = torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(0)).half()
+    allowance = row_term_allowance(op, grad_output, **inputs, dtype=torch.float16)
+    exact = reference_gradients(op, grad_output, **inputs)
+    magnitude = max(float(g.abs().max()) for g in exact.values())
+    assert all(float(a.max()) < tolerance_floor(torch.float16, magnitude) for a in allowance.values())
+
+
+def test_a_slope_gradient_wrong_beyond_the_row_term_allowance_fails():
+    op, grad_output, inputs = _alibi_window_case()
+    exact = reference_gradients(op, grad_output, **inputs)
+    allowance = float(row_term_allowance(op, grad_output, **inputs, dtype=torch.float16)["slope"].max())
+    assert 0 < allowance < 0.01 * float(exact["slope"].abs().max())  # a decode-offset sum, not a blanket
+    assert check_gradients(op, exact, grad_output, **inputs)["slope"].ok
+    wrong = dict(exact, slope=exact["slope"] + 2 * allowance + 0.02)
+    verdict = check_gradients(op, wrong, grad_output, **inputs)["slope"]
+    assert not verdict.ok and verdict.row_term == allowance
+
+
+def test_a_normaliser_without_a_log_sum_exp_has_no_row_term_allowance():
+    op = load_example("causal_linear").causal_linear
+    inputs = random_inputs(op, ef.Shape(1, 2, 16, 16, 8), dtype=torch.float16)
+    grad_output = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(0)).half()
+    assert op.lse_error is not None
+    assert all(not a.any() for a in row_term_allowance(op, grad_output, **inputs, dtype=torch.float16).values())
