@@ -26,6 +26,7 @@ from .errors import (
     CallError,
     DeclarationError,
     DeviceError,
+    DifferentiationError,
     DTypeError,
     LoweringError,
     MissingInputError,
@@ -324,6 +325,9 @@ class AttentionOp:
         """A differentiable call: the training forward, which keeps the states its backward reads."""
         if self.backward.error is not None:
             raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
+        for name, why in self.backward.gradient.frozen:
+            if inputs[name].requires_grad:
+                raise DifferentiationError(f"{self.name}: {name} requires grad, but {why}")
         if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
             raise ParameterError(
                 f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
@@ -388,6 +392,12 @@ class AttentionOp:
             raise LoweringError(
                 f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
                 f"into a stacked batch with a mask, or run without autograd"
+            )
+        if self.cascade.computed_reads:
+            raise LoweringError(
+                f"{self.name}: reads of {', '.join(sorted(self.cascade.computed_reads))} at computed positions are "
+                f"not lowered for jagged batches (each sequence's bounds differ); pad the sequences into a stacked "
+                f"batch, or pass backend='reference'"
             )
         per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if schedule is None:

@@ -23,7 +23,9 @@ Where the same maths overflows in the kernel's dtype (fp16 stops at 65504: a dec
 distance, a sum of a million terms) while the exact result is finite, PyTorch's run has no error to measure
 there, and the rule would shrink to its floor; a kernel that keeps fp32 inside is right to stay finite. There
 the float32 run's deviation from the exact result, scaled by the ratio of the two dtypes' epsilons, stands in
-(:func:`overflow_stand_in`): the error that maths makes at the kernel's precision given the range.
+(:func:`overflow_stand_in`): the error that maths makes at the kernel's precision given the range. Where even
+that run is not finite (``exp(exp(s))`` leaves fp32's range), a kernel output that is not finite there is the
+dtype's answer, not an error (:func:`deviation`); a finite one is still measured.
 """
 
 from __future__ import annotations
@@ -108,12 +110,23 @@ def references(cascade, inputs: dict, params: dict, dtype: torch.dtype) -> tuple
     return exact, overflow_stand_in(lowp, exact, dtype, wide)
 
 
+def deviation(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> torch.Tensor:
+    """``|out − exact|`` per entry, infinite where ``out`` is not finite, except where the same maths in the
+    kernel's dtype (``lowp``) is not finite either: the values left that dtype's range there (``exp(exp(s))`` in
+    fp32), and a kernel that says so (NaN or ±inf) is right; a finite wrong number there is still measured.
+
+    >>> deviation(torch.tensor([1.0, float("nan"), float("nan")]), torch.tensor([1.5, 2.0, 2.0]),
+    ...           torch.tensor([1.0, float("nan"), 2.0])).tolist()
+    [0.5, 0.0, inf]
+    """
+    lost = ~torch.isfinite(out)
+    diff = (out.double() - exact).abs()
+    return torch.where(lost & ~torch.isfinite(lowp), 0.0, torch.where(lost, float("inf"), diff))
+
+
 def judge(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor) -> Verdict:
     """The tolerance rule for ``out`` against precomputed ``references`` (a tuner checks many outputs against one)."""
-    if not torch.isfinite(out).all():
-        bad = float("inf")
-    else:
-        bad = float((out.double() - exact).abs().max()) if out.numel() else 0.0
+    bad = float(deviation(out, exact, lowp).max()) if out.numel() else 0.0
     lowp_err = lowp_error(lowp, exact) if out.numel() else 0.0
     magnitude = float(exact.abs().max()) if out.numel() else 0.0
     tol = 2 * lowp_err + tolerance_floor(out.dtype, magnitude)
@@ -195,11 +208,8 @@ def judge_gradient(
     with ``magnitude`` (the call's largest gradient)."""
     if got.numel() == 0:
         return Verdict(0.0, tolerance_floor(got.dtype, magnitude), 0.0, True)
-    if not torch.isfinite(got).all():
-        bad = beyond = float("inf")
-    else:
-        diff = (got.double() - want).abs()
-        bad, beyond = float(diff.max()), float((diff - allowance).max())
+    diff = deviation(got, want, lowp)
+    bad, beyond = float(diff.max()), float((diff - allowance).max())
     lowp_err = lowp_error(lowp, want)
     tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
     return Verdict(bad, tol, lowp_err, beyond <= tol, float(allowance.max()))

@@ -143,6 +143,7 @@ class Explanation:
                 ("backward FLOPs", f"{b['flops']:.3e}  ({b['flops'] / max(self.flops, 1.0):.2f}× the forward)"),
             ]
             rows += [("no gradient", z) for z in b["zero_gradients"]]
+            rows += [("frozen input", f"{name}: {why}") for name, why in b["frozen_inputs"].items()]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -260,6 +261,7 @@ def _backward(backward, subs: dict, visited: float) -> dict:
         "row_terms": list(backward.parts.row_terms),
         "zero_gradients": [str(z) for z in g.invariant],
         "gradients": {p.input: [q.name for q in g.partials if q.input == p.input] for p in g.partials},
+        "frozen_inputs": dict(g.frozen),
         "flops": float(cost(g.cascade).flops.subs(subs)) * visited,
         "cascade": str(g.cascade),
     }

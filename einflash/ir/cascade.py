@@ -148,6 +148,25 @@ class Cascade:
         return tuple(t for t in self.tensors if t.role is Role.INPUT)
 
     @cached_property
+    def table_ranks(self) -> frozenset[str]:
+        """Ranks of inputs that no Einsum iterates: read only at computed positions (``rel[n − m + M − 1]``), so
+        their extents bound reads and are no tile's axis."""
+        iterated = set().union(*(e.iteration_ranks for e in self.einsums)) if self.einsums else set()
+        held = {r for t in self.inputs for r in t.ranks}
+        return frozenset(held - iterated - {"b", "h"})
+
+    @cached_property
+    def computed_reads(self) -> frozenset[str]:
+        """Inputs read somewhere at a position other than a coordinate (an offset, a constant)."""
+        names = {t.name for t in self.inputs}
+        return frozenset(
+            r.tensor
+            for e in self.einsums
+            for r in e.reads()
+            if r.tensor in names and not all(isinstance(i, sympy.Symbol) and i == coord(i.name) for i in r.index)
+        )
+
+    @cached_property
     def states(self) -> tuple[TensorDecl, ...]:
         return tuple(t for t in self.tensors if t.role is Role.STATE)
 

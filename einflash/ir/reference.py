@@ -134,7 +134,8 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
                 raise ShapeError(f"rank {rank.name!r} has extent {rank.extent}, which the inputs do not determine")
             ext[rank.name] = int(val)
     _check_input_reads(c, ext, params)
-    return ext
+    # a table rank's extent bounds reads (checked above) and is no tile axis: head dims are the other ranks'
+    return {r: v for r, v in ext.items() if r not in c.table_ranks}
 
 
 _OFFSET_READS: dict[str, tuple] = {}  # by cascade key: its reads of inputs at other than their own coordinates
@@ -157,12 +158,21 @@ def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, 
         coords = sorted(s.name for s in index.free_symbols if s == coord(s.name))
         if any(ext.get(x, 0) == 0 for x in coords):
             continue  # nothing is read
-        values = {extent_symbol(k): v for k, v in params.items()} | {
-            r.extent: ext[r.name] for r in c.ranks if r.name in ext
+        sizes = {r.extent: ext[r.name] for r in c.ranks if r.name in ext}
+        defaults = {  # parameters not given take their defaults, which may use extents
+            extent_symbol(p.name): sympy.sympify(p.default).subs(sizes)
+            for p in c.params
+            if p.default is not None and p.name not in params
         }
+        values = defaults | {extent_symbol(k): v for k, v in params.items()} | sizes
         fn = sympy.lambdify([coord(x) for x in coords], index.subs(values), modules=[{"floor": math.floor}, "math"])
         # an affine index takes its extremes at the corners; another (floor, mod) is tried everywhere on short ranks
-        affine = all(sympy.degree(index, coord(x)) <= 1 for x in coords) and not index.has(sympy.floor, sympy.Mod)
+        syms = [coord(x) for x in coords]
+        affine = (
+            not index.has(sympy.floor, sympy.Mod)
+            and index.is_polynomial(*syms)
+            and all(sympy.degree(index, x) <= 1 for x in syms)
+        )
         span = [(0, ext[x] - 1) if affine or ext[x] > 64 else range(ext[x]) for x in coords]
         seen = [fn(*point) for point in itertools.product(*span)] if coords else [fn()]
         low, high = min(seen), max(seen)

@@ -26,11 +26,19 @@ def test_an_overflowing_low_precision_reference_leaves_a_finite_tolerance():
     assert math.isfinite(verdict.tolerance) and verdict.lowp_error == 0.0078125 and verdict.ok
 
 
-def test_a_kernel_output_that_is_not_finite_fails_whatever_the_reference():
+def test_a_kernel_output_that_is_not_finite_fails_where_the_dtype_holds_the_maths():
     exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    lowp = torch.tensor([float("inf"), 2.0], dtype=torch.float64)
+    lowp = torch.tensor([1.0, 2.0], dtype=torch.float64)
     verdict = judge(torch.tensor([float("inf"), 2.0], dtype=torch.float16), exact, lowp)
     assert verdict.max_error == float("inf") and not verdict.ok
+
+
+def test_a_kernel_output_that_is_not_finite_where_the_dtype_overflows_too_is_its_answer():
+    # the same maths in the kernel's dtype (after the float32 stand-in, for fp16) left the range there
+    exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    lowp = torch.tensor([float("nan"), 2.0], dtype=torch.float64)
+    assert judge(torch.tensor([float("nan"), 2.0]), exact, lowp).ok
+    assert not judge(torch.tensor([float("nan"), float("inf")]), exact, lowp).ok
 
 
 def test_a_gradient_that_overflows_in_fp16_is_held_to_the_float32_error_scaled_to_fp16():

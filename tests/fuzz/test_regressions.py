@@ -164,3 +164,21 @@ def test_the_slope_gradient_under_a_two_key_window_in_fp16():
         return ef.softmax(ef.mask(s, (ef.n <= qp) & (qp - ef.n < window)), "n") @ v
 
     assert _fp16_gradients_hold(windowed_alibi, seed=2, M=4, N=9, D=16, slope=True)
+
+
+def test_a_softmax_of_doubly_exponentiated_scores_that_leaves_fp32_is_held_to_fp32():
+    # was (fuzzer): exp(exp(2s)) with s near 3 is ~1e175, finite in float64 and inf in fp32, so the kernel's row is
+    # NaN (inf − inf) as plain PyTorch's in fp32 is; the rule took any non-finite output for an error
+    @ef.attention
+    def doubly(q, k, v):
+        return ef.softmax(ef.exp(ef.exp(q @ k * ef.scale * 2.0)), "n") @ v
+
+    q, k, v = torch.zeros(1, 1, 2, 16), torch.zeros(1, 1, 8, 16), torch.randn(1, 1, 8, 16)
+    q[0, 0, 0, 0], q[0, 0, 1, 0] = 4.0, 1.0
+    k[0, 0, :3, 0] = torch.tensor([3.0, 2.9, 2.8])  # row 0: scores 3.0, 2.9, 2.8 leave fp32; row 1 stays in it
+    out, exact = doubly(q, k, v), doubly.reference(q, k, v)
+    assert exact.isfinite().all() and out[0, 0, 0].isnan().all() and out[0, 0, 1].isfinite().all()
+    assert check(doubly, out, q, k, v).ok
+    wrong = out.clone()
+    wrong[0, 0, 0] = 0.0  # a finite number where the dtype has none is still measured
+    assert not check(doubly, wrong, q, k, v).ok

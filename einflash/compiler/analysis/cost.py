@@ -24,7 +24,7 @@ import sympy
 
 from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Role
-from ...ir.expr import Call, free_ranks, walk
+from ...ir.expr import Call, free_ranks, index_ranks, walk
 from ...ir.operators import OPERATORS
 from ...ir.ranks import PARALLEL, STREAM, extent_symbol
 from .key_passes import count_passes
@@ -82,13 +82,19 @@ class BufferNeeds:
 def buffer_needs(c: Cascade) -> BufferNeeds:
     """On-chip buffers of ``c`` per program, as formulas (see BufferNeeds)."""
     pa = count_passes(c)
-    read_inputs = {r.tensor for e in c.einsums for r in e.reads() if c.tensor(r.tensor).role is Role.INPUT}
+    # the ranks of each input's loaded tiles: its own, or where it is read at computed positions (rel[n − m]),
+    # the coordinates its index runs along
+    loaded: dict[str, set[tuple[str, ...]]] = {}
+    for e in c.einsums:
+        for r in e.reads():
+            t = c.tensor(r.tensor)
+            if t.role is Role.INPUT:
+                ranks = t.ranks if t.name not in c.computed_reads else tuple(sorted(index_ranks(r.index)))
+                loaded.setdefault(t.name, set()).add(ranks)
     smem = sympy.Integer(0)
-    for t in c.inputs:
-        if t.name not in read_inputs:
-            continue
-        elems = _tile_elems(c, t.ranks)
-        smem += ELEM * elems * (STAGES if STREAM in t.ranks else 1)
+    for tiles in loaded.values():
+        for ranks in tiles:
+            smem += ELEM * _tile_elems(c, ranks) * (STAGES if STREAM in ranks else 1)
     shapes = set()
     for e in c.einsums:
         if pa.pass_of(e.out) > 0 or c.tensor(e.out).role is Role.STATE:
@@ -98,8 +104,9 @@ def buffer_needs(c: Cascade) -> BufferNeeds:
     registers = sum((FP32 * _tile_elems(c, s) for s in shapes), sympy.Integer(0))
     fiber = sympy.Integer(0)
     for name, _, _ in pa.crossing:
-        ranks = [r for r in c.tensor(name).ranks if r not in PARALLEL]
-        fiber += FP32 * sympy.Mul(*(c.rank(r).extent if r == STREAM else _tile(c, r) for r in ranks))
+        fiber += FP32 * sympy.Mul(
+            *(c.rank(r).extent if r == STREAM else _tile(c, r) for r in c.tensor(name).ranks if r not in PARALLEL)
+        )
     total = sympy.expand(smem + registers + fiber)
     n_extent = c.rank(STREAM).extent if c.has_rank(STREAM) else extent_symbol("N")
     return BufferNeeds(

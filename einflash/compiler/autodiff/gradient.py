@@ -103,6 +103,9 @@ class Gradient:
     saved: tuple[SavedState, ...]
     partials: tuple[Partial, ...]
     invariant: tuple[Invariance, ...]
+    # inputs with no gradient, each with why: read at computed positions (a relative-position table), whose
+    # gradient is a scatter into its entries; a call where one requires grad is refused
+    frozen: tuple[tuple[str, str], ...] = ()
 
     def inputs_with_gradient(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p.input for p in self.partials))
@@ -227,6 +230,7 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
     d_out = b.fresh(f"d_{out_name}")
     adjoints: dict[str, list[Expr]] = {out_name: [plain_read(TensorDecl(d_out, out_decl.ranks))]}
     grads: dict[tuple, list[Expr]] = {}
+    frozen: dict[str, str] = {}
     for e in reversed(c.einsums):
         terms = adjoints.pop(e.out, None)
         if e.out in zero or not terms:
@@ -251,6 +255,14 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                 raise DifferentiationError(f"{c.where(e)}: reads a running state's previous value")
             decl = c.tensor(leaf.tensor)
             if decl.role is not Role.INPUT and leaf.tensor in zero:
+                continue
+            if decl.role is Role.INPUT and leaf.tensor in c.computed_reads:
+                frozen.setdefault(
+                    leaf.tensor,
+                    f"{c.where(e)} reads {leaf.tensor} at {', '.join(map(str, leaf.index))}; the gradient of a read at "
+                    f"computed positions (a scatter into its entries) is not implemented: pass {leaf.tensor} "
+                    f"without requires_grad (a frozen table), or detach it",
+                )
                 continue
             term = simplified_mul(g, d)
             if decl.role is Role.INPUT:
@@ -284,12 +296,14 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             else:
                 adjoints.setdefault(leaf.tensor, []).append(term)
     partials = []
+    grads = {key: terms for key, terms in grads.items() if key[0] not in frozen}  # no part of a frozen one
     for (name, relabel, kernel, ranks), terms in grads.items():
         same = [k for k in grads if k[0] == name]
         base = f"d_{name}" if len(same) == 1 else f"d_{name}__{kernel}" + "".join(f"_{a}" for a, _ in relabel)
         read = b.total(base, ranks, terms)
         partials.append(Partial(read.tensor, name, ranks, relabel, kernel))
-    return _assemble(c, b, {e.out: e for e in late}, d_out, tuple(partials), proofs)
+    gradient = _assemble(c, b, {e.out: e for e in late}, d_out, tuple(partials), proofs)
+    return replace(gradient, frozen=tuple(frozen.items()))
 
 
 def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr:

@@ -15,7 +15,7 @@ in every body. Without a usable plan, every tile runs the masked body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -424,8 +424,11 @@ def _interval(name: str, *cases: Interval) -> list[str]:
 _NAMES = {BM: "BLOCK_M", BN: "BLOCK_N", M: "M", N: "N", M0: "m0", M1: "m1", I: "pid_m", N0: "n0", N1: "n1", J: "pid_n"}
 
 
-def to_triton(x: sympy.Basic) -> str:
-    """An integer formula of the tile plan as a Triton scalar expression (floor division exact)."""
+def to_triton(x: sympy.Basic, names: Mapping[sympy.Basic, str] | None = None) -> str:
+    """An integer formula of the tile plan as a Triton scalar expression (floor division exact); ``names`` gives
+    the code of symbols of its own (a coordinate's tile of positions)."""
+    if names and x in names:
+        return names[x]
     if x in _NAMES:
         return _NAMES[x]
     if x is sympy.true:
@@ -439,21 +442,24 @@ def to_triton(x: sympy.Basic) -> str:
     if isinstance(x, (sympy.floor, sympy.ceiling)):
         num, den = sympy.fraction(sympy.together(x.args[0]))
         if den == 1:
-            return to_triton(num)
+            return to_triton(num, names)
         if isinstance(x, sympy.floor):
-            return f"_floor_div({to_triton(num)}, {to_triton(den)})"
-        return f"(-_floor_div(-({to_triton(num)}), {to_triton(den)}))"
+            return f"_floor_div({to_triton(num, names)}, {to_triton(den, names)})"
+        return f"(-_floor_div(-({to_triton(num, names)}), {to_triton(den, names)}))"
+    if isinstance(x, sympy.Mod):  # floor-mod, as sympy and Python mean it (Triton's % truncates)
+        a, b = (to_triton(y, names) for y in x.args)
+        return f"({a} - _floor_div({a}, {b}) * {b})"
     if isinstance(x, (sympy.Min, sympy.Max)):
         fn = "tl.minimum" if isinstance(x, sympy.Min) else "tl.maximum"
-        args = [to_triton(a) for a in x.args]
+        args = [to_triton(a, names) for a in x.args]
         out = args[0]
         for a in args[1:]:
             out = f"{fn}({out}, {a})"
         return out
     if x.is_Add:
-        return "(" + " + ".join(to_triton(a) for a in x.args) + ")"
+        return "(" + " + ".join(to_triton(a, names) for a in x.args) + ")"
     if x.is_Mul:
-        return "(" + " * ".join(to_triton(a) for a in x.args) + ")"
+        return "(" + " * ".join(to_triton(a, names) for a in x.args) + ")"
     if isinstance(x, sympy.Rel):
         op = {
             sympy.LessThan: "<=",
@@ -463,11 +469,11 @@ def to_triton(x: sympy.Basic) -> str:
             sympy.Equality: "==",
             sympy.Unequality: "!=",
         }[type(x)]
-        return f"({to_triton(x.lhs)} {op} {to_triton(x.rhs)})"
+        return f"({to_triton(x.lhs, names)} {op} {to_triton(x.rhs, names)})"
     if isinstance(x, sympy.And):
-        return "(" + " & ".join(to_triton(a) for a in x.args) + ")"
+        return "(" + " & ".join(to_triton(a, names) for a in x.args) + ")"
     if isinstance(x, sympy.Or):
-        return "(" + " | ".join(to_triton(a) for a in x.args) + ")"
+        return "(" + " | ".join(to_triton(a, names) for a in x.args) + ")"
     if isinstance(x, sympy.Not):
-        return f"({to_triton(x.args[0])} == 0)"
+        return f"({to_triton(x.args[0], names)} == 0)"
     raise ValueError(f"no Triton form for {x}")

@@ -22,6 +22,8 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+import sympy
+
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
@@ -42,6 +44,7 @@ from .tile import (
     presence,
     tile_axes,
 )
+from .tile_ranges import to_triton
 
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
@@ -193,7 +196,7 @@ class TileCode:
         if key in self.loads:
             return self.loads[key]
         # terms of the address: a code, or (rank, stride) for a tile axis, indexed once the tile's axes are known
-        offs: list[str | tuple[str, str]] = []
+        offs: list[str | tuple[str, str] | tuple[sympy.Basic, str, tuple[str, ...]]] = []
         masks: list[str] = []
         axes: list[str] = []
         # (axis, in-range condition) where a coordinate indexes a dimension of another rank
@@ -205,10 +208,12 @@ class TileCode:
             stride = f"stride_{r.tensor}_{d}"
             names = [s.name for s in getattr(i, "free_symbols", ())]
             if len(names) != 1 or i != coord(names[0]):
-                raise LoweringError(
-                    f"{r.tensor} is read at index {i}; the one-pass template reads tensors only "
-                    f"at plain rank coordinates"
-                )
+                # an offset or a constant: the call checked it within the input for every position
+                # (reference.bind_extents), so only positions past the tile's edge are masked
+                at = self.offset_index(r, i, own)
+                axes += at
+                offs.append((i, stride, at))
+                continue
             rank = names[0]
             if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
                 offs.append(f"mem_b * {stride}")
@@ -228,7 +233,11 @@ class TileCode:
         axes_t = tile_axes(axes, self.kernel.order)
         terms = []
         for o in offs:
-            if isinstance(o, tuple):
+            if isinstance(o, tuple) and len(o) == 3:
+                index, stride, at = o
+                spots = {coord(x): bcast(f"offs_{x}", (x,), axes_t) for x in at}
+                terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
+            elif isinstance(o, tuple):
                 rank, stride = o
                 axis = "m" if rank == "h" else rank
                 # rows and keys in memory (mem_m, mem_n) are shifted to the sequence's first one in a jagged batch
@@ -280,6 +289,39 @@ class TileCode:
             t = Tile(name, axes_t, pres, ("m",), None, "f32")
         self.loads[key] = t
         return t
+
+    def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
+        """The tile axes an input's index other than its own coordinate runs along (``rel[n − m + M − 1]``:
+        m and n); raises LoweringError for an index the kernels cannot compute."""
+        at = tuple(sorted(str(x) for x in index.free_symbols if x == coord(str(x))))
+        where = f"{r.tensor} is read at index {index} for its rank {own}"
+        if own in PARALLEL:
+            raise LoweringError(f"{where}; batch and head are read only at their own coordinates")
+        if not set(at) <= {"m", "n"}:
+            raise LoweringError(f"{where}; an index may use the query and key positions m and n only")
+        try:
+            to_triton(index, {coord(x): x for x in at} | self.extent_names(index))
+        except ValueError:
+            raise LoweringError(f"{where}; the kernels compute integer +, −, × and // in an index") from None
+        return at
+
+    def extent_names(self, index) -> dict:
+        """Code of the extents and parameters an index names: M and N as the kernel has them, others' sizes."""
+        names = {}
+        for x in index.free_symbols:
+            if x == coord(str(x)):
+                continue
+            rank = next((q.name for q in self.c.ranks if q.extent == x), None)
+            param = next((p for p in self.c.params if p.name == str(x)), None)
+            if rank is not None:
+                names[x] = "M" if rank == "m" else "N" if rank == "n" else str(self.extent(rank))
+            elif param is not None and param.integer:
+                names[x] = f"p_{param.name}"
+            else:
+                raise LoweringError(
+                    f"an index names {x}, which is not an extent or an integer parameter (declare it `{x}: int`)"
+                )
+        return names
 
     def bound(self, rank: str) -> str | None:
         """The in-range condition of a tile axis, or None where it always holds."""

@@ -75,7 +75,7 @@ class Forward:
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}
         for r in self.rewritten.ranks:
-            if r.name in PARALLEL or r.name in ("m", "n"):
+            if r.name in PARALLEL or r.name in ("m", "n") or r.name in self.rewritten.table_ranks:
                 continue
             out[r.name] = padded(extents[r.name])
             out[f"{r.name}_extent"] = extents[r.name]

@@ -159,6 +159,8 @@ def _buffer_functions(forward: Forward, extents: dict[str, int], elem_bytes: int
     for r in forward.rewritten.ranks:
         if r.name in PARALLEL or r.name in ("m", "n") or not isinstance(r.extent, sympy.Symbol):
             continue
+        if r.name in forward.rewritten.table_ranks:  # read at computed positions, never held whole
+            continue
         subs[r.extent] = padded(extents[r.name])  # kernels hold head dims padded to a power of two
     smem = sympy.lambdify((BM, BN, STAGES), needs.smem.subs(subs), modules="math")
     regs = sympy.lambdify((BM, BN), needs.registers.subs(subs), modules="math")

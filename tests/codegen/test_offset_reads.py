@@ -1,0 +1,122 @@
+"""Inputs read at computed positions: a relative-position table at ``n − m + M − 1``, a row of a table at a
+constant, a key-indexed array at the query's position in chunked prefill. Each kernel (prefill, decode with GQA
+packing, split-KV) against the float64 reference under the tolerance rule; the backward with the table frozen;
+what is refused, and how."""
+
+import pytest
+import torch
+
+import einflash as ef
+from einflash.compiler.schedule import Schedule
+from einflash.errors import DifferentiationError, LoweringError, ShapeError
+from einflash.testing import check, check_gradients
+
+
+@ef.attention
+def relative(q, k, v, rel: ef.Tensor["h r"]):
+    return ef.softmax(q @ k * ef.scale + rel[ef.n - ef.m + ef.M - 1], "n") @ v
+
+
+@ef.attention
+def table_row(q, k, v, tab: ef.Tensor["h x r"], c: int = 4):
+    s = q @ k * ef.scale + tab[1, ef.n - ef.m + ef.M + c]
+    return ef.softmax(ef.mask(s, ef.n <= ef.m + ef.N - ef.M), "n") @ v
+
+
+@ef.attention
+def chunked_documents(q, k, v, doc: ef.Tensor["b n"]):
+    s = q @ k * ef.scale
+    here = ef.m + ef.N - ef.M  # the query's position among the keys
+    return ef.softmax(ef.mask(s, (doc[ef.n] == doc[here]) & (ef.n <= here)), "n") @ v
+
+
+def _inputs(op, B, Hq, Hkv, M, N, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, M, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dtype) for _ in range(2))
+    extra = {
+        "relative": lambda: {"rel": torch.randn(Hq, M + N - 1, generator=g).to(dtype)},
+        "table_row": lambda: {"tab": torch.randn(Hq, 3, M + N + 5, generator=g).to(dtype)},
+        "chunked_documents": lambda: {"doc": torch.sort(torch.randint(0, 3, (B, N), generator=g), -1).values},
+    }[op.name]()
+    return dict(q=q, k=k, v=v, **extra)
+
+
+SHAPES = {  # B, Hq, Hkv, M, N, D
+    "prefill": (1, 2, 2, 40, 70, 16),
+    "decode, GQA packed": (2, 4, 2, 1, 77, 32),
+    "chunked prefill": (1, 2, 1, 5, 130, 16),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("op", [relative, table_row, chunked_documents], ids=lambda op: op.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_read_at_computed_positions_matches_the_reference(op, shape, dtype):
+    inputs = _inputs(op, *SHAPES[shape], dtype=dtype)
+    assert check(op, op(**inputs), **inputs).ok
+
+
+def test_a_relative_table_under_split_kv_matches_the_reference():
+    inputs = _inputs(relative, 1, 2, 2, 3, 200, 16)
+    assert check(relative, relative(**inputs, schedule=Schedule(16, 32, 4, 1, splits=3)), **inputs).ok
+
+
+def test_a_table_rank_is_no_head_dimension():
+    # was: the table's extent (M + N − 1 = 304) was taken for a head dimension and the call refused
+    inputs = _inputs(relative, 1, 2, 2, 5, 300, 16)
+    assert relative.cascade.table_ranks == {"r"}
+    assert check(relative, relative(**inputs), **inputs).ok
+    assert "R" not in str(relative.explain().buffer_formula)  # loaded a tile at a time, never held whole
+
+
+def test_a_read_past_the_table_is_a_shape_error_naming_the_line():
+    inputs = _inputs(relative, 1, 2, 2, 8, 16, 16)
+    inputs["rel"] = inputs["rel"][:, :-1]
+    with pytest.raises(ShapeError, match=r"test_offset_reads.py:\d+: reads rel at r = .* outside rel's 0..21"):
+        relative(**inputs)
+
+
+def test_a_jagged_batch_with_a_computed_read_is_refused_and_the_reference_runs_it():
+    inputs = _inputs(relative, 1, 2, 2, 6, 40, 16)
+    offsets = dict(cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 10, 40]))
+    with pytest.raises(LoweringError, match="rel at computed positions are not lowered for jagged batches"):
+        relative(**inputs, **offsets)
+    assert relative.reference(**inputs, **offsets).shape == (1, 2, 6, 16)
+
+
+@pytest.mark.parametrize("op", [relative, chunked_documents], ids=lambda op: op.name)
+def test_the_backward_with_the_table_frozen_matches_autograd(op):
+    inputs = _inputs(op, 1, 2, 2, 24, 40, 16, dtype=torch.float16)
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v")}
+    grad_output = torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(1)).half()
+    op(**(inputs | leaves)).backward(grad_output)
+    verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
+    assert set(verdicts) == {"q", "k", "v"} and all(v.ok for v in verdicts.values())
+
+
+def test_a_table_that_requires_grad_is_refused_until_its_scatter_exists():
+    inputs = _inputs(relative, 1, 2, 2, 8, 16, 16)
+    inputs["rel"].requires_grad_()
+    with pytest.raises(DifferentiationError, match=r"rel requires grad, but .*:\d+ reads rel at .*a frozen table"):
+        relative(**inputs)
+    assert "frozen input" in str(relative.explain())
+
+
+def test_an_index_modulo_a_period_matches_the_reference():
+    @ef.attention
+    def periodic(q, k, v, rel: ef.Tensor["h r"]):
+        return ef.softmax(q @ k * ef.scale + rel[(ef.n - ef.m) % 5], "n") @ v  # floor-mod: negative offsets too
+
+    q, rel = torch.randn(1, 2, 9, 16), torch.randn(2, 5)
+    assert check(periodic, periodic(q, q, q, rel), q, q, q, rel=rel).ok
+
+
+def test_an_index_by_a_float_parameter_is_refused_naming_the_line():
+    @ef.attention
+    def by_float(q, k, v, rel: ef.Tensor["h r"], w: float = 1.0):
+        return ef.softmax(q @ k * ef.scale + rel[ef.n - ef.m + ef.M + w], "n") @ v
+
+    q = torch.randn(1, 2, 9, 16)
+    with pytest.raises(LoweringError, match=r"test_offset_reads.py:\d+: an index names w, .*`w: int`"):
+        by_float(q, q, q, torch.randn(2, 40))
