@@ -21,15 +21,15 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import peers  # noqa: E402
-from bench_forward import example  # noqa: E402
+import peers
+from bench_forward import example
 
-import einflash as ef  # noqa: E402
-from einflash.testing import check, check_gradients  # noqa: E402
+import einflash as ef
+from einflash.testing import check, check_gradients
 
 
 @ef.attention
-def relative(q, k, v, rel: ef.Tensor["h r"]):
+def relative(q, k, v, rel: ef.Tensor["h r"]):  # noqa: F722 -- rank names, einflash's DSL
     return ef.softmax(q @ k * ef.scale + rel[ef.n - ef.m + ef.M - 1], "n") @ v
 
 
@@ -54,6 +54,7 @@ def _checks(rows: list) -> None:
 
 def _time(rows: list, label: str, forward, train, flops: float) -> None:
     row: dict = {"kind": "perf", "case": label}
+
     def inference():
         with torch.no_grad():
             return forward()
@@ -63,7 +64,7 @@ def _time(rows: list, label: str, forward, train, flops: float) -> None:
             fn()
             ms = do_bench(fn, warmup=25, rep=100)
             row[part] = {"ms": ms, "tflops": count * flops / ms / 1e9}
-        except Exception as e:  # a peer that cannot run the case is reported, not fatal
+        except Exception as e:  # noqa: BLE001 -- a peer that cannot run the case is reported, not fatal
             row[part] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             traceback.print_exc()
     rows.append(row)
@@ -109,7 +110,7 @@ def main() -> None:
     try:
         flex_fwd = peers.flex(q, k, v, score_mod=flex_table)
         _time(rows, "flex relative table", flex_fwd, training(flex_fwd), flops)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- Flex that cannot compile the case is reported
         rows.append({"kind": "perf", "case": "flex relative table", "error": f"{type(e).__name__}: {str(e)[:300]}"})
     (out / "offsets.json").write_text(json.dumps(rows, indent=1))
 
