@@ -57,19 +57,6 @@ def test_a_gradient_that_overflows_in_fp16_is_held_to_the_float32_error_scaled_t
     assert stood_in > 0 and math.isclose(verdict.lowp_error, stood_in, rel_tol=1e-9)
 
 
-def _alibi_window_case():
-    @ef.attention
-    def windowed_alibi(q, k, v, slope: ef.Tensor["h"], window: int = 2):  # noqa: F821 -- a rank name
-        s = q @ k * ef.scale + slope * (ef.n - ef.m)
-        qp = ef.m + ef.N - ef.M
-        return ef.softmax(ef.mask(s, (ef.n <= qp) & (qp - ef.n < window)), "n") @ v
-
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, n, 16, generator=g).half() for n in (4, 9, 9))
-    slope, grad_output = torch.randn(2, generator=g).half(), torch.randn(1, 2, 4, 16, generator=g).half()
-    return windowed_alibi, grad_output, dict(q=q, k=k, v=v, slope=slope)
-
-
 def test_the_row_term_allowance_stays_below_the_floor_for_plain_softmax():
     op = load_example("softmax").softmax
     inputs = random_inputs(op, ef.Shape(1, 2, 64, 64, 32), dtype=torch.float16)
@@ -80,8 +67,8 @@ def test_the_row_term_allowance_stays_below_the_floor_for_plain_softmax():
     assert all(float(a.max()) < tolerance_floor(torch.float16, magnitude) for a in allowance.values())
 
 
-def test_a_slope_gradient_wrong_beyond_the_row_term_allowance_fails():
-    op, grad_output, inputs = _alibi_window_case()
+def test_a_slope_gradient_wrong_beyond_the_row_term_allowance_fails(slope_under_a_two_key_window):
+    op, grad_output, inputs = slope_under_a_two_key_window
     exact = reference_gradients(op, grad_output, **inputs)
     allowance = float(row_term_allowance(op, grad_output, **inputs, dtype=torch.float16)["slope"].max())
     assert 0 < allowance < 0.01 * float(exact["slope"].abs().max())  # a decode-offset sum, not a blanket

@@ -154,16 +154,14 @@ def test_the_gradient_of_a_softmax_of_exponentiated_biased_scores_in_fp16():
     assert _fp16_gradients_hold(exp_biased, seed=8, M=4, N=9, D=16, slope=True)
 
 
-def test_the_slope_gradient_under_a_two_key_window_in_fp16():
+def test_the_slope_gradient_under_a_two_key_window_in_fp16(slope_under_a_two_key_window):
     # was (fuzzer, both long runs): dslope = Σ dS·(n − m) at end-aligned offsets of 4 and 5 sums the row term's
     # rounding (Δ from the fp16 output) times the offset, 1.3× the tolerance; within the row-term allowance now
-    @ef.attention
-    def windowed_alibi(q, k, v, slope: ef.Tensor["h"], window: int = 2):  # noqa: F821 -- a rank name
-        s = q @ k * ef.scale + slope * (ef.n - ef.m)
-        qp = ef.m + ef.N - ef.M
-        return ef.softmax(ef.mask(s, (ef.n <= qp) & (qp - ef.n < window)), "n") @ v
-
-    assert _fp16_gradients_hold(windowed_alibi, seed=2, M=4, N=9, D=16, slope=True)
+    op, grad_output, inputs = slope_under_a_two_key_window
+    leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
+    op(**leaves).backward(grad_output)
+    grads = {name: x.grad for name, x in leaves.items()}
+    assert all(v.ok for v in check_gradients(op, grads, grad_output, **inputs).values())
 
 
 def test_a_softmax_of_doubly_exponentiated_scores_that_leaves_fp32_is_held_to_fp32():
