@@ -9,8 +9,6 @@ forward as 4·B·H·M·N·D and forward+backward as 3.5 times that. Before timin
 checked against the float64 reference (bf16 and fp16; forward and the gradients of q, k, v). DIR/offsets.json.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import pathlib

@@ -187,7 +187,8 @@ def row_term_allowance(
     # kernel, so besides all rows moving one way, a few seeded sign patterns; each entry keeps the largest move
     g = torch.Generator().manual_seed(0)
     signs = [torch.ones_like(weight)] + [
-        torch.randint(0, 2, weight.shape, generator=g).double() * 2 - 1 for _ in range(ROW_TERM_SIGN_DRAWS)
+        (torch.randint(0, 2, weight.shape, generator=g).double() * 2 - 1).to(weight.device)
+        for _ in range(ROW_TERM_SIGN_DRAWS)
     ]
     made = {n: torch.zeros_like(leaves[n]) for n in floats}
     for i, sign in enumerate(signs):
