@@ -43,8 +43,8 @@ class Run:
 
 RUNS = {
     "forward": Run(
-        "h100_2026-12-06_session_6ab895a/forward.json",
-        "6ab895a",
+        "h100_2026-12-06_session3_b073019/forward.json",
+        "b073019",
         "forward TFLOP/s, decode TB/s, anchors (gpu_session.py → bench_forward.py)",
     ),
     "checks": Run(
@@ -54,8 +54,8 @@ RUNS = {
         env_from="h100_2026-12-06_session_6ab895a/forward.json",
     ),
     "training": Run(
-        "h100_2026-12-06_session_6ab895a/backward.json",
-        "6ab895a",
+        "h100_2026-12-06_session3_b073019/backward.json",
+        "b073019",
         "forward+backward TFLOP/s and gradient checks (bench_backward.py)",
     ),
     "lse": Run(
