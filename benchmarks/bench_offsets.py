@@ -10,12 +10,14 @@ checked against the float64 reference (bf16 and fp16; forward and the gradients 
 """
 
 import argparse
+import datetime
 import json
 import pathlib
 import sys
 import traceback
 
 import torch
+import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -77,7 +79,15 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     B, H, N, D = map(int, a.shape.split(","))
-    rows: list = [{"kind": "env", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}]
+    rows: list = [
+        {
+            "kind": "env",
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(),
+        }
+    ]
     _checks(rows)
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))

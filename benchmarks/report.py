@@ -66,6 +66,11 @@ RUNS = {
         "7a144e7",
         "tuned against default, warm against cold studies (bench_tune.py)",
     ),
+    "offsets": Run(
+        "h100_2026-12-06_offsets_cad5411/offsets.json",
+        "cad5411",
+        "a relative-position table beside ALiBi and FlexAttention (bench_offsets.py)",
+    ),
     "host_decode": Run(
         "h200_2026-12-01_replay_ffaa2dd/host.json",
         "ffaa2dd",
@@ -272,6 +277,31 @@ def training_section() -> list[str]:
         + ["", "The same steps in ms (forward and backward, mean of `do_bench`):", ""]
         + table(["case", "einflash"] + [t for _, t in PEERS], ms_body)
     )
+
+
+def offsets_section() -> list[str]:
+    rows = load("offsets")
+    checks = [r for r in rows if r.get("kind") == "check"]
+    perf = {r["case"]: r for r in rows if r.get("kind") == "perf"}
+    flex = perf.get("flex relative table", {})
+
+    def rate(case: str, part: str) -> float | None:
+        return perf.get(case, {}).get(part, {}).get("tflops")
+
+    body = [
+        [case]
+        + [cell(rate(case, part)) for part in ("forward", "forward+backward")]
+        + [ratio(rate(case, part), flex.get(part, {}).get("tflops")) for part in ("forward", "forward+backward")]
+        for case in perf
+    ]
+    ok = sum(1 for r in checks if r.get("ok"))
+    return [
+        f"A per-head table of 2N − 1 biases read at `rel[h, n − m + M − 1]` (frozen), bf16 (2,16,8192,128), "
+        f"TFLOP/s beside einflash's ALiBi and FlexAttention gathering the same table in its score_mod. Checked "
+        f"first against the float64 reference: {ok} of {len(checks)} (bf16, fp16; forward and the gradients of "
+        f"q, k, v). {stamp('offsets')}.",
+        "",
+    ] + table(["case", "forward", "forward+backward", "/ Flex forward", "/ Flex forward+backward"], body)
 
 
 def _ratio_of(v: dict) -> float:
@@ -518,6 +548,7 @@ SECTIONS = {
         "forward": forward_section,
         "decode": decode_section,
         "training": training_section,
+        "offsets": offsets_section,
         "checks": checks_section,
         "gradients": gradients_section,
         "lse": lse_section,
