@@ -15,9 +15,11 @@ True
 Gradients are held to the same rule (:func:`check_gradients`): each input's gradient against
 torch.autograd through the float64 reference, with the error of autograd through the reference
 run in the kernel's dtype as the measure of what that dtype allows, beyond what the backward's row term may
-move it (:func:`row_term_allowance`): a FlashAttention-form backward reads a softmax's row term from the
-rounded output where autograd rebuilds it from the same products it cancels against, and the chain from the
-scores can amplify that rounding far above both dtypes' errors.
+move it: a FlashAttention-form backward reads a softmax's row term from the rounded output where autograd
+rebuilds it from the same products it cancels against (:func:`row_term_allowance`), and it recomputes the
+scores in another order than the forward while normalising with the forward's row states
+(:func:`recompute_allowance`); a chain from the scores that is steep (an exp before the softmax) amplifies both
+far above either dtype's error.
 
 Where the same maths overflows in the kernel's dtype (fp16 stops at 65504: a decay raised to a long
 distance, a sum of a million terms) while the exact result is finite, PyTorch's run has no error to measure
@@ -40,6 +42,7 @@ from .ir.reference import run_reference
 
 ULP_FLOOR = 4  # units in the last place of the output's dtype, times the output's magnitude
 ROW_TERM_SIGN_DRAWS = 8  # sign patterns of the rows' roundings tried by row_term_allowance
+RECOMPUTE_DRAWS = 4  # sign patterns of the recomputed scores' roundings tried by recompute_allowance
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,14 @@ class Verdict:
     tolerance: float
     lowp_error: float  # the error of plain PyTorch in the kernel's dtype
     ok: bool
-    row_term: float = 0.0  # a gradient's largest row-term allowance (row_term_allowance); 0 for outputs
+    allowance: float = 0.0  # a gradient's largest allowance (row_term_allowance + recompute_allowance); 0 for outputs
 
     def as_dict(self) -> dict:
         return {
             "max_error": self.max_error,
             "tolerance": self.tolerance,
             "lowp_error": self.lowp_error,
-            "row_term": self.row_term,
+            "allowance": self.allowance,
             "ok": self.ok,
         }
 
@@ -201,10 +204,67 @@ def row_term_allowance(
     return {n: made.get(n) for n in inputs}
 
 
+def recompute_allowance(
+    op, grad_output: torch.Tensor, *args, draws: int = RECOMPUTE_DRAWS, **kwargs
+) -> dict[str, torch.Tensor | None]:
+    """How far the backward's recomputed scores may move each floating-point gradient (zeros where ``op`` has
+    no backward).
+
+    The backward recomputes ``q·k`` with float32 sums in another order than the forward's, so each score differs
+    by about ``eps(fp32)·|q|·|k|``, while the row states it normalises with (the maximum, the log-sum-exp) are the
+    forward's. Through a transform steep in the scores (``exp(exp(s))``: a slope of ``x·exp(s)``) that difference
+    becomes one of the exponent, and every weight moves with it. Here the gradient cascade runs on the float64
+    reference against the unmoved forward's states, with the inputs the scores contract (``q`` and ``k``: those
+    with the rank ``e``) moved by ``eps(fp32)`` of their magnitude in seeded sign patterns; each entry keeps the
+    largest change. For plain softmax it is far below the floor (tested).
+
+    >>> import torch, einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k * ef.scale, "n") @ v
+    >>> q, k, v, g = torch.randn(4, 1, 1, 5, 16).unbind()
+    >>> float(recompute_allowance(plain, g, q, k, v)["q"].max()) < 1e-5
+    True
+    """
+    from .compiler.autodiff.gradient import finish, reference_partials, saved_states
+    from .ir.reference import bind_extents, bind_params
+
+    inputs, params = op.bind(args, kwargs)
+    given = {n: (x.detach().double() if x.is_floating_point() else x) for n, x in inputs.items()}
+    none = {n: (torch.zeros_like(x) if x.is_floating_point() else None) for n, x in given.items()}
+    if op.backward.error is not None:
+        return none
+    g, c = op.backward.gradient, op.forward.rewritten
+    values = bind_params(c, params, bind_extents(c, given, params))
+    saved = saved_states(g, c, given, values)
+    out, d_o = op.reference(**given, **params), grad_output.double()
+    labels = {p.name: p.ranks for p in g.partials}
+
+    def gradients(moved: dict) -> dict:
+        return finish(g, reference_partials(g, moved, values, d_o, out, saved), labels, moved)
+
+    base = gradients(given)
+    scored = [t.name for t in op.cascade.inputs if "e" in t.ranks and given[t.name].is_floating_point()]
+    gen = torch.Generator().manual_seed(0)
+    made = dict(none)
+    eps = torch.finfo(torch.float32).eps
+    for _ in range(draws):
+        moved = dict(given)
+        for n in scored:
+            sign = (torch.randint(0, 2, given[n].shape, generator=gen).double() * 2 - 1).to(given[n].device)
+            moved[n] = given[n] * (1 + eps * sign)
+        for n, grad in gradients(moved).items():
+            if grad is not None and base.get(n) is not None:
+                change = (grad - base[n]).abs()  # where float64 itself overflows there is nothing to allow
+                made[n] = torch.maximum(made[n], torch.where(torch.isfinite(change), change, 0.0))
+    return made
+
+
 def judge_gradient(
     got: torch.Tensor, want: torch.Tensor, lowp: torch.Tensor, allowance: torch.Tensor, magnitude: float
 ) -> Verdict:
-    """The tolerance rule for one gradient: its error beyond each entry's row-term allowance at most twice
+    """The tolerance rule for one gradient: its error beyond each entry's ``allowance`` (what the backward's row
+    term and recomputed scores may move it: :func:`row_term_allowance`, :func:`recompute_allowance`) at most twice
     PyTorch's error in the kernel's dtype (``lowp``, already stood in for overflow) plus the floor, which scales
     with ``magnitude`` (the call's largest gradient)."""
     if got.numel() == 0:
@@ -242,7 +302,11 @@ def check_gradients(
     wides = functools.cache(lambda: reference_gradients(op, grad_output, *args, dtype=torch.float32, **kwargs))
     # a gradient may cancel to 0 where its terms do not (q's, when every weight is 1): the floor scales with
     # the largest gradient of the call, as the terms do
-    allowances = row_term_allowance(op, grad_output, *args, dtype=kernel, **kwargs)
+    moves = recompute_allowance(op, grad_output, *args, **kwargs)
+    allowances = {
+        n: None if a is None else a + moves[n]
+        for n, a in row_term_allowance(op, grad_output, *args, dtype=kernel, **kwargs).items()
+    }
     magnitude = max([float(g.abs().max()) for g in exact.values() if g is not None and g.numel()] + [0.0])
     verdicts = {}
     for name, got in grads.items():
