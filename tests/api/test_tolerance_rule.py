@@ -12,6 +12,7 @@ import einflash as ef
 from einflash.testing import (
     check_gradients,
     judge,
+    judge_gradient,
     random_inputs,
     recompute_allowance,
     reference_gradients,
@@ -113,3 +114,10 @@ def test_a_normaliser_without_a_log_sum_exp_has_no_row_term_allowance():
     grad_output = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(0)).half()
     assert op.lse_error is not None
     assert all(not a.any() for a in row_term_allowance(op, grad_output, **inputs, dtype=torch.float16).values())
+
+
+def test_a_gradient_overflows_only_where_its_allowance_leaves_the_dtype():
+    want, lowp = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    got = torch.tensor([float("inf"), 0.0], dtype=torch.float16)
+    assert judge_gradient(got, want, lowp, torch.tensor([1e7, 0.0], dtype=torch.float64), 1.0).ok
+    assert not judge_gradient(got, want, lowp, torch.tensor([1e3, 0.0], dtype=torch.float64), 1.0).ok

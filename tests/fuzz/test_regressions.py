@@ -197,3 +197,23 @@ def test_the_gradient_of_a_softmax_of_doubly_exponentiated_scores_in_fp16():
     doubly(**leaves).backward(grad_output)
     grads = {name: x.grad for name, x in leaves.items()}
     assert all(v.ok for v in check_gradients(doubly, grads, grad_output, q, k, v).values())
+
+
+def test_a_doubly_exponentiated_gradient_that_overflows_fp16_where_its_allowance_does():
+    # was (fuzzer, final run): a one-hot row of exp(exp(s + bias)) (x ≈ 1e12); the backward's row-term noise times
+    # x·exp(s) is ~1e7, past fp16's 65504, so dq came back ±inf where the exact gradient is 0. The allowance
+    # admits values that do not fit fp16, so their overflow is one of them
+    @ef.attention
+    def doubly(q, k, v, bias: ef.Tensor["h m n"]):
+        return ef.softmax(ef.exp(ef.exp(q @ k * ef.scale + bias)), "n") @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 8, generator=g).half() for n in (1, 16, 16))
+    bias = torch.randn(1, 1, 16, generator=g).half()
+    grad_output = torch.randn(1, 1, 1, 8, generator=torch.Generator().manual_seed(1)).half()
+    leaves = {name: x.clone().requires_grad_() for name, x in dict(q=q, k=k, v=v, bias=bias).items()}
+    doubly(**leaves).backward(grad_output)
+    grads = {name: x.grad for name, x in leaves.items()}
+    assert not torch.isfinite(grads["q"]).all()  # the case: noise past fp16's range
+    verdicts = check_gradients(doubly, grads, grad_output, q, k, v, bias=bias)
+    assert all(v.ok for v in verdicts.values())
