@@ -17,8 +17,17 @@ import torch
 from ...errors import LoweringError
 from ...ir.cascade import Layout
 from ...ir.ranks import PARALLEL, STREAM
+from ...ir.reference import run_reference
 from ..analysis.mask_tiles import conjuncts
-from ..autodiff.gradient import Gradient, Partial, finish, gradient_of, presence_predicate
+from ..autodiff.gradient import (
+    Gradient,
+    Partial,
+    finish,
+    gradient_of,
+    presence_predicate,
+    reference_partials,
+    saved_states,
+)
 from ..autodiff.parts import Cut, Parts, cut, restrict
 from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launch, lower_q, lower_rows
 from ..codegen.signature import KernelCall, param_name, pointer
@@ -89,6 +98,26 @@ class Backward:
             else frozenset(conjuncts(governing))
         )
         self._state_filters = frozenset(presence_predicate(st) for st in self.gradient.saved)
+
+    def on_reference(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        grad_output: torch.Tensor,
+        states_from: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Each input's gradient from the gradient cascade on the reference executor (no kernel), in the inputs'
+        dtype, with the forward's output and saved states computed at ``states_from`` (default: ``inputs``):
+        a backward whose recomputation has moved away from its forward, as the tolerance rule measures it."""
+        if self.gradient is None:
+            raise self.error or LoweringError(f"{self.forward.rewritten.name}: no backward")
+        at = inputs if states_from is None else states_from
+        g, streamed = self.gradient, self.forward.rewritten
+        dtype = next(x.dtype for x in inputs.values() if x.is_floating_point())
+        saved = saved_states(g, streamed, at, values, dtype)
+        out = run_reference(streamed, at, values, dtype=dtype)
+        parts = reference_partials(g, inputs, values, grad_output.to(dtype), out, saved, dtype)
+        return finish(g, parts, {p.name: p.ranks for p in g.partials}, inputs)
 
     @property
     def saved(self) -> tuple[str, ...]:
