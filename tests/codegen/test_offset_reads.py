@@ -120,3 +120,17 @@ def test_an_index_by_a_float_parameter_is_refused_naming_the_line():
     q = torch.randn(1, 2, 9, 16)
     with pytest.raises(LoweringError, match=r"test_offset_reads.py:\d+: an index names w, .*`w: int`"):
         by_float(q, q, q, torch.randn(2, 40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", [relative, table_row, chunked_documents], ids=lambda op: op.name)
+def test_a_read_at_computed_positions_on_the_gpu(op, dtype):
+    for shape in ((2, 4, 2, 300, 517, 128), (2, 8, 2, 1, 4099, 64)):  # prefill; decode with GQA packing
+        inputs = {n: x.cuda() for n, x in _inputs(op, *shape, dtype=dtype).items()}
+        assert check(op, op(**inputs), **inputs).ok
+        leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v")}
+        grad_output = torch.randn_like(inputs["q"])
+        op(**(inputs | leaves)).backward(grad_output)
+        verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
+        assert all(v.ok for v in verdicts.values()), {n: v.as_dict() for n, v in verdicts.items()}
