@@ -217,3 +217,24 @@ def test_a_doubly_exponentiated_gradient_that_overflows_fp16_where_its_allowance
     assert not torch.isfinite(grads["q"]).all()  # the case: noise past fp16's range
     verdicts = check_gradients(doubly, grads, grad_output, q, k, v, bias=bias)
     assert all(v.ok for v in verdicts.values())
+
+
+def test_a_gradient_whose_maths_leaves_fp32_is_the_dtypes_answer_anywhere_in_it():
+    # was (fuzzer, final run): exp(exp(2s)) reaches e^253 (inf in fp32), so the kernel's row is NaN, while plain
+    # PyTorch's softmax still gives 0 at the keys whose weight underflows; which entries stay finite is its
+    # formula's accident, so once even fp32 overflows the kernel's NaN entries are held to be the dtype's answer
+    from einflash import fuzz
+
+    shape = fuzz.Shape(B=1, Hkv=1, group=1, M=1, N=16, E=8, F=8)
+    p = fuzz.Program(shape)
+
+    def assign(name, src, fn):
+        p.lines.append(f"{name} = {src}")
+        p.steps.append(lambda env, name=name, fn=fn: env.__setitem__(name, fn(env)))
+
+    assign("s", "q @ k * ef.scale", lambda env: torch.einsum("bhme,bhne->bhmn", env["q"], env["k"]) * 8**-0.5)
+    p.steps.append(lambda env: env.update(keep=torch.ones(1, 1, 1, 16, dtype=torch.bool)))
+    assign("s", "ef.exp(ef.exp(s * 2.0))", lambda env: torch.exp(torch.exp(env["s"] * 2.0)))
+    assign("p", 'ef.softmax(s, "n")', lambda env: fuzz._softmax(env["s"], env["keep"], -1))
+    assign("o", "p @ v", lambda env: torch.einsum("bhmn,bhnf->bhmf", env["p"], env["v"]))
+    assert fuzz.check(p).stage == "gradients"  # every gradient judged, none a defect
