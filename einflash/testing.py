@@ -264,12 +264,17 @@ def gradient_allowances(op, grad_output: torch.Tensor, *args, dtype: torch.dtype
 
 
 def judge_gradient(
-    got: torch.Tensor, want: torch.Tensor, lowp: torch.Tensor, allowance: torch.Tensor, magnitude: float
+    got: torch.Tensor,
+    want: torch.Tensor,
+    lowp: torch.Tensor,
+    magnitude: float,
+    allowance: Callable[[], torch.Tensor] | None = None,
 ) -> Verdict:
-    """The tolerance rule for one gradient: its error beyond each entry's ``allowance`` (what the backward's row
-    term and recomputed scores may move it: :func:`row_term_allowance`, :func:`recompute_allowance`) at most twice
-    PyTorch's error in the kernel's dtype (``lowp``, already stood in for overflow) plus the floor, which scales
-    with ``magnitude`` (the call's largest gradient)."""
+    """The tolerance rule for one gradient: its error beyond each entry's allowance (what the backward's row term
+    and recomputed scores may move it: :func:`gradient_allowances`) at most twice PyTorch's error in the kernel's
+    dtype (``lowp``, already stood in for overflow) plus the floor, which scales with ``magnitude`` (the call's
+    largest gradient). ``allowance`` costs reference runs, so it is called only for a gradient outside the rule
+    without it."""
     if got.numel() == 0:
         return Verdict(0.0, tolerance_floor(got.dtype, magnitude), 0.0, True)
     # where even the float32 stand-in overflowed (exp(exp(s)) past 3e38), the maths left the dtype's range for this
@@ -277,12 +282,17 @@ def judge_gradient(
     # inf): the kernel's non-finite entries are the dtype's answer anywhere in the gradient, finite ones measured
     left = bool((~torch.isfinite(lowp) & torch.isfinite(want)).any())
     diff = deviation(got, want, torch.full_like(lowp, float("nan")) if left else lowp)
+    lowp_err = lowp_error(lowp, want)
+    tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
+    verdict = _beyond(got, want, diff, torch.zeros_like(diff), lowp_err, tol)
+    return verdict if verdict.ok or allowance is None else _beyond(got, want, diff, allowance(), lowp_err, tol)
+
+
+def _beyond(got, want, diff, allowance, lowp_err: float, tol: float) -> Verdict:
     # where what the allowance admits does not fit the gradient's dtype, its overflow is one of those values
     overflows = ~torch.isfinite(got) & (want.abs() + allowance > torch.finfo(got.dtype).max)
     diff = torch.where(overflows, 0.0, diff)
     bad, beyond = float(diff.max()), float((diff - allowance).max())
-    lowp_err = lowp_error(lowp, want)
-    tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
     return Verdict(bad, tol, lowp_err, beyond <= tol, float(allowance.max()))
 
 
@@ -320,9 +330,7 @@ def check_gradients(
         if got is None or want is None:
             continue
         lowp = overflow_stand_in(lowps[name].double(), want, kernel, lambda name=name: wides()[name])
-        verdicts[name] = judge_gradient(got, want, lowp, torch.zeros_like(want), magnitude)
-        if not verdicts[name].ok:  # the allowances cost reference runs: only a gradient outside the rule needs them
-            verdicts[name] = judge_gradient(got, want, lowp, allowed()[name], magnitude)
+        verdicts[name] = judge_gradient(got, want, lowp, magnitude, lambda name=name: allowed()[name])
     return verdicts
 
 

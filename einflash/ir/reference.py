@@ -154,17 +154,15 @@ def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, 
             for rank, i in zip(c.tensor(r.tensor).ranks, r.index)
             if rank not in PARALLEL and sympy.sympify(i) != coord(rank)
         )
+    values = None
     for e, tensor, rank, index in reads:
         coords = sorted(s.name for s in index.free_symbols if s == coord(s.name))
         if any(ext.get(x, 0) == 0 for x in coords):
             continue  # nothing is read
-        sizes = {r.extent: ext[r.name] for r in c.ranks if r.name in ext}
-        defaults = {  # parameters not given take their defaults, which may use extents
-            extent_symbol(p.name): sympy.sympify(p.default).subs(sizes)
-            for p in c.params
-            if p.default is not None and p.name not in params
-        }
-        values = defaults | {extent_symbol(k): v for k, v in params.items()} | sizes
+        if values is None:  # parameters not given take their defaults, which may use extents
+            values = {extent_symbol(k): v for k, v in bind_params(c, params, ext).items()} | {
+                r.extent: ext[r.name] for r in c.ranks if r.name in ext
+            }
         fn = sympy.lambdify([coord(x) for x in coords], index.subs(values), modules=[{"floor": math.floor}, "math"])
         # an affine index takes its extremes at the corners; another (floor, mod) is tried everywhere on short ranks
         syms = [coord(x) for x in coords]

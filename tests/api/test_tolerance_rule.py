@@ -119,13 +119,13 @@ def test_a_normaliser_without_a_log_sum_exp_has_no_row_term_allowance():
 def test_a_gradient_overflows_only_where_its_allowance_leaves_the_dtype():
     want, lowp = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     got = torch.tensor([float("inf"), 0.0], dtype=torch.float16)
-    assert judge_gradient(got, want, lowp, torch.tensor([1e7, 0.0], dtype=torch.float64), 1.0).ok
-    assert not judge_gradient(got, want, lowp, torch.tensor([1e3, 0.0], dtype=torch.float64), 1.0).ok
+    assert judge_gradient(got, want, lowp, 1.0, lambda: torch.tensor([1e7, 0.0], dtype=torch.float64)).ok
+    assert not judge_gradient(got, want, lowp, 1.0, lambda: torch.tensor([1e3, 0.0], dtype=torch.float64)).ok
 
 
 def test_once_even_fp32_leaves_the_range_a_gradient_may_be_nan_anywhere_but_not_wrongly_finite():
     want = torch.tensor([0.0, 1.0], dtype=torch.float64)
     lowp = torch.tensor([0.0, float("nan")], dtype=torch.float64)  # the stand-in: fp32 overflowed at one entry
     none = torch.zeros(2, dtype=torch.float64)
-    assert judge_gradient(torch.tensor([float("nan"), float("nan")]), want, lowp, none, 1.0).ok
-    assert not judge_gradient(torch.tensor([float("nan"), 5.0]), want, lowp, none, 1.0).ok
+    assert judge_gradient(torch.tensor([float("nan"), float("nan")]), want, lowp, 1.0, lambda: none).ok
+    assert not judge_gradient(torch.tensor([float("nan"), 5.0]), want, lowp, 1.0, lambda: none).ok

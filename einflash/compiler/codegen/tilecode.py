@@ -26,7 +26,7 @@ import sympy
 
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
-from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, reads
+from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, index_ranks, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
 from ..analysis.mask_tiles import conjuncts
@@ -236,7 +236,13 @@ class TileCode:
             if isinstance(o, tuple) and len(o) == 3:
                 index, stride, at = o
                 spots = {coord(x): bcast(f"offs_{x}", (x,), axes_t) for x in at}
-                terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
+                try:
+                    terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
+                except ValueError:
+                    raise LoweringError(
+                        f"{r.tensor} is read at index {index}; the kernels compute integer +, −, ×, // and % in an "
+                        f"index"
+                    ) from None
             elif isinstance(o, tuple):
                 rank, stride = o
                 axis = "m" if rank == "h" else rank
@@ -292,25 +298,20 @@ class TileCode:
 
     def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
         """The tile axes an input's index other than its own coordinate runs along (``rel[n − m + M − 1]``:
-        m and n); raises LoweringError for an index the kernels cannot compute."""
-        at = tuple(sorted(str(x) for x in index.free_symbols if x == coord(str(x))))
+        m and n); raises LoweringError for an index along other ranks."""
+        at = tuple(sorted(index_ranks((index,))))
         where = f"{r.tensor} is read at index {index} for its rank {own}"
         if own in PARALLEL:
             raise LoweringError(f"{where}; batch and head are read only at their own coordinates")
         if not set(at) <= {"m", "n"}:
             raise LoweringError(f"{where}; an index may use the query and key positions m and n only")
-        try:
-            to_triton(index, {coord(x): x for x in at} | self.extent_names(index))
-        except ValueError:
-            raise LoweringError(f"{where}; the kernels compute integer +, −, × and // in an index") from None
         return at
 
     def extent_names(self, index) -> dict:
         """Code of the extents and parameters an index names: M and N as the kernel has them, others' sizes."""
         names = {}
-        for x in index.free_symbols:
-            if x == coord(str(x)):
-                continue
+        coords = {coord(x) for x in index_ranks((index,))}
+        for x in index.free_symbols - coords:
             rank = next((q.name for q in self.c.ranks if q.extent == x), None)
             param = next((p for p in self.c.params if p.name == str(x)), None)
             if rank is not None:
