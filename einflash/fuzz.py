@@ -399,7 +399,7 @@ def _typed(stage: str, source: str, fn: Callable):
 
 def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     """Declare, reference, run and differentiate ``program``; raise Defect where einflash is wrong."""
-    from .testing import gradient_allowances, judge, judge_gradient, overflow_stand_in
+    from .testing import gradient_allowances, gradient_magnitude, judge, judge_gradient, overflow_stand_in
 
     digest = hashlib.sha256("\n".join(program.lines).encode()).hexdigest()[:8]
     name = f"fuzz_{digest}"
@@ -464,7 +464,7 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     lowp = _plain_grads(program, half, d_o, torch.float16)
     wide = functools.cache(lambda: _plain_grads(program, half, d_o, torch.float32))
     allowed = functools.cache(lambda: gradient_allowances(op, d_o, dtype=torch.float16, **half, **params))
-    magnitude = max([float(g.abs().max()) for g in exact.values() if g.numel()] + [0.0])
+    magnitude = gradient_magnitude(exact)
     for k, want in exact.items():
         got = grads.get(k)
         if got is None:

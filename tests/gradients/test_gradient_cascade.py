@@ -100,7 +100,7 @@ SHIFTED = {
     "softmax": ["top2_raw"],
     "causal": ["max_n2_raw"],
     "softcap": ["max_n2"],
-    "signed_softmax": ["max_n2_raw"],
+    "signed_softmax": ["max_n"],
     "differential": ["max_n22_raw", "max_n222_raw"],
     "sigmoid": [],
     "causal_linear": [],

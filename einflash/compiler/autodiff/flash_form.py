@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import TypeGuard
 
 from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, TensorDecl, plain_read
@@ -220,17 +221,19 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     lse = name("lse2")
     log2_den = call("mul", call("log", den), Const(LOG2E))
     arg = exp2.args[0]
-    if (
-        isinstance(arg, Call)
-        and arg.op == "sub"
-        and arg.merge is Merge.ALL
-        and free_ranks(arg.args[1]) <= set(c.tensor(den.tensor).ranks)
-    ):
+    if isinstance(arg, Call) and arg.op == "mul" and isinstance(arg.args[1], Const) and _is_shift(diff := arg.args[0]):
+        # exp2((x − max)·log2 e): the row's part joins the log-sum-exp, x·log2 e stays per pair (one FMA)
+        arg = call("sub", call("mul", diff.args[0], arg.args[1]), call("mul", diff.args[1], arg.args[1]))
+    if _is_shift(arg) and free_ranks(arg.args[1]) <= set(c.tensor(den.tensor).ranks):
         lse_expr, exponent = call("add", arg.args[1], log2_den), arg.args[0]
     else:
         lse_expr, exponent = log2_den, arg
     lse_read = plain_read(TensorDecl(lse, c.tensor(den.tensor).ranks))
     shifted = call("sub", exponent, lse_read)
+    if _steep(c, exponent):
+        # p ≤ 1 exactly; the backward recomputes the scores in another order than the forward, and through an
+        # exponential of them (exp(exp(s)) ≈ 1e15) a last-bit difference moves the exponent by ~1e8: p = inf
+        shifted = call("minimum", shifted, Const(0.0))
     renamed = {num.tensor: p, acc.tensor: None, y: y2, r: r2, dn.out: dn2}
 
     def sub(x):
@@ -258,6 +261,26 @@ def _normalised_match(c: Cascade, dn: Einsum) -> Cascade | None:
     out = prune(replace(c, tensors=tuple(tensors), einsums=tuple(einsums)))
     validate(out, contract=False)
     return out
+
+
+STEEP = frozenset({"exp", "exp2"})  # maps whose value grows as fast as the last bit of their argument's rounding
+
+
+def _steep(c: Cascade, x: Expr) -> bool:
+    """Whether ``x`` takes an exponential of the scores: through the Einsums of ``c`` that make what it reads."""
+    todo, seen = [x], set()
+    while todo:
+        for y in walk(todo.pop()):
+            if isinstance(y, Call) and y.op in STEEP:
+                return True
+            if isinstance(y, Read) and y.tensor not in seen and (made := c.producer(y.tensor)) is not None:
+                seen.add(y.tensor)
+                todo.append(made.expr)
+    return False
+
+
+def _is_shift(x: Expr) -> TypeGuard[Call]:
+    return isinstance(x, Call) and x.op == "sub" and x.merge is Merge.ALL
 
 
 def fold_scalar_chains(c: Cascade) -> Cascade:
@@ -289,17 +312,29 @@ def fold_scalar_chains(c: Cascade) -> Cascade:
             def sub(x, p=p):
                 return p.expr if isinstance(x, Read) and x.tensor == p.out else None
 
-            fs = factors(transform(u.expr, sub))
-            scalar = 1.0
-            for f, k in fs:
-                if isinstance(f, Const):
-                    scalar = scalar * f.value if k > 0 else scalar / f.value
-            rest = [(f, k) for f, k in fs if not isinstance(f, Const)]
-            folded = product(rest + ([(Const(scalar), 1)] if scalar != 1.0 or not rest else []))
+            folded = _constants_folded(transform(u.expr, sub))
             einsums = [replace(u, expr=folded) if e is u else e for e in einsums if e is not p]
             changed = True
             break
+    # within one product too (exp2's ln 2 and the base-2 scale's log2 e in one derivative)
+    einsums = [
+        replace(e, expr=_constants_folded(e.expr))
+        if is_product(e) and sum(isinstance(f, Const) for f, _ in factors(e.expr)) > 1
+        else e
+        for e in einsums
+    ]
     return prune(replace(c, einsums=tuple(einsums)))
+
+
+def _constants_folded(x: Expr) -> Expr:
+    """The product ``x`` with its constant factors multiplied into one (none where they cancel)."""
+    fs = factors(x)
+    scalar = 1.0
+    for f, k in fs:
+        if isinstance(f, Const):
+            scalar = scalar * f.value if k > 0 else scalar / f.value
+    rest = [(f, k) for f, k in fs if not isinstance(f, Const)]
+    return product(rest + ([(Const(scalar), 1)] if scalar != 1.0 or not rest else []))
 
 
 def scalars_after_sums(c: Cascade) -> Cascade:

@@ -137,6 +137,7 @@ class _Builder:
         self.taken = {t.name for t in c.tensors} | {p.name for p in c.params}
         self.tensors: list[TensorDecl] = []
         self.einsums: list[Einsum] = []
+        self.shared: set[str] = set()  # adjoints read by more than one term: never renamed by ``total``
 
     def fresh(self, base: str) -> str:
         name = fresh_name(self.c, base, self.taken)
@@ -168,6 +169,7 @@ class _Builder:
             len(terms) == 1
             and isinstance(terms[0], Read)
             and terms[0].tensor in made
+            and terms[0].tensor not in self.shared
             and self.einsums[made[terms[0].tensor]].ranks == ranks
         ):
             i, name = made[terms[0].tensor], self.fresh(base)
@@ -250,7 +252,10 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             )  # the adjoint of each reduced element: of the result times ∂result/∂element
         its = e.iteration_ranks
         value = plain_read(c.tensor(e.out)) if e.reduce is None else None
-        for leaf, d in partial_derivatives(e.expr, value).items():
+        leaves = partial_derivatives(e.expr, value)
+        if isinstance(g, Read) and len(leaves) > 1:
+            b.shared.add(g.tensor)  # each leaf's term may be g itself (a derivative of 1)
+        for leaf, d in leaves.items():
             if leaf.prev:
                 raise DifferentiationError(f"{c.where(e)}: reads a running state's previous value")
             decl = c.tensor(leaf.tensor)

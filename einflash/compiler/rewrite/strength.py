@@ -6,7 +6,10 @@ multiply followed by a subtraction fuses into one FMA. So the online-softmax ste
 with the row maximum taken before scaling. Three pure rewrites get there:
 
 - :func:`scalars_before_masks`: ``(a·c :: p)`` becomes ``(a :: p)·c`` for a rank-free c;
-- :func:`exponent_base2`: ``exp(x − max_n x)`` becomes ``exp2(x' − max_n x')``, ``x' = x·log2 e``;
+- :func:`exponent_base2`: ``exp(x − max_n x)`` becomes ``exp2(x' − max_n x')``, ``x' = x·log2 e``, where x is a
+  product the constant folds into (one rounding, as PyTorch's ``x``); any other x (a sum with a bias, an
+  exponential) becomes ``exp2((x − max_n x)·log2 e)``: scaling first would round ``x·log2 e`` once more, by
+  eps·|x| where only x − max matters, and overflow for |x| within a factor log2 e of the float32 maximum;
 - :func:`scalars_out_of_max`: ``max_n(y·c)`` becomes ``max_n(y)·c`` for a positive c.
 
 Each is checked by running both sides through the reference executor (tests/rewrites).
@@ -110,6 +113,13 @@ def exponent_base2(c: Cascade) -> Cascade:
         top2 = _fresh(c, f"{e.out}2", taken)
         made = c.producer(x.tensor)
         body = made.expr if (made is not None and made.where is None and made.reduce is None and not made.loop) else x
+        if not _scales_exactly(body):
+            shifted = call("exp2", call("mul", pattern.args[0], Const(LOG2E)))
+            shifted_in = tuple(
+                replace(f, expr=transform(f.expr, lambda y: shifted if y == pattern else None))  # noqa: B023 -- called before transform returns
+                for f in c.einsums
+            )
+            return exponent_base2(replace(c, einsums=shifted_in))
         scaled = _grouped(factors(body) + [(Const(LOG2E), 1)])
         x2_read = Read(x2, x.index)
         top2_read = Read(top2, tuple(coord(r) for r in e.ranks))
@@ -128,6 +138,17 @@ def exponent_base2(c: Cascade) -> Cascade:
         c = replace(c, einsums=tuple(einsums), tensors=tuple(ordered_tensors(tensors, einsums)))
         return exponent_base2(_drop_unused(c))
     return c
+
+
+BOUNDED = frozenset({"tanh", "sigmoid", "sin", "cos"})  # calls whose value stays within [−1, 1]
+
+
+def _scales_exactly(body: Expr) -> bool:
+    """Whether ``body·log2 e`` rounds as ``body`` does: a product (log2 e joins its constants) whose factors are
+    reads and bounded calls (no overflow of the scaled value before the maximum is subtracted)."""
+    return all(
+        rank_free(f) or isinstance(f, Read) or (isinstance(f, Call) and f.op in BOUNDED) for f, _ in factors(body)
+    )
 
 
 def scalars_out_of_max(c: Cascade) -> Cascade:
