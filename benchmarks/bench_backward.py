@@ -41,7 +41,7 @@ from bench_forward import ROWS, example, row_setup  # noqa: E402
 import einflash as ef  # noqa: E402
 from einflash.backends import detect  # noqa: E402
 from einflash.compiler.schedule import BackwardSchedule, default_backward_schedule  # noqa: E402
-from einflash.testing import check_gradients  # noqa: E402
+from einflash.testing import check_gradients, trainable  # noqa: E402
 
 DT = torch.bfloat16
 T0 = time.time()
@@ -235,18 +235,14 @@ def correctness(rows, quick: bool, variants: str | None = None, dtypes: str = "b
                     else given[t.name]
                     for t in op.cascade.inputs
                 }
-                leaves = {
-                    n: (x.detach().clone().requires_grad_() if x.is_floating_point() else x) for n, x in given.items()
-                }
+                leaves = trainable(op, given)
                 t0 = time.time()
                 out = op(**leaves)
                 d_o = torch.randn(out.shape, device="cuda", dtype=dt, generator=g)
                 out.backward(d_o)
                 torch.cuda.synchronize()
                 seconds = time.time() - t0
-                verdicts = check_gradients(
-                    op, {n: x.grad for n, x in leaves.items() if x.is_floating_point()}, d_o, **given
-                )
+                verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items() if x.requires_grad}, d_o, **given)
                 emit(
                     rows,
                     kind="check",

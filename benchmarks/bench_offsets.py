@@ -1,16 +1,18 @@
-"""A relative-position table read at offsets, beside einflash's own ALiBi and FlexAttention, on one GPU.
+"""Tables read at offsets and gathered, beside einflash's own ALiBi and FlexAttention, on one GPU.
 
     python3 benchmarks/bench_offsets.py --out DIR [--shape 2,16,8192,128]
 
-In one process, bf16 q, k, v: einflash's ALiBi (examples/alibi.py), einflash with a per-head table of M + N − 1
-biases read at ``rel[h, n − m + M − 1]``, and FlexAttention with the same table gathered in its score_mod;
-forward and forward+backward (the table frozen: its gradient is not lowered yet), TFLOP/s counting the
-forward as 4·B·H·M·N·D and forward+backward as 3.5 times that. Before timing, einflash's table kernel is
-checked against the float64 reference (bf16 and fp16; forward and the gradients of q, k, v). DIR/offsets.json.
+In one process, bf16 q, k, v: einflash's ALiBi (examples/alibi.py); a per-head table of M + N − 1 biases read at
+``rel[h, n − m + M − 1]``; T5's bucketed bias (examples/t5_bias.py: ``table[h, bucket[n − m + M − 1]]``, two
+gathers); each beside FlexAttention with the same reads in its score_mod. Forward and forward+backward (the
+tables frozen: their gradients are not lowered yet), TFLOP/s counting the forward as 4·B·H·M·N·D and
+forward+backward as 3.5 times that. Before timing, einflash's table kernels are checked against the float64
+reference (bf16 and fp16; forward and the gradients of q, k, v). DIR/offsets.json.
 """
 
 import argparse
 import datetime
+import itertools
 import json
 import pathlib
 import sys
@@ -27,25 +29,33 @@ from bench_forward import example
 import einflash as ef
 from einflash.testing import check, check_gradients
 
+T5, _ = example("t5_bias")
+
 
 @ef.attention
 def relative(q, k, v, rel: ef.Tensor["h r"]):  # noqa: F722 -- rank names, einflash's DSL
     return ef.softmax(q @ k * ef.scale + rel[ef.n - ef.m + ef.M - 1], "n") @ v
 
 
+def _tables(op, shape: ef.Shape, dtype, g) -> dict:
+    if op is relative:
+        return {"rel": torch.randn(shape.Hq, shape.M + shape.N - 1, device="cuda", dtype=dtype, generator=g)}
+    return T5.extra_inputs(shape, device="cuda", dtype=dtype)
+
+
 def _checks(rows: list) -> None:
-    for dtype in (torch.bfloat16, torch.float16):
+    for op, dtype in itertools.product((relative, T5.t5_bias), (torch.bfloat16, torch.float16)):
         for B, H, M, N, D in ((2, 4, 300, 517, 128), (2, 4, 1, 4099, 64)):
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(B, H, M, D, device="cuda", dtype=dtype, generator=g)
             k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-            rel = torch.randn(H, M + N - 1, device="cuda", dtype=dtype, generator=g)
-            ok = check(relative, relative(q, k, v, rel), q, k, v, rel=rel).ok
-            row = dict(kind="check", dtype=str(dtype), shape=[B, H, M, N, D], forward=ok)
+            tables = _tables(op, ef.Shape(B, H, M, N, D), dtype, g)
+            ok = check(op, op(q, k, v, **tables), q, k, v, **tables).ok
+            row = dict(kind="check", variant=op.name, dtype=str(dtype), shape=[B, H, M, N, D], forward=ok)
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             grad = torch.randn_like(q)
-            relative(*leaves, rel).backward(grad)
-            verdicts = check_gradients(relative, dict(zip("qkv", (x.grad for x in leaves))), grad, q, k, v, rel=rel)
+            op(*leaves, **tables).backward(grad)
+            verdicts = check_gradients(op, dict(zip("qkv", (x.grad for x in leaves))), grad, q, k, v, **tables)
             row["gradients"] = {n: v.as_dict() for n, v in verdicts.items()}
             row["ok"] = row["forward"] and all(v.ok for v in verdicts.values())
             rows.append(row)
@@ -113,13 +123,24 @@ def main() -> None:
     def flex_table(score, b, h, qi, ki):
         return score + rel[h, ki - qi + N - 1]
 
+    t5 = T5.extra_inputs(ef.Shape(B, H, N, N, D), device="cuda", dtype=dt)
+    table, bucket = t5["table"], t5["bucket"]
+
+    def t5_fwd():
+        return T5.t5_bias(q, k, v, **t5)
+
+    def flex_t5(score, b, h, qi, ki):
+        return score + table[h, bucket[ki - qi + N - 1]]
+
     _time(rows, "einflash alibi", alibi_fwd, training(alibi_fwd), flops)
     _time(rows, "einflash relative table", table_fwd, training(table_fwd), flops)
-    try:
-        flex_fwd = peers.flex(q, k, v, score_mod=flex_table)
-        _time(rows, "flex relative table", flex_fwd, training(flex_fwd), flops)
-    except Exception as e:  # noqa: BLE001 -- Flex that cannot compile the case is reported
-        rows.append({"kind": "perf", "case": "flex relative table", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    _time(rows, "einflash t5 bucketed bias", t5_fwd, training(t5_fwd), flops)
+    for label, score_mod in (("flex relative table", flex_table), ("flex t5 bucketed bias", flex_t5)):
+        try:
+            flex_fwd = peers.flex(q, k, v, score_mod=score_mod)
+            _time(rows, label, flex_fwd, training(flex_fwd), flops)
+        except Exception as e:  # noqa: BLE001 -- Flex that cannot compile the case is reported
+            rows.append({"kind": "perf", "case": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     (out / "offsets.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -35,7 +35,7 @@ from .backends import detect
 from .errors import DeclarationError, LoweringError
 from .op import AttentionOp
 from .shape import Shape
-from .testing import check, check_gradients
+from .testing import check, check_gradients, trainable
 
 QUICK = ("softmax", "causal", "alibi", "sigmoid", "differential", "post_norm_threshold", "linear")
 OK, NOT_LOWERED, FAILED = "ok", "not lowered", "failed"
@@ -174,7 +174,7 @@ def _gradients(op: AttentionOp, given: dict, generator: torch.Generator, progres
     """The backward of one call (all floating-point inputs), held to the tolerance rule."""
     if op.backward.error is not None:
         return {"grad_reason": str(op.backward.error)}
-    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v) for k, v in given.items()}
+    leaves = trainable(op, given)
 
     def backward() -> torch.Tensor:
         out = op(**leaves)
@@ -186,7 +186,7 @@ def _gradients(op: AttentionOp, given: dict, generator: torch.Generator, progres
         d_o = _step("gradients", backward, progress)
         verdicts = _step(
             "gradient check",
-            lambda: check_gradients(op, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}, d_o, **given),
+            lambda: check_gradients(op, {k: v.grad for k, v in leaves.items() if v.requires_grad}, d_o, **given),
             progress,
         )
     except LoweringError as e:  # a backward found not lowerable only when its kernels are generated

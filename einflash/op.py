@@ -222,7 +222,8 @@ class AttentionOp:
 
         An eager call with nothing to differentiate is recorded (einflash.compiler.runtime.replay): a later call
         with tensors of the same shapes, strides, dtypes, devices and alignment and the same other
-        arguments skips the binding, the checks and the schedule's choice, and launches the same kernels.
+        arguments skips the binding, the checks and the schedule's choice, and launches the same kernels (not
+        where an index gathers through an input: its entries are checked on every call).
 
         >>> import torch, einflash as ef
         >>> @ef.attention
@@ -235,7 +236,8 @@ class AttentionOp:
         """
         tracing = torch.compiler.is_compiling()
         replay_key = None
-        if backend is None and not tracing and not kwargs.keys() & OFFSET_NAMES:
+        # a gather's bounds depend on the gathered input's entries: such a call binds and checks every time
+        if backend is None and not tracing and not kwargs.keys() & OFFSET_NAMES and not self.cascade.gathers:
             replay_key = signature(args, kwargs, schedule, return_lse, generation())
             replay = None if replay_key is None else self._replays.get(replay_key)
             if replay is not None:

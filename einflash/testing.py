@@ -350,6 +350,25 @@ def check_gradients(
     return verdicts
 
 
+def trainable(op, given: dict) -> dict:
+    """``given`` with each input the backward differentiates a fresh leaf that requires grad: floating-point
+    inputs but frozen ones (a table read at computed positions: ``op.backward.gradient.frozen``).
+
+    >>> import torch, einflash as ef
+    >>> @ef.attention
+    ... def plain(q, k, v):
+    ...     return ef.softmax(q @ k, "n") @ v
+    >>> given = {"q": torch.ones(1, 1, 2, 4), "k": torch.ones(1, 1, 3, 4), "v": torch.ones(1, 1, 3, 4)}
+    >>> sorted(n for n, x in trainable(plain, given).items() if x.requires_grad)
+    ['k', 'q', 'v']
+    """
+    frozen = {n for n, _ in op.backward.gradient.frozen} if op.backward.error is None else set()
+    return {
+        k: (v.detach().clone().requires_grad_() if v.is_floating_point() and k not in frozen else v)
+        for k, v in given.items()
+    }
+
+
 def random_inputs(op, shape, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     """Seeded inputs of ``op`` at ``shape`` (an ``einflash.Shape``): q ``[B, Hq, M, E]``, k ``[B, Hkv, N, E]``,
     v ``[B, Hkv, N, F]``, and whatever ``extra_inputs(shape, device=, dtype=)`` in the op's own file gives.

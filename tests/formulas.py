@@ -116,6 +116,13 @@ def relative_bias(q, k, v, bias, scale=None):
     return _attend(_scale(q, scale) * _dot(q, k) + bias[None], v)
 
 
+def t5_bias(q, k, v, table, bucket, scale=None):
+    """The table gathered at each pair's bucket, the buckets indexed by n − m + M − 1 (one M x N bias)."""
+    m, n = _positions(q, k)
+    bias = table[:, bucket.long()[n - m + q.shape[-2] - 1]]  # [H, M, N]
+    return _attend(_scale(q, scale) * _dot(q, k) + bias[None], v)
+
+
 def lowrank_bias(q, k, v, u, w, scale=None):
     return _attend(_scale(q, scale) * _dot(q, k) + _dot(u, w), v)
 

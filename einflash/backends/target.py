@@ -87,10 +87,12 @@ class Tuning:
     defaults: tuple[tuple[int, TileConfig], ...]
     space: SearchSpace
     masked: tuple[tuple[int, TileConfig], ...] = ()  # buckets where an affine mask prefers other tiles
+    gathered: tuple[tuple[int, TileConfig], ...] = ()  # buckets where a tile-sized gather prefers others
 
-    def default(self, head_dim: int, masked: bool = False) -> TileConfig:
-        """The configuration of the smallest bucket that holds ``head_dim`` (``masked``: of a masked cascade)."""
-        for largest, cfg in self.masked if masked else ():
+    def default(self, head_dim: int, masked: bool = False, gathered: bool = False) -> TileConfig:
+        """The configuration of the smallest bucket that holds ``head_dim`` (``masked``: of a masked cascade;
+        ``gathered``: of one that reads an input at computed positions along both m and n, a relative table)."""
+        for largest, cfg in (self.gathered if gathered else ()) + (self.masked if masked else ()):
             if head_dim <= largest:
                 return cfg
         for largest, cfg in self.defaults:

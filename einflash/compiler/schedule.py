@@ -162,12 +162,18 @@ max_registers=0, one_launch=True)
 
 
 def default_schedule(
-    extents: dict[str, int], target: Target, kv_heads: int | None = None, masked: bool = False, allow_split: bool = True
+    extents: dict[str, int],
+    target: Target,
+    kv_heads: int | None = None,
+    masked: bool = False,
+    allow_split: bool = True,
+    gathered: bool = False,
 ) -> Schedule:
     """A schedule for these extents on ``target``: tiles, warps, stages, splits and GQA packing.
 
     ``masked``: the cascade has an affine mask whose empty tiles are skipped. ``allow_split``: False
-    where split-KV is not available (jagged batches).
+    where split-KV is not available (jagged batches). ``gathered``: it reads an input at computed positions
+    along both m and n (``Forward.gathered``).
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
@@ -178,7 +184,7 @@ def default_schedule(
     group = heads // kv
     widest = widest_head_dim(extents)
     if extents["m"] > DECODE_MAX_QUERIES:
-        cfg = target.forward.default(next_power_of_two(widest), masked)
+        cfg = target.forward.default(next_power_of_two(widest), masked, gathered)
         return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, max_registers=cfg.max_registers)
     cfg = target.decode.default(next_power_of_two(widest))
     pack = group > 1

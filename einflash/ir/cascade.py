@@ -22,7 +22,7 @@ from typing import TypeGuard
 import networkx as nx
 import sympy
 
-from .expr import Expr, Read, free_ranks, reads, transform
+from .expr import Expr, Read, free_ranks, gathered, reads, transform
 from .printer import format_cascade
 from .ranks import Rank, coord
 from .user_ops import DEFINITIONS, user_operators
@@ -165,6 +165,12 @@ class Cascade:
             for r in e.reads()
             if r.tensor in names and not all(isinstance(i, sympy.Symbol) and i == coord(i.name) for i in r.index)
         )
+
+    @cached_property
+    def gathers(self) -> bool:
+        """Whether an index gathers through an input's entries (``table[bucket[n − m]]``): its bounds depend on
+        data, so every call checks them."""
+        return any(next(gathered(r.index), None) is not None for e in self.einsums for r in e.reads())
 
     @cached_property
     def states(self) -> tuple[TensorDecl, ...]:

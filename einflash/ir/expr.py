@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from .operators import OPERATORS
 from .ranks import coord
@@ -92,7 +93,23 @@ def walk(expr: Expr) -> Iterator[Expr]:
 
 
 def reads(expr: Expr) -> Iterator[Read]:
-    return (x for x in walk(expr) if isinstance(x, Read))
+    """Every read in ``expr``, with the reads an index gathers through (``table[bucket[n − m]]``: both)."""
+    for x in walk(expr):
+        if isinstance(x, Read):
+            yield x
+            yield from gathered(x.index)
+
+
+def gathered(index: tuple[sympy.Expr, ...]) -> Iterator[Read]:
+    """The reads inside an index, at any depth: a gather by an integer input is ``bucket(n − m)`` in an index.
+
+    >>> from .ranks import coord
+    >>> list(gathered((sympy.Function("bucket")(coord("n") - coord("m")),)))
+    [Read(tensor='bucket', index=(-m + n,), prev=False)]
+    """
+    for i in index:
+        for f in sorted(sympy.sympify(i).atoms(AppliedUndef), key=str):
+            yield Read(str(f.func), tuple(f.args))
 
 
 def index_ranks(index: tuple[sympy.Expr, ...]) -> frozenset[str]:

@@ -410,13 +410,17 @@ def _index_expr(x) -> sympy.Expr:
         if isinstance(leaf, Size):
             st = _STATE.get()
             return ((st.ranks.get(leaf.rank) if st else None) or new_rank(leaf.rank)).extent
+        if isinstance(leaf, Read):  # an integer input's entry: a gather (table[bucket[n − m + c]])
+            return sympy.Function(leaf.tensor)(*leaf.index)
     if node.kind == "map" and node.op in ("add", "sub", "mul", "floordiv", "mod"):
         a, b = (_index_expr(Traced(n)) for n in node.args)
         return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": sympy.floor(a / b), "mod": sympy.Mod(a, b)}[
             node.op
         ]
     raise DeclarationError(
-        "an index must be built from rank coordinates, ints and int parameters with +, -, *, // and %", _where()
+        "an index must be built from rank coordinates, ints, int parameters and entries of integer inputs with "
+        "+, -, *, // and %",
+        _where(),
     )
 
 

@@ -32,14 +32,16 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.utils.checkpoint
+from sympy.core.function import AppliedUndef
 
-from ..errors import CascadeError, MissingInputError, ParameterError, ShapeError
+from ..errors import CascadeError, DTypeError, MissingInputError, ParameterError, ShapeError
 from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, walk
 from .operators import OPERATORS, REDUCERS
@@ -133,7 +135,7 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
             if not val.is_number:
                 raise ShapeError(f"rank {rank.name!r} has extent {rank.extent}, which the inputs do not determine")
             ext[rank.name] = int(val)
-    _check_input_reads(c, ext, params)
+    _check_input_reads(c, ext, params, inputs)
     # a table rank's extent bounds reads (checked above) and is no tile axis: head dims are the other ranks'
     return {r: v for r, v in ext.items() if r not in c.table_ranks}
 
@@ -141,9 +143,31 @@ def bind_extents(c: Cascade, inputs: Mapping[str, torch.Tensor], params: Mapping
 _OFFSET_READS: dict[str, tuple] = {}  # by cascade key: its reads of inputs at other than their own coordinates
 
 
-def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, float]) -> None:
+_VALUE_RANGES: dict[int, tuple] = {}  # id of an index input -> (weak reference, version, lowest, highest)
+
+
+def value_range(x: torch.Tensor) -> tuple[int, int]:
+    """The lowest and highest entry of an integer input an index gathers through, computed once per tensor
+    version (it waits for the device): a table read at those entries must hold both.
+
+    >>> value_range(torch.tensor([3, 0, 7]))
+    (0, 7)
+    """
+    hit = _VALUE_RANGES.get(id(x))
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        return hit[2], hit[3]
+    lo, hi = (int(v) for v in torch.aminmax(x)) if x.numel() else (0, -1)
+    key = id(x)
+    _VALUE_RANGES[key] = (weakref.ref(x, lambda _: _VALUE_RANGES.pop(key, None)), x._version, lo, hi)
+    return lo, hi
+
+
+def _check_input_reads(
+    c: Cascade, ext: Mapping[str, int], params: Mapping[str, float], inputs: Mapping[str, torch.Tensor]
+) -> None:
     """Raise ShapeError where the cascade reads an input outside its extent at these extents (``doc[b, n]`` read at
-    ``m`` with M > N, ``tab[n − m + r]`` past the table's end): such a read is an error, never a dropped key."""
+    ``m`` with M > N, ``tab[n − m + r]`` past the table's end): such a read is an error, never a dropped key. An
+    index that gathers through an integer input (``table[bucket[n − m]]``) holds for every entry of it."""
     reads = _OFFSET_READS.get(c.key)
     if reads is None:
         reads = _OFFSET_READS[c.key] = tuple(
@@ -163,24 +187,41 @@ def _check_input_reads(c: Cascade, ext: Mapping[str, int], params: Mapping[str, 
             values = {extent_symbol(k): v for k, v in bind_params(c, params, ext).items()} | {
                 r.extent: ext[r.name] for r in c.ranks if r.name in ext
             }
-        fn = sympy.lambdify([coord(x) for x in coords], index.subs(values), modules=[{"floor": math.floor}, "math"])
+        # a gathered entry (bucket(n − m)) is a variable over the gathered input's values
+        gathers = sorted(index.atoms(AppliedUndef), key=str)
+        entries = [sympy.Dummy(str(f.func)) for f in gathers]
+        ranges = [_gather_range(c, e, str(f.func), inputs) for f in gathers]
+        written, index = index, index.subs(dict(zip(gathers, entries)))
+        syms = [coord(x) for x in coords if all(coord(x) not in f.free_symbols for f in gathers)] + entries
+        fn = sympy.lambdify(syms, index.subs(values), modules=[{"floor": math.floor}, "math"])
         # an affine index takes its extremes at the corners; another (floor, mod) is tried everywhere on short ranks
-        syms = [coord(x) for x in coords]
         affine = (
             not index.has(sympy.floor, sympy.Mod)
             and index.is_polynomial(*syms)
             and all(sympy.degree(index, x) <= 1 for x in syms)
         )
-        span = [(0, ext[x] - 1) if affine or ext[x] > 64 else range(ext[x]) for x in coords]
-        seen = [fn(*point) for point in itertools.product(*span)] if coords else [fn()]
+        bounds = [(0, ext[s.name] - 1) for s in syms[: len(syms) - len(entries)]] + ranges
+        span = [(lo, hi) if affine or hi - lo >= 64 else range(lo, hi + 1) for lo, hi in bounds]
+        seen = [fn(*point) for point in itertools.product(*span)] if syms else [fn()]
         low, high = min(seen), max(seen)
         if low < 0 or high >= ext[rank]:
+            held = "".join(f", {f.func} holding {lo}..{hi}" for f, (lo, hi) in zip(gathers, ranges))
             raise ShapeError(
-                f"{c.where(e)}: reads {tensor} at {rank} = {index}, which runs from {low} to {high} at these "
-                f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}), "
+                f"{c.where(e)}: reads {tensor} at {rank} = {written}, which runs from {low} to {high} at these "
+                f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}{held}), "
                 f"outside {tensor}'s 0..{ext[rank] - 1}; "
                 f"a read outside an input is an error: give the input the extent it is read at (pad it)"
             )
+
+
+def _gather_range(c: Cascade, e: Einsum, name: str, inputs: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    x = inputs[name]
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise DTypeError(f"{c.where(e)}: an index gathers through {name}, which must hold integers, got {x.dtype}")
+    lo, hi = value_range(x)
+    if hi < lo:
+        raise ShapeError(f"{c.where(e)}: an index gathers through {name}, which is empty")
+    return lo, hi
 
 
 def bind_params(c: Cascade, given: Mapping[str, float], extents: Mapping[str, int]) -> dict[str, float]:
@@ -279,8 +320,13 @@ class _Evaluator:
         idxs, valid = [], None
         for d, (i, r) in enumerate(zip(index, src.ranks)):
             expr = sympy.sympify(i).subs(psubs)
-            fn = sympy.lambdify(list(grids), expr, modules=[{"floor": torch.floor}, "math"])
-            val = fn(*grids.values())
+            # entries an index gathers (bucket(n − m)): read as any input, then variables of the index
+            gathers = sorted(expr.atoms(AppliedUndef), key=str)
+            entries = [sympy.Dummy(str(f.func)) for f in gathers]
+            taken = [self.read(Read(str(f.func), tuple(f.args))) for f in gathers]
+            expr = expr.subs(dict(zip(gathers, entries)))
+            fn = sympy.lambdify(list(grids) + entries, expr, modules=[{"floor": torch.floor}, "math"])
+            val = fn(*grids.values(), *(_align(t.data, t.ranks, free) for t in taken))
             val = torch.as_tensor(val, device=self.device)
             val = torch.floor(val).long() if val.is_floating_point() else val.long()
             local = val - src.origin.get(r, 0)

@@ -1,5 +1,6 @@
 """Inputs read at computed positions: a relative-position table at ``n − m + M − 1``, a row of a table at a
-constant, a key-indexed array at the query's position in chunked prefill. Each kernel (prefill, decode with GQA
+constant, a key-indexed array at the query's position in chunked prefill, and gathers: T5's table at the bucket of
+each offset, a segment-pair table at the segments of m and n. Each kernel (prefill, decode with GQA
 packing, split-KV) against the float64 reference under the tolerance rule; the backward with the table frozen;
 what is refused, and how."""
 
@@ -8,7 +9,7 @@ import torch
 
 import einflash as ef
 from einflash.compiler.schedule import Schedule
-from einflash.errors import DifferentiationError, LoweringError, ShapeError
+from einflash.errors import DifferentiationError, DTypeError, LoweringError, ShapeError
 from einflash.testing import check, check_gradients
 
 
@@ -30,6 +31,20 @@ def chunked_documents(q, k, v, doc: ef.Tensor["b n"]):
     return ef.softmax(ef.mask(s, (doc[ef.n] == doc[here]) & (ef.n <= here)), "n") @ v
 
 
+@ef.attention
+def bucketed(q, k, v, table: ef.Tensor["h r"], bucket: ef.Tensor["d"]):  # noqa: F821 -- a rank name
+    return ef.softmax(q @ k * ef.scale + table[bucket[ef.n - ef.m + ef.M - 1]], "n") @ v
+
+
+@ef.attention
+def segment_pairs(q, k, v, pair: ef.Tensor["h x y"], seg: ef.Tensor["b n"]):
+    here = ef.m + ef.N - ef.M
+    return ef.softmax(q @ k * ef.scale + pair[seg[here], seg[ef.n]], "n") @ v
+
+
+GATHERS = [bucketed, segment_pairs]
+
+
 def _inputs(op, B, Hq, Hkv, M, N, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, M, D, generator=g).to(dtype)
@@ -38,6 +53,14 @@ def _inputs(op, B, Hq, Hkv, M, N, D, dtype=torch.float32, seed=0):
         "relative": lambda: {"rel": torch.randn(Hq, M + N - 1, generator=g).to(dtype)},
         "table_row": lambda: {"tab": torch.randn(Hq, 3, M + N + 5, generator=g).to(dtype)},
         "chunked_documents": lambda: {"doc": torch.sort(torch.randint(0, 3, (B, N), generator=g), -1).values},
+        "bucketed": lambda: {
+            "table": torch.randn(Hq, 7, generator=g).to(dtype),
+            "bucket": torch.randint(0, 7, (M + N - 1,), generator=g, dtype=torch.int32),
+        },
+        "segment_pairs": lambda: {
+            "pair": torch.randn(Hq, 4, 4, generator=g).to(dtype),
+            "seg": torch.sort(torch.randint(0, 4, (B, N), generator=g), -1).values,
+        },
     }[op.name]()
     return dict(q=q, k=k, v=v, **extra)
 
@@ -50,7 +73,7 @@ SHAPES = {  # B, Hq, Hkv, M, N, D
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("op", [relative, table_row, chunked_documents], ids=lambda op: op.name)
+@pytest.mark.parametrize("op", [relative, table_row, chunked_documents, *GATHERS], ids=lambda op: op.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_a_read_at_computed_positions_matches_the_reference(op, shape, dtype):
     inputs = _inputs(op, *SHAPES[shape], dtype=dtype)
@@ -85,7 +108,7 @@ def test_a_jagged_batch_with_a_computed_read_is_refused_and_the_reference_runs_i
     assert relative.reference(**inputs, **offsets).shape == (1, 2, 6, 16)
 
 
-@pytest.mark.parametrize("op", [relative, chunked_documents], ids=lambda op: op.name)
+@pytest.mark.parametrize("op", [relative, chunked_documents, *GATHERS], ids=lambda op: op.name)
 def test_the_backward_with_the_table_frozen_matches_autograd(op):
     inputs = _inputs(op, 1, 2, 2, 24, 40, 16, dtype=torch.float16)
     leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v")}
@@ -122,9 +145,46 @@ def test_an_index_by_a_float_parameter_is_refused_naming_the_line():
         by_float(q, q, q, torch.randn(2, 40))
 
 
+def test_a_gather_through_floats_is_refused_naming_the_line():
+    inputs = _inputs(bucketed, 1, 2, 2, 6, 9, 16)
+    inputs["bucket"] = inputs["bucket"].float()
+    with pytest.raises(DTypeError, match=r"test_offset_reads.py:\d+: an index gathers through bucket, which must hold"):
+        bucketed(**inputs)
+
+
+def test_a_gathered_entry_outside_the_table_is_a_shape_error_and_is_checked_again_after_a_change():
+    inputs = _inputs(bucketed, 1, 2, 2, 6, 9, 16)
+    bucketed(**inputs)  # in range
+    inputs["bucket"][3] = 7  # in place: a new version of the same tensor
+    with pytest.raises(
+        ShapeError, match=r"reads table at r = bucket\(.*bucket holding \d\.\.7\), outside table's 0\.\.6"
+    ):
+        bucketed(**inputs)
+    with pytest.raises(ShapeError, match="bucket holding"):
+        bucketed(**inputs, backend="reference")  # the reference holds the same rule
+
+
+def test_a_gathered_table_that_requires_grad_is_refused_until_its_scatter_exists():
+    inputs = _inputs(segment_pairs, 1, 2, 2, 6, 9, 16)
+    inputs["pair"].requires_grad_()
+    with pytest.raises(DifferentiationError, match=r"pair requires grad, but .*:\d+ reads pair at .*a frozen table"):
+        segment_pairs(**inputs)
+
+
+def test_an_index_through_a_computed_value_is_refused_at_its_line():
+    from einflash.errors import DeclarationError
+
+    with pytest.raises(DeclarationError, match=r"test_offset_reads.py:\d+: an index must be built from"):
+
+        @ef.attention
+        def through_scores(q, k, v, rel: ef.Tensor["h r"]):
+            s = q @ k
+            return ef.softmax(s + rel[s], "n") @ v
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("op", [relative, table_row, chunked_documents], ids=lambda op: op.name)
+@pytest.mark.parametrize("op", [relative, table_row, chunked_documents, *GATHERS], ids=lambda op: op.name)
 def test_a_read_at_computed_positions_on_the_gpu(op, dtype):
     for shape in ((2, 4, 2, 300, 517, 128), (2, 8, 2, 1, 4099, 64)):  # prefill; decode with GQA packing
         inputs = {n: x.cuda() for n, x in _inputs(op, *shape, dtype=dtype).items()}
@@ -134,3 +194,21 @@ def test_a_read_at_computed_positions_on_the_gpu(op, dtype):
         op(**(inputs | leaves)).backward(grad_output)
         verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
         assert all(v.ok for v in verdicts.values()), {n: v.as_dict() for n, v in verdicts.items()}
+
+
+def test_a_tile_sized_gather_takes_the_targets_gathered_defaults():
+    from einflash.backends import get_target
+    from einflash.compiler.tuning.space import fitting_default
+
+    sm90, dims = get_target("sm90"), dict(b=2, h=16, m=8192, n=8192, e=128, f=128)
+    assert relative.forward.gathered and bucketed.forward.gathered and table_row.forward.gathered
+    expected = sm90.forward.gathered[0][1]
+    got = fitting_default(relative.forward, sm90, dims, 16, 2)
+    assert (got.block_m, got.block_n, got.num_warps, got.num_stages) == (
+        expected.block_m,
+        expected.block_n,
+        expected.num_warps,
+        expected.num_stages,
+    )
+    plain = fitting_default(chunked_documents.forward, sm90, dims, 16, 2)  # read along n only: no tile gather
+    assert not chunked_documents.forward.gathered and plain.num_stages != expected.num_stages

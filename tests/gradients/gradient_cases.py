@@ -34,6 +34,7 @@ ONE_PASS = (
     "gla",
     "mla_decode",
     "logsumexp_reducer",
+    "t5_bias",
 )
 # Parameters that make the masks and the cap bite at small sizes.
 TUNED = {
@@ -64,6 +65,11 @@ def learnable_softcap(q, k, v, cap: ef.Scalar):
 def op(name: str) -> ef.AttentionOp:
     own = {"bottom_right": bottom_right, "learnable_softcap": learnable_softcap}
     return own[name] if name in own else getattr(load_example(name), name)
+
+
+def frozen(name: str) -> set[str]:
+    """Inputs the backward gives no gradient: tables read at computed positions (a scatter is not lowered)."""
+    return {n for n, _ in op(name).backward.gradient.frozen}
 
 
 def inputs(name: str, shape: ef.Shape, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:

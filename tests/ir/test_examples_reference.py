@@ -40,6 +40,7 @@ CATALOGUE = (
     "agent",
     "mla_decode",
     "logsumexp_reducer",
+    "t5_bias",
 )
 
 # Odd sizes, none a multiple of another; Hq = 2·Hkv unless the example names its HEADS.

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 import sympy
+from sympy.core.function import AppliedUndef
 
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
@@ -236,6 +237,12 @@ class TileCode:
             if isinstance(o, tuple) and len(o) == 3:
                 index, stride, at = o
                 spots = {coord(x): bcast(f"offs_{x}", (x,), axes_t) for x in at}
+                # a gathered entry (bucket(n − m)): its own load, an integer tile along its index's axes
+                for f in sorted(index.atoms(AppliedUndef), key=str):
+                    entry = self.load(Read(str(f.func), tuple(f.args)))
+                    if entry.dtype != "int":
+                        raise LoweringError(f"an index gathers through {f.func}, which must hold integers")
+                    spots[f] = bcast(entry.code, entry.ranks, axes_t)
                 try:
                     terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
                 except ValueError:
@@ -299,7 +306,11 @@ class TileCode:
     def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
         """The tile axes an input's index other than its own coordinate runs along (``rel[n − m + M − 1]``:
         m and n); raises LoweringError for an index along other ranks."""
-        at = tuple(sorted(index_ranks((index,))))
+        gathers = sorted(index.atoms(AppliedUndef), key=str)
+        along = set(index_ranks((index.subs(dict.fromkeys(gathers, 0)),)))
+        for f in gathers:  # an entry an index gathers runs along the axes its own read does
+            along |= set(self.load(Read(str(f.func), tuple(f.args))).ranks)
+        at = tuple(sorted(along))
         where = f"{r.tensor} is read at index {index} for its rank {own}"
         if own in PARALLEL:
             raise LoweringError(f"{where}; batch and head are read only at their own coordinates")

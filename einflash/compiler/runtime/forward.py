@@ -11,6 +11,7 @@ import torch
 from ... import knobs
 from ...errors import DTypeError, LoweringError
 from ...ir.cascade import Cascade
+from ...ir.expr import index_ranks
 from ...ir.ranks import PARALLEL
 from ...ir.reference import bind_extents
 from ...jagged import JaggedBatch
@@ -68,6 +69,14 @@ class Forward:
         keys = None if self.error is not None else key_plan(self.rewritten, sections(self.rewritten).loop)
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
         self.masked = keys is not None and keys.plan is not None
+        # an input read at computed positions along both m and n (a relative table): a tile-sized gather per key
+        # tile, which the schedule's defaults treat apart
+        computed = self.rewritten.computed_reads
+        self.gathered = any(
+            r.tensor in computed and {"m", "n"} <= index_ranks(r.index)
+            for e in self.rewritten.einsums
+            for r in e.reads()
+        )
         self.lists = None if keys is None else keys.lists  # key tiles classified at run time
         # a product reduced as a broadcast tile, not by tl.dot (GLA): the backward's tiles shrink to fit it
         self.broadcast = any(broadcast_reduction(e) for e in self.rewritten.einsums)

@@ -116,7 +116,11 @@ def schedule_problem(s: Schedule, target: Target, bucket: Bucket) -> str | None:
     space = tuning.space
     extents = {**dict(bucket.dims), "b": 1, "h": bucket.group, "m": bucket.m, "n": bucket.n}
     try:
-        defaults = [default_schedule(extents, target, 1, masked) for masked in (False, True)]
+        defaults = [
+            default_schedule(extents, target, 1, masked, gathered=gathered)
+            for masked in (False, True)
+            for gathered in (False, True)
+        ]
     except LoweringError as e:
         return f"no schedule runs these shapes on {target.name}: {e}"
 

@@ -212,7 +212,11 @@ def fitting_default(
              max_registers=240)
     """
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
-    return _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
+    return _fitting(_default(forward, extents, target, kv_heads), extents, target, smem, regs)
+
+
+def _default(forward: Forward, extents: dict[str, int], target: Target, kv_heads: int) -> Schedule:
+    return default_schedule(extents, target, kv_heads, forward.masked, gathered=forward.gathered)
 
 
 def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Schedule:
@@ -243,7 +247,7 @@ def search_space(
     if family not in FAMILIES:
         raise LoweringError(f"no kernel family {family!r} to tune; there are {', '.join(FAMILIES)}")
     smem, regs = _buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
-    default = _fitting(default_schedule(extents, target, kv_heads, forward.masked), extents, target, smem, regs)
+    default = _fitting(_default(forward, extents, target, kv_heads), extents, target, smem, regs)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
     feasible: list[Schedule] = []
     pruned: list[Pruned] = []
