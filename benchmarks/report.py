@@ -43,15 +43,15 @@ class Run:
 
 RUNS = {
     "forward": Run(
-        "h100_2026-12-06_session3_b073019/forward.json",
-        "b073019",
+        "h100_2026-12-06_session4_01a8476/forward.json",
+        "8b81de6 + the gather work of 01a8476 (NOTES.md)",
         "forward TFLOP/s, decode TB/s, anchors (gpu_session.py → bench_forward.py)",
     ),
     "checks": Run(
-        "h100_2026-12-06_session_6ab895a/checks.json",
-        "6ab895a",
+        "h100_2026-12-06_session4_01a8476/checks.json",
+        "8b81de6 + the gather work of 01a8476 (NOTES.md)",
         "forward and gradient checks of the catalogue (gpu_session.py)",
-        env_from="h100_2026-12-06_session_6ab895a/forward.json",
+        env_from="h100_2026-12-06_session4_01a8476/forward.json",
     ),
     "training": Run(
         "h100_2026-12-06_session3_b073019/backward.json",

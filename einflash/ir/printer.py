@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sympy.core.function import AppliedUndef
+from sympy.printing.str import StrPrinter
+
 from .expr import Const, Coord, Expr, Merge, Param, Read, Size
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
@@ -39,8 +42,20 @@ _PRECEDENCE = {
 }
 
 
+class _IndexPrinter(StrPrinter):
+    """sympy's own printing, with a gathered entry as the read it is (``bucket[n − m]``, not ``bucket(n − m)``)."""
+
+    def _print_Function(self, expr):
+        if isinstance(expr, AppliedUndef):
+            return f"{expr.func}[{_index(expr.args)}]"
+        return super()._print_Function(expr)
+
+
+_PRINTER = _IndexPrinter()
+
+
 def _index(index) -> str:
-    names = [str(i) for i in index]
+    names = [_PRINTER.doprint(i) for i in index]
     if all(p in names for p in PARALLEL):
         names = [x for x in names if x not in PARALLEL]
     return ",".join(names)

@@ -26,6 +26,7 @@ PASSES = {
     "gqa": (3, 1),
     "alibi": (3, 1),
     "relative_bias": (3, 1),
+    "t5_bias": (3, 1),
     "lowrank_bias": (3, 1),
     "softcap": (3, 1),
     "sigmoid": (1, 1),
