@@ -34,6 +34,10 @@ MASKS = {
     "block diagonal": lambda w: ef.n // 4 == ef.m // 4,
     "dilated window": lambda w: ((ef.m - ef.n) % 3 == 0) & (ef.n <= ef.m),
     "negative floor division": lambda w: (ef.n - ef.m) // w >= -1,
+    # a coordinate between constants: one unsigned comparison with a Python int (was, fuzzer's final run of the
+    # fourth session: `(1).to(tl.uint32)`, an interpreter error)
+    "a key between constants": lambda w: (ef.n >= 0) & (ef.n <= 0),
+    "a key window between constants": lambda w: (ef.n >= 2) & (ef.n <= 6),
     # predicates of constants (was: an interpreter error)
     "constant true": lambda w: (ef.m <= ef.m) & (0 <= 0),
     "comparison of extents": lambda w: (ef.n <= ef.m) | (ef.N < ef.M),

@@ -626,7 +626,7 @@ class TileCode:
         t = self.expr(x)
         limit = dict(bound)
         limit[1] = limit.get(1, 0) + 1
-        if set(limit) <= {1}:
+        if set(limit) <= {1}:  # a constant bound: a Python int, which the comparison takes as unsigned
             code = str(max(limit[1], 0))
         else:
             terms = [
@@ -634,8 +634,8 @@ class TileCode:
                 for leaf, k in limit.items()
                 if k
             ]
-            code = f"tl.maximum({' + '.join(terms)}, 0)"
-        return Tile(f"(({t.code}).to(tl.uint32) < ({code}).to(tl.uint32))", t.ranks, dtype="bool")
+            code = f"(tl.maximum({' + '.join(terms)}, 0)).to(tl.uint32)"
+        return Tile(f"(({t.code}).to(tl.uint32) < {code})", t.ranks, dtype="bool")
 
     def integer(self, x: Param | Size) -> str:
         """An integer parameter's or an extent's value as the kernel has it (an int, not converted)."""
