@@ -312,3 +312,23 @@ def test_a_gradient_the_float64_maths_overflows_is_judged_where_it_is_finite():
     verdicts = _doubly_exponentiated_fp16_gradients(one_key, 3, 1)
     assert all(v.ok for v in verdicts.values())
     assert all(v.max_error == v.max_error for v in verdicts.values())  # no NaN: the exact NaNs are left out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open (fuzzer, the fourth session's final run): softmax(27·s) in fp32 errs 6.1e-6 where the rule allows "
+    "5.9e-6 (twice PyTorch's error, which rounds the scores in another order, plus the floor). The kernel folds "
+    "scale·27·log2 e into one constant and rounds each score once; the scores reach ~100, so one rounding moves a "
+    "weight by ~eps·|s|. A forward allowance for the scores' rounding (as recompute_allowance is for gradients) "
+    "would state it; not written yet",
+)
+def test_softmax_of_thrice_tripled_scores_in_fp32():
+    from einflash import fuzz
+
+    shape = fuzz.Shape(B=1, Hkv=2, group=1, M=40, N=16, E=8, F=8)
+    p = _softmax_program(shape, [("s * 3.0", lambda s: s * 3.0)] * 3)
+    try:
+        fuzz.check(p, gradients=False)
+    except fuzz.Defect as e:
+        raise AssertionError(str(e)) from None
