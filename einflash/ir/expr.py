@@ -108,8 +108,13 @@ def gathered(index: tuple[sympy.Expr, ...]) -> Iterator[Read]:
     [Read(tensor='bucket', index=(-m + n,), prev=False)]
     """
     for i in index:
-        for f in sorted(sympy.sympify(i).atoms(AppliedUndef), key=str):
-            yield Read(str(f.func), tuple(f.args))
+        for _, read in gathered_entries(sympy.sympify(i)):
+            yield read
+
+
+def gathered_entries(x: sympy.Expr) -> list[tuple[sympy.Expr, Read]]:
+    """Each gathered entry of an index formula (``bucket(n − m)``) with the read it stands for, in one order."""
+    return [(f, Read(str(f.func), tuple(f.args))) for f in sorted(x.atoms(AppliedUndef), key=str)]
 
 
 def index_ranks(index: tuple[sympy.Expr, ...]) -> frozenset[str]:

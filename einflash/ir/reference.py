@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.utils.checkpoint
-from sympy.core.function import AppliedUndef
 
 from ..errors import CascadeError, DTypeError, MissingInputError, ParameterError, ShapeError
 from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role
-from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, walk
+from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, gathered_entries, walk
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL, coord, extent_symbol, rank_order
 
@@ -153,11 +152,11 @@ def value_range(x: torch.Tensor) -> tuple[int, int]:
     >>> value_range(torch.tensor([3, 0, 7]))
     (0, 7)
     """
-    hit = _VALUE_RANGES.get(id(x))
+    key = id(x)
+    hit = _VALUE_RANGES.get(key)
     if hit is not None and hit[0]() is x and hit[1] == x._version:
         return hit[2], hit[3]
     lo, hi = (int(v) for v in torch.aminmax(x)) if x.numel() else (0, -1)
-    key = id(x)
     _VALUE_RANGES[key] = (weakref.ref(x, lambda _: _VALUE_RANGES.pop(key, None)), x._version, lo, hi)
     return lo, hi
 
@@ -188,11 +187,11 @@ def _check_input_reads(
                 r.extent: ext[r.name] for r in c.ranks if r.name in ext
             }
         # a gathered entry (bucket(n − m)) is a variable over the gathered input's values
-        gathers = sorted(index.atoms(AppliedUndef), key=str)
-        entries = [sympy.Dummy(str(f.func)) for f in gathers]
-        ranges = [_gather_range(c, e, str(f.func), inputs) for f in gathers]
-        written, index = index, index.subs(dict(zip(gathers, entries)))
-        syms = [coord(x) for x in coords if all(coord(x) not in f.free_symbols for f in gathers)] + entries
+        gathers = gathered_entries(index)
+        entries = [sympy.Dummy(read.tensor) for _, read in gathers]
+        ranges = [_gather_range(c, e, read.tensor, inputs) for _, read in gathers]
+        written, index = index, index.subs({f: d for (f, _), d in zip(gathers, entries)})
+        syms = [coord(x) for x in coords if all(coord(x) not in f.free_symbols for f, _ in gathers)] + entries
         fn = sympy.lambdify(syms, index.subs(values), modules=[{"floor": math.floor}, "math"])
         # an affine index takes its extremes at the corners; another (floor, mod) is tried everywhere on short ranks
         affine = (
@@ -205,7 +204,7 @@ def _check_input_reads(
         seen = [fn(*point) for point in itertools.product(*span)] if syms else [fn()]
         low, high = min(seen), max(seen)
         if low < 0 or high >= ext[rank]:
-            held = "".join(f", {f.func} holding {lo}..{hi}" for f, (lo, hi) in zip(gathers, ranges))
+            held = "".join(f", {read.tensor} holding {lo}..{hi}" for (_, read), (lo, hi) in zip(gathers, ranges))
             raise ShapeError(
                 f"{c.where(e)}: reads {tensor} at {rank} = {written}, which runs from {low} to {high} at these "
                 f"extents ({', '.join(f'{x.upper()}={ext[x]}' for x in coords)}{held}), "
@@ -321,10 +320,10 @@ class _Evaluator:
         for d, (i, r) in enumerate(zip(index, src.ranks)):
             expr = sympy.sympify(i).subs(psubs)
             # entries an index gathers (bucket(n − m)): read as any input, then variables of the index
-            gathers = sorted(expr.atoms(AppliedUndef), key=str)
-            entries = [sympy.Dummy(str(f.func)) for f in gathers]
-            taken = [self.read(Read(str(f.func), tuple(f.args))) for f in gathers]
-            expr = expr.subs(dict(zip(gathers, entries)))
+            gathers = gathered_entries(expr)
+            entries = [sympy.Dummy(read.tensor) for _, read in gathers]
+            taken = [self.read(read) for _, read in gathers]
+            expr = expr.subs({f: d for (f, _), d in zip(gathers, entries)})
             fn = sympy.lambdify(list(grids) + entries, expr, modules=[{"floor": torch.floor}, "math"])
             val = fn(*grids.values(), *(_align(t.data, t.ranks, free) for t in taken))
             val = torch.as_tensor(val, device=self.device)

@@ -23,11 +23,10 @@ import re
 from dataclasses import dataclass, field, replace
 
 import sympy
-from sympy.core.function import AppliedUndef
 
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
-from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, index_ranks, reads
+from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, gathered_entries, index_ranks, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
 from ..analysis.mask_tiles import conjuncts
@@ -238,10 +237,10 @@ class TileCode:
                 index, stride, at = o
                 spots = {coord(x): bcast(f"offs_{x}", (x,), axes_t) for x in at}
                 # a gathered entry (bucket(n − m)): its own load, an integer tile along its index's axes
-                for f in sorted(index.atoms(AppliedUndef), key=str):
-                    entry = self.load(Read(str(f.func), tuple(f.args)))
+                for f, read in gathered_entries(index):
+                    entry = self.load(read)
                     if entry.dtype != "int":
-                        raise LoweringError(f"an index gathers through {f.func}, which must hold integers")
+                        raise LoweringError(f"an index gathers through {read.tensor}, which must hold integers")
                     spots[f] = bcast(entry.code, entry.ranks, axes_t)
                 try:
                     terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
@@ -306,10 +305,10 @@ class TileCode:
     def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
         """The tile axes an input's index other than its own coordinate runs along (``rel[n − m + M − 1]``:
         m and n); raises LoweringError for an index along other ranks."""
-        gathers = sorted(index.atoms(AppliedUndef), key=str)
-        along = set(index_ranks((index.subs(dict.fromkeys(gathers, 0)),)))
-        for f in gathers:  # an entry an index gathers runs along the axes its own read does
-            along |= set(self.load(Read(str(f.func), tuple(f.args))).ranks)
+        gathers = gathered_entries(index)
+        along = set(index_ranks((index.subs({f: 0 for f, _ in gathers}),)))
+        for _, read in gathers:  # an entry an index gathers runs along the axes its own read does
+            along |= set(self.load(read).ranks)
         at = tuple(sorted(along))
         where = f"{r.tensor} is read at index {index} for its rank {own}"
         if own in PARALLEL:
