@@ -17,6 +17,7 @@ from einflash.testing import (
     recompute_allowance,
     reference_gradients,
     row_term_allowance,
+    score_allowance,
     tolerance_floor,
 )
 
@@ -129,3 +130,22 @@ def test_once_even_fp32_leaves_the_range_a_gradient_may_be_nan_anywhere_but_not_
     none = torch.zeros(2, dtype=torch.float64)
     assert judge_gradient(torch.tensor([float("nan"), float("nan")]), want, lowp, 1.0, lambda: none).ok
     assert not judge_gradient(torch.tensor([float("nan"), 5.0]), want, lowp, 1.0, lambda: none).ok
+
+
+def test_the_score_allowance_stays_below_the_floor_for_plain_softmax():
+    op = load_example("softmax").softmax
+    inputs = random_inputs(op, ef.Shape(1, 2, 64, 64, 32), dtype=torch.float32)
+    allowance = score_allowance(op, **inputs)
+    magnitude = float(op.reference(**inputs).abs().max())
+    assert 0 < float(allowance.max()) < tolerance_floor(torch.float32, magnitude)
+
+
+def test_an_output_is_held_to_the_rule_beyond_the_score_allowance_and_no_further():
+    exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    lowp = torch.tensor([1.0 + 2**-20, 2.0], dtype=torch.float64)
+    out = torch.tensor([1.0, 2.0 + 2**-18])
+    tol = 2 * 2**-20 + tolerance_floor(torch.float32, 2.0)
+    assert not judge(out, exact, lowp).ok  # 2^-18 is outside twice PyTorch's error plus the floor
+    moved = torch.tensor([0.0, 2**-18 - tol / 2], dtype=torch.float64)
+    assert judge(out, exact, lowp, lambda: moved).ok
+    assert not judge(out, exact, lowp, lambda: moved / 4).ok
