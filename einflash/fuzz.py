@@ -202,7 +202,10 @@ def _score_transform(st):
     """One step applied to the scores ``s``: a map, a bias from an extra input, a selection."""
     return st.tuples(
         st.sampled_from(
-            ["scale", "softcap", "alibi", "bias", "abs", "sign", "max", "min", "where", "sigmoid", "tanh", "exp"]
+            [
+                *("scale", "softcap", "alibi", "bias", "relative", "bucketed", "pairs", "abs", "sign"),
+                *("max", "min", "where", "sigmoid", "tanh", "exp"),
+            ]
         ),
         st.sampled_from([0.5, 2.0, 3.0]),
     )
@@ -247,6 +250,34 @@ def programs():
                     "bias", Extra('ef.Tensor["h m n"]', lambda s, g: torch.randn(s.Hq, s.M, s.N, generator=g))
                 )
                 assign("s", "s + bias", lambda env: env["s"] + env["bias"].unsqueeze(0))
+            elif kind == "relative":  # a table of the offsets n − m, read at an affine offset
+                p.extras.setdefault(
+                    "rel", Extra('ef.Tensor["h r"]', lambda s, g: torch.randn(s.Hq, s.M + s.N - 1, generator=g))
+                )
+                assign(
+                    "s",
+                    "s + rel[ef.n - ef.m + ef.M - 1]",
+                    lambda env: env["s"] + env["rel"][:, _offsets(env)].unsqueeze(0),
+                )
+            elif kind == "bucketed":  # T5's form: the offset's bucket read from data, then the bucket's entry
+                p.extras.setdefault("table", Extra('ef.Tensor["h r"]', lambda s, g: torch.randn(s.Hq, 5, generator=g)))
+                p.extras.setdefault(
+                    "bucket", Extra('ef.Tensor["d"]', lambda s, g: torch.randint(0, 5, (s.M + s.N - 1,), generator=g))
+                )
+                assign(
+                    "s",
+                    "s + table[bucket[ef.n - ef.m + ef.M - 1]]",
+                    lambda env: env["s"] + env["table"][:, env["bucket"][_offsets(env)]].unsqueeze(0),
+                )
+            elif kind == "pairs":  # a bias per pair of segments, the query's segment read at its key position
+                p.extras.setdefault(
+                    "pair", Extra('ef.Tensor["h x y"]', lambda s, g: torch.randn(s.Hq, 3, 3, generator=g))
+                )
+                p.extras.setdefault(
+                    "seg", Extra('ef.Tensor["b n"]', lambda s, g: torch.randint(0, 3, (s.B, s.N), generator=g))
+                )
+                assign("here", "ef.m + ef.N - ef.M", lambda env: env["m"] + env["N"] - env["M"])
+                assign("s", "s + pair[seg[here], seg[ef.n]]", _segment_pairs)
             elif kind == "abs":
                 assign("s", "ef.abs(s)", lambda env: env["s"].abs())
             elif kind == "sign":
@@ -333,6 +364,21 @@ def programs():
     return build()
 
 
+def _offsets(env: Env) -> torch.Tensor:
+    """n − m + M − 1 at every pair, [M, N]: the position of the offset n − m in a table of M + N − 1."""
+    return (env["n"] - env["m"] + env["M"] - 1).long()[0, 0]
+
+
+def _segment_pairs(env: Env) -> torch.Tensor:
+    """``s + pair[seg[m + N − M], seg[n]]``: the query's segment read at its end-aligned key position (a
+    position outside ``seg`` is the declaration's ShapeError before this runs)."""
+    seg, pair = env["seg"], env["pair"]
+    here = (env["m"] + env["N"] - env["M"]).long()[0, 0, :, 0]  # [M]
+    rows, cols = seg[:, here], seg  # [B, M], [B, N]
+    bias = pair[:, rows[:, :, None], cols[:, None, :]]  # [H, B, M, N]
+    return env["s"] + bias.transpose(0, 1)
+
+
 def _softmax(s: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     """A softmax over ``dim`` of the present scores: absent ones get weight 0, a fiber with none all 0 (no NaN,
     nor a NaN gradient)."""
@@ -406,6 +452,7 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
         judge_gradient,
         overflow_stand_in,
         score_allowance,
+        trainable,
     )
 
     digest = hashlib.sha256("\n".join(program.lines).encode()).hexdigest()[:8]
@@ -458,12 +505,12 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     # that recomputes the scores (every FlashAttention-style one) errs by up to a few times PyTorch's, which
     # stores them (docs/training.md, Numerics); in fp16 the inputs' rounding dominates both
     half = {k: (x.half() if x.is_floating_point() else x) for k, x in inputs.items()}
-    leaves = {k: (x.detach().clone().requires_grad_() if x.is_floating_point() else x) for k, x in half.items()}
+    leaves = trainable(op, half)  # a table read at gathered positions is frozen: its scatter is not lowered
     d_o = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1)).half()  # out may be masked
 
     def backward():
         op(**leaves, **params).backward(d_o)
-        return {k: x.grad for k, x in leaves.items() if x.is_floating_point()}
+        return {k: x.grad for k, x in leaves.items() if x.requires_grad}
 
     grads, refused = _typed("backward", source, backward)
     if refused:
@@ -474,6 +521,8 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     allowed = functools.cache(lambda: gradient_allowances(op, d_o, dtype=torch.float16, **half, **params))
     magnitude = gradient_magnitude(exact)
     for k, want in exact.items():
+        if not leaves[k].requires_grad:
+            continue
         got = grads.get(k)
         if got is None:
             got = torch.zeros_like(want)
