@@ -328,12 +328,14 @@ def judge_gradient(
     lowp: torch.Tensor,
     magnitude: float,
     allowance: Callable[[], torch.Tensor] | None = None,
+    beyond_float64: bool = False,
 ) -> Verdict:
     """The tolerance rule for one gradient: its error beyond each entry's allowance (what the backward's row term
     and recomputed scores may move it: :func:`gradient_allowances`) at most twice PyTorch's error in the kernel's
     dtype (``lowp``, already stood in for overflow) plus the floor, which scales with ``magnitude`` (the call's
     largest gradient). ``allowance`` costs reference runs, so it is called only for a gradient outside the rule
-    without it."""
+    without it. ``beyond_float64``: the float64 forward output is not finite somewhere (the maths left even
+    float64's range in this call), so a non-finite kernel entry is the dtype's answer anywhere in the gradient."""
     # where even the float64 maths has no number (exp(exp(s)) past 1e308, then inf − inf) there is nothing to
     # compare with, as for outputs; the rule holds at every other entry
     known = torch.isfinite(want)
@@ -343,10 +345,11 @@ def judge_gradient(
         allowance = None if fixed is None else (lambda: fixed()[known])
     if got.numel() == 0:
         return Verdict(0.0, tolerance_floor(got.dtype, magnitude), 0.0, True)
-    # where even the float32 stand-in overflowed (exp(exp(s)) past 3e38), the maths left the dtype's range for this
-    # call, and which entries plain PyTorch still gets finite is its formula's accident (a row whose maximum is
-    # inf): the kernel's non-finite entries are the dtype's answer anywhere in the gradient, finite ones measured
-    left = bool((~torch.isfinite(lowp) & torch.isfinite(want)).any())
+    # where even the float32 stand-in overflowed (exp(exp(s)) past 3e38), or float64's forward did (exp(exp(exp(s)))
+    # past 1e308), the maths left the dtype's range for this call, and which entries plain PyTorch still gets finite
+    # is its formula's accident (a row whose maximum is inf): the kernel's non-finite entries are the dtype's answer
+    # anywhere in the gradient, finite ones measured
+    left = beyond_float64 or bool((~torch.isfinite(lowp) & torch.isfinite(want)).any())
     diff = deviation(got, want, torch.full_like(lowp, float("nan")) if left else lowp)
     lowp_err = lowp_error(lowp, want)
     tol = 2 * lowp_err + tolerance_floor(got.dtype, magnitude)
@@ -381,6 +384,8 @@ def check_gradients(
     True
     """
     exact = reference_gradients(op, grad_output, *args, **kwargs)
+    with torch.no_grad():
+        beyond = not bool(torch.isfinite(op.reference(*args, **kwargs)).all())
     # the kernel computes in the dtype of q, k and v (a gradient of an fp32 slope is made of fp16 products)
     inputs, _ = op.bind(args, kwargs)
     kernel = inputs[op.cascade.inputs[0].name].dtype
@@ -394,7 +399,7 @@ def check_gradients(
         if got is None or want is None:
             continue
         lowp = overflow_stand_in(lowps[name].double(), want, kernel, lambda name=name: wides()[name])
-        verdicts[name] = judge_gradient(got, want, lowp, magnitude, lambda name=name: allowed()[name])
+        verdicts[name] = judge_gradient(got, want, lowp, magnitude, lambda name=name: allowed()[name], beyond)
     return verdicts
 
 

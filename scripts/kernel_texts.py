@@ -51,8 +51,9 @@ def _texts(op, head_dim: int) -> dict[str, str]:
     for dtype in DTYPES:
         tag = f"{op.name}/d{head_dim}/{str(dtype).removeprefix('torch.')}"
         out[f"{tag}/forward"] = op.forward.source(dtype, dims, False, ints).text
-        out[f"{tag}/split"] = op.forward.source(dtype, dims, True, ints).text
-        out[f"{tag}/combine"] = op.forward._combine_source(dtype, dims).text
+        if op.forward.splittable:
+            out[f"{tag}/split"] = op.forward.source(dtype, dims, True, ints).text
+            out[f"{tag}/combine"] = op.forward._combine_source(dtype, dims).text
         if op.forward_lse is not None:
             out[f"{tag}/forward_lse"] = op.forward_lse.source(dtype, dims, False, ints).text
         if op.backward.error is not None:

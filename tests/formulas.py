@@ -178,6 +178,19 @@ def post_norm_threshold(q, k, v, tau=0.01, scale=None):
     return torch.relu(p - tau) @ _heads(v, q.shape[1])
 
 
+def renorm_threshold(q, k, v, tau=0.01, scale=None):
+    """Weights above τ after the softmax, scaled back to sum 1."""
+    w = torch.relu(torch.softmax(_scale(q, scale) * _dot(q, k), dim=-1) - tau)
+    return w / w.sum(dim=-1, keepdim=True) @ _heads(v, q.shape[1])
+
+
+def sink_logit(q, k, v, sink, scale=None):
+    """The softmax over the keys and one sink logit per head, whose weight is dropped."""
+    s = _scale(q, scale) * _dot(q, k)
+    sinks = _per_head(sink).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, sinks], dim=-1), dim=-1)[..., :-1] @ _heads(v, q.shape[1])
+
+
 def moba(q, k, v, block=16, topk=2, scale=None):
     """Own block plus the top-k past blocks by q·mean(k over the block), then causal softmax."""
     kk = _heads(k, q.shape[1])

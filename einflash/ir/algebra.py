@@ -119,13 +119,13 @@ def _in_ir(x: sympy.Expr, leaves: _Leaves, reduced: set[str]) -> Expr | None:
         return None
     try:
         return from_sympy(x, back)
-    except ValueError:  # a factor (a Max, a Piecewise...) with no IR form
+    except ValueError:  # a factor (a Piecewise of more cases...) with no IR form
         return None
 
 
 def from_sympy(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Expr:
     """Translate a sympy expression back into the IR: +, ·, integer and square-root powers, exp, log, tanh,
-    abs, sign, numeric constants, steps (Heaviside) and two-way selections (Piecewise)."""
+    abs, sign, maxima and minima, numeric constants, steps (Heaviside) and two-way selections (Piecewise)."""
     if x in leaves:
         return leaves[x]
     if x.is_Number:
@@ -179,6 +179,13 @@ def _from_sympy_function(x: sympy.Expr, leaves: dict[sympy.Symbol, Expr]) -> Exp
         return call("sqrt", from_sympy(x.base, leaves))
     if x.is_Pow and x.exp == sympy.Rational(-1, 2):
         return call("div", Const(1.0), call("sqrt", from_sympy(x.base, leaves)))
+    for cls, op in ((sympy.Max, "maximum"), (sympy.Min, "minimum")):  # a sink logit in a row's maximum
+        if isinstance(x, cls):
+            args = [from_sympy(a, leaves) for a in x.args]
+            out = args[0]
+            for a in args[1:]:
+                out = call(op, out, a)
+            return out
     if isinstance(x, sympy.Heaviside):  # a step: 0 at the origin, as torch's relu and maximum take it
         return call("where", call("gt", from_sympy(x.args[0], leaves), Const(0.0)), Const(1.0), Const(0.0))
     if isinstance(x, sympy.Piecewise) and len(x.args) == 2 and x.args[1].cond == sympy.true:

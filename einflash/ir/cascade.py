@@ -81,7 +81,8 @@ class Einsum:
     expr: Expr
     reduce: Reduction | None = None
     where: Expr | None = None
-    loop: bool = False
+    # 0: runs once; k: runs per chunk of n in the cascade's k-th loop over n (True is the first: one-pass form)
+    loop: int = 0
     line: int | None = field(default=None, compare=False)
 
     @property
@@ -102,6 +103,23 @@ class Reducing(Einsum):
     """An Einsum with a reduction: the type :func:`reduces` narrows an Einsum to (none is made as such)."""
 
     reduce: Reduction
+
+
+def loop_blocks(einsums) -> list[tuple[int, list[Einsum]]]:
+    """``einsums`` in runs: (0, [an Einsum that runs once]) or (k, [the k-th loop's Einsums]), in order.
+
+    >>> from einflash.ir.expr import Const
+    >>> es = [Einsum(name, (), Const(1.0), loop=k) for name, k in [("a", 0), ("b", 1), ("c", 1), ("d", 2)]]
+    >>> [(k, [e.out for e in b]) for k, b in loop_blocks(es)]
+    [(0, ['a']), (1, ['b', 'c']), (2, ['d'])]
+    """
+    blocks: list[tuple[int, list[Einsum]]] = []
+    for e in einsums:
+        if e.loop and blocks and blocks[-1][0] == e.loop:
+            blocks[-1][1].append(e)
+        else:
+            blocks.append((int(e.loop), [e]))
+    return blocks
 
 
 def reduces(e: Einsum) -> TypeGuard[Reducing]:
@@ -301,5 +319,7 @@ def canonical_text(c: Cascade) -> str:
     if users:  # the definitions of user reducers are part of the maths
         parts.append("operators:" + ";".join(f"{name}={DEFINITIONS[name]!r}" for name in users))
     for e in c.einsums:
-        parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{e.loop}")
+        # the first loop reads True and no loop False, as when a cascade had one loop: shipped caches keep their keys
+        loop = {0: "False", 1: "True"}.get(int(e.loop), str(int(e.loop)))
+        parts.append(f"{e.out}{e.ranks}={e.expr!r}|{e.reduce!r}|{e.where!r}|{loop}")
     return "\n".join(parts)

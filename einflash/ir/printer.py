@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 from sympy.core.function import AppliedUndef
@@ -118,11 +119,9 @@ def format_cascade(c: Cascade) -> str:
     states = c.states
     if states:
         lines.append("  states: " + "  ".join(f"{t.name}[{_ranks(t.ranks)}]" for t in states))
-    in_loop = False
-    for e in c.einsums:
-        if e.loop and not in_loop:
-            lines.append("  for each chunk of n:")
-        in_loop = e.loop
-        pad = "    " if e.loop else "  "
-        lines.append(pad + format_einsum(e) + (f"    # line {e.line}" if e.line else ""))
+    for k, block in itertools.groupby(c.einsums, key=lambda e: int(e.loop)):  # a loop's Einsums are contiguous
+        if k:
+            lines.append("  for each chunk of n:" if k == 1 else f"  for each chunk of n, again (loop {k}):")
+        pad = "    " if k else "  "
+        lines += [pad + format_einsum(e) + (f"    # line {e.line}" if e.line else "") for e in block]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import CascadeError, DTypeError, MissingInputError, ParameterError, ShapeError
-from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role
+from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role, loop_blocks
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, gathered_entries, walk
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL, coord, extent_symbol, rank_order
@@ -499,18 +499,11 @@ class _Evaluator:
 
     # the whole cascade
     def run(self, chunk: int | None) -> dict[str, Value]:
-        es = list(self.c.einsums)
-        i = 0
-        while i < len(es):
-            if not es[i].loop:
-                self.env[es[i].out] = self.einsum(es[i])
-                i += 1
-                continue
-            j = i
-            while j < len(es) and es[j].loop:
-                j += 1
-            self._loop(es[i:j], chunk)
-            i = j
+        for k, block in loop_blocks(self.c.einsums):
+            if k:
+                self._loop(block, chunk)
+            else:
+                self.env[block[0].out] = self.einsum(block[0])
         return self.env
 
     def _loop(self, body: list[Einsum], chunk: int | None) -> None:

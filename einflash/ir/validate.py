@@ -16,7 +16,7 @@ from ..errors import (
     UnknownTensorError,
     UnsupportedOperatorError,
 )
-from .cascade import Cascade, Einsum, Role
+from .cascade import Cascade, Einsum, Role, loop_blocks
 from .expr import Call, Param, Read, index_ranks, is_boolean, walk
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL
@@ -60,9 +60,12 @@ def _check_declarations(c: Cascade) -> None:
             raise CascadeError(
                 f"tensor {t.name!r} is assigned {len(made)} times; only states may be updated", c.where(made[1])
             )
-    loops = [i for i, e in enumerate(c.einsums) if e.loop]
-    if loops and loops != list(range(loops[0], loops[-1] + 1)):
-        raise CascadeError("loop Einsums must form one contiguous block", c.source)
+    loops = [k for k, _ in loop_blocks(c.einsums) if k]
+    if loops != list(range(1, len(loops) + 1)):
+        raise CascadeError(
+            f"the loops over n must be numbered 1, 2, ... in order, each one contiguous block; found {loops}",
+            c.source,
+        )
 
 
 def _check_einsum(c: Cascade, e: Einsum) -> None:

@@ -41,6 +41,8 @@ CATALOGUE = (
     "mla_decode",
     "logsumexp_reducer",
     "t5_bias",
+    "renorm_threshold",
+    "sink_logit",
 )
 
 # Odd sizes, none a multiple of another; Hq = 2·Hkv unless the example names its HEADS.
@@ -60,6 +62,7 @@ TUNED = {
     "softcap": {"cap": 1.5},
     "moba": {"block": 5},
     "post_norm_threshold": {"tau": 0.02},
+    "renorm_threshold": {"tau": 0.02},
 }
 
 

@@ -77,7 +77,7 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
     while i < len(einsums):
         if einsums[i].loop:
             j = i
-            while j < len(einsums) and einsums[j].loop:
+            while j < len(einsums) and einsums[j].loop == einsums[i].loop:
                 j += 1
             block = einsums[i:j]
             loop_pass = max(

@@ -393,8 +393,7 @@ def lower_q(
         constexprs=[f"D_{r}" for r in names],
         dim_offsets=[(r, f"D_{r}") for r in names],
         prologue="\n".join(pro.lines),
-        tile_setup=keys.setup,
-        key_loops=loops,
+        passes=[dict(start=[], tile_setup=keys.setup, key_loops=loops)],
         epilogue="\n".join(epi.lines),
     )
     return BackwardKernel(

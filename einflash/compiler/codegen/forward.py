@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import LoweringError
-from ...ir.cascade import Cascade, Einsum, Role
+from ...ir.cascade import Cascade, Einsum, Role, loop_blocks
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.user_ops import triton_helper, user_operators
 from ...templates import render
@@ -28,13 +28,26 @@ TEMPLATE = "attention_fwd.py.jinja"
 
 @dataclass(frozen=True)
 class Sections:
+    """A streamed cascade cut for the template: the prologue, then per pass over the keys its loop and what runs
+    after it (before the next loop; after the last, the epilogue)."""
+
     prologue: tuple[Einsum, ...]
-    loop: tuple[Einsum, ...]
-    epilogue: tuple[Einsum, ...]
+    loops: tuple[tuple[Einsum, ...], ...]
+    after: tuple[tuple[Einsum, ...], ...]
+
+    @property
+    def loop(self) -> tuple[Einsum, ...]:
+        """The first pass's loop (the only one of a one-pass cascade)."""
+        return self.loops[0]
+
+    @property
+    def epilogue(self) -> tuple[Einsum, ...]:
+        return self.after[-1]
 
 
 def sections(c: Cascade) -> Sections:
-    """Split a streamed cascade into prologue, loop and epilogue; raise LoweringError if it is not one-pass."""
+    """Split a streamed cascade into prologue, loops and what follows each; raise LoweringError if some Einsum
+    still iterates n outside a loop (a pass with no running form)."""
     for e in c.einsums:
         if e.reduce is not None and "m" in e.reduce.ranks:
             raise LoweringError(
@@ -43,20 +56,22 @@ def sections(c: Cascade) -> Sections:
                 f"over m, slot attention) has no kernel yet; normalise over n, or run it with "
                 f"backend='reference'"
             )
-    pa = count_passes(c)
-    if pa.passes > 1:
-        raise LoweringError(
-            f"{c.name} needs {pa.passes} passes over n; the one-pass template needs 1 "
-            f"(a multi-pass template is not implemented yet)"
-        )
-    loop = [e for e in c.einsums if e.loop]
-    if not loop:
-        raise LoweringError(f"{c.name} has no loop over n after the rewrites; nothing to stream")
-    first = c.einsums.index(loop[0])
-    last = first + len(loop)
-    for e in c.einsums[last:]:
+    blocks = loop_blocks(c.einsums)
+    loops = [tuple(b) for k, b in blocks if k]
+    outside = [b[0] for k, b in blocks if not k]
+    first = next((i for i, (k, _) in enumerate(blocks) if k), len(blocks))
+    for e in outside[first:] if loops else outside:
         if STREAM in e.iteration_ranks:
-            raise LoweringError(f"{e.out} iterates n after the loop")
+            raise _no_loop_holds(c, e, len(loops))
+    if not loops:
+        raise LoweringError(f"{c.name} has no loop over n after the rewrites; nothing to stream")
+    prologue = tuple(b[0] for _, b in blocks[:first])
+    after: list[list[Einsum]] = []
+    for k, b in blocks[first:]:
+        if k:
+            after.append([])
+        else:
+            after[-1].append(b[0])
     for t in c.states:
         if "m" not in t.ranks:
             raise LoweringError(
@@ -64,7 +79,19 @@ def sections(c: Cascade) -> Sections:
                 f"every query tile would repeat the whole stream (linear-attention form); "
                 f"it needs a two-stage template, not implemented yet"
             )
-    return Sections(c.einsums[:first], tuple(loop), c.einsums[last:])
+    return Sections(prologue, tuple(loops), tuple(tuple(a) for a in after))
+
+
+def _no_loop_holds(c: Cascade, e: Einsum, loops: int) -> LoweringError:
+    """The refusal of an Einsum that iterates n where no loop over the keys holds it."""
+    pa = count_passes(c)
+    why = "".join(f"; {r}" for r in pa.reasons)
+    where = f"after the kernel's {loops} loop{'s' if loops > 1 else ''} over the keys" if loops else "outside any loop"
+    return LoweringError(
+        f"{c.where(e)}: {e.out} iterates n {where}, and no loop can hold it (the cascade needs {pa.passes} "
+        f"passes{why}); each pass must be a loop whose reductions over n have running forms (sum, max, min, user "
+        f"reducers, with a correction factor where they read the loop's own states; kth_largest has none)"
+    )
 
 
 def lower(
@@ -84,6 +111,11 @@ def lower(
     per-row presence (``wsp_<state>[b, h, m]``, 1 where the row saw a key).
     """
     sec = sections(c)
+    if split and len(sec.loops) > 1:
+        raise LoweringError(
+            f"{c.name} makes {len(sec.loops)} passes over the keys; split-KV runs one pass per split and has no "
+            f"combine for a later pass's states yet: run it with splits=1"
+        )
     used = {r.tensor for e in c.einsums for r in e.reads()}
     tensors = tuple(t.name for t in c.inputs if t.name in used)
     params = tuple(p.name for p in c.params)
@@ -92,33 +124,48 @@ def lower(
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     exact, acc = exact_dots(dtype)
     kernel = KernelSettings(c, dims, acc if exact else f"{tensors[0]}_ptr.dtype.element_ty", exact, acc, int_inputs)
-    keys = key_plan(c, sec.loop)
+    plans = [key_plan(c, loop) for loop in sec.loops]
+    if any(p.lists != plans[0].lists for p in plans[1:]):
+        raise LoweringError(
+            f"{c.name}: its passes over the keys are masked by different per-token data; the key tiles are "
+            f"classified at run time for one mask only"
+        )
 
-    # prologue: state init, query-side loads used anywhere, prologue Einsums
+    # prologue: the first loop's states, query-side loads used anywhere, prologue Einsums
     pro = kernel.section()
-    init_states(pro, c, acc)
-    for e in sec.loop:
+    init_states(pro, c, acc, only={e.out for e in sec.loops[0]})
+    for e in (e for loop in sec.loops for e in loop):
         for r in e.reads():
             if c.tensor(r.tensor).role is Role.INPUT and not _has_n(r):
                 pro.load(r)
     for e in sec.prologue:
         pro.einsum(e)
-    states = {t.name for t in c.states}
-    prev_read = {r.tensor for e in sec.loop for r in e.reads() if r.prev}
+    env = pro.env
+    passes = []
+    for index, (loop, keys) in enumerate(zip(sec.loops, plans)):
+        # a later pass starts with what runs after the previous loop, then its own states: its accumulators are
+        # not live during the earlier passes
+        start = kernel.section(env=env, loads=pro.loads)
+        if index:
+            for e in sec.after[index - 1]:
+                start.einsum(e)
+            init_states(start, c, acc, only={e.out for e in loop})
+        prev_read = {r.tensor for e in loop for r in e.reads() if r.prev}
+        ranges = []
+        for kr in keys.ranges:
+            body = kernel.section(kr.masked, kr.skip, start.env, pro.loads)
+            for st in sorted(prev_read):
+                body.emit(f"v_{st}_prev = v_{st}")
+                body.emit(f"v_{st}_p_prev = v_{st}_p")
+            for e in loop:
+                t = body.einsum(e)
+                if c.tensor(e.out).role is Role.STATE:
+                    carry(body, e.out, t)
+            ranges.append(kr.slots(body.lines))
+        passes.append(dict(start=start.lines, tile_setup=keys.setup, key_loops=ranges))
+        env = start.env
 
-    loops = []
-    for kr in keys.ranges:
-        body = kernel.section(kr.masked, kr.skip, pro.env, pro.loads)
-        for s in sorted(prev_read):
-            body.emit(f"v_{s}_prev = v_{s}")
-            body.emit(f"v_{s}_p_prev = v_{s}_p")
-        for e in sec.loop:
-            t = body.einsum(e)
-            if e.out in states:
-                carry(body, e.out, t)
-        loops.append(kr.slots(body.lines))
-
-    epi = kernel.section(env=pro.env, loads=pro.loads)
+    epi = kernel.section(env=env, loads=pro.loads)
     for e in sec.epilogue:
         epi.einsum(e)
     if split:
@@ -141,7 +188,7 @@ def lower(
             args += pointer_params(f"wsp_{s}", 4)
     for s in saved:
         args += pointer_params(f"wsp_{s}", 3)
-    if keys.lists is not None:
+    if plans[0].lists is not None:
         args += pointer_params("tiles", 3) + pointer_params("counts", 3)
     args += [param_name(p) for p in params]
     names = dim_names(dims)
@@ -158,8 +205,7 @@ def lower(
         constexprs=[f"D_{r}" for r in names],
         dim_offsets=[(r, f"D_{r}") for r in names],
         prologue="\n".join(pro.lines),
-        tile_setup=keys.setup,
-        key_loops=loops,
+        passes=passes,
         epilogue="\n".join(epi.lines),
     )
     return KernelSource(
@@ -172,8 +218,8 @@ def lower(
         value_rank,
         tuple((f"D_{r}", dims[r]) for r in names),
         split,
-        tuple(keys.ranges),
-        keys.lists,
+        tuple(r for p in plans for r in p.ranges),
+        plans[0].lists,
         saved=saved,
         row_outputs=row_outputs,
     )

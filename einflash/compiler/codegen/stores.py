@@ -11,9 +11,10 @@ from .tile import Tile, axis_extent, bcast, literal
 from .tilecode import TileCode
 
 
-def init_states(g: TileCode, c: Cascade, acc: str = "tl.float32") -> None:
-    """Every running state at its initial value, absent on every row (no key seen yet)."""
-    for t in c.states:
+def init_states(g: TileCode, c: Cascade, acc: str = "tl.float32", only: set[str] | None = None) -> None:
+    """Every running state (or those named in ``only``: one loop's) at its initial value, absent on every row
+    (no key seen yet)."""
+    for t in c.states if only is None else [t for t in c.states if t.name in only]:
         assert t.init is not None, t.name  # a state is made with its reducer's identity (rewrite.online)
         shape = ", ".join(bcast_axes(t.ranks))
         g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, {acc})")

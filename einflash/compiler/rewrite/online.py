@@ -1,4 +1,8 @@
-"""Online streaming: the first passes over n fused into one loop over chunks of n with running states.
+"""Online streaming: passes over n fused into loops over chunks of n with running states.
+
+The first loop takes as many leading passes as can share one; what still iterates n after it (a threshold on
+the normalised weights, which needs the row's sum first) becomes a second loop the same way, and so on: each
+loop is one pass of the kernel over the keys.
 
 Each reduction over n becomes a running state, updated chunk by chunk; a sum whose summand reads a
 running state (the exponentials read the running maximum) is rescaled by a correction factor when
@@ -42,7 +46,7 @@ class _Running:
 
 @dataclass(frozen=True)
 class _Plan:
-    k: int  # passes 1..k become the loop
+    k: int  # passes 1..k (of the Einsums no earlier loop holds) become the loop
     states: dict[str, _Running]  # reductions over n that become running states, by the tensor each writes
     corrections: dict[str, Expr]  # state -> correction expression (Const(1) when none)
 
@@ -72,7 +76,7 @@ def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr
 def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
     """Whether passes 1..k can share one loop; the plan, or the reason they cannot."""
     pa = count_passes(c)
-    fused = {e.out for e in c.einsums if 0 < pa.pass_of(e.out) <= k}
+    fused = {e.out for e in c.einsums if not e.loop and 0 < pa.pass_of(e.out) <= k}
     reductions = [e for e in c.einsums if e.out in fused and reduces(e) and STREAM in e.reduce.ranks]
     states = {e.out for e in reductions}
     late = late_tensors(c)
@@ -165,37 +169,43 @@ def streaming_obstacle(c: Cascade) -> str | None:
 
 
 def stream_online(c: Cascade) -> Cascade:
-    """Fuse as many leading passes as possible into one loop with running states."""
-    if any(e.loop for e in c.einsums):
-        return c
+    """Fuse as many leading passes as possible into one loop with running states; then the passes left after
+    it into a second loop, and so on, while the Einsums left have a running form."""
+    while (plan := _next_loop(c)) is not None:
+        c = _build_loop(c, plan, count_passes(c))
+    return c
+
+
+def _next_loop(c: Cascade) -> _Plan | None:
+    """The plan of the next loop: the most passes of the Einsums no loop holds yet that can share one."""
     pa = count_passes(c)
-    if pa.passes == 0:
-        return c
-    best = None
     for k in range(pa.passes, 0, -1):
         plan, _ = _plan(c, k)
         if plan is not None and plan.states:  # a loop that carries nothing would only be recomputed after it
-            best = plan
-            break
-    if best is None:
-        return c
-    return _build_loop(c, best, pa)
+            return plan
+    return None
 
 
 def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
     k = plan.k
-    in_loop = {e.out for e in c.einsums if 0 < pa.pass_of(e.out) <= k}
+    level = 1 + max((e.loop for e in c.einsums), default=0)
+    in_loop = {e.out for e in c.einsums if not e.loop and 0 < pa.pass_of(e.out) <= k}
     states = set(plan.states)
-    # non-streaming Einsums that read running states and feed the loop are recomputed per chunk
-    for e in c.einsums:
-        if (
-            e.out not in in_loop
-            and e.reduce is None
-            and pa.pass_of(e.out) == 0
-            and any(r.tensor in states for r in e.reads())
-            and any(e.out in {r.tensor for r in x.reads()} for x in c.einsums if x.out in in_loop)
-        ):
-            in_loop.add(e.out)
+    # non-streaming Einsums computed from running states (through any chain of them: max(top, sink)·scale) that
+    # feed the loop are recomputed per chunk, from the consumers in the loop back to the states
+    pulled = True
+    while pulled:
+        pulled = False
+        for e in reversed(c.einsums):
+            if (
+                e.out not in in_loop
+                and e.reduce is None
+                and pa.pass_of(e.out) == 0
+                and c.depends_on(e.out, states)
+                and any(e.out in {r.tensor for r in x.reads()} for x in c.einsums if x.out in in_loop)
+            ):
+                in_loop.add(e.out)
+                pulled = True
     names = {t.name for t in c.tensors}
     tensors = list(c.tensors)
     loop: list[Einsum] = []
@@ -215,13 +225,13 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
             (after if later else before).append(e)
             continue
         if e.out not in states:
-            loop.append(replace(e, loop=True))
+            loop.append(replace(e, loop=level))
             continue
         state = plan.states[e.out]
         local = fresh_name(c, f"{e.out}_chunk", names)
         names.add(local)
         tensors.append(TensorDecl(local, e.ranks))
-        loop.append(replace(e, out=local, loop=True))
+        loop.append(replace(e, out=local, loop=level))
         prev, cur = plain_read(decl[e.out], prev=True), plain_read(decl[e.out])
         chunk = Read(local, cur.index)
         r = plan.corrections[e.out]
@@ -234,10 +244,10 @@ def _build_loop(c: Cascade, plan: _Plan, pa) -> Cascade:
                 ar = rank_order(free_ranks(r))
                 tensors.append(TensorDecl(alpha, ar))
                 alphas[r] = alpha
-                loop.append(Einsum(alpha, ar, r, loop=True, line=e.line))
+                loop.append(Einsum(alpha, ar, r, loop=level, line=e.line))
             ar = rank_order(free_ranks(r))
             upd = call("add", call("mul", prev, Read(alphas[r], tuple(coord(x) for x in ar))), chunk, merge=Merge.ANY)
-        loop.append(Einsum(e.out, e.ranks, upd, loop=True, line=e.line))
+        loop.append(Einsum(e.out, e.ranks, upd, loop=level, line=e.line))
         tensors = [replace(t, role=Role.STATE, init=state.identity) if t.name == e.out else t for t in tensors]
     after = _recompute_after(c, after, in_loop, states, names, tensors)
     einsums = before + loop + after

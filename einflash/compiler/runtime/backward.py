@@ -79,6 +79,13 @@ class Backward:
         if self.forward.error is not None:
             self.error = self.forward.error
             return
+        if self.forward.passes > 1:
+            self.error = LoweringError(
+                f"{self.forward.rewritten.name}: its forward makes {self.forward.passes} passes over the keys; the "
+                f"backward of a multi-pass forward is not lowered yet (run without gradients, or train it with "
+                f"backend='reference')"
+            )
+            return
         try:
             self.gradient = gradient_of(self.forward)
             self.parts = self.cut(None).parts

@@ -16,10 +16,11 @@ from ...ir.ranks import PARALLEL
 from ...ir.reference import bind_extents
 from ...jagged import JaggedBatch
 from ..analysis.cost import broadcast_reduction
-from ..codegen.combine import lower_combine
+from ..codegen.combine import combine_cascade, lower_combine
 from ..codegen.forward import lower, sections
 from ..codegen.source import KernelSource
 from ..codegen.tile_ranges import key_plan
+from ..rewrite.online import streaming_obstacle
 from ..rewrite.pipeline import optimise
 from ..schedule import Schedule, padded
 from .launch import Launcher, combine, jit_launch, launch
@@ -40,6 +41,14 @@ def refuse_interpreted_bfloat16(x: torch.Tensor) -> None:
         )
 
 
+def _combinable(c: Cascade) -> bool:
+    try:
+        combine_cascade(c)
+    except LoweringError:
+        return False
+    return True
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """What kernels of ``dtype`` accumulate (and keep their states) in: fp32, fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -55,10 +64,16 @@ class Forward:
         self.written = cascade
         self.rewritten, self.steps = optimise(cascade)
         self.error: LoweringError | None = None
+        self.passes = 0  # passes over the keys the kernel makes
         try:
-            sections(self.rewritten)
+            self.passes = len(sections(self.rewritten).loops)
         except LoweringError as e:
-            self.error = e
+            # what kept the rewrites from a loop for the pass (a read outside the current chunk of n...)
+            why = streaming_obstacle(self.steps[-2].cascade) if len(self.steps) > 1 else None
+            self.error = e if why is None else type(e)(f"{e}; what keeps it from a loop: {why}")
+        # split-KV: one pass per split, whose states the combine kernel folds (a correction it can apply to a
+        # split's states: not max(top, sink)'s)
+        self.splittable = self.passes == 1 and _combinable(self.rewritten)
         # what a call says when it cannot run the kernel (a string made now: under torch.compile too)
         self.refusal = (
             None

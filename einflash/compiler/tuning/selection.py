@@ -110,7 +110,8 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
     if found is not None and (found[1] == bucket.label or deploy or not knobs.autotune() or inputs is None):
         schedule = found[0]
         if schedule.splits > 1:  # a neighbour's split count may exceed this shape's key tiles
-            schedule = dataclasses.replace(schedule, splits=min(schedule.splits, -(-extents["n"] // schedule.block_n)))
+            tiles = -(-extents["n"] // schedule.block_n) if forward.splittable else 1
+            schedule = dataclasses.replace(schedule, splits=min(schedule.splits, tiles))
         return schedule
     if not deploy and knobs.autotune() and inputs is not None:
         return tune(cascade, forward, inputs, params or {}, target, cache=cache).best

@@ -134,7 +134,7 @@ def _knobs(
         "block_n": space.block_n,
         "num_warps": space.num_warps,
         "num_stages": space.num_stages,
-        "splits": space.splits if family == "decode" else (1,),
+        "splits": space.splits if family == "decode" and forward.splittable else (1,),
         "pack": (default.pack,),
         # the order of query tiles matters only where tiles differ in work: an affine mask
         "reverse_m": (False, True) if family == "forward" and forward.masked else (False,),
@@ -216,7 +216,9 @@ def fitting_default(
 
 
 def _default(forward: Forward, extents: dict[str, int], target: Target, kv_heads: int) -> Schedule:
-    return default_schedule(extents, target, kv_heads, forward.masked, gathered=forward.gathered)
+    return default_schedule(
+        extents, target, kv_heads, forward.masked, allow_split=forward.splittable, gathered=forward.gathered
+    )
 
 
 def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Schedule:

@@ -1,0 +1,134 @@
+"""Variants of more than one pass over the keys (and the sink logit, new with them), beside the same maths
+composed in PyTorch, on one GPU.
+
+    python3 benchmarks/bench_passes.py --out DIR [--shape 1,16,4096,128]
+
+In one process, bf16 q, k, v: einflash's kernels of examples/post_norm_threshold.py and renorm_threshold.py (two
+passes over the keys: the row's maximum and sum, then the thresholded weights) and sink_logit.py (one pass);
+beside each, the formula of tests' style written in plain PyTorch, eager and under torch.compile, which
+materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward only (their backward is
+not lowered yet), with each call's peak memory beyond its inputs. After timing, the kernels are checked against
+the float64 reference (bf16 and fp16; prefill, and decode with one query). DIR/passes.json.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import pathlib
+import sys
+import traceback
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_forward import example
+
+import einflash as ef
+from einflash.testing import check
+
+TAU = 0.0001  # below 1/N at the benchmark's N: every row keeps weight after the threshold
+
+
+def post_norm_threshold(q, k, v, tau):
+    p = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+    return torch.relu(p - tau) @ v
+
+
+def renorm_threshold(q, k, v, tau):
+    w = torch.relu(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) - tau)
+    return (w / w.sum(dim=-1, keepdim=True)) @ v
+
+
+def sink_logit(q, k, v, sink):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    full = torch.cat([s, sink.view(1, -1, 1, 1).expand(*s.shape[:-1], 1).to(s.dtype)], dim=-1)
+    return torch.softmax(full, dim=-1)[..., :-1] @ v
+
+
+def _extra(name: str, shape: ef.Shape, dtype) -> dict:
+    if name == "sink_logit":
+        return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
+    return {"tau": TAU}
+
+
+def _measure(rows: list, label: str, fn, flops: float) -> None:
+    row: dict = {"kind": "perf", "case": label}
+    try:
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ms = do_bench(fn, warmup=25, rep=100)
+        row["forward"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    except Exception as e:  # noqa: BLE001 -- a composition that cannot run (out of memory) is reported
+        row["forward"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        traceback.print_exc()
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def _checks(rows: list) -> None:
+    for name, dtype in itertools.product(
+        ("post_norm_threshold", "renorm_threshold", "sink_logit"), (torch.bfloat16, torch.float16)
+    ):
+        op = example(name)[1]
+        for B, Hq, Hkv, M, N, D in ((2, 4, 2, 300, 517, 128), (2, 8, 2, 1, 4099, 64)):
+            shape = ef.Shape(B, Hq, M, N, D, Hkv=Hkv)
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(B, Hq, M, D, device="cuda", dtype=dtype, generator=g)
+            k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+            extra = _extra(name, shape, dtype) if name == "sink_logit" else {"tau": 0.5 / N}  # τ bites, rows kept
+            verdict = check(op, op(q, k, v, **extra), q, k, v, **extra)
+            row = dict(kind="check", variant=name, dtype=str(dtype), shape=[B, Hq, Hkv, M, N, D], ok=verdict.ok)
+            row.update(verdict.as_dict())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="1,16,4096,128")
+    a = ap.parse_args()
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    B, H, N, D = map(int, a.shape.split(","))
+    rows: list = [
+        {
+            "kind": "env",
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(),
+            "shape": [B, H, N, D],
+        }
+    ]
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * B * H * N * N * D  # of one pass: a second pass's recomputed scores are not counted
+    softmax = example("softmax")[1]
+    _measure(rows, "einflash softmax (one pass)", lambda: softmax(q, k, v), flops)
+    shape = ef.Shape(B, H, N, N, D)
+    for name, formula in (
+        ("post_norm_threshold", post_norm_threshold),
+        ("renorm_threshold", renorm_threshold),
+        ("sink_logit", sink_logit),
+    ):
+        op, extra = example(name)[1], _extra(name, shape, torch.bfloat16)
+        compiled = torch.compile(formula)
+        _measure(rows, f"einflash {name}", lambda op=op, extra=extra: op(q, k, v, **extra), flops)
+        _measure(rows, f"torch eager {name}", lambda f=formula, extra=extra: f(q, k, v, *extra.values()), flops)
+        _measure(rows, f"torch.compile {name}", lambda f=compiled, extra=extra: f(q, k, v, *extra.values()), flops)
+        (out / "passes.json").write_text(json.dumps(rows, indent=1))
+    _checks(rows)  # after the timings, which a cut-off run keeps
+    (out / "passes.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

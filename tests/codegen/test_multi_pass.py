@@ -1,0 +1,137 @@
+"""Cascades of several passes over the keys: each pass a loop of the kernel (its own key-tile ranges from the mask
+plan), checked against the float64 reference; the limits of the first version (no split-KV, no backward) refused
+with typed errors."""
+
+from unittest import mock
+
+import pytest
+import torch
+from catalogue import load_example
+
+import einflash as ef
+from einflash.compiler.analysis.key_passes import count_passes
+from einflash.compiler.codegen.forward import sections
+from einflash.compiler.runtime import forward as forward_module
+from einflash.compiler.schedule import Schedule
+from einflash.errors import LoweringError
+from einflash.ir.reference import bind_extents, bind_params
+from einflash.testing import check
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+
+
+@ef.attention
+def causal_threshold(q, k, v, tau: float = 0.02):
+    p = ef.softmax(ef.mask(q @ k * ef.scale, ef.n <= ef.m + ef.N - ef.M), "n")
+    return ef.relu(p - tau) @ v
+
+
+@ef.attention
+def document_renorm(q, k, v, doc: ef.Tensor["b n"], tau: float = 0.02):
+    here = ef.m + ef.N - ef.M
+    p = ef.relu(ef.softmax(ef.mask(q @ k * ef.scale, (doc[ef.n] == doc[here]) & (ef.n <= here)), "n") - tau)
+    return (p / p.sum("n")) @ v
+
+
+@ef.attention
+def twice_thresholded(q, k, v, tau: float = 0.02):
+    p = ef.relu(ef.softmax(q @ k * ef.scale, "n") - tau)
+    w = p / p.sum("n")  # a second threshold on the renormalised weights: the sum of the first is a second pass
+    return ef.relu(w - 2 * tau) @ v
+
+
+def _qkv(B, Hq, Hkv, M, N, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, Hq, M, D, generator=g),
+        torch.randn(B, Hkv, N, D, generator=g),
+        torch.randn(B, Hkv, N, D, generator=g),
+    )
+
+
+def test_each_loop_of_the_cascade_is_a_pass_of_the_kernel():
+    op = load_example("post_norm_threshold").post_norm_threshold
+    c = op.forward.rewritten
+    assert [len(loop) > 0 for loop in sections(c).loops] == [True, True]
+    assert count_passes(c).passes == 2 == op.explain().passes
+    text = op.forward.source(torch.float32, op.forward.dims({"e": 16, "f": 16}), False).text
+    assert text.count("# pass 2 over the keys") == 1 and "pass 3" not in text
+
+
+def test_three_passes_lower_as_three_loops():
+    c = twice_thresholded.forward.rewritten
+    assert twice_thresholded.forward.error is None and sorted({e.loop for e in c.einsums}) == [0, 1, 2, 3]
+    q, k, v = _qkv(2, 2, 2, 37, 45, 16)
+    assert check(twice_thresholded, twice_thresholded(q, k, v), q, k, v).ok
+
+
+@pytest.mark.parametrize("M, N", [(37, 45), (45, 37), (1, 77)])
+def test_a_masked_two_pass_cascade_matches_the_reference(M, N):
+    q, k, v = _qkv(2, 4, 2, M, N, 16)
+    out = causal_threshold(q, k, v, schedule=Schedule(16, 16, 4, 1))
+    assert check(causal_threshold, out, q, k, v).ok
+
+
+def test_each_pass_visits_only_the_key_tiles_its_mask_plan_keeps():
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16)
+    counts = []
+    real = forward_module.launch
+
+    def counting(*args, **kw):
+        counts.append(real(*args, **kw, count_visits=True))
+
+    c = causal_threshold.forward.rewritten
+    inputs = {"q": q, "k": k, "v": v}
+    extents = bind_extents(c, inputs, {})
+    with mock.patch.object(forward_module, "launch", counting):
+        causal_threshold.forward.run(inputs, bind_params(c, {}, extents), Schedule(16, 16, 4, 1), extents)
+    # causal over 4 tiles of 16: query tile i sees key tiles 0..i, in each of the two passes
+    assert counts[0][0, 0].tolist() == [2 * (i + 1) for i in range(4)]
+
+
+def test_data_dependent_masks_share_their_tile_lists_across_passes():
+    q, k, v = _qkv(2, 2, 1, 30, 50, 16)
+    doc = torch.randint(0, 3, (2, 50), generator=torch.Generator().manual_seed(1)).sort(-1).values
+    out = document_renorm(q, k, v, doc, schedule=Schedule(16, 16, 4, 1))
+    assert check(document_renorm, out, q, k, v, doc=doc).ok
+
+
+@pytest.mark.parametrize("name", ["post_norm_threshold", "renorm_threshold"])
+def test_decoding_runs_both_passes_in_each_program_without_splits(name):
+    op = getattr(load_example(name), name)
+    q, k, v = _qkv(2, 8, 2, 1, 300, 16)
+    assert check(op, op(q, k, v, tau=0.001), q, k, v, tau=0.001).ok  # the default schedule: no split
+    with pytest.raises(LoweringError, match="splits=1"):
+        op(q, k, v, schedule=Schedule(16, 16, 4, 1, 3, True))
+    assert check(op, op(q, k, v, tau=0.001, schedule=Schedule(16, 16, 4, 1, 1, True)), q, k, v, tau=0.001).ok
+
+
+def test_a_jagged_batch_through_two_passes():
+    q, k, v = _qkv(1, 4, 2, 16, 13, 16)
+    cu_q, cu_k = torch.tensor([0, 5, 12, 16]), torch.tensor([0, 9, 13, 13])  # the last sequence has no key
+    out = causal_threshold(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    want = causal_threshold(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend="reference")
+    assert float((out - want).abs().max()) < 1e-5 and bool((out[:, :, 12:] == 0).all())
+
+
+def test_training_a_multi_pass_forward_is_refused_with_a_typed_error():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(LoweringError, match="backward of a multi-pass forward"):
+        causal_threshold(q.requires_grad_(), k, v)
+
+
+def test_a_pass_without_a_running_form_is_refused_naming_its_line():
+    @ef.attention
+    def kth(q, k, v):
+        s = q @ k * ef.scale
+        return ef.softmax(ef.mask(s, s >= s.kth_largest(4, "n")), "n") @ v
+
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(
+        LoweringError, match=r"test_multi_pass\.py:\d+.*iterates n outside any loop.*kth_largest has none"
+    ):
+        kth(q, k, v)
