@@ -335,8 +335,22 @@ def programs():
             p.extras["theta"] = Extra('ef.Tensor["h"]', lambda s, g: torch.randn(s.Hq, generator=g) * 0.3)
             assign("s", "ef.mask(s, s >= theta)", lambda env: env["s"])
             p.steps.append(lambda env: env.update(keep=env["keep"] & (env["s"] >= env["theta"].view(1, -1, 1, 1))))
-        norm = draw(st.sampled_from(["softmax", "softmax", "manual", "sigmoid", "softmax_m"]))
-        if norm in ("softmax", "manual"):
+        norm = draw(st.sampled_from(["softmax", "softmax", "manual", "sigmoid", "softmax_m", "threshold", "renormed"]))
+        if norm in ("threshold", "renormed"):  # weights cut after the softmax: a second pass over the keys
+            assign(
+                "w",
+                'ef.relu(ef.softmax(s, "n") - 0.05)',
+                lambda env: torch.relu(_softmax(env["s"], env["keep"], -1) - 0.05),
+            )
+            if norm == "threshold":
+                assign("p", "w", lambda env: env["w"])
+            else:
+                assign(
+                    "p",
+                    'w / w.sum("n")',
+                    lambda env: env["w"] / torch.where(env["keep"], env["w"], 0.0).sum(-1, keepdim=True),
+                )
+        elif norm in ("softmax", "manual"):
             if norm == "softmax":
                 assign("p", 'ef.softmax(s, "n")', lambda env: _softmax(env["s"], env["keep"], -1))
             else:
