@@ -67,9 +67,14 @@ RUNS = {
         "tuned against default, warm against cold studies (bench_tune.py)",
     ),
     "offsets": Run(
-        "h100_2026-12-06_offsets_cad5411/offsets.json",
-        "cad5411",
-        "a relative-position table beside ALiBi and FlexAttention (bench_offsets.py)",
+        "h100_2026-12-07_session5_bfb73a5/offsets.json",
+        "bfb73a5",
+        "tables read at offsets and gathered, beside ALiBi and FlexAttention (bench_offsets.py)",
+    ),
+    "passes": Run(
+        "h100_2026-12-07_session5_bfb73a5/passes.json",
+        "bfb73a5",
+        "variants of two passes and the sink logit beside PyTorch compositions (bench_passes.py)",
     ),
     "host_decode": Run(
         "h200_2026-12-01_replay_ffaa2dd/host.json",
@@ -283,25 +288,65 @@ def offsets_section() -> list[str]:
     rows = load("offsets")
     checks = [r for r in rows if r.get("kind") == "check"]
     perf = {r["case"]: r for r in rows if r.get("kind") == "perf"}
-    flex = perf.get("flex relative table", {})
+    alibi = perf.get("einflash alibi", {})
 
     def rate(case: str, part: str) -> float | None:
         return perf.get(case, {}).get(part, {}).get("tflops")
 
-    body = [
-        [case]
-        + [cell(rate(case, part)) for part in ("forward", "forward+backward")]
-        + [ratio(rate(case, part), flex.get(part, {}).get("tflops")) for part in ("forward", "forward+backward")]
-        for case in perf
-    ]
+    parts = ("forward", "forward+backward")
+    body = []
+    for case in perf:
+        flex = "flex" + case.removeprefix("einflash") if case.startswith("einflash") else case  # its peer row
+        body.append(
+            [case]
+            + [cell(rate(case, part)) for part in parts]
+            + [ratio(rate(case, part), rate(flex, part)) if flex in perf else "—" for part in parts]
+            + [ratio(rate(case, part), alibi.get(part, {}).get("tflops")) for part in parts]
+        )
     ok = sum(1 for r in checks if r.get("ok"))
     return [
-        f"A per-head table of 2N − 1 biases read at `rel[h, n − m + M − 1]` (frozen), bf16 (2,16,8192,128), "
-        f"TFLOP/s beside einflash's ALiBi and FlexAttention gathering the same table in its score_mod. Checked "
-        f"first against the float64 reference: {ok} of {len(checks)} (bf16, fp16; forward and the gradients of "
-        f"q, k, v). {stamp('offsets')}.",
+        f"bf16 (2,16,8192,128), TFLOP/s: a per-head table of 2N − 1 biases read at `rel[h, n − m + M − 1]` and "
+        f"T5's bucketed bias `table[h, bucket[n − m + M − 1]]` (both frozen), beside einflash's ALiBi and "
+        f"FlexAttention making the same reads in its score_mod. Checked after timing against the float64 "
+        f"reference: {ok} of {len(checks)} (bf16, fp16; prefill and decode; forward and the gradients of q, k, "
+        f"v). {stamp('offsets')}.",
         "",
-    ] + table(["case", "forward", "forward+backward", "/ Flex forward", "/ Flex forward+backward"], body)
+    ] + table(
+        ["case", "forward", "forward+backward", "/ Flex fwd", "/ Flex fwd+bwd", "/ ALiBi fwd", "/ ALiBi fwd+bwd"],
+        body,
+    )
+
+
+def passes_section() -> list[str]:
+    rows = load("passes")
+    env = next(r for r in rows if r.get("kind") == "env")
+    checks = [r for r in rows if r.get("kind") == "check"]
+    perf = {r["case"]: r for r in rows if r.get("kind") == "perf"}
+
+    def ms(case: str) -> float | None:
+        return perf.get(case, {}).get("forward", {}).get("ms")
+
+    body = []
+    for case, r in perf.items():
+        name = case.split()[-1]
+        body.append(
+            [case, cell(ms(case), 3), cell(r.get("peak_extra_mib"), 1)]
+            + [
+                ratio(ms(f"{peer} {name}"), ms(case))
+                if case.startswith("einflash") and f"{peer} {name}" in perf
+                else "—"
+                for peer in ("torch.compile", "torch eager")
+            ]
+        )
+    ok = sum(1 for r in checks if r.get("ok"))
+    return [
+        f"Forward, bf16 {tuple(env.get('shape', ()))} (B, H, N, D), milliseconds and the peak memory a call "
+        f"adds (MiB): einflash beside the same maths composed in PyTorch, eager and under torch.compile (which "
+        f"materialise the M×N weights); the speed-up columns are the peer's time over einflash's. Checked after "
+        f"timing against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one "
+        f"query and GQA). {stamp('passes')}.",
+        "",
+    ] + table(["case", "ms", "peak MiB", "torch.compile / einflash", "eager / einflash"], body)
 
 
 def _ratio_of(v: dict) -> float:
@@ -549,6 +594,7 @@ SECTIONS = {
         "decode": decode_section,
         "training": training_section,
         "offsets": offsets_section,
+        "passes": passes_section,
         "checks": checks_section,
         "gradients": gradients_section,
         "lse": lse_section,
