@@ -6,12 +6,14 @@ composed in PyTorch, on one GPU.
 In one process, bf16 q, k, v: einflash's kernels of examples/post_norm_threshold.py and renorm_threshold.py (two
 passes over the keys: the row's maximum and sum, then the thresholded weights) and sink_logit.py (one pass);
 beside each, the formula of tests' style written in plain PyTorch, eager and under torch.compile, which
-materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward only (their backward is
-not lowered yet), with each call's peak memory beyond its inputs. After timing, the kernels are checked against
-the float64 reference (bf16 and fp16; prefill, and decode with one query). DIR/passes.json.
+materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward, with each call's peak
+memory beyond its inputs; forward+backward where the backward is lowered (the sink logit, every input
+learning). After timing, the kernels are checked against the float64 reference (bf16 and fp16; prefill, and
+decode with one query; the gradients of every floating-point input where the backward exists). DIR/passes.json.
 """
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -27,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_forward import example
 
 import einflash as ef
-from einflash.testing import check
+from einflash.testing import check, check_gradients, trainable
 
 TAU = 0.0001  # below 1/N at the benchmark's N: every row keeps weight after the threshold
 
@@ -54,10 +56,10 @@ def _extra(name: str, shape: ef.Shape, dtype) -> dict:
     return {"tau": TAU}
 
 
-def _measure(rows: list, label: str, fn, flops: float) -> None:
-    row: dict = {"kind": "perf", "case": label}
+def _measure(rows: list, label: str, fn, flops: float, part: str = "forward") -> None:
+    row: dict = {"kind": "perf", "case": label, "part": part}
     try:
-        with torch.no_grad():
+        with torch.no_grad() if part == "forward" else contextlib.nullcontext():
             fn()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -66,9 +68,9 @@ def _measure(rows: list, label: str, fn, flops: float) -> None:
             torch.cuda.synchronize()
             row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             ms = do_bench(fn, warmup=25, rep=100)
-        row["forward"] = {"ms": ms, "tflops": flops / ms / 1e9}
+        row[part] = {"ms": ms, "tflops": flops / ms / 1e9}
     except Exception as e:  # noqa: BLE001 -- a composition that cannot run (out of memory) is reported
-        row["forward"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row[part] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         traceback.print_exc()
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -88,6 +90,15 @@ def _checks(rows: list) -> None:
             verdict = check(op, op(q, k, v, **extra), q, k, v, **extra)
             row = dict(kind="check", variant=name, dtype=str(dtype), shape=[B, Hq, Hkv, M, N, D], ok=verdict.ok)
             row.update(verdict.as_dict())
+            if op.backward.error is None:  # every floating-point input's gradient (the sink's included)
+                leaves = trainable(op, {"q": q, "k": k, "v": v, **extra})
+                out = op(**leaves)
+                grad = torch.randn_like(out)
+                out.backward(grad)
+                got = {n: x.grad for n, x in leaves.items() if isinstance(x, torch.Tensor) and x.requires_grad}
+                verdicts = check_gradients(op, got, grad, q, k, v, **extra)
+                row["gradients"] = {n: v.as_dict() for n, v in verdicts.items()}
+                row["ok"] = verdict.ok and all(v.ok for v in verdicts.values())
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -125,6 +136,15 @@ def main() -> None:
         _measure(rows, f"einflash {name}", lambda op=op, extra=extra: op(q, k, v, **extra), flops)
         _measure(rows, f"torch eager {name}", lambda f=formula, extra=extra: f(q, k, v, *extra.values()), flops)
         _measure(rows, f"torch.compile {name}", lambda f=compiled, extra=extra: f(q, k, v, *extra.values()), flops)
+        if op.backward.error is None:  # forward and backward, every input learning (3.5 times the FLOPs)
+            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *extra.values())]
+            grad = torch.randn_like(q)
+
+            def step(fn, leaves=leaves, grad=grad):
+                return lambda: fn(*leaves).backward(grad)
+
+            _measure(rows, f"einflash {name}", step(op), 3.5 * flops, "forward+backward")
+            _measure(rows, f"torch.compile {name}", step(compiled), 3.5 * flops, "forward+backward")
         (out / "passes.json").write_text(json.dumps(rows, indent=1))
     _checks(rows)  # after the timings, which a cut-off run keeps
     (out / "passes.json").write_text(json.dumps(rows, indent=1))

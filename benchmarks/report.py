@@ -321,32 +321,32 @@ def passes_section() -> list[str]:
     rows = load("passes")
     env = next(r for r in rows if r.get("kind") == "env")
     checks = [r for r in rows if r.get("kind") == "check"]
-    perf = {r["case"]: r for r in rows if r.get("kind") == "perf"}
+    perf = {(r["case"], r.get("part", "forward")): r for r in rows if r.get("kind") == "perf"}
 
-    def ms(case: str) -> float | None:
-        return perf.get(case, {}).get("forward", {}).get("ms")
+    def ms(case: str, part: str) -> float | None:
+        return perf.get((case, part), {}).get(part, {}).get("ms")
 
     body = []
-    for case, r in perf.items():
+    for (case, part), r in perf.items():
         name = case.split()[-1]
         body.append(
-            [case, cell(ms(case), 3), cell(r.get("peak_extra_mib"), 1)]
+            [case, part, cell(ms(case, part), 3), cell(r.get("peak_extra_mib"), 1)]
             + [
-                ratio(ms(f"{peer} {name}"), ms(case))
-                if case.startswith("einflash") and f"{peer} {name}" in perf
+                ratio(ms(f"{peer} {name}", part), ms(case, part))
+                if case.startswith("einflash") and (f"{peer} {name}", part) in perf
                 else "—"
                 for peer in ("torch.compile", "torch eager")
             ]
         )
     ok = sum(1 for r in checks if r.get("ok"))
     return [
-        f"Forward, bf16 {tuple(env.get('shape', ()))} (B, H, N, D), milliseconds and the peak memory a call "
-        f"adds (MiB): einflash beside the same maths composed in PyTorch, eager and under torch.compile (which "
-        f"materialise the M×N weights); the speed-up columns are the peer's time over einflash's. Checked after "
-        f"timing against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one "
-        f"query and GQA). {stamp('passes')}.",
+        f"bf16 {tuple(env.get('shape', ()))} (B, H, N, D), milliseconds and the peak memory a call adds (MiB): "
+        f"einflash beside the same maths composed in PyTorch, eager and under torch.compile (which materialise "
+        f"the M×N weights); the speed-up columns are the peer's time over einflash's. Checked after timing "
+        f"against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one query "
+        f"and GQA; with the gradients of every input where the backward exists). {stamp('passes')}.",
         "",
-    ] + table(["case", "ms", "peak MiB", "torch.compile / einflash", "eager / einflash"], body)
+    ] + table(["case", "part", "ms", "peak MiB", "torch.compile / einflash", "eager / einflash"], body)
 
 
 def _ratio_of(v: dict) -> float:

@@ -43,6 +43,12 @@ class Invariance:
         )
 
 
+def _row_constant(c: Cascade, name: str) -> bool:
+    """An input that does not vary along n (a per-head sink logit)."""
+    t = c.tensor(name)
+    return t.role is Role.INPUT and STREAM not in t.ranks
+
+
 def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
     """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
@@ -50,9 +56,15 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     if not shifted:
         return frozenset(), ()
     derived = {e.out for e in shifted}
-    for e in c.einsums:  # row values computed from them alone (top2 = top2_raw·scale·log2 e)
+    for e in c.einsums:  # row values computed from them and constants of the row (top2 = top2_raw·scale·log2 e,
+        # max(top, sink[h]))
         read = e.reads()
-        if STREAM not in e.iteration_ranks and e.out not in derived and read and all(r.tensor in derived for r in read):
+        if (
+            STREAM not in e.iteration_ranks
+            and e.out not in derived
+            and any(r.tensor in derived for r in read)
+            and all(r.tensor in derived or _row_constant(c, r.tensor) for r in read)
+        ):
             derived.add(e.out)
     late_names = {e.out for e in late}
     pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
@@ -74,8 +86,12 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
 
     factors: dict[str, Expr] = {}
     bodies: dict[str, Expr] = {}
+    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
+    shifts = {e.out for e in shifted}
     for e in late:
-        body = inline_body(c, e, derived | late_names, pair_maps)
+        # the row values computed from the shifted reductions are written out in them, in the sums as in the
+        # output below, so that a shift moves them as it does (max(top, sink) moves with top only above the sink)
+        body = inline_body(c, e, late_names, pair_maps | (row_maps & derived - shifts))
         used = {r.tensor for r in reads(body) if r.tensor in derived}
         hidden = [
             r.tensor
@@ -94,9 +110,8 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
         factors[e.out], bodies[e.out] = r, body
     out = c.producer(c.outputs[0])
     assert out is not None, c.outputs[0]  # a valid cascade computes its output
-    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
     expr = (
-        inline_body(c, out, late_names | derived, row_maps - derived)
+        inline_body(c, out, late_names, row_maps)
         if out.out not in late_names
         else Read(out.out, tuple(coord(r) for r in out.ranks))
     )
@@ -127,7 +142,10 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
 
     old = to_sympy(expr, leaf("old"))
     new = to_sympy(expr, leaf("new"))
-    if sympy.simplify(new - old) != 0:
+    # a maximum (minimum) of row values is one value wherever it appears: naming each one lets sympy cancel the
+    # exponentials of it (exp(sink − max(top, sink)) against the correction exp(max_old − max_new))
+    extrema = {x: sympy.Symbol(f"x{i}", real=True) for i, x in enumerate((old - new).atoms(sympy.Max, sympy.Min))}
+    if sympy.simplify((new - old).xreplace(extrema)) != 0:
         fail("the output changes when the sums over n are rescaled")
     from ...ir.printer import format_expr
 
