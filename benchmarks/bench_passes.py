@@ -31,7 +31,8 @@ from bench_forward import example
 import einflash as ef
 from einflash.testing import check, check_gradients, trainable
 
-TAU = 0.0001  # below 1/N at the benchmark's N: every row keeps weight after the threshold
+TAU = 0.0001  # post_norm_threshold's: below 1/N at the benchmark's N, so that some weights are kept
+RELATIVE_TAU = 0.5  # renorm_threshold's, a fraction of 1/N: weights below half the uniform one are cut
 
 
 def post_norm_threshold(q, k, v, tau):
@@ -40,7 +41,7 @@ def post_norm_threshold(q, k, v, tau):
 
 
 def renorm_threshold(q, k, v, tau):
-    w = torch.relu(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) - tau)
+    w = torch.relu(torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) - tau / k.shape[2])
     return (w / w.sum(dim=-1, keepdim=True)) @ v
 
 
@@ -53,7 +54,7 @@ def sink_logit(q, k, v, sink):
 def _extra(name: str, shape: ef.Shape, dtype) -> dict:
     if name == "sink_logit":
         return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
-    return {"tau": TAU}
+    return {"tau": RELATIVE_TAU if name == "renorm_threshold" else TAU}
 
 
 def _measure(rows: list, label: str, fn, flops: float, part: str = "forward") -> None:
@@ -86,7 +87,10 @@ def _checks(rows: list) -> None:
             g = torch.Generator(device="cuda").manual_seed(0)
             q = torch.randn(B, Hq, M, D, device="cuda", dtype=dtype, generator=g)
             k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-            extra = _extra(name, shape, dtype) if name == "sink_logit" else {"tau": 0.5 / N}  # τ bites, rows kept
+            # thresholds that bite at these lengths and keep every row
+            extra = {"post_norm_threshold": {"tau": 0.5 / N}, "renorm_threshold": {"tau": 0.9}}.get(name) or _extra(
+                name, shape, dtype
+            )
             verdict = check(op, op(q, k, v, **extra), q, k, v, **extra)
             row = dict(kind="check", variant=name, dtype=str(dtype), shape=[B, Hq, Hkv, M, N, D], ok=verdict.ok)
             row.update(verdict.as_dict())

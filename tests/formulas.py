@@ -178,9 +178,9 @@ def post_norm_threshold(q, k, v, tau=0.01, scale=None):
     return torch.relu(p - tau) @ _heads(v, q.shape[1])
 
 
-def renorm_threshold(q, k, v, tau=0.01, scale=None):
-    """Weights above τ after the softmax, scaled back to sum 1."""
-    w = torch.relu(torch.softmax(_scale(q, scale) * _dot(q, k), dim=-1) - tau)
+def renorm_threshold(q, k, v, tau=0.5, scale=None):
+    """Weights above τ times the uniform weight 1/N after the softmax, scaled back to sum 1."""
+    w = torch.relu(torch.softmax(_scale(q, scale) * _dot(q, k), dim=-1) - tau / k.shape[2])
     return w / w.sum(dim=-1, keepdim=True) @ _heads(v, q.shape[1])
 
 

@@ -62,7 +62,7 @@ TUNED = {
     "softcap": {"cap": 1.5},
     "moba": {"block": 5},
     "post_norm_threshold": {"tau": 0.02},
-    "renorm_threshold": {"tau": 0.02},
+    "renorm_threshold": {"tau": 0.9},
 }
 
 

@@ -36,7 +36,7 @@ TUNED = {
     "softcap": {"cap": 1.5},
     "moba": {"block": 3},
     "post_norm_threshold": {"tau": 0.05},
-    "renorm_threshold": {"tau": 0.02},
+    "renorm_threshold": {"tau": 0.9},
 }
 CHUNKS = (1, 3, 7, None)
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
