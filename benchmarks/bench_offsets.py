@@ -11,7 +11,6 @@ reference (bf16 and fp16; forward and the gradients of q, k, v). DIR/offsets.jso
 """
 
 import argparse
-import datetime
 import itertools
 import json
 import pathlib
@@ -19,7 +18,6 @@ import sys
 import traceback
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -89,15 +87,7 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     B, H, N, D = map(int, a.shape.split(","))
-    rows: list = [
-        {
-            "kind": "env",
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(),
-        }
-    ]
+    rows: list = [peers.environment()]
     dt = torch.bfloat16
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)

@@ -14,7 +14,6 @@ decode with one query; the gradients of every floating-point input where the bac
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import json
 import pathlib
@@ -22,10 +21,10 @@ import sys
 import traceback
 
 import torch
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import peers
 from bench_forward import example
 
 import einflash as ef
@@ -115,16 +114,7 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     B, H, N, D = map(int, a.shape.split(","))
-    rows: list = [
-        {
-            "kind": "env",
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(),
-            "shape": [B, H, N, D],
-        }
-    ]
+    rows: list = [peers.environment(shape=[B, H, N, D])]
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flops = 4 * B * H * N * N * D  # of one pass: a second pass's recomputed scores are not counted
     softmax = example("softmax")[1]

@@ -11,6 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+
+def environment(**extra) -> dict:
+    """The record a benchmark's JSON starts with: the GPU, torch, Triton, the date, and ``extra``."""
+    import datetime
+
+    import triton
+
+    return {
+        "kind": "env",
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        **extra,
+    }
+
+
 SDPA_BACKENDS = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
 
 
