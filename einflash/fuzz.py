@@ -465,7 +465,7 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
         judge,
         judge_gradient,
         overflow_stand_in,
-        score_allowance,
+        rounding_allowance,
         trainable,
     )
 
@@ -505,12 +505,12 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
     if (torch.isfinite(out) & ~finite).any():
         raise Defect("silent wrong result", "a finite kernel output where the maths overflows", source)
     out, plain, lowp = out[finite], plain[finite], lowp[finite]
-    verdict = judge(out, plain, lowp, lambda: score_allowance(op, **inputs, **params)[finite])
+    verdict = judge(out, plain, lowp, lambda: rounding_allowance(op, **inputs, **params)[finite])
     if not verdict.ok:
         raise Defect(
             "silent wrong result",
             f"kernel max error {verdict.max_error:.3e} > tolerance {verdict.tolerance:.3e} (beyond an allowance of "
-            f"up to {verdict.allowance:.3e} for the scores' rounding)",
+            f"up to {verdict.allowance:.3e} for the maths' rounding order)",
             source,
         )
     if not gradients or op.backward.error is not None:

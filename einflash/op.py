@@ -173,14 +173,18 @@ class AttentionOp:
         return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype, return_lse)
 
     def _reference(
-        self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype, lse: bool = False
+        self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype, lse: bool = False, rounding=None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The output, or with ``lse`` the output and the log-sum-exp, from the written cascade."""
+        """The output, or with ``lse`` the output and the log-sum-exp, from the written cascade; ``rounding`` as
+        ``run_outputs`` takes it."""
         c = self._lse_cascade() if lse else self.cascade
         if jagged is None:
-            outs = run_outputs(c, inputs, params, dtype=dtype)
+            outs = run_outputs(c, inputs, params, dtype=dtype, rounding=rounding)
         else:
-            per_seq = [run_outputs(c, seq, params, dtype=dtype) for seq in jagged.sequence_inputs(self.cascade, inputs)]
+            per_seq = [
+                run_outputs(c, seq, params, dtype=dtype, rounding=rounding)
+                for seq in jagged.sequence_inputs(self.cascade, inputs)
+            ]
             outs = tuple(torch.cat(parts, dim=2) for parts in zip(*per_seq))
         return outs if lse else outs[0]
 

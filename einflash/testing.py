@@ -3,7 +3,7 @@
 A kernel's error against the float64 reference may be at most twice the error of
 the same maths done by PyTorch in the kernel's dtype (the reference executor run in
 that dtype), plus a small floor of a few units in the last place of the output, beyond
-what computing the scores in another order than PyTorch's may move it (:func:`score_allowance`).
+what computing the maths in another order than PyTorch's may move it (:func:`rounding_allowance`).
 
 >>> import torch, einflash as ef
 >>> @ef.attention
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .ir.reference import bind_extents, bind_params, run_reference
+from .jagged import jagged_batch
 
 ULP_FLOOR = 4  # units in the last place of the output's dtype, times the output's magnitude
 ROW_TERM_SIGN_DRAWS = 8  # sign patterns of the rows' roundings tried by row_term_allowance
@@ -52,7 +53,7 @@ class Verdict:
     tolerance: float
     lowp_error: float  # the error of plain PyTorch in the kernel's dtype
     ok: bool
-    allowance: float = 0.0  # the largest allowance used (score_allowance; a gradient's row_term + recompute_allowance)
+    allowance: float = 0.0  # the largest allowance used (rounding_allowance; row_term + recompute_allowance)
 
     def as_dict(self) -> dict:
         return {
@@ -103,7 +104,7 @@ def check(op, out: torch.Tensor, *args, **kwargs) -> Verdict:
         exact = op.reference(*args, **kwargs)
         lowp = op.reference(*args, dtype=out.dtype, **kwargs).double()
         wide = lambda: op.reference(*args, dtype=torch.float32, **kwargs)  # noqa: E731 -- only on overflow
-        moved = lambda: score_allowance(op, *args, **kwargs)  # noqa: E731 -- only outside the rule without it
+        moved = lambda: rounding_allowance(op, *args, **kwargs)  # noqa: E731 -- only outside the rule without it
         return judge(out, exact, overflow_stand_in(lowp, exact, out.dtype, wide), moved)
 
 
@@ -134,7 +135,7 @@ def judge(
 ) -> Verdict:
     """The tolerance rule for ``out`` against precomputed ``references`` (a tuner checks many outputs against one):
     its error beyond each entry's ``allowance`` (what computing the scores in another order may move it:
-    :func:`score_allowance`; called only for an output outside the rule without it) at most twice PyTorch's
+    :func:`rounding_allowance`; called only for an output outside the rule without it) at most twice PyTorch's
     error in the kernel's dtype plus the floor."""
     if out.numel() == 0:
         return Verdict(0.0, 0.0, 0.0, True)
@@ -259,32 +260,42 @@ def recompute_allowance(
     return made
 
 
-def score_allowance(op, *args, draws: int = RECOMPUTE_DRAWS, **kwargs) -> torch.Tensor:
-    """How far computing the scores in another order than PyTorch's may move each output entry.
+def rounding_allowance(op, *args, draws: int = RECOMPUTE_DRAWS, **kwargs) -> torch.Tensor:
+    """How far computing the maths in another order than PyTorch's may move each output entry.
 
-    A kernel sums ``q·k`` in its own order (tensor-core tiles) and folds a product's constants into one
-    (``scale·27·log2 e``), so each score differs from PyTorch's by about ``eps(fp32)·|q|·|k|`` whichever way either
-    computes it; where the scores are large (a softmax of ``27·s`` reaches ~100) or the transform after them is
-    steep, that moves the weights by more than PyTorch's own error happens to be at the worst entry. The float64
-    reference runs with the inputs the scores contract (``q`` and ``k``: those with the rank ``e``) moved by
-    ``eps(fp32)`` of their magnitude in seeded sign patterns; each entry keeps the largest change. For plain
-    softmax it is below the floor (tested).
+    A kernel sums ``q·k`` in its own order (tensor-core tiles), folds a product's constants into one
+    (``scale·27·log2 e``), and makes every later value (the weights, their sums) with other roundings than
+    PyTorch's: each score differs by about ``eps(fp32)·|q|·|k|``, each intermediate by about ``eps(fp32)`` of
+    itself, whichever way either computes it. Where the scores are large (a softmax of ``27·s`` reaches ~100) or
+    a step cancels (a threshold on the weights, ``relu(p − τ)`` with ``p`` near ``τ``, renormalised), that moves
+    the output by more than PyTorch's own error happens to be at the worst entry. The float64 reference runs with
+    the inputs the scores contract (``q`` and ``k``: those with the rank ``e``) moved by ``eps(fp32)`` of their
+    magnitude and every Einsum's values rounded by ``eps(fp32)`` of themselves, in seeded sign patterns; each
+    entry keeps the largest change. For plain softmax it is of the size of PyTorch's own fp32 error (tested).
 
     >>> import torch, einflash as ef
     >>> @ef.attention
     ... def plain(q, k, v):
     ...     return ef.softmax(q @ k * ef.scale, "n") @ v
     >>> q, k, v = torch.randn(3, 1, 1, 5, 16).unbind()
-    >>> float(score_allowance(plain, q, k, v).max()) < 1e-6
+    >>> float(rounding_allowance(plain, q, k, v).max()) < 1e-5
     True
     """
     inputs, params = op.bind(args, kwargs)
     given = {n: (x.detach().double() if x.is_floating_point() else x) for n, x in inputs.items()}
-    base = op.reference(**given, **params)
+    jagged = jagged_batch(op.cascade, given, kwargs)
+    base = op._reference(given, params, jagged, torch.float64)
     made = torch.zeros_like(base)
+    gen = torch.Generator().manual_seed(1)
+    eps = torch.finfo(torch.float32).eps
+
+    def rounded(_name: str, values: torch.Tensor) -> torch.Tensor:
+        sign = torch.randint(0, 2, values.shape, generator=gen).double().to(values.device) * 2 - 1
+        return values * (1 + eps * sign)
+
     for moved in _scores_moved(op, given, draws):
-        change = (op.reference(**moved, **params) - base).abs()  # where float64 overflows there is nothing to allow
-        made = torch.maximum(made, torch.where(torch.isfinite(change), change, 0.0))
+        change = (op._reference(moved, params, jagged, torch.float64, rounding=rounded) - base).abs()
+        made = torch.maximum(made, torch.where(torch.isfinite(change), change, 0.0))  # float64 overflow: nothing
     return made
 
 

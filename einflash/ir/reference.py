@@ -33,7 +33,7 @@ import functools
 import itertools
 import math
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import sympy
@@ -271,8 +271,10 @@ class _Evaluator:
         dtype,
         inputs: dict[str, Value],
         box: Mapping[str, tuple[int, int]],
+        rounding: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ):
         self.c, self.extents, self.params, self.device, self.dtype = c, extents, params, device, dtype
+        self.rounding = rounding
         self.env: dict[str, Value] = dict(inputs)
         self.prev: dict[str, Value] = {}
         self.ranges = {r: (0, s) for r, s in extents.items()} | dict(box)
@@ -421,6 +423,8 @@ class _Evaluator:
         shape = [self.ranges[r][1] - self.ranges[r][0] for r in e.ranks]
         out.data = out.data.expand(shape)
         out.present = None if out.present is None else out.present.expand(shape)
+        if self.rounding is not None:
+            out.data = self.rounding(e.out, out.data)
         return out
 
     def _reduce(self, e: Einsum, red: Reduction, its, data, pres) -> Value:
@@ -616,9 +620,12 @@ def run_outputs(
     dtype: torch.dtype = torch.float64,
     chunk: int | None = None,
     max_bytes: float | None = None,
+    rounding: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Every output of the cascade: the first ``[B, Hq, M, F]`` (absent elements 0), then the per-row ones
-    ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``.
+    ``[B, Hq, M]`` (absent elements ``ROW_OUTPUT_ABSENT``, −inf), computed in ``dtype``. ``rounding`` (the
+    tolerance rule's, ``einflash.testing.rounding_allowance``) is given each Einsum's name and values and returns
+    the values to go on with.
 
     ``max_bytes`` bounds what one evaluation holds, as :func:`footprint` estimates it: above it the rows are
     evaluated in boxes (:func:`row_boxes`), for the same output (see the module's docstring). None takes a share
@@ -655,6 +662,7 @@ def run_outputs(
             dtype,
             {n: _boxed(c, n, given[n].ranks, t, box) for n, t in zip(names, tensors)},
             box,
+            rounding,
         )
         return _outputs(c, ev.run(chunk), {r: hi - lo for r, (lo, hi) in ev.ranges.items()})
 

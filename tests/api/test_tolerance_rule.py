@@ -13,11 +13,12 @@ from einflash.testing import (
     check_gradients,
     judge,
     judge_gradient,
+    lowp_error,
     random_inputs,
     recompute_allowance,
     reference_gradients,
+    rounding_allowance,
     row_term_allowance,
-    score_allowance,
     tolerance_floor,
 )
 
@@ -132,15 +133,18 @@ def test_once_even_fp32_leaves_the_range_a_gradient_may_be_nan_anywhere_but_not_
     assert not judge_gradient(torch.tensor([float("nan"), 5.0]), want, lowp, 1.0, lambda: none).ok
 
 
-def test_the_score_allowance_stays_below_the_floor_for_plain_softmax():
+def test_the_rounding_allowance_is_of_the_size_of_pytorchs_own_error_for_plain_softmax():
+    # every intermediate rounded once: a few eps(fp32) of the terms |p·v|, as PyTorch's fp32 error is (0.5 to 2.4
+    # times it measured); it widens the rule where the maths amplifies a rounding, not for plain maths
     op = load_example("softmax").softmax
     inputs = random_inputs(op, ef.Shape(1, 2, 64, 64, 32), dtype=torch.float32)
-    allowance = score_allowance(op, **inputs)
-    magnitude = float(op.reference(**inputs).abs().max())
-    assert 0 < float(allowance.max()) < tolerance_floor(torch.float32, magnitude)
+    allowance = rounding_allowance(op, **inputs)
+    exact = op.reference(**inputs)
+    pytorch = lowp_error(op.reference(**inputs, dtype=torch.float32).double(), exact)
+    assert 0 < float(allowance.max()) < 4 * pytorch
 
 
-def test_an_output_is_held_to_the_rule_beyond_the_score_allowance_and_no_further():
+def test_an_output_is_held_to_the_rule_beyond_the_rounding_allowance_and_no_further():
     exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
     lowp = torch.tensor([1.0 + 2**-20, 2.0], dtype=torch.float64)
     out = torch.tensor([1.0, 2.0 + 2**-18])
