@@ -72,8 +72,8 @@ RUNS = {
         "tables read at offsets and gathered, beside ALiBi and FlexAttention (bench_offsets.py)",
     ),
     "passes": Run(
-        "h100_2026-12-07_session5_bfb73a5/passes.json",
-        "bfb73a5",
+        "h100_2026-12-07_session5_2adf380/passes.json",
+        "2adf380",
         "variants of two passes and the sink logit beside PyTorch compositions (bench_passes.py)",
     ),
     "host_decode": Run(
