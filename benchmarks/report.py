@@ -406,7 +406,8 @@ def checks_section() -> list[str]:
 
 
 def gradients_section() -> list[str]:
-    rows = [r for r in load("training") if r.get("kind") == "check"]
+    # gpu_session.py's checks part runs the gradient checks beside the forward ones (suite "backward")
+    rows = [r for r in load("checks") if r.get("kind") == "check" and r.get("suite") == "backward"]
     ran = [r for r in rows if r.get("ok") is not None]
     dtypes = ["bfloat16", "float16"]
     grid: dict[str, dict[str, dict]] = {}
@@ -431,7 +432,7 @@ def gradients_section() -> list[str]:
     skipped = sorted({r["variant"] for r in rows if r.get("ok") is None})
     lines = [
         f"Gradient checks: {len(ran)} in the JSON, {len(ran) - len(failed)} within the tolerance rule. "
-        f"{stamp('training')}.",
+        f"{stamp('checks')}.",
         "",
         f"Shape [B, Hq, Hkv, M, N, D] {shape}; every floating-point input's gradient is checked. Each cell: "
         "the input whose error is closest to its tolerance, as error / tolerance.",
