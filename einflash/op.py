@@ -161,16 +161,18 @@ class AttentionOp:
     # -- running -------------------------------------------------------------------------
 
     def reference(
-        self, *args, dtype: torch.dtype = torch.float64, return_lse: bool = False, **kwargs
+        self, *args, dtype: torch.dtype = torch.float64, return_lse: bool = False, rounding=None, **kwargs
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The reference executor on these inputs (the oracle), computed and returned in ``dtype``; with
         ``return_lse=True`` the output and its softmax's log-sum-exp, as a call returns them.
 
         Takes a jagged batch's ``cu_seqlens_q`` and ``cu_seqlens_k`` like a call does, and runs each
-        sequence on its own.
+        sequence on its own. ``rounding(name, values)``, given each Einsum's values, returns the values to go
+        on with (the tolerance rule's ``einflash.testing.rounding_allowance`` rounds them); None leaves them.
         """
         inputs, params = self.bind(args, kwargs)
-        return self._reference(inputs, params, jagged_batch(self.cascade, inputs, kwargs), dtype, return_lse)
+        jagged = jagged_batch(self.cascade, inputs, kwargs)
+        return self._reference(inputs, params, jagged, dtype, return_lse, rounding)
 
     def _reference(
         self, inputs, params, jagged: JaggedBatch | None, dtype: torch.dtype, lse: bool = False, rounding=None

@@ -375,3 +375,15 @@ def test_a_renormalised_threshold_of_tanh_scores_in_fp32():
     allowed = rounding_allowance(op, **inputs)
     assert judge(out, exact, lowp, lambda: allowed).ok
     assert float(allowed.max()) < 4 * float((out.double() - exact).abs().max())  # an allowance of its size only
+
+
+def test_a_one_key_softmax_of_doubly_exponentiated_scores_in_fp16():
+    # was (fuzzer, this session's fourth long run): with one key the weight is 1 and dS = dP − Δ is pure rounding,
+    # which exp(exp(s)) (s ≈ 3.4: a slope of 7e13) carries past fp16's range in dq; the row term's allowance took
+    # one eps(fp32) of Σ|dO·O| for the float32 sums where the backward's dP and Δ are two sums of F = 8 products,
+    # and an entry whose allowance said 1e4 came out inf. The allowance now takes the textbook bound F·eps per sum
+    from einflash import fuzz
+
+    shape = fuzz.Shape(B=1, Hkv=1, group=2, M=40, N=1, E=20, F=8)
+    p = _softmax_program(shape, [("ef.exp(s / 1.0)", torch.exp)] * 2)
+    assert fuzz.check(p).stage == "gradients"

@@ -58,14 +58,14 @@ def sections(c: Cascade) -> Sections:
             )
     blocks = loop_blocks(c.einsums)
     loops = [tuple(b) for k, b in blocks if k]
-    outside = [b[0] for k, b in blocks if not k]
     first = next((i for i, (k, _) in enumerate(blocks) if k), len(blocks))
-    for e in outside[first:] if loops else outside:
+    prologue = tuple(b[0] for _, b in blocks[:first])  # blocks outside loops hold one Einsum each
+    later = [b[0] for k, b in blocks[first:] if not k]
+    for e in later if loops else prologue:  # without a loop, whatever iterates n has none to run in
         if STREAM in e.iteration_ranks:
             raise _no_loop_holds(c, e, len(loops))
     if not loops:
         raise LoweringError(f"{c.name} has no loop over n after the rewrites; nothing to stream")
-    prologue = tuple(b[0] for _, b in blocks[:first])
     after: list[list[Einsum]] = []
     for k, b in blocks[first:]:
         if k:
