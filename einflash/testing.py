@@ -133,7 +133,7 @@ def judge(
     out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, allowance: Callable[[], torch.Tensor] | None = None
 ) -> Verdict:
     """The tolerance rule for ``out`` against precomputed ``references`` (a tuner checks many outputs against one):
-    its error beyond each entry's ``allowance`` (what computing the scores in another order may move it:
+    its error beyond each entry's ``allowance`` (what computing the maths in another order may move it:
     :func:`rounding_allowance`; called only for an output outside the rule without it) at most twice PyTorch's
     error in the kernel's dtype plus the floor."""
     if out.numel() == 0:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...ir.cascade import Cascade, Einsum, Role
+from ...ir.cascade import Cascade, Einsum, Role, loop_blocks
 from ...ir.ranks import STREAM
 
 
@@ -72,14 +72,8 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
     of: dict[str, int] = {}
     reasons: dict[int, PassReason] = {}
     crossing: dict[str, tuple[str, int, int]] = {}
-    einsums = list(c.einsums)
-    i = 0
-    while i < len(einsums):
-        if einsums[i].loop:
-            j = i
-            while j < len(einsums) and einsums[j].loop == einsums[i].loop:
-                j += 1
-            block = einsums[i:j]
+    for loop, block in loop_blocks(c.einsums):
+        if loop:
             loop_pass = max(
                 [1] + [_need(c, e, rank, status, producer, reasons, crossing, external_only=block) for e in block]
             )
@@ -90,16 +84,14 @@ def count_passes(c: Cascade, rank: str = STREAM) -> PassAnalysis:
             for e in block:  # after the loop its states are complete
                 if c.tensor(e.out).role is Role.STATE:
                     status[e.out] = ("D", loop_pass)
-            i = j
             continue
-        e = einsums[i]
+        (e,) = block
         need = _need(c, e, rank, status, producer, reasons, crossing)
         iterates = rank in e.iteration_ranks
         of[e.out] = need if iterates else 0
         producer[e.out] = e
         reduces = e.reduce is not None and rank in e.reduce.ranks
         status[e.out] = ("D", need) if (reduces or not iterates) else ("S", need)
-        i += 1
     passes = max([*of.values(), 0])
     return PassAnalysis(
         passes, tuple(of.items()), tuple(reasons[k] for k in sorted(reasons)), tuple(sorted(crossing.values()))

@@ -91,7 +91,7 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     for e in late:
         # the row values computed from the shifted reductions are written out in them, in the sums as in the
         # output below, so that a shift moves them as it does (max(top, sink) moves with top only above the sink)
-        body = inline_body(c, e, late_names, pair_maps | (row_maps & derived - shifts))
+        body = inline_body(c, e, late_names, pair_maps | (row_maps & (derived - shifts)))
         used = {r.tensor for r in reads(body) if r.tensor in derived}
         hidden = [
             r.tensor

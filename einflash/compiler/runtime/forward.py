@@ -6,6 +6,8 @@ the input dtype, the padded head dimensions and the schedule (fused or split-KV)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import knobs
@@ -71,9 +73,6 @@ class Forward:
             # what kept the rewrites from a loop for the pass (a read outside the current chunk of n...)
             why = streaming_obstacle(self.steps[-2].cascade) if len(self.steps) > 1 else None
             self.error = e if why is None else type(e)(f"{e}; what keeps it from a loop: {why}")
-        # split-KV: one pass per split, whose states the combine kernel folds (a correction it can apply to a
-        # split's states: not max(top, sink)'s)
-        self.splittable = self.passes == 1 and _combinable(self.rewritten)
         # what a call says when it cannot run the kernel (a string made now: under torch.compile too)
         self.refusal = (
             None
@@ -95,6 +94,13 @@ class Forward:
         self.lists = None if keys is None else keys.lists  # key tiles classified at run time
         # a product reduced as a broadcast tile, not by tl.dot (GLA): the backward's tiles shrink to fit it
         self.broadcast = any(broadcast_reduction(e) for e in self.rewritten.einsums)
+
+    @functools.cached_property
+    def splittable(self) -> bool:
+        """Whether split-KV can run it: one pass per split, whose states the combine kernel folds (with a
+        correction it can apply to a split's states: not max(top, sink)'s). Asked by schedules that could split,
+        not at declaration."""
+        return self.passes == 1 and _combinable(self.rewritten)
 
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}
