@@ -4,10 +4,10 @@
 
 In one process, bf16 q, k, v: einflash's ALiBi (examples/alibi.py); a per-head table of M + N − 1 biases read at
 ``rel[h, n − m + M − 1]``; T5's bucketed bias (examples/t5_bias.py: ``table[h, bucket[n − m + M − 1]]``, two
-gathers); each beside FlexAttention with the same reads in its score_mod. Forward and forward+backward (the
-tables frozen: their gradients are not lowered yet), TFLOP/s counting the forward as 4·B·H·M·N·D and
-forward+backward as 3.5 times that. After timing, einflash's table kernels are checked against the float64
-reference (bf16 and fp16; forward and the gradients of q, k, v). DIR/offsets.json.
+gathers); each beside FlexAttention with the same reads in its score_mod. Forward and forward+backward, the
+tables frozen and learning (their gradients summed along the pairs' diagonals), TFLOP/s counting the forward as
+4·B·H·M·N·D and forward+backward as 3.5 times that. After timing, einflash's table kernels are checked against
+the float64 reference (bf16 and fp16; forward and the gradients of q, k, v and the table). DIR/offsets.json.
 """
 
 import argparse
@@ -50,10 +50,12 @@ def _checks(rows: list) -> None:
             tables = _tables(op, ef.Shape(B, H, M, N, D), dtype, g)
             ok = check(op, op(q, k, v, **tables), q, k, v, **tables).ok
             row = dict(kind="check", variant=op.name, dtype=str(dtype), shape=[B, H, M, N, D], forward=ok)
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            given = {"q": q, "k": k, "v": v, **tables}
+            leaves = {n: (x.clone().requires_grad_() if x.is_floating_point() else x) for n, x in given.items()}
             grad = torch.randn_like(q)
-            op(*leaves, **tables).backward(grad)
-            verdicts = check_gradients(op, dict(zip("qkv", (x.grad for x in leaves))), grad, q, k, v, **tables)
+            op(**leaves).backward(grad)
+            grads = {n: x.grad for n, x in leaves.items() if x.is_floating_point()}
+            verdicts = check_gradients(op, grads, grad, **given)
             row["gradients"] = {n: v.as_dict() for n, v in verdicts.items()}
             row["ok"] = row["forward"] and all(v.ok for v in verdicts.values())
             rows.append(row)
@@ -61,13 +63,15 @@ def _checks(rows: list) -> None:
 
 
 def _time(rows: list, label: str, forward, train, flops: float) -> None:
+    """Forward (unless None) and forward+backward of one case."""
     row: dict = {"kind": "perf", "case": label}
 
     def inference():
         with torch.no_grad():
             return forward()
 
-    for part, fn, count in (("forward", inference, 1.0), ("forward+backward", train, 3.5)):
+    parts = (("forward", inference, 1.0),) if forward is not None else ()
+    for part, fn, count in (*parts, ("forward+backward", train, 3.5)):
         try:
             fn()
             ms = do_bench(fn, warmup=25, rep=100)
@@ -121,13 +125,34 @@ def main() -> None:
     def flex_t5(score, b, h, qi, ki):
         return score + table[h, bucket[ki - qi + N - 1]]
 
+    rel_learning, table_learning = rel.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+
+    def table_learning_fwd():
+        return relative(q, k, v, rel_learning)
+
+    def t5_learning_fwd():
+        return T5.t5_bias(q, k, v, table_learning, bucket)
+
+    def flex_table_learning(score, b, h, qi, ki):
+        return score + rel_learning[h, ki - qi + N - 1]
+
+    def flex_t5_learning(score, b, h, qi, ki):
+        return score + table_learning[h, bucket[ki - qi + N - 1]]
+
     _time(rows, "einflash alibi", alibi_fwd, training(alibi_fwd), flops)
     _time(rows, "einflash relative table", table_fwd, training(table_fwd), flops)
     _time(rows, "einflash t5 bucketed bias", t5_fwd, training(t5_fwd), flops)
-    for label, score_mod in (("flex relative table", flex_table), ("flex t5 bucketed bias", flex_t5)):
+    _time(rows, "einflash relative table (learning)", None, training(table_learning_fwd), flops)
+    _time(rows, "einflash t5 bucketed bias (learning)", None, training(t5_learning_fwd), flops)
+    for label, score_mod, frozen in (
+        ("flex relative table", flex_table, True),
+        ("flex t5 bucketed bias", flex_t5, True),
+        ("flex relative table (learning)", flex_table_learning, False),
+        ("flex t5 bucketed bias (learning)", flex_t5_learning, False),
+    ):
         try:
             flex_fwd = peers.flex(q, k, v, score_mod=score_mod)
-            _time(rows, label, flex_fwd, training(flex_fwd), flops)
+            _time(rows, label, flex_fwd if frozen else None, training(flex_fwd), flops)
         except Exception as e:  # noqa: BLE001 -- Flex that cannot compile the case is reported
             rows.append({"kind": "perf", "case": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     (out / "offsets.json").write_text(json.dumps(rows, indent=1))

@@ -7,9 +7,9 @@ In one process, bf16 q, k, v: einflash's kernels of examples/post_norm_threshold
 passes over the keys: the row's maximum and sum, then the thresholded weights) and sink_logit.py (one pass);
 beside each, the formula of tests' style written in plain PyTorch, eager and under torch.compile, which
 materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward, with each call's peak
-memory beyond its inputs; forward+backward where the backward is lowered (the sink logit, every input
-learning). After timing, the kernels are checked against the float64 reference (bf16 and fp16; prefill, and
-decode with one query; the gradients of every floating-point input where the backward exists). DIR/passes.json.
+memory beyond its inputs; forward+backward, every tensor input learning (the sink logit's included). After
+timing, the kernels are checked against the float64 reference (bf16 and fp16; prefill, and decode with one
+query; the gradients of every floating-point input). DIR/passes.json.
 """
 
 import argparse
@@ -119,6 +119,15 @@ def main() -> None:
     flops = 4 * B * H * N * N * D  # of one pass: a second pass's recomputed scores are not counted
     softmax = example("softmax")[1]
     _measure(rows, "einflash softmax (one pass)", lambda: softmax(q, k, v), flops)
+    learning = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    grad_one = torch.randn_like(q)
+    _measure(
+        rows,
+        "einflash softmax (one pass)",
+        lambda: softmax(*learning).backward(grad_one),
+        3.5 * flops,
+        "forward+backward",
+    )
     shape = ef.Shape(B, H, N, N, D)
     for name, formula in (
         ("post_norm_threshold", post_norm_threshold),
@@ -130,14 +139,18 @@ def main() -> None:
         _measure(rows, f"einflash {name}", lambda op=op, extra=extra: op(q, k, v, **extra), flops)
         _measure(rows, f"torch eager {name}", lambda f=formula, extra=extra: f(q, k, v, *extra.values()), flops)
         _measure(rows, f"torch.compile {name}", lambda f=compiled, extra=extra: f(q, k, v, *extra.values()), flops)
-        if op.backward.error is None:  # forward and backward, every input learning (3.5 times the FLOPs)
-            leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *extra.values())]
+        if op.backward.error is None:  # forward and backward, every tensor input learning (3.5 times the FLOPs)
+            leaves = [
+                x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x
+                for x in (q, k, v, *extra.values())
+            ]
             grad = torch.randn_like(q)
 
             def step(fn, leaves=leaves, grad=grad):
                 return lambda: fn(*leaves).backward(grad)
 
             _measure(rows, f"einflash {name}", step(op), 3.5 * flops, "forward+backward")
+            _measure(rows, f"torch eager {name}", step(formula), 3.5 * flops, "forward+backward")
             _measure(rows, f"torch.compile {name}", step(compiled), 3.5 * flops, "forward+backward")
         (out / "passes.json").write_text(json.dumps(rows, indent=1))
     _checks(rows)  # after the timings, which a cut-off run keeps

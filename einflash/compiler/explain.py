@@ -137,9 +137,14 @@ class Explanation:
             rows.append(("backward", f"none: {b['error']}"))
         elif b is not None:
             rows += [
-                ("backward passes", f"{b['passes']['n']} over n (dQ), {b['passes']['m']} over m (dK/dV)"),
+                (
+                    "backward passes",
+                    f"{b['passes']['n']} over n ({len(b['key_terms'])} for key terms, then dQ), "
+                    f"{b['passes']['m']} over m (dK/dV)",
+                ),
                 ("saved per row", ", ".join(f"{s['name']}[{','.join(s['ranks'])}]" for s in b["saved"]) or "none"),
                 ("row terms", ", ".join(b["row_terms"]) or "none"),
+                *((f"key terms, pass {i + 1}", ", ".join(t)) for i, t in enumerate(b["key_terms"])),
                 ("backward FLOPs", f"{b['flops']:.3e}  ({b['flops'] / max(self.flops, 1.0):.2f}× the forward)"),
             ]
             rows += [("no gradient", z) for z in b["zero_gradients"]]
@@ -204,11 +209,12 @@ def explain(
         "memory": nbytes / target.hbm_bandwidth,
     }
     bound = max(times, key=times.__getitem__)
-    template = (
-        f"not lowered: {error}"
-        if error is not None
-        else "one-pass forward (attention_fwd.py.jinja); split-KV + combine for ≤ 16 queries"
-    )
+    if error is not None:
+        template = f"not lowered: {error}"
+    elif pa.passes > 1:
+        template = f"{pa.passes}-pass forward (attention_fwd.py.jinja, a loop over the keys per pass); no split-KV"
+    else:
+        template = "one-pass forward (attention_fwd.py.jinja); split-KV + combine for ≤ 16 queries"
     return Explanation(
         written.name,
         written.key,
@@ -259,6 +265,7 @@ def _backward(backward, subs: dict, visited: float) -> dict:
         "saved": [{"name": s.name, "ranks": list(s.ranks)} for s in g.saved],
         "reads_output": g.output is not None,
         "row_terms": list(backward.parts.row_terms),
+        "key_terms": [list(terms) for terms in backward.parts.key_terms],
         "zero_gradients": [str(z) for z in g.invariant],
         "gradients": {p.input: [q.name for q in g.partials if q.input == p.input] for p in g.partials},
         "frozen_inputs": dict(g.frozen),

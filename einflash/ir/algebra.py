@@ -48,35 +48,41 @@ _Key: TypeAlias = Read | Param | Coord | Size | tuple[str, tuple[sympy.Expr, ...
 
 
 class _Leaves:
-    """Sympy symbols for expression leaves; states get separate old and new symbols."""
+    """Sympy symbols for expression leaves; states get separate old and new symbols (a read of a state's
+    previous value is its old one). A tensor in ``scaled`` is one symbol, multiplied in the new phase by its
+    factor (a sum over n rescaled when the states shift)."""
 
-    def __init__(self, states: set[str]):
+    def __init__(self, states: set[str], scaled: dict[str, Expr] | None = None):
         self.states = states
+        self.scaled = scaled or {}
         self.symbols: dict[_Key, sympy.Symbol] = {}
         self.phase = "new"
 
     def __call__(self, x: Expr) -> sympy.Expr:
         key: _Key
         if isinstance(x, Read) and x.tensor in self.states:
-            key = (x.tensor, x.index, self.phase)
+            key = (x.tensor, x.index, "old" if x.prev else self.phase)
         elif isinstance(x, (Read, Param, Coord, Size)):
             key = x
         else:
             raise TypeError(x)
         if key not in self.symbols:
             self.symbols[key] = sympy.Symbol(f"x{len(self.symbols)}", real=True)
+        if self.phase == "new" and isinstance(x, Read) and x.tensor in self.scaled and not x.prev:
+            return self.symbols[key] * to_sympy(self.scaled[x.tensor], self)
         return self.symbols[key]
 
 
-def correction(body: Expr, states: set[str], reduced: set[str]) -> Expr | None:
+def correction(body: Expr, states: set[str], reduced: set[str], scaled: dict[str, Expr] | None = None) -> Expr | None:
     """The factor r with ``body(new states) = r · body(old states)`` at every point, or None.
 
     ``r`` must not depend on the reduced ranks: then a running sum of ``body`` over
     earlier chunks is brought up to date by multiplying it by ``r``. ``r`` is given
     as an expression over ``Read(state, prev=True)`` (old) and ``Read(state)`` (new).
-    Returns ``Const(1)`` when ``body`` reads none of the states.
+    Returns ``Const(1)`` when ``body`` reads none of the states. ``scaled``: tensors the body reads that the
+    shift rescales by a known factor (sums over n computed from the states, in a pass before this one).
     """
-    leaves = _Leaves(states)
+    leaves = _Leaves(states, scaled)
     new = to_sympy(body, leaves)
     leaves.phase = "old"
     old = to_sympy(body, leaves)

@@ -1,6 +1,6 @@
 """Cascades of several passes over the keys: each pass a loop of the kernel (its own key-tile ranges from the mask
-plan), checked against the float64 reference; the limits of the first version (no split-KV, no backward) refused
-with typed errors."""
+plan), checked against the float64 reference, forward and gradients; split-KV decoding refused with a typed
+error."""
 
 from unittest import mock
 
@@ -15,7 +15,7 @@ from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
 from einflash.errors import LoweringError
 from einflash.ir.reference import bind_extents, bind_params
-from einflash.testing import check
+from einflash.testing import check, check_gradients
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -118,10 +118,23 @@ def test_a_jagged_batch_through_two_passes():
     assert float((out - want).abs().max()) < 1e-5 and bool((out[:, :, 12:] == 0).all())
 
 
-def test_training_a_multi_pass_forward_is_refused_with_a_typed_error():
-    q, k, v = _qkv(1, 2, 2, 8, 8, 16)
-    with pytest.raises(LoweringError, match="backward of a multi-pass forward"):
-        causal_threshold(q.requires_grad_(), k, v)
+@pytest.mark.parametrize(
+    "op, passes", [(causal_threshold, 1), (document_renorm, 1), (twice_thresholded, 2)], ids=lambda x: str(x)
+)
+def test_multi_pass_gradients_make_a_pass_over_the_keys_per_key_term(op, passes):
+    # the adjoint of a pass's row sum (Σ_n over the pairs of a later pass) is needed before any pair's
+    # gradient: each such key term is one more pass of a keys kernel before the dK/dV and dQ kernels
+    assert len(op.backward.cut(None).parts.keys) == passes == len(op.explain().backward["key_terms"])
+    q, k, v = _qkv(1, 2, 1, 19, 23, 16, seed=1)
+    given = dict(q=q, k=k, v=v)
+    if op is document_renorm:
+        given["doc"] = torch.tensor([[0] * 9 + [1] * 14])
+    leaves = {name: (x.clone().requires_grad_() if x.is_floating_point() else x) for name, x in given.items()}
+    out = op(**leaves)
+    d_o = torch.randn_like(out)
+    out.backward(d_o)
+    verdicts = check_gradients(op, {name: leaves[name].grad for name in "qkv"}, d_o, **given)
+    assert set(verdicts) == set("qkv") and all(x.ok for x in verdicts.values()), verdicts
 
 
 def test_a_pass_without_a_running_form_is_refused_naming_its_line():

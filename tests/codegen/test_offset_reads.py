@@ -1,14 +1,14 @@
 """Inputs read at computed positions: a relative-position table at ``n − m + M − 1``, a row of a table at a
 constant, a key-indexed array at the query's position in chunked prefill, and gathers: T5's table at the bucket of
 each offset, a segment-pair table at the segments of m and n. Each kernel (prefill, decode with GQA
-packing, split-KV) against the float64 reference under the tolerance rule; the backward with the table frozen;
-what is refused, and how."""
+packing, split-KV) against the float64 reference under the tolerance rule; the backward with the table frozen,
+and with tables read along the diagonals learning; what is refused, and how."""
 
 import pytest
 import torch
 
 import einflash as ef
-from einflash.compiler.schedule import Schedule
+from einflash.compiler.schedule import BackwardSchedule, Schedule
 from einflash.errors import DifferentiationError, DTypeError, LoweringError, ShapeError
 from einflash.testing import check, check_gradients
 
@@ -118,12 +118,30 @@ def test_the_backward_with_the_table_frozen_matches_autograd(op):
     assert set(verdicts) == {"q", "k", "v"} and all(v.ok for v in verdicts.values())
 
 
-def test_a_table_that_requires_grad_is_refused_until_its_scatter_exists():
-    inputs = _inputs(relative, 1, 2, 2, 8, 16, 16)
-    inputs["rel"].requires_grad_()
-    with pytest.raises(DifferentiationError, match=r"rel requires grad, but .*:\d+ reads rel at .*a frozen table"):
-        relative(**inputs)
-    assert "frozen input" in str(relative.explain())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("op, table", [(relative, "rel"), (bucketed, "table")], ids=["offsets", "gathered"])
+@pytest.mark.parametrize(
+    "schedule", [BackwardSchedule(32, 16, 4, 1), BackwardSchedule(16, 32, 4, 1, atomic_dq=True)], ids=["bm32", "atomic"]
+)
+def test_a_table_read_along_the_diagonals_learns(op, table, dtype, schedule):
+    # each key tile's program sums its pairs' gradients along their diagonals (pairs with one n − m read one
+    # entry), adding its query tiles' sums into its own row; the rows are added up after the kernel, and a
+    # gathered table's entries collected through the integer input
+    inputs = _inputs(op, 1, 4, 2, 37, 45, 16, dtype=dtype)
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", table)}
+    grad_output = torch.randn(1, 4, 37, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    op(**(inputs | leaves), backward_schedule=schedule).backward(grad_output)
+    verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
+    assert set(verdicts) == set(leaves) and all(v.ok for v in verdicts.values()), verdicts
+    assert "frozen input" not in str(op.explain())
+
+
+def test_a_table_read_at_two_computed_positions_is_frozen_and_a_call_that_trains_it_refused():
+    inputs = _inputs(table_row, 1, 2, 2, 8, 16, 16)
+    inputs["tab"].requires_grad_()
+    with pytest.raises(DifferentiationError, match=r"tab requires grad, but .*:\d+ reads tab at .*a frozen table"):
+        table_row(**inputs)
+    assert "frozen input" in str(table_row.explain())
 
 
 def test_an_index_modulo_a_period_matches_the_reference():

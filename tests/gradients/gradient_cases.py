@@ -1,4 +1,4 @@
-"""The catalogue's one-pass variants as gradient test cases: their inputs, parameters and incoming gradients.
+"""The catalogue's variants that train as gradient test cases: their inputs, parameters and incoming gradients.
 
 No ``from __future__ import annotations`` here: declarations read their annotations (ef.Scalar) as values.
 """
@@ -12,8 +12,9 @@ from catalogue import load_example
 import einflash as ef
 from einflash.ir.cascade import Layout
 
-# The one-pass catalogue variants (the examples whose forward lowers; test_the_list_is_the_lowerable_catalogue).
-ONE_PASS = (
+# The catalogue variants whose forward and backward lower (every example whose forward lowers:
+# test_the_list_is_the_lowerable_catalogue); the last two make two passes over the keys.
+LOWERED = (
     "softmax",
     "causal",
     "sliding_window",
@@ -36,12 +37,9 @@ ONE_PASS = (
     "logsumexp_reducer",
     "t5_bias",
     "sink_logit",
+    "post_norm_threshold",
+    "renorm_threshold",
 )
-# Examples whose forward lowers but whose backward does not yet, with what its refusal must say.
-NO_BACKWARD = {
-    "post_norm_threshold": "backward of a multi-pass forward is not lowered",
-    "renorm_threshold": "backward of a multi-pass forward is not lowered",
-}
 # Parameters that make the masks and the cap bite at small sizes.
 TUNED = {
     "sliding_window": {"window": 7},

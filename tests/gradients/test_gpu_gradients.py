@@ -26,7 +26,9 @@ def _run(name, dtype, **call):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "alibi", "softcap", "differential", "sigmoid"])
+@pytest.mark.parametrize(
+    "name", ["causal", "sliding_window", "alibi", "softcap", "differential", "sigmoid", "renorm_threshold"]
+)
 def test_gradients_within_the_rule(name, dtype):
     given, d_o, grads = _run(name, dtype)
     verdicts = check_gradients(op(name), grads, d_o, **given, **TUNED.get(name, {}))

@@ -42,9 +42,9 @@ import torch
 from ...errors import DifferentiationError
 from ...ir.algebra import ratio
 from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Reduction, Role, TensorDecl, plain_read, reduces
-from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, index_ranks
+from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, gathered, index_ranks
 from ...ir.operators import REDUCERS
-from ...ir.ranks import PARALLEL, STREAM, coord, rank_order
+from ...ir.ranks import PARALLEL, STREAM, coord, extent_symbol, rank_order
 from ...ir.reference import Value, evaluate
 from ...ir.validate import validate
 from ..rewrite.names import fresh_name
@@ -72,6 +72,26 @@ class SavedState:
 
 
 @dataclass(frozen=True)
+class Diagonal:
+    """How a partial over query-key pairs belongs to an input read along the pairs' diagonals: pair (m, n)
+    adds into entry ``sign·(n − m) + offset`` of rank ``rank`` (``offset`` in the extents M and N), of the
+    input itself, or (``through``, an integer input over ``rank``) of the input's rank ``own`` at the
+    entry that ``through`` holds there: a relative-position table ``rel[h, n − m + M − 1]``, T5's
+    ``table[h, bucket[n − m + M − 1]]``."""
+
+    rank: str
+    sign: int
+    offset: sympy.Expr
+    own: str
+    through: str | None = None
+
+    def entries(self, m: int, n: int) -> torch.Tensor:
+        """The entry of ``rank`` each pair of an M×N grid adds into."""
+        at = int(self.offset.subs({extent_symbol("M"): m, extent_symbol("N"): n}))
+        return self.sign * (torch.arange(n)[None, :] - torch.arange(m)[:, None]) + at
+
+
+@dataclass(frozen=True)
 class Partial:
     """A part of the gradient of ``input``: tensor ``name`` of the gradient cascade, over ``ranks``.
 
@@ -85,6 +105,7 @@ class Partial:
     ranks: tuple[str, ...]
     relabel: tuple[tuple[str, str], ...]
     kernel: str
+    diagonal: Diagonal | None = None  # a partial over pairs (m, n) summed along their diagonals into the input
 
 
 @dataclass(frozen=True)
@@ -103,8 +124,8 @@ class Gradient:
     saved: tuple[SavedState, ...]
     partials: tuple[Partial, ...]
     invariant: tuple[Invariance, ...]
-    # inputs with no gradient, each with why: read at computed positions (a relative-position table), whose
-    # gradient is a scatter into its entries; a call where one requires grad is refused
+    # inputs with no gradient, each with why: read at computed positions other than the diagonals (a segment-pair
+    # table), whose gradient is a scatter into its entries; a call where one requires grad is refused
     frozen: tuple[tuple[str, str], ...] = ()
 
     def inputs_with_gradient(self) -> tuple[str, ...]:
@@ -206,6 +227,31 @@ def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
     return tuple((a, b) for a, b in pairs if a != b)
 
 
+def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
+    """How ``leaf``, an input read at one computed position ``±(n − m) + offset`` (directly, or through an
+    integer input over one rank) and at its own coordinates elsewhere, gets its gradient; None for any other
+    read at computed positions."""
+    decl = c.tensor(leaf.tensor)
+    computed = [(i, own) for i, own in zip(leaf.index, decl.ranks) if sympy.sympify(i) != coord(own)]
+    if len(computed) != 1 or STREAM in decl.ranks or "m" in decl.ranks:
+        return None
+    at, own = sympy.sympify(computed[0][0]), computed[0][1]
+    rank, through = own, None
+    inner = list(gathered((at,)))
+    if inner:
+        table = inner[0].tensor
+        if len(inner) != 1 or at != sympy.Function(table)(*inner[0].index) or len(c.tensor(table).ranks) != 1:
+            return None
+        at, rank, through = sympy.sympify(inner[0].index[0]), c.tensor(table).ranks[0], table
+    m, n = coord("m"), coord("n")
+    at = sympy.expand(at)
+    sign, offset = at.coeff(n), sympy.expand(at - at.coeff(n) * n - at.coeff(m) * m)
+    extents = {extent_symbol("M"), extent_symbol("N")}
+    if sign not in (1, -1) or at.coeff(m) != -sign or not offset.free_symbols <= extents:
+        return None
+    return Diagonal(rank, int(sign), offset, own, through)
+
+
 def _kernel(iterates_n: bool, ranks) -> str:
     if not iterates_n:
         return "rows"
@@ -261,17 +307,19 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             decl = c.tensor(leaf.tensor)
             if decl.role is not Role.INPUT and leaf.tensor in zero:
                 continue
-            if decl.role is Role.INPUT and leaf.tensor in c.computed_reads:
+            diagonal = _diagonal(c, leaf) if decl.role is Role.INPUT else None
+            if decl.role is Role.INPUT and leaf.tensor in c.computed_reads and diagonal is None:
                 frozen.setdefault(
                     leaf.tensor,
                     f"{c.where(e)} reads {leaf.tensor} at {', '.join(map(str, leaf.index))}; the gradient of a read at "
-                    f"computed positions (a scatter into its entries) is not implemented: pass {leaf.tensor} "
-                    f"without requires_grad (a frozen table), or detach it",
+                    f"computed positions (a scatter into its entries) is implemented only along the diagonals, one "
+                    f"position ±(n − m) + offset (or an integer input over one rank read there) and the others "
+                    f"plain coordinates: pass {leaf.tensor} without requires_grad (a frozen table), or detach it",
                 )
                 continue
             term = simplified_mul(g, d)
             if decl.role is Role.INPUT:
-                relabel = _relabel(c, leaf)
+                relabel = () if diagonal is not None else _relabel(c, leaf)
                 keep: Set[str] = index_ranks(leaf.index) | (set(PARALLEL) & its)
             else:
                 if tuple(leaf.index) != tuple(coord(r) for r in decl.ranks):
@@ -296,17 +344,17 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             if reduced or e.where is not None:
                 term = b.einsum(f"d_{leaf.tensor}__{e.out}", tuple(keep), term, reduced, e.where, e.line)
             if decl.role is Role.INPUT:
-                key = (leaf.tensor, relabel, _kernel(STREAM in its, keep), rank_order(keep))
+                key = (leaf.tensor, relabel, _kernel(STREAM in its, keep), rank_order(keep), diagonal)
                 grads.setdefault(key, []).append(term)
             else:
                 adjoints.setdefault(leaf.tensor, []).append(term)
     partials = []
     grads = {key: terms for key, terms in grads.items() if key[0] not in frozen}  # no part of a frozen one
-    for (name, relabel, kernel, ranks), terms in grads.items():
+    for (name, relabel, kernel, ranks, diagonal), terms in grads.items():
         same = [k for k in grads if k[0] == name]
         base = f"d_{name}" if len(same) == 1 else f"d_{name}__{kernel}" + "".join(f"_{a}" for a, _ in relabel)
         read = b.total(base, ranks, terms)
-        partials.append(Partial(read.tensor, name, ranks, relabel, kernel))
+        partials.append(Partial(read.tensor, name, ranks, relabel, kernel, diagonal))
     gradient = _assemble(c, b, {e.out: e for e in late}, d_out, tuple(partials), proofs)
     return replace(gradient, frozen=tuple(frozen.items()))
 
@@ -318,6 +366,27 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
     if (isinstance(total, Read) and not made) or free_ranks(total) != frozenset(decl.ranks):
         return total
     return b.total(f"d_{decl.name}", decl.ranks, terms, line)
+
+
+def _diagonal_sums(
+    d: Diagonal, value: torch.Tensor, dims: list[str], inputs: dict[str, torch.Tensor], entries: int
+) -> tuple[torch.Tensor, list[str]]:
+    """A diagonal partial as the input's own rank ``d.own`` (``entries`` long): summed along the diagonals of
+    its pairs where it is still over (m, n) (the reference executor's), then through ``d.through``."""
+    if "m" in dims and "n" in dims:
+        value = value.movedim((dims.index("m"), dims.index("n")), (-2, -1))
+        dims = [x for x in dims if x not in ("m", "n")] + [d.rank]
+        at = d.entries(value.shape[-2], value.shape[-1]).to(value.device)
+        size = inputs[d.through].shape[0] if d.through is not None else entries
+        inside = (at >= 0) & (at < size)
+        flat = torch.where(inside, value, 0).flatten(-2)
+        value = flat.new_zeros(*flat.shape[:-1], size).index_add_(-1, at.clamp(0, size - 1).flatten(), flat)
+    if d.through is not None:  # entry e of rank d.rank adds into entry through[e] of the input's rank
+        at = inputs[d.through].long()
+        onehot = (at[:, None] == torch.arange(entries, device=at.device)[None, :]).to(value.dtype)
+        value = value.movedim(dims.index(d.rank), -1) @ onehot  # a product, not index_add_: deterministic on GPUs
+        dims = [x for x in dims if x != d.rank] + [d.own]
+    return value, dims
 
 
 def _assemble(
@@ -469,6 +538,8 @@ def finish(
         value, dims = partials[p.name], list(labels[p.name])
         if "p" in dims:
             value, dims = value.sum(dims.index("p")), [d for d in dims if d != "p"]
+        if p.diagonal is not None:
+            value, dims = _diagonal_sums(p.diagonal, value, dims, inputs, x.shape[decl.ranks.index(p.diagonal.own)])
         names = dict(p.relabel)
         dims = [names.get(d, d) for d in dims]
         if "h" in dims and decl.layout is Layout.KEY:  # query heads → their kv head

@@ -87,16 +87,19 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     factors: dict[str, Expr] = {}
     bodies: dict[str, Expr] = {}
     row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
-    shifts = {e.out for e in shifted}
     for e in late:
         # the row values computed from the shifted reductions are written out in them, in the sums as in the
-        # output below, so that a shift moves them as it does (max(top, sink) moves with top only above the sink)
-        body = inline_body(c, e, late_names, pair_maps | (row_maps & (derived - shifts)))
+        # output below, so that a shift moves them as it does (max(top, sink) moves with top only above the sink);
+        # so are those computed from sums of an earlier pass, which the shift rescales by their factors
+        body = inline_body(c, e, late_names, pair_maps | row_maps)
         used = {r.tensor for r in reads(body) if r.tensor in derived}
+        rescaled = {r.tensor: factors[r.tensor] for r in reads(body) if r.tensor in factors}
         hidden = [
             r.tensor
             for r in reads(body)
-            if r.tensor not in derived and c.tensor(r.tensor).role is not Role.INPUT and c.depends_on(r.tensor, derived)
+            if r.tensor not in derived | set(factors)
+            and c.tensor(r.tensor).role is not Role.INPUT
+            and c.depends_on(r.tensor, derived)
         ]
         if hidden:
             fail(f"{e.out} reads {hidden[0]}, which depends on them through a reduction")
@@ -104,7 +107,7 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
             if used - {e.out}:
                 fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
             continue
-        r = correction(body, used, {STREAM}) if used else ONE
+        r = correction(body, used, {STREAM}, rescaled) if used or rescaled else ONE
         if r is None:
             fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
         factors[e.out], bodies[e.out] = r, body

@@ -1,10 +1,12 @@
 """The gradient cascade cut into the backward kernels' cascades, each with its loop.
 
 The rows kernel computes the row terms (reductions over f that the pair kernels read, and gradients of
-inputs read only per row); the dK/dV kernel streams queries past a key tile, the dQ kernel keys past a
-query tile. Each part is a cascade of its own (row terms read as inputs), with every reduction over
-several ranks split into one-rank steps (:func:`one_rank_reductions`) and the reductions over the
-streamed rank made running sums (:func:`loop_over`).
+inputs read only per row); the keys kernels, where the forward made several passes over the keys, the key
+terms (sums over n of a row that the pair kernels read: the adjoint of a first pass's row sum, read in the
+second pass's weights), each in a pass over the keys of each query tile; the dK/dV kernel streams queries
+past a key tile, the dQ kernel keys past a query tile. Each part is a cascade of its own (row and key terms
+read as inputs), with every reduction over several ranks split into one-rank steps
+(:func:`one_rank_reductions`) and the reductions over the streamed rank made running sums (:func:`loop_over`).
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ from .gradient import Gradient, prune
 
 @dataclass(frozen=True)
 class Parts:
-    """The gradient cascade cut into the kernels' cascades; ``row_terms`` are computed by ``rows`` and read
-    by the others; ``kv_atomic`` is the dK/dV kernel of the atomic schedule (query-side partials too)."""
+    """The gradient cascade cut into the kernels' cascades; ``row_terms`` are computed by ``rows``, then
+    ``key_terms`` by the ``keys`` kernels, one after the other, each reading what those before it computed;
+    the dK/dV and dQ kernels read them all. ``kv_atomic`` is the dK/dV kernel of the atomic schedule
+    (query-side partials too)."""
 
     rows: Cascade | None
     kv: Cascade | None
     q: Cascade | None
     kv_atomic: Cascade | None
     row_terms: tuple[str, ...]
+    keys: tuple[Cascade, ...] = ()  # one keys kernel per pass over the keys, in order
+    key_terms: tuple[tuple[str, ...], ...] = ()  # computed by each (with the row terms computed from them)
 
 
 def _given(c: Cascade, names: set[str]) -> Cascade:
@@ -88,18 +94,44 @@ def parts_of(g: Gradient) -> Parts:
     by = {k: [p.name for p in g.partials if p.kernel == k] for k in ("rows", "q", "kv")}
     pair_reads = {r.tensor for e in c.einsums if STREAM in e.iteration_ranks for r in e.reads()}
     # row maps are recomputed where they are read; row reductions the pair kernels need are precomputed
-    todo, seen = list(pair_reads), set()
+    # sums over n of a row that they read are key terms: a pass over the keys before theirs
+    todo, seen, keyed = list(pair_reads), set(), set()
     while todo:
         t = todo.pop()
         e = c.producer(t)
-        if t in seen or e is None or STREAM in e.iteration_ranks:
+        if t in seen or e is None:
+            continue
+        if STREAM in e.iteration_ranks:
+            if e.reduce is not None and STREAM in e.reduce.ranks and STREAM not in e.ranks:
+                keyed.add(t)
             continue
         seen.add(t)
         if e.reduce is None:
             todo += [r.tensor for r in e.reads()]
-    row_terms = tuple(e.out for e in c.einsums if e.out in seen and (e.reduce is not None or precomputed_row_map(e)))
+    terms = [e.out for e in c.einsums if e.out in seen and (e.reduce is not None or precomputed_row_map(e))]
+    # a key term's pass: one after the last pass of the terms it is computed from; a row term computed from key
+    # terms is made in the last of their passes, after its loop
+    level: dict[str, int] = {}
+    for e in c.einsums:
+        if e.out in keyed or e.out in terms:
+            before = [level[k] + (e.out in keyed) for k in level if c.depends_on(e.out, {k})]
+            if e.out in keyed or before:
+                level[e.out] = max(before, default=0)
+    for name in by["rows"]:
+        if c.depends_on(name, keyed):
+            raise LoweringError(
+                f"{c.name}: {name}, a gradient read per row, needs a pass over the keys first (its adjoint reads "
+                f"{', '.join(sorted(k for k in keyed if c.depends_on(name, {k})))}); not lowered yet"
+            )
+    row_terms = tuple(t for t in terms if t not in level)
+    key_terms = tuple(tuple(t for t in level if level[t] == i) for i in range(1 + max(level.values(), default=-1)))
     rows = _part(c, "rows", list(row_terms) + by["rows"], set())
     given = set(row_terms)
+    keys: list[Cascade] = []
+    for mine in key_terms:  # each level has a term (a key term, or a row term made after one)
+        part = prune(replace(_given(c, given), name=f"{c.name}_keys{len(keys) + 1}", outputs=mine))
+        keys.append(one_rank_reductions(fold_scalar_chains(inline_row_products(part)), ("n", "m")))
+        given |= set(mine)
     kv, q = _part(c, "kv", by["kv"], given), _part(c, "q", by["q"], given)
     both = _part(c, "kv", by["kv"] + by["q"], given) if by["q"] else kv
 
@@ -114,6 +146,8 @@ def parts_of(g: Gradient) -> Parts:
         streamed(q, ("n", "m")),
         streamed(both, ("m", "n"), hoist=False),
         row_terms,
+        tuple(keys),
+        key_terms,
     )
 
 
@@ -191,6 +225,11 @@ def cut(g: Gradient) -> Cut:
     parts = parts_of(g)
     loops = {
         k: (v and loop_over(v, r))
-        for k, v, r in (("kv", parts.kv, "m"), ("q", parts.q, STREAM), ("kv_atomic", parts.kv_atomic, "m"))
+        for k, v, r in (
+            *((f"keys{i + 1}", part, STREAM) for i, part in enumerate(parts.keys)),
+            ("kv", parts.kv, "m"),
+            ("q", parts.q, STREAM),
+            ("kv_atomic", parts.kv_atomic, "m"),
+        )
     }
     return Cut(g, parts, loops)

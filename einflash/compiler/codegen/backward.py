@@ -32,6 +32,7 @@ from ...ir.expr import Read, rank_free
 from ...ir.ranks import PARALLEL
 from ...templates import render
 from ..analysis.mask_tiles import conjuncts
+from ..autodiff.gradient import Diagonal
 from ..autodiff.parts import Looped
 from .forward import exact_dots, helpers
 from .signature import KernelCall, Signature, param_name, pointer_params
@@ -49,13 +50,16 @@ KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots tak
 @dataclass(frozen=True)
 class Output:
     """Where a kernel stores a tensor: ``ranks`` after the batch and head dims (head ``head``), and per
-    program (``program`` names its index) or per tile pair (``in_loop``), or atomically added."""
+    program (``program`` names its index) or per tile pair (``in_loop``), or atomically added. A
+    ``diagonal`` output is a tile's sums along its diagonals, added into the program's row (its one rank
+    ``len_{name}`` long) at the entries its pairs read."""
 
     name: str
     ranks: tuple[str, ...]
     head: str = "off_h"
     program: str | None = None
     atomic: bool = False
+    diagonal: Diagonal | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,29 @@ def store(g: TileCode, out: Output, tile: Tile) -> None:
         g.emit(f"tl.store({' + '.join(terms)}, {code}.to({out.name}_ptr.dtype.element_ty){mask})")
 
 
+def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
+    """Add the sums along the diagonals of a ``[BLOCK_N, BLOCK_M]`` pair tile into the program's row of ``out``:
+    pairs with one j − i (sum ``k = j − i + BLOCK_M − 1``) read one entry of the table, ``sign·(n − m) +
+    offset``. Gathered into a ``[BLOCK_N, DIAG]`` tile (DIAG ≥ BLOCK_M + BLOCK_N − 1) and summed over the keys;
+    the program adds its rows in the order of its query tiles (a barrier between tiles: deterministic)."""
+    d = out.diagonal
+    assert d is not None, out.name  # only diagonal outputs come here
+    t = g.filled(tile, 0.0)
+    code = bcast(g.f32(t), t.ranks, KEYS_FIRST[2:])
+    if t.ranks != KEYS_FIRST[2:]:
+        code = f"tl.broadcast_to({code}, (BLOCK_N, BLOCK_M))"
+    x = f"dg_{out.name}"
+    g.emit(f"{x}_i = tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, DIAG)[None, :] + (BLOCK_M - 1)")
+    g.emit(f"{x}_ok = ({x}_i >= 0) & ({x}_i < BLOCK_M)")
+    g.emit(f"{x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_i, 0), 1), 0.0), 0)")
+    g.emit(f"{x}_at = {d.sign} * (pid_n * BLOCK_N - start_m - (BLOCK_M - 1) + tl.arange(0, DIAG)) + ({d.offset})")
+    g.emit(f"{x}_in = (tl.arange(0, DIAG) < BLOCK_M + BLOCK_N - 1) & ({x}_at >= 0) & ({x}_at < len_{out.name})")
+    ptr = f"{out.name}_ptr + mem_b * stride_{out.name}_0 + {out.head} * stride_{out.name}_1"
+    ptr += f" + pid_n * stride_{out.name}_2 + {x}_at * stride_{out.name}_3"
+    g.emit("tl.debug_barrier()")
+    g.emit(f"tl.atomic_add({ptr}, {x}, mask={x}_in, sem='relaxed')")
+
+
 def _with_key_edge(t: Tile, loaded: bool) -> Tile:
     """A tile over n loaded before the loops, as masked code sees it: keys past N absent (loaded as 0)."""
     if "n" not in t.ranks:
@@ -148,6 +175,7 @@ def tensor_params(c: Cascade, tensors, outputs: tuple[Output, ...]) -> list[str]
     args = [a for name in tensors for a in pointer_params(name, len(c.tensor(name).ranks))]
     for o in outputs:
         args += pointer_params(o.name, 2 + (o.program is not None) + len(o.ranks))
+        args += [f"len_{o.name}"] if o.diagonal is not None else []
     return args
 
 
@@ -245,7 +273,8 @@ def lower_kv(
         n: replace(o, head="off_hk" if n in level else o.head, ranks=tile_axes(o.ranks, KEYS_FIRST))
         for n, o in outputs.items()
     }
-    per_tile = {n for n, o in outputs.items() if "m" in o.ranks}  # per pair, or added atomically
+    # per pair, added atomically, or summed along diagonals
+    per_tile = {n for n, o in outputs.items() if "m" in o.ranks or o.diagonal is not None}
     plan = query_plan(c, s.loop, frozenset(per_tile))
 
     # key-side loads: before the group loop if they do not depend on the query head, else per head
@@ -277,7 +306,7 @@ def lower_kv(
         for e in s.loop:
             t = tile_loop.einsum(e)
             if e.out in per_tile:
-                store(tile_loop, outputs[e.out], t)
+                (store if outputs[e.out].diagonal is None else store_diagonal)(tile_loop, outputs[e.out], t)
         loops.append(kr.slots(tile_loop.lines))
     head_epi = kernel.section(env=head_pro.env, loads=head_pro.loads, masked=False)
     epi = kernel.section(env=pro.env, loads=pro.loads, masked=False)
@@ -300,7 +329,7 @@ def lower_kv(
         notation=notation(c),
         kernel=name,
         args=",\n    ".join(args),
-        constexprs=[f"D_{r}" for r in names],
+        constexprs=[f"D_{r}" for r in names] + (["DIAG"] if any(o.diagonal for o in outs) else []),
         dim_offsets=[(r, f"D_{r}") for r in names],
         prologue="\n".join(pro.lines),
         tile_setup=plan.setup,
@@ -329,8 +358,10 @@ def lower_q(
     ints: frozenset,
     states_full: frozenset,
     full_mask: frozenset | None,
+    kind: str = "q",
 ) -> BackwardKernel:
-    """The dQ kernel of a cascade streamed over n, through the forward's one-pass template."""
+    """The dQ kernel of a cascade streamed over n, through the forward's one-pass template (or, ``kind``
+    "keys", the keys kernel, which computes the key terms the same way)."""
     c = s.cascade
     kernel = _settings(c, dims, dtype, ints)
     keys = key_plan(c, s.loop)
@@ -380,7 +411,7 @@ def lower_q(
         args += ["tiles_ptr"] + [f"stride_tiles_{d}" for d in range(3)]
         args += ["counts_ptr"] + [f"stride_counts_{d}" for d in range(3)]
     args += [param_name(p.name) for p in c.params]
-    name = kernel_name(c, dims, dtype, kind="bwd_q")
+    name = kernel_name(c, dims, dtype, kind=f"bwd_{kind}")
     names = dim_names(dims)
     text, body = _module_and_body(
         "attention_fwd.py.jinja",

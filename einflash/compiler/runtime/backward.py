@@ -79,13 +79,6 @@ class Backward:
         if self.forward.error is not None:
             self.error = self.forward.error
             return
-        if self.forward.passes > 1:
-            self.error = LoweringError(
-                f"{self.forward.rewritten.name}: its forward makes {self.forward.passes} passes over the keys; the "
-                f"backward of a multi-pass forward is not lowered yet (run without gradients, or train it with "
-                f"backend='reference')"
-            )
-            return
         try:
             self.gradient = gradient_of(self.forward)
             self.parts = self.cut(None).parts
@@ -154,15 +147,20 @@ class Backward:
                 out[p.name] = Output(p.name, ranks, program=None if "m" in ranks else "pid_m")
             elif kernel == "q" and p.kernel == "q":
                 out[p.name] = Output(p.name, ranks)
+            elif kernel == "kv" and p.kernel == "kv" and p.diagonal is not None:  # one row of sums per program
+                out[p.name] = Output(p.name, (p.diagonal.rank,), program="pid_n", diagonal=p.diagonal)
             elif kernel == "kv" and p.kernel == "kv":
                 no_seq = not ({"m", "n"} & set(ranks))
                 out[p.name] = Output(p.name, ranks, program="pid_n" if no_seq else None)
             elif kernel == "kv" and atomic and p.kernel == "q":
                 out[p.name] = Output(p.name, ranks, atomic=True)
-        rows = cut.parts.rows
-        if kernel == "rows" and rows is not None:
-            for t in cut.parts.row_terms:
-                out = {t: Output(t, tuple(r for r in rows.tensor(t).ranks if r not in PARALLEL))} | out
+        made = {f"keys{i + 1}": pt for i, pt in enumerate(zip(cut.parts.keys, cut.parts.key_terms))}
+        if cut.parts.rows is not None:
+            made["rows"] = (cut.parts.rows, cut.parts.row_terms)
+        if kernel in made:
+            part, terms = made[kernel]
+            for t in terms:
+                out = {t: Output(t, tuple(r for r in part.tensor(t).ranks if r not in PARALLEL))} | out
         return out
 
     def kernel(
@@ -174,8 +172,8 @@ class Backward:
         atomic: bool = False,
         needed: frozenset[str] | None = None,
     ) -> BackwardKernel:
-        """The rendered ``kind`` kernel ("rows", "kv", "q", or "one": kv and q in one launch) for these dtype,
-        head dims and integer inputs."""
+        """The rendered ``kind`` kernel ("rows", "keys1", "keys2"..., "kv", "q", or "one": kv and q in one
+        launch) for these dtype, head dims and integer inputs."""
         key = (kind, dtype, tuple(sorted(dims.items())), ints, atomic, needed)
         if key in self._kernels:
             return self._kernels[key]
@@ -202,8 +200,10 @@ class Backward:
                 full,
                 self._full_mask,
             )
-        elif kind == "q":
-            src = lower_q(cut.loops["q"], self._outputs(cut, "q", atomic), dims, name, ints, full, self._full_mask)
+        elif kind == "q" or kind.startswith("keys"):
+            src = lower_q(
+                cut.loops[kind], self._outputs(cut, kind, atomic), dims, name, ints, full, self._full_mask, kind
+            )
         else:
             src = lower_one_launch(
                 self.kernel("kv", dtype, dims, ints, needed=needed),
@@ -269,6 +269,8 @@ class Backward:
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:
             launcher(*call.rows())  # its row terms are inputs of the kernels that follow
+        for i in range(len(call.cut.parts.keys)):
+            launcher(*call.q(schedule, f"keys{i + 1}"))  # and so are their key terms, in order
         atomic = schedule.atomic_dq and call.cut.parts.q is not None
         calls = []
         if call.cut.parts.kv is not None or atomic:
@@ -355,8 +357,13 @@ class _Call:
         """The buffer output ``o`` is written to; a partial's is kept with the names of its dimensions."""
         ext = self.extents
         shape = [ext["b"], self.kv_heads if o.head == "off_hk" else ext["h"]] + ([programs] if o.program else [])
-        shape += [ext[r] for r in o.ranks]
         p = next((p for p in self.cut.gradient.partials if p.name == o.name), None)
+        d = o.diagonal
+        if d is not None and p is not None:  # the entries the diagonals read: of the table, or of the integer
+            table = d.through or p.input  # input gathering it
+            shape.append(self.given[table].shape[self.cut.gradient.forward.tensor(table).ranks.index(d.rank)])
+        else:
+            shape += [ext[r] for r in o.ranks]
         if p is not None and o.program is None and not o.atomic and self.backward.direct(p, o):
             dtype = self.given[p.input].dtype
         else:
@@ -375,6 +382,8 @@ class _Call:
             args |= pointer(name, self.given[name])
         for o in k.outputs:
             args |= pointer(o.name, outs[o.name])
+            if o.diagonal is not None:
+                args[f"len_{o.name}"] = outs[o.name].shape[-1]
         ext = self.extents
         return (
             args
@@ -401,9 +410,8 @@ class _Call:
         """The dK/dV kernel's launch: one program per key tile and kv head."""
         k = self.kernel("kv", atomic)
         programs = -(-self.extents["n"] // schedule.block_n)
-        outs = {
-            o.name: self.workspace(o, programs, zero=("m" in o.ranks and "n" in o.ranks) or o.atomic) for o in k.outputs
-        }
+        zeroed = {o.name for o in k.outputs if ("m" in o.ranks and "n" in o.ranks) or o.atomic or o.diagonal}
+        outs = {o.name: self.workspace(o, programs, zero=o.name in zeroed) for o in k.outputs}
         own = dict(
             visits_ptr=visits,
             BLOCK_M=schedule.block_m,
@@ -411,6 +419,8 @@ class _Call:
             NUM_STAGES=schedule.num_stages,
             COUNT_VISITS=visits is not None,
         )
+        if any(o.diagonal for o in k.outputs):  # a tile's diagonals: BLOCK_M + BLOCK_N − 1, a power of 2 above
+            own["DIAG"] = 2 * max(schedule.block_m, schedule.block_n)
         return k, k.call(
             (programs, self.extents["b"] * self.kv_heads),
             self.tensors(k, outs) | own,
@@ -419,10 +429,13 @@ class _Call:
             schedule.max_registers,
         )
 
-    def q(self, schedule: BackwardSchedule) -> tuple[BackwardKernel, KernelCall]:
-        """The dQ kernel's launch (the forward's template): one program per query tile and query head."""
-        k = self.kernel("q")
+    def q(self, schedule: BackwardSchedule, kind: str = "q") -> tuple[BackwardKernel, KernelCall]:
+        """The dQ kernel's launch (the forward's template): one program per query tile and query head; or, as
+        ``kind`` "keys1", "keys2"..., a keys kernel's, whose key terms become inputs of the kernels that follow."""
+        k = self.kernel(kind)
         outs = {o.name: self.workspace(o, 1, False) for o in k.outputs}
+        for t in self.cut.parts.key_terms[int(kind[4:]) - 1] if kind.startswith("keys") else ():
+            self.given[t] = outs[t]
         bm, bn = schedule.block_n, schedule.block_m
         ext = self.extents
         args = self.tensors(k, outs)
