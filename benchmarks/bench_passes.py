@@ -94,7 +94,8 @@ def _checks(rows: list) -> None:
             row = dict(kind="check", variant=name, dtype=str(dtype), shape=[B, Hq, Hkv, M, N, D], ok=verdict.ok)
             row.update(verdict.as_dict())
             if op.backward.error is None:  # every floating-point input's gradient (the sink's included)
-                leaves = trainable(op, {"q": q, "k": k, "v": v, **extra})
+                tensors = {n: x for n, x in {"q": q, "k": k, "v": v, **extra}.items() if isinstance(x, torch.Tensor)}
+                leaves = trainable(op, tensors) | {n: x for n, x in extra.items() if n not in tensors}
                 out = op(**leaves)
                 grad = torch.randn_like(out)
                 out.backward(grad)
@@ -140,16 +141,16 @@ def main() -> None:
         _measure(rows, f"torch eager {name}", lambda f=formula, extra=extra: f(q, k, v, *extra.values()), flops)
         _measure(rows, f"torch.compile {name}", lambda f=compiled, extra=extra: f(q, k, v, *extra.values()), flops)
         if op.backward.error is None:  # forward and backward, every tensor input learning (3.5 times the FLOPs)
-            leaves = [
-                x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x
-                for x in (q, k, v, *extra.values())
-            ]
+            qkv = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            given = {n: (x.detach().clone().requires_grad_() if torch.is_tensor(x) else x) for n, x in extra.items()}
             grad = torch.randn_like(q)
 
-            def step(fn, leaves=leaves, grad=grad):
-                return lambda: fn(*leaves).backward(grad)
+            def step(fn, qkv=qkv, given=given, grad=grad, named=False):
+                if named:  # einflash's parameters by name
+                    return lambda: fn(*qkv, **given).backward(grad)
+                return lambda: fn(*qkv, *given.values()).backward(grad)
 
-            _measure(rows, f"einflash {name}", step(op), 3.5 * flops, "forward+backward")
+            _measure(rows, f"einflash {name}", step(op, named=True), 3.5 * flops, "forward+backward")
             _measure(rows, f"torch eager {name}", step(formula), 3.5 * flops, "forward+backward")
             _measure(rows, f"torch.compile {name}", step(compiled), 3.5 * flops, "forward+backward")
         (out / "passes.json").write_text(json.dumps(rows, indent=1))

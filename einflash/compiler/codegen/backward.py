@@ -142,8 +142,9 @@ def store(g: TileCode, out: Output, tile: Tile) -> None:
 def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     """Add the sums along the diagonals of a ``[BLOCK_N, BLOCK_M]`` pair tile into the program's row of ``out``:
     pairs with one j − i (sum ``k = j − i + BLOCK_M − 1``) read one entry of the table, ``sign·(n − m) +
-    offset``. Gathered into a ``[BLOCK_N, DIAG]`` tile (DIAG ≥ BLOCK_M + BLOCK_N − 1) and summed over the keys;
-    the program adds its rows in the order of its query tiles (a barrier between tiles: deterministic)."""
+    offset``. Gathered into a ``[DIAG, BLOCK_M]`` or ``[BLOCK_N, DIAG]`` tile (DIAG ≥ BLOCK_M + BLOCK_N − 1;
+    along the longer side, so the gathered tile is the smaller) and summed across; the program adds its rows in
+    the order of its query tiles (a barrier between tiles: deterministic)."""
     d = out.diagonal
     assert d is not None, out.name  # only diagonal outputs come here
     t = g.filled(tile, 0.0)
@@ -151,9 +152,14 @@ def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     if t.ranks != KEYS_FIRST[2:]:
         code = f"tl.broadcast_to({code}, (BLOCK_N, BLOCK_M))"
     x = f"dg_{out.name}"
-    g.emit(f"{x}_i = tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, DIAG)[None, :] + (BLOCK_M - 1)")
-    g.emit(f"{x}_ok = ({x}_i >= 0) & ({x}_i < BLOCK_M)")
-    g.emit(f"{x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_i, 0), 1), 0.0), 0)")
+    g.emit("if BLOCK_M <= BLOCK_N:  # gathered along the longer side: a [DIAG, shorter side] tile")
+    g.emit(f"    {x}_j = tl.arange(0, DIAG)[:, None] + tl.arange(0, BLOCK_M)[None, :] - (BLOCK_M - 1)")
+    g.emit(f"    {x}_ok = ({x}_j >= 0) & ({x}_j < BLOCK_N)")
+    g.emit(f"    {x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_j, 0), 0), 0.0), 1)")
+    g.emit("else:")
+    g.emit(f"    {x}_i = tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, DIAG)[None, :] + (BLOCK_M - 1)")
+    g.emit(f"    {x}_ok = ({x}_i >= 0) & ({x}_i < BLOCK_M)")
+    g.emit(f"    {x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_i, 0), 1), 0.0), 0)")
     g.emit(f"{x}_at = {d.sign} * (pid_n * BLOCK_N - start_m - (BLOCK_M - 1) + tl.arange(0, DIAG)) + ({d.offset})")
     g.emit(f"{x}_in = (tl.arange(0, DIAG) < BLOCK_M + BLOCK_N - 1) & ({x}_at >= 0) & ({x}_at < len_{out.name})")
     ptr = f"{out.name}_ptr + mem_b * stride_{out.name}_0 + {out.head} * stride_{out.name}_1"
