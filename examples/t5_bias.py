@@ -8,7 +8,8 @@ wider ones up to 128, and the sign splits the buckets in two (T5's bidirectional
 
 Two gathers, no M×N bias: the kernel reads ``bucket`` at the tile's offsets, then ``table`` at those entries.
 Every entry of ``bucket`` must index ``table`` (checked at the call, once per version of ``bucket``). The table
-is frozen in training: the gradient of a read at gathered positions (a scatter into its entries) is not lowered.
+learns: pairs with one offset n − m read one entry, so the backward sums the pairs' gradients along each
+diagonal, then collects each offset's sum into its bucket's entry.
 """
 
 import math

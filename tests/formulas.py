@@ -266,3 +266,24 @@ def logsumexp_reducer(q, k, v, scale=None):
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.where(torch.isfinite(lse), torch.exp(s - lse), torch.zeros_like(s))
     return p @ _heads(v, q.shape[1])
+
+
+def top_k(q, k, v, scale=None):
+    """Softmax over each row's 8 largest scores (ties at the 8th all kept), from torch.topk's values."""
+    s = _scale(q, scale) * _dot(q, k)
+    kth = s.topk(min(8, s.shape[-1]), dim=-1).values[..., -1:]
+    return _attend(s, v, s >= kth)
+
+
+def stick_breaking(q, k, v, scale=None):
+    """β = σ(s); weight[m, n] = β[m, n]·Π_{n<j<m} (1 − β[m, j]) for n < m, as a cumulative product over the keys
+    between, taken from the query backwards."""
+    beta = torch.sigmoid(_scale(q, scale) * _dot(q, k))
+    M, N = beta.shape[-2:]
+    weight = torch.zeros_like(beta)
+    for m in range(M):
+        left = torch.ones_like(beta[..., m, 0])
+        for n in range(min(m, N) - 1, -1, -1):  # keys nearer to m first
+            weight[..., m, n] = beta[..., m, n] * left
+            left = left * (1 - beta[..., m, n])
+    return weight @ _heads(v, q.shape[1])

@@ -68,6 +68,8 @@ UNLOWERABLE = {
     "linear": "does not depend on the query rank m",
     "agent": "does not depend on the query rank m",
     "multi_token": "outside the current chunk of n",
+    "top_k": "iterates n outside any loop.*kth_largest has none",
+    "stick_breaking": "needs a third tile rank",
 }
 # Parameters that make the masks and the cap bite at these small sizes.
 TUNED = {

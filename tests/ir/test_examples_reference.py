@@ -43,6 +43,8 @@ CATALOGUE = (
     "t5_bias",
     "renorm_threshold",
     "sink_logit",
+    "top_k",
+    "stick_breaking",
 )
 
 # Odd sizes, none a multiple of another; Hq = 2·Hkv unless the example names its HEADS.

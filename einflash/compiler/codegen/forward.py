@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Role, loop_blocks
-from ...ir.ranks import PARALLEL, STREAM
+from ...ir.ranks import PARALLEL, STREAM, extent_symbol
 from ...ir.user_ops import triton_helper, user_operators
 from ...templates import render
 from ..analysis.key_passes import count_passes
@@ -45,6 +47,26 @@ class Sections:
         return self.after[-1]
 
 
+SEQUENCE = frozenset({extent_symbol("M"), extent_symbol("N")})
+
+
+def _no_sequence_rank_held(c: Cascade) -> None:
+    """Refuse a second key-like rank (``j = ef.rank("j", ef.N)``): the template holds a rank besides m and n
+    whole in every program, beside its tile of rows, which for one as long as the sequence is BLOCK_M·N values
+    on chip."""
+    for r in c.ranks:
+        if r.name in PARALLEL or r.name in (STREAM, "m") or r.name in c.table_ranks:
+            continue
+        if sympy.sympify(r.extent) in SEQUENCE:
+            e = next(e for e in c.einsums if r.name in e.iteration_ranks)
+            raise LoweringError(
+                f"{c.where(e)}: iterates {r.name}, as long as the sequence ({r.extent}); a program would hold all of "
+                f"it beside its rows (BLOCK_M·{r.extent} values on chip, past any register file at long lengths), "
+                f"where it needs a third tile rank streamed like n (a reduction over a second key-like rank inside "
+                f"the score, as stick-breaking's tail), not lowered yet"
+            )
+
+
 def sections(c: Cascade) -> Sections:
     """Split a streamed cascade into prologue, loops and what follows each; raise LoweringError if some Einsum
     still iterates n outside a loop (a pass with no running form)."""
@@ -56,6 +78,7 @@ def sections(c: Cascade) -> Sections:
                 f"over m, slot attention) has no kernel yet; normalise over n, or run it with "
                 f"backend='reference'"
             )
+    _no_sequence_rank_held(c)
     blocks = loop_blocks(c.einsums)
     loops = [tuple(b) for k, b in blocks if k]
     first = next((i for i, (k, _) in enumerate(blocks) if k), len(blocks))
