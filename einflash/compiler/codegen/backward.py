@@ -141,10 +141,12 @@ def store(g: TileCode, out: Output, tile: Tile) -> None:
 
 def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     """Add the sums along the diagonals of a ``[BLOCK_N, BLOCK_M]`` pair tile into the program's row of ``out``:
-    pairs with one j − i (sum ``k = j − i + BLOCK_M − 1``) read one entry of the table, ``sign·(n − m) +
-    offset``. Gathered into a ``[DIAG, BLOCK_M]`` or ``[BLOCK_N, DIAG]`` tile (DIAG ≥ BLOCK_M + BLOCK_N − 1;
-    along the longer side, so the gathered tile is the smaller) and summed across; the program adds its rows in
-    the order of its query tiles (a barrier between tiles: deterministic)."""
+    pairs with one j − i read one entry of the table, ``sign·(n − m) + offset``.
+
+    Row j of the tile is rotated left by j (a gather of the tile's own size), so that column c holds the pairs
+    of diagonal ``j − i = BLOCK_M·g − c`` for the few groups g = j // BLOCK_M + (wrapped around): one masked sum
+    over the keys per group gives BLOCK_M diagonals. The program adds its rows in the order of its query tiles,
+    each address once per tile (a barrier between tiles: deterministic)."""
     d = out.diagonal
     assert d is not None, out.name  # only diagonal outputs come here
     t = g.filled(tile, 0.0)
@@ -152,20 +154,18 @@ def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     if t.ranks != KEYS_FIRST[2:]:
         code = f"tl.broadcast_to({code}, (BLOCK_N, BLOCK_M))"
     x = f"dg_{out.name}"
-    g.emit("if BLOCK_M <= BLOCK_N:  # gathered along the longer side: a [DIAG, shorter side] tile")
-    g.emit(f"    {x}_j = tl.arange(0, DIAG)[:, None] + tl.arange(0, BLOCK_M)[None, :] - (BLOCK_M - 1)")
-    g.emit(f"    {x}_ok = ({x}_j >= 0) & ({x}_j < BLOCK_N)")
-    g.emit(f"    {x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_j, 0), 0), 0.0), 1)")
-    g.emit("else:")
-    g.emit(f"    {x}_i = tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, DIAG)[None, :] + (BLOCK_M - 1)")
-    g.emit(f"    {x}_ok = ({x}_i >= 0) & ({x}_i < BLOCK_M)")
-    g.emit(f"    {x} = tl.sum(tl.where({x}_ok, tl.gather({code}, tl.where({x}_ok, {x}_i, 0), 1), 0.0), 0)")
-    g.emit(f"{x}_at = {d.sign} * (pid_n * BLOCK_N - start_m - (BLOCK_M - 1) + tl.arange(0, DIAG)) + ({d.offset})")
-    g.emit(f"{x}_in = (tl.arange(0, DIAG) < BLOCK_M + BLOCK_N - 1) & ({x}_at >= 0) & ({x}_at < len_{out.name})")
     ptr = f"{out.name}_ptr + mem_b * stride_{out.name}_0 + {out.head} * stride_{out.name}_1"
     ptr += f" + pid_n * stride_{out.name}_2 + {x}_at * stride_{out.name}_3"
+    g.emit(f"{x}_j = tl.arange(0, BLOCK_N)[:, None]")
+    g.emit(f"{x}_c = tl.arange(0, BLOCK_M)[None, :]")
+    g.emit(f"{x} = tl.gather({code}, ({x}_c + {x}_j) % BLOCK_M, 1)")
+    g.emit(f"{x}_g = {x}_j // BLOCK_M + (({x}_c + {x}_j % BLOCK_M) >= BLOCK_M).to(tl.int32)")
     g.emit("tl.debug_barrier()")
-    g.emit(f"tl.atomic_add({ptr}, {x}, mask={x}_in, sem='relaxed')")
+    g.emit(f"for {x}_group in tl.static_range(0, (BLOCK_N - 1) // BLOCK_M + 2):")
+    g.emit(f"    {x}_sum = tl.sum(tl.where({x}_g == {x}_group, {x}, 0.0), 0)")
+    diagonal = f"pid_n * BLOCK_N - start_m + {x}_group * BLOCK_M - tl.arange(0, BLOCK_M)"  # n − m of its pairs
+    g.emit(f"    {x}_at = {d.sign} * ({diagonal}) + ({d.offset})")
+    g.emit(f"    tl.atomic_add({ptr}, {x}_sum, mask=({x}_at >= 0) & ({x}_at < len_{out.name}), sem='relaxed')")
 
 
 def _with_key_edge(t: Tile, loaded: bool) -> Tile:
@@ -335,7 +335,7 @@ def lower_kv(
         notation=notation(c),
         kernel=name,
         args=",\n    ".join(args),
-        constexprs=[f"D_{r}" for r in names] + (["DIAG"] if any(o.diagonal for o in outs) else []),
+        constexprs=[f"D_{r}" for r in names],
         dim_offsets=[(r, f"D_{r}") for r in names],
         prologue="\n".join(pro.lines),
         tile_setup=plan.setup,

@@ -419,8 +419,6 @@ class _Call:
             NUM_STAGES=schedule.num_stages,
             COUNT_VISITS=visits is not None,
         )
-        if any(o.diagonal for o in k.outputs):  # a tile's diagonals: BLOCK_M + BLOCK_N − 1, a power of 2 above
-            own["DIAG"] = 2 * max(schedule.block_m, schedule.block_n)
         return k, k.call(
             (programs, self.extents["b"] * self.kv_heads),
             self.tensors(k, outs) | own,
