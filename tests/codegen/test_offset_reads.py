@@ -136,7 +136,23 @@ def test_a_table_read_along_the_diagonals_learns(op, table, dtype, schedule):
     assert "frozen input" not in str(op.explain())
 
 
-def test_a_table_read_at_two_computed_positions_is_frozen_and_a_call_that_trains_it_refused():
+def test_a_table_read_at_a_constant_row_and_along_the_diagonals_learns_in_that_row():
+    @ef.attention
+    def second_row(q, k, v, tab: ef.Tensor["h x r"]):
+        return ef.softmax(q @ k * ef.scale + tab[1, ef.n - ef.m + ef.M - 1], "n") @ v
+
+    inputs = _inputs(relative, 1, 2, 2, 13, 21, 16)
+    inputs["tab"] = torch.randn(2, 3, 13 + 21 - 1, generator=torch.Generator().manual_seed(2))
+    del inputs["rel"]
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", "tab")}
+    grad_output = torch.randn(1, 2, 13, 16, generator=torch.Generator().manual_seed(1))
+    second_row(**leaves).backward(grad_output)
+    verdicts = check_gradients(second_row, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
+    assert all(v.ok for v in verdicts.values()), verdicts
+    assert bool((leaves["tab"].grad[:, [0, 2]] == 0).all()) and bool((leaves["tab"].grad[:, 1] != 0).any())
+
+
+def test_a_table_read_at_an_offset_by_a_parameter_is_frozen_and_a_call_that_trains_it_refused():
     inputs = _inputs(table_row, 1, 2, 2, 8, 16, 16)
     inputs["tab"].requires_grad_()
     with pytest.raises(DifferentiationError, match=r"tab requires grad, but .*:\d+ reads tab at .*a frozen table"):

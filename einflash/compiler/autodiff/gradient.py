@@ -77,13 +77,15 @@ class Diagonal:
     adds into entry ``sign·(n − m) + offset`` of rank ``rank`` (``offset`` in the extents M and N), of the
     input itself, or (``through``, an integer input over ``rank``) of the input's rank ``own`` at the
     entry that ``through`` holds there: a relative-position table ``rel[h, n − m + M − 1]``, T5's
-    ``table[h, bucket[n − m + M − 1]]``."""
+    ``table[h, bucket[n − m + M − 1]]``. ``fixed``: the input's ranks read at a constant (``tab[h, 1, n − m]``),
+    with it."""
 
     rank: str
     sign: int
     offset: sympy.Expr
     own: str
     through: str | None = None
+    fixed: tuple[tuple[str, int], ...] = ()
 
     def entries(self, m: int, n: int) -> torch.Tensor:
         """The entry of ``rank`` each pair of an M×N grid adds into."""
@@ -229,10 +231,12 @@ def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
 
 def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
     """How ``leaf``, an input read at one computed position ``±(n − m) + offset`` (directly, or through an
-    integer input over one rank) and at its own coordinates elsewhere, gets its gradient; None for any other
-    read at computed positions."""
+    integer input over one rank; the offset in M and N) and at its own coordinates or integers elsewhere, gets
+    its gradient; None for any other read at computed positions."""
     decl = c.tensor(leaf.tensor)
-    computed = [(i, own) for i, own in zip(leaf.index, decl.ranks) if sympy.sympify(i) != coord(own)]
+    at_ranks = [(sympy.sympify(i), own) for i, own in zip(leaf.index, decl.ranks)]
+    fixed = tuple((own, int(i)) for i, own in at_ranks if i.is_Integer)
+    computed = [(i, own) for i, own in at_ranks if i != coord(own) and not i.is_Integer]
     if len(computed) != 1 or STREAM in decl.ranks or "m" in decl.ranks:
         return None
     at, own = sympy.sympify(computed[0][0]), computed[0][1]
@@ -249,7 +253,7 @@ def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
     extents = {extent_symbol("M"), extent_symbol("N")}
     if sign not in (1, -1) or at.coeff(m) != -sign or not offset.free_symbols <= extents:
         return None
-    return Diagonal(rank, int(sign), offset, own, through)
+    return Diagonal(rank, int(sign), offset, own, through, fixed)
 
 
 def _kernel(iterates_n: bool, ranks) -> str:
@@ -313,8 +317,9 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                     leaf.tensor,
                     f"{c.where(e)} reads {leaf.tensor} at {', '.join(map(str, leaf.index))}; the gradient of a read at "
                     f"computed positions (a scatter into its entries) is implemented only along the diagonals, one "
-                    f"position ±(n − m) + offset (or an integer input over one rank read there) and the others "
-                    f"plain coordinates: pass {leaf.tensor} without requires_grad (a frozen table), or detach it",
+                    f"position ±(n − m) + offset with the offset in M and N (or an integer input over one rank read "
+                    f"there) and the others plain coordinates or integers: pass {leaf.tensor} without "
+                    f"requires_grad (a frozen table), or detach it",
                 )
                 continue
             term = simplified_mul(g, d)
@@ -369,10 +374,12 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
 
 
 def _diagonal_sums(
-    d: Diagonal, value: torch.Tensor, dims: list[str], inputs: dict[str, torch.Tensor], entries: int
+    d: Diagonal, value: torch.Tensor, dims: list[str], inputs: dict[str, torch.Tensor], name: str, inputs_ranks
 ) -> tuple[torch.Tensor, list[str]]:
-    """A diagonal partial as the input's own rank ``d.own`` (``entries`` long): summed along the diagonals of
-    its pairs where it is still over (m, n) (the reference executor's), then through ``d.through``."""
+    """A diagonal partial of input ``name`` (over ``inputs_ranks``) as its own rank ``d.own``: summed along the
+    diagonals of its pairs where it is still over (m, n) (the reference executor's), then through
+    ``d.through``, then put at the entries of the ranks it reads at constants."""
+    entries = inputs[name].shape[inputs_ranks.index(d.own)]
     if "m" in dims and "n" in dims:
         value = value.movedim((dims.index("m"), dims.index("n")), (-2, -1))
         dims = [x for x in dims if x not in ("m", "n")] + [d.rank]
@@ -386,6 +393,10 @@ def _diagonal_sums(
         onehot = (at[:, None] == torch.arange(entries, device=at.device)[None, :]).to(value.dtype)
         value = value.movedim(dims.index(d.rank), -1) @ onehot  # a product, not index_add_: deterministic on GPUs
         dims = [x for x in dims if x != d.rank] + [d.own]
+    for rank, entry in d.fixed:  # the one entry of a rank read at a constant
+        size = inputs[name].shape[inputs_ranks.index(rank)]
+        value = value[..., None] * (torch.arange(size, device=value.device) == entry).to(value.dtype)
+        dims = dims + [rank]
     return value, dims
 
 
@@ -539,7 +550,7 @@ def finish(
         if "p" in dims:
             value, dims = value.sum(dims.index("p")), [d for d in dims if d != "p"]
         if p.diagonal is not None:
-            value, dims = _diagonal_sums(p.diagonal, value, dims, inputs, x.shape[decl.ranks.index(p.diagonal.own)])
+            value, dims = _diagonal_sums(p.diagonal, value, dims, inputs, p.input, decl.ranks)
         names = dict(p.relabel)
         dims = [names.get(d, d) for d in dims]
         if "h" in dims and decl.layout is Layout.KEY:  # query heads → their kv head
