@@ -152,12 +152,28 @@ def test_a_table_read_at_a_constant_row_and_along_the_diagonals_learns_in_that_r
     assert bool((leaves["tab"].grad[:, [0, 2]] == 0).all()) and bool((leaves["tab"].grad[:, 1] != 0).any())
 
 
-def test_a_table_read_at_an_offset_by_a_parameter_is_frozen_and_a_call_that_trains_it_refused():
-    inputs = _inputs(table_row, 1, 2, 2, 8, 16, 16)
-    inputs["tab"].requires_grad_()
-    with pytest.raises(DifferentiationError, match=r"tab requires grad, but .*:\d+ reads tab at .*a frozen table"):
-        table_row(**inputs)
-    assert "frozen input" in str(table_row.explain())
+def test_a_table_read_at_an_offset_by_a_parameter_learns():
+    inputs = _inputs(table_row, 1, 2, 2, 11, 16, 16)
+    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", "tab")}
+    grad_output = torch.randn(1, 2, 11, 16, generator=torch.Generator().manual_seed(1))
+    table_row(**leaves, c=2).backward(grad_output)
+    verdicts = check_gradients(table_row, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs, c=2)
+    assert all(v.ok for v in verdicts.values()), verdicts
+    # n − m + M + c runs from c + 1 (the last query, the first key) to N + c (the causal mask's end-aligned edge)
+    row = leaves["tab"].grad[:, 1]
+    assert bool((row[:, 3:19] != 0).all()) and not row[:, :3].any() and not row[:, 19:].any()
+    assert not leaves["tab"].grad[:, [0, 2]].any()
+
+
+def test_a_table_read_at_a_computed_position_off_the_diagonals_is_frozen_and_a_call_that_trains_it_refused():
+    @ef.attention
+    def periodic(q, k, v, rel: ef.Tensor["h r"]):
+        return ef.softmax(q @ k * ef.scale + rel[(ef.n - ef.m) % 5], "n") @ v
+
+    q, rel = torch.randn(1, 2, 9, 16), torch.randn(2, 5, requires_grad=True)
+    with pytest.raises(DifferentiationError, match=r"rel requires grad, but .*:\d+ reads rel at .*a frozen table"):
+        periodic(q, q, q, rel)
+    assert "frozen input" in str(periodic.explain())
 
 
 def test_an_index_modulo_a_period_matches_the_reference():

@@ -40,7 +40,7 @@ def _cascade_gradients(name: str, given: dict, params: dict, d_o: torch.Tensor) 
     values = bind_params(c, params, bind_extents(c, given, params))
     saved = saved_states(g, c, given, values)
     parts = reference_partials(g, given, values, d_o, o.reference(**given, **params), saved)
-    return finish(g, parts, {p.name: p.ranks for p in g.partials}, given)
+    return finish(g, parts, {p.name: p.ranks for p in g.partials}, given, values=values)
 
 
 def _assert_same(got: dict, want: dict, given: dict, skip: set[str] = frozenset()) -> None:

@@ -74,7 +74,7 @@ class SavedState:
 @dataclass(frozen=True)
 class Diagonal:
     """How a partial over query-key pairs belongs to an input read along the pairs' diagonals: pair (m, n)
-    adds into entry ``sign·(n − m) + offset`` of rank ``rank`` (``offset`` in the extents M and N), of the
+    adds into entry ``sign·(n − m) + offset`` of rank ``rank`` (``offset`` in M, N and integer parameters), of the
     input itself, or (``through``, an integer input over ``rank``) of the input's rank ``own`` at the
     entry that ``through`` holds there: a relative-position table ``rel[h, n − m + M − 1]``, T5's
     ``table[h, bucket[n − m + M − 1]]``. ``fixed``: the input's ranks read at a constant (``tab[h, 1, n − m]``),
@@ -87,9 +87,10 @@ class Diagonal:
     through: str | None = None
     fixed: tuple[tuple[str, int], ...] = ()
 
-    def entries(self, m: int, n: int) -> torch.Tensor:
-        """The entry of ``rank`` each pair of an M×N grid adds into."""
-        at = int(self.offset.subs({extent_symbol("M"): m, extent_symbol("N"): n}))
+    def entries(self, m: int, n: int, values: dict[str, float]) -> torch.Tensor:
+        """The entry of ``rank`` each pair of an M×N grid adds into (``values``: the integer parameters')."""
+        named = {s: values[s.name] for s in self.offset.free_symbols if s.name in values}
+        at = int(self.offset.subs({extent_symbol("M"): m, extent_symbol("N"): n} | named))
         return self.sign * (torch.arange(n)[None, :] - torch.arange(m)[:, None]) + at
 
 
@@ -231,7 +232,8 @@ def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
 
 def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
     """How ``leaf``, an input read at one computed position ``±(n − m) + offset`` (directly, or through an
-    integer input over one rank; the offset in M and N) and at its own coordinates or integers elsewhere, gets
+    integer input over one rank; the offset in M, N and integer parameters) and at its own coordinates or
+    integers elsewhere, gets
     its gradient; None for any other read at computed positions."""
     decl = c.tensor(leaf.tensor)
     at_ranks = [(sympy.sympify(i), own) for i, own in zip(leaf.index, decl.ranks)]
@@ -250,8 +252,8 @@ def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
     m, n = coord("m"), coord("n")
     at = sympy.expand(at)
     sign, offset = at.coeff(n), sympy.expand(at - at.coeff(n) * n - at.coeff(m) * m)
-    extents = {extent_symbol("M"), extent_symbol("N")}
-    if sign not in (1, -1) or at.coeff(m) != -sign or not offset.free_symbols <= extents:
+    known = {"M", "N"} | {p.name for p in c.params if p.integer}
+    if sign not in (1, -1) or at.coeff(m) != -sign or not {s.name for s in offset.free_symbols} <= known:
         return None
     return Diagonal(rank, int(sign), offset, own, through, fixed)
 
@@ -317,8 +319,8 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                     leaf.tensor,
                     f"{c.where(e)} reads {leaf.tensor} at {', '.join(map(str, leaf.index))}; the gradient of a read at "
                     f"computed positions (a scatter into its entries) is implemented only along the diagonals, one "
-                    f"position ±(n − m) + offset with the offset in M and N (or an integer input over one rank read "
-                    f"there) and the others plain coordinates or integers: pass {leaf.tensor} without "
+                    f"position ±(n − m) + offset (or an integer input over one rank read there) and the others plain "
+                    f"coordinates or integers: pass {leaf.tensor} without "
                     f"requires_grad (a frozen table), or detach it",
                 )
                 continue
@@ -374,7 +376,13 @@ def _materialise(b: _Builder, decl: TensorDecl, terms: list[Expr], line) -> Expr
 
 
 def _diagonal_sums(
-    d: Diagonal, value: torch.Tensor, dims: list[str], inputs: dict[str, torch.Tensor], name: str, inputs_ranks
+    d: Diagonal,
+    value: torch.Tensor,
+    dims: list[str],
+    inputs: dict[str, torch.Tensor],
+    name: str,
+    inputs_ranks,
+    values: dict[str, float],
 ) -> tuple[torch.Tensor, list[str]]:
     """A diagonal partial of input ``name`` (over ``inputs_ranks``) as its own rank ``d.own``: summed along the
     diagonals of its pairs where it is still over (m, n) (the reference executor's), then through
@@ -383,7 +391,7 @@ def _diagonal_sums(
     if "m" in dims and "n" in dims:
         value = value.movedim((dims.index("m"), dims.index("n")), (-2, -1))
         dims = [x for x in dims if x not in ("m", "n")] + [d.rank]
-        at = d.entries(value.shape[-2], value.shape[-1]).to(value.device)
+        at = d.entries(value.shape[-2], value.shape[-1], values).to(value.device)
         size = inputs[d.through].shape[0] if d.through is not None else entries
         inside = (at >= 0) & (at < size)
         flat = torch.where(inside, value, 0).flatten(-2)
@@ -532,8 +540,10 @@ def finish(
     labels: dict[str, tuple[str, ...]],
     inputs: dict[str, torch.Tensor],
     wanted: Set[str] | None = None,
+    values: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """Each input's gradient in its own shape and dtype, from the partials.
+    """Each input's gradient in its own shape and dtype, from the partials (``values``: the parameters', which
+    partials still over pairs of a table read along the diagonals need, the reference executor's).
 
     ``labels[name]`` names the dimensions of partial ``name``: its ranks, with ``p`` for a dimension
     of per-program sums still to add, and ``hk`` for a head dimension already summed over each GQA
@@ -550,7 +560,7 @@ def finish(
         if "p" in dims:
             value, dims = value.sum(dims.index("p")), [d for d in dims if d != "p"]
         if p.diagonal is not None:
-            value, dims = _diagonal_sums(p.diagonal, value, dims, inputs, p.input, decl.ranks)
+            value, dims = _diagonal_sums(p.diagonal, value, dims, inputs, p.input, decl.ranks, values or {})
         names = dict(p.relabel)
         dims = [names.get(d, d) for d in dims]
         if "h" in dims and decl.layout is Layout.KEY:  # query heads → their kv head

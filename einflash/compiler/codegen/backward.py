@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+import sympy
+
 from ...ir.cascade import Cascade, Layout, Role
 from ...ir.expr import Read, rank_free
 from ...ir.ranks import PARALLEL
@@ -164,7 +166,8 @@ def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     g.emit(f"for {x}_group in tl.static_range(0, (BLOCK_N - 1) // BLOCK_M + 2):")
     g.emit(f"    {x}_sum = tl.sum(tl.where({x}_g == {x}_group, {x}, 0.0), 0)")
     diagonal = f"pid_n * BLOCK_N - start_m + {x}_group * BLOCK_M - tl.arange(0, BLOCK_M)"  # n − m of its pairs
-    g.emit(f"    {x}_at = {d.sign} * ({diagonal}) + ({d.offset})")
+    offset = d.offset.xreplace({s: sympy.Symbol(code) for s, code in g.extent_names(d.offset).items()})
+    g.emit(f"    {x}_at = {d.sign} * ({diagonal}) + ({offset})")
     g.emit(f"    tl.atomic_add({ptr}, {x}_sum, mask=({x}_at >= 0) & ({x}_at < len_{out.name}), sem='relaxed')")
 
 

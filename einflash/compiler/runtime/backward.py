@@ -117,7 +117,7 @@ class Backward:
         saved = saved_states(g, streamed, at, values, dtype)
         out = run_reference(streamed, at, values, dtype=dtype)
         parts = reference_partials(g, inputs, values, grad_output.to(dtype), out, saved, dtype)
-        return finish(g, parts, {p.name: p.ranks for p in g.partials}, inputs)
+        return finish(g, parts, {p.name: p.ranks for p in g.partials}, inputs, values=values)
 
     @property
     def saved(self) -> tuple[str, ...]:
