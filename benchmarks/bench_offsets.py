@@ -87,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="2,16,8192,128")
+    ap.add_argument("--no-flex", action="store_true", help="einflash's rows only (Flex compiles for a minute)")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,12 +145,17 @@ def main() -> None:
     _time(rows, "einflash t5 bucketed bias", t5_fwd, training(t5_fwd), flops)
     _time(rows, "einflash relative table (learning)", None, training(table_learning_fwd), flops)
     _time(rows, "einflash t5 bucketed bias (learning)", None, training(t5_learning_fwd), flops)
-    for label, score_mod, frozen in (
-        ("flex relative table", flex_table, True),
-        ("flex t5 bucketed bias", flex_t5, True),
-        ("flex relative table (learning)", flex_table_learning, False),
-        ("flex t5 bucketed bias (learning)", flex_t5_learning, False),
-    ):
+    flex_cases = (
+        ()
+        if a.no_flex
+        else (
+            ("flex relative table", flex_table, True),
+            ("flex t5 bucketed bias", flex_t5, True),
+            ("flex relative table (learning)", flex_table_learning, False),
+            ("flex t5 bucketed bias (learning)", flex_t5_learning, False),
+        )
+    )
+    for label, score_mod, frozen in flex_cases:
         try:
             flex_fwd = peers.flex(q, k, v, score_mod=score_mod)
             _time(rows, label, flex_fwd if frozen else None, training(flex_fwd), flops)

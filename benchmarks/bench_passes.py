@@ -76,10 +76,11 @@ def _measure(rows: list, label: str, fn, flops: float, part: str = "forward") ->
     print(json.dumps(row), flush=True)
 
 
-def _checks(rows: list) -> None:
-    for name, dtype in itertools.product(
-        ("post_norm_threshold", "renorm_threshold", "sink_logit"), (torch.bfloat16, torch.float16)
-    ):
+VARIANTS = ("post_norm_threshold", "renorm_threshold", "sink_logit")
+
+
+def _checks(rows: list, variants: tuple[str, ...]) -> None:
+    for name, dtype in itertools.product(variants, (torch.bfloat16, torch.float16)):
         op = example(name)[1]
         for B, Hq, Hkv, M, N, D in ((2, 4, 2, 300, 517, 128), (2, 8, 2, 1, 4099, 64)):
             shape = ef.Shape(B, Hq, M, N, D, Hkv=Hkv)
@@ -111,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="1,16,4096,128")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of them, comma-separated")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,11 +132,10 @@ def main() -> None:
         "forward+backward",
     )
     shape = ef.Shape(B, H, N, N, D)
-    for name, formula in (
-        ("post_norm_threshold", post_norm_threshold),
-        ("renorm_threshold", renorm_threshold),
-        ("sink_logit", sink_logit),
-    ):
+    variants = tuple(a.variants.split(","))
+    formulas = dict(post_norm_threshold=post_norm_threshold, renorm_threshold=renorm_threshold, sink_logit=sink_logit)
+    for name in variants:
+        formula = formulas[name]
         op, extra = example(name)[1], _extra(name, shape, torch.bfloat16)
         compiled = torch.compile(formula)
         _measure(rows, f"einflash {name}", lambda op=op, extra=extra: op(q, k, v, **extra), flops)
@@ -154,7 +155,7 @@ def main() -> None:
             _measure(rows, f"torch eager {name}", step(formula), 3.5 * flops, "forward+backward")
             _measure(rows, f"torch.compile {name}", step(compiled), 3.5 * flops, "forward+backward")
         (out / "passes.json").write_text(json.dumps(rows, indent=1))
-    _checks(rows)  # after the timings, which a cut-off run keeps
+    _checks(rows, variants)  # after the timings, which a cut-off run keeps
     (out / "passes.json").write_text(json.dumps(rows, indent=1))
 
 
