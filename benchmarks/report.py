@@ -67,8 +67,8 @@ RUNS = {
         "tuned against default, warm against cold studies (bench_tune.py)",
     ),
     "offsets": Run(
-        "h100_2026-12-07_session5_bfb73a5/offsets.json",
-        "bfb73a5",
+        "h200_2026-12-07_session6_e19f8b1/offsets.json",
+        "e19f8b1",
         "tables read at offsets and gathered, beside ALiBi and FlexAttention (bench_offsets.py)",
     ),
     "passes": Run(
