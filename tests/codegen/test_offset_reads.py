@@ -136,6 +136,29 @@ def test_a_table_read_along_the_diagonals_learns(op, table, dtype, schedule):
     assert "frozen input" not in str(op.explain())
 
 
+@ef.attention
+def shared_reversed(q, k, v, rel: ef.Tensor["r"]):  # noqa: F821 -- one table for every head, read at m − n
+    return ef.softmax(q @ k * ef.scale + rel[ef.m - ef.n + ef.N - 1], "n") @ v
+
+
+@ef.attention
+def per_sequence_causal(q, k, v, rel: ef.Tensor["b h r"]):  # a table per sequence and head, under a causal mask
+    s = q @ k * ef.scale + rel[ef.n - ef.m + ef.M - 1]
+    return ef.softmax(ef.mask(s, ef.n <= ef.m + ef.N - ef.M), "n") @ v
+
+
+@pytest.mark.parametrize("op, shape", [(shared_reversed, ()), (per_sequence_causal, (2, 4))], ids=lambda x: str(x))
+def test_tables_shared_by_the_heads_or_per_sequence_learn_along_either_diagonal(op, shape):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 21), (2, 30), (2, 30)))
+    given = dict(q=q, k=k, v=v, rel=torch.randn(*shape, 21 + 30 - 1, generator=g))
+    leaves = {n: x.clone().requires_grad_() for n, x in given.items()}
+    grad_output = torch.randn(2, 4, 21, 16, generator=g)
+    op(**leaves, backward_schedule=BackwardSchedule(16, 16, 4, 1)).backward(grad_output)
+    verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **given)
+    assert set(verdicts) == set(given) and all(v.ok for v in verdicts.values()), verdicts
+
+
 def test_a_table_read_at_a_constant_row_and_along_the_diagonals_learns_in_that_row():
     @ef.attention
     def second_row(q, k, v, tab: ef.Tensor["h x r"]):
