@@ -44,6 +44,12 @@ def twice_thresholded(q, k, v, tau: float = 0.02):
     return ef.relu(w - 2 * tau) @ v
 
 
+@ef.attention
+def learned_threshold(q, k, v, tau: ef.Tensor["h"]):  # noqa: F821 -- a threshold per head that learns
+    p = ef.relu(ef.softmax(q @ k * ef.scale, "n") - tau / ef.N)
+    return (p / p.sum("n")) @ v
+
+
 def _qkv(B, Hq, Hkv, M, N, D, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (
@@ -119,7 +125,9 @@ def test_a_jagged_batch_through_two_passes():
 
 
 @pytest.mark.parametrize(
-    "op, passes", [(causal_threshold, 1), (document_renorm, 1), (twice_thresholded, 2)], ids=lambda x: str(x)
+    "op, passes",
+    [(causal_threshold, 1), (document_renorm, 1), (twice_thresholded, 2), (learned_threshold, 1)],
+    ids=lambda x: str(x),
 )
 def test_multi_pass_gradients_make_a_pass_over_the_keys_per_key_term(op, passes):
     # the adjoint of a pass's row sum (Σ_n over the pairs of a later pass) is needed before any pair's
@@ -129,12 +137,15 @@ def test_multi_pass_gradients_make_a_pass_over_the_keys_per_key_term(op, passes)
     given = dict(q=q, k=k, v=v)
     if op is document_renorm:
         given["doc"] = torch.tensor([[0] * 9 + [1] * 14])
+    if op is learned_threshold:
+        given["tau"] = torch.tensor([0.4, 0.8])
     leaves = {name: (x.clone().requires_grad_() if x.is_floating_point() else x) for name, x in given.items()}
     out = op(**leaves)
     d_o = torch.randn_like(out)
     out.backward(d_o)
-    verdicts = check_gradients(op, {name: leaves[name].grad for name in "qkv"}, d_o, **given)
-    assert set(verdicts) == set("qkv") and all(x.ok for x in verdicts.values()), verdicts
+    learning = {name for name, x in given.items() if x.is_floating_point()}
+    verdicts = check_gradients(op, {name: leaves[name].grad for name in learning}, d_o, **given)
+    assert set(verdicts) == learning and all(x.ok for x in verdicts.values()), verdicts
 
 
 def test_a_pass_without_a_running_form_is_refused_naming_its_line():
