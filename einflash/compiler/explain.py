@@ -23,6 +23,7 @@ from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
 from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
 from .analysis.key_passes import count_passes
+from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
 from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.online import streaming_obstacle
@@ -59,6 +60,7 @@ class Explanation:
     written: str = field(repr=False)
     rewritten: str = field(repr=False)
     backward: dict | None = None  # the gradient cascade's analysis (see _backward)
+    linear: dict | None = None  # its linear form and the chunked plan at the shape (see _linear), if it has one
 
     def to_json(self) -> dict:
         return {
@@ -89,6 +91,7 @@ class Explanation:
             "cascade_as_written": self.written,
             "cascade": self.rewritten,
             "backward": self.backward,
+            "linear": self.linear,
         }
 
     def __str__(self) -> str:
@@ -116,6 +119,7 @@ class Explanation:
             ("bytes (compulsory)", f"{self.bytes:.3e}"),
             ("intensity", f"{self.intensity:.1f} FLOP/B"),
             ("roofline", f"{self.roofline_ms:.3f} ms ({self.bound}-bound)"),
+            *(_linear_rows(self.linear) if self.linear else ()),
         ]
         if self.tiles:
             t = self.tiles
@@ -250,7 +254,49 @@ def explain(
         str(written),
         str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
+        _linear(written, ext),
     )
+
+
+CHUNK = 64  # the chunk of the linear form's plan that explain reports
+
+
+def _linear(written: Cascade, ext: dict[str, int]) -> dict | None:
+    """The linear form at the shape: the state, the chunked plan's FLOPs beside the quadratic form's (per head,
+    M = N), the length past which the chunked plan takes fewer; None when the weights are not linear."""
+    form = linear_form(written)
+    if form is None:
+        return None
+    e, f = form.state
+    sizes = {N: ext["n"], C: CHUNK, E: ext[e], F: ext[f]}
+    return {
+        "state": [e, f],
+        "state_bytes": 4 * ext[e] * ext[f],
+        "causal": form.causal,
+        "separated": form.separated,
+        "chunk": CHUNK,
+        "chunked_flops": float(form.chunked_flops.subs(sizes)),
+        "quadratic_flops": float(form.quadratic_flops.subs(sizes)),
+        "crossover": form.crossover(CHUNK, ext[e], ext[f]),
+    }
+
+
+def _linear_rows(lin: dict) -> list[tuple[str, str]]:
+    e, f = lin["state"]
+    kind = "a running state, chunk by chunk (causal)" if lin["causal"] else "summed once over the keys"
+    split = "; a decay or gates split into query and key parts" if lin["separated"] else ""
+    return [
+        (
+            "linear form",
+            f"o = a[m,{e}]·S[{e},{f}], S = Σ_n b[n,{e}]·v[n,{f}]: {lin['state_bytes']:,} B per head, {kind}{split}",
+        ),
+        (
+            "chunked plan" if lin["causal"] else "state plan",
+            (f"chunks of {lin['chunk']}: " if lin["causal"] else "the state, then its read: ")
+            + f"{lin['chunked_flops']:.3e} FLOPs per head where the quadratic form takes {lin['quadratic_flops']:.3e}; "
+            f"fewer from N = {lin['crossover']} on (analysis only: no kernel of this form yet)",
+        ),
+    ]
 
 
 def _backward(backward, subs: dict, visited: float) -> dict:
