@@ -147,8 +147,15 @@ def per_sequence_causal(q, k, v, rel: ef.Tensor["b h r"]):  # a table per sequen
     return ef.softmax(ef.mask(s, ef.n <= ef.m + ef.N - ef.M), "n") @ v
 
 
-@pytest.mark.parametrize("op, shape", [(shared_reversed, ()), (per_sequence_causal, (2, 4))], ids=lambda x: str(x))
-def test_tables_shared_by_the_heads_or_per_sequence_learn_along_either_diagonal(op, shape):
+@ef.attention
+def halves(q, k, v, rel: ef.Tensor["h r"]):  # n − m + M − 1, its offset written with floor divisions
+    return ef.softmax(q @ k * ef.scale + rel[ef.n - ef.m + (ef.M + 1) // 2 + ef.M // 2 - 1], "n") @ v
+
+
+@pytest.mark.parametrize(
+    "op, shape", [(shared_reversed, ()), (per_sequence_causal, (2, 4)), (halves, (4,))], ids=lambda x: str(x)
+)
+def test_tables_shared_by_the_heads_or_per_sequence_learn_along_either_diagonal_at_any_offset(op, shape):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 21), (2, 30), (2, 30)))
     given = dict(q=q, k=k, v=v, rel=torch.randn(*shape, 21 + 30 - 1, generator=g))

@@ -87,11 +87,11 @@ class Diagonal:
     through: str | None = None
     fixed: tuple[tuple[str, int], ...] = ()
 
-    def entries(self, m: int, n: int, values: dict[str, float]) -> torch.Tensor:
-        """The entry of ``rank`` each pair of an M×N grid adds into (``values``: the integer parameters')."""
+    def entry(self, diagonal: int, m: int, n: int, values: dict[str, float]) -> int:
+        """The entry of ``rank`` the pairs with ``n − m = diagonal`` add into, at extents M = ``m`` and N = ``n``
+        (``values``: the integer parameters')."""
         named = {s: values[s.name] for s in self.offset.free_symbols if s.name in values}
-        at = int(self.offset.subs({extent_symbol("M"): m, extent_symbol("N"): n} | named))
-        return self.sign * (torch.arange(n)[None, :] - torch.arange(m)[:, None]) + at
+        return self.sign * diagonal + int(self.offset.subs({extent_symbol("M"): m, extent_symbol("N"): n} | named))
 
 
 @dataclass(frozen=True)
@@ -388,17 +388,19 @@ def _diagonal_sums(
     diagonals of its pairs where it is still over (m, n) (the reference executor's), then through
     ``d.through``, then put at the entries of the ranks it reads at constants."""
     entries = inputs[name].shape[inputs_ranks.index(d.own)]
-    if "m" in dims and "n" in dims:
-        value = value.movedim((dims.index("m"), dims.index("n")), (-2, -1))
+    if "m" in dims and "n" in dims:  # one sum per diagonal (deterministic, as the kernel's)
+        pairs = value.movedim((dims.index("m"), dims.index("n")), (-2, -1))
         dims = [x for x in dims if x not in ("m", "n")] + [d.rank]
-        at = d.entries(value.shape[-2], value.shape[-1], values).to(value.device)
+        m, n = pairs.shape[-2:]
         size = inputs[d.through].shape[0] if d.through is not None else entries
-        inside = (at >= 0) & (at < size)
-        flat = torch.where(inside, value, 0).flatten(-2)
-        value = flat.new_zeros(*flat.shape[:-1], size).index_add_(-1, at.clamp(0, size - 1).flatten(), flat)
+        value = pairs.new_zeros(*pairs.shape[:-2], size)
+        for k in range(1 - m, n):
+            at = d.entry(k, m, n, values)
+            if 0 <= at < size:  # a diagonal outside the table is read by masked pairs only (0 here)
+                value[..., at] += torch.diagonal(pairs, offset=k, dim1=-2, dim2=-1).sum(-1)
     if d.through is not None:  # entry e of rank d.rank adds into entry through[e] of the input's rank
-        at = inputs[d.through].long()
-        onehot = (at[:, None] == torch.arange(entries, device=at.device)[None, :]).to(value.dtype)
+        held = inputs[d.through].long()
+        onehot = (held[:, None] == torch.arange(entries, device=held.device)[None, :]).to(value.dtype)
         value = value.movedim(dims.index(d.rank), -1) @ onehot  # a product, not index_add_: deterministic on GPUs
         dims = [x for x in dims if x != d.rank] + [d.own]
     for rank, entry in d.fixed:  # the one entry of a rank read at a constant

@@ -110,6 +110,8 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
         r = correction(body, used, {STREAM}, rescaled) if used or rescaled else ONE
         if r is None:
             fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
+        if e.reduce.op != "sum" and r != ONE:  # a reducer of your own: its result need not scale with its body
+            fail(f"{e.out} is a {e.reduce.op} of values that a shift rescales")
         factors[e.out], bodies[e.out] = r, body
     out = c.producer(c.outputs[0])
     assert out is not None, c.outputs[0]  # a valid cascade computes its output

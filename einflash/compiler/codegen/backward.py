@@ -27,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-import sympy
-
 from ...ir.cascade import Cascade, Layout, Role
 from ...ir.expr import Read, rank_free
 from ...ir.ranks import PARALLEL
@@ -40,7 +38,7 @@ from .forward import exact_dots, helpers
 from .signature import KernelCall, Signature, param_name, pointer_params
 from .source import dim_names, kernel_name, notation, source_digest
 from .tile import Tile, axis_extent, bcast, presence, tile_axes
-from .tile_ranges import KeyRange, TileLists, key_plan, query_plan
+from .tile_ranges import KeyRange, TileLists, key_plan, query_plan, to_triton
 from .tilecode import KernelSettings, TileCode
 
 KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots take key-major tiles untransposed
@@ -52,7 +50,7 @@ KEYS_FIRST = ("b", "h", "n", "m")  # tile axes of the dK/dV kernel: its dots tak
 @dataclass(frozen=True)
 class Output:
     """Where a kernel stores a tensor: ``ranks`` after the batch and head dims (head ``head``), and per
-    program (``program`` names its index) or per tile pair (``in_loop``), or atomically added. A
+    program (``program`` names its index) or per tile pair (ranks m and n), or atomically added. A
     ``diagonal`` output is a tile's sums along its diagonals, added into the program's row (its one rank
     ``len_{name}`` long) at the entries its pairs read."""
 
@@ -166,8 +164,7 @@ def store_diagonal(g: TileCode, out: Output, tile: Tile) -> None:
     g.emit(f"for {x}_group in tl.static_range(0, (BLOCK_N - 1) // BLOCK_M + 2):")
     g.emit(f"    {x}_sum = tl.sum(tl.where({x}_g == {x}_group, {x}, 0.0), 0)")
     diagonal = f"pid_n * BLOCK_N - start_m + {x}_group * BLOCK_M - tl.arange(0, BLOCK_M)"  # n − m of its pairs
-    offset = d.offset.xreplace({s: sympy.Symbol(code) for s, code in g.extent_names(d.offset).items()})
-    g.emit(f"    {x}_at = {d.sign} * ({diagonal}) + ({offset})")
+    g.emit(f"    {x}_at = {d.sign} * ({diagonal}) + ({to_triton(d.offset, g.extent_names(d.offset))})")
     g.emit(f"    tl.atomic_add({ptr}, {x}_sum, mask=({x}_at >= 0) & ({x}_at < len_{out.name}), sem='relaxed')")
 
 

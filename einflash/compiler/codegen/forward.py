@@ -51,14 +51,16 @@ SEQUENCE = frozenset({extent_symbol("M"), extent_symbol("N")})
 
 
 def _no_sequence_rank_held(c: Cascade) -> None:
-    """Refuse a second key-like rank (``j = ef.rank("j", ef.N)``): the template holds a rank besides m and n
-    whole in every program, beside its tile of rows, which for one as long as the sequence is BLOCK_M·N values
-    on chip."""
+    """Refuse a second key-like rank (``j = ef.rank("j", ef.N)``, or any extent polynomial in M and N): the
+    template holds a rank besides m and n whole in every program, beside its tile of rows, which for one as long
+    as the sequence is BLOCK_M·N values on chip."""
     for r in c.ranks:
         if r.name in PARALLEL or r.name in (STREAM, "m") or r.name in c.table_ranks:
             continue
-        if sympy.sympify(r.extent) in SEQUENCE:
-            e = next(e for e in c.einsums if r.name in e.iteration_ranks)
+        extent = sympy.sympify(r.extent)
+        grows = extent.free_symbols & SEQUENCE and extent.is_polynomial(*SEQUENCE)  # N, N − 1, M + N; not N/block
+        e = next((e for e in c.einsums if r.name in e.iteration_ranks), None)
+        if grows and e is not None:
             raise LoweringError(
                 f"{c.where(e)}: iterates {r.name}, as long as the sequence ({r.extent}); a program would hold all of "
                 f"it beside its rows (BLOCK_M·{r.extent} values on chip, past any register file at long lengths), "
