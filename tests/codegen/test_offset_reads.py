@@ -118,6 +118,15 @@ def test_the_backward_with_the_table_frozen_matches_autograd(op):
     assert set(verdicts) == {"q", "k", "v"} and all(v.ok for v in verdicts.values())
 
 
+def _learned(op, given: dict, learning, grad_output, schedule=None, **params) -> tuple[dict, dict]:
+    """The gradients of the inputs named ``learning`` through autograd, and their verdicts against the float64
+    reference under the tolerance rule."""
+    leaves = {n: given[n].clone().requires_grad_() for n in learning}
+    op(**(given | leaves), **params, backward_schedule=schedule).backward(grad_output)
+    grads = {n: x.grad for n, x in leaves.items()}
+    return grads, check_gradients(op, grads, grad_output, **given, **params)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("op, table", [(relative, "rel"), (bucketed, "table")], ids=["offsets", "gathered"])
 @pytest.mark.parametrize(
@@ -128,11 +137,9 @@ def test_a_table_read_along_the_diagonals_learns(op, table, dtype, schedule):
     # entry), adding its query tiles' sums into its own row; the rows are added up after the kernel, and a
     # gathered table's entries collected through the integer input
     inputs = _inputs(op, 1, 4, 2, 37, 45, 16, dtype=dtype)
-    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", table)}
     grad_output = torch.randn(1, 4, 37, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
-    op(**(inputs | leaves), backward_schedule=schedule).backward(grad_output)
-    verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
-    assert set(verdicts) == set(leaves) and all(v.ok for v in verdicts.values()), verdicts
+    _, verdicts = _learned(op, inputs, ("q", "k", "v", table), grad_output, schedule)
+    assert set(verdicts) == {"q", "k", "v", table} and all(v.ok for v in verdicts.values()), verdicts
     assert "frozen input" not in str(op.explain())
 
 
@@ -159,10 +166,8 @@ def test_tables_shared_by_the_heads_or_per_sequence_learn_along_either_diagonal_
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 21), (2, 30), (2, 30)))
     given = dict(q=q, k=k, v=v, rel=torch.randn(*shape, 21 + 30 - 1, generator=g))
-    leaves = {n: x.clone().requires_grad_() for n, x in given.items()}
     grad_output = torch.randn(2, 4, 21, 16, generator=g)
-    op(**leaves, backward_schedule=BackwardSchedule(16, 16, 4, 1)).backward(grad_output)
-    verdicts = check_gradients(op, {n: x.grad for n, x in leaves.items()}, grad_output, **given)
+    _, verdicts = _learned(op, given, given, grad_output, BackwardSchedule(16, 16, 4, 1))
     assert set(verdicts) == set(given) and all(v.ok for v in verdicts.values()), verdicts
 
 
@@ -174,25 +179,21 @@ def test_a_table_read_at_a_constant_row_and_along_the_diagonals_learns_in_that_r
     inputs = _inputs(relative, 1, 2, 2, 13, 21, 16)
     inputs["tab"] = torch.randn(2, 3, 13 + 21 - 1, generator=torch.Generator().manual_seed(2))
     del inputs["rel"]
-    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", "tab")}
     grad_output = torch.randn(1, 2, 13, 16, generator=torch.Generator().manual_seed(1))
-    second_row(**leaves).backward(grad_output)
-    verdicts = check_gradients(second_row, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs)
+    grads, verdicts = _learned(second_row, inputs, ("q", "k", "v", "tab"), grad_output)
     assert all(v.ok for v in verdicts.values()), verdicts
-    assert bool((leaves["tab"].grad[:, [0, 2]] == 0).all()) and bool((leaves["tab"].grad[:, 1] != 0).any())
+    assert bool((grads["tab"][:, [0, 2]] == 0).all()) and bool((grads["tab"][:, 1] != 0).any())
 
 
 def test_a_table_read_at_an_offset_by_a_parameter_learns():
     inputs = _inputs(table_row, 1, 2, 2, 11, 16, 16)
-    leaves = {n: inputs[n].clone().requires_grad_() for n in ("q", "k", "v", "tab")}
     grad_output = torch.randn(1, 2, 11, 16, generator=torch.Generator().manual_seed(1))
-    table_row(**leaves, c=2).backward(grad_output)
-    verdicts = check_gradients(table_row, {n: x.grad for n, x in leaves.items()}, grad_output, **inputs, c=2)
+    grads, verdicts = _learned(table_row, inputs, ("q", "k", "v", "tab"), grad_output, c=2)
     assert all(v.ok for v in verdicts.values()), verdicts
     # n − m + M + c runs from c + 1 (the last query, the first key) to N + c (the causal mask's end-aligned edge)
-    row = leaves["tab"].grad[:, 1]
+    row = grads["tab"][:, 1]
     assert bool((row[:, 3:19] != 0).all()) and not row[:, :3].any() and not row[:, 19:].any()
-    assert not leaves["tab"].grad[:, [0, 2]].any()
+    assert not grads["tab"][:, [0, 2]].any()
 
 
 def test_a_table_read_at_a_computed_position_off_the_diagonals_is_frozen_and_a_call_that_trains_it_refused():

@@ -233,15 +233,14 @@ def _relabel(c: Cascade, leaf: Read) -> tuple[tuple[str, str], ...]:
 def _diagonal(c: Cascade, leaf: Read) -> Diagonal | None:
     """How ``leaf``, an input read at one computed position ``±(n − m) + offset`` (directly, or through an
     integer input over one rank; the offset in M, N and integer parameters) and at its own coordinates or
-    integers elsewhere, gets
-    its gradient; None for any other read at computed positions."""
+    integers elsewhere, gets its gradient; None for any other read at computed positions."""
     decl = c.tensor(leaf.tensor)
     at_ranks = [(sympy.sympify(i), own) for i, own in zip(leaf.index, decl.ranks)]
     fixed = tuple((own, int(i)) for i, own in at_ranks if i.is_Integer)
     computed = [(i, own) for i, own in at_ranks if i != coord(own) and not i.is_Integer]
     if len(computed) != 1 or STREAM in decl.ranks or "m" in decl.ranks:
         return None
-    at, own = sympy.sympify(computed[0][0]), computed[0][1]
+    ((at, own),) = computed
     rank, through = own, None
     inner = list(gathered((at,)))
     if inner:

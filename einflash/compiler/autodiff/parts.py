@@ -47,6 +47,11 @@ class Parts:
     keys: tuple[Cascade, ...] = ()  # one keys kernel per pass over the keys, in order
     key_terms: tuple[tuple[str, ...], ...] = ()  # computed by each (with the row terms computed from them)
 
+    @property
+    def key_kernels(self) -> dict[str, tuple[Cascade, tuple[str, ...]]]:
+        """The keys kernels by kind ("keys1", "keys2"..., in launch order), each with the terms it computes."""
+        return {f"keys{i + 1}": made for i, made in enumerate(zip(self.keys, self.key_terms))}
+
 
 def _given(c: Cascade, names: set[str]) -> Cascade:
     """``c`` with the tensors ``names`` read as inputs instead of computed."""
@@ -226,7 +231,7 @@ def cut(g: Gradient) -> Cut:
     loops = {
         k: (v and loop_over(v, r))
         for k, v, r in (
-            *((f"keys{i + 1}", part, STREAM) for i, part in enumerate(parts.keys)),
+            *((kind, part, STREAM) for kind, (part, _) in parts.key_kernels.items()),
             ("kv", parts.kv, "m"),
             ("q", parts.q, STREAM),
             ("kv_atomic", parts.kv_atomic, "m"),

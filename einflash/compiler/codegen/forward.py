@@ -58,9 +58,10 @@ def _no_sequence_rank_held(c: Cascade) -> None:
         if r.name in PARALLEL or r.name in (STREAM, "m") or r.name in c.table_ranks:
             continue
         extent = sympy.sympify(r.extent)
-        grows = extent.free_symbols & SEQUENCE and extent.is_polynomial(*SEQUENCE)  # N, N − 1, M + N; not N/block
+        if not (extent.free_symbols & SEQUENCE and extent.is_polynomial(*SEQUENCE)):  # N, N − 1, M + N; not N/block
+            continue
         e = next((e for e in c.einsums if r.name in e.iteration_ranks), None)
-        if grows and e is not None:
+        if e is not None:
             raise LoweringError(
                 f"{c.where(e)}: iterates {r.name}, as long as the sequence ({r.extent}); a program would hold all of "
                 f"it beside its rows (BLOCK_M·{r.extent} values on chip, past any register file at long lengths), "

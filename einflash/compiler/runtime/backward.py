@@ -154,7 +154,7 @@ class Backward:
                 out[p.name] = Output(p.name, ranks, program="pid_n" if no_seq else None)
             elif kernel == "kv" and atomic and p.kernel == "q":
                 out[p.name] = Output(p.name, ranks, atomic=True)
-        made = {f"keys{i + 1}": pt for i, pt in enumerate(zip(cut.parts.keys, cut.parts.key_terms))}
+        made = cut.parts.key_kernels
         if cut.parts.rows is not None:
             made["rows"] = (cut.parts.rows, cut.parts.row_terms)
         if kernel in made:
@@ -200,7 +200,7 @@ class Backward:
                 full,
                 self._full_mask,
             )
-        elif kind == "q" or kind.startswith("keys"):
+        elif kind == "q" or kind in cut.parts.key_kernels:
             src = lower_q(
                 cut.loops[kind], self._outputs(cut, kind, atomic), dims, name, ints, full, self._full_mask, kind
             )
@@ -269,8 +269,8 @@ class Backward:
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:
             launcher(*call.rows())  # its row terms are inputs of the kernels that follow
-        for i in range(len(call.cut.parts.keys)):
-            launcher(*call.q(schedule, f"keys{i + 1}"))  # and so are their key terms, in order
+        for kind in call.cut.parts.key_kernels:
+            launcher(*call.q(schedule, kind))  # and so are their key terms, in order
         atomic = schedule.atomic_dq and call.cut.parts.q is not None
         calls = []
         if call.cut.parts.kv is not None or atomic:
@@ -432,7 +432,7 @@ class _Call:
         ``kind`` "keys1", "keys2"..., a keys kernel's, whose key terms become inputs of the kernels that follow."""
         k = self.kernel(kind)
         outs = {o.name: self.workspace(o, 1, False) for o in k.outputs}
-        for t in self.cut.parts.key_terms[int(kind[4:]) - 1] if kind.startswith("keys") else ():
+        for t in self.cut.parts.key_kernels[kind][1] if kind != "q" else ():
             self.given[t] = outs[t]
         bm, bn = schedule.block_n, schedule.block_m
         ext = self.extents
