@@ -1,10 +1,13 @@
-"""Variants of more than one pass over the keys (and the sink logit, new with them), beside the same maths
-composed in PyTorch, on one GPU.
+"""Variants of more than one pass over the keys (and the sink logit and multi-token attention's convolution over
+the scores, new with them), beside the same maths composed in PyTorch, on one GPU.
 
     python3 benchmarks/bench_passes.py --out DIR [--shape 1,16,4096,128]
 
 In one process, bf16 q, k, v: einflash's kernels of examples/post_norm_threshold.py and renorm_threshold.py (two
-passes over the keys: the row's maximum and sum, then the thresholded weights) and sink_logit.py (one pass);
+passes over the keys: the row's maximum and sum, then the thresholded weights), sink_logit.py (one pass) and
+multi_token.py (one pass, each score recomputed at its 3×3 neighbours: nine q·k products per tile, forward only)
+and moba.py (two passes: the key blocks' sums, then attention over each query's own block and its 2 routed past
+blocks of 512 keys; forward only);
 beside each, the formula of tests' style written in plain PyTorch, eager and under torch.compile, which
 materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward, with each call's peak
 memory beyond its inputs; forward+backward, every tensor input learning (the sink logit's included). After
@@ -32,6 +35,7 @@ from einflash.testing import check, check_gradients, trainable
 
 TAU = 0.0001  # post_norm_threshold's: below 1/N at the benchmark's N, so that some weights are kept
 RELATIVE_TAU = 0.5  # renorm_threshold's, a fraction of 1/N: weights below half the uniform one are cut
+MOBA_BLOCK = 512  # key blocks as MoBA's paper routes 32K contexts: its own block and 2 past ones per query
 
 
 def post_norm_threshold(q, k, v, tau):
@@ -50,7 +54,41 @@ def sink_logit(q, k, v, sink):
     return torch.softmax(full, dim=-1)[..., :-1] @ v
 
 
+def multi_token(q, k, v, theta):
+    """Causal scores (masked ones 0) convolved over (query, key) offsets by θ[h] (conv2d, one group per head,
+    padded above and to the left), masked causally again, softmax."""
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    s = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).masked_fill(~causal, 0.0)
+    window_m, window_n = theta.shape[1:]
+    padded = torch.nn.functional.pad(s, (window_n - 1, 0, window_m - 1, 0))
+    weight = theta.flip(-1, -2).unsqueeze(1).to(s.dtype)
+    conv = torch.nn.functional.conv2d(padded, weight, groups=q.shape[1])
+    return torch.softmax(conv.masked_fill(~causal, float("-inf")), dim=-1) @ v
+
+
+def moba(q, k, v, block, topk=2):
+    """Each query's own key block and the topk past blocks with the largest q·mean(k over the block), causal."""
+    n = k.shape[2]
+    blocks = torch.arange(n, device=q.device) // block
+    count = torch.bincount(blocks).to(k.dtype)
+    kbar = torch.zeros(*k.shape[:2], len(count), k.shape[3], device=k.device, dtype=k.dtype).index_add_(2, blocks, k)
+    gates = q @ (kbar / count[:, None]).transpose(-1, -2)
+    own = torch.arange(q.shape[2], device=q.device)[:, None] // block
+    c = torch.arange(len(count), device=q.device)[None, :]
+    past = c < own
+    picks = gates.masked_fill(~past, float("-inf")).topk(min(topk, len(count)), dim=-1).indices
+    routed = (torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, picks, True) & past) | (c == own)
+    causal = torch.ones(q.shape[2], n, dtype=torch.bool, device=q.device).tril()
+    s = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).masked_fill(~(routed[..., blocks] & causal), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
 def _extra(name: str, shape: ef.Shape, dtype) -> dict:
+    if name == "moba":
+        return {"block": MOBA_BLOCK}
+    if name == "multi_token":
+        return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
     if name == "sink_logit":
         return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
     return {"tau": RELATIVE_TAU if name == "renorm_threshold" else TAU}
@@ -76,7 +114,7 @@ def _measure(rows: list, label: str, fn, flops: float, part: str = "forward") ->
     print(json.dumps(row), flush=True)
 
 
-VARIANTS = ("post_norm_threshold", "renorm_threshold", "sink_logit")
+VARIANTS = ("post_norm_threshold", "renorm_threshold", "sink_logit", "multi_token", "moba")
 
 
 def _checks(rows: list, variants: tuple[str, ...]) -> None:
@@ -88,9 +126,11 @@ def _checks(rows: list, variants: tuple[str, ...]) -> None:
             q = torch.randn(B, Hq, M, D, device="cuda", dtype=dtype, generator=g)
             k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
             # thresholds that bite at these lengths and keep every row
-            extra = {"post_norm_threshold": {"tau": 0.5 / N}, "renorm_threshold": {"tau": 0.9}}.get(name) or _extra(
-                name, shape, dtype
-            )
+            extra = {
+                "post_norm_threshold": {"tau": 0.5 / N},
+                "renorm_threshold": {"tau": 0.9},
+                "moba": {"block": 32},
+            }.get(name) or _extra(name, shape, dtype)
             verdict = check(op, op(q, k, v, **extra), q, k, v, **extra)
             row = dict(kind="check", variant=name, dtype=str(dtype), shape=[B, Hq, Hkv, M, N, D], ok=verdict.ok)
             row.update(verdict.as_dict())
@@ -133,7 +173,13 @@ def main() -> None:
     )
     shape = ef.Shape(B, H, N, N, D)
     variants = tuple(a.variants.split(","))
-    formulas = dict(post_norm_threshold=post_norm_threshold, renorm_threshold=renorm_threshold, sink_logit=sink_logit)
+    formulas = dict(
+        post_norm_threshold=post_norm_threshold,
+        renorm_threshold=renorm_threshold,
+        sink_logit=sink_logit,
+        multi_token=multi_token,
+        moba=moba,
+    )
     for name in variants:
         formula = formulas[name]
         op, extra = example(name)[1], _extra(name, shape, torch.bfloat16)

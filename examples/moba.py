@@ -5,6 +5,11 @@ and gated by g[m, c] = q[m]·kbar[c]. A query attends, causally, to its own bloc
 the TOPK past blocks with the largest gates (all past blocks when there are fewer).
 TOPK is fixed at declaration: the k of a k-th-largest reduction must be a Python int.
 
+The kernel makes two passes over the keys: the block sums (every program sums all N keys into E × ceil(N/block)
+values), then, after routing its rows, attention over the key tiles some row routes to (the others are left out).
+MoBA routes among blocks of hundreds of keys (512 in its paper); a small block holds many sums on chip. It has no
+backward yet; backend='reference' trains it.
+
 Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
 and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """

@@ -4,6 +4,10 @@ The causal scores are convolved over a small window of neighbouring queries and 
 conv[m, n] = Σ_{i,j} θ[h, i, j]·s[m − i, n − j] (masked or out-of-range scores add
 nothing), then masked causally again, normalised and applied to v.
 
+The kernel makes one pass over the keys: each score is recomputed at its neighbours, q[m − i]·k[n − j] for the
+3×3 window (nine q·k products per tile, the window's positions unrolled), so no tile of scores is kept. It has no
+backward yet (the convolution's gradient back onto q and k); backend='reference' trains it.
+
 Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
 and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.
 """

@@ -193,6 +193,11 @@ def sink_logit(q, k, v, sink, scale=None):
 
 def moba(q, k, v, block=16, topk=2, scale=None):
     """Own block plus the top-k past blocks by q·mean(k over the block), then causal softmax."""
+    return _attend(_scale(q, scale) * _dot(q, k), v, moba_mask(q, k, block, topk))
+
+
+def moba_mask(q, k, block=16, topk=2):
+    """MoBA's pairs: each query's own key block and its top-k past blocks by q·mean(k over the block), causal."""
     kk = _heads(k, q.shape[1])
     big_n = k.shape[2]
     blocks = torch.arange(big_n, device=q.device) // block
@@ -206,7 +211,7 @@ def moba(q, k, v, block=16, topk=2, scale=None):
     chosen = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, picks, True)
     selected = (chosen & past) | (c == own)
     m, n = _positions(q, k)
-    return _attend(_scale(q, scale) * _dot(q, k), v, selected[..., blocks] & (n <= m))
+    return selected[..., blocks] & (n <= m)
 
 
 # -- linear and chained ----------------------------------------------------------------------------

@@ -277,7 +277,7 @@ def rename_tensors(c: Cascade, names: dict[str, str]) -> Cascade:
     """Rename tensors everywhere they occur (declarations, reads, outputs)."""
 
     def fix(x):
-        return Read(names.get(x.tensor, x.tensor), x.index, x.prev) if isinstance(x, Read) else None
+        return replace(x, tensor=names.get(x.tensor, x.tensor)) if isinstance(x, Read) else None
 
     def fix_einsum(e: Einsum) -> Einsum:
         return replace(

@@ -55,13 +55,21 @@ class Size:
     rank: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Read:
-    """``tensor[index]``; ``prev`` reads a running state's value before this chunk."""
+    """``tensor[index]``; ``prev`` reads a running state's value before this chunk. A ``padded`` read of an input
+    finds absent elements outside the input, where any other read outside it is an error: rewrites make them
+    when they recompute a value at shifted coordinates (``s[m − i, n − j]`` from ``q[m − i]``, ``k[n − j]``)."""
 
     tensor: str
     index: tuple[sympy.Expr, ...]
     prev: bool = False
+    padded: bool = False
+
+    def __repr__(self) -> str:
+        # ``padded`` only where set: canonical texts, and so the cache keys of shipped kernels, stay as they were
+        pad = ", padded=True" if self.padded else ""
+        return f"Read(tensor={self.tensor!r}, index={self.index!r}, prev={self.prev!r}{pad})"
 
 
 @dataclass(frozen=True)

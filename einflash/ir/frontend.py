@@ -579,7 +579,11 @@ scale = _leaf(Param("scale"))
 def _signature_inputs(fn: Callable, st: _TraceState) -> tuple[list[TensorDecl], dict[str, Traced]]:
     decls, args = [], {}
     where = f"{st.source}:{fn.__code__.co_firstlineno}"  # the signature's line (its first decorator's)
-    for p in inspect.signature(fn).parameters.values():
+    try:  # annotations written under `from __future__ import annotations` are strings until evaluated
+        signature = inspect.signature(fn, eval_str=True)
+    except Exception as err:  # noqa: BLE001 -- any error of the user's annotation, named
+        raise DeclarationError(f"an annotation of {fn.__name__} does not evaluate: {err}", where) from None
+    for p in signature.parameters.values():
         ann = p.annotation
         if isinstance(ann, InputSpec) or (ann is inspect.Parameter.empty and p.default is inspect.Parameter.empty):
             spec = ann if isinstance(ann, InputSpec) else _STANDARD_INPUTS.get(p.name)

@@ -81,7 +81,7 @@ def format_expr(x: Expr, parent: int = 0) -> str:
     if isinstance(x, Size):
         return f"|{x.rank}|"
     if isinstance(x, Read):
-        return f"{x.tensor}{'@prev' if x.prev else ''}[{_index(x.index)}]"
+        return f"{x.tensor}{'@prev' if x.prev else ''}{'@padded' if x.padded else ''}[{_index(x.index)}]"
     op = OPERATORS[x.op]
     mark = "∪" if x.merge is Merge.ANY else ""
     prec = _PRECEDENCE.get(x.op)

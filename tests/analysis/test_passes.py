@@ -50,8 +50,6 @@ PASSES = {
 }
 # Where the pipeline does not reach docs/design.md §3's count yet. Strict: reaching it must update this table.
 BEHIND_CATALOGUE = {
-    "multi_token": "the convolution reads scores at n − j, outside the current chunk of n; no rewrite "
-    "recomputes the halo, so the cascade is not streamed (2 passes, docs/design.md §3 says 1)",
     "top_k": "the k-th largest has no running form (the row's k largest values as a state, merged per key tile), "
     "so its pass cannot share a loop with the softmax's: 3 passes, docs/design.md §3 says 2",
 }

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from unittest import mock
 
+import formulas
 import pytest
 import torch
 from catalogue import EXAMPLES, load_example
@@ -61,13 +62,13 @@ LOWERABLE = (
     "post_norm_threshold",
     "renorm_threshold",
     "sink_logit",
+    "multi_token",
+    "moba",
 )
 # Each not-yet-lowerable example with the reason its LoweringError must give.
 UNLOWERABLE = {
-    "moba": "does not depend on the query rank m|tile ranks",
     "linear": "does not depend on the query rank m",
     "agent": "does not depend on the query rank m",
-    "multi_token": "outside the current chunk of n",
     "top_k": "iterates n outside any loop.*kth_largest has none",
     "stick_breaking": "needs a third tile rank",
 }
@@ -77,6 +78,7 @@ TUNED = {
     "prefix_lm": {"prefix": 5},
     "sink_window": {"window": 6, "sinks": 3},
     "softcap": {"cap": 1.5},
+    "moba": {"block": 5},
 }
 # Odd lengths, M ≠ N, E padded to 32; Hq = 2·Hkv unless the example names its HEADS.
 SHAPE = ef.Shape(B=1, Hq=2, M=37, N=45, E=24, F=16, Hkv=1)
@@ -333,6 +335,36 @@ def test_decode(name, M, splits, pack):
     _assert_matches_reference(op, out, **inputs)
 
 
+@ef.attention
+def routed_with_ties(q, k, v, w: ef.Tensor["e c"], width: int = 1):
+    """Keys routed by the 3rd largest of integer gates over a held rank c (ties everywhere), gathered at n // width."""
+    g = q @ w
+    sel = g >= g.kth_largest(3, "c")
+    return ef.softmax(ef.mask(q @ k * ef.scale, sel[ef.m, ef.n // width] & (ef.n <= ef.m + 40)), "n") @ v
+
+
+@pytest.mark.parametrize("C", [2, 5, 16])
+def test_a_kth_largest_over_a_held_rank_counts_ties_and_routes_by_a_gather(C):
+    """The k-th largest of a row over c as torch.topk takes it (ties counted; of fewer than k entries, the
+    smallest), and a routing row read at a position computed from the key (``tl.gather``)."""
+    torch.manual_seed(0)
+    q = torch.randint(-2, 3, (1, 2, 37, 16)).float()
+    k, v = torch.randn(1, 1, 45, 16), torch.randn(1, 1, 45, 16)
+    w = torch.randint(-1, 2, (16, C)).float()
+    width = -(-45 // C)
+    out = routed_with_ties(q, k, v, w=w, width=width)
+    _assert_matches_reference(routed_with_ties, out, q, k, v, w=w, width=width)
+
+
+def test_decode_a_convolution_over_the_scores_packed_and_split():
+    """Multi-token attention's recomputed halo (q read one and two rows up, k one and two keys left) in programs
+    that pack the GQA group's rows and split the keys: a packed row's neighbour is in its own head."""
+    op = _op("multi_token")
+    inputs = _inputs("multi_token", dataclasses.replace(SHAPE, B=1, Hq=4, Hkv=2, M=5, N=53, E=16, F=16), F32)
+    out = op(**inputs, schedule=Schedule(16, 16, 4, 1, 3, True))
+    _assert_matches_reference(op, out, **inputs)
+
+
 @pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 def test_decode_with_more_splits_than_key_tiles(pack):
     """N = 9 is one key tile: two of the three splits see no key at all and must leave no trace."""
@@ -432,6 +464,19 @@ def test_visited_tiles_are_the_materialised_masks_non_empty_tiles(name, M, N, BM
     got = _visits(name, M, N, BM, BN)
     assert got == _brute_counts(mask, rows, BN)
     assert sum(got) < len(rows) * -(-N // BN)  # the masks do leave tiles out
+
+
+def test_moba_visits_only_the_key_tiles_its_rows_route_to():
+    """The second pass leaves out a key tile when no row of the query tile routes to its blocks: the kernel visits
+    exactly the tiles of the materialised routing mask that hold a pair (fewer than the causal ones)."""
+    M = N = 192
+    inputs = _inputs("moba", dataclasses.replace(SHAPE, B=1, Hq=1, Hkv=1, M=M, N=N, E=16, F=16), F32)
+    out, counts = _counting_run(_op("moba"), inputs, {"block": 16}, Schedule(16, 16, 4, 1))
+    _assert_matches_reference(_op("moba"), out, **inputs, block=16)
+    mask = formulas.moba_mask(inputs["q"], inputs["k"], block=16)[0, 0]
+    want = _brute_counts(mask, [slice(i, i + 16) for i in range(0, M, 16)], 16)
+    assert counts[0, 0].tolist() == [w + N // 16 for w in want]  # the first pass visits every key tile
+    assert sum(want) < sum(i + 1 for i in range(M // 16))  # some causal tiles are left out
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from catalogue import EXAMPLES
-from gradient_cases import FULLY_MASKED, LOWERED, TUNED, frozen, inputs, op
+from gradient_cases import FORWARD_ONLY, FULLY_MASKED, LOWERED, TUNED, frozen, inputs, op
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
@@ -57,7 +57,13 @@ def _assert_same(got: dict, want: dict, given: dict, skip: set[str] = frozenset(
 
 def test_the_list_is_the_lowerable_catalogue():
     lowered = sorted(p.stem for p in EXAMPLES.glob("*.py") if op(p.stem).forward.error is None)
-    assert lowered == sorted(LOWERED)
+    assert lowered == sorted(LOWERED + tuple(FORWARD_ONLY))
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_ONLY))
+def test_a_forward_only_variant_refuses_its_backward_with_a_typed_error(name):
+    error = op(name).backward.error
+    assert isinstance(error, DifferentiationError) and FORWARD_ONLY[name] in str(error)
 
 
 def test_a_reducer_without_a_derivative_says_how_to_declare_one():

@@ -1,12 +1,13 @@
 """Absent values (docs/semantics.md): an empty masked sum is absent, not 0, and stays absent in arithmetic; a
 sum of present zeros (``ef.where(cond, x, 0)``) is 0. The reference follows the rule, checked against the
-formula written out in torch, and a kernel either agrees or refuses."""
+formula written out in torch, and a kernel agrees (the tail unrolled) or, where the tail is too long, refuses."""
 
 import pytest
 import torch
 
 import einflash as ef
 from einflash.errors import LoweringError
+from einflash.testing import check
 
 B, H, M, D = 1, 2, 7, 4
 
@@ -55,14 +56,19 @@ def test_the_two_forms_differ_exactly_where_a_tail_is_empty():
     assert not torch.allclose(absent, zero)
 
 
-def test_a_kernel_that_cannot_follow_the_rule_refuses():
-    q, k, v, w = (x.float() for x in _inputs())
-    with pytest.raises(LoweringError, match="3 tile ranks"):
-        _tail_weighted(False)(q, k, v, w=w)
+def test_a_kernel_follows_the_rule_where_it_unrolls_the_tail():
+    """The masked tail is a sum of w times an indicator over (m, n, j), present where a count of the j between is
+    positive (rewrite/indicator.py); with j short the kernel unrolls it and agrees with the reference, empty tails
+    dropping their (m, n) as there."""
+    q, k, v, w = _inputs()
+    op = _tail_weighted(False)
+    verdict = check(op, op(q.float(), k.float(), v.float(), w=w.float()), q, k, v, w=w)
+    assert verdict.ok, verdict
 
 
-def test_the_refusal_names_the_declarations_line():
-    q, k, v, w = (x.float() for x in _inputs())
-    with pytest.raises(LoweringError) as refused:
-        _tail_weighted(False)(q, k, v, w=w)
+def test_a_tail_too_long_to_unroll_is_refused_at_the_declarations_line():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, 100, D, generator=g) for _ in range(3))
+    with pytest.raises(LoweringError, match="more than two tile ranks") as refused:
+        _tail_weighted(False)(q, k, v, w=torch.rand(B, H, 100, generator=g))
     assert refused.value.where is not None and refused.value.where.startswith(__file__)

@@ -10,6 +10,7 @@ import re
 
 import networkx as nx
 import pytest
+import sympy
 from catalogue import EXAMPLES, load_example
 
 import einflash as ef
@@ -127,6 +128,33 @@ def test_library_and_examples_keys():
     assert keys["gqa"] == keys["causal"]
     others = [k for n, k in keys.items() if n != "gqa"]
     assert len(set(others)) == len(others)
+
+
+def test_annotations_written_as_strings_declare_inputs():
+    """This module has ``from __future__ import annotations``: its annotations reach the decorator as strings, which
+    are evaluated; one that does not evaluate is a DeclarationError naming the signature's line."""
+
+    @ef.attention
+    def biased(q, k, v, bias: ef.Tensor["h m n"]):
+        return ef.softmax(q @ k * ef.scale + bias, "n") @ v
+
+    assert [t.name for t in biased.cascade.inputs] == ["q", "k", "v", "bias"]
+    with pytest.raises(DeclarationError, match="does not evaluate") as err:
+
+        @ef.attention
+        def broken(q, k, v, bias: undefined_name):  # noqa: F821 -- the point of the test
+            return ef.softmax(q @ k + bias, "n") @ v
+
+    assert "test_ir.py:" in str(err.value)
+
+
+def test_read_padded_prints_and_keys_only_where_set():
+    """A padded read (a rewrite's, outside the input absent) shows in the printer and the canonical text; a plain read's
+    repr is as it always was, so the keys of every cascade without one stay."""
+    m = sympy.Symbol("m", integer=True, nonnegative=True)
+    assert repr(Read("q", (m,))) == "Read(tensor='q', index=(m,), prev=False)"
+    assert "padded=True" in repr(Read("q", (m - 1,), padded=True))
+    assert format_expr(Read("q", (m - 1,), padded=True)) == "q@padded[m - 1]"
 
 
 def test_key_changes_with_the_rewrites():

@@ -269,6 +269,14 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
     gradient einflash can derive."""
     if any(e.loop for e in c.einsums):
         raise DifferentiationError(f"{c.name}: differentiate the cascade before it is streamed")
+    shifted = next((e for e in c.einsums for r in e.reads() if r.padded), None)
+    if shifted is not None:
+        raise DifferentiationError(
+            f"{c.where(shifted)}: a value read at shifted coordinates (a convolution over the score tile) is "
+            f"recomputed there by the forward kernel; its gradient, a convolution of the score gradients back "
+            f"onto q and k, has no kernel yet: train it with backend='reference', or run the forward without "
+            f"gradients"
+        )
     late = [e for e in c.einsums if reduces(e) and STREAM in e.reduce.ranks]
     for reduction in late:
         if reduction.out not in states or set(reduction.reduce.ranks) != {STREAM}:

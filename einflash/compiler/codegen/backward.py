@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from ...ir.cascade import Cascade, Layout, Role
+from ...ir.cascade import Cascade, Layout
 from ...ir.expr import Read, rank_free
 from ...ir.ranks import PARALLEL
 from ...templates import render
@@ -288,9 +288,9 @@ def lower_kv(
     zeros(pro, [x for x in s.sums if x in level])
     head_pro = kernel.section(env=pro.env, loads=pro.loads, masked=False, edge_loads=True)
     for e in s.loop + s.prologue:
-        for r in e.reads():
+        for r in pro.input_reads(e):
             decl = c.tensor(r.tensor)
-            if decl.role is Role.INPUT and "m" not in {x.name for i in r.index for x in i.free_symbols}:
+            if "m" not in {x.name for i in r.index for x in i.free_symbols}:
                 per_head = "h" in decl.ranks and decl.layout is not Layout.KEY
                 (head_pro if per_head else pro).load(r)
     head_pro.env.update(pro.env)
@@ -374,8 +374,8 @@ def lower_q(
     pro = kernel.section(masked=False)
     zeros(pro, s.sums)
     for e in s.loop:
-        for r in e.reads():
-            if c.tensor(r.tensor).role is Role.INPUT and "n" not in {x.name for i in r.index for x in i.free_symbols}:
+        for r in pro.input_reads(e):
+            if "n" not in {x.name for i in r.index for x in i.free_symbols}:
                 pro.load(r)
     for e in s.prologue:
         pro.einsum(e)

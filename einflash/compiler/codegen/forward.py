@@ -9,7 +9,7 @@ affine part of the mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -19,10 +19,11 @@ from ...ir.ranks import PARALLEL, STREAM, extent_symbol
 from ...ir.user_ops import triton_helper, user_operators
 from ...templates import render
 from ..analysis.key_passes import count_passes
+from .reductions import KTH_LARGEST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
 from .stores import carry, init_states, row_output_params, store_output, store_row_output, store_state
-from .tile_ranges import key_plan
+from .tile_ranges import governing_mask, key_plan
 from .tilecode import KernelSettings
 
 TEMPLATE = "attention_fwd.py.jinja"
@@ -98,8 +99,11 @@ def sections(c: Cascade) -> Sections:
             after.append([])
         else:
             after[-1].append(b[0])
+    last = max(int(e.loop) for e in c.einsums)
     for t in c.states:
-        if "m" not in t.ranks:
+        # a summary of the keys that a later pass reads (MoBA's block means) costs each program one more read of
+        # the keys; one the output is made of (linear attention's state) is the whole stream again per query tile
+        if "m" not in t.ranks and max(int(e.loop) for e in c.producers(t.name)) == last:
             raise LoweringError(
                 f"running state {t.name}[{','.join(t.ranks)}] does not depend on the query rank m: "
                 f"every query tile would repeat the whole stream (linear-attention form); "
@@ -161,8 +165,8 @@ def lower(
     pro = kernel.section()
     init_states(pro, c, acc, only={e.out for e in sec.loops[0]})
     for e in (e for loop in sec.loops for e in loop):
-        for r in e.reads():
-            if c.tensor(r.tensor).role is Role.INPUT and not _has_n(r):
+        for r in pro.input_reads(e):
+            if not _has_n(r):
                 pro.load(r)
     for e in sec.prologue:
         pro.einsum(e)
@@ -178,7 +182,11 @@ def lower(
             init_states(start, c, acc, only={e.out for e in loop})
         prev_read = {r.tensor for e in loop for r in e.reads() if r.prev}
         ranges = []
+        mask = governing_mask(c, loop)
+        unrouted = None if mask is None else start.unrouted(mask)  # tiles no row routes to (MoBA) are left out
         for kr in keys.ranges:
+            if unrouted is not None:
+                kr = replace(kr, skip_tile=unrouted if kr.skip_tile is None else f"({kr.skip_tile}) | {unrouted}")
             body = kernel.section(kr.masked, kr.skip, start.env, pro.loads)
             for st in sorted(prev_read):
                 body.emit(f"v_{st}_prev = v_{st}")
@@ -263,7 +271,8 @@ def helpers(c: Cascade) -> list[str]:
         [x for e in c.einsums for x in (e.expr, e.where) if x is not None],
         [e.reduce.op for e in c.einsums if e.reduce is not None],
     )
-    return [triton_helper(name) for name in used]
+    kth = any(e.reduce is not None and e.reduce.op == "kth_largest" for e in c.einsums)
+    return [triton_helper(name) for name in used] + ([KTH_LARGEST] if kth else [])
 
 
 def _has_n(r) -> bool:

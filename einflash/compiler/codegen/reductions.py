@@ -28,9 +28,26 @@ Factors: TypeAlias = list[tuple[Expr, int]]  # factors of a product with their e
 DotGroups: TypeAlias = tuple[tuple[str, Factors], tuple[str, Factors], Factors]
 
 
+# The k-th largest along an axis of a 2-D tile, ties counted as torch.topk counts them: k − 1 times the largest
+# is taken out, at one position (the first), then the largest left is the answer. For a rank held whole (MoBA's
+# key blocks); over n it has no running form.
+KTH_LARGEST = """@triton.jit
+def _kth_largest(x, K: tl.constexpr, axis: tl.constexpr):
+    if axis == 0:
+        pos = tl.arange(0, x.shape[0])[:, None]
+    else:
+        pos = tl.arange(0, x.shape[1])[None, :]
+    for _ in tl.static_range(K - 1):
+        x = tl.where(pos == tl.expand_dims(tl.argmax(x, axis), axis), float("-inf"), x)
+    return tl.max(x, axis)
+"""
+
+
 def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     """``e``'s reduction of its evaluated ``body`` over its one rank."""
     red = e.reduce
+    if red.op == "kth_largest" and len(red.ranks) == 1:
+        return _kth_largest(g, e, body)
     if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
         raise LoweringError(
             f"{e.out}: the one-pass template reduces over one rank with a reducer that "
@@ -71,6 +88,32 @@ def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
             present, pranks = body.present, body.pranks
     finite = body.finite and red.op in ("sum", "max", "min")
     return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
+
+
+def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
+    """The k-th largest over a rank the tile holds whole (absent elements as −inf, as the reference takes them; of
+    fewer than k elements, the smallest)."""
+    rank = e.reduce.ranks[0]
+    src = g.filled(body, float("-inf"))
+    if rank in ("m", "n") or rank not in src.ranks or len(src.ranks) != 2:
+        raise LoweringError(
+            f"{e.out}: a k-th largest over {rank} runs over a rank each program holds whole (not m or n), in a 2-D "
+            f"tile; this one's tile has ranks ({', '.join(src.ranks)})"
+        )
+    k = min(int(e.reduce.arg or 0), g.extent(rank))
+    axis = src.ranks.index(rank)
+    values = g.f32(src)
+    if g.extent(rank) != g.dims[rank]:  # a padded rank's padding (a dot's 0 there) is no element
+        values = f"tl.where({bcast(f'(offs_{rank} < {g.extent(rank)})', (rank,), src.ranks)}, {values}, float('-inf'))"
+    keep = tuple(r for r in src.ranks if r != rank)
+    present: str | None = None
+    pranks: tuple[str, ...] = ()
+    if body.present is not None:
+        present, pranks = body.present, body.pranks
+        if rank in body.pranks:
+            present = g.any_of(body.present, body.pranks, rank)
+            pranks = tuple(x for x in body.pranks if x != rank)
+    return Tile(f"_kth_largest({values}, {k}, {axis})", keep, present, pranks, float("-inf") if present else None)
 
 
 def dot_groups(e: Reducing, order: tuple[str, ...] | None) -> DotGroups | None:
@@ -160,7 +203,7 @@ def _reduced_presence(g: TileCode, t: Tile, rank: str) -> Tile:
 def _operand(g: TileCode, t: Tile, want: tuple[str, str]) -> str:
     """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
     code = t.code if (t.dtype == "in" or g.kernel.exact) else f"{t.code}.to({g.kernel.dot_dtype})"
-    if g.kernel.exact and t.dtype == "in":
+    if g.kernel.exact and t.dtype in ("in", "int", "bool"):  # an indicator (MoBA's blocks) is an integer tile
         code = f"{t.code}.to({g.kernel.acc})"
     if len(t.ranks) == 1:
         raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")

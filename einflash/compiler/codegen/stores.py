@@ -18,8 +18,14 @@ def init_states(g: TileCode, c: Cascade, acc: str = "tl.float32", only: set[str]
         assert t.init is not None, t.name  # a state is made with its reducer's identity (rewrite.online)
         shape = ", ".join(bcast_axes(t.ranks))
         g.emit(f"v_{t.name} = tl.full([{shape}], {literal(t.init)}, {acc})")
-        g.emit(f"v_{t.name}_p = tl.zeros([BLOCK_M], dtype=tl.int1)")
-        g.env[t.name] = Tile(f"v_{t.name}", tile_ranks(t.ranks), f"v_{t.name}_p", ("m",), t.init)
+        g.emit(f"v_{t.name}_p = tl.zeros([{', '.join(bcast_axes(presence_ranks(t.ranks)))}], dtype=tl.int1)")
+        g.env[t.name] = Tile(f"v_{t.name}", tile_ranks(t.ranks), f"v_{t.name}_p", presence_ranks(t.ranks), t.init)
+
+
+def presence_ranks(ranks) -> tuple[str, ...]:
+    """The axes of a running state's loop-carried presence: its rows (a state over m is present per row), else all
+    its tile axes (a summary of the keys, MoBA's block sums)."""
+    return ("m",) if "m" in ranks else tile_ranks(ranks)
 
 
 def tile_ranks(ranks) -> tuple[str, ...]:
@@ -33,13 +39,17 @@ def bcast_axes(ranks) -> list[str]:
 
 
 def carry(g: TileCode, name: str, t: Tile) -> None:
-    """Keep a running state loop-carried with a fixed type: value and a [BLOCK_M] presence."""
+    """Keep a running state loop-carried with a fixed type: value and a presence over ``presence_ranks``."""
+    axes = presence_ranks(t.ranks)
+    shape = ", ".join(bcast_axes(axes))
     if t.present is None:
-        g.emit(f"v_{name}_p = tl.full([BLOCK_M], 1, tl.int1)")
-    elif t.pranks != ("m",):
+        g.emit(f"v_{name}_p = tl.full([{shape}], 1, tl.int1)")
+    elif t.pranks != axes and "m" in t.ranks:
         raise LoweringError(f"the presence of state {name} varies along {t.pranks}; expected rows only")
+    elif t.pranks != axes:  # a key summary's presence along some of its axes, made whole
+        g.emit(f"v_{name}_p = {bcast(t.present, t.pranks, axes)} | tl.zeros([{shape}], dtype=tl.int1)")
     g.env[name] = Tile(
-        f"v_{name}", t.ranks, None if t.present is None else f"v_{name}_p", ("m",) if t.present else (), t.fill
+        f"v_{name}", t.ranks, None if t.present is None else f"v_{name}_p", axes if t.present else (), t.fill
     )
 
 

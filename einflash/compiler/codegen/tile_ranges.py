@@ -105,17 +105,25 @@ class KeyPlan:
 def governing_mask(
     c: Cascade, loop: tuple[Einsum, ...], ranks: frozenset = frozenset({STREAM}), outputs: frozenset = frozenset()
 ) -> Expr | None:
-    """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, when all
-    the loop's filters over ``ranks`` share one affine part (one filter in a forward; a mask and the adjoints
-    it masks in a backward, whose per-row filters of saved states are no mask of tiles)."""
+    """A filter every reduction over ``ranks`` (and every Einsum named in ``outputs``) depends on, through it or
+    another filter of the same affine part (one filter in a forward; a mask and the adjoints it masks in a
+    backward, whose per-row filters of saved states are no mask of tiles). Of several affine parts (multi-token
+    attention's shifted scores' `n − j ≤ m − i`, none, then the causal mask on their convolution), the first that
+    governs, one with a tile plan before none: the others' conjuncts are then evaluated in every tile it visits."""
     filters = [(e.out, e.where) for e in loop if e.where is not None and ranks <= e.iteration_ranks]
-    if not filters:
-        return None
     integers = frozenset(p.name for p in c.params if p.integer)
-    first = filters[0][1]
-    if any(affine_part(where, integers) != affine_part(first, integers) for _, where in filters[1:]):
-        return None
-    names = {out for out, _ in filters}
+    parts = [affine_part(where, integers) for _, where in filters]
+    for k in sorted(range(len(parts)), key=lambda k: parts[k] is None):  # a part that gives a tile plan first
+        part = parts[k]
+        if part not in parts[:k] and _governs(
+            loop, ranks, outputs, {o for (o, _), p in zip(filters, parts) if p == part}
+        ):
+            return filters[k][1]
+    return None
+
+
+def _governs(loop: tuple[Einsum, ...], ranks: frozenset, outputs: frozenset, names: set[str]) -> bool:
+    """Whether every reduction over ``ranks`` in ``loop`` and every Einsum in ``outputs`` reads one of ``names``."""
     deps: dict[str, set[str]] = {}
     for e in loop:
         mine = {e.out} if e.out in names else set()
@@ -123,10 +131,7 @@ def governing_mask(
             if not r.prev:
                 mine |= deps.get(r.tensor, set())
         deps[e.out] = mine
-    for e in loop:
-        if ((e.reduce is not None and set(e.reduce.ranks) & ranks) or e.out in outputs) and not deps[e.out]:
-            return None
-    return first
+    return all(deps[e.out] for e in loop if (e.reduce is not None and set(e.reduce.ranks) & ranks) or e.out in outputs)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from ...errors import LoweringError
-from ...ir.cascade import Cascade, Einsum, Layout, Role, reduces
+from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Role, reduces
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, gathered_entries, index_ranks, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, coord
@@ -45,6 +45,7 @@ from .tile import (
     tile_axes,
 )
 from .tile_ranges import to_triton
+from .unroll import at_position, instance, instance_name, positions, unrolled_ranks
 
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
@@ -109,6 +110,8 @@ class TileCode:
     presence_vars: dict = field(default_factory=dict)  # a presence expression -> the variable first bound to it
     aliases: dict = field(default_factory=dict)  # a presence variable -> the presence it copies
     reduced: dict = field(default_factory=dict)  # (presence, rank) -> its reduction over rank by any
+    # Einsums over unrolled ranks (unroll.py) -> those ranks: each instance is made where it is first read
+    deferred: dict = field(default_factory=dict)
 
     @property
     def c(self) -> Cascade:
@@ -192,7 +195,7 @@ class TileCode:
 
     def load(self, r: Read) -> Tile:
         decl = self.c.tensor(r.tensor)
-        key = (r.tensor, r.index)
+        key = (r.tensor, r.index, r.padded)
         if key in self.loads:
             return self.loads[key]
         # terms of the address: a code, or (rank, stride) for a tile axis, indexed once the tile's axes are known
@@ -201,6 +204,7 @@ class TileCode:
         axes: list[str] = []
         # (axis, in-range condition) where a coordinate indexes a dimension of another rank
         beyond: list[tuple[str, str]] = []
+        outside: list[tuple[tuple[str, ...], str]] = []  # (axes, in-range condition) of a padded read's index
         if r.tensor in self.kernel.workspaces:  # memory dims b, h, split, then the ranks after h
             offs.append(f"s_idx * stride_{r.tensor}_2")
         for d, (i, own) in enumerate(zip(r.index, decl.ranks)):
@@ -209,10 +213,13 @@ class TileCode:
             names = [s.name for s in getattr(i, "free_symbols", ())]
             if len(names) != 1 or i != coord(names[0]):
                 # an offset or a constant: the call checked it within the input for every position
-                # (reference.bind_extents), so only positions past the tile's edge are masked
+                # (reference.bind_extents), so only positions past the tile's edge are masked; a padded read's
+                # positions outside the input hold nothing
                 at = self.offset_index(r, i, own)
                 axes += at
                 offs.append((i, stride, at))
+                if r.padded:
+                    outside.append((at, self.within(i, own, at)))
                 continue
             rank = names[0]
             if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
@@ -269,6 +276,8 @@ class TileCode:
         for rank, cond in beyond:
             masks.append(bcast(cond, (rank,), axes_t))
             absent.append((rank, cond))
+        for along, cond in outside:
+            masks.append(bcast(cond, along, axes_t) if along else cond)
         ptr = " + ".join([f"{r.tensor}_ptr"] + terms)  # no terms: a 0-d tensor (a learnable scalar)
         name = self.fresh(f"ld_{r.tensor}")
         if masks:
@@ -276,9 +285,11 @@ class TileCode:
         else:
             self.emit(f"{name} = tl.load({ptr})")
         # keys past the end, padded head-dimension positions and reads past a dimension's end are absent
-        pranks = tile_axes((x for x, _ in absent), self.kernel.order)
-        present = " & ".join(bcast(cond, (x,), pranks) for x, cond in absent) or None
-        if len(absent) > 1:  # one expression: it is indexed to broadcast against other tiles
+        pranks = tile_axes([x for x, _ in absent] + [x for along, _ in outside for x in along], self.kernel.order)
+        conds = [bcast(cond, (x,), pranks) for x, cond in absent]
+        conds += [bcast(cond, along, pranks) if along else cond for along, cond in outside]
+        present = " & ".join(conds) or None
+        if len(conds) > 1:  # one expression: it is indexed to broadcast against other tiles
             present = f"({present})"
         # q, k and v are taken to be finite (as every attention kernel does); an extra input (a bias) may
         # hold −inf on purpose
@@ -301,6 +312,25 @@ class TileCode:
             t = Tile(name, axes_t, pres, ("m",), None, "f32")
         self.loads[key] = t
         return t
+
+    def within(self, index, own: str, along: tuple[str, ...]) -> str:
+        """The test that ``index`` (over the tile axes ``along``) lies within its input dimension's extent."""
+        spots = {coord(x): bcast(f"offs_{x}", (x,), along) for x in along}
+        at = to_triton(index, spots | self.extent_names(index))
+        extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
+        return f"((({at}) >= 0) & (({at}) < {extent}))"
+
+    def input_reads(self, e: Einsum) -> list[Read]:
+        """The inputs ``e`` reads, at every position of its unrolled ranks."""
+        ranks = unrolled_ranks(e, self.c)
+        try:
+            every = positions(ranks, self.dims, e.out) if ranks else [{}]
+        except LoweringError as err:
+            raise type(err)(str(err), self.c.where(e)) from None
+        out = []
+        for at in every:
+            out += [at_position(r, at) for r in e.reads() if self.c.tensor(r.tensor).role is Role.INPUT]
+        return out
 
     def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
         """The tile axes an input's index other than its own coordinate runs along (``rel[n − m + M − 1]``:
@@ -392,13 +422,105 @@ class TileCode:
                 return replace(t, code=f"{t.code}_prev", present=None if t.present is None else f"{t.present}_prev")
             if self.c.tensor(x.tensor).role is Role.INPUT:
                 return self.load(x)
+            if x.tensor in self.deferred:
+                return self.instance_of(x)
             if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
+                gathered = self.gather(x)
+                if gathered is not None:
+                    return gathered
                 raise LoweringError(
                     f"{x.tensor} is read at index {x.index}; the one-pass template reads "
                     f"intermediates only at their own coordinates"
                 )
             return self.env[x.tensor]
         raise TypeError(x)
+
+    def instance_of(self, x: Read) -> Tile:
+        """The instance of a deferred Einsum that ``x`` reads (its unrolled ranks at constants), made on first use."""
+        e, ranks = self.deferred[x.tensor]
+        at = {}
+        for rank, i in zip(self.c.tensor(x.tensor).ranks, x.index):
+            i = sympy.sympify(i)
+            if rank in ranks and i.is_Integer:
+                at[rank] = int(i)
+            elif i != coord(rank):
+                raise LoweringError(
+                    f"{x.tensor} is read at index {x.index}; the kernels read a value over unrolled ranks at their "
+                    f"positions, its other ranks at their own coordinates"
+                )
+        name = instance_name(x.tensor, at)
+        if name not in self.env:
+            self._einsum(instance(e, at))
+        return self.env[name]
+
+    def gather(self, x: Read) -> Tile | None:
+        """A computed tile over a sequence rank and a rank held whole, read at the held rank's position computed from
+        the other sequence rank (MoBA's routing ``sel[m, n // block]``): ``tl.gather`` along the held rank, absent
+        where the position is outside its extent. None for any other index."""
+        src = self.env[x.tensor]
+        moved = [(r, sympy.sympify(i)) for r, i in zip(self.c.tensor(x.tensor).ranks, x.index) if i != coord(r)]
+        if len(moved) != 1 or len(src.ranks) != 2 or moved[0][0] not in src.ranks:
+            return None
+        held, index = moved[0]
+        (own,) = [r for r in src.ranks if r != held]
+        along = tuple(sorted(index_ranks((index,))))
+        out = tile_axes((own, *along), self.kernel.order)
+        if held in ("m", "n") or own not in ("m", "n") or along not in (("m",), ("n",)) or along == (own,):
+            return None
+        if out != (own, *along) or src.ranks.index(held) != 1:
+            raise LoweringError(f"{x.tensor} is gathered at {index} in a kernel that holds its tiles transposed")
+        at = self.fresh(f"at_{x.tensor}")
+        spots = {coord(a): bcast(f"offs_{a}", (a,), out) for a in along}
+        self.emit(
+            f"{at} = {to_triton(index, spots | self.extent_names(index))} + {bcast(f'(offs_{own} * 0)', (own,), out)}"
+        )
+        inside = f"(({at} >= 0) & ({at} < {self.extent(held)}))"
+        clamped = f"tl.minimum(tl.maximum({at}, 0), {self.dims[held] - 1})"
+
+        def take(code: str, boolean: bool) -> str:
+            name = self.fresh(f"g_{x.tensor}")
+            value = f"{code}.to(tl.int8)" if boolean else code
+            self.emit(f"{name} = tl.gather({value}, {clamped}, 1){' != 0' if boolean else ''}")
+            return name
+
+        code = take(src.code if src.dtype != "in" else self.f32(src), src.dtype == "bool")
+        if src.dtype == "bool":  # false outside, as a predicate on absent data is, wherever it is tested
+            code = f"({code} & {inside})"
+        present = inside
+        if src.present is not None:
+            full = (
+                src.present
+                if src.pranks == src.ranks
+                else f"({bcast(src.present, src.pranks, src.ranks)} | {bcast('False', (), src.ranks)})"
+            )
+            present = f"({inside} & {take(full, True)})"
+        return replace(src, code=code, ranks=out, present=present, pranks=out, values=None)
+
+    def unrouted(self, where: Expr) -> str | None:
+        """A test, on the key tile at ``start_n``, that no row of the query tile passes a conjunct of ``where`` that
+        reads a computed routing row at the key's block (MoBA's ``sel[m, n // block]``): that tile has no pair to
+        visit. None where ``where`` has no such conjunct."""
+        for p in conjuncts(where):
+            if not isinstance(p, Read) or p.tensor not in self.env:
+                continue
+            src = self.env[p.tensor]
+            moved = [(r, sympy.sympify(i)) for r, i in zip(self.c.tensor(p.tensor).ranks, p.index) if i != coord(r)]
+            if src.dtype != "bool" or src.ranks[:1] != ("m",) or len(src.ranks) != 2 or len(moved) != 1:
+                continue
+            held, index = moved[0]
+            num, _ = sympy.fraction(sympy.together(index.args[0])) if isinstance(index, sympy.floor) else (None, None)
+            if held != src.ranks[1] or num != coord("n"):
+                continue
+            # floor(n / block) is monotone in n: the tile's blocks lie between those of its first and last key
+            ends = [
+                to_triton(index, {coord("n"): at} | self.extent_names(index))
+                for at in ("start_n", "(tl.minimum(start_n + BLOCK_N, N) - 1)")
+            ]
+            lo, hi = f"tl.minimum({ends[0]}, {ends[1]})", f"tl.maximum({ends[0]}, {ends[1]})"
+            routed = src.code if src.present is None else f"({src.code} & {bcast(src.present, src.pranks, src.ranks)})"
+            inside = f"(offs_{held} >= {lo}) & (offs_{held} <= {hi})"
+            return f"(tl.max(tl.where(({inside})[None, :], {routed}.to(tl.int32), 0)) == 0)"
+        return None
 
     # -- expressions ---------------------------------------------------------------------------
 
@@ -532,8 +654,9 @@ class TileCode:
 
     # -- Einsums -------------------------------------------------------------------------------
 
-    def einsum(self, e: Einsum) -> Tile:
-        """``e`` as tile code; a LoweringError raised on the way names ``e``'s line of the declaration."""
+    def einsum(self, e: Einsum) -> Tile | None:
+        """``e`` as tile code (None for one over unrolled ranks, whose instances are made where they are read); a
+        LoweringError raised on the way names ``e``'s line of the declaration."""
         try:
             return self._einsum(e)
         except LoweringError as err:
@@ -541,7 +664,14 @@ class TileCode:
                 raise
             raise type(err)(str(err), self.c.where(e)) from None
 
-    def _einsum(self, e: Einsum) -> Tile:
+    def _einsum(self, e: Einsum) -> Tile | None:
+        unrolled = unrolled_ranks(e, self.c)
+        if set(unrolled) & set(e.ranks):  # its instances are made where they are read
+            positions(unrolled, self.dims, e.out)  # refused here, at its line, when too many
+            self.deferred[e.out] = (e, unrolled)
+            return None
+        if unrolled and reduces(e):
+            return self.bind(e.out, self.fold(e, unrolled))
         ranks = tuple(r for r in e.ranks if r not in PARALLEL)
         if len(ranks) > 2:
             raise LoweringError(
@@ -565,6 +695,27 @@ class TileCode:
         if reduces(e):
             return self.bind(e.out, reduction(self, e, body))
         return self.bind(e.out, body)
+
+    def fold(self, e: Reducing, ranks: tuple[str, ...]) -> Tile:
+        """``e``'s reduction over its unrolled ``ranks``: its body at each position, folded in order by the
+        reducer's combine (absent where every position is)."""
+        if set(e.reduce.ranks) != set(ranks) or REDUCERS[e.reduce.op].combine is None:
+            raise LoweringError(
+                f"{e.out} reduces over {', '.join(e.reduce.ranks)} by {e.reduce.op}; unrolled, a reduction folds over "
+                f"small ranks only ({', '.join(ranks)}), by a reducer with a combine (sum, max, min, user reducers)"
+            )
+        combine = REDUCERS[e.reduce.op].combine
+        acc: Tile | None = None
+        for k, at in enumerate(positions(ranks, self.dims, e.out)):
+            body = self.expr(at_position(e.expr, at))
+            if e.where is not None:
+                body = self.mask(at_position(e.where, at), body)
+            if acc is not None:
+                ranks_k = tile_axes(acc.ranks + body.ranks, self.kernel.order)
+                body = self.any_merge(combine, [acc, body], ranks_k)
+            acc = self.bind(f"{e.out}_at{k}", body)
+        assert acc is not None  # positions() gives at least one: every extent is at least 1
+        return acc
 
     def accumulate(self, e: Einsum) -> Tile | None:
         """``S = X +∪ dot`` as ``tl.dot(a, b, X)``: the tensor cores add into the rescaled accumulator."""

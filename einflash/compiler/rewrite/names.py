@@ -4,6 +4,7 @@ in the order the Einsums assign them."""
 from __future__ import annotations
 
 from collections.abc import Set
+from dataclasses import replace
 
 from ...ir.cascade import Cascade, Einsum, Role, TensorDecl
 
@@ -26,3 +27,17 @@ def ordered_tensors(tensors: list[TensorDecl], einsums: list[Einsum]) -> list[Te
             out.append(by[e.out])
             seen.add(e.out)
     return out
+
+
+def drop_unused(c: Cascade) -> Cascade:
+    """Remove Einsums (and their tensors) that nothing reads."""
+    while True:
+        used = {r.tensor for e in c.einsums for r in e.reads()} | set(c.outputs)
+        dead = {e.out for e in c.einsums if e.out not in used}
+        if not dead:
+            return c
+        c = replace(
+            c,
+            einsums=tuple(e for e in c.einsums if e.out not in dead),
+            tensors=tuple(t for t in c.tensors if t.name not in dead),
+        )

@@ -30,7 +30,7 @@ from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, reads, transf
 from ...ir.operators import REDUCERS
 from ...ir.ranks import STREAM, coord, rank_order
 from ..analysis.key_passes import count_passes, late_tensors
-from .names import fresh_name, ordered_tensors
+from .names import drop_unused, fresh_name, ordered_tensors
 
 # -- online streaming ------------------------------------------------------------------------
 
@@ -173,7 +173,9 @@ def stream_online(c: Cascade) -> Cascade:
     it into a second loop, and so on, while the Einsums left have a running form."""
     while (plan := _next_loop(c)) is not None:
         c = _build_loop(c, plan, count_passes(c))
-    return c
+    # a later loop recomputes what it reads of an earlier pass's (MoBA's scores, again after the routing): an
+    # earlier loop's copy that nothing of its own reads is dropped
+    return drop_unused(c)
 
 
 def _next_loop(c: Cascade) -> _Plan | None:

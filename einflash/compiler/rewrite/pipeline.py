@@ -1,8 +1,8 @@
 """The rewrite pipeline: a short list of named steps, each a pure Cascade → Cascade function.
 
 >>> [name for name, _ in PIPELINE]  # doctest: +NORMALIZE_WHITESPACE
-['reassociate contractions', 'defer normalisation', 'scalars before masks', 'exponent in base 2',
- 'scalars out of max', 'stream online']
+['recompute shifted reads', 'masks as indicators in sums', 'reassociate contractions', 'defer normalisation',
+ 'scalars before masks', 'exponent in base 2', 'scalars out of max', 'stream online']
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from ...ir.cascade import Cascade
 from ...ir.validate import validate
 from .defer import defer_normalisation
+from .indicator import sums_as_indicators
 from .online import stream_online
 from .reassociate import reassociate
+from .shifted import recompute_shifted
 from .strength import exponent_base2, scalars_before_masks, scalars_out_of_max
 
 PIPELINE = (
+    ("recompute shifted reads", recompute_shifted),
+    ("masks as indicators in sums", sums_as_indicators),
     ("reassociate contractions", reassociate),
     ("defer normalisation", defer_normalisation),
     ("scalars before masks", scalars_before_masks),

@@ -24,7 +24,7 @@ from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl
 from ...ir.expr import Call, Const, Expr, Param, Read, call, rank_free, reads, transform, walk
 from ...ir.ranks import STREAM, coord
-from .names import fresh_name, ordered_tensors
+from .names import drop_unused, fresh_name, ordered_tensors
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -55,24 +55,6 @@ def _fresh(c: Cascade, base: str, taken: set[str]) -> str:
     name = fresh_name(c, base, taken)
     taken.add(name)
     return name
-
-
-def _uses(c: Cascade, name: str) -> int:
-    return sum(1 for e in c.einsums for r in e.reads() if r.tensor == name) + (name in c.outputs)
-
-
-def _drop_unused(c: Cascade) -> Cascade:
-    """Remove Einsums (and their tensors) that nothing reads."""
-    while True:
-        dead = [e for e in c.einsums if _uses(c, e.out) == 0]
-        if not dead:
-            return c
-        names = {e.out for e in dead}
-        c = replace(
-            c,
-            einsums=tuple(e for e in c.einsums if e.out not in names),
-            tensors=tuple(t for t in c.tensors if t.name not in names),
-        )
 
 
 def scalars_before_masks(c: Cascade) -> Cascade:
@@ -136,7 +118,7 @@ def exponent_base2(c: Cascade) -> Cascade:
             einsums.append(replace(f, expr=sub))
         tensors = list(c.tensors) + [TensorDecl(x2, c.tensor(x.tensor).ranks), TensorDecl(top2, e.ranks)]
         c = replace(c, einsums=tuple(einsums), tensors=tuple(ordered_tensors(tensors, einsums)))
-        return exponent_base2(_drop_unused(c))
+        return exponent_base2(drop_unused(c))
     return c
 
 
@@ -182,7 +164,7 @@ def scalars_out_of_max(c: Cascade) -> Cascade:
         out.append(
             Einsum(e.out, e.ranks, call("mul", Read(raw, tuple(coord(r) for r in e.ranks)), product(scal)), line=e.line)
         )
-    return _drop_unused(replace(c, einsums=tuple(out), tensors=tuple(ordered_tensors(tensors, out))))
+    return drop_unused(replace(c, einsums=tuple(out), tensors=tuple(ordered_tensors(tensors, out))))
 
 
 def _in_natural_log(name: str, base2: str):
@@ -198,7 +180,7 @@ def _in_natural_log(name: str, base2: str):
 
 def _first_output(c: Cascade) -> Cascade:
     """``c`` without the Einsums only its further outputs need (the log-sum-exp of einflash.compiler.rewrite.lse)."""
-    return _drop_unused(replace(c, outputs=c.outputs[:1]))
+    return drop_unused(replace(c, outputs=c.outputs[:1]))
 
 
 def _only_in(c: Cascade, name: str, pattern: Expr) -> bool:

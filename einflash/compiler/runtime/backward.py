@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...errors import LoweringError
+from ...errors import DifferentiationError, LoweringError
 from ...ir.cascade import Layout
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.reference import run_reference
@@ -78,6 +78,15 @@ class Backward:
     def __post_init__(self):
         if self.forward.error is not None:
             self.error = self.forward.error
+            return
+        summary = next((t for t in self.forward.rewritten.states if "m" not in t.ranks), None)
+        if summary is not None:
+            self.error = DifferentiationError(
+                f"{self.forward.rewritten.name}: its forward keeps a summary of the keys, {summary.name}"
+                f"[{','.join(summary.ranks)}] (MoBA's block sums), in a pass of its own; the backward kernels "
+                f"would need it in every program that streams queries, which they do not have yet: train it with "
+                f"backend='reference', or run the forward without gradients"
+            )
             return
         try:
             self.gradient = gradient_of(self.forward)

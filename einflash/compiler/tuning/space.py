@@ -45,6 +45,7 @@ from ...backends.target import Target
 from ...errors import LoweringError
 from ...ir.ranks import PARALLEL
 from ..analysis.cost import BM, BN, ELEM, STAGES, buffer_needs
+from ..codegen.unroll import unrolled_ranks
 from ..runtime.forward import Forward
 from ..schedule import DECODE_MAX_QUERIES, Schedule, default_schedule, next_power_of_two, padded
 
@@ -154,16 +155,19 @@ def _knobs(
 
 def _buffer_functions(forward: Forward, extents: dict[str, int], elem_bytes: int):
     """Shared-memory and register bytes as plain functions of (BM, BN, STAGES): sympy runs once here."""
-    needs = buffer_needs(forward.rewritten)
-    subs = {ELEM: elem_bytes}
-    for r in forward.rewritten.ranks:
-        if r.name in PARALLEL or r.name in ("m", "n") or not isinstance(r.extent, sympy.Symbol):
-            continue
-        if r.name in forward.rewritten.table_ranks:  # read at computed positions, never held whole
-            continue
-        subs[r.extent] = padded(extents[r.name])  # kernels hold head dims padded to a power of two
-    smem = sympy.lambdify((BM, BN, STAGES), needs.smem.subs(subs), modules="math")
-    regs = sympy.lambdify((BM, BN), needs.registers.subs(subs), modules="math")
+    c = forward.rewritten
+    needs = buffer_needs(c)
+    unrolled = {r for e in c.einsums for r in unrolled_ranks(e, c)}
+    held, live = {ELEM: elem_bytes}, {ELEM: elem_bytes}
+    for r in c.ranks:
+        if r.name in PARALLEL or r.name in ("m", "n") or r.name in c.table_ranks or r.name not in extents:
+            continue  # a table rank is read at computed positions, never held whole
+        # kernels hold head dims padded to a power of two (MoBA's blocks, ceil(N/block), too); an unrolled rank's
+        # instances are each a tile of their own, one live at a time (their input tiles all are, one per shift)
+        held[r.extent] = extents[r.name] if r.name in unrolled else padded(extents[r.name])
+        live[r.extent] = 1 if r.name in unrolled else padded(extents[r.name])
+    smem = sympy.lambdify((BM, BN, STAGES), needs.smem.subs(held), modules="math")
+    regs = sympy.lambdify((BM, BN), needs.registers.subs(live), modules="math")
     return smem, regs
 
 
