@@ -67,14 +67,19 @@ RUNS = {
         "tuned against default, warm against cold studies (bench_tune.py)",
     ),
     "offsets": Run(
-        "h200_2026-12-07_session6_e19f8b1/offsets.json",
-        "e19f8b1",
+        "h100_2026-12-07_session7_bac3b24/offsets.json",
+        "bac3b24",
         "tables read at offsets and gathered, beside ALiBi and FlexAttention (bench_offsets.py)",
     ),
     "passes": Run(
         "h100_2026-12-07_session5_2adf380/passes.json",
         "2adf380",
         "variants of two passes and the sink logit beside PyTorch compositions (bench_passes.py)",
+    ),
+    "beyond": Run(
+        "h100_2026-12-07_session7_bac3b24/beyond.json",
+        "bac3b24 (NOTES.md)",
+        "multi-token attention and MoBA beside PyTorch compositions (bench_passes.py --variants multi_token,moba)",
     ),
     "host_decode": Run(
         "h200_2026-12-01_replay_ffaa2dd/host.json",
@@ -319,8 +324,8 @@ def offsets_section() -> list[str]:
     )
 
 
-def passes_section() -> list[str]:
-    rows = load("passes")
+def passes_section(run: str = "passes") -> list[str]:
+    rows = load(run)
     env = next(r for r in rows if r.get("kind") == "env")
     checks = [r for r in rows if r.get("kind") == "check"]
     perf = {(r["case"], r.get("part", "forward")): r for r in rows if r.get("kind") == "perf"}
@@ -346,7 +351,7 @@ def passes_section() -> list[str]:
         f"einflash beside the same maths composed in PyTorch, eager and under torch.compile (which materialise "
         f"the M×N weights); the speed-up columns are the peer's time over einflash's. Checked after timing "
         f"against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one query "
-        f"and GQA; with the gradients of every input where the backward exists). {stamp('passes')}.",
+        f"and GQA; with the gradients of every input where the backward exists). {stamp(run)}.",
         "",
     ] + table(["case", "part", "ms", "peak MiB", "torch.compile / einflash", "eager / einflash"], body)
 
@@ -598,6 +603,7 @@ SECTIONS = {
         "training": training_section,
         "offsets": offsets_section,
         "passes": passes_section,
+        "beyond": lambda: passes_section("beyond"),
         "checks": checks_section,
         "gradients": gradients_section,
         "lse": lse_section,
