@@ -527,6 +527,24 @@ def test_jagged_batch_matches_each_sequence_alone(name, schedule):
     assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
 
 
+@pytest.mark.parametrize("name", ["multi_token", "moba"])
+def test_jagged_batch_of_recomputed_and_routed_scores(name):
+    """Multi-token attention reads q and k at shifted rows and keys, which in a packed batch start at the
+    sequence's first ones (a neighbour in the previous sequence is outside, not read); MoBA sums its key blocks
+    per sequence. Each sequence gives the bits it gives alone."""
+    op = _op(name)
+    lengths = [(20, 20), (33, 33), (7, 7)]
+    args, offsets = _jagged(lengths, Hq=2, Hkv=1)
+    extra = _inputs(name, dataclasses.replace(SHAPE, Hq=2), F32)
+    extra = {n: x for n, x in extra.items() if n not in "qkv"} | ({"block": 5} if name == "moba" else {})
+    out = op(*args, **offsets, **extra, schedule=Schedule(16, 16, 4, 1))
+    _assert_matches_reference(op, out, *args, **offsets, **extra)
+    q, k, v = args
+    for q0, (m, _) in zip(offsets["cu_seqlens_q"].tolist(), lengths):
+        alone = op(*(x[:, :, q0 : q0 + m] for x in (q, k, v)), **extra, schedule=Schedule(16, 16, 4, 1))
+        assert torch.equal(out[:, :, q0 : q0 + m], alone)
+
+
 def test_jagged_batch_with_the_default_schedule_and_int64_offsets():
     op = _op("causal")
     args, offsets = _jagged([(40, 40), (7, 50)], Hq=2, Hkv=2)

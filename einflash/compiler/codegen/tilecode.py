@@ -217,7 +217,10 @@ class TileCode:
                 # positions outside the input hold nothing
                 at = self.offset_index(r, i, own)
                 axes += at
-                offs.append((i, stride, at))
+                # q, k and v sit in memory at their sequence's first position (a jagged batch packs them), which
+                # an index along their own rank adds to (a shifted read, q[m − 1]); a table's index is its own
+                at_start = own if decl.layout in (Layout.QUERY, Layout.KEY) and own in ("m", "n") else None
+                offs.append((i, stride, at, at_start))
                 if r.padded:
                     outside.append((at, self.within(i, own, at)))
                 continue
@@ -240,8 +243,8 @@ class TileCode:
         axes_t = tile_axes(axes, self.kernel.order)
         terms = []
         for o in offs:
-            if isinstance(o, tuple) and len(o) == 3:
-                index, stride, at = o
+            if isinstance(o, tuple) and len(o) == 4:
+                index, stride, at, at_start = o
                 spots = {coord(x): bcast(f"offs_{x}", (x,), axes_t) for x in at}
                 # a gathered entry (bucket(n − m)): its own load, an integer tile along its index's axes
                 for f, read in gathered_entries(index):
@@ -250,7 +253,12 @@ class TileCode:
                         raise LoweringError(f"an index gathers through {read.tensor}, which must hold integers")
                     spots[f] = bcast(entry.code, entry.ranks, axes_t)
                 try:
-                    terms.append(f"{to_triton(index, spots | self.extent_names(index))} * {stride}")
+                    position = to_triton(index, spots | self.extent_names(index))
+                    if at_start is not None:  # mem − offs: the sequence's first position in memory (0 unless jagged)
+                        first = f"(mem_{at_start} - offs_{at_start})"
+                        first = bcast(first, (at_start,), axes_t) if at_start in at else f"tl.max({first}, 0)"
+                        position = f"({first} + {position})"
+                    terms.append(f"{position} * {stride}")
                 except ValueError:
                     raise LoweringError(
                         f"{r.tensor} is read at index {index}; the kernels compute integer +, −, ×, // and % in an "
