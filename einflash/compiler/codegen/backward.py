@@ -310,9 +310,11 @@ def lower_kv(
         for x in s.sums:
             tile_loop.emit(f"v_{x}_prev = v_{x}")
         for e in s.loop:
-            t = tile_loop.einsum(e)
             if e.out in per_tile:
+                t = tile_loop.value(e)
                 (store if outputs[e.out].diagonal is None else store_diagonal)(tile_loop, outputs[e.out], t)
+            else:
+                tile_loop.einsum(e)
         loops.append(kr.slots(tile_loop.lines))
     head_epi = kernel.section(env=head_pro.env, loads=head_pro.loads, masked=False)
     epi = kernel.section(env=pro.env, loads=pro.loads, masked=False)

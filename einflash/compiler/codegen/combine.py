@@ -81,9 +81,10 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
         body.emit(f"v_{s}_prev = v_{s}")
         body.emit(f"v_{s}_p_prev = v_{s}_p")
     for e in fold:
-        t = body.einsum(e)
         if e.out in states:
-            carry(body, e.out, t)
+            carry(body, e.out, body.value(e))
+        else:
+            body.einsum(e)
     epi = kernel.section(env=pro.env)
     for e in sections(c).epilogue:
         epi.einsum(e)

@@ -192,9 +192,10 @@ def lower(
                 body.emit(f"v_{st}_prev = v_{st}")
                 body.emit(f"v_{st}_p_prev = v_{st}_p")
             for e in loop:
-                t = body.einsum(e)
                 if c.tensor(e.out).role is Role.STATE:
-                    carry(body, e.out, t)
+                    carry(body, e.out, body.value(e))
+                else:
+                    body.einsum(e)
             ranges.append(kr.slots(body.lines))
         passes.append(dict(start=start.lines, tile_setup=keys.setup, key_loops=ranges))
         env = start.env

@@ -45,7 +45,7 @@ from .tile import (
     tile_axes,
 )
 from .tile_ranges import to_triton
-from .unroll import at_position, instance, instance_name, positions, unrolled_ranks
+from .unroll import at_position, instance, instance_name, positions, read_at_position, unrolled_ranks
 
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _INT_OPS = ("add", "sub", "mul", "floordiv", "mod", "neg", "maximum", "minimum", "where")  # exact on integers
@@ -199,7 +199,7 @@ class TileCode:
         if key in self.loads:
             return self.loads[key]
         # terms of the address: a code, or (rank, stride) for a tile axis, indexed once the tile's axes are known
-        offs: list[str | tuple[str, str] | tuple[sympy.Basic, str, tuple[str, ...]]] = []
+        offs: list[str | tuple[str, str] | tuple[sympy.Basic, str, tuple[str, ...], str | None]] = []
         masks: list[str] = []
         axes: list[str] = []
         # (axis, in-range condition) where a coordinate indexes a dimension of another rank
@@ -337,7 +337,7 @@ class TileCode:
             raise type(err)(str(err), self.c.where(e)) from None
         out = []
         for at in every:
-            out += [at_position(r, at) for r in e.reads() if self.c.tensor(r.tensor).role is Role.INPUT]
+            out += [read_at_position(r, at) for r in e.reads() if self.c.tensor(r.tensor).role is Role.INPUT]
         return out
 
     def offset_index(self, r: Read, index, own: str) -> tuple[str, ...]:
@@ -672,6 +672,18 @@ class TileCode:
                 raise
             raise type(err)(str(err), self.c.where(e)) from None
 
+    def value(self, e: Einsum) -> Tile:
+        """``e`` as tile code, for a caller that keeps its tile (a running state, a stored result): one over
+        unrolled ranks has none, and is refused."""
+        t = self.einsum(e)
+        if t is None:
+            raise LoweringError(
+                f"{e.out} has ranks the kernels unroll ({', '.join(self.deferred[e.out][1])}), so no one tile: it "
+                f"cannot be a running state or a stored result",
+                self.c.where(e),
+            )
+        return t
+
     def _einsum(self, e: Einsum) -> Tile | None:
         unrolled = unrolled_ranks(e, self.c)
         if set(unrolled) & set(e.ranks):  # its instances are made where they are read
@@ -713,6 +725,7 @@ class TileCode:
                 f"small ranks only ({', '.join(ranks)}), by a reducer with a combine (sum, max, min, user reducers)"
             )
         combine = REDUCERS[e.reduce.op].combine
+        assert combine is not None  # checked just above
         acc: Tile | None = None
         for k, at in enumerate(positions(ranks, self.dims, e.out)):
             body = self.expr(at_position(e.expr, at))

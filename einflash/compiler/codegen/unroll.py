@@ -74,6 +74,12 @@ def instance(e: Einsum, at: dict[str, int]) -> Einsum:
     return _at(e, at, instance_name(e.out, at) if set(at) & set(e.ranks) else e.out)
 
 
+def read_at_position(r: Read, at: dict[str, int]) -> Read:
+    """The read ``r`` with the coordinates of ``at``'s ranks in its index replaced by their values."""
+    subs = {coord(x): v for x, v in at.items()}
+    return replace(r, index=tuple(sympy.sympify(i).subs(subs) for i in r.index))
+
+
 def at_position(x: Expr, at: dict[str, int]) -> Expr:
     """``x`` with the coordinates of ``at``'s ranks replaced by their values."""
     subs = {coord(r): v for r, v in at.items()}
@@ -82,7 +88,7 @@ def at_position(x: Expr, at: dict[str, int]) -> Expr:
         if isinstance(y, Coord) and y.rank in at:
             return Const(float(at[y.rank]))
         if isinstance(y, Read) and any(sympy.sympify(i).free_symbols & set(subs) for i in y.index):
-            return replace(y, index=tuple(sympy.sympify(i).subs(subs) for i in y.index))
+            return read_at_position(y, at)
         return None
 
     return transform(x, put)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...ir.algebra import factors, product
-from ...ir.cascade import Cascade, Einsum, Role, TensorDecl, plain_read
+from ...ir.cascade import Cascade, Einsum, Reduction, Role, TensorDecl, plain_read
 from ...ir.expr import Const, Read, call, free_ranks, walk
 from ...ir.ranks import PARALLEL, rank_order
 from .names import drop_unused, fresh_name, ordered_tensors
@@ -68,6 +68,7 @@ def _sums_it(c: Cascade, user: Einsum, name: str, spread: set[str]) -> bool:
 
 
 def _rewrite(c: Cascade, masked: Einsum, users: list[Einsum]) -> Cascade:
+    assert masked.where is not None  # sums_as_indicators picks masked values
     taken: set[str] = set()
 
     def fresh(base: str) -> str:
@@ -96,7 +97,7 @@ def _rewrite(c: Cascade, masked: Einsum, users: list[Einsum]) -> Cascade:
             fresh(f"{e.out}_count"),
             count_ranks,
             plain_read(decls[0]),
-            replace(e.reduce, ranks=tuple(r for r in e.reduce.ranks if r in ind_ranks)),
+            Reduction("sum", tuple(r for r in e.reduce.ranks if r in ind_ranks)) if e.reduce else None,
             line=e.line,
         )
         decls += [TensorDecl(raw.out, e.ranks), TensorDecl(count.out, count_ranks)]
