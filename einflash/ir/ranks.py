@@ -63,6 +63,7 @@ STANDARD_RANKS = {
     "f": Rank("f", extent_symbol("F"), RankRole.V_DIM),
 }
 STREAM = "n"  # the rank kernels stream over and the pass analysis counts passes of
+SEQUENCE_RANKS = ("m", "n")  # the query and key sequences, a kernel tile's two ranks
 
 
 def new_rank(name: str, extent: sympy.Expr | None = None) -> Rank:

@@ -19,12 +19,13 @@ from ...ir.ranks import PARALLEL, STREAM, extent_symbol
 from ...ir.user_ops import triton_helper, user_operators
 from ...templates import render
 from ..analysis.key_passes import count_passes
+from ..analysis.mask_tiles import conjuncts
 from .reductions import KTH_LARGEST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
 from .stores import carry, init_states, row_output_params, store_output, store_row_output, store_state
-from .tile_ranges import governing_mask, key_plan
-from .tilecode import KernelSettings
+from .tile_ranges import governing_mask, governs, key_plan
+from .tilecode import KernelSettings, TileCode
 
 TEMPLATE = "attention_fwd.py.jinja"
 
@@ -182,11 +183,10 @@ def lower(
             init_states(start, c, acc, only={e.out for e in loop})
         prev_read = {r.tensor for e in loop for r in e.reads() if r.prev}
         ranges = []
-        mask = governing_mask(c, loop)
-        unrouted = None if mask is None else start.unrouted(mask)  # tiles no row routes to (MoBA) are left out
+        skip = _unrouted(c, loop, start)
         for kr in keys.ranges:
-            if unrouted is not None:
-                kr = replace(kr, skip_tile=unrouted if kr.skip_tile is None else f"({kr.skip_tile}) | {unrouted}")
+            if skip is not None:
+                kr = replace(kr, skip_tile=skip if kr.skip_tile is None else f"({kr.skip_tile}) | {skip}")
             body = kernel.section(kr.masked, kr.skip, start.env, pro.loads)
             for st in sorted(prev_read):
                 body.emit(f"v_{st}_prev = v_{st}")
@@ -258,6 +258,19 @@ def lower(
         saved=saved,
         row_outputs=row_outputs,
     )
+
+
+def _unrouted(c: Cascade, loop: tuple[Einsum, ...], start: TileCode) -> str | None:
+    """The test of a key tile that no row of the query tile routes to (MoBA's ``sel[m, n // block]``), where
+    every reduction of the loop depends on a filter with that routing conjunct: such a tile adds nothing, and is
+    left out. None otherwise."""
+    mask = governing_mask(c, loop)
+    found = None if mask is None else start.unrouted(mask)
+    if found is None:
+        return None
+    routing, test = found
+    routed = {e.out for e in loop if e.where is not None and routing in conjuncts(e.where)}
+    return test if governs(loop, frozenset({STREAM}), frozenset(), routed) else None
 
 
 def exact_dots(dtype: str) -> tuple[bool, str]:

@@ -9,6 +9,7 @@ operands' presences, each reduced over the contracted rank, hold.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeAlias
 
 from ...errors import LoweringError
@@ -57,6 +58,8 @@ def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     rank = red.ranks[0]
     ident = REDUCERS[red.op].identity
     src = g.filled(body, ident)
+    if body.present is None or rank not in body.pranks:  # loads mark padding absent; a dot's result does not
+        src = _without_padding(g, src, rank, ident)
     if rank not in src.ranks:
         raise LoweringError(f"{e.out}: reduces over {rank}, which its tile does not have")
     axis = src.ranks.index(rank)
@@ -90,6 +93,16 @@ def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
 
 
+def _without_padding(g: TileCode, src: Tile, rank: str, ident: float) -> Tile:
+    """``src`` with the identity at a padded rank's padding: a dot's result holds 0 there and counts it present
+    (its presence leaves head-dim padding out), and a max over it, or a sum of exp of it, would take it in
+    (``max_c q·kbar[c]``); a presence along the rank need not exclude the padding (a mask on c)."""
+    if rank in ("m", "n") or rank not in src.ranks or g.extent(rank) == g.dims[rank]:
+        return src
+    inside = bcast(f"(offs_{rank} < {g.extent(rank)})", (rank,), src.ranks)
+    return replace(src, code=f"tl.where({inside}, {g.f32(src)}, {literal(ident)})", dtype="f32")
+
+
 def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
     """The k-th largest over a rank the tile holds whole (absent elements as −inf, as the reference takes them; of
     fewer than k elements, the smallest)."""
@@ -102,9 +115,7 @@ def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
         )
     k = min(int(e.reduce.arg or 0), g.extent(rank))
     axis = src.ranks.index(rank)
-    values = g.f32(src)
-    if g.extent(rank) != g.dims[rank]:  # a padded rank's padding (a dot's 0 there) is no element
-        values = f"tl.where({bcast(f'(offs_{rank} < {g.extent(rank)})', (rank,), src.ranks)}, {values}, float('-inf'))"
+    values = g.f32(_without_padding(g, src, rank, float("-inf")))
     keep = tuple(r for r in src.ranks if r != rank)
     present: str | None = None
     pranks: tuple[str, ...] = ()

@@ -115,14 +115,14 @@ def governing_mask(
     parts = [affine_part(where, integers) for _, where in filters]
     for k in sorted(range(len(parts)), key=lambda k: parts[k] is None):  # a part that gives a tile plan first
         part = parts[k]
-        if part not in parts[:k] and _governs(
+        if part not in parts[:k] and governs(
             loop, ranks, outputs, {o for (o, _), p in zip(filters, parts) if p == part}
         ):
             return filters[k][1]
     return None
 
 
-def _governs(loop: tuple[Einsum, ...], ranks: frozenset, outputs: frozenset, names: set[str]) -> bool:
+def governs(loop: tuple[Einsum, ...], ranks: frozenset, outputs: frozenset, names: set[str]) -> bool:
     """Whether every reduction over ``ranks`` in ``loop`` and every Einsum in ``outputs`` reads one of ``names``."""
     deps: dict[str, set[str]] = {}
     for e in loop:

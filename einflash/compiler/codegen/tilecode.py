@@ -77,6 +77,9 @@ class KernelSettings:
     order: tuple[str, ...] | None = None
     packed_heads: bool = True  # rows of a program may belong to several query heads (off_hrow); else off_h
     counter: list = field(default_factory=lambda: [0], compare=False)
+    # Einsums over unrolled ranks (unroll.py) -> those ranks: each instance is made where it is first read, in any
+    # section of the kernel
+    deferred: dict = field(default_factory=dict, compare=False)
 
     def section(
         self, masked: bool = False, skip=frozenset(), env: dict | None = None, loads: dict | None = None, **options
@@ -110,8 +113,6 @@ class TileCode:
     presence_vars: dict = field(default_factory=dict)  # a presence expression -> the variable first bound to it
     aliases: dict = field(default_factory=dict)  # a presence variable -> the presence it copies
     reduced: dict = field(default_factory=dict)  # (presence, rank) -> its reduction over rank by any
-    # Einsums over unrolled ranks (unroll.py) -> those ranks: each instance is made where it is first read
-    deferred: dict = field(default_factory=dict)
 
     @property
     def c(self) -> Cascade:
@@ -219,7 +220,7 @@ class TileCode:
                 axes += at
                 # q, k and v sit in memory at their sequence's first position (a jagged batch packs them), which
                 # an index along their own rank adds to (a shifted read, q[m − 1]); a table's index is its own
-                at_start = own if decl.layout in (Layout.QUERY, Layout.KEY) and own in ("m", "n") else None
+                at_start = own if decl.layout in (Layout.QUERY, Layout.KEY) and own in at else None
                 offs.append((i, stride, at, at_start))
                 if r.padded:
                     outside.append((at, self.within(i, own, at)))
@@ -256,8 +257,7 @@ class TileCode:
                     position = to_triton(index, spots | self.extent_names(index))
                     if at_start is not None:  # mem − offs: the sequence's first position in memory (0 unless jagged)
                         first = f"(mem_{at_start} - offs_{at_start})"
-                        first = bcast(first, (at_start,), axes_t) if at_start in at else f"tl.max({first}, 0)"
-                        position = f"({first} + {position})"
+                        position = f"({bcast(first, (at_start,), axes_t)} + {position})"
                     terms.append(f"{position} * {stride}")
                 except ValueError:
                     raise LoweringError(
@@ -323,6 +323,11 @@ class TileCode:
 
     def within(self, index, own: str, along: tuple[str, ...]) -> str:
         """The test that ``index`` (over the tile axes ``along``) lies within its input dimension's extent."""
+        if own not in ("m", "n") and f"{own}_extent" not in self.dims:
+            raise LoweringError(
+                f"a value recomputed at shifted positions reads a table at {index}, outside which it would find "
+                f"nothing; the kernels do not know a table's extent: read it where the value itself is read"
+            )
         spots = {coord(x): bcast(f"offs_{x}", (x,), along) for x in along}
         at = to_triton(index, spots | self.extent_names(index))
         extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
@@ -430,7 +435,7 @@ class TileCode:
                 return replace(t, code=f"{t.code}_prev", present=None if t.present is None else f"{t.present}_prev")
             if self.c.tensor(x.tensor).role is Role.INPUT:
                 return self.load(x)
-            if x.tensor in self.deferred:
+            if x.tensor in self.kernel.deferred:
                 return self.instance_of(x)
             if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
                 gathered = self.gather(x)
@@ -445,7 +450,7 @@ class TileCode:
 
     def instance_of(self, x: Read) -> Tile:
         """The instance of a deferred Einsum that ``x`` reads (its unrolled ranks at constants), made on first use."""
-        e, ranks = self.deferred[x.tensor]
+        e, ranks = self.kernel.deferred[x.tensor]
         at = {}
         for rank, i in zip(self.c.tensor(x.tensor).ranks, x.index):
             i = sympy.sympify(i)
@@ -458,16 +463,16 @@ class TileCode:
                 )
         name = instance_name(x.tensor, at)
         if name not in self.env:
-            self._einsum(instance(e, at))
+            self.einsum(instance(e, at))
         return self.env[name]
 
     def gather(self, x: Read) -> Tile | None:
         """A computed tile over a sequence rank and a rank held whole, read at the held rank's position computed from
         the other sequence rank (MoBA's routing ``sel[m, n // block]``): ``tl.gather`` along the held rank, absent
         where the position is outside its extent. None for any other index."""
-        src = self.env[x.tensor]
-        moved = [(r, sympy.sympify(i)) for r, i in zip(self.c.tensor(x.tensor).ranks, x.index) if i != coord(r)]
-        if len(moved) != 1 or len(src.ranks) != 2 or moved[0][0] not in src.ranks:
+        src = self.env.get(x.tensor)
+        moved = self.moved(x)
+        if src is None or len(moved) != 1 or len(src.ranks) != 2 or moved[0][0] not in src.ranks:
             return None
         held, index = moved[0]
         (own,) = [r for r in src.ranks if r != held]
@@ -504,15 +509,19 @@ class TileCode:
             present = f"({inside} & {take(full, True)})"
         return replace(src, code=code, ranks=out, present=present, pranks=out, values=None)
 
-    def unrouted(self, where: Expr) -> str | None:
+    def moved(self, x: Read) -> list[tuple[str, sympy.Expr]]:
+        """The ranks of the tensor ``x`` reads that it reads at other than their own coordinates, with the index."""
+        return [(r, sympy.sympify(i)) for r, i in zip(self.c.tensor(x.tensor).ranks, x.index) if i != coord(r)]
+
+    def unrouted(self, where: Expr) -> tuple[Read, str] | None:
         """A test, on the key tile at ``start_n``, that no row of the query tile passes a conjunct of ``where`` that
-        reads a computed routing row at the key's block (MoBA's ``sel[m, n // block]``): that tile has no pair to
-        visit. None where ``where`` has no such conjunct."""
+        reads a computed routing row at the key's block (MoBA's ``sel[m, n // block]``), with that conjunct: a tile
+        it holds has no pair there. None where ``where`` has no such conjunct."""
         for p in conjuncts(where):
             if not isinstance(p, Read) or p.tensor not in self.env:
                 continue
             src = self.env[p.tensor]
-            moved = [(r, sympy.sympify(i)) for r, i in zip(self.c.tensor(p.tensor).ranks, p.index) if i != coord(r)]
+            moved = self.moved(p)
             if src.dtype != "bool" or src.ranks[:1] != ("m",) or len(src.ranks) != 2 or len(moved) != 1:
                 continue
             held, index = moved[0]
@@ -527,7 +536,7 @@ class TileCode:
             lo, hi = f"tl.minimum({ends[0]}, {ends[1]})", f"tl.maximum({ends[0]}, {ends[1]})"
             routed = src.code if src.present is None else f"({src.code} & {bcast(src.present, src.pranks, src.ranks)})"
             inside = f"(offs_{held} >= {lo}) & (offs_{held} <= {hi})"
-            return f"(tl.max(tl.where(({inside})[None, :], {routed}.to(tl.int32), 0)) == 0)"
+            return p, f"(tl.max(tl.where(({inside})[None, :], {routed}.to(tl.int32), 0)) == 0)"
         return None
 
     # -- expressions ---------------------------------------------------------------------------
@@ -678,8 +687,8 @@ class TileCode:
         t = self.einsum(e)
         if t is None:
             raise LoweringError(
-                f"{e.out} has ranks the kernels unroll ({', '.join(self.deferred[e.out][1])}), so no one tile: it "
-                f"cannot be a running state or a stored result",
+                f"{e.out} has ranks the kernels unroll ({', '.join(self.kernel.deferred[e.out][1])}), so no one "
+                f"tile: it cannot be a running state or a stored result",
                 self.c.where(e),
             )
         return t
@@ -687,8 +696,8 @@ class TileCode:
     def _einsum(self, e: Einsum) -> Tile | None:
         unrolled = unrolled_ranks(e, self.c)
         if set(unrolled) & set(e.ranks):  # its instances are made where they are read
-            positions(unrolled, self.dims, e.out)  # refused here, at its line, when too many
-            self.deferred[e.out] = (e, unrolled)
+            positions(unrolled, self.dims, e.out)  # made now only to refuse too many, here at its line
+            self.kernel.deferred[e.out] = (e, unrolled)
             return None
         if unrolled and reduces(e):
             return self.bind(e.out, self.fold(e, unrolled))

@@ -26,9 +26,8 @@ import sympy
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum
 from ...ir.expr import Const, Coord, Expr, Read, transform
-from ...ir.ranks import PARALLEL, coord
+from ...ir.ranks import PARALLEL, SEQUENCE_RANKS, coord
 
-SEQUENCE_RANKS = ("m", "n")
 MAX_INSTANCES = 64  # of one Einsum: each is a tile's code, so a kernel grows by as many copies
 
 

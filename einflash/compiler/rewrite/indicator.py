@@ -29,7 +29,7 @@ from dataclasses import replace
 
 from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, Reduction, Role, TensorDecl, plain_read
-from ...ir.expr import Const, Read, call, free_ranks, walk
+from ...ir.expr import Const, Expr, Read, call, free_ranks, walk
 from ...ir.ranks import PARALLEL, rank_order
 from .names import drop_unused, fresh_name, ordered_tensors
 
@@ -49,11 +49,15 @@ def sums_as_indicators(c: Cascade) -> Cascade:
 
 
 def _present_everywhere(c: Cascade, e: Einsum) -> bool:
-    """Whether ``e``'s value, before its mask, has no absent element: made of inputs at their own coordinates,
-    parameters and constants."""
+    """Whether ``e``'s value, before its mask, has no absent element (see :func:`_present`)."""
+    return _present(c, e.expr)
+
+
+def _present(c: Cascade, x: Expr) -> bool:
+    """Whether ``x`` has no absent element: made of inputs at their own coordinates, parameters and constants."""
     return all(
-        not isinstance(x, Read) or (c.tensor(x.tensor).role is Role.INPUT and x == plain_read(c.tensor(x.tensor)))
-        for x in walk(e.expr)
+        not isinstance(y, Read) or (c.tensor(y.tensor).role is Role.INPUT and y == plain_read(c.tensor(y.tensor)))
+        for y in walk(x)
     )
 
 
@@ -64,7 +68,11 @@ def _sums_it(c: Cascade, user: Einsum, name: str, spread: set[str]) -> bool:
         return False
     read = plain_read(c.tensor(name))
     found = [f for f, k in factors(user.expr) if f == read and k == 1]
-    return len(found) == 1 and sum(1 for x in walk(user.expr) if isinstance(x, Read) and x.tensor == name) == 1
+    # another factor that may be absent would leave a term absent where the indicator makes it 0
+    others = all(_present(c, f) for f, _ in factors(user.expr) if f != read)
+    return (
+        others and len(found) == 1 and sum(1 for x in walk(user.expr) if isinstance(x, Read) and x.tensor == name) == 1
+    )
 
 
 def _rewrite(c: Cascade, masked: Einsum, users: list[Einsum]) -> Cascade:

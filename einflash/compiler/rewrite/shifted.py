@@ -50,10 +50,8 @@ from ...ir.expr import (
     index_ranks,
     transform,
 )
-from ...ir.ranks import coord, extent_symbol, rank_order
+from ...ir.ranks import SEQUENCE_RANKS, coord, extent_symbol, rank_order
 from .names import drop_unused, fresh_name, ordered_tensors
-
-SEQUENCE_RANKS = ("m", "n")
 
 
 def recompute_shifted(c: Cascade) -> Cascade:
