@@ -239,8 +239,7 @@ class TileCode:
                 axes.append(rank)
                 offs.append((rank, stride))
                 if rank != own:  # doc[b, n] read at m: rows past doc's own extent read nothing
-                    extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
-                    beyond.append((rank, f"(offs_{rank} < {extent})"))
+                    beyond.append((rank, f"(offs_{rank} < {self.extent_code(own)})"))
         axes_t = tile_axes(axes, self.kernel.order)
         terms = []
         for o in offs:
@@ -330,8 +329,7 @@ class TileCode:
             )
         spots = {coord(x): bcast(f"offs_{x}", (x,), along) for x in along}
         at = to_triton(index, spots | self.extent_names(index))
-        extent = {"m": "M", "n": "N"}.get(own) or str(self.extent(own))
-        return f"((({at}) >= 0) & (({at}) < {extent}))"
+        return f"((({at}) >= 0) & (({at}) < {self.extent_code(own)}))"
 
     def input_reads(self, e: Einsum) -> list[Read]:
         """The inputs ``e`` reads, at every position of its unrolled ranks."""
@@ -368,7 +366,7 @@ class TileCode:
             rank = next((q.name for q in self.c.ranks if q.extent == x), None)
             param = next((p for p in self.c.params if p.name == str(x)), None)
             if rank is not None:
-                names[x] = "M" if rank == "m" else "N" if rank == "n" else str(self.extent(rank))
+                names[x] = self.extent_code(rank)
             elif param is not None and param.integer:
                 names[x] = f"p_{param.name}"
             else:
@@ -386,6 +384,10 @@ class TileCode:
             return "(offs_n < N)" if self.masked else None
         extent = self.extent(rank)
         return None if extent == self.dims[rank] else f"(offs_{rank} < {extent})"
+
+    def extent_code(self, rank: str) -> str:
+        """A rank's extent as the kernel has it: M and N (per sequence in a jagged batch), the others' sizes."""
+        return {"m": "M", "n": "N"}.get(rank) or str(self.extent(rank))
 
     def extent(self, rank: str) -> int:
         return self.dims[f"{rank}_extent"]
@@ -412,12 +414,12 @@ class TileCode:
                 int_code=f"p_{x.name}" if decl.integer else None,
             )
         if isinstance(x, Size):
-            size = "M" if x.rank == "m" else "N" if x.rank == "n" else self.extent(x.rank)
+            size = self.extent_code(x.rank)
             return Tile(
                 f"{size} * 1.0" if self.kernel.acc == "tl.float32" else f"tl.cast({size}, {self.kernel.acc})",
                 (),
                 finite=True,
-                int_code=str(size),
+                int_code=size,
             )
         if isinstance(x, Coord):
             if x.rank == "h":
@@ -821,4 +823,4 @@ class TileCode:
         """An integer parameter's or an extent's value as the kernel has it (an int, not converted)."""
         if isinstance(x, Param):
             return f"p_{x.name}"
-        return "M" if x.rank == "m" else "N" if x.rank == "n" else str(self.extent(x.rank))
+        return self.extent_code(x.rank)

@@ -69,8 +69,14 @@ def instance_name(tensor: str, at: dict[str, int]) -> str:
 
 
 def instance(e: Einsum, at: dict[str, int]) -> Einsum:
-    """``e`` at one position of its unrolled ranks: those ranks dropped, their coordinates constants."""
-    return _at(e, at, instance_name(e.out, at) if set(at) & set(e.ranks) else e.out)
+    """``e`` at one position of its unrolled output ranks: those ranks dropped, their coordinates constants."""
+    return replace(
+        e,
+        out=instance_name(e.out, at),
+        ranks=tuple(r for r in e.ranks if r not in at),
+        expr=at_position(e.expr, at),
+        where=None if e.where is None else at_position(e.where, at),
+    )
 
 
 def read_at_position(r: Read, at: dict[str, int]) -> Read:
@@ -91,16 +97,3 @@ def at_position(x: Expr, at: dict[str, int]) -> Expr:
         return None
 
     return transform(x, put)
-
-
-def _at(e: Einsum, at: dict[str, int], out: str) -> Einsum:
-    reduce = e.reduce
-    if reduce is not None and set(reduce.ranks) & set(at):
-        raise ValueError("a reduction's own ranks are folded over, not fixed")
-    return replace(
-        e,
-        out=out,
-        ranks=tuple(r for r in e.ranks if r not in at),
-        expr=at_position(e.expr, at),
-        where=None if e.where is None else at_position(e.where, at),
-    )
