@@ -102,3 +102,16 @@ def test_a_table_read_at_recomputed_positions_is_refused_at_its_line():
     with pytest.raises(LoweringError, match="reads a table") as refused:
         convolved_relative(q, k, v, theta=torch.randn(2, 2, 2), rel=torch.randn(39), schedule=TILES)
     assert refused.value.where is not None and refused.value.where.startswith(__file__)
+
+
+@ef.attention
+def gathered_row_bias(q, k, v, w: ef.Tensor["e c"], width: int = 1):
+    """A computed [m, c] tile present on some rows only, read at the key's block as a bias: rows where it is absent
+    have no score at all."""
+    g = ef.mask(q @ w, ef.m >= 3)
+    return ef.softmax(q @ k * ef.scale + g[ef.m, ef.n // width], "n") @ v
+
+
+def test_a_gathered_tile_keeps_a_presence_that_varies_along_its_rows_only():
+    q, k, v = _qkv(37)
+    _assert_right(gathered_row_bias, q, k, v, w=torch.randn(16, 5), width=8)

@@ -37,6 +37,7 @@ from .tile import (
     POSITIVE_PROBES,
     Tile,
     absent_value,
+    axis_extent,
     bcast,
     few_values,
     is_finite,
@@ -503,10 +504,11 @@ class TileCode:
             code = f"({code} & {inside})"
         present = inside
         if src.present is not None:
+            shape = ", ".join(axis_extent(r) for r in src.ranks)  # gathered along the held rank: the whole tile
             full = (
                 src.present
                 if src.pranks == src.ranks
-                else f"({bcast(src.present, src.pranks, src.ranks)} | {bcast('False', (), src.ranks)})"
+                else f"tl.broadcast_to({bcast(src.present, src.pranks, src.ranks)}, ({shape}))"
             )
             present = f"({inside} & {take(full, True)})"
         return replace(src, code=code, ranks=out, present=present, pranks=out, values=None)
