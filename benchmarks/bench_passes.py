@@ -7,7 +7,8 @@ In one process, bf16 q, k, v: einflash's kernels of examples/post_norm_threshold
 passes over the keys: the row's maximum and sum, then the thresholded weights), sink_logit.py (one pass) and
 multi_token.py (one pass, each score recomputed at its 3×3 neighbours: nine q·k products per tile, forward only)
 and moba.py (two passes: the key blocks' sums, then attention over each query's own block and its 2 routed past
-blocks of 512 keys; forward only);
+blocks of 512 keys; forward only), top_k.py (two passes: each row's 9 largest scores, kept as a list merged with
+every key tile's, then the softmax of the 8 largest);
 beside each, the formula of tests' style written in plain PyTorch, eager and under torch.compile, which
 materialise the M×N weights; einflash's plain softmax for the cost of one pass. Forward, with each call's peak
 memory beyond its inputs; forward+backward, every tensor input learning (the sink logit's included). After
@@ -84,6 +85,13 @@ def moba(q, k, v, block, topk=2):
     return torch.softmax(s, dim=-1) @ v
 
 
+def top_k(q, k, v, topk=8):
+    """The softmax of each row's topk largest scores (ties at the k-th all kept)."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    tau = s.topk(topk, dim=-1).values[..., -1:]
+    return torch.softmax(s.masked_fill(s < tau, float("-inf")), dim=-1) @ v
+
+
 def _extra(name: str, shape: ef.Shape, dtype) -> dict:
     if name == "moba":
         return {"block": MOBA_BLOCK}
@@ -91,6 +99,8 @@ def _extra(name: str, shape: ef.Shape, dtype) -> dict:
         return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
     if name == "sink_logit":
         return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
+    if name == "top_k":
+        return {}
     return {"tau": RELATIVE_TAU if name == "renorm_threshold" else TAU}
 
 
@@ -114,7 +124,7 @@ def _measure(rows: list, label: str, fn, flops: float, part: str = "forward") ->
     print(json.dumps(row), flush=True)
 
 
-VARIANTS = ("post_norm_threshold", "renorm_threshold", "sink_logit", "multi_token", "moba")
+VARIANTS = ("post_norm_threshold", "renorm_threshold", "sink_logit", "multi_token", "moba", "top_k")
 
 
 def _checks(rows: list, variants: tuple[str, ...]) -> None:
@@ -179,6 +189,7 @@ def main() -> None:
         sink_logit=sink_logit,
         multi_token=multi_token,
         moba=moba,
+        top_k=top_k,
     )
     for name in variants:
         formula = formulas[name]

@@ -20,8 +20,9 @@ from .compiler.rewrite.lse import with_lse
 from .compiler.runtime.backward import Backward
 from .compiler.runtime.forward import Forward, accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
-from .compiler.schedule import BackwardSchedule, Schedule, default_schedule
+from .compiler.schedule import BackwardSchedule, Schedule
 from .compiler.tuning.selection import choose, generation
+from .compiler.tuning.space import fitting_default
 from .errors import (
     CallError,
     DeclarationError,
@@ -410,10 +411,10 @@ class AttentionOp:
         per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
         if schedule is None:
             # jagged batches are not tuned yet: the cache's buckets are of stacked batches
-            device = inputs[self.cascade.inputs[0].name].device
-            schedule = default_schedule(
-                per_sequence, for_device(device.type), kv_heads(self.cascade, inputs), fwd.masked, allow_split=False
-            )
+            first = inputs[self.cascade.inputs[0].name]
+            target = for_device(first.device.type)
+            heads = kv_heads(self.cascade, inputs)
+            schedule = fitting_default(fwd, target, per_sequence, heads, first.element_size(), allow_split=False)
         return _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents, jagged))
 
     def explain(

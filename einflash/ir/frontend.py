@@ -332,8 +332,9 @@ class Traced:
         """Reduce over ``ranks`` (space separated) with a reducer: sum, max, min, kth_largest, or one made by
         :func:`reducer`."""
         op = op.name if isinstance(op, Reducer) else op
-        if op not in REDUCERS:
-            raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {sorted(REDUCERS)}", _where())
+        if op not in REDUCERS or REDUCERS[op].lists:  # a top list is made by the rewrites, from kth_largest
+            declared = sorted(r for r, red in REDUCERS.items() if not red.lists)
+            raise UnsupportedOperatorError(f"unknown reducer {op!r}; expected one of {declared}", _where())
         if not isinstance(ranks, str):
             raise DeclarationError(f'reduce over rank names, a string such as "n"; got {ranks!r}', _where())
         rs = _spec_ranks(ranks)

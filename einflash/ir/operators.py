@@ -44,6 +44,11 @@ class Operator:
     triton_int: str | None = field(default=None, compare=False, repr=False)  # on integer operands, where it differs
 
 
+def _merge_top(a, b):
+    both = torch.cat(torch.broadcast_tensors(a, b), dim=-1)
+    return both.topk(a.shape[-1], dim=-1).values
+
+
 def _sign(x):
     return torch.sign(x)
 
@@ -131,6 +136,9 @@ _OPS = [
     Operator("and", 2, torch.logical_and, "({0} & {1})", sympy.And, "∧", boolean=True),
     Operator("or", 2, torch.logical_or, "({0} | {1})", sympy.Or, "∨", boolean=True),
     Operator("not", 1, torch.logical_not, "({0} == 0)", sympy.Not, "¬", boolean=True),
+    # Two top lists (along their last axis) merged into the largest of both, as long as either: not elementwise, so
+    # the reference moves the LIST rank last before it applies it, and kernels hold the rank whole.
+    Operator("merge_top", 2, _merge_top, "_merge_top({0}, {1})", sympy.Function("merge_top")),
 ]
 OPERATORS: dict[str, Operator] = {op.name: op for op in _OPS}
 
@@ -141,7 +149,10 @@ class Reducer:
 
     ``combine`` names the binary map operator that folds two partial results (what a
     running state's update applies); ``kth_largest`` (top-k routing) has none: it keeps the
-    k-th largest value of a whole fiber, so it has no running form.
+    k-th largest value of a whole fiber, so it has no running form. A ``lists`` reducer
+    (``top``, made by a rewrite, never declared) keeps the k largest values of the fiber, in
+    descending order along its output's one LIST rank; its combine merges two such lists,
+    which is the running form a k-th largest over the keys streams with.
 
     >>> REDUCERS["max"].identity
     -inf
@@ -152,6 +163,7 @@ class Reducer:
     combine: str | None = None
     symbol: str = ""
     linear: bool = False  # a sum: corrections distribute over it
+    lists: bool = False  # a top list along a LIST rank of the output (the rank the body does not have)
 
 
 REDUCERS: dict[str, Reducer] = {
@@ -160,4 +172,6 @@ REDUCERS: dict[str, Reducer] = {
     "min": Reducer("min", float("inf"), "minimum", "min"),
     # The k-th largest value of the fiber (top-k routing); k is the reduction's argument.
     "kth_largest": Reducer("kth_largest", float("-inf"), None, "kth"),
+    # The k largest of the fiber in descending order (−inf past the fiber's length); k is the reduction's argument.
+    "top": Reducer("top", float("-inf"), "merge_top", "top", lists=True),
 }

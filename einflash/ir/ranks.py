@@ -24,6 +24,7 @@ class RankRole(enum.Enum):
     QK_DIM = "qk_dim"  # e: contracted by q·k
     V_DIM = "v_dim"  # f: the value (and output) head dimension
     OTHER = "other"  # ranks a declaration adds (agent tokens, low-rank dims, ...)
+    LIST = "list"  # the positions of a top list (the k largest of a fiber, in order), which rewrites add
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from ..errors import CascadeError, DTypeError, MissingInputError, ParameterError
 from .cascade import ROW_OUTPUT_ABSENT, Cascade, Einsum, Layout, Reduction, Role, loop_blocks
 from .expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, free_ranks, gathered_entries, walk
 from .operators import OPERATORS, REDUCERS
-from .ranks import PARALLEL, coord, extent_symbol, rank_order
+from .ranks import PARALLEL, RankRole, coord, extent_symbol, rank_order
 
 
 @dataclass
@@ -376,7 +376,11 @@ class _Evaluator:
                 torch.where(absent, d, torch.ones((), dtype=d.dtype, device=d.device)) if d.is_floating_point() else d
                 for d in datas
             ]
-        data = op.torch(*datas)
+        if x.op == "merge_top":  # top lists merge along their LIST rank, taken last
+            axis = next(i for i, r in enumerate(ranks) if self.c.rank(r).role is RankRole.LIST)
+            data = op.torch(*(d.movedim(axis, -1) for d in datas)).movedim(-1, axis)
+        else:
+            data = op.torch(*datas)
         if op.boolean:  # a predicate on absent data is false, never absent
             for p in press:
                 if p is not None:
@@ -446,6 +450,8 @@ class _Evaluator:
             out = data.amax(dim=dims)
         elif red.op == "min":
             out = data.amin(dim=dims)
+        elif REDUCERS[red.op].lists:
+            out = self._top_list(red, its, data, dims, keep)
         elif (combine := REDUCERS[red.op].combine) is not None:  # a user reducer: fold pairwise with its combine
             out = _fold(data, dims, OPERATORS[combine].torch, ident)
         else:  # kth_largest, the one reducer with no combine
@@ -457,6 +463,21 @@ class _Evaluator:
             out = flat.topk(k, dim=-1).values[..., -1]
         any_pres = None if pres is None else pres.any(dim=dims)
         return Value(out, keep, any_pres)
+
+    def _top_list(self, red: Reduction, its, data: torch.Tensor, dims: list[int], keep) -> torch.Tensor:
+        """The k largest of each fiber, in descending order along the output's LIST rank (−inf past the fiber)."""
+        listed = next(r for r in keep if self.c.rank(r).role is RankRole.LIST)
+        axis = its.index(listed)
+        base = data.select(axis, 0)  # the body does not vary along the list
+        dims = [d - (d > axis) for d in dims]
+        rows = [d for d in range(base.dim()) if d not in dims]
+        flat = base.permute(rows + dims).reshape(*(base.shape[d] for d in rows), -1)
+        k = int(red.arg or 0)
+        values = flat.topk(min(k, flat.shape[-1]), dim=-1).values
+        if values.shape[-1] < k:
+            values = torch.cat([values, values.new_full((*values.shape[:-1], k - values.shape[-1]), -math.inf)], -1)
+        lo, hi = self.ranges[listed]
+        return values[..., lo:hi].movedim(-1, keep.index(listed))
 
     def _sum_of_products(self, e: Einsum, red: Reduction, its) -> Value:
         factors = list(_factors(e.expr))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import networkx as nx
+import sympy
 
 from ..errors import (
     CascadeError,
@@ -17,9 +18,9 @@ from ..errors import (
     UnsupportedOperatorError,
 )
 from .cascade import Cascade, Einsum, Role, loop_blocks
-from .expr import Call, Param, Read, index_ranks, is_boolean, walk
+from .expr import Call, Param, Read, free_ranks, index_ranks, is_boolean, walk
 from .operators import OPERATORS, REDUCERS
-from .ranks import PARALLEL
+from .ranks import PARALLEL, RankRole
 
 
 def validate(c: Cascade, contract: bool = True) -> None:
@@ -94,6 +95,8 @@ def _check_einsum(c: Cascade, e: Einsum) -> None:
         if e.reduce.op not in REDUCERS:
             raise UnsupportedOperatorError(f"unknown reducer {e.reduce.op!r}; supported: {sorted(REDUCERS)}", where)
         reduced = e.reduce.ranks
+        if REDUCERS[e.reduce.op].lists:
+            _check_list(c, e, where)
         body = its - frozenset(e.ranks)
         for r in reduced:
             if r not in body:
@@ -110,6 +113,17 @@ def _check_einsum(c: Cascade, e: Einsum) -> None:
         )
     if e.where is not None and not is_boolean(e.where):
         raise CascadeError("a mask must be a predicate (a comparison, or & | ~ of comparisons)", where)
+
+
+def _check_list(c: Cascade, e: Einsum, where: str) -> None:
+    """A top list's Einsum lists along one LIST rank its body does not have, as long as its k."""
+    body = free_ranks(e.expr) | (free_ranks(e.where) if e.where is not None else frozenset())
+    lists = [r for r in e.ranks if c.has_rank(r) and c.rank(r).role is RankRole.LIST and r not in body]
+    k = e.reduce.arg if e.reduce is not None else None
+    if len(lists) != 1 or k is None or sympy.sympify(c.rank(lists[0]).extent) != int(k):
+        raise CascadeError(
+            f"{e.out}: a top list needs one LIST rank its body does not have, of extent k ({k}); got {lists}", where
+        )
 
 
 def _check_read(c: Cascade, e: Einsum, x: Read, where: str) -> None:

@@ -37,13 +37,12 @@ FILES = {
         def sigmoid(q, k, v):
             return ef.sigmoid(q @ k * ef.scale - ef.log(ef.N)) @ v
         """,
-    "top_k": """
+    "softmax_over_m": """
         import einflash as ef
 
         @ef.attention
-        def top_k(q, k, v):
-            s = q @ k * ef.scale
-            return ef.softmax(ef.mask(s, s >= s.kth_largest(2, "n")), "n") @ v
+        def softmax_over_m(q, k, v):
+            return ef.softmax(q @ k * ef.scale, "m") @ v
         """,
     "broken": """
         raise RuntimeError("broken at import")
@@ -99,8 +98,8 @@ def test_a_call_that_raises_is_a_failed_row(catalogue):
 
 
 def test_a_variant_without_a_kernel_is_not_lowered_not_failed(catalogue):
-    rec = _row(catalogue("top_k"), "top_k")
-    assert (rec["status"], rec["ok"], rec["passes"]) == ("not lowered", None, 3) and "passes" in rec["reason"]
+    rec = _row(catalogue("softmax_over_m"), "softmax_over_m")
+    assert (rec["status"], rec["ok"], rec["passes"]) == ("not lowered", None, 1) and "query rank m" in rec["reason"]
 
 
 @pytest.mark.parametrize("failing", ["explain", "inputs", "run", "check", "timing", "gradients", "gradient check"])
@@ -127,7 +126,7 @@ def test_a_step_that_raises_ends_the_row_with_its_reason(catalogue, monkeypatch,
 
 
 def test_after_running_out_of_memory_the_memory_is_given_back_and_the_next_variant_runs(catalogue, monkeypatch):
-    path = catalogue("sigmoid", "top_k")
+    path = catalogue("sigmoid", "softmax_over_m")
     emptied = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     real = demo.check
@@ -158,10 +157,10 @@ def test_the_summary_counts_each_kind_of_row():
 
 
 def test_the_command_streams_rows_then_the_summary_and_fails_when_a_variant_failed(catalogue, capsys):
-    path = catalogue("top_k", "broken")
+    path = catalogue("softmax_over_m", "broken")
     assert demo.main(path, shape=TINY) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == demo.HEADER and [line.split()[0] for line in lines[1:3]] == ["broken", "top_k"]
+    assert lines[0] == demo.HEADER and [line.split()[0] for line in lines[1:3]] == ["broken", "softmax_over_m"]
     assert lines[3] == (
         "0 of 2 variants ok (output and gradients within tolerance), 1 not lowered (no kernel yet: "
         "not a failure), 1 failed (a step raised or a result is out of tolerance: broken)"
@@ -169,7 +168,7 @@ def test_the_command_streams_rows_then_the_summary_and_fails_when_a_variant_fail
 
 
 def test_json_records_keep_their_keys_and_a_passing_catalogue_exits_0(catalogue, capsys):
-    path = catalogue("sigmoid", "top_k")
+    path = catalogue("sigmoid", "softmax_over_m")
     assert demo.main(path, as_json=True, shape=TINY) == 0
     records = json.loads(capsys.readouterr().out)
     assert all(set(r) >= KEYS for r in records)

@@ -13,7 +13,7 @@ import einflash as ef
 from einflash.ir.cascade import Layout
 
 # The catalogue variants whose forward and backward lower (with FORWARD_ONLY, every example whose forward lowers:
-# test_the_list_is_the_lowerable_catalogue); the last two make two passes over the keys.
+# test_the_list_is_the_lowerable_catalogue); the last three make two passes over the keys.
 LOWERED = (
     "softmax",
     "causal",
@@ -39,6 +39,7 @@ LOWERED = (
     "sink_logit",
     "post_norm_threshold",
     "renorm_threshold",
+    "top_k",
 )
 # Examples whose forward lowers and whose backward is refused, with the refusal's words.
 FORWARD_ONLY = {

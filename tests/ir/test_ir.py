@@ -517,3 +517,14 @@ def test_output_needs_the_query_rank():
         c, einsums=c.einsums[:-1] + (no_m,), tensors=c.tensors[:-1] + (TensorDecl("o", ("b", "h", "f"), Role.OUTPUT),)
     )
     _expect(bad, RankMismatchError, "hand.py:99", "query rank m", "(f)")
+
+
+def test_a_top_list_is_not_declared_and_needs_its_list_rank():
+    def top(q, k, v):
+        return ef.softmax((q @ k).reduce("top", "n", 2), "n") @ v
+
+    with pytest.raises(UnsupportedOperatorError, match=r"unknown reducer 'top'.*'kth_largest'"):
+        ef.attention(top)
+    t8 = TensorDecl("t8", ("b", "h", "m"))
+    listed = Einsum("t8", t8.ranks, plain_read(_S), Reduction("top", ("n",), 8.0), line=13)
+    _expect(_hand(_SCORE, listed, tensors=(_S, t8)), CascadeError, "hand.py:13", "a top list needs one LIST rank")

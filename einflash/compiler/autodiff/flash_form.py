@@ -43,7 +43,11 @@ def inline_row_products(c: Cascade) -> Cascade:
             return transform(products[x.tensor], sub)
         return None
 
-    einsums = tuple(replace(e, expr=transform(e.expr, sub)) for e in c.einsums if e.out not in products)
+    einsums = tuple(
+        replace(e, expr=transform(e.expr, sub), where=None if e.where is None else transform(e.where, sub))
+        for e in c.einsums
+        if e.out not in products
+    )
     return prune(replace(c, einsums=einsums))
 
 

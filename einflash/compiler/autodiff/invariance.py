@@ -3,6 +3,10 @@
 A max (or min) over n whose shift leaves the output unchanged gets no gradient. That is proved, not
 assumed: every sum over n that reads it must be rescaled by a correction factor (``algebra.correction``)
 when it shifts, and the output must be invariant under those rescalings (checked by sympy).
+
+A reduction whose value reaches the output only through tests (a mask ``s ≥ kth_largest``, a comparison inside
+a ``where``) gets none either: a test is piecewise constant, so its derivative is 0 almost everywhere, as
+autograd takes a comparison's. Its value is then a constant of the proof of the others.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import sympy
 from ...errors import DifferentiationError
 from ...ir.algebra import correction
 from ...ir.cascade import Cascade, Reducing, Role
-from ...ir.expr import Expr, Read, reads, to_sympy
+from ...ir.expr import Call, Expr, Read, reads, to_sympy
+from ...ir.operators import OPERATORS
 from ...ir.ranks import STREAM, coord
 from ...ir.user_ops import DEFINITIONS
 from ..rewrite.online import inline_body
@@ -30,10 +35,15 @@ class Invariance:
     op: str
     line: int | None
     factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
+    tested: bool = False  # read only by tests: no shift of it that is small enough changes the output
 
     def __str__(self) -> str:
-
         at = f" (line {self.line})" if self.line else ""
+        if self.tested:
+            return (
+                f"{self.reduction}{at}: {self.op} over n; only tests (masks, comparisons) read it, and a test does "
+                f"not change under a small enough shift of it: no gradient, as autograd gives a comparison"
+            )
         sums = " and ".join(s for s, _ in self.factors) or "no sum"
         factors = sorted({f for _, f in self.factors})
         return (
@@ -53,8 +63,12 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
     shifted = [e for e in late if reduction_derivative(e) is None]
+    tested = [e for e in shifted if only_tested(c, e.out)]
+    shifted = [e for e in shifted if e not in tested]
+    zero = set().union(*(_tested_values(c, e.out) for e in tested))
+    skipped = tuple(Invariance(e.out, e.reduce.op, e.line, (), tested=True) for e in tested)
     if not shifted:
-        return frozenset(), ()
+        return frozenset(zero), skipped
     derived = {e.out for e in shifted}
     for e in c.einsums:  # row values computed from them and constants of the row (top2 = top2_raw·scale·log2 e,
         # max(top, sink[h]))
@@ -163,4 +177,36 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
             if r != ONE and any(t.tensor in mine for t in reads(bodies[s]))
         ]
         proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
-    return frozenset(derived), tuple(proofs)
+    return frozenset(derived | zero), skipped + tuple(proofs)
+
+
+def only_tested(c: Cascade, name: str) -> bool:
+    """Whether ``name`` reaches the output only through tests: every Einsum that reads it reads it in its mask or
+    under a comparison, or is a map of it that is itself only tested (``kth = top[m, k − 1]``)."""
+    if name in c.outputs:
+        return False
+    for x in c.consumers(name):
+        passed_on = x.reduce is None and x.where is None and only_tested(c, x.out)
+        if not passed_on and any(r.tensor == name for r in _value_reads(x.expr)):
+            return False
+    return True
+
+
+def _tested_values(c: Cascade, name: str) -> set[str]:
+    """``name`` and the maps of it that only tests read."""
+    out = {name}
+    for x in c.consumers(name):
+        if x.reduce is None and x.where is None and only_tested(c, x.out):
+            out |= _tested_values(c, x.out)
+    return out
+
+
+def _value_reads(x: Expr) -> list[Read]:
+    """The reads of ``x`` whose values it uses, not those only compared (under a boolean operator)."""
+    if isinstance(x, Read):
+        return [x]
+    if isinstance(x, Call):
+        if OPERATORS[x.op].boolean:
+            return []
+        return [r for a in x.args for r in _value_reads(a)]
+    return []

@@ -20,7 +20,7 @@ from ...ir.user_ops import triton_helper, user_operators
 from ...templates import render
 from ..analysis.key_passes import count_passes
 from ..analysis.mask_tiles import conjuncts
-from .reductions import KTH_LARGEST
+from .reductions import KTH_LARGEST, TOP_LIST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
 from .stores import carry, init_states, row_output_params, store_output, store_row_output, store_state
@@ -285,8 +285,12 @@ def helpers(c: Cascade) -> list[str]:
         [x for e in c.einsums for x in (e.expr, e.where) if x is not None],
         [e.reduce.op for e in c.einsums if e.reduce is not None],
     )
-    kth = any(e.reduce is not None and e.reduce.op == "kth_largest" for e in c.einsums)
-    return [triton_helper(name) for name in used] + ([KTH_LARGEST] if kth else [])
+    reducers = {e.reduce.op for e in c.einsums if e.reduce is not None}
+    return (
+        [triton_helper(name) for name in used]
+        + ([KTH_LARGEST] if "kth_largest" in reducers else [])
+        + ([TOP_LIST] if "top" in reducers else [])
+    )
 
 
 def _has_n(r) -> bool:

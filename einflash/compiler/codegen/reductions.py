@@ -44,11 +44,29 @@ def _kth_largest(x, K: tl.constexpr, axis: tl.constexpr):
 """
 
 
+# A key tile's top list (the K largest of each row, descending; a tile narrower than K widened with −inf first),
+# and the merge of two top lists into the K largest of both: the running form of a k-th largest over n.
+TOP_LIST = """@triton.jit
+def _top_list(x, K: tl.constexpr, LOG_K: tl.constexpr):
+    for _ in tl.static_range(LOG_K):
+        if x.shape[1] < K:
+            x = tl.reshape(tl.join(x, tl.full(x.shape, float("-inf"), x.dtype)), (x.shape[0], 2 * x.shape[1]))
+    return tl.topk(x, K, 1)
+
+
+@triton.jit
+def _merge_top(a, b):
+    return tl.topk(tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1])), a.shape[1], 1)
+"""
+
+
 def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     """``e``'s reduction of its evaluated ``body`` over its one rank."""
     red = e.reduce
     if red.op == "kth_largest" and len(red.ranks) == 1:
         return _kth_largest(g, e, body)
+    if REDUCERS[red.op].lists:
+        return _top_list(g, e, body)
     if len(red.ranks) != 1 or REDUCERS[red.op].combine is None:
         raise LoweringError(
             f"{e.out}: the one-pass template reduces over one rank with a reducer that "
@@ -125,6 +143,29 @@ def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
             present = g.any_of(body.present, body.pranks, rank)
             pranks = tuple(x for x in body.pranks if x != rank)
     return Tile(f"_kth_largest({values}, {k}, {axis})", keep, present, pranks, float("-inf") if present else None)
+
+
+def _top_list(g: TileCode, e: Reducing, body: Tile) -> Tile:
+    """A top list over n of a 2-D tile over (m, n): the tile's own K largest of each row along the list rank, held
+    as a power of two (entries past the true k are more of the row's largest, never read)."""
+    (rank,) = e.reduce.ranks
+    (listed,) = [r for r in e.ranks if r not in body.ranks and r not in PARALLEL]
+    src = g.filled(body, float("-inf"))
+    if src.ranks != ("m", rank):
+        raise LoweringError(
+            f"{e.out}: a top list over {rank} is made from a tile over (m, {rank}); this one's tile has ranks "
+            f"({', '.join(src.ranks)})"
+        )
+    width = g.dims[listed]
+    code = f"_top_list({g.f32(src)}, {width}, {width.bit_length() - 1})"
+    present: str | None = None
+    pranks: tuple[str, ...] = ()
+    if body.present is not None:
+        present, pranks = body.present, body.pranks
+        if rank in body.pranks:
+            present = g.any_of(body.present, body.pranks, rank)
+            pranks = tuple(x for x in body.pranks if x != rank)
+    return Tile(code, ("m", listed), present, pranks, float("-inf") if present else None)
 
 
 def dot_groups(e: Reducing, order: tuple[str, ...] | None) -> DotGroups | None:

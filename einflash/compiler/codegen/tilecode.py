@@ -441,7 +441,7 @@ class TileCode:
             if x.tensor in self.kernel.deferred:
                 return self.instance_of(x)
             if tuple(x.index) != tuple(coord(r) for r in self.c.tensor(x.tensor).ranks):
-                gathered = self.gather(x)
+                gathered = self.gather(x) or self.pick(x)
                 if gathered is not None:
                     return gathered
                 raise LoweringError(
@@ -512,6 +512,31 @@ class TileCode:
             )
             present = f"({inside} & {take(full, True)})"
         return replace(src, code=code, ranks=out, present=present, pranks=out, values=None)
+
+    def pick(self, x: Read) -> Tile | None:
+        """A computed tile read at constant positions of ranks it holds whole (a top list's k-th entry,
+        ``top[m, k − 1]``): each such axis selected and summed away. None for any other index."""
+        src = self.env.get(x.tensor)
+        moved = self.moved(x)
+        if (
+            src is None
+            or not moved
+            or any(
+                not i.is_Integer or r not in src.ranks or r in ("m", "n") or not 0 <= int(i) < self.extent(r)
+                for r, i in moved
+            )
+        ):
+            return None
+        code, ranks = self.f32(src), src.ranks
+        present, pranks = src.present, src.pranks
+        for r, i in moved:
+            code = f"tl.sum(tl.where({bcast(f'(offs_{r} == {int(i)})', (r,), ranks)}, {code}, 0.0), {ranks.index(r)})"
+            if present is not None and r in pranks:
+                at = bcast(f"(offs_{r} == {int(i)})", (r,), pranks)
+                present = f"(tl.sum(tl.where({at}, {present}, False).to(tl.int32), {pranks.index(r)}) > 0)"
+                pranks = tuple(y for y in pranks if y != r)
+            ranks = tuple(y for y in ranks if y != r)
+        return Tile(code, ranks, present, pranks, src.fill if present is not None else None, "f32")
 
     def moved(self, x: Read) -> list[tuple[str, sympy.Expr]]:
         """The ranks of the tensor ``x`` reads that it reads at other than their own coordinates, with the index."""

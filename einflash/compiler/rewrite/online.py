@@ -54,7 +54,8 @@ class _Plan:
 def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr:
     """``e``'s body with the Einsums named in ``inline`` substituted, stopping at ``stop``. Only what is computed
     from ``stop`` is substituted: a value that does not depend on it stays a read (its expression may be as deep as
-    the declaration's, and what is asked of the body is how it depends on ``stop``)."""
+    the declaration's, and what is asked of the body is how it depends on ``stop``). A value masked by a test that
+    depends on ``stop`` stays a read too: the substituted expression would drop the mask."""
 
     def sub(x):
         if (
@@ -65,6 +66,7 @@ def inline_body(c: Cascade, e: Einsum, stop: set[str], inline: set[str]) -> Expr
             and c.depends_on(x.tensor, stop)
             and (p := c.producer(x.tensor)) is not None
             and p.reduce is None
+            and (p.where is None or not any(c.depends_on(r.tensor, stop) for r in reads(p.where)))
             and tuple(x.index) == tuple(coord(r) for r in p.ranks)
         ):
             return inline_body(c, p, stop, inline)
@@ -89,16 +91,17 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
                     f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reads {r.tensor} at "
                     f"n = {at}, outside the current chunk of n, so it cannot run chunk by chunk"
                 )
-    dependent = set(states)  # in-loop values that change as the running states change
+    dependent = set(states)  # values that change as the running states change (in the loop or maps of states)
     for e in c.einsums:
-        if e.out in fused and e.out not in states and any(r.tensor in dependent for r in e.reads()):
-            if e.reduce is not None:
+        if e.out not in states and any(r.tensor in dependent for r in e.reads()):
+            if e.reduce is not None and e.out in fused:
                 return None, (
                     f"{e.out}" + (f" (line {e.line})" if e.line else "") + f" reduces over "
                     f"{', '.join(e.reduce.ranks)} a value that depends on a running state; no "
                     f"correction factor can be taken out of that reduction"
                 )
-            dependent.add(e.out)
+            if e.reduce is None:
+                dependent.add(e.out)
     for e in c.einsums:  # a value the loop reads must be an input, streamed, or a map of running states
         if e.out in fused:
             for r in e.reads():
@@ -120,6 +123,12 @@ def _plan(c: Cascade, k: int) -> tuple[_Plan | None, str | None]:
             return None, f"{where} reduces over n together with other ranks"
         body = inline_body(c, e, states, maps & (fused | late))
         used = {r.tensor for r in reads(body) if r.tensor in states}
+        masked = sorted({r.tensor for r in reads(body) if r.tensor in dependent and r.tensor not in states})
+        if masked:  # inline_body keeps a value whose mask tests a running state: no factor corrects a mask
+            return None, (
+                f"{where} reduces {', '.join(masked)}, masked by a test of a running state's value; a mask that "
+                f"moves as the state changes has no correction factor, so the reduction waits for that pass"
+            )
         for r in reads(body):
             if r.tensor in late and r.tensor not in states:
                 return None, (

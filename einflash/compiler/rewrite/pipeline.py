@@ -2,7 +2,7 @@
 
 >>> [name for name, _ in PIPELINE]  # doctest: +NORMALIZE_WHITESPACE
 ['recompute shifted reads', 'masks as indicators in sums', 'reassociate contractions', 'defer normalisation',
- 'scalars before masks', 'exponent in base 2', 'scalars out of max', 'stream online']
+ 'scalars before masks', 'exponent in base 2', 'scalars out of max', 'k-th largest as top lists', 'stream online']
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .online import stream_online
 from .reassociate import reassociate
 from .shifted import recompute_shifted
 from .strength import exponent_base2, scalars_before_masks, scalars_out_of_max
+from .top_list import kth_largest_as_top_lists
 
 PIPELINE = (
     ("recompute shifted reads", recompute_shifted),
@@ -26,6 +27,7 @@ PIPELINE = (
     ("scalars before masks", scalars_before_masks),
     ("exponent in base 2", exponent_base2),
     ("scalars out of max", scalars_out_of_max),
+    ("k-th largest as top lists", kth_largest_as_top_lists),
     ("stream online", stream_online),
 )
 

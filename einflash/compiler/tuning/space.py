@@ -201,10 +201,16 @@ _SHRUNK_TILES = (16, 32, 64, 128)
 
 
 def fitting_default(
-    forward: Forward, target: Target, extents: dict[str, int], kv_heads: int, elem_bytes: int
+    forward: Forward,
+    target: Target,
+    extents: dict[str, int],
+    kv_heads: int,
+    elem_bytes: int,
+    allow_split: bool = True,
 ) -> Schedule:
     """The heuristic default, or where the buffer analysis finds that it cannot fit the target (a
     cascade that reduces a broadcast tile, as GLA does), the largest tiles that do, with its warps.
+    ``allow_split`` False: no split-KV (a jagged batch's sequences).
 
     >>> import einflash as ef
     >>> from einflash.backends import get_target
@@ -216,12 +222,19 @@ def fitting_default(
              max_registers=240)
     """
     smem, regs = _buffer_functions(forward, extents, elem_bytes)
-    return _fitting(_default(forward, extents, target, kv_heads), extents, target, smem, regs)
+    return _fitting(_default(forward, extents, target, kv_heads, allow_split), extents, target, smem, regs)
 
 
-def _default(forward: Forward, extents: dict[str, int], target: Target, kv_heads: int) -> Schedule:
+def _default(
+    forward: Forward, extents: dict[str, int], target: Target, kv_heads: int, allow_split: bool = True
+) -> Schedule:
     return default_schedule(
-        extents, target, kv_heads, forward.masked, allow_split=forward.splittable, gathered=forward.gathered
+        extents,
+        target,
+        kv_heads,
+        forward.masked,
+        allow_split=forward.splittable and allow_split,
+        gathered=forward.gathered,
     )
 
 
