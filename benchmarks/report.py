@@ -81,6 +81,16 @@ RUNS = {
         "bac3b24 (NOTES.md)",
         "multi-token attention and MoBA beside PyTorch compositions (bench_passes.py --variants multi_token,moba)",
     ),
+    "topk": Run(
+        "h100_2026-12-07_session8_17930b6/topk.json",
+        "17930b6 (NOTES.md)",
+        "top-k attention beside PyTorch compositions, and its checks (bench_passes.py --variants top_k)",
+    ),
+    "two_pass": Run(
+        "h100_2026-12-07_session8_17930b6/two_pass.json",
+        "17930b6",
+        "the renormalised threshold's forward+backward beside PyTorch compositions (bench_passes.py)",
+    ),
     "host_decode": Run(
         "h200_2026-12-01_replay_ffaa2dd/host.json",
         "ffaa2dd",
@@ -346,12 +356,16 @@ def passes_section(run: str = "passes") -> list[str]:
             ]
         )
     ok = sum(1 for r in checks if r.get("ok"))
+    checked = (
+        f"Checked against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one "
+        f"query and GQA; with the gradients of every input where the backward exists)"
+        if checks
+        else "No checks in this run"
+    )
     return [
         f"bf16 {tuple(env.get('shape', ()))} (B, H, N, D), milliseconds and the peak memory a call adds (MiB): "
         f"einflash beside the same maths composed in PyTorch, eager and under torch.compile (which materialise "
-        f"the M×N weights); the speed-up columns are the peer's time over einflash's. Checked after timing "
-        f"against the float64 reference: {ok} of {len(checks)} (bf16, fp16; prefill, and decode with one query "
-        f"and GQA; with the gradients of every input where the backward exists). {stamp(run)}.",
+        f"the M×N weights); the speed-up columns are the peer's time over einflash's. {checked}. {stamp(run)}.",
         "",
     ] + table(["case", "part", "ms", "peak MiB", "torch.compile / einflash", "eager / einflash"], body)
 
@@ -604,6 +618,8 @@ SECTIONS = {
         "offsets": offsets_section,
         "passes": passes_section,
         "beyond": lambda: passes_section("beyond"),
+        "two_pass": lambda: passes_section("two_pass"),
+        "topk": lambda: passes_section("topk"),
         "checks": checks_section,
         "gradients": gradients_section,
         "lse": lse_section,

@@ -83,7 +83,7 @@ def test_reference_backend_is_the_reference_in_the_input_dtype(name, dtype):
     assert torch.equal(got, op.reference(*tensors, **params).to(dtype))
 
 
-UNLOWERABLE = ["linear", "agent", "top_k"]
+UNLOWERABLE = ["linear", "agent", "stick_breaking"]
 
 
 def _unlowerable_call(name: str):

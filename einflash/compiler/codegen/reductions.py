@@ -98,17 +98,20 @@ def reduction(g: TileCode, e: Reducing, body: Tile) -> Tile:
     # a user reducer folds with its combine, a generated @triton.jit helper (einflash.ir.user_ops)
     code = f"{fn[red.op]}({g.f32(src)}, {axis})" if red.op in fn else f"tl.reduce({g.f32(src)}, {axis}, _user_{red.op})"
     keep = tuple(r for r in src.ranks if r != rank)
-    present: str | None = None
-    pranks: tuple[str, ...] = ()
-    if body.present is not None:
-        if rank in body.pranks:
-            known = f"({g.prefix}{e.out} != {literal(ident)})" if by_value else None
-            present = g.any_of(body.present, body.pranks, rank, known)
-            pranks = tuple(x for x in body.pranks if x != rank)
-        else:
-            present, pranks = body.present, body.pranks
+    known = f"({g.prefix}{e.out} != {literal(ident)})" if by_value else None
+    present, pranks = _presence_over(g, body, rank, known)
     finite = body.finite and red.op in ("sum", "max", "min")
     return Tile(code, keep, present, pranks, ident if present else None, finite=finite)
+
+
+def _presence_over(g: TileCode, body: Tile, rank: str, known: str | None = None) -> tuple[str | None, tuple[str, ...]]:
+    """Where a reduction of ``body`` over ``rank`` is present: where some element along the rank is (``known``: a
+    test of the result that stands for that reduction of the presence)."""
+    if body.present is None:
+        return None, ()
+    if rank not in body.pranks:
+        return body.present, body.pranks
+    return g.any_of(body.present, body.pranks, rank, known), tuple(x for x in body.pranks if x != rank)
 
 
 def _without_padding(g: TileCode, src: Tile, rank: str, ident: float) -> Tile:
@@ -135,13 +138,7 @@ def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
     axis = src.ranks.index(rank)
     values = g.f32(_without_padding(g, src, rank, float("-inf")))
     keep = tuple(r for r in src.ranks if r != rank)
-    present: str | None = None
-    pranks: tuple[str, ...] = ()
-    if body.present is not None:
-        present, pranks = body.present, body.pranks
-        if rank in body.pranks:
-            present = g.any_of(body.present, body.pranks, rank)
-            pranks = tuple(x for x in body.pranks if x != rank)
+    present, pranks = _presence_over(g, body, rank)
     return Tile(f"_kth_largest({values}, {k}, {axis})", keep, present, pranks, float("-inf") if present else None)
 
 
@@ -158,13 +155,7 @@ def _top_list(g: TileCode, e: Reducing, body: Tile) -> Tile:
         )
     width = g.dims[listed]
     code = f"_top_list({g.f32(src)}, {width}, {width.bit_length() - 1})"
-    present: str | None = None
-    pranks: tuple[str, ...] = ()
-    if body.present is not None:
-        present, pranks = body.present, body.pranks
-        if rank in body.pranks:
-            present = g.any_of(body.present, body.pranks, rank)
-            pranks = tuple(x for x in body.pranks if x != rank)
+    present, pranks = _presence_over(g, body, rank)
     return Tile(code, ("m", listed), present, pranks, float("-inf") if present else None)
 
 
