@@ -115,3 +115,20 @@ def gathered_row_bias(q, k, v, w: ef.Tensor["e c"], width: int = 1):
 def test_a_gathered_tile_keeps_a_presence_that_varies_along_its_rows_only():
     q, k, v = _qkv(37)
     _assert_right(gathered_row_bias, q, k, v, w=torch.randn(16, 5), width=8)
+
+
+@ef.attention
+def block_gate(q, k, v, block: int = 4):
+    c = ef.rank("c", ef.ceil_div(ef.N, block))
+    g = q @ ef.mask(k, ef.n // block == c).sum("n")
+    return ef.softmax(q @ k * ef.scale * ef.exp(ef.mask(g, c != 1).max("c")), "n") @ v
+
+
+def test_a_mask_along_a_held_rank_leaves_its_padding_out():
+    # 12 keys in blocks of 4: 3 blocks held in a tile of 4; the mask c ≠ 1 holds at the padded 4th, whose gate (a
+    # dot with the zero padding) is 0, above every real gate here: the maximum must not take it
+    g = torch.Generator().manual_seed(0)
+    q = -torch.rand(1, 2, 8, 16, generator=g) - 0.5
+    k = torch.rand(1, 2, 12, 16, generator=g) + 0.5
+    v = torch.randn(1, 2, 12, 16, generator=g)
+    _assert_right(block_gate, q, k, v)

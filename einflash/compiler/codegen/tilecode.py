@@ -28,7 +28,7 @@ from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Role, reduces
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, gathered_entries, index_ranks, reads
 from ...ir.operators import OPERATORS, REDUCERS
-from ...ir.ranks import PARALLEL, coord
+from ...ir.ranks import PARALLEL, SEQUENCE_RANKS, coord
 from ..analysis.mask_tiles import conjuncts
 from .range_tests import range_pairs
 from .reductions import contraction, dot_groups, reduction
@@ -826,6 +826,13 @@ class TileCode:
         ranges, parts = range_pairs(parts, {p.name for p in self.c.params if p.integer})
         tiles = [self.range_test(x, k) for x, k in ranges] + [self.expr(p) for p in parts]
         ranks = tile_axes((r for t in tiles for r in t.ranks), self.kernel.order)
+        # a held rank's padding (c = 3 of a tile of 4 over C = 3 blocks) is no position: a test there is false, so
+        # that a reduction over the rank (a maximum of gates with c ≠ 1) does not take the padding's zeros
+        tiles += [
+            Tile(f"(offs_{r} < {self.extent_code(r)})", (r,), dtype="bool")
+            for r in ranks
+            if r not in SEQUENCE_RANKS and self.extent(r) != self.dims[r]
+        ]
         code = " & ".join(bcast(t.code, t.ranks, ranks) for t in tiles)
         return Tile(f"({code})", ranks, dtype="bool")
 
