@@ -352,7 +352,8 @@ class Traced:
         return self.reduce("min", ranks)
 
     def kth_largest(self, k: int, ranks: str) -> Traced:
-        """The k-th largest value over ``ranks`` (top-k routing thresholds)."""
+        """The k-th largest value over ``ranks`` (top-k routing thresholds); −inf where fewer than k values are
+        present."""
         if not isinstance(k, int) or k < 1:
             raise DeclarationError(f"kth_largest needs a positive int k, got {k!r}", _where())
         return self.reduce("kth_largest", ranks, float(k))

@@ -459,8 +459,11 @@ class _Evaluator:
                 raise CascadeError(f"{e.out}: kth_largest needs its k (Reduction.arg), got none")
             moved = data.permute([its.index(r) for r in keep] + dims)
             flat = moved.reshape(*moved.shape[: len(keep)], -1)
-            k = min(int(red.arg), flat.shape[-1])
-            out = flat.topk(k, dim=-1).values[..., -1]
+            k = int(red.arg)
+            if k <= flat.shape[-1]:
+                out = flat.topk(k, dim=-1).values[..., -1]
+            else:  # a fiber shorter than k has no k-th largest: −inf, as absent elements count
+                out = flat.new_full(flat.shape[:-1], -math.inf)
         any_pres = None if pres is None else pres.any(dim=dims)
         return Value(out, keep, any_pres)
 

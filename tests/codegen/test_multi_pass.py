@@ -13,7 +13,7 @@ from einflash.compiler.analysis.key_passes import count_passes
 from einflash.compiler.codegen.forward import sections
 from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
-from einflash.errors import LoweringError
+from einflash.errors import DifferentiationError, LoweringError
 from einflash.ir.reference import bind_extents, bind_params
 from einflash.testing import check, check_gradients
 
@@ -195,3 +195,47 @@ def test_a_mask_against_the_rows_maximum_makes_a_pass_of_its_own_and_trains():
     verdicts = check_gradients(near_causal_max, dict(q=q.grad, k=k.grad, v=v.grad), d_o, q=q, k=k, v=v)
     assert all(x.ok for x in verdicts.values()), verdicts
     assert [x.tested for x in near_causal_max.backward.gradient.invariant] == [True, False]
+
+
+@ef.attention
+def above_top4(q, k, v):
+    s = q @ k * ef.scale
+    return ef.softmax(ef.mask(s, s > s.kth_largest(4, "n")), "n") @ v
+
+
+@pytest.mark.parametrize("op", [causal_top4, above_top4], ids=["at_least", "strictly_above"])
+def test_top_k_gradients_keep_tied_keys_together(op):
+    # keys repeated 4 times tie their scores exactly, at the cut too: the dK/dV kernel's scores, rounded apart from
+    # the forward's, must still fall on the same side of the cut (it lies a slack below, or above, a tie)
+    q, k, v = _qkv(1, 2, 2, 16, 24, 16, seed=1)
+    k = k[:, :, torch.arange(24) % 6]
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = op(q, k, v)
+    assert check(op, out, q, k, v).ok
+    d_o = torch.randn_like(out)
+    out.backward(d_o)
+    verdicts = check_gradients(op, dict(q=q.grad, k=k.grad, v=v.grad), d_o, q=q, k=k, v=v)
+    assert all(x.ok for x in verdicts.values()), verdicts
+
+
+def test_a_kth_largest_of_fewer_values_than_k_is_minus_infinity():
+    @ef.attention
+    def above_top20(q, k, v):
+        s = q @ k * ef.scale
+        return ef.softmax(ef.mask(s, s > s.kth_largest(20, "n")), "n") @ v
+
+    q, k, v = _qkv(1, 2, 2, 5, 8, 16)  # 8 keys: no 20th largest, every finite score passes
+    out = above_top20(q, k, v)
+    assert check(above_top20, out, q, k, v).ok
+    torch.testing.assert_close(out, ef.attention(lambda q, k, v: ef.softmax(q @ k * ef.scale, "n") @ v)(q, k, v))
+
+
+def test_a_test_against_its_own_maximum_has_no_backward():
+    @ef.attention
+    def at_max(q, k, v):
+        s = q @ k * ef.scale
+        return ef.softmax(ef.mask(s, s >= s.max("n")), "n") @ v
+
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 2, 2, 5, 8, 16))
+    with pytest.raises(DifferentiationError, match=r"test_multi_pass\.py:\d+: a test of a value against its own max"):
+        at_max(q, k, v)

@@ -19,8 +19,9 @@ import sympy
 from ...errors import DifferentiationError
 from ...ir.algebra import correction
 from ...ir.cascade import Cascade, Reducing, Role
-from ...ir.expr import Call, Expr, Read, reads, to_sympy
+from ...ir.expr import Call, Expr, Read, reads, to_sympy, walk
 from ...ir.operators import OPERATORS
+from ...ir.printer import format_expr
 from ...ir.ranks import STREAM, coord
 from ...ir.user_ops import DEFINITIONS
 from ..rewrite.online import inline_body
@@ -64,6 +65,8 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
     shifted = [e for e in late if reduction_derivative(e) is None]
     tested = [e for e in shifted if only_tested(c, e.out)]
+    for reduction in tested:
+        _no_self_test(c, reduction)
     shifted = [e for e in shifted if e not in tested]
     zero = set().union(*(_tested_values(c, e.out) for e in tested))
     skipped = tuple(Invariance(e.out, e.reduce.op, e.line, (), tested=True) for e in tested)
@@ -166,7 +169,6 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     extrema = {x: sympy.Symbol(f"x{i}", real=True) for i, x in enumerate((old - new).atoms(sympy.Max, sympy.Min))}
     if sympy.simplify((new - old).xreplace(extrema)) != 0:
         fail("the output changes when the sums over n are rescaled")
-    from ...ir.printer import format_expr
 
     proofs = []
     for e in shifted:
@@ -190,6 +192,50 @@ def only_tested(c: Cascade, name: str) -> bool:
         if not passed_on and any(r.tensor == name for r in _value_reads(x.expr)):
             return False
     return True
+
+
+def _no_self_test(c: Cascade, e: Reducing) -> None:
+    """Refuse a test of a value against its own reduction (``s ≥ s.max("n")``): the reduction's value is one of the
+    value's own elements, which the backward recomputes in another order (k·qᵀ, not q·kᵀ), so that element falls
+    on either side of the saved threshold. A top list's tests compare with a cut between two scores instead
+    (einflash.compiler.rewrite.top_list)."""
+    if e.where is not None or not c.is_plain(e.expr):
+        return
+    assert isinstance(e.expr, Read)  # is_plain
+    same, body = _values_of(c, e.out), _values_of(c, e.expr.tensor)
+    for x in [y for t in same for y in c.consumers(t)]:
+        for y in [*walk(x.expr), *(walk(x.where) if x.where is not None else ())]:
+            if not (isinstance(y, Call) and OPERATORS[y.op].boolean and len(y.args) == 2):
+                continue
+            tensors = {a.tensor if isinstance(a, Read) else None for a in y.args}
+            if tensors & body and tensors & same:
+                raise DifferentiationError(
+                    f"{c.where(x)}: a test of a value against its own {e.reduce.op} over n; the backward "
+                    f"recomputes the scores in another order, and the element that is the {e.reduce.op} may fall on "
+                    f'either side of it: test against a margin (s > s.max("n") - δ), or train with '
+                    f"backend='reference'"
+                )
+
+
+def _values_of(c: Cascade, name: str) -> set[str]:
+    """``name`` and the maps that are it, read at any position or scaled by constants and parameters (``s`` of
+    ``dot_e``: the scale is taken out of a maximum)."""
+    out = {name}
+    for x in c.consumers(name):
+        if x.reduce is None and x.where is None and _scales(x.expr, name):
+            out |= _values_of(c, x.out)
+    return out
+
+
+def _scales(x: Expr, name: str) -> bool:
+    if isinstance(x, Read):
+        return x.tensor == name
+    return (
+        isinstance(x, Call)
+        and x.op == "mul"
+        and sum(_scales(a, name) for a in x.args) == 1
+        and all(_scales(a, name) or not list(reads(a)) for a in x.args)
+    )
 
 
 def _tested_values(c: Cascade, name: str) -> set[str]:

@@ -30,8 +30,8 @@ DotGroups: TypeAlias = tuple[tuple[str, Factors], tuple[str, Factors], Factors]
 
 
 # The k-th largest along an axis of a 2-D tile, ties counted as torch.topk counts them: k − 1 times the largest
-# is taken out, at one position (the first), then the largest left is the answer. For a rank held whole (MoBA's
-# key blocks); over n it has no running form.
+# is taken out, at one position (the first), then the largest left is the answer (−inf past the fiber's length).
+# For a rank held whole (MoBA's key blocks); over n the rewrites make it a top list instead.
 KTH_LARGEST = """@triton.jit
 def _kth_largest(x, K: tl.constexpr, axis: tl.constexpr):
     if axis == 0:
@@ -126,7 +126,7 @@ def _without_padding(g: TileCode, src: Tile, rank: str, ident: float) -> Tile:
 
 def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
     """The k-th largest over a rank the tile holds whole (absent elements as −inf, as the reference takes them; of
-    fewer than k elements, the smallest)."""
+    fewer than k elements, −inf)."""
     rank = e.reduce.ranks[0]
     src = g.filled(body, float("-inf"))
     if rank in ("m", "n") or rank not in src.ranks or len(src.ranks) != 2:
@@ -134,7 +134,7 @@ def _kth_largest(g: TileCode, e: Reducing, body: Tile) -> Tile:
             f"{e.out}: a k-th largest over {rank} runs over a rank each program holds whole (not m or n), in a 2-D "
             f"tile; this one's tile has ranks ({', '.join(src.ranks)})"
         )
-    k = min(int(e.reduce.arg or 0), g.extent(rank))
+    k = int(e.reduce.arg or 0)
     axis = src.ranks.index(rank)
     values = g.f32(_without_padding(g, src, rank, float("-inf")))
     keep = tuple(r for r in src.ranks if r != rank)

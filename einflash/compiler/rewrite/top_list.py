@@ -8,12 +8,15 @@ tau_top[m, k − 1]``; stream online then keeps ``tau_top`` as a running state (
 each key tile's own top list), and the backward reads it as a saved state. A k-th largest over a rank each program
 holds whole (MoBA's key blocks) is left as it is.
 
-A test of the scores against their own k-th largest (``s ≥ tau``, top-k attention's mask) compares with a cut
-between the k-th and the (k + 1)-th largest instead (the list is one longer for it): the same keys pass, but a
-recomputation of the scores that rounds differently (the backward's dK/dV kernel contracts k·qᵀ, not q·kᵀ) no
-longer drops the key at the k-th largest, whose score would otherwise be compared with itself. The cut is their
-midpoint where it lies strictly above the (k + 1)-th (else the k-th itself: two adjacent floats), and −inf where
-the row has no (k + 1)-th (every key passes).
+A test of the scores against their own k-th largest (top-k attention's mask ``s ≥ tau``, or the strict ``s > tau``)
+compares with a *cut* instead, a threshold strictly between the last score that passes and the first that does not
+(the list is one longer for it): the same keys pass, but a recomputation of the scores that rounds differently (the
+backward's dK/dV kernel contracts k·qᵀ, not q·kᵀ) no longer drops or adds the key at the k-th largest, whose score
+would otherwise be compared with itself. The cut is the midpoint of the two scores (halves summed: no overflow),
+or the passing one where they are adjacent floats. Where they tie, or the row has no score below the k-th, it lies
+a slack below the passing score (above, for the strict test), 2⁻¹² of the row's largest magnitude: a score within
+that of a tie falls with the tie. With no k-th largest (fewer than k scores) every score passes ``≥`` and every
+finite one passes ``>``.
 
 >>> import einflash as ef
 >>> @ef.attention
@@ -24,7 +27,7 @@ the row has no (k + 1)-th (every key passes).
 cascade top2  (...)
   ...
   kth_largest_n_top[m,t] = top3_n s[m,n]    # line 4
-  kth_largest_n_cut[m] = where(kth_largest_n_top[m,2] == −∞, −∞, where(...))    # line 4
+  kth_largest_n_cut[m] = where(...)    # line 4
   masked[m,n] = s[m,n]  :: s[m,n] ≥ kth_largest_n_cut[m]    # line 4
   ...
 """
@@ -54,30 +57,34 @@ def _as_top_list(c: Cascade, e: Einsum) -> Cascade:
     k = int(e.reduce.arg)
     own = e.expr if e.where is None and c.is_plain(e.expr) else None
     tau = plain_read(c.tensor(e.out))
-    tests = {x.out for x in c.consumers(e.out) if own is not None and any(_is_test(y, own, tau) for y in _nodes(x))}
+    found = {x.out: {_test_of(y, own, tau) for y in _nodes(x)} - {None} for x in c.consumers(e.out) if own is not None}
+    tests = {x for x, kinds in found.items() if kinds}
+    kinds = set().union(*found.values())
     listed = _fresh_rank(c, "t")
     length = k + 1 if tests else k
     ranks = (*e.ranks, listed)
     top = TensorDecl(fresh_name(c, f"{e.out}_top"), ranks)
     made = Einsum(top.name, ranks, e.expr, Reduction("top", (STREAM,), float(length)), e.where, line=e.line)
     at = plain_read(top).index[:-1]
-    kth = Read(top.name, (*at, sympy.Integer(k - 1)))
-    einsums = [made, replace(e, expr=kth, reduce=None, where=None)]
+
+    def entry(i: int) -> Read:
+        return Read(top.name, (*at, sympy.Integer(i)))
+
+    einsums = [made, replace(e, expr=entry(k - 1), reduce=None, where=None)]
     decls = [top]
-    if tests:
-        after = Read(top.name, (*at, sympy.Integer(k)))
-        mid = call("mul", call("add", kth, after), Const(0.5))
-        cut = TensorDecl(fresh_name(c, f"{e.out}_cut"), e.ranks)
-        inner = call("where", call("gt", mid, after), mid, kth)
-        expr = call("where", call("eq", after, Const(float("-inf"))), Const(float("-inf")), inner)
-        einsums.append(Einsum(cut.name, e.ranks, expr, line=e.line))
-        decls.append(cut)
+    cuts: dict[bool, Read] = {}
+    for strict in (False, True):
+        if ("gt" if strict else "ge") in kinds:
+            cut = TensorDecl(fresh_name(c, f"{e.out}_{'above' if strict else 'cut'}"), e.ranks)
+            einsums.append(Einsum(cut.name, e.ranks, _cut(entry, k, strict), line=e.line))
+            decls.append(cut)
+            cuts[strict] = plain_read(cut)
     out = []
     for x in c.einsums:
         if x is e:
             out += einsums
         else:
-            out.append(_cut_tests(x, own, tau, plain_read(decls[-1])) if own is not None and x.out in tests else x)
+            out.append(_cut_tests(x, own, tau, cuts) if own is not None and x.out in tests else x)
     return drop_unused(
         replace(
             c,
@@ -88,21 +95,55 @@ def _as_top_list(c: Cascade, e: Einsum) -> Cascade:
     )
 
 
-def _cut_tests(x: Einsum, own: Expr, tau: Read, cut: Read) -> Einsum:
-    """``x`` with its tests ``own ≥ tau`` (``tau ≤ own``) comparing with ``cut`` instead."""
+INF = Const(float("inf"))
+NEG_INF = Const(float("-inf"))
+FLOAT32_LOWEST = Const(-3.4028234663852886e38)  # the lowest finite score: −inf fails a strict test against it
+SLACK = Const(2.0**-12)
+
+
+def _cut(entry, k: int, strict: bool) -> Expr:
+    """The threshold ``s ≥ cut`` tests for ``s ≥ tau`` (``strict``: ``s > tau``); ``entry(i)`` reads the list."""
+    kth = entry(k - 1)
+    slack = call("mul", call("add", call("abs", entry(0)), call("abs", kth)), SLACK)
+    if strict:
+        if k == 1:  # nothing lies above the largest
+            return INF
+        above = entry(k - 2)
+        mid = call("add", call("mul", above, Const(0.5)), call("mul", kth, Const(0.5)))
+        apart = call("where", call("gt", mid, kth), mid, above)
+        tied = call("where", call("eq", kth, NEG_INF), FLOAT32_LOWEST, call("add", kth, slack))
+        return call("where", call("gt", above, kth), apart, tied)
+    after = entry(k)
+    mid = call("add", call("mul", kth, Const(0.5)), call("mul", after, Const(0.5)))
+    apart = call("where", call("gt", mid, after), mid, kth)
+    below = call("and", call("gt", kth, after), call("gt", after, NEG_INF))
+    return call("where", below, apart, call("sub", kth, slack))
+
+
+def _cut_tests(x: Einsum, own: Expr, tau: Read, cuts: dict[bool, Read]) -> Einsum:
+    """``x`` with its tests of ``own`` against ``tau`` comparing with the cuts instead (``s ≥ cut``)."""
 
     def swap(y: Expr) -> Expr | None:
-        if _is_test(y, own, tau):
-            assert isinstance(y, Call)  # _is_test matched a comparison
-            return Call(y.op, tuple(cut if a == tau else a for a in y.args), y.merge)
-        return None
+        kind = _test_of(y, own, tau)
+        if kind is None:
+            return None
+        assert isinstance(y, Call)  # _test_of matched a comparison
+        cut = cuts[kind == "gt"]
+        return Call("ge", (own, cut), y.merge)
 
     where = None if x.where is None else transform(x.where, swap)
     return replace(x, expr=transform(x.expr, swap), where=where)
 
 
-def _is_test(y: Expr, own: Expr, tau: Read) -> bool:
-    return isinstance(y, Call) and ((y.op == "ge" and y.args == (own, tau)) or (y.op == "le" and y.args == (tau, own)))
+def _test_of(y: Expr, own: Expr, tau: Read) -> str | None:
+    """ "ge" for ``own ≥ tau`` (``tau ≤ own``), "gt" for ``own > tau`` (``tau < own``), else None."""
+    if not isinstance(y, Call):
+        return None
+    if (y.op == "ge" and y.args == (own, tau)) or (y.op == "le" and y.args == (tau, own)):
+        return "ge"
+    if (y.op == "gt" and y.args == (own, tau)) or (y.op == "lt" and y.args == (tau, own)):
+        return "gt"
+    return None
 
 
 def _nodes(x: Einsum) -> list[Expr]:
