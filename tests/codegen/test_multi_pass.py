@@ -168,12 +168,7 @@ def test_a_kth_largest_over_the_keys_streams_as_a_top_list(M, N, block_n):
 def test_top_k_gradients_test_the_scores_against_the_saved_list():
     # the dK/dV kernel contracts k·qᵀ: its scores round apart from the forward's, and the key at the 4th largest
     # would drop out of a test against the 4th largest itself
-    q, k, v = (x.requires_grad_() for x in _qkv(1, 2, 2, 21, 30, 16, seed=3))
-    out = causal_top4(q, k, v)
-    d_o = torch.randn_like(out)
-    out.backward(d_o)
-    verdicts = check_gradients(causal_top4, dict(q=q.grad, k=k.grad, v=v.grad), d_o, q=q, k=k, v=v)
-    assert all(x.ok for x in verdicts.values()), verdicts
+    _assert_trains(causal_top4, *_qkv(1, 2, 2, 21, 30, 16, seed=3))
     assert "only tests" in str(causal_top4.backward.gradient.invariant[0])
 
 
@@ -187,13 +182,7 @@ def test_a_mask_against_the_rows_maximum_makes_a_pass_of_its_own_and_trains():
     # the mask tests a running maximum: the softmax of what passes waits for the maximum's pass; only the test
     # reads that maximum, so it gets no gradient (the softmax's own maximum is proved shift-invariant)
     assert causal_top4.explain().passes == 2 == near_causal_max.explain().passes
-    q, k, v = (x.requires_grad_() for x in _qkv(1, 2, 1, 19, 23, 16, seed=2))
-    out = near_causal_max(q, k, v)
-    assert check(near_causal_max, out, q, k, v).ok
-    d_o = torch.randn_like(out)
-    out.backward(d_o)
-    verdicts = check_gradients(near_causal_max, dict(q=q.grad, k=k.grad, v=v.grad), d_o, q=q, k=k, v=v)
-    assert all(x.ok for x in verdicts.values()), verdicts
+    _assert_trains(near_causal_max, *_qkv(1, 2, 1, 19, 23, 16, seed=2))
     assert [x.tested for x in near_causal_max.backward.gradient.invariant] == [True, False]
 
 
@@ -208,7 +197,11 @@ def test_top_k_gradients_keep_tied_keys_together(op):
     # keys repeated 4 times tie their scores exactly, at the cut too: the dK/dV kernel's scores, rounded apart from
     # the forward's, must still fall on the same side of the cut (it lies a slack below, or above, a tie)
     q, k, v = _qkv(1, 2, 2, 16, 24, 16, seed=1)
-    k = k[:, :, torch.arange(24) % 6]
+    _assert_trains(op, q, k[:, :, torch.arange(24) % 6], v)
+
+
+def _assert_trains(op, q, k, v):
+    """The forward and the gradients of q, k and v within the tolerance rule."""
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
     out = op(q, k, v)
     assert check(op, out, q, k, v).ok
