@@ -95,9 +95,7 @@ def top_k(q, k, v, topk=8):
 def _extra(name: str, shape: ef.Shape, dtype) -> dict:
     if name == "moba":
         return {"block": MOBA_BLOCK}
-    if name == "multi_token":
-        return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
-    if name == "sink_logit":
+    if name in ("multi_token", "sink_logit"):  # their tables, as the examples make them
         return example(name)[0].extra_inputs(shape, device="cuda", dtype=torch.float32)
     if name == "top_k":
         return {}

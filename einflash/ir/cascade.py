@@ -22,7 +22,7 @@ from typing import TypeGuard
 import networkx as nx
 import sympy
 
-from .expr import Expr, Read, free_ranks, gathered, reads, transform
+from .expr import Expr, Read, free_ranks, gathered, reads, transform, walk
 from .printer import format_cascade
 from .ranks import Rank, coord
 from .user_ops import DEFINITIONS, user_operators
@@ -97,6 +97,10 @@ class Einsum:
         if self.where is not None:
             out += list(reads(self.where))
         return out
+
+    def nodes(self) -> list[Expr]:
+        """Every node of the value and of the mask."""
+        return [*walk(self.expr), *(walk(self.where) if self.where is not None else ())]
 
 
 class Reducing(Einsum):

@@ -30,7 +30,7 @@ import sympy
 
 from ..errors import DeclarationError, RankMismatchError, UnknownRankError, UnsupportedOperatorError
 from .cascade import Cascade, Einsum, Layout, ParamDecl, Reduction, Role, TensorDecl
-from .expr import Call, Const, Coord, Expr, Param, Read, Size, index_ranks, walk
+from .expr import Call, Const, Coord, Expr, Param, Read, Size, index_ranks
 from .operators import OPERATORS, REDUCERS, Reducer
 from .ranks import PARALLEL, STANDARD_RANKS, Rank, coord, extent_symbol, new_rank, rank_order
 from .validate import validate
@@ -759,10 +759,7 @@ def _build(name: str, st: _TraceState, inputs: list[TensorDecl], out: Node, name
     used_ranks = {r for t in tensors for r in t.ranks} | {r for e in einsums for r in e.iteration_ranks}
     ranks = tuple(st.ranks.get(r) or new_rank(r) for r in rank_order(used_ranks))
     params = tuple(st.params.values())
-    if (
-        any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in _walk_einsum(e))
-        and "scale" not in st.params
-    ):
+    if any(isinstance(x, Param) and x.name == "scale" for e in einsums for x in e.nodes()) and "scale" not in st.params:
         params += (ParamDecl("scale", STANDARD_RANKS["e"].extent ** sympy.Rational(-1, 2), positive=True),)
     return Cascade(name, ranks, tuple(tensors), params, tuple(einsums), ("o",), source=st.source)
 
@@ -774,9 +771,3 @@ def _default_name(node: Node) -> str:
         kind = "dot" if node.op == "sum" and body.kind == "map" and body.op == "mul" else node.op
         return f"{kind}_{''.join(node.reduce_ranks)}"
     return "masked" if node.kind == "filter" else node.op or "t"
-
-
-def _walk_einsum(e: Einsum):
-    yield from walk(e.expr)
-    if e.where is not None:
-        yield from walk(e.where)

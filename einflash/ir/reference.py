@@ -457,8 +457,7 @@ class _Evaluator:
         else:  # kth_largest, the one reducer with no combine
             if red.arg is None:  # a cascade built by hand, or x.reduce("kth_largest", ...) with no k
                 raise CascadeError(f"{e.out}: kth_largest needs its k (Reduction.arg), got none")
-            moved = data.permute([its.index(r) for r in keep] + dims)
-            flat = moved.reshape(*moved.shape[: len(keep)], -1)
+            flat = _fibers(data, dims)
             k = int(red.arg)
             if k <= flat.shape[-1]:
                 out = flat.topk(k, dim=-1).values[..., -1]
@@ -472,9 +471,7 @@ class _Evaluator:
         listed = next(r for r in keep if self.c.rank(r).role is RankRole.LIST)
         axis = its.index(listed)
         base = data.select(axis, 0)  # the body does not vary along the list
-        dims = [d - (d > axis) for d in dims]
-        rows = [d for d in range(base.dim()) if d not in dims]
-        flat = base.permute(rows + dims).reshape(*(base.shape[d] for d in rows), -1)
+        flat = _fibers(base, [d - (d > axis) for d in dims])
         k = int(red.arg or 0)
         values = flat.topk(min(k, flat.shape[-1]), dim=-1).values
         if values.shape[-1] < k:
@@ -547,10 +544,15 @@ class _Evaluator:
         self.prev = {}
 
 
+def _fibers(data: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``data`` with the axes ``dims`` flattened into its last: one row per fiber, the other axes in order."""
+    rows = [d for d in range(data.dim()) if d not in dims]
+    return data.permute(rows + dims).reshape(*(data.shape[d] for d in rows), -1)
+
+
 def _fold(data: torch.Tensor, dims: list[int], combine, identity: float) -> torch.Tensor:
     """``data`` reduced over ``dims`` with an associative, commutative ``combine``: halves until one is left."""
-    keep = [d for d in range(data.dim()) if d not in dims]
-    x = data.permute(keep + dims).reshape(*(data.shape[d] for d in keep), -1)
+    x = _fibers(data, dims)
     while x.shape[-1] > 1:
         if x.shape[-1] % 2:
             x = torch.cat([x, torch.full_like(x[..., :1], identity)], dim=-1)

@@ -18,7 +18,7 @@ from ..errors import (
     UnsupportedOperatorError,
 )
 from .cascade import Cascade, Einsum, Role, loop_blocks
-from .expr import Call, Param, Read, free_ranks, index_ranks, is_boolean, walk
+from .expr import Call, Param, Read, free_ranks, index_ranks, is_boolean
 from .operators import OPERATORS, REDUCERS
 from .ranks import PARALLEL, RankRole
 
@@ -73,7 +73,7 @@ def _check_einsum(c: Cascade, e: Einsum) -> None:
     where = c.where(e)
     if not c.has_tensor(e.out):
         raise UnknownTensorError(f"Einsum assigns {e.out!r}, which is not declared", where)
-    nodes = list(walk(e.expr)) + (list(walk(e.where)) if e.where is not None else [])
+    nodes = e.nodes()
     declared = {p.name for p in c.params}
     for x in nodes:
         if isinstance(x, Call):

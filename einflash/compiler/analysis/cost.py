@@ -24,7 +24,7 @@ import sympy
 
 from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Role
-from ...ir.expr import Call, free_ranks, index_ranks, walk
+from ...ir.expr import Call, free_ranks, index_ranks
 from ...ir.operators import OPERATORS
 from ...ir.ranks import PARALLEL, STREAM, extent_symbol
 from .key_passes import count_passes
@@ -128,8 +128,7 @@ def _points(c: Cascade, e: Einsum) -> sympy.Expr:
 
 
 def _ops(e: Einsum) -> tuple[int, int]:
-    nodes = list(walk(e.expr)) + (list(walk(e.where)) if e.where is not None else [])
-    calls = [x for x in nodes if isinstance(x, Call)]
+    calls = [x for x in e.nodes() if isinstance(x, Call)]
     trans = sum(1 for x in calls if OPERATORS[x.op].transcendental)
     return len(calls) + (1 if e.reduce is not None else 0), trans
 

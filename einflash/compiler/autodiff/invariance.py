@@ -19,7 +19,7 @@ import sympy
 from ...errors import DifferentiationError
 from ...ir.algebra import correction
 from ...ir.cascade import Cascade, Reducing, Role
-from ...ir.expr import Call, Expr, Read, reads, to_sympy, walk
+from ...ir.expr import Call, Expr, Read, reads, to_sympy
 from ...ir.operators import OPERATORS
 from ...ir.printer import format_expr
 from ...ir.ranks import STREAM, coord
@@ -204,7 +204,7 @@ def _no_self_test(c: Cascade, e: Reducing) -> None:
     assert isinstance(e.expr, Read)  # is_plain
     same, body = _values_of(c, e.out), _values_of(c, e.expr.tensor)
     for x in [y for t in same for y in c.consumers(t)]:
-        for y in [*walk(x.expr), *(walk(x.where) if x.where is not None else ())]:
+        for y in x.nodes():
             if not (isinstance(y, Call) and OPERATORS[y.op].boolean and len(y.args) == 2):
                 continue
             tensors = {a.tensor if isinstance(a, Read) else None for a in y.args}

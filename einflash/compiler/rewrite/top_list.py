@@ -39,7 +39,7 @@ from dataclasses import replace
 import sympy
 
 from ...ir.cascade import Cascade, Einsum, Reduction, TensorDecl, plain_read
-from ...ir.expr import Call, Const, Expr, Read, call, transform, walk
+from ...ir.expr import Call, Const, Expr, Read, call, transform
 from ...ir.ranks import STREAM, Rank, RankRole
 from .names import drop_unused, fresh_name, ordered_tensors
 
@@ -57,10 +57,10 @@ def _as_top_list(c: Cascade, e: Einsum) -> Cascade:
     k = int(e.reduce.arg)
     own = e.expr if e.where is None and c.is_plain(e.expr) else None
     tau = plain_read(c.tensor(e.out))
-    found = {x.out: {_test_of(y, own, tau) for y in _nodes(x)} - {None} for x in c.consumers(e.out) if own is not None}
+    found = {x.out: {_test_of(y, own, tau) for y in x.nodes()} - {None} for x in c.consumers(e.out) if own is not None}
     tests = {x for x, kinds in found.items() if kinds}
     kinds = set().union(*found.values())
-    listed = _fresh_rank(c, "t")
+    listed = fresh_name(c, "t", {r.name for r in c.ranks})
     length = k + 1 if tests else k
     ranks = (*e.ranks, listed)
     top = TensorDecl(fresh_name(c, f"{e.out}_top"), ranks)
@@ -144,14 +144,3 @@ def _test_of(y: Expr, own: Expr, tau: Read) -> str | None:
     if (y.op == "gt" and y.args == (own, tau)) or (y.op == "lt" and y.args == (tau, own)):
         return "gt"
     return None
-
-
-def _nodes(x: Einsum) -> list[Expr]:
-    return [*walk(x.expr), *(walk(x.where) if x.where is not None else ())]
-
-
-def _fresh_rank(c: Cascade, base: str) -> str:
-    name, i = base, 2
-    while c.has_rank(name):
-        name, i = f"{base}{i}", i + 1
-    return name
