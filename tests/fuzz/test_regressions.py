@@ -387,3 +387,24 @@ def test_a_one_key_softmax_of_doubly_exponentiated_scores_in_fp16():
     shape = fuzz.Shape(B=1, Hkv=1, group=2, M=40, N=1, E=20, F=8)
     p = _softmax_program(shape, [("ef.exp(s / 1.0)", torch.exp)] * 2)
     assert fuzz.check(p).stage == "gradients"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="found by the fuzzer (eighth session, seed 2468), present before that session's change: dslope = "
+    "Σ dS·(n − m) at decode offsets near N (29 to 32 under a window of 4 at M = 1, N = 33) exceeds the tolerance "
+    "rule in fp16 beyond the row-term allowance (0.053 against 0.008 here); not investigated yet",
+)
+def test_the_slope_gradient_under_a_four_key_window_at_decode_in_fp16(slope_under_a_two_key_window):
+    windowed_alibi = slope_under_a_two_key_window[0]  # the same declaration, its window given 4 here
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 1, 8, generator=g).half()
+    k, v = torch.randn(1, 1, 33, 8, generator=g).half(), torch.randn(1, 1, 33, 16, generator=g).half()
+    inputs = dict(q=q, k=k, v=v, slope=torch.rand(2, generator=g).half())
+    leaves = {name: x.clone().requires_grad_() for name, x in inputs.items()}
+    out = windowed_alibi(**leaves, window=4)
+    grad_output = torch.randn(out.shape, generator=g).half()
+    out.backward(grad_output)
+    grads = {name: x.grad for name, x in leaves.items()}
+    assert all(v.ok for v in check_gradients(windowed_alibi, grads, grad_output, window=4, **inputs).values())
