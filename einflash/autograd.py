@@ -291,3 +291,57 @@ def _empty_states(op, ext: dict[str, int], out: torch.Tensor) -> dict[str, torch
         for s in op.backward.saved
     }
     return values_ | {f"{s}:present": out.new_zeros(*rows, dtype=torch.int8) for s in op.backward.saved}
+
+
+def jagged_training(
+    op,
+    inputs: dict[str, torch.Tensor],
+    values: dict,
+    extents: dict[str, int],
+    jagged,
+    schedule: Schedule,
+    backward_schedule: BackwardSchedule | None = None,
+):
+    """A differentiable call of ``op`` on a jagged batch (``einflash.jagged``): the training forward through the
+    jagged kernels, keeping the states its backward reads, and the backward's kernels over the same sequences;
+    eager only (a jagged call is not traced). Gradients come packed as their inputs are. ``backward_schedule``
+    (None: the target's default for the longest sequence, which is deterministic) is the caller's."""
+    names = [t.name for t in op.cascade.inputs]
+    fwd, bwd = op.forward, op.backward
+    per_sequence = {**extents, "b": jagged.sequences, "m": jagged.max_q, "n": jagged.max_k}
+    first = inputs[names[0]]
+    target = for_device(first.device.type)
+
+    class JaggedTraining(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            given = dict(zip(names, tensors))
+            out, ws = fwd.run(given, values, schedule, extents, jagged, saved=bwd.saved)
+            if not ws:  # no query in any sequence: nothing to save
+                ws = _empty_states(op, extents, out)
+            ctx.save_for_backward(*tensors, out, *(ws[s] for s in bwd.saved), *(ws[f"{s}:present"] for s in bwd.saved))
+            return out
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad):
+            tensors, out = ctx.saved_tensors[: len(names)], ctx.saved_tensors[len(names)]
+            states = ctx.saved_tensors[len(names) + 1 :]
+            k = len(bwd.saved)
+            saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
+            given = dict(zip(names, tensors))
+            needed = frozenset(n for n, f in zip(names, ctx.needs_input_grad) if f and given[n].is_floating_point())
+            fits = (op.cascade.key, first.dtype, tuple(fwd.dims(extents).items()), needed, "jagged")
+            chosen = backward_schedule is not None
+            launched = _fitting(
+                lambda s: bwd.launch(
+                    given, values, out, saved, grad.contiguous(), s, extents, needed=needed, jagged=jagged
+                ),
+                backward_schedule if chosen else default_backward_schedule(per_sequence, target, fwd.broadcast),
+                chosen,
+                fits,
+            )
+            grads = launched.finish(given)
+            return tuple(grads[n] for n in names)
+
+    return JaggedTraining.apply(*(inputs[n] for n in names))

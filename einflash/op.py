@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import errors
-from .autograd import register_training, schedule_ints, unpacker
+from .autograd import jagged_training, register_training, schedule_ints, unpacker
 from .backends import for_device, get_target
 from .compiler.explain import Explanation, explain
 from .compiler.rewrite.lse import with_lse
@@ -262,7 +262,8 @@ class AttentionOp:
             return self._call_reference(inputs, params, jagged, return_lse)
         fwd = self._forward(backend, return_lse, tracing)
         if jagged is not None:
-            return self._run_jagged(fwd, inputs, params, bind_extents(fwd.rewritten, inputs, params), jagged, schedule)
+            extents = bind_extents(fwd.rewritten, inputs, params)
+            return self._run_jagged(fwd, inputs, params, extents, jagged, schedule, backward_schedule, deterministic)
         # traced, the custom op binds the extents (its fake implementation at trace time) and chooses the schedule
         extents = None if tracing else bind_extents(fwd.rewritten, inputs, params)
         if schedule is None and not tracing:
@@ -332,16 +333,7 @@ class AttentionOp:
         tracing: bool,
     ):
         """A differentiable call: the training forward, which keeps the states its backward reads."""
-        if self.backward.error is not None:
-            raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
-        for name, why in self.backward.gradient.frozen:
-            if inputs[name].requires_grad:
-                raise DifferentiationError(f"{self.name}: {name} requires grad, but {why}")
-        if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
-            raise ParameterError(
-                f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
-                f"adds query-side gradients atomically; use atomic_dq=False"
-            )
+        self._check_trainable(inputs, backward_schedule, deterministic)
         tensors = [inputs[t.name] for t in self.cascade.inputs]
         values = _param_values(self.cascade, params)
         ints = [] if schedule is None else schedule.to_ints()
@@ -354,6 +346,20 @@ class AttentionOp:
             return out
         # lse is not differentiated: the training op keeps the states its backward needs, not lse
         return out, self._lse_op([x.detach() for x in tensors], values, ints)[1]
+
+    def _check_trainable(self, inputs, backward_schedule: BackwardSchedule | None, deterministic: bool) -> None:
+        """Refuse a differentiable call the backward cannot make: no backward, a frozen input that requires grad,
+        or a deterministic call given an atomic backward schedule."""
+        if self.backward.error is not None:
+            raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
+        for name, why in self.backward.gradient.frozen:
+            if inputs[name].requires_grad:
+                raise DifferentiationError(f"{self.name}: {name} requires grad, but {why}")
+        if deterministic and backward_schedule is not None and not backward_schedule.deterministic:
+            raise ParameterError(
+                f"{self.name}: deterministic=True, but the backward schedule {backward_schedule} "
+                f"adds query-side gradients atomically; use atomic_dq=False"
+            )
 
     def tune(self, *args, trials: int | None = None, seconds: float | None = None, **kwargs):
         """Tune the schedule for these arguments (as a call takes them) on their device; store the winner in
@@ -395,13 +401,20 @@ class AttentionOp:
             **options,
         )
 
-    def _run_jagged(self, fwd: Forward, inputs, params, extents, jagged: JaggedBatch, schedule: Schedule | None):
-        """A jagged batch through ``fwd``'s kernel, eagerly (the custom op and autograd take stacked batches only)."""
-        if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
-            raise LoweringError(
-                f"{self.name}: gradients of jagged batches are not implemented; pad the sequences "
-                f"into a stacked batch with a mask, or run without autograd"
-            )
+    def _run_jagged(
+        self,
+        fwd: Forward,
+        inputs,
+        params,
+        extents,
+        jagged: JaggedBatch,
+        schedule: Schedule | None,
+        backward_schedule: BackwardSchedule | None = None,
+        deterministic: bool = False,
+    ):
+        """A jagged batch through ``fwd``'s kernel, eagerly (the custom op takes stacked batches only); with
+        inputs that require grad, through the jagged training path (``einflash.autograd.jagged_training``)."""
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values())
         if self.cascade.computed_reads:
             raise LoweringError(
                 f"{self.name}: reads of {', '.join(sorted(self.cascade.computed_reads))} at computed positions are "
@@ -415,7 +428,16 @@ class AttentionOp:
             target = for_device(first.device.type)
             heads = kv_heads(self.cascade, inputs)
             schedule = fitting_default(fwd, target, per_sequence, heads, first.element_size(), allow_split=False)
-        return _results(fwd, *fwd.run(inputs, bind_params(fwd.rewritten, params, extents), schedule, extents, jagged))
+        values = bind_params(fwd.rewritten, params, extents)
+        if training:
+            if fwd is not self.forward:
+                raise LoweringError(
+                    f"{self.name}: the log-sum-exp of a jagged batch is not differentiated; call it without "
+                    f"return_lse, or without gradients"
+                )
+            self._check_trainable(inputs, backward_schedule, deterministic)
+            return jagged_training(self, inputs, values, extents, jagged, schedule, backward_schedule)
+        return _results(fwd, *fwd.run(inputs, values, schedule, extents, jagged))
 
     def explain(
         self,

@@ -26,7 +26,7 @@ from einflash.compiler.schedule import Schedule
 from einflash.errors import LoweringError, ShapeError
 from einflash.ir.cascade import Layout
 from einflash.ir.reference import bind_extents, bind_params
-from einflash.testing import check
+from einflash.testing import check, check_gradients
 
 # Masked lanes compute -inf - -inf (then discard it), and the interpreter indexes with 1-element
 # arrays: numpy, which it runs on, warns about both.
@@ -557,8 +557,64 @@ def test_jagged_batch_refuses_what_it_cannot_do():
     with pytest.raises(LoweringError, match="split-KV decoding of a jagged batch"):
         op(*args, **offsets, schedule=Schedule(16, 16, 4, 1, 2, True))
     q, k, v = args
-    with pytest.raises(LoweringError, match="gradients of jagged batches"):
-        op(q.requires_grad_(), k, v, **offsets)
+    with pytest.raises(LoweringError, match="log-sum-exp of a jagged batch is not differentiated"):
+        op(q.requires_grad_(), k, v, **offsets, return_lse=True)
+
+
+def _sequence(op, given: dict, at: tuple[int, int], lengths: tuple[int, int]) -> dict:
+    """One sequence's slice of a jagged batch's inputs: rows along m and keys along n, the rest whole."""
+    out = {}
+    for t in op.cascade.inputs:
+        x = given[t.name]
+        for d, r in enumerate(t.ranks):
+            if r in ("m", "n"):
+                start, length = (at[0], lengths[0]) if r == "m" else (at[1], lengths[1])
+                x = x.narrow(d, start, length)
+        out[t.name] = x
+    return out
+
+
+# per-head inputs (slopes, the differential λ, a learnable cap) sum their gradient over the sequences
+JAGGED_TRAINING = ["causal", "alibi", "sliding_window", "head_gate", "differential", "softcap", "sigmoid"]
+
+
+@pytest.mark.parametrize("name", JAGGED_TRAINING)
+def test_jagged_batch_trains_as_each_sequence_alone(name):
+    """A jagged batch's gradients, packed as its inputs are: each sequence's rows and keys get the bits they get
+    alone (checked against the float64 reference), an input without rows or keys the sum over the sequences;
+    the sequences with no query or no key get 0."""
+    op, schedule = _op(name), Schedule(16, 16, 4, 1)
+    cu_q = torch.tensor([0] + [m for m, _ in JAGGED_LENGTHS]).cumsum(0)
+    cu_k = torch.tensor([0] + [n for _, n in JAGGED_LENGTHS]).cumsum(0)
+    packed = ef.Shape(B=1, Hq=4, M=int(cu_q[-1]), N=int(cu_k[-1]), E=16, Hkv=2)
+    given = ef.testing.random_inputs(op, packed)
+    params = {"window": 4} if name == "sliding_window" else {}
+    leaves = ef.testing.trainable(op, given)
+    out = op(**leaves, **params, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, schedule=schedule)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    learned = [n for n, x in leaves.items() if x.requires_grad]
+    whole = [n for n in learned if not {"m", "n"} & set(op.cascade.tensor(n).ranks)]
+    summed = {n: torch.zeros_like(given[n]) for n in whole}
+    for at, lengths in zip(zip(cu_q.tolist(), cu_k.tolist()), JAGGED_LENGTHS):
+        got = _sequence(op, given | {n: x.grad for n, x in leaves.items() if x.requires_grad}, at, lengths)
+        if lengths[0] * lengths[1] == 0:
+            assert all((got[n] == 0).all() for n in learned if n not in whole)
+            continue
+        alone = ef.testing.trainable(op, _sequence(op, given, at, lengths))
+        rows = grad.narrow(2, at[0], lengths[0])
+        op(**alone, **params, schedule=schedule).backward(rows)
+        for n in learned:
+            if n in whole:
+                summed[n] += alone[n].grad
+            else:
+                assert torch.equal(got[n], alone[n].grad), n
+        verdicts = check_gradients(
+            op, {n: alone[n].grad for n in learned}, rows, **_sequence(op, given, at, lengths), **params
+        )
+        assert all(v.ok for v in verdicts.values()), {n: v.as_dict() for n, v in verdicts.items()}
+    for n in whole:
+        torch.testing.assert_close(leaves[n].grad, summed[n], rtol=1e-6, atol=1e-6)
 
 
 # -- key tiles listed at run time ---------------------------------------------------------------

@@ -118,7 +118,10 @@ def store(g: TileCode, out: Output, tile: Tile) -> None:
     code = bcast(g.f32(t), t.ranks, ranks)
     if t.ranks != ranks:  # constant along some axis: broadcast it to the whole tile
         code = f"tl.broadcast_to({code}, ({', '.join(axis_extent(r) for r in ranks)},))"
-    terms = [f"{out.name}_ptr", f"mem_b * stride_{out.name}_0", f"{out.head} * stride_{out.name}_1"]
+    # a partial per program sits at its batch (a jagged batch's sequence: its programs' key tiles share their
+    # indices with the other sequences'); rows and keys at their place in memory
+    batch = "off_b" if out.program is not None else "mem_b"
+    terms = [f"{out.name}_ptr", f"{batch} * stride_{out.name}_0", f"{out.head} * stride_{out.name}_1"]
     d = 2
     if out.program is not None:
         terms.append(f"{out.program} * stride_{out.name}_2")

@@ -18,6 +18,7 @@ from ...errors import DifferentiationError, LoweringError
 from ...ir.cascade import Layout
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.reference import run_reference
+from ...jagged import JaggedBatch
 from ..analysis.mask_tiles import conjuncts
 from ..autodiff.gradient import (
     Gradient,
@@ -235,6 +236,7 @@ class Backward:
         visits: torch.Tensor | None = None,
         needed: frozenset[str] | None = None,
         launcher: BackwardLauncher = jit_launch,
+        jagged: JaggedBatch | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """The gradient of every floating-point input named in ``needed`` (None: of all; the others get None)
         given the forward's output, its saved ``states`` (as ``Forward.run(saved=...)`` returns them) and the
@@ -242,10 +244,11 @@ class Backward:
 
         ``visits`` (tests only): int32 ``[B·Hkv, key tiles]``, where the dK/dV programs store how many
         (query head, query tile) pairs they visited. ``launcher`` runs each kernel launch (Triton's JIT by
-        default), as the forward's does.
+        default), as the forward's does. A ``jagged`` batch packs its sequences along m and n as the forward
+        took them (``extents`` are of the packed tensors); the gradients come packed the same way.
         """
         return self.launch(
-            inputs, values, output, states, grad_output, schedule, extents, visits, needed, launcher
+            inputs, values, output, states, grad_output, schedule, extents, visits, needed, launcher, jagged=jagged
         ).finish(inputs)
 
     def launch(
@@ -261,6 +264,7 @@ class Backward:
         needed: frozenset[str] | None = None,
         launcher: BackwardLauncher = jit_launch,
         record: Recording | None = None,
+        jagged: JaggedBatch | None = None,
     ) -> Launched:
         """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
@@ -274,7 +278,7 @@ class Backward:
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
         refuse_interpreted_bfloat16(output)
-        call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record)
+        call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record, jagged)
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:
             launcher(*call.rows())  # its row terms are inputs of the kernels that follow
@@ -320,11 +324,14 @@ class _Call:
     needed: frozenset[str] | None
     empty: Callable[..., torch.Tensor]  # torch.empty, or a recording's
     zeros: Callable[..., torch.Tensor]
+    jagged: JaggedBatch | None = None
     partials: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, backward: Backward, inputs, values, output, states, grad_output, extents, needed, record) -> _Call:
+    def of(
+        cls, backward: Backward, inputs, values, output, states, grad_output, extents, needed, record, jagged=None
+    ) -> _Call:
         needed = None if needed is None else frozenset(needed)
         cut = backward.cut(needed)
         g = cut.gradient
@@ -353,6 +360,20 @@ class _Call:
             needed,
             torch.empty if record is None else record.empty,
             torch.zeros if record is None else record.zeros,
+            jagged,
+        )
+
+    @property
+    def grid(self) -> dict[str, int]:
+        """The extents the grids cover: a jagged batch's sequences, its longest query and key lengths."""
+        j = self.jagged
+        return self.extents if j is None else {**self.extents, "b": j.sequences, "m": j.max_q, "n": j.max_k}
+
+    def jagged_args(self) -> dict[str, object]:
+        """The offsets every backward template takes (None, and JAGGED off, for a stacked batch)."""
+        j = self.jagged
+        return dict(
+            cu_q_ptr=None if j is None else j.cu_q, cu_k_ptr=None if j is None else j.cu_k, JAGGED=j is not None
         )
 
     @property
@@ -365,7 +386,9 @@ class _Call:
     def workspace(self, o: Output, programs: int, zero: bool) -> torch.Tensor:
         """The buffer output ``o`` is written to; a partial's is kept with the names of its dimensions."""
         ext = self.extents
-        shape = [ext["b"], self.kv_heads if o.head == "off_hk" else ext["h"]] + ([programs] if o.program else [])
+        # rows and keys sit packed as the inputs do; a partial per program is kept per sequence
+        batches = self.grid["b"] if o.program else ext["b"]
+        shape = [batches, self.kv_heads if o.head == "off_hk" else ext["h"]] + ([programs] if o.program else [])
         p = next((p for p in self.cut.gradient.partials if p.name == o.name), None)
         d = o.diagonal
         if d is not None and p is not None:  # the entries the diagonals read: of the table, or of the integer
@@ -393,23 +416,24 @@ class _Call:
             args |= pointer(o.name, outs[o.name])
             if o.diagonal is not None:
                 args[f"len_{o.name}"] = outs[o.name].shape[-1]
-        ext = self.extents
+        ext = self.grid
         return (
             args
             | {param_name(p): self.values[p] for p in k.params}
             | dict(k.constexprs)
             | dict(M=ext["m"], N=ext["n"], H=ext["h"], GROUP=self.group)
+            | self.jagged_args()
         )
 
     def rows(self) -> tuple[BackwardKernel, KernelCall]:
         """The rows kernel's launch; its row terms become inputs of the kernels that follow."""
         k = self.kernel("rows")
-        tiles = -(-self.extents["m"] // ROWS_BLOCK_M)
+        tiles = -(-self.grid["m"] // ROWS_BLOCK_M)
         outs = {o.name: self.workspace(o, tiles, False) for o in k.outputs}
         for t in self.cut.parts.row_terms:
             self.given[t] = outs[t]
         return k, k.call(
-            (tiles, self.extents["b"] * self.extents["h"]),
+            (tiles, self.grid["b"] * self.grid["h"]),
             self.tensors(k, outs) | dict(BLOCK_M=ROWS_BLOCK_M),
             ROWS_WARPS,
             1,
@@ -418,7 +442,7 @@ class _Call:
     def kv(self, schedule: BackwardSchedule, atomic: bool, visits) -> tuple[BackwardKernel, KernelCall]:
         """The dK/dV kernel's launch: one program per key tile and kv head."""
         k = self.kernel("kv", atomic)
-        programs = -(-self.extents["n"] // schedule.block_n)
+        programs = -(-self.grid["n"] // schedule.block_n)
         zeroed = {o.name for o in k.outputs if ("m" in o.ranks and "n" in o.ranks) or o.atomic or o.diagonal}
         outs = {o.name: self.workspace(o, programs, zero=o.name in zeroed) for o in k.outputs}
         own = dict(
@@ -429,7 +453,7 @@ class _Call:
             COUNT_VISITS=visits is not None,
         )
         return k, k.call(
-            (programs, self.extents["b"] * self.kv_heads),
+            (programs, self.grid["b"] * self.kv_heads),
             self.tensors(k, outs) | own,
             schedule.num_warps,
             schedule.num_stages,
@@ -444,17 +468,20 @@ class _Call:
         for t in self.cut.parts.key_kernels[kind][1] if kind != "q" else ():
             self.given[t] = outs[t]
         bm, bn = schedule.block_n, schedule.block_m
-        ext = self.extents
+        ext = self.grid
         args = self.tensors(k, outs)
+        if k.lists is not None and self.jagged is not None:
+            raise LoweringError(
+                f"{self.cut.gradient.forward.name}: key tiles listed at run time (a mask on per-token data) in a "
+                f"jagged batch are not implemented"
+            )
         if k.lists is not None:
             tiles, counts = tile_lists(k.lists, self.given, self.values, ext["b"], ext["m"], ext["n"], bm, bn, False)
             args |= pointer("tiles", tiles) | pointer("counts", counts)
-        # the forward template's own arguments: no split (1 tile share), no visit counter, no jagged batch
+        # the forward template's own arguments: no split (1 tile share), no visit counter
         own = dict(
             TILES_PER_SPLIT=1,
             visits_ptr=None,
-            cu_q_ptr=None,
-            cu_k_ptr=None,
             BLOCK_M=bm,
             BLOCK_N=bn,
             NUM_STAGES=schedule.dq_depth,
@@ -462,7 +489,6 @@ class _Call:
             PACK=False,
             REVERSE_M=False,
             COUNT_VISITS=False,
-            JAGGED=False,
         )
         return k, k.call(
             (-(-ext["m"] // bm), ext["b"] * ext["h"], 1),
@@ -482,7 +508,7 @@ class _Call:
         args = {f"kv_{a}": v for a, v in kv_call.args.items()} | {f"dq_{a}": v for a, v in q_call.args.items()}
         args |= dict(KV_TILES=tiles[0], Q_TILES=tiles[1], GROUP_Q=self.group, H_KV=self.kv_heads, H_Q=self.extents["h"])
         return k, k.call(
-            (self.extents["b"] * self.kv_heads * (tiles[0] + self.group * tiles[1]),),
+            (self.grid["b"] * self.kv_heads * (tiles[0] + self.group * tiles[1]),),
             args,
             schedule.num_warps,
             schedule.num_stages,
