@@ -445,13 +445,25 @@ class AttentionOp:
         dtype: str = "bfloat16",
         target: str = "sm90",
         dims: dict[str, int] | None = None,
+        inputs: Mapping[str, torch.Tensor] | None = None,
         **params,
     ) -> Explanation:
         """Passes as written and after rewriting (with reasons), buffers as formulas, FLOPs, bytes, the
         roofline on ``target`` at ``shape`` (default B=2, H=16, M=N=4096, D=128), mask tile counts.
 
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
+        ``inputs`` may give the per-token data a mask reads (document ids ``[B, N]``): the tiles are then counted
+        as the run time classifies them for that data, with the pairs the mask keeps and the tiles holding one.
         Keyword arguments are the declaration's parameters; anything else (``M=1024``) is refused.
+
+        >>> import torch, einflash as ef
+        >>> @ef.attention
+        ... def docs(q, k, v, doc: ef.Tensor["b n"]):  # noqa: F722 -- rank names
+        ...     return ef.softmax(ef.mask(q @ k, (doc[ef.m] == doc[ef.n]) & (ef.n <= ef.m)), "n") @ v
+        >>> ids = torch.repeat_interleave(torch.arange(3), torch.tensor([1000, 3000, 96]))[None]  # 3 documents
+        >>> t = docs.explain(ef.Shape(1, 16, 4096, 4096, 128), inputs={"doc": ids}).tiles
+        >>> t["pairs"] == 1000 * 1001 // 2 + 3000 * 3001 // 2 + 96 * 97 // 2, t["tiles_with_pairs"]
+        (True, 360)
         """
         declared = {p.name: p for p in self.cascade.params}
         for key, val in params.items():
@@ -461,6 +473,14 @@ class AttentionOp:
                     f"(it has {sorted(declared)}); give sizes as shape=ef.Shape(B, H, M, N, D)"
                 )
             params[key] = _checked_param(self.name, declared[key], val)
+        inputs = dict(inputs or {})
+        names = {t.name for t in self.cascade.inputs}
+        for key, val in inputs.items():
+            if key not in names or not isinstance(val, torch.Tensor):
+                raise ParameterError(
+                    f"{self.name}.explain got inputs[{key!r}] = {type(val).__name__}; inputs maps names of "
+                    f"{self.name}'s inputs ({sorted(names)}) to tensors"
+                )
         return explain(
             self.cascade,
             self.forward.steps,
@@ -472,6 +492,7 @@ class AttentionOp:
             dims,
             params,
             self.backward,
+            inputs,
         )
 
 

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sympy
+import torch
 
 from ..backends.target import Target
 from ..ir.cascade import Cascade
@@ -27,7 +29,7 @@ from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
 from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.online import streaming_obstacle
-from .runtime.tile_lists import tile_lists
+from .runtime.tile_lists import kept_pairs, tile_lists
 from .schedule import padded, widest_head_dim
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -135,6 +137,16 @@ class Explanation:
                     ),
                 )
             )
+            if "pairs" in t:
+                visited = t["partial"] + t["full"]
+                rows.append(
+                    (
+                        "mask pairs",
+                        f"{t['pairs']:,} kept of {t['all_pairs']:,} ({t['pairs'] / max(1, t['all_pairs']):.2%}); "
+                        f"{t['tiles_with_pairs']} tiles hold one, {visited} visited; kept pairs fill "
+                        f"{t['pairs'] / max(1, visited * t['block_m'] * t['block_n']):.0%} of the visited tiles",
+                    )
+                )
         rows.append(("template", self.template))
         b = self.backward
         if b is not None and b["error"] is not None:
@@ -180,9 +192,11 @@ def explain(
     dims: dict[str, int] | None = None,
     params: dict | None = None,
     backward=None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> Explanation:
     """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``;
-    with ``backward`` (a einflash.compiler.runtime.backward.Backward), its gradient cascade too."""
+    with ``backward`` (a einflash.compiler.runtime.backward.Backward), its gradient cascade too; with ``inputs``
+    (the per-token data a mask reads, document ids), its tiles and pairs for that data."""
     dims = dict(dims or {})
     params = {
         p.name: float(
@@ -202,7 +216,7 @@ def explain(
     flops = float(cst.flops.subs(subs))
     trans = float(cst.transcendentals.subs(subs))
     nbytes = float(cst.bytes.subs(subs))
-    tiles = _tiles(written, ext, params, cfg)
+    tiles = _tiles(written, ext, params, cfg, inputs)
     frac = 1.0
     if tiles:  # masked-out tiles are never visited: count the work of the visited ones
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
@@ -320,10 +334,15 @@ def _backward(backward, subs: dict, visited: float) -> dict:
     }
 
 
-def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
+def _tiles(
+    c: Cascade, ext: dict[str, int], params: dict, cfg, inputs: Mapping[str, torch.Tensor] | None
+) -> dict | None:
     """The mask's tile counts at the default tiles: exact where the mask is affine or compares functions of
     positions (``m // 64 == n // 64``, classified here as the run time does); otherwise the affine part's
-    counts, with its full tiles counted as visited and masked, since the rest of the mask decides there."""
+    counts, with its full tiles counted as visited and masked, since the rest of the mask decides there.
+
+    With ``inputs`` holding the per-token data its tests read (document ids), the tiles as the run time classifies
+    them for that data (summed over its batch), the pairs the mask keeps and the tiles that hold one."""
     integers = frozenset(p.name for p in c.params if p.integer)
     for e in c.einsums:
         if e.where is None or STREAM not in e.iteration_ranks:
@@ -331,20 +350,26 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
         pred = affine_part(e.where, integers)
         rest = [p for p in conjuncts(e.where) if tile_plan(p, integers) is None]
         tests = block_tests(c, e.where)
-        positional = len(tests) == len(rest) and not any(
-            list(reads(t.query_side)) + list(reads(t.key_side)) for t in tests
-        )
-        if pred is None and not (rest and positional):
+        read = {r.tensor for t in tests for r in (*reads(t.query_side), *reads(t.key_side))}
+        data = None if inputs is None or not read <= inputs.keys() else {n: inputs[n] for n in read}
+        # every conjunct the plan cannot take is a block test that the run time evaluates here
+        classified = len(tests) == len(rest) and (not read or data is not None)
+        if pred is None and not (rest and classified):
             continue
         named = {x.name for x in walk(e.where) if isinstance(x, Param)}
         used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
         M, N, BM, BN = ext["m"], ext["n"], cfg.block_m, cfg.block_n
         plan = None if pred is None else tile_plan(pred, integers)
-        if rest and positional:
-            _, counts = tile_lists(TileLists(tests, pred, integers), {}, used, 1, M, N, BM, BN)
+        kept = None
+        if rest and classified:
+            lists = TileLists(tests, pred, integers)
+            batch = next(iter(data.values())).shape[0] if data else 1
+            _, counts = tile_lists(lists, data or {}, used, batch, M, N, BM, BN)
             full, partial = int(counts[..., 0].sum()), int(counts[..., 1].sum())
-            total = -(-M // BM) * -(-N // BN)
+            total = batch * -(-M // BM) * -(-N // BN)
             tiles = TileCounts(total - full - partial, partial, full, total)
+            if data:
+                kept = kept_pairs(lists, data, used, batch, M, N, BM, BN)
         else:
             assert plan is not None, pred  # an affine part has a tile plan
             tiles = count_tiles(plan, M=M, N=N, BM=BM, BN=BN, **used)
@@ -359,6 +384,11 @@ def _tiles(c: Cascade, ext: dict[str, int], params: dict, cfg) -> dict | None:
             "block_n": BN,
             # the counts are the mask's own non-empty and full tiles (else: the tiles the kernel visits)
             "exact": not rest and plan is not None and plan.exact,
-            "tested_in_every_tile": [] if positional else [format_expr(p) for p in rest],
+            "tested_in_every_tile": [] if classified else [format_expr(p) for p in rest],
+            **(
+                {}
+                if kept is None
+                else {"batch": batch, "pairs": kept[0], "all_pairs": batch * M * N, "tiles_with_pairs": kept[1]}
+            ),
         }
     return None

@@ -359,3 +359,25 @@ def test_explain_does_not_call_tiles_full_that_the_rest_of_the_mask_still_cuts()
     causal = _explained_tiles(lambda c: ef.n <= ef.m)
     assert (t["empty"], t["partial"] + t["full"]) == (causal["empty"], causal["partial"] + causal["full"])
     assert t["full"] == 0 and not t["exact"] and t["tested_in_every_tile"] == ["(m − n)%3 == 0"]
+
+
+@pytest.mark.parametrize("documents", [1, 5, 40])
+def test_explain_counts_the_pairs_and_tiles_of_given_document_ids(documents):
+    """With document ids, explain classifies the tiles as the run time does and counts the pairs the mask keeps
+    and the tiles holding one, each against the materialised mask."""
+
+    @ef.attention
+    def docs(q, k, v, doc: ef.Tensor["b n"]):
+        return ef.softmax(ef.mask(q @ k, (doc[ef.m] == doc[ef.n]) & (ef.n <= ef.m)), "n") @ v
+
+    g = torch.Generator().manual_seed(documents)
+    ids = torch.randint(0, documents, (2, 700), generator=g).sort(dim=-1).values
+    t = docs.explain(ef.Shape(2, 4, 700, 700, 64), inputs={"doc": ids}).tiles
+    m, n = torch.arange(700)[:, None], torch.arange(700)[None, :]
+    masks = [(row[:, None] == row[None, :]) & (n <= m) for row in ids]
+    assert t["pairs"] == sum(int(x.sum()) for x in masks) and t["all_pairs"] == 2 * 700 * 700
+    brute = [_brute_tiles(x, t["block_m"], t["block_n"]) for x in masks]
+    assert t["tiles_with_pairs"] == sum(nonempty for nonempty, _ in brute)
+    assert t["partial"] + t["full"] >= t["tiles_with_pairs"] and t["full"] <= sum(full for _, full in brute)
+    with pytest.raises(ef.errors.ParameterError, match="inputs maps names"):
+        docs.explain(inputs={"ids": ids})

@@ -160,6 +160,62 @@ def tile_lists(
     return order.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
 
 
+def kept_pairs(
+    lists: TileLists,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, float],
+    B: int,
+    M: int,
+    N: int,
+    BM: int,
+    BN: int,
+) -> tuple[int, int] | None:
+    """The (query, key) pairs that a mask made of ``lists``' block tests and affine part keeps, and the (query
+    tile, key tile) pairs that hold at least one of them: the tiles an ideal classification visits. Summed over the
+    batch, evaluated BM rows at a time (never the whole [M, N] mask); None where a test's side cannot be evaluated.
+
+    >>> from einflash.compiler.codegen.tile_ranges import BlockTest, TileLists
+    >>> from einflash.ir.expr import Coord, Read, call
+    >>> from einflash.ir.ranks import coord
+    >>> doc = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    >>> same = BlockTest(Read("doc", (coord("b"), coord("m"))), Read("doc", (coord("b"), coord("n"))))
+    >>> causal = call("le", Coord("n"), Coord("m"))
+    >>> kept_pairs(TileLists((same,), causal, frozenset()), {"doc": doc}, {}, 1, 6, 6, 2, 2)  # 3 + 6 + 1 pairs
+    (10, 4)
+    """
+    device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
+    sizes = {"m": M, "n": N}
+    sides = []
+    for test in lists.tests:
+        q_values = _side_values(test.query_side, inputs, params, M, sizes, device)
+        k_values = _side_values(test.key_side, inputs, params, N, sizes, device)
+        if q_values is None or k_values is None:
+            return None
+        sides.append((q_values, k_values))
+    rows = None
+    if lists.affine is not None:  # one key range per row: the plan at tiles of one row and one key
+        plan = tile_plan(lists.affine, lists.integers)
+        assert plan is not None, lists.affine  # an affine part has a tile plan
+        rows = tile_rows(plan, M, N, 1, 1, **{p: params[p] for p in _param_names(lists.affine)})
+    Tk = -(-N // BN)
+    pairs = ideal = 0
+    for r0 in range(0, M, BM):
+        height = min(BM, M - r0)
+        keep = torch.ones(B, height, Tk * BN, dtype=torch.bool, device=device)
+        keep[:, :, N:] = False
+        if rows is not None:
+            allowed = torch.zeros(height, Tk * BN, dtype=torch.bool)
+            for i, row in zip(range(height), rows):
+                for lo, hi in row.nonempty:
+                    allowed[i, lo:hi] = True
+            keep &= allowed.to(device)
+        for q_values, k_values in sides:
+            keep[:, :, :N] &= q_values[:, r0 : r0 + height, None] == k_values[:, None, :N]
+        pairs += int(keep.sum())
+        ideal += int(keep.reshape(B, height, Tk, BN).any(dim=3).any(dim=1).sum())
+    return pairs, ideal
+
+
 @functools.cache
 def _param_names(affine: Expr) -> frozenset[str]:
     return frozenset(x.name for x in walk(affine) if isinstance(x, Param))
