@@ -6,7 +6,8 @@ s = scale·q·kᵀ + table[h, bucket[n − m + M − 1]]; O = softmax(s)·v. ``b
 wider ones up to 128, and the sign splits the buckets in two (T5's bidirectional encoder form). T5 itself folds
 1/√d into its initialisation; the scale is written here as in the other examples.
 
-Two gathers, no M×N bias: the kernel reads ``bucket`` at the tile's offsets, then ``table`` at those entries.
+No M×N bias: each call composes the two gathers into one table of M + N − 1 entries per head,
+``table[h, bucket[d]]``, which the kernels read at the tile's offsets.
 Every entry of ``bucket`` must index ``table`` (checked at the call, once per version of ``bucket``). The table
 learns: pairs with one offset n − m read one entry, so the backward sums the pairs' gradients along each
 diagonal, then collects each offset's sum into its bucket's entry.

@@ -398,3 +398,37 @@ def test_a_kth_largest_over_n_is_a_running_top_list():
     cut = next(e for e in c.einsums if e.out.endswith("_cut"))
     masked = next(e for e in c.einsums if e.where is not None and cut.out in {r.tensor for r in e.reads()})
     assert masked.loop == 2
+
+
+# -- gathers composed before the kernel ---------------------------------------------------------------
+
+
+def test_a_table_read_through_an_integer_input_is_composed_into_one_table():
+    """T5's table read through its buckets becomes one table of the buckets' extent: the reference gives the
+    same output either way; a read whose gathered entry is not its whole index entry, or through a 2-D index,
+    is left as it was."""
+    from einflash.compiler.rewrite.compose import compose_gathers
+
+    @ef.attention
+    def gathered(q, k, v, table: ef.Tensor["h r"], bucket: ef.Tensor[d], pair: ef.Tensor["g s"]):  # noqa: F821
+        d = ef.n - ef.m + ef.M - 1
+        s = q @ k + table[bucket[d]] + 0.5 * table[bucket[ef.N - 1 - ef.n]] + table[bucket[d] // 2]
+        return ef.softmax(s + pair[0, bucket[d]], "n") @ v
+
+    c, made = compose_gathers(gathered.cascade)
+    assert [(m.table, m.index, m.axis) for m in made] == [("table", "bucket", 1), ("pair", "bucket", 1)]
+    composed_reads = {r.tensor for e in c.einsums for r in e.reads()}
+    assert {"table_at_bucket", "pair_at_bucket", "table", "bucket"} <= composed_reads  # table[bucket[d] // 2] stays
+    M, N, H = 5, 7, 2
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "q": torch.randn(1, H, M, 4, generator=g, dtype=torch.float64),
+        "k": torch.randn(1, H, N, 4, generator=g, dtype=torch.float64),
+        "v": torch.randn(1, H, N, 3, generator=g, dtype=torch.float64),
+        "table": torch.randn(H, 6, generator=g, dtype=torch.float64),
+        "bucket": torch.randint(0, 6, (M + N - 1,), generator=g),
+        "pair": torch.randn(3, 6, generator=g, dtype=torch.float64),
+    }
+    want = run_reference(gathered.cascade, inputs, {})
+    got = run_reference(c, inputs | {m.name: m.make(inputs) for m in made}, {})
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -10,12 +10,12 @@ wrote (``Launched.finish``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ...errors import DifferentiationError, LoweringError
-from ...ir.cascade import Layout
+from ...ir.cascade import Einsum, Layout
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.reference import run_reference
 from ...jagged import JaggedBatch
@@ -29,10 +29,11 @@ from ..autodiff.gradient import (
     reference_partials,
     saved_states,
 )
-from ..autodiff.parts import Cut, Parts, cut, restrict
+from ..autodiff.parts import Cut, Looped, Parts, cut, restrict
 from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launch, lower_q, lower_rows
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
+from ..rewrite.compose import Composition, composed, compositions, read_composed
 from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype, refuse_interpreted_bfloat16
 from .launch import jit_launch
@@ -75,6 +76,7 @@ class Backward:
     error: LoweringError | None = None
     _kernels: dict = field(default_factory=dict)
     _cuts: dict = field(default_factory=dict)
+    _made: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.forward.error is not None:
@@ -148,6 +150,13 @@ class Backward:
             self._cuts[needed] = cut(gradient if needed is None else restrict(gradient, needed))
         return self._cuts[needed]
 
+    def compositions(self, needed: frozenset[str] | None) -> tuple[Composition, ...]:
+        """The tables the kernels of ``needed``'s gradients read composed (``einflash.compiler.rewrite.compose``):
+        made by each call before the launches."""
+        if needed not in self._made:
+            self._made[needed] = compositions(self.cut(needed).gradient.cascade)
+        return self._made[needed]
+
     def _outputs(self, cut: Cut, kernel: str, atomic: bool) -> dict[str, Output]:
         g = cut.gradient
         out = {}
@@ -190,10 +199,11 @@ class Backward:
         cut = self.cut(needed)
         name = DTYPE_NAMES[dtype]
         full = self._state_filters if self._full_mask is not None else frozenset()
+        made = self.compositions(needed)
         if kind == "rows":
             rows = cut.parts.rows
             assert rows is not None, kind  # asked for only where the gradient has row terms
-            src = lower_rows(rows, tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
+            src = lower_rows(composed(rows, made), tuple(self._outputs(cut, "rows", atomic).values()), dims, name, ints)
         elif kind == "kv":
             sums = {
                 p.name
@@ -201,7 +211,7 @@ class Backward:
                 if p.kernel == "kv" and cut.gradient.forward.tensor(p.input).layout is Layout.KEY
             }
             src = lower_kv(
-                cut.loops["kv_atomic" if atomic else "kv"],
+                composed_loop(cut.loops["kv_atomic" if atomic else "kv"], made),
                 self._outputs(cut, "kv", atomic),
                 sums,
                 dims,
@@ -212,7 +222,14 @@ class Backward:
             )
         elif kind == "q" or kind in cut.parts.key_kernels:
             src = lower_q(
-                cut.loops[kind], self._outputs(cut, kind, atomic), dims, name, ints, full, self._full_mask, kind
+                composed_loop(cut.loops[kind], made),
+                self._outputs(cut, kind, atomic),
+                dims,
+                name,
+                ints,
+                full,
+                self._full_mask,
+                kind,
             )
         else:
             src = lower_one_launch(
@@ -343,6 +360,7 @@ class _Call:
             given[g.output] = output
         for st in g.saved:
             given[st.value], given[st.present] = states[st.name], states[f"{st.name}:present"]
+        given |= {made.name: made.make(given) for made in backward.compositions(needed)}
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point()) | {st.present for st in g.saved}
         first = next(x for x in inputs.values() if x.is_floating_point())
         hkv = next(inputs[t.name].shape[1] for t in g.forward.inputs if t.layout is Layout.KEY)
@@ -514,3 +532,16 @@ class _Call:
             schedule.num_stages,
             schedule.max_registers,
         )
+
+
+def composed_loop(s: Looped, made: tuple[Composition, ...]) -> Looped:
+    """A kernel's looped cascade reading the composed tables ``made`` (see ``einflash.compiler.rewrite.compose``)."""
+    if not made:
+        return s
+
+    def each(einsums: tuple[Einsum, ...]) -> tuple[Einsum, ...]:
+        return tuple(read_composed(e, s.cascade, made) for e in einsums)
+
+    return replace(
+        s, cascade=composed(s.cascade, made), prologue=each(s.prologue), loop=each(s.loop), epilogue=each(s.epilogue)
+    )

@@ -22,6 +22,7 @@ from ..codegen.combine import combine_cascade, lower_combine
 from ..codegen.forward import lower, sections
 from ..codegen.source import KernelSource
 from ..codegen.tile_ranges import key_plan
+from ..rewrite.compose import compose_gathers
 from ..rewrite.online import streaming_obstacle
 from ..rewrite.pipeline import optimise
 from ..schedule import Schedule, padded
@@ -65,6 +66,8 @@ class Forward:
     def __init__(self, cascade: Cascade):
         self.written = cascade
         self.rewritten, self.steps = optimise(cascade)
+        # kernels read a table gathered through an integer input as one table made before the launch
+        self.kernel_cascade, self.compositions = compose_gathers(self.rewritten)
         self.error: LoweringError | None = None
         self.passes = 0  # passes over the keys the kernel makes
         try:
@@ -124,7 +127,7 @@ class Forward:
         key = (dtype, tuple(sorted(dims.items())), split, int_inputs, saved)
         if key not in self._sources:
             self._sources[key] = lower(
-                self.rewritten, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs, saved=saved
+                self.kernel_cascade, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs, saved=saved
             )
         return self._sources[key]
 
@@ -186,6 +189,7 @@ class Forward:
         inputs = {
             k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
         }
+        inputs |= {made.name: made.make(inputs) for made in self.compositions}
         lists = (
             None
             if src.lists is None
