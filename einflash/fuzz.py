@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import EinflashError
+from .errors import DifferentiationError, EinflashError, LoweringError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Declarations and their plain-torch twins
@@ -457,8 +457,9 @@ def _typed(stage: str, source: str, fn: Callable):
         ) from None
 
 
-def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
-    """Declare, reference, run and differentiate ``program``; raise Defect where einflash is wrong."""
+def check(program: Program, seed: int = 0, gradients: bool = True, jagged: bool = False) -> Outcome:
+    """Declare, reference, run and differentiate ``program``; raise Defect where einflash is wrong. With ``jagged``,
+    also its batch packed as a jagged batch (``_check_jagged``)."""
     from .testing import (
         gradient_allowances,
         gradient_magnitude,
@@ -513,6 +514,8 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
             f"up to {verdict.allowance:.3e} for the maths' rounding order)",
             source,
         )
+    if jagged:
+        _check_jagged(op, inputs, params, source, gradients and op.backward.error is None)
     if not gradients or op.backward.error is not None:
         return Outcome(None, "forward")
     # gradients in fp16: the tolerance rule compares with plain PyTorch in the kernel's dtype, and in fp32 a backward
@@ -552,6 +555,60 @@ def check(program: Program, seed: int = 0, gradients: bool = True) -> Outcome:
                 source,
             )
     return Outcome(None, "gradients")
+
+
+def _check_jagged(op, inputs: dict, params: dict, source: str, gradients: bool) -> None:
+    """The batch's sequences packed into a jagged batch (``cu_seqlens``) must give each sequence's output, and
+    gradients, as the stacked call does: the same kernels, per sequence. A declaration the jagged path refuses
+    (reads at computed positions, masks on per-token data) is skipped, as is one with a per-batch input not laid
+    out along its one sequence rank, or one read at computed positions (whose bounds are per sequence)."""
+    if op.cascade.computed_reads:
+        return
+    B = inputs["q"].shape[0]
+    along: dict[str, int] = {}  # each input's sequence dimension, packed
+    for t in op.cascade.inputs:
+        seq = [r for r in t.ranks if r in ("m", "n")]
+        packable = len(seq) == 1 and "b" in t.ranks
+        if not packable and (seq or "b" in t.ranks):
+            return
+        if seq:
+            along[t.name] = t.ranks.index(seq[0])
+
+    def pack(x: torch.Tensor, d: int) -> torch.Tensor:  # [B, ..., L, ...] to [1, ..., B·L, ...]
+        return x.movedim(0, d - 1).flatten(d - 1, d).unsqueeze(0)
+
+    def unpack(x: torch.Tensor, d: int) -> torch.Tensor:
+        return x.squeeze(0).unflatten(d - 1, (B, -1)).movedim(d - 1, 0)
+
+    def leaves(given: dict) -> dict:
+        return {
+            k: (x.detach().clone().requires_grad_(gradients) if x.is_floating_point() else x) for k, x in given.items()
+        }
+
+    stacked = leaves(inputs)
+    jagged = leaves({k: (pack(x, along[k]) if k in along else x) for k, x in inputs.items()})
+    cu = [torch.tensor([0] + [inputs[x].shape[2]] * B).cumsum(0) for x in ("q", "k")]
+    try:
+        out = op(**jagged, **params, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+    except (LoweringError, DifferentiationError):
+        return
+    want = op(**stacked, **params)
+    if not torch.equal(unpack(out, 2), want):
+        raise Defect(
+            "jagged disagrees", f"output: max difference {float((unpack(out, 2) - want).abs().max()):.3e}", source
+        )
+    if not gradients:
+        return
+    d_o = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(pack(d_o, 2))
+    want.backward(d_o)
+    for k, x in stacked.items():
+        if x.grad is None:
+            continue
+        got = jagged[k].grad
+        got = unpack(got, along[k]) if k in along else got
+        if not torch.allclose(got, x.grad, rtol=1e-5, atol=1e-6 * float(x.grad.abs().max().clamp(min=1))):
+            raise Defect("jagged disagrees", f"d{k}: max difference {float((got - x.grad).abs().max()):.3e}", source)
 
 
 def _plain_grads(program: Program, inputs: dict, d_o: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -595,7 +652,7 @@ def run(minutes: float, seed: int = 0, out: pathlib.Path | None = None, log=prin
             if time.monotonic() > deadline:
                 raise Stop
             try:
-                outcome = check(p)
+                outcome = check(p, jagged=True)
             except Defect as d:
                 if d.signature in found:
                     return  # known: look for others
