@@ -80,6 +80,15 @@ def _side_values(
     return None if out is None else torch.as_tensor(out).expand(-1, length)
 
 
+def _sides(test: BlockTest, inputs: Mapping[str, torch.Tensor], params: Mapping[str, float], M: int, N: int, device):
+    """A block test's query side at positions 0..M-1 and key side at 0..N-1 (each None where not evaluable)."""
+    sizes = {"m": M, "n": N}
+    return (
+        _side_values(test.query_side, inputs, params, M, sizes, device),
+        _side_values(test.key_side, inputs, params, N, sizes, device),
+    )
+
+
 def _test_classes(
     test: BlockTest,
     inputs: Mapping[str, torch.Tensor],
@@ -93,8 +102,7 @@ def _test_classes(
     device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(some pair equal, every pair equal) per [B, Tq, Tk] tile for one block test."""
-    q_values = _side_values(test.query_side, inputs, params, M, {"m": M, "n": N}, device)
-    k_values = _side_values(test.key_side, inputs, params, N, {"m": M, "n": N}, device)
+    q_values, k_values = _sides(test, inputs, params, M, N, device)
     if q_values is None or k_values is None:  # a side the run time cannot evaluate: leave the test to the kernel
         unknown = torch.ones(1, Tq, Tk, dtype=torch.bool, device=device)
         return unknown, ~unknown
@@ -184,14 +192,9 @@ def kept_pairs(
     (10, 4)
     """
     device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
-    sizes = {"m": M, "n": N}
-    sides = []
-    for test in lists.tests:
-        q_values = _side_values(test.query_side, inputs, params, M, sizes, device)
-        k_values = _side_values(test.key_side, inputs, params, N, sizes, device)
-        if q_values is None or k_values is None:
-            return None
-        sides.append((q_values, k_values))
+    sides = [_sides(test, inputs, params, M, N, device) for test in lists.tests]
+    if any(q_values is None or k_values is None for q_values, k_values in sides):
+        return None
     rows = None
     if lists.affine is not None:  # one key range per row: the plan at tiles of one row and one key
         plan = tile_plan(lists.affine, lists.integers)
