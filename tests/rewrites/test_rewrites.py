@@ -410,7 +410,7 @@ def test_a_table_read_through_an_integer_input_is_composed_into_one_table():
     from einflash.compiler.rewrite.compose import compose_gathers
 
     @ef.attention
-    def gathered(q, k, v, table: ef.Tensor["h r"], bucket: ef.Tensor[d], pair: ef.Tensor["g s"]):  # noqa: F821
+    def gathered(q, k, v, table: ef.Tensor["h r"], bucket: ef.Tensor["d"], pair: ef.Tensor["g s"]):  # noqa: F821, UP037
         d = ef.n - ef.m + ef.M - 1
         s = q @ k + table[bucket[d]] + 0.5 * table[bucket[ef.N - 1 - ef.n]] + table[bucket[d] // 2]
         return ef.softmax(s + pair[0, bucket[d]], "n") @ v
