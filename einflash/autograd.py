@@ -160,9 +160,7 @@ def register_training(op) -> Training:
         out, ws = fwd.run(
             inputs, values, _schedules(op, tensors, extents, schedule)[0], extents, saved=bwd.saved, record=record
         )
-        if not ws:  # nothing to run (an empty batch or sequence): the states are empty too
-            ws = _empty_states(op, bind_extents(op.forward.rewritten, inputs, values), out)
-        results = [out] + [ws[s] for s in bwd.saved] + [ws[f"{s}:present"] for s in bwd.saved]
+        results = _with_states(op, out, ws, extents)
         replay = None if record is None else record.replay(tensors, results)
         if replay is not None:
             forward_replays.put(key, replay)
@@ -177,8 +175,7 @@ def register_training(op) -> Training:
             launched = replace(launched, partials=dict(zip(launched.partials, replay(call))))
         else:
             inputs, values, extents = unpack(tensors, params)
-            k = len(bwd.saved)
-            saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
+            saved = _saved_states(bwd, states)
             _, schedule_b, flags = _schedules(op, tensors, extents, schedule)
             needed = frozenset(t.name for t, f in zip(op.cascade.inputs, _needed(tensors, flags)) if f)
 
@@ -280,6 +277,21 @@ def _input_grads(saved, count: int, params, schedule, needed: list[bool], grad_o
     return grads
 
 
+def _with_states(op, out: torch.Tensor, ws: dict[str, torch.Tensor], ext: dict[str, int]) -> list[torch.Tensor]:
+    """A training forward's results as its backward takes them back: the output, each saved state's value, then
+    each one's presence (allocated empty where nothing ran: an empty batch or sequence)."""
+    saved = op.backward.saved
+    if not ws:
+        ws = _empty_states(op, ext, out)
+    return [out] + [ws[s] for s in saved] + [ws[f"{s}:present"] for s in saved]
+
+
+def _saved_states(bwd, states) -> dict[str, torch.Tensor]:
+    """The saved states by name (``<state>`` and ``<state>:present``) from their values then their presence."""
+    k = len(bwd.saved)
+    return dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
+
+
 def _empty_states(op, ext: dict[str, int], out: torch.Tensor) -> dict[str, torch.Tensor]:
     """The saved states' values and presence flags at extents ``ext``, allocated (their shapes, for the fake
     implementation)."""
@@ -317,27 +329,25 @@ def jagged_training(
         def forward(ctx, *tensors):
             given = dict(zip(names, tensors))
             out, ws = fwd.run(given, values, schedule, extents, jagged, saved=bwd.saved)
-            if not ws:  # no query in any sequence: nothing to save
-                ws = _empty_states(op, extents, out)
-            ctx.save_for_backward(*tensors, out, *(ws[s] for s in bwd.saved), *(ws[f"{s}:present"] for s in bwd.saved))
+            ctx.save_for_backward(*tensors, *_with_states(op, out, ws, extents))
             return out
 
         @staticmethod
         @once_differentiable
         def backward(ctx, grad):
             tensors, out = ctx.saved_tensors[: len(names)], ctx.saved_tensors[len(names)]
-            states = ctx.saved_tensors[len(names) + 1 :]
-            k = len(bwd.saved)
-            saved = dict(zip(bwd.saved, states[:k])) | {f"{s}:present": p for s, p in zip(bwd.saved, states[k:])}
+            saved = _saved_states(bwd, ctx.saved_tensors[len(names) + 1 :])
             given = dict(zip(names, tensors))
             needed = frozenset(n for n, f in zip(names, ctx.needs_input_grad) if f and given[n].is_floating_point())
-            fits = (op.cascade.key, first.dtype, tuple(fwd.dims(extents).items()), needed, "jagged")
             chosen = backward_schedule is not None
+            schedule_b = backward_schedule if chosen else default_backward_schedule(per_sequence, target, fwd.broadcast)
+            # keyed by the schedule asked for, as the stacked path is: a caller's own is never swapped for a default's
+            fits = (op.cascade.key, first.dtype, tuple(fwd.dims(extents).items()), needed, schedule_b)
             launched = _fitting(
                 lambda s: bwd.launch(
                     given, values, out, saved, grad.contiguous(), s, extents, needed=needed, jagged=jagged
                 ),
-                backward_schedule if chosen else default_backward_schedule(per_sequence, target, fwd.broadcast),
+                schedule_b,
                 chosen,
                 fits,
             )
