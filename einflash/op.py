@@ -36,7 +36,7 @@ from .errors import (
     ShapeError,
 )
 from .ir import Cascade, Layout, trace
-from .ir.cascade import ParamDecl
+from .ir.cascade import ATTENTION_INPUTS, ParamDecl
 from .ir.reference import bind_extents, bind_params, kv_heads, run_outputs
 from .jagged import OFFSET_NAMES, JaggedBatch, jagged_batch
 from .shape import Shape
@@ -142,9 +142,10 @@ class AttentionOp:
             if t.layout in (Layout.QUERY, Layout.KEY):
                 if x.dtype not in FLOAT_DTYPES:
                     raise DTypeError(f"{t.name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-                if qkv_dtype is None:
+                # q, k and v share a dtype; another per-token input (fp32 gates) keeps its own
+                if t.name in ATTENTION_INPUTS and qkv_dtype is None:
                     qkv_dtype = x.dtype
-                elif x.dtype != qkv_dtype:
+                elif t.name in ATTENTION_INPUTS and x.dtype != qkv_dtype:
                     raise DTypeError(
                         f"{t.name} is {x.dtype} but {self.cascade.inputs[0].name} is {qkv_dtype}; "
                         f"q, k and v must share a dtype"

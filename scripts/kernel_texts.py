@@ -50,6 +50,10 @@ def _texts(op, head_dim: int) -> dict[str, str]:
     ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
     for dtype in DTYPES:
         tag = f"{op.name}/d{head_dim}/{str(dtype).removeprefix('torch.')}"
+        if op.forward.stages is not None:  # a key stage, then the query tiles; no split, no backward
+            keys, queries = op.forward.stage_sources(dtype, dims, ints)
+            out[f"{tag}/keys"], out[f"{tag}/queries"] = keys.text, queries.text
+            continue
         out[f"{tag}/forward"] = op.forward.source(dtype, dims, False, ints).text
         if op.forward.splittable:
             out[f"{tag}/split"] = op.forward.source(dtype, dims, True, ints).text

@@ -27,8 +27,10 @@ from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
 from .analysis.key_passes import count_passes
 from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
+from .codegen.stores import tile_ranks
 from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.online import streaming_obstacle
+from .rewrite.stages import key_stages
 from .runtime.tile_lists import kept_pairs, tile_lists
 from .schedule import padded, widest_head_dim
 
@@ -227,8 +229,15 @@ def explain(
         "memory": nbytes / target.hbm_bandwidth,
     }
     bound = max(times, key=times.__getitem__)
+    stages = key_stages(rewritten)
     if error is not None:
         template = f"not lowered: {error}"
+    elif stages is not None:
+        summaries = ", ".join(f"{s}[{','.join(tile_ranks(stages.keys.tensor(s).ranks))}]" for s in stages.summaries)
+        template = (
+            f"two stages (attention_fwd.py.jinja): a key stage, one program per (batch, head) over all keys, "
+            f"stores {summaries}; then the query tiles read it, with no loop over the keys; no split-KV"
+        )
     elif pa.passes > 1:
         template = f"{pa.passes}-pass forward (attention_fwd.py.jinja, a loop over the keys per pass); no split-KV"
     else:
@@ -268,16 +277,17 @@ def explain(
         str(written),
         str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
-        _linear(written, ext),
+        _linear(written, ext, lowered=error is None and stages is not None),
     )
 
 
 CHUNK = 64  # the chunk of the linear form's plan that explain reports
 
 
-def _linear(written: Cascade, ext: dict[str, int]) -> dict | None:
+def _linear(written: Cascade, ext: dict[str, int], lowered: bool) -> dict | None:
     """The linear form at the shape: the state, the chunked plan's FLOPs beside the quadratic form's (per head,
-    M = N), the length past which the chunked plan takes fewer; None when the weights are not linear."""
+    M = N), the length past which the chunked plan takes fewer, whether the kernels run that plan (``lowered``: the
+    two stages of a form that is not causal); None when the weights are not linear."""
     form = linear_form(written)
     if form is None:
         return None
@@ -292,6 +302,7 @@ def _linear(written: Cascade, ext: dict[str, int]) -> dict | None:
         "chunked_flops": float(form.chunked_flops.subs(sizes)),
         "quadratic_flops": float(form.quadratic_flops.subs(sizes)),
         "crossover": form.crossover(CHUNK, ext[e], ext[f]),
+        "lowered": lowered,
     }
 
 
@@ -308,7 +319,8 @@ def _linear_rows(lin: dict) -> list[tuple[str, str]]:
             "chunked plan" if lin["causal"] else "state plan",
             (f"chunks of {lin['chunk']}: " if lin["causal"] else "the state, then its read: ")
             + f"{lin['chunked_flops']:.3e} FLOPs per head where the quadratic form takes {lin['quadratic_flops']:.3e}; "
-            f"fewer from N = {lin['crossover']} on (analysis only: no kernel of this form yet)",
+            f"fewer from N = {lin['crossover']} on"
+            + (" (the two-stage kernels run it)" if lin["lowered"] else " (analysis only: no kernel of this form yet)"),
         ),
     ]
 

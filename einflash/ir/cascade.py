@@ -43,6 +43,10 @@ class Layout(enum.Enum):
     DECLARED = "declared"  # dimensions in the declared rank order, e.g. slope[h], bias[h, m, n]
 
 
+# The inputs a call gives in one dtype, which the kernels' dots take: every other input keeps its own (fp32 gates
+# beside bf16 q, k and v) and is converted where it enters a dot.
+ATTENTION_INPUTS = ("q", "k", "v")
+
 # A per-row output's absent elements (rows with no unmasked key) read as this: the log of an empty sum.
 ROW_OUTPUT_ABSENT = float("-inf")
 

@@ -23,7 +23,7 @@ from einflash.compiler.codegen.forward import sections
 from einflash.compiler.codegen.tile_ranges import key_plan
 from einflash.compiler.runtime import forward as forward_module
 from einflash.compiler.schedule import Schedule
-from einflash.errors import LoweringError, ShapeError
+from einflash.errors import DifferentiationError, LoweringError, ShapeError
 from einflash.ir.cascade import Layout
 from einflash.ir.reference import bind_extents, bind_params
 from einflash.testing import check, check_gradients
@@ -65,11 +65,11 @@ LOWERABLE = (
     "multi_token",
     "moba",
     "top_k",
+    "linear",
+    "agent",
 )
 # Each not-yet-lowerable example with the reason its LoweringError must give.
 UNLOWERABLE = {
-    "linear": "does not depend on the query rank m",
-    "agent": "does not depend on the query rank m",
     "stick_breaking": "needs a third tile rank",
 }
 # Parameters that make the masks and the cap bite at these small sizes.
@@ -492,6 +492,61 @@ def test_split_programs_visit_their_share_of_the_non_empty_tiles(name, pack):
     per_split = counts[:, 0, 0].tolist()
     assert max(per_split) <= 2
     assert sum(per_split) == _brute_counts(_brute_mask(name, M, N, params), [slice(0, M)], 16)[0]
+
+
+# -- two stages: a summary of the keys, then the query tiles -------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", [Schedule(16, 16, 4, 1), Schedule(16, 16, 4, 1, 3, True)], ids=["fused", "split"])
+@pytest.mark.parametrize("M", [1, 37])
+@pytest.mark.parametrize("name", ["linear", "agent"])
+def test_two_stage_forward_decodes_and_prefills(name, M, schedule):
+    """The key stage summarises all keys once per (batch, query head) and the query stage reads the summary:
+    decoding and prefill, GQA, a padded head dim, fp16; a schedule that asks for split-KV or packed heads runs
+    the two stages unsplit and unpacked (the query stage has no keys to split)."""
+    op = _op(name)
+    inputs = _inputs(name, dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=M, N=77, E=24, F=16), F16)
+    _assert_matches_reference(op, op(**inputs, schedule=schedule), **inputs)
+
+
+@ef.attention
+def normalised_linear(q, k, v):
+    """Katharopoulos et al.'s linear attention, as a user writes it: the weights' row sums normalise."""
+    a = ef.einsum("m e, n e -> m n", ef.relu(q) + 1.0, ef.relu(k) + 1.0)
+    return (a @ v) / a.sum("n")
+
+
+def test_two_stage_forward_of_a_normalised_feature_map():
+    """Both readers of the weights become summaries of the keys (E×F and E), which the query stage reads."""
+    op = normalised_linear
+    assert op.forward.stages is not None and len(op.forward.stages.summaries) == 2
+    args = _qkv(2, 4, 2, 37, 45, 24, 16, dtype=F16)
+    _assert_matches_reference(op, op(*args), *args)
+
+
+def test_two_stage_forward_of_no_keys_is_zero_and_it_does_not_train():
+    """With no keys the summary is absent, and so is every output row (0); training asks for the summary's
+    gradient, a sum over the query rows, which is refused with what to do instead."""
+    op = _op("linear")
+    q, k, v = _qkv(2, 2, 1, 9, 0, 16)
+    assert (op(q, k, v) == 0).all()
+    q, k, v = _qkv(1, 2, 1, 9, 12, 16)
+    with pytest.raises(DifferentiationError, match=r"two stages.*backend='reference'"):
+        op(q.requires_grad_(), k, v)
+
+
+def test_two_stage_jagged_batch_matches_each_sequence_alone():
+    """Each sequence's summary is its own keys' (an empty sequence of keys leaves its rows 0)."""
+    op = _op("linear")
+    args, offsets = _jagged(JAGGED_LENGTHS, Hq=4, Hkv=2, dtype=F16)
+    out = op(*args, **offsets)
+    _assert_matches_reference(op, out, *args, **offsets)
+    q, k, v = args
+    for (q0, k0), (m, n) in zip(
+        zip(offsets["cu_seqlens_q"].tolist(), offsets["cu_seqlens_k"].tolist()), JAGGED_LENGTHS
+    ):
+        assert torch.equal(out[:, :, q0 : q0 + m], op(q[:, :, q0 : q0 + m], k[:, :, k0 : k0 + n], v[:, :, k0 : k0 + n]))
+    assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
 
 
 # -- jagged batches ------------------------------------------------------------------------

@@ -45,6 +45,8 @@ LOWERED = (
 FORWARD_ONLY = {
     "multi_token": "a value read at shifted coordinates",
     "moba": "keeps a summary of the keys",
+    "linear": "runs in two stages",
+    "agent": "runs in two stages",
 }
 # Parameters that make the masks and the cap bite at small sizes.
 TUNED = {

@@ -102,6 +102,19 @@ def test_rows_that_see_no_key_give_zero_gradients_never_nan(name, M, N, params):
     _assert_within_tolerance(name, grads, d_o, given, params)
 
 
+def test_gates_keep_their_own_dtype_beside_fp16_qkv():
+    """GLA's cumulative gates in fp32 (as GLA implementations keep them) beside fp16 q, k and v: the kernels
+    convert them where they enter a dot and compute with them in fp32 elsewhere; the output is in q's dtype and
+    each gradient in its input's."""
+    given, params = inputs("gla", SHAPE, F16), {}
+    given["g"] = given["g"].float() * 8  # decays that bite within a tile
+    assert given["q"].dtype == F16 and given["g"].dtype == F32
+    d_o = grad_output("gla", given, params)
+    grads = _grads("gla", given, params, d_o, backward_schedule=SMALL)
+    assert grads["g"].dtype == F32 and grads["q"].dtype == F16
+    _assert_within_tolerance("gla", grads, d_o, given, params)
+
+
 @pytest.mark.parametrize("name", ["softmax", "sliding_window", "alibi", "lowrank_bias", "gla"])
 def test_atomic_dq_schedule_matches(name):
     given, params = inputs(name, SHAPE, F32), TUNED.get(name, {})

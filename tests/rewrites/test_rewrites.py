@@ -252,6 +252,52 @@ def test_reassociate_finds_the_linear_order_and_leaves_softmax_alone():
     assert reassociate(softmax) == softmax
 
 
+@ef.attention
+def normalised_linear(q, k, v):
+    """Katharopoulos et al.'s linear attention: a feature map of q and k, normalised by the weights' row sums."""
+    a = ef.einsum("m e, n e -> m n", ef.relu(q) + 1.0, ef.relu(k) + 1.0)
+    return (a @ v) / a.sum("n")
+
+
+def test_reassociate_rewrites_every_reader_of_the_weights_or_none():
+    """``a`` is read by ``a·v`` and by ``a.sum("n")``: both become summaries of the keys (E×F and E), and the
+    M×N weights are gone; the reference gives the written output. Where one reader cannot be reordered (a max
+    over n), neither is."""
+    c = reassociate(normalised_linear.cascade)
+    assert not any({"m", "n"} <= set(t.ranks) for t in c.tensors)
+    summaries = sorted(tuple(e.ranks) for e in c.einsums if e.reduce is not None and e.reduce.ranks == ("n",))
+    assert summaries == [("b", "h", "e"), ("b", "h", "e", "f")]
+    inputs = _inputs(normalised_linear)
+    torch.testing.assert_close(run_reference(c, inputs), run_reference(normalised_linear.cascade, inputs))
+
+    @ef.attention
+    def with_a_max(q, k, v):
+        a = ef.einsum("m e, n e -> m n", ef.relu(q), ef.relu(k))
+        return (a @ v) / a.max("n")
+
+    assert reassociate(with_a_max.cascade) == with_a_max.cascade
+
+
+@pytest.mark.parametrize("name", ["linear", "agent", "normalised_linear"])
+def test_two_stages_give_the_output(name):
+    """The key stage's summaries, given to the query stage as inputs, give the cascade's output (the reference
+    runs each stage); a one-pass cascade has no stages."""
+    from einflash.compiler.rewrite.stages import key_stages
+    from einflash.ir.reference import evaluate
+
+    op = normalised_linear if name == "normalised_linear" else _op(name)
+    inputs = _inputs(op, getattr(_example(name), "extra_inputs", None) if name in NAMES else None)
+    stages = key_stages(op.forward.rewritten)
+    assert stages is not None and not any(e.loop for e in stages.queries.einsums)
+    assert all("m" not in stages.keys.tensor(s).ranks for s in stages.summaries)
+    made = evaluate(stages.keys, inputs)
+    summaries = {s: made[s].aligned(stages.queries.tensor(s).ranks) for s in stages.summaries}
+    got = run_reference(stages.queries, inputs | summaries)
+    torch.testing.assert_close(got, run_reference(op.cascade, inputs), rtol=1e-12, atol=1e-12)
+    assert key_stages(_op("softmax").forward.rewritten) is None
+    assert key_stages(_op("causal_linear").forward.rewritten) is None
+
+
 def test_scalars_before_masks_masks_the_raw_scores():
     c = scalars_before_masks(_op("causal").cascade)
     masked = [e for e in c.einsums if e.where is not None]

@@ -23,7 +23,15 @@ from ..analysis.mask_tiles import conjuncts
 from .reductions import KTH_LARGEST, TOP_LIST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
-from .stores import carry, init_states, row_output_params, store_output, store_row_output, store_state
+from .stores import (
+    carry,
+    init_states,
+    row_output_params,
+    store_output,
+    store_row_output,
+    store_state,
+    store_summary,
+)
 from .tile_ranges import governing_mask, governs, key_plan
 from .tilecode import KernelSettings, TileCode
 
@@ -72,9 +80,12 @@ def _no_sequence_rank_held(c: Cascade) -> None:
             )
 
 
-def sections(c: Cascade) -> Sections:
+def sections(c: Cascade, stage: str | None = None) -> Sections:
     """Split a streamed cascade into prologue, loops and what follows each; raise LoweringError if some Einsum
-    still iterates n outside a loop (a pass with no running form)."""
+    still iterates n outside a loop (a pass with no running form).
+
+    ``stage`` names a stage of a two-stage cascade (einflash.compiler.rewrite.stages): ``"keys"`` keeps summaries
+    of the keys that no query row is part of, ``"queries"`` has no loop (every Einsum in the epilogue)."""
     for e in c.einsums:
         if e.reduce is not None and "m" in e.reduce.ranks:
             raise LoweringError(
@@ -92,6 +103,8 @@ def sections(c: Cascade) -> Sections:
     for e in later if loops else prologue:  # without a loop, whatever iterates n has none to run in
         if STREAM in e.iteration_ranks:
             raise _no_loop_holds(c, e, len(loops))
+    if stage == "queries" and not loops:
+        return Sections((), (), (prologue,))
     if not loops:
         raise LoweringError(f"{c.name} has no loop over n after the rewrites; nothing to stream")
     after: list[list[Einsum]] = []
@@ -101,14 +114,14 @@ def sections(c: Cascade) -> Sections:
         else:
             after[-1].append(b[0])
     last = max(int(e.loop) for e in c.einsums)
-    for t in c.states:
+    for t in c.states if stage != "keys" else ():
         # a summary of the keys that a later pass reads (MoBA's block means) costs each program one more read of
         # the keys; one the output is made of (linear attention's state) is the whole stream again per query tile
         if "m" not in t.ranks and max(int(e.loop) for e in c.producers(t.name)) == last:
             raise LoweringError(
                 f"running state {t.name}[{','.join(t.ranks)}] does not depend on the query rank m: "
-                f"every query tile would repeat the whole stream (linear-attention form); "
-                f"it needs a two-stage template, not implemented yet"
+                f"every query tile would repeat the whole stream, and the pass also iterates the query rows, so "
+                f"the two-stage form (a key stage storing the summary, then the query tiles) does not apply"
             )
     return Sections(prologue, tuple(loops), tuple(tuple(a) for a in after))
 
@@ -133,6 +146,8 @@ def lower(
     split: bool = False,
     int_inputs: frozenset = frozenset(),
     saved: tuple[str, ...] = (),
+    stage: str | None = None,
+    read: frozenset = frozenset(),
 ) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
@@ -140,8 +155,12 @@ def lower(
     ``<rank>_extent`` to its true extent, e.g. ``{"e": 64, "e_extent": 40}``.
     ``saved`` names states the kernel also stores for the backward (training), each with its
     per-row presence (``wsp_<state>[b, h, m]``, 1 where the row saw a key).
+    ``stage`` lowers a stage of a two-stage cascade (einflash.compiler.rewrite.stages): the ``"keys"`` kernel
+    stores its outputs, the summaries, into ``out_<name>[b, h, ...]`` with their presence in
+    ``present_<name>`` (same shape and strides); the ``"queries"`` kernel reads them (``read`` names them among its
+    inputs) with no loop.
     """
-    sec = sections(c)
+    sec = sections(c, stage)
     if split and len(sec.loops) > 1:
         raise LoweringError(
             f"{c.name} makes {len(sec.loops)} passes over the keys; split-KV runs one pass per split and has no "
@@ -154,9 +173,20 @@ def lower(
     row_states = tuple(t.name for t in c.states if tuple(r for r in t.ranks if r not in PARALLEL) == ("m",))
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     exact, acc = exact_dots(dtype)
-    kernel = KernelSettings(c, dims, acc if exact else f"{tensors[0]}_ptr.dtype.element_ty", exact, acc, int_inputs)
+    summaries = c.outputs if stage == "keys" else ()
+    kernel = KernelSettings(
+        c,
+        dims,
+        acc if exact else f"{tensors[0]}_ptr.dtype.element_ty",
+        exact,
+        acc,
+        int_inputs,
+        summaries=read,
+        packed_heads=stage is None,  # the stages run one head per program (a key stage has no rows to pack)
+    )
     plans = [key_plan(c, loop) for loop in sec.loops]
-    if any(p.lists != plans[0].lists for p in plans[1:]):
+    lists = plans[0].lists if plans else None
+    if any(p.lists != lists for p in plans[1:]):
         raise LoweringError(
             f"{c.name}: its passes over the keys are masked by different per-token data; the key tiles are "
             f"classified at run time for one mask only"
@@ -164,7 +194,7 @@ def lower(
 
     # prologue: the first loop's states, query-side loads used anywhere, prologue Einsums
     pro = kernel.section()
-    init_states(pro, c, acc, only={e.out for e in sec.loops[0]})
+    init_states(pro, c, acc, only={e.out for e in sec.loops[0]} if sec.loops else set())
     for e in (e for loop in sec.loops for e in loop):
         for r in pro.input_reads(e):
             if not _has_n(r):
@@ -209,13 +239,21 @@ def lower(
     else:
         for s in row_states + tuple(s for s in saved if s not in row_states):
             store_state(epi, s, c.tensor(s).ranks, split=False, presence=s in saved)
-        store_output(epi, epi.env[c.outputs[0]], value_rank)
-        for o in c.outputs[1:]:
-            store_row_output(epi, o)
-    row_outputs = () if split else c.outputs[1:]  # a split program stores states, the combine the outputs
+        for o in summaries:
+            store_summary(epi, o)
+        if not summaries:
+            store_output(epi, epi.env[c.outputs[0]], value_rank)
+            for o in c.outputs[1:]:
+                store_row_output(epi, o)
+    # a split program stores states, the combine the outputs
+    row_outputs = () if split or summaries else c.outputs[1:]
 
     args = [a for name in tensors for a in pointer_params(name, len(c.tensor(name).ranks))]
-    args += pointer_params("out", 4) + row_output_params(row_outputs)
+    for o in summaries:
+        args += pointer_params(f"out_{o}", len(c.tensor(o).ranks)) + [f"present_{o}_ptr"]
+    for o in sorted(read):  # in a fixed order: the kernel's text is named by its digest
+        args += [f"present_{o}_ptr"]
+    args += [] if summaries else pointer_params("out", 4) + row_output_params(row_outputs)
     saved = () if split else saved
     for s in row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states):
         args += pointer_params(f"ws_{s}", 3 + (1 if split else 0) + (0 if s in row_states else 1))
@@ -223,11 +261,11 @@ def lower(
             args += pointer_params(f"wsp_{s}", 4)
     for s in saved:
         args += pointer_params(f"wsp_{s}", 3)
-    if plans[0].lists is not None:
+    if lists is not None:
         args += pointer_params("tiles", 3) + pointer_params("counts", 3)
     args += [param_name(p) for p in params]
     names = dim_names(dims)
-    name = kernel_name(c, dims, dtype, split=split, saved=bool(saved))
+    name = kernel_name(c, dims, dtype, "fwd" if stage is None else f"fwd_{stage}", split=split, saved=bool(saved))
     text = render(
         TEMPLATE,
         entry=True,
@@ -254,9 +292,11 @@ def lower(
         tuple((f"D_{r}", dims[r]) for r in names),
         split,
         tuple(r for p in plans for r in p.ranges),
-        plans[0].lists,
+        lists,
         saved=saved,
         row_outputs=row_outputs,
+        summaries=summaries,
+        summary_reads=tuple(sorted(read)),
     )
 
 

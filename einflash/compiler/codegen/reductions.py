@@ -246,7 +246,8 @@ def _reduced_presence(g: TileCode, t: Tile, rank: str) -> Tile:
 def _operand(g: TileCode, t: Tile, want: tuple[str, str]) -> str:
     """A tile as a tl.dot operand with axes ``want``, in the dot dtype."""
     code = t.code if (t.dtype == "in" or g.kernel.exact) else f"{t.code}.to({g.kernel.dot_dtype})"
-    if g.kernel.exact and t.dtype in ("in", "int", "bool"):  # an indicator (MoBA's blocks) is an integer tile
+    # an indicator (MoBA's blocks) is an integer tile
+    if g.kernel.exact and t.dtype in ("in", "declared", "int", "bool"):
         code = f"{t.code}.to({g.kernel.acc})"
     if len(t.ranks) == 1:
         raise LoweringError(f"a contraction operand over ({t.ranks[0]}) only; the template contracts 2-D tiles")

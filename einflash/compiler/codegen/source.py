@@ -48,6 +48,8 @@ class KernelSource:
     lists: TileLists | None = None  # key tiles are listed at run time (tiles_ptr, counts_ptr follow the states)
     saved: tuple[str, ...] = ()  # states stored for the backward, each with a per-row presence flag
     row_outputs: tuple[str, ...] = ()  # per-row outputs stored after the output (the log-sum-exp), in order
+    summaries: tuple[str, ...] = ()  # a key stage's outputs: summaries of the keys, each with its presence
+    summary_reads: tuple[str, ...] = ()  # a query stage's inputs that are summaries (their presence follows)
 
     @cached_property
     def signature(self) -> Signature:

@@ -132,3 +132,25 @@ def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = Fal
             f"tl.store(wsp_{name}_ptr + mem_b * stride_wsp_{name}_0 + off_hrow * stride_wsp_{name}_1 + "
             f"mem_m * stride_wsp_{name}_2, {flag}, mask=row_ok)"
         )
+
+
+def store_summary(g: TileCode, name: str) -> None:
+    """A key stage's summary of the keys into ``out_<name>[b, h, ...]`` (0 where absent), and its presence into
+    ``present_<name>`` (int8, laid out alike). The batch is the program's own (a jagged batch's sequence)."""
+    t = g.env[name]
+    ranks = tile_ranks(g.c.tensor(name).ranks)
+    if t.ranks != ranks:
+        raise LoweringError(f"the summary {name} varies along {t.ranks}, where it is declared over {ranks}")
+    offset = f"off_b * stride_out_{name}_0 + off_h * stride_out_{name}_1"
+    masks = []
+    for d, r in enumerate(ranks):
+        offset += f" + {bcast(f'offs_{r}', (r,), ranks)} * stride_out_{name}_{d + 2}"
+        if g.extent(r) != g.dims[r]:
+            masks.append(bcast(f"(offs_{r} < {g.extent(r)})", (r,), ranks))
+    mask = f", mask={' & '.join(masks)}" if masks else ""
+    shape = ", ".join(bcast_axes(ranks))
+    present = f"tl.full([{shape}], 1, tl.int8)"
+    if t.present is not None:
+        present = f"({bcast(t.present, t.pranks, ranks)} | tl.zeros([{shape}], dtype=tl.int1)).to(tl.int8)"
+    g.emit(f"tl.store(out_{name}_ptr + {offset}, {g.f32(g.filled(t, 0.0))}{mask})")
+    g.emit(f"tl.store(present_{name}_ptr + {offset}, {present}{mask})")

@@ -52,7 +52,9 @@ class Tile:
     present: str | None = None
     pranks: tuple[str, ...] = ()
     fill: float | None = None
-    dtype: str = "f32"  # "f32" (the accumulator type: fp32, fp64 in fp64 kernels), "in" (as loaded), "bool", "int"
+    # "f32" (the accumulator type: fp32, fp64 in fp64 kernels), "in" (q, k, v as loaded: the dot dtype),
+    # "declared" (another input as loaded, in its own dtype), "bool", "int"
+    dtype: str = "f32"
     values: tuple[float, ...] | None = None  # what present positions may hold, when few values stand for all
     finite: bool = False  # present positions hold finite values (given finite q, k and v)
     int_code: str | None = None  # an integer leaf's code as an integer (a constant, an int parameter, an extent)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import sympy
 
 from ...errors import LoweringError
-from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Role, reduces
+from ...ir.cascade import ATTENTION_INPUTS, Cascade, Einsum, Layout, Reducing, Role, reduces
 from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, gathered_entries, index_ranks, reads
 from ...ir.operators import OPERATORS, REDUCERS
 from ...ir.ranks import PARALLEL, SEQUENCE_RANKS, coord
@@ -73,6 +73,8 @@ class KernelSettings:
     acc: str = "tl.float32"  # the type values are computed and accumulated in ("f32" tiles; tl.float64 for fp64)
     int_inputs: frozenset = frozenset()  # inputs holding integers (document ids)
     workspaces: frozenset = frozenset()  # split workspaces: [B, H, SPLITS, M(, D)] read at split s_idx
+    # a key stage's summaries read by the query stage: [B, H, ...] per program's (sequence, head), with presence
+    summaries: frozenset = frozenset()
     # the order of tile axes (None: canonical, m before n); kernels that keep keys and stream queries put n
     # first, so that their dots take key-major tiles as they are (no transpose through shared memory)
     order: tuple[str, ...] | None = None
@@ -227,7 +229,9 @@ class TileCode:
                     outside.append((at, self.within(i, own, at)))
                 continue
             rank = names[0]
-            if rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
+            if rank in ("b", "h") and r.tensor in self.kernel.summaries:  # kept per sequence and query head
+                offs.append(f"off_{rank} * {stride}")
+            elif rank == "b":  # the batch in memory: 0 for the sequences of a jagged batch, packed along m and n
                 offs.append(f"mem_b * {stride}")
             elif rank == "h" and decl.layout is Layout.KEY:
                 offs.append(f"off_hk * {stride}")
@@ -307,9 +311,14 @@ class TileCode:
             present,
             pranks,
             0.0 if present else None,
-            dtype="int" if r.tensor in self.kernel.int_inputs else "in",
+            dtype="int" if r.tensor in self.kernel.int_inputs else "in" if r.tensor in ATTENTION_INPUTS else "declared",
             finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.kernel.int_inputs,
         )
+        if r.tensor in self.kernel.summaries:  # absent where the key stage saw no key
+            pres = self.fresh(f"ldp_{r.tensor}")
+            where = f", mask={' & '.join(masks)}, other=0" if masks else ""
+            self.emit(f"{pres} = tl.load({ptr.replace(f'{r.tensor}_ptr', f'present_{r.tensor}_ptr', 1)}{where}) != 0")
+            t = Tile(name, axes_t, pres, axes_t, 0.0, "f32")
         if r.tensor in self.kernel.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
             self.emit(
@@ -499,7 +508,7 @@ class TileCode:
             self.emit(f"{name} = tl.gather({value}, {clamped}, 1){' != 0' if boolean else ''}")
             return name
 
-        code = take(src.code if src.dtype != "in" else self.f32(src), src.dtype == "bool")
+        code = take(src.code if src.dtype not in ("in", "declared") else self.f32(src), src.dtype == "bool")
         if src.dtype == "bool":  # false outside, as a predicate on absent data is, wherever it is tested
             code = f"({code} & {inside})"
         present = inside
@@ -571,7 +580,7 @@ class TileCode:
     # -- expressions ---------------------------------------------------------------------------
 
     def f32(self, t: Tile) -> str:
-        return f"{t.code}.to({self.kernel.acc})" if t.dtype in ("in", "int") else t.code
+        return f"{t.code}.to({self.kernel.acc})" if t.dtype in ("in", "declared", "int") else t.code
 
     def expr(self, x: Expr) -> Tile:
         if not isinstance(x, Call):

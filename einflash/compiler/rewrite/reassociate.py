@@ -13,7 +13,7 @@ from typing import TypeGuard
 
 from ...ir.algebra import product
 from ...ir.cascade import Cascade, Einsum, Reducing, Reduction, TensorDecl
-from ...ir.expr import Call, Expr, Merge, Read, free_ranks, walk
+from ...ir.expr import Call, Const, Expr, Merge, Read, free_ranks, walk
 from ...ir.ranks import coord, rank_order
 from .names import fresh_name, ordered_tensors
 
@@ -34,46 +34,71 @@ def _size(ranks) -> int:
 def reassociate(c: Cascade) -> Cascade:
     """Reorder ``Z = Σ (Σ P·Q)·B`` when another order needs a smaller intermediate.
 
-    Applies to a sum-of-products Einsum that reads, once and at its own
-    coordinates, an intermediate that is itself a plain sum of products used
-    nowhere else. The three factors are contracted in the order whose
-    intermediate is smallest at long sequence lengths (ties: fewer FLOPs).
+    Applies to a plain sum of products (the inner contraction) every one of whose readers is a sum-of-products
+    Einsum that reads it once, at its own coordinates, and gains by another order: the three factors (the inner
+    contraction's two and the reader's other one; a plain sum of the inner contraction, ``a.sum("n")``, has
+    the factor 1) are contracted in the order whose intermediate is smallest at long sequence lengths (ties:
+    fewer FLOPs). Normalised linear attention reads ``a = φ(q)·φ(k)ᵀ`` twice, in ``a·v`` and in ``a.sum("n")``:
+    both become reads of summaries of the keys, ``φ(q)·(φ(k)ᵀ·v)`` and ``φ(q)·Σ_n φ(k)``.
     """
     einsums = list(c.einsums)
-    tensors = list(c.tensors)
-    for i, e in enumerate(einsums):
-        if not _plain_sum(e):
+    for j, a in enumerate(einsums):
+        if not _plain_sum(a) or a.out in c.outputs:
             continue
-        fs = [(x, 1) for x in _operands(e.expr)]
-        for f, k in fs:
-            inner = _inner_contraction(c, einsums, f, k, e)
-            if inner is None:
-                continue
-            j, a = inner
-            if set(a.reduce.ranks) & e.iteration_ranks:
-                continue  # the two reductions share a rank name; leave it alone
-            parts = [g for g in fs if g != (f, k)] + [(x, 1) for x in _operands(a.expr)]
-            if len(parts) != 3:
-                continue
-            best = _best_order(parts, set(e.ranks))
-            if best is None:
-                continue
-            (fa, fb), rest = best
-            pair_ranks = free_ranks(fa[0]) | free_ranks(fb[0])
-            mid_ranks = rank_order(pair_ranks & (free_ranks(rest[0]) | set(e.ranks)))
-            mid_reduced = rank_order(pair_ranks - set(mid_ranks))
-            mid = fresh_name(c, "ctx", {t.name for t in tensors})
-            mid_einsum = Einsum(mid, mid_ranks, product([fa, fb]), Reduction("sum", mid_reduced), line=a.line)
-            mid_read = Read(mid, tuple(coord(r) for r in mid_ranks))
-            outer = product([rest, (mid_read, 1)])
-            outer_reduced = rank_order((free_ranks(outer)) - set(e.ranks))
-            new_e = Einsum(
-                e.out, e.ranks, outer, Reduction("sum", outer_reduced) if outer_reduced else None, line=e.line
-            )
-            einsums = einsums[:j] + einsums[j + 1 : i] + [mid_einsum, new_e] + einsums[i + 1 :]
-            tensors = [t for t in tensors if t.name != a.out] + [TensorDecl(mid, mid_ranks)]
-            return reassociate(replace(c, tensors=tuple(ordered_tensors(tensors, einsums)), einsums=tuple(einsums)))
+        users = [i for i, e in enumerate(einsums) if any(r.tensor == a.out for r in e.reads())]
+        taken: set[str] = set()
+        plans = {}
+        for i in users:
+            plan = _reordered(c, einsums[i], a, taken)
+            if plan is None:
+                break
+            plans[i] = plan
+            taken.add(plan[0].out)
+        if not users or len(plans) != len(users):
+            continue
+        out = []
+        for i, e in enumerate(einsums):
+            out += list(plans[i]) if i in plans else [] if i == j else [e]
+        tensors = [t for t in c.tensors if t.name != a.out] + [TensorDecl(m.out, m.ranks) for m, _ in plans.values()]
+        return reassociate(replace(c, tensors=tuple(ordered_tensors(tensors, out)), einsums=tuple(out)))
     return c
+
+
+def _reordered(c: Cascade, e: Einsum, a: Reducing, taken: set[str]) -> tuple[Einsum, Einsum] | None:
+    """``e``, a reader of the inner contraction ``a``, as an intermediate of two of the three factors and the
+    contraction of it with the third, where that order beats the written one; else None."""
+    if not _plain_sum(e) or set(a.reduce.ranks) & e.iteration_ranks:  # two reductions sharing a rank: left alone
+        return None
+    fs = _operands(e.expr)
+    own = tuple(coord(r) for r in a.ranks)
+    mine = [f for f in fs if isinstance(f, Read) and f.tensor == a.out]
+    if len(mine) != 1 or mine[0].prev or tuple(mine[0].index) != own:
+        return None
+    if any(r.tensor == a.out for f in fs if f is not mine[0] for r in walk(f) if isinstance(r, Read)):
+        return None
+    others = [(f, 1) for f in fs if f is not mine[0]] or [(Const(1.0), 1)]
+    parts = others + [(x, 1) for x in _operands(a.expr)]
+    if len(parts) != 3:
+        return None
+    best = _best_order(parts, set(e.ranks))
+    if best is None:
+        return None
+    (fa, fb), rest = best
+    pair_ranks = free_ranks(fa[0]) | free_ranks(fb[0])
+    mid_ranks = rank_order(pair_ranks & (free_ranks(rest[0]) | set(e.ranks)))
+    mid_reduced = rank_order(pair_ranks - set(mid_ranks))
+    mid = fresh_name(c, "ctx", taken)
+    mid_einsum = Einsum(mid, mid_ranks, product(_without_ones([fa, fb])), Reduction("sum", mid_reduced), line=a.line)
+    outer = product(_without_ones([rest, (Read(mid, tuple(coord(r) for r in mid_ranks)), 1)]))
+    outer_reduced = rank_order((free_ranks(outer)) - set(e.ranks))
+    return mid_einsum, Einsum(
+        e.out, e.ranks, outer, Reduction("sum", outer_reduced) if outer_reduced else None, line=e.line
+    )
+
+
+def _without_ones(fs: list[tuple[Expr, int]]) -> list[tuple[Expr, int]]:
+    """The factors other than the constant 1 (all of them, where that leaves none)."""
+    return [f for f in fs if f[0] != Const(1.0)] or fs
 
 
 def _operands(x: Expr) -> list[Expr]:
@@ -91,21 +116,6 @@ def _plain_sum(e: Einsum) -> TypeGuard[Reducing]:
         and e.where is None
         and all(not (isinstance(x, Call) and x.merge is Merge.ANY) for x in walk(e.expr))
     )
-
-
-def _inner_contraction(c: Cascade, einsums, f, k, consumer) -> tuple[int, Reducing] | None:
-    if k != 1 or not isinstance(f, Read) or f.prev:
-        return None
-    j = next((j for j, x in enumerate(einsums) if x.out == f.tensor), None)
-    if j is None:
-        return None
-    inner = einsums[j]
-    if not _plain_sum(inner) or tuple(f.index) != tuple(coord(r) for r in inner.ranks):
-        return None
-    users = [x for x in einsums if any(r.tensor == f.tensor for r in x.reads())]
-    if users != [consumer] or f.tensor in c.outputs:
-        return None
-    return j, inner
 
 
 def _best_order(parts, out_ranks: set[str]):

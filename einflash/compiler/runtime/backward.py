@@ -82,6 +82,15 @@ class Backward:
         if self.forward.error is not None:
             self.error = self.forward.error
             return
+        stages = self.forward.stages
+        if stages is not None:
+            self.error = DifferentiationError(
+                f"{stages.keys.name}: its forward runs in two stages, a summary of the keys "
+                f"({', '.join(stages.summaries)}) and then the query tiles; the summary's gradient is a sum over "
+                f"the query rows, which no backward kernel makes yet: train it with backend='reference', or run "
+                f"the forward without gradients"
+            )
+            return
         summary = next((t for t in self.forward.rewritten.states if "m" not in t.ranks), None)
         if summary is not None:
             self.error = DifferentiationError(

@@ -7,6 +7,7 @@ the input dtype, the padded head dimensions and the schedule (fused or split-KV)
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 
@@ -25,6 +26,7 @@ from ..codegen.tile_ranges import key_plan
 from ..rewrite.compose import compose_gathers
 from ..rewrite.online import streaming_obstacle
 from ..rewrite.pipeline import optimise
+from ..rewrite.stages import key_stages
 from ..schedule import Schedule, padded
 from .launch import Launcher, combine, jit_launch, launch
 from .replay import Recording
@@ -70,8 +72,10 @@ class Forward:
         self.kernel_cascade, self.compositions = compose_gathers(self.rewritten)
         self.error: LoweringError | None = None
         self.passes = 0  # passes over the keys the kernel makes
+        # a summary of the keys that no query row is part of (linear attention): a key stage, then the query tiles
+        self.stages = key_stages(self.rewritten)
         try:
-            self.passes = len(sections(self.rewritten).loops)
+            self.passes = len(sections(self.rewritten).loops) if self.stages is None else 1
         except LoweringError as e:
             # what kept the rewrites from a loop for the pass (a read outside the current chunk of n...)
             why = streaming_obstacle(self.steps[-2].cascade) if len(self.steps) > 1 else None
@@ -83,7 +87,15 @@ class Forward:
             else (f"{cascade.name}: {self.error} (pass backend='reference' to run the reference executor instead)")
         )
         self._sources: dict[tuple, KernelSource] = {}
-        keys = None if self.error is not None else key_plan(self.rewritten, sections(self.rewritten).loop)
+        keys = (
+            None
+            if self.error is not None
+            else key_plan(
+                *(self.rewritten, sections(self.rewritten).loop)
+                if self.stages is None
+                else (self.stages.keys, sections(self.stages.keys, "keys").loop)
+            )
+        )
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
         self.masked = keys is not None and keys.plan is not None
         # an input read at computed positions along both m and n (a relative table): a tile-sized gather per key
@@ -103,7 +115,7 @@ class Forward:
         """Whether split-KV can run it: one pass per split, whose states the combine kernel folds (with a
         correction it can apply to a split's states: not max(top, sink)'s). Asked by schedules that could split,
         not at declaration."""
-        return self.passes == 1 and _combinable(self.rewritten)
+        return self.passes == 1 and self.stages is None and _combinable(self.rewritten)
 
     def dims(self, extents: dict[str, int]) -> dict[str, int]:
         out = {}
@@ -124,12 +136,33 @@ class Forward:
     ) -> KernelSource:
         if self.error is not None:
             raise self.error
+        if self.stages is not None:
+            raise LoweringError(f"internal: {self.rewritten.name} runs in two stages, whose kernels are stage_sources'")
         key = (dtype, tuple(sorted(dims.items())), split, int_inputs, saved)
         if key not in self._sources:
             self._sources[key] = lower(
                 self.kernel_cascade, dims, DTYPE_NAMES[dtype], split=split, int_inputs=int_inputs, saved=saved
             )
         return self._sources[key]
+
+    def stage_sources(
+        self, dtype: torch.dtype, dims: dict[str, int], int_inputs: frozenset = frozenset()
+    ) -> tuple[KernelSource, KernelSource]:
+        """The kernels of a two-stage forward: the key stage's, then the query stage's."""
+        assert self.stages is not None  # asked only of a two-stage forward
+        key = ("stages", dtype, tuple(sorted(dims.items())), int_inputs)
+        if key not in self._sources:
+            keys = lower(self.stages.keys, dims, DTYPE_NAMES[dtype], int_inputs=int_inputs, stage="keys")
+            queries = lower(
+                self.stages.queries,
+                dims,
+                DTYPE_NAMES[dtype],
+                int_inputs=int_inputs,
+                stage="queries",
+                read=frozenset(self.stages.summaries),
+            )
+            self._sources[key] = (keys, queries)  # type: ignore[assignment]
+        return self._sources[key]  # type: ignore[return-value]
 
     def run(
         self,
@@ -185,6 +218,8 @@ class Forward:
                 f"without split-KV; run it with splits=1"
             )
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        if self.stages is not None:
+            return self._run_stages(inputs, values, out, schedule, extents, dims, ints, saved, jagged, launcher, empty)
         src = self.source(first.dtype, dims, split, ints, saved)
         inputs = {
             k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
@@ -208,6 +243,29 @@ class Forward:
         if jagged is None or jagged.max_q > 0:
             launch(c, src, inputs, values, out, ws, schedule, extents, jagged, lists, launcher)
         return out, ws
+
+    def _run_stages(self, inputs, values, out, schedule, extents, dims, ints, saved, jagged, launcher, empty):
+        """A two-stage forward: the key stage stores each summary of the keys per (sequence, head), with its
+        presence; the query stage reads them beside q. No split-KV and no packed heads: the query stage makes no
+        pass over the keys to split, and reads the summaries per head."""
+        if saved:
+            raise LoweringError(
+                f"{self.rewritten.name}: its forward runs in two stages (a summary of the keys, then the query "
+                f"tiles), which have no backward yet"
+            )
+        stages = self.stages
+        assert stages is not None  # run only for a two-stage forward
+        keys, queries = self.stage_sources(out.dtype, dims, ints)
+        schedule = replace(schedule, splits=1, pack=False)
+        c, acc = stages.keys, accumulator_dtype(out.dtype)
+        ws: dict[str, torch.Tensor] = {}
+        for s in keys.summaries:
+            shape = [extents[r] for r in c.tensor(s).ranks]
+            ws[s] = empty(*shape, dtype=acc, device=out.device)
+            ws[f"{s}:present"] = empty(*shape, dtype=torch.int8, device=out.device)
+        launch(c, keys, inputs, values, None, ws, schedule, extents, jagged, launcher=launcher)
+        launch(stages.queries, queries, inputs | ws, values, out, ws, schedule, extents, jagged, launcher=launcher)
+        return out, {}
 
     def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""

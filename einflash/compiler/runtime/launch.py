@@ -141,7 +141,7 @@ def forward_call(
     src: KernelSource,
     inputs: dict[str, torch.Tensor],
     params: dict[str, float],
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     workspaces: dict[str, torch.Tensor],
     schedule: Schedule,
     extents: dict[str, int],
@@ -160,7 +160,12 @@ def forward_call(
     args: dict[str, object] = {}
     for name in src.tensors:
         args |= pointer(name, inputs[name])
-    args |= pointer("out", out)
+    if out is not None:
+        args |= pointer("out", out)
+    for o in src.summaries:
+        args |= pointer(f"out_{o}", workspaces[o]) | {f"present_{o}_ptr": workspaces[f"{o}:present"]}
+    for o in src.summary_reads:
+        args |= {f"present_{o}_ptr": workspaces[f"{o}:present"]}
     for o in src.row_outputs:
         args |= pointer(f"out_{o}", workspaces[o])
     for s in src.stored:
@@ -176,14 +181,17 @@ def forward_call(
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
     tiles = -(-N // schedule.block_n)
     rows, programs = (M * (H // hkv), B * hkv) if schedule.pack else (M, B * H)
-    grid = (-(-rows // schedule.block_m), programs, schedule.splits if src.split else 1)
+    # a key stage's program summarises the keys of one (batch, head) for all its rows
+    grid = (1 if src.summaries else -(-rows // schedule.block_m), programs, schedule.splits if src.split else 1)
     args |= dict(
         M=M,
         N=N,
         H=H,
         GROUP=H // hkv,
         TILES_PER_SPLIT=-(-tiles // schedule.splits),
-        visits_ptr=torch.zeros(grid[::-1], dtype=torch.int32, device=out.device) if count_visits else None,
+        visits_ptr=torch.zeros(grid[::-1], dtype=torch.int32, device=inputs[src.tensors[0]].device)
+        if count_visits
+        else None,
         cu_q_ptr=None if jagged is None else jagged.cu_q,
         cu_k_ptr=None if jagged is None else jagged.cu_k,
         BLOCK_M=schedule.block_m,
@@ -203,7 +211,7 @@ def launch(
     src: KernelSource,
     inputs: dict[str, torch.Tensor],
     params: dict[str, float],
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     workspaces: dict[str, torch.Tensor],
     schedule: Schedule,
     extents: dict[str, int],
