@@ -168,12 +168,14 @@ def default_schedule(
     masked: bool = False,
     allow_split: bool = True,
     gathered: bool = False,
+    key_stage: bool = False,
 ) -> Schedule:
     """A schedule for these extents on ``target``: tiles, warps, stages, splits and GQA packing.
 
     ``masked``: the cascade has an affine mask whose empty tiles are skipped. ``allow_split``: False
     where split-KV is not available (jagged batches). ``gathered``: it reads an input at computed positions
-    along both m and n (``Forward.gathered``).
+    along both m and n (``Forward.gathered``). ``key_stage``: a two-stage forward, whose key stage runs one
+    program per (batch, head) over all keys: its splits cut those keys, at every length of the queries.
 
     >>> from einflash.backends import get_target
     >>> default_schedule(dict(b=4, h=32, m=1, n=32768, e=128, f=128), get_target("sm90"), 8)
@@ -183,9 +185,18 @@ def default_schedule(
     kv = kv_heads or heads
     group = heads // kv
     widest = widest_head_dim(extents)
-    if extents["m"] > DECODE_MAX_QUERIES:
+    if extents["m"] > DECODE_MAX_QUERIES or key_stage:
         cfg = target.forward.default(next_power_of_two(widest), masked, gathered)
-        return Schedule(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, max_registers=cfg.max_registers)
+        programs, tiles = extents["b"] * heads, -(-extents["n"] // cfg.block_n)
+        splits = max(1, min(tiles, -(-WAVES * (target.sm_count or 1) // programs))) if key_stage and programs else 1
+        return Schedule(
+            cfg.block_m,
+            cfg.block_n,
+            cfg.num_warps,
+            cfg.num_stages,
+            splits if allow_split else 1,
+            max_registers=cfg.max_registers,
+        )
     cfg = target.decode.default(next_power_of_two(widest))
     pack = group > 1
     rows = extents["m"] * (group if pack else 1)

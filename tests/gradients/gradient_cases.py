@@ -44,7 +44,7 @@ LOWERED = (
 # Examples whose forward lowers and whose backward is refused, with the refusal's words.
 FORWARD_ONLY = {
     "multi_token": "a value read at shifted coordinates",
-    "moba": "keeps a summary of the keys",
+    "moba": "runs in two stages",
     "linear": "runs in two stages",
     "agent": "runs in two stages",
 }

@@ -24,7 +24,7 @@ from ..runtime.forward import Forward
 from ..schedule import Schedule, default_schedule
 from .crosscompile import CompileJob, compile_all
 from .load import _import_kernel
-from .manifest import DTYPES, GRIDS, MANIFEST, Binary, Entry, Kernel, Manifest, interface, versions
+from .manifest import DTYPES, GRIDS, KINDS, MANIFEST, Binary, Entry, Kernel, Manifest, interface, versions
 from .specialise import common, specialise
 
 # -- generation -----------------------------------------------------------------------------------
@@ -160,9 +160,18 @@ def build(
                 probes.append(record(fwd, p_inputs, {**p_values, **bumped}, schedule, p_extents))
             for i, (src, call) in enumerate(launches):
                 exact = specialise(call.args, src.signature.constexpr)
-                loose = common(exact, *(specialise(p[i][1].args, src.signature.constexpr) for p in probes))
                 sources[src.name] = src
+                try:
+                    loose = common(
+                        exact,
+                        *(specialise(p[i][1].args, src.signature.constexpr) for p in probes),
+                        constexprs=frozenset(src.signature.constexpr),
+                    )
+                except LoweringError:  # a tile extent other lengths pad otherwise (MoBA's blocks): exact only
+                    loose = None
                 for spec, label in ((exact, "exact"), (loose, "any")):
+                    if spec is None:
+                        continue
                     options = (call.num_warps, call.num_stages, call.max_registers)
                     wanted.setdefault(src.name, {}).setdefault((spec, *options), label)
             entries.append(
@@ -215,7 +224,7 @@ def build(
         )
     kernels = {}
     for name, src in sources.items():
-        kind = "combine" if name.startswith("attn_combine__") else "forward"
+        kind = next((k for prefix, k in KINDS.items() if name.startswith(prefix)), "forward")
         kernels[name] = Kernel(
             name,
             kind,

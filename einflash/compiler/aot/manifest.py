@@ -49,7 +49,11 @@ GRIDS = {
     "forward": "(ceil(rows / BLOCK_M), programs, splits if SPLIT else 1) where rows, programs = "
     "(M·GROUP, B·Hkv) if PACK else (M, B·H)",
     "combine": "(ceil(M / BLOCK_M), B·H, 1)",
+    "key stage": "(1, B·H, splits if SPLIT else 1)",
+    "key fold": "(1, B·H, 1)",
 }
+# the kind of a kernel, by the prefix of its name (the others are forward kernels)
+KINDS = {"attn_combine__": "combine", "attn_fwd_keys__": "key stage", "attn_fold_keys__": "key fold"}
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ class Kernel:
     """A generated kernel: its source, calling interface, grid rule and binaries."""
 
     name: str
-    kind: str  # forward or combine
+    kind: str  # forward, combine, key stage or key fold
     source: str  # path in the directory
     source_sha256: str
     interface: dict  # what launches rely on; see ``interface``

@@ -13,11 +13,20 @@ from ...templates import render
 from .forward import exact_dots, helpers, sections
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
-from .stores import carry, init_states, row_output_params, store_output, store_row_output, store_state, tile_ranks
+from .stores import (
+    carry,
+    init_states,
+    row_output_params,
+    store_output,
+    store_row_output,
+    store_state,
+    store_summary,
+    tile_ranks,
+)
 from .tilecode import KernelSettings
 
 
-def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
+def combine_cascade(c: Cascade, stage: str | None = None) -> tuple[Cascade, tuple[Einsum, ...], frozenset]:
     """The fold of split partial states, as Einsums over workspace inputs ``w_<state>``.
 
     A chunk update ``S = op∪(S@prev, S_chunk)`` folds a split as ``op∪(S@prev, w_S)``; a
@@ -61,18 +70,20 @@ def combine_cascade(c: Cascade) -> tuple[Cascade, tuple[Einsum, ...], frozenset]
             decls.append(TensorDecl(alpha_w, e.ranks))
             fold.append(e)
             fold.append(replace(e, out=alpha_w, expr=transform(e.expr, split_side)))
-    combined = replace(c, tensors=c.tensors + tuple(decls), einsums=tuple(fold) + sections(c).epilogue)
+    combined = replace(c, tensors=c.tensors + tuple(decls), einsums=tuple(fold) + sections(c, stage).epilogue)
     return combined, tuple(fold), frozenset(w.values())
 
 
-def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
-    """Render the split-KV combine kernel of a streamed cascade."""
-    combined, fold, workspaces = combine_cascade(c)
+def lower_combine(c: Cascade, dims: dict[str, int], dtype: str, stage: str | None = None) -> KernelSource:
+    """Render the split-KV combine kernel of a streamed cascade; with ``stage="keys"``, the fold of a split key
+    stage (einflash.compiler.rewrite.stages): one program per (batch, head) folds the splits' partial summaries,
+    runs what follows the loop and stores the summaries as the unsplit key stage does."""
+    combined, fold, workspaces = combine_cascade(c, stage)
     row_states = tuple(t.name for t in c.states if tile_ranks(t.ranks) == ("m",))
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
     acc = exact_dots(dtype)[1]
-    kernel = KernelSettings(combined, dims, acc=acc, workspaces=workspaces)
+    kernel = KernelSettings(combined, dims, acc=acc, workspaces=workspaces, packed_heads=stage is None)
     pro = kernel.section()
     init_states(pro, c, acc)
     body = kernel.section(env=pro.env)
@@ -86,27 +97,35 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
         else:
             body.einsum(e)
     epi = kernel.section(env=pro.env)
-    for e in sections(c).epilogue:
+    for e in sections(c, stage).epilogue:
         epi.einsum(e)
+    summaries = c.outputs if stage == "keys" else ()
     for s in row_states:
         store_state(epi, s, c.tensor(s).ranks, split=False)
-    store_output(epi, epi.env[c.outputs[0]], value_rank)
-    for o in c.outputs[1:]:
-        store_row_output(epi, o)
+    for o in summaries:
+        store_summary(epi, o)
+    if not summaries:
+        store_output(epi, epi.env[c.outputs[0]], value_rank)
+        for o in c.outputs[1:]:
+            store_row_output(epi, o)
     args = []
     for s in row_states + acc_states:
-        args += pointer_params(f"w_{s}", 5 if s in acc_states else 4) + pointer_params(f"wsp_w_{s}", 4)
-    read = {r.tensor for e in sections(c).epilogue for r in e.reads()}
+        # a summary's workspace is [b, h, split, ...] with a presence alike; a row state's presence is per row
+        nd = len(c.tensor(s).ranks) + 1
+        args += pointer_params(f"w_{s}", nd) + pointer_params(f"wsp_w_{s}", nd if summaries else 4)
+    read = {r.tensor for e in sections(c, stage).epilogue for r in e.reads()}
     inputs = tuple(t.name for t in c.inputs if t.name in read)  # per-head gates, λ of differential...
     for name in inputs:
         args += pointer_params(name, len(c.tensor(name).ranks))
-    args += pointer_params("out", 4) + row_output_params(c.outputs[1:])
+    for o in summaries:
+        args += pointer_params(f"out_{o}", len(c.tensor(o).ranks)) + [f"present_{o}_ptr"]
+    args += [] if summaries else pointer_params("out", 4) + row_output_params(c.outputs[1:])
     for s in row_states:
         args += pointer_params(f"ws_{s}", 3)
     params = tuple(p.name for p in c.params)
     args += [param_name(p) for p in params]
     names = dim_names(dims)
-    name = kernel_name(c, dims, dtype, kind="combine")
+    name = kernel_name(c, dims, dtype, kind="combine" if stage is None else "fold_keys")
     text = render(
         "attention_combine.py.jinja",
         cascade_key=c.key,
@@ -131,5 +150,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str) -> KernelSource:
         value_rank,
         tuple((f"D_{r}", dims[r]) for r in names),
         False,
-        row_outputs=c.outputs[1:],
+        row_outputs=() if summaries else c.outputs[1:],
+        summaries=summaries,
+        stage=stage,
     )

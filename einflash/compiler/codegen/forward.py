@@ -173,7 +173,7 @@ def lower(
     row_states = tuple(t.name for t in c.states if tuple(r for r in t.ranks if r not in PARALLEL) == ("m",))
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
     exact, acc = exact_dots(dtype)
-    summaries = c.outputs if stage == "keys" else ()
+    summaries = c.outputs if stage == "keys" and not split else ()
     kernel = KernelSettings(
         c,
         dims,
@@ -233,7 +233,10 @@ def lower(
     epi = kernel.section(env=env, loads=pro.loads)
     for e in sec.epilogue:
         epi.einsum(e)
-    if split:
+    if split and stage == "keys":  # each split's partial summaries, which the key fold folds
+        for s in acc_states:
+            store_summary(epi, s, split=True)
+    elif split:
         for s in row_states + acc_states:
             store_state(epi, s, c.tensor(s).ranks, split=True)
     else:
@@ -253,9 +256,19 @@ def lower(
         args += pointer_params(f"out_{o}", len(c.tensor(o).ranks)) + [f"present_{o}_ptr"]
     for o in sorted(read):  # in a fixed order: the kernel's text is named by its digest
         args += [f"present_{o}_ptr"]
-    args += [] if summaries else pointer_params("out", 4) + row_output_params(row_outputs)
+    args += [] if stage == "keys" else pointer_params("out", 4) + row_output_params(row_outputs)
     saved = () if split else saved
-    for s in row_states + acc_states if split else row_states + tuple(s for s in saved if s not in row_states):
+    for s in acc_states if split and stage == "keys" else ():  # [b, h, split, ...] with a presence alike
+        args += pointer_params(f"ws_{s}", len(c.tensor(s).ranks) + 1) + pointer_params(
+            f"wsp_{s}", len(c.tensor(s).ranks) + 1
+        )
+    for s in (
+        ()
+        if stage == "keys"
+        else row_states + acc_states
+        if split
+        else row_states + tuple(s for s in saved if s not in row_states)
+    ):
         args += pointer_params(f"ws_{s}", 3 + (1 if split else 0) + (0 if s in row_states else 1))
         if split:
             args += pointer_params(f"wsp_{s}", 4)
@@ -297,6 +310,7 @@ def lower(
         row_outputs=row_outputs,
         summaries=summaries,
         summary_reads=tuple(sorted(read)),
+        stage=stage,
     )
 
 

@@ -50,6 +50,7 @@ class KernelSource:
     row_outputs: tuple[str, ...] = ()  # per-row outputs stored after the output (the log-sum-exp), in order
     summaries: tuple[str, ...] = ()  # a key stage's outputs: summaries of the keys, each with its presence
     summary_reads: tuple[str, ...] = ()  # a query stage's inputs that are summaries (their presence follows)
+    stage: str | None = None  # "keys" or "queries": a stage of a two-stage cascade (one program per head for keys)
 
     @cached_property
     def signature(self) -> Signature:

@@ -134,23 +134,31 @@ def store_state(g: TileCode, name: str, ranks, split: bool, presence: bool = Fal
         )
 
 
-def store_summary(g: TileCode, name: str) -> None:
+def store_summary(g: TileCode, name: str, split: bool = False) -> None:
     """A key stage's summary of the keys into ``out_<name>[b, h, ...]`` (0 where absent), and its presence into
-    ``present_<name>`` (int8, laid out alike). The batch is the program's own (a jagged batch's sequence)."""
+    ``present_<name>`` (int8, laid out alike). The batch is the program's own (a jagged batch's sequence).
+
+    With ``split``, a running state of a split key stage instead: the split's partial value into
+    ``ws_<name>[b, h, split, ...]`` (its initial value where absent) and its presence into ``wsp_<name>``."""
     t = g.env[name]
     ranks = tile_ranks(g.c.tensor(name).ranks)
     if t.ranks != ranks:
         raise LoweringError(f"the summary {name} varies along {t.ranks}, where it is declared over {ranks}")
-    offset = f"off_b * stride_out_{name}_0 + off_h * stride_out_{name}_1"
-    masks = []
-    for d, r in enumerate(ranks):
-        offset += f" + {bcast(f'offs_{r}', (r,), ranks)} * stride_out_{name}_{d + 2}"
-        if g.extent(r) != g.dims[r]:
-            masks.append(bcast(f"(offs_{r} < {g.extent(r)})", (r,), ranks))
+    value, flag = (f"ws_{name}", f"wsp_{name}") if split else (f"out_{name}", f"present_{name}")
+    offsets = {value: "", flag: ""}
+    for base in offsets:
+        stride = f"stride_{base}" if split or base == value else f"stride_{value}"
+        at = f"off_b * {stride}_0 + off_h * {stride}_1" + (f" + tl.program_id(2) * {stride}_2" if split else "")
+        for d, r in enumerate(ranks, start=3 if split else 2):
+            at += f" + {bcast(f'offs_{r}', (r,), ranks)} * {stride}_{d}"
+        offsets[base] = at
+    masks = [bcast(f"(offs_{r} < {g.extent(r)})", (r,), ranks) for r in ranks if g.extent(r) != g.dims[r]]
     mask = f", mask={' & '.join(masks)}" if masks else ""
     shape = ", ".join(bcast_axes(ranks))
     present = f"tl.full([{shape}], 1, tl.int8)"
     if t.present is not None:
         present = f"({bcast(t.present, t.pranks, ranks)} | tl.zeros([{shape}], dtype=tl.int1)).to(tl.int8)"
-    g.emit(f"tl.store(out_{name}_ptr + {offset}, {g.f32(g.filled(t, 0.0))}{mask})")
-    g.emit(f"tl.store(present_{name}_ptr + {offset}, {present}{mask})")
+    init = g.c.tensor(name).init if split else None
+    kept = g.f32(g.filled(t, 0.0 if init is None else init))
+    g.emit(f"tl.store({value}_ptr + {offsets[value]}, {kept}{mask})")
+    g.emit(f"tl.store({flag}_ptr + {offsets[flag]}, {present}{mask})")

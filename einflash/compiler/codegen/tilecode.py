@@ -314,12 +314,14 @@ class TileCode:
             dtype="int" if r.tensor in self.kernel.int_inputs else "in" if r.tensor in ATTENTION_INPUTS else "declared",
             finite=decl.layout in (Layout.QUERY, Layout.KEY) or r.tensor in self.kernel.int_inputs,
         )
-        if r.tensor in self.kernel.summaries:  # absent where the key stage saw no key
-            pres = self.fresh(f"ldp_{r.tensor}")
-            where = f", mask={' & '.join(masks)}, other=0" if masks else ""
-            self.emit(f"{pres} = tl.load({ptr.replace(f'{r.tensor}_ptr', f'present_{r.tensor}_ptr', 1)}{where}) != 0")
-            t = Tile(name, axes_t, pres, axes_t, 0.0, "f32")
-        if r.tensor in self.kernel.workspaces:  # a split that saw no key of a row left that row absent
+        # a summary of the keys (a key stage's, or a split's partial one) is absent where its keys were none:
+        # its presence lies at the same positions (with the same strides, or with those of its own tensor)
+        if r.tensor in self.kernel.summaries:
+            t = Tile(name, axes_t, self._present(ptr, masks, r.tensor, f"present_{r.tensor}"), axes_t, 0.0, "f32")
+        elif r.tensor in self.kernel.workspaces and "m" not in decl.ranks:
+            flags = ptr.replace(f"stride_{r.tensor}_", f"stride_wsp_{r.tensor}_")
+            t = Tile(name, axes_t, self._present(flags, masks, r.tensor, f"wsp_{r.tensor}"), axes_t, None, "f32")
+        elif r.tensor in self.kernel.workspaces:  # a split that saw no key of a row left that row absent
             pres = self.fresh(f"ldp_{r.tensor}")
             self.emit(
                 f"{pres} = tl.load(wsp_{r.tensor}_ptr + off_b * stride_wsp_{r.tensor}_0 + off_hrow * "
@@ -329,6 +331,13 @@ class TileCode:
             t = Tile(name, axes_t, pres, ("m",), None, "f32")
         self.loads[key] = t
         return t
+
+    def _present(self, ptr: str, masks: list[str], tensor: str, flags: str) -> str:
+        """Load the presence flags ``flags`` at the address ``ptr`` of ``tensor``'s element; their variable."""
+        pres = self.fresh(f"ldp_{tensor}")
+        where = f", mask={' & '.join(masks)}, other=0" if masks else ""
+        self.emit(f"{pres} = tl.load({ptr.replace(f'{tensor}_ptr', f'{flags}_ptr', 1)}{where}) != 0")
+        return pres
 
     def within(self, index, own: str, along: tuple[str, ...]) -> str:
         """The test that ``index`` (over the tile axes ``along``) lies within its input dimension's extent."""

@@ -41,26 +41,32 @@ class Stages:
 
 
 def key_stages(c: Cascade) -> Stages | None:
-    """The two stages of ``c`` (a rewritten, streamed cascade), or None where its loops iterate the query rows
-    (one kernel of query tiles runs it) or something after the loop reads the keys again."""
-    if not any(e.loop for e in c.einsums) or any(e.loop and "m" in e.iteration_ranks for e in c.einsums):
+    """The two stages of ``c`` (a rewritten, streamed cascade), or None where its first loop iterates the query
+    rows (one kernel of query tiles runs it whole) or something outside the loops iterates the keys.
+
+    The key stage takes the leading loops that no query row is part of; the query stage keeps the loops after
+    them, renumbered from 1 (MoBA's routed pass after its key-block sums), or none (linear attention)."""
+    loops = sorted({int(e.loop) for e in c.einsums if e.loop})
+    per_row = {int(e.loop) for e in c.einsums if e.loop and "m" in e.iteration_ranks}
+    leading = [k for i, k in enumerate(loops) if not per_row & set(loops[: i + 1])]
+    if not leading:
         return None
-    made_by_loop = {e.out for e in c.einsums if e.loop}
     key_side: list[Einsum] = []
     for e in c.einsums:
+        made = {x.out for x in key_side}
         reads = {r.tensor for r in e.reads()}
-        if e.loop or ("m" not in e.iteration_ranks and reads & (made_by_loop | {x.out for x in key_side})):
+        if e.loop in leading or (not e.loop and "m" not in e.iteration_ranks and reads & made):
             key_side.append(e)
     keys_made = {e.out for e in key_side}
-    needed = _ancestors(c, key_side)
-    queries = [e for e in c.einsums if e.out not in keys_made]
-    if any(STREAM in e.iteration_ranks for e in queries):
+    queries = [replace(e, loop=e.loop - len(leading) if e.loop else 0) for e in c.einsums if e.out not in keys_made]
+    if any(STREAM in e.iteration_ranks for e in queries if not e.loop):
         return None
     summaries = tuple(
         dict.fromkeys(r.tensor for e in queries for r in e.reads() if r.tensor in keys_made and not r.prev)
     )
     if not summaries or any("m" in c.tensor(s).ranks for s in summaries):
         return None
+    needed = _ancestors(c, key_side)
     key_einsums = tuple(e for e in c.einsums if e.out in keys_made or e.out in needed)
     key_tensors = {t.name for t in c.inputs} | {e.out for e in key_einsums}
     keys = replace(

@@ -86,9 +86,10 @@ class Backward:
         if stages is not None:
             self.error = DifferentiationError(
                 f"{stages.keys.name}: its forward runs in two stages, a summary of the keys "
-                f"({', '.join(stages.summaries)}) and then the query tiles; the summary's gradient is a sum over "
-                f"the query rows, which no backward kernel makes yet: train it with backend='reference', or run "
-                f"the forward without gradients"
+                f"({', '.join(stages.summaries)}) and then the query tiles; a backward of two stages is not "
+                f"implemented yet (the backward programs would read the saved summaries, and a summary's gradient "
+                f"is a sum over the query rows): train it with backend='reference', or run the forward without "
+                f"gradients"
             )
             return
         summary = next((t for t in self.forward.rewritten.states if "m" not in t.ranks), None)

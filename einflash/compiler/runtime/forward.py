@@ -73,9 +73,10 @@ class Forward:
         self.error: LoweringError | None = None
         self.passes = 0  # passes over the keys the kernel makes
         # a summary of the keys that no query row is part of (linear attention): a key stage, then the query tiles
-        self.stages = key_stages(self.rewritten)
+        self.stages = key_stages(self.kernel_cascade)
         try:
-            self.passes = len(sections(self.rewritten).loops) if self.stages is None else 1
+            loops = self._governing_loops()
+            self.passes = len(loops[1])
         except LoweringError as e:
             # what kept the rewrites from a loop for the pass (a read outside the current chunk of n...)
             why = streaming_obstacle(self.steps[-2].cascade) if len(self.steps) > 1 else None
@@ -87,15 +88,7 @@ class Forward:
             else (f"{cascade.name}: {self.error} (pass backend='reference' to run the reference executor instead)")
         )
         self._sources: dict[tuple, KernelSource] = {}
-        keys = (
-            None
-            if self.error is not None
-            else key_plan(
-                *(self.rewritten, sections(self.rewritten).loop)
-                if self.stages is None
-                else (self.stages.keys, sections(self.stages.keys, "keys").loop)
-            )
-        )
+        keys = None if self.error is not None else key_plan(loops[0], loops[1][0])
         # an affine mask whose empty key tiles are skipped (the schedule prefers smaller tiles then)
         self.masked = keys is not None and keys.plan is not None
         # an input read at computed positions along both m and n (a relative table): a tile-sized gather per key
@@ -109,6 +102,17 @@ class Forward:
         self.lists = None if keys is None else keys.lists  # key tiles classified at run time
         # a product reduced as a broadcast tile, not by tl.dot (GLA): the backward's tiles shrink to fit it
         self.broadcast = any(broadcast_reduction(e) for e in self.rewritten.einsums)
+
+    def _governing_loops(self) -> tuple[Cascade, tuple]:
+        """The kernel cascade whose loops over the keys the query tiles' programs run, and those loops: the
+        cascade's own, or a two-stage cascade's query stage's (MoBA's routed pass after its key-block sums), or
+        its key stage's where the query stage has none (linear attention); LoweringError where it has none."""
+        if self.stages is None:
+            return self.rewritten, sections(self.rewritten).loops
+        queries = sections(self.stages.queries, "queries").loops
+        if queries:
+            return self.stages.queries, queries
+        return self.stages.keys, sections(self.stages.keys, "keys").loops
 
     @functools.cached_property
     def splittable(self) -> bool:
@@ -146,23 +150,39 @@ class Forward:
         return self._sources[key]
 
     def stage_sources(
-        self, dtype: torch.dtype, dims: dict[str, int], int_inputs: frozenset = frozenset()
-    ) -> tuple[KernelSource, KernelSource]:
-        """The kernels of a two-stage forward: the key stage's, then the query stage's."""
+        self, dtype: torch.dtype, dims: dict[str, int], int_inputs: frozenset = frozenset(), split: bool = False
+    ) -> tuple[KernelSource, ...]:
+        """The kernels of a two-stage forward: the key stage's, then the query stage's; with ``split``, the key
+        stage's split form, its fold, then the query stage's."""
         assert self.stages is not None  # asked only of a two-stage forward
-        key = ("stages", dtype, tuple(sorted(dims.items())), int_inputs)
+        key = ("stages", dtype, tuple(sorted(dims.items())), int_inputs, split)
         if key not in self._sources:
-            keys = lower(self.stages.keys, dims, DTYPE_NAMES[dtype], int_inputs=int_inputs, stage="keys")
-            queries = lower(
-                self.stages.queries,
-                dims,
-                DTYPE_NAMES[dtype],
-                int_inputs=int_inputs,
-                stage="queries",
-                read=frozenset(self.stages.summaries),
-            )
-            self._sources[key] = (keys, queries)  # type: ignore[assignment]
+            name, keys = DTYPE_NAMES[dtype], self.stages.keys
+            made = [lower(keys, dims, name, split=split, int_inputs=int_inputs, stage="keys")]
+            made += [lower_combine(keys, dims, name, stage="keys")] if split else []
+            made += [
+                lower(
+                    self.stages.queries,
+                    dims,
+                    name,
+                    int_inputs=int_inputs,
+                    stage="queries",
+                    read=frozenset(self.stages.summaries),
+                )
+            ]
+            self._sources[key] = tuple(made)  # type: ignore[assignment]
         return self._sources[key]  # type: ignore[return-value]
+
+    @functools.cached_property
+    def keys_splittable(self) -> bool:
+        """Whether a two-stage forward's key stage can run split along the keys: its states have a fold."""
+        if self.stages is None:
+            return False
+        try:
+            combine_cascade(self.stages.keys, "keys")
+        except LoweringError:
+            return False
+        return True
 
     def run(
         self,
@@ -218,13 +238,27 @@ class Forward:
                 f"without split-KV; run it with splits=1"
             )
         ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
-        if self.stages is not None:
-            return self._run_stages(inputs, values, out, schedule, extents, dims, ints, saved, jagged, launcher, empty)
-        src = self.source(first.dtype, dims, split, ints, saved)
         inputs = {
             k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
         }
         inputs |= {made.name: made.make(inputs) for made in self.compositions}
+        summaries: dict[str, torch.Tensor] = {}
+        if self.stages is not None:
+            if saved:
+                raise LoweringError(
+                    f"{c.name}: its forward runs in two stages (a summary of the keys, then the query tiles), "
+                    f"which have no backward yet"
+                )
+            # the query stage reads the summaries per head (no packed heads); its schedule's splits cut the key
+            # stage's keys, where its states have a fold and the batch is not jagged
+            splits = schedule.splits if self.keys_splittable and jagged is None else 1
+            schedule, split = replace(schedule, splits=splits, pack=False), False
+            *keys, src = self.stage_sources(first.dtype, dims, ints, splits > 1)
+            summaries = self._summarise(keys, inputs, values, schedule, extents, jagged, launcher, empty)
+            inputs, c = inputs | summaries, self.stages.queries
+            schedule = replace(schedule, splits=1)
+        else:
+            src = self.source(first.dtype, dims, split, ints, saved)
         lists = (
             None
             if src.lists is None
@@ -241,31 +275,33 @@ class Forward:
         for s in src.saved:
             ws[f"{s}:present"] = empty(B, H, M, dtype=torch.int8, device=first.device)
         if jagged is None or jagged.max_q > 0:
-            launch(c, src, inputs, values, out, ws, schedule, extents, jagged, lists, launcher)
+            launch(c, src, inputs, values, out, ws | summaries, schedule, extents, jagged, lists, launcher)
         return out, ws
 
-    def _run_stages(self, inputs, values, out, schedule, extents, dims, ints, saved, jagged, launcher, empty):
-        """A two-stage forward: the key stage stores each summary of the keys per (sequence, head), with its
-        presence; the query stage reads them beside q. No split-KV and no packed heads: the query stage makes no
-        pass over the keys to split, and reads the summaries per head."""
-        if saved:
-            raise LoweringError(
-                f"{self.rewritten.name}: its forward runs in two stages (a summary of the keys, then the query "
-                f"tiles), which have no backward yet"
-            )
-        stages = self.stages
-        assert stages is not None  # run only for a two-stage forward
-        keys, queries = self.stage_sources(out.dtype, dims, ints)
-        schedule = replace(schedule, splits=1, pack=False)
-        c, acc = stages.keys, accumulator_dtype(out.dtype)
-        ws: dict[str, torch.Tensor] = {}
-        for s in keys.summaries:
+    def _summarise(self, keys, inputs, values, schedule, extents, jagged, launcher, empty) -> dict[str, torch.Tensor]:
+        """Run the key stage of a two-stage forward: each summary of the keys per (sequence, head), fp32 (fp64 for
+        fp64), with its presence as ``"<summary>:present"`` (int8). ``keys`` holds the key stage's kernel, or its
+        split form and fold (``schedule.splits`` splits, each leaving its partial states for the fold)."""
+        assert self.stages is not None  # asked only of a two-stage forward
+        c, first = self.stages.keys, inputs[keys[0].tensors[0]]
+        acc = accumulator_dtype(first.dtype)
+        made: dict[str, torch.Tensor] = {}
+        for s in keys[-1].summaries:
             shape = [extents[r] for r in c.tensor(s).ranks]
-            ws[s] = empty(*shape, dtype=acc, device=out.device)
-            ws[f"{s}:present"] = empty(*shape, dtype=torch.int8, device=out.device)
-        launch(c, keys, inputs, values, None, ws, schedule, extents, jagged, launcher=launcher)
-        launch(stages.queries, queries, inputs | ws, values, out, ws, schedule, extents, jagged, launcher=launcher)
-        return out, {}
+            made[s] = empty(*shape, dtype=acc, device=first.device)
+            made[f"{s}:present"] = empty(*shape, dtype=torch.int8, device=first.device)
+        if len(keys) == 1:
+            launch(c, keys[0], inputs, values, None, made, schedule, extents, jagged, launcher=launcher)
+            return made
+        partial: dict[str, torch.Tensor] = {}
+        B, H, S = extents["b"], extents["h"], schedule.splits
+        for s in keys[0].stored:
+            shape = [B, H, S, *(extents[r] for r in c.tensor(s).ranks[2:])]
+            partial[s] = empty(*shape, dtype=acc, device=first.device)
+            partial[f"{s}:present"] = empty(*shape, dtype=torch.int8, device=first.device)
+        launch(c, keys[0], inputs, values, None, partial, schedule, extents, launcher=launcher)
+        combine(keys[1], partial, inputs, values, None, made, 16, extents, S, launcher)
+        return made
 
     def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty):
         """Split-KV: each split writes its partial states; the combine kernel folds them."""

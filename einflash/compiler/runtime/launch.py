@@ -182,7 +182,7 @@ def forward_call(
     tiles = -(-N // schedule.block_n)
     rows, programs = (M * (H // hkv), B * hkv) if schedule.pack else (M, B * H)
     # a key stage's program summarises the keys of one (batch, head) for all its rows
-    grid = (1 if src.summaries else -(-rows // schedule.block_m), programs, schedule.splits if src.split else 1)
+    grid = (1 if src.stage == "keys" else -(-rows // schedule.block_m), programs, schedule.splits if src.split else 1)
     args |= dict(
         M=M,
         N=N,
@@ -236,7 +236,7 @@ def combine_call(
     ws: dict[str, torch.Tensor],
     inputs: dict[str, torch.Tensor],
     params: dict[str, float],
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     rows: dict[str, torch.Tensor],
     block_m: int,
     extents: dict[str, int],
@@ -249,7 +249,10 @@ def combine_call(
         args |= pointer(f"w_{s}", ws[s]) | pointer(f"wsp_w_{s}", ws[f"{s}:present"])
     for name in src.tensors:
         args |= pointer(name, inputs[name])
-    args |= pointer("out", out)
+    if out is not None:
+        args |= pointer("out", out)
+    for o in src.summaries:  # a key stage's fold stores the summaries (into ``rows``)
+        args |= pointer(f"out_{o}", rows[o]) | {f"present_{o}_ptr": rows[f"{o}:present"]}
     for o in src.row_outputs:
         args |= pointer(f"out_{o}", rows[o])
     for s in src.row_states:
@@ -257,7 +260,8 @@ def combine_call(
     args |= {param_name(p): params[p] for p in src.params} | dict(src.constexprs)
     B, H, M = extents["b"], extents["h"], extents["m"]
     args |= dict(M=M, H=H, SPLITS=splits, BLOCK_M=block_m)
-    return KernelCall((-(-M // block_m), B * H, 1), src.signature.bind(args), COMBINE_WARPS, COMBINE_STAGES)
+    grid = (1 if src.stage == "keys" else -(-M // block_m), B * H, 1)
+    return KernelCall(grid, src.signature.bind(args), COMBINE_WARPS, COMBINE_STAGES)
 
 
 def combine(
@@ -265,7 +269,7 @@ def combine(
     ws: dict[str, torch.Tensor],
     inputs: dict[str, torch.Tensor],
     params: dict[str, float],
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     rows: dict[str, torch.Tensor],
     block_m: int,
     extents: dict[str, int],

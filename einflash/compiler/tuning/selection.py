@@ -110,7 +110,7 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
     if found is not None and (found[1] == bucket.label or deploy or not knobs.autotune() or inputs is None):
         schedule = found[0]
         if schedule.splits > 1:  # a neighbour's split count may exceed this shape's key tiles
-            tiles = -(-extents["n"] // schedule.block_n) if forward.splittable else 1
+            tiles = -(-extents["n"] // schedule.block_n) if forward.splittable or forward.keys_splittable else 1
             schedule = dataclasses.replace(schedule, splits=min(schedule.splits, tiles))
         return schedule
     if not deploy and knobs.autotune() and inputs is not None:
@@ -124,4 +124,6 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
             CacheWarning,
             stacklevel=4,
         )
-    return fitting_default(forward, target, extents, kv_heads, dtype.itemsize)
+    # an input kept in a wider dtype than q (fp32 gates beside bf16 q) takes as much shared memory per element
+    widest = max((x.element_size() for x in (inputs or {}).values() if x.is_floating_point()), default=0)
+    return fitting_default(forward, target, extents, kv_heads, max(dtype.itemsize, widest))

@@ -135,7 +135,10 @@ def _knobs(
         "block_n": space.block_n,
         "num_warps": space.num_warps,
         "num_stages": space.num_stages,
-        "splits": space.splits if family == "decode" and forward.splittable else (1,),
+        # split-KV cuts the keys of a decode; a two-stage forward's splits cut its key stage's, at every length
+        "splits": (target.decode.space.splits if forward.keys_splittable else space.splits)
+        if (family == "decode" and forward.splittable) or forward.keys_splittable
+        else (1,),
         "pack": (default.pack,),
         # the order of query tiles matters only where tiles differ in work: an affine mask
         "reverse_m": (False, True) if family == "forward" and forward.masked else (False,),
@@ -233,8 +236,9 @@ def _default(
         target,
         kv_heads,
         forward.masked,
-        allow_split=forward.splittable and allow_split,
+        allow_split=(forward.splittable or forward.keys_splittable) and allow_split,
         gathered=forward.gathered,
+        key_stage=forward.stages is not None,
     )
 
 
