@@ -30,6 +30,7 @@ import einflash as ef
 from einflash.testing import check, check_gradients, trainable
 
 B, H, D = 2, 16, 128
+OUT = pathlib.Path("linear.json")  # where rows are kept: DIR/linear.json, set by main
 
 
 def _einflash(name: str, T: int, dtype=torch.bfloat16, b: int = B, h: int = H) -> tuple:
@@ -92,8 +93,14 @@ def _time(rows: list, label: str, T: int, run, inputs: dict, backward: bool) -> 
     except Exception as e:  # noqa: BLE001 -- a peer or a case that fails is reported, not fatal
         row["error"] = f"{type(e).__name__}: {e}"[:400]
         traceback.print_exc()
+    _keep(rows, row)
+
+
+def _keep(rows: list, row: dict) -> None:
+    """Append ``row``, print it and rewrite the JSON: a run cut at its limit keeps every row it measured."""
     rows.append(row)
     print(json.dumps(row), flush=True)
+    OUT.write_text(json.dumps(rows, indent=1))
 
 
 def _causal_softmax(x: dict) -> torch.Tensor:
@@ -116,8 +123,7 @@ def _checks(rows: list) -> None:
                 verdicts = check_gradients(op, got, grad, **inputs)
                 row["gradients"] = {n: v.as_dict() for n, v in verdicts.items()}
                 row["ok"] = row["ok"] and all(v.ok for v in verdicts.values())
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            _keep(rows, row)
 
 
 def main() -> None:
@@ -127,8 +133,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=float("inf"), help="seconds; later rows are left out")
     parser.add_argument("--checks", action="store_true")
     args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    global OUT
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+    OUT = pathlib.Path(args.out) / "linear.json"
     rows: list = [peers.environment(shape=[B, H, D], dtype="bfloat16")]
     started = time.time()
     if args.checks:
@@ -148,8 +155,6 @@ def main() -> None:
             q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             qkv = {"query": q, "key": k, "value": v}
             _time(rows, "sdpa causal softmax", T, _causal_softmax, qkv, True)
-        (out / "linear.json").write_text(json.dumps(rows, indent=1))
-    (out / "linear.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
