@@ -99,7 +99,7 @@ def _fitting(launch, schedule: BackwardSchedule, chosen: bool, key: tuple):
         try:
             result = launch(s)
         except Exception as e:
-            if type(e).__name__ != "OutOfResources":
+            if type(e).__name__ not in ("OutOfResources", "OutOfResourcesError"):  # Triton's, or as launches say it
                 raise
             failure = e
             continue
@@ -108,8 +108,8 @@ def _fitting(launch, schedule: BackwardSchedule, chosen: bool, key: tuple):
     numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(failure))] or [0, 0]
     raise OutOfResourcesError(
         f"the backward with schedule {attempts[-1].describe()}",
-        numbers[0],
-        numbers[-1],
+        getattr(failure, "required", numbers[0]),
+        getattr(failure, "limit", numbers[-1]),
         "pass a smaller backward_schedule" if chosen else "no smaller backward schedule fits either",
     ) from failure
 

@@ -163,3 +163,16 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     assert search_space(gla.forward, SM90, extents, 8, 2).default == shrunk
     # where the default fits, it stays
     assert fitting_default(softmax.forward, SM90, PREFILL, 16, 2) == default_schedule(PREFILL, SM90, 16)
+
+
+def test_buffer_formulas_are_made_once_per_cascade_head_dims_and_element_size():
+    """The sympy work behind the buffer functions is done once: a call choosing its schedule each time (a jagged
+    batch, whose longest sequence changes per batch) gets the same functions at any lengths."""
+    from einflash.compiler.tuning.space import _buffer_functions
+
+    fwd = example("causal").forward
+    extents = dict(b=2, h=8, m=3000, n=3000, e=128, f=128)
+    first = _buffer_functions(fwd, extents, 2)
+    assert _buffer_functions(fwd, dict(extents, m=17, n=5000), 2) is first
+    assert _buffer_functions(fwd, dict(extents, e=64, f=64), 2) is not first
+    assert _buffer_functions(fwd, extents, 4) is not first

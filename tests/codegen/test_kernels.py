@@ -774,3 +774,25 @@ def test_a_mask_on_positions_skips_the_tiles_it_empties(name, M, N, BM, BN):
         assert got == want
     else:  # the affine part and the block test each keep a tile: a superset, never a tile with a pair left out
         assert all(g >= w for g, w in zip(got, want)) and sum(got) < len(got) * -(-N // BN)
+
+
+def test_a_kernel_that_runs_out_of_shared_memory_raises_a_typed_error():
+    """Triton's OutOfResources (a schedule too large for the target) comes out as OutOfResourcesError, naming the
+    kernel, what it needs and what the target has, and what to do; the backward's fitting still shrinks on it."""
+    from einflash.compiler.codegen.signature import KernelCall
+    from einflash.compiler.runtime import launch as launch_module
+    from einflash.errors import OutOfResourcesError
+
+    class OutOfResources(Exception):  # Triton's, by name
+        pass
+
+    def refuse(*args, **kwargs):
+        raise OutOfResources("out of resource: shared memory, Required: 279040, Hardware limit: 232448.")
+
+    src = _op("causal").forward.source(F16, {"e": 16, "e_extent": 16, "f": 16, "f_extent": 16}, False)
+    call = KernelCall((1, 1, 1), {}, 8, 3)
+    with (
+        mock.patch.object(launch_module, "load_kernel", lambda s: {(1, 1, 1): refuse}),
+        pytest.raises(OutOfResourcesError, match=r"needs 279,040 B, the target has 232,448 B\. pass a smaller"),
+    ):
+        launch_module.jit_launch(src, call)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import numpy
 import torch
 
 from ... import knobs
+from ...errors import OutOfResourcesError
 from ...ir.cascade import Cascade, Layout
 from ...jagged import JaggedBatch
 from ..codegen.signature import KernelCall, param_name, pointer
@@ -96,9 +98,20 @@ def jit_launch(src: RenderedKernel, call: KernelCall) -> None:
     if compiled is not None:
         compiled[call.grid](*call.args.values())
         return
-    kernel = _quiet(load_kernel(src)[call.grid])(*call.args.values(), **call.options)
-    if hasattr(kernel, "result"):  # compiled in the background
-        kernel = kernel.result()
+    try:
+        kernel = _quiet(load_kernel(src)[call.grid])(*call.args.values(), **call.options)
+        if hasattr(kernel, "result"):  # compiled in the background
+            kernel = kernel.result()
+    except Exception as e:
+        if type(e).__name__ != "OutOfResources":  # Triton's, which the kernel's schedule answers for
+            raise
+        numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(e))] or [0, 0]
+        raise OutOfResourcesError(
+            f"kernel {src.name} at {call.num_warps} warps and {call.num_stages} stages",
+            numbers[0],
+            numbers[-1],
+            "pass a smaller schedule= (fewer stages, smaller tiles), or tune the op (op.tune) for this shape",
+        ) from e
     if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none
         _COMPILED[key] = kernel
 

@@ -156,15 +156,35 @@ def _knobs(
     return knobs, full - math.prod(len(v) for v in knobs.values())
 
 
+# (cascade key, held extents, element bytes) -> the functions _buffer_functions made: sympy takes milliseconds,
+# which a call that chooses its schedule each time (a jagged batch) would otherwise pay per call
+_BUFFERS: dict[tuple, tuple] = {}
+
+
 def _buffer_functions(forward: Forward, extents: dict[str, int], elem_bytes: int):
-    """Shared-memory and register bytes as plain functions of (BM, BN, STAGES): sympy runs once here."""
+    """Shared-memory and register bytes as plain functions of (BM, BN, STAGES): sympy runs once per cascade, head
+    dims and element size."""
     c = forward.rewritten
+    # a table rank is read at computed positions, never held whole
+    dims = tuple(
+        (r.name, extents[r.name])
+        for r in c.ranks
+        if r.name not in PARALLEL and r.name not in ("m", "n") and r.name not in c.table_ranks and r.name in extents
+    )
+    key = (c.key, dims, elem_bytes)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = _lambdified(c, dict(dims), elem_bytes)
+    return _BUFFERS[key]
+
+
+def _lambdified(c, extents: dict[str, int], elem_bytes: int):
+    """The buffer formulas of ``c`` at these held extents, as plain functions."""
     needs = buffer_needs(c)
     unrolled = {r for e in c.einsums for r in unrolled_ranks(e, c)}
     held, live = {ELEM: elem_bytes}, {ELEM: elem_bytes}
     for r in c.ranks:
-        if r.name in PARALLEL or r.name in ("m", "n") or r.name in c.table_ranks or r.name not in extents:
-            continue  # a table rank is read at computed positions, never held whole
+        if r.name not in extents:
+            continue
         # kernels hold head dims padded to a power of two (MoBA's blocks, ceil(N/block), too); an unrolled rank's
         # instances are each a tile of their own, one live at a time (their input tiles all are, one per shift)
         held[r.extent] = extents[r.name] if r.name in unrolled else padded(extents[r.name])
