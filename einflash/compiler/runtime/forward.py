@@ -32,6 +32,7 @@ from .launch import Launcher, combine, jit_launch, launch
 from .replay import Recording
 from .tile_lists import tile_lists
 
+FOLD_BLOCK_M = 16
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -300,7 +301,8 @@ class Forward:
             partial[s] = empty(*shape, dtype=acc, device=first.device)
             partial[f"{s}:present"] = empty(*shape, dtype=torch.int8, device=first.device)
         launch(c, keys[0], inputs, values, None, partial, schedule, extents, launcher=launcher)
-        combine(keys[1], partial, inputs, values, None, made, 16, extents, S, launcher)
+        # the fold's program holds no query rows: its BLOCK_M is the smallest tile the template takes
+        combine(keys[1], partial, inputs, values, None, made, FOLD_BLOCK_M, extents, S, launcher)
         return made
 
     def _split(self, src, inputs, values, out, row_out, schedule, extents, dims, lists, launcher, empty):
