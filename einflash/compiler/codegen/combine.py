@@ -13,16 +13,7 @@ from ...templates import render
 from .forward import exact_dots, helpers, sections
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
-from .stores import (
-    carry,
-    init_states,
-    row_output_params,
-    store_output,
-    store_row_output,
-    store_state,
-    store_summary,
-    tile_ranks,
-)
+from .stores import carry, init_states, result_params, store_results, store_state, tile_ranks
 from .tilecode import KernelSettings
 
 
@@ -102,12 +93,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str, stage: str | Non
     summaries = c.outputs if stage == "keys" else ()
     for s in row_states:
         store_state(epi, s, c.tensor(s).ranks, split=False)
-    for o in summaries:
-        store_summary(epi, o)
-    if not summaries:
-        store_output(epi, epi.env[c.outputs[0]], value_rank)
-        for o in c.outputs[1:]:
-            store_row_output(epi, o)
+    store_results(epi, summaries, value_rank)
     args = []
     for s in row_states + acc_states:
         # a summary's workspace is [b, h, split, ...] with a presence alike; a row state's presence is per row
@@ -117,9 +103,7 @@ def lower_combine(c: Cascade, dims: dict[str, int], dtype: str, stage: str | Non
     inputs = tuple(t.name for t in c.inputs if t.name in read)  # per-head gates, λ of differential...
     for name in inputs:
         args += pointer_params(name, len(c.tensor(name).ranks))
-    for o in summaries:
-        args += pointer_params(f"out_{o}", len(c.tensor(o).ranks)) + [f"present_{o}_ptr"]
-    args += [] if summaries else pointer_params("out", 4) + row_output_params(c.outputs[1:])
+    args += result_params(c, summaries, c.outputs[1:])
     for s in row_states:
         args += pointer_params(f"ws_{s}", 3)
     params = tuple(p.name for p in c.params)

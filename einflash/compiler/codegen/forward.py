@@ -23,15 +23,7 @@ from ..analysis.mask_tiles import conjuncts
 from .reductions import KTH_LARGEST, TOP_LIST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
-from .stores import (
-    carry,
-    init_states,
-    row_output_params,
-    store_output,
-    store_row_output,
-    store_state,
-    store_summary,
-)
+from .stores import carry, init_states, result_params, store_results, store_state, store_summary
 from .tile_ranges import governing_mask, governs, key_plan
 from .tilecode import KernelSettings, TileCode
 
@@ -242,21 +234,14 @@ def lower(
     else:
         for s in row_states + tuple(s for s in saved if s not in row_states):
             store_state(epi, s, c.tensor(s).ranks, split=False, presence=s in saved)
-        for o in summaries:
-            store_summary(epi, o)
-        if not summaries:
-            store_output(epi, epi.env[c.outputs[0]], value_rank)
-            for o in c.outputs[1:]:
-                store_row_output(epi, o)
+        store_results(epi, summaries, value_rank)
     # a split program stores states, the combine the outputs
     row_outputs = () if split or summaries else c.outputs[1:]
 
     args = [a for name in tensors for a in pointer_params(name, len(c.tensor(name).ranks))]
-    for o in summaries:
-        args += pointer_params(f"out_{o}", len(c.tensor(o).ranks)) + [f"present_{o}_ptr"]
     for o in sorted(read):  # in a fixed order: the kernel's text is named by its digest
         args += [f"present_{o}_ptr"]
-    args += [] if stage == "keys" else pointer_params("out", 4) + row_output_params(row_outputs)
+    args += [] if split and stage == "keys" else result_params(c, summaries, row_outputs)
     saved = () if split else saved
     for s in acc_states if split and stage == "keys" else ():  # [b, h, split, ...] with a presence alike
         args += pointer_params(f"ws_{s}", len(c.tensor(s).ranks) + 1) + pointer_params(

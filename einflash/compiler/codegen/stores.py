@@ -162,3 +162,22 @@ def store_summary(g: TileCode, name: str, split: bool = False) -> None:
     kept = g.f32(g.filled(t, 0.0 if init is None else init))
     g.emit(f"tl.store({value}_ptr + {offsets[value]}, {kept}{mask})")
     g.emit(f"tl.store({flag}_ptr + {offsets[flag]}, {present}{mask})")
+
+
+def store_results(g: TileCode, summaries: tuple[str, ...], value_rank: str) -> None:
+    """What a kernel's programs end with: a key stage's summaries (each with its presence), else the output and the
+    per-row outputs (the log-sum-exp)."""
+    for o in summaries:
+        store_summary(g, o)
+    if not summaries:
+        store_output(g, g.env[g.c.outputs[0]], value_rank)
+        for o in g.c.outputs[1:]:
+            store_row_output(g, o)
+
+
+def result_params(c: Cascade, summaries: tuple[str, ...], row_outputs: tuple[str, ...]) -> list[str]:
+    """The kernel parameters of what ``store_results`` stores: the summaries' (each followed by its presence's),
+    else the output's and the per-row outputs'."""
+    if not summaries:
+        return pointer_params("out", 4) + row_output_params(row_outputs)
+    return [a for o in summaries for a in [*pointer_params(f"out_{o}", len(c.tensor(o).ranks)), f"present_{o}_ptr"]]
