@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -105,11 +104,9 @@ def _fitting(launch, schedule: BackwardSchedule, chosen: bool, key: tuple):
             continue
         _FITTING[key] = s
         return result
-    numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(failure))] or [0, 0]
-    raise OutOfResourcesError(
+    raise OutOfResourcesError.of(
         f"the backward with schedule {attempts[-1].describe()}",
-        getattr(failure, "required", numbers[0]),
-        getattr(failure, "limit", numbers[-1]),
+        failure,
         "pass a smaller backward_schedule" if chosen else "no smaller backward schedule fits either",
     ) from failure
 

@@ -6,6 +6,8 @@ declaration carry the file and line of the user's function when they are known.
 
 from __future__ import annotations
 
+import re
+
 
 class EinflashError(Exception):
     """Base class of all einflash errors."""
@@ -102,6 +104,15 @@ class OutOfResourcesError(EinflashError, RuntimeError):
         self.required, self.limit = required, limit
         msg = f"{what}: needs {required:,} B, the target has {limit:,} B."
         super().__init__(msg + (f" {hint}" if hint else ""))
+
+    @classmethod
+    def of(cls, what: str, cause: Exception, hint: str = "") -> OutOfResourcesError:
+        """The error of ``what`` that ``cause`` reports: another OutOfResourcesError, or Triton's OutOfResources
+        (whose message gives the bytes: ``Required: 279040, Hardware limit: 232448``)."""
+        if isinstance(cause, OutOfResourcesError):
+            return cls(what, cause.required, cause.limit, hint)
+        numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(cause))] or [0, 0]
+        return cls(what, numbers[0], numbers[-1], hint)
 
 
 class BackendError(EinflashError, RuntimeError):

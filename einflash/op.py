@@ -22,7 +22,7 @@ from .compiler.runtime.forward import Forward, accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
 from .compiler.schedule import BackwardSchedule, Schedule
 from .compiler.tuning.selection import choose, generation
-from .compiler.tuning.space import fitting_default
+from .compiler.tuning.space import element_bytes, fitting_default
 from .errors import (
     CallError,
     DeclarationError,
@@ -428,7 +428,8 @@ class AttentionOp:
             first = inputs[self.cascade.inputs[0].name]
             target = for_device(first.device.type)
             heads = kv_heads(self.cascade, inputs)
-            schedule = fitting_default(fwd, target, per_sequence, heads, first.element_size(), allow_split=False)
+            elem = element_bytes(inputs, first.dtype)
+            schedule = fitting_default(fwd, target, per_sequence, heads, elem, allow_split=False)
         values = bind_params(fwd.rewritten, params, extents)
         if training:
             if fwd is not self.forward:

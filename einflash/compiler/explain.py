@@ -234,9 +234,11 @@ def explain(
         template = f"not lowered: {error}"
     elif stages is not None:
         summaries = ", ".join(f"{s}[{','.join(tile_ranks(stages.keys.tensor(s).ranks))}]" for s in stages.summaries)
+        passes = len({e.loop for e in stages.queries.einsums if e.loop})
         template = (
-            f"two stages (attention_fwd.py.jinja): a key stage, one program per (batch, head) over all keys, "
-            f"stores {summaries}; then the query tiles read it, with no loop over the keys; no split-KV"
+            f"two stages (attention_fwd.py.jinja): a key stage over all keys (programs per (batch, head), split "
+            f"along the keys), stores {summaries}; then the query tiles read it, "
+            + (f"with {passes} pass(es) over the keys of their own" if passes else "with no pass over the keys")
         )
     elif pa.passes > 1:
         template = f"{pa.passes}-pass forward (attention_fwd.py.jinja, a loop over the keys per pass); no split-KV"

@@ -160,15 +160,12 @@ def build(
                 probes.append(record(fwd, p_inputs, {**p_values, **bumped}, schedule, p_extents))
             for i, (src, call) in enumerate(launches):
                 exact = specialise(call.args, src.signature.constexpr)
+                others = [specialise(p[i][1].args, src.signature.constexpr) for p in probes]
                 sources[src.name] = src
-                try:
-                    loose = common(
-                        exact,
-                        *(specialise(p[i][1].args, src.signature.constexpr) for p in probes),
-                        constexprs=frozenset(src.signature.constexpr),
-                    )
-                except LoweringError:  # a tile extent other lengths pad otherwise (MoBA's blocks): exact only
-                    loose = None
+                # a compile-time constant that other lengths change (MoBA's block count, padded) has no binary for
+                # any length: the exact one only
+                varies = any(a != b for o in others for a, b in zip(exact, o) if a.name in src.signature.constexpr)
+                loose = None if varies else common(exact, *others)
                 for spec, label in ((exact, "exact"), (loose, "any")):
                     if spec is None:
                         continue

@@ -103,12 +103,11 @@ def specialise(args: dict[str, object], constexpr_args) -> tuple[ArgSpec, ...]:
     return tuple(ArgSpec(n, "constexpr", v) if n in constexpr_args else of_value(n, v) for n, v in args.items())
 
 
-def common(*specs: tuple[ArgSpec, ...], constexprs: frozenset = frozenset()) -> tuple[ArgSpec, ...]:
+def common(*specs: tuple[ArgSpec, ...]) -> tuple[ArgSpec, ...]:
     """The strongest specialisation that every one of ``specs`` satisfies (argument by argument).
 
     An integer that is 1 in one and not in another becomes a runtime integer; divisibility stays
-    only where all agree. Pointer types and compile-time parameters (``constexprs``: the kernel's declared
-    ones, a tile extent that other lengths pad otherwise) must agree.
+    only where all agree. Pointer types and compile-time parameters must agree.
 
     >>> a = (ArgSpec("M", "constexpr", 1), ArgSpec("N", "i32", divisible=True))
     >>> b = (ArgSpec("M", "i32", divisible=True), ArgSpec("N", "i32"))
@@ -127,7 +126,7 @@ def common(*specs: tuple[ArgSpec, ...], constexprs: frozenset = frozenset()) -> 
             if s.type in _INT_TYPES or (s.type == "constexpr" and type(s.value) is int)
         ]
         pointers = {s.type for s in column if s.type.startswith("*")}
-        if len(ints) == len(column) and first.name not in constexprs:
+        if len(ints) == len(column):
             widest = max(ints, key=_INT_TYPES.index)
             divisible = all(s.divisible if s.type != "constexpr" else s.value % DIVISOR == 0 for s in column)
             out.append(ArgSpec(first.name, widest, divisible=divisible))

@@ -145,13 +145,13 @@ def store_summary(g: TileCode, name: str, split: bool = False) -> None:
     if t.ranks != ranks:
         raise LoweringError(f"the summary {name} varies along {t.ranks}, where it is declared over {ranks}")
     value, flag = (f"ws_{name}", f"wsp_{name}") if split else (f"out_{name}", f"present_{name}")
-    offsets = {value: "", flag: ""}
-    for base in offsets:
-        stride = f"stride_{base}" if split or base == value else f"stride_{value}"
+
+    def offset(stride: str) -> str:
         at = f"off_b * {stride}_0 + off_h * {stride}_1" + (f" + tl.program_id(2) * {stride}_2" if split else "")
-        for d, r in enumerate(ranks, start=3 if split else 2):
-            at += f" + {bcast(f'offs_{r}', (r,), ranks)} * {stride}_{d}"
-        offsets[base] = at
+        return at + "".join(
+            f" + {bcast(f'offs_{r}', (r,), ranks)} * {stride}_{d}" for d, r in enumerate(ranks, start=3 if split else 2)
+        )
+
     masks = [bcast(f"(offs_{r} < {g.extent(r)})", (r,), ranks) for r in ranks if g.extent(r) != g.dims[r]]
     mask = f", mask={' & '.join(masks)}" if masks else ""
     shape = ", ".join(bcast_axes(ranks))
@@ -160,8 +160,9 @@ def store_summary(g: TileCode, name: str, split: bool = False) -> None:
         present = f"({bcast(t.present, t.pranks, ranks)} | tl.zeros([{shape}], dtype=tl.int1)).to(tl.int8)"
     init = g.c.tensor(name).init if split else None
     kept = g.f32(g.filled(t, 0.0 if init is None else init))
-    g.emit(f"tl.store({value}_ptr + {offsets[value]}, {kept}{mask})")
-    g.emit(f"tl.store({flag}_ptr + {offsets[flag]}, {present}{mask})")
+    g.emit(f"tl.store({value}_ptr + {offset(f'stride_{value}')}, {kept}{mask})")
+    # a summary's presence is laid out as its value, with its strides; a split's partial one has strides of its own
+    g.emit(f"tl.store({flag}_ptr + {offset(f'stride_{flag}' if split else f'stride_{value}')}, {present}{mask})")
 
 
 def store_results(g: TileCode, summaries: tuple[str, ...], value_rank: str) -> None:

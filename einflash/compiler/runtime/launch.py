@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -105,11 +104,9 @@ def jit_launch(src: RenderedKernel, call: KernelCall) -> None:
     except Exception as e:
         if type(e).__name__ != "OutOfResources":  # Triton's, which the kernel's schedule answers for
             raise
-        numbers = [int(x) for x in re.findall(r"(?:Required|limit): (\d+)", str(e))] or [0, 0]
-        raise OutOfResourcesError(
+        raise OutOfResourcesError.of(
             f"kernel {src.name} at {call.num_warps} warps and {call.num_stages} stages",
-            numbers[0],
-            numbers[-1],
+            e,
             "pass a smaller schedule= (fewer stages, smaller tiles), or tune the op (op.tune) for this shape",
         ) from e
     if hasattr(kernel, "packed_metadata"):  # Triton's CompiledKernel; the interpreter has none

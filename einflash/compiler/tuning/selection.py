@@ -30,7 +30,7 @@ from ..schedule import Schedule
 from . import cache as cache_files
 from .cache import TuneCache
 from .cache_keys import Bucket, CacheKey
-from .space import fitting_default
+from .space import element_bytes, fitting_default
 from .tuner import tune
 
 _MEMO: dict[tuple, Schedule] = {}
@@ -124,6 +124,4 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
             CacheWarning,
             stacklevel=4,
         )
-    # an input kept in a wider dtype than q (fp32 gates beside bf16 q) takes as much shared memory per element
-    widest = max((x.element_size() for x in (inputs or {}).values() if x.is_floating_point()), default=0)
-    return fitting_default(forward, target, extents, kv_heads, max(dtype.itemsize, widest))
+    return fitting_default(forward, target, extents, kv_heads, element_bytes(inputs or {}, dtype))

@@ -37,9 +37,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import sympy
+import torch
 
 from ...backends.target import Target
 from ...errors import LoweringError
@@ -135,9 +137,11 @@ def _knobs(
         "block_n": space.block_n,
         "num_warps": space.num_warps,
         "num_stages": space.num_stages,
-        # split-KV cuts the keys of a decode; a two-stage forward's splits cut its key stage's, at every length
-        "splits": (target.decode.space.splits if forward.keys_splittable else space.splits)
-        if (family == "decode" and forward.splittable) or forward.keys_splittable
+        # a two-stage forward's splits cut its key stage's keys, at every length; split-KV cuts a decode's
+        "splits": target.decode.space.splits
+        if forward.keys_splittable
+        else space.splits
+        if family == "decode" and forward.splittable
         else (1,),
         "pack": (default.pack,),
         # the order of query tiles matters only where tiles differ in work: an affine mask
@@ -221,6 +225,16 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
 
 # tile sizes a default may shrink to when the target's own do not fit (tl.dot needs 16)
 _SHRUNK_TILES = (16, 32, 64, 128)
+
+
+def element_bytes(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """The bytes per element the buffer analysis sizes tiles by: q's dtype's, or a wider input's (fp32 gates
+    beside bf16 q, k, v take as much shared memory per element as fp32).
+
+    >>> element_bytes({"q": torch.ones(1, dtype=torch.bfloat16), "g": torch.ones(1)}, torch.bfloat16)
+    4
+    """
+    return max([dtype.itemsize] + [x.element_size() for x in inputs.values() if x.is_floating_point()])
 
 
 def fitting_default(

@@ -56,7 +56,7 @@ from ..schedule import Schedule
 from .cache import TuneCache, best_of
 from .cache_format import schedule_from_json, schedule_to_json
 from .cache_keys import Bucket, CacheKey
-from .space import Space, search_space
+from .space import Space, element_bytes, search_space
 from .storage import fail_stale_trials, open_storage
 
 DEFAULT_TRIALS = 30
@@ -418,7 +418,7 @@ class _Trials:
             bind_params(forward.rewritten, params, extents),
             extents,
             kv,
-            search_space(forward, target, extents, kv, first.element_size()),
+            search_space(forward, target, extents, kv, element_bytes(inputs, first.dtype)),
             key,
             Bucket.of(extents, kv),
             check,
