@@ -3,8 +3,9 @@
     python3 benchmarks/bench_linear.py --out DIR [--lengths 4096,8192,16384,32768] [--deadline S] [--checks]
 
 In one process, bf16, B = 2, H = 16, D = 128, T = M = N per row: einflash's ``linear`` (efficient attention, not
-causal: its two stages, a summary of the keys and then the query tiles), ``causal_linear`` (a per-head decay) and
-``gla`` (fp32 cumulative gates beside bf16 q, k, v); fla's ``chunk_linear_attn`` (causal, no normaliser),
+causal: its two stages, a summary of the keys and then the query tiles), ``plain_causal_linear`` (no decay, no
+normaliser), ``causal_linear`` (a per-head decay) and ``gla`` (fp32 cumulative gates beside bf16 q, k, v), whose
+forwards run chunk by chunk past their crossover; fla's ``chunk_linear_attn`` (causal, no normaliser),
 ``chunk_lightning_attn`` (causal, per-head decays of its own) and ``chunk_gla`` where fla is installed (its first
 calls autotune: each is run once before timing); SDPA's causal softmax attention as the quadratic reference point.
 Forward and forward+backward (where there is a backward) in ms, and the peak memory a forward+backward step adds
@@ -30,12 +31,19 @@ import einflash as ef
 from einflash.testing import check, check_gradients, trainable
 
 B, H, D = 2, 16, 128
+EINFLASH = ("linear", "plain_causal_linear", "causal_linear", "gla")
 OUT = pathlib.Path("linear.json")  # where rows are kept: DIR/linear.json, set by main
+
+
+@ef.attention
+def plain_causal_linear(q, k, v):
+    """Causal linear attention with no decay and no normaliser: what fla's chunk_linear_attn(normalize=False) is."""
+    return ef.mask(q @ k, ef.n <= ef.m) @ v
 
 
 def _einflash(name: str, T: int, dtype=torch.bfloat16, b: int = B, h: int = H) -> tuple:
     """The op and its inputs at length T: q, k, v in ``dtype``; a decay per head; GLA's gates in fp32."""
-    mod, op = example(name)
+    mod, op = (None, plain_causal_linear) if name == "plain_causal_linear" else example(name)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, h, T, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     extra = mod.extra_inputs(ef.Shape(b, h, T, T, D), device="cuda") if hasattr(mod, "extra_inputs") else {}
@@ -108,7 +116,7 @@ def _causal_softmax(x: dict) -> torch.Tensor:
 
 
 def _checks(rows: list) -> None:
-    for name in ("linear", "causal_linear", "gla"):
+    for name in EINFLASH:
         for dtype in (torch.bfloat16, torch.float16):
             op, inputs = _einflash(name, 640 if name == "gla" else 1500, dtype, b=1, h=4)
             out = op(**inputs)
@@ -141,7 +149,7 @@ def main() -> None:
     if args.checks:
         _checks(rows)
     for T in (int(t) for t in args.lengths.split(",")):
-        for name in ("linear", "causal_linear", "gla"):
+        for name in EINFLASH:
             if time.time() - started > args.deadline:
                 break
             op, inputs = _einflash(name, T)

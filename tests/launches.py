@@ -44,6 +44,8 @@ def captured(name: str, dims: dict, head_dim: int, schedule_of) -> list[CompileJ
         inputs["doc"] = torch.empty(B, N, dtype=torch.int32, device="meta")
     if name == "gla":
         inputs["g"] = torch.empty(B, Hq, M, head_dim, **meta)
+    if name == "causal_linear":
+        inputs["decay"] = torch.empty(Hq, dtype=torch.float32, device="meta")
     extents = bind_extents(op.forward.rewritten, inputs, {})
     schedule = schedule_of(extents, Hkv)
     calls: list[CompileJob] = []

@@ -29,6 +29,7 @@ from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
 from .codegen.stores import tile_ranks
 from .codegen.tile_ranges import TileLists, block_tests
+from .rewrite.chunked import chunked_form
 from .rewrite.online import streaming_obstacle
 from .rewrite.stages import key_stages
 from .runtime.tile_lists import kept_pairs, tile_lists
@@ -223,13 +224,29 @@ def explain(
     if tiles:  # masked-out tiles are never visited: count the work of the visited ones
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
         flops, trans = flops * frac, trans * frac
+    stages = key_stages(rewritten)
+    # causal attention in linear form runs chunk by chunk: chunks of the tiles a causal mask gets by default
+    mcfg = target.forward.default(padded(widest_head_dim(ext)), masked=True)
+    chunk = min(mcfg.block_m, mcfg.block_n)
+    runs = None
+    if error is None and stages is not None:
+        runs = "the two-stage kernels run it"
+    elif error is None and chunked_form(written, rewritten, chunk) is not None:
+        runs = "the chunked kernels run it past the crossover, but not yet for training"
+    chunked = _linear(written, ext, chunk, runs) if runs and runs.startswith("the chunked") else None
+    if chunked is not None and shape.M == shape.N and chunked["crossover"] <= shape.N:
+        # the plan the kernels run: each row's pairs within its own chunk, and the state before each chunk
+        # written once and read once
+        e, f = chunked["state"]
+        flops = chunked["chunked_flops"] * shape.B * shape.Hq
+        trans *= min(1.0, chunk / shape.N)
+        nbytes += 2 * shape.B * shape.Hq * -(-shape.N // chunk) * ext[e] * ext[f] * DTYPE_BYTES[dtype]
     times = {
         "tensor-core": flops / target.tensor_flops,
         "special-function": trans / target.sfu_ops,
         "memory": nbytes / target.hbm_bandwidth,
     }
     bound = max(times, key=times.__getitem__)
-    stages = key_stages(rewritten)
     if error is not None:
         template = f"not lowered: {error}"
     elif stages is not None:
@@ -239,6 +256,12 @@ def explain(
             f"two stages (attention_fwd.py.jinja): a key stage over all keys (programs per (batch, head), split "
             f"along the keys), stores {summaries}; then the query tiles read it, "
             + (f"with {passes} pass(es) over the keys of their own" if passes else "with no pass over the keys")
+        )
+    elif chunked is not None and shape.M == shape.N and chunked["crossover"] <= shape.N:
+        template = (
+            f"chunked (attention_chunk_states.py.jinja, then attention_fwd.py.jinja): the state before each chunk of "
+            f"{chunk} keys, then each query tile over its own chunk's keys and that state; the quadratic one-pass "
+            f"kernel below N = {chunked['crossover']}, for training, decoding (M ≠ N) and jagged batches"
         )
     elif pa.passes > 1:
         template = f"{pa.passes}-pass forward (attention_fwd.py.jinja, a loop over the keys per pass); no split-KV"
@@ -279,32 +302,29 @@ def explain(
         str(written),
         str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
-        _linear(written, ext, lowered=error is None and stages is not None),
+        _linear(written, ext, chunk, runs),
     )
 
 
-CHUNK = 64  # the chunk of the linear form's plan that explain reports
-
-
-def _linear(written: Cascade, ext: dict[str, int], lowered: bool) -> dict | None:
-    """The linear form at the shape: the state, the chunked plan's FLOPs beside the quadratic form's (per head,
-    M = N), the length past which the chunked plan takes fewer, whether the kernels run that plan (``lowered``: the
-    two stages of a form that is not causal); None when the weights are not linear."""
+def _linear(written: Cascade, ext: dict[str, int], chunk: int, runs: str | None) -> dict | None:
+    """The linear form at the shape: the state, the chunked plan's FLOPs (chunks of ``chunk``) beside the quadratic
+    form's (per head, M = N), the length past which the chunked plan takes fewer, which kernels run that plan
+    (``runs``; None: none); None when the weights are not linear."""
     form = linear_form(written)
     if form is None:
         return None
     e, f = form.state
-    sizes = {N: ext["n"], C: CHUNK, E: ext[e], F: ext[f]}
+    sizes = {N: ext["n"], C: chunk, E: ext[e], F: ext[f]}
     return {
         "state": [e, f],
         "state_bytes": 4 * ext[e] * ext[f],
         "causal": form.causal,
         "separated": form.separated,
-        "chunk": CHUNK,
+        "chunk": chunk,
         "chunked_flops": float(form.chunked_flops.subs(sizes)),
         "quadratic_flops": float(form.quadratic_flops.subs(sizes)),
-        "crossover": form.crossover(CHUNK, ext[e], ext[f]),
-        "lowered": lowered,
+        "crossover": form.crossover(chunk, ext[e], ext[f]),
+        "runs": runs,
     }
 
 
@@ -322,7 +342,7 @@ def _linear_rows(lin: dict) -> list[tuple[str, str]]:
             (f"chunks of {lin['chunk']}: " if lin["causal"] else "the state, then its read: ")
             + f"{lin['chunked_flops']:.3e} FLOPs per head where the quadratic form takes {lin['quadratic_flops']:.3e}; "
             f"fewer from N = {lin['crossover']} on"
-            + (" (the two-stage kernels run it)" if lin["lowered"] else " (analysis only: no kernel of this form yet)"),
+            + (f" ({lin['runs']})" if lin["runs"] else " (analysis only: no kernel of this form yet)"),
         ),
     ]
 

@@ -109,11 +109,24 @@ def test_combine_kernel_compiles(compiled, head_dim):
 
 
 def test_a_broadcast_reduction_compiles_at_its_shrunk_default():
-    # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does
+    # GLA's BM×BN×E decay tile does not fit the target's 64×64 default; the fitting default does. At a prefill's
+    # length GLA runs chunk by chunk: the state kernel, then the query tiles whose own chunk holds that tile
     from einflash.compiler.tuning.space import fitting_default
 
     op = load_example("gla").gla
-    (job,) = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))
+    states, job = captured("gla", PREFILL, 128, lambda extents, kv: fitting_default(op.forward, SM90, extents, kv, 2))
     assert job.constexprs["BLOCK_M"] * job.constexprs["BLOCK_N"] < 64 * 64
-    kernel = _compile(job)
-    assert kernel.shared_bytes <= SM90.smem_per_block and kernel.spill_bytes == 0, kernel
+    for kernel in (_compile(states), _compile(job)):
+        assert kernel.shared_bytes <= SM90.smem_per_block and kernel.spill_bytes == 0, kernel
+
+
+def test_chunked_kernels_compile_with_tensor_cores():
+    # causal linear attention with a decay at a prefill's length: the state kernel's chunk products and the query
+    # tiles' (their own chunk, and the state) on warp-group MMAs, with no spills, at the default of a causal mask
+    states, queries = captured(
+        "causal_linear", PREFILL, 128, lambda extents, kv: default_schedule(extents, SM90, kv, True)
+    )
+    assert queries.constexprs["BLOCK_M"] == queries.constexprs["BLOCK_N"]  # a chunk's rows and its keys
+    for kernel in (_compile(states), _compile(queries)):
+        assert kernel.uses_wgmma and kernel.spill_bytes == 0, kernel
+        assert kernel.shared_bytes <= SM90.smem_per_block, kernel

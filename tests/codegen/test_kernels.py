@@ -572,6 +572,54 @@ def test_two_stage_jagged_batch_matches_each_sequence_alone():
     assert (out[:, :, 22:25] == 0).all()  # the sequence with no keys
 
 
+# -- the chunked form: causal attention in linear form, chunk by chunk -------------------------------------
+
+
+@ef.attention
+def plain_causal_linear(q, k, v):
+    """Causal linear attention with no decay: the state is a plain running sum of kᵀv."""
+    return ef.mask(q @ k, ef.n <= ef.m) @ v
+
+
+def _chunked_op(name: str) -> ef.AttentionOp:
+    return plain_causal_linear if name == "plain_causal_linear" else _op(name)
+
+
+@pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("N", [40, 77, 160])
+@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear"])
+def test_chunked_forward_matches_the_reference(name, N, dtype):
+    """Past the crossover the forward runs the chunked form: the state kernel stores the state before each chunk
+    of 16, the query tiles take their own chunk's keys and the state before it. GQA (the state is per query head:
+    the decay is), lengths that are not multiples of the chunk, a padded head dim."""
+    op = _chunked_op(name)
+    shape = dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=N, N=N, E=24, F=16)
+    inputs = _inputs("causal_linear" if name == "plain_causal_linear" else name, shape, dtype)
+    inputs = {t: x for t, x in inputs.items() if t in {i.name for i in op.cascade.inputs}}
+    schedule = Schedule(16, 16, 4, 1)
+    chunked = op.forward.runs_chunked(bind_extents(op.forward.rewritten, inputs, {}), schedule)
+    assert (chunked is not None) == (op.forward.linear.crossover(16, 24, 16) <= N)
+    with mock.patch.object(forward_module.Forward, "_run_chunked", wraps=op.forward._run_chunked) as ran:
+        out = op(**inputs, schedule=schedule)
+    assert ran.called == (chunked is not None)
+    _assert_matches_reference(op, out, **inputs)
+
+
+def test_chunked_form_runs_where_it_is_cheaper_and_as_written_elsewhere():
+    """Decoding (M ≠ N), training and softmax keep the quadratic kernel; causal linear attention past its crossover
+    runs chunks, and its quadratic and chunked outputs agree."""
+    op = _op("causal_linear")
+    schedule = Schedule(16, 16, 4, 1)
+    extents = {"b": 1, "h": 2, "m": 160, "n": 160, "e": 24, "f": 16}
+    assert op.forward.runs_chunked(extents, schedule) is not None
+    assert op.forward.runs_chunked(extents | {"m": 1}, schedule) is None
+    assert _op("causal").forward.runs_chunked(extents, schedule) is None
+    inputs = _inputs("causal_linear", dataclasses.replace(SHAPE, B=1, M=160, N=160), F32)
+    chunked = op(**inputs, schedule=schedule)
+    quadratic = op(**inputs, schedule=Schedule(128, 128, 4, 1))  # chunks of 128 cross over later
+    torch.testing.assert_close(chunked, quadratic, rtol=1e-4, atol=1e-4)
+
+
 # -- jagged batches ------------------------------------------------------------------------
 
 # (query length, key length) per sequence: lengths that are not multiples of the tile, M ≠ N, an empty

@@ -478,3 +478,69 @@ def test_a_table_read_through_an_integer_input_is_composed_into_one_table():
     want = run_reference(gathered.cascade, inputs, {})
     got = run_reference(c, inputs | {m.name: m.make(inputs) for m in made}, {})
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _chunked_by_reference(ch, inputs, n: int) -> torch.Tensor:
+    """The chunked form run through the reference executor chunk by chunk, as the kernels run it: each chunk's
+    update from the state cascade (its keys alone: v is zero elsewhere), the recurrence between anchors, then each
+    chunk's rows of the query cascade given the state before it."""
+    from einflash.compiler.rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK, STATE
+    from einflash.ir.reference import evaluate
+
+    C, chunks = ch.chunk, -(-n // ch.chunk)
+    e, f = ch.contracted, ch.value
+    states = []
+    for c in range(chunks):
+        v = torch.zeros_like(inputs["v"])
+        v[:, :, c * C : c * C + C] = inputs["v"][:, :, c * C : c * C + C]
+        made = evaluate(ch.states, inputs | {"v": v}, {ANCHOR_LO: max(c * C - 1, 0), ANCHOR_HI: min(c * C + C, n) - 1})
+        update = made["update"].aligned(("b", "h", e, f))
+        between = made["decay_between"]
+        between = between.aligned(("b", "h", *between.ranks[2:]))
+        between = between[..., None] if between.dim() == 3 else between[..., None, None]
+        states.append(update if c == 0 else states[-1] * between + update)
+    hs = torch.stack([torch.zeros_like(states[0])] + states[:-1], dim=2)  # the state before each chunk
+    rows = []
+    for c in range(chunks):
+        at = {ANCHOR_LO: max(c * C - 1, 0), CHUNK: c}
+        rows.append(run_reference(ch.queries, inputs | {STATE: hs}, at)[:, :, c * C : c * C + C])
+    return torch.cat(rows, dim=2)
+
+
+@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear"])
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_chunked_form_gives_the_output(name, chunk):
+    """Chunk states through the recurrence between anchors, then each chunk's own keys plus its state's term, give
+    the cascade's output (the reference runs both chunk cascades)."""
+    from einflash.compiler.rewrite.chunked import chunked_form
+
+    op = plain_causal_linear if name == "plain_causal_linear" else _op(name)
+    extra = getattr(_example(name), "extra_inputs", None) if name in NAMES else None
+    inputs = _inputs(op, extra)
+    inputs["q"] = torch.randn(SHAPE.B, SHAPE.Hq, SHAPE.N, SHAPE.E, dtype=torch.float64)  # M = N
+    ch = chunked_form(op.cascade, op.forward.rewritten, chunk)
+    assert ch is not None
+    got = _chunked_by_reference(ch, inputs, SHAPE.N)
+    torch.testing.assert_close(got, run_reference(op.cascade, inputs), rtol=1e-10, atol=1e-10)
+
+
+@ef.attention
+def plain_causal_linear(q, k, v):
+    return ef.mask(q @ k, ef.n <= ef.m) @ v
+
+
+def test_chunked_form_refuses_what_it_cannot_cut():
+    """A window (no single running state), a normalised feature map, a factor of both sides with no anchor, and
+    softmax have no chunked form."""
+    from einflash.compiler.rewrite.chunked import chunked_form
+
+    @ef.attention
+    def windowed(q, k, v):
+        return ef.mask(q @ k, (ef.n <= ef.m) & (ef.m - ef.n < 8)) @ v
+
+    @ef.attention
+    def unanchored(q, k, v):
+        return ef.mask((q @ k) * ef.exp(-((ef.m - ef.n) * (ef.m - ef.n)) / 100), ef.n <= ef.m) @ v
+
+    for op in (windowed, unanchored, _op("softmax"), _op("causal")):
+        assert chunked_form(op.cascade, op.forward.rewritten, 16) is None, op.name

@@ -51,9 +51,15 @@ GRIDS = {
     "combine": "(ceil(M / BLOCK_M), B·H, 1)",
     "key stage": "(1, B·H, splits if SPLIT else 1)",
     "key fold": "(1, B·H, 1)",
+    "chunk states": "(blocks of E × blocks of F, B·H, 1)",
 }
 # the kind of a kernel, by the prefix of its name (the others are forward kernels)
-KINDS = {"attn_combine__": "combine", "attn_fwd_keys__": "key stage", "attn_fold_keys__": "key fold"}
+KINDS = {
+    "attn_combine__": "combine",
+    "attn_fwd_keys__": "key stage",
+    "attn_fold_keys__": "key fold",
+    "attn_chunk_states__": "chunk states",
+}
 
 
 # -- the manifest ---------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ class Kernel:
     """A generated kernel: its source, calling interface, grid rule and binaries."""
 
     name: str
-    kind: str  # forward, combine, key stage or key fold
+    kind: str  # forward, combine, key stage, key fold or chunk states
     source: str  # path in the directory
     source_sha256: str
     interface: dict  # what launches rely on; see ``interface``

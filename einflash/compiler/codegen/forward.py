@@ -24,7 +24,7 @@ from .reductions import KTH_LARGEST, TOP_LIST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
 from .stores import carry, init_states, result_params, store_results, store_state, store_summary
-from .tile_ranges import governing_mask, governs, key_plan
+from .tile_ranges import KeyPlan, KeyRange, governing_mask, governs, key_plan
 from .tilecode import KernelSettings, TileCode
 
 TEMPLATE = "attention_fwd.py.jinja"
@@ -140,6 +140,7 @@ def lower(
     saved: tuple[str, ...] = (),
     stage: str | None = None,
     read: frozenset = frozenset(),
+    positions: dict[str, str] | None = None,
 ) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
@@ -150,8 +151,11 @@ def lower(
     ``stage`` lowers a stage of a two-stage cascade (einflash.compiler.rewrite.stages): the ``"keys"`` kernel
     stores its outputs, the summaries, into ``out_<name>[b, h, ...]`` with their presence in
     ``present_<name>`` (same shape and strides); the ``"queries"`` kernel reads them (``read`` names them among its
-    inputs) with no loop.
+    inputs) with no loop. The ``"chunked"`` kernel is the query kernel of the chunked form
+    (einflash.compiler.rewrite.chunked): its keys are the query tile's own chunk, and ``positions`` binds the
+    integer parameters that name the program's positions (its chunk, the key before it) to their code.
     """
+    positions = positions or {}
     sec = sections(c, stage)
     if split and len(sec.loops) > 1:
         raise LoweringError(
@@ -160,7 +164,7 @@ def lower(
         )
     used = {r.tensor for e in c.einsums for r in e.reads()}
     tensors = tuple(t.name for t in c.inputs if t.name in used)
-    params = tuple(p.name for p in c.params)
+    params = tuple(p.name for p in c.params if p.name not in positions)
     value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
     row_states = tuple(t.name for t in c.states if tuple(r for r in t.ranks if r not in PARALLEL) == ("m",))
     acc_states = tuple(t.name for t in c.states if t.name not in row_states)
@@ -176,7 +180,7 @@ def lower(
         summaries=read,
         packed_heads=stage is None,  # the stages run one head per program (a key stage has no rows to pack)
     )
-    plans = [key_plan(c, loop) for loop in sec.loops]
+    plans = [own_chunk() if stage == "chunked" else key_plan(c, loop) for loop in sec.loops]
     lists = plans[0].lists if plans else None
     if any(p.lists != lists for p in plans[1:]):
         raise LoweringError(
@@ -186,6 +190,8 @@ def lower(
 
     # prologue: the first loop's states, query-side loads used anywhere, prologue Einsums
     pro = kernel.section()
+    for p, code in positions.items():
+        pro.emit(f"p_{p} = {code}")
     init_states(pro, c, acc, only={e.out for e in sec.loops[0]} if sec.loops else set())
     for e in (e for loop in sec.loops for e in loop):
         for r in pro.input_reads(e):
@@ -297,6 +303,19 @@ def lower(
         summary_reads=tuple(sorted(read)),
         stage=stage,
     )
+
+
+def own_chunk() -> KeyPlan:
+    """The keys of the chunked form's query kernel: the query tile's own chunk (its tiles of rows and of keys are
+    the chunk), under the causal mask."""
+    own = KeyRange(
+        "pid_m * BLOCK_M",
+        "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N)",
+        masked=True,
+        comment="the query tile's own chunk of keys (the keys before it reach it through the chunk state)",
+        pipelined=False,
+    )
+    return KeyPlan((), (own,))
 
 
 def _unrouted(c: Cascade, loop: tuple[Einsum, ...], start: TileCode) -> str | None:

@@ -40,8 +40,15 @@ def unrolled_ranks(e: Einsum, c: Cascade) -> tuple[str, ...]:
     reduced = tuple(r for r in e.reduce.ranks if r not in SEQUENCE_RANKS)
     if len(e.reduce.ranks) > 1:
         return out + reduced
-    wide = {r for x in e.reads() if c.has_tensor(x.tensor) for r in _beyond_two(c.tensor(x.tensor).ranks)}
+    wide = {r for x in e.reads() if c.has_tensor(x.tensor) for r in _beyond_two(_read_along(x, c))}
     return out + reduced if set(reduced) & wide else out
+
+
+def _read_along(x: Read, c: Cascade) -> tuple[str, ...]:
+    """The ranks of ``x``'s tensor that the read runs along: those whose index moves with a coordinate (a chunk's
+    state ``hs[b, h, chunk, e, f]`` read at one chunk is a tile of e and f)."""
+    ranks = c.tensor(x.tensor).ranks
+    return tuple(r for r, i in zip(ranks, x.index) if sympy.sympify(i).free_symbols & {coord(q) for q in ranks})
 
 
 def _beyond_two(ranks: tuple[str, ...]) -> tuple[str, ...]:

@@ -19,20 +19,24 @@ from ...ir.ranks import PARALLEL
 from ...ir.reference import bind_extents
 from ...jagged import JaggedBatch
 from ..analysis.cost import broadcast_reduction
+from ..analysis.linear_form import linear_form
+from ..codegen.chunked import QUERY_POSITIONS, lower_states
 from ..codegen.combine import combine_cascade, lower_combine
-from ..codegen.forward import lower, sections
+from ..codegen.forward import exact_dots, lower, sections
 from ..codegen.source import KernelSource
 from ..codegen.tile_ranges import key_plan
+from ..rewrite.chunked import STATE, Chunked, chunked_form
 from ..rewrite.compose import compose_gathers
 from ..rewrite.online import streaming_obstacle
 from ..rewrite.pipeline import optimise
 from ..rewrite.stages import key_stages
 from ..schedule import Schedule, padded
-from .launch import Launcher, combine, jit_launch, launch
+from .launch import Launcher, chunk_states_call, combine, jit_launch, launch
 from .replay import Recording
 from .tile_lists import tile_lists
 
 FOLD_BLOCK_M = 16
+STATE_BLOCK = 64  # the rows and columns of a chunk state that one program of the state kernel keeps
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -103,6 +107,9 @@ class Forward:
         self.lists = None if keys is None else keys.lists  # key tiles classified at run time
         # a product reduced as a broadcast tile, not by tl.dot (GLA): the backward's tiles shrink to fit it
         self.broadcast = any(broadcast_reduction(e) for e in self.rewritten.einsums)
+        self.linear = linear_form(cascade)  # weights in linear form: a state can replace them
+        self._chunked: dict[int, Chunked | None] = {}
+        self._crossovers: dict[tuple[int, int, int], int] = {}
 
     def _governing_loops(self) -> tuple[Cascade, tuple]:
         """The kernel cascade whose loops over the keys the query tiles' programs run, and those loops: the
@@ -174,6 +181,41 @@ class Forward:
             self._sources[key] = tuple(made)  # type: ignore[assignment]
         return self._sources[key]  # type: ignore[return-value]
 
+    def chunked(self, chunk: int) -> Chunked | None:
+        """The chunked form for chunks of ``chunk`` positions (causal attention in linear form), or None."""
+        if chunk not in self._chunked:
+            lowered = self.error is None and self.stages is None
+            self._chunked[chunk] = chunked_form(self.written, self.kernel_cascade, chunk) if lowered else None
+        return self._chunked[chunk]
+
+    def runs_chunked(self, extents: dict[str, int], schedule: Schedule) -> Chunked | None:
+        """The chunked form a call of a plain batch, as many queries as keys, runs: where the cascade has one and
+        the length is past the crossover, from which it takes fewer FLOPs than the quadratic form (chunks of the
+        schedule's tile); else None (the quadratic kernel)."""
+        chunk = min(schedule.block_m, schedule.block_n)
+        ch = self.chunked(chunk) if self.linear is not None and extents["m"] == extents["n"] else None
+        if ch is None or self.linear is None:
+            return None
+        at = (chunk, extents[ch.contracted], extents[ch.value])
+        if at not in self._crossovers:
+            self._crossovers[at] = self.linear.crossover(*at)
+        return ch if extents["n"] >= self._crossovers[at] else None
+
+    def chunk_sources(
+        self, ch: Chunked, dtype: torch.dtype, dims: dict[str, int], int_inputs: frozenset
+    ) -> tuple[KernelSource, KernelSource]:
+        """The chunked form's kernels: the chunk states', the query tiles'."""
+        key = ("chunked", ch.chunk, dtype, tuple(sorted(dims.items())), int_inputs)
+        if key not in self._sources:
+            name = DTYPE_NAMES[dtype]
+            e, f = ch.contracted, ch.value
+            blocks = {r: min(dims[r], STATE_BLOCK) for r in (e, f)}
+            state_dims = blocks | {f"{r}_extent": dims[f"{r}_extent"] for r in (e, f)}
+            states = lower_states(ch.states, state_dims, name, *exact_dots(name), int_inputs)
+            queries = lower(ch.queries, dims, name, int_inputs=int_inputs, stage="chunked", positions=QUERY_POSITIONS)
+            self._sources[key] = (states, queries)  # type: ignore[assignment]
+        return self._sources[key]  # type: ignore[return-value]
+
     @functools.cached_property
     def keys_splittable(self) -> bool:
         """Whether a two-stage forward's key stage can run split along the keys: its states have a fold."""
@@ -243,6 +285,10 @@ class Forward:
             k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
         }
         inputs |= {made.name: made.make(inputs) for made in self.compositions}
+        chunked = None if split or saved or jagged is not None or row_out else self.runs_chunked(extents, schedule)
+        if chunked is not None:
+            self._run_chunked(chunked, inputs, values, out, schedule, extents, dims, ints, launcher, empty)
+            return out, row_out
         summaries: dict[str, torch.Tensor] = {}
         if self.stages is not None:
             if saved:
@@ -278,6 +324,29 @@ class Forward:
         if jagged is None or jagged.max_q > 0:
             launch(c, src, inputs, values, out, ws | summaries, schedule, extents, jagged, lists, launcher)
         return out, ws
+
+    def _run_chunked(self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty) -> None:
+        """The chunked form: the state before each chunk (one program per block of a head's state walks the
+        chunks), then the query tiles, each over its own chunk of keys and the state before it."""
+        states_src, queries_src = self.chunk_sources(ch, out.dtype, dims, ints)
+        e, f, C = ch.contracted, ch.value, ch.chunk
+        B, H, N = extents["b"], extents["h"], extents["n"]
+        acc = accumulator_dtype(out.dtype)
+        exact = exact_dots(DTYPE_NAMES[out.dtype])[0]
+        states = {
+            # a 16-bit kernel's tensor cores read the state in the inputs' type
+            STATE: empty(
+                B, H, -(-N // C), extents[e], extents[f], dtype=acc if exact else out.dtype, device=out.device
+            ),
+            "final": empty(B, H, extents[e], extents[f], dtype=acc, device=out.device),
+        }
+        blocks = (-(-dims[e] // STATE_BLOCK), -(-dims[f] // STATE_BLOCK))
+        call = chunk_states_call(ch.states, states_src, inputs, values, states, extents, C, blocks, schedule.num_warps)
+        launcher(states_src, call)
+        own = replace(schedule, block_m=C, block_n=C, splits=1, pack=False, reverse_m=False)
+        launch(
+            ch.queries, queries_src, inputs | {STATE: states[STATE]}, values, out, {}, own, extents, launcher=launcher
+        )
 
     def _summarise(self, keys, inputs, values, schedule, extents, jagged, launcher, empty) -> dict[str, torch.Tensor]:
         """Run the key stage of a two-stage forward: each summary of the keys per (sequence, head), fp32 (fp64 for

@@ -241,6 +241,31 @@ def launch(
     return visits if isinstance(visits, torch.Tensor) else None
 
 
+def chunk_states_call(
+    c: Cascade,
+    src: KernelSource,
+    inputs: dict[str, torch.Tensor],
+    params: dict[str, float],
+    states: dict[str, torch.Tensor],
+    extents: dict[str, int],
+    chunk: int,
+    blocks: tuple[int, int],
+    num_warps: int,
+) -> KernelCall:
+    """The launch of the chunk-state kernel (einflash.compiler.codegen.chunked) over (blocks of the state,
+    batch·heads): ``states`` holds ``hs`` (the state before each chunk) and ``final`` (after the last), ``blocks``
+    how many blocks of the state's rows and columns the programs of a head share it in."""
+    args: dict[str, object] = {}
+    for name in src.tensors:
+        args |= pointer(name, inputs[name])
+    args |= pointer("hs", states["hs"]) | pointer("final", states["final"])
+    args |= {param_name(p): params[p] for p in src.params} | dict(src.constexprs)
+    B, H = extents["b"], extents["h"]
+    hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
+    args |= dict(M=extents["m"], N=extents["n"], H=H, GROUP=H // hkv, E_BLOCKS=blocks[0], BLOCK_N=chunk)
+    return KernelCall((blocks[0] * blocks[1], B * H, 1), src.signature.bind(args), num_warps, COMBINE_STAGES)
+
+
 def combine_call(
     src: KernelSource,
     ws: dict[str, torch.Tensor],
