@@ -27,6 +27,7 @@ from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
 from .analysis.key_passes import count_passes
 from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
+from .autodiff.chunked import chunked_gradient
 from .codegen.stores import tile_ranks
 from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.chunked import chunked_form
@@ -232,7 +233,7 @@ def explain(
     if error is None and stages is not None:
         runs = "the two-stage kernels run it"
     elif error is None and chunked_form(written, rewritten, chunk) is not None:
-        runs = "the chunked kernels run it past the crossover, but not yet for training"
+        runs = "the chunked kernels run it past the crossover"
     chunked = _linear(written, ext, chunk, runs) if runs and runs.startswith("the chunked") else None
     if chunked is not None and shape.M == shape.N and chunked["crossover"] <= shape.N:
         # the plan the kernels run: each row's pairs within its own chunk, and the state before each chunk
@@ -261,7 +262,12 @@ def explain(
         template = (
             f"chunked (attention_chunk_states.py.jinja, then attention_fwd.py.jinja): the state before each chunk of "
             f"{chunk} keys, then each query tile over its own chunk's keys and that state; the quadratic one-pass "
-            f"kernel below N = {chunked['crossover']}, for training, decoding (M ≠ N) and jagged batches"
+            f"kernel below N = {chunked['crossover']}, for decoding (M ≠ N) and jagged batches; "
+            + (
+                "its backward: three chunked attentions and the chain rule"
+                if chunked_gradient(written) is not None
+                else "its backward is the quadratic one (a factor of both sides over the contracted rank)"
+            )
         )
     elif pa.passes > 1:
         template = f"{pa.passes}-pass forward (attention_fwd.py.jinja, a loop over the keys per pass); no split-KV"

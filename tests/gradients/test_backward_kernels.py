@@ -411,3 +411,26 @@ def test_a_default_backward_that_runs_out_of_shared_memory_shrinks_until_it_fits
     assert _fitting(launch, default, False, ("key",)) == "ran" and len(tried) == 1  # remembered
     with pytest.raises(OutOfResourcesError, match="needs 245,760 B, the target has 232,448 B"):
         _fitting(launch, default, True, ("other",))
+
+
+# -- the chunked form's backward: three chunked attentions ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+@pytest.mark.parametrize("N", [40, 160])
+def test_chunked_backward_matches_the_reference(N, dtype):
+    """Past the crossover, causal linear attention with a decay trains chunk by chunk: its backward runs the
+    derived attentions (dA forwards, dv and dB on the reversed sequences) and the chain rule into q, k, v and the
+    decay; GQA 4:2, a length that is no multiple of the chunk."""
+    from unittest import mock
+
+    from einflash.compiler.runtime import backward as backward_module
+
+    name = "causal_linear"
+    given = inputs(name, dataclasses.replace(SHAPE, Hq=4, Hkv=2, M=N, N=N), dtype)
+    d_o = grad_output(name, given, {})
+    with mock.patch.object(backward_module, "chunked_gradients", wraps=backward_module.chunked_gradients) as ran:
+        grads = _grads(name, given, {}, d_o, schedule=Schedule(16, 16, 4, 1), backward_schedule=SMALL)
+    assert ran.called == (op(name).forward.linear.crossover(16, 24, 16) <= N)
+    assert all(grads[k].shape == x.shape and grads[k].dtype == x.dtype for k, x in given.items())
+    _assert_within_tolerance(name, grads, d_o, given, {})

@@ -243,3 +243,50 @@ def test_outputs_that_mix_streams_save_their_accumulators():
 def test_operator_derivatives_are_written_with_the_operators_value(operator, derivative):
     x, y = Read("x", (coord("m"),)), Read("y", (coord("m"),))
     assert format_expr(local_derivative(call(operator, x), 0, y)) == derivative
+
+
+@ef.attention
+def _featured(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821 -- a rank name
+    """Feature maps on both sides beside a decay: A = relu(q) + 1, B = exp(k / 2)."""
+    return ef.mask((ef.relu(q) + 1.0) @ ef.exp(k * 0.5) * ef.exp((ef.m - ef.n) * ef.log(decay)), ef.n <= ef.m) @ v
+
+
+@ef.attention
+def _plain_causal_linear(q, k, v):
+    return ef.mask(q @ k, ef.n <= ef.m) @ v
+
+
+@pytest.mark.parametrize("which", ["causal_linear", "plain", "featured"])
+def test_the_chunked_gradient_is_the_cascades_gradient(which):
+    """The three derived attentions (run by the reference executor) and the chain rule through A, B and the decay's
+    exponent give the gradient autograd takes of the cascade as written: GQA 4:2, float64."""
+    from einflash.compiler.autodiff.chunked import chunked_gradient, chunked_gradients
+    from einflash.ir.reference import run_reference
+
+    attention = {"causal_linear": op("causal_linear"), "plain": _plain_causal_linear, "featured": _featured}[which]
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    given = {
+        "q": torch.randn(1, 4, 13, 5, **f64),
+        "k": torch.randn(1, 2, 13, 5, **f64),
+        "v": torch.randn(1, 2, 13, 3, **f64),
+    }
+    if which != "plain":
+        given["decay"] = 0.8 + 0.2 * torch.rand(4, **f64)
+    leaves = {n: x.clone().requires_grad_() for n, x in given.items()}
+    out = run_reference(attention.cascade, leaves)
+    d_o = torch.randn_like(out)
+    out.backward(d_o)
+    g = chunked_gradient(attention.cascade)
+    assert g is not None
+    got = chunked_gradients(g, given, {}, d_o, lambda c, t: run_reference(c, t), frozenset(given))
+    for n, x in leaves.items():
+        torch.testing.assert_close(got[n], x.grad, rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_gates_over_the_contracted_rank_have_no_chunked_gradient():
+    """GLA's factor of both sides runs over e: its gradient is the quadratic backward's."""
+    from einflash.compiler.autodiff.chunked import chunked_gradient
+
+    assert chunked_gradient(op("gla").cascade) is None
+    assert chunked_gradient(op("causal").cascade) is None

@@ -69,7 +69,7 @@ class Chunked:
 
 
 @dataclass(frozen=True)
-class _Weights:
+class Weights:
     """``w[m,n] = Σ_e query·key·pair`` (``pair`` may be None: no factor of both sides), and the value read."""
 
     query: Expr
@@ -86,23 +86,24 @@ def chunked_form(written: Cascade, rewritten: Cascade, chunk: int) -> Chunked | 
     form = linear_form(written)
     if form is None or not form.causal:
         return None
-    weights = _weights(written)
-    if weights is None or (weights.pair is not None and not _anchored(weights.pair)):
+    w = weights(written)
+    if w is None or (w.pair is not None and not anchored(w.pair)):
         return None
-    queries = _query_cascade(rewritten, weights, chunk)
+    queries = _query_cascade(rewritten, w, chunk)
     if queries is None:
         return None
     return Chunked(
-        _state_cascade(written, weights),
+        _state_cascade(written, w),
         queries,
         chunk,
-        weights.contracted,
+        w.contracted,
         next(r for r in written.tensor(written.outputs[0]).ranks if r not in ("b", "h", "m")),
     )
 
 
-def _weights(c: Cascade) -> _Weights | None:
-    """The factors of ``c``'s weights by side, every intermediate made without a reduction inlined."""
+def weights(c: Cascade) -> Weights | None:
+    """The factors of ``c``'s weights by side, every intermediate made without a reduction inlined; None where they
+    are not ``Σ_e query·key·pair`` under the causal mask alone."""
     out = c.producer(c.outputs[0])
     if out is None or out.reduce is None or out.reduce.ranks != (STREAM,):
         return None
@@ -134,7 +135,7 @@ def _weights(c: Cascade) -> _Weights | None:
         sides["pair" if side == {"m", STREAM} else "key" if side == {STREAM} else "query"].append((f, k))
     if contracted is None:
         return None
-    return _Weights(
+    return Weights(
         product(sides["query"]),
         product(sides["key"]),
         product(sides["pair"]) if sides["pair"] else None,
@@ -181,7 +182,7 @@ def _symbolic(x: Expr) -> sympy.Expr:
     return to_sympy(x, leaf)
 
 
-def _anchored(pair: Expr) -> bool:
+def anchored(pair: Expr) -> bool:
     """Whether ``P(m,n) = P(m,p)·P(p,n)`` for every position p (a decay between two positions, made of a value at
     each: ``exp(G[m] − G[n])``, ``γ^(m − n)``)."""
     p = sympy.Symbol("p", integer=True, nonnegative=True)
@@ -195,7 +196,7 @@ def _positions(c: Cascade, *names: str) -> tuple[ParamDecl, ...]:
     return c.params + tuple(ParamDecl(n, integer=True) for n in names)
 
 
-def _state_cascade(c: Cascade, w: _Weights) -> Cascade:
+def _state_cascade(c: Cascade, w: Weights) -> Cascade:
     """kb[n,e] = b·P(anchor_hi, n); decay_between[e] = P(anchor_hi, anchor_lo); update[e,f] = Σ_n kb·v."""
     e, f = w.contracted, next(r for r in c.tensor(w.value.tensor).ranks if r not in ("b", "h", STREAM))
     kb_expr = w.key if w.pair is None else call("mul", w.key, at(w.pair, "m", ANCHOR_HI))
@@ -225,7 +226,7 @@ def _state_cascade(c: Cascade, w: _Weights) -> Cascade:
     )
 
 
-def _query_cascade(rewritten: Cascade, w: _Weights, chunk: int) -> Cascade | None:
+def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None:
     """The rewritten cascade with each query's keys cut to its own chunk, then its state's term; None where its
     loop is masked otherwise than by the causal mask alone."""
     own = call(

@@ -9,17 +9,19 @@ wrote (``Launched.finish``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ...errors import DifferentiationError, LoweringError
-from ...ir.cascade import Einsum, Layout
+from ...ir.cascade import Cascade, Einsum, Layout
 from ...ir.ranks import PARALLEL, STREAM
 from ...ir.reference import run_reference
 from ...jagged import JaggedBatch
 from ..analysis.mask_tiles import conjuncts
+from ..autodiff.chunked import ChunkedGradient, chunked_gradient, chunked_gradients
 from ..autodiff.gradient import (
     Gradient,
     Partial,
@@ -34,7 +36,7 @@ from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launc
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
 from ..rewrite.compose import Composition, composed, compositions, read_composed
-from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule
+from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule, Schedule
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype, refuse_interpreted_bfloat16
 from .launch import jit_launch
 from .replay import Recording
@@ -54,9 +56,12 @@ class Launched:
     partials: dict[str, torch.Tensor]
     labels: dict[str, tuple[str, ...]]
     wanted: frozenset[str]
+    made: dict[str, torch.Tensor | None] | None = None  # the gradients themselves (the chunked form's)
 
     def finish(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """Each input's gradient in its own shape and dtype (None for inputs not wanted)."""
+        if self.made is not None:
+            return self.made
         if self.gradient is None:
             return {name: (torch.zeros_like(x) if name in self.wanted else None) for name, x in inputs.items()}
         return finish(self.gradient, self.partials, self.labels, inputs, self.wanted)
@@ -64,7 +69,9 @@ class Launched:
 
 @dataclass
 class Backward:
-    """The gradient of a Forward's cascade, its kernels, and one backward call.
+    """The gradient of a Forward's cascade, its kernels, and one backward call. Causal attention in linear form,
+    where the forward runs chunk by chunk, differentiates as three chunked forwards (einflash.compiler.autodiff
+    .chunked) at the same lengths.
 
     ``error`` holds the DifferentiationError (or LoweringError) when the gradient cannot be derived or
     lowered yet; calls then raise it.
@@ -305,6 +312,17 @@ class Backward:
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
         refuse_interpreted_bfloat16(output)
+        chunk = min(schedule.block_m, schedule.block_n)
+        schedule_f = Schedule(chunk, chunk, schedule.num_warps, schedule.num_stages)
+        if jagged is None and visits is None and self.chunked is not None:
+            g, forwards = self.chunked
+            if self.forward.runs_chunked(extents, schedule_f) is not None:
+                # the derived forwards' launches, through the JIT, with host work between them: not recorded, so
+                # not replayed
+                def run(c: Cascade, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+                    return forwards[c.key].run(tensors, values, schedule_f)[0]
+
+                return Launched(None, {}, {}, wanted, chunked_gradients(g, inputs, values, grad_output, run, wanted))
         call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record, jagged)
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:
@@ -323,6 +341,12 @@ class Backward:
         for kernel, launch in calls:
             launcher(kernel, launch)
         return Launched(call.cut.gradient, call.partials, call.labels, wanted)
+
+    @functools.cached_property
+    def chunked(self) -> tuple[ChunkedGradient, dict[str, Forward]] | None:
+        """The chunked gradient of the forward's cascade, and the forwards of its two derived attentions by key."""
+        g = chunked_gradient(self.forward.written) if self.forward.linear is not None else None
+        return None if g is None else (g, {c.key: Forward(c) for c in (g.forward, g.reversed)})
 
     def direct(self, p: Partial, o: Output) -> bool:
         """Whether the kernel can write the input's gradient itself: the only partial of its input, laid out

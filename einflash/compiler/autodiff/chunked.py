@@ -1,0 +1,272 @@
+"""The gradient of causal attention in linear form, as three causal linear attentions and the chain rule.
+
+With weights ``w[m,n] = Σ_e A[m,e]·B[n,e]·P(m,n)`` under ``n ≤ m`` (A the query side's factors, B the key side's,
+P the factor of both sides, here without the contracted rank e) and ``o = Σ_n w·v``, the incoming gradient ``dO``
+gives
+
+    dA[m,e] = Σ_{n ≤ m} (dO[m]·v[n])·P(m,n)·B[n,e]        causal linear attention of (dO, v, B) with P
+    dv[n,f] = Σ_{m ≥ n} (B[n]·A[m])·P(m,n)·dO[m,f]        the same, backwards along the sequence
+    dB[n,e] = Σ_{m ≥ n} (v[n]·dO[m])·P(m,n)·A[m,e]
+
+so each is the cascade ``mask((q @ k)·P, n ≤ m) @ v`` run on other tensors (the last two on the sequences reversed,
+``P`` read backwards), which the forward runs chunk by chunk. Where ``P = exp(X)`` with ``X(m,n) = φ(m) − φ(n)``
+(anchored), the gradient of X's inputs comes from ``dφ[t] = Σ_e A[t,e]·dA[t,e] − Σ_e B[t,e]·dB[t,e]`` (the weights'
+gradients summed over a row, less those summed over a column) through ``φ(t) = X(t, 0)``; those of A's and B's
+inputs from dA and dB through A and B. The chain rule runs on the reference executor's values of A, B and φ
+(elementwise, O(N·E)) with torch's autograd.
+
+>>> import einflash as ef
+>>> @ef.attention
+... def decayed(q, k, v, decay: ef.Tensor["h"]):
+...     return ef.mask((q @ k) * ef.exp((ef.m - ef.n) * ef.log(decay)), ef.n <= ef.m) @ v
+>>> g = chunked_gradient(decayed.cascade)
+>>> from einflash.ir.printer import format_expr
+>>> format_expr(g.reversed.producer("w").expr), format_expr(g.exponent.einsums[0].expr)
+('dot_e[m,n]·exp((N − 1 − n − (N − 1 − m))·log(decay[h]))', '(m − 0)·log(decay[h])')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import sympy
+import torch
+
+from ...ir.algebra import factors
+from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl
+from ...ir.expr import Call, Const, Coord, Expr, Read, Size, call, free_ranks, reads, transform
+from ...ir.ranks import PARALLEL, STREAM, coord
+from ...ir.reference import evaluate
+from ..rewrite.chunked import anchored, weights
+
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class ChunkedGradient:
+    """The cascades of the chunked gradient: ``forward`` (``mask((q @ k)·P, n ≤ m) @ v``) and ``reversed`` (the
+    same with ``P`` read backwards, for tensors given reversed along the sequence); ``query`` (``a[m,e]``, A) and
+    ``key`` (``bk[n,e]``, B) to differentiate through; ``exponent`` (``phi[m]``, φ) where there is a P; and the
+    inputs read per position, which the reversed cascade takes reversed."""
+
+    forward: Cascade
+    reversed: Cascade
+    query: Cascade
+    key: Cascade
+    exponent: Cascade | None
+    per_position: tuple[str, ...]
+
+
+def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
+    """The chunked gradient of ``written``, or None where it has none: no causal linear form, a factor of both
+    sides over the contracted rank (GLA's gates) or not an exponential of an anchored difference, or one that
+    reads q, k or v, or reads an input other than at plain positions."""
+    w = weights(written)
+    if w is None or written.outputs != ("o",):
+        return None
+    pair = w.pair
+    exponent = None if pair is None else _exponent(pair)
+    if pair is not None and (exponent is None or w.contracted in free_ranks(pair) or not anchored(pair)):
+        return None
+    pair_reads = [] if pair is None else list(reads(pair))
+    if any(r.tensor in QKV or not _plain(r) for r in pair_reads):
+        return None
+    per_position = tuple(sorted({r.tensor for r in pair_reads if {"m", STREAM} & set(written.tensor(r.tensor).ranks)}))
+    inputs = tuple(t for t in written.inputs if t.name not in QKV)
+    return ChunkedGradient(
+        _pair_linear(written, inputs, pair),
+        _pair_linear(written, inputs, None if pair is None else _backwards(pair)),
+        _map(written, "a", ("b", "h", "m", w.contracted), w.query),
+        _map(written, "bk", ("b", "h", STREAM, w.contracted), w.key),
+        None if exponent is None else _map(written, "phi", ("b", "h", "m"), _at_zero(exponent)),
+        per_position,
+    )
+
+
+def _exponent(pair: Expr) -> Expr | None:
+    """X where ``pair`` is a product of exponentials ``exp(X)`` (and their reciprocals); else None."""
+    terms = []
+    for f, k in factors(pair):
+        if not (isinstance(f, Call) and f.op == "exp"):
+            return None
+        terms.append(f.args[0] if k > 0 else call("neg", f.args[0]))
+    out = terms[0]
+    for t in terms[1:]:
+        out = call("add", out, t)
+    return out
+
+
+def _plain(r: Read) -> bool:
+    """Whether ``r`` reads at plain coordinates (no offset, no gather)."""
+    index = [sympy.sympify(i) for i in r.index]
+    return all(i.is_Integer or (i.is_Symbol and i == coord(i.name)) for i in index)
+
+
+def _backwards(x: Expr) -> Expr:
+    """``x(m, n)`` as ``x(N − 1 − n, N − 1 − m)``: positions as data counted from the end, and each read per position
+    at the other coordinate (its tensor is given reversed along the sequence)."""
+    swap = {coord("m"): coord(STREAM), coord(STREAM): coord("m")}
+
+    def last_minus(c: str) -> Expr:
+        return call("sub", call("sub", Size(STREAM), Const(1.0)), Coord(c))
+
+    def flip(y: Expr) -> Expr | None:
+        if isinstance(y, Coord) and y.rank in ("m", STREAM):
+            return last_minus(STREAM if y.rank == "m" else "m")
+        if isinstance(y, Read):
+            return replace(y, index=tuple(sympy.sympify(i).xreplace(swap) for i in y.index))
+        return None
+
+    return transform(x, flip)
+
+
+def _at_zero(x: Expr) -> Expr:
+    """``x(m, 0)``: the key position 0, as data and in every read."""
+
+    def zero(y: Expr) -> Expr | None:
+        if isinstance(y, Coord) and y.rank == STREAM:
+            return Const(0.0)
+        if isinstance(y, Read):
+            return replace(y, index=tuple(sympy.sympify(i).subs(coord(STREAM), 0) for i in y.index))
+        return None
+
+    return transform(x, zero)
+
+
+def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | None) -> Cascade:
+    """``mask((q @ k)·pair, n ≤ m) @ v`` with ``written``'s other inputs, ranks and parameters."""
+    e, f = "e", "f"
+    q, k, v = ("b", "h", "m", e), ("b", "h", STREAM, e), ("b", "h", STREAM, f)
+    own = {name: tuple(coord(r) for r in ranks) for name, ranks in (("q", q), ("k", k), ("v", v))}
+    pairs = own_pairs = tuple(coord(r) for r in ("b", "h", "m", STREAM))
+    dot = Read("dot_e", own_pairs)
+    weights_ = dot if pair is None else call("mul", dot, pair)
+    einsums = (
+        Einsum(
+            "dot_e",
+            ("b", "h", "m", STREAM),
+            call("mul", Read("q", own["q"]), Read("k", own["k"])),
+            Reduction("sum", (e,)),
+        ),
+        Einsum("w", ("b", "h", "m", STREAM), weights_, where=call("le", Coord(STREAM), Coord("m"))),
+        Einsum(
+            "o", ("b", "h", "m", f), call("mul", Read("w", pairs), Read("v", own["v"])), Reduction("sum", (STREAM,))
+        ),
+    )
+    tensors = (
+        TensorDecl("q", q, Role.INPUT, Layout.QUERY),
+        TensorDecl("k", k, Role.INPUT, Layout.KEY),
+        TensorDecl("v", v, Role.INPUT, Layout.KEY),
+        *inputs,
+        TensorDecl("dot_e", ("b", "h", "m", STREAM)),
+        TensorDecl("w", ("b", "h", "m", STREAM)),
+        TensorDecl("o", ("b", "h", "m", f), Role.OUTPUT),
+    )
+    ranks = tuple(r for r in written.ranks if r.name in set(PARALLEL) | {"m", STREAM, e, f} or _used(r.name, inputs))
+    return replace(written, name=f"{written.name}_grad", ranks=ranks, tensors=tensors, einsums=einsums)
+
+
+def _used(rank: str, inputs: tuple[TensorDecl, ...]) -> bool:
+    return any(rank in t.ranks for t in inputs)
+
+
+def _map(written: Cascade, out: str, ranks: tuple[str, ...], x: Expr) -> Cascade:
+    """The cascade of one elementwise value ``out[ranks] = x`` over ``written``'s inputs."""
+    return replace(
+        written,
+        tensors=tuple(t for t in written.tensors if t.role is Role.INPUT) + (TensorDecl(out, ranks, Role.OUTPUT),),
+        einsums=(Einsum(out, ranks, x),),
+        outputs=(out,),
+    )
+
+
+Run = Callable[[Cascade, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def chunked_gradients(
+    g: ChunkedGradient,
+    inputs: dict[str, torch.Tensor],
+    values: dict[str, float],
+    grad_output: torch.Tensor,
+    run: Run,
+    wanted: frozenset[str],
+) -> dict[str, torch.Tensor | None]:
+    """Each wanted input's gradient, in its own dtype (None for the others): ``run(cascade, tensors)`` runs
+    ``g.forward`` or ``g.reversed`` (the kernels, or the reference) and returns its output ``[B, H, M, F]``.
+
+    A, B and φ are the reference executor's values in the accumulator type (fp32; fp64 for fp64), made with
+    autograd on: the gradients of their inputs are their vector-Jacobian products with dA, dB and dφ."""
+    q, v, low = inputs["q"], inputs["v"], inputs["q"].dtype
+    acc = torch.float64 if low == torch.float64 else torch.float32
+    heads, group = q.shape[1], q.shape[1] // v.shape[1]
+
+    def per_query_head(x: torch.Tensor) -> torch.Tensor:  # the derived attentions run without GQA
+        return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+    def back(x: torch.Tensor) -> torch.Tensor:  # along the sequence
+        return x.flip(2)
+
+    leaves = {n: (x.detach().requires_grad_() if n in wanted else x.detach()) for n, x in inputs.items()}
+    made: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # A, B, φ: the value, and with autograd on
+    for side, c in (("a", g.query), ("bk", g.key), ("phi", g.exponent)):
+        if c is None:
+            continue
+        plain = _plain_input(c)
+        if plain is not None:  # A = q, B = k: the input itself, its gradient the derived attention's output
+            made[side] = (inputs[plain], None)
+            continue
+        with torch.enable_grad():
+            value = _value(c, leaves, values, acc)
+        made[side] = (value.detach(), value if value.requires_grad else None)
+    a, bk = made["a"][0].to(low), per_query_head(made["bk"][0]).to(low)
+    extra = {n: x for n, x in inputs.items() if n not in QKV}
+    reversed_extra = {n: (back(x) if n in g.per_position else x) for n, x in extra.items()}
+    a_back, d_o_back = back(a), back(grad_output)
+    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra).to(acc)
+    d_v = back(run(g.reversed, {"q": back(bk), "k": a_back, "v": d_o_back} | reversed_extra)).to(acc)
+    d_b = back(run(g.reversed, {"q": back(per_query_head(v)), "k": d_o_back, "v": a_back} | reversed_extra)).to(acc)
+    cotangents = {"a": d_a, "bk": _per_kv_head(d_b, heads // made["bk"][0].shape[1])}
+    if "phi" in made:  # the weights' gradient summed over each row, less over each column
+        cotangents["phi"] = (a.to(acc) * d_a).sum(-1) - (bk.to(acc) * d_b).sum(-1)
+    grads: dict[str, torch.Tensor | None] = dict.fromkeys(inputs)
+    if "v" in wanted:
+        grads["v"] = _per_kv_head(d_v, group).to(v.dtype)
+    for side, name in (("a", _plain_input(g.query)), ("bk", _plain_input(g.key))):
+        if name is not None and name in wanted:
+            grads[name] = cotangents[side].to(inputs[name].dtype)
+    traced = [(t, cotangents[s]) for s, (_, t) in made.items() if t is not None]
+    others = [n for n in wanted if grads[n] is None and leaves[n].is_floating_point()]
+    if others:
+        found = (
+            torch.autograd.grad(
+                [t for t, _ in traced], [leaves[n] for n in others], [c for _, c in traced], allow_unused=True
+            )
+            if traced
+            else [None] * len(others)
+        )
+        for n, d in zip(others, found):
+            grads[n] = torch.zeros_like(inputs[n]) if d is None else d.to(inputs[n].dtype)
+    return grads
+
+
+def _plain_input(c: Cascade) -> str | None:
+    """The input ``c``'s one value is, read as it is (``a[m,e] = q[m,e]``), or None."""
+    (e,) = c.einsums
+    x = e.expr
+    own = tuple(coord(r) for r in e.ranks)
+    return x.tensor if isinstance(x, Read) and c.tensor(x.tensor).role is Role.INPUT and x.index == own else None
+
+
+def _value(c: Cascade, inputs: dict[str, torch.Tensor], values: dict[str, float], acc: torch.dtype) -> torch.Tensor:
+    """The one output of an elementwise cascade ``c``, as ``[B, H, positions(, dim)]``."""
+    out = c.outputs[0]
+    return evaluate(c, inputs, values, dtype=acc)[out].aligned(c.tensor(out).ranks)
+
+
+def _per_kv_head(x: torch.Tensor, group: int) -> torch.Tensor:
+    """A gradient per query head summed over each kv head's group."""
+    if group == 1:
+        return x
+    b, h, *rest = x.shape
+    return x.reshape(b, h // group, group, *rest).sum(2)
