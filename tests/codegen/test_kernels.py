@@ -581,20 +581,26 @@ def plain_causal_linear(q, k, v):
     return ef.mask(q @ k, ef.n <= ef.m) @ v
 
 
+@ef.attention
+def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):
+    """Each query sees the keys from its own position on, decayed by their distance: the states run backwards."""
+    return ef.mask((q @ k) * ef.exp((ef.n - ef.m) * ef.log(decay)), ef.n >= ef.m) @ v
+
+
 def _chunked_op(name: str) -> ef.AttentionOp:
-    return plain_causal_linear if name == "plain_causal_linear" else _op(name)
+    return {"plain_causal_linear": plain_causal_linear, "anticausal_decay": anticausal_decay}.get(name) or _op(name)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("N", [40, 77, 160])
-@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear"])
+@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear", "anticausal_decay"])
 def test_chunked_forward_matches_the_reference(name, N, dtype):
     """Past the crossover the forward runs the chunked form: the state kernel stores the state before each chunk
     of 16, the query tiles take their own chunk's keys and the state before it. GQA (the state is per query head:
     the decay is), lengths that are not multiples of the chunk, a padded head dim."""
     op = _chunked_op(name)
     shape = dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=N, N=N, E=24, F=16)
-    inputs = _inputs("causal_linear" if name == "plain_causal_linear" else name, shape, dtype)
+    inputs = _inputs("causal_linear" if name in ("plain_causal_linear", "anticausal_decay") else name, shape, dtype)
     inputs = {t: x for t, x in inputs.items() if t in {i.name for i in op.cascade.inputs}}
     schedule = Schedule(16, 16, 4, 1)
     chunked = op.forward.runs_chunked(bind_extents(op.forward.rewritten, inputs, {}), schedule)

@@ -482,40 +482,47 @@ def test_a_table_read_through_an_integer_input_is_composed_into_one_table():
 
 def _chunked_by_reference(ch, inputs, n: int) -> torch.Tensor:
     """The chunked form run through the reference executor chunk by chunk, as the kernels run it: each chunk's
-    update from the state cascade (its keys alone: v is zero elsewhere), the recurrence between anchors, then each
-    chunk's rows of the query cascade given the state before it."""
+    update from the state cascade (its keys alone: v is zero elsewhere), the recurrence between anchors in the
+    states' direction, then each chunk's rows of the query cascade given the state of the keys before it (after
+    it, backwards)."""
     from einflash.compiler.rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK, STATE
     from einflash.ir.reference import evaluate
 
     C, chunks = ch.chunk, -(-n // ch.chunk)
     e, f = ch.contracted, ch.value
-    states = []
-    for c in range(chunks):
+    walk = range(chunks) if ch.direction == 1 else range(chunks - 1, -1, -1)
+    anchors = {  # chunk -> (the key before it, or the first after it; its own last key, or its first)
+        c: (max(c * C - 1, 0), min(c * C + C, n) - 1) if ch.direction == 1 else (min(c * C + C, n - 1), c * C)
+        for c in walk
+    }
+    before, state = {}, None
+    for c in walk:
+        before[c] = state
         v = torch.zeros_like(inputs["v"])
         v[:, :, c * C : c * C + C] = inputs["v"][:, :, c * C : c * C + C]
-        made = evaluate(ch.states, inputs | {"v": v}, {ANCHOR_LO: max(c * C - 1, 0), ANCHOR_HI: min(c * C + C, n) - 1})
+        made = evaluate(ch.states, inputs | {"v": v}, {ANCHOR_LO: anchors[c][0], ANCHOR_HI: anchors[c][1]})
         update = made["update"].aligned(("b", "h", e, f))
         between = made["decay_between"]
         between = between.aligned(("b", "h", *between.ranks[2:]))
         between = between[..., None] if between.dim() == 3 else between[..., None, None]
-        states.append(update if c == 0 else states[-1] * between + update)
-    hs = torch.stack([torch.zeros_like(states[0])] + states[:-1], dim=2)  # the state before each chunk
+        state = update if state is None else state * between + update
+    hs = torch.stack([torch.zeros_like(state) if before[c] is None else before[c] for c in range(chunks)], dim=2)
     rows = []
     for c in range(chunks):
-        at = {ANCHOR_LO: max(c * C - 1, 0), CHUNK: c}
+        at = {ANCHOR_LO: anchors[c][0], CHUNK: c}
         rows.append(run_reference(ch.queries, inputs | {STATE: hs}, at)[:, :, c * C : c * C + C])
     return torch.cat(rows, dim=2)
 
 
-@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear"])
+@pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear", "anticausal_decay"])
 @pytest.mark.parametrize("chunk", [4, 5])
 def test_chunked_form_gives_the_output(name, chunk):
     """Chunk states through the recurrence between anchors, then each chunk's own keys plus its state's term, give
-    the cascade's output (the reference runs both chunk cascades)."""
+    the cascade's output (the reference runs both chunk cascades); a mask n ≥ m runs its states backwards."""
     from einflash.compiler.rewrite.chunked import chunked_form
 
-    op = plain_causal_linear if name == "plain_causal_linear" else _op(name)
-    extra = getattr(_example(name), "extra_inputs", None) if name in NAMES else None
+    op = {"plain_causal_linear": plain_causal_linear, "anticausal_decay": anticausal_decay}.get(name) or _op(name)
+    extra = getattr(_example(name), "extra_inputs", None) if name in NAMES else _example("causal_linear").extra_inputs
     inputs = _inputs(op, extra)
     inputs["q"] = torch.randn(SHAPE.B, SHAPE.Hq, SHAPE.N, SHAPE.E, dtype=torch.float64)  # M = N
     ch = chunked_form(op.cascade, op.forward.rewritten, chunk)
@@ -527,6 +534,12 @@ def test_chunked_form_gives_the_output(name, chunk):
 @ef.attention
 def plain_causal_linear(q, k, v):
     return ef.mask(q @ k, ef.n <= ef.m) @ v
+
+
+@ef.attention
+def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):
+    """Each query sees the keys from its own position on, decayed by their distance."""
+    return ef.mask((q @ k) * ef.exp((ef.n - ef.m) * ef.log(decay)), ef.n >= ef.m) @ v
 
 
 def test_chunked_form_refuses_what_it_cannot_cut():

@@ -7,8 +7,9 @@ no function of the scores is taken and nothing normalises them over n. ``a`` may
 factor ``d`` or factor of the summand that depends on both sides must split into a query part times a key part
 once its exponentials are expanded (a decay ``γ^(m − n) = γ^m·γ^−n``, GLA's gates ``exp(G[m,e] − G[n,e])``). Then
 ``o[m] = a'[m]·S`` with the state ``S[e,f] = Σ_n b'[n,e]·v[n,f]`` (E×F per head). A causal mask ``n ≤ m + c`` makes
-``S`` a running state: the chunked form computes each chunk of C queries against its own C keys quadratically and
-against the keys before through the state carried from chunk to chunk.
+``S`` a running state (a mask ``n ≥ m + c``, one running backwards): the chunked form computes each chunk of C
+queries against its own C keys quadratically and against the keys before through the state carried from chunk to
+chunk.
 
 Analysis only: the kernels still run the quadratic form; ``explain()`` reports the state, the chunked plan's FLOPs
 and the length past which it is cheaper.
@@ -128,8 +129,13 @@ def linear_form(c: Cascade) -> LinearForm | None:
             return None
     if len(dots) != 1:
         return None
-    for pred in masks:  # n ≤ m + c; a window or a data mask leaves no single running state
+    for pred in masks:  # n ≤ m + c (or n ≥ m + c); a window or a data mask leaves no single running state
         form = affine_form(pred)
-        if form is None or len(form) != 1 or len(form[0]) != 1 or (form[0][0].a, form[0][0].b) != (1, -1):
+        if (
+            form is None
+            or len(form) != 1
+            or len(form[0]) != 1
+            or (form[0][0].a, form[0][0].b) not in ((1, -1), (-1, 1))
+        ):
             return None
     return LinearForm((dots[0], value_rank), bool(masks), separated)

@@ -59,6 +59,7 @@ KINDS = {
     "attn_fwd_keys__": "key stage",
     "attn_fold_keys__": "key fold",
     "attn_chunk_states__": "chunk states",
+    "attn_chunk_states_backwards__": "chunk states",
 }
 
 

@@ -8,8 +8,9 @@ gives
     dv[n,f] = Σ_{m ≥ n} (B[n]·A[m])·P(m,n)·dO[m,f]        the same, backwards along the sequence
     dB[n,e] = Σ_{m ≥ n} (v[n]·dO[m])·P(m,n)·A[m,e]
 
-so each is the cascade ``mask((q @ k)·P, n ≤ m) @ v`` run on other tensors (the last two on the sequences reversed,
-``P`` read backwards), which the forward runs chunk by chunk. Where ``P = exp(X)`` with ``X(m,n) = φ(m) − φ(n)``
+so each is the cascade ``mask((q @ k)·P, n ≤ m) @ v`` run on other tensors (the last two as ``mask((q @ k)·P̃,
+n ≥ m) @ v`` with ``P̃(m,n) = P(n,m)``: each row sees the keys from its own position on), which the forward runs
+chunk by chunk (the last two with their states running backwards). Where ``P = exp(X)`` with ``X(m,n) = φ(m) − φ(n)``
 (anchored), the gradient of X's inputs comes from ``dφ[t] = Σ_e A[t,e]·dA[t,e] − Σ_e B[t,e]·dB[t,e]`` (the weights'
 gradients summed over a row, less those summed over a column) through ``φ(t) = X(t, 0)``; those of A's and B's
 inputs from dA and dB through A and B. The chain rule runs on the reference executor's values of A, B and φ
@@ -22,7 +23,7 @@ inputs from dA and dB through A and B. The chain rule runs on the reference exec
 >>> g = chunked_gradient(decayed.cascade)
 >>> from einflash.ir.printer import format_expr
 >>> format_expr(g.reversed.producer("w").expr), format_expr(g.exponent.einsums[0].expr)
-('dot_e[m,n]·exp((N − 1 − n − (N − 1 − m))·log(decay[h]))', '(m − 0)·log(decay[h])')
+('dot_e[m,n]·exp((n − m)·log(decay[h]))', '(m − 0)·log(decay[h])')
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 
 from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl
-from ...ir.expr import Call, Const, Coord, Expr, Read, Size, call, free_ranks, reads, transform
+from ...ir.expr import Call, Const, Coord, Expr, Read, call, free_ranks, reads, transform
 from ...ir.ranks import PARALLEL, STREAM, coord
 from ...ir.reference import evaluate
 from ..rewrite.chunked import anchored, weights
@@ -45,17 +46,15 @@ QKV = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class ChunkedGradient:
-    """The cascades of the chunked gradient: ``forward`` (``mask((q @ k)·P, n ≤ m) @ v``) and ``reversed`` (the
-    same with ``P`` read backwards, for tensors given reversed along the sequence); ``query`` (``a[m,e]``, A) and
-    ``key`` (``bk[n,e]``, B) to differentiate through; ``exponent`` (``phi[m]``, φ) where there is a P; and the
-    inputs read per position, which the reversed cascade takes reversed."""
+    """The cascades of the chunked gradient: ``forward`` (``mask((q @ k)·P, n ≤ m) @ v``) and ``reversed``
+    (``mask((q @ k)·P̃, n ≥ m) @ v``, P with its positions swapped); ``query`` (``a[m,e]``, A) and ``key``
+    (``bk[n,e]``, B) to differentiate through; ``exponent`` (``phi[m]``, φ) where there is a P."""
 
     forward: Cascade
     reversed: Cascade
     query: Cascade
     key: Cascade
     exponent: Cascade | None
-    per_position: tuple[str, ...]
 
 
 def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
@@ -72,15 +71,13 @@ def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
     pair_reads = [] if pair is None else list(reads(pair))
     if any(r.tensor in QKV or not _plain(r) for r in pair_reads):
         return None
-    per_position = tuple(sorted({r.tensor for r in pair_reads if {"m", STREAM} & set(written.tensor(r.tensor).ranks)}))
     inputs = tuple(t for t in written.inputs if t.name not in QKV)
     return ChunkedGradient(
-        _pair_linear(written, inputs, pair),
-        _pair_linear(written, inputs, None if pair is None else _backwards(pair)),
+        _pair_linear(written, inputs, pair, 1),
+        _pair_linear(written, inputs, None if pair is None else _swapped(pair), -1),
         _map(written, "a", ("b", "h", "m", w.contracted), w.query),
         _map(written, "bk", ("b", "h", STREAM, w.contracted), w.key),
         None if exponent is None else _map(written, "phi", ("b", "h", "m"), _at_zero(exponent)),
-        per_position,
     )
 
 
@@ -103,17 +100,13 @@ def _plain(r: Read) -> bool:
     return all(i.is_Integer or (i.is_Symbol and i == coord(i.name)) for i in index)
 
 
-def _backwards(x: Expr) -> Expr:
-    """``x(m, n)`` as ``x(N − 1 − n, N − 1 − m)``: positions as data counted from the end, and each read per position
-    at the other coordinate (its tensor is given reversed along the sequence)."""
+def _swapped(x: Expr) -> Expr:
+    """``x(m, n)`` as ``x(n, m)``: the query and key positions swapped, as data and in every read."""
     swap = {coord("m"): coord(STREAM), coord(STREAM): coord("m")}
-
-    def last_minus(c: str) -> Expr:
-        return call("sub", call("sub", Size(STREAM), Const(1.0)), Coord(c))
 
     def flip(y: Expr) -> Expr | None:
         if isinstance(y, Coord) and y.rank in ("m", STREAM):
-            return last_minus(STREAM if y.rank == "m" else "m")
+            return Coord(STREAM if y.rank == "m" else "m")
         if isinstance(y, Read):
             return replace(y, index=tuple(sympy.sympify(i).xreplace(swap) for i in y.index))
         return None
@@ -134,8 +127,9 @@ def _at_zero(x: Expr) -> Expr:
     return transform(x, zero)
 
 
-def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | None) -> Cascade:
-    """``mask((q @ k)·pair, n ≤ m) @ v`` with ``written``'s other inputs, ranks and parameters."""
+def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | None, direction: int) -> Cascade:
+    """``mask((q @ k)·pair, n ≤ m) @ v`` (``n ≥ m`` for ``direction`` −1) with ``written``'s other inputs, ranks
+    and parameters."""
     e, f = "e", "f"
     q, k, v = ("b", "h", "m", e), ("b", "h", STREAM, e), ("b", "h", STREAM, f)
     own = {name: tuple(coord(r) for r in ranks) for name, ranks in (("q", q), ("k", k), ("v", v))}
@@ -149,7 +143,12 @@ def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | 
             call("mul", Read("q", own["q"]), Read("k", own["k"])),
             Reduction("sum", (e,)),
         ),
-        Einsum("w", ("b", "h", "m", STREAM), weights_, where=call("le", Coord(STREAM), Coord("m"))),
+        Einsum(
+            "w",
+            ("b", "h", "m", STREAM),
+            weights_,
+            where=call("le" if direction == 1 else "ge", Coord(STREAM), Coord("m")),
+        ),
         Einsum(
             "o", ("b", "h", "m", f), call("mul", Read("w", pairs), Read("v", own["v"])), Reduction("sum", (STREAM,))
         ),
@@ -164,7 +163,8 @@ def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | 
         TensorDecl("o", ("b", "h", "m", f), Role.OUTPUT),
     )
     ranks = tuple(r for r in written.ranks if r.name in set(PARALLEL) | {"m", STREAM, e, f} or _used(r.name, inputs))
-    return replace(written, name=f"{written.name}_grad", ranks=ranks, tensors=tensors, einsums=einsums)
+    name = f"{written.name}_grad" if direction == 1 else f"{written.name}_grad_after"
+    return replace(written, name=name, ranks=ranks, tensors=tensors, einsums=einsums)
 
 
 def _used(rank: str, inputs: tuple[TensorDecl, ...]) -> bool:
@@ -204,9 +204,6 @@ def chunked_gradients(
     def per_query_head(x: torch.Tensor) -> torch.Tensor:  # the derived attentions run without GQA
         return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
-    def back(x: torch.Tensor) -> torch.Tensor:  # along the sequence
-        return x.flip(2)
-
     leaves = {n: (x.detach().requires_grad_() if n in wanted else x.detach()) for n, x in inputs.items()}
     made: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # A, B, φ: the value, and with autograd on
     for side, c in (("a", g.query), ("bk", g.key), ("phi", g.exponent)):
@@ -221,21 +218,19 @@ def chunked_gradients(
         made[side] = (value.detach(), value if value.requires_grad else None)
     a, bk = made["a"][0].to(low), per_query_head(made["bk"][0]).to(low)
     extra = {n: x for n, x in inputs.items() if n not in QKV}
-    reversed_extra = {n: (back(x) if n in g.per_position else x) for n, x in extra.items()}
-    a_back, d_o_back = back(a), back(grad_output)
-    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra).to(acc)
-    d_v = back(run(g.reversed, {"q": back(bk), "k": a_back, "v": d_o_back} | reversed_extra)).to(acc)
-    d_b = back(run(g.reversed, {"q": back(per_query_head(v)), "k": d_o_back, "v": a_back} | reversed_extra)).to(acc)
+    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra)
+    d_v = run(g.reversed, {"q": bk, "k": a, "v": grad_output} | extra)
+    d_b = run(g.reversed, {"q": per_query_head(v), "k": grad_output, "v": a} | extra)
     cotangents = {"a": d_a, "bk": _per_kv_head(d_b, heads // made["bk"][0].shape[1])}
     if "phi" in made:  # the weights' gradient summed over each row, less over each column
-        cotangents["phi"] = (a.to(acc) * d_a).sum(-1) - (bk.to(acc) * d_b).sum(-1)
+        cotangents["phi"] = torch.sum(a * d_a, -1, dtype=acc) - torch.sum(bk * d_b, -1, dtype=acc)
     grads: dict[str, torch.Tensor | None] = dict.fromkeys(inputs)
     if "v" in wanted:
         grads["v"] = _per_kv_head(d_v, group).to(v.dtype)
     for side, name in (("a", _plain_input(g.query)), ("bk", _plain_input(g.key))):
         if name is not None and name in wanted:
             grads[name] = cotangents[side].to(inputs[name].dtype)
-    traced = [(t, cotangents[s]) for s, (_, t) in made.items() if t is not None]
+    traced = [(t, cotangents[s].to(t.dtype)) for s, (_, t) in made.items() if t is not None]
     others = [n for n in wanted if grads[n] is None and leaves[n].is_floating_point()]
     if others:
         found = (

@@ -19,16 +19,27 @@ from .tilecode import KernelSettings
 
 STATES_TEMPLATE = "attention_chunk_states.py.jinja"
 
-# what the query kernel's program binds the chunk cascade's positions to (its tile of rows is one chunk)
-QUERY_POSITIONS = {CHUNK: "pid_m", ANCHOR_LO: "tl.maximum(pid_m * BLOCK_M - 1, 0)"}
+# what the query kernel's program binds the chunk cascade's positions to (its tile of rows is one chunk), by the
+# direction of the states: the key before the chunk, or the first key after it
+QUERY_POSITIONS = {
+    1: {CHUNK: "pid_m", ANCHOR_LO: "tl.maximum(pid_m * BLOCK_M - 1, 0)"},
+    -1: {CHUNK: "pid_m", ANCHOR_LO: "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N - 1)"},
+}
 STATE_POSITIONS = (ANCHOR_LO, ANCHOR_HI)  # bound by the state kernel per chunk
 
 
 def lower_states(
-    c: Cascade, dims: dict[str, int], dtype: str, exact: bool, acc: str, int_inputs: frozenset = frozenset()
+    c: Cascade,
+    dims: dict[str, int],
+    dtype: str,
+    exact: bool,
+    acc: str,
+    int_inputs: frozenset = frozenset(),
+    backwards: bool = False,
 ) -> KernelSource:
     """Render the state kernel of a chunk-state cascade; ``dims`` give the state's block of each rank (``e``,
-    ``f``: the rows and columns one program keeps) and their true extents (``e_extent``, ``f_extent``)."""
+    ``f``: the rows and columns one program keeps) and their true extents (``e_extent``, ``f_extent``);
+    ``backwards`` walks the chunks last to first (a mask ``n ≥ m``)."""
     used = {r.tensor for e in c.einsums for r in e.reads()}
     tensors = tuple(t.name for t in c.inputs if t.name in used)
     params = tuple(p.name for p in c.params if p.name not in STATE_POSITIONS)
@@ -43,7 +54,7 @@ def lower_states(
     e, f = update.ranks
     args = [a for name in tensors for a in pointer_params(name, len(c.tensor(name).ranks))]
     args += [param_name(p) for p in params]
-    name = kernel_name(c, dims, dtype, "chunk_states")
+    name = kernel_name(c, dims, dtype, "chunk_states_backwards" if backwards else "chunk_states")
     text = render(
         STATES_TEMPLATE,
         cascade_key=c.key,
@@ -60,6 +71,7 @@ def lower_states(
         chunk="\n".join(body.lines),
         between=bcast(between.code, between.ranks, (e, f)),
         update=update.code,
+        backwards=backwards,
     )
     return KernelSource(
         name,

@@ -66,6 +66,7 @@ class Chunked:
     chunk: int
     contracted: str  # e: the state's first rank
     value: str  # f: the state's second rank, the output's
+    direction: int  # 1: keys before each query (the states run forwards), −1: keys after (backwards)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Weights:
     pair: Expr | None
     contracted: str
     value: Read
+    direction: int  # 1: the causal mask n ≤ m (keys before); −1: n ≥ m (keys after)
 
 
 def chunked_form(written: Cascade, rewritten: Cascade, chunk: int) -> Chunked | None:
@@ -98,6 +100,7 @@ def chunked_form(written: Cascade, rewritten: Cascade, chunk: int) -> Chunked | 
         chunk,
         w.contracted,
         next(r for r in written.tensor(written.outputs[0]).ranks if r not in ("b", "h", "m")),
+        w.direction,
     )
 
 
@@ -112,6 +115,7 @@ def weights(c: Cascade) -> Weights | None:
         return None
     sides: dict[str, list[tuple[Expr, int]]] = {"query": [], "key": [], "pair": []}
     contracted: str | None = None
+    directions: set[int] = set()
     todo = [(f, k) for f, k in factors(out.expr) if f != values[0]]
     while todo:
         f, k = todo.pop()
@@ -120,8 +124,8 @@ def weights(c: Cascade) -> Weights | None:
             if k != 1 or tuple(f.index) != tuple(coord(r) for r in made.ranks):
                 return None
             if made.reduce is None:  # a product of factors, perhaps under the causal mask
-                if made.where is not None and not _causal(made.where):
-                    return None
+                if made.where is not None:
+                    directions.add(direction(made.where) or 0)
                 todo += factors(made.expr)
                 continue
             if made.reduce.op != "sum" or len(made.reduce.ranks) != 1 or made.where is not None or contracted:
@@ -133,7 +137,7 @@ def weights(c: Cascade) -> Weights | None:
             return None  # a factor computed from an intermediate with a reduction (a normalised feature map)
         side = free_ranks(f) & {"m", STREAM}
         sides["pair" if side == {"m", STREAM} else "key" if side == {STREAM} else "query"].append((f, k))
-    if contracted is None:
+    if contracted is None or len(directions) != 1 or 0 in directions:
         return None
     return Weights(
         product(sides["query"]),
@@ -141,6 +145,7 @@ def weights(c: Cascade) -> Weights | None:
         product(sides["pair"]) if sides["pair"] else None,
         contracted,
         values[0],
+        directions.pop(),
     )
 
 
@@ -233,7 +238,7 @@ def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None
         "eq", call("floordiv", Coord(STREAM), Const(float(chunk))), call("floordiv", Coord("m"), Const(float(chunk)))
     )
     masked = {e.out: e.where for e in rewritten.einsums if e.loop and e.where is not None}
-    if not masked or not all(_causal(where) for where in masked.values()):
+    if not masked or not all(direction(where) == w.direction for where in masked.values()):
         return None
     einsums = [replace(e, where=call("and", masked[e.out], own)) if e.out in masked else e for e in rewritten.einsums]
     e, out = w.contracted, rewritten.outputs[0]
@@ -241,8 +246,10 @@ def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None
     qa_expr = w.query if w.pair is None else call("mul", w.query, at(w.pair, STREAM, ANCHOR_LO))
     qa_ranks = ("b", "h", "m", e)
     state = Read(STATE, (coord("b"), coord("h"), extent_symbol(CHUNK), coord(e), coord(f)))
-    # the first chunk has no keys before it: its rows take nothing from a state
-    first = call("ge", Coord("m"), Const(float(chunk)))
+    # the first chunk has no keys before it (the last none after it): its rows take nothing from a state
+    size = Const(float(chunk))
+    last = call("floordiv", call("sub", Size(STREAM), Const(1.0)), size)
+    first = call("ge", Coord("m"), size) if w.direction == 1 else call("lt", call("floordiv", Coord("m"), size), last)
     einsums += [
         Einsum("qa", qa_ranks, qa_expr, where=first),
         Einsum(
@@ -280,7 +287,9 @@ def _own(ranks: tuple[str, ...]) -> tuple[sympy.Symbol, ...]:
     return tuple(coord(r) for r in ranks)
 
 
-def _causal(where: Expr) -> bool:
-    """Whether ``where`` is exactly the causal mask ``n ≤ m``."""
+def direction(where: Expr) -> int | None:
+    """1 where ``where`` is exactly the causal mask ``n ≤ m``, −1 where it is ``n ≥ m`` (each query sees the keys
+    from its own position on), else None."""
     form = affine_form(where)
-    return form is not None and len(form) == 1 and [str(x) for x in form[0]] == ["m - n >= 0"]
+    found = None if form is None or len(form) != 1 else [str(x) for x in form[0]]
+    return {"m - n >= 0": 1, "-m + n >= 0": -1}.get(found[0]) if found and len(found) == 1 else None

@@ -211,8 +211,9 @@ class Forward:
             e, f = ch.contracted, ch.value
             blocks = {r: min(dims[r], STATE_BLOCK) for r in (e, f)}
             state_dims = blocks | {f"{r}_extent": dims[f"{r}_extent"] for r in (e, f)}
-            states = lower_states(ch.states, state_dims, name, *exact_dots(name), int_inputs)
-            queries = lower(ch.queries, dims, name, int_inputs=int_inputs, stage="chunked", positions=QUERY_POSITIONS)
+            states = lower_states(ch.states, state_dims, name, *exact_dots(name), int_inputs, ch.direction == -1)
+            positions = QUERY_POSITIONS[ch.direction]
+            queries = lower(ch.queries, dims, name, int_inputs=int_inputs, stage="chunked", positions=positions)
             self._sources[key] = (states, queries)  # type: ignore[assignment]
         return self._sources[key]  # type: ignore[return-value]
 
