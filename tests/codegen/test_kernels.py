@@ -582,7 +582,7 @@ def plain_causal_linear(q, k, v):
 
 
 @ef.attention
-def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):
+def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821, UP037
     """Each query sees the keys from its own position on, decayed by their distance: the states run backwards."""
     return ef.mask((q @ k) * ef.exp((ef.n - ef.m) * ef.log(decay)), ef.n >= ef.m) @ v
 

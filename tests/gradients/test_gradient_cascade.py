@@ -246,7 +246,7 @@ def test_operator_derivatives_are_written_with_the_operators_value(operator, der
 
 
 @ef.attention
-def _featured(q, k, v, decay: ef.Tensor["h"]):
+def _featured(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821
     """Feature maps on both sides beside a decay: A = relu(q) + 1, B = exp(k / 2)."""
     return ef.mask((ef.relu(q) + 1.0) @ ef.exp(k * 0.5) * ef.exp((ef.m - ef.n) * ef.log(decay)), ef.n <= ef.m) @ v
 
