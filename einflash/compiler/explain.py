@@ -33,6 +33,7 @@ from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.chunked import chunked_form
 from .rewrite.online import streaming_obstacle
 from .rewrite.stages import key_stages
+from .runtime.forward import CHUNK
 from .runtime.tile_lists import kept_pairs, tile_lists
 from .schedule import padded, widest_head_dim
 
@@ -226,9 +227,10 @@ def explain(
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
         flops, trans = flops * frac, trans * frac
     stages = key_stages(rewritten)
-    # causal attention in linear form runs chunk by chunk: chunks of the tiles a causal mask gets by default
+    # causal attention in linear form runs chunk by chunk: chunks of CHUNK, or of a causal mask's default tile where
+    # that is longer
     mcfg = target.forward.default(padded(widest_head_dim(ext)), masked=True)
-    chunk = min(mcfg.block_m, mcfg.block_n)
+    chunk = max(CHUNK, mcfg.block_m, mcfg.block_n)
     runs = None
     if error is None and stages is not None:
         runs = "the two-stage kernels run it"

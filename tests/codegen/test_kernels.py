@@ -592,19 +592,20 @@ def _chunked_op(name: str) -> ef.AttentionOp:
 
 
 @pytest.mark.parametrize("dtype", [F16, F32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("N", [40, 77, 160])
+@pytest.mark.parametrize("N", [40, 130, 200])
 @pytest.mark.parametrize("name", ["causal_linear", "gla", "plain_causal_linear", "anticausal_decay"])
 def test_chunked_forward_matches_the_reference(name, N, dtype):
     """Past the crossover the forward runs the chunked form: the state kernel stores the state before each chunk
-    of 16, the query tiles take their own chunk's keys and the state before it. GQA (the state is per query head:
-    the decay is), lengths that are not multiples of the chunk, a padded head dim."""
+    of 64, the query tiles of 16 take their own chunk's keys up to theirs and the state before the chunk (after
+    it, for a mask n ≥ m). GQA (the state is per query head: the decay is), lengths that are not multiples of the
+    chunk, a padded head dim."""
     op = _chunked_op(name)
     shape = dataclasses.replace(SHAPE, B=2, Hq=4, Hkv=2, M=N, N=N, E=24, F=16)
     inputs = _inputs("causal_linear" if name in ("plain_causal_linear", "anticausal_decay") else name, shape, dtype)
     inputs = {t: x for t, x in inputs.items() if t in {i.name for i in op.cascade.inputs}}
     schedule = Schedule(16, 16, 4, 1)
     chunked = op.forward.runs_chunked(bind_extents(op.forward.rewritten, inputs, {}), schedule)
-    assert (chunked is not None) == (op.forward.linear.crossover(16, 24, 16) <= N)
+    assert (chunked is not None) == (op.forward.linear.crossover(64, 24, 16) <= N)
     with mock.patch.object(forward_module.Forward, "_run_chunked", wraps=op.forward._run_chunked) as ran:
         out = op(**inputs, schedule=schedule)
     assert ran.called == (chunked is not None)

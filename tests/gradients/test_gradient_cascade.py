@@ -279,7 +279,7 @@ def test_the_chunked_gradient_is_the_cascades_gradient(which):
     out.backward(d_o)
     g = chunked_gradient(attention.cascade)
     assert g is not None
-    got = chunked_gradients(g, given, {}, d_o, lambda c, t: run_reference(c, t), frozenset(given))
+    got = chunked_gradients(g, given, {}, d_o, lambda c, t, dtype: run_reference(c, t), frozenset(given))
     for n, x in leaves.items():
         torch.testing.assert_close(got[n], x.grad, rtol=1e-10, atol=1e-10, msg=n)
 

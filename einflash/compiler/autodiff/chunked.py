@@ -181,7 +181,7 @@ def _map(written: Cascade, out: str, ranks: tuple[str, ...], x: Expr) -> Cascade
     )
 
 
-Run = Callable[[Cascade, dict[str, torch.Tensor]], torch.Tensor]
+Run = Callable[[Cascade, dict[str, torch.Tensor], torch.dtype], torch.Tensor]
 
 
 def chunked_gradients(
@@ -192,8 +192,10 @@ def chunked_gradients(
     run: Run,
     wanted: frozenset[str],
 ) -> dict[str, torch.Tensor | None]:
-    """Each wanted input's gradient, in its own dtype (None for the others): ``run(cascade, tensors)`` runs
-    ``g.forward`` or ``g.reversed`` (the kernels, or the reference) and returns its output ``[B, H, M, F]``.
+    """Each wanted input's gradient, in its own dtype (None for the others): ``run(cascade, tensors, dtype)`` runs
+    ``g.forward`` or ``g.reversed`` (the kernels, or the reference) and returns its output ``[B, H, M, F]`` in
+    ``dtype``. dA and dB come in the accumulator type: dφ is a difference of their sums over e, which 16-bit values
+    would round away.
 
     A, B and φ are the reference executor's values in the accumulator type (fp32; fp64 for fp64), made with
     autograd on: the gradients of their inputs are their vector-Jacobian products with dA, dB and dφ."""
@@ -218,9 +220,9 @@ def chunked_gradients(
         made[side] = (value.detach(), value if value.requires_grad else None)
     a, bk = made["a"][0].to(low), per_query_head(made["bk"][0]).to(low)
     extra = {n: x for n, x in inputs.items() if n not in QKV}
-    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra)
-    d_v = run(g.reversed, {"q": bk, "k": a, "v": grad_output} | extra)
-    d_b = run(g.reversed, {"q": per_query_head(v), "k": grad_output, "v": a} | extra)
+    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra, acc)
+    d_v = run(g.reversed, {"q": bk, "k": a, "v": grad_output} | extra, v.dtype)
+    d_b = run(g.reversed, {"q": per_query_head(v), "k": grad_output, "v": a} | extra, acc)
     cotangents = {"a": d_a, "bk": _per_kv_head(d_b, heads // made["bk"][0].shape[1])}
     if "phi" in made:  # the weights' gradient summed over each row, less over each column
         cotangents["phi"] = torch.sum(a * d_a, -1, dtype=acc) - torch.sum(bk * d_b, -1, dtype=acc)

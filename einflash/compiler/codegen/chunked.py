@@ -3,8 +3,9 @@
 The state kernel renders ``attention_chunk_states.py.jinja``: its chunk slot is the tile code of the state
 cascade's Einsums (the key-side weights at the chunk's anchor, the factor between anchors, the chunk's update) for
 one chunk of keys. The query kernel is the forward template itself (einflash.compiler.codegen.forward.lower with
-``stage="chunked"``): its one range of key tiles is the query tile's own chunk, and its epilogue adds the state's
-term; the positions the chunk cascades name (``chunk``, ``anchor_lo``) are the program's, not arguments.
+``stage="chunked"``): its one range of key tiles is the query tile's own chunk (``query_keys``), and its epilogue
+adds the state's term; the positions the chunk cascades name (``chunk``, ``anchor_lo``) are the program's, not
+arguments.
 """
 
 from __future__ import annotations
@@ -15,17 +16,31 @@ from ..rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK
 from .signature import param_name, pointer_params
 from .source import KernelSource, kernel_name, notation
 from .tile import bcast
+from .tile_ranges import KeyPlan, KeyRange
 from .tilecode import KernelSettings
 
 STATES_TEMPLATE = "attention_chunk_states.py.jinja"
 
-# what the query kernel's program binds the chunk cascade's positions to (its tile of rows is one chunk), by the
-# direction of the states: the key before the chunk, or the first key after it
-QUERY_POSITIONS = {
-    1: {CHUNK: "pid_m", ANCHOR_LO: "tl.maximum(pid_m * BLOCK_M - 1, 0)"},
-    -1: {CHUNK: "pid_m", ANCHOR_LO: "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N - 1)"},
-}
 STATE_POSITIONS = (ANCHOR_LO, ANCHOR_HI)  # bound by the state kernel per chunk
+
+
+def query_keys(chunk: int, direction: int) -> tuple[KeyPlan, dict[str, str]]:
+    """The query kernel's keys, of its own chunk (chunks of ``chunk`` positions, a multiple of its tiles): the
+    tiles from the chunk's first to its own, or (``direction`` −1) from its own to the chunk's last; and the code
+    its program binds the chunk cascade's positions to: its chunk, and the key before the chunk (after it)."""
+    first = f"(pid_m * BLOCK_M) // {chunk} * {chunk}"  # the chunk's first position
+    if direction == 1:
+        lo, hi, anchor = first, "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N)", f"tl.maximum({first} - 1, 0)"
+    else:
+        lo, hi, anchor = "pid_m * BLOCK_M", f"tl.minimum({first} + {chunk}, N)", f"tl.minimum({first} + {chunk}, N - 1)"
+    own = KeyRange(
+        lo,
+        hi,
+        masked=True,
+        comment="the keys of the query tile's own chunk (the other chunks' reach it through the chunk state)",
+        pipelined=False,
+    )
+    return KeyPlan((), (own,)), {CHUNK: f"(pid_m * BLOCK_M) // {chunk}", ANCHOR_LO: anchor}
 
 
 def lower_states(

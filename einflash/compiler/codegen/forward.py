@@ -24,7 +24,7 @@ from .reductions import KTH_LARGEST, TOP_LIST
 from .signature import param_name, pointer_params
 from .source import KernelSource, dim_names, kernel_name, notation
 from .stores import carry, init_states, result_params, store_results, store_state, store_summary
-from .tile_ranges import KeyPlan, KeyRange, governing_mask, governs, key_plan
+from .tile_ranges import KeyPlan, governing_mask, governs, key_plan
 from .tilecode import KernelSettings, TileCode
 
 TEMPLATE = "attention_fwd.py.jinja"
@@ -141,6 +141,7 @@ def lower(
     stage: str | None = None,
     read: frozenset = frozenset(),
     positions: dict[str, str] | None = None,
+    keys: KeyPlan | None = None,
 ) -> KernelSource:
     """Render the one-pass kernel of a streamed cascade.
 
@@ -152,8 +153,9 @@ def lower(
     stores its outputs, the summaries, into ``out_<name>[b, h, ...]`` with their presence in
     ``present_<name>`` (same shape and strides); the ``"queries"`` kernel reads them (``read`` names them among its
     inputs) with no loop. The ``"chunked"`` kernel is the query kernel of the chunked form
-    (einflash.compiler.rewrite.chunked): its keys are the query tile's own chunk, and ``positions`` binds the
-    integer parameters that name the program's positions (its chunk, the key before it) to their code.
+    (einflash.compiler.rewrite.chunked): ``keys`` are its ranges of key tiles (its own chunk's, instead of the
+    mask analysis's), and ``positions`` binds the integer parameters that name the program's positions (its
+    chunk, the key before it) to their code.
     """
     positions = positions or {}
     sec = sections(c, stage)
@@ -180,7 +182,7 @@ def lower(
         summaries=read,
         packed_heads=stage is None,  # the stages run one head per program (a key stage has no rows to pack)
     )
-    plans = [own_chunk() if stage == "chunked" else key_plan(c, loop) for loop in sec.loops]
+    plans = [keys or key_plan(c, loop) for loop in sec.loops]
     lists = plans[0].lists if plans else None
     if any(p.lists != lists for p in plans[1:]):
         raise LoweringError(
@@ -303,19 +305,6 @@ def lower(
         summary_reads=tuple(sorted(read)),
         stage=stage,
     )
-
-
-def own_chunk() -> KeyPlan:
-    """The keys of the chunked form's query kernel: the query tile's own chunk (its tiles of rows and of keys are
-    the chunk), under the causal mask."""
-    own = KeyRange(
-        "pid_m * BLOCK_M",
-        "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N)",
-        masked=True,
-        comment="the query tile's own chunk of keys (the keys before it reach it through the chunk state)",
-        pipelined=False,
-    )
-    return KeyPlan((), (own,))
 
 
 def _unrouted(c: Cascade, loop: tuple[Einsum, ...], start: TileCode) -> str | None:

@@ -33,6 +33,7 @@ from ..autodiff.gradient import (
 )
 from ..autodiff.parts import Cut, Looped, Parts, cut, restrict
 from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launch, lower_q, lower_rows
+from ..codegen.forward import exact_dots
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
 from ..rewrite.compose import Composition, composed, compositions, read_composed
@@ -314,13 +315,16 @@ class Backward:
         refuse_interpreted_bfloat16(output)
         chunk = min(schedule.block_m, schedule.block_n)
         schedule_f = Schedule(chunk, chunk, schedule.num_warps, schedule.num_stages)
-        if jagged is None and visits is None and self.chunked is not None:
+        # fp32 and fp64 keep the quadratic backward: a decay's gradient through dφ is a difference of row and column
+        # sums that cancel over the sequence, and loses more digits to it than their tolerance has
+        sixteen = not exact_dots(DTYPE_NAMES[output.dtype])[0]
+        if jagged is None and visits is None and sixteen and self.chunked is not None:
             g, forwards = self.chunked
             if self.forward.runs_chunked(extents, schedule_f) is not None:
                 # the derived forwards' launches, through the JIT, with host work between them: not recorded, so
                 # not replayed
-                def run(c: Cascade, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-                    return forwards[c.key].run(tensors, values, schedule_f)[0]
+                def run(c: Cascade, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+                    return forwards[c.key].run(tensors, values, schedule_f, out_dtype=dtype)[0]
 
                 return Launched(None, {}, {}, wanted, chunked_gradients(g, inputs, values, grad_output, run, wanted))
         call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record, jagged)

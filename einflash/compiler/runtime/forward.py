@@ -20,7 +20,7 @@ from ...ir.reference import bind_extents
 from ...jagged import JaggedBatch
 from ..analysis.cost import broadcast_reduction
 from ..analysis.linear_form import linear_form
-from ..codegen.chunked import QUERY_POSITIONS, lower_states
+from ..codegen.chunked import lower_states, query_keys
 from ..codegen.combine import combine_cascade, lower_combine
 from ..codegen.forward import exact_dots, lower, sections
 from ..codegen.source import KernelSource
@@ -37,6 +37,9 @@ from .tile_lists import tile_lists
 
 FOLD_BLOCK_M = 16
 STATE_BLOCK = 64  # the rows and columns of a chunk state that one program of the state kernel keeps
+# positions per chunk of the chunked form (at least a tile): the state kernel's sequential steps and the bytes of the
+# chunk states fall as it grows, each row's quadratic part within its chunk grows (fla's chunked kernels use 64)
+CHUNK = 64
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -190,9 +193,9 @@ class Forward:
 
     def runs_chunked(self, extents: dict[str, int], schedule: Schedule) -> Chunked | None:
         """The chunked form a call of a plain batch, as many queries as keys, runs: where the cascade has one and
-        the length is past the crossover, from which it takes fewer FLOPs than the quadratic form (chunks of the
-        schedule's tile); else None (the quadratic kernel)."""
-        chunk = min(schedule.block_m, schedule.block_n)
+        the length is past the crossover, from which it takes fewer FLOPs than the quadratic form (chunks of
+        CHUNK positions, or of the schedule's tile where that is longer); else None (the quadratic kernel)."""
+        chunk = max(CHUNK, schedule.block_m, schedule.block_n)
         ch = self.chunked(chunk) if self.linear is not None and extents["m"] == extents["n"] else None
         if ch is None or self.linear is None:
             return None
@@ -204,7 +207,7 @@ class Forward:
     def chunk_sources(
         self, ch: Chunked, dtype: torch.dtype, dims: dict[str, int], int_inputs: frozenset
     ) -> tuple[KernelSource, KernelSource]:
-        """The chunked form's kernels: the chunk states', the query tiles'."""
+        """The chunked form's kernels: the chunk states', the query tiles' (any tile that divides the chunk)."""
         key = ("chunked", ch.chunk, dtype, tuple(sorted(dims.items())), int_inputs)
         if key not in self._sources:
             name = DTYPE_NAMES[dtype]
@@ -212,8 +215,10 @@ class Forward:
             blocks = {r: min(dims[r], STATE_BLOCK) for r in (e, f)}
             state_dims = blocks | {f"{r}_extent": dims[f"{r}_extent"] for r in (e, f)}
             states = lower_states(ch.states, state_dims, name, *exact_dots(name), int_inputs, ch.direction == -1)
-            positions = QUERY_POSITIONS[ch.direction]
-            queries = lower(ch.queries, dims, name, int_inputs=int_inputs, stage="chunked", positions=positions)
+            keys, positions = query_keys(ch.chunk, ch.direction)
+            queries = lower(
+                ch.queries, dims, name, int_inputs=int_inputs, stage="chunked", positions=positions, keys=keys
+            )
             self._sources[key] = (states, queries)  # type: ignore[assignment]
         return self._sources[key]  # type: ignore[return-value]
 
@@ -238,9 +243,11 @@ class Forward:
         saved: tuple[str, ...] = (),
         launcher: Launcher = jit_launch,
         record: Recording | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The output ``[B, H, M, F]`` and the final per-row states (fp32 ``[B, H, M]`` each; fp64 for fp64), with
-        the cascade's per-row outputs (the log-sum-exp: fp32 ``[B, H, M]``, fp64 for fp64) among them by name.
+        """The output ``[B, H, M, F]`` (in the inputs' dtype, or ``out_dtype``) and the final per-row states (fp32
+        ``[B, H, M]`` each; fp64 for fp64), with the cascade's per-row outputs (the log-sum-exp: fp32 ``[B, H, M]``,
+        fp64 for fp64) among them by name.
 
         ``values`` holds every parameter (defaults resolved); ``extents`` may be passed when known.
         A ``jagged`` batch packs its sequences along m and n of batch-1 tensors: the output and the
@@ -259,7 +266,7 @@ class Forward:
         dims = self.dims(extents)
         value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
         B, H, M = extents["b"], extents["h"], extents["m"]
-        out = empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        out = empty(B, H, M, extents[value_rank], dtype=out_dtype or first.dtype, device=first.device)
         acc = accumulator_dtype(first.dtype)
         row_out = {o: empty(B, H, M, dtype=acc, device=first.device) for o in c.outputs[1:]}
         if B * H * M == 0:
@@ -288,7 +295,7 @@ class Forward:
         inputs |= {made.name: made.make(inputs) for made in self.compositions}
         chunked = None if split or saved or jagged is not None or row_out else self.runs_chunked(extents, schedule)
         if chunked is not None:
-            self._run_chunked(chunked, inputs, values, out, schedule, extents, dims, ints, launcher, empty)
+            self._run_chunked(chunked, inputs, values, out, schedule, extents, dims, ints, launcher, empty, first.dtype)
             return out, row_out
         summaries: dict[str, torch.Tensor] = {}
         if self.stages is not None:
@@ -326,10 +333,11 @@ class Forward:
             launch(c, src, inputs, values, out, ws | summaries, schedule, extents, jagged, lists, launcher)
         return out, ws
 
-    def _run_chunked(self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty) -> None:
+    def _run_chunked(self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty, dtype) -> None:
         """The chunked form: the state before each chunk (one program per block of a head's state walks the
-        chunks), then the query tiles, each over its own chunk of keys and the state before it."""
-        states_src, queries_src = self.chunk_sources(ch, out.dtype, dims, ints)
+        chunks), then the query tiles (the schedule's smaller tile), each over its own chunk's keys up to its own
+        and the state before the chunk."""
+        states_src, queries_src = self.chunk_sources(ch, dtype, dims, ints)
         e, f, C = ch.contracted, ch.value, ch.chunk
         B, H, N = extents["b"], extents["h"], extents["n"]
         acc = accumulator_dtype(out.dtype)
@@ -344,7 +352,8 @@ class Forward:
         blocks = (-(-dims[e] // STATE_BLOCK), -(-dims[f] // STATE_BLOCK))
         call = chunk_states_call(ch.states, states_src, inputs, values, states, extents, C, blocks, schedule.num_warps)
         launcher(states_src, call)
-        own = replace(schedule, block_m=C, block_n=C, splits=1, pack=False, reverse_m=False)
+        tile = min(schedule.block_m, schedule.block_n)
+        own = replace(schedule, block_m=tile, block_n=tile, splits=1, pack=False, reverse_m=False)
         launch(
             ch.queries, queries_src, inputs | {STATE: states[STATE]}, values, out, {}, own, extents, launcher=launcher
         )
