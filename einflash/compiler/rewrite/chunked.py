@@ -15,10 +15,12 @@ Anchoring each chunk's state at the chunk's last key keeps every factor a ratio 
 the state before each chunk and updating it with the chunk's keys (one tensor-core product per chunk); the
 **query kernel** is the cascade's own one-pass kernel whose loop visits only the query tile's own chunk of keys
 (the mask gains ``n // C == m // C``), with the state's term added after it. O(N·C·(E + F) + N·E·F) work per head
-instead of O(N²·(E + F)).
+instead of O(N²·(E + F)). Under the mask ``n ≥ m`` (each query sees the keys from its own on) the same holds with
+the states running backwards: each anchored at the first key after its chunk, the walk from the last chunk.
 
 The positions the factors are evaluated at are integer parameters of the chunk cascades (``anchor_lo``, the key
-before the chunk; ``anchor_hi``, the chunk's last key; ``chunk``, its index), which the kernels bind per chunk:
+before the chunk (after it); ``anchor_hi``, the chunk's last key (first); ``chunk``, its index), which the kernels
+bind per chunk:
 ``P(m, p)`` is ``P`` with the key position (its coordinate, and the key-side reads' index) replaced by
 ``anchor_lo``. tests/rewrites run both chunk cascades through the reference executor, chunk by chunk, against the
 cascade as written.
