@@ -1,7 +1,8 @@
 """Causal linear attention with exponential decay: RetNet (Sun et al. 2023), Lightning Attention-2 (Qin et al. 2024).
 
 O[m] = Σ_{n ≤ m} (q[m]·k[n])·decay[h]^(m − n)·v[n], with no normaliser, written as
-a masked quadratic form; a chunked kernel computes it with a D×F running state.
+a masked quadratic form; past a crossover length the kernels run it chunk by chunk with a D×F running state
+(einflash.compiler.rewrite.chunked), forward and backward.
 
 Positions count from the first query (ef.m = 0 is q's first row), which is right when M = N; for decoding
 and chunked prefill (M < N) write the mask end-aligned, as docs/semantics.md shows.

@@ -64,3 +64,25 @@ def test_a_replayed_training_step_matches_a_fresh_one():
         runs.append(_run("alibi", torch.bfloat16)[2])
         assert len(training.forward_replays) == len(training.backward_replays) == 1
     assert all(torch.equal(runs[1][k], runs[2][k]) for k in runs[1])
+
+
+@pytest.mark.parametrize("T", [1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["causal_linear", "gla"])
+def test_linear_attention_chunk_by_chunk_within_the_rule(name, dtype, T):
+    """Past the crossover the forward runs the chunked form, and causal_linear's backward its three chunked
+    attentions (gla's stays quadratic): the output and every gradient, the decay's and the gates' included."""
+    from einflash.testing import check
+
+    shape = dataclasses.replace(SHAPE, B=1, Hq=4, Hkv=2, M=T, N=T, E=128, F=128)
+    given = {k: v.cuda() for k, v in inputs(name, shape, dtype).items()}
+    with torch.no_grad():
+        verdict = check(op(name), op(name)(**given), **given)
+    assert verdict.ok, verdict
+    leaves = {k: (v.clone().requires_grad_() if v.is_floating_point() else v) for k, v in given.items()}
+    out = op(name)(**leaves)
+    d_o = torch.randn_like(out)
+    out.backward(d_o)
+    grads = {k: v.grad for k, v in leaves.items() if v.is_floating_point()}
+    verdicts = check_gradients(op(name), grads, d_o, **given)
+    assert all(v.ok for v in verdicts.values()), verdicts
