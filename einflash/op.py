@@ -205,6 +205,8 @@ class AttentionOp:
         backward_schedule: BackwardSchedule | None = None,
         deterministic: bool = False,
         return_lse: bool = False,
+        initial_state: torch.Tensor | None = None,
+        return_state: bool = False,
         **kwargs,
     ):
         """Run the generated kernel; ``backend="reference"`` runs the float64 reference instead.
@@ -228,6 +230,13 @@ class AttentionOp:
         (sigmoid or linear attention), or with several (differential attention), raises NormaliserError
         saying what it normalises with.
 
+        Causal attention in linear form (``causal_linear``; see einflash.compiler.rewrite.chunked) carries a state
+        from call to call: ``return_state=True`` returns ``(out, state)``, the state after the last key
+        (``[B, Hq, E, F]``, float32; float64 for float64 inputs), and ``initial_state=`` gives the state of the keys
+        before this call's, so that a sequence runs in pieces (a prefill in chunks, then one token at a time) with
+        the output of one whole call. Such a call runs chunk by chunk at any length (M = N), eagerly, with no
+        backward yet.
+
         An eager call with nothing to differentiate is recorded (einflash.compiler.runtime.replay): a later call
         with tensors of the same shapes, strides, dtypes, devices and alignment and the same other
         arguments skips the binding, the checks and the schedule's choice, and launches the same kernels (not
@@ -242,6 +251,8 @@ class AttentionOp:
         >>> torch.allclose(lse, torch.logsumexp(q @ q.mT / 4, dim=-1), atol=1e-5), lse.dtype
         (True, torch.float32)
         """
+        if initial_state is not None or return_state:
+            return self._call_with_state(args, kwargs, backend, schedule, initial_state, return_state)
         tracing = torch.compiler.is_compiling()
         replay_key = None
         # a gather's bounds depend on the gathered input's entries: such a call binds and checks every time
@@ -300,6 +311,33 @@ class AttentionOp:
         if replay is not None:
             self._replays.put(replay_key, replay)
         return results
+
+    def _call_with_state(self, args, kwargs, backend, schedule, initial_state, return_state: bool):
+        """A call that carries a state (``initial_state=``, ``return_state=True``): the chunked form's forward."""
+        if backend == "reference" or torch.compiler.is_compiling():
+            raise LoweringError(
+                f"{self.name}: a call that carries a state runs the chunked kernels eagerly; not with "
+                f"backend='reference' nor under torch.compile yet"
+            )
+        inputs, params = self.bind(args, kwargs)
+        if jagged_batch(self.cascade, inputs, kwargs) is not None:
+            raise LoweringError(f"{self.name}: a call that carries a state takes a plain batch, not a jagged one")
+        if torch.is_grad_enabled() and any(x.requires_grad for x in [*inputs.values(), initial_state] if x is not None):
+            raise DifferentiationError(
+                f"{self.name}: a call that carries a state has no backward yet; train on whole sequences (no "
+                f"initial_state, no return_state), or call it under torch.no_grad()"
+            )
+        fwd = self._forward(backend, False, False)
+        extents = bind_extents(fwd.rewritten, inputs, params)
+        if schedule is None:
+            first = inputs[self.cascade.inputs[0].name]
+            target = for_device(first.device.type)
+            schedule = choose(
+                self.cascade, fwd, target, first.dtype, extents, kv_heads(self.cascade, inputs), inputs, params
+            )
+        values = bind_params(fwd.rewritten, params, extents)
+        out, final = fwd.prefill(inputs, values, schedule, extents, initial_state)
+        return (out, final) if return_state else out
 
     def _call_reference(self, inputs, params, jagged: JaggedBatch | None, return_lse: bool):
         """``backend="reference"``: the float64 reference, returned in the dtypes a kernel returns."""

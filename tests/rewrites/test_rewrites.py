@@ -485,7 +485,7 @@ def _chunked_by_reference(ch, inputs, n: int) -> torch.Tensor:
     update from the state cascade (its keys alone: v is zero elsewhere), the recurrence between anchors in the
     states' direction, then each chunk's rows of the query cascade given the state of the keys before it (after
     it, backwards)."""
-    from einflash.compiler.rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK, STATE
+    from einflash.compiler.rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK, HAS_STATE, STATE
     from einflash.ir.reference import evaluate
 
     C, chunks = ch.chunk, -(-n // ch.chunk)
@@ -509,7 +509,7 @@ def _chunked_by_reference(ch, inputs, n: int) -> torch.Tensor:
     hs = torch.stack([torch.zeros_like(state) if before[c] is None else before[c] for c in range(chunks)], dim=2)
     rows = []
     for c in range(chunks):
-        at = {ANCHOR_LO: anchors[c][0], CHUNK: c}
+        at = {ANCHOR_LO: anchors[c][0], CHUNK: c, HAS_STATE: 0}
         rows.append(run_reference(ch.queries, inputs | {STATE: hs}, at)[:, :, c * C : c * C + C])
     return torch.cat(rows, dim=2)
 

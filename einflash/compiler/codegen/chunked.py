@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ...ir.cascade import Cascade
 from ...templates import render
-from ..rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK
+from ..rewrite.chunked import ANCHOR_HI, ANCHOR_LO, CHUNK, HAS_STATE
 from .signature import param_name, pointer_params
 from .source import KernelSource, kernel_name, notation
 from .tile import bcast
@@ -30,7 +30,8 @@ def query_keys(chunk: int, direction: int) -> tuple[KeyPlan, dict[str, str]]:
     its program binds the chunk cascade's positions to: its chunk, and the key before the chunk (after it)."""
     first = f"(pid_m * BLOCK_M) // {chunk} * {chunk}"  # the chunk's first position
     if direction == 1:
-        lo, hi, anchor = first, "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N)", f"tl.maximum({first} - 1, 0)"
+        # the key before the chunk; before the first, the last key of the state that came in (or none: 0)
+        lo, hi, anchor = first, "tl.minimum(pid_m * BLOCK_M + BLOCK_M, N)", f"tl.maximum({first} - 1, -p_{HAS_STATE})"
     else:
         lo, hi, anchor = "pid_m * BLOCK_M", f"tl.minimum({first} + {chunk}, N)", f"tl.minimum({first} + {chunk}, N - 1)"
     own = KeyRange(

@@ -50,6 +50,7 @@ from ..analysis.linear_form import linear_form
 from ..analysis.mask_tiles import affine_form
 
 ANCHOR_LO, ANCHOR_HI, CHUNK = "anchor_lo", "anchor_hi", "chunk"
+HAS_STATE = "has_state"  # 1 where a state of earlier keys comes in (a prefill that goes on): the first chunk reads it
 STATE = "hs"  # the chunk states the state kernel stores: hs[b, h, chunk, e, f], the state before each chunk
 CHUNK_RANK = "c"
 
@@ -248,10 +249,16 @@ def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None
     qa_expr = w.query if w.pair is None else call("mul", w.query, at(w.pair, STREAM, ANCHOR_LO))
     qa_ranks = ("b", "h", "m", e)
     state = Read(STATE, (coord("b"), coord("h"), extent_symbol(CHUNK), coord(e), coord(f)))
-    # the first chunk has no keys before it (the last none after it): its rows take nothing from a state
+    # the first chunk has no keys before it (the last none after it): its rows take nothing from a state, unless one
+    # comes in from the keys before the sequence
     size = Const(float(chunk))
     last = call("floordiv", call("sub", Size(STREAM), Const(1.0)), size)
-    first = call("ge", Coord("m"), size) if w.direction == 1 else call("lt", call("floordiv", Coord("m"), size), last)
+    after_first = call("mul", size, call("sub", Const(1.0), Param(HAS_STATE)))
+    first = (
+        call("ge", Coord("m"), after_first)
+        if w.direction == 1
+        else call("lt", call("floordiv", Coord("m"), size), last)
+    )
     einsums += [
         Einsum("qa", qa_ranks, qa_expr, where=first),
         Einsum(
@@ -279,7 +286,7 @@ def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None
         rewritten,
         ranks=rewritten.ranks + (Rank(CHUNK_RANK, chunks),),
         tensors=tensors,
-        params=_positions(rewritten, ANCHOR_LO, CHUNK),
+        params=_positions(rewritten, ANCHOR_LO, CHUNK, HAS_STATE),
         einsums=tuple(einsums),
         outputs=("o_chunked",) + rewritten.outputs[1:],
     )

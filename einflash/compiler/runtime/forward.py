@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from ... import knobs
-from ...errors import DTypeError, LoweringError
+from ...errors import DTypeError, LoweringError, ShapeError
 from ...ir.cascade import Cascade
 from ...ir.expr import index_ranks
 from ...ir.ranks import PARALLEL
@@ -25,7 +25,7 @@ from ..codegen.combine import combine_cascade, lower_combine
 from ..codegen.forward import exact_dots, lower, sections
 from ..codegen.source import KernelSource
 from ..codegen.tile_ranges import key_plan
-from ..rewrite.chunked import STATE, Chunked, chunked_form
+from ..rewrite.chunked import HAS_STATE, STATE, Chunked, chunked_form
 from ..rewrite.compose import compose_gathers
 from ..rewrite.online import streaming_obstacle
 from ..rewrite.pipeline import optimise
@@ -333,30 +333,92 @@ class Forward:
             launch(c, src, inputs, values, out, ws | summaries, schedule, extents, jagged, lists, launcher)
         return out, ws
 
-    def _run_chunked(self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty, dtype) -> None:
+    def _run_chunked(
+        self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty, dtype, initial=None
+    ) -> torch.Tensor:
         """The chunked form: the state before each chunk (one program per block of a head's state walks the
         chunks), then the query tiles (the schedule's smaller tile), each over its own chunk's keys up to its own
-        and the state before the chunk."""
+        and the state before the chunk. ``initial`` (``[B, H, E, F]``) is the state of keys before the sequence;
+        returns the state after its last key (fp32; fp64 for fp64), anchored there."""
         states_src, queries_src = self.chunk_sources(ch, dtype, dims, ints)
         e, f, C = ch.contracted, ch.value, ch.chunk
         B, H, N = extents["b"], extents["h"], extents["n"]
-        acc = accumulator_dtype(out.dtype)
-        exact = exact_dots(DTYPE_NAMES[out.dtype])[0]
+        acc = accumulator_dtype(dtype)
+        exact = exact_dots(DTYPE_NAMES[dtype])[0]
+        kept = acc if exact else dtype  # a 16-bit kernel's tensor cores read the state in the inputs' type
         states = {
-            # a 16-bit kernel's tensor cores read the state in the inputs' type
-            STATE: empty(
-                B, H, -(-N // C), extents[e], extents[f], dtype=acc if exact else out.dtype, device=out.device
-            ),
+            STATE: empty(B, H, -(-N // C), extents[e], extents[f], dtype=kept, device=out.device),
             "final": empty(B, H, extents[e], extents[f], dtype=acc, device=out.device),
         }
+        if initial is not None:
+            states["init"] = initial
         blocks = (-(-dims[e] // STATE_BLOCK), -(-dims[f] // STATE_BLOCK))
         call = chunk_states_call(ch.states, states_src, inputs, values, states, extents, C, blocks, schedule.num_warps)
         launcher(states_src, call)
         tile = min(schedule.block_m, schedule.block_n)
         own = replace(schedule, block_m=tile, block_n=tile, splits=1, pack=False, reverse_m=False)
-        launch(
-            ch.queries, queries_src, inputs | {STATE: states[STATE]}, values, out, {}, own, extents, launcher=launcher
+        inputs = inputs | {STATE: states[STATE]}
+        values = values | {HAS_STATE: int(initial is not None)}
+        launch(ch.queries, queries_src, inputs, values, out, {}, own, extents, launcher=launcher)
+        return states["final"]
+
+    def prefill(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        schedule: Schedule,
+        extents: dict[str, int],
+        initial: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of a plain batch (M = N) chunk by chunk at any length, and the state after its last key
+        (``[B, H, E, F]``, fp32; fp64 for fp64), given ``initial``, the state of the keys before it (a prefill in
+        pieces, or decoding one token at a time). LoweringError where the cascade has no chunked form, or where its
+        factor of both sides reads inputs per position (a state that comes in would need them at the position
+        before the sequence) or runs backwards."""
+        chunk = max(CHUNK, schedule.block_m, schedule.block_n)
+        ch = self.chunked(chunk)
+        name = self.written.name
+        if ch is None:
+            raise LoweringError(
+                f"{name}: a state carried between calls needs causal attention in linear form (weights "
+                f"Σ_e a[m,e]·b[n,e] times a decay anchored at any position, under the mask n ≤ m), which {name} is not"
+            )
+        per_position = {t.name for t in self.written.inputs if {"m", "n"} & set(t.ranks)} - {"q", "k", "v"}
+        reads = {r.tensor for e in ch.states.einsums for r in e.reads()} & per_position
+        if initial is not None and (reads or ch.direction != 1):
+            why = f"reads {sorted(reads)} per position" if reads else "runs backwards (a mask n ≥ m)"
+            raise LoweringError(
+                f"{name}: its decay {why}, so a state of earlier keys cannot be carried into a call (it would need "
+                f"them at the position before the sequence); run the whole sequence in one call"
+            )
+        if extents["m"] != extents["n"]:
+            raise ShapeError(
+                f"{name}: a call that carries a state takes as many queries as keys, got M = "
+                f"{extents['m']}, N = {extents['n']}"
+            )
+        first = inputs["q"]
+        refuse_interpreted_bfloat16(first)
+        dims = self.dims(extents)
+        value_rank = next(
+            r for r in self.rewritten.tensor(self.rewritten.outputs[0]).ranks if r not in PARALLEL + ("m",)
         )
+        B, H, M = extents["b"], extents["h"], extents["m"]
+        out = torch.empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        acc = accumulator_dtype(first.dtype)
+        e, f = ch.contracted, ch.value
+        if initial is not None and (initial.shape != (B, H, extents[e], extents[f]) or initial.dtype != acc):
+            raise ShapeError(
+                f"{name}: initial_state must be {acc} [B, H, E, F] = [{B}, {H}, {extents[e]}, {extents[f]}], got "
+                f"{initial.dtype} {list(initial.shape)}"
+            )
+        if M == 0:
+            final = torch.zeros(B, H, extents[e], extents[f], dtype=acc, device=first.device)
+            return out, final if initial is None else initial.clone()
+        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        final = self._run_chunked(
+            ch, inputs, values, out, schedule, extents, dims, ints, jit_launch, torch.empty, first.dtype, initial
+        )
+        return out, final
 
     def _summarise(self, keys, inputs, values, schedule, extents, jagged, launcher, empty) -> dict[str, torch.Tensor]:
         """Run the key stage of a two-stage forward: each summary of the keys per (sequence, head), fp32 (fp64 for

@@ -253,16 +253,29 @@ def chunk_states_call(
     num_warps: int,
 ) -> KernelCall:
     """The launch of the chunk-state kernel (einflash.compiler.codegen.chunked) over (blocks of the state,
-    batch·heads): ``states`` holds ``hs`` (the state before each chunk) and ``final`` (after the last), ``blocks``
-    how many blocks of the state's rows and columns the programs of a head share it in."""
+    batch·heads): ``states`` holds ``hs`` (the state before each chunk), ``final`` (after the last) and perhaps
+    ``init`` (of keys before the sequence), ``blocks`` how many blocks of the state's rows and columns the programs
+    of a head share it in."""
     args: dict[str, object] = {}
     for name in src.tensors:
         args |= pointer(name, inputs[name])
     args |= pointer("hs", states["hs"]) | pointer("final", states["final"])
+    init = states.get("init")
+    args |= (
+        pointer("init", init) if init is not None else {"init_ptr": None} | {f"stride_init_{i}": 0 for i in range(4)}
+    )
     args |= {param_name(p): params[p] for p in src.params} | dict(src.constexprs)
     B, H = extents["b"], extents["h"]
     hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
-    args |= dict(M=extents["m"], N=extents["n"], H=H, GROUP=H // hkv, E_BLOCKS=blocks[0], BLOCK_N=chunk)
+    args |= dict(
+        M=extents["m"],
+        N=extents["n"],
+        H=H,
+        GROUP=H // hkv,
+        E_BLOCKS=blocks[0],
+        BLOCK_N=chunk,
+        HAS_INIT=init is not None,
+    )
     return KernelCall((blocks[0] * blocks[1], B * H, 1), src.signature.bind(args), num_warps, COMBINE_STAGES)
 
 
