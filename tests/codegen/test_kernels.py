@@ -15,7 +15,7 @@ from unittest import mock
 import formulas
 import pytest
 import torch
-from catalogue import EXAMPLES, load_example
+from catalogue import EXAMPLES, anticausal_decay, load_example, plain_causal_linear
 
 import einflash as ef
 from einflash.compiler.analysis.mask_tiles import tile_rows
@@ -573,18 +573,6 @@ def test_two_stage_jagged_batch_matches_each_sequence_alone():
 
 
 # -- the chunked form: causal attention in linear form, chunk by chunk -------------------------------------
-
-
-@ef.attention
-def plain_causal_linear(q, k, v):
-    """Causal linear attention with no decay: the state is a plain running sum of kᵀv."""
-    return ef.mask(q @ k, ef.n <= ef.m) @ v
-
-
-@ef.attention
-def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821, UP037
-    """Each query sees the keys from its own position on, decayed by their distance: the states run backwards."""
-    return ef.mask((q @ k) * ef.exp((ef.n - ef.m) * ef.log(decay)), ef.n >= ef.m) @ v
 
 
 def _chunked_op(name: str) -> ef.AttentionOp:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from catalogue import EXAMPLES
+from catalogue import EXAMPLES, plain_causal_linear
 from gradient_cases import FORWARD_ONLY, FULLY_MASKED, LOWERED, TUNED, frozen, inputs, op
 
 import einflash as ef
@@ -251,11 +251,6 @@ def _featured(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821
     return ef.mask((ef.relu(q) + 1.0) @ ef.exp(k * 0.5) * ef.exp((ef.m - ef.n) * ef.log(decay)), ef.n <= ef.m) @ v
 
 
-@ef.attention
-def _plain_causal_linear(q, k, v):
-    return ef.mask(q @ k, ef.n <= ef.m) @ v
-
-
 @pytest.mark.parametrize("which", ["causal_linear", "plain", "featured"])
 def test_the_chunked_gradient_is_the_cascades_gradient(which):
     """The three derived attentions (run by the reference executor) and the chain rule through A, B and the decay's
@@ -263,7 +258,7 @@ def test_the_chunked_gradient_is_the_cascades_gradient(which):
     from einflash.compiler.autodiff.chunked import chunked_gradient, chunked_gradients
     from einflash.ir.reference import run_reference
 
-    attention = {"causal_linear": op("causal_linear"), "plain": _plain_causal_linear, "featured": _featured}[which]
+    attention = {"causal_linear": op("causal_linear"), "plain": plain_causal_linear, "featured": _featured}[which]
     torch.manual_seed(0)
     f64 = {"dtype": torch.float64}
     given = {

@@ -9,7 +9,7 @@ import functools
 import pytest
 import sympy
 import torch
-from catalogue import EXAMPLES, load_example
+from catalogue import EXAMPLES, anticausal_decay, load_example, plain_causal_linear
 
 import einflash as ef
 from einflash.compiler.analysis.key_passes import count_passes
@@ -529,17 +529,6 @@ def test_chunked_form_gives_the_output(name, chunk):
     assert ch is not None
     got = _chunked_by_reference(ch, inputs, SHAPE.N)
     torch.testing.assert_close(got, run_reference(op.cascade, inputs), rtol=1e-10, atol=1e-10)
-
-
-@ef.attention
-def plain_causal_linear(q, k, v):
-    return ef.mask(q @ k, ef.n <= ef.m) @ v
-
-
-@ef.attention
-def anticausal_decay(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821, UP037
-    """Each query sees the keys from its own position on, decayed by their distance."""
-    return ef.mask((q @ k) * ef.exp((ef.n - ef.m) * ef.log(decay)), ef.n >= ef.m) @ v
 
 
 def test_chunked_form_refuses_what_it_cannot_cut():
