@@ -66,7 +66,7 @@ def test_a_replayed_training_step_matches_a_fresh_one():
     assert all(torch.equal(runs[1][k], runs[2][k]) for k in runs[1])
 
 
-@pytest.mark.parametrize("T", [1000, 4096])
+@pytest.mark.parametrize("T", [1000, 3000])  # the reference weighs masked pairs too: 0.8^−(N−1) is inf past ~3180
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["causal_linear", "gla"])
 def test_linear_attention_chunk_by_chunk_within_the_rule(name, dtype, T):
