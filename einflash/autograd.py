@@ -139,8 +139,7 @@ def register_training(op) -> Training:
         return _REGISTERED[qualname]
     fwd, bwd = op.forward, op.backward
     unpack = unpacker(op)
-    c = fwd.rewritten
-    value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
+    value_rank = fwd.value_rank
 
     names = [t.name for t in op.cascade.inputs]
     # each direction's launches by call signature (einflash.compiler.runtime.replay): a training step's host work

@@ -279,17 +279,7 @@ class AttentionOp:
         # traced, the custom op binds the extents (its fake implementation at trace time) and chooses the schedule
         extents = None if tracing else bind_extents(fwd.rewritten, inputs, params)
         if schedule is None and not tracing:
-            first = inputs[self.cascade.inputs[0].name]
-            schedule = choose(
-                self.cascade,
-                fwd,
-                for_device(first.device.type),
-                first.dtype,
-                extents,
-                kv_heads(self.cascade, inputs),
-                inputs,
-                params,
-            )
+            schedule = self._chosen(fwd, inputs, params, extents)
         if torch.is_grad_enabled() and any(x.requires_grad for x in inputs.values()):
             return self._call_training(inputs, params, schedule, backward_schedule, deterministic, return_lse, tracing)
         if tracing:
@@ -312,6 +302,12 @@ class AttentionOp:
             self._replays.put(replay_key, replay)
         return results
 
+    def _chosen(self, fwd: Forward, inputs, params, extents) -> Schedule:
+        """The schedule of an eager call that gave none: the autotune cache's, else the heuristic default."""
+        first = inputs[self.cascade.inputs[0].name]
+        target = for_device(first.device.type)
+        return choose(self.cascade, fwd, target, first.dtype, extents, kv_heads(self.cascade, inputs), inputs, params)
+
     def _call_with_state(self, args, kwargs, backend, schedule, initial_state, return_state: bool):
         """A call that carries a state (``initial_state=``, ``return_state=True``): the chunked form's forward."""
         if backend == "reference" or torch.compiler.is_compiling():
@@ -329,12 +325,7 @@ class AttentionOp:
             )
         fwd = self._forward(backend, False, False)
         extents = bind_extents(fwd.rewritten, inputs, params)
-        if schedule is None:
-            first = inputs[self.cascade.inputs[0].name]
-            target = for_device(first.device.type)
-            schedule = choose(
-                self.cascade, fwd, target, first.dtype, extents, kv_heads(self.cascade, inputs), inputs, params
-            )
+        schedule = schedule or self._chosen(fwd, inputs, params, extents)
         values = bind_params(fwd.rewritten, params, extents)
         out, final = fwd.prefill(inputs, values, schedule, extents, initial_state)
         return (out, final) if return_state else out
@@ -611,7 +602,7 @@ def _register(op: AttentionOp, fwd: Forward):
     @run.register_fake
     def _(tensors, params, schedule):
         ext = unpack(tensors, params, fake=True)[2]
-        value_rank = next(r for r in fwd.rewritten.tensor(fwd.rewritten.outputs[0]).ranks if r not in "bhm")
+        value_rank = fwd.value_rank
         acc = accumulator_dtype(tensors[0].dtype)
         return _results(
             fwd,

@@ -33,7 +33,7 @@ from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.chunked import chunked_form
 from .rewrite.online import streaming_obstacle
 from .rewrite.stages import key_stages
-from .runtime.forward import CHUNK
+from .runtime.forward import chunk_of
 from .runtime.tile_lists import kept_pairs, tile_lists
 from .schedule import padded, widest_head_dim
 
@@ -227,21 +227,23 @@ def explain(
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
         flops, trans = flops * frac, trans * frac
     stages = key_stages(rewritten)
-    # causal attention in linear form runs chunk by chunk: chunks of CHUNK, or of a causal mask's default tile where
-    # that is longer
-    mcfg = target.forward.default(padded(widest_head_dim(ext)), masked=True)
-    chunk = max(CHUNK, mcfg.block_m, mcfg.block_n)
-    runs = None
-    if error is None and stages is not None:
-        runs = "the two-stage kernels run it"
-    elif error is None and chunked_form(written, rewritten, chunk) is not None:
-        runs = "the chunked kernels run it past the crossover"
-    chunked = _linear(written, ext, chunk, runs) if runs and runs.startswith("the chunked") else None
-    if chunked is not None and shape.M == shape.N and chunked["crossover"] <= shape.N:
+    # causal attention in linear form runs chunk by chunk, with the tiles a causal mask gets by default
+    chunk = chunk_of(target.forward.default(padded(widest_head_dim(ext)), masked=True))
+    has_chunks = error is None and stages is None and chunked_form(written, rewritten, chunk) is not None
+    runs = (
+        "the two-stage kernels run it"
+        if error is None and stages is not None
+        else "the chunked kernels run it past the crossover"
+        if has_chunks
+        else None
+    )
+    lin = _linear(written, ext, chunk, runs)
+    chunked = has_chunks and lin is not None and shape.M == shape.N and lin["crossover"] <= shape.N
+    if chunked and lin is not None:
         # the plan the kernels run: each row's pairs within its own chunk, and the state before each chunk
         # written once and read once
-        e, f = chunked["state"]
-        flops = chunked["chunked_flops"] * shape.B * shape.Hq
+        e, f = lin["state"]
+        flops = lin["chunked_flops"] * shape.B * shape.Hq
         trans *= min(1.0, chunk / shape.N)
         nbytes += 2 * shape.B * shape.Hq * -(-shape.N // chunk) * ext[e] * ext[f] * DTYPE_BYTES[dtype]
     times = {
@@ -260,11 +262,11 @@ def explain(
             f"along the keys), stores {summaries}; then the query tiles read it, "
             + (f"with {passes} pass(es) over the keys of their own" if passes else "with no pass over the keys")
         )
-    elif chunked is not None and shape.M == shape.N and chunked["crossover"] <= shape.N:
+    elif chunked and lin is not None:
         template = (
             f"chunked (attention_chunk_states.py.jinja, then attention_fwd.py.jinja): the state before each chunk of "
             f"{chunk} keys, then each query tile over its own chunk's keys and that state; the quadratic one-pass "
-            f"kernel below N = {chunked['crossover']}, for decoding (M ≠ N) and jagged batches; "
+            f"kernel below N = {lin['crossover']}, for decoding (M ≠ N) and jagged batches; "
             + (
                 "its backward: three chunked attentions and the chain rule"
                 if chunked_gradient(written) is not None
@@ -310,7 +312,7 @@ def explain(
         str(written),
         str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
-        _linear(written, ext, chunk, runs),
+        lin,
     )
 
 

@@ -13,7 +13,7 @@ an absent argument as the operator's identity and is absent only where all are.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -21,7 +21,7 @@ import sympy
 from sympy.core.function import AppliedUndef
 
 from .operators import OPERATORS
-from .ranks import coord
+from .ranks import coord, extent_symbol
 
 
 class Merge(enum.Enum):
@@ -163,6 +163,36 @@ def transform(expr: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
         expr = Call(expr.op, args, expr.merge) if args != expr.args else expr
     new = fn(expr)
     return expr if new is None else new
+
+
+def at_positions(expr: Expr, positions: Mapping[str, Expr]) -> Expr:
+    """``expr`` with the coordinates of some ranks moved, all at once: each rank's coordinate, used as data and in
+    every read's index, becomes its position, an expression of coordinates, constants and integer parameters.
+
+    >>> from .ranks import coord
+    >>> moved = at_positions(call("sub", Read("g", (coord("m"),)), Coord("n")), {"m": Coord("n"), "n": Param("p")})
+    >>> moved.args
+    (Read(tensor='g', index=(n,), prev=False), Param(name='p'))
+    """
+
+    def index_form(y: Expr) -> sympy.Expr:
+        if isinstance(y, Coord):
+            return coord(y.rank)
+        if isinstance(y, Param):
+            return extent_symbol(y.name)  # as an integer parameter is in an index
+        raise TypeError(f"a position is made of coordinates, constants and integer parameters, not {y}")
+
+    moves = {coord(r): to_sympy(x, index_form) for r, x in positions.items()}
+
+    def move(y: Expr) -> Expr | None:
+        if isinstance(y, Coord) and y.rank in positions:
+            return positions[y.rank]
+        if isinstance(y, Read):
+            index = tuple(sympy.sympify(i).xreplace(moves) for i in y.index)
+            return None if index == y.index else Read(y.tensor, index, y.prev, y.padded)
+        return None
+
+    return transform(expr, move)
 
 
 def is_boolean(expr: Expr) -> bool:

@@ -36,7 +36,7 @@ import torch
 
 from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Reduction, Role, TensorDecl
-from ...ir.expr import Call, Const, Coord, Expr, Read, call, free_ranks, reads, transform
+from ...ir.expr import Call, Const, Coord, Expr, Read, at_positions, call, free_ranks, reads
 from ...ir.ranks import PARALLEL, STREAM, coord
 from ...ir.reference import evaluate
 from ..rewrite.chunked import anchored, weights
@@ -72,12 +72,14 @@ def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
     if any(r.tensor in QKV or not _plain(r) for r in pair_reads):
         return None
     inputs = tuple(t for t in written.inputs if t.name not in QKV)
+    swapped = None if pair is None else at_positions(pair, {"m": Coord(STREAM), STREAM: Coord("m")})  # P(n, m)
+    phi = None if exponent is None else at_positions(exponent, {STREAM: Const(0.0)})  # φ(m) = X(m, 0)
     return ChunkedGradient(
         _pair_linear(written, inputs, pair, 1),
-        _pair_linear(written, inputs, None if pair is None else _swapped(pair), -1),
+        _pair_linear(written, inputs, swapped, -1),
         _map(written, "a", ("b", "h", "m", w.contracted), w.query),
         _map(written, "bk", ("b", "h", STREAM, w.contracted), w.key),
-        None if exponent is None else _map(written, "phi", ("b", "h", "m"), _at_zero(exponent)),
+        None if phi is None else _map(written, "phi", ("b", "h", "m"), phi),
     )
 
 
@@ -100,41 +102,14 @@ def _plain(r: Read) -> bool:
     return all(i.is_Integer or (i.is_Symbol and i == coord(i.name)) for i in index)
 
 
-def _swapped(x: Expr) -> Expr:
-    """``x(m, n)`` as ``x(n, m)``: the query and key positions swapped, as data and in every read."""
-    swap = {coord("m"): coord(STREAM), coord(STREAM): coord("m")}
-
-    def flip(y: Expr) -> Expr | None:
-        if isinstance(y, Coord) and y.rank in ("m", STREAM):
-            return Coord(STREAM if y.rank == "m" else "m")
-        if isinstance(y, Read):
-            return replace(y, index=tuple(sympy.sympify(i).xreplace(swap) for i in y.index))
-        return None
-
-    return transform(x, flip)
-
-
-def _at_zero(x: Expr) -> Expr:
-    """``x(m, 0)``: the key position 0, as data and in every read."""
-
-    def zero(y: Expr) -> Expr | None:
-        if isinstance(y, Coord) and y.rank == STREAM:
-            return Const(0.0)
-        if isinstance(y, Read):
-            return replace(y, index=tuple(sympy.sympify(i).subs(coord(STREAM), 0) for i in y.index))
-        return None
-
-    return transform(x, zero)
-
-
 def _pair_linear(written: Cascade, inputs: tuple[TensorDecl, ...], pair: Expr | None, direction: int) -> Cascade:
     """``mask((q @ k)·pair, n ≤ m) @ v`` (``n ≥ m`` for ``direction`` −1) with ``written``'s other inputs, ranks
     and parameters."""
     e, f = "e", "f"
     q, k, v = ("b", "h", "m", e), ("b", "h", STREAM, e), ("b", "h", STREAM, f)
     own = {name: tuple(coord(r) for r in ranks) for name, ranks in (("q", q), ("k", k), ("v", v))}
-    pairs = own_pairs = tuple(coord(r) for r in ("b", "h", "m", STREAM))
-    dot = Read("dot_e", own_pairs)
+    pairs = tuple(coord(r) for r in ("b", "h", "m", STREAM))
+    dot = Read("dot_e", pairs)
     weights_ = dot if pair is None else call("mul", dot, pair)
     einsums = (
         Einsum(

@@ -25,7 +25,7 @@ import sympy
 
 from ...errors import LoweringError
 from ...ir.cascade import Cascade, Einsum
-from ...ir.expr import Const, Coord, Expr, Read, transform
+from ...ir.expr import Const, Expr, Read, at_positions
 from ...ir.ranks import PARALLEL, SEQUENCE_RANKS, coord
 
 MAX_INSTANCES = 64  # of one Einsum: each is a tile's code, so a kernel grows by as many copies
@@ -94,13 +94,4 @@ def read_at_position(r: Read, at: dict[str, int]) -> Read:
 
 def at_position(x: Expr, at: dict[str, int]) -> Expr:
     """``x`` with the coordinates of ``at``'s ranks replaced by their values."""
-    subs = {coord(r): v for r, v in at.items()}
-
-    def put(y: Expr) -> Expr | None:
-        if isinstance(y, Coord) and y.rank in at:
-            return Const(float(at[y.rank]))
-        if isinstance(y, Read) and any(sympy.sympify(i).free_symbols & set(subs) for i in y.index):
-            return read_at_position(y, at)
-        return None
-
-    return transform(x, put)
+    return at_positions(x, {r: Const(float(v)) for r, v in at.items()})

@@ -44,7 +44,21 @@ import sympy
 
 from ...ir.algebra import factors, product
 from ...ir.cascade import Cascade, Einsum, Layout, ParamDecl, Reduction, Role, TensorDecl
-from ...ir.expr import Call, Const, Coord, Expr, Merge, Param, Read, Size, call, free_ranks, reads, to_sympy, transform
+from ...ir.expr import (
+    Call,
+    Const,
+    Coord,
+    Expr,
+    Merge,
+    Param,
+    Read,
+    Size,
+    at_positions,
+    call,
+    free_ranks,
+    reads,
+    to_sympy,
+)
 from ...ir.ranks import STREAM, Rank, coord, extent_symbol
 from ..analysis.linear_form import linear_form
 from ..analysis.mask_tiles import affine_form
@@ -152,27 +166,6 @@ def weights(c: Cascade) -> Weights | None:
     )
 
 
-def at(x: Expr, rank: str, position: str) -> Expr:
-    """``x`` with the coordinate of ``rank`` replaced by the integer parameter ``position``: as data, and in the
-    index of every read.
-
-    >>> from einflash.ir.ranks import coord
-    >>> from einflash.ir.printer import format_expr
-    >>> format_expr(at(call("sub", Read("g", (coord("m"),)), Coord("n")), "n", "p"))
-    'g[m] − p'
-    """
-    symbol = extent_symbol(position)  # as integer parameters are in an index
-
-    def swap(y: Expr) -> Expr | None:
-        if isinstance(y, Coord) and y.rank == rank:
-            return Param(position)
-        if isinstance(y, Read):
-            return replace(y, index=tuple(sympy.sympify(i).subs(coord(rank), symbol) for i in y.index))
-        return None
-
-    return transform(x, swap)
-
-
 def _symbolic(x: Expr) -> sympy.Expr:
     """``x`` in sympy, each read an undefined function of its index (so that positions substitute into reads)."""
 
@@ -207,8 +200,9 @@ def _positions(c: Cascade, *names: str) -> tuple[ParamDecl, ...]:
 def _state_cascade(c: Cascade, w: Weights) -> Cascade:
     """kb[n,e] = b·P(anchor_hi, n); decay_between[e] = P(anchor_hi, anchor_lo); update[e,f] = Σ_n kb·v."""
     e, f = w.contracted, next(r for r in c.tensor(w.value.tensor).ranks if r not in ("b", "h", STREAM))
-    kb_expr = w.key if w.pair is None else call("mul", w.key, at(w.pair, "m", ANCHOR_HI))
-    between = Const(1.0) if w.pair is None else at(at(w.pair, "m", ANCHOR_HI), STREAM, ANCHOR_LO)
+    kb_expr = w.key if w.pair is None else call("mul", w.key, at_positions(w.pair, {"m": Param(ANCHOR_HI)}))
+    anchors = {"m": Param(ANCHOR_HI), STREAM: Param(ANCHOR_LO)}
+    between = Const(1.0) if w.pair is None else at_positions(w.pair, anchors)
     between_ranks = ("b", "h") + tuple(r for r in (e,) if r in free_ranks(between))
     kb_ranks = ("b", "h", STREAM, e)
     einsums = (
@@ -246,7 +240,7 @@ def _query_cascade(rewritten: Cascade, w: Weights, chunk: int) -> Cascade | None
     einsums = [replace(e, where=call("and", masked[e.out], own)) if e.out in masked else e for e in rewritten.einsums]
     e, out = w.contracted, rewritten.outputs[0]
     f = next(r for r in rewritten.tensor(out).ranks if r not in ("b", "h", "m"))
-    qa_expr = w.query if w.pair is None else call("mul", w.query, at(w.pair, STREAM, ANCHOR_LO))
+    qa_expr = w.query if w.pair is None else call("mul", w.query, at_positions(w.pair, {STREAM: Param(ANCHOR_LO)}))
     qa_ranks = ("b", "h", "m", e)
     state = Read(STATE, (coord("b"), coord("h"), extent_symbol(CHUNK), coord(e), coord(f)))
     # the first chunk has no keys before it (the last none after it): its rows take nothing from a state, unless one

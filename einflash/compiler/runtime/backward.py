@@ -313,13 +313,13 @@ class Backward:
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
         refuse_interpreted_bfloat16(output)
-        chunk = min(schedule.block_m, schedule.block_n)
-        schedule_f = Schedule(chunk, chunk, schedule.num_warps, schedule.num_stages)
         # fp32 and fp64 keep the quadratic backward: a decay's gradient through dφ is a difference of row and column
         # sums that cancel over the sequence, and loses more digits to it than their tolerance has
         sixteen = not exact_dots(DTYPE_NAMES[output.dtype])[0]
         if jagged is None and visits is None and sixteen and self.chunked is not None:
             g, forwards = self.chunked
+            tile = min(schedule.block_m, schedule.block_n)
+            schedule_f = Schedule(tile, tile, schedule.num_warps, schedule.num_stages)
             if self.forward.runs_chunked(extents, schedule_f) is not None:
                 # the derived forwards' launches, through the JIT, with host work between them: not recorded, so
                 # not replayed

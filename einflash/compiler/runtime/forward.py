@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from ... import knobs
+from ...backends.target import TileConfig
 from ...errors import DTypeError, LoweringError, ShapeError
 from ...ir.cascade import Cascade
 from ...ir.expr import index_ranks
@@ -41,6 +42,11 @@ STATE_BLOCK = 64  # the rows and columns of a chunk state that one program of th
 # chunk states fall as it grows, each row's quadratic part within its chunk grows (fla's chunked kernels use 64)
 CHUNK = 64
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+
+
+def chunk_of(schedule: Schedule | TileConfig) -> int:
+    """The positions per chunk of the chunked form with ``schedule``'s tiles: CHUNK, or its tile where longer."""
+    return max(CHUNK, schedule.block_m, schedule.block_n)
 
 
 def refuse_interpreted_bfloat16(x: torch.Tensor) -> None:
@@ -126,6 +132,12 @@ class Forward:
         return self.stages.keys, sections(self.stages.keys, "keys").loops
 
     @functools.cached_property
+    def value_rank(self) -> str:
+        """The output's value rank (f, or e when k doubles as v)."""
+        c = self.rewritten
+        return next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
+
+    @functools.cached_property
     def splittable(self) -> bool:
         """Whether split-KV can run it: one pass per split, whose states the combine kernel folds (with a
         correction it can apply to a split's states: not max(top, sink)'s). Asked by schedules that could split,
@@ -193,13 +205,14 @@ class Forward:
 
     def runs_chunked(self, extents: dict[str, int], schedule: Schedule) -> Chunked | None:
         """The chunked form a call of a plain batch, as many queries as keys, runs: where the cascade has one and
-        the length is past the crossover, from which it takes fewer FLOPs than the quadratic form (chunks of
-        CHUNK positions, or of the schedule's tile where that is longer); else None (the quadratic kernel)."""
-        chunk = max(CHUNK, schedule.block_m, schedule.block_n)
-        ch = self.chunked(chunk) if self.linear is not None and extents["m"] == extents["n"] else None
-        if ch is None or self.linear is None:
+        the length is past the crossover, from which it takes fewer FLOPs than the quadratic form; else None (the
+        quadratic kernel)."""
+        if self.linear is None or extents["m"] != extents["n"]:
             return None
-        at = (chunk, extents[ch.contracted], extents[ch.value])
+        ch = self.chunked(chunk_of(schedule))
+        if ch is None:
+            return None
+        at = (ch.chunk, extents[ch.contracted], extents[ch.value])
         if at not in self._crossovers:
             self._crossovers[at] = self.linear.crossover(*at)
         return ch if extents["n"] >= self._crossovers[at] else None
@@ -264,9 +277,8 @@ class Forward:
         first = inputs[c.inputs[0].name]
         refuse_interpreted_bfloat16(first)
         dims = self.dims(extents)
-        value_rank = next(r for r in c.tensor(c.outputs[0]).ranks if r not in PARALLEL + ("m",))
         B, H, M = extents["b"], extents["h"], extents["m"]
-        out = empty(B, H, M, extents[value_rank], dtype=out_dtype or first.dtype, device=first.device)
+        out = empty(B, H, M, extents[self.value_rank], dtype=out_dtype or first.dtype, device=first.device)
         acc = accumulator_dtype(first.dtype)
         row_out = {o: empty(B, H, M, dtype=acc, device=first.device) for o in c.outputs[1:]}
         if B * H * M == 0:
@@ -288,11 +300,7 @@ class Forward:
                 f"{c.name}: the training forward keeps its states for the backward and runs "
                 f"without split-KV; run it with splits=1"
             )
-        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
-        inputs = {
-            k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
-        }
-        inputs |= {made.name: made.make(inputs) for made in self.compositions}
+        inputs, ints = self._kernel_inputs(inputs)
         chunked = None if split or saved or jagged is not None or row_out else self.runs_chunked(extents, schedule)
         if chunked is not None:
             self._run_chunked(chunked, inputs, values, out, schedule, extents, dims, ints, launcher, empty, first.dtype)
@@ -332,6 +340,15 @@ class Forward:
         if jagged is None or jagged.max_q > 0:
             launch(c, src, inputs, values, out, ws | summaries, schedule, extents, jagged, lists, launcher)
         return out, ws
+
+    def _kernel_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], frozenset]:
+        """The inputs as the kernels take them (integers as int32, the tables composed through gathers), and the
+        names of the integer ones."""
+        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        inputs = {
+            k: (v if v.is_floating_point() or v.dtype == torch.int32 else v.to(torch.int32)) for k, v in inputs.items()
+        }
+        return inputs | {made.name: made.make(inputs) for made in self.compositions}, ints
 
     def _run_chunked(
         self, ch, inputs, values, out, schedule, extents, dims, ints, launcher, empty, dtype, initial=None
@@ -375,8 +392,7 @@ class Forward:
         pieces, or decoding one token at a time). LoweringError where the cascade has no chunked form, or where its
         factor of both sides reads inputs per position (a state that comes in would need them at the position
         before the sequence) or runs backwards."""
-        chunk = max(CHUNK, schedule.block_m, schedule.block_n)
-        ch = self.chunked(chunk)
+        ch = self.chunked(chunk_of(schedule))
         name = self.written.name
         if ch is None:
             raise LoweringError(
@@ -396,14 +412,11 @@ class Forward:
                 f"{name}: a call that carries a state takes as many queries as keys, got M = "
                 f"{extents['m']}, N = {extents['n']}"
             )
-        first = inputs["q"]
+        first = inputs[self.rewritten.inputs[0].name]
         refuse_interpreted_bfloat16(first)
         dims = self.dims(extents)
-        value_rank = next(
-            r for r in self.rewritten.tensor(self.rewritten.outputs[0]).ranks if r not in PARALLEL + ("m",)
-        )
         B, H, M = extents["b"], extents["h"], extents["m"]
-        out = torch.empty(B, H, M, extents[value_rank], dtype=first.dtype, device=first.device)
+        out = torch.empty(B, H, M, extents[self.value_rank], dtype=first.dtype, device=first.device)
         acc = accumulator_dtype(first.dtype)
         e, f = ch.contracted, ch.value
         if initial is not None and (initial.shape != (B, H, extents[e], extents[f]) or initial.dtype != acc):
@@ -414,7 +427,7 @@ class Forward:
         if M == 0:
             final = torch.zeros(B, H, extents[e], extents[f], dtype=acc, device=first.device)
             return out, final if initial is None else initial.clone()
-        ints = frozenset(k for k, v in inputs.items() if not v.is_floating_point())
+        inputs, ints = self._kernel_inputs(inputs)
         final = self._run_chunked(
             ch, inputs, values, out, schedule, extents, dims, ints, jit_launch, torch.empty, first.dtype, initial
         )

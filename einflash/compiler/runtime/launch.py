@@ -23,6 +23,7 @@ import torch
 from ... import knobs
 from ...errors import OutOfResourcesError
 from ...ir.cascade import Cascade, Layout
+from ...ir.reference import kv_heads
 from ...jagged import JaggedBatch
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.source import KernelSource, RenderedKernel, source_digest
@@ -266,12 +267,11 @@ def chunk_states_call(
     )
     args |= {param_name(p): params[p] for p in src.params} | dict(src.constexprs)
     B, H = extents["b"], extents["h"]
-    hkv = next((inputs[t.name].shape[1] for t in c.inputs if t.layout is Layout.KEY and t.name in inputs), H)
     args |= dict(
         M=extents["m"],
         N=extents["n"],
         H=H,
-        GROUP=H // hkv,
+        GROUP=H // kv_heads(c, inputs),
         E_BLOCKS=blocks[0],
         BLOCK_N=chunk,
         HAS_INIT=init is not None,
