@@ -90,6 +90,15 @@ class Program:
     steps: list[Callable[[Env], None]] = field(default_factory=list)  # each sets its statement's value in env
     result: str = "o"
 
+    def assign(self, name: str, src: str, fn: Callable[[Env], torch.Tensor]) -> None:
+        """A statement ``name = src`` and its plain-torch value ``fn(env)``."""
+        self.lines.append(f"{name} = {src}")
+
+        def step(env, name=name, fn=fn):
+            env[name] = fn(env)
+
+        self.steps.append(step)
+
     def source(self, name: str) -> str:
         args = ["q", "k", "v"] + [f"{n}: {e.annotation}" for n, e in self.extras.items()]
         args += [f"{n}: {a} = {v!r}" for n, (a, v) in self.params.items()]
@@ -217,16 +226,11 @@ def programs():
 
     @st.composite
     def build(draw) -> Program:
+        if draw(st.integers(0, 4)) == 0:
+            return draw(linear_programs())
         shape = draw(shapes)
         p = Program(shape)
-
-        def assign(name: str, src: str, fn: Callable[[Env], torch.Tensor]) -> None:
-            p.lines.append(f"{name} = {src}")
-
-            def step(env, name=name, fn=fn):
-                env[name] = fn(env)
-
-            p.steps.append(step)
+        assign = p.assign
 
         assign(
             "s", "q @ k * ef.scale", lambda env: torch.einsum("bhme,bhne->bhmn", env["q"], env["k"]) * (shape.E**-0.5)
@@ -373,6 +377,81 @@ def programs():
             p.extras["gate"] = Extra('ef.Tensor["b h m"]', lambda s, g: torch.randn(s.B, s.Hq, s.M, generator=g))
             assign("o", "o * ef.sigmoid(gate)", lambda env: env["o"] * torch.sigmoid(env["gate"]).unsqueeze(-1))
         p.steps.append(lambda env: env.update(o=torch.where(env["rows"], env["o"], 0.0)))
+        return p
+
+    return build()
+
+
+# feature maps of linear attention: (source with X for the input, plain torch); softmax over n for keys only
+FEATURES = {
+    "plain": ("X", lambda x: x),
+    "relu1": ("ef.relu(X) + 1.0", lambda x: torch.relu(x) + 1.0),
+    "exp": ("ef.exp(X * 0.5)", lambda x: torch.exp(x * 0.5)),
+    "softmax_e": ('ef.softmax(X, "e")', lambda x: torch.softmax(x, -1)),
+    "softmax_n": ('ef.softmax(X, "n")', lambda x: torch.softmax(x, 2)),
+}
+
+
+def linear_programs():
+    """The strategy of random linear-attention Programs: feature maps of q and k contracted into weights, a decay
+    between positions, a causal or anti-causal mask, a normaliser over the keys; lengths past the chunked form's
+    crossover as well as below it (its kernels, the two stages' and the quadratic ones)."""
+    from hypothesis import strategies as st
+
+    shapes = st.builds(
+        Shape,
+        B=st.sampled_from([1, 2]),
+        Hkv=st.sampled_from([1, 2]),
+        group=st.sampled_from([1, 2]),
+        M=st.sampled_from([17, 40, 96, 130]),
+        N=st.sampled_from([17, 40, 96, 130]),
+        E=st.sampled_from([8, 16]),
+        F=st.sampled_from([8, 16]),
+    )
+
+    @st.composite
+    def build(draw) -> Program:
+        shape = draw(shapes)
+        if draw(st.booleans()):  # the chunked form runs only where there are as many queries as keys
+            shape = Shape(shape.B, shape.Hkv, shape.group, shape.N, shape.N, shape.E, shape.F)
+        p = Program(shape)
+        fq, fk = draw(st.sampled_from(sorted(FEATURES)[:-1])), draw(st.sampled_from(sorted(FEATURES)))
+        for side, name in (("q", fq), ("k", fk)):
+            src, fn = FEATURES[name]
+            p.assign(f"f{side}", src.replace("X", side), lambda env, fn=fn, side=side: fn(env[side]))
+        p.assign("a", "fq @ fk", lambda env: torch.einsum("bhme,bhne->bhmn", env["fq"], env["fk"]))
+        mask = draw(st.sampled_from(["none", "causal", "causal", "after"]))
+        keep = {"none": lambda env: env["m"] >= 0, "causal": lambda env: env["n"] <= env["m"]}
+        keep["after"] = lambda env: env["n"] >= env["m"]
+        if mask != "none" and draw(st.booleans()):
+            p.extras["decay"] = Extra('ef.Tensor["h"]', lambda s, g: 0.7 + 0.3 * torch.rand(s.Hq, generator=g))
+            gap = "ef.m - ef.n" if mask == "causal" else "ef.n - ef.m"
+            sign = 1.0 if mask == "causal" else -1.0
+            p.assign(
+                "a",
+                f"a * ef.exp(({gap}) * ef.log(decay))",
+                lambda env, sign=sign: (
+                    env["a"] * torch.exp(sign * (env["m"] - env["n"]) * torch.log(env["decay"]).view(1, -1, 1, 1))
+                ),
+            )
+        if mask != "none":
+            pred = "ef.n <= ef.m" if mask == "causal" else "ef.n >= ef.m"
+            p.assign("a", f"ef.mask(a, {pred})", lambda env: env["a"])
+        p.steps.append(lambda env, mask=mask: env.update(keep=keep[mask](env).expand(env["a"].shape)))
+
+        def weighted(env) -> torch.Tensor:
+            return torch.einsum("bhmn,bhnf->bhmf", torch.where(env["keep"], env["a"], 0.0), env["v"])
+
+        positive = "plain" not in (fq, fk)  # a row sum of weights of either sign may come near 0
+        if positive and draw(st.booleans()):
+            p.assign(
+                "o",
+                '(a @ v) / a.sum("n")',
+                lambda env: weighted(env) / torch.where(env["keep"], env["a"], 0.0).sum(-1, keepdim=True),
+            )
+        else:
+            p.assign("o", "a @ v", weighted)
+        p.steps.append(lambda env: env.update(o=torch.where(env["keep"].any(-1, keepdim=True), env["o"], 0.0)))
         return p
 
     return build()

@@ -382,7 +382,7 @@ class AttentionOp:
         or a deterministic call given an atomic backward schedule."""
         if self.backward.error is not None:
             raise type(self.backward.error)(f"{self.name}: no backward: {self.backward.error}")
-        for name, why in self.backward.gradient.frozen:
+        for name, why in self.backward.frozen:
             if inputs[name].requires_grad:
                 raise DifferentiationError(f"{self.name}: {name} requires grad, but {why}")
         if deterministic and backward_schedule is not None and not backward_schedule.deterministic:

@@ -418,7 +418,7 @@ def check_gradients(
 
 def trainable(op, given: dict) -> dict:
     """``given`` with each input the backward differentiates a fresh leaf that requires grad: floating-point
-    inputs but frozen ones (a table read at computed positions: ``op.backward.gradient.frozen``).
+    inputs but frozen ones (a table read at computed positions: ``op.backward.frozen``).
 
     >>> import torch, einflash as ef
     >>> @ef.attention
@@ -428,7 +428,7 @@ def trainable(op, given: dict) -> dict:
     >>> sorted(n for n, x in trainable(plain, given).items() if x.requires_grad)
     ['k', 'q', 'v']
     """
-    frozen = {n for n, _ in op.backward.gradient.frozen} if op.backward.error is None else set()
+    frozen = {n for n, _ in op.backward.frozen} if op.backward.error is None else set()
     return {
         k: (v.detach().clone().requires_grad_() if v.is_floating_point() and k not in frozen else v)
         for k, v in given.items()

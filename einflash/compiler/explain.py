@@ -156,6 +156,8 @@ class Explanation:
         b = self.backward
         if b is not None and b["error"] is not None:
             rows.append(("backward", f"none: {b['error']}"))
+        elif b is not None and b["plan"] is not None:
+            rows.append(("backward", b["plan"]))
         elif b is not None:
             rows += [
                 (
@@ -357,14 +359,23 @@ def _linear_rows(lin: dict) -> list[tuple[str, str]]:
     ]
 
 
+STAGES_BACKWARD = (
+    "both stages differentiated by torch's autograd on the reference executor in the accumulator type (no kernel "
+    "of its own, nothing saved: the key stage's summaries are recomputed, their gradients summed over the query rows)"
+)
+
+
 def _backward(backward, subs: dict, visited: float) -> dict:
     """The gradient cascade: its passes in each direction, what the forward saves, the row terms computed once
     per row, the reductions that get no gradient (and why), its FLOPs at the shape (visited tiles only)."""
     if backward.error is not None:
         return {"error": str(backward.error)}
     g = backward.gradient
+    if g is None:  # two stages (einflash.compiler.autodiff.stages)
+        return {"error": None, "plan": STAGES_BACKWARD}
     return {
         "error": None,
+        "plan": None,
         "passes": {"n": count_passes(g.cascade, "n").passes, "m": count_passes(g.cascade, "m").passes},
         "saved": [{"name": s.name, "ranks": list(s.ranks)} for s in g.saved],
         "reads_output": g.output is not None,

@@ -12,8 +12,8 @@ from catalogue import load_example
 import einflash as ef
 from einflash.ir.cascade import Layout
 
-# The catalogue variants whose forward and backward lower (with FORWARD_ONLY, every example whose forward lowers:
-# test_the_list_is_the_lowerable_catalogue); the last three make two passes over the keys.
+# The catalogue variants whose forward and backward lower (with STAGED and FORWARD_ONLY, every example whose forward
+# lowers: test_the_list_is_the_lowerable_catalogue); the last three make two passes over the keys.
 LOWERED = (
     "softmax",
     "causal",
@@ -41,12 +41,12 @@ LOWERED = (
     "renorm_threshold",
     "top_k",
 )
+# Examples that run in two stages, whose backward differentiates the stages (einflash.compiler.autodiff.stages).
+STAGED = ("linear", "agent")
 # Examples whose forward lowers and whose backward is refused, with the refusal's words.
 FORWARD_ONLY = {
     "multi_token": "a value read at shifted coordinates",
-    "moba": "runs in two stages",
-    "linear": "runs in two stages",
-    "agent": "runs in two stages",
+    "moba": "runs in two stages.*a pass over the keys of its own",
 }
 # Parameters that make the masks and the cap bite at small sizes.
 TUNED = {
@@ -73,22 +73,32 @@ def learnable_softcap(q, k, v, cap: ef.Scalar):
     return ef.softmax(cap * ef.tanh(q @ k * ef.scale / cap), "n") @ v
 
 
+@ef.attention
+def softmax_features(q, k, v):
+    """Causal linear attention with softmax feature maps over the head dimension: each max over e is proved
+    shift-invariant over e, and q's gradient is made after dQ's sum over the keys."""
+    return ef.mask(ef.softmax(q, "e") @ ef.softmax(k, "e"), ef.n <= ef.m) @ v
+
+
+OWN = {"bottom_right": bottom_right, "learnable_softcap": learnable_softcap, "softmax_features": softmax_features}
+TRAINED_OWN = ("learnable_softcap", "softmax_features")  # declared here, trained beside the catalogue
+
+
 @functools.cache
 def op(name: str) -> ef.AttentionOp:
-    own = {"bottom_right": bottom_right, "learnable_softcap": learnable_softcap}
-    return own[name] if name in own else getattr(load_example(name), name)
+    return OWN[name] if name in OWN else getattr(load_example(name), name)
 
 
 def frozen(name: str) -> set[str]:
     """Inputs the backward gives no gradient: tables read at computed positions (a scatter is not lowered)."""
-    return {n for n, _ in op(name).backward.gradient.frozen}
+    return {n for n, _ in op(name).backward.frozen}
 
 
 def inputs(name: str, shape: ef.Shape, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random q, k, v and the example's extra inputs in declaration order; per-token inputs in ``dtype``,
     others (slopes, biases, gates) in float32 unless ``dtype`` is float64."""
     torch.manual_seed(seed)
-    mod = None if name in ("bottom_right", "learnable_softcap") else load_example(name)
+    mod = None if name in OWN else load_example(name)
     heads = FEWER_HEADS.get(name, getattr(mod, "HEADS", None))
     if heads is not None:
         shape = dataclasses.replace(shape, Hq=heads[0], Hkv=heads[1])

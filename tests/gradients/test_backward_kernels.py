@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from gradient_cases import FULLY_MASKED, LOWERED, TUNED, frozen, grad_output, inputs, op
+from gradient_cases import FULLY_MASKED, LOWERED, STAGED, TRAINED_OWN, TUNED, frozen, grad_output, inputs, op
 
 import einflash as ef
 from einflash.autograd import schedule_ints
@@ -50,7 +50,7 @@ def _assert_within_tolerance(name, grads, d_o, given, params):
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
-@pytest.mark.parametrize("name", LOWERED + ("learnable_softcap",))
+@pytest.mark.parametrize("name", LOWERED + STAGED + TRAINED_OWN)
 def test_example_gradients_match_reference(name, dtype):
     given, params = inputs(name, SHAPE, dtype), TUNED.get(name, {})
     d_o = grad_output(name, given, params)

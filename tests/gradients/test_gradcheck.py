@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from gradient_cases import LOWERED, TUNED, frozen, inputs, op
+from gradient_cases import LOWERED, TRAINED_OWN, TUNED, frozen, inputs, op
 
 import einflash as ef
 
@@ -32,7 +32,7 @@ def _check(name: str, shape: ef.Shape, fast: bool) -> None:
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=fast, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", LOWERED + ("learnable_softcap",))
+@pytest.mark.parametrize("name", LOWERED + TRAINED_OWN)
 def test_gradcheck(name):
     _check(name, SHAPE, fast=True)
 

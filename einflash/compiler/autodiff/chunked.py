@@ -10,11 +10,12 @@ gives
 
 so each is the cascade ``mask((q @ k)·P, n ≤ m) @ v`` run on other tensors (the last two as ``mask((q @ k)·P̃,
 n ≥ m) @ v`` with ``P̃(m,n) = P(n,m)``: each row sees the keys from its own position on), which the forward runs
-chunk by chunk (the last two with their states running backwards). Where ``P = exp(X)`` with ``X(m,n) = φ(m) − φ(n)``
-(anchored), the gradient of X's inputs comes from ``dφ[t] = Σ_e A[t,e]·dA[t,e] − Σ_e B[t,e]·dB[t,e]`` (the weights'
-gradients summed over a row, less those summed over a column) through ``φ(t) = X(t, 0)``; those of A's and B's
-inputs from dA and dB through A and B. The chain rule runs on the reference executor's values of A, B and φ
-(elementwise, O(N·E)) with torch's autograd.
+chunk by chunk (the last two with their states running backwards). Under the mask ``n ≥ m`` (each row sees the
+keys from its own on) the two masks trade places: dA sees the keys after each row, dv and dB those before. Where
+``P = exp(X)`` with ``X(m,n) = φ(m) − φ(n)`` (anchored), the gradient of X's inputs comes from
+``dφ[t] = Σ_e A[t,e]·dA[t,e] − Σ_e B[t,e]·dB[t,e]`` (the weights' gradients summed over a row, less those summed
+over a column) through ``φ(t) = X(t, 0)``; those of A's and B's inputs from dA and dB through A and B.
+The chain rule runs on the reference executor's values of A, B and φ (elementwise, O(N·E)) with torch's autograd.
 
 >>> import einflash as ef
 >>> @ef.attention
@@ -46,9 +47,10 @@ QKV = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class ChunkedGradient:
-    """The cascades of the chunked gradient: ``forward`` (``mask((q @ k)·P, n ≤ m) @ v``) and ``reversed``
-    (``mask((q @ k)·P̃, n ≥ m) @ v``, P with its positions swapped); ``query`` (``a[m,e]``, A) and ``key``
-    (``bk[n,e]``, B) to differentiate through; ``exponent`` (``phi[m]``, φ) where there is a P."""
+    """The cascades of the chunked gradient: ``forward`` (``mask((q @ k)·P, n ≤ m) @ v``, the mask as written) and
+    ``reversed`` (``mask((q @ k)·P̃, n ≥ m) @ v``, P with its positions swapped, the mask turned round); ``query``
+    (``a[m,e]``, A) and ``key`` (``bk[n,e]``, B) to differentiate through; ``exponent`` (``phi[m]``, φ) where there
+    is a P."""
 
     forward: Cascade
     reversed: Cascade
@@ -75,8 +77,8 @@ def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
     swapped = None if pair is None else at_positions(pair, {"m": Coord(STREAM), STREAM: Coord("m")})  # P(n, m)
     phi = None if exponent is None else at_positions(exponent, {STREAM: Const(0.0)})  # φ(m) = X(m, 0)
     return ChunkedGradient(
-        _pair_linear(written, inputs, pair, 1),
-        _pair_linear(written, inputs, swapped, -1),
+        _pair_linear(written, inputs, pair, w.direction),
+        _pair_linear(written, inputs, swapped, -w.direction),
         _map(written, "a", ("b", "h", "m", w.contracted), w.query),
         _map(written, "bk", ("b", "h", STREAM, w.contracted), w.key),
         None if phi is None else _map(written, "phi", ("b", "h", "m"), phi),

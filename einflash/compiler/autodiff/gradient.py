@@ -42,7 +42,7 @@ import torch
 from ...errors import DifferentiationError
 from ...ir.algebra import ratio
 from ...ir.cascade import Cascade, Einsum, Layout, Reducing, Reduction, Role, TensorDecl, plain_read, reduces
-from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, gathered, index_ranks
+from ...ir.expr import Const, Expr, Merge, Read, call, free_ranks, gathered, index_ranks, reads
 from ...ir.operators import REDUCERS
 from ...ir.ranks import PARALLEL, STREAM, coord, extent_symbol, rank_order
 from ...ir.reference import Value, evaluate
@@ -185,6 +185,22 @@ class _Builder:
         )
         return Read(name, tuple(coord(r) for r in ranks))
 
+    def streams(self, x: Expr) -> bool:
+        """Whether ``x`` reads, directly or not, a gradient term made by iterating n (a sum over the keys): a
+        gradient per row made from one is the dQ kernel's, after its loop, not the rows kernel's."""
+        made = {e.out: e for e in self.einsums}
+        todo, seen = [r.tensor for r in reads(x)], set()
+        while todo:
+            t = todo.pop()
+            e = made.get(t)
+            if e is None or t in seen:
+                continue
+            seen.add(t)
+            if STREAM in e.iteration_ranks:
+                return True
+            todo += [r.tensor for r in e.reads()]
+        return False
+
     def total(self, base: str, ranks: tuple[str, ...], terms: list[Expr], line: int | None = None) -> Read:
         """The sum of ``terms`` as tensor ``base``; a single term made here is renamed rather than copied."""
         ranks = rank_order(ranks)
@@ -285,6 +301,12 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
                 f"not keep as a running state; its gradient would need another pass"
             )
     zero, proofs = invariant_reductions(c, late)
+    # a max over another rank (a softmax over the head dimension) has the same proof over that rank
+    unproved = [e for e in c.einsums if reduces(e) and STREAM not in e.reduce.ranks and reduction_derivative(e) is None]
+    for rank in sorted({r for e in unproved for r in e.reduce.ranks}):
+        over = [e for e in c.einsums if reduces(e) and rank in e.reduce.ranks]
+        more_zero, more_proofs = invariant_reductions(c, over, rank)
+        zero, proofs = zero | more_zero, proofs + more_proofs
     out_name = c.outputs[0]
     b = _Builder(c)
     out_decl = c.tensor(out_name)
@@ -358,7 +380,8 @@ def differentiate(c: Cascade, states: frozenset[str]) -> Gradient:
             if reduced or e.where is not None:
                 term = b.einsum(f"d_{leaf.tensor}__{e.out}", tuple(keep), term, reduced, e.where, e.line)
             if decl.role is Role.INPUT:
-                key = (leaf.tensor, relabel, _kernel(STREAM in its, keep), rank_order(keep), diagonal)
+                streams = STREAM in its or b.streams(term)
+                key = (leaf.tensor, relabel, _kernel(streams, keep), rank_order(keep), diagonal)
                 grads.setdefault(key, []).append(term)
             else:
                 adjoints.setdefault(leaf.tensor, []).append(term)

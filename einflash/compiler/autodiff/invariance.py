@@ -1,8 +1,10 @@
-"""The reductions over n that get no gradient, and the proof that they need none.
+"""The reductions that get no gradient, and the proof that they need none.
 
 A max (or min) over n whose shift leaves the output unchanged gets no gradient. That is proved, not
 assumed: every sum over n that reads it must be rescaled by a correction factor (``algebra.correction``)
-when it shifts, and the output must be invariant under those rescalings (checked by sympy).
+when it shifts, and the output must be invariant under those rescalings (checked by sympy). The same proof over
+another rank covers a max over it (a softmax over the head dimension, ``ef.softmax(q, "e")``): the sums over that
+rank take the factors.
 
 A reduction whose value reaches the output only through tests (a mask ``s ≥ kth_largest``, a comparison inside
 a ``where``) gets none either: a test is piecewise constant, so its derivative is 0 almost everywhere, as
@@ -30,46 +32,51 @@ from .derivatives import ONE, reduction_derivative
 
 @dataclass(frozen=True)
 class Invariance:
-    """Why a reduction over n gets no gradient: each sum over n reading it is rescaled by a factor."""
+    """Why a reduction over a rank (n, or another) gets no gradient: each sum over that rank reading it is rescaled
+    by a factor."""
 
     reduction: str
     op: str
     line: int | None
-    factors: tuple[tuple[str, str], ...]  # (sum over n, its correction factor as text)
+    factors: tuple[tuple[str, str], ...]  # (sum over the rank, its correction factor as text)
     tested: bool = False  # read only by tests: no shift of it that is small enough changes the output
+    rank: str = STREAM
 
     def __str__(self) -> str:
         at = f" (line {self.line})" if self.line else ""
         if self.tested:
             return (
-                f"{self.reduction}{at}: {self.op} over n; only tests (masks, comparisons) read it, and a test does "
-                f"not change under a small enough shift of it: no gradient, as autograd gives a comparison"
+                f"{self.reduction}{at}: {self.op} over {self.rank}; only tests (masks, comparisons) read it, and a "
+                f"test does not change under a small enough shift of it: no gradient, as autograd gives a comparison"
             )
         sums = " and ".join(s for s, _ in self.factors) or "no sum"
         factors = sorted({f for _, f in self.factors})
         return (
-            f"{self.reduction}{at}: {self.op} over n; the output does not change when it shifts: {sums} "
+            f"{self.reduction}{at}: {self.op} over {self.rank}; the output does not change when it shifts: {sums} "
             f"{'is' if len(self.factors) == 1 else 'are'} rescaled by {' and '.join(factors) or '1'} and the "
             f"output is invariant under that rescaling"
         )
 
 
-def _row_constant(c: Cascade, name: str) -> bool:
-    """An input that does not vary along n (a per-head sink logit)."""
+def _row_constant(c: Cascade, name: str, rank: str) -> bool:
+    """An input that does not vary along ``rank`` (a per-head sink logit along n)."""
     t = c.tensor(name)
-    return t.role is Role.INPUT and STREAM not in t.ranks
+    return t.role is Role.INPUT and rank not in t.ranks
 
 
-def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[str], tuple[Invariance, ...]]:
-    """Non-sum reductions over n whose shift provably leaves the output unchanged, with the row values
-    computed from them: their adjoints are zero. Raises DifferentiationError when the proof fails."""
+def invariant_reductions(
+    c: Cascade, late: list[Reducing], rank: str = STREAM
+) -> tuple[frozenset[str], tuple[Invariance, ...]]:
+    """Non-sum reductions over ``rank`` (``late``: every reduction over it) whose shift provably leaves the output
+    unchanged, with the values computed from them: their adjoints are zero. Raises DifferentiationError when the
+    proof fails."""
     shifted = [e for e in late if reduction_derivative(e) is None]
     tested = [e for e in shifted if only_tested(c, e.out)]
     for reduction in tested:
         _no_self_test(c, reduction)
     shifted = [e for e in shifted if e not in tested]
     zero = set().union(*(_tested_values(c, e.out) for e in tested))
-    skipped = tuple(Invariance(e.out, e.reduce.op, e.line, (), tested=True) for e in tested)
+    skipped = tuple(Invariance(e.out, e.reduce.op, e.line, (), tested=True, rank=rank) for e in tested)
     if not shifted:
         return frozenset(zero), skipped
     derived = {e.out for e in shifted}
@@ -77,17 +84,17 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
         # max(top, sink[h]))
         read = e.reads()
         if (
-            STREAM not in e.iteration_ranks
+            rank not in e.iteration_ranks
             and e.out not in derived
             and any(r.tensor in derived for r in read)
-            and all(r.tensor in derived or _row_constant(c, r.tensor) for r in read)
+            and all(r.tensor in derived or _row_constant(c, r.tensor, rank) for r in read)
         ):
             derived.add(e.out)
     late_names = {e.out for e in late}
-    pair_maps = {e.out for e in c.einsums if e.reduce is None and STREAM in e.iteration_ranks}
+    pair_maps = {e.out for e in c.einsums if e.reduce is None and rank in e.iteration_ranks}
 
     def fail(why: str) -> NoReturn:
-        names = ", ".join(f"{e.out} (a {e.reduce.op} over n)" for e in shifted)
+        names = ", ".join(f"{e.out} (a {e.reduce.op} over {rank})" for e in shifted)
         own = [e.reduce.op for e in shifted if e.reduce.op in DEFINITIONS]
         hint = (
             f"; a reducer of your own ({', '.join(own)}) is differentiable with its derivative declared: "
@@ -97,13 +104,13 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
         )
         raise DifferentiationError(
             f"{c.name}: cannot prove that the output is invariant to shifts of {names} "
-            f"({why}); the gradient through a reduction over n other than a sum is "
+            f"({why}); the gradient through a reduction over {rank} other than a sum is "
             f"implemented only where that invariance holds (the max of a softmax){hint}"
         )
 
     factors: dict[str, Expr] = {}
     bodies: dict[str, Expr] = {}
-    row_maps = {e.out for e in c.einsums if STREAM not in e.iteration_ranks and e.reduce is None}
+    row_maps = {e.out for e in c.einsums if rank not in e.iteration_ranks and e.reduce is None}
     for e in late:
         # the row values computed from the shifted reductions are written out in them, in the sums as in the
         # output below, so that a shift moves them as it does (max(top, sink) moves with top only above the sink);
@@ -124,9 +131,9 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
             if used - {e.out}:
                 fail(f"{e.out} is a {e.reduce.op} of values that depend on them")
             continue
-        r = correction(body, used, {STREAM}, rescaled) if used or rescaled else ONE
+        r = correction(body, used, {rank}, rescaled) if used or rescaled else ONE
         if r is None:
-            fail(f"{e.out} is not rescaled by a factor independent of n when they shift")
+            fail(f"{e.out} is not rescaled by a factor independent of {rank} when they shift")
         if e.reduce.op != "sum" and r != ONE:  # a reducer of your own: its result need not scale with its body
             fail(f"{e.out} is a {e.reduce.op} of values that a shift rescales")
         factors[e.out], bodies[e.out] = r, body
@@ -137,11 +144,14 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
         if out.out not in late_names
         else Read(out.out, tuple(coord(r) for r in out.ranks))
     )
+    # what a shift moves: the shifted values and the sums it rescales (a sum over the rank that it leaves as it is, a
+    # contraction q·k over e beside a softmax over e, moves nothing that reads it)
+    moved = derived | {s for s, f in factors.items() if f != ONE}
     for r in reads(expr):
         if (
             r.tensor not in late_names | derived
             and c.tensor(r.tensor).role is not Role.INPUT
-            and c.depends_on(r.tensor, late_names)
+            and c.depends_on(r.tensor, moved)
         ):
             fail(f"the output reads {r.tensor}, a reduction of values that depend on them")
     symbols: dict = {}
@@ -168,7 +178,7 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
     # exponentials of it (exp(sink − max(top, sink)) against the correction exp(max_old − max_new))
     extrema = {x: sympy.Symbol(f"x{i}", real=True) for i, x in enumerate((old - new).atoms(sympy.Max, sympy.Min))}
     if sympy.simplify((new - old).xreplace(extrema)) != 0:
-        fail("the output changes when the sums over n are rescaled")
+        fail(f"the output changes when the sums over {rank} are rescaled")
 
     proofs = []
     for e in shifted:
@@ -178,7 +188,7 @@ def invariant_reductions(c: Cascade, late: list[Reducing]) -> tuple[frozenset[st
             for s, r in factors.items()
             if r != ONE and any(t.tensor in mine for t in reads(bodies[s]))
         ]
-        proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers)))
+        proofs.append(Invariance(e.out, e.reduce.op, e.line, tuple(readers), rank=rank))
     return frozenset(derived | zero), skipped + tuple(proofs)
 
 

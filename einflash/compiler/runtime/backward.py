@@ -32,6 +32,7 @@ from ..autodiff.gradient import (
     saved_states,
 )
 from ..autodiff.parts import Cut, Looped, Parts, cut, restrict
+from ..autodiff.stages import differentiable, stage_gradients
 from ..codegen.backward import BackwardKernel, Output, lower_kv, lower_one_launch, lower_q, lower_rows
 from ..codegen.forward import exact_dots
 from ..codegen.signature import KernelCall, param_name, pointer
@@ -91,14 +92,14 @@ class Backward:
             self.error = self.forward.error
             return
         stages = self.forward.stages
-        if stages is not None:
-            self.error = DifferentiationError(
-                f"{stages.keys.name}: its forward runs in two stages, a summary of the keys "
-                f"({', '.join(stages.summaries)}) and then the query tiles; a backward of two stages is not "
-                f"implemented yet (the backward programs would read the saved summaries, and a summary's gradient "
-                f"is a sum over the query rows): train it with backend='reference', or run the forward without "
-                f"gradients"
-            )
+        if stages is not None:  # the stages differentiate as they are (einflash.compiler.autodiff.stages)
+            why = differentiable(stages)
+            if why is not None:
+                self.error = DifferentiationError(
+                    f"{stages.keys.name}: its forward runs in two stages, a summary of the keys "
+                    f"({', '.join(stages.summaries)}) and then the query tiles; {why}: train it with "
+                    f"backend='reference', or run the forward without gradients"
+                )
             return
         summary = next((t for t in self.forward.rewritten.states if "m" not in t.ranks), None)
         if summary is not None:
@@ -139,8 +140,10 @@ class Backward:
         """Each input's gradient from the gradient cascade on the reference executor (no kernel), in the inputs'
         dtype, with the forward's output and saved states computed at ``states_from`` (default: ``inputs``):
         a backward whose recomputation has moved away from its forward, as the tolerance rule measures it."""
-        if self.gradient is None:
-            raise self.error or LoweringError(f"{self.forward.rewritten.name}: no backward")
+        if self.error is not None:
+            raise self.error
+        if self.gradient is None:  # two stages: nothing saved, every state recomputed from the inputs
+            return stage_gradients(self._stages, inputs, values, grad_output, frozenset(inputs))
         at = inputs if states_from is None else states_from
         g, streamed = self.gradient, self.forward.rewritten
         dtype = next(x.dtype for x in inputs.values() if x.is_floating_point())
@@ -153,6 +156,18 @@ class Backward:
     def saved(self) -> tuple[str, ...]:
         """The forward states the backward reads (the forward stores them with their presence)."""
         return () if self.gradient is None else tuple(s.name for s in self.gradient.saved)
+
+    @property
+    def frozen(self) -> tuple[tuple[str, str], ...]:
+        """The inputs that get no gradient, each with why (a table read at computed positions)."""
+        return () if self.gradient is None else self.gradient.frozen
+
+    @property
+    def _stages(self):
+        """The forward's two stages, where the backward differentiates them (einflash.compiler.autodiff.stages)."""
+        stages = self.forward.stages
+        assert stages is not None and self.error is None  # asked only where __post_init__ kept them
+        return stages
 
     def _derived(self) -> Gradient:
         """The gradient; raises why there is none."""
@@ -303,6 +318,8 @@ class Backward:
     ) -> Launched:
         """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
+        if self.error is None and self.gradient is None:
+            return self._launch_stages(inputs, values, grad_output, extents, needed, jagged)
         gradient = self._derived()
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
         wanted = frozenset(
@@ -345,6 +362,36 @@ class Backward:
         for kernel, launch in calls:
             launcher(kernel, launch)
         return Launched(call.cut.gradient, call.partials, call.labels, wanted)
+
+    def _launch_stages(self, inputs, values, grad_output, extents, needed, jagged) -> Launched:
+        """The two stages' gradients (einflash.compiler.autodiff.stages): torch's work, no kernel of its own (a
+        recording stays empty: nothing is replayed). A jagged batch differentiates each sequence's slice."""
+        wanted = frozenset(n for n, x in inputs.items() if x.is_floating_point() and (needed is None or n in needed))
+        if not extents["b"] * extents["h"] * extents["m"] * extents["n"] or not wanted:
+            return Launched(None, {}, {}, wanted)
+        if jagged is None:
+            return Launched(None, {}, {}, wanted, stage_gradients(self._stages, inputs, values, grad_output, wanted))
+        c = self.forward.written
+        summed = {n: torch.zeros_like(x) for n, x in inputs.items() if n in wanted}
+        cu = {"m": jagged.cu_q.tolist(), STREAM: jagged.cu_k.tolist()}
+
+        def piece(x: torch.Tensor, ranks: tuple[str, ...], i: int) -> torch.Tensor:
+            for r in ("m", STREAM):
+                if r in ranks:
+                    x = x.narrow(ranks.index(r), cu[r][i], cu[r][i + 1] - cu[r][i])
+            return x
+
+        ranks = {n: c.tensor(n).ranks for n in inputs}
+        out_ranks = ("b", "h", "m", self.forward.value_rank)
+        for i, (m, n) in enumerate(jagged.lengths):
+            if not m * n:
+                continue
+            mine = {name: piece(x, ranks[name], i) for name, x in inputs.items()}
+            made = stage_gradients(self._stages, mine, values, piece(grad_output, out_ranks, i), wanted)
+            for name, d in made.items():
+                if d is not None:
+                    piece(summed[name], ranks[name], i).add_(d)
+        return Launched(None, {}, {}, wanted, {n: summed.get(n) for n in inputs})
 
     @functools.cached_property
     def chunked(self) -> tuple[ChunkedGradient, dict[str, Forward]] | None:
