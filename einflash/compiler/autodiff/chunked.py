@@ -197,12 +197,20 @@ def chunked_gradients(
         made[side] = (value.detach(), value if value.requires_grad else None)
     a, bk = made["a"][0].to(low), per_query_head(made["bk"][0]).to(low)
     extra = {n: x for n, x in inputs.items() if n not in QKV}
-    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra, acc)
+    # a decay's gradient weighs each row's sum and each column's by its position (φ(t) = t·log γ) and takes their
+    # difference, which cancels over the sequence: the rounding of a 16-bit kernel's dA and dB (its states kept in
+    # the inputs' type) grows by about the length over the decay's reach (an H100 put bf16 at 13× plain torch's
+    # error, T = 1500). Where a decay is differentiated, dA and dB come from kernels in the accumulator type.
+    work = acc if made.get("phi", (None, None))[1] is not None else low
+    a_w, bk_w, d_o, v_q = (x.to(work) for x in (a, bk, grad_output, per_query_head(v)))
+    if work != low:
+        a_w, bk_w = made["a"][0].to(work), per_query_head(made["bk"][0]).to(work)
+    d_a = run(g.forward, {"q": d_o, "k": v_q, "v": bk_w} | extra, acc)
     d_v = run(g.reversed, {"q": bk, "k": a, "v": grad_output} | extra, v.dtype)
-    d_b = run(g.reversed, {"q": per_query_head(v), "k": grad_output, "v": a} | extra, acc)
+    d_b = run(g.reversed, {"q": v_q, "k": d_o, "v": a_w} | extra, acc)
     cotangents = {"a": d_a, "bk": _per_kv_head(d_b, heads // made["bk"][0].shape[1])}
     if "phi" in made:  # the weights' gradient summed over each row, less over each column
-        cotangents["phi"] = torch.sum(a * d_a, -1, dtype=acc) - torch.sum(bk * d_b, -1, dtype=acc)
+        cotangents["phi"] = torch.sum(a_w * d_a, -1, dtype=acc) - torch.sum(bk_w * d_b, -1, dtype=acc)
     grads: dict[str, torch.Tensor | None] = dict.fromkeys(inputs)
     if "v" in wanted:
         grads["v"] = _per_kv_head(d_v, group).to(v.dtype)
