@@ -421,20 +421,47 @@ def linear_programs():
         for side, name in (("q", fq), ("k", fk)):
             src, fn = FEATURES[name]
             p.assign(f"f{side}", src.replace("X", side), lambda env, fn=fn, side=side: fn(env[side]))
-        p.assign("a", "fq @ fk", lambda env: torch.einsum("bhme,bhne->bhmn", env["fq"], env["fk"]))
         mask = draw(st.sampled_from(["none", "causal", "causal", "after"]))
         keep = {"none": lambda env: env["m"] >= 0, "causal": lambda env: env["n"] <= env["m"]}
         keep["after"] = lambda env: env["n"] >= env["m"]
-        if mask != "none" and draw(st.booleans()):
+        # a decay between positions: per head (γ^|m − n|), per position or per feature (cumulative log gates G, read
+        # at the query's and the key's position: exp(G[m] − G[n]), GLA's); the gates need as many queries as keys
+        decay = draw(st.sampled_from(["none", "head", "position", "feature"])) if mask != "none" else "none"
+        if decay in ("position", "feature"):
+            p.shape = shape = Shape(shape.B, shape.Hkv, shape.group, shape.N, shape.N, shape.E, shape.F)
+        sign = 1.0 if mask == "causal" else -1.0  # exp(sign·(G[m] − G[n])) ≤ 1 on the kept side
+        if decay == "feature":
+            p.extras["g"] = Extra('ef.Query["e"]', lambda s, g: _gates(s, g, s.E))
+            between = 'g - g[ef.n, ef.rank("e")]' if mask == "causal" else 'g[ef.n, ef.rank("e")] - g'
+            p.assign(
+                "a",
+                f'(fq * fk * ef.exp({between})).sum("e")',
+                lambda env, sign=sign: torch.einsum(
+                    "bhme,bhne,bhmne->bhmn",
+                    env["fq"],
+                    env["fk"],
+                    torch.exp(sign * (env["g"].unsqueeze(3) - env["g"].unsqueeze(2))),
+                ),
+            )
+        else:
+            p.assign("a", "fq @ fk", lambda env: torch.einsum("bhme,bhne->bhmn", env["fq"], env["fk"]))
+        if decay == "head":
             p.extras["decay"] = Extra('ef.Tensor["h"]', lambda s, g: 0.7 + 0.3 * torch.rand(s.Hq, generator=g))
             gap = "ef.m - ef.n" if mask == "causal" else "ef.n - ef.m"
-            sign = 1.0 if mask == "causal" else -1.0
             p.assign(
                 "a",
                 f"a * ef.exp(({gap}) * ef.log(decay))",
                 lambda env, sign=sign: (
                     env["a"] * torch.exp(sign * (env["m"] - env["n"]) * torch.log(env["decay"]).view(1, -1, 1, 1))
                 ),
+            )
+        elif decay == "position":
+            p.extras["g"] = Extra('ef.Tensor["b h m"]', lambda s, g: _gates(s, g, 1).squeeze(-1))
+            between = "g - g[ef.n]" if mask == "causal" else "g[ef.n] - g"
+            p.assign(
+                "a",
+                f"a * ef.exp({between})",
+                lambda env, sign=sign: env["a"] * torch.exp(sign * (env["g"].unsqueeze(-1) - env["g"].unsqueeze(-2))),
             )
         if mask != "none":
             pred = "ef.n <= ef.m" if mask == "causal" else "ef.n >= ef.m"
@@ -457,6 +484,12 @@ def linear_programs():
         return p
 
     return build()
+
+
+def _gates(s: Shape, g: torch.Generator, width: int) -> torch.Tensor:
+    """Cumulative log forget gates ``[B, Hq, M, width]``: non-increasing along the sequence (GLA's, 1/16 normalised)."""
+    logits = torch.randn(s.B, s.Hq, s.M, width, generator=g)
+    return (torch.nn.functional.logsigmoid(logits) / 16).cumsum(dim=2)
 
 
 def _offsets(env: Env) -> torch.Tensor:

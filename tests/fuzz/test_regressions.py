@@ -410,3 +410,25 @@ def test_the_slope_gradient_under_a_four_key_window_at_decode_in_fp16(slope_unde
     out.backward(grad_output)
     grads = {name: x.grad for name, x in leaves.items()}
     assert all(v.ok for v in check_gradients(windowed_alibi, grads, grad_output, window=4, **inputs).values())
+
+
+@ef.attention
+def _decayed_keys_after(q, k, v, decay: ef.Tensor["h"]):  # noqa: F821
+    """The fuzzer's linear family, 2026-12-07: feature maps, a decay, each row seeing the keys from its own on."""
+    a = ef.exp(q * 0.5) @ ef.exp(k * 0.5)
+    a = a * ef.exp((ef.n - ef.m) * ef.log(decay))
+    return ef.mask(a, ef.n >= ef.m) @ v
+
+
+def test_the_chunked_gradient_of_keys_after_each_row_in_fp16():
+    """Past the chunked crossover (M = N = 96, E = F = 8) the backward of a mask n ≥ m ran its derived attentions
+    with the masks of n ≤ m: q's gradient summed the wrong keys (inf in fp16, where the decay grows backwards)."""
+    q, k, v = (x.half() for x in _qkv(96, 96, 8))
+    decay = (0.7 + 0.3 * torch.rand(2, generator=torch.Generator().manual_seed(3))).half()
+    assert _decayed_keys_after.forward.linear is not None
+    leaves = {n: x.clone().requires_grad_() for n, x in (("q", q), ("k", k), ("v", v), ("decay", decay))}
+    out = _decayed_keys_after(**leaves)
+    d_o = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).half()
+    out.backward(d_o)
+    verdicts = check_gradients(_decayed_keys_after, {n: x.grad for n, x in leaves.items()}, d_o, q, k, v, decay)
+    assert all(x.ok for x in verdicts.values()), verdicts
