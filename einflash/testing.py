@@ -244,7 +244,7 @@ def recompute_allowance(
     inputs, params = op.bind(args, kwargs)
     given = {n: (x.detach().double() if x.is_floating_point() else x) for n, x in inputs.items()}
     none = {n: (torch.zeros_like(x) if x.is_floating_point() else None) for n, x in given.items()}
-    if op.backward.error is not None:
+    if op.backward.error is not None or op.backward.differentiates_stages:  # the stages' backward saves nothing
         return none
     c = op.forward.rewritten
     values = bind_params(c, params, bind_extents(c, given, params))

@@ -370,9 +370,9 @@ def _backward(backward, subs: dict, visited: float) -> dict:
     per row, the reductions that get no gradient (and why), its FLOPs at the shape (visited tiles only)."""
     if backward.error is not None:
         return {"error": str(backward.error)}
-    g = backward.gradient
-    if g is None:  # two stages (einflash.compiler.autodiff.stages)
+    if backward.differentiates_stages:
         return {"error": None, "plan": STAGES_BACKWARD}
+    g = backward.gradient
     return {
         "error": None,
         "plan": None,

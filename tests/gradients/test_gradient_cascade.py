@@ -339,3 +339,12 @@ def test_gates_over_the_contracted_rank_have_no_chunked_gradient():
 
     assert chunked_gradient(op("gla").cascade) is None
     assert chunked_gradient(op("causal").cascade) is None
+
+
+def test_explain_says_how_the_two_stages_train():
+    """explain() names the backward of two stages (torch's autograd over them) and MoBA's refusal."""
+    from einflash.compiler.explain import STAGES_BACKWARD
+
+    assert op("linear").explain().backward == {"error": None, "plan": STAGES_BACKWARD}
+    assert "backend='reference'" in op("moba").explain().backward["error"]
+    assert "autograd on the reference executor" in str(op("agent").explain())

@@ -38,6 +38,7 @@ from ..codegen.forward import exact_dots
 from ..codegen.signature import KernelCall, param_name, pointer
 from ..codegen.tile_ranges import governing_mask
 from ..rewrite.compose import Composition, composed, compositions, read_composed
+from ..rewrite.stages import Stages
 from ..schedule import ROWS_BLOCK_M, ROWS_WARPS, BackwardSchedule, Schedule
 from .forward import DTYPE_NAMES, Forward, accumulator_dtype, refuse_interpreted_bfloat16
 from .launch import jit_launch
@@ -140,10 +141,10 @@ class Backward:
         """Each input's gradient from the gradient cascade on the reference executor (no kernel), in the inputs'
         dtype, with the forward's output and saved states computed at ``states_from`` (default: ``inputs``):
         a backward whose recomputation has moved away from its forward, as the tolerance rule measures it."""
-        if self.error is not None:
-            raise self.error
-        if self.gradient is None:  # two stages: nothing saved, every state recomputed from the inputs
+        if self.differentiates_stages:  # nothing saved: every state recomputed from the inputs
             return stage_gradients(self._stages, inputs, values, grad_output, frozenset(inputs))
+        if self.gradient is None:
+            raise self.error or LoweringError(f"{self.forward.rewritten.name}: no backward")
         at = inputs if states_from is None else states_from
         g, streamed = self.gradient, self.forward.rewritten
         dtype = next(x.dtype for x in inputs.values() if x.is_floating_point())
@@ -163,10 +164,14 @@ class Backward:
         return () if self.gradient is None else self.gradient.frozen
 
     @property
-    def _stages(self):
-        """The forward's two stages, where the backward differentiates them (einflash.compiler.autodiff.stages)."""
+    def differentiates_stages(self) -> bool:
+        """Whether the backward differentiates the forward's two stages (einflash.compiler.autodiff.stages)."""
+        return self.error is None and self.forward.stages is not None
+
+    @property
+    def _stages(self) -> Stages:
         stages = self.forward.stages
-        assert stages is not None and self.error is None  # asked only where __post_init__ kept them
+        assert stages is not None and self.error is None  # asked only where differentiates_stages
         return stages
 
     def _derived(self) -> Gradient:
@@ -318,7 +323,7 @@ class Backward:
     ) -> Launched:
         """``run``'s kernels, launched: what they wrote, for ``Launched.finish`` to make the gradients of. A
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
-        if self.error is None and self.gradient is None:
+        if self.differentiates_stages:
             return self._launch_stages(inputs, values, grad_output, extents, needed, jagged)
         gradient = self._derived()
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
