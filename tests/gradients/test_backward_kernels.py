@@ -420,8 +420,9 @@ def test_a_default_backward_that_runs_out_of_shared_memory_shrinks_until_it_fits
 @pytest.mark.parametrize("N", [40, 160])
 def test_chunked_backward_matches_the_reference(N, dtype):
     """Past the crossover, 16-bit causal linear attention with a decay trains chunk by chunk: its backward runs the
-    derived attentions (dA with the keys before, dv and dB with the keys after) and the chain rule into q, k, v
-    and the decay; GQA 4:2, a length that is no multiple of the chunk. fp32 keeps the quadratic backward."""
+    derived attentions (dA with the keys before, dv and dB with the keys after) and the chain rule into q, k, v,
+    and the quadratic kernels for the decay's gradient alone; GQA 4:2, a length that is no multiple of the chunk.
+    fp32 keeps the quadratic backward."""
     from unittest import mock
 
     from einflash.compiler.runtime import backward as backward_module
@@ -431,6 +432,9 @@ def test_chunked_backward_matches_the_reference(N, dtype):
     d_o = grad_output(name, given, {})
     with mock.patch.object(backward_module, "chunked_gradients", wraps=backward_module.chunked_gradients) as ran:
         grads = _grads(name, given, {}, d_o, schedule=Schedule(16, 16, 4, 1), backward_schedule=SMALL)
-    assert ran.called == (dtype == F16 and op(name).forward.linear.crossover(64, 24, 16) <= N)
+    chunked = dtype == F16 and op(name).forward.linear.crossover(64, 24, 16) <= N
+    assert ran.called == chunked
+    assert not chunked or ran.call_args.args[-1] == frozenset("qkv")  # the decay's: the quadratic kernels'
+
     assert all(grads[k].shape == x.shape and grads[k].dtype == x.dtype for k, x in given.items())
     _assert_within_tolerance(name, grads, d_o, given, {})

@@ -58,6 +58,14 @@ class ChunkedGradient:
     key: Cascade
     exponent: Cascade | None
 
+    @property
+    def decay_inputs(self) -> frozenset[str]:
+        """The inputs the exponent reads (a decay, gates): their gradients come through dφ."""
+        if self.exponent is None:
+            return frozenset()
+        inputs = {t.name for t in self.exponent.inputs}
+        return frozenset(r.tensor for e in self.exponent.einsums for r in e.reads() if r.tensor in inputs)
+
 
 def chunked_gradient(written: Cascade) -> ChunkedGradient | None:
     """The chunked gradient of ``written``, or None where it has none: no causal linear form, a factor of both
@@ -172,7 +180,10 @@ def chunked_gradients(
     """Each wanted input's gradient, in its own dtype (None for the others): ``run(cascade, tensors, dtype)`` runs
     ``g.forward`` or ``g.reversed`` (the kernels, or the reference) and returns its output ``[B, H, M, F]`` in
     ``dtype``. dA and dB come in the accumulator type: dφ is a difference of their sums over e, which 16-bit values
-    would round away.
+    would round away. A decay's gradient (``g.decay_inputs``) through dφ weighs each position by itself
+    (``φ(t) = t·log γ``), so the rounding of dA and dB that 16-bit kernels make grows with the length over the decay's
+    reach: an H100 measured 13 times plain torch's bf16 error at T 1500. The backward asks the quadratic kernels for
+    those gradients instead; here they are as precise as ``run``.
 
     A, B and φ are the reference executor's values in the accumulator type (fp32; fp64 for fp64), made with
     autograd on: the gradients of their inputs are their vector-Jacobian products with dA, dB and dφ."""
@@ -197,20 +208,12 @@ def chunked_gradients(
         made[side] = (value.detach(), value if value.requires_grad else None)
     a, bk = made["a"][0].to(low), per_query_head(made["bk"][0]).to(low)
     extra = {n: x for n, x in inputs.items() if n not in QKV}
-    # a decay's gradient weighs each row's sum and each column's by its position (φ(t) = t·log γ) and takes their
-    # difference, which cancels over the sequence: the rounding of a 16-bit kernel's dA and dB (its states kept in
-    # the inputs' type) grows by about the length over the decay's reach (an H100 put bf16 at 13× plain torch's
-    # error, T = 1500). Where a decay is differentiated, dA and dB come from kernels in the accumulator type.
-    work = acc if made.get("phi", (None, None))[1] is not None else low
-    a_w, bk_w, d_o, v_q = (x.to(work) for x in (a, bk, grad_output, per_query_head(v)))
-    if work != low:
-        a_w, bk_w = made["a"][0].to(work), per_query_head(made["bk"][0]).to(work)
-    d_a = run(g.forward, {"q": d_o, "k": v_q, "v": bk_w} | extra, acc)
+    d_a = run(g.forward, {"q": grad_output, "k": per_query_head(v), "v": bk} | extra, acc)
     d_v = run(g.reversed, {"q": bk, "k": a, "v": grad_output} | extra, v.dtype)
-    d_b = run(g.reversed, {"q": v_q, "k": d_o, "v": a_w} | extra, acc)
+    d_b = run(g.reversed, {"q": per_query_head(v), "k": grad_output, "v": a} | extra, acc)
     cotangents = {"a": d_a, "bk": _per_kv_head(d_b, heads // made["bk"][0].shape[1])}
     if "phi" in made:  # the weights' gradient summed over each row, less over each column
-        cotangents["phi"] = torch.sum(a_w * d_a, -1, dtype=acc) - torch.sum(bk_w * d_b, -1, dtype=acc)
+        cotangents["phi"] = torch.sum(a * d_a, -1, dtype=acc) - torch.sum(bk * d_b, -1, dtype=acc)
     grads: dict[str, torch.Tensor | None] = dict.fromkeys(inputs)
     if "v" in wanted:
         grads["v"] = _per_kv_head(d_v, group).to(v.dtype)

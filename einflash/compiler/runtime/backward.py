@@ -325,13 +325,8 @@ class Backward:
         ``record`` allocates every buffer and runs every launch instead (einflash.compiler.runtime.replay)."""
         if self.differentiates_stages:
             return self._launch_stages(inputs, values, grad_output, extents, needed, jagged)
-        gradient = self._derived()
         B, H, M, N = extents["b"], extents["h"], extents["m"], extents["n"]
-        wanted = frozenset(
-            t.name
-            for t in gradient.forward.inputs
-            if inputs[t.name].is_floating_point() and (needed is None or t.name in needed)
-        )
+        wanted = self._wanted(inputs, needed)
         if B * H * M * N == 0 or not wanted:  # nothing to differentiate through: every gradient is 0
             return Launched(None, {}, {}, wanted)
         refuse_interpreted_bfloat16(output)
@@ -348,7 +343,46 @@ class Backward:
                 def run(c: Cascade, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
                     return forwards[c.key].run(tensors, values, schedule_f, out_dtype=dtype)[0]
 
-                return Launched(None, {}, {}, wanted, chunked_gradients(g, inputs, values, grad_output, run, wanted))
+                # a decay's gradient through dφ weighs each position by itself, which 16-bit dA and dB do not survive
+                # (einflash.compiler.autodiff.chunked): the quadratic kernels make it, pair by pair, unrecorded too
+                decayed = wanted & g.decay_inputs
+                made = chunked_gradients(g, inputs, values, grad_output, run, wanted - decayed)
+                if decayed:
+                    quadratic = self._launch_quadratic(
+                        inputs, values, output, states, grad_output, schedule, extents, None, decayed, launcher, None
+                    )
+                    pairwise = quadratic.finish(inputs)
+                    made |= {n: pairwise[n] for n in decayed}
+                return Launched(None, {}, {}, wanted, made)
+        return self._launch_quadratic(
+            inputs, values, output, states, grad_output, schedule, extents, visits, needed, launcher, record, jagged
+        )
+
+    def _wanted(self, inputs: dict[str, torch.Tensor], needed: frozenset[str] | None) -> frozenset[str]:
+        """The floating-point inputs of the gradient cascade named in ``needed`` (None: all of them)."""
+        return frozenset(
+            t.name
+            for t in self._derived().forward.inputs
+            if inputs[t.name].is_floating_point() and (needed is None or t.name in needed)
+        )
+
+    def _launch_quadratic(
+        self,
+        inputs: dict[str, torch.Tensor],
+        values: dict[str, float],
+        output: torch.Tensor,
+        states: dict[str, torch.Tensor],
+        grad_output: torch.Tensor,
+        schedule: BackwardSchedule,
+        extents: dict[str, int],
+        visits: torch.Tensor | None,
+        needed: frozenset[str] | None,
+        launcher: BackwardLauncher,
+        record: Recording | None,
+        jagged: JaggedBatch | None = None,
+    ) -> Launched:
+        """The gradient cascade's kernels: the rows kernel, the keys kernels, then dK/dV and dQ."""
+        wanted = self._wanted(inputs, needed)
         call = _Call.of(self, inputs, values, output, states, grad_output, extents, needed, record, jagged)
         launcher = launcher if record is None else record.launch
         if call.cut.parts.rows is not None:
