@@ -32,7 +32,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -415,7 +415,7 @@ def linear_programs():
     def build(draw) -> Program:
         shape = draw(shapes)
         if draw(st.booleans()):  # the chunked form runs only where there are as many queries as keys
-            shape = Shape(shape.B, shape.Hkv, shape.group, shape.N, shape.N, shape.E, shape.F)
+            shape = replace(shape, M=shape.N)
         p = Program(shape)
         fq, fk = draw(st.sampled_from(sorted(FEATURES)[:-1])), draw(st.sampled_from(sorted(FEATURES)))
         for side, name in (("q", fq), ("k", fk)):
@@ -428,7 +428,7 @@ def linear_programs():
         # at the query's and the key's position: exp(G[m] − G[n]), GLA's); the gates need as many queries as keys
         decay = draw(st.sampled_from(["none", "head", "position", "feature"])) if mask != "none" else "none"
         if decay in ("position", "feature"):
-            p.shape = shape = Shape(shape.B, shape.Hkv, shape.group, shape.N, shape.N, shape.E, shape.F)
+            p.shape = shape = replace(shape, M=shape.N)
         sign = 1.0 if mask == "causal" else -1.0  # exp(sign·(G[m] − G[n])) ≤ 1 on the kept side
         if decay == "feature":
             p.extras["g"] = Extra('ef.Query["e"]', lambda s, g: _gates(s, g, s.E))

@@ -412,24 +412,19 @@ class Backward:
             return Launched(None, {}, {}, wanted, stage_gradients(self._stages, inputs, values, grad_output, wanted))
         c = self.forward.written
         summed = {n: torch.zeros_like(x) for n, x in inputs.items() if n in wanted}
-        cu = {"m": jagged.cu_q.tolist(), STREAM: jagged.cu_k.tolist()}
-
-        def piece(x: torch.Tensor, ranks: tuple[str, ...], i: int) -> torch.Tensor:
-            for r in ("m", STREAM):
-                if r in ranks:
-                    x = x.narrow(ranks.index(r), cu[r][i], cu[r][i + 1] - cu[r][i])
-            return x
-
-        ranks = {n: c.tensor(n).ranks for n in inputs}
-        out_ranks = ("b", "h", "m", self.forward.value_rank)
-        for i, (m, n) in enumerate(jagged.lengths):
+        sequences = zip(
+            jagged.sequence_inputs(c, inputs),
+            jagged.sequence_inputs(c, inputs | summed),  # each sequence's view of the gradients
+            jagged.cu_q.tolist(),
+            jagged.lengths,
+        )
+        for mine, into, q0, (m, n) in sequences:
             if not m * n:
                 continue
-            mine = {name: piece(x, ranks[name], i) for name, x in inputs.items()}
-            made = stage_gradients(self._stages, mine, values, piece(grad_output, out_ranks, i), wanted)
+            made = stage_gradients(self._stages, mine, values, grad_output.narrow(2, q0, m), wanted)
             for name, d in made.items():
                 if d is not None:
-                    piece(summed[name], ranks[name], i).add_(d)
+                    into[name].add_(d)
         return Launched(None, {}, {}, wanted, {n: summed.get(n) for n in inputs})
 
     @functools.cached_property
