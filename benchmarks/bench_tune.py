@@ -1,7 +1,7 @@
 """Autotuning on one GPU, for the rows of docs/design.md §5: tuned against default schedules, tuning time per
 shape, and a warm-started study against a cold one.
 
-    python3 benchmarks/bench_tune.py --out DIR [--trials 12] [--deadline 500] [--quick]
+    python3 benchmarks/bench_tune.py --out DIR [--trials 12] [--deadline 500] [--quick] [--pairs-only]
 
 1. Each row (benchmarks/bench_forward.py's ROWS and DECODE, bf16) is tuned with a fixed budget
    (``--trials`` schedules, each checked against the float64 reference on a slice, timed by
@@ -9,9 +9,11 @@ shape, and a warm-started study against a cold one.
 2. The winner and the heuristic default are then timed again in the same process, alternately,
    three times each (median), and reported as ms, TFLOP/s (or TB/s of KV read) and the speedup.
 3. Warm against cold: at a neighbouring shape of a tuned row (N = 4096 instead of 8192), a study
-   warm-started from the cache (the default, then the tuned row's winner) and a cold one (nothing
-   enqueued, a separate empty cache) each get ``--trials``; reported is how many schedules each
-   tried before one came within 5% of the best either found.
+   warm-started from the cache (the default, the tuned row's winner, then the cost model's fastest
+   schedules), one that starts from the default and the cost model's fastest alone (a separate empty
+   cache: a shape never tuned nearby) and a cold one (nothing enqueued, a separate empty cache) each get
+   ``--trials``; reported is how many schedules each tried before one came within 5% of the best any found,
+   and the cost model's first choice against that best.
 
 Everything stops cleanly at ``--deadline`` seconds after start (each study gets an equal share of the
 time left), and DIR/tune.json is rewritten after every record, DIR/cache-bundle.json (the cache, as
@@ -60,6 +62,7 @@ def main():
     ap.add_argument("--deadline", type=float, default=500.0, help="seconds after start to stop at")
     ap.add_argument("--quick", action="store_true", help="two rows, one warm/cold pair, 4 trials")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs-only", action="store_true", help="only the cold / model / warm studies (no tuned rows)")
     a = ap.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +84,8 @@ def main():
     )
     trials = 4 if a.quick else a.trials
     deadline = START + a.deadline
-    cases, pairs = _cases(a.quick), _pairs(a.quick)
-    studies = len(cases) + 2 * len(pairs)  # each study gets an equal share of the time that is left
+    cases, pairs = ([] if a.pairs_only else _cases(a.quick)), _pairs(a.quick)
+    studies = len(cases) + 3 * len(pairs)  # each study gets an equal share of the time that is left
     for case in cases:
         if not _time_left(deadline, rows, case["label"]):
             break
@@ -93,7 +96,7 @@ def main():
         if not _time_left(deadline, rows, case["label"]):
             break
         _warm_vs_cold(rows, case, trials, deadline, studies, a.seed)
-        studies -= 2
+        studies -= 3
         _save_cache(out)
     _summary(rows)
 
@@ -225,7 +228,7 @@ def _warm_vs_cold(rows, case, trials, deadline, studies, seed):
     try:
         op, args, kw = _problem(case)
         runs = {}
-        for i, mode in enumerate(("cold", "warm")):
+        for i, mode in enumerate(("cold", "model", "warm")):
             if not _time_left(deadline, rows, f"{label} {mode}"):
                 return
             seconds = _share(deadline, studies - i)
@@ -240,11 +243,29 @@ def _warm_vs_cold(rows, case, trials, deadline, studies, seed):
                     warm_start=False,
                     cache=TuneCache(tempfile.mkdtemp(prefix="einflash-cold-")),
                 )
+            elif mode == "model":  # the default and the cost model's fastest, no cached neighbour
+                r = op.tune(
+                    *args,
+                    **kw,
+                    trials=trials,
+                    seconds=seconds,
+                    seed=seed,
+                    cache=TuneCache(tempfile.mkdtemp(prefix="einflash-model-")),
+                )
             else:  # the default, then the winners of the nearest cached shapes (the tuned rows)
                 r = op.tune(*args, **kw, trials=trials, seconds=seconds, seed=seed)
             runs[mode] = (r, time.monotonic() - t0)
         best = min(r.best_ms for r, _ in runs.values())
         record = {"kind": "warm_vs_cold", "case": label, "best_ms": best, "trials": trials}
+        first = runs["model"][0].model_first
+        if first is not None:  # the model's first choice, measured wherever a study measured it
+            times = [m["ms"] for r, _ in runs.values() for m in r.measured if m["schedule"] == _sched(first[0])]
+            record["model_first"] = {
+                "schedule": _sched(first[0]),
+                "predicted_ms": first[1],
+                "ms": min(times, default=None),
+                "within_5pct": bool(times) and min(times) <= 1.05 * best,
+            }
         for mode, (r, seconds) in runs.items():
             record[mode] = {
                 "to_within_5pct": _to_within(r, best),
@@ -295,7 +316,8 @@ def _summary(rows):
                 print(f"{r['case']} | error: {r['error'][:120]}")
             else:
                 print(
-                    f"{r['case']} | cold {r['cold']['to_within_5pct']} | warm {r['warm']['to_within_5pct']} | "
+                    f"{r['case']} | cold {r['cold']['to_within_5pct']} | model {r['model']['to_within_5pct']} | "
+                    f"warm {r['warm']['to_within_5pct']} | "
                     f"best {r['best_ms']:.3f} ms (of {r['trials']} each)"
                 )
     for r in rows:

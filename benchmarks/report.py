@@ -66,6 +66,16 @@ RUNS = {
         "7a144e7",
         "tuned against default, warm against cold studies (bench_tune.py)",
     ),
+    "model_training": Run(
+        "h100_2026-12-08_session13_costs/training.json",
+        "7210a14",
+        "training at model shapes beside Flex, cuDNN, FA2 (bench_training.py)",
+    ),
+    "costs": Run(
+        "h100_2026-12-08_session13_costs/fit.json",
+        "7210a14 (the rows); the fit at this session's head (NOTES.md)",
+        "the cost model's predictions against the forward rows at seven schedules (calibrate.py)",
+    ),
     "offsets": Run(
         "h100_2026-12-07_session7_bac3b24/offsets.json",
         "bac3b24",
@@ -296,6 +306,62 @@ def training_section() -> list[str]:
         + table(head, body)
         + ["", "The same steps in ms (forward and backward, mean of `do_bench`):", ""]
         + table(["case", "einflash"] + [t for _, t in PEERS], ms_body)
+    )
+
+
+def model_training_section() -> list[str]:
+    rows = load("model_training")
+    fwd = by_case(rows, ("perf",), "fwd_tflops")
+    step = by_case(rows, ("perf",), "fwd_bwd_tflops")
+    body = []
+    for case, d in fwd.items():
+        s = step.get(case, {})
+        body.append(
+            [case]
+            + [cell(d.get(i)) for i in ("einflash", "flex", "sdpa-cudnn")]
+            + [ratio(d.get("einflash"), d.get("flex"))]
+            + [cell(s.get(i)) for i in ("einflash", "flex", "sdpa-cudnn")]
+            + [ratio(s.get("einflash"), s.get("flex"))]
+        )
+    head = ["case, bf16, TFLOP/s of kept pairs", "fwd: einflash", "Flex", "cuDNN", "÷ Flex"]
+    head += ["fwd+bwd: einflash", "Flex", "cuDNN", "÷ Flex"]
+    return [f"{stamp('model_training')}.", ""] + table(head, body)
+
+
+def costs_section() -> list[str]:
+    rows = load("costs")
+    fit = next(r for r in rows if r.get("kind") == "fit")
+    measured = [r for r in rows if r.get("kind") == "row"]
+    body = [
+        [
+            r["case"],
+            r["priced"],
+            cell(r["ms"], 3),
+            cell(r["predicted"]["ms"], 3),
+            f"{r['predicted']['ms'] / r['ms']:.2f}",
+            r["predicted"]["bound"],
+            " / ".join(cell(r["predicted"]["units_ms"][u], 2) for u in ("tensor-core", "special-function", "ALU")),
+        ]
+        for r in measured
+        if r["default"]
+    ]
+    others = [r["predicted"]["ms"] / r["ms"] for r in measured if not r["default"]]
+    return (
+        [
+            f"Predicted against measured, at the default schedules. {stamp('costs')}; the products at "
+            f"{fit['dot_efficiency']:.2f} of the tensor-core rate, overlap {fit['overlap'][0]:.1f} with one "
+            f"program per SM and {fit['overlap'][1]:.1f} with several.",
+            "",
+        ]
+        + table(
+            ["case", "schedule", "measured ms", "predicted ms", "ratio", "binds", "tensor / SFU / ALU ms"],
+            body,
+        )
+        + [
+            "",
+            f"At the {len(others)} other schedules of the same rows, the ratio ran from {min(others):.2f} to "
+            f"{max(others):.2f}.",
+        ]
     )
 
 
@@ -615,6 +681,8 @@ SECTIONS = {
         "forward": forward_section,
         "decode": decode_section,
         "training": training_section,
+        "model_training": model_training_section,
+        "costs": costs_section,
         "offsets": offsets_section,
         "passes": passes_section,
         "beyond": lambda: passes_section("beyond"),

@@ -15,12 +15,14 @@ import torch
 from . import errors
 from .autograd import jagged_training, register_training, schedule_ints, unpacker
 from .backends import for_device, get_target
+from .backends.target import Target
 from .compiler.explain import Explanation, explain
 from .compiler.rewrite.lse import with_lse
 from .compiler.runtime.backward import Backward
 from .compiler.runtime.forward import Forward, accumulator_dtype
 from .compiler.runtime.replay import Recording, Replays, signature
 from .compiler.schedule import BackwardSchedule, Schedule
+from .compiler.tuning.ranking import untuned_default
 from .compiler.tuning.selection import choose, generation
 from .compiler.tuning.space import element_bytes, fitting_default
 from .errors import (
@@ -457,7 +459,7 @@ class AttentionOp:
             first = inputs[self.cascade.inputs[0].name]
             target = for_device(first.device.type)
             heads = kv_heads(self.cascade, inputs)
-            elem = element_bytes(inputs, first.dtype)
+            elem = element_bytes(self.cascade, inputs, first.dtype)
             schedule = fitting_default(fwd, target, per_sequence, heads, elem, allow_split=False)
         values = bind_params(fwd.rewritten, params, extents)
         if training:
@@ -474,9 +476,10 @@ class AttentionOp:
         self,
         shape: Shape | None = None,
         dtype: str = "bfloat16",
-        target: str = "sm90",
+        target: str | Target = "sm90",
         dims: dict[str, int] | None = None,
         inputs: Mapping[str, torch.Tensor] | None = None,
+        schedule: Schedule | None = None,
         **params,
     ) -> Explanation:
         """Passes as written and after rewriting (with reasons), buffers as formulas, FLOPs, bytes, the
@@ -485,6 +488,8 @@ class AttentionOp:
         ``dims`` gives extents of ranks the declaration adds (``r``, ``a``...); others are assumed 16.
         ``inputs`` may give the per-token data a mask reads (document ids ``[B, N]``): the tiles are then counted
         as the run time classifies them for that data, with the pairs the mask keeps and the tiles holding one.
+        ``schedule``: the schedule to count tiles and predict the time at (default: the one a call of ``shape``
+        runs when nothing is tuned); the prediction (``.predicted``) needs a target with a cost model.
         Keyword arguments are the declaration's parameters; anything else (``M=1024``) is refused.
 
         >>> import torch, einflash as ef
@@ -492,9 +497,9 @@ class AttentionOp:
         ... def docs(q, k, v, doc: ef.Tensor["b n"]):  # noqa: F722 -- rank names
         ...     return ef.softmax(ef.mask(q @ k, (doc[ef.m] == doc[ef.n]) & (ef.n <= ef.m)), "n") @ v
         >>> ids = torch.repeat_interleave(torch.arange(3), torch.tensor([1000, 3000, 96]))[None]  # 3 documents
-        >>> t = docs.explain(ef.Shape(1, 16, 4096, 4096, 128), inputs={"doc": ids}).tiles
+        >>> t = docs.explain(ef.Shape(1, 16, 4096, 4096, 128), inputs={"doc": ids}).tiles  # at the call's 64x64 tiles
         >>> t["pairs"] == 1000 * 1001 // 2 + 3000 * 3001 // 2 + 96 * 97 // 2, t["tiles_with_pairs"]
-        (True, 360)
+        (True, 1313)
         """
         declared = {p.name: p for p in self.cascade.params}
         for key, val in params.items():
@@ -512,18 +517,27 @@ class AttentionOp:
                     f"{self.name}.explain got inputs[{key!r}] = {type(val).__name__}; inputs maps names of "
                     f"{self.name}'s inputs ({sorted(names)}) to tensors"
                 )
+        shape = shape or DEFAULT_SHAPE
+        tgt = get_target(target) if isinstance(target, str) else target
+        if (
+            schedule is None and self.forward.error is None
+        ):  # the schedule a call of this shape runs when nothing is tuned
+            extents = shape.extents([r.name for r in self.cascade.ranks], dict(dims or {}))
+            elem = 4 if dtype == "float32" else 2
+            schedule = untuned_default(self.forward, tgt, extents, shape.Hkv, elem, params)
         return explain(
             self.cascade,
             self.forward.steps,
             self.forward.rewritten,
             self.forward.error,
-            get_target(target),
-            shape or DEFAULT_SHAPE,
+            tgt,
+            shape,
             dtype,
             dims,
             params,
             self.backward,
             inputs,
+            schedule,
         )
 
 

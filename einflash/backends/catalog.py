@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .target import GPU, Capabilities, SearchSpace, Target, TileConfig, Tuning
+from .target import GPU, Capabilities, CostModel, SearchSpace, Target, TileConfig, Tuning
 
 # Head-dimension buckets are padded (power of two) head dims, so 40 falls in 64 and 80 in 128.
 
@@ -55,6 +55,46 @@ INTERPRETER = Target(
         space=SearchSpace(block_m=(16,), block_n=(16, 32), num_warps=(4,), num_stages=(1,)),
     ),
 )
+# Instructions per result of each operator as einflash's kernels write it, (special-function, other): what a
+# target's cost model is priced at before it is calibrated. From the lowering of each operator's Triton text:
+# exp2 and log2 are one MUFU instruction, exp and log add a multiply, an fp32 division is a reciprocal and its
+# correction (div.rn), the sigmoid is an exponential and a division, Triton's tanh 2·σ(2x) − 1; a maximum that
+# propagates NaN is a max and a select.
+INSTRUCTIONS: dict[str, tuple[int, float]] = {
+    **dict.fromkeys(("add", "sub", "mul", "neg", "abs", "relu", "where", "row_max", "row_sum"), (0, 1)),
+    **dict.fromkeys(("lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not"), (0, 1)),
+    **dict.fromkeys(("maximum", "minimum"), (0, 2)),
+    "to_16bit": (0, 0.5),
+    "sign": (0, 4),
+    "exp2": (1, 0),
+    "exp": (1, 1),
+    "log": (1, 1),
+    "sqrt": (1, 1),
+    "div": (1, 8),
+    "floordiv": (1, 9),
+    "mod": (1, 11),
+    "sigmoid": (2, 10),
+    "tanh": (2, 13),
+}
+
+
+def sfu_shares(sfu_ops: float, alu_ops: float) -> tuple[tuple[str, float], ...]:
+    """Each operator's share of time on the special-function unit, from INSTRUCTIONS at these rates."""
+    return tuple(
+        (op, (mufu / sfu_ops) / (mufu / sfu_ops + other / alu_ops))
+        for op, (mufu, other) in INSTRUCTIONS.items()
+        if mufu
+    )
+
+
+def nominal_costs(fp32_flops: float, sfu_ops: float, dot_efficiency: float, source: str) -> CostModel:
+    """A cost model from a target's data-sheet rates and INSTRUCTIONS (special-function and other instructions
+    take turns: their times add), before any calibration."""
+    alu = fp32_flops / 2  # instructions per second: a fused multiply-add counts two FLOPs
+    ops = tuple((op, 1.0 / (mufu / sfu_ops + other / alu)) for op, (mufu, other) in INSTRUCTIONS.items())
+    return CostModel(ops, sfu_shares(sfu_ops, alu), dot_efficiency, (0.0, 0.0), 5e-6, source)
+
+
 # Backward tiles: block_m queries streamed (keys for the dQ kernel), block_n kept per program.
 _BACKWARD = Tuning(
     defaults=((128, TileConfig(64, 128, 8, 3)), (256, TileConfig(32, 64, 4, 2))),
@@ -95,6 +135,46 @@ SM80 = Target(
         ),
     ),
     backward=_BACKWARD,
+    costs=nominal_costs(19.5e12, 108 * 16 * 1.41e9, 0.7, "nominal: A100 data sheet rates, not calibrated"),
+)
+
+# Measured on an H100 80GB HBM3 (1980 MHz) on 2026-12-08 by benchmarks/calibrate.py: each operator's results per
+# second as einflash's kernels write it (a dependent chain per element, less the chain's own step), row reductions,
+# conversions and unmeasured operators at their instruction counts (INSTRUCTIONS) at the measured rates of one ALU
+# and one special-function instruction (add's and exp2's); the efficiencies fitted to the seven benchmark rows at
+# their default schedules (predicted within 16% of the measured times; the six other schedules of each row within
+# 27%). Files: benchmarks/results/h100_2026-12-08_session13_costs/; docs/tuning.md, "The cost model".
+_SM90_COSTS = CostModel(
+    ops=(
+        ("add", 4.51e13),
+        ("sub", 4.41e13),
+        ("mul", 4.27e13),
+        ("neg", 4.51e13),
+        ("abs", 6.07e14),  # an operand modifier of the instruction that uses it
+        ("relu", 1.89e13),
+        ("where", 7.78e12),
+        ("row_max", 4.51e13),
+        ("row_sum", 4.51e13),
+        *((op, 4.51e13) for op in ("lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not")),
+        ("maximum", 1.78e13),
+        ("minimum", 1.77e13),
+        ("to_16bit", 9.02e13),
+        ("sign", 1.13e13),
+        ("exp2", 9.07e12),
+        ("exp", 6.53e12),
+        ("log", 1.20e12),
+        ("sqrt", 9.06e12),
+        ("div", 3.37e12),
+        ("floordiv", 4.53e12),
+        ("mod", 2.82e12),
+        ("sigmoid", 2.45e12),
+        ("tanh", 2.29e12),
+    ),
+    sfu_share=sfu_shares(9.07e12, 4.51e13),
+    dot_efficiency=0.76,
+    overlap=(0.0, 0.4),
+    launch_s=3.6e-6,
+    source="H100 80GB HBM3, calibrated 2026-12-08",
 )
 
 SM90 = Target(
@@ -141,6 +221,7 @@ SM90 = Target(
     ),
     backward=_BACKWARD_SM90,
     backward_dq_stages=((128, 3),),
+    costs=_SM90_COSTS,
 )
 
 TARGETS: dict[str, Target] = {t.name: t for t in (INTERPRETER, SM80, SM90)}

@@ -105,6 +105,47 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class CostModel:
+    """The rates a kernel's predicted time is priced at on one target, and the efficiencies fitted to its
+    measured kernels (``einflash.compiler.analysis.timing``).
+
+    ``ops``: results per second of each elementwise operator as einflash's kernels write it (whole device), with
+    ``row_max``, ``row_sum`` (elements per second a row reduction takes in) and ``to_16bit`` (conversions);
+    ``sfu_share``: the share of an operator's time spent on the special-function unit (the rest is ALU work);
+    ``dot_efficiency``: the fraction of the target's tensor-core rate the attention loop's products reach;
+    ``overlap``: the fraction of the shorter of a tile's products and elementwise work hidden under the longer,
+    with one program per SM and with several (one program's products then run beside another's elementwise
+    work); ``launch_s``: one launch; ``source``: where the numbers come from.
+
+    >>> m = CostModel((("exp2", 4e12),), (("exp2", 1.0),), 0.8, (0.2, 0.5), 5e-6, "example")
+    >>> m.rate("exp2"), m.share("exp2"), m.overlap_at(3)
+    (4000000000000.0, 1.0, 0.5)
+    """
+
+    ops: tuple[tuple[str, float], ...]
+    sfu_share: tuple[tuple[str, float], ...]
+    dot_efficiency: float
+    overlap: tuple[float, float]
+    launch_s: float
+    source: str
+
+    def rate(self, op: str) -> float:
+        """Results per second of ``op``; an operator the model has no rate for is refused."""
+        for name, rate in self.ops:
+            if name == op:
+                return rate
+        raise LoweringError(f"the cost model ({self.source}) has no rate for the operator {op!r}")
+
+    def share(self, op: str) -> float:
+        """The share of ``op``'s time on the special-function unit (0 for plain arithmetic)."""
+        return dict(self.sfu_share).get(op, 0.0)
+
+    def overlap_at(self, per_sm: int) -> float:
+        """The overlap of a tile's products and elementwise work with ``per_sm`` programs on each SM."""
+        return self.overlap[0] if per_sm <= 1 else self.overlap[1]
+
+
+@dataclass(frozen=True)
 class Target:
     """One kind of hardware, as the compiler, the roofline and the tuner see it.
 
@@ -133,6 +174,7 @@ class Target:
     # the dQ kernel's pipeline depth per head-dimension bucket (largest head dim, stages), where it differs from
     # the dK/dV kernel's
     backward_dq_stages: tuple[tuple[int, int], ...] = ()
+    costs: CostModel | None = None  # the cost model that predicts kernel times (None: no prediction)
 
     @property
     def is_interpreter(self) -> bool:

@@ -14,28 +14,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 
 from ..backends.target import Target
+from ..errors import LoweringError
 from ..ir.cascade import Cascade
-from ..ir.expr import Param, reads, walk
-from ..ir.printer import format_expr
-from ..ir.ranks import STREAM, extent_symbol
 from ..shape import Shape
-from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost
+from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost, declared_params, symbol_values
 from .analysis.key_passes import count_passes
 from .analysis.linear_form import C, E, F, N, linear_form
-from .analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan
+from .analysis.timing import Launch, launch_of, predict
 from .autodiff.chunked import chunked_gradient
 from .codegen.stores import tile_ranks
-from .codegen.tile_ranges import TileLists, block_tests
 from .rewrite.chunked import chunked_form
 from .rewrite.online import streaming_obstacle
 from .rewrite.stages import key_stages
 from .runtime.forward import chunk_of
-from .runtime.tile_lists import kept_pairs, tile_lists
-from .schedule import padded, widest_head_dim
+from .runtime.tile_lists import mask_tiles_at
+from .schedule import Schedule, padded, widest_head_dim
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -68,6 +64,8 @@ class Explanation:
     rewritten: str = field(repr=False)
     backward: dict | None = None  # the gradient cascade's analysis (see _backward)
     linear: dict | None = None  # its linear form and the chunked plan at the shape (see _linear), if it has one
+    predicted: dict | None = None  # the cost model's predicted time at the call's schedule (see _predicted)
+    launch: Launch | None = field(default=None, repr=False)  # what the prediction priced (to price it again)
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +97,7 @@ class Explanation:
             "cascade": self.rewritten,
             "backward": self.backward,
             "linear": self.linear,
+            "predicted": self.predicted,
         }
 
     def __str__(self) -> str:
@@ -126,6 +125,7 @@ class Explanation:
             ("bytes (compulsory)", f"{self.bytes:.3e}"),
             ("intensity", f"{self.intensity:.1f} FLOP/B"),
             ("roofline", f"{self.roofline_ms:.3f} ms ({self.bound}-bound)"),
+            *(_predicted_rows(self.predicted) if self.predicted else ()),
             *(_linear_rows(self.linear) if self.linear else ()),
         ]
         if self.tiles:
@@ -176,16 +176,18 @@ class Explanation:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _subs(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: Shape) -> dict:
-    subs = {extent_symbol("Hkv"): shape.Hkv}
-    subs.update({extent_symbol(k): v for k, v in params.items()})
-    for r in c.ranks:
-        if isinstance(r.extent, sympy.Symbol):
-            subs[r.extent] = extents[r.name]
-    for r in c.ranks:  # extents defined by formulas (MoBA's key blocks)
-        if not isinstance(r.extent, sympy.Symbol):
-            subs[r.extent] = int(sympy.sympify(r.extent).subs(subs))
-    return subs
+def _predicted_rows(p: dict) -> list[tuple[str, str]]:
+    if "error" in p:
+        return [("predicted", f"none: {p['error']}")]
+    units = ", ".join(f"{u} {t:.3f}" for u, t in p["units_ms"].items())
+    return [
+        ("predicted", f"{p['ms']:.3f} ms at {p['schedule']} ({p['bound']}-bound; busy ms per SM: {units})"),
+        (
+            "",
+            f"{p['programs']} programs, {p['per_sm']} per SM, {p['waves']:.2f} waves, last "
+            f"{p['tail']:.0%} of the time after the last program started; {p['model']}",
+        ),
+    ]
 
 
 def explain(
@@ -200,30 +202,27 @@ def explain(
     params: dict | None = None,
     backward=None,
     inputs: Mapping[str, torch.Tensor] | None = None,
+    schedule: Schedule | None = None,
 ) -> Explanation:
     """Analyse ``written`` and its form after the rewrite pipeline, ``rewritten``, at ``shape`` on ``target``;
     with ``backward`` (a einflash.compiler.runtime.backward.Backward), its gradient cascade too; with ``inputs``
-    (the per-token data a mask reads, document ids), its tiles and pairs for that data."""
+    (the per-token data a mask reads, document ids), its tiles and pairs for that data; with ``schedule`` (the
+    one a call of ``shape`` runs), the tiles are counted at its tile sizes and the kernel's time is predicted
+    with the target's cost model."""
     dims = dict(dims or {})
-    params = {
-        p.name: float(
-            p.default.subs({extent_symbol(x): v for x, v in {"E": shape.E, "N": shape.N, "M": shape.M}.items()})
-        )
-        for p in written.params
-        if p.default is not None
-    } | dict(params or {})
+    params = declared_params(written, shape, params)
     ext = shape.extents([r.name for r in written.ranks], dims)
     pa_w, pa = count_passes(written), count_passes(rewritten)
     before_stream = next((s.cascade for s in reversed(steps) if s.name != "stream online"), written)
-    cfg = target.forward.default(padded(widest_head_dim(ext)))
+    cfg = target.forward.default(padded(widest_head_dim(ext))) if schedule is None else schedule.tile_config()
     tile_subs = {BM: cfg.block_m, BN: cfg.block_n, STAGES: cfg.num_stages, ELEM: DTYPE_BYTES[dtype]}
-    subs = _subs(written, ext, params, shape) | tile_subs
+    subs = symbol_values(written, ext, params, shape) | tile_subs
     buf_w, buf = buffer_needs(written), buffer_needs(rewritten)
     cst = cost(rewritten)
     flops = float(cst.flops.subs(subs))
     trans = float(cst.transcendentals.subs(subs))
     nbytes = float(cst.bytes.subs(subs))
-    tiles = _tiles(written, ext, params, cfg, inputs)
+    tiles, rows = mask_tiles_at(written, ext, params, cfg, inputs)
     frac = 1.0
     if tiles:  # masked-out tiles are never visited: count the work of the visited ones
         frac = (tiles["partial"] + tiles["full"]) / max(1, tiles["total"])
@@ -254,6 +253,10 @@ def explain(
         "memory": nbytes / target.hbm_bandwidth,
     }
     bound = max(times, key=times.__getitem__)
+    launch = predicted = None
+    if schedule is not None and error is None and stages is None and not chunked:
+        launch = launch_of(rewritten, buf, subs, rows, shape, schedule, target, nbytes)
+        predicted = _predicted(launch, schedule, target)
     if error is not None:
         template = f"not lowered: {error}"
     elif stages is not None:
@@ -315,7 +318,19 @@ def explain(
         str(rewritten),
         None if backward is None else _backward(backward, subs, frac if tiles else 1.0),
         lin,
+        predicted,
+        launch,
     )
+
+
+def _predicted(launch: Launch, schedule: Schedule, target: Target) -> dict:
+    """The cost model's prediction for ``launch``, or why there is none."""
+    try:
+        p = predict(launch, target)
+    except LoweringError as e:
+        return {"error": str(e)}
+    assert target.costs is not None  # predict refuses a target without one
+    return p.to_json() | {"schedule": schedule.describe(), "model": target.costs.source}
 
 
 def _linear(written: Cascade, ext: dict[str, int], chunk: int, runs: str | None) -> dict | None:
@@ -387,63 +402,3 @@ def _backward(backward, subs: dict, visited: float) -> dict:
         "flops": float(cost(g.cascade).flops.subs(subs)) * visited,
         "cascade": str(g.cascade),
     }
-
-
-def _tiles(
-    c: Cascade, ext: dict[str, int], params: dict, cfg, inputs: Mapping[str, torch.Tensor] | None
-) -> dict | None:
-    """The mask's tile counts at the default tiles: exact where the mask is affine or compares functions of
-    positions (``m // 64 == n // 64``, classified here as the run time does); otherwise the affine part's
-    counts, with its full tiles counted as visited and masked, since the rest of the mask decides there.
-
-    With ``inputs`` holding the per-token data its tests read (document ids), the tiles as the run time classifies
-    them for that data (summed over its batch), the pairs the mask keeps and the tiles that hold one."""
-    integers = frozenset(p.name for p in c.params if p.integer)
-    for e in c.einsums:
-        if e.where is None or STREAM not in e.iteration_ranks:
-            continue
-        pred = affine_part(e.where, integers)
-        rest = [p for p in conjuncts(e.where) if tile_plan(p, integers) is None]
-        tests = block_tests(c, e.where)
-        read = {r.tensor for t in tests for r in (*reads(t.query_side), *reads(t.key_side))}
-        data = None if inputs is None or not read <= inputs.keys() else {n: inputs[n] for n in read}
-        # every conjunct the plan cannot take is a block test that the run time evaluates here
-        classified = len(tests) == len(rest) and (not read or data is not None)
-        if pred is None and not (rest and classified):
-            continue
-        named = {x.name for x in walk(e.where) if isinstance(x, Param)}
-        used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
-        M, N, BM, BN = ext["m"], ext["n"], cfg.block_m, cfg.block_n
-        plan = None if pred is None else tile_plan(pred, integers)
-        kept = None
-        if rest and classified:
-            lists = TileLists(tests, pred, integers)
-            batch = next(iter(data.values())).shape[0] if data else 1
-            _, counts = tile_lists(lists, data or {}, used, batch, M, N, BM, BN)
-            full, partial = int(counts[..., 0].sum()), int(counts[..., 1].sum())
-            total = batch * -(-M // BM) * -(-N // BN)
-            tiles = TileCounts(total - full - partial, partial, full, total)
-            if data:
-                kept = kept_pairs(lists, data, used, batch, M, N, BM, BN)
-        else:
-            assert plan is not None, pred  # an affine part has a tile plan
-            tiles = count_tiles(plan, M=M, N=N, BM=BM, BN=BN, **used)
-            if rest:  # a tile full under the affine part is still masked by the rest
-                tiles = TileCounts(tiles.empty, tiles.partial + tiles.full, 0, tiles.total)
-        return {
-            "empty": tiles.empty,
-            "partial": tiles.partial,
-            "full": tiles.full,
-            "total": tiles.total,
-            "block_m": BM,
-            "block_n": BN,
-            # the counts are the mask's own non-empty and full tiles (else: the tiles the kernel visits)
-            "exact": not rest and plan is not None and plan.exact,
-            "tested_in_every_tile": [] if classified else [format_expr(p) for p in rest],
-            **(
-                {}
-                if kept is None
-                else {"batch": batch, "pairs": kept[0], "all_pairs": batch * M * N, "tiles_with_pairs": kept[1]}
-            ),
-        }
-    return None

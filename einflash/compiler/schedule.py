@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..backends.target import Target
+from ..backends.target import Target, TileConfig
 from ..errors import LoweringError
 
 DECODE_MAX_QUERIES = 16
@@ -57,6 +57,10 @@ class Schedule:
     pack: bool = False
     reverse_m: bool = False
     max_registers: int = 0
+
+    def tile_config(self) -> TileConfig:
+        """The tiles, warps, stages and register cap, as a target's data names them."""
+        return TileConfig(self.block_m, self.block_n, self.num_warps, self.num_stages, self.max_registers)
 
     def describe(self) -> str:
         """A short label: ``Schedule(128, 128, 8, 3, max_registers=240).describe()`` is ``128x128 w8 s3 r240``."""

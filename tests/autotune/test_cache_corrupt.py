@@ -21,6 +21,7 @@ from einflash.compiler.tuning import cache_format, selection
 from einflash.compiler.tuning.cache import TuneCache
 from einflash.compiler.tuning.cache_format import problem
 from einflash.compiler.tuning.cache_keys import Bucket, CacheKey
+from einflash.compiler.tuning.space import fitting_default
 from einflash.errors import CacheWarning
 from einflash.ir.reference import bind_extents
 
@@ -104,7 +105,7 @@ def test_a_corrupt_file_is_skipped_by_every_reader_and_removed_by_clear(cache_di
         with pytest.warns(CacheWarning, match="skipped") as caught:
             op(*args)  # runs the default, as with no cache at all
         assert str(path) in str(caught[0].message)
-        assert ran == [selection.fitting_default(op.forward, INTERPRETER, _extents(op, args), 2, 4)]
+        assert ran == [fitting_default(op.forward, INTERPRETER, _extents(op, args), 2, 4)]
         rc, out = _cli(capsys, "cache", "list")
         assert rc == 0 and f"CORRUPT  {path.name}" in out
         rc, out = _cli(capsys, "cache", "list", "--json")

@@ -146,7 +146,7 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     # GLA reduces q·k·decay over e as a BM×BN×E tile (no tl.dot computes it): the analysis holds that tile,
     # so the target's 64×64 default cannot fit sm_90's registers, and the default shrinks until it does
     from einflash.compiler.analysis.cost import broadcast_reduction
-    from einflash.compiler.tuning.space import _buffer_functions, _prune, fitting_default
+    from einflash.compiler.tuning.space import _prune, buffer_functions, fitting_default
 
     gla, softmax = example("gla"), example("softmax")
     assert any(broadcast_reduction(e) for e in gla.forward.rewritten.einsums) and gla.forward.broadcast
@@ -154,7 +154,7 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     regs = buffer_needs(gla.forward.rewritten).registers
     assert {s.name for s in regs.free_symbols} >= {"BM", "BN", "E"} and regs.subs({BN: 1}).free_symbols
     extents = dict(b=1, h=8, m=4096, n=4096, e=128, f=128)
-    smem, reg_fn = _buffer_functions(gla.forward, extents, 2)
+    smem, reg_fn = buffer_functions(gla.forward, extents, 2)
     plain = default_schedule(extents, SM90, 8, gla.forward.masked)
     assert _prune(plain, extents, SM90, smem, reg_fn).kind == "registers"
     shrunk = fitting_default(gla.forward, SM90, extents, 8, 2)
@@ -168,11 +168,27 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
 def test_buffer_formulas_are_made_once_per_cascade_head_dims_and_element_size():
     """The sympy work behind the buffer functions is done once: a call choosing its schedule each time (a jagged
     batch, whose longest sequence changes per batch) gets the same functions at any lengths."""
-    from einflash.compiler.tuning.space import _buffer_functions
+    from einflash.compiler.tuning.space import buffer_functions
 
     fwd = example("causal").forward
     extents = dict(b=2, h=8, m=3000, n=3000, e=128, f=128)
-    first = _buffer_functions(fwd, extents, 2)
-    assert _buffer_functions(fwd, dict(extents, m=17, n=5000), 2) is first
-    assert _buffer_functions(fwd, dict(extents, e=64, f=64), 2) is not first
-    assert _buffer_functions(fwd, extents, 4) is not first
+    first = buffer_functions(fwd, extents, 2)
+    assert buffer_functions(fwd, dict(extents, m=17, n=5000), 2) is first
+    assert buffer_functions(fwd, dict(extents, e=64, f=64), 2) is not first
+    assert buffer_functions(fwd, extents, 4) is not first
+
+
+def test_a_per_head_fp32_input_does_not_size_the_tiles_for_4_byte_elements():
+    # ALiBi's fp32 slopes beside bf16 q, k, v: no tile of them is staged, so the default keeps the 16-bit tiles
+    # (sized for 4-byte elements it shrank to 128x32 and ran 29% slower on an H100)
+    import torch
+    from catalogue import load_example
+
+    from einflash.compiler.tuning.space import element_bytes, fitting_default
+
+    alibi = load_example("alibi").alibi
+    inputs = {n: torch.ones(1, dtype=torch.bfloat16) for n in "qkv"} | {"slope": torch.ones(1)}
+    assert element_bytes(alibi.cascade, inputs, torch.bfloat16) == 2
+    extents = dict(b=2, h=16, m=8192, n=8192, e=128, f=128)
+    default = fitting_default(alibi.forward, get_target("sm90"), extents, 16, 2)
+    assert (default.block_m, default.block_n) == (128, 128)

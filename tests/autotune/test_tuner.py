@@ -204,3 +204,23 @@ def test_bad_budgets_and_samplers_are_refused(cache_dir):
         _tune(example("causal"), qkv(), sampler="random")
     with pytest.raises(TuningOptionError, match="storage URL not understood"):
         _tune(example("causal"), qkv(), storage="nosuchdb://x")
+
+
+def test_the_cost_model_s_fastest_schedules_are_measured_after_the_default(cache_dir):
+    from einflash.backends import get_target
+    from einflash.compiler.tuning.ranking import predicted_order
+
+    target = dataclasses.replace(INTERPRETER, costs=get_target("sm90").costs)
+    op, args = example("causal"), qkv()
+    r = _tune(op, args, budget=Budget(trials=3), sampler="tpe", target=target)
+    inputs, params = op.bind(args, {})
+    extents = bind_extents(op.forward.rewritten, inputs, params)
+    ranked = [s for s, _ in predicted_order(op.forward, target, extents, 2, 4, {}, r.space.feasible)]
+    assert r.model_first is not None and r.model_first[0] == ranked[0]
+    first, *model = r.measured[:3]
+    assert first["warm_start"] == "heuristic default"
+    assert all(m["warm_start"].startswith("cost model: ") for m in model)
+    assert [m["schedule"] for m in model] == [dataclasses.asdict(s) for s in ranked if s != r.default][:2]
+    assert "model's first" in str(r) and r.to_json()["model_first"]["predicted_ms"] == r.model_first[1]
+    # without a model (the interpreter's own target) nothing is ranked
+    assert _tune(op, args, budget=Budget(trials=1)).model_first is None

@@ -18,6 +18,8 @@ False
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy
@@ -27,6 +29,7 @@ from ...ir.cascade import Cascade, Einsum, Layout, Role
 from ...ir.expr import Call, free_ranks, index_ranks
 from ...ir.operators import OPERATORS
 from ...ir.ranks import PARALLEL, STREAM, extent_symbol
+from ...shape import Shape
 from .key_passes import count_passes
 
 BM, BN, STAGES, ELEM = (sympy.Symbol(s, integer=True, positive=True) for s in ("BM", "BN", "STAGES", "b"))
@@ -79,6 +82,7 @@ class BufferNeeds:
     grows_with_n: bool
 
 
+@functools.lru_cache(maxsize=256)
 def buffer_needs(c: Cascade) -> BufferNeeds:
     """On-chip buffers of ``c`` per program, as formulas (see BufferNeeds)."""
     pa = count_passes(c)
@@ -133,6 +137,7 @@ def _ops(e: Einsum) -> tuple[int, int]:
     return len(calls) + (1 if e.reduce is not None else 0), trans
 
 
+@functools.lru_cache(maxsize=256)
 def cost(c: Cascade) -> Cost:
     """FLOPs (a multiply-add counts 2), transcendental evaluations, and bytes read and written once.
 
@@ -153,3 +158,24 @@ def cost(c: Cascade) -> Cost:
     for o in c.outputs:
         nbytes += ELEM * sympy.Mul(*(c.rank(r).extent for r in c.tensor(o).ranks))
     return Cost(sympy.expand(flops), sympy.expand(transc), sympy.expand(nbytes))
+
+
+def declared_params(written: Cascade, shape: Shape, params: Mapping | None) -> dict:
+    """The declaration's parameters at ``shape``: its defaults (formulas in E, M, N evaluated), then ``params``."""
+    sizes = {extent_symbol(x): v for x, v in {"E": shape.E, "N": shape.N, "M": shape.M}.items()}
+    defaults = {p.name: float(p.default.subs(sizes)) for p in written.params if p.default is not None}
+    return defaults | dict(params or {})
+
+
+def symbol_values(c: Cascade, extents: dict[str, int], params: dict[str, float], shape: Shape) -> dict:
+    """The value of every symbol of ``c``'s formulas at these extents: its ranks' extents (formulas of others
+    too, MoBA's key blocks), its parameters, and the kv heads."""
+    subs = {extent_symbol("Hkv"): shape.Hkv}
+    subs.update({extent_symbol(k): v for k, v in params.items()})
+    for r in c.ranks:
+        if isinstance(r.extent, sympy.Symbol):
+            subs[r.extent] = extents[r.name]
+    for r in c.ranks:  # extents defined by formulas (MoBA's key blocks)
+        if not isinstance(r.extent, sympy.Symbol):
+            subs[r.extent] = int(sympy.sympify(r.extent).subs(subs))
+    return subs

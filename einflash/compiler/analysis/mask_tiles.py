@@ -507,6 +507,11 @@ class RowTiles:
     nonempty: tuple[tuple[int, int], ...]
     full: tuple[tuple[int, int], ...]
 
+    def counts(self) -> tuple[int, int]:
+        """(non-empty, partial) key tiles: what a program visits, and of those what its mask must test."""
+        nonempty = _size(self.nonempty)
+        return nonempty, nonempty - _size(self.full)
+
 
 @dataclass(frozen=True)
 class _Compiled:

@@ -32,10 +32,14 @@ from collections.abc import Mapping
 
 import torch
 
-from ...ir.expr import Call, Const, Coord, Expr, Param, Read, Size, walk
+from ...backends.target import TileConfig
+from ...ir.cascade import Cascade
+from ...ir.expr import Call, Const, Coord, Expr, Param, Read, Size, reads, walk
 from ...ir.operators import OPERATORS
-from ..analysis.mask_tiles import tile_plan, tile_rows
-from ..codegen.tile_ranges import BlockTest, TileLists
+from ...ir.printer import format_expr
+from ...ir.ranks import STREAM
+from ..analysis.mask_tiles import TileCounts, affine_part, conjuncts, count_tiles, tile_plan, tile_rows
+from ..codegen.tile_ranges import BlockTest, TileLists, block_tests
 
 
 def _ranges(values: torch.Tensor, length: int, block: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,3 +226,69 @@ def kept_pairs(
 @functools.cache
 def _param_names(affine: Expr) -> frozenset[str]:
     return frozenset(x.name for x in walk(affine) if isinstance(x, Param))
+
+
+def mask_tiles_at(
+    c: Cascade, ext: dict[str, int], params: dict, cfg: TileConfig, inputs: Mapping[str, torch.Tensor] | None
+) -> tuple[dict | None, list[list[tuple[int, int]]]]:
+    """The mask's tile counts at the tiles of ``cfg``: exact where the mask is affine or compares functions of
+    positions (``m // 64 == n // 64``, classified here as the run time does); otherwise the affine part's
+    counts, with its full tiles counted as visited and masked, since the rest of the mask decides there.
+    With them, each query tile's (visited, partial) key tiles: one list, or one per batch entry where the
+    classification reads per-token data (None for the counts, every tile full, without a mask).
+
+    With ``inputs`` holding the per-token data its tests read (document ids), the tiles as the run time classifies
+    them for that data (summed over its batch), the pairs the mask keeps and the tiles that hold one."""
+    M, N, BM, BN = ext["m"], ext["n"], cfg.block_m, cfg.block_n
+    integers = frozenset(p.name for p in c.params if p.integer)
+    for e in c.einsums:
+        if e.where is None or STREAM not in e.iteration_ranks:
+            continue
+        pred = affine_part(e.where, integers)
+        rest = [p for p in conjuncts(e.where) if tile_plan(p, integers) is None]
+        tests = block_tests(c, e.where)
+        read = {r.tensor for t in tests for r in (*reads(t.query_side), *reads(t.key_side))}
+        data = None if inputs is None or not read <= inputs.keys() else {n: inputs[n] for n in read}
+        # every conjunct the plan cannot take is a block test that the run time evaluates here
+        classified = len(tests) == len(rest) and (not read or data is not None)
+        if pred is None and not (rest and classified):
+            continue
+        named = {x.name for x in walk(e.where) if isinstance(x, Param)}
+        used = {p.name: (int(params[p.name]) if p.integer else params[p.name]) for p in c.params if p.name in named}
+        plan = None if pred is None else tile_plan(pred, integers)
+        kept = None
+        if rest and classified:
+            lists = TileLists(tests, pred, integers)
+            batch = next(iter(data.values())).shape[0] if data else 1
+            _, counts = tile_lists(lists, data or {}, used, batch, M, N, BM, BN)
+            full, partial = int(counts[..., 0].sum()), int(counts[..., 1].sum())
+            total = batch * -(-M // BM) * -(-N // BN)
+            tiles = TileCounts(total - full - partial, partial, full, total)
+            rows = [[(f + p, p) for f, p in per_batch] for per_batch in counts.tolist()]
+            if data:
+                kept = kept_pairs(lists, data, used, batch, M, N, BM, BN)
+        else:
+            assert plan is not None, pred  # an affine part has a tile plan
+            tiles = count_tiles(plan, M=M, N=N, BM=BM, BN=BN, **used)
+            rows = [[r.counts() for r in tile_rows(plan, M, N, BM, BN, **used)]]
+            if rest:  # a tile full under the affine part is still masked by the rest
+                tiles = TileCounts(tiles.empty, tiles.partial + tiles.full, 0, tiles.total)
+                rows = [[(v, v) for v, _ in rows[0]]]
+        return {
+            "empty": tiles.empty,
+            "partial": tiles.partial,
+            "full": tiles.full,
+            "total": tiles.total,
+            "block_m": BM,
+            "block_n": BN,
+            # the counts are the mask's own non-empty and full tiles (else: the tiles the kernel visits)
+            "exact": not rest and plan is not None and plan.exact,
+            "tested_in_every_tile": [] if classified else [format_expr(p) for p in rest],
+            **(
+                {}
+                if kept is None
+                else {"batch": batch, "pairs": kept[0], "all_pairs": batch * M * N, "tiles_with_pairs": kept[1]}
+            ),
+        }, rows
+    # without a mask, every key tile is visited, and the last is cut by the end of the keys
+    return None, [[(-(-N // BN), int(N % BN != 0))] * -(-M // BM)]

@@ -7,7 +7,8 @@ that shape find the answer in memory. The order:
 2. with EINFLASH_AUTOTUNE=1, outside deployment and outside ``torch.compile``: tune the call's own
    inputs there and then (``einflash.compiler.tuning.tuner``) and use the winner;
 3. the heuristic default (``einflash.compiler.schedule.default_schedule``), shrunk where the buffer
-   analysis finds that it cannot fit the target (``einflash.compiler.tuning.space.fitting_default``).
+   analysis finds that it cannot fit the target (``einflash.compiler.tuning.space.fitting_default``), or the
+   tile shape the target's cost model predicts clearly faster (``einflash.compiler.tuning.ranking``).
 
 Without EINFLASH_AUTOTUNE a call never tunes. Deploy mode (EINFLASH_DEPLOY=1, or
 ``set_deploy_mode(True)``) never tunes, whatever else is set, and warns once per variant, dtype and
@@ -30,7 +31,8 @@ from ..schedule import Schedule
 from . import cache as cache_files
 from .cache import TuneCache
 from .cache_keys import Bucket, CacheKey
-from .space import element_bytes, fitting_default
+from .ranking import untuned_default
+from .space import element_bytes
 from .tuner import tune
 
 _MEMO: dict[tuple, Schedule] = {}
@@ -124,4 +126,6 @@ def _resolve(cascade, forward, target, dtype, extents, kv_heads, inputs, params)
             CacheWarning,
             stacklevel=4,
         )
-    return fitting_default(forward, target, extents, kv_heads, element_bytes(inputs or {}, dtype))
+    return untuned_default(
+        forward, target, extents, kv_heads, element_bytes(cascade, inputs or {}, dtype), params or {}
+    )

@@ -45,7 +45,8 @@ import torch
 
 from ...backends.target import Target
 from ...errors import LoweringError
-from ...ir.ranks import PARALLEL
+from ...ir.cascade import Cascade
+from ...ir.ranks import PARALLEL, STREAM
 from ..analysis.cost import BM, BN, ELEM, STAGES, buffer_needs
 from ..codegen.unroll import unrolled_ranks
 from ..runtime.forward import Forward
@@ -160,12 +161,12 @@ def _knobs(
     return knobs, full - math.prod(len(v) for v in knobs.values())
 
 
-# (cascade key, held extents, element bytes) -> the functions _buffer_functions made: sympy takes milliseconds,
+# (cascade key, held extents, element bytes) -> the functions buffer_functions made: sympy takes milliseconds,
 # which a call that chooses its schedule each time (a jagged batch) would otherwise pay per call
 _BUFFERS: dict[tuple, tuple] = {}
 
 
-def _buffer_functions(forward: Forward, extents: dict[str, int], elem_bytes: int):
+def buffer_functions(forward: Forward, extents: dict[str, int], elem_bytes: int):
     """Shared-memory and register bytes as plain functions of (BM, BN, STAGES): sympy runs once per cascade, head
     dims and element size."""
     c = forward.rewritten
@@ -223,18 +224,32 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
     return None
 
 
+def prunes(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> bool:
+    """Whether the buffer analysis rules ``s`` out (see ``_prune``); ``smem`` and ``regs`` from buffer_functions."""
+    return _prune(s, extents, target, smem, regs) is not None
+
+
 # tile sizes a default may shrink to when the target's own do not fit (tl.dot needs 16)
 _SHRUNK_TILES = (16, 32, 64, 128)
 
 
-def element_bytes(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
-    """The bytes per element the buffer analysis sizes tiles by: q's dtype's, or a wider input's (fp32 gates
-    beside bf16 q, k, v take as much shared memory per element as fp32).
+def element_bytes(cascade: Cascade, inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """The bytes per element the buffer analysis sizes tiles by: q's dtype's, or a wider input's among those a
+    program loads as tiles, along the queries or the keys (fp32 gates g[n, e] beside bf16 q, k, v take as much
+    shared memory per element as fp32; a per-head fp32 slope is no tile and counts for nothing).
 
-    >>> element_bytes({"q": torch.ones(1, dtype=torch.bfloat16), "g": torch.ones(1)}, torch.bfloat16)
+    >>> import einflash as ef
+    >>> @ef.attention
+    ... def gated(q, k, v, g: ef.Tensor["b h n e"], slope: ef.Tensor["h"]):  # noqa: F722 -- rank names
+    ...     return ef.softmax(q @ (k * g) + slope * (ef.n - ef.m), "n") @ v
+    >>> bf16 = torch.ones(1, dtype=torch.bfloat16)
+    >>> element_bytes(gated.cascade, {"q": bf16, "g": torch.ones(1), "slope": torch.ones(1)}, torch.bfloat16)
     4
+    >>> element_bytes(gated.cascade, {"q": bf16, "g": bf16, "slope": torch.ones(1)}, torch.bfloat16)
+    2
     """
-    return max([dtype.itemsize] + [x.element_size() for x in inputs.values() if x.is_floating_point()])
+    tiles = {t.name for t in cascade.inputs if {"m", STREAM} & set(t.ranks)}
+    return max([dtype.itemsize] + [x.element_size() for n, x in inputs.items() if n in tiles and x.is_floating_point()])
 
 
 def fitting_default(
@@ -258,7 +273,7 @@ def fitting_default(
     Schedule(block_m=128, block_n=128, num_warps=8, num_stages=3, splits=1, pack=False, reverse_m=False,
              max_registers=240)
     """
-    smem, regs = _buffer_functions(forward, extents, elem_bytes)
+    smem, regs = buffer_functions(forward, extents, elem_bytes)
     return _fitting(_default(forward, extents, target, kv_heads, allow_split), extents, target, smem, regs)
 
 
@@ -303,7 +318,7 @@ def search_space(
     family = family or family_of(extents)
     if family not in FAMILIES:
         raise LoweringError(f"no kernel family {family!r} to tune; there are {', '.join(FAMILIES)}")
-    smem, regs = _buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
+    smem, regs = buffer_functions(forward, extents, elem_bytes)  # sympy, once: the default and the pruning
     default = _fitting(_default(forward, extents, target, kv_heads), extents, target, smem, regs)
     knobs, redundant = _knobs(forward, target, extents, kv_heads, family, default)
     feasible: list[Schedule] = []

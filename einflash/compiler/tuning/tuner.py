@@ -15,10 +15,11 @@ only then times it. What happens to a draw:
 The budget counts schedules actually measured (``trials``) and wall time (``seconds``, checked
 between trials, so a trial that started in time may finish after it). The sampler is seeded: TPE,
 or Optuna's GridSampler when the whole feasible space fits the trial budget. The study is warm
-started (``enqueue_trial``) from the heuristic default and from the winners of the nearest cached
-shape buckets. Several processes (one per GPU, or on several machines) tune one study together when
-they share its storage: a journal file on one machine, an RDB URL (``postgresql://...``) across
-machines; each counts its own budget, and each skips schedules another has measured.
+started (``enqueue_trial``) from the heuristic default, the winners of the nearest cached shape buckets
+and the schedules the target's cost model predicts fastest (``einflash.compiler.tuning.ranking``). Several
+processes (one per GPU, or on several machines) tune one study together when they share its storage: a
+journal file on one machine, an RDB URL (``postgresql://...``) across machines; each counts its own budget,
+and each skips schedules another has measured.
 
 The correctness check runs the reference once per tuning run. It covers the whole problem while
 the reference's largest tensors (the scores, B·Hq·M·N, and k and v repeated to the query heads,
@@ -56,6 +57,7 @@ from ..schedule import Schedule
 from .cache import TuneCache, best_of
 from .cache_format import schedule_from_json, schedule_to_json
 from .cache_keys import Bucket, CacheKey
+from .ranking import predicted_order
 from .space import Space, element_bytes, search_space
 from .storage import fail_stale_trials, open_storage
 
@@ -63,6 +65,7 @@ DEFAULT_TRIALS = 30
 DEFAULT_SECONDS = 600.0
 FULL_CHECK_ELEMENTS = 1 << 24  # the reference's largest tensor up to which the whole problem is checked
 NEIGHBOURS = 3  # cached buckets whose winners warm-start a study
+MODEL_FIRST = 6  # schedules the cost model ranks fastest, queued after the default and the neighbours' winners
 MAX_IDLE = 100  # draws in a row that measure nothing (pruned, repeated) before the sampler is deemed done
 
 Timer = Callable[[Callable[[], object], Schedule], float]
@@ -119,6 +122,15 @@ class TuneResult:
     seconds: float
     checked: str
     path: pathlib.Path
+    # the cost model's fastest schedule and the time it predicted (None: no model for the target or the cascade)
+    model_first: tuple[Schedule, float] | None = None
+
+    @property
+    def model_first_ms(self) -> float | None:
+        """The measured time of the model's first choice, where the study measured it."""
+        if self.model_first is None:
+            return None
+        return next((m["ms"] for m in self.measured if schedule_from_json(m["schedule"]) == self.model_first[0]), None)
 
     @property
     def speedup(self) -> float | None:
@@ -145,6 +157,13 @@ class TuneResult:
             "seconds": self.seconds,
             "checked": self.checked,
             "cache": str(self.path),
+            "model_first": None
+            if self.model_first is None
+            else {
+                "schedule": schedule_to_json(self.model_first[0]),
+                "predicted_ms": self.model_first[1],
+                "ms": self.model_first_ms,
+            },
         }
 
     def __str__(self) -> str:
@@ -165,6 +184,17 @@ class TuneResult:
                 f"{self.default.describe()}: " + ("failed" if self.default_ms is None else f"{self.default_ms:.4f} ms"),
             ),
             ("speedup", speed),
+            *(
+                ()
+                if self.model_first is None
+                else [
+                    (
+                        "model's first",
+                        f"{self.model_first[0].describe()}: {self.model_first[1]:.4f} ms predicted, "
+                        + ("not measured" if self.model_first_ms is None else f"{self.model_first_ms:.4f} ms measured"),
+                    )
+                ]
+            ),
             ("checked", self.checked),
             ("cache", str(self.path)),
         ]
@@ -335,8 +365,9 @@ def tune(
             study_name=trials.study_name, direction="minimize", sampler=chosen, storage=store, load_if_exists=True
         )
         fail_stale_trials(study)
+        ranked = trials.ranked(target)
         if warm_start:
-            _enqueue(study, trials.space, cache, trials.key, trials.bucket)
+            _enqueue(study, trials.space, cache, trials.key, trials.bucket, ranked)
         with _Progress(progress, f"tuning {cascade.name} {trials.bucket.label}", budget.trials) as bar:
             study.optimize(
                 trials.objective,
@@ -371,6 +402,7 @@ def tune(
         seconds,
         trials.check.what,
         path,
+        ranked[0] if ranked else None,
     )
 
 
@@ -418,13 +450,26 @@ class _Trials:
             bind_params(forward.rewritten, params, extents),
             extents,
             kv,
-            search_space(forward, target, extents, kv, element_bytes(inputs, first.dtype)),
+            search_space(forward, target, extents, kv, element_bytes(cascade, inputs, first.dtype)),
             key,
             Bucket.of(extents, kv),
             check,
             timer or (interpreter_timer if target.is_interpreter else gpu_timer),
             worker,
             seed,
+        )
+
+    def ranked(self, target: Target) -> list[tuple[Schedule, float]]:
+        """The feasible schedules with their predicted ms, fastest first (empty without a cost model)."""
+        first = self.inputs[self.cascade.inputs[0].name]
+        return predicted_order(
+            self.forward,
+            target,
+            self.extents,
+            self.kv,
+            element_bytes(self.cascade, self.inputs, first.dtype),
+            self.values,
+            self.space.feasible,
         )
 
     @property
@@ -533,9 +578,17 @@ def _fail(trial: optuna.Trial, kind: str, reason: str) -> _Failed:
     return _Failed(f"{kind}: {reason}")
 
 
-def _enqueue(study: optuna.Study, space: Space, cache: TuneCache, key: CacheKey, bucket: Bucket) -> None:
+def _enqueue(
+    study: optuna.Study,
+    space: Space,
+    cache: TuneCache,
+    key: CacheKey,
+    bucket: Bucket,
+    ranked: list[tuple[Schedule, float]],
+) -> None:
     """Warm start: the heuristic default first, then the winners of the nearest cached buckets, moved into
-    this space (each knob to its nearest candidate). Workers joining a study skip what is queued already."""
+    this space (each knob to its nearest candidate), then the cost model's fastest schedules. Workers joining a
+    study skip what is queued already."""
     seen = {space.default}
     study.enqueue_trial(_params(space.default), user_attrs={"warm_start": "heuristic default"}, skip_if_exists=True)
     for b, e in cache.neighbours(key, bucket)[:NEIGHBOURS]:
@@ -544,3 +597,7 @@ def _enqueue(study: optuna.Study, space: Space, cache: TuneCache, key: CacheKey,
             continue
         seen.add(s)
         study.enqueue_trial(_params(s), user_attrs={"warm_start": f"best of {b.label}"}, skip_if_exists=True)
+    for s, ms in [(s, ms) for s, ms in ranked if s not in seen][:MODEL_FIRST]:
+        study.enqueue_trial(
+            _params(s), user_attrs={"warm_start": f"cost model: {ms:.4f} ms predicted"}, skip_if_exists=True
+        )
