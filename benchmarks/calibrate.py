@@ -327,9 +327,10 @@ DEFAULT_SHAPES = [  # (B, Hq, Hkv, N, D): the check's prefill, the benchmark row
 ]
 
 
-def defaults(deadline: float, t0: float) -> list[dict]:
-    """Every catalogue variant at DEFAULT_SHAPES where the cost model's default differs from the hand-set one:
-    both timed (bf16), and the model's output held to the tolerance rule against the float64 reference."""
+def defaults(deadline: float, t0: float, variants: list[str] | None = None) -> list[dict]:
+    """Every catalogue variant (or those of ``variants``, in that order) at DEFAULT_SHAPES where the cost model's
+    default differs from the hand-set one: both timed (bf16), and the model's output held to the tolerance rule
+    against the float64 reference."""
     import torch
     from bench_forward import example, seeded_inputs
     from triton.testing import do_bench
@@ -342,8 +343,10 @@ def defaults(deadline: float, t0: float) -> list[dict]:
 
     target = for_device("cuda")
     out = []
-    for path in sorted((ROOT / "examples").glob("*.py")):
-        mod, op = example(path.stem)
+    names = variants or sorted(p.stem for p in (ROOT / "examples").glob("*.py"))
+    for stem in names:
+        path = ROOT / "examples" / f"{stem}.py"
+        mod, op = example(stem)
         if op.forward.error is not None:
             continue
         for B, H, Hkv, N, D in DEFAULT_SHAPES:
@@ -380,6 +383,7 @@ def main() -> None:
     ap.add_argument("--fit", help="a directory holding calibration.json: fit the model's efficiencies")
     ap.add_argument("--deadline", type=float, default=400.0)
     ap.add_argument("--defaults", help="a directory for defaults.json: the model's defaults against the hand-set")
+    ap.add_argument("--variants", help="with --defaults: the examples to compare, in order (default: all)")
     a = ap.parse_args()
     t0 = time.time()
     if a.out:
@@ -398,7 +402,7 @@ def main() -> None:
         import peers
 
         records = [peers.environment()]
-        for r in defaults(a.deadline, t0):
+        for r in defaults(a.deadline, t0, a.variants.split(",") if a.variants else None):
             records.append({"kind": "default", **r})
             (out / "defaults.json").write_text(json.dumps(records, indent=1))
     if a.fit:

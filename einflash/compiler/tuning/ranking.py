@@ -83,9 +83,9 @@ def predicted_order(
     schedules: Iterable[Schedule],
 ) -> list[tuple[Schedule, float]]:
     """``schedules`` with their predicted ms, fastest first (ties in the order given); empty where the target
-    has no cost model or the model cannot price the cascade (a two-stage or chunked form, an operator it has no
-    rate for, a mask parameter it is not given)."""
-    if target.costs is None or forward.error is not None or forward.stages is not None:
+    has no cost model or the model cannot price the cascade (a two-stage form, a linear form that long sequences
+    run chunk by chunk, an operator it has no rate for, a mask parameter it is not given)."""
+    if target.costs is None or forward.error is not None or forward.stages is not None or forward.linear is not None:
         return []
     shape, dims = _shape(extents, kv_heads)
     dtype = "float32" if elem_bytes == 4 else "bfloat16"
