@@ -163,9 +163,22 @@ def unit_rates() -> dict:
     return {"sms": sms, "rates": rates}
 
 
+def _untuned(op, shape, inputs: dict, params: dict):
+    """The schedule a call of ``op`` at ``shape`` runs with nothing tuned (what the default rows time)."""
+    import torch
+
+    from einflash.backends import for_device
+    from einflash.compiler.tuning.ranking import untuned_default
+    from einflash.compiler.tuning.space import element_bytes
+
+    extents = shape.extents([r.name for r in op.cascade.ranks])
+    elem = element_bytes(op.cascade, inputs, torch.bfloat16)
+    return untuned_default(op.forward, for_device("cuda"), extents, shape.Hkv, elem, params)
+
+
 def _call(op, args: tuple, kwargs: dict, schedule):
-    """A call of ``op`` at ``schedule`` (None: the one it chooses), as a function of nothing for do_bench."""
-    extra = kwargs | ({"schedule": schedule} if schedule else {})
+    """A call of ``op`` at ``schedule``, as a function of nothing for do_bench."""
+    extra = kwargs | {"schedule": schedule}
     return lambda: op(*args, **extra)
 
 
@@ -175,12 +188,14 @@ def rows(deadline: float, t0: float) -> list[dict]:
     from bench_forward import DECODE, ROWS, SWEEP, decode_inputs, row_setup
     from triton.testing import do_bench
 
+    import einflash as ef
     from einflash.compiler.schedule import Schedule
 
     out = []
     for label, name, (B, H, N, D), params, kind in ROWS:
         op, q, k, v, extra, _ = row_setup(name, B, H, N, D, params, kind)
-        for sch in (None, *SWEEP):
+        ran = _untuned(op, ef.Shape(B, H, N, N, D), {"q": q, "k": k, "v": v} | extra, params)
+        for sch in (ran, *SWEEP):
             if time.time() - t0 > deadline:
                 return out
             try:
@@ -193,8 +208,8 @@ def rows(deadline: float, t0: float) -> list[dict]:
                         example=name,
                         shape=[B, H, H, N, N, D],
                         params=params,
-                        schedule=None if sch is None else sch.to_ints(),
-                        default=sch is None,
+                        schedule=sch.to_ints(),
+                        default=sch is ran,
                         ms=ms,
                     )
                 )
@@ -202,7 +217,7 @@ def rows(deadline: float, t0: float) -> list[dict]:
                 out.append(
                     dict(
                         case=label,
-                        schedule=None if sch is None else sch.to_ints(),
+                        schedule=sch.to_ints(),
                         error=f"{type(e).__name__}: {str(e)[:200]}",
                     )
                 )
@@ -211,8 +226,9 @@ def rows(deadline: float, t0: float) -> list[dict]:
         torch.cuda.empty_cache()
     op, q, k, v, _ = decode_inputs()
     p = DECODE[2]
+    ran = _untuned(op, ef.Shape(p["B"], p["Hq"], 1, p["L"], p["D"], Hkv=p["Hkv"]), {"q": q, "k": k, "v": v}, {})
     for sch in (
-        None,
+        ran,
         Schedule(16, 64, 4, 4, 8, True),
         Schedule(16, 64, 4, 3, 16, True),
         Schedule(16, 128, 8, 3, 4, True),
@@ -227,7 +243,8 @@ def rows(deadline: float, t0: float) -> list[dict]:
                 example=DECODE[1],
                 shape=shape,
                 params={},
-                schedule=None if sch is None else sch.to_ints(),
+                schedule=sch.to_ints(),
+                default=sch is ran,
                 ms=ms,
             )
         )
@@ -291,7 +308,7 @@ def launches(record: dict) -> list[tuple[dict, object]]:
             continue
         B, Hq, Hkv, M, N, D = row["shape"]
         op = example(row["example"])[1]
-        sch = None if row["schedule"] is None else Schedule.from_ints(row["schedule"])
+        sch = Schedule.from_ints(row["schedule"])
         x = op.explain(ef.Shape(B, Hq, M, N, D, Hkv=Hkv), target=target, schedule=sch, **row["params"])
         out.append((row | {"priced": x.predicted["schedule"]}, x.launch))
     return out

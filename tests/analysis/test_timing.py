@@ -5,6 +5,9 @@ benchmarks/results and docs/benchmarks.md)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import pathlib
 
 import pytest
 import sympy
@@ -145,3 +148,42 @@ def test_explain_predicts_the_call_s_schedule_and_says_why_not_where_it_cannot()
     # a schedule given to explain is the one it counts tiles and predicts at
     other = causal.explain(ef.Shape(2, 16, 8192, 8192, 128), schedule=Schedule(128, 128, 8, 3))
     assert other.tiles["block_m"] == 128 and other.predicted["schedule"] == "128x128 w8 s3"
+
+
+RUN = pathlib.Path(__file__).resolve().parents[2] / "benchmarks/results/h100_2026-12-08_session13_costs"
+
+
+@functools.cache
+def _calibration_predictions() -> list[tuple[dict, float]]:
+    """The calibration run's rows (H100) with what sm90's cost model predicts for the schedule each ran."""
+    record = json.loads((RUN / "calibration.json").read_text())
+    rates = record["rates"]
+    target = dataclasses.replace(
+        get_target("sm90"),
+        tensor_flops=rates["tensor_bf16"]["per_s"],
+        hbm_bandwidth=rates["hbm_copy"]["per_s"],
+        sm_count=record["sms"],
+    )
+    out = []
+    for row in record["rows"]:
+        B, Hq, Hkv, M, N, D = row["shape"]
+        schedule = Schedule.from_ints(row["schedule"])
+        x = _op(row["example"]).explain(
+            ef.Shape(B, Hq, M, N, D, Hkv=Hkv), target=target, schedule=schedule, **row["params"]
+        )
+        out.append((row, x.predicted["ms"]))
+    return out
+
+
+def test_sm90_s_model_predicts_the_calibration_run_s_benchmark_rows_within_a_quarter():
+    rows = _calibration_predictions()
+    ratios = {r["case"]: p / r["ms"] for r, p in rows if r["default"]}
+    assert len(ratios) == 7 and all(0.8 <= x <= 1.25 for x in ratios.values()), ratios
+
+
+def test_no_schedule_of_the_calibration_was_predicted_faster_by_the_margin_and_measured_slower():
+    from einflash.compiler.tuning.ranking import MODEL_MARGIN
+
+    rows = _calibration_predictions()
+    worst = max(1 - pa / pb for a, pa in rows for b, pb in rows if a["case"] == b["case"] and a["ms"] > b["ms"])
+    assert worst < MODEL_MARGIN, worst
