@@ -16,7 +16,7 @@ from . import errors
 from .autograd import jagged_training, register_training, schedule_ints, unpacker
 from .backends import for_device, get_target
 from .backends.target import Target
-from .compiler.explain import Explanation, explain
+from .compiler.explain import DTYPE_BYTES, Explanation, explain
 from .compiler.rewrite.lse import with_lse
 from .compiler.runtime.backward import Backward
 from .compiler.runtime.forward import Forward, accumulator_dtype
@@ -519,12 +519,10 @@ class AttentionOp:
                 )
         shape = shape or DEFAULT_SHAPE
         tgt = get_target(target) if isinstance(target, str) else target
-        if (
-            schedule is None and self.forward.error is None
-        ):  # the schedule a call of this shape runs when nothing is tuned
+        if schedule is None and self.forward.error is None:
+            # the schedule a call of this shape runs when nothing is tuned
             extents = shape.extents([r.name for r in self.cascade.ranks], dict(dims or {}))
-            elem = 4 if dtype == "float32" else 2
-            schedule = untuned_default(self.forward, tgt, extents, shape.Hkv, elem, params)
+            schedule = untuned_default(self.forward, tgt, extents, shape.Hkv, DTYPE_BYTES[dtype], params)
         return explain(
             self.cascade,
             self.forward.steps,

@@ -20,7 +20,7 @@ from ..backends.target import Target
 from ..errors import LoweringError
 from ..ir.cascade import Cascade
 from ..shape import Shape
-from .analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost, declared_params, symbol_values
+from .analysis.cost import buffer_needs, cost, declared_params, symbol_values, tile_values
 from .analysis.key_passes import count_passes
 from .analysis.linear_form import C, E, F, N, linear_form
 from .analysis.timing import Launch, launch_of, predict
@@ -215,8 +215,7 @@ def explain(
     pa_w, pa = count_passes(written), count_passes(rewritten)
     before_stream = next((s.cascade for s in reversed(steps) if s.name != "stream online"), written)
     cfg = target.forward.default(padded(widest_head_dim(ext))) if schedule is None else schedule.tile_config()
-    tile_subs = {BM: cfg.block_m, BN: cfg.block_n, STAGES: cfg.num_stages, ELEM: DTYPE_BYTES[dtype]}
-    subs = symbol_values(written, ext, params, shape) | tile_subs
+    subs = symbol_values(written, ext, params, shape) | tile_values(cfg, DTYPE_BYTES[dtype])
     buf_w, buf = buffer_needs(written), buffer_needs(rewritten)
     cst = cost(rewritten)
     flops = float(cst.flops.subs(subs))

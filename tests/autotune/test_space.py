@@ -146,7 +146,7 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     # GLA reduces q·k·decay over e as a BM×BN×E tile (no tl.dot computes it): the analysis holds that tile,
     # so the target's 64×64 default cannot fit sm_90's registers, and the default shrinks until it does
     from einflash.compiler.analysis.cost import broadcast_reduction
-    from einflash.compiler.tuning.space import _prune, buffer_functions, fitting_default
+    from einflash.compiler.tuning.space import buffer_functions, fitting_default, prune
 
     gla, softmax = example("gla"), example("softmax")
     assert any(broadcast_reduction(e) for e in gla.forward.rewritten.einsums) and gla.forward.broadcast
@@ -156,9 +156,9 @@ def test_a_broadcast_reduction_counts_its_tile_and_the_default_shrinks_to_fit():
     extents = dict(b=1, h=8, m=4096, n=4096, e=128, f=128)
     smem, reg_fn = buffer_functions(gla.forward, extents, 2)
     plain = default_schedule(extents, SM90, 8, gla.forward.masked)
-    assert _prune(plain, extents, SM90, smem, reg_fn).kind == "registers"
+    assert prune(plain, extents, SM90, smem, reg_fn).kind == "registers"
     shrunk = fitting_default(gla.forward, SM90, extents, 8, 2)
-    assert _prune(shrunk, extents, SM90, smem, reg_fn) is None
+    assert prune(shrunk, extents, SM90, smem, reg_fn) is None
     assert shrunk.block_m * shrunk.block_n < plain.block_m * plain.block_n
     assert search_space(gla.forward, SM90, extents, 8, 2).default == shrunk
     # where the default fits, it stays

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from ...backends.target import TileConfig
 from ...ir.algebra import factors
 from ...ir.cascade import Cascade, Einsum, Layout, Role
 from ...ir.expr import Call, free_ranks, index_ranks
@@ -158,6 +159,11 @@ def cost(c: Cascade) -> Cost:
     for o in c.outputs:
         nbytes += ELEM * sympy.Mul(*(c.rank(r).extent for r in c.tensor(o).ranks))
     return Cost(sympy.expand(flops), sympy.expand(transc), sympy.expand(nbytes))
+
+
+def tile_values(cfg: TileConfig, elem_bytes: int) -> dict[sympy.Symbol, int]:
+    """The values of the tile symbols (BM, BN, STAGES) and of the element size ``b`` at one configuration."""
+    return {BM: cfg.block_m, BN: cfg.block_n, STAGES: cfg.num_stages, ELEM: elem_bytes}
 
 
 def declared_params(written: Cascade, shape: Shape, params: Mapping | None) -> dict:

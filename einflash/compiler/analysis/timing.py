@@ -255,7 +255,7 @@ def predict(launch: Launch, target: Target) -> Prediction:
     one, several = model.overlap_at(1), model.overlap_at(2)
     grid: list[float] = []  # each program's seconds alone on an SM, in launch order
     totals = dict.fromkeys(UNITS, 0.0)
-    alone = shared = 0.0  # the launch's seconds at one program per SM, and with several
+    shared = 0.0  # the launch's seconds with several programs per SM (alone: the sum of the grid)
     for tiles in launch.rows:
         durations = []
         for visited, partial in reversed(tiles) if launch.reverse_m else tiles:

@@ -28,12 +28,12 @@ from ...backends.target import Target
 from ...errors import EinflashError
 from ...ir.cascade import Cascade
 from ...shape import Shape
-from ..analysis.cost import BM, BN, ELEM, STAGES, buffer_needs, cost, declared_params, symbol_values
+from ..analysis.cost import buffer_needs, cost, declared_params, symbol_values, tile_values
 from ..analysis.timing import Launch, launch_of, predict, programs_per_sm
 from ..runtime.forward import Forward
 from ..runtime.tile_lists import mask_tiles_at
 from ..schedule import Schedule
-from .space import buffer_functions, family_of, fitting_default, prunes
+from .space import buffer_functions, family_of, fitting_default, prune
 
 # The model replaces the hand-set default only where it predicts a larger gain than this: among the schedules of
 # each calibration row (benchmarks/results/h100_2026-12-08_session13_costs/fit.json), the largest gain it
@@ -55,19 +55,14 @@ def forward_launch(
     dims: dict[str, int],
     params: Mapping | None,
     schedule: Schedule,
-    dtype: str = "bfloat16",
+    elem_bytes: int,
 ) -> Launch:
     """The one-pass forward launch of ``schedule`` at ``shape``, as the cost model prices it: what ``explain``
     predicts, without the rest of its analysis (a tuner ranking schedules needs only this)."""
     params = declared_params(written, shape, params)
     ext = shape.extents([r.name for r in written.ranks], dims)
     cfg = schedule.tile_config()
-    subs = symbol_values(written, ext, params, shape) | {
-        BM: cfg.block_m,
-        BN: cfg.block_n,
-        STAGES: cfg.num_stages,
-        ELEM: 4 if dtype == "float32" else 2,
-    }
+    subs = symbol_values(written, ext, params, shape) | tile_values(cfg, elem_bytes)
     _, rows = mask_tiles_at(written, ext, params, cfg, None)
     nbytes = float(cost(rewritten).bytes.subs(subs))
     return launch_of(rewritten, buffer_needs(rewritten), subs, rows, shape, schedule, target, nbytes)
@@ -88,7 +83,6 @@ def predicted_order(
     if target.costs is None or forward.error is not None or forward.stages is not None or forward.linear is not None:
         return []
     shape, dims = _shape(extents, kv_heads)
-    dtype = "float32" if elem_bytes == 4 else "bfloat16"
     smem, regs = buffer_functions(forward, extents, elem_bytes)
     launches: dict[tuple, Launch] = {}
     out = []
@@ -97,7 +91,7 @@ def predicted_order(
             tiles = (s.block_m, s.block_n, s.pack)
             if tiles not in launches:
                 launches[tiles] = forward_launch(
-                    forward.written, forward.rewritten, target, shape, dims, params, s, dtype
+                    forward.written, forward.rewritten, target, shape, dims, params, s, elem_bytes
                 )
             cfg = s.tile_config()
             per_sm = programs_per_sm(
@@ -145,7 +139,7 @@ def model_default(
     for bm in space.block_m:
         for bn in space.block_n:
             s = dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=4 if bm <= 64 else 8, max_registers=0)
-            if s not in candidates and not prunes(s, extents, target, smem, regs):
+            if s not in candidates and prune(s, extents, target, smem, regs) is None:
                 candidates.append(s)
     ranked = dict(predicted_order(forward, target, extents, kv_heads, elem_bytes, params, candidates))
     if not ranked:

@@ -199,7 +199,8 @@ def _lambdified(c, extents: dict[str, int], elem_bytes: int):
     return smem, regs
 
 
-def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Pruned | None:
+def prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Pruned | None:
+    """Why the buffer analysis rules ``s`` out (None where it fits); ``smem`` and ``regs`` from buffer_functions."""
     if s.splits > -(-extents["n"] // s.block_n):
         return Pruned(s, "redundant", f"{s.splits} splits of {-(-extents['n'] // s.block_n)} key tiles")
     if target.smem_per_block is not None and s.num_stages >= 2:
@@ -222,11 +223,6 @@ def _prune(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> 
                 + (f" and the schedule caps them at {budget}" if s.max_registers else ""),
             )
     return None
-
-
-def prunes(s: Schedule, extents: dict[str, int], target: Target, smem, regs) -> bool:
-    """Whether the buffer analysis rules ``s`` out (see ``_prune``); ``smem`` and ``regs`` from buffer_functions."""
-    return _prune(s, extents, target, smem, regs) is not None
 
 
 # tile sizes a default may shrink to when the target's own do not fit (tl.dot needs 16)
@@ -292,7 +288,7 @@ def _default(
 
 
 def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, regs) -> Schedule:
-    if _prune(default, extents, target, smem, regs) is None:
+    if prune(default, extents, target, smem, regs) is None:
         return default
     fits = [
         dataclasses.replace(default, block_m=bm, block_n=bn, num_warps=w)
@@ -301,7 +297,7 @@ def _fitting(default: Schedule, extents: dict[str, int], target: Target, smem, r
         for w in sorted({default.num_warps, 4, 8})
         if bm <= default.block_m and bn <= default.block_n
     ]
-    fits = [s for s in fits if _prune(s, extents, target, smem, regs) is None]
+    fits = [s for s in fits if prune(s, extents, target, smem, regs) is None]
     if not fits:
         return default  # nothing smaller fits either: compiling says what is short
     return max(fits, key=lambda s: (s.block_m * s.block_n, s.num_warps == default.num_warps, s.block_m))
@@ -325,7 +321,7 @@ def search_space(
     pruned: list[Pruned] = []
     for combo in itertools.product(*knobs.values()):
         s = Schedule(*combo)
-        why = None if s == default else _prune(s, extents, target, smem, regs)
+        why = None if s == default else prune(s, extents, target, smem, regs)
         if why is None:
             feasible.append(s)
         else:
